@@ -1,0 +1,20 @@
+"""Window-attention implementations of swinv2_fast: the eager reference (always available)."""
+from .reference import (
+    PAD_ORDERS,
+    PAD_THEN_ROLL,
+    ROLL_THEN_PAD,
+    WindowLayout,
+    shift_mask,
+    window_attention_reference,
+    window_layout,
+)
+
+__all__ = [
+    "PAD_ORDERS",
+    "PAD_THEN_ROLL",
+    "ROLL_THEN_PAD",
+    "WindowLayout",
+    "shift_mask",
+    "window_attention_reference",
+    "window_layout",
+]

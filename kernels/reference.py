@@ -1,0 +1,264 @@
+"""The window-attention step of a Swin V2 block, in plain PyTorch: the contract every kernel implements.
+
+One call takes the q/k/v projection of a feature map in token layout and returns the attention output
+in token layout. Everything between (padding to a window multiple, cyclic shift, window partition,
+cosine attention with the clamped learnable logit scale, the continuous-position-bias add, the
+shifted-window mask, softmax, attention dropout, the product with v, window reverse, reverse shift
+and crop) happens inside, in this order:
+
+    tokens (B, H*W, 3C)                                          un-padded, un-shifted
+      -> pad to (Hp, Wp) = window multiples, cyclic shift by (-sh, -sw)   in `pad_order`
+      -> windows (B * nW, heads, N, head_dim) for q, k, v                 N = wh * ww
+      -> S = normalize(q) @ normalize(k)^T * exp(min(logit_scale, log 100))
+             + position_bias[h] + shift_mask[w]
+      -> P = dropout(softmax(S));  O = P @ v
+      -> back to the token each row came from                       (B, H*W, C)
+
+Padding, shift and partition only move tokens, so the whole data movement is one gather index computed
+from the grid and the window (`window_layout`) and applied to the data once on the way in and once,
+inverted, on the way out. The fused kernel does the same arithmetic on its loads and stores.
+
+Padded positions hold the projection of a zero token: q = q_bias, k = k_bias (zero in every published
+model), v = v_bias. They are never masked (transformers and timm do not mask them either), so they
+take part in the softmax of real tokens in windows that overhang the grid.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PAD_THEN_ROLL",
+    "ROLL_THEN_PAD",
+    "PAD_ORDERS",
+    "WindowLayout",
+    "window_layout",
+    "shift_mask",
+    "window_attention_reference",
+]
+
+PAD_THEN_ROLL = "pad_then_roll"  # transformers: pad the grid, then roll the padded grid
+ROLL_THEN_PAD = "roll_then_pad"  # timm: roll the un-padded grid, then pad at the bottom/right
+PAD_ORDERS = (PAD_THEN_ROLL, ROLL_THEN_PAD)
+
+# exp(logit_scale) is clamped at 1 / 0.01 = 100, as in the paper and all three public codebases.
+LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
+
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(value: IntPair, name: str) -> Tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return int(value[0]), int(value[1])
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+class WindowLayout(NamedTuple):
+    """Where every window row comes from, for one grid, window, shift and padding order.
+
+    gather_index:  (nW * N,) int64. Row r of the window layout (window r // N, position r % N) reads token
+                   gather_index[r] of the un-padded grid; the value H * W stands for a padded position.
+    scatter_index: (H * W,) int64. Token t of the un-padded grid is row scatter_index[t] of the window layout.
+    region:        (nW, N) int64 shift-mask region of every window row, or None when there is no shift.
+    """
+
+    padded_size: Tuple[int, int]
+    num_windows: int
+    needs_padding: bool
+    gather_index: torch.Tensor
+    scatter_index: torch.Tensor
+    region: Optional[torch.Tensor]
+
+
+def _partition(grid: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    """(Hp, Wp) -> (nW, wh * ww), windows in row-major order, tokens row-major inside a window."""
+    hp, wp = grid.shape
+    return grid.view(hp // wh, wh, wp // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+
+
+def _axis_region(size: int, window: int, shift: int) -> torch.Tensor:
+    """Region of each padded position along one axis: [0, size - window), [size - window, size - shift),
+    [size - shift, size). With no shift along the axis every position is in one region."""
+    pos = torch.arange(size)
+    if shift == 0:
+        return torch.zeros(size, dtype=torch.long)
+    return (pos >= size - window).long() + (pos >= size - shift).long()
+
+
+@functools.lru_cache(maxsize=512)
+def _window_layout_cpu(height, width, wh, ww, sh, sw, pad_order) -> WindowLayout:
+    hp = -(-height // wh) * wh
+    wp = -(-width // ww) * ww
+    pad_id = height * width
+    tokens = torch.arange(height * width).view(height, width)
+    grid = torch.full((hp, wp), pad_id, dtype=torch.long)
+    if pad_order == PAD_THEN_ROLL:
+        grid[:height, :width] = tokens
+        grid = torch.roll(grid, shifts=(-sh, -sw), dims=(0, 1))
+    else:
+        grid[:height, :width] = torch.roll(tokens, shifts=(-sh, -sw), dims=(0, 1))
+    windows = _partition(grid, wh, ww)
+    gather_index = windows.reshape(-1)
+    position = torch.empty(pad_id + 1, dtype=torch.long)
+    position[gather_index] = torch.arange(gather_index.numel())
+    scatter_index = position[:pad_id].clone()
+    region = None
+    if sh > 0 or sw > 0:
+        region_grid = _axis_region(hp, wh, sh)[:, None] * 3 + _axis_region(wp, ww, sw)[None, :]
+        region = _partition(region_grid, wh, ww)
+    return WindowLayout(
+        padded_size=(hp, wp),
+        num_windows=windows.shape[0],
+        needs_padding=(hp, wp) != (height, width),
+        gather_index=gather_index,
+        scatter_index=scatter_index,
+        region=region,
+    )
+
+
+_device_layouts: dict = {}
+
+
+def window_layout(
+    grid_size: IntPair,
+    window_size: IntPair,
+    shift_size: IntPair = 0,
+    pad_order: str = PAD_THEN_ROLL,
+    device: Union[str, torch.device, None] = None,
+) -> WindowLayout:
+    """The gather/scatter indices and mask regions of one (grid, window, shift, padding order), cached."""
+    height, width = _pair(grid_size, "grid_size")
+    wh, ww = _pair(window_size, "window_size")
+    sh, sw = _pair(shift_size, "shift_size")
+    if height < 1 or width < 1:
+        raise ValueError(f"grid_size must be positive, got {(height, width)}")
+    if wh < 1 or ww < 1:
+        raise ValueError(f"window_size must be at least 1, got {(wh, ww)}")
+    if not (0 <= sh < wh and 0 <= sw < ww):
+        raise ValueError(f"shift_size must lie in [0, window_size) = [0, {(wh, ww)}), got {(sh, sw)}")
+    if pad_order not in PAD_ORDERS:
+        raise ValueError(f"pad_order must be one of {PAD_ORDERS}, got {pad_order!r}")
+    layout = _window_layout_cpu(height, width, wh, ww, sh, sw, pad_order)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cpu":
+        return layout
+    key = (height, width, wh, ww, sh, sw, pad_order, device)
+    cached = _device_layouts.get(key)
+    if cached is None:
+        cached = layout._replace(
+            gather_index=layout.gather_index.to(device),
+            scatter_index=layout.scatter_index.to(device),
+            region=None if layout.region is None else layout.region.to(device),
+        )
+        _device_layouts[key] = cached
+    return cached
+
+
+def shift_mask(layout: WindowLayout, mask_value: float, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """(nW, N, N): 0 where query and key share a shift region, `mask_value` elsewhere; None without shift."""
+    if layout.region is None:
+        return None
+    different = layout.region[:, :, None] != layout.region[:, None, :]
+    zero = torch.zeros((), dtype=dtype, device=different.device)
+    return torch.where(different, torch.full((), mask_value, dtype=dtype, device=different.device), zero)
+
+
+def window_attention_reference(
+    qkv: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    logit_scale: torch.Tensor,
+    position_bias: torch.Tensor,
+    *,
+    grid_size: IntPair,
+    num_heads: int,
+    window_size: IntPair,
+    shift_size: IntPair = 0,
+    pad_order: str = PAD_THEN_ROLL,
+    mask_value: float = -100.0,
+    dropout_p: float = 0.0,
+    return_attention_probs: bool = False,
+):
+    """Swin V2 window attention from the q/k/v projection to the attention output, both in token layout.
+
+    Args:
+        qkv: (B, H*W, 3*C) projection of the un-padded, un-shifted feature map, channels ordered
+            [q | k | v], each C = num_heads * head_dim with heads outermost.
+        qkv_bias: (3*C,) the projection of a zero token, i.e. the concatenated biases [q_bias | k_bias | v_bias],
+            used for padded positions; None means zero (no bias).
+        logit_scale: (num_heads,) or (num_heads, 1, 1) learnable log-scale; exp(min(., log 100)) multiplies
+            the cosine similarities.
+        position_bias: (num_heads, N, N) continuous position bias already passed through 16 * sigmoid,
+            N = wh * ww.
+        grid_size: (H, W) of the token grid.
+        num_heads: number of heads; C must divide by it.
+        window_size: wh or (wh, ww).
+        shift_size: cyclic shift (sh, sw), each in [0, window); 0 for regular windows.
+        pad_order: PAD_THEN_ROLL (transformers) or ROLL_THEN_PAD (timm).
+        mask_value: the value added to the scores of query/key pairs from different shift regions
+            (-100 in timm and the official code; transformers adds -100 twice, i.e. -200).
+        dropout_p: attention dropout on P; pass 0.0 outside training.
+        return_attention_probs: also return P as (B * nW, num_heads, N, N).
+
+    Returns:
+        (B, H*W, C) attention output (before the output projection), and P if asked for.
+    """
+    B, L, C3 = qkv.shape
+    height, width = _pair(grid_size, "grid_size")
+    wh, ww = _pair(window_size, "window_size")
+    C = C3 // 3
+    head_dim = C // num_heads
+    N = wh * ww
+    layout = window_layout((height, width), (wh, ww), shift_size, pad_order, qkv.device)
+
+    # Tokens -> windows: one gather. Index H*W is the padding token, the projection of a zero input.
+    if layout.needs_padding:
+        if qkv_bias is None:
+            pad_token = qkv.new_zeros(B, 1, C3)
+        else:
+            pad_token = qkv_bias.to(qkv.dtype).view(1, 1, C3).expand(B, 1, C3)
+        qkv = torch.cat([qkv, pad_token], dim=1)
+    windows = qkv.index_select(1, layout.gather_index)  # (B, nW*N, 3C)
+    nW = layout.num_windows
+    windows = windows.view(B, nW, N, 3, num_heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+    q, k, v = windows.unbind(0)  # each (B, nW, heads, N, head_dim)
+
+    # Cosine attention with the clamped learnable scale, then position bias and shift mask.
+    scale = torch.clamp(logit_scale.reshape(num_heads, 1, 1), max=LOGIT_SCALE_MAX).exp()
+    q = F.normalize(q, dim=-1)
+    k = F.normalize(k, dim=-1)
+    mask = shift_mask(layout, mask_value, position_bias.dtype)
+    bias = position_bias if mask is None else position_bias + mask[:, None]  # (heads | nW*heads, N, N)
+    if return_attention_probs:
+        scores = (q @ k.transpose(-2, -1)) * scale + bias.view(-1, num_heads, N, N)
+        probs = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, p=dropout_p, training=True)
+        out = probs.to(v.dtype) @ v  # (B, nW, heads, N, head_dim)
+    else:
+        # The same softmax(S) @ v through PyTorch's fused attention: windows and heads form one batch
+        # axis so that the (nW * heads, N, N) bias broadcasts over the images of the batch.
+        bias = bias.view(1, -1, N, N).to(q.dtype) if mask is not None else bias.unsqueeze(0).to(q.dtype)
+        shape = (B, nW * num_heads, N, head_dim) if mask is not None else (B * nW, num_heads, N, head_dim)
+        out = F.scaled_dot_product_attention(
+            (q * scale.to(q.dtype)).reshape(shape),
+            k.reshape(shape),
+            v.reshape(shape),
+            attn_mask=bias,
+            dropout_p=dropout_p,
+            scale=1.0,
+        )
+
+    # Windows -> tokens: rows of padded positions are dropped, every real token is picked once.
+    out = out.view(B, nW, num_heads, N, head_dim).permute(0, 1, 3, 2, 4).reshape(B, nW * N, C)
+    out = out.index_select(1, layout.scatter_index)
+    if return_attention_probs:
+        return out, probs.reshape(B * nW, num_heads, N, N)
+    return out

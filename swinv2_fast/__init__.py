@@ -1,0 +1,33 @@
+"""swinv2_fast: Swin Transformer V2 with a fused window-attention step.
+
+Drop-in counterparts of transformers' Swinv2 classes (same config, module names, state-dict keys,
+forward arguments and outputs), converters from timm and the official checkpoints, and the
+window-attention op with its eager reference.
+"""
+from .configuration import Swinv2Config
+from .convert import from_official, from_timm, official_config_to_swinv2_config
+from .functional import window_attention
+from .kernels import window_attention_reference
+from .modeling import (
+    Swinv2Backbone,
+    Swinv2ForImageClassification,
+    Swinv2ForMaskedImageModeling,
+    Swinv2Model,
+    Swinv2PreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Swinv2Config",
+    "Swinv2Model",
+    "Swinv2ForImageClassification",
+    "Swinv2ForMaskedImageModeling",
+    "Swinv2Backbone",
+    "Swinv2PreTrainedModel",
+    "window_attention",
+    "window_attention_reference",
+    "from_timm",
+    "from_official",
+    "official_config_to_swinv2_config",
+]

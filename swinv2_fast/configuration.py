@@ -1,0 +1,310 @@
+"""`Swinv2Config`: the fields, defaults and JSON form of transformers' `Swinv2Config`, without transformers.
+
+A config.json written by transformers' `save_pretrained` loads here, and one written here loads in
+transformers. Two fields are swinv2_fast's own and are written only when they differ from transformers'
+behaviour:
+
+- `window_semantics`: "transformers" (pad then roll, shift mask -100 added twice, square window taken
+  from the stage height) or "timm" (roll then pad, mask -100, window and shift chosen per axis). Models
+  converted from timm or the official checkpoints carry "timm" so that they keep their own numbers.
+- `attn_implementation`: which window-attention implementation the model runs ("eager" for now).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["Swinv2Config", "WINDOW_SEMANTICS", "ATTN_IMPLEMENTATIONS"]
+
+WINDOW_SEMANTICS = ("transformers", "timm")
+ATTN_IMPLEMENTATIONS = ("eager",)
+
+CONFIG_NAME = "config.json"
+
+
+def _as_pair(value, name):
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+class Swinv2Config:
+    """Configuration of a Swin Transformer V2 (same fields and defaults as transformers' `Swinv2Config`).
+
+    Args:
+        image_size: input resolution the model is built for (window and shift of each stage are chosen
+            from it at construction); other sizes are padded at run time.
+        patch_size: patch embedding stride.
+        num_channels: image channels.
+        embed_dim: channels of the first stage; stage i has embed_dim * 2**i.
+        depths: blocks per stage.
+        num_heads: heads per stage; every stage's channels must divide by its heads.
+        window_size: attention window (tokens per side).
+        pretrained_window_sizes: per stage, the window the continuous position bias was trained with
+            (0: the current window).
+        mlp_ratio, qkv_bias, hidden_dropout_prob, attention_probs_dropout_prob, drop_path_rate, hidden_act,
+        use_absolute_embeddings, initializer_range, layer_norm_eps, encoder_stride: as in transformers.
+        out_features / out_indices: stages returned by `Swinv2Backbone` ("stem", "stage1", ...).
+        window_semantics: "transformers" or "timm", see the module docstring.
+        attn_implementation: window-attention implementation, one of ATTN_IMPLEMENTATIONS.
+    """
+
+    model_type = "swinv2"
+    attribute_map = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
+
+    def __init__(
+        self,
+        image_size=224,
+        patch_size=4,
+        num_channels=3,
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=7,
+        pretrained_window_sizes=(0, 0, 0, 0),
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.1,
+        hidden_act="gelu",
+        use_absolute_embeddings=False,
+        initializer_range=0.02,
+        layer_norm_eps=1e-5,
+        encoder_stride=32,
+        out_features: Optional[List[str]] = None,
+        out_indices: Optional[List[int]] = None,
+        window_semantics: str = "transformers",
+        attn_implementation: str = "eager",
+        # Common fields of transformers' PreTrainedConfig that the models read.
+        num_labels: Optional[int] = None,
+        id2label: Optional[Dict[Any, str]] = None,
+        label2id: Optional[Dict[str, int]] = None,
+        problem_type: Optional[str] = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        return_dict: bool = True,
+        **kwargs,
+    ):
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.embed_dim = embed_dim
+        self.depths = list(depths)
+        self.num_heads = list(num_heads)
+        self.window_size = window_size
+        self.pretrained_window_sizes = list(pretrained_window_sizes)
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.drop_path_rate = drop_path_rate
+        self.hidden_act = hidden_act
+        self.use_absolute_embeddings = use_absolute_embeddings
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.encoder_stride = encoder_stride
+        self.window_semantics = window_semantics
+        self.attn_implementation = attn_implementation
+        self.problem_type = problem_type
+        self.output_hidden_states = output_hidden_states
+        self.output_attentions = output_attentions
+        self.return_dict = return_dict
+
+        if id2label is not None:
+            self.id2label = {int(k): v for k, v in id2label.items()}
+        else:
+            self.id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
+        if num_labels is not None and num_labels != len(self.id2label):
+            self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+        self.label2id = dict(label2id) if label2id is not None else {v: k for k, v in self.id2label.items()}
+
+        # Keys written by transformers that the models do not read are kept so that a round trip is lossless.
+        kwargs.pop("_out_features", None)
+        kwargs.pop("_out_indices", None)
+        self._extra = {k: v for k, v in kwargs.items() if k not in ("model_type",)}
+
+        self.validate()
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+        self._set_out_features_out_indices(out_features, out_indices)
+
+    # ----------------------------------------------------------------------------------------- derived
+    @property
+    def num_layers(self) -> int:
+        return len(self.depths)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embed_dim * 2 ** (len(self.depths) - 1))
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, value: int):
+        if value != len(self.id2label):
+            self.id2label = {i: f"LABEL_{i}" for i in range(value)}
+            self.label2id = {v: k for k, v in self.id2label.items()}
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict
+
+    @property
+    def out_features(self) -> List[str]:
+        return self._out_features
+
+    @out_features.setter
+    def out_features(self, value):
+        self._set_out_features_out_indices(value, None)
+
+    @property
+    def out_indices(self) -> List[int]:
+        return self._out_indices
+
+    @out_indices.setter
+    def out_indices(self, value):
+        self._set_out_features_out_indices(None, None if value is None else list(value))
+
+    def __getattr__(self, name):
+        # attribute_map aliases and unknown transformers keys kept verbatim.
+        if name in Swinv2Config.attribute_map:
+            return getattr(self, Swinv2Config.attribute_map[name])
+        extra = self.__dict__.get("_extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"'Swinv2Config' object has no attribute '{name}'")
+
+    # ------------------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise ValueError naming the field for any inconsistent setting."""
+        if not self.depths:
+            raise ValueError("depths must name at least one stage, got []")
+        if len(self.num_heads) != len(self.depths):
+            raise ValueError(
+                f"num_heads must have one entry per stage ({len(self.depths)} stages from depths={self.depths}), "
+                f"got {self.num_heads}"
+            )
+        if len(self.pretrained_window_sizes) < len(self.depths):
+            raise ValueError(
+                f"pretrained_window_sizes must have an entry for each of the {len(self.depths)} stages, "
+                f"got {self.pretrained_window_sizes}"
+            )
+        if not isinstance(self.window_size, int) or isinstance(self.window_size, bool) or self.window_size < 1:
+            raise ValueError(f"window_size must be an int >= 1, got {self.window_size!r}")
+        if any(int(p) < 0 for p in self.pretrained_window_sizes):
+            raise ValueError(f"pretrained_window_sizes must be >= 0, got {self.pretrained_window_sizes}")
+        if any(d < 1 for d in self.depths):
+            raise ValueError(f"depths must be >= 1 per stage, got {self.depths}")
+        for i, heads in enumerate(self.num_heads):
+            dim = int(self.embed_dim * 2**i)
+            if heads < 1 or dim % heads != 0:
+                raise ValueError(
+                    f"embed_dim * 2**stage must divide by num_heads[stage]: stage {i} has {dim} channels "
+                    f"(embed_dim={self.embed_dim}) and num_heads[{i}]={heads}"
+                )
+        ph, pw = _as_pair(self.patch_size, "patch_size")
+        if ph < 1 or pw < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size!r}")
+        ih, iw = _as_pair(self.image_size, "image_size")
+        if ih < 1 or iw < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size!r}")
+        if self.window_semantics not in WINDOW_SEMANTICS:
+            raise ValueError(f"window_semantics must be one of {WINDOW_SEMANTICS}, got {self.window_semantics!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
+            )
+
+    def _set_out_features_out_indices(self, out_features, out_indices) -> None:
+        names = self.stage_names
+        if out_features is not None:
+            if not isinstance(out_features, list) or any(f not in names for f in out_features):
+                raise ValueError(f"out_features must be a list of stage names from {names}, got {out_features!r}")
+            if out_features != [n for n in names if n in out_features]:
+                raise ValueError(f"out_features must be in stage order {names} without duplicates, got {out_features}")
+        if out_indices is not None:
+            if not isinstance(out_indices, (list, tuple)):
+                raise ValueError(f"out_indices must be a list of ints, got {out_indices!r}")
+            if any(not -len(names) <= i < len(names) for i in out_indices):
+                raise ValueError(f"out_indices must index stage_names {names}, got {list(out_indices)}")
+            positive = [i % len(names) for i in out_indices]
+            if positive != sorted(set(positive)):
+                raise ValueError(f"out_indices must be increasing without duplicates, got {list(out_indices)}")
+        if out_features is None and out_indices is None:
+            out_features, out_indices = [names[-1]], [len(names) - 1]
+        elif out_indices is None:
+            out_indices = [names.index(f) for f in out_features]
+        elif out_features is None:
+            out_features = [names[i] for i in out_indices]
+        elif out_features != [names[i] for i in out_indices]:
+            raise ValueError(
+                f"out_features {out_features} and out_indices {list(out_indices)} name different stages"
+            )
+        self._out_features, self._out_indices = list(out_features), list(out_indices)
+
+    # ------------------------------------------------------------------------------------ serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        out = dict(self._extra)
+        for key, value in self.__dict__.items():
+            if key.startswith("_") or key == "stage_names":
+                continue
+            out[key] = copy.deepcopy(value)
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["out_features"] = list(self._out_features)
+        out["out_indices"] = list(self._out_indices)
+        out["model_type"] = self.model_type
+        out["num_layers"] = self.num_layers
+        out["hidden_size"] = self.hidden_size
+        # swinv2_fast's own fields only where they change behaviour, so transformers sees its own config.
+        if self.window_semantics == "transformers":
+            out.pop("window_semantics")
+        if self.attn_implementation == "eager":
+            out.pop("attn_implementation")
+        return out
+
+    @classmethod
+    def from_dict(cls, config_dict: Dict[str, Any], **overrides) -> "Swinv2Config":
+        data = dict(config_dict)
+        data.update(overrides)
+        model_type = data.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"config model_type must be {cls.model_type!r}, got {model_type!r}")
+        for derived in ("num_layers", "hidden_size", "stage_names"):
+            data.pop(derived, None)
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as fh:
+            fh.write(self.to_json_string())
+
+    @classmethod
+    def from_pretrained(cls, directory: str, **overrides) -> "Swinv2Config":
+        path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh), **overrides)
+
+    @classmethod
+    def from_transformers(cls, hf_config) -> "Swinv2Config":
+        """The same configuration from a transformers `Swinv2Config` object."""
+        return cls.from_dict(hf_config.to_dict())
+
+    def copy(self) -> "Swinv2Config":
+        return Swinv2Config.from_dict(self.to_dict())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Swinv2Config) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Swinv2Config {self.to_json_string()}"

@@ -1,0 +1,838 @@
+"""Swin Transformer V2 models with the module tree, config, forward arguments and outputs of transformers' Swinv2.
+
+The module and parameter names mirror transformers 5.x exactly, so `load_state_dict(hf_model.state_dict())`
+works in both directions. What differs is inside the attention: the window-attention step runs on the
+q/k/v projection in token layout through `swinv2_fast.functional.window_attention` (one GEMM for q/k/v,
+one gather in, one gather out, PyTorch's fused attention), and in eval mode the continuous position bias
+table and the concatenated q/k/v weights are computed once and reused until a parameter changes.
+"""
+from __future__ import annotations
+
+import collections.abc
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from .configuration import Swinv2Config
+from .functional import window_attention
+from .outputs import (
+    BackboneOutput,
+    Swinv2EncoderOutput,
+    Swinv2ImageClassifierOutput,
+    Swinv2MaskedImageModelingOutput,
+    Swinv2ModelOutput,
+)
+
+__all__ = [
+    "Swinv2PreTrainedModel",
+    "Swinv2Model",
+    "Swinv2ForImageClassification",
+    "Swinv2ForMaskedImageModeling",
+    "Swinv2Backbone",
+]
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def _pair(value) -> Tuple[int, int]:
+    if isinstance(value, collections.abc.Iterable):
+        a, b = value
+        return int(a), int(b)
+    return int(value), int(value)
+
+
+def window_and_shift(resolution, window_size: int, shift_size: int, semantics: str):
+    """The (window, shift) pairs a block uses at a stage `resolution`, chosen at construction.
+
+    transformers: the window is square, min(height, window_size); the shift is 0 when height <= window.
+    timm: per axis, the window is min(axis, window_size) and the shift is 0 where axis <= window.
+    """
+    rh, rw = resolution
+    if semantics == "transformers":
+        w = min(rh, window_size)
+        s = 0 if rh <= w else shift_size
+        return (w, w), (s, s)
+    wh, ww = min(rh, window_size), min(rw, window_size)
+    return (wh, ww), (0 if rh <= wh else shift_size, 0 if rw <= ww else shift_size)
+
+
+class _VersionedCache:
+    """Caches a value derived from tensors until one of them changes.
+
+    A tensor changes when it is modified in place (optimizer step, `load_state_dict`, `copy_`: its
+    version counter moves) or replaced (`.to()`, `.half()`: its storage moves). Writes through `.data`
+    bypass version counters; call `model.clear_caches()` after such writes.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    @staticmethod
+    def usable(module: nn.Module, tensors) -> bool:
+        # Only in eval mode, and never for a value autograd needs to differentiate.
+        return not module.training and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+    def get(self, tensors, compute):
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        key += (torch.is_inference_mode_enabled(),)
+        if self.key != key:
+            self.value = compute()
+            self.key = key
+        return self.value
+
+    def clear(self):
+        self.key = None
+        self.value = None
+
+
+class Swinv2PatchEmbeddings(nn.Module):
+    """(B, C_in, H, W) -> (B, H/p * W/p, embed_dim); inputs not divisible by the patch are padded right/bottom."""
+
+    def __init__(self, config: Swinv2Config):
+        super().__init__()
+        image_size, patch_size = _pair(config.image_size), _pair(config.patch_size)
+        self.patch_size = patch_size
+        self.grid_size = (image_size[0] // patch_size[0], image_size[1] // patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(config.num_channels, config.embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixel_values: torch.Tensor):
+        _, _, height, width = pixel_values.shape
+        pad_w = (self.patch_size[1] - width % self.patch_size[1]) % self.patch_size[1]
+        pad_h = (self.patch_size[0] - height % self.patch_size[0]) % self.patch_size[0]
+        if pad_w or pad_h:
+            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+        embeddings = self.projection(pixel_values)
+        output_dimensions = tuple(embeddings.shape[-2:])
+        return embeddings.flatten(2).transpose(1, 2), output_dimensions
+
+
+class Swinv2Embeddings(nn.Module):
+    """Patch embedding, LayerNorm, optional mask token (SimMIM) and absolute position embedding."""
+
+    def __init__(self, config: Swinv2Config, use_mask_token: bool = False):
+        super().__init__()
+        self.patch_embeddings = Swinv2PatchEmbeddings(config)
+        self.patch_grid = self.patch_embeddings.grid_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim)) if use_mask_token else None
+        num_patches = self.patch_embeddings.num_patches
+        if config.use_absolute_embeddings:
+            self.position_embeddings = nn.Parameter(torch.zeros(1, num_patches + 1, config.embed_dim))
+        else:
+            self.position_embeddings = None
+        self.norm = nn.LayerNorm(config.embed_dim)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.patch_size = config.patch_size
+
+    def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        num_patches = embeddings.shape[1] - 1
+        num_positions = self.position_embeddings.shape[1] - 1
+        if num_patches == num_positions and height == width:
+            return self.position_embeddings
+        class_pos_embed = self.position_embeddings[:, :1]
+        patch_pos_embed = self.position_embeddings[:, 1:]
+        dim = embeddings.shape[-1]
+        ph, pw = _pair(self.patch_size)
+        side = int(num_positions**0.5)
+        patch_pos_embed = patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        patch_pos_embed = F.interpolate(
+            patch_pos_embed, size=(height // ph, width // pw), mode="bicubic", align_corners=False
+        )
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+        return torch.cat((class_pos_embed, patch_pos_embed), dim=1)
+
+    def forward(self, pixel_values, bool_masked_pos=None, interpolate_pos_encoding=False):
+        _, _, height, width = pixel_values.shape
+        embeddings, output_dimensions = self.patch_embeddings(pixel_values)
+        embeddings = self.norm(embeddings)
+        batch_size, seq_len, _ = embeddings.shape
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos was given but this model has no mask token (use_mask_token=False)")
+            mask = bool_masked_pos.unsqueeze(-1).type_as(embeddings)
+            embeddings = embeddings * (1.0 - mask) + self.mask_token.expand(batch_size, seq_len, -1) * mask
+        if self.position_embeddings is not None:
+            if interpolate_pos_encoding:
+                embeddings = embeddings + self.interpolate_pos_encoding(embeddings, height, width)
+            else:
+                embeddings = embeddings + self.position_embeddings
+        return self.dropout(embeddings), output_dimensions
+
+
+class Swinv2SelfAttention(nn.Module):
+    """Cosine window attention with the continuous position bias; parameters named as in transformers.
+
+    `forward` takes the block input in token layout (B, H*W, C) with its grid size and returns the
+    attention output in token layout, before the output projection.
+    """
+
+    def __init__(self, config, dim, num_heads, window_size, shift_size=(0, 0), pretrained_window_size=(0, 0),
+                 window_semantics="transformers"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must divide by num_heads ({num_heads})")
+        self.num_attention_heads = num_heads
+        self.attention_head_size = dim // num_heads
+        self.all_head_size = dim
+        self.window_size = _pair(window_size)
+        self.shift_size = _pair(shift_size)
+        self.pretrained_window_size = _pair(pretrained_window_size)
+        transformers_like = window_semantics == "transformers"
+        self.pad_order = "pad_then_roll" if transformers_like else "roll_then_pad"
+        # transformers adds its -100 shift mask twice.
+        self.mask_value = -200.0 if transformers_like else -100.0
+        self.attn_implementation = getattr(config, "attn_implementation", "eager")
+
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
+        self.continuous_position_bias_mlp = nn.Sequential(
+            nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
+        )
+        coords_table, position_index = self.create_coords_table_and_index()
+        self.register_buffer("relative_coords_table", coords_table, persistent=False)
+        self.register_buffer("relative_position_index", position_index, persistent=False)
+        self.query = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self._bias_cache = _VersionedCache()
+        self._qkv_cache = _VersionedCache()
+
+    def create_coords_table_and_index(self):
+        """Log-spaced relative coordinates (1, 2wh-1, 2ww-1, 2) and the (N, N) relative position index."""
+        wh, ww = self.window_size
+        table = torch.stack(
+            torch.meshgrid(
+                torch.arange(-(wh - 1), wh, dtype=torch.float32),
+                torch.arange(-(ww - 1), ww, dtype=torch.float32),
+                indexing="ij",
+            ),
+            dim=-1,
+        ).unsqueeze(0)
+        if self.pretrained_window_size[0] > 0:
+            table[..., 0] /= self.pretrained_window_size[0] - 1
+            table[..., 1] /= self.pretrained_window_size[1] - 1
+        elif wh > 1:
+            table[..., 0] /= wh - 1
+            table[..., 1] /= ww - 1
+        table *= 8
+        table = torch.sign(table) * torch.log2(torch.abs(table) + 1.0) / math.log2(8)
+
+        coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+        relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+        index = (relative[..., 0] + wh - 1) * (2 * ww - 1) + (relative[..., 1] + ww - 1)
+        return table, index
+
+    def _compute_position_bias(self) -> torch.Tensor:
+        mlp = self.continuous_position_bias_mlp
+        table = mlp(self.relative_coords_table.to(mlp[0].weight.dtype)).view(-1, self.num_attention_heads)
+        n = self.window_size[0] * self.window_size[1]
+        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+        return 16 * torch.sigmoid(bias)
+
+    def position_bias(self) -> torch.Tensor:
+        """(heads, N, N) = 16 * sigmoid(cpb_mlp(coords))[index]; cached in eval mode."""
+        params = list(self.continuous_position_bias_mlp.parameters()) + [self.relative_coords_table]
+        if _VersionedCache.usable(self, params):
+            return self._bias_cache.get(params, self._compute_position_bias)
+        return self._compute_position_bias()
+
+    def _compute_qkv_parameters(self):
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight], dim=0)
+        if self.query.bias is None:
+            return weight, None
+        bias = torch.cat([self.query.bias, torch.zeros_like(self.query.bias), self.value.bias])
+        return weight, bias
+
+    def qkv_parameters(self):
+        """The (3C, C) weight and (3C,) bias of one q/k/v projection (k has no bias); cached in eval mode."""
+        params = [p for p in (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.value.bias)
+                  if p is not None]
+        if _VersionedCache.usable(self, params):
+            return self._qkv_cache.get(params, self._compute_qkv_parameters)
+        return self._compute_qkv_parameters()
+
+    def clear_caches(self):
+        self._bias_cache.clear()
+        self._qkv_cache.clear()
+
+    def forward(self, hidden_states, input_dimensions, output_attentions=False):
+        weight, bias = self.qkv_parameters()
+        qkv = F.linear(hidden_states, weight, bias)
+        result = window_attention(
+            qkv,
+            bias,
+            self.logit_scale,
+            self.position_bias(),
+            grid_size=input_dimensions,
+            num_heads=self.num_attention_heads,
+            window_size=self.window_size,
+            shift_size=self.shift_size,
+            pad_order=self.pad_order,
+            mask_value=self.mask_value,
+            dropout_p=self.dropout.p if self.training else 0.0,
+            return_attention_probs=output_attentions,
+            implementation=self.attn_implementation,
+        )
+        return result if output_attentions else (result, None)
+
+
+class Swinv2SelfOutput(nn.Module):
+    def __init__(self, config, dim):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def forward(self, hidden_states):
+        return self.dropout(self.dense(hidden_states))
+
+
+class Swinv2Attention(nn.Module):
+    def __init__(self, config, dim, num_heads, window_size, shift_size, pretrained_window_size, window_semantics):
+        super().__init__()
+        self.self = Swinv2SelfAttention(
+            config, dim, num_heads, window_size, shift_size, pretrained_window_size, window_semantics
+        )
+        self.output = Swinv2SelfOutput(config, dim)
+
+    def forward(self, hidden_states, input_dimensions, output_attentions=False):
+        context, probs = self.self(hidden_states, input_dimensions, output_attentions)
+        return self.output(context), probs
+
+
+class Swinv2Intermediate(nn.Module):
+    def __init__(self, config, dim):
+        super().__init__()
+        self.dense = nn.Linear(dim, int(config.mlp_ratio * dim))
+        if isinstance(config.hidden_act, str):
+            if config.hidden_act not in _ACTIVATIONS:
+                raise ValueError(f"hidden_act must be one of {sorted(_ACTIVATIONS)}, got {config.hidden_act!r}")
+            self.intermediate_act_fn = _ACTIVATIONS[config.hidden_act]
+        else:
+            self.intermediate_act_fn = config.hidden_act
+
+    def forward(self, hidden_states):
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class Swinv2Output(nn.Module):
+    def __init__(self, config, dim):
+        super().__init__()
+        self.dense = nn.Linear(int(config.mlp_ratio * dim), dim)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states):
+        return self.dropout(self.dense(hidden_states))
+
+
+class Swinv2DropPath(nn.Module):
+    """Stochastic depth per sample (identity when the rate is 0 or outside training)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states):
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        random_tensor = torch.floor(
+            torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device) + keep_prob
+        )
+        return hidden_states.div(keep_prob) * random_tensor
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class Swinv2Layer(nn.Module):
+    """One res-post-norm block: x + drop_path(norm1(attn(x))), then x + drop_path(norm2(mlp(x)))."""
+
+    def __init__(self, config, dim, input_resolution, num_heads, drop_path_rate=0.0, shift_size=0,
+                 pretrained_window_size=0):
+        super().__init__()
+        self.input_resolution = tuple(input_resolution)
+        window, shift = window_and_shift(
+            self.input_resolution, config.window_size, shift_size, config.window_semantics
+        )
+        self.window_size = window
+        self.shift_size = shift
+        self.attention = Swinv2Attention(
+            config, dim, num_heads, window, shift, _pair(pretrained_window_size), config.window_semantics
+        )
+        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.drop_path = Swinv2DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+        self.intermediate = Swinv2Intermediate(config, dim)
+        self.output = Swinv2Output(config, dim)
+        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states, input_dimensions, output_attentions=False):
+        attention_output, probs = self.attention(hidden_states, input_dimensions, output_attentions)
+        hidden_states = hidden_states + self.drop_path(self.layernorm_before(attention_output))
+        layer_output = self.output(self.intermediate(hidden_states))
+        layer_output = hidden_states + self.drop_path(self.layernorm_after(layer_output))
+        return (layer_output, probs) if output_attentions else (layer_output,)
+
+
+class Swinv2PatchMerging(nn.Module):
+    """2x2 neighbours concatenated as (0,0), (1,0), (0,1), (1,1) -> Linear(4C, 2C) -> LayerNorm(2C)."""
+
+    def __init__(self, input_resolution, dim, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.dim = dim
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(2 * dim)
+
+    def forward(self, input_feature, input_dimensions):
+        height, width = input_dimensions
+        batch_size, _, channels = input_feature.shape
+        x = input_feature.view(batch_size, height, width, channels)
+        if height % 2 or width % 2:
+            x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+        hp, wp = x.shape[1], x.shape[2]
+        # (B, H/2, 2(row), W/2, 2(col), C) -> (B, H/2, W/2, col, row, C): the concatenation order above.
+        x = x.view(batch_size, hp // 2, 2, wp // 2, 2, channels).permute(0, 1, 3, 4, 2, 5)
+        x = x.reshape(batch_size, (hp // 2) * (wp // 2), 4 * channels)
+        return self.norm(self.reduction(x))
+
+
+class Swinv2Stage(nn.Module):
+    def __init__(self, config, dim, input_resolution, depth, num_heads, drop_path, downsample,
+                 pretrained_window_size=0):
+        super().__init__()
+        self.config = config
+        self.dim = dim
+        self.blocks = nn.ModuleList(
+            Swinv2Layer(
+                config=config,
+                dim=dim,
+                input_resolution=input_resolution,
+                num_heads=num_heads,
+                drop_path_rate=drop_path[i],
+                shift_size=0 if i % 2 == 0 else config.window_size // 2,
+                pretrained_window_size=pretrained_window_size,
+            )
+            for i in range(depth)
+        )
+        self.downsample = downsample(input_resolution, dim=dim, norm_layer=nn.LayerNorm) if downsample else None
+
+    def forward(self, hidden_states, input_dimensions, output_attentions=False):
+        height, width = input_dimensions
+        layer_outputs = None
+        for block in self.blocks:
+            layer_outputs = block(hidden_states, input_dimensions, output_attentions)
+            hidden_states = layer_outputs[0]
+        before_downsampling = hidden_states
+        if self.downsample is not None:
+            output_dimensions = (height, width, (height + 1) // 2, (width + 1) // 2)
+            hidden_states = self.downsample(before_downsampling, input_dimensions)
+        else:
+            output_dimensions = (height, width, height, width)
+        stage_outputs = (hidden_states, before_downsampling, output_dimensions)
+        if output_attentions:
+            stage_outputs += layer_outputs[1:]
+        return stage_outputs
+
+
+class Swinv2Encoder(nn.Module):
+    def __init__(self, config, grid_size):
+        super().__init__()
+        self.num_layers = len(config.depths)
+        self.config = config
+        dpr = [x.item() for x in torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu")]
+        self.layers = nn.ModuleList(
+            Swinv2Stage(
+                config=config,
+                dim=int(config.embed_dim * 2**i),
+                input_resolution=(grid_size[0] // 2**i, grid_size[1] // 2**i),
+                depth=config.depths[i],
+                num_heads=config.num_heads[i],
+                drop_path=dpr[sum(config.depths[:i]) : sum(config.depths[: i + 1])],
+                downsample=Swinv2PatchMerging if i < self.num_layers - 1 else None,
+                pretrained_window_size=config.pretrained_window_sizes[i],
+            )
+            for i in range(self.num_layers)
+        )
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states, input_dimensions, output_attentions=False, output_hidden_states=False,
+                output_hidden_states_before_downsampling=False, return_dict=True):
+        all_hidden_states = () if output_hidden_states else None
+        all_reshaped = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+
+        def record(states, dims):
+            nonlocal all_hidden_states, all_reshaped
+            batch_size, _, hidden_size = states.shape
+            all_hidden_states += (states,)
+            all_reshaped += (states.view(batch_size, dims[0], dims[1], hidden_size).permute(0, 3, 1, 2),)
+
+        if output_hidden_states:
+            record(hidden_states, input_dimensions)
+        for stage in self.layers:
+            if self.gradient_checkpointing and self.training:
+                stage_outputs = torch.utils.checkpoint.checkpoint(
+                    stage, hidden_states, input_dimensions, output_attentions, use_reentrant=False
+                )
+            else:
+                stage_outputs = stage(hidden_states, input_dimensions, output_attentions)
+            hidden_states, before_downsampling, output_dimensions = stage_outputs[:3]
+            input_dimensions = (output_dimensions[-2], output_dimensions[-1])
+            if output_hidden_states and output_hidden_states_before_downsampling:
+                record(before_downsampling, output_dimensions[:2])
+            elif output_hidden_states:
+                record(hidden_states, input_dimensions)
+            if output_attentions:
+                all_attentions += stage_outputs[3:]
+
+        if not return_dict:
+            return tuple(v for v in (hidden_states, all_hidden_states, all_attentions, all_reshaped) if v is not None)
+        return Swinv2EncoderOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            reshaped_hidden_states=all_reshaped,
+        )
+
+
+def _check_pixel_values(pixel_values, num_channels: int) -> None:
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.dim() != 4:
+        raise ValueError(
+            f"pixel_values must be 4-D (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
+        )
+    if pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values must have {num_channels} channels (config.num_channels), got shape "
+            f"{tuple(pixel_values.shape)}"
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
+
+
+class Swinv2PreTrainedModel(nn.Module):
+    """Weight init, checkpoint loading and saving, gradient checkpointing and cache control."""
+
+    config_class = Swinv2Config
+    base_model_prefix = "swinv2"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: Swinv2Config):
+        super().__init__()
+        if not isinstance(config, Swinv2Config):
+            raise TypeError(f"config must be a swinv2_fast.Swinv2Config, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+
+    def post_init(self):
+        self.apply(self._init_weights)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.weight.normal_(mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.zero_()
+            module.weight.fill_(1.0)
+        elif isinstance(module, Swinv2Embeddings):
+            if module.mask_token is not None:
+                module.mask_token.zero_()
+            if module.position_embeddings is not None:
+                module.position_embeddings.zero_()
+        elif isinstance(module, Swinv2SelfAttention):
+            module.logit_scale.fill_(math.log(10))
+
+    # ------------------------------------------------------------------------- gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        for module in self.modules():
+            if isinstance(module, Swinv2Encoder):
+                module.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        for module in self.modules():
+            if isinstance(module, Swinv2Encoder):
+                module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Swinv2Encoder))
+
+    def clear_caches(self):
+        """Drop the eval-mode caches (position bias tables, concatenated q/k/v weights)."""
+        for module in self.modules():
+            if isinstance(module, Swinv2SelfAttention):
+                module.clear_caches()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # -------------------------------------------------------------------------------- save / load
+    @classmethod
+    def from_pretrained(cls, directory, *, config: Optional[Swinv2Config] = None, strict: bool = True,
+                        dtype: Optional[torch.dtype] = None, **config_overrides):
+        """Load a directory written by transformers' (or our) `save_pretrained`.
+
+        Reads config.json and model.safetensors / pytorch_model.bin (also sharded), in the released key
+        layout (query/key/value) or the renamed one (q_proj/k_proj/v_proj/o_proj). Keyword arguments
+        override config fields (e.g. num_labels=10). Missing or unexpected keys raise, naming them; the
+        only exceptions are task heads (`classifier`, `decoder`, mask token) absent from the checkpoint,
+        which keep their initialisation with a warning, and heads of another class in the checkpoint,
+        which are dropped with a warning. `strict=False` turns every key mismatch into a warning.
+        """
+        from .weights import load_model_weights
+
+        if config is None:
+            config = Swinv2Config.from_pretrained(directory, **config_overrides)
+        elif config_overrides:
+            config = Swinv2Config.from_dict(config.to_dict(), **config_overrides)
+        model = cls(config)
+        load_model_weights(model, directory, strict=strict)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+
+    def save_pretrained(self, directory: str, safe_serialization: bool = True) -> None:
+        """Write config.json and model.safetensors (or pytorch_model.bin) that transformers' `from_pretrained` reads."""
+        from .weights import save_model_weights
+
+        save_model_weights(self, directory, safe_serialization=safe_serialization)
+
+
+class Swinv2Model(Swinv2PreTrainedModel):
+    def __init__(self, config: Swinv2Config, add_pooling_layer: bool = True, use_mask_token: bool = False):
+        super().__init__(config)
+        self.num_layers = len(config.depths)
+        self.num_features = int(config.embed_dim * 2 ** (self.num_layers - 1))
+        self.embeddings = Swinv2Embeddings(config, use_mask_token=use_mask_token)
+        self.encoder = Swinv2Encoder(config, self.embeddings.patch_grid)
+        self.layernorm = nn.LayerNorm(self.num_features, eps=config.layer_norm_eps)
+        self.pooler = nn.AdaptiveAvgPool1d(1) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.patch_embeddings
+
+    def forward(self, pixel_values=None, bool_masked_pos=None, output_attentions=None, output_hidden_states=None,
+                interpolate_pos_encoding=False, return_dict=None, **kwargs):
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        _check_pixel_values(pixel_values, self.config.num_channels)
+        if bool_masked_pos is not None:
+            ph, pw = _pair(self.config.patch_size)
+            grid = (-(-pixel_values.shape[2] // ph), -(-pixel_values.shape[3] // pw))
+            expected = (pixel_values.shape[0], grid[0] * grid[1])
+            if tuple(bool_masked_pos.shape) != expected:
+                raise ValueError(
+                    f"bool_masked_pos must have shape (batch_size, num_patches) = {expected}, "
+                    f"got {tuple(bool_masked_pos.shape)}"
+                )
+
+        embedding_output, input_dimensions = self.embeddings(
+            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+        encoder_outputs = self.encoder(
+            embedding_output, input_dimensions, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict,
+        )
+        sequence_output = self.layernorm(encoder_outputs[0])
+        pooled_output = None
+        if self.pooler is not None:
+            pooled_output = torch.flatten(self.pooler(sequence_output.transpose(1, 2)), 1)
+        if not return_dict:
+            return (sequence_output, pooled_output) + tuple(encoder_outputs[1:])
+        return Swinv2ModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+            reshaped_hidden_states=encoder_outputs.reshaped_hidden_states,
+        )
+
+
+def _classification_loss(config: Swinv2Config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' choice: regression for one label, cross-entropy for integer labels, else BCE."""
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif num_labels > 1 and labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1), ignore_index=-100)
+    if config.problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    raise ValueError(
+        "config.problem_type must be 'regression', 'single_label_classification' or "
+        f"'multi_label_classification', got {config.problem_type!r}"
+    )
+
+
+class Swinv2ForImageClassification(Swinv2PreTrainedModel):
+    def __init__(self, config: Swinv2Config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.swinv2 = Swinv2Model(config)
+        self.classifier = (
+            nn.Linear(self.swinv2.num_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
+        self.post_init()
+
+    def forward(self, pixel_values=None, labels=None, output_attentions=None, output_hidden_states=None,
+                interpolate_pos_encoding=False, return_dict=None, **kwargs):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.swinv2(
+            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding, return_dict=return_dict,
+        )
+        logits = self.classifier(outputs[1])
+        loss = _classification_loss(self.config, logits, labels) if labels is not None else None
+        if not return_dict:
+            output = (logits,) + tuple(outputs[2:])
+            return ((loss,) + output) if loss is not None else output
+        return Swinv2ImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            reshaped_hidden_states=outputs.reshaped_hidden_states,
+        )
+
+
+class Swinv2ForMaskedImageModeling(Swinv2PreTrainedModel):
+    """SimMIM: mask token in the embeddings, 1x1 conv + pixel shuffle decoder, L1 loss over masked pixels."""
+
+    def __init__(self, config: Swinv2Config):
+        super().__init__(config)
+        self.swinv2 = Swinv2Model(config, add_pooling_layer=False, use_mask_token=True)
+        num_features = int(config.embed_dim * 2 ** (config.num_layers - 1))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(num_features, config.encoder_stride**2 * config.num_channels, kernel_size=1),
+            nn.PixelShuffle(config.encoder_stride),
+        )
+        self.post_init()
+
+    def forward(self, pixel_values=None, bool_masked_pos=None, output_attentions=None, output_hidden_states=None,
+                interpolate_pos_encoding=False, return_dict=None, **kwargs):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.swinv2(
+            pixel_values, bool_masked_pos=bool_masked_pos, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=return_dict,
+        )
+        sequence_output = outputs[0].transpose(1, 2)
+        batch_size, num_channels, sequence_length = sequence_output.shape
+        side = math.floor(sequence_length**0.5)
+        reconstruction = self.decoder(sequence_output.reshape(batch_size, num_channels, side, side))
+
+        masked_im_loss = None
+        if bool_masked_pos is not None:
+            size = _pair(self.config.image_size)[0] // _pair(self.config.patch_size)[0]
+            patch = _pair(self.config.patch_size)[0]
+            mask = (
+                bool_masked_pos.reshape(-1, size, size)
+                .repeat_interleave(patch, 1)
+                .repeat_interleave(patch, 2)
+                .unsqueeze(1)
+                .contiguous()
+            )
+            reconstruction_loss = F.l1_loss(pixel_values, reconstruction, reduction="none")
+            masked_im_loss = (reconstruction_loss * mask).sum() / (mask.sum() + 1e-5) / self.config.num_channels
+
+        if not return_dict:
+            output = (reconstruction,) + tuple(outputs[2:])
+            return ((masked_im_loss,) + output) if masked_im_loss is not None else output
+        return Swinv2MaskedImageModelingOutput(
+            loss=masked_im_loss,
+            reconstruction=reconstruction,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            reshaped_hidden_states=outputs.reshaped_hidden_states,
+        )
+
+
+class Swinv2Backbone(Swinv2PreTrainedModel):
+    """Feature maps (NCHW) of the stages named by config.out_features, taken before patch merging."""
+
+    def __init__(self, config: Swinv2Config):
+        super().__init__(config)
+        self.num_features = [config.embed_dim] + [int(config.embed_dim * 2**i) for i in range(len(config.depths))]
+        self.embeddings = Swinv2Embeddings(config)
+        self.encoder = Swinv2Encoder(config, self.embeddings.patch_grid)
+        self.post_init()
+
+    @property
+    def stage_names(self):
+        return self.config.stage_names
+
+    @property
+    def out_features(self):
+        return self.config.out_features
+
+    @property
+    def out_indices(self):
+        return self.config.out_indices
+
+    @property
+    def channels(self):
+        return [self.num_features[i] for i in self.out_indices]
+
+    def get_input_embeddings(self):
+        return self.embeddings.patch_embeddings
+
+    def forward(self, pixel_values, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        _check_pixel_values(pixel_values, self.config.num_channels)
+
+        embedding_output, input_dimensions = self.embeddings(pixel_values)
+        outputs = self.encoder(
+            embedding_output, input_dimensions, output_attentions=output_attentions, output_hidden_states=True,
+            output_hidden_states_before_downsampling=True, return_dict=True,
+        )
+        feature_maps = tuple(
+            state for stage, state in zip(self.stage_names, outputs.reshaped_hidden_states)
+            if stage in self.out_features
+        )
+        hidden_states = outputs.hidden_states if output_hidden_states else None
+        if not return_dict:
+            output = (feature_maps,)
+            if output_hidden_states:
+                output += (hidden_states,)
+            if output_attentions:
+                output += (outputs.attentions,)
+            return output
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=outputs.attentions)

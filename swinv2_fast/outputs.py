@@ -1,0 +1,91 @@
+"""Output containers with the field names, order and tuple behaviour of transformers' Swinv2 outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "ModelOutput",
+    "Swinv2EncoderOutput",
+    "Swinv2ModelOutput",
+    "Swinv2ImageClassifierOutput",
+    "Swinv2MaskedImageModelingOutput",
+    "BackboneOutput",
+]
+
+
+@dataclass
+class ModelOutput:
+    """Attribute, key and index access; fields that are None are left out of keys and tuples."""
+
+    def keys(self):
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def values(self):
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self):
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+
+@dataclass
+class Swinv2EncoderOutput(ModelOutput):
+    last_hidden_state: Optional[torch.Tensor] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+    reshaped_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class Swinv2ModelOutput(ModelOutput):
+    last_hidden_state: Optional[torch.Tensor] = None
+    pooler_output: Optional[torch.Tensor] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+    reshaped_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class Swinv2ImageClassifierOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+    reshaped_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class Swinv2MaskedImageModelingOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    reconstruction: Optional[torch.Tensor] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+    reshaped_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class BackboneOutput(ModelOutput):
+    feature_maps: Optional[Tuple[torch.Tensor, ...]] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
