@@ -225,40 +225,39 @@ def window_attention_reference(
         else:
             pad_token = qkv_bias.to(qkv.dtype).view(1, 1, C3).expand(B, 1, C3)
         qkv = torch.cat([qkv, pad_token], dim=1)
-    windows = qkv.index_select(1, layout.gather_index)  # (B, nW*N, 3C)
     nW = layout.num_windows
-    windows = windows.view(B, nW, N, 3, num_heads, head_dim).permute(3, 0, 1, 4, 2, 5)
-    q, k, v = windows.unbind(0)  # each (B, nW, heads, N, head_dim)
+    # One gather straight into head-major windows (3, B, heads, nW*N, head_dim), so that every later
+    # reshape is a view.
+    per_head = qkv.view(B, qkv.shape[1], 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    windows = per_head.index_select(3, layout.gather_index).view(3, B, num_heads, nW, N, head_dim)
+    q, k, v = windows.unbind(0)  # each (B, heads, nW, N, head_dim)
 
     # Cosine attention with the clamped learnable scale, then position bias and shift mask.
-    scale = torch.clamp(logit_scale.reshape(num_heads, 1, 1), max=LOGIT_SCALE_MAX).exp()
+    scale = torch.clamp(logit_scale.reshape(num_heads, 1, 1, 1), max=LOGIT_SCALE_MAX).exp()
     q = F.normalize(q, dim=-1)
     k = F.normalize(k, dim=-1)
     mask = shift_mask(layout, mask_value, position_bias.dtype)
-    bias = position_bias if mask is None else position_bias + mask[:, None]  # (heads | nW*heads, N, N)
+    bias = position_bias.unsqueeze(1)  # (heads, 1, N, N)
+    if mask is not None:
+        bias = bias + mask.unsqueeze(0)  # (heads, nW, N, N)
     if return_attention_probs:
-        scores = (q @ k.transpose(-2, -1)) * scale + bias.view(-1, num_heads, N, N)
+        scores = (q @ k.transpose(-2, -1)) * scale + bias  # (B, heads, nW, N, N)
         probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p, training=True)
-        out = probs.to(v.dtype) @ v  # (B, nW, heads, N, head_dim)
+        out = probs.to(v.dtype) @ v  # (B, heads, nW, N, head_dim)
     else:
-        # The same softmax(S) @ v through PyTorch's fused attention: windows and heads form one batch
-        # axis so that the (nW * heads, N, N) bias broadcasts over the images of the batch.
-        bias = bias.view(1, -1, N, N).to(q.dtype) if mask is not None else bias.unsqueeze(0).to(q.dtype)
-        shape = (B, nW * num_heads, N, head_dim) if mask is not None else (B * nW, num_heads, N, head_dim)
+        # The same softmax(S) @ v through PyTorch's fused attention, heads and windows as one batch axis.
+        bias = bias.to(q.dtype).expand(num_heads, nW, N, N).reshape(1, num_heads * nW, N, N)
+        shape = (B, num_heads * nW, N, head_dim)
         out = F.scaled_dot_product_attention(
-            (q * scale.to(q.dtype)).reshape(shape),
-            k.reshape(shape),
-            v.reshape(shape),
-            attn_mask=bias,
-            dropout_p=dropout_p,
-            scale=1.0,
+            (q * scale.to(q.dtype)).view(shape), k.view(shape), v.view(shape),
+            attn_mask=bias, dropout_p=dropout_p, scale=1.0,
         )
 
     # Windows -> tokens: rows of padded positions are dropped, every real token is picked once.
-    out = out.view(B, nW, num_heads, N, head_dim).permute(0, 1, 3, 2, 4).reshape(B, nW * N, C)
-    out = out.index_select(1, layout.scatter_index)
+    out = out.reshape(B, num_heads, nW * N, head_dim).permute(0, 2, 1, 3)  # (B, nW*N, heads, head_dim)
+    out = out.index_select(1, layout.scatter_index).view(B, L, C)
     if return_attention_probs:
-        return out, probs.reshape(B * nW, num_heads, N, N)
+        return out, probs.transpose(1, 2).reshape(B * nW, num_heads, N, N)
     return out

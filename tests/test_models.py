@@ -1,0 +1,147 @@
+"""Every swinv2_fast class against transformers' class on identical random weights."""
+import pytest
+import torch
+import transformers
+
+import swinv2_fast
+from conftest import FP32_ATOL, assert_close, perturb_
+
+# Small models that cover the window sizes of the published models (N = 49, 64, 144, 256), pretrained
+# window sizes, stages at or below the window, and inputs not divisible by the patch or the window.
+CONFIGS = {
+    "w7": dict(image_size=56, window_size=7, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 4]),
+    "w8": dict(image_size=64, window_size=8, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 4]),
+    "w12-pretrained": dict(image_size=96, window_size=12, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                           pretrained_window_sizes=[8, 6]),
+    "w16": dict(image_size=64, window_size=16, embed_dim=16, depths=[2, 2], num_heads=[2, 2]),
+}
+INPUTS = {
+    "w7": [(2, 56, 56), (1, 61, 45)],
+    "w8": [(2, 64, 64), (1, 70, 50), (2, 37, 37)],
+    "w12-pretrained": [(1, 96, 96), (2, 100, 90)],
+    "w16": [(1, 64, 64), (2, 66, 71)],
+}
+CASES = [pytest.param(name, shape, id=f"{name}-B{shape[0]}-{shape[1]}x{shape[2]}")
+         for name in CONFIGS for shape in INPUTS[name]]
+
+
+def make_pair(cls_name, num_labels=5, **overrides):
+    kwargs = dict(drop_path_rate=0.0, num_labels=num_labels, **overrides)
+    hf_config = transformers.Swinv2Config(**kwargs)
+    hf = perturb_(getattr(transformers, cls_name)(hf_config)).eval()
+    ours = getattr(swinv2_fast, cls_name)(swinv2_fast.Swinv2Config.from_transformers(hf_config)).eval()
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours
+
+
+def compare_outputs(ours, theirs, prefix=""):
+    assert list(ours.keys()) == list(theirs.keys()), f"{prefix}fields {list(ours.keys())} != {list(theirs.keys())}"
+    for key in theirs.keys():
+        a, b = ours[key], theirs[key]
+        if isinstance(b, torch.Tensor):
+            assert_close(a, b, name=prefix + key)
+        else:
+            assert len(a) == len(b), f"{prefix}{key}: {len(a)} entries vs {len(b)}"
+            for i, (x, y) in enumerate(zip(a, b)):
+                assert_close(x, y, name=f"{prefix}{key}[{i}]")
+
+
+@pytest.mark.parametrize("name,shape", CASES)
+def test_image_classification_matches_transformers(name, shape):
+    hf, ours = make_pair("Swinv2ForImageClassification", **CONFIGS[name])
+    x = torch.randn(shape[0], 3, shape[1], shape[2])
+    with torch.no_grad():
+        expected = hf(x, output_hidden_states=True, output_attentions=True)
+        actual = ours(x, output_hidden_states=True, output_attentions=True)
+        compare_outputs(actual, expected)
+        # Without attentions the fused (SDPA) branch runs: same logits.
+        assert_close(ours(x).logits, hf(x).logits, name="logits without output_attentions")
+
+
+@pytest.mark.parametrize("name,shape", CASES[:4])
+def test_model_matches_transformers(name, shape):
+    hf, ours = make_pair("Swinv2Model", **CONFIGS[name])
+    x = torch.randn(shape[0], 3, shape[1], shape[2])
+    with torch.no_grad():
+        compare_outputs(ours(x, output_hidden_states=True), hf(x, output_hidden_states=True))
+        theirs_tuple = hf(x, output_hidden_states=True, output_attentions=True, return_dict=False)
+        ours_tuple = ours(x, output_hidden_states=True, output_attentions=True, return_dict=False)
+    assert isinstance(ours_tuple, tuple) and len(ours_tuple) == len(theirs_tuple)
+    for i, (a, b) in enumerate(zip(ours_tuple, theirs_tuple)):
+        if isinstance(b, torch.Tensor):
+            assert_close(a, b, name=f"tuple[{i}]")
+        else:
+            assert len(a) == len(b)
+            for j, (u, v) in enumerate(zip(a, b)):
+                assert_close(u, v, name=f"tuple[{i}][{j}]")
+
+
+@pytest.mark.parametrize("name", ["w8", "w12-pretrained"])
+def test_masked_image_modeling_matches_transformers(name):
+    cfg = dict(CONFIGS[name], encoder_stride=2 ** (len(CONFIGS[name]["depths"]) + 1))
+    hf, ours = make_pair("Swinv2ForMaskedImageModeling", **cfg)
+    size = cfg["image_size"]
+    x = torch.randn(2, 3, size, size)
+    num_patches = (size // 4) ** 2
+    bool_masked_pos = torch.rand(2, num_patches) < 0.6
+    with torch.no_grad():
+        expected = hf(x, bool_masked_pos=bool_masked_pos, output_hidden_states=True)
+        actual = ours(x, bool_masked_pos=bool_masked_pos, output_hidden_states=True)
+        compare_outputs(actual, expected)
+        assert actual.loss.ndim == 0 and actual.loss > 0
+        ours_tuple = ours(x, bool_masked_pos=bool_masked_pos, return_dict=False)
+        theirs_tuple = hf(x, bool_masked_pos=bool_masked_pos, return_dict=False)
+    assert len(ours_tuple) == len(theirs_tuple) == 2
+    assert_close(ours_tuple[0], theirs_tuple[0], name="tuple loss")
+
+
+@pytest.mark.parametrize("out_features", [None, ["stem", "stage2"], ["stage1", "stage2", "stage3"]])
+def test_backbone_matches_transformers(out_features):
+    hf, ours = make_pair("Swinv2Backbone", out_features=out_features, **CONFIGS["w8"])
+    x = torch.randn(2, 3, 70, 50)
+    with torch.no_grad():
+        for kwargs in ({}, dict(output_hidden_states=True, output_attentions=True)):
+            expected = hf(x, **kwargs)
+            actual = ours(x, **kwargs)
+            compare_outputs(actual, expected)
+            assert all(f.dim() == 4 for f in actual.feature_maps)
+            theirs_tuple = hf(x, return_dict=False, **kwargs)
+            ours_tuple = ours(x, return_dict=False, **kwargs)
+            assert len(ours_tuple) == len(theirs_tuple)
+    assert ours.channels == hf.channels
+    assert ours.out_features == hf.out_features
+
+
+@pytest.mark.parametrize(
+    "num_labels,labels,problem_type",
+    [
+        (1, torch.randn(3), "regression"),
+        (4, torch.tensor([0, 3, 1]), "single_label_classification"),
+        (4, torch.randint(0, 2, (3, 4)).float(), "multi_label_classification"),
+    ],
+    ids=["regression", "single-label", "multi-label"],
+)
+def test_classification_loss_matches_transformers(num_labels, labels, problem_type):
+    hf, ours = make_pair("Swinv2ForImageClassification", num_labels=num_labels, **CONFIGS["w8"])
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = hf(x, labels=labels)
+        actual = ours(x, labels=labels)
+    assert ours.config.problem_type == hf.config.problem_type == problem_type
+    assert_close(actual.loss, expected.loss, name="loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_error_is_that_of_transformers(dtype):
+    """In bf16/fp16 our model's error against fp32 is of the size of transformers' own error in that dtype
+    (at most twice it), the flash-attention rule for low-precision parity."""
+    hf, ours = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = hf(x).logits.double()
+        hf_low = hf.to(dtype)(x.to(dtype)).logits.double()
+        ours_low = ours.to(dtype)(x.to(dtype)).logits.double()
+    assert ours_low.dtype == torch.float64 and torch.isfinite(ours_low).all()
+    hf_error = (hf_low - reference).abs().max().item()
+    ours_error = (ours_low - reference).abs().max().item()
+    assert ours_error <= 2 * hf_error + 1e-6, f"{dtype}: ours {ours_error:.3e} vs transformers {hf_error:.3e}"

@@ -1,0 +1,110 @@
+"""Training through swinv2_fast: gradients against transformers, gradient checkpointing, eval caches."""
+import copy
+
+import pytest
+import torch
+
+import swinv2_fast
+from conftest import assert_close
+from test_models import CONFIGS, make_pair
+
+# Gradients of fp32 models on identical weights: the sums behind them are longer than the forward's, so
+# allow 1e-4 relative on top of the forward's 1e-4 absolute.
+GRAD_ATOL, GRAD_RTOL = 1e-4, 1e-4
+
+
+def train_step(model, x, labels):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(x, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name,size", [("w8", (70, 50)), ("w12-pretrained", (96, 96)), ("w7", (56, 56))])
+def test_training_step_gradients_match_transformers(name, size):
+    hf, ours = make_pair("Swinv2ForImageClassification", **CONFIGS[name])
+    x = torch.randn(2, 3, *size)
+    labels = torch.tensor([1, 4])
+    hf_loss, hf_grads = train_step(hf, x, labels)
+    loss, grads = train_step(ours, x, labels)
+    assert_close(loss, hf_loss, name="loss")
+    assert grads.keys() == hf_grads.keys()
+    for key in hf_grads:
+        assert_close(grads[key], hf_grads[key], atol=GRAD_ATOL, rtol=GRAD_RTOL, name=f"grad {key}")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _, ours = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
+    checkpointed = copy.deepcopy(ours)
+    checkpointed.gradient_checkpointing_enable()
+    assert checkpointed.is_gradient_checkpointing
+    x, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+    loss, grads = train_step(ours, x, labels)
+    loss_ckpt, grads_ckpt = train_step(checkpointed, x, labels)
+    assert torch.equal(loss, loss_ckpt)
+    for key in grads:
+        assert_close(grads_ckpt[key], grads[key], atol=1e-6, name=f"checkpointed grad {key}")
+
+
+def test_drop_path_and_dropout_are_active_in_training_only():
+    config = swinv2_fast.Swinv2Config(**CONFIGS["w8"], drop_path_rate=0.5, hidden_dropout_prob=0.2,
+                                      attention_probs_dropout_prob=0.2)
+    model = swinv2_fast.Swinv2Model(config)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    a, b = model(x).last_hidden_state, model(x).last_hidden_state
+    assert not torch.equal(a, b)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x).last_hidden_state, model(x).last_hidden_state)
+
+
+def _first_attention(model):
+    return model.swinv2.encoder.layers[0].blocks[0].attention.self
+
+
+def test_eval_cache_is_reused_and_never_stale():
+    hf, ours = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
+    x = torch.randn(1, 3, 64, 64)
+    attention = _first_attention(ours)
+    with torch.no_grad():
+        ours(x)
+        table = attention.position_bias()
+        assert attention.position_bias() is table, "eval mode must reuse the cached table"
+
+    # load_state_dict (in-place copy): the cache must follow the new weights.
+    other = perturb_like(hf, seed=7)
+    ours.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert_close(ours(x).logits, other(x).logits, name="after load_state_dict")
+
+    # An optimizer step in training mode, then back to eval.
+    ours.train()
+    optimizer = torch.optim.SGD(ours.parameters(), lr=0.5)
+    ours(x, labels=torch.tensor([1])).loss.backward()
+    optimizer.step()
+    ours.eval()
+    with torch.no_grad():
+        fresh = copy.deepcopy(ours)
+        fresh.clear_caches()
+        assert_close(ours(x).logits, fresh(x).logits, atol=0.0, name="after optimizer step")
+        # .to(dtype) replaces the parameters: the cache must not serve the fp32 table.
+        ours_double = ours.to(torch.float64)
+        assert attention.position_bias().dtype == torch.float64
+        assert ours_double(x.double()).logits.dtype == torch.float64
+
+
+def test_eval_mode_with_grad_enabled_still_differentiates_the_position_bias():
+    _, ours = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
+    ours.eval()
+    x = torch.randn(1, 3, 64, 64)
+    ours(x).logits.sum().backward()
+    grad = _first_attention(ours).continuous_position_bias_mlp[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def perturb_like(model, seed):
+    from conftest import perturb_
+
+    return perturb_(copy.deepcopy(model), seed=seed).eval()
