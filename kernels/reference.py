@@ -70,6 +70,7 @@ class WindowLayout(NamedTuple):
     region:        (nW, N) int64 shift-mask region of every window row, or None when there is no shift.
     """
 
+    key: tuple  # (height, width, wh, ww, sh, sw, pad_order)
     padded_size: Tuple[int, int]
     num_windows: int
     needs_padding: bool
@@ -115,6 +116,7 @@ def _window_layout_cpu(height, width, wh, ww, sh, sw, pad_order) -> WindowLayout
         region_grid = _axis_region(hp, wh, sh)[:, None] * 3 + _axis_region(wp, ww, sw)[None, :]
         region = _partition(region_grid, wh, ww)
     return WindowLayout(
+        key=(height, width, wh, ww, sh, sw, pad_order),
         padded_size=(hp, wp),
         num_windows=windows.shape[0],
         needs_padding=(hp, wp) != (height, width),
@@ -169,6 +171,38 @@ def shift_mask(layout: WindowLayout, mask_value: float, dtype: torch.dtype) -> O
     different = layout.region[:, :, None] != layout.region[:, None, :]
     zero = torch.zeros((), dtype=dtype, device=different.device)
     return torch.where(different, torch.full((), mask_value, dtype=dtype, device=different.device), zero)
+
+
+def _combined_bias(position_bias, layout, mask_value):
+    """(heads, nW, N, N) position bias plus shift mask, or (heads, 1, N, N) without a shift."""
+    mask = shift_mask(layout, mask_value, position_bias.dtype)
+    bias = position_bias.unsqueeze(1)
+    return bias if mask is None else bias + mask.unsqueeze(0)
+
+
+def _sdpa_bias(position_bias, layout, mask_value, dtype):
+    """Position bias plus shift mask as the (1, heads * nW, N, N) mask of the fused attention.
+
+    For a table that autograd does not track, the result is kept on the table tensor itself, keyed by its
+    version counter (an in-place change invalidates it), the layout, the mask value and the dtype: in eval
+    mode the models pass the same cached table every call, and building this would otherwise cost a copy
+    of heads * nW * N * N values per call.
+    """
+    heads, n, _ = position_bias.shape
+
+    def build():
+        bias = _combined_bias(position_bias, layout, mask_value).to(dtype)
+        return bias.expand(heads, layout.num_windows, n, n).reshape(1, heads * layout.num_windows, n, n)
+
+    if position_bias.requires_grad or torch.is_inference(position_bias):
+        return build()
+    key = (layout.key, float(mask_value), dtype)
+    memo = position_bias.__dict__.setdefault("_swinv2_fast_sdpa_bias", {})
+    entry = memo.get(key)
+    if entry is None or entry[0] != position_bias._version:
+        entry = (position_bias._version, build())
+        memo[key] = entry
+    return entry[1]
 
 
 def window_attention_reference(
@@ -236,11 +270,8 @@ def window_attention_reference(
     scale = torch.clamp(logit_scale.reshape(num_heads, 1, 1, 1), max=LOGIT_SCALE_MAX).exp()
     q = F.normalize(q, dim=-1)
     k = F.normalize(k, dim=-1)
-    mask = shift_mask(layout, mask_value, position_bias.dtype)
-    bias = position_bias.unsqueeze(1)  # (heads, 1, N, N)
-    if mask is not None:
-        bias = bias + mask.unsqueeze(0)  # (heads, nW, N, N)
     if return_attention_probs:
+        bias = _combined_bias(position_bias, layout, mask_value)  # (heads, nW or 1, N, N)
         scores = (q @ k.transpose(-2, -1)) * scale + bias  # (B, heads, nW, N, N)
         probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
@@ -248,11 +279,10 @@ def window_attention_reference(
         out = probs.to(v.dtype) @ v  # (B, heads, nW, N, head_dim)
     else:
         # The same softmax(S) @ v through PyTorch's fused attention, heads and windows as one batch axis.
-        bias = bias.to(q.dtype).expand(num_heads, nW, N, N).reshape(1, num_heads * nW, N, N)
         shape = (B, num_heads * nW, N, head_dim)
         out = F.scaled_dot_product_attention(
             (q * scale.to(q.dtype)).view(shape), k.view(shape), v.view(shape),
-            attn_mask=bias, dropout_p=dropout_p, scale=1.0,
+            attn_mask=_sdpa_bias(position_bias, layout, mask_value, q.dtype), dropout_p=dropout_p, scale=1.0,
         )
 
     # Windows -> tokens: rows of padded positions are dropped, every real token is picked once.

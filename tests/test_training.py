@@ -108,3 +108,40 @@ def perturb_like(model, seed):
     from conftest import perturb_
 
     return perturb_(copy.deepcopy(model), seed=seed).eval()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 10, 1 << 30], ids=["many-chunks", "one-chunk"])
+def test_inference_path_matches_the_autograd_path(monkeypatch, chunk_bytes):
+    """Eval without autograd runs blocks in pieces (Swinv2Layer._forward_inference); same numbers as the
+    plain path that eval with autograd takes."""
+    import swinv2_fast.modeling as modeling
+
+    monkeypatch.setattr(modeling, "INFERENCE_CHUNK_BYTES", chunk_bytes)
+    _, ours = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
+    x = torch.randn(3, 3, 70, 50)
+    plain = ours(x, output_hidden_states=True)
+    with torch.no_grad():
+        chunked = ours(x, output_hidden_states=True)
+    with torch.inference_mode():
+        inference = ours(x).logits
+    for i, (a, b) in enumerate(zip(chunked.hidden_states, plain.hidden_states)):
+        assert_close(a, b.detach(), atol=1e-5, name=f"hidden_states[{i}]")
+    assert_close(chunked.logits, plain.logits.detach(), atol=1e-5, name="logits")
+    assert torch.equal(inference, chunked.logits)
+
+
+def test_expanded_bias_memo_follows_in_place_changes():
+    from swinv2_fast.kernels import window_attention_reference
+
+    heads, n = 2, 16
+    qkv = torch.randn(1, 64, 3 * heads * 8)
+    logit_scale = torch.zeros(heads, 1, 1)
+    table = torch.rand(heads, n, n)
+    kwargs = dict(grid_size=(8, 8), num_heads=heads, window_size=4, shift_size=2)
+    first = window_attention_reference(qkv, None, logit_scale, table, **kwargs)
+    assert torch.equal(window_attention_reference(qkv, None, logit_scale, table, **kwargs), first)
+    table.mul_(3.0)
+    changed = window_attention_reference(qkv, None, logit_scale, table, **kwargs)
+    fresh = window_attention_reference(qkv, None, logit_scale, table.clone(), **kwargs)
+    assert torch.equal(changed, fresh)
+    assert not torch.equal(changed, first)
