@@ -126,17 +126,8 @@ def _window_layout_cpu(height, width, wh, ww, sh, sw, pad_order) -> WindowLayout
     )
 
 
-_device_layouts: dict = {}
-
-
-def window_layout(
-    grid_size: IntPair,
-    window_size: IntPair,
-    shift_size: IntPair = 0,
-    pad_order: str = PAD_THEN_ROLL,
-    device: Union[str, torch.device, None] = None,
-) -> WindowLayout:
-    """The gather/scatter indices and mask regions of one (grid, window, shift, padding order), cached."""
+def check_geometry(grid_size: IntPair, window_size: IntPair, shift_size: IntPair, pad_order: str):
+    """Validate and normalise ((H, W), (wh, ww), (sh, sw)); raises naming the argument."""
     height, width = _pair(grid_size, "grid_size")
     wh, ww = _pair(window_size, "window_size")
     sh, sw = _pair(shift_size, "shift_size")
@@ -148,6 +139,21 @@ def window_layout(
         raise ValueError(f"shift_size must lie in [0, window_size) = [0, {(wh, ww)}), got {(sh, sw)}")
     if pad_order not in PAD_ORDERS:
         raise ValueError(f"pad_order must be one of {PAD_ORDERS}, got {pad_order!r}")
+    return (height, width), (wh, ww), (sh, sw)
+
+
+_device_layouts: dict = {}
+
+
+def window_layout(
+    grid_size: IntPair,
+    window_size: IntPair,
+    shift_size: IntPair = 0,
+    pad_order: str = PAD_THEN_ROLL,
+    device: Union[str, torch.device, None] = None,
+) -> WindowLayout:
+    """The gather/scatter indices and mask regions of one (grid, window, shift, padding order), cached."""
+    (height, width), (wh, ww), (sh, sw) = check_geometry(grid_size, window_size, shift_size, pad_order)
     layout = _window_layout_cpu(height, width, wh, ww, sh, sw, pad_order)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cpu":
@@ -268,8 +274,10 @@ def window_attention_reference(
 
     # Cosine attention with the clamped learnable scale, then position bias and shift mask.
     scale = torch.clamp(logit_scale.reshape(num_heads, 1, 1, 1), max=LOGIT_SCALE_MAX).exp()
-    q = F.normalize(q, dim=-1)
-    k = F.normalize(k, dim=-1)
+    # Normalised in fp32: in fp16 the epsilon 1e-12 underflows to 0 and a zero row (k of a padded token
+    # without k bias) would give 0/0.
+    q = F.normalize(q.float(), dim=-1).to(q.dtype)
+    k = F.normalize(k.float(), dim=-1).to(k.dtype)
     if return_attention_probs:
         bias = _combined_bias(position_bias, layout, mask_value)  # (heads, nW or 1, N, N)
         scores = (q @ k.transpose(-2, -1)) * scale + bias  # (B, heads, nW, N, N)

@@ -18,18 +18,21 @@ One program handles BLOCK_M query rows of one window of one image, for one head:
 """
 from __future__ import annotations
 
-import math
+import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair
+from .reference import LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair, window_attention_reference
 
-__all__ = ["window_attention_triton_forward", "block_config", "KERNEL_HEAD_DIMS"]
+__all__ = ["window_attention_triton_forward", "WindowAttentionFunction", "block_config", "KERNEL_HEAD_DIMS",
+           "INTERPRETED"]
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -204,3 +207,31 @@ def window_attention_triton_forward(
         num_warps=num_warps,
     )
     return out, lse
+
+
+class WindowAttentionFunction(torch.autograd.Function):
+    """Fused forward; the backward differentiates the eager reference at the saved inputs (recomputation,
+    exact to the reference's own gradients) until the fused backward kernels land."""
+
+    @staticmethod
+    def forward(ctx, qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size,
+                pad_order, mask_value):
+        out, _lse = window_attention_triton_forward(
+            qkv, qkv_bias, logit_scale, position_bias, grid_size=grid_size, num_heads=num_heads,
+            window_size=window_size, shift_size=shift_size, pad_order=pad_order, mask_value=mask_value,
+        )
+        ctx.save_for_backward(qkv, qkv_bias, logit_scale, position_bias)
+        ctx.options = dict(grid_size=grid_size, num_heads=num_heads, window_size=window_size,
+                           shift_size=shift_size, pad_order=pad_order, mask_value=mask_value)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(saved, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            out = window_attention_reference(*inputs, **ctx.options)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
+        result = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+        return (*result, None, None, None, None, None, None)

@@ -7,7 +7,9 @@ behaviour:
 - `window_semantics`: "transformers" (pad then roll, shift mask -100 added twice, square window taken
   from the stage height) or "timm" (roll then pad, mask -100, window and shift chosen per axis). Models
   converted from timm or the official checkpoints carry "timm" so that they keep their own numbers.
-- `attn_implementation`: which window-attention implementation the model runs ("eager" for now).
+- `attn_implementation`: which window-attention implementation the model runs: "auto" (fused Triton kernel
+  on CUDA, eager elsewhere), "triton" or "eager"; see `swinv2_fast.functional`. Saved under the key
+  `swinv2_fast_attn_implementation` (transformers reads `attn_implementation` as its own setting).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 __all__ = ["Swinv2Config", "WINDOW_SEMANTICS", "ATTN_IMPLEMENTATIONS"]
 
 WINDOW_SEMANTICS = ("transformers", "timm")
-ATTN_IMPLEMENTATIONS = ("eager",)
+ATTN_IMPLEMENTATIONS = ("auto", "triton", "eager")
 
 CONFIG_NAME = "config.json"
 
@@ -79,7 +81,7 @@ class Swinv2Config:
         out_features: Optional[List[str]] = None,
         out_indices: Optional[List[int]] = None,
         window_semantics: str = "transformers",
-        attn_implementation: str = "eager",
+        attn_implementation: str = "auto",
         # Common fields of transformers' PreTrainedConfig that the models read.
         num_labels: Optional[int] = None,
         id2label: Optional[Dict[Any, str]] = None,
@@ -264,8 +266,9 @@ class Swinv2Config:
         # swinv2_fast's own fields only where they change behaviour, so transformers sees its own config.
         if self.window_semantics == "transformers":
             out.pop("window_semantics")
-        if self.attn_implementation == "eager":
-            out.pop("attn_implementation")
+        implementation = out.pop("attn_implementation")
+        if implementation != "auto":
+            out["swinv2_fast_attn_implementation"] = implementation
         return out
 
     @classmethod
@@ -277,6 +280,10 @@ class Swinv2Config:
             raise ValueError(f"config model_type must be {cls.model_type!r}, got {model_type!r}")
         for derived in ("num_layers", "hidden_size", "stage_names"):
             data.pop(derived, None)
+        if "swinv2_fast_attn_implementation" in data:
+            data["attn_implementation"] = data.pop("swinv2_fast_attn_implementation")
+        # transformers' own attention setting, which a transformers config may carry, is not ours.
+        data.pop("_attn_implementation", None)
         return cls(**data)
 
     def to_json_string(self) -> str:

@@ -118,7 +118,7 @@ def _check_windows(config: Swinv2Config, blocks_per_stage, source: str) -> None:
                 )
 
 
-def from_timm(timm_model: nn.Module, *, attn_implementation: str = "eager") -> nn.Module:
+def from_timm(timm_model: nn.Module, *, attn_implementation: str = "auto") -> nn.Module:
     """The swinv2_fast model equivalent to a timm `SwinTransformerV2`, with the same weights.
 
     Returns `Swinv2ForImageClassification` when the timm model has a classifier (num_classes > 0), else
@@ -213,7 +213,7 @@ def official_config_to_swinv2_config(official_config: Mapping, **overrides) -> S
 
 
 def from_official(checkpoint: Mapping[str, Any], official_config: Optional[Mapping] = None, *,
-                  config: Optional[Swinv2Config] = None, attn_implementation: str = "eager") -> nn.Module:
+                  config: Optional[Swinv2Config] = None, attn_implementation: str = "auto") -> nn.Module:
     """A swinv2_fast model from an official microsoft/Swin-Transformer Swin V2 checkpoint.
 
     checkpoint: what `torch.load` returns for the official .pth (the weights under "model") or the state

@@ -1,19 +1,79 @@
 """The public window-attention op and its dispatch between implementations.
 
 `window_attention` has the signature of `swinv2_fast.kernels.window_attention_reference` (see there for the
-shapes and the math) plus `implementation`. Only "eager" exists at this stage; it is the reference itself.
+shapes and the math) plus `implementation`:
+
+- "eager": the reference, plain PyTorch, any device.
+- "triton": the fused kernel (`kernels/triton_window_attention.py`). On CUDA tensors it compiles; on CPU
+  tensors it runs under Triton's interpreter when TRITON_INTERPRET=1 was set before the kernel module was
+  imported, and raises otherwise. Calls the kernel does not serve by design go to the eager path:
+  `return_attention_probs=True` (the kernel never forms the N x N probabilities) and `dropout_p > 0`.
+- "auto": "triton" for CUDA tensors when Triton imports and the head dimension is one the kernel is built
+  for (16, 32, 64, 128), "eager" otherwise.
+
+The backward of the "triton" path differentiates the eager reference at the saved inputs (recomputation);
+the fused backward kernels replace it in a later release.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
-from .kernels.reference import PAD_ORDERS, PAD_THEN_ROLL, _pair, window_attention_reference
+from .kernels.reference import PAD_THEN_ROLL, _pair, check_geometry, window_attention_reference
 
-__all__ = ["window_attention", "IMPLEMENTATIONS"]
+__all__ = ["window_attention", "IMPLEMENTATIONS", "triton_available", "resolve_implementation"]
 
-IMPLEMENTATIONS = ("eager",)
+IMPLEMENTATIONS = ("auto", "triton", "eager")
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when Triton imports (the kernel module itself is imported only when first launched)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything at import
+        return False
+    return True
+
+
+def _kernel_module():
+    from .kernels import triton_window_attention
+
+    return triton_window_attention
+
+
+def resolve_implementation(implementation: str, qkv: torch.Tensor, num_heads: int,
+                           return_attention_probs: bool = False, dropout_p: float = 0.0) -> str:
+    """"triton" or "eager" for this call, following the rules in the module docstring; raises where
+    "triton" was asked for and cannot run."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "eager" or return_attention_probs or dropout_p > 0.0:
+        return "eager"
+    head_dim = qkv.shape[-1] // 3 // num_heads
+    if implementation == "auto":
+        usable = qkv.is_cuda and head_dim in KERNEL_HEAD_DIMS and triton_available()
+        return "triton" if usable else "eager"
+    if not triton_available():
+        raise RuntimeError(
+            "implementation='triton' needs Triton, which does not import here; install triton or use "
+            "implementation='eager' (or 'auto', which picks eager where Triton cannot run)"
+        )
+    if head_dim not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"implementation='triton' supports head_dim in {KERNEL_HEAD_DIMS}, got {head_dim}")
+    if qkv.device.type == "cpu":
+        if not _kernel_module().INTERPRETED:
+            raise RuntimeError(
+                "implementation='triton' got CPU tensors: the kernel runs on CUDA, or on CPU under Triton's "
+                "interpreter, which needs TRITON_INTERPRET=1 in the environment before swinv2_fast's kernels "
+                "are imported; use implementation='eager' or 'auto' on CPU"
+            )
+    elif qkv.device.type != "cuda":
+        raise RuntimeError(f"implementation='triton' runs on CUDA (or CPU under the interpreter), got {qkv.device}")
+    return "triton"
 
 
 def _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size,
@@ -23,25 +83,14 @@ def _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_head
         raise ValueError(f"qkv must be a 3-D tensor (batch, H*W, 3*C), got {shape}")
     if not qkv.is_floating_point():
         raise TypeError(f"qkv must be a floating-point tensor, got dtype {qkv.dtype}")
-    height, width = _pair(grid_size, "grid_size")
-    wh, ww = _pair(window_size, "window_size")
-    sh, sw = _pair(shift_size, "shift_size")
-    if height < 1 or width < 1:
-        raise ValueError(f"grid_size must be positive, got {(height, width)}")
-    if wh < 1 or ww < 1:
-        raise ValueError(f"window_size must be at least 1, got {(wh, ww)}")
-    if not (0 <= sh < wh and 0 <= sw < ww):
-        raise ValueError(f"shift_size must lie in [0, window_size) = [0, {(wh, ww)}), got {(sh, sw)}")
-    if pad_order not in PAD_ORDERS:
-        raise ValueError(f"pad_order must be one of {PAD_ORDERS}, got {pad_order!r}")
-    batch, tokens, channels3 = qkv.shape
+    (height, width), (wh, ww), _ = check_geometry(grid_size, window_size, shift_size, pad_order)
+    _, tokens, channels3 = qkv.shape
     if tokens != height * width:
         raise ValueError(f"qkv must have H*W = {height * width} tokens for grid_size {(height, width)}, got {tokens}")
     if not isinstance(num_heads, int) or num_heads < 1 or channels3 % (3 * num_heads) != 0:
         raise ValueError(
             f"qkv's last dimension must be 3 * num_heads * head_dim; got {channels3} with num_heads={num_heads!r}"
         )
-    channels = channels3 // 3
     n = wh * ww
     if qkv_bias is not None and tuple(qkv_bias.shape) != (channels3,):
         raise ValueError(f"qkv_bias must have shape ({channels3},), got {tuple(qkv_bias.shape)}")
@@ -55,7 +104,6 @@ def _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_head
         )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
-    del batch, channels
 
 
 def window_attention(
@@ -72,13 +120,19 @@ def window_attention(
     mask_value: float = -100.0,
     dropout_p: float = 0.0,
     return_attention_probs: bool = False,
-    implementation: str = "eager",
+    implementation: str = "auto",
 ):
-    """Swin V2 window attention, token layout in and out; see `window_attention_reference` for the contract."""
+    """Swin V2 window attention, token layout in and out; see `window_attention_reference` for the contract
+    and the module docstring for `implementation`."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size,
                   pad_order, dropout_p)
+    if resolve_implementation(implementation, qkv, num_heads, return_attention_probs, dropout_p) == "triton":
+        return _kernel_module().WindowAttentionFunction.apply(
+            qkv, qkv_bias, logit_scale, position_bias, _pair(grid_size, "grid_size"), num_heads,
+            _pair(window_size, "window_size"), _pair(shift_size, "shift_size"), pad_order, float(mask_value),
+        )
     return window_attention_reference(
         qkv,
         qkv_bias,

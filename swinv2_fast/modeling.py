@@ -201,7 +201,7 @@ class Swinv2SelfAttention(nn.Module):
         self.pad_order = "pad_then_roll" if transformers_like else "roll_then_pad"
         # transformers adds its -100 shift mask twice.
         self.mask_value = -200.0 if transformers_like else -100.0
-        self.attn_implementation = getattr(config, "attn_implementation", "eager")
+        self.attn_implementation = config.attn_implementation
 
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
         self.continuous_position_bias_mlp = nn.Sequential(
@@ -387,7 +387,8 @@ class Swinv2Layer(nn.Module):
         self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states, input_dimensions, output_attentions=False):
-        if not self.training and not output_attentions and not torch.is_grad_enabled():
+        if (not self.training and not output_attentions and not torch.is_grad_enabled()
+                and hidden_states.device.type == "cpu"):
             return (self._forward_inference(hidden_states, input_dimensions),)
         attention_output, probs = self.attention(hidden_states, input_dimensions, output_attentions)
         hidden_states = hidden_states + self.drop_path(self.layernorm_before(attention_output))
@@ -607,6 +608,18 @@ class Swinv2PreTrainedModel(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Swinv2Encoder))
+
+    def set_attn_implementation(self, attn_implementation: str):
+        """Switch every block's window attention to "auto", "triton" or "eager" (see swinv2_fast.functional)."""
+        from .configuration import ATTN_IMPLEMENTATIONS
+
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
+        self.config.attn_implementation = attn_implementation
+        for module in self.modules():
+            if isinstance(module, Swinv2SelfAttention):
+                module.attn_implementation = attn_implementation
+        return self
 
     def clear_caches(self):
         """Drop the eval-mode caches (position bias tables, concatenated q/k/v weights)."""

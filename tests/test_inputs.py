@@ -78,7 +78,7 @@ def _op_inputs(B=1, grid=(8, 8), heads=2, head_dim=8, window=4):
         (lambda t, k: k.update(shift_size=4), ValueError, r"shift_size must lie in \[0, window_size\)"),
         (lambda t, k: k.update(shift_size=-1), ValueError, r"shift_size must lie in \[0, window_size\)"),
         (lambda t, k: k.update(pad_order="pad"), ValueError, r"pad_order must be one of"),
-        (lambda t, k: k.update(implementation="cuda"), ValueError, r"implementation must be one of \('eager',\), got 'cuda'"),
+        (lambda t, k: k.update(implementation="cuda"), ValueError, r"implementation must be one of \('auto', 'triton', 'eager'\), got 'cuda'"),
     ],
     ids=["rank", "dtype", "tokens", "heads", "bias-shape", "scale-shape", "table-shape", "window", "shift-high",
          "shift-negative", "pad-order", "implementation"],

@@ -51,7 +51,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path, cls_name):
     ours.save_pretrained(str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "swinv2" and config["architectures"] == [cls_name]
-    assert "window_semantics" not in config
+    assert "window_semantics" not in config and "attn_implementation" not in config
     hf = getattr(transformers, cls_name).from_pretrained(str(tmp_path)).eval()
     x = torch.randn(1, 3, 56, 56)
     for a, b in zip(outputs_of(ours, x), outputs_of(hf, x)):
