@@ -59,18 +59,19 @@ def _window_rows(o_pos, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD:
 
 @triton.jit
 def _load_rows(P_QKV, P_BIAS, o_tok, m_rows, m_pad, o_d, stride_t, HAS_BIAS: tl.constexpr):
-    """(rows, HEAD_DIM) slice of the projection at tokens `o_tok`; padded rows read the bias, in fp32."""
+    """(rows, HEAD_DIM) slice of the projection at tokens `o_tok`, in its own dtype; padded rows read the bias."""
     # [ROWS, HEAD_DIM]
-    b_x = tl.load(P_QKV + o_tok[:, None] * stride_t + o_d[None, :],
-                  mask=(m_rows & ~m_pad)[:, None], other=0.0).to(tl.float32)
+    b_x = tl.load(P_QKV + o_tok[:, None] * stride_t + o_d[None, :], mask=(m_rows & ~m_pad)[:, None], other=0.0)
     if HAS_BIAS:
-        b_bias = tl.load(P_BIAS + o_d).to(tl.float32)
+        b_bias = tl.load(P_BIAS + o_d).to(b_x.dtype)
         b_x = tl.where(m_pad[:, None], b_bias[None, :], b_x)
     return b_x
 
 
 @triton.jit
 def _l2_normalize(b_x):
+    """x / max(||x||, 1e-12) per row, in fp32."""
+    b_x = b_x.to(tl.float32)
     b_norm = tl.sqrt(tl.sum(b_x * b_x, axis=1))
     return b_x / tl.maximum(b_norm, 1e-12)[:, None]
 
@@ -135,7 +136,7 @@ def _window_attention_fwd_kernel(
         if FP32_DOT:
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_v, input_precision="ieee")
         else:
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(QKV.dtype.element_ty), b_v.to(QKV.dtype.element_ty))
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         b_m = b_m_new
 
     b_out = b_acc / b_l[:, None]
@@ -145,14 +146,18 @@ def _window_attention_fwd_kernel(
     tl.store(p_lse, b_m + tl.log(b_l), mask=m_m)
 
 
+# (BLOCK_M, BLOCK_N, num_warps) per head dimension, chosen with `compile_check --sweep` as the largest
+# tiles that compile without register spills for sm_80 and sm_90 (registers in the compile-check table).
+# The same tiles serve every window size: a window of N tokens takes ceil(N / BLOCK_M) query blocks and
+# streams ceil(N / BLOCK_N) key blocks; non-power-of-two N (49, 144, 576) is masked.
+_TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)}
+_TILES_FP32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (16, 16, 8), 128: (16, 16, 8)}
+
+
 def block_config(n: int, head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for a window of n tokens: one key block covers a whole window up to
-    64 tokens; larger windows stream 64-key blocks. fp32 (IEEE dots) and head_dim 128 use smaller tiles to
-    stay within registers."""
-    block = max(16, min(64, triton.next_power_of_2(n)))
-    if head_dim >= 128 or (dtype == torch.float32 and head_dim >= 64):
-        block = min(block, 32)
-    return block, block, 4
+    """(BLOCK_M, BLOCK_N, num_warps) for windows of n tokens, head_dim and the projection dtype."""
+    del n  # one configuration per head dimension covers every window size
+    return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[head_dim]
 
 
 def window_attention_triton_forward(
@@ -187,9 +192,11 @@ def window_attention_triton_forward(
     hp, wp = -(-H // wh) * wh, -(-W // ww) * ww
     num_windows = (hp // wh) * (wp // ww)
 
+    # The small operands go to the kernel in fp32 whatever their dtype (under autocast they are fp32 while
+    # the projection is fp16/bf16): one kernel specialization per projection dtype.
     scale = torch.clamp(logit_scale.detach().reshape(num_heads).float(), max=LOGIT_SCALE_MAX).exp().contiguous()
-    table = position_bias.detach().contiguous()
-    bias = qkv_bias.detach().contiguous() if qkv_bias is not None else qkv  # dummy pointer when absent
+    table = position_bias.detach().float().contiguous()
+    bias = qkv_bias.detach().float().contiguous() if qkv_bias is not None else scale  # dummy pointer when absent
     out = torch.empty((B, L, C), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((B, num_heads, num_windows * n), device=qkv.device, dtype=torch.float32)
     if B == 0:

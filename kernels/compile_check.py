@@ -1,0 +1,176 @@
+"""Compile every kernel specialization swinv2_fast can launch ahead of time for sm_80 and sm_90; no GPU needed.
+
+    python -m swinv2_fast.kernels.compile_check            # table of registers, spills, shared memory
+    python -m swinv2_fast.kernels.compile_check --sweep    # developer aid: try tile configs per (dtype, head_dim)
+
+A specialization is fixed by the projection dtype, the head dimension, the tile configuration
+`block_config` picks for it (the same for every published window size, N = 49 ... 576), the padding order
+and whether the projection has a bias; everything else (batch, grid, window, shift, mask value, logit
+scale) is a runtime argument. Each is compiled with `triton.compile` for a `GPUTarget`, its PTX assembled
+with the ptxas that ships in the Triton wheel (`-v`), and the registers, spill bytes and shared memory are
+reported. The exit status is non-zero on a compile failure or on any spill.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, NamedTuple, Tuple
+
+ARCHS = (80, 90)
+DTYPES = ("fp32", "fp16", "bf16")
+WINDOW_SIZES = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
+CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "ROLL_THEN_PAD", "HAS_BIAS", "FP32_DOT")
+
+
+class Spec(NamedTuple):
+    dtype: str
+    head_dim: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    roll_then_pad: bool
+    has_bias: bool
+
+
+class Result(NamedTuple):
+    spec: Spec
+    arch: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    error: str
+
+
+def _torch_dtype(name):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def launchable_specs() -> List[Spec]:
+    """Every (dtype, head_dim, tiles, flags) the host function can launch for the published window sizes."""
+    from .triton_window_attention import KERNEL_HEAD_DIMS, block_config
+
+    specs = set()
+    for dtype, head_dim, window, roll, bias in itertools.product(
+        DTYPES, KERNEL_HEAD_DIMS, WINDOW_SIZES, (False, True), (False, True)
+    ):
+        block_m, block_n, warps = block_config(window * window, head_dim, _torch_dtype(dtype))
+        specs.add(Spec(dtype, head_dim, block_m, block_n, warps, roll, bias))
+    return sorted(specs)
+
+
+def _ptxas() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def compile_spec(spec: Spec, arch: int) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from .triton_window_attention import _window_attention_fwd_kernel as kernel
+
+    pointers = {"QKV": f"*{spec.dtype}", "QKV_BIAS": "*fp32", "SCALE": "*fp32", "POSITION_BIAS": "*fp32",
+                "OUT": f"*{spec.dtype}", "LSE": "*fp32"}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in CONSTEXPRS:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        else:
+            signature[name] = "fp32" if name == "mask_value" else "i32"
+    constexprs = dict(HEAD_DIM=spec.head_dim, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n,
+                      ROLL_THEN_PAD=spec.roll_then_pad, HAS_BIAS=spec.has_bias, FP32_DOT=spec.dtype == "fp32")
+    # What the JIT specializes on at run time for every launch the package makes: 16-byte-aligned tensors
+    # and strides/channels divisible by 16 (C = heads * head_dim with head_dim a multiple of 16).
+    aligned = set(pointers) | {"stride_qkv_b", "stride_qkv_t", "stride_out_b", "stride_out_t", "C"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name in aligned}
+    try:
+        compiled = triton.compile(
+            triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": spec.num_warps},
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = os.path.join(tmp, "kernel.ptx")
+            with open(ptx, "w") as fh:
+                fh.write(compiled.asm["ptx"])
+            gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+            report = subprocess.run([_ptxas(), "-v", f"-arch={gpu}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                    capture_output=True, text=True, check=True).stderr
+        registers = int(re.search(r"Used (\d+) registers", report).group(1))
+        spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+        return Result(spec, arch, registers, spills, int(compiled.metadata.shared), "")
+    except Exception as exc:  # reported in the table and in the exit status
+        return Result(spec, arch, -1, -1, -1, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+
+def _compile_star(args):
+    return compile_spec(*args)
+
+
+def run(specs: List[Spec], jobs: int) -> List[Result]:
+    work = [(spec, arch) for spec in specs for arch in ARCHS]
+    # Compiling never touches a GPU; force the compiled (not interpreted) frontend in the workers.
+    os.environ["TRITON_INTERPRET"] = "0"
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_compile_star, work))
+
+
+def format_table(results: List[Result]) -> str:
+    lines = [f"{'dtype':<5} {'head_dim':>8} {'tiles (M,N,warps)':>18} {'pad order':<13} {'bias':<5} "
+             f"{'arch':<6} {'regs':>5} {'spill B':>8} {'smem B':>7}"]
+    for r in results:
+        s = r.spec
+        tiles = f"{s.block_m},{s.block_n},{s.num_warps}"
+        order = "roll_then_pad" if s.roll_then_pad else "pad_then_roll"
+        if r.error:
+            lines.append(f"{s.dtype:<5} {s.head_dim:>8} {tiles:>18} {order:<13} {str(s.has_bias):<5} sm_{r.arch:<3} FAILED {r.error}")
+        else:
+            lines.append(f"{s.dtype:<5} {s.head_dim:>8} {tiles:>18} {order:<13} {str(s.has_bias):<5} sm_{r.arch:<3} "
+                         f"{r.registers:>5} {r.spill_bytes:>8} {r.shared_bytes:>7}")
+    return "\n".join(lines)
+
+
+def sweep(jobs: int) -> None:
+    """Try tile configs per (dtype, head_dim) and print which compile without spills on both archs."""
+    from .triton_window_attention import KERNEL_HEAD_DIMS
+
+    candidates = [(64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 64, 4), (32, 32, 4), (32, 32, 8), (16, 32, 4),
+                  (32, 16, 4), (16, 16, 4)]
+    dtypes = [d for d in DTYPES if d in os.environ.get("SWEEP_DTYPES", ",".join(DTYPES)).split(",")]
+    specs = [Spec(d, h, m, n, w, False, True) for d in dtypes for h in KERNEL_HEAD_DIMS for m, n, w in candidates]
+    print(format_table(run(specs, jobs)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--sweep", action="store_true", help="try tile configs instead of checking the launchable ones")
+    args = parser.parse_args(argv)
+    if args.sweep:
+        sweep(args.jobs)
+        return 0
+    specs = launchable_specs()
+    results = run(specs, args.jobs)
+    print(format_table(results))
+    failed = [r for r in results if r.error]
+    spilled = [r for r in results if not r.error and r.spill_bytes > 0]
+    print(f"\n{len(results)} compilations ({len(specs)} specializations x {len(ARCHS)} archs): "
+          f"{len(failed)} failed, {len(spilled)} with spills; max registers "
+          f"{max((r.registers for r in results if not r.error), default=0)}, max shared memory "
+          f"{max((r.shared_bytes for r in results if not r.error), default=0)} B")
+    return 1 if failed or spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
