@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import os
 import re
 import subprocess
@@ -120,10 +121,18 @@ def _compile_star(args):
 
 def run(specs: List[Spec], jobs: int) -> List[Result]:
     work = [(spec, arch) for spec in specs for arch in ARCHS]
-    # Compiling never touches a GPU; force the compiled (not interpreted) frontend in the workers.
+    # Compiling never touches a GPU. Fresh (spawned) workers with the interpreter off import the kernels
+    # as compilable functions, whatever this process imported under TRITON_INTERPRET=1.
+    previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(_compile_star, work))
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(_compile_star, work))
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
 
 
 def format_table(results: List[Result]) -> str:
