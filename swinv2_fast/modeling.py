@@ -93,8 +93,10 @@ class _VersionedCache:
         key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
         if self.key != key:
             # A normal tensor even under inference_mode: usable in any later mode, and it keeps a version
-            # counter, which the attention op's own memo of the expanded table relies on.
-            with torch.inference_mode(False), torch.no_grad():
+            # counter, which the attention op's own memo of the expanded table relies on. Computed at the
+            # parameters' precision even under autocast, so that a later call outside autocast gets it too.
+            device_type = tensors[0].device.type
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
                 self.value = compute()
             self.key = key
         return self.value

@@ -145,3 +145,15 @@ def test_expanded_bias_memo_follows_in_place_changes():
     fresh = window_attention_reference(qkv, None, logit_scale, table.clone(), **kwargs)
     assert torch.equal(changed, fresh)
     assert not torch.equal(changed, first)
+
+
+def test_eval_cache_is_not_lowered_by_autocast():
+    _, ours = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = ours(x).logits
+        ours.clear_caches()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours(x)  # fills the caches under autocast
+        assert _first_attention(ours).position_bias().dtype == torch.float32
+        assert torch.equal(ours(x).logits, expected)

@@ -241,3 +241,23 @@ def test_timm_model_with_triton_matches_timm():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_close(ours(x).logits, timm_model(x), atol=FP32_ATOL, name="logits vs timm")
+
+
+def test_model_under_autocast_fp16():
+    """Under torch.autocast the projection is fp16 while the logit scale and the bias table stay fp32: the
+    fused path takes the mixed dtypes, and its error against fp32 is that of the eager path's (x2)."""
+    import transformers
+
+    hf_config = transformers.Swinv2Config(**TINY, num_labels=3)
+    model = swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config.from_transformers(hf_config))
+    model = perturb_(model).eval()
+    x = torch.randn(2, 3, 36, 28)
+    with torch.no_grad():
+        reference = model.set_attn_implementation("eager")(x).logits.double()
+        with torch.autocast("cpu", dtype=torch.float16):
+            eager = model(x).logits.double()
+            fused = model.set_attn_implementation("triton")(x).logits.double()
+    eager_error = (eager - reference).abs().max().item()
+    fused_error = (fused - reference).abs().max().item()
+    assert eager_error > 0, "autocast did not lower the precision: the test would compare nothing"
+    assert fused_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR, (fused_error, eager_error)
