@@ -19,16 +19,16 @@ One program handles BLOCK_M query rows of one window of one image, for one head:
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair, window_attention_reference
+from .reference import LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair
 
-__all__ = ["window_attention_triton_forward", "WindowAttentionFunction", "block_config", "KERNEL_HEAD_DIMS",
-           "INTERPRETED"]
+__all__ = ["window_attention_triton_forward", "window_attention_triton_backward", "WindowAttentionFunction",
+           "block_config", "KERNEL_HEAD_DIMS", "INTERPRETED"]
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
@@ -37,24 +37,27 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _window_rows(o_pos, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD: tl.constexpr):
-    """Token index, padding flag and shift region of window positions `o_pos` of window (i_wy, i_wx)."""
+    """Token index, padding flag, shift region and padding index of window positions `o_pos` of window
+    (i_wy, i_wx). The padding index numbers the Hp*Wp - H*W padded positions of an image 0, 1, ..."""
     # position in the shifted, padded grid
     o_py = i_wy * WH + o_pos // WW
     o_px = i_wx * WW + o_pos % WW
     if ROLL_THEN_PAD:
         # the grid was rolled first: padding sits at the bottom/right of the shifted grid
-        m_pad = (o_py >= H) | (o_px >= W)
         o_y = (o_py + SH) % H
         o_x = (o_px + SW) % W
+        o_ay, o_ax = o_py, o_px
     else:
         # the padded grid was rolled: undo the roll on the padded grid, then see if it is padding
         o_y = (o_py + SH) % HP
         o_x = (o_px + SW) % WP
-        m_pad = (o_y >= H) | (o_x >= W)
+        o_ay, o_ax = o_y, o_x
+    m_pad = (o_ay >= H) | (o_ax >= W)
+    o_pad = tl.where(o_ay < H, o_ay * (WP - W) + (o_ax - W), H * (WP - W) + (o_ay - H) * WP + o_ax)
     # shift-mask regions on the padded grid: [0, P - window), [P - window, P - shift), [P - shift, P)
     o_ry = tl.where(SH > 0, (o_py >= HP - WH).to(tl.int32) + (o_py >= HP - SH).to(tl.int32), 0)
     o_rx = tl.where(SW > 0, (o_px >= WP - WW).to(tl.int32) + (o_px >= WP - SW).to(tl.int32), 0)
-    return o_y * W + o_x, m_pad, o_ry * 3 + o_rx
+    return o_y * W + o_x, m_pad, o_ry * 3 + o_rx, o_pad
 
 
 @triton.jit
@@ -69,11 +72,43 @@ def _load_rows(P_QKV, P_BIAS, o_tok, m_rows, m_pad, o_d, stride_t, HAS_BIAS: tl.
 
 
 @triton.jit
-def _l2_normalize(b_x):
-    """x / max(||x||, 1e-12) per row, in fp32."""
-    b_x = b_x.to(tl.float32)
-    b_norm = tl.sqrt(tl.sum(b_x * b_x, axis=1))
-    return b_x / tl.maximum(b_norm, 1e-12)[:, None]
+def _l2_normalize(b_x, CDT: tl.constexpr):
+    """x / max(||x||, 1e-12) per row in the compute dtype, and the clamped norm max(||x||, 1e-12)."""
+    b_x = b_x.to(CDT)
+    b_r = tl.maximum(tl.sqrt(tl.sum(b_x * b_x, axis=1)), 1e-12)
+    return b_x / b_r[:, None], b_r
+
+
+@triton.jit
+def _l2_normalize_backward(b_xn, b_r, b_dxn):
+    """Gradient through x / max(||x||, eps): (dy - y (y . dy)) / ||x|| where the norm exceeds eps, dy / eps
+    where the clamp is active (there the norm's own gradient is zero)."""
+    b_proj = tl.where(b_r > 1e-12, tl.sum(b_xn * b_dxn, axis=1), 0.0)
+    return (b_dxn - b_xn * b_proj[:, None]) / b_r[:, None]
+
+
+@triton.jit
+def _dot(a, b, FULL_DOT: tl.constexpr):
+    # fp32/fp64 inputs: IEEE dots (never TF32); fp16/bf16: tensor cores with fp32 accumulation
+    if FULL_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(b_qs, b_kn, P_BIAS_H, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) logits: scaled cosine + position bias + shift mask; -inf beyond the window."""
+    b_s = _dot(b_qs, tl.trans(b_kn), FULL_DOT)
+    b_s += tl.load(P_BIAS_H + o_m[:, None] * N + o_n[None, :], mask=m_m[:, None] & m_n[None, :],
+                   other=0.0).to(b_s.dtype)
+    b_s += tl.where(o_reg_m[:, None] != o_reg_n[None, :], mask_value, 0.0)
+    return tl.where(m_n[None, :], b_s, float("-inf"))
+
+
+@triton.jit
+def _window_of(i_bw, NUM_WINDOWS, NUM_WX):
+    i_b, i_w = i_bw // NUM_WINDOWS, i_bw % NUM_WINDOWS
+    return i_b, i_w, i_w // NUM_WX, i_w % NUM_WX
 
 
 @triton.jit
@@ -83,60 +118,48 @@ def _window_attention_fwd_kernel(
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS,
     mask_value,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
-    i_bwm = tl.program_id(0)
-    i_h = tl.program_id(1)
+    CDT: tl.constexpr = SCALE.dtype.element_ty  # compute dtype: fp32 (fp64 for fp64 inputs)
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty  # dot operand dtype
+    i_bwm, i_h = tl.program_id(0), tl.program_id(1)
     num_m = tl.cdiv(N, BLOCK_M)
-    i_bw, i_m = i_bwm // num_m, i_bwm % num_m
-    i_b, i_w = i_bw // NUM_WINDOWS, i_bw % NUM_WINDOWS
-    i_wy, i_wx = i_w // NUM_WX, i_w % NUM_WX
+    i_b, i_w, i_wy, i_wx = _window_of(i_bwm // num_m, NUM_WINDOWS, NUM_WX)
 
     o_d = tl.arange(0, HEAD_DIM)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_m = (i_bwm % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
-    o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+    o_tok_m, m_pad_m, o_reg_m, _ = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
 
     p_qkv = QKV + i_b * stride_qkv_b
-    # q: normalised and scaled in fp32. [BLOCK_M, HEAD_DIM]
+    # q: normalised, times the clamped logit scale. [BLOCK_M, HEAD_DIM]
     b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
                      stride_qkv_t, HAS_BIAS)
-    b_q = _l2_normalize(b_q) * tl.load(SCALE + i_h)
-    if not FP32_DOT:
-        b_q = b_q.to(QKV.dtype.element_ty)
+    b_qn, _ = _l2_normalize(b_q, CDT)
+    b_qs = (b_qn * tl.load(SCALE + i_h)).to(DDT)
 
-    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
+    b_l = tl.zeros([BLOCK_M], dtype=CDT)
+    b_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < N
-        o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+        o_tok_n, m_pad_n, o_reg_n, _ = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
         # [BLOCK_N, HEAD_DIM]
         b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
                          o_d, stride_qkv_t, HAS_BIAS)
         b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
                          m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
-        b_k = _l2_normalize(b_k)
+        b_kn, _ = _l2_normalize(b_k, CDT)
         # [BLOCK_M, BLOCK_N]
-        if FP32_DOT:
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
-        else:
-            b_s = tl.dot(b_q, tl.trans(b_k.to(QKV.dtype.element_ty)))
-        b_s += tl.load(p_bias_h + o_m[:, None] * N + o_n[None, :], mask=m_m[:, None] & m_n[None, :],
-                       other=0.0).to(tl.float32)
-        b_s += tl.where(o_reg_m[:, None] != o_reg_n[None, :], mask_value, 0.0)
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
         # online softmax
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
         b_alpha = tl.exp(b_m - b_m_new)
         b_p = tl.exp(b_s - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        if FP32_DOT:
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_v, input_precision="ieee")
-        else:
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(DDT), b_v.to(DDT), FULL_DOT)
         b_m = b_m_new
 
     b_out = b_acc / b_l[:, None]
@@ -146,18 +169,273 @@ def _window_attention_fwd_kernel(
     tl.store(p_lse, b_m + tl.log(b_l), mask=m_m)
 
 
+@triton.jit
+def _window_attention_bwd_preprocess_kernel(
+    OUT, DOUT, DELTA, stride_out_b, stride_out_t, stride_do_b, stride_do_t, L, NUM_HEADS,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """delta[b, t, h] = rowsum(dO * O) in token layout: the softmax backward's correction term."""
+    i_bt, i_h = tl.program_id(0), tl.program_id(1)
+    num_t = tl.cdiv(L, BLOCK_T)
+    i_b, i_t = i_bt // num_t, i_bt % num_t
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < L
+    o_d = tl.arange(0, HEAD_DIM)
+    # [BLOCK_T, HEAD_DIM]
+    b_o = tl.load(OUT + i_b * stride_out_b + o_t[:, None] * stride_out_t + i_h * HEAD_DIM + o_d[None, :],
+                  mask=m_t[:, None], other=0.0).to(DELTA.dtype.element_ty)
+    b_do = tl.load(DOUT + i_b * stride_do_b + o_t[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
+                   mask=m_t[:, None], other=0.0).to(DELTA.dtype.element_ty)
+    tl.store(DELTA + (i_b * L + o_t) * NUM_HEADS + i_h, tl.sum(b_o * b_do, axis=1), mask=m_t)
+
+
+@triton.jit
+def _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real, o_tok, o_d, stride_do_b, stride_do_t,
+                      L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM: tl.constexpr):
+    """dO rows (zero for padded and out-of-window rows, which have no output), log-sum-exp and delta."""
+    b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
+                   mask=m_real[:, None], other=0.0)
+    b_lse = tl.load(LSE + ((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m, mask=m_m, other=0.0)
+    b_delta = tl.load(DELTA + (i_b * L + o_tok) * NUM_HEADS + i_h, mask=m_real, other=0.0)
+    return b_do, b_lse, b_delta
+
+
+@triton.jit
+def _window_attention_bwd_dq_kernel(
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, LSE, DELTA, DQKV,
+    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L,
+    mask_value,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+):
+    """dq for BLOCK_M query rows of one window and head; padded query rows have no output, hence no dq."""
+    CDT: tl.constexpr = SCALE.dtype.element_ty
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    i_bwm, i_h = tl.program_id(0), tl.program_id(1)
+    num_m = tl.cdiv(N, BLOCK_M)
+    i_b, i_w, i_wy, i_wx = _window_of(i_bwm // num_m, NUM_WINDOWS, NUM_WX)
+    o_d = tl.arange(0, HEAD_DIM)
+    o_m = (i_bwm % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    o_tok_m, m_pad_m, o_reg_m, _ = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+    m_real_m = m_m & ~m_pad_m
+
+    p_qkv = QKV + i_b * stride_qkv_b
+    b_scale = tl.load(SCALE + i_h)
+    b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
+                     stride_qkv_t, HAS_BIAS)
+    b_qn, b_rq = _l2_normalize(b_q, CDT)
+    b_qs = (b_qn * b_scale).to(DDT)
+    b_do, b_lse, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d,
+                                             stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+    b_do = b_do.to(DDT)
+    b_dqs = tl.zeros([BLOCK_M, HEAD_DIM], dtype=CDT)
+    p_bias_h = POSITION_BIAS + i_h * N * N
+    for start_n in range(0, N, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        o_tok_n, m_pad_n, o_reg_n, _ = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+        b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
+                         o_d, stride_qkv_t, HAS_BIAS)
+        b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
+                         m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
+        b_kn, _ = _l2_normalize(b_k, CDT)
+        b_kn = b_kn.to(DDT)
+        b_s = _scores(b_qs, b_kn, p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
+        b_p = tl.exp(b_s - b_lse[:, None])
+        b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dqs += _dot(b_ds.to(DDT), b_kn, FULL_DOT)
+    b_dq = _l2_normalize_backward(b_qn, b_rq, b_dqs * b_scale)
+    p_dq = DQKV + i_b * stride_dqkv_b + o_tok_m[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
+    tl.store(p_dq, b_dq.to(DQKV.dtype.element_ty), mask=m_real_m[:, None])
+
+
+@triton.jit
+def _window_attention_bwd_dkdv_kernel(
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, LSE, DELTA, DQKV, DPAD,
+    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L, NUM_PAD,
+    mask_value,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+):
+    """dk and dv for BLOCK_N key rows of one window and head. Every token is a key of exactly one window,
+    so rows are stored, not accumulated; padded key rows go to their own slot of DPAD (B, NUM_PAD, 3C),
+    which the host sums into the k/v bias gradients."""
+    CDT: tl.constexpr = SCALE.dtype.element_ty
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    i_bwn, i_h = tl.program_id(0), tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    i_b, i_w, i_wy, i_wx = _window_of(i_bwn // num_n, NUM_WINDOWS, NUM_WX)
+    o_d = tl.arange(0, HEAD_DIM)
+    o_n = (i_bwn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_tok_n, m_pad_n, o_reg_n, o_pad_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+
+    p_qkv = QKV + i_b * stride_qkv_b
+    b_scale = tl.load(SCALE + i_h)
+    b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
+                     o_d, stride_qkv_t, HAS_BIAS)
+    b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
+                     m_pad_n, o_d, stride_qkv_t, HAS_BIAS).to(DDT)
+    b_kn, b_rk = _l2_normalize(b_k, CDT)
+    b_kn_d = b_kn.to(DDT)
+    b_dkn = tl.zeros([BLOCK_N, HEAD_DIM], dtype=CDT)
+    b_dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=CDT)
+    p_bias_h = POSITION_BIAS + i_h * N * N
+    for start_m in range(0, N, BLOCK_M):
+        o_m = start_m + tl.arange(0, BLOCK_M)
+        m_m = o_m < N
+        o_tok_m, m_pad_m, o_reg_m, _ = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+        m_real_m = m_m & ~m_pad_m
+        b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
+                         stride_qkv_t, HAS_BIAS)
+        b_qn, _ = _l2_normalize(b_q, CDT)
+        b_qs = (b_qn * b_scale).to(DDT)
+        b_do, b_lse, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
+                                                 o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+        b_do = b_do.to(DDT)
+        b_s = _scores(b_qs, b_kn_d, p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
+        # rows without output (padded, beyond the window) have dO = 0 and delta = 0, hence dS = 0
+        b_p = tl.exp(b_s - b_lse[:, None])
+        b_dv += _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
+        b_dp = _dot(b_do, tl.trans(b_v), FULL_DOT)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dkn += _dot(tl.trans(b_ds.to(DDT)), b_qs, FULL_DOT)
+    b_dk = _l2_normalize_backward(b_kn, b_rk, b_dkn)
+
+    m_real_n = m_n & ~m_pad_n
+    p_dk = DQKV + i_b * stride_dqkv_b + o_tok_n[:, None] * stride_dqkv_t + C + i_h * HEAD_DIM + o_d[None, :]
+    tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])
+    tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])
+    m_padded_n = m_n & m_pad_n
+    p_dpad = DPAD + (i_b * NUM_PAD + o_pad_n[:, None]) * (3 * C) + C + i_h * HEAD_DIM + o_d[None, :]
+    tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
+    tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
+
+
+@triton.jit
+def _window_attention_bwd_dbias_kernel(
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, LSE, DELTA, DBIAS, DSCALE,
+    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L, NUM_BW, WINDOWS_PER_GROUP,
+    mask_value,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+):
+    """Partial gradients of the (heads, N, N) bias table and of the scale, summed over one group of
+    WINDOWS_PER_GROUP consecutive (image, window) pairs in a fixed order: DBIAS (groups, heads, N, N) and
+    DSCALE (groups, heads, tiles). The host sums the groups, so the reduction is deterministic."""
+    CDT: tl.constexpr = SCALE.dtype.element_ty
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    i_tile, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_tn = tl.cdiv(N, BLOCK_N)
+    i_tm, i_tn = i_tile // num_tn, i_tile % num_tn
+    o_d = tl.arange(0, HEAD_DIM)
+    o_m = i_tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m = o_m < N
+    m_n = o_n < N
+    b_scale = tl.load(SCALE + i_h)
+    p_bias_h = POSITION_BIAS + i_h * N * N
+    b_dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT)
+    b_dscale = tl.zeros([BLOCK_M], dtype=CDT)
+    for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
+        i_b, i_w, i_wy, i_wx = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
+        o_tok_m, m_pad_m, o_reg_m, _ = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+        o_tok_n, m_pad_n, o_reg_n, _ = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+        m_real_m = m_m & ~m_pad_m
+        p_qkv = QKV + i_b * stride_qkv_b
+        b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
+                         stride_qkv_t, HAS_BIAS)
+        b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
+                         o_d, stride_qkv_t, HAS_BIAS)
+        b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
+                         m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
+        b_qn, _ = _l2_normalize(b_q, CDT)
+        b_kn, _ = _l2_normalize(b_k, CDT)
+        b_qs = (b_qn * b_scale).to(DDT)
+        b_do, b_lse, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
+                                                 o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+        b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value,
+                      FULL_DOT)
+        b_p = tl.exp(b_s - b_lse[:, None])
+        b_dp = _dot(b_do.to(DDT), tl.trans(b_v.to(DDT)), FULL_DOT)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dbias += b_ds
+        # d scale = sum dS * cos(q, k); qs . kn = scale * cos
+        b_dscale += tl.sum(b_ds * _dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), axis=1)
+    p_dbias = DBIAS + (i_g * NUM_HEADS + i_h) * N * N + o_m[:, None] * N + o_n[None, :]
+    tl.store(p_dbias, b_dbias, mask=m_m[:, None] & m_n[None, :])
+    num_tiles = tl.cdiv(N, BLOCK_M) * num_tn
+    tl.store(DSCALE + (i_g * NUM_HEADS + i_h) * num_tiles + i_tile, tl.sum(b_dscale, axis=0) / b_scale)
+
+
 # (BLOCK_M, BLOCK_N, num_warps) per head dimension, chosen with `compile_check --sweep` as the largest
 # tiles that compile without register spills for sm_80 and sm_90 (registers in the compile-check table).
 # The same tiles serve every window size: a window of N tokens takes ceil(N / BLOCK_M) query blocks and
 # streams ceil(N / BLOCK_N) key blocks; non-power-of-two N (49, 144, 576) is masked.
 _TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)}
 _TILES_FP32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (16, 16, 8), 128: (16, 16, 8)}
+_TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 4)}
 
 
 def block_config(n: int, head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for windows of n tokens, head_dim and the projection dtype."""
     del n  # one configuration per head dimension covers every window size
+    if dtype == torch.float64:
+        return _TILES_FP64[head_dim]
     return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[head_dim]
+
+
+class _Geometry(NamedTuple):
+    """Runtime integers every kernel takes, derived once per call."""
+
+    H: int
+    W: int
+    HP: int
+    WP: int
+    NUM_WX: int
+    NUM_WINDOWS: int
+    WH: int
+    WW: int
+    SH: int
+    SW: int
+    N: int
+    C: int
+    NUM_HEADS: int
+
+
+def _geometry(qkv, grid_size, num_heads, window_size, shift_size) -> _Geometry:
+    H, W = _pair(grid_size, "grid_size")
+    wh, ww = _pair(window_size, "window_size")
+    sh, sw = _pair(shift_size, "shift_size")
+    hp, wp = -(-H // wh) * wh, -(-W // ww) * ww
+    C = qkv.shape[-1] // 3
+    return _Geometry(H, W, hp, wp, wp // ww, (hp // wh) * (wp // ww), wh, ww, sh, sw, wh * ww, C, num_heads)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads):
+    """The scale exp(min(logit_scale, log 100)), the table and the bias in the compute dtype, contiguous: under
+    autocast they arrive fp32 beside an fp16/bf16 projection; one kernel specialization per projection dtype."""
+    cdt = _compute_dtype(qkv.dtype)
+    scale = torch.clamp(logit_scale.detach().reshape(num_heads).to(cdt), max=LOGIT_SCALE_MAX).exp().contiguous()
+    table = position_bias.detach().to(cdt).contiguous()
+    bias = qkv_bias.detach().to(cdt).contiguous() if qkv_bias is not None else scale  # dummy pointer when absent
+    return scale, table, bias
+
+
+def _flags(qkv, qkv_bias, pad_order, head_dim, n):
+    block_m, block_n, num_warps = block_config(n, head_dim, qkv.dtype)
+    return dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, ROLL_THEN_PAD=pad_order == ROLL_THEN_PAD,
+                HAS_BIAS=qkv_bias is not None, FULL_DOT=qkv.dtype in (torch.float32, torch.float64),
+                num_warps=num_warps)
 
 
 def window_attention_triton_forward(
@@ -173,72 +451,139 @@ def window_attention_triton_forward(
     pad_order: str = PAD_THEN_ROLL,
     mask_value: float = -100.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch the fused forward. Returns the output (B, H*W, C) and the log-sum-exp (B, heads, nW * N), fp32.
+    """Launch the fused forward. Returns the output (B, H*W, C) and the log-sum-exp (B, heads, nW * N) in the
+    compute dtype (fp32; fp64 for fp64 inputs).
 
     Inputs as in `window_attention_reference` (validated by the caller). qkv's channel dimension must be
     contiguous; batch and token strides are free.
     """
     B, L, C3 = qkv.shape
-    H, W = _pair(grid_size, "grid_size")
-    wh, ww = _pair(window_size, "window_size")
-    sh, sw = _pair(shift_size, "shift_size")
-    C = C3 // 3
-    head_dim = C // num_heads
+    head_dim = C3 // 3 // num_heads
     if head_dim not in KERNEL_HEAD_DIMS:
         raise ValueError(f"the Triton kernel supports head_dim in {KERNEL_HEAD_DIMS}, got {head_dim}")
     if qkv.stride(-1) != 1:
         raise ValueError(f"qkv's last dimension must be contiguous (stride 1), got strides {qkv.stride()}")
-    n = wh * ww
-    hp, wp = -(-H // wh) * wh, -(-W // ww) * ww
-    num_windows = (hp // wh) * (wp // ww)
-
-    # The small operands go to the kernel in fp32 whatever their dtype (under autocast they are fp32 while
-    # the projection is fp16/bf16): one kernel specialization per projection dtype.
-    scale = torch.clamp(logit_scale.detach().reshape(num_heads).float(), max=LOGIT_SCALE_MAX).exp().contiguous()
-    table = position_bias.detach().float().contiguous()
-    bias = qkv_bias.detach().float().contiguous() if qkv_bias is not None else scale  # dummy pointer when absent
-    out = torch.empty((B, L, C), device=qkv.device, dtype=qkv.dtype)
-    lse = torch.empty((B, num_heads, num_windows * n), device=qkv.device, dtype=torch.float32)
+    g = _geometry(qkv, grid_size, num_heads, window_size, shift_size)
+    scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
+    out = torch.empty((B, L, g.C), device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty((B, num_heads, g.NUM_WINDOWS * g.N), device=qkv.device, dtype=scale.dtype)
     if B == 0:
         return out, lse
-    block_m, block_n, num_warps = block_config(n, head_dim, qkv.dtype)
-    grid = (B * num_windows * triton.cdiv(n, block_m), num_heads)
+    flags = _flags(qkv, qkv_bias, pad_order, head_dim, g.N)
+    grid = (B * g.NUM_WINDOWS * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)
     _window_attention_fwd_kernel[grid](
-        qkv, bias, scale, table, out, lse,
-        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        H, W, hp, wp, wp // ww, num_windows, wh, ww, sh, sw, n, C, num_heads,
-        float(mask_value),
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        ROLL_THEN_PAD=pad_order == ROLL_THEN_PAD, HAS_BIAS=qkv_bias is not None,
-        FP32_DOT=qkv.dtype == torch.float32,
-        num_warps=num_warps,
+        QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, OUT=out, LSE=lse,
+        stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1), stride_out_b=out.stride(0),
+        stride_out_t=out.stride(1), mask_value=float(mask_value), **g._asdict(), **flags,
     )
     return out, lse
 
 
+def window_attention_triton_backward(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    logit_scale: torch.Tensor,
+    position_bias: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    grid_size,
+    num_heads: int,
+    window_size,
+    shift_size=0,
+    pad_order: str = PAD_THEN_ROLL,
+    mask_value: float = -100.0,
+    need_table_grads: bool = True,
+):
+    """Gradients of the fused op: (d qkv, d qkv_bias or None, d logit_scale, d position_bias).
+
+    P is recomputed from the saved log-sum-exp (nothing N x N was stored). Kernels: rowsum(dO * O) in token
+    layout; dq per query block; dk/dv per key block (padded keys to a per-position buffer, summed into the
+    bias gradient); the table and scale gradients per bias tile over groups of windows, summed on the host
+    in a fixed order. Every reduction is deterministic: no atomics.
+    """
+    B, L, C3 = qkv.shape
+    head_dim = C3 // 3 // num_heads
+    g = _geometry(qkv, grid_size, num_heads, window_size, shift_size)
+    scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
+    cdt = scale.dtype
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    flags = _flags(qkv, qkv_bias, pad_order, head_dim, g.N)
+    num_pad = g.HP * g.WP - g.H * g.W
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    dpad = torch.zeros((B, max(num_pad, 1), C3), device=qkv.device, dtype=cdt)
+    d_table = d_logit_scale = None
+    if B > 0:
+        delta = torch.empty((B, L, num_heads), device=qkv.device, dtype=cdt)
+        block_t = 64
+        _window_attention_bwd_preprocess_kernel[(B * triton.cdiv(L, block_t), num_heads)](
+            OUT=out, DOUT=grad_out, DELTA=delta, stride_out_b=out.stride(0), stride_out_t=out.stride(1),
+            stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L, NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim, BLOCK_T=block_t,
+        )
+        common = dict(QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, LSE=lse,
+                      DELTA=delta, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
+                      stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L,
+                      mask_value=float(mask_value), **g._asdict(), **flags)
+        strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
+        num_bw = B * g.NUM_WINDOWS
+        _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
+            DQKV=dqkv, **strides, **common)
+        _window_attention_bwd_dkdv_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_N"]), num_heads)](
+            DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, **strides, **common)
+        if need_table_grads:
+            num_tiles = triton.cdiv(g.N, flags["BLOCK_M"]) * triton.cdiv(g.N, flags["BLOCK_N"])
+            # Enough groups of windows to fill a GPU (about 1024 programs), each group a fixed range.
+            groups = max(1, min(num_bw, 1024 // max(1, num_tiles * num_heads)))
+            per_group = triton.cdiv(num_bw, groups)
+            groups = triton.cdiv(num_bw, per_group)
+            d_table_parts = torch.empty((groups, num_heads, g.N, g.N), device=qkv.device, dtype=cdt)
+            d_scale_parts = torch.empty((groups, num_heads, num_tiles), device=qkv.device, dtype=cdt)
+            _window_attention_bwd_dbias_kernel[(num_tiles, num_heads, groups)](
+                DBIAS=d_table_parts, DSCALE=d_scale_parts, NUM_BW=num_bw, WINDOWS_PER_GROUP=per_group, **common)
+            d_table = d_table_parts.sum(0)
+            d_scale = d_scale_parts.sum((0, 2))
+    else:
+        dqkv.zero_()
+    if need_table_grads:
+        if d_table is None:  # empty batch
+            d_table = torch.zeros_like(table)
+            d_scale = torch.zeros_like(scale)
+        # d exp(min(x, log 100)) / dx = exp(x) where x <= log 100, else 0 (torch.clamp's convention)
+        unclamped = logit_scale.detach().reshape(num_heads).to(cdt) <= LOGIT_SCALE_MAX
+        d_logit_scale = (d_scale * scale * unclamped).reshape(logit_scale.shape).to(logit_scale.dtype)
+        d_table = d_table.to(position_bias.dtype)
+    d_bias = None
+    if qkv_bias is not None:
+        d_bias = dpad.sum((0, 1)) if num_pad > 0 else torch.zeros_like(dpad[0, 0])
+        d_bias = d_bias.to(qkv_bias.dtype)
+    return dqkv, d_bias, d_logit_scale, d_table
+
+
 class WindowAttentionFunction(torch.autograd.Function):
-    """Fused forward; the backward differentiates the eager reference at the saved inputs (recomputation,
-    exact to the reference's own gradients) until the fused backward kernels land."""
+    """Fused forward and backward; saves the inputs, the output and the log-sum-exp (nothing N x N)."""
 
     @staticmethod
     def forward(ctx, qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size,
                 pad_order, mask_value):
-        out, _lse = window_attention_triton_forward(
-            qkv, qkv_bias, logit_scale, position_bias, grid_size=grid_size, num_heads=num_heads,
-            window_size=window_size, shift_size=shift_size, pad_order=pad_order, mask_value=mask_value,
-        )
-        ctx.save_for_backward(qkv, qkv_bias, logit_scale, position_bias)
-        ctx.options = dict(grid_size=grid_size, num_heads=num_heads, window_size=window_size,
-                           shift_size=shift_size, pad_order=pad_order, mask_value=mask_value)
+        options = dict(grid_size=grid_size, num_heads=num_heads, window_size=window_size,
+                       shift_size=shift_size, pad_order=pad_order, mask_value=mask_value)
+        out, lse = window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, **options)
+        ctx.save_for_backward(qkv, qkv_bias, logit_scale, position_bias, out, lse)
+        ctx.options = options
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        inputs = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(saved, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            out = window_attention_reference(*inputs, **ctx.options)
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
-        result = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
-        return (*result, None, None, None, None, None, None)
+        qkv, qkv_bias, logit_scale, position_bias, out, lse = ctx.saved_tensors
+        need_table = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        dqkv, d_bias, d_logit_scale, d_table = window_attention_triton_backward(
+            grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, need_table_grads=need_table,
+            **ctx.options,
+        )
+        needs = ctx.needs_input_grad
+        return (dqkv if needs[0] else None, d_bias if needs[1] else None,
+                d_logit_scale if needs[2] else None, d_table if needs[3] else None,
+                None, None, None, None, None, None)

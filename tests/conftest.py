@@ -18,6 +18,10 @@ FP32_ATOL = 1e-4
 # are exact; compiled kernels use IEEE fp32 dots (input_precision="ieee"), never TF32.
 OP_FP32_ATOL = 1e-5
 
+# Gradients of the fused op against the reference's autograd, fp32: sums over whole windows and over the
+# batch (bias table, logit scale) in another order; relative error about 1e-6 of the gradient's size.
+OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL = 1e-5, 1e-5
+
 # Low precision: the kernel's error against an fp64 reference may be at most LOW_PRECISION_FACTOR times the
 # error of the eager reference run in that dtype (plus a floor for cases where that error is ~0).
 LOW_PRECISION_FACTOR = 2.0

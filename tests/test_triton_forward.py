@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import swinv2_fast
-from conftest import (FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL, assert_close,
-                      perturb_)
+from conftest import (FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL, OP_GRAD_FP32_ATOL,
+                      OP_GRAD_FP32_RTOL, assert_close, perturb_)
 from swinv2_fast import functional, window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference, window_layout
 
@@ -149,7 +149,7 @@ def test_gradients_through_the_fused_op_match_the_reference():
     eager_grads = torch.autograd.grad(eager, inputs, grad_out)
     assert_close(fused, eager, atol=OP_FP32_ATOL, name="output")
     for name, a, b in zip(["qkv", "qkv_bias", "logit_scale", "position_bias"], fused_grads, eager_grads):
-        assert_close(a, b, atol=1e-6, name=f"grad {name}")
+        assert_close(a, b, atol=OP_GRAD_FP32_ATOL, rtol=OP_GRAD_FP32_RTOL, name=f"grad {name}")
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
