@@ -7,6 +7,7 @@ from .reference import (
     shift_mask,
     window_attention_reference,
     window_layout,
+    window_log_sum_exp,
 )
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "shift_mask",
     "window_attention_reference",
     "window_layout",
+    "window_log_sum_exp",
 ]

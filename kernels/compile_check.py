@@ -3,10 +3,11 @@
     python -m swinv2_fast.kernels.compile_check            # table of registers, spills, shared memory
     python -m swinv2_fast.kernels.compile_check --sweep    # developer aid: try tile configs per (dtype, head_dim)
 
-A specialization is fixed by the projection dtype, the head dimension, the tile configuration
-`block_config` picks for it (the same for every published window size, N = 49 ... 576), the padding order
-and whether the projection has a bias; everything else (batch, grid, window, shift, mask value, logit
-scale) is a runtime argument. Each is compiled with `triton.compile` for a `GPUTarget`, its PTX assembled
+A specialization is fixed by the kernel (forward; backward: rowsum preprocess, dq, dk/dv, bias table and
+scale), the projection dtype (fp32, fp16, bf16, and fp64, which gradcheck uses), the head dimension, the
+tile configuration `block_config` picks for it (the same for every published window size, N = 49 ... 576),
+the padding order and whether the projection has a bias; everything else (batch, grid, window, shift,
+mask value, logit scale) is a runtime argument. Each is compiled with `triton.compile` for a `GPUTarget`, its PTX assembled
 with the ptxas that ships in the Triton wheel (`-v`), and the registers, spill bytes and shared memory are
 reported. The exit status is non-zero on a compile failure or on any spill.
 """
@@ -24,12 +25,21 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, NamedTuple, Tuple
 
 ARCHS = (80, 90)
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "fp16", "bf16", "fp64")
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 WINDOW_SIZES = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
-CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "ROLL_THEN_PAD", "HAS_BIAS", "FP32_DOT")
+CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "ROLL_THEN_PAD", "HAS_BIAS", "FULL_DOT", "BLOCK_T")
+# pointers in the projection's dtype, and those in the compute dtype (fp32; fp64 for fp64 projections)
+PROJECTION_POINTERS = ("QKV", "QKV_BIAS", "OUT", "DOUT", "DQKV")
+COMPUTE_POINTERS = ("SCALE", "POSITION_BIAS", "LSE", "DELTA", "DPAD", "DBIAS", "DSCALE")
+# 16-byte aligned pointers and strides / channels divisible by 16 at every launch the package makes
+# (C = heads * head_dim with head_dim a multiple of 16): what the JIT specializes on at run time.
+ALIGNED = ("stride_qkv_b", "stride_qkv_t", "stride_out_b", "stride_out_t", "stride_do_b", "stride_do_t",
+           "stride_dqkv_b", "stride_dqkv_t", "C")
 
 
 class Spec(NamedTuple):
+    kernel: str
     dtype: str
     head_dim: int
     block_m: int
@@ -51,20 +61,29 @@ class Result(NamedTuple):
 def _torch_dtype(name):
     import torch
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
 
 
 def launchable_specs() -> List[Spec]:
     """Every (dtype, head_dim, tiles, flags) the host function can launch for the published window sizes."""
-    from .triton_window_attention import KERNEL_HEAD_DIMS, block_config
+    from .triton_window_attention import KERNEL_HEAD_DIMS, PREPROCESS_BLOCK_T, block_config
 
     specs = set()
-    for dtype, head_dim, window, roll, bias in itertools.product(
-        DTYPES, KERNEL_HEAD_DIMS, WINDOW_SIZES, (False, True), (False, True)
+    for kernel, dtype, head_dim, window, roll, bias in itertools.product(
+        KERNELS, DTYPES, KERNEL_HEAD_DIMS, WINDOW_SIZES, (False, True), (False, True)
     ):
+        if kernel == "bwd_preprocess":  # token layout: no tiles over windows, no flags
+            specs.add(Spec(kernel, dtype, head_dim, PREPROCESS_BLOCK_T, 0, 4, False, False))
+            continue
         block_m, block_n, warps = block_config(window * window, head_dim, _torch_dtype(dtype))
-        specs.add(Spec(dtype, head_dim, block_m, block_n, warps, roll, bias))
+        specs.add(Spec(kernel, dtype, head_dim, block_m, block_n, warps, roll, bias))
     return sorted(specs)
+
+
+def _kernel(name):
+    from . import triton_window_attention as tk
+
+    return getattr(tk, f"_window_attention_{name}_kernel")
 
 
 def _ptxas() -> str:
@@ -77,24 +96,23 @@ def compile_spec(spec: Spec, arch: int) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from .triton_window_attention import _window_attention_fwd_kernel as kernel
-
-    pointers = {"QKV": f"*{spec.dtype}", "QKV_BIAS": "*fp32", "SCALE": "*fp32", "POSITION_BIAS": "*fp32",
-                "OUT": f"*{spec.dtype}", "LSE": "*fp32"}
-    signature = {}
-    for name in kernel.arg_names:
+    kernel = _kernel(spec.kernel)
+    compute = "fp64" if spec.dtype == "fp64" else "fp32"
+    values = dict(HEAD_DIM=spec.head_dim, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, BLOCK_T=spec.block_m,
+                  ROLL_THEN_PAD=spec.roll_then_pad, HAS_BIAS=spec.has_bias,
+                  FULL_DOT=spec.dtype in ("fp32", "fp64"))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
         if name in CONSTEXPRS:
             signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
+            constexprs[name] = values[name]
+        elif name in PROJECTION_POINTERS or name in COMPUTE_POINTERS:
+            signature[name] = f"*{spec.dtype if name in PROJECTION_POINTERS else compute}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name == "mask_value" else "i32"
-    constexprs = dict(HEAD_DIM=spec.head_dim, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n,
-                      ROLL_THEN_PAD=spec.roll_then_pad, HAS_BIAS=spec.has_bias, FP32_DOT=spec.dtype == "fp32")
-    # What the JIT specializes on at run time for every launch the package makes: 16-byte-aligned tensors
-    # and strides/channels divisible by 16 (C = heads * head_dim with head_dim a multiple of 16).
-    aligned = set(pointers) | {"stride_qkv_b", "stride_qkv_t", "stride_out_b", "stride_out_t", "C"}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name in aligned}
+            if name in ALIGNED:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     try:
         compiled = triton.compile(
             triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -112,7 +130,9 @@ def compile_spec(spec: Spec, arch: int) -> Result:
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
         return Result(spec, arch, registers, spills, int(compiled.metadata.shared), "")
     except Exception as exc:  # reported in the table and in the exit status
-        return Result(spec, arch, -1, -1, -1, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
+        where = f"{lines[0]} " if len(lines) > 1 else ""  # a CompilationError: location first, cause last
+        return Result(spec, arch, -1, -1, -1, f"{type(exc).__name__}: {where}{lines[-1][:200]}")
 
 
 def _compile_star(args):
@@ -136,16 +156,17 @@ def run(specs: List[Spec], jobs: int) -> List[Result]:
 
 
 def format_table(results: List[Result]) -> str:
-    lines = [f"{'dtype':<5} {'head_dim':>8} {'tiles (M,N,warps)':>18} {'pad order':<13} {'bias':<5} "
+    lines = [f"{'kernel':<14} {'dtype':<5} {'head_dim':>8} {'tiles (M,N,warps)':>18} {'pad order':<13} {'bias':<5} "
              f"{'arch':<6} {'regs':>5} {'spill B':>8} {'smem B':>7}"]
     for r in results:
         s = r.spec
         tiles = f"{s.block_m},{s.block_n},{s.num_warps}"
         order = "roll_then_pad" if s.roll_then_pad else "pad_then_roll"
         if r.error:
-            lines.append(f"{s.dtype:<5} {s.head_dim:>8} {tiles:>18} {order:<13} {str(s.has_bias):<5} sm_{r.arch:<3} FAILED {r.error}")
+            lines.append(f"{s.kernel:<14} {s.dtype:<5} {s.head_dim:>8} {tiles:>18} {order:<13} {str(s.has_bias):<5} "
+                         f"sm_{r.arch:<3} FAILED {r.error}")
         else:
-            lines.append(f"{s.dtype:<5} {s.head_dim:>8} {tiles:>18} {order:<13} {str(s.has_bias):<5} sm_{r.arch:<3} "
+            lines.append(f"{s.kernel:<14} {s.dtype:<5} {s.head_dim:>8} {tiles:>18} {order:<13} {str(s.has_bias):<5} sm_{r.arch:<3} "
                          f"{r.registers:>5} {r.spill_bytes:>8} {r.shared_bytes:>7}")
     return "\n".join(lines)
 
@@ -155,9 +176,11 @@ def sweep(jobs: int) -> None:
     from .triton_window_attention import KERNEL_HEAD_DIMS
 
     candidates = [(64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 64, 4), (32, 32, 4), (32, 32, 8), (16, 32, 4),
-                  (32, 16, 4), (16, 16, 4)]
+                  (16, 32, 8), (32, 16, 4), (32, 16, 8), (16, 16, 4), (16, 16, 8)]
     dtypes = [d for d in DTYPES if d in os.environ.get("SWEEP_DTYPES", ",".join(DTYPES)).split(",")]
-    specs = [Spec(d, h, m, n, w, False, True) for d in dtypes for h in KERNEL_HEAD_DIMS for m, n, w in candidates]
+    kernels = [k for k in KERNELS if k in os.environ.get("SWEEP_KERNELS", ",".join(KERNELS)).split(",")]
+    specs = [Spec(k, d, h, m, n, w, False, True) for k in kernels if k != "bwd_preprocess" for d in dtypes
+             for h in KERNEL_HEAD_DIMS for m, n, w in candidates]
     print(format_table(run(specs, jobs)))
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "window_layout",
     "shift_mask",
     "window_attention_reference",
+    "window_log_sum_exp",
 ]
 
 PAD_THEN_ROLL = "pad_then_roll"  # transformers: pad the grid, then roll the padded grid
@@ -186,6 +187,9 @@ def _combined_bias(position_bias, layout, mask_value):
     return bias if mask is None else bias + mask.unsqueeze(0)
 
 
+_SDPA_BIAS_MEMO_SIZE = 4
+
+
 def _sdpa_bias(position_bias, layout, mask_value, dtype):
     """Position bias plus shift mask as the (1, heads * nW, N, N) mask of the fused attention.
 
@@ -204,10 +208,12 @@ def _sdpa_bias(position_bias, layout, mask_value, dtype):
         return build()
     key = (layout.key, float(mask_value), dtype)
     memo = position_bias.__dict__.setdefault("_swinv2_fast_sdpa_bias", {})
-    entry = memo.get(key)
+    entry = memo.pop(key, None)
     if entry is None or entry[0] != position_bias._version:
         entry = (position_bias._version, build())
-        memo[key] = entry
+    memo[key] = entry  # most recently used last
+    while len(memo) > _SDPA_BIAS_MEMO_SIZE:  # a model uses one or two layouts per table; bound the rest
+        memo.pop(next(iter(memo)))
     return entry[1]
 
 
@@ -225,6 +231,7 @@ def window_attention_reference(
     mask_value: float = -100.0,
     dropout_p: float = 0.0,
     return_attention_probs: bool = False,
+    fused_softmax: bool = True,
 ):
     """Swin V2 window attention from the q/k/v projection to the attention output, both in token layout.
 
@@ -246,6 +253,8 @@ def window_attention_reference(
             (-100 in timm and the official code; transformers adds -100 twice, i.e. -200).
         dropout_p: attention dropout on P; pass 0.0 outside training.
         return_attention_probs: also return P as (B * nW, num_heads, N, N).
+        fused_softmax: softmax(S) @ v through `scaled_dot_product_attention` (the default); False forms S and
+            P explicitly, the chain transformers and timm run (always so when P is returned). Same math.
 
     Returns:
         (B, H*W, C) attention output (before the output projection), and P if asked for.
@@ -274,11 +283,12 @@ def window_attention_reference(
 
     # Cosine attention with the clamped learnable scale, then position bias and shift mask.
     scale = torch.clamp(logit_scale.reshape(num_heads, 1, 1, 1), max=LOGIT_SCALE_MAX).exp()
-    # Normalised in fp32: in fp16 the epsilon 1e-12 underflows to 0 and a zero row (k of a padded token
-    # without k bias) would give 0/0.
-    q = F.normalize(q.float(), dim=-1).to(q.dtype)
-    k = F.normalize(k.float(), dim=-1).to(k.dtype)
-    if return_attention_probs:
+    # Normalised in fp32 at least (fp64 stays fp64): in fp16 the epsilon 1e-12 underflows to 0 and a zero
+    # row (k of a padded token without k bias) would give 0/0.
+    norm_dtype = torch.promote_types(q.dtype, torch.float32)
+    q = F.normalize(q.to(norm_dtype), dim=-1).to(q.dtype)
+    k = F.normalize(k.to(norm_dtype), dim=-1).to(k.dtype)
+    if return_attention_probs or not fused_softmax:
         bias = _combined_bias(position_bias, layout, mask_value)  # (heads, nW or 1, N, N)
         scores = (q @ k.transpose(-2, -1)) * scale + bias  # (B, heads, nW, N, N)
         probs = torch.softmax(scores, dim=-1)
@@ -299,3 +309,35 @@ def window_attention_reference(
     if return_attention_probs:
         return out, probs.transpose(1, 2).reshape(B * nW, num_heads, N, N)
     return out
+
+
+def window_log_sum_exp(
+    qkv: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    logit_scale: torch.Tensor,
+    position_bias: torch.Tensor,
+    *,
+    grid_size: IntPair,
+    num_heads: int,
+    window_size: IntPair,
+    shift_size: IntPair = 0,
+    pad_order: str = PAD_THEN_ROLL,
+    mask_value: float = -100.0,
+) -> torch.Tensor:
+    """log-sum-exp of every window row's scores, (B, num_heads, nW * N), rows in window order, in fp32 (fp64
+    for fp64 inputs): what the fused forward saves for its backward. Literal: forms all N x N scores."""
+    B, _, C3 = qkv.shape
+    cdt = torch.promote_types(qkv.dtype, torch.float32)
+    layout = window_layout(grid_size, window_size, shift_size, pad_order, qkv.device)
+    n = layout.gather_index.numel() // layout.num_windows
+    pad = qkv.new_zeros(C3, dtype=cdt) if qkv_bias is None else qkv_bias.to(cdt)
+    tokens = torch.cat([qkv.to(cdt), pad.expand(B, 1, C3)], 1)[:, layout.gather_index]
+    windows = tokens.view(B, layout.num_windows, n, 3, num_heads, C3 // 3 // num_heads)
+    q = F.normalize(windows[:, :, :, 0], dim=-1).permute(0, 3, 1, 2, 4)  # (B, heads, nW, N, d)
+    k = F.normalize(windows[:, :, :, 1], dim=-1).permute(0, 3, 1, 2, 4)
+    scale = torch.clamp(logit_scale.to(cdt).reshape(num_heads, 1, 1, 1), max=LOGIT_SCALE_MAX).exp()
+    scores = (q @ k.transpose(-1, -2)) * scale + position_bias.to(cdt)[:, None]
+    mask = shift_mask(layout, mask_value, cdt)
+    if mask is not None:
+        scores = scores + mask
+    return scores.logsumexp(-1).reshape(B, num_heads, -1)

@@ -19,15 +19,17 @@ One program handles BLOCK_M query rows of one window of one image, for one head:
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair
+from .reference import (LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair, window_attention_reference,
+                        window_log_sum_exp)
 
-__all__ = ["window_attention_triton_forward", "window_attention_triton_backward", "WindowAttentionFunction",
+__all__ = ["window_attention_triton_forward", "window_attention_triton_backward", "window_attention_fused",
+           "window_attention_fused_backward", "fused_window_attention",
            "block_config", "KERNEL_HEAD_DIMS", "INTERPRETED"]
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
@@ -62,13 +64,15 @@ def _window_rows(o_pos, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD:
 
 @triton.jit
 def _load_rows(P_QKV, P_BIAS, o_tok, m_rows, m_pad, o_d, stride_t, HAS_BIAS: tl.constexpr):
-    """(rows, HEAD_DIM) slice of the projection at tokens `o_tok`, in its own dtype; padded rows read the bias."""
-    # [ROWS, HEAD_DIM]
-    b_x = tl.load(P_QKV + o_tok[:, None] * stride_t + o_d[None, :], mask=(m_rows & ~m_pad)[:, None], other=0.0)
+    """(rows, HEAD_DIM) slice of the projection at tokens `o_tok`, in its own dtype. Padded rows read the bias
+    (the projection of a zero token, in the projection's dtype as in the reference), or zero without one;
+    rows beyond the window (m_rows false) read zero. One load: padded rows point into the bias."""
+    p_rows = P_QKV + o_tok[:, None] * stride_t + o_d[None, :]
     if HAS_BIAS:
-        b_bias = tl.load(P_BIAS + o_d).to(b_x.dtype)
-        b_x = tl.where(m_pad[:, None], b_bias[None, :], b_x)
-    return b_x
+        p_rows = tl.where(m_pad[:, None], P_BIAS + o_d[None, :], p_rows)
+        return tl.load(p_rows, mask=m_rows[:, None], other=0.0)
+    # [ROWS, HEAD_DIM]
+    return tl.load(p_rows, mask=(m_rows & ~m_pad)[:, None], other=0.0)
 
 
 @triton.jit
@@ -107,7 +111,8 @@ def _scores(b_qs, b_kn, P_BIAS_H, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_
 
 @triton.jit
 def _window_of(i_bw, NUM_WINDOWS, NUM_WX):
-    i_b, i_w = i_bw // NUM_WINDOWS, i_bw % NUM_WINDOWS
+    # the image index in int64: i_b * stride_b overflows int32 for large images times large batches
+    i_b, i_w = (i_bw // NUM_WINDOWS).to(tl.int64), i_bw % NUM_WINDOWS
     return i_b, i_w, i_w // NUM_WX, i_w % NUM_WX
 
 
@@ -129,13 +134,14 @@ def _window_attention_fwd_kernel(
     o_d = tl.arange(0, HEAD_DIM)
     o_m = (i_bwm % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
-    o_tok_m, m_pad_m, o_reg_m, _ = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+    o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
+                                                         ROLL_THEN_PAD)
 
     p_qkv = QKV + i_b * stride_qkv_b
     # q: normalised, times the clamped logit scale. [BLOCK_M, HEAD_DIM]
     b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
                      stride_qkv_t, HAS_BIAS)
-    b_qn, _ = _l2_normalize(b_q, CDT)
+    b_qn, b_rq = _l2_normalize(b_q, CDT)
     b_qs = (b_qn * tl.load(SCALE + i_h)).to(DDT)
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
@@ -145,13 +151,14 @@ def _window_attention_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < N
-        o_tok_n, m_pad_n, o_reg_n, _ = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+        o_tok_n, m_pad_n, o_reg_n, o_padi_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
+                                                         ROLL_THEN_PAD)
         # [BLOCK_N, HEAD_DIM]
         b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
                          o_d, stride_qkv_t, HAS_BIAS)
         b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
                          m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
-        b_kn, _ = _l2_normalize(b_k, CDT)
+        b_kn, b_rk = _l2_normalize(b_k, CDT)
         # [BLOCK_M, BLOCK_N]
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
         # online softmax
@@ -177,7 +184,7 @@ def _window_attention_bwd_preprocess_kernel(
     """delta[b, t, h] = rowsum(dO * O) in token layout: the softmax backward's correction term."""
     i_bt, i_h = tl.program_id(0), tl.program_id(1)
     num_t = tl.cdiv(L, BLOCK_T)
-    i_b, i_t = i_bt // num_t, i_bt % num_t
+    i_b, i_t = (i_bt // num_t).to(tl.int64), i_bt % num_t
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < L
     o_d = tl.arange(0, HEAD_DIM)
@@ -186,7 +193,7 @@ def _window_attention_bwd_preprocess_kernel(
                   mask=m_t[:, None], other=0.0).to(DELTA.dtype.element_ty)
     b_do = tl.load(DOUT + i_b * stride_do_b + o_t[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
                    mask=m_t[:, None], other=0.0).to(DELTA.dtype.element_ty)
-    tl.store(DELTA + (i_b * L + o_t) * NUM_HEADS + i_h, tl.sum(b_o * b_do, axis=1), mask=m_t)
+    tl.store(DELTA + i_b * L * NUM_HEADS + o_t * NUM_HEADS + i_h, tl.sum(b_o * b_do, axis=1), mask=m_t)
 
 
 @triton.jit
@@ -196,7 +203,7 @@ def _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real, o_tok, 
     b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
                    mask=m_real[:, None], other=0.0)
     b_lse = tl.load(LSE + ((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m, mask=m_m, other=0.0)
-    b_delta = tl.load(DELTA + (i_b * L + o_tok) * NUM_HEADS + i_h, mask=m_real, other=0.0)
+    b_delta = tl.load(DELTA + i_b * L * NUM_HEADS + o_tok * NUM_HEADS + i_h, mask=m_real, other=0.0)
     return b_do, b_lse, b_delta
 
 
@@ -218,7 +225,8 @@ def _window_attention_bwd_dq_kernel(
     o_d = tl.arange(0, HEAD_DIM)
     o_m = (i_bwm % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
-    o_tok_m, m_pad_m, o_reg_m, _ = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+    o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
+                                                         ROLL_THEN_PAD)
     m_real_m = m_m & ~m_pad_m
 
     p_qkv = QKV + i_b * stride_qkv_b
@@ -235,15 +243,16 @@ def _window_attention_bwd_dq_kernel(
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < N
-        o_tok_n, m_pad_n, o_reg_n, _ = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+        o_tok_n, m_pad_n, o_reg_n, o_padi_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
+                                                         ROLL_THEN_PAD)
         b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
                          o_d, stride_qkv_t, HAS_BIAS)
         b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
                          m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
-        b_kn, _ = _l2_normalize(b_k, CDT)
+        b_kn, b_rk = _l2_normalize(b_k, CDT)
         b_kn = b_kn.to(DDT)
         b_s = _scores(b_qs, b_kn, p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
-        b_p = tl.exp(b_s - b_lse[:, None])
+        b_p = tl.where(m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dqs += _dot(b_ds.to(DDT), b_kn, FULL_DOT)
@@ -288,18 +297,19 @@ def _window_attention_bwd_dkdv_kernel(
     for start_m in range(0, N, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = o_m < N
-        o_tok_m, m_pad_m, o_reg_m, _ = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+        o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
+                                                         ROLL_THEN_PAD)
         m_real_m = m_m & ~m_pad_m
         b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
                          stride_qkv_t, HAS_BIAS)
-        b_qn, _ = _l2_normalize(b_q, CDT)
+        b_qn, b_rq = _l2_normalize(b_q, CDT)
         b_qs = (b_qn * b_scale).to(DDT)
         b_do, b_lse, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
                                                  o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_do = b_do.to(DDT)
         b_s = _scores(b_qs, b_kn_d, p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
-        # rows without output (padded, beyond the window) have dO = 0 and delta = 0, hence dS = 0
-        b_p = tl.exp(b_s - b_lse[:, None])
+        # padded rows have dO = 0 and delta = 0, hence dS = 0; rows beyond the window have no softmax
+        b_p = tl.where(m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
         b_dv += _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
         b_dp = _dot(b_do, tl.trans(b_v), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -311,7 +321,7 @@ def _window_attention_bwd_dkdv_kernel(
     tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])
     tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])
     m_padded_n = m_n & m_pad_n
-    p_dpad = DPAD + (i_b * NUM_PAD + o_pad_n[:, None]) * (3 * C) + C + i_h * HEAD_DIM + o_d[None, :]
+    p_dpad = DPAD + i_b * NUM_PAD * (3 * C) + o_pad_n[:, None] * (3 * C) + C + i_h * HEAD_DIM + o_d[None, :]
     tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
     tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
 
@@ -344,8 +354,10 @@ def _window_attention_bwd_dbias_kernel(
     b_dscale = tl.zeros([BLOCK_M], dtype=CDT)
     for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
         i_b, i_w, i_wy, i_wx = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
-        o_tok_m, m_pad_m, o_reg_m, _ = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
-        o_tok_n, m_pad_n, o_reg_n, _ = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+        o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
+                                                         ROLL_THEN_PAD)
+        o_tok_n, m_pad_n, o_reg_n, o_padi_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
+                                                         ROLL_THEN_PAD)
         m_real_m = m_m & ~m_pad_m
         p_qkv = QKV + i_b * stride_qkv_b
         b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
@@ -354,14 +366,14 @@ def _window_attention_bwd_dbias_kernel(
                          o_d, stride_qkv_t, HAS_BIAS)
         b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
                          m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
-        b_qn, _ = _l2_normalize(b_q, CDT)
-        b_kn, _ = _l2_normalize(b_k, CDT)
+        b_qn, b_rq = _l2_normalize(b_q, CDT)
+        b_kn, b_rk = _l2_normalize(b_k, CDT)
         b_qs = (b_qn * b_scale).to(DDT)
         b_do, b_lse, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
                                                  o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value,
                       FULL_DOT)
-        b_p = tl.exp(b_s - b_lse[:, None])
+        b_p = tl.where(m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
         b_dp = _dot(b_do.to(DDT), tl.trans(b_v.to(DDT)), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dbias += b_ds
@@ -380,6 +392,7 @@ def _window_attention_bwd_dbias_kernel(
 _TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)}
 _TILES_FP32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (16, 16, 8), 128: (16, 16, 8)}
 _TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 4)}
+PREPROCESS_BLOCK_T = 64  # tokens per program of the rowsum(dO * O) kernel
 
 
 def block_config(n: int, head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int]:
@@ -427,7 +440,9 @@ def _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads):
     cdt = _compute_dtype(qkv.dtype)
     scale = torch.clamp(logit_scale.detach().reshape(num_heads).to(cdt), max=LOGIT_SCALE_MAX).exp().contiguous()
     table = position_bias.detach().to(cdt).contiguous()
-    bias = qkv_bias.detach().to(cdt).contiguous() if qkv_bias is not None else scale  # dummy pointer when absent
+    # the bias in the projection's dtype, as the reference's padding token; qkv itself is the (never read)
+    # pointer when there is none
+    bias = qkv_bias.detach().to(qkv.dtype).contiguous() if qkv_bias is not None else qkv
     return scale, table, bias
 
 
@@ -517,7 +532,7 @@ def window_attention_triton_backward(
     d_table = d_logit_scale = None
     if B > 0:
         delta = torch.empty((B, L, num_heads), device=qkv.device, dtype=cdt)
-        block_t = 64
+        block_t = PREPROCESS_BLOCK_T
         _window_attention_bwd_preprocess_kernel[(B * triton.cdiv(L, block_t), num_heads)](
             OUT=out, DOUT=grad_out, DELTA=delta, stride_out_b=out.stride(0), stride_out_t=out.stride(1),
             stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L, NUM_HEADS=num_heads,
@@ -551,9 +566,11 @@ def window_attention_triton_backward(
         if d_table is None:  # empty batch
             d_table = torch.zeros_like(table)
             d_scale = torch.zeros_like(scale)
-        # d exp(min(x, log 100)) / dx = exp(x) where x <= log 100, else 0 (torch.clamp's convention)
-        unclamped = logit_scale.detach().reshape(num_heads).to(cdt) <= LOGIT_SCALE_MAX
-        d_logit_scale = (d_scale * scale * unclamped).reshape(logit_scale.shape).to(logit_scale.dtype)
+        # d exp(min(x, log 100)) / dx = exp(x) below the bound and 0 at or above it: torch.clamp's convention
+        # (strictly inside the bound), compared in the logit scale's own dtype as the reference's clamp does
+        x = logit_scale.detach().reshape(num_heads)
+        inside = (x < torch.tensor(LOGIT_SCALE_MAX, dtype=x.dtype, device=x.device)).to(cdt)
+        d_logit_scale = (d_scale * scale * inside).reshape(logit_scale.shape).to(logit_scale.dtype)
         d_table = d_table.to(position_bias.dtype)
     d_bias = None
     if qkv_bias is not None:
@@ -562,28 +579,120 @@ def window_attention_triton_backward(
     return dqkv, d_bias, d_logit_scale, d_table
 
 
-class WindowAttentionFunction(torch.autograd.Function):
-    """Fused forward and backward; saves the inputs, the output and the log-sum-exp (nothing N x N)."""
+# ----------------------------------------------------------------------------------------- the custom op
+# `torch.ops.swinv2_fast.window_attention_fused` (forward: output and log-sum-exp) and
+# `torch.ops.swinv2_fast.window_attention_fused_backward`, registered with torch.library so that
+# torch.compile traces models through them without a graph break (fake implementations give the shapes)
+# and autograd runs the fused backward. Where they run:
+#   CUDA tensors: the Triton kernels above.
+#   CPU tensors:  the same kernels under Triton's interpreter when TRITON_INTERPRET=1 was set at import;
+#                 otherwise the eager reference (output, literal log-sum-exp; the backward differentiates
+#                 the reference). The model and functional dispatch never send CPU tensors here without the
+#                 interpreter ("triton" raises there, "auto" picks eager); direct callers of the op get the
+#                 reference's numbers.
 
-    @staticmethod
-    def forward(ctx, qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size,
-                pad_order, mask_value):
-        options = dict(grid_size=grid_size, num_heads=num_heads, window_size=window_size,
-                       shift_size=shift_size, pad_order=pad_order, mask_value=mask_value)
-        out, lse = window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, **options)
-        ctx.save_for_backward(qkv, qkv_bias, logit_scale, position_bias, out, lse)
-        ctx.options = options
-        return out
+def _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value):
+    return dict(grid_size=tuple(grid_size), num_heads=num_heads, window_size=tuple(window_size),
+                shift_size=tuple(shift_size), pad_order=pad_order, mask_value=mask_value)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        qkv, qkv_bias, logit_scale, position_bias, out, lse = ctx.saved_tensors
-        need_table = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        dqkv, d_bias, d_logit_scale, d_table = window_attention_triton_backward(
-            grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, need_table_grads=need_table,
-            **ctx.options,
-        )
-        needs = ctx.needs_input_grad
-        return (dqkv if needs[0] else None, d_bias if needs[1] else None,
-                d_logit_scale if needs[2] else None, d_table if needs[3] else None,
-                None, None, None, None, None, None)
+
+def _runs_kernels(t: torch.Tensor) -> bool:
+    if t.device.type == "cuda":
+        return True
+    if t.device.type == "cpu":
+        return INTERPRETED
+    raise RuntimeError(f"swinv2_fast::window_attention_fused runs on CUDA or CPU tensors, got {t.device}")
+
+
+@torch.library.custom_op("swinv2_fast::window_attention_fused", mutates_args=(), device_types=("cuda", "cpu"))
+def window_attention_fused(
+    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor, position_bias: torch.Tensor,
+    grid_size: List[int], num_heads: int, window_size: List[int], shift_size: List[int], pad_order: str,
+    mask_value: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(output (B, H*W, C), log-sum-exp (B, heads, nW * N) in the compute dtype); see the comment above."""
+    options = _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
+    if _runs_kernels(qkv):
+        return window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, **options)
+    out = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, **options)
+    return out, window_log_sum_exp(qkv, qkv_bias, logit_scale, position_bias, **options)
+
+
+@window_attention_fused.register_fake
+def _(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size, pad_order,
+      mask_value):
+    B, L, C3 = qkv.shape
+    num_windows = -(-grid_size[0] // window_size[0]) * -(-grid_size[1] // window_size[1])
+    lse = qkv.new_empty((B, num_heads, num_windows * window_size[0] * window_size[1]),
+                        dtype=_compute_dtype(qkv.dtype))
+    return qkv.new_empty((B, L, C3 // 3)), lse
+
+
+@torch.library.custom_op("swinv2_fast::window_attention_fused_backward", mutates_args=(),
+                         device_types=("cuda", "cpu"))
+def window_attention_fused_backward(
+    grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
+    position_bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grid_size: List[int], num_heads: int,
+    window_size: List[int], shift_size: List[int], pad_order: str, mask_value: float, need_table_grads: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d qkv, d qkv_bias, d logit_scale, d position_bias); the bias gradient is empty without a bias and the
+    last two are empty when need_table_grads is false (custom ops return tensors, never None)."""
+    options = _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
+    if _runs_kernels(qkv):
+        dqkv, d_bias, d_scale, d_table = window_attention_triton_backward(
+            grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, need_table_grads=need_table_grads,
+            **options)
+    else:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None
+                      for t in (qkv, qkv_bias, logit_scale, position_bias)]
+            ref = window_attention_reference(*leaves, **options)
+            wanted = [t for t in leaves if t is not None]
+            found = iter(torch.autograd.grad(ref, wanted, grad_out, allow_unused=True))
+            dqkv, d_bias, d_scale, d_table = [next(found) if t is not None else None for t in leaves]
+        d_bias = d_bias if d_bias is not None or qkv_bias is None else torch.zeros_like(qkv_bias)
+    empty = qkv.new_empty((0,))
+    return (dqkv, empty if d_bias is None else d_bias,
+            d_scale if need_table_grads else empty, d_table if need_table_grads else empty)
+
+
+@window_attention_fused_backward.register_fake
+def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, grid_size, num_heads, window_size,
+      shift_size, pad_order, mask_value, need_table_grads):
+    empty = qkv.new_empty((0,))
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
+            empty if qkv_bias is None else torch.empty_like(qkv_bias),
+            torch.empty_like(logit_scale) if need_table_grads else empty,
+            torch.empty_like(position_bias) if need_table_grads else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, qkv_bias, logit_scale, position_bias = inputs[:4]
+    out, lse = output
+    ctx.save_for_backward(qkv, qkv_bias, logit_scale, position_bias, out, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.options = inputs[4:]
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # grad_lse: the log-sum-exp is an internal output (marked non-differentiable below), never used
+    qkv, qkv_bias, logit_scale, position_bias, out, lse = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    need_table = bool(needs[2] or needs[3])
+    dqkv, d_bias, d_scale, d_table = torch.ops.swinv2_fast.window_attention_fused_backward(
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, *ctx.options, need_table)
+    return (dqkv if needs[0] else None, d_bias if needs[1] else None, d_scale if needs[2] else None,
+            d_table if needs[3] else None, None, None, None, None, None, None)
+
+
+window_attention_fused.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_window_attention(qkv, qkv_bias, logit_scale, position_bias, *, grid_size, num_heads, window_size,
+                           shift_size=0, pad_order=PAD_THEN_ROLL, mask_value=-100.0) -> torch.Tensor:
+    """The fused op on validated inputs (see `swinv2_fast.window_attention`), differentiable: the output only."""
+    out, _ = torch.ops.swinv2_fast.window_attention_fused(
+        qkv, qkv_bias, logit_scale, position_bias, list(_pair(grid_size, "grid_size")), num_heads,
+        list(_pair(window_size, "window_size")), list(_pair(shift_size, "shift_size")), pad_order,
+        float(mask_value))
+    return out

@@ -11,8 +11,8 @@ shapes and the math) plus `implementation`:
 - "auto": "triton" for CUDA tensors when Triton imports and the head dimension is one the kernel is built
   for (16, 32, 64, 128), "eager" otherwise.
 
-The backward of the "triton" path differentiates the eager reference at the saved inputs (recomputation);
-the fused backward kernels replace it in a later release.
+The "triton" path is the custom op `torch.ops.swinv2_fast.window_attention_fused` (torch.library, with a
+fake implementation, so torch.compile traces through it); its backward is the fused Triton backward.
 """
 from __future__ import annotations
 
@@ -129,10 +129,9 @@ def window_attention(
     _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size,
                   pad_order, dropout_p)
     if resolve_implementation(implementation, qkv, num_heads, return_attention_probs, dropout_p) == "triton":
-        return _kernel_module().WindowAttentionFunction.apply(
-            qkv, qkv_bias, logit_scale, position_bias, _pair(grid_size, "grid_size"), num_heads,
-            _pair(window_size, "window_size"), _pair(shift_size, "shift_size"), pad_order, float(mask_value),
-        )
+        return _kernel_module().fused_window_attention(
+            qkv, qkv_bias, logit_scale, position_bias, grid_size=grid_size, num_heads=num_heads,
+            window_size=window_size, shift_size=shift_size, pad_order=pad_order, mask_value=mask_value)
     return window_attention_reference(
         qkv,
         qkv_bias,

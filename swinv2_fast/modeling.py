@@ -45,6 +45,34 @@ _ACTIVATIONS = {
 }
 
 
+def _activation(name: str):
+    """The activation called `name`: the common ones directly, any other name of transformers' ACT2FN
+    through transformers when it is installed."""
+    if name in _ACTIVATIONS:
+        return _ACTIVATIONS[name]
+    try:
+        from transformers.activations import ACT2FN
+    except ImportError:
+        ACT2FN = {}
+    if name in ACT2FN:
+        return ACT2FN[name]
+    raise ValueError(f"hidden_act must be one of {sorted(set(_ACTIVATIONS) | set(ACT2FN))}, got {name!r}"
+                     + ("" if ACT2FN else " (install transformers for its other activation names)"))
+
+
+def _config_dtype(config) -> Optional[torch.dtype]:
+    """The floating dtype config.json records ("dtype", or "torch_dtype" before transformers 5), if any."""
+    extra = config.__dict__.get("_extra", {})
+    name = extra.get("dtype", extra.get("torch_dtype"))
+    if isinstance(name, torch.dtype):
+        return name
+    if isinstance(name, str):
+        candidate = getattr(torch, name.replace("torch.", ""), None)
+        if isinstance(candidate, torch.dtype) and candidate.is_floating_point:
+            return candidate
+    return None
+
+
 def _pair(value) -> Tuple[int, int]:
     if isinstance(value, collections.abc.Iterable):
         a, b = value
@@ -90,6 +118,10 @@ class _VersionedCache:
         return not module.training and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
     def get(self, tensors, compute):
+        if any(torch.is_inference(t) for t in tensors):
+            # parameters made under inference_mode have no version counter: nothing tells a change, so
+            # nothing is cached
+            return compute()
         key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
         if self.key != key:
             # A normal tensor even under inference_mode: usable in any later mode, and it keeps a version
@@ -326,9 +358,7 @@ class Swinv2Intermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(dim, int(config.mlp_ratio * dim))
         if isinstance(config.hidden_act, str):
-            if config.hidden_act not in _ACTIVATIONS:
-                raise ValueError(f"hidden_act must be one of {sorted(_ACTIVATIONS)}, got {config.hidden_act!r}")
-            self.intermediate_act_fn = _ACTIVATIONS[config.hidden_act]
+            self.intermediate_act_fn = _activation(config.hidden_act)
         else:
             self.intermediate_act_fn = config.hidden_act
 
@@ -658,6 +688,8 @@ class Swinv2PreTrainedModel(nn.Module):
             config = Swinv2Config.from_dict(config.to_dict(), **config_overrides)
         model = cls(config)
         load_model_weights(model, directory, strict=strict)
+        if dtype is None:  # as transformers 5: the dtype the checkpoint was saved in, recorded in config.json
+            dtype = _config_dtype(config)
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()
@@ -695,9 +727,13 @@ class Swinv2Model(Swinv2PreTrainedModel):
             ph, pw = _pair(self.config.patch_size)
             grid = (-(-pixel_values.shape[2] // ph), -(-pixel_values.shape[3] // pw))
             expected = (pixel_values.shape[0], grid[0] * grid[1])
-            if tuple(bool_masked_pos.shape) != expected:
+            try:
+                broadcast = torch.broadcast_shapes(tuple(bool_masked_pos.shape), expected)
+            except RuntimeError:
+                broadcast = None
+            if broadcast != expected:
                 raise ValueError(
-                    f"bool_masked_pos must have shape (batch_size, num_patches) = {expected}, "
+                    f"bool_masked_pos must have a shape broadcastable to (batch_size, num_patches) = {expected}, "
                     f"got {tuple(bool_masked_pos.shape)}"
                 )
 

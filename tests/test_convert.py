@@ -6,7 +6,7 @@ import torch
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
 import swinv2_fast
-from conftest import assert_close, perturb_
+from conftest import MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close, perturb_
 
 TIMM_CONFIGS = {
     "w4-classifier": dict(img_size=64, window_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), num_classes=5),
@@ -53,11 +53,11 @@ def test_from_timm_training_gradients_match_timm():
     ours_grads = dict(ours.named_parameters())
     timm_grad = timm_model.layers[1].blocks[1].attn.cpb_mlp[0].weight.grad
     ours_grad = ours_grads["swinv2.encoder.layers.1.blocks.1.attention.self.continuous_position_bias_mlp.0.weight"].grad
-    assert_close(ours_grad, timm_grad, atol=1e-4, rtol=1e-4, name="cpb grad")
+    assert_close(ours_grad, timm_grad, atol=MODEL_GRAD_FP32_ATOL, rtol=MODEL_GRAD_FP32_RTOL, name="cpb grad")
     qkv_grad = timm_model.layers[0].blocks[1].attn.qkv.weight.grad
     ours_qkv = torch.cat([ours_grads[f"swinv2.encoder.layers.0.blocks.1.attention.self.{n}.weight"].grad
                           for n in ("query", "key", "value")])
-    assert_close(ours_qkv, qkv_grad, atol=1e-4, rtol=1e-4, name="qkv grad")
+    assert_close(ours_qkv, qkv_grad, atol=MODEL_GRAD_FP32_ATOL, rtol=MODEL_GRAD_FP32_RTOL, name="qkv grad")
 
 
 def test_from_timm_rejects_other_objects():

@@ -5,12 +5,10 @@ import pytest
 import torch
 
 import swinv2_fast
+from conftest import MODEL_GRAD_FP32_ATOL as GRAD_ATOL
+from conftest import MODEL_GRAD_FP32_RTOL as GRAD_RTOL
 from conftest import assert_close
 from test_models import CONFIGS, make_pair
-
-# Gradients of fp32 models on identical weights: the sums behind them are longer than the forward's, so
-# allow 1e-4 relative on top of the forward's 1e-4 absolute.
-GRAD_ATOL, GRAD_RTOL = 1e-4, 1e-4
 
 
 def train_step(model, x, labels):

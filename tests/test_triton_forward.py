@@ -12,6 +12,7 @@ from conftest import (FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_F
                       OP_GRAD_FP32_RTOL, assert_close, perturb_)
 from swinv2_fast import functional, window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference, window_layout
+from swinv2_fast.kernels.reference import window_log_sum_exp
 
 triton = pytest.importorskip("triton")
 from swinv2_fast.kernels import triton_window_attention as tk  # noqa: E402
@@ -22,12 +23,13 @@ if not tk.INTERPRETED:  # pragma: no cover - only when the suite runs on a GPU w
 DEVICE = "cuda" if torch.cuda.is_available() and not tk.INTERPRETED else "cpu"
 
 
-def make_inputs(B, grid, heads, head_dim, window, dtype=torch.float32, table_dtype=None, bias=True, seed=0):
+def make_inputs(B, grid, heads, head_dim, window, dtype=torch.float32, table_dtype=None, bias=True, seed=0,
+                zero_k_bias=True):
     gen = torch.Generator().manual_seed(seed)
     C, N = heads * head_dim, window * window
     qkv = torch.randn(B, grid[0] * grid[1], 3 * C, generator=gen)
     qkv_bias = torch.randn(3 * C, generator=gen) if bias else None
-    if qkv_bias is not None:
+    if qkv_bias is not None and zero_k_bias:
         qkv_bias[C : 2 * C] = 0  # k has no bias in the published models
     logit_scale = math.log(10) + 0.5 * torch.randn(heads, 1, 1, generator=gen)
     position_bias = 16 * torch.sigmoid(torch.randn(heads, N, N, generator=gen))
@@ -61,26 +63,7 @@ def test_forward_matches_reference_fp32(B, grid, heads, head_dim, window, shift,
     out, lse = tk.window_attention_triton_forward(*inputs, **kwargs)
     expected = window_attention_reference(*inputs, **kwargs)
     assert_close(out, expected, atol=OP_FP32_ATOL, name="output")
-    assert_close(lse, reference_lse(*inputs, **kwargs), atol=OP_FP32_ATOL, rtol=1e-6, name="log-sum-exp")
-
-
-def reference_lse(qkv, qkv_bias, logit_scale, position_bias, *, grid_size, num_heads, window_size, shift_size,
-                  pad_order, mask_value):
-    """log-sum-exp of every window row's scores, (B, heads, nW * N), computed the literal way."""
-    B, L, C3 = qkv.shape
-    C, d = C3 // 3, C3 // 3 // num_heads
-    layout = window_layout(grid_size, window_size, shift_size, pad_order)
-    pad = (torch.zeros(C3) if qkv_bias is None else qkv_bias.float()).expand(B, 1, C3)
-    tokens = torch.cat([qkv.float(), pad], 1)[:, layout.gather_index]
-    n = layout.gather_index.numel() // layout.num_windows
-    win = tokens.view(B, layout.num_windows, n, 3, num_heads, d)
-    q = F.normalize(win[:, :, :, 0], dim=-1).permute(0, 3, 1, 2, 4)
-    k = F.normalize(win[:, :, :, 1], dim=-1).permute(0, 3, 1, 2, 4)
-    scale = torch.clamp(logit_scale.float().view(num_heads, 1, 1, 1), max=math.log(100)).exp()
-    s = (q @ k.transpose(-1, -2)) * scale + position_bias.float()[:, None]
-    if layout.region is not None:
-        s = s + torch.where(layout.region[:, :, None] != layout.region[:, None, :], mask_value, 0.0)
-    return s.logsumexp(-1).reshape(B, num_heads, -1)
+    assert_close(lse, window_log_sum_exp(*inputs, **kwargs), atol=OP_FP32_ATOL, rtol=1e-6, name="log-sum-exp")
 
 
 @pytest.mark.parametrize("table_dtype", [torch.float16, torch.float32], ids=["table-fp16", "table-fp32-autocast"])

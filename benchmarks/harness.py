@@ -1,0 +1,195 @@
+"""Timing, memory and result rows shared by the main job and the pytest-benchmark suite.
+
+Only real execution is timed: the Triton interpreter is refused (it is a correctness tool, thousands of
+times slower than a GPU). On CUDA, `triton.testing.do_bench` times with events and flushes the L2 cache
+between runs; on CPU, rounds of wall-clock time with warm-up. Peak memory is the CUDA allocator's peak
+(`torch.cuda.max_memory_allocated`) on a GPU and the rise of the process's peak resident set size on
+CPU (Linux: the high-water mark is reset through /proc/self/clear_refs before the measured call).
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, List, Optional
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_CSV = os.path.join(RESULTS_DIR, "results.csv")
+
+
+@dataclass
+class Row:
+    """One measurement, one CSV row. Times in milliseconds per call; memory in MiB."""
+
+    date: str
+    device: str
+    torch: str
+    triton: str
+    git_sha: str
+    level: str  # "op" or "model"
+    case: str  # model / shape
+    provider: str
+    mode: str  # "forward", "forward+backward", "inference", "train step"
+    dtype: str
+    batch: int
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mem_mib: float
+    throughput: float  # img/s at model level, GB/s over the fused op's bytes at op level
+    throughput_unit: str
+
+
+COLUMNS = [f.name for f in fields(Row)]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {name} ({torch.get_num_threads()} threads)"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # not installed, or broken: the row says so
+        return "none"
+
+
+def refuse_interpreter() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("benchmarks time real execution: unset TRITON_INTERPRET (the interpreter is a "
+                           "correctness tool, not a performance path)")
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mem_mib: float
+
+
+def _quantile(sorted_values: List[float], q: float) -> float:
+    position = q * (len(sorted_values) - 1)
+    lo, hi = int(position), min(int(position) + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (position - lo)
+
+
+def _rss_peak_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory one call of `fn` adds on top of what was allocated before it; NaN where unmeasurable."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if not _rss_peak_reset():
+        return float("nan")
+    before = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    if before is None or peak is None:
+        return float("nan")
+    return max(peak - before, 0) / 1024
+
+
+def time_call(fn: Callable[[], object], device: torch.device, rounds: int = 10, warmup: int = 2) -> Timing:
+    """Median, p20 and p80 of the time of one call of `fn`, and its peak memory."""
+    refuse_interpreter()
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        median, p20, p80 = do_bench(fn, warmup=25, rep=max(100, 10 * rounds), quantiles=[0.5, 0.2, 0.8])
+    else:
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+        median, p20, p80 = statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8)
+    return Timing(median, p20, p80, peak_memory_mib(fn, device))
+
+
+def make_row(device: torch.device, level: str, case: str, provider: str, mode: str, dtype: torch.dtype,
+             batch: int, timing: Timing, throughput: float, unit: str) -> Row:
+    return Row(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        device=device_name(device), torch=torch.__version__, triton=triton_version(), git_sha=git_sha(),
+        level=level, case=case, provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
+        batch=batch, median_ms=round(timing.median_ms, 4), p20_ms=round(timing.p20_ms, 4),
+        p80_ms=round(timing.p80_ms, 4), peak_mem_mib=round(timing.peak_mem_mib, 2),
+        throughput=round(throughput, 3), throughput_unit=unit,
+    )
+
+
+def append_rows(rows: List[Row], path: str = RESULTS_CSV) -> None:
+    """Append rows to the CSV (written with its header when new)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+
+
+def read_rows(path: str = RESULTS_CSV) -> List[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))

@@ -1,0 +1,166 @@
+"""The fused backward against the reference's autograd, under Triton's interpreter on CPU."""
+import copy
+import math
+
+import pytest
+import torch
+
+import swinv2_fast
+from conftest import (FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL,
+                      MODEL_GRAD_FP32_RTOL, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, perturb_)
+from swinv2_fast import window_attention
+from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference
+
+pytest.importorskip("triton")
+from swinv2_fast.kernels import triton_window_attention as tk  # noqa: E402
+from test_triton_forward import DEVICE, SHAPES, TINY, make_inputs  # noqa: E402
+
+NAMES = ("qkv", "qkv_bias", "logit_scale", "position_bias")
+
+
+def grads(implementation, inputs, grad_out, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = window_attention(*leaves, implementation=implementation, **kwargs)
+    # without padding the reference never reads qkv_bias: its gradient is zero
+    found = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    return out, tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, found))
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("grid,window,shift", [((6, 7), 4, 2), ((8, 8), 4, 0), ((5, 3), 4, 0)],
+                         ids=["6x7-w4s2-padded", "8x8-w4s0", "5x3-w4-below-window"])
+def test_gradcheck_fp64(grid, window, shift, pad_order):
+    """torch.autograd.gradcheck of the fused op in fp64, every differentiable input. The k bias is made
+    non-zero: with k = 0 on padded rows, x / max(||x||, eps) has slope 1 / eps there, and finite differences
+    of step 1e-6 cannot follow it (the published models' k bias is a constant zero, not a parameter)."""
+    inputs = [t.double() for t in make_inputs(1, grid, 1, 16, window, seed=3)]
+    inputs[1][16:32] = torch.linspace(-0.5, 0.5, 16, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in inputs]
+    kwargs = dict(grid_size=grid, num_heads=1, window_size=window, shift_size=shift, pad_order=pad_order,
+                  implementation="triton")
+    assert torch.autograd.gradcheck(lambda *xs: window_attention(*xs, **kwargs), inputs, eps=1e-6, atol=1e-5,
+                                    rtol=1e-4, fast_mode=True)
+
+
+def assert_errors_within_pytorch(fused, eager, exact, floor):
+    """Each gradient's error against fp64, relative to its largest element, is at most LOW_PRECISION_FACTOR
+    times the eager reference's own error in the same dtype, plus `floor`. Measured against fp64 rather than
+    against the eager result: the logit-scale and table gradients are sums over every window and image,
+    and the k part of the bias gradient passes through x / max(||x||, 1e-12) at zero vectors (padded k rows
+    with the published models' zero k bias), whose slope 1e12 magnifies any rounding; both
+    implementations' errors are of that size, and the test asks that ours is no larger."""
+    for name, f, e, x in zip(NAMES, fused, eager, exact):
+        scale = max(x.abs().max().item(), 1e-30)
+        eager_error = (e.double() - x).abs().max().item() / scale
+        fused_error = (f.double() - x).abs().max().item() / scale
+        assert fused_error <= LOW_PRECISION_FACTOR * eager_error + floor, (name, fused_error, eager_error)
+
+
+def _three_ways(B, grid, heads, head_dim, inputs, kwargs, seed, dtype):
+    grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, generator=torch.Generator().manual_seed(seed))
+    _, exact = grads("eager", [t.double() for t in inputs], grad_out.double().to(DEVICE), **kwargs)
+    _, eager = grads("eager", inputs, grad_out.to(DEVICE, dtype), **kwargs)
+    _, fused = grads("triton", inputs, grad_out.to(DEVICE, dtype), **kwargs)
+    return fused, eager, exact
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", SHAPES[:8])
+def test_fp32_gradients_match_reference(B, grid, heads, head_dim, window, shift, pad_order):
+    inputs = make_inputs(B, grid, heads, head_dim, window, seed=1)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    fused, eager, exact = _three_ways(B, grid, heads, head_dim, inputs, kwargs, 2, torch.float32)
+    assert_errors_within_pytorch(fused, eager, exact, OP_GRAD_FP32_RTOL)
+    # and directly against the eager fp32 result where no sum is magnified (q/k/v and the table)
+    assert_close(fused[0], eager[0], atol=OP_GRAD_FP32_ATOL, rtol=OP_GRAD_FP32_RTOL, name="grad qkv")
+    assert_close(fused[3], eager[3], atol=OP_GRAD_FP32_ATOL, rtol=OP_GRAD_FP32_RTOL, name="grad position_bias")
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", [SHAPES[1], SHAPES[4]])
+def test_fp16_gradient_error_is_that_of_pytorch(B, grid, heads, head_dim, window, shift, pad_order):
+    """fp16 projection with the fp32 table and scale of autocast. The k bias is non-zero: with a zero one the
+    k part of the bias gradient has size 1e12 (see above), beyond fp16, and is inf in both implementations."""
+    inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=4,
+                         zero_k_bias=False)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    fused, eager, exact = _three_ways(B, grid, heads, head_dim, inputs, kwargs, 5, torch.float16)
+    assert_errors_within_pytorch(fused, eager, exact, LOW_PRECISION_FLOOR)
+
+
+def test_gradients_are_deterministic():
+    inputs = make_inputs(2, (10, 13), 2, 16, 4, seed=6)
+    kwargs = dict(grid_size=(10, 13), num_heads=2, window_size=4, shift_size=2)
+    grad_out = torch.randn(2, 130, 32)
+    first = grads("triton", inputs, grad_out, **kwargs)
+    second = grads("triton", inputs, grad_out, **kwargs)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+
+
+def test_padded_keys_reach_the_biases():
+    """Only padded positions read qkv_bias: its k and v parts get exactly the reference's gradient; its q part
+    none (padded queries have no output)."""
+    inputs = make_inputs(1, (6, 6), 1, 16, 4, seed=7)
+    kwargs = dict(grid_size=(6, 6), num_heads=1, window_size=4, shift_size=0)
+    grad_out = torch.randn(1, 36, 16)
+    _, fused = grads("triton", inputs, grad_out, **kwargs)
+    _, eager = grads("eager", inputs, grad_out, **kwargs)
+    d_bias = fused[1]
+    assert torch.count_nonzero(d_bias[:16]) == 0 and d_bias[32:].abs().sum() > 0
+    assert_close(d_bias, eager[1], atol=OP_GRAD_FP32_ATOL, rtol=OP_GRAD_FP32_RTOL, name="qkv_bias grad")
+
+
+def test_logit_scale_gradient_is_zero_where_clamped():
+    """Above the clamp and exactly at it (torch.clamp passes no gradient at the bound) the scale's gradient
+    is zero, as in the reference; below it is not."""
+    qkv, qkv_bias, _, table = make_inputs(1, (8, 8), 3, 16, 4, seed=8)
+    logit_scale = torch.tensor([7.0, math.log(100), 1.0]).view(3, 1, 1)
+    kwargs = dict(grid_size=(8, 8), num_heads=3, window_size=4, shift_size=2)
+    grad_out = torch.randn(1, 64, 48)
+    _, fused = grads("triton", (qkv, qkv_bias, logit_scale, table), grad_out, **kwargs)
+    _, eager = grads("eager", (qkv, qkv_bias, logit_scale, table), grad_out, **kwargs)
+    assert fused[2].flatten().tolist()[:2] == [0.0, 0.0] and fused[2].flatten()[2].item() != 0.0
+    assert_close(fused[2], eager[2], atol=OP_GRAD_FP32_ATOL, rtol=OP_GRAD_FP32_RTOL, name="logit_scale grad")
+
+
+# ------------------------------------------------------------------------------------------ whole models
+def _train_step(model, x, labels):
+    model.zero_grad(set_to_none=True)
+    loss = model(x, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("size", [(32, 32), (36, 28)], ids=["32x32", "36x28-padded"])
+def test_training_step_triton_matches_eager_and_transformers(size):
+    import transformers
+
+    hf_config = transformers.Swinv2Config(**TINY, num_labels=3)
+    hf = perturb_(transformers.Swinv2ForImageClassification(hf_config)).train()
+    ours = swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config.from_transformers(hf_config)).train()
+    ours.load_state_dict(hf.state_dict())
+    x, labels = torch.randn(2, 3, *size), torch.tensor([0, 2])
+    hf_loss, hf_grads = _train_step(hf, x, labels)
+    eager_loss, eager_grads = _train_step(ours.set_attn_implementation("eager"), x, labels)
+    loss, fused_grads = _train_step(ours.set_attn_implementation("triton"), x, labels)
+    assert_close(loss, eager_loss, atol=FP32_ATOL, name="loss vs eager")
+    assert_close(loss, hf_loss, atol=FP32_ATOL, name="loss vs transformers")
+    assert fused_grads.keys() == eager_grads.keys() == hf_grads.keys()
+    for key in fused_grads:
+        assert_close(fused_grads[key], eager_grads[key], atol=MODEL_GRAD_FP32_ATOL, rtol=MODEL_GRAD_FP32_RTOL, name=f"{key} vs eager")
+        assert_close(fused_grads[key], hf_grads[key], atol=MODEL_GRAD_FP32_ATOL, rtol=MODEL_GRAD_FP32_RTOL, name=f"{key} vs transformers")
+
+
+def test_gradient_checkpointing_with_the_fused_path():
+    config = swinv2_fast.Swinv2Config(**TINY, num_labels=3)
+    model = perturb_(swinv2_fast.Swinv2ForImageClassification(config)).train().set_attn_implementation("triton")
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    loss, g = _train_step(model, x, labels)
+    loss_ckpt, g_ckpt = _train_step(checkpointed, x, labels)
+    assert torch.equal(loss, loss_ckpt)
+    for key in g:
+        assert torch.equal(g[key], g_ckpt[key]), key
