@@ -638,19 +638,12 @@ def window_attention_fused_backward(
     """(d qkv, d qkv_bias, d logit_scale, d position_bias); the bias gradient is empty without a bias and the
     last two are empty when need_table_grads is false (custom ops return tensors, never None)."""
     options = _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
-    if _runs_kernels(qkv):
-        dqkv, d_bias, d_scale, d_table = window_attention_triton_backward(
-            grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, need_table_grads=need_table_grads,
-            **options)
-    else:
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None
-                      for t in (qkv, qkv_bias, logit_scale, position_bias)]
-            ref = window_attention_reference(*leaves, **options)
-            wanted = [t for t in leaves if t is not None]
-            found = iter(torch.autograd.grad(ref, wanted, grad_out, allow_unused=True))
-            dqkv, d_bias, d_scale, d_table = [next(found) if t is not None else None for t in leaves]
-        d_bias = d_bias if d_bias is not None or qkv_bias is None else torch.zeros_like(qkv_bias)
+    if not _runs_kernels(qkv):
+        raise RuntimeError("swinv2_fast::window_attention_fused_backward runs the Triton kernels (CUDA, or CPU "
+                           "under TRITON_INTERPRET=1); the op's eager CPU path is differentiated by autograd")
+    dqkv, d_bias, d_scale, d_table = window_attention_triton_backward(
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, need_table_grads=need_table_grads,
+        **options)
     empty = qkv.new_empty((0,))
     return (dqkv, empty if d_bias is None else d_bias,
             d_scale if need_table_grads else empty, d_table if need_table_grads else empty)
@@ -674,10 +667,25 @@ def _setup_context(ctx, inputs, output):
     ctx.options = inputs[4:]
 
 
+def _reference_backward(grad_out, inputs, needs, options):
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
+        out = window_attention_reference(*leaves, **_options(*options))
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        found = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True) if wanted else ())
+        grads = [next(found) if t is not None and t.requires_grad else None for t in leaves]
+    # the reference reads qkv_bias only where there is padding: elsewhere its gradient is zero
+    if needs[1] and grads[1] is None:
+        grads[1] = torch.zeros_like(inputs[1])
+    return (*grads, None, None, None, None, None, None)
+
+
 def _backward(ctx, grad_out, grad_lse):
     # grad_lse: the log-sum-exp is an internal output (marked non-differentiable below), never used
     qkv, qkv_bias, logit_scale, position_bias, out, lse = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if not _runs_kernels(qkv):  # the eager CPU path: differentiate the reference at the saved inputs
+        return _reference_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs, ctx.options)
     need_table = bool(needs[2] or needs[3])
     dqkv, d_bias, d_scale, d_table = torch.ops.swinv2_fast.window_attention_fused_backward(
         grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, *ctx.options, need_table)

@@ -16,7 +16,6 @@ fake implementation, so torch.compile traces through it); its backward is the fu
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -29,14 +28,20 @@ IMPLEMENTATIONS = ("auto", "triton", "eager")
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_IMPORTS: Optional[bool] = None
+
+
 def triton_available() -> bool:
     """True when Triton imports (the kernel module itself is imported only when first launched)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising anything at import
-        return False
-    return True
+    global _TRITON_IMPORTS
+    if _TRITON_IMPORTS is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_IMPORTS = True
+        except Exception:  # ImportError, or a broken install raising anything at import
+            _TRITON_IMPORTS = False
+    return _TRITON_IMPORTS
 
 
 def _kernel_module():
