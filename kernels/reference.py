@@ -155,20 +155,23 @@ def window_layout(
 ) -> WindowLayout:
     """The gather/scatter indices and mask regions of one (grid, window, shift, padding order), cached."""
     (height, width), (wh, ww), (sh, sw) = check_geometry(grid_size, window_size, shift_size, pad_order)
-    layout = _window_layout_cpu(height, width, wh, ww, sh, sw, pad_order)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cpu":
-        return layout
-    key = (height, width, wh, ww, sh, sw, pad_order, device)
-    cached = _device_layouts.get(key)
-    if cached is None:
-        cached = layout._replace(
-            gather_index=layout.gather_index.to(device),
-            scatter_index=layout.scatter_index.to(device),
-            region=None if layout.region is None else layout.region.to(device),
-        )
-        _device_layouts[key] = cached
-    return cached
+    # Cached for the life of the process: built as normal tensors even when the first call comes under
+    # inference_mode, so that a later training call can save them for backward.
+    with torch.inference_mode(False):
+        layout = _window_layout_cpu(height, width, wh, ww, sh, sw, pad_order)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "cpu":
+            return layout
+        key = (height, width, wh, ww, sh, sw, pad_order, device)
+        cached = _device_layouts.get(key)
+        if cached is None:
+            cached = layout._replace(
+                gather_index=layout.gather_index.to(device),
+                scatter_index=layout.scatter_index.to(device),
+                region=None if layout.region is None else layout.region.to(device),
+            )
+            _device_layouts[key] = cached
+        return cached
 
 
 def shift_mask(layout: WindowLayout, mask_value: float, dtype: torch.dtype) -> Optional[torch.Tensor]:

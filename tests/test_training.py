@@ -155,3 +155,14 @@ def test_eval_cache_is_not_lowered_by_autocast():
             ours(x)  # fills the caches under autocast
         assert _first_attention(ours).position_bias().dtype == torch.float32
         assert torch.equal(ours(x).logits, expected)
+
+
+def test_training_after_inference_mode_on_a_new_grid():
+    """Index tables cached by a first call under inference_mode must still serve a later training step."""
+    config = swinv2_fast.Swinv2Config(**CONFIGS["w8"])
+    model = swinv2_fast.Swinv2ForImageClassification(config)
+    x = torch.randn(1, 3, 72, 40)  # a grid no other test uses, so its layouts are first built here
+    with torch.inference_mode():
+        model.eval()(x)
+    loss, grads = train_step(model, x, torch.tensor([1]))
+    assert torch.isfinite(loss) and grads
