@@ -8,6 +8,7 @@ from .configuration import Swinv2Config
 from .convert import from_official, from_timm, official_config_to_swinv2_config
 from .functional import window_attention
 from .kernels import window_attention_reference
+from .patch import is_patched, patch, unpatch
 from .modeling import (
     Swinv2Backbone,
     Swinv2ForImageClassification,
@@ -30,4 +31,7 @@ __all__ = [
     "from_timm",
     "from_official",
     "official_config_to_swinv2_config",
+    "patch",
+    "unpatch",
+    "is_patched",
 ]

@@ -1,0 +1,187 @@
+"""One-line swap: route the window-attention step of an existing transformers or timm Swin V2 model through
+swinv2_fast's op, in place.
+
+    model = swinv2_fast.patch(model)                 # "auto": fused on CUDA, eager elsewhere
+    model = swinv2_fast.patch(model, "triton")       # or "eager"; the same rules as the models
+    swinv2_fast.unpatch(model)                       # the original behaviour again
+
+What changes is one method per block, set on the block instance (a transformers `Swinv2Layer`'s `forward`,
+a timm `SwinTransformerV2Block`'s `_attn`); the class, the parameters, the buffers, the state-dict keys
+and the hooks registered on the model's modules stay as they were, so checkpoints move freely between
+patched and unpatched models. The patched step reads the block's own parameters every call (q/k/v
+projection, logit scale, continuous-position-bias MLP, output projection), so training, `load_state_dict`
+and `.to()` need nothing special. Because the step is one op, forward hooks on the modules inside it
+(transformers' `attention.self`, timm's `attn`) do not fire while patched; hooks on the output projection,
+the norms, the MLP and the blocks do.
+
+Each library keeps its own semantics: transformers pads then rolls and adds its shift mask twice (-200);
+timm rolls then pads and adds -100. `output_attentions=True` (transformers) runs the original forward,
+which forms the probabilities. Attention dropout in training goes to the eager path, as in the models.
+"""
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .functional import IMPLEMENTATIONS, window_attention
+from .kernels.reference import PAD_THEN_ROLL, ROLL_THEN_PAD
+
+__all__ = ["patch", "unpatch", "is_patched", "TESTED_VERSIONS"]
+
+TESTED_VERSIONS = {"transformers": "5.18.0", "timm": "1.0.29"}
+_MARK = "_swinv2_fast_patch"  # on each patched block: (attribute name, implementation)
+
+# Attributes the patched step reads, per library: a block without them is a structure we do not know.
+_HF_LAYER_ATTRS = ("attention", "layernorm_before", "layernorm_after", "drop_path", "intermediate", "output",
+                   "window_size", "shift_size")
+_HF_SELF_ATTRS = ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp", "relative_coords_table",
+                  "relative_position_index", "num_attention_heads", "dropout")
+_TIMM_BLOCK_ATTRS = ("_attn", "attn", "window_size", "shift_size")
+_TIMM_ATTN_ATTRS = ("qkv", "q_bias", "k_bias", "v_bias", "logit_scale", "cpb_mlp", "relative_coords_table",
+                    "relative_position_index", "num_heads", "proj", "proj_drop", "attn_drop")
+
+
+def _position_bias(mlp: nn.Module, coords_table: torch.Tensor, index: torch.Tensor, heads: int) -> torch.Tensor:
+    """(heads, N, N) = 16 * sigmoid(mlp(table))[index]: the continuous position bias both libraries compute."""
+    n = index.shape[0]
+    table = mlp(coords_table).view(-1, heads)
+    return 16 * torch.sigmoid(table[index.reshape(-1)].view(n, n, heads).permute(2, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+def _hf_layer_forward(self, hidden_states, input_dimensions, output_attentions=False):
+    """transformers' Swinv2Layer.forward with the attention step fused: pad, roll, partition, attention,
+    reverse, roll back and crop are one `window_attention` call."""
+    _, implementation = getattr(self, _MARK)
+    if output_attentions:  # the probabilities exist only in the original chain
+        return type(self).forward(self, hidden_states, input_dimensions, output_attentions)
+    attn = self.attention.self
+    height, width = input_dimensions
+    batch, _, channels = hidden_states.shape
+    weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
+    biases = [m.bias if m.bias is not None else attn.query.weight.new_zeros(m.out_features)
+              for m in (attn.query, attn.key, attn.value)]
+    bias = torch.cat(biases)
+    qkv = F.linear(hidden_states, weight, bias)
+    position_bias = _position_bias(attn.continuous_position_bias_mlp, attn.relative_coords_table,
+                                   attn.relative_position_index, attn.num_attention_heads)
+    context = window_attention(
+        qkv, bias, attn.logit_scale, position_bias, grid_size=(height, width),
+        num_heads=attn.num_attention_heads, window_size=self.window_size, shift_size=self.shift_size,
+        pad_order=PAD_THEN_ROLL, mask_value=-200.0,  # transformers adds its -100 mask twice
+        dropout_p=attn.dropout.p if self.training else 0.0, implementation=implementation,
+    )
+    attention_output = self.attention.output(context, hidden_states).view(batch, height * width, channels)
+    hidden_states = hidden_states + self.drop_path(self.layernorm_before(attention_output))
+    layer_output = self.output(self.intermediate(hidden_states))
+    layer_output = hidden_states + self.drop_path(self.layernorm_after(layer_output))
+    return (layer_output,)
+
+
+# ------------------------------------------------------------------------------------------------------ timm
+def _timm_attn(self, x):
+    """timm's SwinTransformerV2Block._attn fused: (B, H, W, C) in and out."""
+    _, implementation = getattr(self, _MARK)
+    attn = self.attn
+    batch, height, width, channels = x.shape
+    bias = None
+    if attn.q_bias is not None:
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    qkv = F.linear(x.reshape(batch, height * width, channels), attn.qkv.weight, bias)
+    position_bias = _position_bias(attn.cpb_mlp, attn.relative_coords_table, attn.relative_position_index,
+                                   attn.num_heads)
+    context = window_attention(
+        qkv, bias, attn.logit_scale, position_bias, grid_size=(height, width), num_heads=attn.num_heads,
+        window_size=tuple(self.window_size), shift_size=tuple(self.shift_size), pad_order=ROLL_THEN_PAD,
+        mask_value=-100.0, dropout_p=attn.attn_drop.p if self.training else 0.0, implementation=implementation,
+    )
+    return attn.proj_drop(attn.proj(context)).view(batch, height, width, channels)
+
+
+# ------------------------------------------------------------------------------------------------- discovery
+def _library_blocks(model: nn.Module):
+    """("transformers" | "timm", [blocks]) for a supported model; raises TypeError otherwise."""
+    from .modeling import Swinv2PreTrainedModel as OurModel
+
+    if isinstance(model, OurModel):
+        raise TypeError("patch() takes transformers or timm models; a swinv2_fast model chooses its path with "
+                        "model.set_attn_implementation(name)")
+    try:
+        from transformers.models.swinv2 import modeling_swinv2 as hf
+    except ImportError:
+        hf = None
+    if hf is not None and isinstance(model, hf.Swinv2PreTrainedModel):
+        return "transformers", [m for m in model.modules() if isinstance(m, hf.Swinv2Layer)]
+    try:
+        from timm.models import swin_transformer_v2 as timm_swin
+        from timm.models._features import FeatureDictNet
+    except ImportError:
+        timm_swin = None
+    if timm_swin is not None:
+        blocks = [m for m in model.modules() if isinstance(m, timm_swin.SwinTransformerV2Block)]
+        if isinstance(model, timm_swin.SwinTransformerV2) or (isinstance(model, FeatureDictNet) and blocks):
+            return "timm", blocks
+    raise TypeError(
+        "patch() accepts a transformers Swinv2 model (Swinv2Model, Swinv2ForImageClassification, "
+        "Swinv2ForMaskedImageModeling, Swinv2Backbone) or a timm SwinTransformerV2 (also features_only); "
+        f"got {type(model).__module__}.{type(model).__qualname__}"
+    )
+
+
+def _check_structure(library: str, blocks) -> None:
+    import importlib
+
+    version = importlib.import_module(library).__version__
+    if not blocks:
+        raise RuntimeError(f"found no Swin V2 blocks in this {library} {version} model; swinv2_fast.patch was "
+                           f"tested with {library} {TESTED_VERSIONS[library]}")
+    for block in blocks:
+        if library == "transformers":
+            inner = getattr(getattr(block, "attention", None), "self", None)
+            missing = [a for a in _HF_LAYER_ATTRS if not hasattr(block, a)]
+            missing += [f"attention.self.{a}" for a in _HF_SELF_ATTRS if not hasattr(inner, a)]
+            if not missing and not isinstance(block.window_size, int):
+                missing.append("window_size (an int)")
+        else:
+            missing = [a for a in _TIMM_BLOCK_ATTRS if not hasattr(block, a)]
+            missing += [f"attn.{a}" for a in _TIMM_ATTN_ATTRS if not hasattr(getattr(block, "attn", None), a)]
+        if missing:
+            raise RuntimeError(
+                f"{library} {version}: a {type(block).__name__} lacks {missing}, which swinv2_fast.patch reads; "
+                f"the patch knows the module structure of {library} {TESTED_VERSIONS[library]}"
+            )
+
+
+def patch(model: nn.Module, attn_implementation: str = "auto") -> nn.Module:
+    """Route every block's window-attention step of a transformers or timm Swin V2 model through
+    swinv2_fast (see the module docstring); in place, returns the model. Patching again changes the
+    implementation."""
+    if attn_implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {IMPLEMENTATIONS}, got {attn_implementation!r}")
+    library, blocks = _library_blocks(model)
+    _check_structure(library, blocks)
+    name, function = ("forward", _hf_layer_forward) if library == "transformers" else ("_attn", _timm_attn)
+    for block in blocks:
+        setattr(block, _MARK, (name, attn_implementation))
+        setattr(block, name, types.MethodType(function, block))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: the blocks' own class methods run again. A model that was never patched is returned
+    unchanged."""
+    _, blocks = _library_blocks(model)
+    for block in blocks:
+        mark: Optional[tuple] = block.__dict__.pop(_MARK, None)
+        if mark is not None:
+            block.__dict__.pop(mark[0], None)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    _, blocks = _library_blocks(model)
+    return any(_MARK in block.__dict__ for block in blocks)
