@@ -7,9 +7,10 @@ A specialization is fixed by the kernel (forward; backward: rowsum preprocess, d
 scale), the projection dtype (fp32, fp16, bf16, and fp64, which gradcheck uses), the head dimension, the
 tile configuration `block_config` picks for it (the same for every published window size, N = 49 ... 576),
 the padding order and whether the projection has a bias; everything else (batch, grid, window, shift,
-mask value, logit scale) is a runtime argument. Each is compiled with `triton.compile` for a `GPUTarget`, its PTX assembled
-with the ptxas that ships in the Triton wheel (`-v`), and the registers, spill bytes and shared memory are
-reported. The exit status is non-zero on a compile failure or on any spill.
+mask value, logit scale) is a runtime argument. Each is compiled with `triton.compile` for a `GPUTarget`
+down to the cubin the runtime would load (Triton's own ptxas invocation and options), whose registers and
+spill stores/loads are read with the `cuobjdump -res-usage` that ships in the Triton wheel; shared memory
+is Triton's figure. The exit status is non-zero on a compile failure or on any spill.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, NamedTuple, Tuple
 
 ARCHS = (80, 90)
-DTYPES = ("fp32", "fp16", "bf16", "fp64")
+
+DTYPES = ("fp32", "fp16", "bf16")  # fp64 runs under the interpreter only (gradcheck)
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 WINDOW_SIZES = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
 CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "ROLL_THEN_PAD", "HAS_BIAS", "FULL_DOT", "BLOCK_T")
@@ -66,16 +68,20 @@ def _torch_dtype(name):
 
 def launchable_specs() -> List[Spec]:
     """Every (dtype, head_dim, tiles, flags) the host function can launch for the published window sizes."""
-    from .triton_window_attention import KERNEL_HEAD_DIMS, PREPROCESS_BLOCK_T, block_config
+    from .triton_window_attention import KERNEL_HEAD_DIMS, PREPROCESS_BLOCK_T, block_config, fused_backward_supported
 
     specs = set()
     for kernel, dtype, head_dim, window, roll, bias in itertools.product(
         KERNELS, DTYPES, KERNEL_HEAD_DIMS, WINDOW_SIZES, (False, True), (False, True)
     ):
         if kernel == "bwd_preprocess":  # token layout: no tiles over windows, no flags
-            specs.add(Spec(kernel, dtype, head_dim, PREPROCESS_BLOCK_T, 0, 4, False, False))
+            if fused_backward_supported(head_dim, _torch_dtype(dtype)):
+                specs.add(Spec(kernel, dtype, head_dim, PREPROCESS_BLOCK_T, 0, 4, False, False))
             continue
-        block_m, block_n, warps = block_config(window * window, head_dim, _torch_dtype(dtype))
+        backward = kernel != "fwd"
+        if backward and not fused_backward_supported(head_dim, _torch_dtype(dtype)):
+            continue  # the eager path serves it on a GPU, by design
+        block_m, block_n, warps = block_config(window * window, head_dim, _torch_dtype(dtype), backward)
         specs.add(Spec(kernel, dtype, head_dim, block_m, block_n, warps, roll, bias))
     return sorted(specs)
 
@@ -86,15 +92,17 @@ def _kernel(name):
     return getattr(tk, f"_window_attention_{name}_kernel")
 
 
-def _ptxas() -> str:
+def _cuobjdump() -> str:
     import triton
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def compile_spec(spec: Spec, arch: int) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
+
+    from .triton_window_attention import MAXNREG
 
     kernel = _kernel(spec.kernel)
     compute = "fp64" if spec.dtype == "fp64" else "fp32"
@@ -117,17 +125,19 @@ def compile_spec(spec: Spec, arch: int) -> Result:
         compiled = triton.compile(
             triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": spec.num_warps},
+            options={"num_warps": spec.num_warps, "maxnreg": MAXNREG},
         )
         with tempfile.TemporaryDirectory() as tmp:
-            ptx = os.path.join(tmp, "kernel.ptx")
-            with open(ptx, "w") as fh:
-                fh.write(compiled.asm["ptx"])
-            gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
-            report = subprocess.run([_ptxas(), "-v", f"-arch={gpu}", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                                    capture_output=True, text=True, check=True).stderr
-        registers = int(re.search(r"Used (\d+) registers", report).group(1))
-        spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+            cubin = os.path.join(tmp, "kernel.cubin")
+            with open(cubin, "wb") as fh:
+                fh.write(compiled.asm["cubin"])
+            report = subprocess.run([_cuobjdump(), "-res-usage", cubin], capture_output=True, text=True,
+                                    check=True).stdout
+        # e.g. "REG:128 STACK:8 SHARED:0 LOCAL:0 ... " plus spill counts "STORES ... LOADS" per function
+        registers = int(re.search(r"REG:(\d+)", report).group(1))
+        stack = int(re.search(r"STACK:(\d+)", report).group(1))
+        local = int(re.search(r"LOCAL:(\d+)", report).group(1))
+        spills = stack + local  # spilled registers live in the thread's stack frame (local memory)
         return Result(spec, arch, registers, spills, int(compiled.metadata.shared), "")
     except Exception as exc:  # reported in the table and in the exit status
         lines = [line for line in str(exc).splitlines() if line.strip()] or [""]

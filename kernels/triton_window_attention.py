@@ -28,7 +28,7 @@ import triton.language as tl
 from .reference import (LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair, window_attention_reference,
                         window_log_sum_exp)
 
-__all__ = ["window_attention_triton_forward", "window_attention_triton_backward", "window_attention_fused",
+__all__ = ["fused_backward_supported", "window_attention_triton_forward", "window_attention_triton_backward", "window_attention_fused",
            "window_attention_fused_backward", "fused_window_attention",
            "block_config", "KERNEL_HEAD_DIMS", "INTERPRETED"]
 
@@ -392,15 +392,36 @@ def _window_attention_bwd_dbias_kernel(
 _TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)}
 _TILES_FP32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (16, 16, 8), 128: (16, 16, 8)}
 _TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 4)}
+# The backward kernels (dq, dk/dv, bias table and scale) hold more live tiles: their own table, from the
+# same compile check. fp32 backward with head_dim 64 or 128 has no spill-free tile (IEEE fp32 dots keep
+# their operands in registers), and fp64 is a gradcheck dtype: on a GPU those go to the eager path by design
+# (`fused_backward_supported`); under the interpreter every dtype and head dim runs.
+_BWD_TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 8), 64: (32, 16, 8), 128: (16, 32, 8)}
+_BWD_TILES_FP32 = {16: (32, 16, 8), 32: (32, 16, 8)}
 PREPROCESS_BLOCK_T = 64  # tokens per program of the rowsum(dO * O) kernel
+# Register budget per thread handed to ptxas (.maxnreg). Without it ptxas may cap 8-warp kernels at 128
+# registers and spill; 255 x 256 threads still fits one SM's 64K registers.
+MAXNREG = 255
 
 
-def block_config(n: int, head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for windows of n tokens, head_dim and the projection dtype."""
+def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for windows of n tokens, head_dim and the projection dtype, of the
+    forward kernel or of the backward kernels."""
     del n  # one configuration per head dimension covers every window size
     if dtype == torch.float64:
         return _TILES_FP64[head_dim]
+    if backward and dtype == torch.float32:
+        return _BWD_TILES_FP32.get(head_dim, _TILES_FP32[head_dim])  # beyond the table: interpreter only
+    if backward:
+        return _BWD_TILES_16BIT[head_dim]
     return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[head_dim]
+
+
+def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the compiled backward kernels serve this head dim and dtype on a GPU (see the tile tables)."""
+    if dtype == torch.float32:
+        return head_dim in _BWD_TILES_FP32
+    return dtype in (torch.float16, torch.bfloat16) and head_dim in _BWD_TILES_16BIT
 
 
 class _Geometry(NamedTuple):
@@ -446,11 +467,11 @@ def _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads):
     return scale, table, bias
 
 
-def _flags(qkv, qkv_bias, pad_order, head_dim, n):
-    block_m, block_n, num_warps = block_config(n, head_dim, qkv.dtype)
+def _flags(qkv, qkv_bias, pad_order, head_dim, n, backward=False):
+    block_m, block_n, num_warps = block_config(n, head_dim, qkv.dtype, backward)
     return dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, ROLL_THEN_PAD=pad_order == ROLL_THEN_PAD,
                 HAS_BIAS=qkv_bias is not None, FULL_DOT=qkv.dtype in (torch.float32, torch.float64),
-                num_warps=num_warps)
+                num_warps=num_warps, maxnreg=MAXNREG)
 
 
 def window_attention_triton_forward(
@@ -525,7 +546,7 @@ def window_attention_triton_backward(
     cdt = scale.dtype
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    flags = _flags(qkv, qkv_bias, pad_order, head_dim, g.N)
+    flags = _flags(qkv, qkv_bias, pad_order, head_dim, g.N, backward=True)
     num_pad = g.HP * g.WP - g.H * g.W
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     dpad = torch.zeros((B, max(num_pad, 1), C3), device=qkv.device, dtype=cdt)
@@ -536,7 +557,7 @@ def window_attention_triton_backward(
         _window_attention_bwd_preprocess_kernel[(B * triton.cdiv(L, block_t), num_heads)](
             OUT=out, DOUT=grad_out, DELTA=delta, stride_out_b=out.stride(0), stride_out_t=out.stride(1),
             stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L, NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim, BLOCK_T=block_t,
+            HEAD_DIM=head_dim, BLOCK_T=block_t, maxnreg=MAXNREG,
         )
         common = dict(QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, LSE=lse,
                       DELTA=delta, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),

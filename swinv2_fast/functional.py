@@ -11,6 +11,10 @@ shapes and the math) plus `implementation`:
 - "auto": "triton" for CUDA tensors when Triton imports and the head dimension is one the kernel is built
   for (16, 32, 64, 128), "eager" otherwise.
 
+On a GPU two cases go to the eager path by design ("auto") or raise ("triton"): float64 inputs, and fp32
+calls that need gradients with head_dim 64 or 128 (the fused backward has no spill-free fp32 build there;
+every published model has head_dim 32). Under the interpreter on CPU every case runs the kernels.
+
 The "triton" path is the custom op `torch.ops.swinv2_fast.window_attention_fused` (torch.library, with a
 fake implementation, so torch.compile traces through it); its backward is the fused Triton backward.
 """
@@ -50,8 +54,28 @@ def _kernel_module():
     return triton_window_attention
 
 
+def _unserved_reason(qkv: torch.Tensor, num_heads: int) -> str:
+    head_dim = qkv.shape[-1] // 3 // num_heads
+    if qkv.dtype == torch.float64:
+        return "float64 runs on the eager path (the kernels' fp64 build is for gradcheck under the interpreter)"
+    return (f"the fused backward has no spill-free build for {qkv.dtype} with head_dim {head_dim} (fp32 "
+            "gradients are fused for head_dim 16 and 32, fp16/bf16 for every head_dim)")
+
+
+def _fused_serves(qkv: torch.Tensor, num_heads: int, grad_inputs) -> bool:
+    """On a GPU: fp64 never; fp32 with gradients only where the compiled backward has a tile (see
+    kernels/triton_window_attention.py); everything else yes."""
+    if qkv.dtype == torch.float64:
+        return False
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
+    if not needs_grad:
+        return True
+    return _kernel_module().fused_backward_supported(qkv.shape[-1] // 3 // num_heads, qkv.dtype)
+
+
 def resolve_implementation(implementation: str, qkv: torch.Tensor, num_heads: int,
-                           return_attention_probs: bool = False, dropout_p: float = 0.0) -> str:
+                           return_attention_probs: bool = False, dropout_p: float = 0.0,
+                           grad_inputs=()) -> str:
     """"triton" or "eager" for this call, following the rules in the module docstring; raises where
     "triton" was asked for and cannot run."""
     if implementation not in IMPLEMENTATIONS:
@@ -61,7 +85,7 @@ def resolve_implementation(implementation: str, qkv: torch.Tensor, num_heads: in
     head_dim = qkv.shape[-1] // 3 // num_heads
     if implementation == "auto":
         usable = qkv.is_cuda and head_dim in KERNEL_HEAD_DIMS and triton_available()
-        return "triton" if usable else "eager"
+        return "triton" if usable and _fused_serves(qkv, num_heads, grad_inputs) else "eager"
     if not triton_available():
         raise RuntimeError(
             "implementation='triton' needs Triton, which does not import here; install triton or use "
@@ -69,6 +93,11 @@ def resolve_implementation(implementation: str, qkv: torch.Tensor, num_heads: in
         )
     if head_dim not in KERNEL_HEAD_DIMS:
         raise ValueError(f"implementation='triton' supports head_dim in {KERNEL_HEAD_DIMS}, got {head_dim}")
+    if qkv.device.type == "cuda" and not _fused_serves(qkv, num_heads, grad_inputs):
+        raise ValueError(
+            f"implementation='triton' on a GPU: {_unserved_reason(qkv, num_heads)}; use implementation='auto' "
+            "(which sends these calls to the eager path) or 'eager'"
+        )
     if qkv.device.type == "cpu":
         if not _kernel_module().INTERPRETED:
             raise RuntimeError(
@@ -133,7 +162,9 @@ def window_attention(
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size,
                   pad_order, dropout_p)
-    if resolve_implementation(implementation, qkv, num_heads, return_attention_probs, dropout_p) == "triton":
+    grad_inputs = (qkv, qkv_bias, logit_scale, position_bias)
+    if resolve_implementation(implementation, qkv, num_heads, return_attention_probs, dropout_p,
+                              grad_inputs) == "triton":
         return _kernel_module().fused_window_attention(
             qkv, qkv_bias, logit_scale, position_bias, grid_size=grid_size, num_heads=num_heads,
             window_size=window_size, shift_size=shift_size, pad_order=pad_order, mask_value=mask_value)

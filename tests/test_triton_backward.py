@@ -164,3 +164,20 @@ def test_gradient_checkpointing_with_the_fused_path():
     assert torch.equal(loss, loss_ckpt)
     for key in g:
         assert torch.equal(g[key], g_ckpt[key]), key
+
+
+def test_which_calls_the_fused_backward_serves_on_a_gpu():
+    """The rule behind "auto" and "triton" on CUDA tensors (checked here on CPU tensors, where the rule is
+    the same function): fp64 never; fp32 with gradients for head_dim 16/32; fp16/bf16 always."""
+    from swinv2_fast import functional
+
+    def serves(dtype, head_dim, grad):
+        qkv = torch.zeros(1, 4, 3 * head_dim, dtype=dtype, requires_grad=grad)
+        return functional._fused_serves(qkv, 1, (qkv,))
+
+    assert not serves(torch.float64, 32, False)
+    assert serves(torch.float32, 128, False) and serves(torch.float32, 32, True)
+    assert not serves(torch.float32, 64, True) and not serves(torch.float32, 128, True)
+    assert serves(torch.float16, 128, True) and serves(torch.bfloat16, 64, True)
+    with torch.no_grad():
+        assert serves(torch.float32, 128, True)  # no gradient will be asked for
