@@ -50,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--modes", nargs="+", default=None,
                         choices=list(cases.OP_MODES) + list(cases.MODEL_MODES), help="default: all")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    parser.add_argument("--compile-train", action="store_true",
+                        help="also time compiled models' training steps on CPU (on by default on a GPU; a few "
+                             "minutes of compilation per model on a 2-core CPU)")
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per case (CPU; the GPU uses do_bench)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--csv", default=harness.RESULTS_CSV)
@@ -98,6 +101,8 @@ def plan(args) -> List[dict]:
                 if args.modes and mode not in args.modes:
                     continue
                 for compiled in compile_options:
+                    if compiled and mode == "train step" and args.device.type == "cpu" and not args.compile_train:
+                        continue
                     for provider in cases.providers_for(args.device, "model"):
                         if args.providers and provider not in args.providers:
                             continue
