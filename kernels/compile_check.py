@@ -3,8 +3,8 @@
     python -m swinv2_fast.kernels.compile_check            # table of registers, spills, shared memory
     python -m swinv2_fast.kernels.compile_check --sweep    # developer aid: try tile configs per (dtype, head_dim)
 
-A specialization is fixed by the kernel (forward; backward: rowsum preprocess, dq, dk/dv, bias table and
-scale), the projection dtype (fp32, fp16, bf16, and fp64, which gradcheck uses), the head dimension, the
+A specialization is fixed by the kernel (forward; backward: delta = rowsum(P * dP), dq, dk/dv, bias table
+and scale), the projection dtype (fp32, fp16, bf16, and fp64, which gradcheck uses), the head dimension, the
 tile configuration `block_config` picks for it (the same for every published window size, N = 49 ... 576),
 the padding order and whether the projection has a bias; everything else (batch, grid, window, shift,
 mask value, logit scale) is a runtime argument. Each is compiled with `triton.compile` for a `GPUTarget`
@@ -28,7 +28,7 @@ from typing import Dict, List, NamedTuple, Tuple
 ARCHS = (80, 90)
 
 DTYPES = ("fp32", "fp16", "bf16")  # fp64 runs under the interpreter only (gradcheck)
-KERNELS = ("fwd", "bwd_preprocess", "bwd_dq", "bwd_dkdv", "bwd_dbias")
+KERNELS = ("fwd", "bwd_delta", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 WINDOW_SIZES = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
 CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "ROLL_THEN_PAD", "HAS_BIAS", "FULL_DOT", "BLOCK_T")
 # pointers in the projection's dtype, and those in the compute dtype (fp32; fp64 for fp64 projections)
@@ -68,16 +68,12 @@ def _torch_dtype(name):
 
 def launchable_specs() -> List[Spec]:
     """Every (dtype, head_dim, tiles, flags) the host function can launch for the published window sizes."""
-    from .triton_window_attention import KERNEL_HEAD_DIMS, PREPROCESS_BLOCK_T, block_config, fused_backward_supported
+    from .triton_window_attention import KERNEL_HEAD_DIMS, block_config, fused_backward_supported
 
     specs = set()
     for kernel, dtype, head_dim, window, roll, bias in itertools.product(
         KERNELS, DTYPES, KERNEL_HEAD_DIMS, WINDOW_SIZES, (False, True), (False, True)
     ):
-        if kernel == "bwd_preprocess":  # token layout: no tiles over windows, no flags
-            if fused_backward_supported(head_dim, _torch_dtype(dtype)):
-                specs.add(Spec(kernel, dtype, head_dim, PREPROCESS_BLOCK_T, 0, 4, False, False))
-            continue
         backward = kernel != "fwd"
         if backward and not fused_backward_supported(head_dim, _torch_dtype(dtype)):
             continue  # the eager path serves it on a GPU, by design
@@ -189,7 +185,7 @@ def sweep(jobs: int) -> None:
                   (16, 32, 8), (32, 16, 4), (32, 16, 8), (16, 16, 4), (16, 16, 8)]
     dtypes = [d for d in DTYPES if d in os.environ.get("SWEEP_DTYPES", ",".join(DTYPES)).split(",")]
     kernels = [k for k in KERNELS if k in os.environ.get("SWEEP_KERNELS", ",".join(KERNELS)).split(",")]
-    specs = [Spec(k, d, h, m, n, w, False, True) for k in kernels if k != "bwd_preprocess" for d in dtypes
+    specs = [Spec(k, d, h, m, n, w, False, True) for k in kernels for d in dtypes
              for h in KERNEL_HEAD_DIMS for m, n, w in candidates]
     print(format_table(run(specs, jobs)))
 

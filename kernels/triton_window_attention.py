@@ -177,23 +177,54 @@ def _window_attention_fwd_kernel(
 
 
 @triton.jit
-def _window_attention_bwd_preprocess_kernel(
-    OUT, DOUT, DELTA, stride_out_b, stride_out_t, stride_do_b, stride_do_t, L, NUM_HEADS,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+def _window_attention_bwd_delta_kernel(
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, LSE, DELTA,
+    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L,
+    mask_value,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
-    """delta[b, t, h] = rowsum(dO * O) in token layout: the softmax backward's correction term."""
-    i_bt, i_h = tl.program_id(0), tl.program_id(1)
-    num_t = tl.cdiv(L, BLOCK_T)
-    i_b, i_t = (i_bt // num_t).to(tl.int64), i_bt % num_t
-    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < L
+    """delta[b, t, h] = sum_j P_ij dP_ij for the query rows of one window block, in token layout: the softmax
+    backward's correction term. Summed over the row of P * dP rather than taken as rowsum(dO * O): O was
+    rounded to the projection's dtype when stored, and dS = P (dP - delta) cancels, so an fp16 O would put
+    its rounding into every gradient."""
+    CDT: tl.constexpr = SCALE.dtype.element_ty
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    i_bwm, i_h = tl.program_id(0), tl.program_id(1)
+    num_m = tl.cdiv(N, BLOCK_M)
+    i_b, i_w, i_wy, i_wx = _window_of(i_bwm // num_m, NUM_WINDOWS, NUM_WX)
     o_d = tl.arange(0, HEAD_DIM)
-    # [BLOCK_T, HEAD_DIM]
-    b_o = tl.load(OUT + i_b * stride_out_b + o_t[:, None] * stride_out_t + i_h * HEAD_DIM + o_d[None, :],
-                  mask=m_t[:, None], other=0.0).to(DELTA.dtype.element_ty)
-    b_do = tl.load(DOUT + i_b * stride_do_b + o_t[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
-                   mask=m_t[:, None], other=0.0).to(DELTA.dtype.element_ty)
-    tl.store(DELTA + i_b * L * NUM_HEADS + o_t * NUM_HEADS + i_h, tl.sum(b_o * b_do, axis=1), mask=m_t)
+    o_m = (i_bwm % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
+                                                     ROLL_THEN_PAD)
+    m_real_m = m_m & ~m_pad_m
+    p_qkv = QKV + i_b * stride_qkv_b
+    b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
+                     stride_qkv_t, HAS_BIAS)
+    b_qn, b_rq = _l2_normalize(b_q, CDT)
+    b_qs = (b_qn * tl.load(SCALE + i_h)).to(DDT)
+    b_do = tl.load(DOUT + i_b * stride_do_b + o_tok_m[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
+                   mask=m_real_m[:, None], other=0.0).to(DDT)
+    b_lse = tl.load(LSE + ((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m, mask=m_m, other=0.0)
+    b_delta = tl.zeros([BLOCK_M], dtype=CDT)
+    p_bias_h = POSITION_BIAS + i_h * N * N
+    for start_n in range(0, N, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        o_tok_n, m_pad_n, o_reg_n, o_padi_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
+                                                         ROLL_THEN_PAD)
+        b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
+                         o_d, stride_qkv_t, HAS_BIAS)
+        b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
+                         m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
+        b_kn, b_rk = _l2_normalize(b_k, CDT)
+        b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
+        b_p = tl.where(m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
+        b_delta += tl.sum(b_p * b_dp, axis=1)
+    tl.store(DELTA + i_b * L * NUM_HEADS + o_tok_m * NUM_HEADS + i_h, b_delta, mask=m_real_m)
 
 
 @triton.jit
@@ -398,7 +429,6 @@ _TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 
 # (`fused_backward_supported`); under the interpreter every dtype and head dim runs.
 _BWD_TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 8), 64: (32, 16, 8), 128: (16, 32, 8)}
 _BWD_TILES_FP32 = {16: (32, 16, 8), 32: (32, 16, 8)}
-PREPROCESS_BLOCK_T = 64  # tokens per program of the rowsum(dO * O) kernel
 # Register budget per thread handed to ptxas (.maxnreg). Without it ptxas may cap 8-warp kernels at 128
 # registers and spill; 255 x 256 threads still fits one SM's 64K registers.
 MAXNREG = 255
@@ -534,8 +564,8 @@ def window_attention_triton_backward(
 ):
     """Gradients of the fused op: (d qkv, d qkv_bias or None, d logit_scale, d position_bias).
 
-    P is recomputed from the saved log-sum-exp (nothing N x N was stored). Kernels: rowsum(dO * O) in token
-    layout; dq per query block; dk/dv per key block (padded keys to a per-position buffer, summed into the
+    P is recomputed from the saved log-sum-exp (nothing N x N was stored). Kernels: delta = rowsum(P * dP) per
+    query row, in token layout; dq per query block; dk/dv per key block (padded keys to a per-position buffer, summed into the
     bias gradient); the table and scale gradients per bias tile over groups of windows, summed on the host
     in a fixed order. Every reduction is deterministic: no atomics.
     """
@@ -553,18 +583,14 @@ def window_attention_triton_backward(
     d_table = d_logit_scale = None
     if B > 0:
         delta = torch.empty((B, L, num_heads), device=qkv.device, dtype=cdt)
-        block_t = PREPROCESS_BLOCK_T
-        _window_attention_bwd_preprocess_kernel[(B * triton.cdiv(L, block_t), num_heads)](
-            OUT=out, DOUT=grad_out, DELTA=delta, stride_out_b=out.stride(0), stride_out_t=out.stride(1),
-            stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L, NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim, BLOCK_T=block_t, maxnreg=MAXNREG,
-        )
         common = dict(QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, LSE=lse,
                       DELTA=delta, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
                       stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L,
                       mask_value=float(mask_value), **g._asdict(), **flags)
         strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
         num_bw = B * g.NUM_WINDOWS
+        # every token is the query of exactly one window row: each delta is written once
+        _window_attention_bwd_delta_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](**common)
         _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
             DQKV=dqkv, **strides, **common)
         _window_attention_bwd_dkdv_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_N"]), num_heads)](

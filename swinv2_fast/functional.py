@@ -117,6 +117,9 @@ def _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_head
         raise ValueError(f"qkv must be a 3-D tensor (batch, H*W, 3*C), got {shape}")
     if not qkv.is_floating_point():
         raise TypeError(f"qkv must be a floating-point tensor, got dtype {qkv.dtype}")
+    if logit_scale is None or position_bias is None:
+        raise TypeError("logit_scale and position_bias are required tensors, got None")
+    _check_dtypes_and_devices(qkv, qkv_bias=qkv_bias, logit_scale=logit_scale, position_bias=position_bias)
     (height, width), (wh, ww), _ = check_geometry(grid_size, window_size, shift_size, pad_order)
     _, tokens, channels3 = qkv.shape
     if tokens != height * width:
@@ -138,6 +141,26 @@ def _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_head
         )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+
+
+def _check_dtypes_and_devices(qkv, **others):
+    """Every other tensor: floating, on qkv's device, and in qkv's dtype or in float32 beside a lower-precision
+    qkv (what torch.autocast produces: fp16/bf16 activations, fp32 parameters). Anything else is rejected
+    rather than silently promoted or rounded."""
+    allowed = {qkv.dtype, torch.float32} if qkv.dtype in (torch.float16, torch.bfloat16) else {qkv.dtype}
+    for name, t in others.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.device != qkv.device:
+            raise ValueError(f"{name} must be on qkv's device {qkv.device}, got {t.device}")
+        if t.dtype not in allowed:
+            raise TypeError(
+                f"{name} must have qkv's dtype {qkv.dtype}" + (" or float32 (as under torch.autocast)"
+                                                              if len(allowed) > 1 else "")
+                + f", got {t.dtype}"
+            )
 
 
 def window_attention(

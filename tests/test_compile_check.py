@@ -15,21 +15,28 @@ def test_compile_check_passes():
     assert "0 failed, 0 with spills" in summary, summary
     # every published window size's specializations appear, for both archs
     assert result.stdout.count("sm_80") == result.stdout.count("sm_90") > 0
-    for dtype in ("fp32", "fp16", "bf16"):
-        assert f"\n{dtype}" in result.stdout
+    for kernel in ("fwd", "bwd_delta", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
+        for dtype in ("fp32", "fp16", "bf16"):
+            assert any(line.split()[:2] == [kernel, dtype] for line in result.stdout.splitlines()), (kernel, dtype)
 
 
 def test_launchable_specs_cover_what_the_host_launches():
     import torch
 
     from swinv2_fast.kernels.compile_check import launchable_specs
-    from swinv2_fast.kernels.triton_window_attention import KERNEL_HEAD_DIMS, block_config
+    from swinv2_fast.kernels.triton_window_attention import KERNEL_HEAD_DIMS, block_config, fused_backward_supported
 
     specs = launchable_specs()
     for head_dim in KERNEL_HEAD_DIMS:
         for dtype, name in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+            backward = fused_backward_supported(head_dim, dtype)
             for window in (7, 8, 12, 16, 24):
-                m, n, w = block_config(window * window, head_dim, dtype)
                 for roll in (False, True):
                     for bias in (False, True):
-                        assert (name, head_dim, m, n, w, roll, bias) in specs
+                        m, n, w = block_config(window * window, head_dim, dtype)
+                        assert ("fwd", name, head_dim, m, n, w, roll, bias) in specs
+                        m, n, w = block_config(window * window, head_dim, dtype, backward=True)
+                        for kernel in ("bwd_delta", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
+                            assert ((kernel, name, head_dim, m, n, w, roll, bias) in specs) == backward
+    # head_dim 32, the published models': fused backward in every dtype
+    assert all(fused_backward_supported(32, d) for d in (torch.float32, torch.float16, torch.bfloat16))

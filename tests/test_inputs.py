@@ -28,7 +28,7 @@ def test_bad_pixel_values(model, pixel_values, error, pattern):
 
 
 def test_bad_bool_masked_pos(model):
-    with pytest.raises(ValueError, match=r"bool_masked_pos must have shape \(batch_size, num_patches\) = \(2, 256\), got \(2, 255\)"):
+    with pytest.raises(ValueError, match=r"bool_masked_pos must have a shape broadcastable to \(batch_size, num_patches\) = \(2, 256\), got \(2, 255\)"):
         model(torch.randn(2, 3, 64, 64), bool_masked_pos=torch.zeros(2, 255, dtype=torch.bool))
 
 

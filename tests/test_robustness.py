@@ -1,0 +1,268 @@
+"""Fuzzed parity of the fused op (forward and backward) against the reference, numerical edge cases and
+hostile inputs, under Triton's interpreter.
+
+The fuzz runs FUZZ_EXAMPLES examples per test in CI (default 20); run many more with
+
+    SWINV2_FUZZ_EXAMPLES=500 bash scripts/test.sh tests/test_robustness.py -k fuzz
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import (LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL, OP_FP32_ATOL_AT_CLAMP,
+                      assert_close, sum_grad_fp32_rtol)
+from swinv2_fast import window_attention
+from swinv2_fast.kernels import PAD_ORDERS, PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference, window_layout
+
+hypothesis = pytest.importorskip("hypothesis")
+pytest.importorskip("triton")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from swinv2_fast.kernels import triton_window_attention as tk  # noqa: E402
+
+if not tk.INTERPRETED:  # pragma: no cover - a GPU run of the suite
+    pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() and not tk.INTERPRETED else "cpu"
+FUZZ_EXAMPLES = int(os.environ.get("SWINV2_FUZZ_EXAMPLES", "20"))
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@st.composite
+def cases(draw):
+    wh, ww = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    shift = draw(st.booleans())
+    return dict(
+        batch=draw(st.integers(1, 2)),
+        grid=(draw(st.integers(1, 13)), draw(st.integers(1, 13))),  # below, at and above the window; padded
+        window=(wh, ww),
+        shift=(draw(st.integers(0, wh - 1)) if shift else 0, draw(st.integers(0, ww - 1)) if shift else 0),
+        heads=draw(st.integers(1, 2)),
+        head_dim=draw(st.sampled_from([16, 32])),
+        pad_order=draw(st.sampled_from(PAD_ORDERS)),
+        bias=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float32, torch.float16])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _inputs(case, requires_grad=False):
+    gen = torch.Generator().manual_seed(case["seed"])
+    C, N = case["heads"] * case["head_dim"], case["window"][0] * case["window"][1]
+    L = case["grid"][0] * case["grid"][1]
+    dtype = case["dtype"]
+    qkv = torch.randn(case["batch"], L, 3 * C, generator=gen).to(DEVICE, dtype)
+    bias = (0.5 * torch.randn(3 * C, generator=gen)).to(DEVICE, dtype) if case["bias"] else None
+    scale = (math.log(10) + torch.randn(case["heads"], 1, 1, generator=gen)).to(DEVICE)
+    table = (16 * torch.sigmoid(torch.randn(case["heads"], N, N, generator=gen))).to(DEVICE)
+    if dtype == torch.float32:
+        scale, table = scale.float(), table.float()
+    tensors = [qkv, bias, scale, table]
+    return [t.requires_grad_(requires_grad) if t is not None else None for t in tensors]
+
+
+def _kwargs(case):
+    return dict(grid_size=case["grid"], num_heads=case["heads"], window_size=case["window"],
+                shift_size=case["shift"], pad_order=case["pad_order"])
+
+
+def _error(a, exact):
+    """Max error relative to the exact result's largest element, or to 1 where that is smaller: inputs and
+    output gradients are O(1), and a gradient that is exactly zero (a one-token window's logit scale) is
+    computed as a difference of O(1) terms."""
+    return ((a.double() - exact).abs().max() / exact.abs().max().clamp_min(1.0)).item() if a.numel() else 0.0
+
+
+@FUZZ
+@given(cases())
+def test_fuzz_forward_and_backward_match_the_reference(case):
+    """The fused op's error against fp64 is at most LOW_PRECISION_FACTOR times the eager reference's own
+    error in that dtype, plus a floor (the fp32 floor from conftest, the low-precision one for fp16), for
+    the output and every gradient."""
+    if case["dtype"] == torch.float32:  # output and q/k/v gradient elementwise; the rest are sums
+        wh, ww = case["window"]
+        windows = case["batch"] * -(-case["grid"][0] // wh) * -(-case["grid"][1] // ww)
+        floors = [sum_grad_fp32_rtol(1), sum_grad_fp32_rtol(1), sum_grad_fp32_rtol(windows * wh * ww),
+                  sum_grad_fp32_rtol(windows * (wh * ww) ** 2), sum_grad_fp32_rtol(windows)]
+    else:
+        floors = [LOW_PRECISION_FLOOR] * 5
+    kwargs = _kwargs(case)
+    inputs = _inputs(case)
+    grad_out = torch.randn(case["batch"], case["grid"][0] * case["grid"][1], case["heads"] * case["head_dim"],
+                           generator=torch.Generator().manual_seed(case["seed"] + 1)).to(DEVICE)
+    results = {}
+    for name, tensors, g in (("exact", [t.double() if t is not None else None for t in inputs], grad_out.double()),
+                             ("eager", inputs, grad_out.to(case["dtype"])),
+                             ("triton", inputs, grad_out.to(case["dtype"]))):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+        out = window_attention(*leaves, implementation="eager" if name == "exact" else name, **kwargs)
+        wanted = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(out, wanted, g, allow_unused=True)
+        results[name] = [out] + [torch.zeros_like(t) if d is None else d for t, d in zip(wanted, grads)]
+    # (the bias here has a non-zero k part: see test_triton_backward on the 1e12 slope of a zero k bias)
+    if not case["bias"]:
+        floors = floors[:2] + floors[3:]  # no bias gradient in the list
+    for i, (fused, eager, exact, floor) in enumerate(zip(results["triton"], results["eager"], results["exact"],
+                                                         floors)):
+        assert torch.isfinite(fused).all() == torch.isfinite(eager).all(), i
+        assert _error(fused, exact) <= LOW_PRECISION_FACTOR * _error(eager, exact) + floor, (i, case)
+
+
+# ------------------------------------------------------------------------------------- numerical edge cases
+def _case(**overrides):
+    case = dict(batch=1, grid=(6, 7), window=(4, 4), shift=(2, 2), heads=2, head_dim=16, pad_order=PAD_THEN_ROLL,
+                bias=True, dtype=torch.float32, seed=0)
+    case.update(overrides)
+    return case
+
+
+def _both(inputs, case):
+    kwargs = _kwargs(case)
+    return (window_attention(*inputs, implementation="triton", **kwargs),
+            window_attention_reference(*inputs, **kwargs))
+
+
+def test_zero_q_and_k_rows_give_no_nan():
+    case = _case(bias=False)
+    qkv, bias, scale, table = _inputs(case)
+    qkv[:, :10] = 0  # q, k and v of ten tokens are exactly zero: x / max(||x||, 1e-12) = 0, no 0/0
+    fused, ref = _both([qkv, None, scale, table], case)
+    assert torch.isfinite(fused).all()
+    assert_close(fused, ref, atol=OP_FP32_ATOL, name="output")
+
+
+def test_large_fp16_activations_do_not_overflow():
+    """Entries near fp16's maximum: ||x||^2 overflows fp16 but the norms are taken in fp32."""
+    case = _case(dtype=torch.float16)
+    qkv, bias, scale, table = _inputs(case)
+    qkv = (qkv.float().clamp(-1, 1) * 6e4).half()
+    fused = window_attention(qkv, bias, scale, table, implementation="triton", **_kwargs(case))
+    exact = window_attention_reference(qkv.double(), bias.double(), scale.double(), table.double(), **_kwargs(case))
+    assert torch.isfinite(fused).all()
+    eager = window_attention_reference(qkv, bias, scale, table, **_kwargs(case))
+    assert _error(fused, exact) <= LOW_PRECISION_FACTOR * _error(eager, exact) + LOW_PRECISION_FLOOR
+
+
+def test_logit_scale_far_above_the_clamp_and_large_logits_with_the_finite_mask():
+    """exp(min(s, log 100)) caps the scale at 100: logits up to +-100 plus a bias up to 16 beside the finite
+    mask value -100 (timm) or -200 (transformers); rows keep the reference's values, nothing turns to NaN."""
+    case = _case()
+    qkv, bias, _, table = _inputs(case)
+    scale = torch.full((2, 1, 1), 50.0, device=DEVICE)
+    for mask_value in (-100.0, -200.0):
+        kwargs = dict(_kwargs(case), mask_value=mask_value)
+        fused = window_attention(qkv, bias, scale, table, implementation="triton", **kwargs)
+        ref = window_attention_reference(qkv, bias, scale, table, **kwargs)
+        assert torch.isfinite(fused).all()
+        assert_close(fused, ref, atol=OP_FP32_ATOL_AT_CLAMP, name=f"output, mask {mask_value}")
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_where_the_reference_propagates_them(where, value):
+    case = _case(shift=(0, 0))
+    qkv, bias, scale, table = _inputs(case)
+    C = case["heads"] * case["head_dim"]
+    part = {"q": 0, "k": 1, "v": 2}[where]
+    qkv[0, 9, part * C + 3] = value  # one channel of one token, head 0
+    fused, ref = _both([qkv, bias, scale, table], case)
+    assert torch.equal(torch.isnan(fused), torch.isnan(ref)), where
+    assert torch.equal(torch.isinf(fused), torch.isinf(ref)), where
+    finite = torch.isfinite(ref)
+    assert finite.any()  # the damage stays inside the windows and heads that saw the value
+    assert_close(fused[finite], ref[finite], atol=OP_FP32_ATOL, name="finite part")
+
+
+def _grid_with_an_all_padding_window():
+    for h in range(1, 12):
+        for pad_order in PAD_ORDERS:
+            layout = window_layout((h, 3), 4, (2, 0), pad_order)
+            windows = layout.gather_index.view(layout.num_windows, -1)
+            if (windows == h * 3).all(dim=1).any():
+                return (h, 3), pad_order
+    raise AssertionError("no grid below 12 rows has a window made only of padding")
+
+
+def test_a_window_made_only_of_padding():
+    grid, pad_order = _grid_with_an_all_padding_window()
+    case = _case(grid=grid, pad_order=pad_order, window=(4, 4), shift=(2, 0))
+    inputs = _inputs(case, requires_grad=True)
+    fused, ref = _both(inputs, case)
+    assert_close(fused, ref, atol=OP_FP32_ATOL, name="output")
+    grads = torch.autograd.grad(fused.sum(), [t for t in inputs if t is not None])
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_forward_and_backward_are_bitwise_deterministic():
+    case = _case(batch=2, grid=(9, 10))
+    runs = []
+    for _ in range(2):
+        inputs = _inputs(case, requires_grad=True)
+        out = window_attention(*inputs, implementation="triton", **_kwargs(case))
+        runs.append([out] + list(torch.autograd.grad(out.square().sum(), inputs)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("implementation", ["eager", "triton"])
+def test_empty_batch_returns_an_empty_result(implementation):
+    case = _case(batch=0)
+    inputs = _inputs(case, requires_grad=True)
+    out = window_attention(*inputs, implementation=implementation, **_kwargs(case))
+    assert out.shape == (0, 42, 32)
+    grads = torch.autograd.grad(out.sum(), inputs, allow_unused=True)
+    assert all(g is None or (g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "triton"])
+def test_strided_inputs_equal_contiguous_ones(implementation):
+    case = _case(pad_order=ROLL_THEN_PAD)
+    qkv, bias, scale, table = _inputs(case)
+    wide = torch.randn(qkv.shape[0], qkv.shape[1], 2 * qkv.shape[2], device=DEVICE)[..., ::2]
+    wide.copy_(qkv)  # every stride differs from the contiguous layout
+    table_t = table.transpose(1, 2).contiguous().transpose(1, 2)
+    scale_s = torch.randn(2, 2, 1, device=DEVICE)[:, :1].copy_(scale)
+    kwargs = _kwargs(case)
+    a = window_attention(wide, bias, scale_s, table_t, implementation=implementation, **kwargs)
+    b = window_attention(qkv, bias, scale, table, implementation=implementation, **kwargs)
+    assert torch.equal(a, b) if implementation == "triton" else torch.allclose(a, b, atol=OP_FP32_ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- hostile inputs
+def _valid():
+    qkv, bias, scale, table = _inputs(_case())
+    return dict(qkv=qkv, qkv_bias=bias, logit_scale=scale, position_bias=table), _kwargs(_case())
+
+
+@pytest.mark.parametrize("change,error,pattern", [
+    (lambda t: t.update(position_bias=t["position_bias"].half()), TypeError,
+     r"position_bias must have qkv's dtype torch.float32, got torch.float16"),
+    (lambda t: t.update(logit_scale=t["logit_scale"].double()), TypeError,
+     r"logit_scale must have qkv's dtype torch.float32, got torch.float64"),
+    (lambda t: t.update(qkv_bias=t["qkv_bias"].long()), TypeError, r"qkv_bias must have qkv's dtype"),
+    (lambda t: t.update(qkv=t["qkv"].half(), position_bias=t["position_bias"].double()), TypeError,
+     r"position_bias must have qkv's dtype torch.float16 or float32 \(as under torch.autocast\), got torch.float64"),
+    (lambda t: t.update(position_bias=t["position_bias"].to("meta")), ValueError,
+     r"position_bias must be on qkv's device cpu, got meta"),
+    (lambda t: t.update(logit_scale=[1.0, 2.0]), TypeError, r"logit_scale must be a tensor, got list"),
+    (lambda t: t.update(position_bias=None), TypeError, r"position_bias are required tensors"),
+], ids=["table-fp16", "scale-fp64", "bias-int", "fp16-with-fp64-table", "device", "scale-list", "table-none"])
+def test_mixed_dtypes_and_devices_are_rejected(change, error, pattern):
+    tensors, kwargs = _valid()
+    change(tensors)
+    with pytest.raises(error, match=pattern):
+        window_attention(tensors["qkv"], tensors["qkv_bias"], tensors["logit_scale"], tensors["position_bias"],
+                         **kwargs)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "triton"])
+def test_autocast_dtypes_are_accepted(implementation):
+    """fp16 projection with fp32 bias, scale and table (what torch.autocast produces): accepted, and equal
+    to the all-fp16 call up to fp16 rounding of the table."""
+    tensors, kwargs = _valid()
+    qkv = tensors["qkv"].half()
+    out = window_attention(qkv, tensors["qkv_bias"], tensors["logit_scale"], tensors["position_bias"],
+                           implementation=implementation, **kwargs)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
