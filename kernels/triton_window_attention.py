@@ -172,8 +172,11 @@ def _window_attention_fwd_kernel(
     b_out = b_acc / b_l[:, None]
     p_out = OUT + i_b * stride_out_b + o_tok_m[:, None] * stride_out_t + i_h * HEAD_DIM + o_d[None, :]
     tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=(m_m & ~m_pad_m)[:, None])
-    p_lse = LSE + ((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m
-    tl.store(p_lse, b_m + tl.log(b_l), mask=m_m)
+    # softmax statistics as (row max, log row sum): the backward's P = exp((S - m) - log l) keeps the
+    # dominant entries exact, where exp(S - logsumexp) would lose |S| * eps of them
+    p_stats = LSE + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
+    tl.store(p_stats, b_m, mask=m_m)
+    tl.store(p_stats + 1, tl.log(b_l), mask=m_m)
 
 
 @triton.jit
@@ -207,7 +210,7 @@ def _window_attention_bwd_delta_kernel(
     b_qs = (b_qn * tl.load(SCALE + i_h)).to(DDT)
     b_do = tl.load(DOUT + i_b * stride_do_b + o_tok_m[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
                    mask=m_real_m[:, None], other=0.0).to(DDT)
-    b_lse = tl.load(LSE + ((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m, mask=m_m, other=0.0)
+    b_rmax, b_logl = _load_stats(LSE, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS)
     b_delta = tl.zeros([BLOCK_M], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
     for start_n in range(0, N, BLOCK_N):
@@ -221,21 +224,34 @@ def _window_attention_bwd_delta_kernel(
                          m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
         b_kn, b_rk = _l2_normalize(b_k, CDT)
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
-        b_p = tl.where(m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_p = _probs(b_s, b_rmax, b_logl, m_m)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
         b_delta += tl.sum(b_p * b_dp, axis=1)
     tl.store(DELTA + i_b * L * NUM_HEADS + o_tok_m * NUM_HEADS + i_h, b_delta, mask=m_real_m)
 
 
 @triton.jit
+def _load_stats(LSE, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS):
+    """Row max and log row sum of the forward's softmax for window rows o_m."""
+    p_stats = LSE + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
+    return tl.load(p_stats, mask=m_m, other=0.0), tl.load(p_stats + 1, mask=m_m, other=0.0)
+
+
+@triton.jit
+def _probs(b_s, b_rmax, b_logl, m_m):
+    """P recomputed from the saved statistics; zero for rows beyond the window."""
+    return tl.where(m_m[:, None], tl.exp((b_s - b_rmax[:, None]) - b_logl[:, None]), 0.0)
+
+
+@triton.jit
 def _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real, o_tok, o_d, stride_do_b, stride_do_t,
                       L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM: tl.constexpr):
-    """dO rows (zero for padded and out-of-window rows, which have no output), log-sum-exp and delta."""
+    """dO rows (zero for padded and out-of-window rows, which have no output), softmax statistics, delta."""
     b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
                    mask=m_real[:, None], other=0.0)
-    b_lse = tl.load(LSE + ((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m, mask=m_m, other=0.0)
+    b_rmax, b_logl = _load_stats(LSE, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS)
     b_delta = tl.load(DELTA + i_b * L * NUM_HEADS + o_tok * NUM_HEADS + i_h, mask=m_real, other=0.0)
-    return b_do, b_lse, b_delta
+    return b_do, b_rmax, b_logl, b_delta
 
 
 @triton.jit
@@ -266,7 +282,7 @@ def _window_attention_bwd_dq_kernel(
                      stride_qkv_t, HAS_BIAS)
     b_qn, b_rq = _l2_normalize(b_q, CDT)
     b_qs = (b_qn * b_scale).to(DDT)
-    b_do, b_lse, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d,
+    b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d,
                                              stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
     b_do = b_do.to(DDT)
     b_dqs = tl.zeros([BLOCK_M, HEAD_DIM], dtype=CDT)
@@ -283,7 +299,7 @@ def _window_attention_bwd_dq_kernel(
         b_kn, b_rk = _l2_normalize(b_k, CDT)
         b_kn = b_kn.to(DDT)
         b_s = _scores(b_qs, b_kn, p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
-        b_p = tl.where(m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_p = _probs(b_s, b_rmax, b_logl, m_m)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dqs += _dot(b_ds.to(DDT), b_kn, FULL_DOT)
@@ -335,12 +351,12 @@ def _window_attention_bwd_dkdv_kernel(
                          stride_qkv_t, HAS_BIAS)
         b_qn, b_rq = _l2_normalize(b_q, CDT)
         b_qs = (b_qn * b_scale).to(DDT)
-        b_do, b_lse, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
+        b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
                                                  o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_do = b_do.to(DDT)
         b_s = _scores(b_qs, b_kn_d, p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
         # padded rows have dO = 0 and delta = 0, hence dS = 0; rows beyond the window have no softmax
-        b_p = tl.where(m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_p = _probs(b_s, b_rmax, b_logl, m_m)
         b_dv += _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
         b_dp = _dot(b_do, tl.trans(b_v), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -400,11 +416,11 @@ def _window_attention_bwd_dbias_kernel(
         b_qn, b_rq = _l2_normalize(b_q, CDT)
         b_kn, b_rk = _l2_normalize(b_k, CDT)
         b_qs = (b_qn * b_scale).to(DDT)
-        b_do, b_lse, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
+        b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
                                                  o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value,
                       FULL_DOT)
-        b_p = tl.where(m_m[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_p = _probs(b_s, b_rmax, b_logl, m_m)
         b_dp = _dot(b_do.to(DDT), tl.trans(b_v.to(DDT)), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dbias += b_ds
@@ -517,7 +533,8 @@ def window_attention_triton_forward(
     pad_order: str = PAD_THEN_ROLL,
     mask_value: float = -100.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch the fused forward. Returns the output (B, H*W, C) and the log-sum-exp (B, heads, nW * N) in the
+    """Launch the fused forward. Returns the output (B, H*W, C) and the softmax statistics (B, heads, nW * N, 2)
+    of every window row, (row max, log row sum), whose sum is the log-sum-exp, in the
     compute dtype (fp32; fp64 for fp64 inputs).
 
     Inputs as in `window_attention_reference` (validated by the caller). qkv's channel dimension must be
@@ -532,7 +549,7 @@ def window_attention_triton_forward(
     g = _geometry(qkv, grid_size, num_heads, window_size, shift_size)
     scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
     out = torch.empty((B, L, g.C), device=qkv.device, dtype=qkv.dtype)
-    lse = torch.empty((B, num_heads, g.NUM_WINDOWS * g.N), device=qkv.device, dtype=scale.dtype)
+    lse = torch.empty((B, num_heads, g.NUM_WINDOWS * g.N, 2), device=qkv.device, dtype=scale.dtype)
     if B == 0:
         return out, lse
     flags = _flags(qkv, qkv_bias, pad_order, head_dim, g.N)
@@ -627,7 +644,7 @@ def window_attention_triton_backward(
 
 
 # ----------------------------------------------------------------------------------------- the custom op
-# `torch.ops.swinv2_fast.window_attention_fused` (forward: output and log-sum-exp) and
+# `torch.ops.swinv2_fast.window_attention_fused` (forward: output and softmax statistics) and
 # `torch.ops.swinv2_fast.window_attention_fused_backward`, registered with torch.library so that
 # torch.compile traces models through them without a graph break (fake implementations give the shapes)
 # and autograd runs the fused backward. Where they run:
@@ -657,12 +674,14 @@ def window_attention_fused(
     grid_size: List[int], num_heads: int, window_size: List[int], shift_size: List[int], pad_order: str,
     mask_value: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(output (B, H*W, C), log-sum-exp (B, heads, nW * N) in the compute dtype); see the comment above."""
+    """(output (B, H*W, C), softmax statistics (B, heads, nW * N, 2) = (row max, log row sum) in the compute
+    dtype); see the comment above."""
     options = _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
     if _runs_kernels(qkv):
         return window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, **options)
     out = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, **options)
-    return out, window_log_sum_exp(qkv, qkv_bias, logit_scale, position_bias, **options)
+    lse = window_log_sum_exp(qkv, qkv_bias, logit_scale, position_bias, **options)
+    return out, torch.stack([lse, torch.zeros_like(lse)], -1)  # (m, log l) = (logsumexp, 0) is exact too
 
 
 @window_attention_fused.register_fake
@@ -670,7 +689,7 @@ def _(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_si
       mask_value):
     B, L, C3 = qkv.shape
     num_windows = -(-grid_size[0] // window_size[0]) * -(-grid_size[1] // window_size[1])
-    lse = qkv.new_empty((B, num_heads, num_windows * window_size[0] * window_size[1]),
+    lse = qkv.new_empty((B, num_heads, num_windows * window_size[0] * window_size[1], 2),
                         dtype=_compute_dtype(qkv.dtype))
     return qkv.new_empty((B, L, C3 // 3)), lse
 

@@ -188,6 +188,8 @@ def window_attention(
     grad_inputs = (qkv, qkv_bias, logit_scale, position_bias)
     if resolve_implementation(implementation, qkv, num_heads, return_attention_probs, dropout_p,
                               grad_inputs) == "triton":
+        if qkv.stride(-1) != 1:  # the kernel reads channel rows; any batch and token strides are read as they are
+            qkv = qkv.contiguous()
         return _kernel_module().fused_window_attention(
             qkv, qkv_bias, logit_scale, position_bias, grid_size=grid_size, num_heads=num_heads,
             window_size=window_size, shift_size=shift_size, pad_order=pad_order, mask_value=mask_value)

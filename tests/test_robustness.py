@@ -1,7 +1,7 @@
 """Fuzzed parity of the fused op (forward and backward) against the reference, numerical edge cases and
 hostile inputs, under Triton's interpreter.
 
-The fuzz runs FUZZ_EXAMPLES examples per test in CI (default 20); run many more with
+The fuzz runs FUZZ_EXAMPLES examples per test in CI (default 12); run many more with
 
     SWINV2_FUZZ_EXAMPLES=500 bash scripts/test.sh tests/test_robustness.py -k fuzz
 """
@@ -26,7 +26,7 @@ from swinv2_fast.kernels import triton_window_attention as tk  # noqa: E402
 if not tk.INTERPRETED:  # pragma: no cover - a GPU run of the suite
     pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() and not tk.INTERPRETED else "cpu"
-FUZZ_EXAMPLES = int(os.environ.get("SWINV2_FUZZ_EXAMPLES", "20"))
+FUZZ_EXAMPLES = int(os.environ.get("SWINV2_FUZZ_EXAMPLES", "12"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -37,7 +37,7 @@ def cases(draw):
     shift = draw(st.booleans())
     return dict(
         batch=draw(st.integers(1, 2)),
-        grid=(draw(st.integers(1, 13)), draw(st.integers(1, 13))),  # below, at and above the window; padded
+        grid=(draw(st.integers(1, 11)), draw(st.integers(1, 11))),  # below, at and above the window; padded
         window=(wh, ww),
         shift=(draw(st.integers(0, wh - 1)) if shift else 0, draw(st.integers(0, ww - 1)) if shift else 0),
         heads=draw(st.integers(1, 2)),
@@ -176,24 +176,23 @@ def test_nan_and_inf_propagate_where_the_reference_propagates_them(where, value)
     assert_close(fused[finite], ref[finite], atol=OP_FP32_ATOL, name="finite part")
 
 
-def _grid_with_an_all_padding_window():
-    for h in range(1, 12):
-        for pad_order in PAD_ORDERS:
-            layout = window_layout((h, 3), 4, (2, 0), pad_order)
-            windows = layout.gather_index.view(layout.num_windows, -1)
-            if (windows == h * 3).all(dim=1).any():
-                return (h, 3), pad_order
-    raise AssertionError("no grid below 12 rows has a window made only of padding")
-
-
-def test_a_window_made_only_of_padding():
-    grid, pad_order = _grid_with_an_all_padding_window()
-    case = _case(grid=grid, pad_order=pad_order, window=(4, 4), shift=(2, 0))
-    inputs = _inputs(case, requires_grad=True)
-    fused, ref = _both(inputs, case)
-    assert_close(fused, ref, atol=OP_FP32_ATOL, name="output")
-    grads = torch.autograd.grad(fused.sum(), [t for t in inputs if t is not None])
-    assert all(torch.isfinite(g).all() for g in grads)
+def test_windows_that_are_almost_all_padding():
+    """A window made only of padding cannot occur: the padding is fewer than a window's rows (and columns),
+    and a window spans a window's worth of consecutive rows and columns of the (rolled) padded grid, so it
+    always holds a real token. The extreme that does occur: one real token and N - 1 padded ones (the corner
+    window of a 5x5 grid in 4x4 windows), in both padding orders, with and without shift."""
+    for pad_order in PAD_ORDERS:
+        for shift in ((0, 0), (2, 2)):
+            case = _case(grid=(5, 5), window=(4, 4), shift=shift, pad_order=pad_order)
+            layout = window_layout((5, 5), 4, shift, pad_order)
+            real = (layout.gather_index.view(layout.num_windows, -1) < 25).sum(1)
+            assert real.min() >= 1, (pad_order, shift)
+            assert (real == 1).any() or shift != (0, 0), pad_order  # unshifted: the corner window
+            inputs = _inputs(case, requires_grad=True)
+            fused, ref = _both(inputs, case)
+            assert_close(fused, ref, atol=OP_FP32_ATOL, name=f"output {pad_order} {shift}")
+            grads = torch.autograd.grad(fused.sum(), [t for t in inputs if t is not None])
+            assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_forward_and_backward_are_bitwise_deterministic():
