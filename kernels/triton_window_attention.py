@@ -444,7 +444,7 @@ _TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 
 # their operands in registers), and fp64 is a gradcheck dtype: on a GPU those go to the eager path by design
 # (`fused_backward_supported`); under the interpreter every dtype and head dim runs.
 _BWD_TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 8), 64: (32, 16, 8), 128: (16, 32, 8)}
-_BWD_TILES_FP32 = {16: (32, 16, 8), 32: (32, 16, 8)}
+_BWD_TILES_FP32 = {16: (32, 16, 8), 32: (16, 32, 8)}
 # Register budget per thread handed to ptxas (.maxnreg). Without it ptxas may cap 8-warp kernels at 128
 # registers and spill; 255 x 256 threads still fits one SM's 64K registers.
 MAXNREG = 255
