@@ -533,8 +533,8 @@ def window_attention_triton_forward(
     pad_order: str = PAD_THEN_ROLL,
     mask_value: float = -100.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch the fused forward. Returns the output (B, H*W, C) and the softmax statistics (B, heads, nW * N, 2)
-    of every window row, (row max, log row sum), whose sum is the log-sum-exp, in the
+    """Launch the fused forward. Returns the output (B, H*W, C) and the softmax statistics (B, heads, nW * N * 2)
+    of every window row, (row max, log row sum) pairs, whose sum is the log-sum-exp, in the
     compute dtype (fp32; fp64 for fp64 inputs).
 
     Inputs as in `window_attention_reference` (validated by the caller). qkv's channel dimension must be
@@ -549,7 +549,7 @@ def window_attention_triton_forward(
     g = _geometry(qkv, grid_size, num_heads, window_size, shift_size)
     scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
     out = torch.empty((B, L, g.C), device=qkv.device, dtype=qkv.dtype)
-    lse = torch.empty((B, num_heads, g.NUM_WINDOWS * g.N, 2), device=qkv.device, dtype=scale.dtype)
+    lse = torch.empty((B, num_heads, g.NUM_WINDOWS * g.N * 2), device=qkv.device, dtype=scale.dtype)
     if B == 0:
         return out, lse
     flags = _flags(qkv, qkv_bias, pad_order, head_dim, g.N)
@@ -674,14 +674,15 @@ def window_attention_fused(
     grid_size: List[int], num_heads: int, window_size: List[int], shift_size: List[int], pad_order: str,
     mask_value: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(output (B, H*W, C), softmax statistics (B, heads, nW * N, 2) = (row max, log row sum) in the compute
-    dtype); see the comment above."""
+    """(output (B, H*W, C), softmax statistics (B, heads, nW * N * 2), (row max, log row sum) pairs, in the
+    compute dtype); see the comment above."""
     options = _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
     if _runs_kernels(qkv):
         return window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, **options)
     out = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, **options)
     lse = window_log_sum_exp(qkv, qkv_bias, logit_scale, position_bias, **options)
-    return out, torch.stack([lse, torch.zeros_like(lse)], -1)  # (m, log l) = (logsumexp, 0) is exact too
+    # (m, log l) = (logsumexp, 0) is exact too
+    return out, torch.stack([lse, torch.zeros_like(lse)], -1).flatten(-2)
 
 
 @window_attention_fused.register_fake
@@ -689,7 +690,7 @@ def _(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_si
       mask_value):
     B, L, C3 = qkv.shape
     num_windows = -(-grid_size[0] // window_size[0]) * -(-grid_size[1] // window_size[1])
-    lse = qkv.new_empty((B, num_heads, num_windows * window_size[0] * window_size[1], 2),
+    lse = qkv.new_empty((B, num_heads, num_windows * window_size[0] * window_size[1] * 2),
                         dtype=_compute_dtype(qkv.dtype))
     return qkv.new_empty((B, L, C3 // 3)), lse
 

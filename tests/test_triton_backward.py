@@ -81,9 +81,6 @@ def test_fp32_gradients_match_reference(B, grid, heads, head_dim, window, shift,
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
     fused, eager, exact = _three_ways(B, grid, heads, head_dim, inputs, kwargs, 2, torch.float32)
     assert_errors_within_pytorch(fused, eager, exact, sum_floors(B, grid, window))
-    # and directly against the eager fp32 result where no sum is magnified (q/k/v and the table)
-    assert_close(fused[0], eager[0], atol=OP_GRAD_FP32_ATOL, rtol=OP_GRAD_FP32_RTOL, name="grad qkv")
-    assert_close(fused[3], eager[3], atol=OP_GRAD_FP32_ATOL, rtol=OP_GRAD_FP32_RTOL, name="grad position_bias")
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
