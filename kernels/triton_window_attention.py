@@ -110,6 +110,20 @@ def _scores(b_qs, b_kn, P_BIAS_H, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_
 
 
 @triton.jit
+def _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_t, H, W, HP, WP, WH, WW, SH, SW, C,
+               HEAD_DIM: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, CDT: tl.constexpr):
+    """Key rows o_n of a window, for a loop over key blocks: normalised k (compute dtype), v (projection
+    dtype), [BLOCK_N, HEAD_DIM] each, and their shift-mask regions."""
+    o_tok_n, m_pad_n, o_reg_n, o_padi_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+    b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n, o_d,
+                     stride_t, HAS_BIAS)
+    b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
+                     o_d, stride_t, HAS_BIAS)
+    b_kn, b_rk = _l2_normalize(b_k, CDT)
+    return b_kn, b_v, o_reg_n
+
+
+@triton.jit
 def _window_of(i_bw, NUM_WINDOWS, NUM_WX):
     # the image index in int64: i_b * stride_b overflows int32 for large images times large batches
     i_b, i_w = (i_bw // NUM_WINDOWS).to(tl.int64), i_bw % NUM_WINDOWS
@@ -151,14 +165,8 @@ def _window_attention_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < N
-        o_tok_n, m_pad_n, o_reg_n, o_padi_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
-                                                         ROLL_THEN_PAD)
-        # [BLOCK_N, HEAD_DIM]
-        b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
-                         o_d, stride_qkv_t, HAS_BIAS)
-        b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
-                         m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
-        b_kn, b_rk = _l2_normalize(b_k, CDT)
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP,
+                                        WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
         # [BLOCK_M, BLOCK_N]
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
         # online softmax
@@ -216,13 +224,8 @@ def _window_attention_bwd_delta_kernel(
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < N
-        o_tok_n, m_pad_n, o_reg_n, o_padi_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
-                                                         ROLL_THEN_PAD)
-        b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
-                         o_d, stride_qkv_t, HAS_BIAS)
-        b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
-                         m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
-        b_kn, b_rk = _l2_normalize(b_k, CDT)
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP,
+                                        WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
         b_p = _probs(b_s, b_rmax, b_logl, m_m)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
@@ -290,13 +293,8 @@ def _window_attention_bwd_dq_kernel(
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < N
-        o_tok_n, m_pad_n, o_reg_n, o_padi_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
-                                                         ROLL_THEN_PAD)
-        b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
-                         o_d, stride_qkv_t, HAS_BIAS)
-        b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
-                         m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
-        b_kn, b_rk = _l2_normalize(b_k, CDT)
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP,
+                                        WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
         b_kn = b_kn.to(DDT)
         b_s = _scores(b_qs, b_kn, p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
         b_p = _probs(b_s, b_rmax, b_logl, m_m)
