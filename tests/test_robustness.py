@@ -265,3 +265,11 @@ def test_autocast_dtypes_are_accepted(implementation):
     out = window_attention(qkv, tensors["qkv_bias"], tensors["logit_scale"], tensors["position_bias"],
                            implementation=implementation, **kwargs)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+@pytest.mark.xfail(strict=True, reason="open (issue 7): found by a 60-example fuzz run; the fp16 q/k/v gradient "
+                                       "of a lone real token among padded keys is 5x PyTorch's own fp16 error")
+def test_known_fp16_gradient_case_lone_token_among_padding():
+    case = dict(batch=1, grid=(1, 1), window=(1, 3), shift=(0, 0), heads=2, head_dim=32, pad_order=PAD_THEN_ROLL,
+                bias=True, dtype=torch.float16, seed=6615)
+    test_fuzz_forward_and_backward_match_the_reference.hypothesis.inner_test(case)
