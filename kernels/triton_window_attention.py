@@ -566,7 +566,6 @@ def window_attention_triton_backward(
     qkv_bias: Optional[torch.Tensor],
     logit_scale: torch.Tensor,
     position_bias: torch.Tensor,
-    out: torch.Tensor,
     lse: torch.Tensor,
     *,
     grid_size,
@@ -697,7 +696,7 @@ def _(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_si
                          device_types=("cuda", "cpu"))
 def window_attention_fused_backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
-    position_bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grid_size: List[int], num_heads: int,
+    position_bias: torch.Tensor, lse: torch.Tensor, grid_size: List[int], num_heads: int,
     window_size: List[int], shift_size: List[int], pad_order: str, mask_value: float, need_table_grads: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d qkv, d qkv_bias, d logit_scale, d position_bias); the bias gradient is empty without a bias and the
@@ -707,7 +706,7 @@ def window_attention_fused_backward(
         raise RuntimeError("swinv2_fast::window_attention_fused_backward runs the Triton kernels (CUDA, or CPU "
                            "under TRITON_INTERPRET=1); the op's eager CPU path is differentiated by autograd")
     dqkv, d_bias, d_scale, d_table = window_attention_triton_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, need_table_grads=need_table_grads,
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, lse, need_table_grads=need_table_grads,
         **options)
     empty = qkv.new_empty((0,))
     return (dqkv, empty if d_bias is None else d_bias,
@@ -715,7 +714,7 @@ def window_attention_fused_backward(
 
 
 @window_attention_fused_backward.register_fake
-def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, grid_size, num_heads, window_size,
+def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, lse, grid_size, num_heads, window_size,
       shift_size, pad_order, mask_value, need_table_grads):
     empty = qkv.new_empty((0,))
     return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
@@ -726,8 +725,8 @@ def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, grid_size, 
 
 def _setup_context(ctx, inputs, output):
     qkv, qkv_bias, logit_scale, position_bias = inputs[:4]
-    out, lse = output
-    ctx.save_for_backward(qkv, qkv_bias, logit_scale, position_bias, out, lse)
+    _, lse = output  # the backward needs the softmax statistics, not the output (delta comes from P * dP)
+    ctx.save_for_backward(qkv, qkv_bias, logit_scale, position_bias, lse)
     ctx.mark_non_differentiable(lse)
     ctx.options = inputs[4:]
 
@@ -747,13 +746,13 @@ def _reference_backward(grad_out, inputs, needs, options):
 
 def _backward(ctx, grad_out, grad_lse):
     # grad_lse: the log-sum-exp is an internal output (marked non-differentiable below), never used
-    qkv, qkv_bias, logit_scale, position_bias, out, lse = ctx.saved_tensors
+    qkv, qkv_bias, logit_scale, position_bias, lse = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if not _runs_kernels(qkv):  # the eager CPU path: differentiate the reference at the saved inputs
         return _reference_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs, ctx.options)
     need_table = bool(needs[2] or needs[3])
     dqkv, d_bias, d_scale, d_table = torch.ops.swinv2_fast.window_attention_fused_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, out, lse, *ctx.options, need_table)
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, lse, *ctx.options, need_table)
     return (dqkv if needs[0] else None, d_bias if needs[1] else None, d_scale if needs[2] else None,
             d_table if needs[3] else None, None, None, None, None, None, None)
 
