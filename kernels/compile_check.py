@@ -3,7 +3,8 @@
     python -m swinv2_fast.kernels.compile_check            # table of registers, spills, shared memory
     python -m swinv2_fast.kernels.compile_check --sweep    # developer aid: try tile configs per (dtype, head_dim)
 
-A specialization is fixed by the kernel (forward; backward: delta = rowsum(P * dP), dq, dk/dv, bias table
+A specialization is fixed by the kernel (forward; backward: softmax statistics and delta = rowsum(P * dP),
+dq, dk/dv, bias table
 and scale), the projection dtype (fp32, fp16, bf16, and fp64, which gradcheck uses), the head dimension, the
 tile configuration `block_config` picks for it (the same for every published window size, N = 49 ... 576),
 the padding order and whether the projection has a bias; everything else (batch, grid, window, shift,
@@ -28,12 +29,12 @@ from typing import Dict, List, NamedTuple, Tuple
 ARCHS = (80, 90)
 
 DTYPES = ("fp32", "fp16", "bf16")  # fp64 runs under the interpreter only (gradcheck)
-KERNELS = ("fwd", "bwd_delta", "bwd_dq", "bwd_dkdv", "bwd_dbias")
+KERNELS = ("fwd", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 WINDOW_SIZES = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
 CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "ROLL_THEN_PAD", "HAS_BIAS", "FULL_DOT", "BLOCK_T")
 # pointers in the projection's dtype, and those in the compute dtype (fp32; fp64 for fp64 projections)
 PROJECTION_POINTERS = ("QKV", "QKV_BIAS", "OUT", "DOUT", "DQKV")
-COMPUTE_POINTERS = ("SCALE", "POSITION_BIAS", "LSE", "DELTA", "DPAD", "DBIAS", "DSCALE")
+COMPUTE_POINTERS = ("SCALE", "POSITION_BIAS", "STATS", "DELTA", "DPAD", "DBIAS", "DSCALE")
 # 16-byte aligned pointers and strides / channels divisible by 16 at every launch the package makes
 # (C = heads * head_dim with head_dim a multiple of 16): what the JIT specializes on at run time.
 ALIGNED = ("stride_qkv_b", "stride_qkv_t", "stride_out_b", "stride_out_t", "stride_do_b", "stride_do_t",

@@ -25,8 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import (LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair, window_attention_reference,
-                        window_log_sum_exp)
+from .reference import LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair, window_attention_reference
 
 __all__ = ["fused_backward_supported", "window_attention_triton_forward", "window_attention_triton_backward", "window_attention_fused",
            "window_attention_fused_backward", "fused_window_attention",
@@ -132,7 +131,7 @@ def _window_of(i_bw, NUM_WINDOWS, NUM_WX):
 
 @triton.jit
 def _window_attention_fwd_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, OUT, LSE,
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, OUT,
     stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t,
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS,
     mask_value,
@@ -180,26 +179,28 @@ def _window_attention_fwd_kernel(
     b_out = b_acc / b_l[:, None]
     p_out = OUT + i_b * stride_out_b + o_tok_m[:, None] * stride_out_t + i_h * HEAD_DIM + o_d[None, :]
     tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=(m_m & ~m_pad_m)[:, None])
-    # softmax statistics as (row max, log row sum): the backward's P = exp((S - m) - log l) keeps the
-    # dominant entries exact, where exp(S - logsumexp) would lose |S| * eps of them
-    p_stats = LSE + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
-    tl.store(p_stats, b_m, mask=m_m)
-    tl.store(p_stats + 1, tl.log(b_l), mask=m_m)
 
 
 @triton.jit
-def _window_attention_bwd_delta_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, LSE, DELTA,
+def _window_attention_bwd_stats_kernel(
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA,
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L,
     mask_value,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
-    """delta[b, t, h] = sum_j P_ij dP_ij for the query rows of one window block, in token layout: the softmax
-    backward's correction term. Summed over the row of P * dP rather than taken as rowsum(dO * O): O was
-    rounded to the projection's dtype when stored, and dS = P (dP - delta) cancels, so an fp16 O would put
-    its rounding into every gradient."""
+    """The first backward kernel, for the query rows of one window block: the softmax statistics (row max,
+    log row sum) into STATS, and delta[b, t, h] = sum_j P_ij dP_ij in token layout, the softmax backward's
+    correction term, both in one online pass over the key blocks.
+
+    The statistics are recomputed here rather than saved by the forward: the backward kernels share one tile
+    shape, so the scores they recompute are bitwise those these statistics come from, while the forward's
+    tiles differ, and a score in another tile shape can differ in its last bit. At |S| up to 116 that bit moves
+    a saturated row's P off 1 by ~1e-5, and dS = P (dP - delta), exactly zero there in the reference (and in
+    the exact gradient), would not cancel. delta is summed over the row of P * dP rather than taken as
+    rowsum(dO * O): O was rounded to the projection's dtype when stored, so an fp16 O would put its rounding
+    into every gradient."""
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     i_bwm, i_h = tl.program_id(0), tl.program_id(1)
@@ -218,8 +219,10 @@ def _window_attention_bwd_delta_kernel(
     b_qs = (b_qn * tl.load(SCALE + i_h)).to(DDT)
     b_do = tl.load(DOUT + i_b * stride_do_b + o_tok_m[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
                    mask=m_real_m[:, None], other=0.0).to(DDT)
-    b_rmax, b_logl = _load_stats(LSE, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS)
-    b_delta = tl.zeros([BLOCK_M], dtype=CDT)
+    # online softmax as in the forward, with sum_j exp(S_ij - m_i) dP_ij carried beside the row sum
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
+    b_l = tl.zeros([BLOCK_M], dtype=CDT)
+    b_pdp = tl.zeros([BLOCK_M], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
@@ -227,16 +230,25 @@ def _window_attention_bwd_delta_kernel(
         b_kn, b_v, o_reg_n = _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP,
                                         WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
-        b_p = _probs(b_s, b_rmax, b_logl, m_m)
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_alpha = tl.exp(b_m - b_m_new)
+        b_e = tl.exp(b_s - b_m_new[:, None])
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
-        b_delta += tl.sum(b_p * b_dp, axis=1)
-    tl.store(DELTA + i_b * L * NUM_HEADS + o_tok_m * NUM_HEADS + i_h, b_delta, mask=m_real_m)
+        b_l = b_l * b_alpha + tl.sum(b_e, axis=1)
+        b_pdp = b_pdp * b_alpha + tl.sum(b_e * b_dp, axis=1)
+        b_m = b_m_new
+    # (row max, log row sum): P = exp((S - m) - log l) keeps the dominant entries exact, where
+    # exp(S - logsumexp) would lose |S| * eps of them
+    p_stats = STATS + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
+    tl.store(p_stats, b_m, mask=m_m)
+    tl.store(p_stats + 1, tl.log(b_l), mask=m_m)
+    tl.store(DELTA + i_b * L * NUM_HEADS + o_tok_m * NUM_HEADS + i_h, b_pdp / b_l, mask=m_real_m)
 
 
 @triton.jit
-def _load_stats(LSE, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS):
+def _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS):
     """Row max and log row sum of the forward's softmax for window rows o_m."""
-    p_stats = LSE + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
+    p_stats = STATS + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
     return tl.load(p_stats, mask=m_m, other=0.0), tl.load(p_stats + 1, mask=m_m, other=0.0)
 
 
@@ -247,19 +259,19 @@ def _probs(b_s, b_rmax, b_logl, m_m):
 
 
 @triton.jit
-def _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real, o_tok, o_d, stride_do_b, stride_do_t,
+def _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real, o_tok, o_d, stride_do_b, stride_do_t,
                       L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM: tl.constexpr):
     """dO rows (zero for padded and out-of-window rows, which have no output), softmax statistics, delta."""
     b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
                    mask=m_real[:, None], other=0.0)
-    b_rmax, b_logl = _load_stats(LSE, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS)
+    b_rmax, b_logl = _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS)
     b_delta = tl.load(DELTA + i_b * L * NUM_HEADS + o_tok * NUM_HEADS + i_h, mask=m_real, other=0.0)
     return b_do, b_rmax, b_logl, b_delta
 
 
 @triton.jit
 def _window_attention_bwd_dq_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, LSE, DELTA, DQKV,
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DQKV,
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L,
     mask_value,
@@ -285,7 +297,7 @@ def _window_attention_bwd_dq_kernel(
                      stride_qkv_t, HAS_BIAS)
     b_qn, b_rq = _l2_normalize(b_q, CDT)
     b_qs = (b_qn * b_scale).to(DDT)
-    b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d,
+    b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d,
                                              stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
     b_do = b_do.to(DDT)
     b_dqs = tl.zeros([BLOCK_M, HEAD_DIM], dtype=CDT)
@@ -308,7 +320,7 @@ def _window_attention_bwd_dq_kernel(
 
 @triton.jit
 def _window_attention_bwd_dkdv_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, LSE, DELTA, DQKV, DPAD,
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DQKV, DPAD,
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L, NUM_PAD,
     mask_value,
@@ -349,7 +361,7 @@ def _window_attention_bwd_dkdv_kernel(
                          stride_qkv_t, HAS_BIAS)
         b_qn, b_rq = _l2_normalize(b_q, CDT)
         b_qs = (b_qn * b_scale).to(DDT)
-        b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
+        b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
                                                  o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_do = b_do.to(DDT)
         b_s = _scores(b_qs, b_kn_d, p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
@@ -373,7 +385,7 @@ def _window_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _window_attention_bwd_dbias_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, LSE, DELTA, DBIAS, DSCALE,
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DBIAS, DSCALE,
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L, NUM_BW, WINDOWS_PER_GROUP,
     mask_value,
@@ -414,7 +426,7 @@ def _window_attention_bwd_dbias_kernel(
         b_qn, b_rq = _l2_normalize(b_q, CDT)
         b_kn, b_rk = _l2_normalize(b_k, CDT)
         b_qs = (b_qn * b_scale).to(DDT)
-        b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, LSE, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
+        b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
                                                  o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value,
                       FULL_DOT)
@@ -530,10 +542,8 @@ def window_attention_triton_forward(
     shift_size=0,
     pad_order: str = PAD_THEN_ROLL,
     mask_value: float = -100.0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch the fused forward. Returns the output (B, H*W, C) and the softmax statistics (B, heads, nW * N * 2)
-    of every window row, (row max, log row sum) pairs, whose sum is the log-sum-exp, in the
-    compute dtype (fp32; fp64 for fp64 inputs).
+) -> torch.Tensor:
+    """Launch the fused forward. Returns the output (B, H*W, C); the backward recomputes what it needs.
 
     Inputs as in `window_attention_reference` (validated by the caller). qkv's channel dimension must be
     contiguous; batch and token strides are free.
@@ -547,17 +557,40 @@ def window_attention_triton_forward(
     g = _geometry(qkv, grid_size, num_heads, window_size, shift_size)
     scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
     out = torch.empty((B, L, g.C), device=qkv.device, dtype=qkv.dtype)
-    lse = torch.empty((B, num_heads, g.NUM_WINDOWS * g.N * 2), device=qkv.device, dtype=scale.dtype)
     if B == 0:
-        return out, lse
+        return out
     flags = _flags(qkv, qkv_bias, pad_order, head_dim, g.N)
     grid = (B * g.NUM_WINDOWS * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)
     _window_attention_fwd_kernel[grid](
-        QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, OUT=out, LSE=lse,
+        QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, OUT=out,
         stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1), stride_out_b=out.stride(0),
         stride_out_t=out.stride(1), mask_value=float(mask_value), **g._asdict(), **flags,
     )
-    return out, lse
+    return out
+
+
+def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size,
+                         shift_size, pad_order, mask_value):
+    """Run the first backward kernel. Returns the geometry, the backward's tile flags, the clamped scale and
+    the launch arguments every backward kernel shares, whose STATS (B, heads, nW * N * 2: (row max, log row
+    sum) pairs) and DELTA (B, H*W, heads) it has filled."""
+    B, L, C3 = qkv.shape
+    g = _geometry(qkv, grid_size, num_heads, window_size, shift_size)
+    scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    flags = _flags(qkv, qkv_bias, pad_order, C3 // 3 // num_heads, g.N, backward=True)
+    stats = torch.empty((B, num_heads, g.NUM_WINDOWS * g.N * 2), device=qkv.device, dtype=scale.dtype)
+    delta = torch.empty((B, L, num_heads), device=qkv.device, dtype=scale.dtype)
+    common = dict(QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, STATS=stats,
+                  DELTA=delta, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
+                  stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L,
+                  mask_value=float(mask_value), **g._asdict(), **flags)
+    if B > 0:
+        # every token is the query of exactly one window row: each delta is written once
+        _window_attention_bwd_stats_kernel[(B * g.NUM_WINDOWS * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
+            **common)
+    return g, flags, scale, common
 
 
 def window_attention_triton_backward(
@@ -566,7 +599,6 @@ def window_attention_triton_backward(
     qkv_bias: Optional[torch.Tensor],
     logit_scale: torch.Tensor,
     position_bias: torch.Tensor,
-    lse: torch.Tensor,
     *,
     grid_size,
     num_heads: int,
@@ -578,33 +610,22 @@ def window_attention_triton_backward(
 ):
     """Gradients of the fused op: (d qkv, d qkv_bias or None, d logit_scale, d position_bias).
 
-    P is recomputed from the saved log-sum-exp (nothing N x N was stored). Kernels: delta = rowsum(P * dP) per
-    query row, in token layout; dq per query block; dk/dv per key block (padded keys to a per-position buffer, summed into the
+    P is recomputed (nothing N x N was stored). Kernels: the softmax statistics of every window row and
+    delta = rowsum(P * dP) per query row, in token layout; dq per query block; dk/dv per key block (padded keys to a per-position buffer, summed into the
     bias gradient); the table and scale gradients per bias tile over groups of windows, summed on the host
     in a fixed order. Every reduction is deterministic: no atomics.
     """
     B, L, C3 = qkv.shape
-    head_dim = C3 // 3 // num_heads
-    g = _geometry(qkv, grid_size, num_heads, window_size, shift_size)
-    scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
+    g, flags, scale, common = _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, grid_size,
+                                                   num_heads, window_size, shift_size, pad_order, mask_value)
     cdt = scale.dtype
-    if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
-    flags = _flags(qkv, qkv_bias, pad_order, head_dim, g.N, backward=True)
     num_pad = g.HP * g.WP - g.H * g.W
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     dpad = torch.zeros((B, max(num_pad, 1), C3), device=qkv.device, dtype=cdt)
     d_table = d_logit_scale = None
     if B > 0:
-        delta = torch.empty((B, L, num_heads), device=qkv.device, dtype=cdt)
-        common = dict(QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, LSE=lse,
-                      DELTA=delta, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
-                      stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L,
-                      mask_value=float(mask_value), **g._asdict(), **flags)
         strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
         num_bw = B * g.NUM_WINDOWS
-        # every token is the query of exactly one window row: each delta is written once
-        _window_attention_bwd_delta_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](**common)
         _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
             DQKV=dqkv, **strides, **common)
         _window_attention_bwd_dkdv_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_N"]), num_heads)](
@@ -625,7 +646,7 @@ def window_attention_triton_backward(
         dqkv.zero_()
     if need_table_grads:
         if d_table is None:  # empty batch
-            d_table = torch.zeros_like(table)
+            d_table = torch.zeros_like(position_bias, dtype=cdt)
             d_scale = torch.zeros_like(scale)
         # d exp(min(x, log 100)) / dx = exp(x) below the bound and 0 at or above it: torch.clamp's convention
         # (strictly inside the bound), compared in the logit scale's own dtype as the reference's clamp does
@@ -641,14 +662,13 @@ def window_attention_triton_backward(
 
 
 # ----------------------------------------------------------------------------------------- the custom op
-# `torch.ops.swinv2_fast.window_attention_fused` (forward: output and softmax statistics) and
+# `torch.ops.swinv2_fast.window_attention_fused` (the forward's output) and
 # `torch.ops.swinv2_fast.window_attention_fused_backward`, registered with torch.library so that
 # torch.compile traces models through them without a graph break (fake implementations give the shapes)
 # and autograd runs the fused backward. Where they run:
 #   CUDA tensors: the Triton kernels above.
 #   CPU tensors:  the same kernels under Triton's interpreter when TRITON_INTERPRET=1 was set at import;
-#                 otherwise the eager reference (output, literal log-sum-exp; the backward differentiates
-#                 the reference). The model and functional dispatch never send CPU tensors here without the
+#                 otherwise the eager reference (the backward differentiates the reference). The model and functional dispatch never send CPU tensors here without the
 #                 interpreter ("triton" raises there, "auto" picks eager); direct callers of the op get the
 #                 reference's numbers.
 
@@ -670,33 +690,26 @@ def window_attention_fused(
     qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor, position_bias: torch.Tensor,
     grid_size: List[int], num_heads: int, window_size: List[int], shift_size: List[int], pad_order: str,
     mask_value: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(output (B, H*W, C), softmax statistics (B, heads, nW * N * 2), (row max, log row sum) pairs, in the
-    compute dtype); see the comment above."""
+) -> torch.Tensor:
+    """The output (B, H*W, C); see the comment above."""
     options = _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
     if _runs_kernels(qkv):
         return window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, **options)
-    out = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, **options)
-    lse = window_log_sum_exp(qkv, qkv_bias, logit_scale, position_bias, **options)
-    # (m, log l) = (logsumexp, 0) is exact too
-    return out, torch.stack([lse, torch.zeros_like(lse)], -1).flatten(-2)
+    return window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, **options)
 
 
 @window_attention_fused.register_fake
 def _(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size, pad_order,
       mask_value):
     B, L, C3 = qkv.shape
-    num_windows = -(-grid_size[0] // window_size[0]) * -(-grid_size[1] // window_size[1])
-    lse = qkv.new_empty((B, num_heads, num_windows * window_size[0] * window_size[1] * 2),
-                        dtype=_compute_dtype(qkv.dtype))
-    return qkv.new_empty((B, L, C3 // 3)), lse
+    return qkv.new_empty((B, L, C3 // 3))
 
 
 @torch.library.custom_op("swinv2_fast::window_attention_fused_backward", mutates_args=(),
                          device_types=("cuda", "cpu"))
 def window_attention_fused_backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
-    position_bias: torch.Tensor, lse: torch.Tensor, grid_size: List[int], num_heads: int,
+    position_bias: torch.Tensor, grid_size: List[int], num_heads: int,
     window_size: List[int], shift_size: List[int], pad_order: str, mask_value: float, need_table_grads: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d qkv, d qkv_bias, d logit_scale, d position_bias); the bias gradient is empty without a bias and the
@@ -706,7 +719,7 @@ def window_attention_fused_backward(
         raise RuntimeError("swinv2_fast::window_attention_fused_backward runs the Triton kernels (CUDA, or CPU "
                            "under TRITON_INTERPRET=1); the op's eager CPU path is differentiated by autograd")
     dqkv, d_bias, d_scale, d_table = window_attention_triton_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, lse, need_table_grads=need_table_grads,
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, need_table_grads=need_table_grads,
         **options)
     empty = qkv.new_empty((0,))
     return (dqkv, empty if d_bias is None else d_bias,
@@ -714,7 +727,7 @@ def window_attention_fused_backward(
 
 
 @window_attention_fused_backward.register_fake
-def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, lse, grid_size, num_heads, window_size,
+def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size,
       shift_size, pad_order, mask_value, need_table_grads):
     empty = qkv.new_empty((0,))
     return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
@@ -724,10 +737,8 @@ def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, lse, grid_size, num_h
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, qkv_bias, logit_scale, position_bias = inputs[:4]
-    _, lse = output  # the backward needs the softmax statistics, not the output (delta comes from P * dP)
-    ctx.save_for_backward(qkv, qkv_bias, logit_scale, position_bias, lse)
-    ctx.mark_non_differentiable(lse)
+    # the backward needs the inputs only: it recomputes P and its statistics, and delta comes from P * dP
+    ctx.save_for_backward(*inputs[:4])
     ctx.options = inputs[4:]
 
 
@@ -744,15 +755,14 @@ def _reference_backward(grad_out, inputs, needs, options):
     return (*grads, None, None, None, None, None, None)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    # grad_lse: the log-sum-exp is an internal output (marked non-differentiable below), never used
-    qkv, qkv_bias, logit_scale, position_bias, lse = ctx.saved_tensors
+def _backward(ctx, grad_out):
+    qkv, qkv_bias, logit_scale, position_bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if not _runs_kernels(qkv):  # the eager CPU path: differentiate the reference at the saved inputs
         return _reference_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs, ctx.options)
     need_table = bool(needs[2] or needs[3])
     dqkv, d_bias, d_scale, d_table = torch.ops.swinv2_fast.window_attention_fused_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, lse, *ctx.options, need_table)
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, *ctx.options, need_table)
     return (dqkv if needs[0] else None, d_bias if needs[1] else None, d_scale if needs[2] else None,
             d_table if needs[3] else None, None, None, None, None, None, None)
 
@@ -763,8 +773,7 @@ window_attention_fused.register_autograd(_backward, setup_context=_setup_context
 def fused_window_attention(qkv, qkv_bias, logit_scale, position_bias, *, grid_size, num_heads, window_size,
                            shift_size=0, pad_order=PAD_THEN_ROLL, mask_value=-100.0) -> torch.Tensor:
     """The fused op on validated inputs (see `swinv2_fast.window_attention`), differentiable: the output only."""
-    out, _ = torch.ops.swinv2_fast.window_attention_fused(
+    return torch.ops.swinv2_fast.window_attention_fused(
         qkv, qkv_bias, logit_scale, position_bias, list(_pair(grid_size, "grid_size")), num_heads,
         list(_pair(window_size, "window_size")), list(_pair(shift_size, "shift_size")), pad_order,
         float(mask_value))
-    return out

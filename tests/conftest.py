@@ -46,6 +46,34 @@ MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL = 1e-4, 1e-4
 LOW_PRECISION_FACTOR = 2.0
 LOW_PRECISION_FLOOR = 1e-3
 
+# The eager reference's error is one sample of rounding. Where a result has few elements (a window of 3
+# tokens, one real) and the problem is ill-conditioned (logit scale near the clamp), one sample can be
+# lucky: eager's CPU fp16 path keeps P and the scores in fp32 where a tensor-core kernel rounds them to
+# fp16, so a single draw may sit far below what fp16 arithmetic can promise. There the "own error" of
+# PyTorch in a low-precision dtype is taken as the larger of the eager error and the problem's sensitivity
+# to rounding its inputs: the exact (fp64) result's change when each low-precision input is moved by a
+# random relative amount up to the dtype's unit roundoff (the forward error a backward-stable algorithm may
+# have), the largest of ROUNDING_DRAWS draws.
+ROUNDING_DRAWS = 2
+
+
+def rounding_sensitivity(compute, inputs, dtype, error, seed=0):
+    """Largest `error(compute(perturbed), compute(exact))` over ROUNDING_DRAWS perturbations, per result.
+
+    compute: maps a list of fp64 tensors (None kept) to a list of fp64 results; inputs: the low-precision
+    tensors (those of another dtype, e.g. autocast's fp32 table, are not perturbed); error(a, exact) -> float.
+    """
+    unit = torch.finfo(dtype).eps / 2
+    gen = torch.Generator().manual_seed(seed)
+    exact = compute([t.double() if t is not None else None for t in inputs])
+    worst = [0.0] * len(exact)
+    for _ in range(ROUNDING_DRAWS):
+        moved = [None if t is None else
+                 t.double() * (1 + unit * (2 * torch.rand(t.shape, generator=gen, dtype=torch.float64) - 1)
+                               .to(t.device)) if t.dtype == dtype else t.double() for t in inputs]
+        worst = [max(w, error(a, b)) for w, a, b in zip(worst, compute(moved), exact)]
+    return worst
+
 
 def perturb_(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
     """Move every parameter off its initialisation (zero biases, equal logit scales, zero mask tokens

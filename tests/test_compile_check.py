@@ -15,7 +15,7 @@ def test_compile_check_passes():
     assert "0 failed, 0 with spills" in summary, summary
     # every published window size's specializations appear, for both archs
     assert result.stdout.count("sm_80") == result.stdout.count("sm_90") > 0
-    for kernel in ("fwd", "bwd_delta", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
+    for kernel in ("fwd", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
         for dtype in ("fp32", "fp16", "bf16"):
             assert any(line.split()[:2] == [kernel, dtype] for line in result.stdout.splitlines()), (kernel, dtype)
 
@@ -36,7 +36,7 @@ def test_launchable_specs_cover_what_the_host_launches():
                         m, n, w = block_config(window * window, head_dim, dtype)
                         assert ("fwd", name, head_dim, m, n, w, roll, bias) in specs
                         m, n, w = block_config(window * window, head_dim, dtype, backward=True)
-                        for kernel in ("bwd_delta", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
+                        for kernel in ("bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
                             assert ((kernel, name, head_dim, m, n, w, roll, bias) in specs) == backward
     # head_dim 32, the published models': fused backward in every dtype
     assert all(fused_backward_supported(32, d) for d in (torch.float32, torch.float16, torch.bfloat16))

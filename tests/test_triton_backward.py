@@ -7,10 +7,11 @@ import torch
 
 import swinv2_fast
 from conftest import (FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL,
-                      MODEL_GRAD_FP32_RTOL, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, perturb_,
+                      MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, perturb_,
                       sum_grad_fp32_rtol)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference
+from swinv2_fast.kernels.reference import window_log_sum_exp
 
 pytest.importorskip("triton")
 from swinv2_fast.kernels import triton_window_attention as tk  # noqa: E402
@@ -93,6 +94,23 @@ def test_fp16_gradient_error_is_that_of_pytorch(B, grid, heads, head_dim, window
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
     fused, eager, exact = _three_ways(B, grid, heads, head_dim, inputs, kwargs, 5, torch.float16)
     assert_errors_within_pytorch(fused, eager, exact, LOW_PRECISION_FLOOR)
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", [SHAPES[0], SHAPES[2], SHAPES[9]])
+def test_backward_statistics_and_delta(B, grid, heads, head_dim, window, shift, pad_order):
+    """The first backward kernel's softmax statistics give the reference's log-sum-exp of every window row,
+    and its delta = sum_j P_ij dP_ij equals rowsum(dO * O), the same quantity, computed in fp64."""
+    inputs = make_inputs(B, grid, heads, head_dim, window, zero_k_bias=False)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
+                  mask_value=-100.0)
+    grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE)
+    common = tk._backward_statistics(grad_out, *inputs, **kwargs)[-1]
+    lse = common["STATS"].unflatten(-1, (-1, 2)).sum(-1)  # (row max, log row sum) pairs
+    assert_close(lse, window_log_sum_exp(*inputs, **kwargs), atol=OP_FP32_ATOL, rtol=1e-6, name="log-sum-exp")
+    out = window_attention_reference(*[t.double() for t in inputs], **kwargs)
+    delta = (grad_out.double() * out).unflatten(-1, (heads, head_dim)).sum(-1)
+    assert_close(common["DELTA"], delta, atol=OP_FP32_ATOL, name="delta")
 
 
 def test_gradients_are_deterministic():
