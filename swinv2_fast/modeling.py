@@ -3,8 +3,9 @@
 The module and parameter names mirror transformers 5.x exactly, so `load_state_dict(hf_model.state_dict())`
 works in both directions. What differs is inside the attention: the window-attention step runs on the
 q/k/v projection in token layout through `swinv2_fast.functional.window_attention` (one GEMM for q/k/v,
-one gather in, one gather out, PyTorch's fused attention), and in eval mode the continuous position bias
-table and the concatenated q/k/v weights are computed once and reused until a parameter changes.
+one gather in, one gather out, PyTorch's fused attention), in eval mode the continuous position bias
+table and the concatenated q/k/v weights are computed once and reused until a parameter changes, and CPU
+inference in fp32 runs the linear layers through oneDNN (`swinv2_fast.linear`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from .configuration import Swinv2Config
 from .functional import window_attention
+from .linear import Linear, linear
 from .outputs import (
     BackboneOutput,
     Swinv2EncoderOutput,
@@ -311,7 +313,7 @@ class Swinv2SelfAttention(nn.Module):
 
     def forward(self, hidden_states, input_dimensions, output_attentions=False):
         weight, bias = self.qkv_parameters()
-        qkv = F.linear(hidden_states, weight, bias)
+        qkv = linear(hidden_states, weight, bias)
         result = window_attention(
             qkv,
             bias,
@@ -333,7 +335,7 @@ class Swinv2SelfAttention(nn.Module):
 class Swinv2SelfOutput(nn.Module):
     def __init__(self, config, dim):
         super().__init__()
-        self.dense = nn.Linear(dim, dim)
+        self.dense = Linear(dim, dim)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, hidden_states):
@@ -356,20 +358,24 @@ class Swinv2Attention(nn.Module):
 class Swinv2Intermediate(nn.Module):
     def __init__(self, config, dim):
         super().__init__()
-        self.dense = nn.Linear(dim, int(config.mlp_ratio * dim))
+        self.dense = Linear(dim, int(config.mlp_ratio * dim))
         if isinstance(config.hidden_act, str):
             self.intermediate_act_fn = _activation(config.hidden_act)
         else:
             self.intermediate_act_fn = config.hidden_act
+        # exact GELU can be applied by the GEMM itself (swinv2_fast.linear)
+        self._exact_gelu = config.hidden_act == "gelu"
 
     def forward(self, hidden_states):
+        if self._exact_gelu and not self.dense.has_hooks():
+            return linear(hidden_states, self.dense.weight, self.dense.bias, gelu=True)
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
 class Swinv2Output(nn.Module):
     def __init__(self, config, dim):
         super().__init__()
-        self.dense = nn.Linear(int(config.mlp_ratio * dim), dim)
+        self.dense = Linear(int(config.mlp_ratio * dim), dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states):
@@ -460,7 +466,7 @@ class Swinv2PatchMerging(nn.Module):
         super().__init__()
         self.input_resolution = input_resolution
         self.dim = dim
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
         self.norm = norm_layer(2 * dim)
 
     def forward(self, input_feature, input_dimensions):

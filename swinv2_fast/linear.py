@@ -1,0 +1,86 @@
+"""The models' linear layers: oneDNN's matmul for CPU inference in fp32, `F.linear` everywhere else.
+
+On CPU, `F.linear` calls the BLAS PyTorch was built with: MKL in the x86-64 wheels. On the CPU this
+project is measured on (AMD EPYC, Zen 5, AVX-512) MKL's SGEMM runs 1.3x to 2.3x slower than the oneDNN
+matmul that ships in the same wheel (`torch.ops.mkldnn._linear_pointwise`, the op torch.compile's CPU
+backend emits for linears when it freezes weights), for the shapes of SwinV2-T; oneDNN can also apply exact
+GELU to the GEMM's output in place. So `linear` sends a call to oneDNN when all of these hold, and to
+`F.linear` otherwise (by design, not as an error path):
+
+- oneDNN is in this PyTorch (`torch.backends.mkldnn.is_available()` and the op is registered);
+- input, weight and bias are fp32 CPU tensors and the weight is contiguous;
+- autograd is not recording the call: the op has no backward, so training keeps `F.linear`;
+- torch.compile is not tracing the call: inductor lowers the op only for frozen weights, and picks its own
+  GEMM for `F.linear` (with `torch._inductor.config.freezing` it makes this very substitution itself);
+- `set_onednn_linear(False)` has not turned it off (benchmarks use it to show what the routing buys).
+
+Either way the math is the same; only the GEMM's summation order differs (fp32 rounding, ~1e-6 relative).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["linear", "onednn_linear_available", "set_onednn_linear", "Linear"]
+
+_enabled = True
+
+
+def onednn_linear_available() -> bool:
+    """Whether this PyTorch has oneDNN's linear op (x86-64 and aarch64 wheels do)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_AVAILABLE = onednn_linear_available()
+
+
+def set_onednn_linear(enabled: bool) -> bool:
+    """Turn the oneDNN route for CPU inference on or off (on by default); returns the previous setting."""
+    global _enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    previous, _enabled = _enabled, enabled
+    return previous
+
+
+def _routes_to_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    if not (_enabled and _AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous()):
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           gelu: bool = False) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, followed by exact GELU when `gelu`; see the module docstring for where
+    it runs."""
+    if _routes_to_onednn(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
+    out = F.linear(x, weight, bias)
+    return F.gelu(out) if gelu else out
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, state-dict keys and hooks) whose forward is `linear` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+    def has_hooks(self) -> bool:
+        """Whether a forward hook or pre-hook is registered on this module or globally: a caller that would
+        fuse this layer's GEMM with what follows it must call the module instead, so the hooks see it."""
+        from torch.nn.modules import module as _module
+
+        return bool(self._forward_hooks or self._forward_pre_hooks or _module._global_forward_hooks
+                    or _module._global_forward_pre_hooks)

@@ -1,0 +1,105 @@
+"""swinv2_fast.linear: oneDNN for fp32 CPU inference, F.linear elsewhere, the same numbers either way."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import swinv2_fast
+from conftest import FP32_ATOL, assert_close, perturb_
+from swinv2_fast import linear as L
+
+needs_onednn = pytest.mark.skipif(not L.onednn_linear_available(), reason="this PyTorch has no oneDNN linear op")
+
+
+@pytest.fixture
+def onednn():
+    previous = L.set_onednn_linear(True)
+    yield
+    L.set_onednn_linear(previous)
+
+
+def _operands(seed=0, m=37, k=24, n=40):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(3, m, k, generator=gen), torch.randn(n, k, generator=gen) / k**0.5, torch.randn(n, generator=gen)
+
+
+@needs_onednn
+def test_which_calls_go_to_onednn(onednn):
+    x, w, b = _operands()
+    with torch.no_grad():
+        assert L._routes_to_onednn(x, w, b) and L._routes_to_onednn(x, w, None)
+        assert not L._routes_to_onednn(x.double(), w.double(), b.double())  # fp32 only
+        assert not L._routes_to_onednn(x, w.t().contiguous().t(), b)  # the op needs a contiguous weight
+        assert not L._routes_to_onednn(x, w, b.half())
+    w_leaf = w.clone().requires_grad_()
+    assert not L._routes_to_onednn(x, w_leaf, b)  # autograd records the call: F.linear
+    assert L._routes_to_onednn(x, w, b)  # grad mode on, but nothing requires grad: nothing to record
+    with torch.inference_mode():
+        assert L._routes_to_onednn(x, w, b)
+    L.set_onednn_linear(False)
+    with torch.no_grad():
+        assert not L._routes_to_onednn(x, w, b)
+
+
+@needs_onednn
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_equals_f_linear(onednn, gelu, bias):
+    """Against fp64: both routes within fp32 rounding of a K=24 dot (the same bound for both)."""
+    x, w, b = _operands(seed=1)
+    b = b if bias else None
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    exact = F.gelu(exact) if gelu else exact
+    with torch.no_grad():
+        fast = L.linear(x, w, b, gelu=gelu)
+        L.set_onednn_linear(False)
+        plain = L.linear(x, w, b, gelu=gelu)
+    assert fast.shape == plain.shape == (3, 37, 40) and fast.dtype == torch.float32
+    assert_close(fast, exact, atol=1e-5, name="oneDNN")
+    assert_close(plain, exact, atol=1e-5, name="F.linear")
+
+
+def test_gradients_flow_through_the_f_linear_route():
+    x, w, b = _operands(seed=2)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    L.linear(*leaves, gelu=True).square().sum().backward()
+    ref = [t.clone().requires_grad_() for t in (x, w, b)]
+    F.gelu(F.linear(*ref)).square().sum().backward()
+    for a, r in zip(leaves, ref):
+        assert torch.equal(a.grad, r.grad)
+
+
+def test_set_onednn_linear_checks_its_argument():
+    with pytest.raises(TypeError, match="enabled must be a bool, got int"):
+        L.set_onednn_linear(1)
+
+
+def _tiny_model():
+    config = swinv2_fast.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                                      window_size=4)
+    return perturb_(swinv2_fast.Swinv2Model(config)).eval()
+
+
+@needs_onednn
+def test_model_outputs_are_the_same_with_and_without_onednn(onednn):
+    model = _tiny_model()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fast = model(x).last_hidden_state
+        L.set_onednn_linear(False)
+        plain = model(x).last_hidden_state
+    assert_close(fast, plain, atol=FP32_ATOL, name="last_hidden_state")
+
+
+def test_a_hook_on_the_mlp_sees_the_layer_it_hooked(onednn):
+    """The MLP's first GEMM and its GELU are one oneDNN call only while nobody hooks that layer; with a hook
+    the layer runs as a module, and the hook sees its output before the activation."""
+    model = _tiny_model()
+    dense = model.encoder.layers[0].blocks[0].intermediate.dense
+    seen = []
+    handle = dense.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    handle.remove()
+    (inp, out), = seen
+    assert_close(out, F.linear(inp, dense.weight, dense.bias), atol=1e-5, name="hooked output")
+    assert (out < 0).any()  # pre-GELU values
