@@ -113,7 +113,9 @@ def op_case(provider: str, shape: OpShape, batch: int, dtype: torch.dtype, mode:
 
 
 # --------------------------------------------------------------------------------------------- model level
-MODEL_PROVIDERS = ("swinv2_fast", "swinv2_fast-eager", "transformers", "timm")
+# swinv2_fast-F.linear: swinv2_fast with its CPU inference linears on F.linear instead of oneDNN
+# (swinv2_fast.linear), to show what that routing buys; a CPU inference row only (elsewhere it is the same path)
+MODEL_PROVIDERS = ("swinv2_fast", "swinv2_fast-eager", "swinv2_fast-F.linear", "transformers", "timm")
 MODEL_MODES = ("inference", "train step")
 
 
@@ -154,6 +156,21 @@ def build_models(spec: ModelSpec, seed: int = 0, layout: Optional[dict] = None) 
     return {"swinv2_fast": ours, "transformers": hf, "timm": timm_model}
 
 
+def linear_route(provider: str, model: Callable) -> Callable:
+    """`model` itself, or for swinv2_fast-F.linear a callable running it with the oneDNN route turned off."""
+    if provider != "swinv2_fast-F.linear":
+        return model
+
+    def call(*args, **kwargs):
+        previous = swinv2_fast.linear.set_onednn_linear(False)
+        try:
+            return model(*args, **kwargs)
+        finally:
+            swinv2_fast.linear.set_onednn_linear(previous)
+
+    return call
+
+
 def logits(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x) if name.startswith("timm") else model(x).logits
 
@@ -169,7 +186,7 @@ def model_case(provider: str, models: Dict[str, torch.nn.Module], batch: int, im
     if source == "swinv2_fast":
         model.set_attn_implementation("eager" if provider == "swinv2_fast-eager" else "auto")
     model.train(mode == "train step")
-    forward = torch.compile(model) if compiled else model
+    forward = linear_route(provider, torch.compile(model) if compiled else model)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device, dtype)
     labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)
@@ -190,9 +207,14 @@ def model_case(provider: str, models: Dict[str, torch.nn.Module], batch: int, im
     return step
 
 
-def providers_for(device: torch.device, level: str) -> List[str]:
-    """The providers that run on `device`: all on CUDA; on CPU those with a real CPU path (never the
-    interpreter): the Triton provider and swinv2_fast's separate eager row (on CPU "auto" is eager) drop out."""
+def providers_for(device: torch.device, level: str, mode: Optional[str] = None) -> List[str]:
+    """The providers that run on `device` (and model `mode`, if given): all on CUDA but swinv2_fast-F.linear;
+    on CPU those with a real CPU path (never the interpreter): the Triton provider and swinv2_fast's separate
+    eager row (on CPU "auto" is eager) drop out, and swinv2_fast-F.linear runs in inference only (training
+    uses F.linear anyway)."""
     if level == "op":
         return list(OP_PROVIDERS) if device.type == "cuda" else [p for p in OP_PROVIDERS if p != "triton"]
-    return list(MODEL_PROVIDERS) if device.type == "cuda" else [p for p in MODEL_PROVIDERS if p != "swinv2_fast-eager"]
+    if device.type == "cuda":
+        return [p for p in MODEL_PROVIDERS if p != "swinv2_fast-F.linear"]
+    return [p for p in MODEL_PROVIDERS if p != "swinv2_fast-eager"
+            and (p != "swinv2_fast-F.linear" or mode in (None, "inference"))]

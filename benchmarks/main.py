@@ -103,7 +103,7 @@ def plan(args) -> List[dict]:
                 for compiled in compile_options:
                     if compiled and mode == "train step" and args.device.type == "cpu" and not args.compile_train:
                         continue
-                    for provider in cases.providers_for(args.device, "model"):
+                    for provider in cases.providers_for(args.device, "model", mode):
                         if args.providers and provider not in args.providers:
                             continue
                         items.append(dict(level="model", variant=variant, mode=mode, provider=provider,
@@ -151,7 +151,7 @@ def parity_report(args, models_by_variant) -> List[str]:
                 model = models[source].to(args.device, torch.float32).eval()
                 if source == "swinv2_fast":
                     model.set_attn_implementation("eager" if provider == "swinv2_fast-eager" else "auto")
-                outputs[provider] = cases.logits(source, model, x).float()
+                outputs[provider] = cases.logits(source, cases.linear_route(provider, model), x).float()
         reference = outputs["swinv2_fast-eager"]
         for provider in sorted(outputs):
             if provider == "swinv2_fast-eager":

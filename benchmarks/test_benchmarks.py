@@ -53,6 +53,8 @@ def tiny_models():
 @pytest.mark.parametrize("mode", cases.MODEL_MODES)
 @pytest.mark.parametrize("provider", cases.providers_for(DEVICE, "model"))
 def test_model(benchmark, tiny_models, provider, mode):
+    if provider not in cases.providers_for(DEVICE, "model", mode):
+        pytest.skip(f"{provider} has no {mode} row on {DEVICE.type}")
     batch = 8 if mode == "inference" else 2
     fn = _synchronised(cases.model_case(provider, tiny_models, batch, 256, torch.float32, mode, DEVICE, False))
     fn()

@@ -46,7 +46,7 @@ def test_triton_provider_needs_a_gpu():
                          ids=["inference", "train-step", "inference-compiled"])
 def test_every_cpu_model_provider_runs(mode, compiled):
     models = cases.build_models(TINY_MODEL, layout=TINY_LAYOUT)
-    for provider in cases.providers_for(CPU, "model"):
+    for provider in cases.providers_for(CPU, "model", mode):
         fn = cases.model_case(provider, models, 2, TINY_MODEL.image_size, torch.float32, mode, CPU, compiled)
         timing = harness.time_call(fn, CPU, rounds=1, warmup=1)
         assert timing.median_ms > 0
