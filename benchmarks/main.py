@@ -106,6 +106,8 @@ def plan(args) -> List[dict]:
                     for provider in cases.providers_for(args.device, "model", mode):
                         if args.providers and provider not in args.providers:
                             continue
+                        if compiled and provider == "swinv2_fast-F.linear":
+                            continue  # under torch.compile the linears are inductor's either way
                         items.append(dict(level="model", variant=variant, mode=mode, provider=provider,
                                           dtype=dtype, compiled=compiled))
     return items
