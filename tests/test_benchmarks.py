@@ -6,7 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import cases, harness, main, plot  # noqa: E402
+from benchmarks import cases, cpu_linear, harness, main, plot  # noqa: E402
+from swinv2_fast import linear as L  # noqa: E402
 
 CPU = torch.device("cpu")
 TINY_OP = cases.OpShape("test-w4", (6, 7), 32, 2, 4)
@@ -50,6 +51,13 @@ def test_every_cpu_model_provider_runs(mode, compiled):
         fn = cases.model_case(provider, models, 2, TINY_MODEL.image_size, torch.float32, mode, CPU, compiled)
         timing = harness.time_call(fn, CPU, rounds=1, warmup=1)
         assert timing.median_ms > 0
+
+
+@pytest.mark.skipif(not L.onednn_linear_available(), reason="this PyTorch has no oneDNN linear op")
+def test_cpu_linear_comparison_runs(capsys):
+    assert cpu_linear.main(["--batch", "1", "--rounds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 16 + 1 and all(" x" in line for line in lines[2:])
 
 
 def test_rows_csv_and_chart(tmp_path):
