@@ -1,10 +1,10 @@
 """The models' linear layers: oneDNN's matmul for CPU inference in fp32, `F.linear` everywhere else.
 
 On CPU, `F.linear` calls the BLAS PyTorch was built with: MKL in the x86-64 wheels. On the CPU this
-project is measured on (AMD EPYC, Zen 5, AVX-512) MKL's SGEMM runs 1.3x to 2.3x slower than the oneDNN
+project is measured on (AMD EPYC, Zen 5, AVX-512) MKL's SGEMM runs 1.2x to 2.3x slower than the oneDNN
 matmul that ships in the same wheel (`torch.ops.mkldnn._linear_pointwise`, the op torch.compile's CPU
-backend emits for linears when it freezes weights), for the shapes of SwinV2-T; oneDNN can also apply exact
-GELU to the GEMM's output in place. So `linear` sends a call to oneDNN when all of these hold, and to
+backend emits for linears when it freezes weights), for the shapes of SwinV2-T (benchmarks/cpu_linear.py);
+oneDNN can also apply exact GELU to the GEMM's output in place. So `linear` sends a call to oneDNN when all of these hold, and to
 `F.linear` otherwise (by design, not as an error path):
 
 - oneDNN is in this PyTorch (`torch.backends.mkldnn.is_available()` and the op is registered);
