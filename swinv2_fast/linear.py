@@ -4,17 +4,17 @@ On CPU, `F.linear` calls the BLAS PyTorch was built with: MKL in the x86-64 whee
 project is measured on (AMD EPYC, Zen 5, AVX-512) MKL's SGEMM runs 1.2x to 2.3x slower than the oneDNN
 matmul that ships in the same wheel (`torch.ops.mkldnn._linear_pointwise`, the op torch.compile's CPU
 backend emits for linears when it freezes weights), for the shapes of SwinV2-T (benchmarks/cpu_linear.py);
-oneDNN can also apply exact GELU to the GEMM's output in place. So `linear` sends a call to oneDNN when all of these hold, and to
-`F.linear` otherwise (by design, not as an error path):
+oneDNN can also apply exact GELU to the GEMM's output in place. So `linear` sends a call to oneDNN when
+all of these hold, and to `F.linear` otherwise (by design, not as an error path):
 
 - oneDNN is in this PyTorch (`torch.backends.mkldnn.is_available()` and the op is registered);
 - input, weight and bias are fp32 CPU tensors and the weight is contiguous;
 - autograd is not recording the call: the op has no backward, so training keeps `F.linear`;
-- torch.compile is not tracing the call: inductor lowers the op only for frozen weights, and picks its own
-  GEMM for `F.linear` (with `torch._inductor.config.freezing` it makes this very substitution itself);
 - `set_onednn_linear(False)` has not turned it off (benchmarks use it to show what the routing buys).
 
 Either way the math is the same; only the GEMM's summation order differs (fp32 rounding, ~1e-6 relative).
+Under torch.compile the oneDNN call goes through the opaque custom op `swinv2_fast::onednn_linear`, which
+inductor keeps as it is (it lowers oneDNN's op itself only for frozen, constant weights).
 """
 from __future__ import annotations
 
@@ -52,8 +52,6 @@ def _routes_to_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         return False
     if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
         return False
-    if torch.compiler.is_compiling():
-        return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
@@ -65,10 +63,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """`F.linear(x, weight, bias)`, followed by exact GELU when `gelu`; see the module docstring for where
     it runs."""
     if _routes_to_onednn(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
-                                                  "none" if gelu else "")
+        if torch.compiler.is_compiling():
+            return torch.ops.swinv2_fast.onednn_linear(x, weight, bias, gelu)
+        return _onednn_linear_call(x, weight, bias, gelu)
     out = F.linear(x, weight, bias)
     return F.gelu(out) if gelu else out
+
+
+# An opaque custom op around oneDNN's, so that torch.compile keeps it in its graph as it is: inductor lowers
+# mkldnn._linear_pointwise itself only for frozen (constant) weights and would fail on a model's parameters.
+def _onednn_linear_call(x, weight, bias, gelu):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                              "none" if gelu else "")
+
+
+@torch.library.custom_op("swinv2_fast::onednn_linear", mutates_args=(), device_types="cpu")
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool) -> torch.Tensor:
+    return _onednn_linear_call(x, weight, bias, gelu)
+
+
+@_onednn_linear.register_fake
+def _(x, weight, bias, gelu):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 class Linear(nn.Linear):

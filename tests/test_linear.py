@@ -103,3 +103,14 @@ def test_a_hook_on_the_mlp_sees_the_layer_it_hooked(onednn):
     (inp, out), = seen
     assert_close(out, F.linear(inp, dense.weight, dense.bias), atol=1e-5, name="hooked output")
     assert (out < 0).any()  # pre-GELU values
+
+
+@needs_onednn
+def test_the_onednn_route_compiles_without_graph_break(onednn):
+    """Under torch.compile the oneDNN call is the opaque custom op swinv2_fast::onednn_linear (inductor
+    would reject oneDNN's own op on parameters that are not frozen); fake shapes checked by opcheck."""
+    x, w, b = _operands(seed=4)
+    torch.library.opcheck(torch.ops.swinv2_fast.onednn_linear.default, (x, w, b, True))
+    compiled = torch.compile(lambda *t: L.linear(*t, gelu=True), fullgraph=True)
+    with torch.no_grad():
+        assert_close(compiled(x, w, b), F.gelu(F.linear(x, w, b)), atol=1e-5, name="compiled")
