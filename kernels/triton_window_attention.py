@@ -130,6 +130,37 @@ def _window_of(i_bw, NUM_WINDOWS, NUM_WX):
 
 
 @triton.jit
+def _query_block(i_bwm, i_h, QKV, QKV_BIAS, SCALE, stride_qkv_b, stride_qkv_t, H, W, HP, WP, NUM_WX, NUM_WINDOWS,
+                 WH, WW, SH, SW, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, CDT: tl.constexpr, DDT: tl.constexpr):
+    """The query side of a program over BLOCK_M rows (block i_bwm of the (image, window) pairs' row blocks)
+    for head i_h: image and window indices, channel and row offsets, row mask, each row's token, padding flag
+    and shift region, the image's projection pointer, and q normalised (compute dtype), its clamped norm and
+    q times the clamped logit scale (dot dtype), [BLOCK_M, HEAD_DIM]."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    i_b, i_w, i_wy, i_wx = _window_of(i_bwm // num_m, NUM_WINDOWS, NUM_WX)
+    o_d = tl.arange(0, HEAD_DIM)
+    o_m = (i_bwm % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
+                                                         ROLL_THEN_PAD)
+    p_qkv = QKV + i_b * stride_qkv_b
+    b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
+                     stride_qkv_t, HAS_BIAS)
+    b_qn, b_rq = _l2_normalize(b_q, CDT)
+    b_qs = (b_qn * tl.load(SCALE + i_h)).to(DDT)
+    return i_b, i_w, i_wy, i_wx, o_d, o_m, m_m, o_tok_m, m_pad_m, o_reg_m, p_qkv, b_qn, b_rq, b_qs
+
+
+@triton.jit
+def _online_softmax_step(b_s, b_m):
+    """One key block of an online softmax over rows of scores b_s: the new row max, the factor rescaling
+    what was summed under the old max, and exp(S - new max)."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    return b_m_new, tl.exp(b_m - b_m_new), tl.exp(b_s - b_m_new[:, None])
+
+
+@triton.jit
 def _window_attention_fwd_kernel(
     QKV, QKV_BIAS, SCALE, POSITION_BIAS, OUT,
     stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t,
@@ -141,21 +172,9 @@ def _window_attention_fwd_kernel(
     CDT: tl.constexpr = SCALE.dtype.element_ty  # compute dtype: fp32 (fp64 for fp64 inputs)
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty  # dot operand dtype
     i_bwm, i_h = tl.program_id(0), tl.program_id(1)
-    num_m = tl.cdiv(N, BLOCK_M)
-    i_b, i_w, i_wy, i_wx = _window_of(i_bwm // num_m, NUM_WINDOWS, NUM_WX)
-
-    o_d = tl.arange(0, HEAD_DIM)
-    o_m = (i_bwm % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
-    o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
-                                                         ROLL_THEN_PAD)
-
-    p_qkv = QKV + i_b * stride_qkv_b
-    # q: normalised, times the clamped logit scale. [BLOCK_M, HEAD_DIM]
-    b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
-                     stride_qkv_t, HAS_BIAS)
-    b_qn, b_rq = _l2_normalize(b_q, CDT)
-    b_qs = (b_qn * tl.load(SCALE + i_h)).to(DDT)
+    i_b, i_w, i_wy, i_wx, o_d, o_m, m_m, o_tok_m, m_pad_m, o_reg_m, p_qkv, b_qn, b_rq, b_qs = _query_block(
+        i_bwm, i_h, QKV, QKV_BIAS, SCALE, stride_qkv_b, stride_qkv_t, H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH,
+        SW, N, HEAD_DIM, BLOCK_M, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
     b_l = tl.zeros([BLOCK_M], dtype=CDT)
@@ -168,13 +187,9 @@ def _window_attention_fwd_kernel(
                                         WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
         # [BLOCK_M, BLOCK_N]
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
-        # online softmax
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_alpha = tl.exp(b_m - b_m_new)
-        b_p = tl.exp(b_s - b_m_new[:, None])
+        b_m, b_alpha, b_p = _online_softmax_step(b_s, b_m)
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
         b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(DDT), b_v.to(DDT), FULL_DOT)
-        b_m = b_m_new
 
     b_out = b_acc / b_l[:, None]
     p_out = OUT + i_b * stride_out_b + o_tok_m[:, None] * stride_out_t + i_h * HEAD_DIM + o_d[None, :]
@@ -204,19 +219,10 @@ def _window_attention_bwd_stats_kernel(
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     i_bwm, i_h = tl.program_id(0), tl.program_id(1)
-    num_m = tl.cdiv(N, BLOCK_M)
-    i_b, i_w, i_wy, i_wx = _window_of(i_bwm // num_m, NUM_WINDOWS, NUM_WX)
-    o_d = tl.arange(0, HEAD_DIM)
-    o_m = (i_bwm % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
-    o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
-                                                     ROLL_THEN_PAD)
+    i_b, i_w, i_wy, i_wx, o_d, o_m, m_m, o_tok_m, m_pad_m, o_reg_m, p_qkv, b_qn, b_rq, b_qs = _query_block(
+        i_bwm, i_h, QKV, QKV_BIAS, SCALE, stride_qkv_b, stride_qkv_t, H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH,
+        SW, N, HEAD_DIM, BLOCK_M, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
-    p_qkv = QKV + i_b * stride_qkv_b
-    b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
-                     stride_qkv_t, HAS_BIAS)
-    b_qn, b_rq = _l2_normalize(b_q, CDT)
-    b_qs = (b_qn * tl.load(SCALE + i_h)).to(DDT)
     b_do = tl.load(DOUT + i_b * stride_do_b + o_tok_m[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
                    mask=m_real_m[:, None], other=0.0).to(DDT)
     # online softmax as in the forward, with sum_j exp(S_ij - m_i) dP_ij carried beside the row sum
@@ -230,13 +236,10 @@ def _window_attention_bwd_stats_kernel(
         b_kn, b_v, o_reg_n = _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP,
                                         WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_alpha = tl.exp(b_m - b_m_new)
-        b_e = tl.exp(b_s - b_m_new[:, None])
+        b_m, b_alpha, b_e = _online_softmax_step(b_s, b_m)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
         b_l = b_l * b_alpha + tl.sum(b_e, axis=1)
         b_pdp = b_pdp * b_alpha + tl.sum(b_e * b_dp, axis=1)
-        b_m = b_m_new
     # (row max, log row sum): P = exp((S - m) - log l) keeps the dominant entries exact, where
     # exp(S - logsumexp) would lose |S| * eps of them
     p_stats = STATS + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
@@ -282,21 +285,11 @@ def _window_attention_bwd_dq_kernel(
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     i_bwm, i_h = tl.program_id(0), tl.program_id(1)
-    num_m = tl.cdiv(N, BLOCK_M)
-    i_b, i_w, i_wy, i_wx = _window_of(i_bwm // num_m, NUM_WINDOWS, NUM_WX)
-    o_d = tl.arange(0, HEAD_DIM)
-    o_m = (i_bwm % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
-    o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
-                                                         ROLL_THEN_PAD)
+    i_b, i_w, i_wy, i_wx, o_d, o_m, m_m, o_tok_m, m_pad_m, o_reg_m, p_qkv, b_qn, b_rq, b_qs = _query_block(
+        i_bwm, i_h, QKV, QKV_BIAS, SCALE, stride_qkv_b, stride_qkv_t, H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH,
+        SW, N, HEAD_DIM, BLOCK_M, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
-
-    p_qkv = QKV + i_b * stride_qkv_b
     b_scale = tl.load(SCALE + i_h)
-    b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
-                     stride_qkv_t, HAS_BIAS)
-    b_qn, b_rq = _l2_normalize(b_q, CDT)
-    b_qs = (b_qn * b_scale).to(DDT)
     b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d,
                                              stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
     b_do = b_do.to(DDT)

@@ -98,5 +98,6 @@ class Linear(nn.Linear):
         fuse this layer's GEMM with what follows it must call the module instead, so the hooks see it."""
         from torch.nn.modules import module as _module
 
-        return bool(self._forward_hooks or self._forward_pre_hooks or _module._global_forward_hooks
-                    or _module._global_forward_pre_hooks)
+        global_hooks = (getattr(_module, name, None) for name in ("_global_forward_hooks",
+                                                                    "_global_forward_pre_hooks"))
+        return bool(self._forward_hooks or self._forward_pre_hooks or any(global_hooks))

@@ -114,3 +114,17 @@ def test_the_onednn_route_compiles_without_graph_break(onednn):
     compiled = torch.compile(lambda *t: L.linear(*t, gelu=True), fullgraph=True)
     with torch.no_grad():
         assert_close(compiled(x, w, b), F.gelu(F.linear(x, w, b)), atol=1e-5, name="compiled")
+
+
+def test_a_global_hook_also_keeps_the_mlp_layer_a_module(onednn):
+    model = _tiny_model()
+    dense = model.encoder.layers[0].blocks[0].intermediate.dense
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(module) if module is dense else None)
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+    finally:
+        handle.remove()
+    assert seen == [dense]
