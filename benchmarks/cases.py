@@ -64,17 +64,16 @@ def op_inputs(shape: OpShape, batch: int, dtype: torch.dtype, device: torch.devi
 
 
 def op_bytes(shape: OpShape, batch: int, dtype: torch.dtype, mode: str) -> int:
-    """Bytes the fused op must move: forward reads q/k/v and the table and writes the output and one fp32
-    log-sum-exp per window row; the backward reads q/k/v, the output, its gradient and the log-sum-exp and
-    writes the q/k/v gradient and the table gradient."""
+    """Bytes the fused op must move: the forward reads q/k/v and the table and writes the output; the
+    backward reads q/k/v, the output's gradient and the table and writes the q/k/v gradient and the table
+    gradient (its softmax statistics and delta are its own intermediates, a few bytes per window row)."""
     e = torch.finfo(dtype).bits // 8
     L, C, N = shape.grid[0] * shape.grid[1], shape.channels, shape.window ** 2
-    rows = batch * shape.heads * math.ceil(shape.grid[0] / shape.window) * math.ceil(shape.grid[1] / shape.window) * N
     table = shape.heads * N * N * 4
-    forward = batch * L * 4 * C * e + table + rows * 4
+    forward = batch * L * 4 * C * e + table
     if mode == "forward":
         return forward
-    return forward + batch * L * (3 * C + C + C + 3 * C) * e + rows * 4 + 2 * table
+    return forward + batch * L * (3 * C + C + 3 * C) * e + 2 * table
 
 
 def op_case(provider: str, shape: OpShape, batch: int, dtype: torch.dtype, mode: str,

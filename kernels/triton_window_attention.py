@@ -3,7 +3,7 @@
 Memory traffic. The eager chain reads and writes the whole activation at every step (pad, roll, partition,
 normalise, scores, bias, mask, softmax, product, reverse, roll back, crop). This kernel reads each q/k/v
 element of the projection once per query block that needs it, reads the (heads, N, N) bias table, and
-writes the output and one fp32 log-sum-exp per query row; nothing of size N x N reaches memory.
+writes the output; nothing of size N x N reaches memory. The backward recomputes the softmax from q/k/v.
 
 One program handles BLOCK_M query rows of one window of one image, for one head:
   1. Each row's source token comes from index arithmetic on the load: window -> shifted padded grid ->
