@@ -68,7 +68,7 @@ def test_op_on_cpu_without_the_interpreter_runs_the_reference(monkeypatch):
     _check_gradients(grads, inputs, grad_out)
 
 
-def test_compiled_model_training_step_matches_eager(monkeypatch):
+def test_compiled_model_training_step_matches_eager():
     """A tiny model with the fused op under torch.compile (inductor around the opaque op): same loss and
     parameter gradients as the uncompiled eager model; the op is traced without a graph break."""
     config = swinv2_fast.Swinv2Config(**TINY, num_labels=3)
@@ -84,12 +84,14 @@ def test_compiled_model_training_step_matches_eager(monkeypatch):
     loss, grads = step(model.set_attn_implementation("eager"))
     torch._dynamo.reset()
     # compile from scratch: a graph cached on disk by an earlier version of the op would carry its old shapes
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    explained = torch._dynamo.explain(model.set_attn_implementation("triton"))(x, labels=labels)
-    assert not any("window_attention" in str(reason) for reason in explained.break_reasons), explained.break_reasons
-    compiled = torch.compile(model)
-    compiled_loss, compiled_grads = step(compiled)
+    # (torch's own config.patch: monkeypatch's undo of these config attributes broke later compiles)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(
+            enable_autograd_cache=False):
+        explained = torch._dynamo.explain(model.set_attn_implementation("triton"))(x, labels=labels)
+        assert not any("window_attention" in str(reason) for reason in explained.break_reasons), \
+            explained.break_reasons
+        compiled = torch.compile(model)
+        compiled_loss, compiled_grads = step(compiled)
     assert_close(compiled_loss, loss, atol=FP32_ATOL, name="loss")
     for key in grads:
         assert_close(compiled_grads[key], grads[key], atol=MODEL_GRAD_FP32_ATOL, rtol=MODEL_GRAD_FP32_RTOL, name=key)
