@@ -130,6 +130,20 @@ def _window_of(i_bw, NUM_WINDOWS, NUM_WX):
 
 
 @triton.jit
+def _query_rows(p_qkv, QKV_BIAS, b_scale, o_m, m_m, i_wy, i_wx, i_h, o_d, stride_t, H, W, HP, WP, WH, WW, SH, SW,
+                HEAD_DIM: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, CDT: tl.constexpr,
+                DDT: tl.constexpr):
+    """Query rows o_m of a window: each row's token, padding flag and shift region, and q normalised (compute
+    dtype), its clamped norm and q times the clamped logit scale b_scale (dot dtype), [BLOCK_M, HEAD_DIM]."""
+    o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
+                                                         ROLL_THEN_PAD)
+    b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d, stride_t,
+                     HAS_BIAS)
+    b_qn, b_rq = _l2_normalize(b_q, CDT)
+    return o_tok_m, m_pad_m, o_reg_m, b_qn, b_rq, (b_qn * b_scale).to(DDT)
+
+
+@triton.jit
 def _query_block(i_bwm, i_h, QKV, QKV_BIAS, SCALE, stride_qkv_b, stride_qkv_t, H, W, HP, WP, NUM_WX, NUM_WINDOWS,
                  WH, WW, SH, SW, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
                  HAS_BIAS: tl.constexpr, CDT: tl.constexpr, DDT: tl.constexpr):
@@ -142,13 +156,10 @@ def _query_block(i_bwm, i_h, QKV, QKV_BIAS, SCALE, stride_qkv_b, stride_qkv_t, H
     o_d = tl.arange(0, HEAD_DIM)
     o_m = (i_bwm % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
-    o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
-                                                         ROLL_THEN_PAD)
     p_qkv = QKV + i_b * stride_qkv_b
-    b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
-                     stride_qkv_t, HAS_BIAS)
-    b_qn, b_rq = _l2_normalize(b_q, CDT)
-    b_qs = (b_qn * tl.load(SCALE + i_h)).to(DDT)
+    o_tok_m, m_pad_m, o_reg_m, b_qn, b_rq, b_qs = _query_rows(
+        p_qkv, QKV_BIAS, tl.load(SCALE + i_h), o_m, m_m, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP, WH, WW, SH,
+        SW, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
     return i_b, i_w, i_wy, i_wx, o_d, o_m, m_m, o_tok_m, m_pad_m, o_reg_m, p_qkv, b_qn, b_rq, b_qs
 
 
@@ -347,13 +358,10 @@ def _window_attention_bwd_dkdv_kernel(
     for start_m in range(0, N, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = o_m < N
-        o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
-                                                         ROLL_THEN_PAD)
+        o_tok_m, m_pad_m, o_reg_m, b_qn, b_rq, b_qs = _query_rows(
+            p_qkv, QKV_BIAS, b_scale, o_m, m_m, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP, WH, WW, SH, SW,
+            HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
         m_real_m = m_m & ~m_pad_m
-        b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
-                         stride_qkv_t, HAS_BIAS)
-        b_qn, b_rq = _l2_normalize(b_q, CDT)
-        b_qs = (b_qn * b_scale).to(DDT)
         b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
                                                  o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_do = b_do.to(DDT)
@@ -404,21 +412,13 @@ def _window_attention_bwd_dbias_kernel(
     b_dscale = tl.zeros([BLOCK_M], dtype=CDT)
     for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
         i_b, i_w, i_wy, i_wx = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
-        o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
-                                                         ROLL_THEN_PAD)
-        o_tok_n, m_pad_n, o_reg_n, o_padi_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
-                                                         ROLL_THEN_PAD)
-        m_real_m = m_m & ~m_pad_m
         p_qkv = QKV + i_b * stride_qkv_b
-        b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d,
-                         stride_qkv_t, HAS_BIAS)
-        b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
-                         o_d, stride_qkv_t, HAS_BIAS)
-        b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
-                         m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
-        b_qn, b_rq = _l2_normalize(b_q, CDT)
-        b_kn, b_rk = _l2_normalize(b_k, CDT)
-        b_qs = (b_qn * b_scale).to(DDT)
+        o_tok_m, m_pad_m, o_reg_m, b_qn, b_rq, b_qs = _query_rows(
+            p_qkv, QKV_BIAS, b_scale, o_m, m_m, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP, WH, WW, SH, SW,
+            HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP,
+                                        WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
+        m_real_m = m_m & ~m_pad_m
         b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
                                                  o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value,

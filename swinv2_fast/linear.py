@@ -70,13 +70,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return F.gelu(out) if gelu else out
 
 
-# An opaque custom op around oneDNN's, so that torch.compile keeps it in its graph as it is: inductor lowers
-# mkldnn._linear_pointwise itself only for frozen (constant) weights and would fail on a model's parameters.
 def _onednn_linear_call(x, weight, bias, gelu):
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                               "none" if gelu else "")
 
 
+# An opaque custom op around oneDNN's, so that torch.compile keeps it in its graph as it is: inductor lowers
+# mkldnn._linear_pointwise itself only for frozen (constant) weights and would fail on a model's parameters.
 @torch.library.custom_op("swinv2_fast::onednn_linear", mutates_args=(), device_types="cpu")
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool) -> torch.Tensor:
     return _onednn_linear_call(x, weight, bias, gelu)
