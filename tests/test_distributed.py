@@ -1,4 +1,5 @@
 """Data parallel training: two gloo processes on CPU against one process on the concatenated batch."""
+import gc
 import os
 import tempfile
 
@@ -47,8 +48,17 @@ def _worker(rank, implementation, init_file, out_dir):
         _train(model, _batches(), rank, WORLD)
         if rank == 0:
             torch.save(model.module.state_dict(), os.path.join(out_dir, "ddp.pt"))
+        # Tear down in order: every collective finished on both ranks, then the DDP wrapper (its reducer holds
+        # the process group and the last gradient buckets) freed, then the group destroyed, all while the
+        # interpreter is alive. Left to interpreter exit, gloo's worker threads can free tensors after Python
+        # is gone and the process aborts ("terminate called without an active exception", seen once in CI).
+        dist.barrier()
+        del model
+        gc.collect()
     finally:
         dist.destroy_process_group()
+    # reached only when this rank's work and teardown are complete; a crash after it is one at interpreter exit
+    open(os.path.join(out_dir, f"rank{rank}.done"), "w").close()
 
 
 @pytest.mark.parametrize("implementation", ["eager", "triton"])
@@ -62,7 +72,12 @@ def test_ddp_two_processes_match_one_process(implementation):
     single = _train(_model(implementation).train(), _batches())
     with tempfile.TemporaryDirectory() as out_dir:
         # spawned workers inherit this environment, TRITON_INTERPRET included
-        mp.spawn(_worker, args=(implementation, os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
+        try:
+            mp.spawn(_worker, args=(implementation, os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
+        except mp.ProcessExitedException as error:
+            done = sorted(name for name in os.listdir(out_dir) if name.endswith(".done"))
+            raise AssertionError(f"a worker died ({error}); ranks that had finished their work and teardown: "
+                                 f"{done or 'none'}") from error
         ddp = torch.load(os.path.join(out_dir, "ddp.pt"))
     expected = single.state_dict()
     assert ddp.keys() == expected.keys()
