@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .reference import LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair, window_attention_reference
 
-__all__ = ["fused_backward_supported", "window_attention_triton_forward", "window_attention_triton_backward", "window_attention_fused",
-           "window_attention_fused_backward", "fused_window_attention",
+__all__ = ["fused_backward_supported", "window_attention_triton_forward", "window_attention_triton_backward",
+           "window_attention_fused", "window_attention_fused_backward", "fused_window_attention",
            "block_config", "KERNEL_HEAD_DIMS", "INTERPRETED"]
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
@@ -301,8 +301,9 @@ def _window_attention_bwd_dq_kernel(
         SW, N, HEAD_DIM, BLOCK_M, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
     b_scale = tl.load(SCALE + i_h)
-    b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d,
-                                             stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+    b_do, b_rmax, b_logl, b_delta = _load_query_grads(
+        DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d, stride_do_b, stride_do_t, L, N,
+        NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
     b_do = b_do.to(DDT)
     b_dqs = tl.zeros([BLOCK_M, HEAD_DIM], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
@@ -332,8 +333,8 @@ def _window_attention_bwd_dkdv_kernel(
     ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     """dk and dv for BLOCK_N key rows of one window and head. Every token is a key of exactly one window,
-    so rows are stored, not accumulated; padded key rows go to their own slot of DPAD (B, NUM_PAD, 3C),
-    which the host sums into the k/v bias gradients."""
+    so rows are stored, not accumulated; with a bias, padded key rows go to their own slot of DPAD
+    (B, NUM_PAD, 2C: dk then dv), which the host sums into the k/v bias gradients."""
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     i_bwn, i_h = tl.program_id(0), tl.program_id(1)
@@ -362,8 +363,9 @@ def _window_attention_bwd_dkdv_kernel(
             p_qkv, QKV_BIAS, b_scale, o_m, m_m, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP, WH, WW, SH, SW,
             HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
         m_real_m = m_m & ~m_pad_m
-        b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
-                                                 o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+        b_do, b_rmax, b_logl, b_delta = _load_query_grads(
+            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d, stride_do_b, stride_do_t, L, N,
+            NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_do = b_do.to(DDT)
         b_s = _scores(b_qs, b_kn_d, p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
         # padded rows have dO = 0 and delta = 0, hence dS = 0; rows beyond the window have no softmax
@@ -378,10 +380,11 @@ def _window_attention_bwd_dkdv_kernel(
     p_dk = DQKV + i_b * stride_dqkv_b + o_tok_n[:, None] * stride_dqkv_t + C + i_h * HEAD_DIM + o_d[None, :]
     tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])
     tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])
-    m_padded_n = m_n & m_pad_n
-    p_dpad = DPAD + i_b * NUM_PAD * (3 * C) + o_pad_n[:, None] * (3 * C) + C + i_h * HEAD_DIM + o_d[None, :]
-    tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
-    tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
+    if HAS_BIAS:  # without a bias padded keys are constant zeros: nothing to learn there
+        m_padded_n = m_n & m_pad_n
+        p_dpad = DPAD + i_b * NUM_PAD * (2 * C) + o_pad_n[:, None] * (2 * C) + i_h * HEAD_DIM + o_d[None, :]
+        tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
+        tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
 
 
 @triton.jit
@@ -419,8 +422,9 @@ def _window_attention_bwd_dbias_kernel(
         b_kn, b_v, o_reg_n = _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP,
                                         WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
         m_real_m = m_m & ~m_pad_m
-        b_do, b_rmax, b_logl, b_delta = _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m,
-                                                 o_d, stride_do_b, stride_do_t, L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+        b_do, b_rmax, b_logl, b_delta = _load_query_grads(
+            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d, stride_do_b, stride_do_t, L, N,
+            NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value,
                       FULL_DOT)
         b_p = _probs(b_s, b_rmax, b_logl, m_m)
@@ -604,9 +608,10 @@ def window_attention_triton_backward(
     """Gradients of the fused op: (d qkv, d qkv_bias or None, d logit_scale, d position_bias).
 
     P is recomputed (nothing N x N was stored). Kernels: the softmax statistics of every window row and
-    delta = rowsum(P * dP) per query row, in token layout; dq per query block; dk/dv per key block (padded keys to a per-position buffer, summed into the
-    bias gradient); the table and scale gradients per bias tile over groups of windows, summed on the host
-    in a fixed order. Every reduction is deterministic: no atomics.
+    delta = rowsum(P * dP) per query row, in token layout; dq per query block; dk/dv per key block (padded
+    keys to a per-position buffer, summed into the bias gradient); the table and scale gradients per bias
+    tile over groups of windows, summed on the host in a fixed order. Every reduction is deterministic: no
+    atomics.
     """
     B, L, C3 = qkv.shape
     g, flags, scale, common = _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, grid_size,
@@ -614,7 +619,9 @@ def window_attention_triton_backward(
     cdt = scale.dtype
     num_pad = g.HP * g.WP - g.H * g.W
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-    dpad = torch.zeros((B, max(num_pad, 1), C3), device=qkv.device, dtype=cdt)
+    # every padded position is a key of exactly one window: each slot is written once per head, none is left
+    pad_grads = qkv_bias is not None and num_pad > 0
+    dpad = torch.empty((B, num_pad, 2 * (C3 // 3)) if pad_grads else (1,), device=qkv.device, dtype=cdt)
     d_table = d_logit_scale = None
     if B > 0:
         strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
@@ -649,7 +656,9 @@ def window_attention_triton_backward(
         d_table = d_table.to(position_bias.dtype)
     d_bias = None
     if qkv_bias is not None:
-        d_bias = dpad.sum((0, 1)) if num_pad > 0 else torch.zeros_like(dpad[0, 0])
+        d_bias = torch.zeros(C3, device=qkv.device, dtype=cdt)  # the q part: padded queries have no output
+        if pad_grads:
+            d_bias[C3 // 3:] = dpad.sum((0, 1))
         d_bias = d_bias.to(qkv_bias.dtype)
     return dqkv, d_bias, d_logit_scale, d_table
 
@@ -661,9 +670,9 @@ def window_attention_triton_backward(
 # and autograd runs the fused backward. Where they run:
 #   CUDA tensors: the Triton kernels above.
 #   CPU tensors:  the same kernels under Triton's interpreter when TRITON_INTERPRET=1 was set at import;
-#                 otherwise the eager reference (the backward differentiates the reference). The model and functional dispatch never send CPU tensors here without the
-#                 interpreter ("triton" raises there, "auto" picks eager); direct callers of the op get the
-#                 reference's numbers.
+#                 otherwise the eager reference (the backward differentiates the reference). The model and
+#                 functional dispatch never send CPU tensors here without the interpreter ("triton" raises
+#                 there, "auto" picks eager); direct callers of the op get the reference's numbers.
 
 def _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value):
     return dict(grid_size=tuple(grid_size), num_heads=num_heads, window_size=tuple(window_size),

@@ -75,6 +75,19 @@ def rounding_sensitivity(compute, inputs, dtype, error, seed=0):
     return worst
 
 
+def outputs_and_grads(implementation, inputs, grad_out, **kwargs):
+    """(output, gradients) of swinv2_fast.window_attention on fresh leaves made from `inputs`; a None input
+    stays None and has no gradient in the tuple; one autograd reports unused is zero (without padding the
+    reference never reads qkv_bias)."""
+    from swinv2_fast import window_attention
+
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    out = window_attention(*leaves, implementation=implementation, **kwargs)
+    wanted = [t for t in leaves if t is not None]
+    found = torch.autograd.grad(out, wanted, grad_out, allow_unused=True)
+    return out, tuple(torch.zeros_like(t) if g is None else g for t, g in zip(wanted, found))
+
+
 def perturb_(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
     """Move every parameter off its initialisation (zero biases, equal logit scales, zero mask tokens
     would hide mistakes), deterministically."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import (LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL, OP_FP32_ATOL_AT_CLAMP,
-                      assert_close, rounding_sensitivity, sum_grad_fp32_rtol)
+                      assert_close, outputs_and_grads, rounding_sensitivity, sum_grad_fp32_rtol)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_ORDERS, PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference, window_layout
 
@@ -77,12 +77,9 @@ def _error(a, exact):
 
 
 def _outputs_and_grads(tensors, grad_out, implementation, kwargs):
-    """[output, gradient of each non-None input] of window_attention; a missing gradient is zero."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-    out = window_attention(*leaves, implementation=implementation, **kwargs)
-    wanted = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(out, wanted, grad_out, allow_unused=True)
-    return [out] + [torch.zeros_like(t) if d is None else d for t, d in zip(wanted, grads)]
+    """[output, gradient of each non-None input] of window_attention, the list the fuzz compares."""
+    out, grads = outputs_and_grads(implementation, tensors, grad_out, **kwargs)
+    return [out, *grads]
 
 
 @FUZZ

@@ -7,8 +7,8 @@ import torch
 
 import swinv2_fast
 from conftest import (FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL,
-                      MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, perturb_,
-                      sum_grad_fp32_rtol)
+                      MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close,
+                      outputs_and_grads, perturb_, sum_grad_fp32_rtol)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference
 from swinv2_fast.kernels.reference import window_log_sum_exp
@@ -18,14 +18,6 @@ from swinv2_fast.kernels import triton_window_attention as tk  # noqa: E402
 from test_triton_forward import DEVICE, SHAPES, TINY, make_inputs  # noqa: E402
 
 NAMES = ("qkv", "qkv_bias", "logit_scale", "position_bias")
-
-
-def grads(implementation, inputs, grad_out, **kwargs):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    out = window_attention(*leaves, implementation=implementation, **kwargs)
-    # without padding the reference never reads qkv_bias: its gradient is zero
-    found = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
-    return out, tuple(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, found))
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
@@ -69,9 +61,9 @@ def assert_errors_within_pytorch(fused, eager, exact, floor):
 
 def _three_ways(B, grid, heads, head_dim, inputs, kwargs, seed, dtype):
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, generator=torch.Generator().manual_seed(seed))
-    _, exact = grads("eager", [t.double() for t in inputs], grad_out.double().to(DEVICE), **kwargs)
-    _, eager = grads("eager", inputs, grad_out.to(DEVICE, dtype), **kwargs)
-    _, fused = grads("triton", inputs, grad_out.to(DEVICE, dtype), **kwargs)
+    _, exact = outputs_and_grads("eager", [t.double() for t in inputs], grad_out.double().to(DEVICE), **kwargs)
+    _, eager = outputs_and_grads("eager", inputs, grad_out.to(DEVICE, dtype), **kwargs)
+    _, fused = outputs_and_grads("triton", inputs, grad_out.to(DEVICE, dtype), **kwargs)
     return fused, eager, exact
 
 
@@ -117,8 +109,8 @@ def test_gradients_are_deterministic():
     inputs = make_inputs(2, (10, 13), 2, 16, 4, seed=6)
     kwargs = dict(grid_size=(10, 13), num_heads=2, window_size=4, shift_size=2)
     grad_out = torch.randn(2, 130, 32)
-    first = grads("triton", inputs, grad_out, **kwargs)
-    second = grads("triton", inputs, grad_out, **kwargs)
+    first = outputs_and_grads("triton", inputs, grad_out, **kwargs)
+    second = outputs_and_grads("triton", inputs, grad_out, **kwargs)
     assert torch.equal(first[0], second[0])
     for a, b in zip(first[1], second[1]):
         assert torch.equal(a, b)
@@ -130,8 +122,8 @@ def test_padded_keys_reach_the_biases():
     inputs = make_inputs(1, (6, 6), 1, 16, 4, seed=7)
     kwargs = dict(grid_size=(6, 6), num_heads=1, window_size=4, shift_size=0)
     grad_out = torch.randn(1, 36, 16)
-    _, fused = grads("triton", inputs, grad_out, **kwargs)
-    _, eager = grads("eager", inputs, grad_out, **kwargs)
+    _, fused = outputs_and_grads("triton", inputs, grad_out, **kwargs)
+    _, eager = outputs_and_grads("eager", inputs, grad_out, **kwargs)
     d_bias = fused[1]
     assert torch.count_nonzero(d_bias[:16]) == 0 and d_bias[32:].abs().sum() > 0
     assert_close(d_bias, eager[1], atol=OP_GRAD_FP32_ATOL, rtol=OP_GRAD_FP32_RTOL, name="qkv_bias grad")
@@ -144,8 +136,8 @@ def test_logit_scale_gradient_is_zero_where_clamped():
     logit_scale = torch.tensor([7.0, math.log(100), 1.0]).view(3, 1, 1)
     kwargs = dict(grid_size=(8, 8), num_heads=3, window_size=4, shift_size=2)
     grad_out = torch.randn(1, 64, 48)
-    _, fused = grads("triton", (qkv, qkv_bias, logit_scale, table), grad_out, **kwargs)
-    _, eager = grads("eager", (qkv, qkv_bias, logit_scale, table), grad_out, **kwargs)
+    _, fused = outputs_and_grads("triton", (qkv, qkv_bias, logit_scale, table), grad_out, **kwargs)
+    _, eager = outputs_and_grads("eager", (qkv, qkv_bias, logit_scale, table), grad_out, **kwargs)
     assert fused[2].flatten().tolist()[:2] == [0.0, 0.0] and fused[2].flatten()[2].item() != 0.0
     assert_close(fused[2], eager[2], atol=OP_GRAD_FP32_ATOL, rtol=OP_GRAD_FP32_RTOL, name="logit_scale grad")
 
