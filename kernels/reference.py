@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -52,12 +53,15 @@ LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 IntPair = Union[int, Sequence[int]]
 
 
+def is_int(value) -> bool:
+    """An integer (Python's or numpy's: any numbers.Integral), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _pair(value: IntPair, name: str) -> Tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if is_int(value):
+        return int(value), int(value)
+    if isinstance(value, Sequence) and len(value) == 2 and all(is_int(v) for v in value):
         return int(value[0]), int(value[1])
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
@@ -95,8 +99,16 @@ def _axis_region(size: int, window: int, shift: int) -> torch.Tensor:
     return (pos >= size - window).long() + (pos >= size - shift).long()
 
 
-@functools.lru_cache(maxsize=512)
-def _window_layout_cpu(height, width, wh, ww, sh, sw, pad_order) -> WindowLayout:
+def tensor_modes_active() -> bool:
+    """Whether a tensor mode is active: a FakeTensorMode (torch.export, shape propagation), a
+    `with torch.device("meta")` block or any other dispatch or torch-function mode. Tensors made under one
+    are not ordinary tensors, so the package's caches neither keep nor serve anything then."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return is_in_torch_dispatch_mode() or torch._C._is_torch_function_mode_enabled()
+
+
+def _build_window_layout(height, width, wh, ww, sh, sw, pad_order) -> WindowLayout:
     hp = -(-height // wh) * wh
     wp = -(-width // ww) * ww
     pad_id = height * width
@@ -127,6 +139,9 @@ def _window_layout_cpu(height, width, wh, ww, sh, sw, pad_order) -> WindowLayout
     )
 
 
+_window_layout_cpu = functools.lru_cache(maxsize=512)(_build_window_layout)
+
+
 def check_geometry(grid_size: IntPair, window_size: IntPair, shift_size: IntPair, pad_order: str):
     """Validate and normalise ((H, W), (wh, ww), (sh, sw)); raises naming the argument."""
     height, width = _pair(grid_size, "grid_size")
@@ -155,6 +170,13 @@ def window_layout(
 ) -> WindowLayout:
     """The gather/scatter indices and mask regions of one (grid, window, shift, padding order), cached."""
     (height, width), (wh, ww), (sh, sw) = check_geometry(grid_size, window_size, shift_size, pad_order)
+    if not torch.compiler.is_dynamo_compiling() and tensor_modes_active():
+        # under a mode (fake or meta tensors, a device context) the layout is built in that mode, for this
+        # call only: kept in the caches below it would serve every later call of the process
+        layout = _build_window_layout(height, width, wh, ww, sh, sw, pad_order)
+        return layout if device is None else layout._replace(
+            gather_index=layout.gather_index.to(device), scatter_index=layout.scatter_index.to(device),
+            region=None if layout.region is None else layout.region.to(device))
     # Cached for the life of the process: built as normal tensors even when the first call comes under
     # inference_mode, so that a later training call can save them for backward.
     with torch.inference_mode(False):
@@ -207,7 +229,7 @@ def _sdpa_bias(position_bias, layout, mask_value, dtype):
         bias = _combined_bias(position_bias, layout, mask_value).to(dtype)
         return bias.expand(heads, layout.num_windows, n, n).reshape(1, heads * layout.num_windows, n, n)
 
-    if position_bias.requires_grad or torch.is_inference(position_bias):
+    if torch.compiler.is_compiling() or position_bias.requires_grad or torch.is_inference(position_bias):
         return build()
     key = (layout.key, float(mask_value), dtype)
     memo = position_bias.__dict__.setdefault("_swinv2_fast_sdpa_bias", {})

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .kernels.reference import PAD_THEN_ROLL, _pair, check_geometry, window_attention_reference
+from .kernels.reference import PAD_THEN_ROLL, check_geometry, is_int, window_attention_reference
 
 __all__ = ["window_attention", "IMPLEMENTATIONS", "triton_available", "resolve_implementation"]
 
@@ -120,11 +120,15 @@ def _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_head
     if logit_scale is None or position_bias is None:
         raise TypeError("logit_scale and position_bias are required tensors, got None")
     _check_dtypes_and_devices(qkv, qkv_bias=qkv_bias, logit_scale=logit_scale, position_bias=position_bias)
-    (height, width), (wh, ww), _ = check_geometry(grid_size, window_size, shift_size, pad_order)
+    geometry = check_geometry(grid_size, window_size, shift_size, pad_order)
+    (height, width), (wh, ww), _ = geometry
     _, tokens, channels3 = qkv.shape
     if tokens != height * width:
         raise ValueError(f"qkv must have H*W = {height * width} tokens for grid_size {(height, width)}, got {tokens}")
-    if not isinstance(num_heads, int) or num_heads < 1 or channels3 % (3 * num_heads) != 0:
+    if not is_int(num_heads):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__} {num_heads!r}")
+    num_heads = int(num_heads)
+    if num_heads < 1 or channels3 % (3 * num_heads) != 0:
         raise ValueError(
             f"qkv's last dimension must be 3 * num_heads * head_dim; got {channels3} with num_heads={num_heads!r}"
         )
@@ -141,6 +145,7 @@ def _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_head
         )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    return geometry, num_heads
 
 
 def _check_dtypes_and_devices(qkv, **others):
@@ -183,8 +188,10 @@ def window_attention(
     and the module docstring for `implementation`."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size,
-                  pad_order, dropout_p)
+    # the geometry and head count as plain ints (numpy integers accepted)
+    (grid_size, window_size, shift_size), num_heads = _check_inputs(
+        qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size, pad_order,
+        dropout_p)
     grad_inputs = (qkv, qkv_bias, logit_scale, position_bias)
     if resolve_implementation(implementation, qkv, num_heads, return_attention_probs, dropout_p,
                               grad_inputs) == "triton":

@@ -12,19 +12,23 @@ all of these hold, and to `F.linear` otherwise (by design, not as an error path)
 - autograd is not recording the call: the op has no backward, so training keeps `F.linear`;
 - `set_onednn_linear(False)` has not turned it off (benchmarks use it to show what the routing buys).
 
+The models' layers are `nn.Linear` modules, as in transformers; `apply_linear` sends a plain one (no
+subclass, wrapper or hook: `is_plain_linear`) through `linear` and calls any other as a module.
+
 Either way the math is the same; only the GEMM's summation order differs (fp32 rounding, ~1e-6 relative).
 Under torch.compile the oneDNN call goes through the opaque custom op `swinv2_fast::onednn_linear`, which
 inductor keeps as it is (it lowers oneDNN's op itself only for frozen, constant weights).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["linear", "onednn_linear_available", "set_onednn_linear", "Linear"]
+__all__ = ["linear", "apply_linear", "onednn_linear_available", "set_onednn_linear", "has_forward_hooks",
+           "is_plain_linear", "project_qkv"]
 
 _enabled = True
 
@@ -87,17 +91,41 @@ def _(x, weight, bias, gelu):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, state-dict keys and hooks) whose forward is `linear` above."""
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook is registered on `module` or globally."""
+    from torch.nn.modules import module as _module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    global_hooks = (getattr(_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
+    return bool(module._forward_hooks or module._forward_pre_hooks or any(global_hooks))
 
-    def has_hooks(self) -> bool:
-        """Whether a forward hook or pre-hook is registered on this module or globally: a caller that would
-        fuse this layer's GEMM with what follows it must call the module instead, so the hooks see it."""
-        from torch.nn.modules import module as _module
 
-        global_hooks = (getattr(_module, name, None) for name in ("_global_forward_hooks",
-                                                                    "_global_forward_pre_hooks"))
-        return bool(self._forward_hooks or self._forward_pre_hooks or any(global_hooks))
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is exactly an `nn.Linear` without forward hooks.
+
+    Only then may a caller use its weight and bias itself (one GEMM for q, k and v; GELU fused into the
+    GEMM) instead of calling it. Anything else (a LoRA wrapper, a dynamically quantized or parametrized
+    layer, a subclass, a hooked layer) is called as a module, so that what it computes and what its hooks
+    see stay its own."""
+    return type(module) is nn.Linear and not has_forward_hooks(module)
+
+
+def apply_linear(module: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """`module(x)`, then exact GELU when `gelu`: through `linear` above (oneDNN where it routes there, GELU
+    in the GEMM) when the module is plain (`is_plain_linear`), as a module call otherwise."""
+    if is_plain_linear(module):
+        return linear(x, module.weight, module.bias, gelu=gelu)
+    out = module(x)
+    return F.gelu(out) if gelu else out
+
+
+def project_qkv(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.Module,
+                padded: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """q/k/v of tokens `x` (B, L, C) by calling the three projection modules, for modules that are not
+    plain (`is_plain_linear`): ((B, L, 3C), pad) where pad (3C,) is what a padded position holds, the
+    projection of a zero token (the grid is padded with zeros before the projection), or None when
+    `padded` is False (the window-attention op then never reads it)."""
+    qkv = torch.cat([query(x), key(x), value(x)], dim=-1)
+    if not padded:
+        return qkv, None
+    zero = x.new_zeros((1, x.shape[-1]))
+    return qkv, torch.cat([query(zero), key(zero), value(zero)], dim=-1).reshape(-1)

@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .configuration import Swinv2Config
 from .functional import window_attention
-from .linear import Linear, linear
+from .kernels.reference import tensor_modes_active
+from .linear import apply_linear, has_forward_hooks, is_plain_linear, linear, project_qkv
 from .outputs import (
     BackboneOutput,
     Swinv2EncoderOutput,
@@ -37,10 +39,19 @@ __all__ = [
     "Swinv2Backbone",
 ]
 
+def _gelu(x):
+    return F.gelu(x)
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+# module-level functions, not lambdas: models pickle (torch.save(model), multiprocessing)
 _ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": _gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
     "relu": F.relu,
     "silu": F.silu,
     "swish": F.silu,
@@ -102,12 +113,28 @@ def window_and_shift(resolution, window_size: int, shift_size: int, semantics: s
 INFERENCE_CHUNK_BYTES = 8 << 20
 
 
+# Steps taken by any torch.optim optimizer in this process. Fused optimizers (AdamW(fused=True), the default
+# of transformers' Trainer) update parameters in place without moving their version counters; every cached
+# value is keyed on this count as well, so any step invalidates it.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class _VersionedCache:
     """Caches a value derived from tensors until one of them changes.
 
-    A tensor changes when it is modified in place (optimizer step, `load_state_dict`, `copy_`: its
-    version counter moves) or replaced (`.to()`, `.half()`: its storage moves). Writes through `.data`
-    bypass version counters; call `model.clear_caches()` after such writes.
+    A tensor changes when it is modified in place (`load_state_dict`, `copy_`, unfused optimizers: its
+    version counter moves), replaced (`.to()`, `.half()`: its storage moves), or when any torch.optim
+    optimizer takes a step (fused optimizers move no version counter). Writes through `.data`, and
+    in-place updates by code outside torch.optim that bypass version counters, are not seen: call
+    `model.clear_caches()` after such writes.
     """
 
     def __init__(self):
@@ -116,15 +143,18 @@ class _VersionedCache:
 
     @staticmethod
     def usable(module: nn.Module, tensors) -> bool:
-        # Only in eval mode, and never for a value autograd needs to differentiate.
-        return not module.training and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        # Only in eval mode, never for a value autograd needs to differentiate, never while torch.compile
+        # traces (the graph computes the value) or under a tensor mode (fake or meta tensors are not kept).
+        if module.training or torch.compiler.is_compiling() or tensor_modes_active():
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
     def get(self, tensors, compute):
         if any(torch.is_inference(t) for t in tensors):
             # parameters made under inference_mode have no version counter: nothing tells a change, so
             # nothing is cached
             return compute()
-        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        key = (_optimizer_steps,) + tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
         if self.key != key:
             # A normal tensor even under inference_mode: usable in any later mode, and it keeps a version
             # counter, which the attention op's own memo of the expanded table relies on. Computed at the
@@ -280,15 +310,20 @@ class Swinv2SelfAttention(nn.Module):
 
     def _compute_position_bias(self) -> torch.Tensor:
         mlp = self.continuous_position_bias_mlp
-        table = mlp(self.relative_coords_table.to(mlp[0].weight.dtype)).view(-1, self.num_attention_heads)
+        # the MLP's floating dtype; fp32 when it has no floating parameters (dynamically quantized layers)
+        dtype = next((p.dtype for p in mlp.parameters() if p.is_floating_point()), torch.float32)
+        table = mlp(self.relative_coords_table.to(dtype)).view(-1, self.num_attention_heads)
         n = self.window_size[0] * self.window_size[1]
         bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
         return 16 * torch.sigmoid(bias)
 
     def position_bias(self) -> torch.Tensor:
-        """(heads, N, N) = 16 * sigmoid(cpb_mlp(coords))[index]; cached in eval mode."""
-        params = list(self.continuous_position_bias_mlp.parameters()) + [self.relative_coords_table]
-        if _VersionedCache.usable(self, params):
+        """(heads, N, N) = 16 * sigmoid(cpb_mlp(coords))[index]; cached in eval mode while the MLP is the
+        plain one (its parameters are then all that it depends on)."""
+        mlp = self.continuous_position_bias_mlp
+        params = list(mlp.parameters()) + [self.relative_coords_table]
+        plain = all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU) and not has_forward_hooks(m) for m in mlp.modules())
+        if plain and _VersionedCache.usable(self, params):
             return self._bias_cache.get(params, self._compute_position_bias)
         return self._compute_position_bias()
 
@@ -312,8 +347,13 @@ class Swinv2SelfAttention(nn.Module):
         self._qkv_cache.clear()
 
     def forward(self, hidden_states, input_dimensions, output_attentions=False):
-        weight, bias = self.qkv_parameters()
-        qkv = linear(hidden_states, weight, bias)
+        if all(is_plain_linear(m) for m in (self.query, self.key, self.value)):
+            weight, bias = self.qkv_parameters()
+            qkv = linear(hidden_states, weight, bias)
+        else:  # swapped (LoRA, quantized, parametrized) or hooked projections: called as modules
+            height, width = input_dimensions
+            padded = height % self.window_size[0] != 0 or width % self.window_size[1] != 0
+            qkv, bias = project_qkv(hidden_states, self.query, self.key, self.value, padded)
         result = window_attention(
             qkv,
             bias,
@@ -335,11 +375,11 @@ class Swinv2SelfAttention(nn.Module):
 class Swinv2SelfOutput(nn.Module):
     def __init__(self, config, dim):
         super().__init__()
-        self.dense = Linear(dim, dim)
+        self.dense = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, hidden_states):
-        return self.dropout(self.dense(hidden_states))
+        return self.dropout(apply_linear(self.dense, hidden_states))
 
 
 class Swinv2Attention(nn.Module):
@@ -358,7 +398,7 @@ class Swinv2Attention(nn.Module):
 class Swinv2Intermediate(nn.Module):
     def __init__(self, config, dim):
         super().__init__()
-        self.dense = Linear(dim, int(config.mlp_ratio * dim))
+        self.dense = nn.Linear(dim, int(config.mlp_ratio * dim))
         if isinstance(config.hidden_act, str):
             self.intermediate_act_fn = _activation(config.hidden_act)
         else:
@@ -367,19 +407,19 @@ class Swinv2Intermediate(nn.Module):
         self._exact_gelu = config.hidden_act == "gelu"
 
     def forward(self, hidden_states):
-        if self._exact_gelu and not self.dense.has_hooks():
-            return linear(hidden_states, self.dense.weight, self.dense.bias, gelu=True)
-        return self.intermediate_act_fn(self.dense(hidden_states))
+        if self._exact_gelu:
+            return apply_linear(self.dense, hidden_states, gelu=True)
+        return self.intermediate_act_fn(apply_linear(self.dense, hidden_states))
 
 
 class Swinv2Output(nn.Module):
     def __init__(self, config, dim):
         super().__init__()
-        self.dense = Linear(int(config.mlp_ratio * dim), dim)
+        self.dense = nn.Linear(int(config.mlp_ratio * dim), dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states):
-        return self.dropout(self.dense(hidden_states))
+        return self.dropout(apply_linear(self.dense, hidden_states))
 
 
 class Swinv2DropPath(nn.Module):
@@ -426,7 +466,7 @@ class Swinv2Layer(nn.Module):
 
     def forward(self, hidden_states, input_dimensions, output_attentions=False):
         if (not self.training and not output_attentions and not torch.is_grad_enabled()
-                and hidden_states.device.type == "cpu"):
+                and hidden_states.device.type == "cpu" and self._chunkable(hidden_states)):
             return (self._forward_inference(hidden_states, input_dimensions),)
         attention_output, probs = self.attention(hidden_states, input_dimensions, output_attentions)
         hidden_states = hidden_states + self.drop_path(self.layernorm_before(attention_output))
@@ -434,6 +474,14 @@ class Swinv2Layer(nn.Module):
         layer_output = hidden_states + self.drop_path(self.layernorm_after(layer_output))
         return (layer_output, probs) if output_attentions else (layer_output,)
 
+
+    def _chunkable(self, hidden_states) -> bool:
+        """Whether `_forward_inference` may run this block: it calls the submodules once per piece, on
+        pieces of the batch and on 2-D token rows, so it runs only when no forward hook (on a submodule or
+        global) would see those calls, and not under torch.func transforms (vmap of its `out=` adds)."""
+        if not torch.compiler.is_dynamo_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(hidden_states):
+            return False
+        return not any(has_forward_hooks(m) for m in self.modules() if m is not self)
 
     def _forward_inference(self, hidden_states, input_dimensions):
         """`forward` in eval mode without autograd, computed in cache-sized pieces.
@@ -466,7 +514,7 @@ class Swinv2PatchMerging(nn.Module):
         super().__init__()
         self.input_resolution = input_resolution
         self.dim = dim
-        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = norm_layer(2 * dim)
 
     def forward(self, input_feature, input_dimensions):
@@ -479,7 +527,7 @@ class Swinv2PatchMerging(nn.Module):
         # (B, H/2, 2(row), W/2, 2(col), C) -> (B, H/2, W/2, col, row, C): the concatenation order above.
         x = x.view(batch_size, hp // 2, 2, wp // 2, 2, channels).permute(0, 1, 3, 4, 2, 5)
         x = x.reshape(batch_size, (hp // 2) * (wp // 2), 4 * channels)
-        return self.norm(self.reduction(x))
+        return self.norm(apply_linear(self.reduction, x))
 
 
 class Swinv2Stage(nn.Module):

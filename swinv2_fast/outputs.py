@@ -1,10 +1,12 @@
 """Output containers with the field names, order and tuple behaviour of transformers' Swinv2 outputs."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
 import torch
+import torch.utils._pytree as pytree
 
 __all__ = [
     "ModelOutput",
@@ -16,9 +18,26 @@ __all__ = [
 ]
 
 
+def _flatten(output):
+    names = [f.name for f in fields(output)]
+    return [getattr(output, name) for name in names], names
+
+
+def _unflatten(cls, values, names):
+    return cls(**dict(zip(names, values)))
+
+
 @dataclass
 class ModelOutput:
-    """Attribute, key and index access; fields that are None are left out of keys and tuples."""
+    """Attribute, key and index access; fields that are None are left out of keys and tuples.
+
+    Every subclass is a pytree node (its fields, None included, in order), so that torch.export and
+    torch.compile(fullgraph=True) can return it, as they can transformers' outputs."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        pytree.register_pytree_node(cls, _flatten, functools.partial(_unflatten, cls),
+                                    serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
 
     def keys(self):
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]

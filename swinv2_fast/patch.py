@@ -12,7 +12,10 @@ patched and unpatched models. The patched step reads the block's own parameters 
 projection, logit scale, continuous-position-bias MLP, output projection), so training, `load_state_dict`
 and `.to()` need nothing special. Because the step is one op, forward hooks on the modules inside it
 (transformers' `attention.self`, timm's `attn`) do not fire while patched; hooks on the output projection,
-the norms, the MLP and the blocks do.
+the norms, the MLP and the blocks do. transformers' `query`, `key` and `value` are read as one GEMM while
+they are plain `nn.Linear` layers without hooks; swapped ones (PEFT's LoRA, quantized or parametrized
+layers) or hooked ones are called as modules, on the block's tokens (and, when the grid is padded, on one
+zero token: the value padded positions hold). timm computes its q/k/v from `qkv.weight` itself, as timm does.
 
 Each library keeps its own semantics: transformers pads then rolls and adds its shift mask twice (-200);
 timm rolls then pads and adds -100. `output_attentions=True` (transformers) runs the original forward,
@@ -28,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import IMPLEMENTATIONS, window_attention
+from .linear import is_plain_linear, project_qkv
 from .kernels.reference import PAD_THEN_ROLL, ROLL_THEN_PAD
 
 __all__ = ["patch", "unpatch", "is_patched", "TESTED_VERSIONS"]
@@ -62,11 +66,14 @@ def _hf_layer_forward(self, hidden_states, input_dimensions, output_attentions=F
     attn = self.attention.self
     height, width = input_dimensions
     batch, _, channels = hidden_states.shape
-    weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
-    biases = [m.bias if m.bias is not None else attn.query.weight.new_zeros(m.out_features)
-              for m in (attn.query, attn.key, attn.value)]
-    bias = torch.cat(biases)
-    qkv = F.linear(hidden_states, weight, bias)
+    projections = (attn.query, attn.key, attn.value)
+    if all(is_plain_linear(m) for m in projections):
+        weight = torch.cat([m.weight for m in projections])
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in projections])
+        qkv = F.linear(hidden_states, weight, bias)
+    else:  # swapped (LoRA, quantized, parametrized) or hooked projections: called as modules
+        padded = height % self.window_size != 0 or width % self.window_size != 0  # an int (checked at patch)
+        qkv, bias = project_qkv(hidden_states, *projections, padded=padded)
     position_bias = _position_bias(attn.continuous_position_bias_mlp, attn.relative_coords_table,
                                    attn.relative_position_index, attn.num_attention_heads)
     context = window_attention(

@@ -93,6 +93,26 @@ def test_eval_cache_is_reused_and_never_stale():
         assert ours_double(x.double()).logits.dtype == torch.float64
 
 
+@pytest.mark.parametrize("optimizer", ["AdamW", "Adam", "SGD"])
+def test_fused_optimizer_steps_invalidate_the_eval_caches(optimizer):
+    """Fused optimizers (transformers' Trainer defaults to fused AdamW) update parameters without moving
+    their version counters; evaluation after their step must still see the new weights."""
+    _, ours = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = ours(x).logits  # fills the caches
+    step = getattr(torch.optim, optimizer)(ours.parameters(), lr=0.05, fused=True)
+    train_step(ours, x, torch.tensor([1]))
+    step.step()
+    ours.eval()
+    with torch.no_grad():
+        fresh = copy.deepcopy(ours)
+        fresh.clear_caches()
+        after = ours(x).logits
+        assert_close(after, fresh(x).logits, atol=0.0, name=f"eval after a fused {optimizer} step")
+        assert not torch.equal(after, before)
+
+
 def test_eval_mode_with_grad_enabled_still_differentiates_the_position_bias():
     _, ours = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
     ours.eval()
