@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["linear", "apply_linear", "onednn_linear_available", "set_onednn_linear", "has_forward_hooks",
+__all__ = ["linear", "apply_linear", "onednn_linear_available", "set_onednn_linear", "has_hooks",
            "is_plain_linear", "project_qkv"]
 
 _enabled = True
@@ -91,22 +91,24 @@ def _(x, weight, bias, gelu):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether a forward hook or pre-hook is registered on `module` or globally."""
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether a forward or backward hook (or pre-hook) is registered on `module` or for every module."""
     from torch.nn.modules import module as _module
 
-    global_hooks = (getattr(_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
-    return bool(module._forward_hooks or module._forward_pre_hooks or any(global_hooks))
+    return any(getattr(module, name, None) or getattr(_module, "_global" + name, None) for name in _HOOK_DICTS)
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """Whether `module` is exactly an `nn.Linear` without forward hooks.
+    """Whether `module` is exactly an `nn.Linear` without hooks.
 
     Only then may a caller use its weight and bias itself (one GEMM for q, k and v; GELU fused into the
     GEMM) instead of calling it. Anything else (a LoRA wrapper, a dynamically quantized or parametrized
     layer, a subclass, a hooked layer) is called as a module, so that what it computes and what its hooks
     see stay its own."""
-    return type(module) is nn.Linear and not has_forward_hooks(module)
+    return type(module) is nn.Linear and not has_hooks(module)
 
 
 def apply_linear(module: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .configuration import Swinv2Config
 from .functional import window_attention
 from .kernels.reference import tensor_modes_active
-from .linear import apply_linear, has_forward_hooks, is_plain_linear, linear, project_qkv
+from .linear import apply_linear, has_hooks, is_plain_linear, linear, project_qkv
 from .outputs import (
     BackboneOutput,
     Swinv2EncoderOutput,
@@ -322,7 +322,7 @@ class Swinv2SelfAttention(nn.Module):
         plain one (its parameters are then all that it depends on)."""
         mlp = self.continuous_position_bias_mlp
         params = list(mlp.parameters()) + [self.relative_coords_table]
-        plain = all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU) and not has_forward_hooks(m) for m in mlp.modules())
+        plain = all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU) and not has_hooks(m) for m in mlp.modules())
         if plain and _VersionedCache.usable(self, params):
             return self._bias_cache.get(params, self._compute_position_bias)
         return self._compute_position_bias()
@@ -477,11 +477,11 @@ class Swinv2Layer(nn.Module):
 
     def _chunkable(self, hidden_states) -> bool:
         """Whether `_forward_inference` may run this block: it calls the submodules once per piece, on
-        pieces of the batch and on 2-D token rows, so it runs only when no forward hook (on a submodule or
-        global) would see those calls, and not under torch.func transforms (vmap of its `out=` adds)."""
+        pieces of the batch and on 2-D token rows, so it runs only when no hook (on a submodule or global)
+        would see those calls, and not under torch.func transforms (vmap of its `out=` adds)."""
         if not torch.compiler.is_dynamo_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(hidden_states):
             return False
-        return not any(has_forward_hooks(m) for m in self.modules() if m is not self)
+        return not any(has_hooks(m) for m in self.modules() if m is not self)
 
     def _forward_inference(self, hidden_states, input_dimensions):
         """`forward` in eval mode without autograd, computed in cache-sized pieces.

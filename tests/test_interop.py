@@ -98,6 +98,32 @@ def test_hooks_inside_a_block_see_what_transformers_shows_them(monkeypatch):
     assert seen["ours"] == seen["transformers"] and len(seen["ours"]) == 4
 
 
+def test_backward_hooks_on_layers_fire_like_in_transformers():
+    """A layer whose weights the model would otherwise read itself (q/k/v, the MLP's first GEMM) is called
+    as a module while it has a backward hook, so the hook sees the gradient transformers' hook sees."""
+    hf, ours = make_pair("Swinv2ForImageClassification", num_labels=3, **TINY)
+    x, labels = torch.randn(2, 3, 38, 45), torch.tensor([0, 1])  # stage 0: a 10x12 grid, padded to 12x12
+    seen = {}
+    for name, model in (("transformers", hf), ("ours", ours)):
+        block = model.swinv2.encoder.layers[0].blocks[1]
+        record = seen.setdefault(name, {})
+        for sub, layer in (("value", block.attention.self.value), ("intermediate", block.intermediate.dense)):
+            layer.register_full_backward_hook(
+                lambda module, grad_in, grad_out, sub=sub, record=record: record.setdefault(sub, []).append(
+                    grad_out[0]))
+        model.train()
+        model(x, labels=labels).loss.backward()
+    ours_seen, hf_seen = seen["ours"], seen["transformers"]
+    assert len(ours_seen["intermediate"]) == len(hf_seen["intermediate"]) == 1
+    assert_close(ours_seen["intermediate"][0], hf_seen["intermediate"][0], atol=MODEL_GRAD_FP32_ATOL,
+                 rtol=MODEL_GRAD_FP32_RTOL, name="intermediate grad_output")
+    # transformers projects padded windows (padded positions included) in one call; ours projects the grid's
+    # tokens and, for the padded positions, one zero token: the gradient summed over every position agrees
+    assert len(hf_seen["value"]) == 1 and len(ours_seen["value"]) == 2
+    total = sum(g.sum() for g in ours_seen["value"])
+    assert_close(total, hf_seen["value"][0].sum(), atol=MODEL_GRAD_FP32_ATOL, name="value grad_output, summed")
+
+
 def test_models_pickle_with_every_builtin_activation():
     x = torch.randn(1, 3, 40, 40)
     for act in ("gelu", "gelu_new", "relu"):
