@@ -24,6 +24,7 @@ take part in the softmax of real tokens in windows that overhang the grid.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -54,7 +55,11 @@ IntPair = Union[int, Sequence[int]]
 
 
 def is_int(value) -> bool:
-    """An integer (Python's or numpy's: any numbers.Integral), not a bool."""
+    """An integer: Python's or numpy's (any numbers.Integral) but not a bool, or a 0-d integer tensor (what
+    sizes are while torch.jit.trace records; the trace then holds this call's value)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and not value.is_complex() \
+            and value.dtype != torch.bool
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -161,6 +166,17 @@ def check_geometry(grid_size: IntPair, window_size: IntPair, shift_size: IntPair
 _device_layouts: dict = {}
 
 
+@contextlib.contextmanager
+def _not_traced():
+    """Suspends torch.jit.trace's recording (if any) for the block."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 def window_layout(
     grid_size: IntPair,
     window_size: IntPair,
@@ -178,8 +194,9 @@ def window_layout(
             gather_index=layout.gather_index.to(device), scatter_index=layout.scatter_index.to(device),
             region=None if layout.region is None else layout.region.to(device))
     # Cached for the life of the process: built as normal tensors even when the first call comes under
-    # inference_mode, so that a later training call can save them for backward.
-    with torch.inference_mode(False):
+    # inference_mode, so that a later training call can save them for backward; and never recorded by
+    # torch.jit.trace, which sees the layout as constants whether this call built it or found it.
+    with torch.inference_mode(False), _not_traced():
         layout = _window_layout_cpu(height, width, wh, ww, sh, sw, pad_order)
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type == "cpu":
@@ -229,7 +246,8 @@ def _sdpa_bias(position_bias, layout, mask_value, dtype):
         bias = _combined_bias(position_bias, layout, mask_value).to(dtype)
         return bias.expand(heads, layout.num_windows, n, n).reshape(1, heads * layout.num_windows, n, n)
 
-    if torch.compiler.is_compiling() or position_bias.requires_grad or torch.is_inference(position_bias):
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or position_bias.requires_grad
+            or torch.is_inference(position_bias)):
         return build()
     key = (layout.key, float(mask_value), dtype)
     memo = position_bias.__dict__.setdefault("_swinv2_fast_sdpa_bias", {})

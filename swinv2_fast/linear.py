@@ -10,7 +10,8 @@ all of these hold, and to `F.linear` otherwise (by design, not as an error path)
 - oneDNN is in this PyTorch (`torch.backends.mkldnn.is_available()` and the op is registered);
 - input, weight and bias are fp32 CPU tensors and the weight is contiguous;
 - autograd is not recording the call: the op has no backward, so training keeps `F.linear`;
-- `set_onednn_linear(False)` has not turned it off (benchmarks use it to show what the routing buys).
+- `set_onednn_linear(False)` has not turned it off (benchmarks use it to show what the routing buys);
+- `torch.jit.trace` is not recording (its tracer cannot record the op).
 
 The models' layers are `nn.Linear` modules, as in transformers; `apply_linear` sends a plain one (no
 subclass, wrapper or hook: `is_plain_linear`) through `linear` and calls any other as a module.
@@ -51,6 +52,8 @@ def set_onednn_linear(enabled: bool) -> bool:
 
 
 def _routes_to_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    if torch.jit.is_tracing():  # TorchScript's tracer cannot record the op's optional-scalar list argument
+        return False
     if not (_enabled and _AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous()):
         return False

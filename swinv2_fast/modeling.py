@@ -143,9 +143,10 @@ class _VersionedCache:
 
     @staticmethod
     def usable(module: nn.Module, tensors) -> bool:
-        # Only in eval mode, never for a value autograd needs to differentiate, never while torch.compile
-        # traces (the graph computes the value) or under a tensor mode (fake or meta tensors are not kept).
-        if module.training or torch.compiler.is_compiling() or tensor_modes_active():
+        # Only in eval mode, never for a value autograd needs to differentiate, never while torch.compile or
+        # torch.jit.trace records (the graph computes the value) or under a tensor mode (fake or meta tensors
+        # are not kept).
+        if module.training or torch.compiler.is_compiling() or torch.jit.is_tracing() or tensor_modes_active():
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 

@@ -159,6 +159,20 @@ def test_fullgraph_compile_in_inference():
         assert_close(compiled(x).logits, hf(x).logits, name="fullgraph compiled logits")
 
 
+def test_jit_trace_with_tuple_outputs():
+    """torch.jit.trace (what older export paths use) on a model configured for tuples, as transformers'
+    torchscript users do: the trace reproduces transformers' logits, also for another batch size."""
+    hf, _ = make_pair("Swinv2ForImageClassification", num_labels=3, **TINY)
+    ours = swinv2_fast.Swinv2ForImageClassification(
+        swinv2_fast.Swinv2Config(**TINY, num_labels=3, return_dict=False)).eval()
+    ours.load_state_dict(hf.state_dict())
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        traced = torch.jit.trace(ours, (x,))  # checks that a second run records the same graph
+        for batch in (x, torch.randn(3, 3, 40, 40)):
+            assert_close(traced(batch)[0], hf(batch).logits, name=f"traced logits, batch {len(batch)}")
+
+
 def test_vmap_in_inference_matches_the_batch():
     _, ours = make_pair("Swinv2ForImageClassification", num_labels=3, **TINY)
     x = torch.randn(3, 3, 40, 40)
