@@ -757,9 +757,25 @@ def _reference_backward(grad_out, inputs, needs, options):
     return (*grads, None, None, None, None, None, None)
 
 
+def _differentiable_backward(grad_out, inputs, needs, options):
+    """The gradients as a differentiable function of the inputs, for a backward that records a graph
+    (`create_graph=True`: gradient penalties, double backward). The fused backward is not differentiable
+    itself, so by design such a backward differentiates the reference instead, at the same inputs."""
+    wanted = [t for t, need in zip(inputs, needs) if t is not None and need]
+    out = window_attention_reference(*inputs, **_options(*options))
+    found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    grads = [next(found) if t is not None and need else None for t, need in zip(inputs, needs)]
+    if needs[1] and grads[1] is None:  # read only where there is padding
+        grads[1] = torch.zeros_like(inputs[1])
+    return (*grads, None, None, None, None, None, None)
+
+
 def _backward(ctx, grad_out):
     qkv, qkv_bias, logit_scale, position_bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # autograd records this backward (create_graph=True)
+        return _differentiable_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs,
+                                        ctx.options)
     if not _runs_kernels(qkv):  # the eager CPU path: differentiate the reference at the saved inputs
         return _reference_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs, ctx.options)
     need_table = bool(needs[2] or needs[3])

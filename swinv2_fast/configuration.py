@@ -274,6 +274,11 @@ class Swinv2Config:
     @classmethod
     def from_dict(cls, config_dict: Dict[str, Any], **overrides) -> "Swinv2Config":
         data = dict(config_dict)
+        # transformers saves both out_features and out_indices; an override of one of them re-derives the
+        # other (as transformers' setters do) instead of clashing with the saved value
+        for given, derived in (("out_features", "out_indices"), ("out_indices", "out_features")):
+            if given in overrides and derived not in overrides:
+                data.pop(derived, None)
         data.update(overrides)
         model_type = data.get("model_type", cls.model_type)
         if model_type != cls.model_type:

@@ -13,7 +13,8 @@ shapes and the math) plus `implementation`:
 
 On a GPU two cases go to the eager path by design ("auto") or raise ("triton"): float64 inputs, and fp32
 calls that need gradients with head_dim 64 or 128 (the fused backward has no spill-free fp32 build there;
-every published model has head_dim 32). Under the interpreter on CPU every case runs the kernels.
+every published model has head_dim 32). Under the interpreter on CPU every case runs the kernels but
+bfloat16, which Triton's interpreter computes wrongly (its bf16 `tl.dot`): "triton" raises there.
 
 The "triton" path is the custom op `torch.ops.swinv2_fast.window_attention_fused` (torch.library, with a
 fake implementation, so torch.compile traces through it); its backward is the fused Triton backward.
@@ -104,6 +105,12 @@ def resolve_implementation(implementation: str, qkv: torch.Tensor, num_heads: in
                 "implementation='triton' got CPU tensors: the kernel runs on CUDA, or on CPU under Triton's "
                 "interpreter, which needs TRITON_INTERPRET=1 in the environment before swinv2_fast's kernels "
                 "are imported; use implementation='eager' or 'auto' on CPU"
+            )
+        if qkv.dtype == torch.bfloat16:
+            raise ValueError(
+                "implementation='triton' got bfloat16 CPU tensors: Triton's interpreter computes bf16 dot "
+                "products wrongly, so the kernels cannot be checked in bf16 on CPU; use float16 or float32 "
+                "there, implementation='eager', or a GPU"
             )
     elif qkv.device.type != "cuda":
         raise RuntimeError(f"implementation='triton' runs on CUDA (or CPU under the interpreter), got {qkv.device}")

@@ -589,6 +589,7 @@ class Swinv2Encoder(nn.Module):
             for i in range(self.num_layers)
         )
         self.gradient_checkpointing = False
+        self.checkpoint_kwargs = {"use_reentrant": False}
 
     def forward(self, hidden_states, input_dimensions, output_attentions=False, output_hidden_states=False,
                 output_hidden_states_before_downsampling=False, return_dict=True):
@@ -607,7 +608,7 @@ class Swinv2Encoder(nn.Module):
         for stage in self.layers:
             if self.gradient_checkpointing and self.training:
                 stage_outputs = torch.utils.checkpoint.checkpoint(
-                    stage, hidden_states, input_dimensions, output_attentions, use_reentrant=False
+                    stage, hidden_states, input_dimensions, output_attentions, **self.checkpoint_kwargs
                 )
             else:
                 stage_outputs = stage(hidden_states, input_dimensions, output_attentions)
@@ -683,9 +684,17 @@ class Swinv2PreTrainedModel(nn.Module):
 
     # ------------------------------------------------------------------------- gradient checkpointing
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Checkpoint every stage in training; `gradient_checkpointing_kwargs` go to
+        `torch.utils.checkpoint.checkpoint` (default `{"use_reentrant": False}`, as in transformers)."""
+        if gradient_checkpointing_kwargs is None:
+            gradient_checkpointing_kwargs = {"use_reentrant": False}
+        if not isinstance(gradient_checkpointing_kwargs, dict):
+            raise TypeError("gradient_checkpointing_kwargs must be a dict of torch.utils.checkpoint.checkpoint "
+                            f"arguments, got {type(gradient_checkpointing_kwargs).__name__}")
         for module in self.modules():
             if isinstance(module, Swinv2Encoder):
                 module.gradient_checkpointing = True
+                module.checkpoint_kwargs = dict(gradient_checkpointing_kwargs)
 
     def gradient_checkpointing_disable(self):
         for module in self.modules():
@@ -695,6 +704,32 @@ class Swinv2PreTrainedModel(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Swinv2Encoder))
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding (a convolution), the model's first layer."""
+        return next(m for m in self.modules() if isinstance(m, Swinv2PatchEmbeddings))
+
+    def enable_input_require_grads(self):
+        """Make the patch embedding's output require gradients, as transformers' method of this name does:
+        with a frozen embedding, reentrant checkpointing and adapters (PEFT) still get gradients."""
+        def require_grads(module, args, output):
+            (output[0] if isinstance(output, tuple) else output).requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._input_require_grads_hook = self.get_input_embeddings().register_forward_hook(require_grads)
+
+    def disable_input_require_grads(self):
+        handle = self.__dict__.pop("_input_require_grads_hook", None)
+        if handle is not None:
+            handle.remove()
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (only those requiring gradients with `only_trainable`); as in transformers,
+        `exclude_embeddings` leaves out nn.Embedding weights, of which a Swin V2 model has none."""
+        embedding_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for p in self.parameters()
+                   if (p.requires_grad or not only_trainable)
+                   and not (exclude_embeddings and id(p) in embedding_weights))
 
     def set_attn_implementation(self, attn_implementation: str):
         """Switch every block's window attention to "auto", "triton" or "eager" (see swinv2_fast.functional)."""

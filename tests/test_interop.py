@@ -195,3 +195,30 @@ def test_numpy_integers_are_accepted_as_sizes():
         swinv2_fast.window_attention(qkv, None, scale, table, grid_size=8, num_heads=2.0, window_size=4)
     with pytest.raises(TypeError, match="grid_size must be an int or a pair of ints"):
         window_attention_reference(qkv, None, scale, table, grid_size=(8, True), num_heads=2, window_size=4)
+
+
+def test_checkpointing_arguments_and_input_gradients_as_in_transformers(monkeypatch):
+    """gradient_checkpointing_kwargs reach torch.utils.checkpoint; with frozen embeddings, reentrant
+    checkpointing gives the blocks gradients only after enable_input_require_grads (transformers' recipe for
+    adapters on frozen models)."""
+    _, ours = make_pair("Swinv2ForImageClassification", num_labels=3, **TINY)
+    seen = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *args, **kwargs: seen.append(kwargs) or checkpoint(*args, **kwargs))
+    ours.swinv2.embeddings.requires_grad_(False)
+    ours.gradient_checkpointing_enable({"use_reentrant": True, "preserve_rng_state": False})
+    x, labels = torch.randn(2, 3, 40, 40), torch.tensor([0, 1])
+    logit_scale = ours.swinv2.encoder.layers[0].blocks[0].attention.self.logit_scale
+    ours.train()
+    ours(x, labels=labels).loss.backward()
+    assert seen and all(kwargs == {"use_reentrant": True, "preserve_rng_state": False} for kwargs in seen)
+    assert logit_scale.grad is None  # reentrant checkpointing of an input that requires no gradient
+    ours.enable_input_require_grads()
+    ours(x, labels=labels).loss.backward()
+    assert logit_scale.grad is not None and logit_scale.grad.abs().sum() > 0
+    frozen = sum(p.numel() for p in ours.swinv2.embeddings.parameters())
+    assert ours.num_parameters() == sum(p.numel() for p in ours.parameters())
+    assert ours.num_parameters(only_trainable=True) == ours.num_parameters() - frozen
+    with pytest.raises(TypeError, match="gradient_checkpointing_kwargs must be a dict"):
+        ours.gradient_checkpointing_enable(["use_reentrant"])

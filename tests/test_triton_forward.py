@@ -92,6 +92,18 @@ def test_forward_bf16_error_is_that_of_pytorch():  # pragma: no cover - GPU only
     assert (out.double() - exact).abs().max().item() <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's refusal")
+def test_bf16_is_refused_under_the_interpreter():
+    """The interpreter's bf16 dot is wrong (outputs near 1e8 where the reference's are O(1)): forcing the
+    kernels there raises instead of returning those numbers; "auto" takes the eager path."""
+    inputs = make_inputs(1, (8, 8), 2, 16, 4, dtype=torch.bfloat16, table_dtype=torch.float32)
+    kwargs = dict(grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2)
+    with pytest.raises(ValueError, match="bfloat16 CPU tensors"):
+        swinv2_fast.window_attention(*inputs, implementation="triton", **kwargs)
+    assert torch.equal(swinv2_fast.window_attention(*inputs, implementation="auto", **kwargs),
+                       window_attention_reference(*inputs, **kwargs))
+
+
 def test_strided_qkv_and_no_bias():
     qkv, _, logit_scale, position_bias = make_inputs(2, (8, 8), 2, 16, 4, bias=False)
     wide = torch.randn(2, 64, qkv.shape[-1] + 5, device=DEVICE)

@@ -135,3 +135,17 @@ def test_missing_directory_and_weights(tmp_path):
     swinv2_fast.Swinv2Config(**CONFIGS["w8"]).save_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no weights"):
         swinv2_fast.Swinv2Model.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("override", [dict(out_features=["stage1", "stage2"]), dict(out_indices=[0, 2])])
+def test_backbone_stages_chosen_when_loading_a_saved_directory(tmp_path, override):
+    """transformers writes both out_features and out_indices; choosing one of them at load time re-derives
+    the other, as transformers does, for a classifier's directory as for a backbone's."""
+    hf, _ = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
+    hf.save_pretrained(tmp_path)
+    theirs = transformers.Swinv2Backbone.from_pretrained(tmp_path, **override).eval()
+    ours = swinv2_fast.Swinv2Backbone.from_pretrained(tmp_path, **override).eval()
+    assert ours.out_features == theirs.out_features and ours.out_indices == list(theirs.out_indices)
+    x = torch.randn(1, 3, 64, 64)
+    for i, (a, b) in enumerate(zip(outputs_of(ours, x), outputs_of(theirs, x), strict=True)):
+        assert_close(a, b, name=f"feature map {i}")
