@@ -127,6 +127,23 @@ def test_double_backward_differentiates_the_reference():
                      name=f"second-order {name}")
 
 
+@pytest.mark.parametrize("checkpointing", [None, True, False], ids=["plain", "reentrant", "non-reentrant"])
+def test_ordinary_backward_runs_the_fused_kernels(monkeypatch, checkpointing):
+    """Only a backward that records a graph goes to the reference: a training step, checkpointed or not,
+    runs the fused backward kernels."""
+    used = []
+    monkeypatch.setattr(tk, "_differentiable_backward", lambda *args: used.append("reference"))
+    fused = tk.window_attention_triton_backward
+    monkeypatch.setattr(tk, "window_attention_triton_backward",
+                        lambda *args, **kwargs: used.append("fused") or fused(*args, **kwargs))
+    config = swinv2_fast.Swinv2Config(**TINY, attn_implementation="triton")
+    model = swinv2_fast.Swinv2Model(config).train()
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable({"use_reentrant": checkpointing})
+    model(torch.randn(2, 3, TINY["image_size"], TINY["image_size"])).last_hidden_state.sum().backward()
+    assert used and set(used) == {"fused"}
+
+
 def test_gradients_are_deterministic():
     inputs = make_inputs(2, (10, 13), 2, 16, 4, seed=6)
     kwargs = dict(grid_size=(10, 13), num_heads=2, window_size=4, shift_size=2)
