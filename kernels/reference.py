@@ -98,27 +98,35 @@ def _partition(grid: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
 def _axis_region(size: int, window: int, shift: int) -> torch.Tensor:
     """Region of each padded position along one axis: [0, size - window), [size - window, size - shift),
     [size - shift, size). With no shift along the axis every position is in one region."""
-    pos = torch.arange(size)
+    pos = torch.arange(size, device="cpu")
     if shift == 0:
-        return torch.zeros(size, dtype=torch.long)
+        return torch.zeros(size, dtype=torch.long, device="cpu")
     return (pos >= size - window).long() + (pos >= size - shift).long()
 
 
 def tensor_modes_active() -> bool:
-    """Whether a tensor mode is active: a FakeTensorMode (torch.export, shape propagation), a
-    `with torch.device("meta")` block or any other dispatch or torch-function mode. Tensors made under one
-    are not ordinary tensors, so the package's caches neither keep nor serve anything then."""
+    """Whether a tensor mode is active: a FakeTensorMode (torch.export, shape propagation) or any other
+    dispatch mode, or a torch-function mode other than a default device (`torch.set_default_device`,
+    `with torch.device(...)`, which the package's cached tensors do not depend on: they name their
+    device). Tensors made under one are not ordinary tensors, so the package's caches neither keep nor
+    serve anything then."""
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._device import DeviceContext
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-    return is_in_torch_dispatch_mode() or torch._C._is_torch_function_mode_enabled()
+    if is_in_torch_dispatch_mode():
+        return True
+    return torch._C._is_torch_function_mode_enabled() and any(
+        not isinstance(mode, DeviceContext) for mode in _get_current_function_mode_stack())
 
 
 def _build_window_layout(height, width, wh, ww, sh, sw, pad_order) -> WindowLayout:
     hp = -(-height // wh) * wh
     wp = -(-width // ww) * ww
     pad_id = height * width
-    tokens = torch.arange(height * width).view(height, width)
-    grid = torch.full((hp, wp), pad_id, dtype=torch.long)
+    cpu = torch.device("cpu")  # named: a default device (torch.set_default_device) must not move the layout
+    tokens = torch.arange(height * width, device=cpu).view(height, width)
+    grid = torch.full((hp, wp), pad_id, dtype=torch.long, device=cpu)
     if pad_order == PAD_THEN_ROLL:
         grid[:height, :width] = tokens
         grid = torch.roll(grid, shifts=(-sh, -sw), dims=(0, 1))
@@ -126,8 +134,8 @@ def _build_window_layout(height, width, wh, ww, sh, sw, pad_order) -> WindowLayo
         grid[:height, :width] = torch.roll(tokens, shifts=(-sh, -sw), dims=(0, 1))
     windows = _partition(grid, wh, ww)
     gather_index = windows.reshape(-1)
-    position = torch.empty(pad_id + 1, dtype=torch.long)
-    position[gather_index] = torch.arange(gather_index.numel())
+    position = torch.empty(pad_id + 1, dtype=torch.long, device=cpu)
+    position[gather_index] = torch.arange(gather_index.numel(), device=cpu)
     scatter_index = position[:pad_id].clone()
     region = None
     if sh > 0 or sw > 0:

@@ -151,6 +151,18 @@ def test_meta_and_fake_tensors_leave_the_process_caches_alone():
     assert type(layout.gather_index) is torch.Tensor and layout.gather_index.device.type == "cpu"
 
 
+def test_a_default_device_keeps_the_caches():
+    """`torch.set_default_device` / `with torch.device(...)` is a torch-function mode too, but not one that
+    changes what the caches hold: under it, layouts and the eval caches are still kept and reused."""
+    hf, ours = make_pair("Swinv2ForImageClassification", num_labels=3, **TINY)
+    x = torch.randn(2, 3, 40, 40)
+    attention = ours.swinv2.encoder.layers[0].blocks[0].attention.self
+    with torch.device("cpu"), torch.no_grad():
+        assert_close(ours(x).logits, hf(x).logits, name="logits under a default device")
+        assert attention.position_bias() is attention.position_bias()
+        assert window_layout((10, 10), 4, 2) is window_layout((10, 10), 4, 2)
+
+
 def test_fullgraph_compile_in_inference():
     hf, ours = make_pair("Swinv2ForImageClassification", num_labels=3, **TINY)
     x = torch.randn(2, 3, 40, 40)
