@@ -39,6 +39,7 @@ __all__ = [
     "Swinv2Backbone",
 ]
 
+
 def _gelu(x):
     return F.gelu(x)
 
@@ -475,13 +476,13 @@ class Swinv2Layer(nn.Module):
         layer_output = hidden_states + self.drop_path(self.layernorm_after(layer_output))
         return (layer_output, probs) if output_attentions else (layer_output,)
 
-
     def _chunkable(self, hidden_states) -> bool:
         """Whether `_forward_inference` may run this block: it calls the submodules once per piece, on
         pieces of the batch and on 2-D token rows, so it runs only when no hook (on a submodule or global)
         would see those calls, and not under torch.func transforms (vmap of its `out=` adds)."""
-        if not torch.compiler.is_dynamo_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(hidden_states):
-            return False
+        if not torch.compiler.is_dynamo_compiling():  # (dynamo cannot trace the functorch query)
+            if torch._C._functorch.is_functorch_wrapped_tensor(hidden_states):
+                return False
         return not any(has_hooks(m) for m in self.modules() if m is not self)
 
     def _forward_inference(self, hidden_states, input_dimensions):
