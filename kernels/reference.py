@@ -32,6 +32,9 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = [
     "PAD_THEN_ROLL",
@@ -110,14 +113,17 @@ def tensor_modes_active() -> bool:
     `with torch.device(...)`, which the package's cached tensors do not depend on: they name their
     device). Tensors made under one are not ordinary tensors, so the package's caches neither keep nor
     serve anything then."""
-    from torch.overrides import _get_current_function_mode_stack
-    from torch.utils._device import DeviceContext
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
     if is_in_torch_dispatch_mode():
         return True
     return torch._C._is_torch_function_mode_enabled() and any(
         not isinstance(mode, DeviceContext) for mode in _get_current_function_mode_stack())
+
+
+def caching_allowed() -> bool:
+    """Whether a value derived from tensors may be kept for later calls: not while torch.compile or
+    torch.jit.trace records a graph (the graph must compute it) and not under a tensor mode (its tensors
+    must not outlive it)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or tensor_modes_active())
 
 
 def _build_window_layout(height, width, wh, ww, sh, sw, pad_order) -> WindowLayout:
@@ -185,6 +191,12 @@ def _not_traced():
         torch._C._set_tracing_state(state)
 
 
+def _layout_on(layout: WindowLayout, device) -> WindowLayout:
+    return layout._replace(gather_index=layout.gather_index.to(device),
+                           scatter_index=layout.scatter_index.to(device),
+                           region=None if layout.region is None else layout.region.to(device))
+
+
 def window_layout(
     grid_size: IntPair,
     window_size: IntPair,
@@ -198,9 +210,7 @@ def window_layout(
         # under a mode (fake or meta tensors, a device context) the layout is built in that mode, for this
         # call only: kept in the caches below it would serve every later call of the process
         layout = _build_window_layout(height, width, wh, ww, sh, sw, pad_order)
-        return layout if device is None else layout._replace(
-            gather_index=layout.gather_index.to(device), scatter_index=layout.scatter_index.to(device),
-            region=None if layout.region is None else layout.region.to(device))
+        return layout if device is None else _layout_on(layout, device)
     # Cached for the life of the process: built as normal tensors even when the first call comes under
     # inference_mode, so that a later training call can save them for backward; and never recorded by
     # torch.jit.trace, which sees the layout as constants whether this call built it or found it.
@@ -212,12 +222,7 @@ def window_layout(
         key = (height, width, wh, ww, sh, sw, pad_order, device)
         cached = _device_layouts.get(key)
         if cached is None:
-            cached = layout._replace(
-                gather_index=layout.gather_index.to(device),
-                scatter_index=layout.scatter_index.to(device),
-                region=None if layout.region is None else layout.region.to(device),
-            )
-            _device_layouts[key] = cached
+            cached = _device_layouts[key] = _layout_on(layout, device)
         return cached
 
 
@@ -254,8 +259,7 @@ def _sdpa_bias(position_bias, layout, mask_value, dtype):
         bias = _combined_bias(position_bias, layout, mask_value).to(dtype)
         return bias.expand(heads, layout.num_windows, n, n).reshape(1, heads * layout.num_windows, n, n)
 
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or position_bias.requires_grad
-            or torch.is_inference(position_bias)):
+    if not caching_allowed() or position_bias.requires_grad or torch.is_inference(position_bias):
         return build()
     key = (layout.key, float(mask_value), dtype)
     memo = position_bias.__dict__.setdefault("_swinv2_fast_sdpa_bias", {})

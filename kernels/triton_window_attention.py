@@ -744,28 +744,21 @@ def _setup_context(ctx, inputs, output):
     ctx.options = inputs[4:]
 
 
-def _reference_backward(grad_out, inputs, needs, options):
+def _reference_backward(grad_out, inputs, needs, options, create_graph=False):
+    """The gradients by differentiating the reference at the saved inputs: for the op's eager CPU path, and,
+    by design, for a backward that records a graph (`create_graph=True`: gradient penalties, double
+    backward), since the fused backward is not differentiable itself; then the gradients are functions of
+    the inputs themselves, not of detached copies."""
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
+        leaves = inputs if create_graph else [
+            t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
         out = window_attention_reference(*leaves, **_options(*options))
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        found = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True) if wanted else ())
-        grads = [next(found) if t is not None and t.requires_grad else None for t in leaves]
+        wanted = [t for t, need in zip(leaves, needs) if t is not None and need]
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph, allow_unused=True)
+                     if wanted else ())
+        grads = [next(found) if t is not None and need else None for t, need in zip(leaves, needs)]
     # the reference reads qkv_bias only where there is padding: elsewhere its gradient is zero
     if needs[1] and grads[1] is None:
-        grads[1] = torch.zeros_like(inputs[1])
-    return (*grads, None, None, None, None, None, None)
-
-
-def _differentiable_backward(grad_out, inputs, needs, options):
-    """The gradients as a differentiable function of the inputs, for a backward that records a graph
-    (`create_graph=True`: gradient penalties, double backward). The fused backward is not differentiable
-    itself, so by design such a backward differentiates the reference instead, at the same inputs."""
-    wanted = [t for t, need in zip(inputs, needs) if t is not None and need]
-    out = window_attention_reference(*inputs, **_options(*options))
-    found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
-    grads = [next(found) if t is not None and need else None for t, need in zip(inputs, needs)]
-    if needs[1] and grads[1] is None:  # read only where there is padding
         grads[1] = torch.zeros_like(inputs[1])
     return (*grads, None, None, None, None, None, None)
 
@@ -773,11 +766,10 @@ def _differentiable_backward(grad_out, inputs, needs, options):
 def _backward(ctx, grad_out):
     qkv, qkv_bias, logit_scale, position_bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    if torch.is_grad_enabled():  # autograd records this backward (create_graph=True)
-        return _differentiable_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs,
-                                        ctx.options)
-    if not _runs_kernels(qkv):  # the eager CPU path: differentiate the reference at the saved inputs
-        return _reference_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs, ctx.options)
+    recording = torch.is_grad_enabled()  # autograd records this backward (create_graph=True)
+    if recording or not _runs_kernels(qkv):  # or the op's eager CPU path
+        return _reference_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs, ctx.options,
+                                   create_graph=recording)
     need_table = bool(needs[2] or needs[3])
     dqkv, d_bias, d_scale, d_table = torch.ops.swinv2_fast.window_attention_fused_backward(
         grad_out, qkv, qkv_bias, logit_scale, position_bias, *ctx.options, need_table)

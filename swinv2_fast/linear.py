@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_globals  # holds the hooks registered for every module
 
 __all__ = ["linear", "apply_linear", "onednn_linear_available", "set_onednn_linear", "has_hooks",
            "is_plain_linear", "project_qkv"]
@@ -99,9 +100,8 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether a forward or backward hook (or pre-hook) is registered on `module` or for every module."""
-    from torch.nn.modules import module as _module
-
-    return any(getattr(module, name, None) or getattr(_module, "_global" + name, None) for name in _HOOK_DICTS)
+    return any(getattr(module, name, None) or getattr(_module_globals, "_global" + name, None)
+               for name in _HOOK_DICTS)
 
 
 def is_plain_linear(module: nn.Module) -> bool:

@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .configuration import Swinv2Config
 from .functional import window_attention
-from .kernels.reference import tensor_modes_active
+from .kernels.reference import caching_allowed
 from .linear import apply_linear, has_hooks, is_plain_linear, linear, project_qkv
 from .outputs import (
     BackboneOutput,
@@ -144,10 +144,9 @@ class _VersionedCache:
 
     @staticmethod
     def usable(module: nn.Module, tensors) -> bool:
-        # Only in eval mode, never for a value autograd needs to differentiate, never while torch.compile or
-        # torch.jit.trace records (the graph computes the value) or under a tensor mode (fake or meta tensors
-        # are not kept).
-        if module.training or torch.compiler.is_compiling() or torch.jit.is_tracing() or tensor_modes_active():
+        # Only in eval mode, never for a value autograd needs to differentiate, and only where
+        # reference.caching_allowed (no graph being recorded, no tensor mode).
+        if module.training or not caching_allowed():
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
