@@ -1,12 +1,65 @@
 """Shared helpers: tolerances, comparison with context, deterministic weight perturbation."""
+import collections
+import contextlib
 import os
-
-# The Triton kernels run on CPU under Triton's interpreter. It is read when a kernel is decorated, i.e. when
-# swinv2_fast.kernels.triton_window_attention is first imported: set it before any test imports it.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+
+import _triton_compat  # tests/ is on sys.path (pytest inserts the conftest's folder)
+
+# Where the Triton kernels run. On a machine with a CUDA device: compiled, on CUDA tensors. Without one: on
+# CPU tensors under Triton's interpreter. TRITON_INTERPRET is read when a kernel is decorated, i.e. when
+# swinv2_fast.kernels.triton_window_attention is first imported, so it is settled here, before any test
+# imports it; a caller may force either mode by exporting it (TRITON_INTERPRET=1 on a GPU machine runs the
+# interpreter on CPU tensors).
+if "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+INTERPRETER = os.environ["TRITON_INTERPRET"] == "1"
+# The device of the tensors a kernel test hands to implementation="triton".
+KERNEL_DEVICE = torch.device("cpu") if INTERPRETER or not torch.cuda.is_available() else torch.device("cuda")
+_triton_compat.install()
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Counts the launches of every Triton kernel of the fused op while active: a Counter of kernel name ->
+    launches (e.g. `_window_attention_fwd_kernel`). A test that asks for "triton" uses it to prove the
+    kernels ran, not a fallback. Works for the interpreter and for compiled kernels: each kernel object of
+    the kernel module is wrapped where the launchers look it up (a module global)."""
+    from swinv2_fast.kernels import triton_window_attention as tk
+
+    counts = collections.Counter()
+
+    class _Counted:
+        def __init__(self, name, kernel):
+            self._name, self._kernel = name, kernel
+
+        def __getitem__(self, grid):
+            counts[self._name] += 1
+            return self._kernel[grid]
+
+        def __getattr__(self, attr):
+            return getattr(self._kernel, attr)
+
+    originals = {name: obj for name, obj in vars(tk).items()
+                 if name.endswith("_kernel") and hasattr(type(obj), "__getitem__")}
+    assert originals, "no Triton kernels found in the kernel module"
+    try:
+        for name, obj in originals.items():
+            setattr(tk, name, _Counted(name, obj))
+        yield counts
+    finally:
+        for name, obj in originals.items():
+            setattr(tk, name, obj)
+
+
+def forward_launches(counts) -> int:
+    return sum(n for name, n in counts.items() if "fwd" in name)
+
+
+def backward_launches(counts) -> int:
+    return sum(n for name, n in counts.items() if "bwd" in name)
 
 # fp32 parity with transformers and timm on identical weights (the issue's contract). Both sides run the
 # same math in fp32; the only differences are summation orders (fused attention, one q/k/v GEMM), which
