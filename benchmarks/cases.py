@@ -47,66 +47,181 @@ OP_SHAPES: Dict[str, OpShape] = {s.name: s for s in [
     _stage1("base", 16, 256), _stage1("base", 24, 384), _stage1("large", 12, 192), _stage1("large", 24, 384),
 ]}
 
-OP_PROVIDERS = ("eager", "sdpa", "compile", "triton")
+# The op-level providers. transformers-chain: the literal chain transformers' Swinv2Layer runs around its
+# attention (pad, roll, window_partition, Swinv2SelfAttention with the CPB bias and the mask added twice,
+# window_reverse, roll back, crop), from transformers' own modules; the baseline of every op ratio.
+# sdpa: the package's gather-based reference through scaled_dot_product_attention. compile: torch.compile of
+# the transformers chain. triton: the fused op (CUDA only; the interpreter is never timed).
+OP_PROVIDERS = ("transformers-chain", "sdpa", "compile", "triton")
+OP_BASELINE = "transformers-chain"
 OP_MODES = ("forward", "forward+backward")
+# transformers adds the shift mask twice (-100 each): every provider uses the same finite value
+OP_MASK_VALUE = -200.0
+
+
+class _Columns(torch.nn.Module):
+    """Stands in for transformers' query/key/value Linear: the op starts from the projection, so each is a
+    view of its third of the qkv channels (no copy, no work)."""
+
+    def __init__(self, start: int, stop: int):
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, x):
+        return x[..., self.start:self.stop]
+
+
+class _Table(torch.nn.Module):
+    """Stands in for transformers' continuous_position_bias_mlp: returns the MLP's output table
+    ((2wh-1)*(2ww-1), heads), a parameter shared with the other providers; transformers' own code then
+    gathers it, applies 16 * sigmoid and adds it."""
+
+    def __init__(self, table: torch.nn.Parameter):
+        super().__init__()
+        self.table = table
+
+    def forward(self, coords):
+        return self.table
+
+
+class TransformersChain(torch.nn.Module):
+    """transformers' window attention step from the q/k/v projection (B, H*W, 3C) to the attention output
+    before the output projection (B, H*W, C): Swinv2Layer's maybe_pad, torch.roll, window_partition,
+    get_attn_mask, Swinv2SelfAttention.forward, window_reverse, roll back and crop, each from transformers.
+    Padded positions hold the projection of a zero token (qkv_bias), as when transformers pads the input of
+    its projections."""
+
+    def __init__(self, shape: "OpShape", logit_scale: torch.nn.Parameter, cpb_table: torch.nn.Parameter,
+                 qkv_bias: Optional[torch.Tensor]):
+        super().__init__()
+        import transformers
+
+        config = transformers.Swinv2Config(window_size=shape.window, embed_dim=shape.channels, depths=[1],
+                                           num_heads=[shape.heads])
+        self.layer = transformers.models.swinv2.modeling_swinv2.Swinv2Layer(
+            config, dim=shape.channels, input_resolution=shape.grid, num_heads=shape.heads,
+            shift_size=shape.shift)
+        if (self.layer.window_size, self.layer.shift_size) != (shape.window, shape.shift):
+            raise ValueError(f"op shape {shape.name}: transformers changes its window/shift for grid {shape.grid}")
+        attn = self.layer.attention.self
+        C = shape.channels
+        attn.query, attn.key, attn.value = _Columns(0, C), _Columns(C, 2 * C), _Columns(2 * C, 3 * C)
+        attn.continuous_position_bias_mlp = _Table(cpb_table)
+        attn.logit_scale = logit_scale
+        self.grid = shape.grid
+        self.register_buffer("qkv_bias", qkv_bias, persistent=False)
+
+    def forward(self, qkv):
+        from transformers.models.swinv2.modeling_swinv2 import window_partition, window_reverse
+
+        layer, (height, width) = self.layer, self.grid
+        batch, _, channels3 = qkv.shape
+        ws, shift = layer.window_size, layer.shift_size
+        x = qkv.view(batch, height, width, channels3)
+        x, pad_values = layer.maybe_pad(x, height, width)
+        was_padded = pad_values[3] > 0 or pad_values[5] > 0
+        if was_padded and self.qkv_bias is not None:
+            x[:, height:] = self.qkv_bias
+            x[:, :, width:] = self.qkv_bias
+        _, height_pad, width_pad, _ = x.shape
+        if shift > 0:
+            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+        windows = window_partition(x, ws).view(-1, ws * ws, channels3)
+        mask = layer.get_attn_mask(height_pad, width_pad, dtype=x.dtype, device=windows.device)
+        out = layer.attention.self(windows, mask)[0]
+        channels = out.shape[-1]
+        out = window_reverse(out.view(-1, ws, ws, channels), ws, height_pad, width_pad)
+        if shift > 0:
+            out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
+        if was_padded:
+            out = out[:, :height, :width, :].contiguous()
+        return out.view(batch, height * width, channels)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """(N, N) index into the ((2w-1)^2, heads) CPB table, the one transformers and timm gather with."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def position_bias(cpb_table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(heads, N, N) = 16 * sigmoid of the CPB table gathered: what every model computes per forward."""
+    n = index.shape[0]
+    return 16 * torch.sigmoid(cpb_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1))
 
 
 def op_inputs(shape: OpShape, batch: int, dtype: torch.dtype, device: torch.device, requires_grad: bool):
-    gen = torch.Generator().manual_seed(0)
-    C, N, L = shape.channels, shape.window ** 2, shape.grid[0] * shape.grid[1]
-    qkv = torch.randn(batch, L, 3 * C, generator=gen)
-    qkv_bias = 0.1 * torch.randn(3 * C, generator=gen)
+    """qkv (B, H*W, 3C), qkv_bias (3C,) with a zero key third, logit_scale (heads, 1, 1) and the CPB table
+    ((2w-1)^2, heads), all in `dtype` (as in a model cast to it); gradients for all but qkv_bias."""
+    gen = torch.Generator(device=device).manual_seed(0)  # drawn where they live: batch 64 is large
+    C, L = shape.channels, shape.grid[0] * shape.grid[1]
+    qkv = torch.randn(batch, L, 3 * C, generator=gen, device=device)
+    qkv_bias = 0.1 * torch.randn(3 * C, generator=gen, device=device)
     qkv_bias[C:2 * C] = 0
-    logit_scale = torch.full((shape.heads, 1, 1), math.log(10.0))
-    table = 16 * torch.sigmoid(torch.randn(shape.heads, N, N, generator=gen))
-    tensors = [qkv.to(device, dtype), qkv_bias.to(device, dtype), logit_scale.to(device), table.to(device)]
-    return [t.requires_grad_(requires_grad and i != 1) for i, t in enumerate(tensors)]
+    logit_scale = torch.log(10.0 + 2 * torch.rand(shape.heads, 1, 1, generator=gen, device=device))
+    table = torch.randn((2 * shape.window - 1) ** 2, shape.heads, generator=gen, device=device)
+    qkv = qkv.to(dtype).requires_grad_(requires_grad)
+    return (qkv, qkv_bias.to(device, dtype), torch.nn.Parameter(logit_scale.to(device, dtype), requires_grad),
+            torch.nn.Parameter(table.to(device, dtype), requires_grad))
 
 
 def op_bytes(shape: OpShape, batch: int, dtype: torch.dtype, mode: str) -> int:
-    """Bytes the fused op must move: the forward reads q/k/v and the table and writes the output; the
-    backward reads q/k/v, the output's gradient and the table and writes the q/k/v gradient and the table
+    """Bytes the fused op must move: the forward reads q/k/v and the (heads, N, N) bias and writes the output;
+    the backward reads q/k/v, the output's gradient and the bias and writes the q/k/v gradient and the bias
     gradient (its softmax statistics and delta are its own intermediates, a few bytes per window row)."""
     e = torch.finfo(dtype).bits // 8
     L, C, N = shape.grid[0] * shape.grid[1], shape.channels, shape.window ** 2
-    table = shape.heads * N * N * 4
+    table = shape.heads * N * N * e
     forward = batch * L * 4 * C * e + table
     if mode == "forward":
         return forward
     return forward + batch * L * (3 * C + C + 3 * C) * e + 2 * table
 
 
+def op_function(provider: str, shape: OpShape, inputs, compile_options: Optional[dict] = None):
+    """A callable qkv -> attention output (B, H*W, C) for `provider`, bound to the logit scale, CPB table and
+    q/k/v bias of `inputs` (op_inputs)."""
+    if provider not in OP_PROVIDERS:
+        raise ValueError(f"op provider must be one of {OP_PROVIDERS}, got {provider!r}")
+    qkv, qkv_bias, logit_scale, table = inputs
+    if provider in ("transformers-chain", "compile"):
+        chain = TransformersChain(shape, logit_scale, table, qkv_bias).to(qkv.device)
+        return torch.compile(chain, **(compile_options or {})) if provider == "compile" else chain
+    index = relative_position_index(shape.window).to(qkv.device)
+    kwargs = dict(grid_size=shape.grid, num_heads=shape.heads, window_size=shape.window, shift_size=shape.shift,
+                  pad_order=PAD_THEN_ROLL, mask_value=OP_MASK_VALUE)
+    if provider == "sdpa":
+        return lambda x: window_attention_reference(x, qkv_bias, logit_scale, position_bias(table, index),
+                                                    **kwargs)
+    if qkv.device.type != "cuda":
+        raise RuntimeError("the triton provider times the compiled kernel and needs a CUDA device")
+    return lambda x: swinv2_fast.window_attention(x, qkv_bias, logit_scale, position_bias(table, index),
+                                                  implementation="triton", **kwargs)
+
+
 def op_case(provider: str, shape: OpShape, batch: int, dtype: torch.dtype, mode: str,
-            device: torch.device) -> Callable[[], object]:
+            device: torch.device, compile_options: Optional[dict] = None) -> Callable[[], object]:
     if provider not in OP_PROVIDERS:
         raise ValueError(f"op provider must be one of {OP_PROVIDERS}, got {provider!r}")
     if mode not in OP_MODES:
         raise ValueError(f"op mode must be one of {OP_MODES}, got {mode!r}")
     backward = mode == "forward+backward"
     inputs = op_inputs(shape, batch, dtype, device, backward)
-    kwargs = dict(grid_size=shape.grid, num_heads=shape.heads, window_size=shape.window, shift_size=shape.shift,
-                  pad_order=PAD_THEN_ROLL, mask_value=-100.0)
-    if provider == "eager":
-        fn = lambda *xs: window_attention_reference(*xs, fused_softmax=False, **kwargs)  # noqa: E731
-    elif provider == "sdpa":
-        fn = lambda *xs: window_attention_reference(*xs, **kwargs)  # noqa: E731
-    elif provider == "compile":
-        fn = torch.compile(lambda *xs: window_attention_reference(*xs, fused_softmax=False, **kwargs))
-    else:
-        if device.type != "cuda":
-            raise RuntimeError("the triton provider times the compiled kernel and needs a CUDA device")
-        fn = lambda *xs: swinv2_fast.window_attention(*xs, implementation="triton", **kwargs)  # noqa: E731
-    grad = torch.randn(batch, shape.grid[0] * shape.grid[1], shape.channels, device=device, dtype=dtype)
+    fn = op_function(provider, shape, inputs, compile_options)
+    grad = torch.randn(batch, shape.grid[0] * shape.grid[1], shape.channels,
+                       generator=torch.Generator(device=device).manual_seed(1), device=device).to(dtype)
+    leaves = [t for t in inputs if t.requires_grad]
 
     def run():
         if backward:
-            out = fn(*inputs)
+            out = fn(inputs[0])
             torch.autograd.backward(out, grad)
-            for t in inputs:
+            for t in leaves:
                 t.grad = None
             return out
         with torch.no_grad():
-            return fn(*inputs)
+            return fn(inputs[0])
 
     return run
 
@@ -175,7 +290,8 @@ def logits(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def model_case(provider: str, models: Dict[str, torch.nn.Module], batch: int, image_size: int, dtype: torch.dtype,
-               mode: str, device: torch.device, compiled: bool) -> Callable[[], object]:
+               mode: str, device: torch.device, compiled: bool,
+               compile_options: Optional[dict] = None) -> Callable[[], object]:
     if provider not in MODEL_PROVIDERS:
         raise ValueError(f"model provider must be one of {MODEL_PROVIDERS}, got {provider!r}")
     if mode not in MODEL_MODES:
@@ -185,7 +301,7 @@ def model_case(provider: str, models: Dict[str, torch.nn.Module], batch: int, im
     if source == "swinv2_fast":
         model.set_attn_implementation("eager" if provider == "swinv2_fast-eager" else "auto")
     model.train(mode == "train step")
-    forward = linear_route(provider, torch.compile(model) if compiled else model)
+    forward = linear_route(provider, torch.compile(model, **(compile_options or {})) if compiled else model)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device, dtype)
     labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)

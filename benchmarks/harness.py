@@ -29,6 +29,7 @@ class Row:
     """One measurement, one CSV row. Times in milliseconds per call; memory in MiB."""
 
     date: str
+    run_id: str  # one per invocation of the main job: a chart draws one run
     device: str
     torch: str
     triton: str
@@ -45,6 +46,7 @@ class Row:
     peak_mem_mib: float
     throughput: float  # img/s at model level, GB/s over the fused op's bytes at op level
     throughput_unit: str
+    note: str = ""  # "noisy" when p80/p20 > NOISY_SPREAD; "failed: why" for a case that ran but was not timed
 
 
 COLUMNS = [f.name for f in fields(Row)]
@@ -63,6 +65,39 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"CPU {name} ({torch.get_num_threads()} threads)"
+
+
+# A case whose p80/p20 exceeds this was measured on a busy or throttling machine: the table says so.
+NOISY_SPREAD = 1.25
+
+# HBM bandwidth (GB/s) by device name, where torch does not report the memory clock and bus width.
+KNOWN_PEAK_GBPS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "A100-SXM4-80GB": 2039.0,
+                   "A100-SXM4-40GB": 1555.0, "A100-PCIE-40GB": 1555.0, "L40S": 864.0, "A10G": 600.0}
+
+
+def peak_bandwidth_gbps(device: torch.device) -> float:
+    """The device's DRAM bandwidth in GB/s: from its memory clock and bus width (double data rate) where
+    torch reports them, else by name (KNOWN_PEAK_GBPS); NaN on CPU or an unknown device."""
+    if device.type != "cuda":
+        return float("nan")
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+    for name, gbps in KNOWN_PEAK_GBPS.items():
+        if name in props.name:
+            return gbps
+    return float("nan")
+
+
+def new_run_id() -> str:
+    """One id per invocation: UTC time, git sha and a random suffix."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{git_sha()}-{os.urandom(2).hex()}"
+
+
+def noisy(p20_ms: float, p80_ms: float) -> bool:
+    return p20_ms > 0 and p80_ms / p20_ms > NOISY_SPREAD
 
 
 def git_sha() -> str:
@@ -165,21 +200,35 @@ def time_call(fn: Callable[[], object], device: torch.device, rounds: int = 10, 
 
 
 def make_row(device: torch.device, level: str, case: str, provider: str, mode: str, dtype: torch.dtype,
-             batch: int, timing: Timing, throughput: float, unit: str) -> Row:
+             batch: int, timing: Timing, throughput: float, unit: str, run_id: str = "", note: str = "") -> Row:
+    if not note and noisy(timing.p20_ms, timing.p80_ms):
+        note = "noisy"
     return Row(
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), run_id=run_id,
         device=device_name(device), torch=torch.__version__, triton=triton_version(), git_sha=git_sha(),
         level=level, case=case, provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
         batch=batch, median_ms=round(timing.median_ms, 4), p20_ms=round(timing.p20_ms, 4),
         p80_ms=round(timing.p80_ms, 4), peak_mem_mib=round(timing.peak_mem_mib, 2),
-        throughput=round(throughput, 3), throughput_unit=unit,
+        throughput=round(throughput, 3), throughput_unit=unit, note=note,
     )
 
 
 def append_rows(rows: List[Row], path: str = RESULTS_CSV) -> None:
-    """Append rows to the CSV (written with its header when new)."""
+    """Append rows to the CSV (written with its header when new; a CSV written before a column existed is
+    rewritten once with today's header, its old rows' run id being `legacy-<git sha>`)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header, old = reader.fieldnames or [], list(reader)
+        if header != COLUMNS:
+            with open(path, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+                writer.writeheader()
+                for row in old:
+                    row.setdefault("run_id", f"legacy-{row.get('git_sha', 'unknown')}")
+                    writer.writerow({c: row.get(c, "") for c in COLUMNS})
     with open(path, "a", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         if new:

@@ -2,26 +2,40 @@
 
     python benchmarks/main.py                       # quick default sweep on the best device here
     python benchmarks/main.py --device cpu --model-variants tiny base --batch 8 --rounds 10
-    python benchmarks/main.py --op-shapes base-w16-256 --dtypes bfloat16 --providers eager sdpa compile triton
+    python benchmarks/main.py --op-shapes base-w16-256 --dtypes bfloat16 --providers transformers-chain triton
+    python benchmarks/main.py --preset gpu --dry-run  # the GPU preset's plan and estimated time
+    python benchmarks/main.py --preset gpu --out-dir OUT --budget 240   # what scripts/gpu.sh runs
 
-1. Sweep (progress bar): op level (the window-attention step: eager chain, SDPA, torch.compile of the
-   reference, the fused Triton op on a GPU; forward and forward+backward) and model level (images/s of
-   swinv2_fast, transformers and timm on identical weights, each eager and under torch.compile; inference
-   and a training step). Providers that cannot run on the device are left out, never emulated.
+1. Sweep (progress bar): op level (the window-attention step: the chain transformers runs, the package's
+   SDPA reference, torch.compile of the transformers chain, the fused Triton op on a GPU; forward and
+   forward+backward) and model level (images/s of swinv2_fast, transformers and timm on identical weights,
+   each eager and under torch.compile; inference and a training step). Providers that cannot run on the
+   device are left out, never emulated.
 2. Parity: max |difference| of each implementation's logits against the eager reference path and
-   against transformers, on the benchmark's weights and input.
-3. Ratios: every provider against the baseline of its group (op: the eager chain; model: transformers
-   eager), all measured in this run on this device.
+   against transformers, on the benchmark's weights and input (not in the presets: the tests check parity).
+3. Ratios: every provider against the baseline of its group (op: transformers-chain; model: transformers
+   eager), all measured in this run on this device; a group whose spread (p80/p20) is large is flagged noisy.
 
-Rows are appended to benchmarks/results/results.csv and the chart of this device is redrawn
-(benchmarks/plot.py).
+Every compiled case starts from `torch._dynamo.reset()`; one that graph-breaks, hits the recompile limit or
+compiles nothing is reported failed, never timed. Every row carries this invocation's run id.
+
+Where rows go: by default to the untracked folder benchmarks/local-results/ (CSV and chart); the committed
+benchmarks/results/results.csv and its charts change only with --commit-results; --out-dir DIR puts the CSV,
+the chart and a one-screen summary in DIR (what scripts/gpu.sh does).
+
+Presets: `gpu` is the plan for a short GPU loan (batch 64, about 4 minutes on an H200; cases ordered by
+importance so that --budget drops the least important; at most 7 torch.compile builds). `smoke` is the same
+plan at tiny shapes on the CPU providers, one round, at most 2 compile builds: CI runs it (scripts/gpu.sh
+--smoke) so that the GPU plan's plumbing cannot rot between loans.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from typing import Dict, List
+import time
+from typing import Dict, List, Optional
 
 import torch
 
@@ -30,10 +44,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import cases, harness  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LOCAL_RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "local-results")
+
+# The GPU preset's shapes: SwinV2-T stage 1 (window 8), SwinV2-B stage 1 (window 16), one window-24 shape.
+GPU_OP_SHAPES = ["tiny-w8-256", "base-w16-256", "large-w24-384"]
+# The smoke preset's stand-ins for them: same windows where a CPU can afford it, tiny grids and channels
+# (grids larger than the window, some padded, so transformers keeps the window and the shift).
+SMOKE_OP_SHAPES = {
+    "tiny-w8-256": cases.OpShape("smoke-w8", (12, 12), 32, 1, 8),
+    "base-w16-256": cases.OpShape("smoke-w4", (6, 7), 32, 2, 4),
+    "large-w24-384": cases.OpShape("smoke-w12", (13, 13), 32, 1, 12),
+}
+SMOKE_MODEL_SPECS = {"tiny": cases.ModelSpec("tiny", 32, 4), "base": cases.ModelSpec("base", 32, 4)}
+SMOKE_LAYOUTS = {"tiny": dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2]),
+                 "base": dict(embed_dim=32, depths=[1, 1], num_heads=[1, 2])}
+MAX_COMPILE = {"gpu": 7, "smoke": 2}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["gpu", "smoke"], default=None,
+                        help="a fixed plan (see above); other sweep options are then ignored")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time, run nothing")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the sweep: a case that would end past it is cut (listed, not run)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     parser.add_argument("--op-shapes", nargs="*", default=None,
                         help=f"op shapes from {sorted(cases.OP_SHAPES)} (default: tiny-w8-256 on CPU; "
@@ -55,14 +89,25 @@ def parse_args(argv=None):
                              "minutes of compilation per model on a 2-core CPU)")
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per case (CPU; the GPU uses do_bench)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--csv", default=harness.RESULTS_CSV)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--commit-results", action="store_true",
+                       help=f"append to the committed {os.path.relpath(harness.RESULTS_CSV)} and redraw its chart")
+    where.add_argument("--out-dir", default=None, help="write results.csv, the chart and summary.txt here")
+    where.add_argument("--csv", default=None, help="append to this CSV (its chart goes beside it)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-parity", action="store_true", help="skip the parity report")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
+    if args.device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         parser.error("--device cuda: no CUDA device is available here")
+    if args.preset == "gpu" and args.device.type != "cuda" and not args.dry_run:
+        parser.error("--preset gpu needs a CUDA device (use --preset smoke on CPU, or --dry-run to see the plan)")
+    if args.preset == "smoke":
+        args.device = torch.device("cpu")
+    if args.preset == "gpu":
+        args.device = torch.device("cuda")  # planned for a GPU even where --dry-run prints it on a CPU
     gpu = args.device.type == "cuda"
     if args.op_shapes is None:
         args.op_shapes = ["tiny-w8-256", "base-w16-256", "large-w24-384"] if gpu else ["tiny-w8-256"]
@@ -77,14 +122,71 @@ def parse_args(argv=None):
     for name in ("op_batch", "batch", "train_batch", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget must be > 0 seconds, got {args.budget}")
     every = set(cases.OP_PROVIDERS + cases.MODEL_PROVIDERS)
     if args.providers is not None and not set(args.providers) <= every:
         parser.error(f"--providers: unknown {sorted(set(args.providers) - every)}; choose from {sorted(every)}")
+    if args.preset:
+        args.rounds = 1 if args.preset == "smoke" else args.rounds
+        args.warmup = 1
+        args.no_parity = True
+    if args.out_dir:
+        args.csv = os.path.join(args.out_dir, "results.csv")
+    elif args.commit_results:
+        args.csv = harness.RESULTS_CSV
+    elif args.csv is None:
+        args.csv = os.path.join(LOCAL_RESULTS_DIR, "results.csv")
     return args
 
 
-def plan(args) -> List[dict]:
+# ----------------------------------------------------------------------------------------------- the plans
+def _op(shape: str, dtype, mode: str, provider: str) -> dict:
+    return dict(level="op", shape=shape, mode=mode, provider=provider, dtype=dtype, compiled=provider == "compile")
+
+
+def _model(variant: str, dtype, mode: str, provider: str, compiled: bool = False) -> dict:
+    return dict(level="model", variant=variant, mode=mode, provider=provider, dtype=dtype, compiled=compiled)
+
+
+def preset_plan() -> List[dict]:
+    """The GPU preset, most important first: the fused op against the transformers chain (bf16 first), then
+    the models eager, then the SDPA reference, then the compiled cases (7 builds, the op's first)."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    items = []
+    for dtype in (bf16, fp32):
+        for shape in GPU_OP_SHAPES:
+            for mode in cases.OP_MODES:
+                items += [_op(shape, dtype, mode, "transformers-chain"), _op(shape, dtype, mode, "triton")]
+    models = ("swinv2_fast", "transformers", "timm")
+    for dtype in (bf16, fp32):
+        for variant in ("tiny", "base"):
+            items += [_model(variant, dtype, "inference", p) for p in models]
+        if dtype is bf16:
+            items += [_model("tiny", bf16, "train step", p) for p in models]
+    for dtype in (bf16, fp32):
+        for shape in GPU_OP_SHAPES:
+            items += [_op(shape, dtype, mode, "sdpa") for mode in cases.OP_MODES]
+    items += [
+        _op("tiny-w8-256", bf16, "forward", "compile"),
+        _model("tiny", bf16, "inference", "swinv2_fast", compiled=True),
+        _model("tiny", bf16, "inference", "transformers", compiled=True),
+        _op("tiny-w8-256", bf16, "forward+backward", "compile"),
+        _op("base-w16-256", bf16, "forward", "compile"),
+        _op("base-w16-256", bf16, "forward+backward", "compile"),
+        _model("tiny", bf16, "inference", "timm", compiled=True),
+    ]
+    return items
+
+
+def sweep_plan(args) -> List[dict]:
     """Every case of the sweep, in the order it runs."""
+    if args.preset:
+        items = preset_plan()
+        if args.device.type != "cuda":
+            items = [i for i in items if i["provider"] != "triton"]
+        compiled = [i for i in items if i["compiled"]][MAX_COMPILE[args.preset]:]
+        return [i for i in items if not any(i is c for c in compiled)]
     items = []
     compile_options = [False] if args.no_compile else [False, True]
     for dtype in args.dtypes:
@@ -95,7 +197,7 @@ def plan(args) -> List[dict]:
                 for provider in cases.providers_for(args.device, "op"):
                     if (args.providers and provider not in args.providers) or (provider == "compile" and args.no_compile):
                         continue
-                    items.append(dict(level="op", shape=shape, mode=mode, provider=provider, dtype=dtype))
+                    items.append(_op(shape, dtype, mode, provider))
         for variant in args.model_variants:
             for mode in cases.MODEL_MODES:
                 if args.modes and mode not in args.modes:
@@ -108,37 +210,204 @@ def plan(args) -> List[dict]:
                             continue
                         if compiled and provider == "swinv2_fast-F.linear":
                             continue  # under torch.compile the linears are inductor's either way
-                        items.append(dict(level="model", variant=variant, mode=mode, provider=provider,
-                                          dtype=dtype, compiled=compiled))
+                        items.append(_model(variant, dtype, mode, provider, compiled))
     return items
 
 
-def run_sweep(args, items, models_by_variant) -> List[harness.Row]:
+plan = sweep_plan  # the name earlier versions exported
+
+
+def op_shape(args, name: str) -> cases.OpShape:
+    return SMOKE_OP_SHAPES[name] if args.preset == "smoke" else cases.OP_SHAPES[name]
+
+
+def model_spec(args, variant: str) -> cases.ModelSpec:
+    return SMOKE_MODEL_SPECS[variant] if args.preset == "smoke" else cases.MODEL_SPECS[variant]
+
+
+def case_batch(args, item: dict) -> int:
+    if args.preset == "smoke":
+        return 2
+    if args.preset == "gpu":
+        return 64
+    if item["level"] == "op":
+        return args.op_batch
+    return args.batch if item["mode"] == "inference" else args.train_batch
+
+
+# Seconds one case takes on an H200 (do_bench's 25 ms warm-up and >= 100 ms of timing, the memory call,
+# inputs drawn on the device), and the one-time costs it triggers: the first Triton launch of a (shape,
+# dtype, mode) JIT-compiles its kernels (a model's first call: one build per stage shape, partly shared with
+# the op rows); a torch.compile build (inductor with its parallel workers on 16 cores); building a variant's
+# three models on the CPU. Estimates for planning, not measurements: the budget cuts what overruns.
+GPU_SECONDS = dict(op=0.7, jit_forward=2.0, jit_backward=6.0, model_inference=1.5, model_train=3.0,
+                   model_jit_inference=4.0, model_jit_train=8.0, compile_op_forward=10.0, compile_op_backward=20.0,
+                   compile_model=35.0, build_tiny=4.0, build_base=10.0)
+# On this repository's 2-core CPU machine at the smoke preset's tiny shapes (no Triton rows on a CPU).
+SMOKE_SECONDS = dict(op=0.3, jit_forward=0.0, jit_backward=0.0, model_inference=0.5, model_train=1.0,
+                     model_jit_inference=0.0, model_jit_train=0.0, compile_op_forward=25.0,
+                     compile_op_backward=45.0, compile_model=60.0, build_tiny=2.0, build_base=2.0)
+
+
+def estimate_seconds(args, items: List[dict]) -> List[float]:
+    """Estimated seconds of each case, including the one-time costs it triggers."""
+    table = SMOKE_SECONDS if args.preset == "smoke" or args.device.type == "cpu" else GPU_SECONDS
+    seen_jit, built, out = set(), set(), []
+    for item in items:
+        seconds = 0.0
+        backward = item["mode"] in ("forward+backward", "train step")
+        if item["level"] == "op":
+            seconds += table["op"]
+            key = (item["shape"], item["dtype"], item["mode"])
+            if item["provider"] == "triton" and key not in seen_jit:
+                seen_jit.add(key)
+                seconds += table["jit_backward" if backward else "jit_forward"]
+            if item["compiled"]:
+                seconds += table["compile_op_backward" if backward else "compile_op_forward"]
+        else:
+            if item["variant"] not in built:
+                built.add(item["variant"])
+                seconds += table.get(f"build_{item['variant']}", table["build_base"])
+            seconds += table["model_train" if backward else "model_inference"]
+            key = (item["variant"], item["dtype"], item["mode"])
+            if item["provider"] == "swinv2_fast" and not item["compiled"] and key not in seen_jit:
+                seen_jit.add(key)
+                seconds += table["model_jit_train" if backward else "model_jit_inference"]
+            if item["compiled"]:
+                seconds += table["compile_model"]
+        out.append(seconds)
+    return out
+
+
+def describe(args, item: dict) -> str:
+    dtype = str(item["dtype"]).replace("torch.", "")
+    if item["level"] == "op":
+        return f"op    {op_shape(args, item['shape']).name:<16} {item['mode']:<17} {dtype:<9} {item['provider']}"
+    spec = model_spec(args, item["variant"])
+    provider = item["provider"] + ("+compile" if item["compiled"] else "")
+    return f"model {spec.name:<16} {item['mode']:<17} {dtype:<9} {provider}"
+
+
+def print_plan(args, items: List[dict]) -> None:
+    estimates = estimate_seconds(args, items)
+    builds = sum(1 for i in items if i["compiled"])
+    print(f"plan: {len(items)} cases, {builds} torch.compile builds, estimated {sum(estimates):.0f} s"
+          + (f" (budget {args.budget:.0f} s)" if args.budget else ""))
+    total = 0.0
+    for n, (item, seconds) in enumerate(zip(items, estimates), 1):
+        total += seconds
+        late = "  <- past the budget: would be cut" if args.budget and total > args.budget else ""
+        print(f"{n:3d}. {describe(args, item):<72} ~{seconds:5.1f} s  (ends ~{total:5.0f} s){late}")
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+class CompileFellBack(RuntimeError):
+    """A compiled case that did not run compiled: reported failed, never timed."""
+
+
+def _compiled_counters_check() -> None:
+    from torch._dynamo.utils import counters
+
+    breaks = dict(counters["graph_break"])
+    if breaks:
+        reason = next(iter(breaks))
+        raise CompileFellBack(f"graph break ({len(breaks)} distinct): {str(reason).splitlines()[0][:160]}")
+    if not counters["stats"]["unique_graphs"]:
+        raise CompileFellBack("dynamo compiled no graph (the call ran eagerly)")
+
+
+def _time_case(args, item, models_by_variant, run_id: str) -> harness.Row:
+    batch = case_batch(args, item)
+    if item["level"] == "op":
+        shape = op_shape(args, item["shape"])
+        fn = cases.op_case(item["provider"], shape, batch, item["dtype"], item["mode"], args.device)
+        timing = harness.time_call(fn, args.device, args.rounds, args.warmup)
+        if item["compiled"]:
+            _compiled_counters_check()
+        gbps = cases.op_bytes(shape, batch, item["dtype"], item["mode"]) / (timing.median_ms * 1e-3) / 1e9
+        return harness.make_row(args.device, "op", op_case_name(shape), item["provider"], item["mode"],
+                                item["dtype"], batch, timing, gbps, "GB/s", run_id)
+    spec = model_spec(args, item["variant"])
+    provider = item["provider"] + ("+compile" if item["compiled"] else "")
+    fn = cases.model_case(item["provider"], models_by_variant[item["variant"]], batch, spec.image_size,
+                          item["dtype"], item["mode"], args.device, item["compiled"])
+    # a compiled provider compiles in its first (warm-up) call: never timed
+    timing = harness.time_call(fn, args.device, args.rounds, max(args.warmup, 2 if item["compiled"] else 1))
+    if item["compiled"]:
+        _compiled_counters_check()
+    return harness.make_row(args.device, "model", spec.name, provider, item["mode"], item["dtype"], batch, timing,
+                            batch / (timing.median_ms * 1e-3), "img/s", run_id)
+
+
+def op_case_name(shape: cases.OpShape) -> str:
+    return f"{shape.name} {shape.grid[0]}x{shape.grid[1]} C{shape.channels} h{shape.heads}"
+
+
+def failed_row(args, item, run_id: str, why: str) -> harness.Row:
+    nan = float("nan")
+    if item["level"] == "op":
+        case = op_case_name(op_shape(args, item["shape"]))
+        provider, unit = item["provider"], "GB/s"
+    else:
+        case = model_spec(args, item["variant"]).name
+        provider, unit = item["provider"] + ("+compile" if item["compiled"] else ""), "img/s"
+    return harness.make_row(args.device, item["level"], case, provider, item["mode"], item["dtype"],
+                            case_batch(args, item), harness.Timing(nan, nan, nan, nan), nan, unit, run_id,
+                            note=f"failed: {why}"[:240].replace("\n", " "))
+
+
+def run_case(args, item, models_by_variant, run_id: str) -> harness.Row:
+    """One case: a row with its timing, or a failed row saying why (the sweep goes on)."""
+    if not item["compiled"]:
+        try:
+            return _time_case(args, item, models_by_variant, run_id)
+        except Exception as error:  # reported in the row and the summary, never hidden
+            return failed_row(args, item, run_id, f"{type(error).__name__}: {error}")
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        # the recompile limit raises instead of silently running the frame eagerly
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return _time_case(args, item, models_by_variant, run_id)
+    except Exception as error:
+        return failed_row(args, item, run_id, f"{type(error).__name__}: {error}")
+    finally:
+        torch._dynamo.reset()
+
+
+def build_models_for(args, variant: str) -> Dict[str, torch.nn.Module]:
+    if args.preset == "smoke":
+        return cases.build_models(SMOKE_MODEL_SPECS[variant], layout=SMOKE_LAYOUTS[variant])
+    return cases.build_models(cases.MODEL_SPECS[variant])
+
+
+def run_sweep(args, items, run_id: str, models_by_variant=None, progress=True):
+    """Runs the cases in order, appending each row to the CSV as soon as it exists (a run killed from
+    outside keeps what it measured). Returns (rows, cut): cut lists the cases the budget left out."""
     from tqdm import tqdm
 
-    rows = []
-    for item in tqdm(items, desc="benchmark", unit="case", file=sys.stdout):
-        if item["level"] == "op":
-            shape = cases.OP_SHAPES[item["shape"]]
-            fn = cases.op_case(item["provider"], shape, args.op_batch, item["dtype"], item["mode"], args.device)
-            timing = harness.time_call(fn, args.device, args.rounds, args.warmup)
-            gbps = cases.op_bytes(shape, args.op_batch, item["dtype"], item["mode"]) / (timing.median_ms * 1e-3) / 1e9
-            rows.append(harness.make_row(args.device, "op", f"{shape.name} {shape.grid[0]}x{shape.grid[1]} "
-                                         f"C{shape.channels} h{shape.heads}", item["provider"], item["mode"],
-                                         item["dtype"], args.op_batch, timing, gbps, "GB/s"))
-        else:
-            spec = cases.MODEL_SPECS[item["variant"]]
-            batch = args.batch if item["mode"] == "inference" else args.train_batch
-            provider = item["provider"] + ("+compile" if item["compiled"] else "")
-            fn = cases.model_case(item["provider"], models_by_variant[item["variant"]], batch, spec.image_size,
-                                  item["dtype"], item["mode"], args.device, item["compiled"])
-            # a compiled provider compiles in its first (warm-up) call: never timed
-            timing = harness.time_call(fn, args.device, args.rounds, max(args.warmup, 2 if item["compiled"] else 1))
-            rows.append(harness.make_row(args.device, "model", spec.name, provider, item["mode"], item["dtype"],
-                                         batch, timing, batch / (timing.median_ms * 1e-3), "img/s"))
-    return rows
+    models_by_variant = {} if models_by_variant is None else models_by_variant
+    estimates = estimate_seconds(args, items)
+    start = time.monotonic()
+    rows, cut = [], []
+    bar = tqdm(list(zip(items, estimates)), desc="benchmark", unit="case", file=sys.stdout, disable=not progress)
+    for item, seconds in bar:
+        elapsed = time.monotonic() - start
+        if args.budget is not None and elapsed + seconds > args.budget:
+            cut.append(item)
+            continue
+        if item["level"] == "model" and item["variant"] not in models_by_variant:
+            models_by_variant[item["variant"]] = build_models_for(args, item["variant"])
+        row = run_case(args, item, models_by_variant, run_id)
+        harness.append_rows([row], args.csv)
+        rows.append(row)
+    return rows, cut
 
 
+# --------------------------------------------------------------------------------------------- the reports
 def parity_report(args, models_by_variant) -> List[str]:
     """Max |logits difference| of each implementation against the eager reference path and transformers."""
     lines = ["parity (max |logits difference|, fp32, eval):"]
@@ -163,45 +432,103 @@ def parity_report(args, models_by_variant) -> List[str]:
     return lines
 
 
-def ratio_table(rows: List[harness.Row]) -> List[str]:
-    """Speedup of every row over the baseline of its group, measured in this run."""
+def _finite(x: float) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def ratio_table(rows: List[harness.Row], peak_gbps: float = float("nan")) -> List[str]:
+    """Speedup of every row over the baseline of its group, measured in this run; op rows also give the
+    share of the device's memory bandwidth. A noisy row (p80/p20 > harness.NOISY_SPREAD) is flagged."""
     lines = []
     groups: Dict[tuple, List[harness.Row]] = {}
     for row in rows:
         groups.setdefault((row.level, row.case, row.mode, row.dtype, row.batch), []).append(row)
     for (level, case, mode, dtype, batch), members in groups.items():
-        base_name = "eager" if level == "op" else "transformers"
-        base = next((r for r in members if r.provider == base_name), None)
+        base_name = cases.OP_BASELINE if level == "op" else "transformers"
+        base = next((r for r in members if r.provider == base_name and _finite(r.median_ms)), None)
         lines.append(f"{level} | {case} | {mode} | {dtype} | batch {batch}")
         for r in members:
+            if r.note.startswith("failed"):
+                lines.append(f"  {r.provider:<24} {r.note}")
+                continue
             ratio = f"x{base.median_ms / r.median_ms:5.2f} vs {base_name}" if base else ""
-            memory = "" if r.peak_mem_mib != r.peak_mem_mib else f"{r.peak_mem_mib:9.1f} MiB"  # NaN: unmeasured
-            lines.append(f"  {r.provider:<24} {r.median_ms:10.2f} ms [{r.p20_ms:.2f}-{r.p80_ms:.2f}] "
-                         f"{r.throughput:10.2f} {r.throughput_unit:<5} {memory}  {ratio}")
+            memory = "" if not _finite(r.peak_mem_mib) else f"{r.peak_mem_mib:9.1f} MiB"
+            share = (f" {100 * r.throughput / peak_gbps:5.1f}% of HBM" if level == "op" and _finite(peak_gbps)
+                     else "")
+            flag = "  NOISY (p80/p20 {:.2f})".format(r.p80_ms / r.p20_ms) if r.note == "noisy" else ""
+            lines.append(f"  {r.provider:<24} {r.median_ms:10.3f} ms [{r.p20_ms:.3f}-{r.p80_ms:.3f}] "
+                         f"{r.throughput:10.2f} {r.throughput_unit:<5}{share} {memory}  {ratio}{flag}")
+    if any(r.note == "noisy" for r in rows):
+        lines.append(f"NOISY RUN: {sum(r.note == 'noisy' for r in rows)} case(s) with p80/p20 > "
+                     f"{harness.NOISY_SPREAD}: the machine was busy; compare ratios with care")
     return lines
+
+
+def key_ratios(rows: List[harness.Row]) -> List[str]:
+    """One line per group: the fused op against the transformers chain and its compiled form; swinv2_fast
+    against transformers and timm (eager and compiled)."""
+    lines = []
+    groups: Dict[tuple, Dict[str, harness.Row]] = {}
+    for row in rows:
+        if _finite(row.median_ms):
+            groups.setdefault((row.level, row.case, row.mode, row.dtype), {})[row.provider] = row
+    for (level, case, mode, dtype), members in groups.items():
+        ours = [p for p in ("triton", "swinv2_fast", "swinv2_fast+compile") if p in members]
+        others = [p for p in ("transformers-chain", "compile", "sdpa", "transformers", "timm",
+                              "transformers+compile", "timm+compile") if p in members]
+        parts = [f"{a} x{members[b].median_ms / members[a].median_ms:.2f} vs {b}" for a in ours for b in others]
+        if parts:
+            lines.append(f"{level} {case} {mode} {dtype}: " + "; ".join(parts))
+    return lines
+
+
+def summary_lines(args, items, rows, cut, run_id: str, seconds: float) -> List[str]:
+    failed = [r for r in rows if r.note.startswith("failed")]
+    head = [f"benchmark run {run_id}: {harness.device_name(args.device)}; torch {torch.__version__}, "
+            f"triton {harness.triton_version()}, git {harness.git_sha()}",
+            f"{len(items)} cases planned, {len(rows) - len(failed)} timed, {len(failed)} failed, {len(cut)} cut "
+            f"by the budget; {seconds:.0f} s"]
+    peak = harness.peak_bandwidth_gbps(args.device)
+    if _finite(peak):
+        head.append(f"HBM bandwidth of this device: {peak:.0f} GB/s (op GB/s count the bytes the fused op must move)")
+    body = ratio_table(rows, peak)
+    tail = ["", "ratios:"] + key_ratios(rows)
+    if cut:
+        tail += ["", "cut by the budget (not run):"] + [f"  {describe(args, i)}" for i in cut]
+    return head + [""] + body + tail
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    items = sweep_plan(args)
+    if args.dry_run:
+        print_plan(args, items)
+        return 0
     harness.refuse_interpreter()
-    items = plan(args)
+    run_id = harness.new_run_id()
     print(f"device: {harness.device_name(args.device)}; torch {torch.__version__}, triton {harness.triton_version()}, "
-          f"git {harness.git_sha()}; {len(items)} cases")
-    models_by_variant = {v: cases.build_models(cases.MODEL_SPECS[v]) for v in args.model_variants}
-    rows = run_sweep(args, items, models_by_variant)
-    harness.append_rows(rows, args.csv)
+          f"git {harness.git_sha()}; run {run_id}; {len(items)} cases")
+    start = time.monotonic()
+    models_by_variant: Dict[str, Dict[str, torch.nn.Module]] = {}
+    if not args.preset:
+        models_by_variant = {v: cases.build_models(cases.MODEL_SPECS[v]) for v in args.model_variants}
+    rows, cut = run_sweep(args, items, run_id, models_by_variant)
     print()
-    if models_by_variant:
+    if models_by_variant and not args.no_parity:
         print("\n".join(parity_report(args, models_by_variant)))
         print()
-    print("\n".join(ratio_table(rows)))
+    lines = summary_lines(args, items, rows, cut, run_id, time.monotonic() - start)
+    print("\n".join(lines))
     print(f"\n{len(rows)} rows appended to {args.csv}")
-    if not args.no_plot:
+    if args.out_dir:
+        with open(os.path.join(args.out_dir, "summary.txt"), "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+    if not args.no_plot and rows:
         from benchmarks import plot
 
-        for path in plot.plot(args.csv, device=harness.device_name(args.device)):
+        for path in plot.plot(args.csv, device=harness.device_name(args.device), run_id=run_id):
             print(f"chart: {path}")
-    return 0
+    return 1 if any(r.note.startswith("failed") for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""PNG charts from benchmarks/results/results.csv: one chart per device, the latest run of each case.
+"""PNG charts from a results CSV: one chart per device, drawing one run (the device's latest by default).
 
-    python benchmarks/plot.py                 # every device in the CSV
-    python benchmarks/plot.py --device "CPU ..."
+    python benchmarks/plot.py                 # every device in the committed CSV, its latest run each
+    python benchmarks/plot.py --device "CPU ..." --run-id 20261130T120000Z-abc1234-1f2e
 
 Each panel is one (level, case, mode, dtype, batch) group; bars are the providers' throughput (img/s at
-model level, GB/s over the fused op's bytes at op level) from the latest row of each provider, so a chart
-compares rows measured on one device.
+model level, GB/s over the fused op's bytes at op level) from that run, so a chart never mixes runs. Rows
+that failed (no timing) are left out. Old rows without a run id count as one run per git sha.
 """
 from __future__ import annotations
 
@@ -34,7 +34,24 @@ def latest(rows: List[dict]) -> Dict[tuple, Dict[str, dict]]:
     return groups
 
 
-def plot(csv_path: str = harness.RESULTS_CSV, device: Optional[str] = None, out_dir: Optional[str] = None) -> List[str]:
+def run_of(rows: List[dict], run_id: Optional[str] = None) -> List[dict]:
+    """The rows of `run_id`, or of the latest run among `rows` (the run of the last row)."""
+    if not rows:
+        return []
+    ids = [r.get("run_id") or f"legacy-{r.get('git_sha', 'unknown')}" for r in rows]
+    wanted = run_id or ids[-1]
+    return [r for r, i in zip(rows, ids) if i == wanted]
+
+
+def _timed(row: dict) -> bool:
+    try:
+        return math.isfinite(float(row["throughput"]))
+    except (TypeError, ValueError):
+        return False
+
+
+def plot(csv_path: str = harness.RESULTS_CSV, device: Optional[str] = None, out_dir: Optional[str] = None,
+         run_id: Optional[str] = None) -> List[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +62,8 @@ def plot(csv_path: str = harness.RESULTS_CSV, device: Optional[str] = None, out_
     devices = [device] if device else sorted({r["device"] for r in rows})
     written = []
     for name in devices:
-        groups = latest([r for r in rows if r["device"] == name])
+        chosen = run_of([r for r in rows if r["device"] == name], run_id)
+        groups = latest([r for r in chosen if _timed(r)])
         if not groups:
             continue
         cols = min(3, len(groups))
@@ -61,7 +79,9 @@ def plot(csv_path: str = harness.RESULTS_CSV, device: Optional[str] = None, out_
             ax.tick_params(labelsize=7)
         for ax in list(axes.flat)[len(groups):]:
             ax.axis("off")
-        fig.suptitle(f"swinv2_fast benchmarks on {name}", fontsize=9)
+        first = chosen[0]
+        fig.suptitle(f"swinv2_fast benchmarks on {name}\nrun {first.get('run_id') or 'legacy'}, "
+                     f"torch {first['torch']}, triton {first['triton']}, git {first['git_sha']}", fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{slug(name)}.png")
         fig.savefig(path, dpi=110)
@@ -75,8 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", default=harness.RESULTS_CSV)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--run-id", default=None, help="the run to draw (default: each device's latest)")
     args = parser.parse_args(argv)
-    for path in plot(args.csv, args.device, args.out_dir):
+    for path in plot(args.csv, args.device, args.out_dir, args.run_id):
         print(path)
     return 0
 

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine with no network (e.g. a 15-minute loan of an H200):
+#
+#     bash scripts/gpu.sh OUT_DIR            # on the GPU machine, from a fresh copy of the repo
+#     bash scripts/gpu.sh --smoke OUT_DIR    # the same steps on a CPU machine (CI runs this)
+#
+# Uses the machine's own python3 (or $PYTHON), never creates a venv, installs nothing from an index: the
+# project is installed offline in editable mode (pip --no-index --no-deps --no-build-isolation; setuptools
+# must be there). Setup problems stop it in its first seconds. Then, each step under its own time budget,
+# the whole within 8 minutes (a step that runs out is cut and says so; the later steps still run):
+#   1. tests   tests/test_gpu.py: the compiled kernels on CUDA tensors at the real shapes (smoke: Triton's
+#              interpreter on CPU tensors at tiny shapes), ~2-3 min
+#   2. bench   benchmarks/main.py --preset gpu (smoke: --preset smoke), ~4 min, cases ordered by importance
+#   3. sweep   optional hook: `python -m swinv2_fast.kernels.sweep OUT_DIR` when that module exists (a short
+#              tile sweep, ~1 min; it may write one file, OUT_DIR/sweep.csv); skipped otherwise
+#   4. report  OUT_DIR/summary.txt: step statuses, test pass/fail counts, every ratio, % of HBM bandwidth
+# Everything lands in OUT_DIR (the only thing that comes back from the GPU machine), at most 8 files:
+#   environment.txt  tests.log  bench.log  results.csv  <device>.png  sweep.log  [sweep.csv]  summary.txt
+# Budgets (seconds) can be changed with GPU_SH_BUDGET_{TOTAL,TESTS,BENCH,SWEEP}.
+set -uo pipefail
+
+SMOKE=0
+if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
+if [ $# -ne 1 ] || [ "${1#-}" != "$1" ]; then
+  echo "usage: bash scripts/gpu.sh [--smoke] OUT_DIR" >&2
+  exit 2
+fi
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$1" || exit 2
+OUT="$(cd "$1" && pwd)"
+PY="${PYTHON:-python3}"
+cd "$ROOT"
+
+START=$(date +%s)
+if [ "$SMOKE" = 1 ]; then
+  TOTAL=${GPU_SH_BUDGET_TOTAL:-600}; B_TESTS=${GPU_SH_BUDGET_TESTS:-330}
+  B_BENCH=${GPU_SH_BUDGET_BENCH:-180}; B_SWEEP=${GPU_SH_BUDGET_SWEEP:-60}
+else
+  TOTAL=${GPU_SH_BUDGET_TOTAL:-480}; B_TESTS=${GPU_SH_BUDGET_TESTS:-150}
+  B_BENCH=${GPU_SH_BUDGET_BENCH:-270}; B_SWEEP=${GPU_SH_BUDGET_SWEEP:-45}
+fi
+REPORT_RESERVE=15  # seconds kept for the report at the end
+
+# no network on the GPU machine: nothing may try it (pip, the hub)
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+
+STEPS="$OUT/.steps"  # one line per step: name status seconds (folded into summary.txt, then removed)
+: > "$STEPS"
+log() { echo "[gpu.sh +$(( $(date +%s) - START ))s] $*"; }
+fail_setup() { log "SETUP FAILED: $*"; echo "setup failed: $*" > "$OUT/summary.txt"; rm -f "$STEPS"; exit 1; }
+
+# ------------------------------------------------------------------------------------------------ setup
+log "mode: $([ "$SMOKE" = 1 ] && echo "smoke (CPU, interpreter, tiny shapes)" || echo GPU); out: $OUT; python: $PY"
+command -v "$PY" >/dev/null 2>&1 || fail_setup "no $PY"
+"$PY" - <<'EOF' || fail_setup "a package the run needs does not import (see above)"
+import importlib, sys
+missing = []
+for name in ("torch", "triton", "numpy", "transformers", "timm", "pytest", "matplotlib", "tqdm", "safetensors",
+             "setuptools"):
+    try:
+        importlib.import_module(name)
+    except Exception as error:
+        missing.append(f"{name} ({type(error).__name__}: {error})")
+if missing:
+    print("missing: " + "; ".join(missing), file=sys.stderr)
+    sys.exit(1)
+EOF
+if [ "$SMOKE" = 0 ]; then
+  command -v nvidia-smi >/dev/null 2>&1 || fail_setup "no nvidia-smi: not a GPU machine (use --smoke)"
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || fail_setup "torch sees no CUDA device (torch.cuda.is_available() is False)"
+fi
+# the project, offline (editable: the checkout's kernels/ is installed as swinv2_fast.kernels)
+"$PY" -m pip install --quiet --no-deps --no-build-isolation --no-index -e "$ROOT" > "$OUT/install.tmp" 2>&1 \
+  || { cat "$OUT/install.tmp"; rm -f "$OUT/install.tmp"; fail_setup "pip install -e . (offline) failed"; }
+rm -f "$OUT/install.tmp"
+( cd "$OUT" && "$PY" -c "import swinv2_fast, swinv2_fast.functional as f, os, sys; \
+  sys.exit(0 if os.path.dirname(swinv2_fast.__file__) == os.path.join('$ROOT', 'swinv2_fast') else 1)" ) \
+  || fail_setup "swinv2_fast does not import from this checkout after the install"
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "mode: $([ "$SMOKE" = 1 ] && echo smoke || echo gpu)"
+  echo "git: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (uncommitted changes)')"
+  echo "host: $(uname -a)"
+  echo "cpus: $(nproc)"
+  "$PY" - <<'EOF'
+import platform, importlib
+print("python:", platform.python_version(), platform.python_implementation())
+for name in ("torch", "triton", "numpy", "transformers", "timm", "pytest", "safetensors", "matplotlib"):
+    try:
+        print(f"{name}: {importlib.import_module(name).__version__}")
+    except Exception as error:
+        print(f"{name}: not importable ({type(error).__name__})")
+import torch
+print("cuda:", torch.version.cuda, "available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+EOF
+  if command -v nvidia-smi >/dev/null 2>&1; then echo; nvidia-smi 2>&1; fi
+} > "$OUT/environment.txt" 2>&1
+log "environment recorded ($(grep -E '^(torch|triton|device):' "$OUT/environment.txt" | tr '\n' ' '))"
+
+# ------------------------------------------------------------------------------------------------ steps
+# budget for a step: its own, but never past the total deadline minus what the report needs
+budget_for() {
+  local own=$1 left=$(( TOTAL - ($(date +%s) - START) - REPORT_RESERVE ))
+  [ "$left" -lt "$own" ] && own=$left
+  echo "$own"
+}
+# run_step NAME BUDGET LOG CMD...: SIGINT at the budget (pytest and the benchmark print what they have),
+# SIGKILL 10 s later; records "NAME ok|failed|cut|skipped SECONDS"
+run_step() {
+  local name=$1 budget=$2 logfile=$3; shift 3
+  if [ "$budget" -lt 5 ]; then
+    log "$name: skipped, no time left"; echo "$name skipped 0" >> "$STEPS"; echo "skipped: no time left" > "$logfile"
+    return
+  fi
+  log "$name: start (budget ${budget}s) -> $(basename "$logfile")"
+  local t0=$(date +%s) rc
+  timeout --signal=INT --kill-after=10 "$budget" "$@" > "$logfile" 2>&1
+  rc=$?
+  local dt=$(( $(date +%s) - t0 )) status=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ] || { [ $rc -eq 130 ] && [ $dt -ge "$budget" ]; }; then
+    status=cut; echo "=== CUT: the step ran out of its ${budget}s budget ===" >> "$logfile"
+  elif [ $rc -ne 0 ]; then
+    status=failed; echo "=== exit status $rc ===" >> "$logfile"
+  fi
+  log "$name: $status after ${dt}s (exit $rc); tail:"; tail -n 4 "$logfile" | sed 's/^/    /'
+  echo "$name $status $dt" >> "$STEPS"
+}
+
+if [ "$SMOKE" = 1 ]; then
+  export TRITON_INTERPRET=1  # for the tests only; the benchmark refuses to time the interpreter
+else
+  export TRITON_INTERPRET=0
+fi
+run_step tests "$(budget_for "$B_TESTS")" "$OUT/tests.log" \
+  "$PY" -m pytest tests/test_gpu.py -v -p no:cacheprovider -o console_output_style=classic
+unset TRITON_INTERPRET
+
+PRESET=$([ "$SMOKE" = 1 ] && echo smoke || echo gpu)
+BENCH_BUDGET=$(budget_for "$B_BENCH")
+# the benchmark cuts its own cases at its budget minus a margin for its last case and the chart
+run_step bench "$BENCH_BUDGET" "$OUT/bench.log" \
+  "$PY" benchmarks/main.py --preset "$PRESET" --out-dir "$OUT" --budget "$(( BENCH_BUDGET > 60 ? BENCH_BUDGET - 30 : BENCH_BUDGET / 2 + 1 ))"
+
+# Optional tile-sweep hook: runs only when the kernels ship a sweep module (swinv2_fast.kernels.sweep, called
+# with OUT_DIR; it must finish within its budget and write at most one file there, sweep.csv).
+if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('swinv2_fast.kernels.sweep') else 1)" 2>/dev/null; then
+  [ "$SMOKE" = 1 ] && export TRITON_INTERPRET=1
+  run_step sweep "$(budget_for "$B_SWEEP")" "$OUT/sweep.log" "$PY" -m swinv2_fast.kernels.sweep "$OUT"
+  unset TRITON_INTERPRET
+else
+  log "sweep: skipped (no swinv2_fast.kernels.sweep module)"; echo "sweep skipped 0" >> "$STEPS"
+fi
+
+# ----------------------------------------------------------------------------------------------- report
+"$PY" benchmarks/gpu_report.py "$OUT" --steps "$STEPS" --elapsed "$(( $(date +%s) - START ))" > "$OUT/summary.txt" 2>&1
+REPORT_RC=$?
+rm -f "$STEPS"
+cat "$OUT/summary.txt"
+log "done in $(( $(date +%s) - START ))s; files in $OUT:"
+ls -la "$OUT" | sed 's/^/    /'
+exit $REPORT_RC
