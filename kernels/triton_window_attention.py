@@ -18,7 +18,9 @@ One program handles BLOCK_M query rows of one window of one image, for one head:
 """
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -603,9 +605,14 @@ def window_attention_triton_backward(
     shift_size=0,
     pad_order: str = PAD_THEN_ROLL,
     mask_value: float = -100.0,
+    need_qkv: bool = True,
+    need_bias: bool = True,
     need_table_grads: bool = True,
 ):
-    """Gradients of the fused op: (d qkv, d qkv_bias or None, d logit_scale, d position_bias).
+    """Gradients of the fused op: (d qkv, d qkv_bias, d logit_scale, d position_bias), each None when not
+    asked for (`need_qkv`, `need_bias`, `need_table_grads` for the scale and the table together) or, for the
+    bias, when there is none. A gradient not asked for is neither computed nor allocated: without
+    `need_table_grads` the table/scale kernel does not run, without `need_qkv` the dq kernel does not.
 
     P is recomputed (nothing N x N was stored). Kernels: the softmax statistics of every window row and
     delta = rowsum(P * dP) per query row, in token layout; dq per query block; dk/dv per key block (padded
@@ -618,18 +625,23 @@ def window_attention_triton_backward(
                                                    num_heads, window_size, shift_size, pad_order, mask_value)
     cdt = scale.dtype
     num_pad = g.HP * g.WP - g.H * g.W
-    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    need_bias = need_bias and qkv_bias is not None
+    # dk/dv also carry the k/v bias gradient (padded keys); dqkv is then scratch if the activation's is not asked
+    run_dkdv = need_qkv or (need_bias and num_pad > 0)
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format) if run_dkdv else None
     # every padded position is a key of exactly one window: each slot is written once per head, none is left
     pad_grads = qkv_bias is not None and num_pad > 0
     dpad = torch.empty((B, num_pad, 2 * (C3 // 3)) if pad_grads else (1,), device=qkv.device, dtype=cdt)
     d_table = d_logit_scale = None
     if B > 0:
-        strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
         num_bw = B * g.NUM_WINDOWS
-        _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
-            DQKV=dqkv, **strides, **common)
-        _window_attention_bwd_dkdv_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_N"]), num_heads)](
-            DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, **strides, **common)
+        if run_dkdv:
+            strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
+            if need_qkv:
+                _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
+                    DQKV=dqkv, **strides, **common)
+            _window_attention_bwd_dkdv_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_N"]), num_heads)](
+                DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, **strides, **common)
         if need_table_grads:
             num_tiles = triton.cdiv(g.N, flags["BLOCK_M"]) * triton.cdiv(g.N, flags["BLOCK_N"])
             # Enough groups of windows to fill a GPU (about 1024 programs), each group a fixed range.
@@ -642,25 +654,47 @@ def window_attention_triton_backward(
                 DBIAS=d_table_parts, DSCALE=d_scale_parts, NUM_BW=num_bw, WINDOWS_PER_GROUP=per_group, **common)
             d_table = d_table_parts.sum(0)
             d_scale = d_scale_parts.sum((0, 2))
-    else:
+    elif dqkv is not None:
         dqkv.zero_()
     if need_table_grads:
         if d_table is None:  # empty batch
             d_table = torch.zeros_like(position_bias, dtype=cdt)
             d_scale = torch.zeros_like(scale)
-        # d exp(min(x, log 100)) / dx = exp(x) below the bound and 0 at or above it: torch.clamp's convention
-        # (strictly inside the bound), compared in the logit scale's own dtype as the reference's clamp does
+        # d exp(min(x, log 100)) / dx = exp(x) below the bound and 0 above it; at exactly the bound, what the
+        # installed torch.clamp passes (the reference's rule), compared in the logit scale's own dtype as the
+        # reference's clamp does
         x = logit_scale.detach().reshape(num_heads)
-        inside = (x < torch.tensor(LOGIT_SCALE_MAX, dtype=x.dtype, device=x.device)).to(cdt)
+        bound = torch.tensor(LOGIT_SCALE_MAX, dtype=x.dtype, device=x.device)
+        inside = ((x <= bound) if clamp_passes_gradient_at_bound() else (x < bound)).to(cdt)
         d_logit_scale = (d_scale * scale * inside).reshape(logit_scale.shape).to(logit_scale.dtype)
         d_table = d_table.to(position_bias.dtype)
     d_bias = None
-    if qkv_bias is not None:
+    if need_bias:
         d_bias = torch.zeros(C3, device=qkv.device, dtype=cdt)  # the q part: padded queries have no output
         if pad_grads:
             d_bias[C3 // 3:] = dpad.sum((0, 1))
         d_bias = d_bias.to(qkv_bias.dtype)
-    return dqkv, d_bias, d_logit_scale, d_table
+    return (dqkv if need_qkv else None), d_bias, d_logit_scale, d_table
+
+
+@functools.lru_cache(maxsize=None)
+def clamp_passes_gradient_at_bound() -> bool:
+    """Whether torch.clamp(x, max=b) passes the gradient at x == b. Both rules exist in released torch
+    (2.11 and 2.13 pass it, 2.14 does not); the fused backward follows the installed one, as the reference
+    (which differentiates torch.clamp) does."""
+    # asked in a thread of its own: grad mode, inference mode and the dispatch state that excludes autograd
+    # inside a custom op's implementation are thread-local, and this is called from there
+    found = []
+
+    def ask():
+        x = torch.tensor(1.0, requires_grad=True)
+        (grad,) = torch.autograd.grad(torch.clamp(x, max=1.0), x)
+        found.append(bool(grad != 0))
+
+    thread = threading.Thread(target=ask, name="swinv2_fast-clamp-rule")
+    thread.start()
+    thread.join()
+    return found[0]
 
 
 # ----------------------------------------------------------------------------------------- the custom op
@@ -712,30 +746,30 @@ def _(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_si
 def window_attention_fused_backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
     position_bias: torch.Tensor, grid_size: List[int], num_heads: int,
-    window_size: List[int], shift_size: List[int], pad_order: str, mask_value: float, need_table_grads: bool,
+    window_size: List[int], shift_size: List[int], pad_order: str, mask_value: float, need_qkv: bool,
+    need_bias: bool, need_table_grads: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d qkv, d qkv_bias, d logit_scale, d position_bias); the bias gradient is empty without a bias and the
-    last two are empty when need_table_grads is false (custom ops return tensors, never None)."""
+    """(d qkv, d qkv_bias, d logit_scale, d position_bias). A gradient not asked for (or the bias's, without a
+    bias) is a fresh empty tensor of its own: custom ops return tensors, never None, and no two outputs may
+    share storage (frozen parameters in fine-tuning ask for some gradients only)."""
     options = _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
     if not _runs_kernels(qkv):
         raise RuntimeError("swinv2_fast::window_attention_fused_backward runs the Triton kernels (CUDA, or CPU "
                            "under TRITON_INTERPRET=1); the op's eager CPU path is differentiated by autograd")
-    dqkv, d_bias, d_scale, d_table = window_attention_triton_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, need_table_grads=need_table_grads,
-        **options)
-    empty = qkv.new_empty((0,))
-    return (dqkv, empty if d_bias is None else d_bias,
-            d_scale if need_table_grads else empty, d_table if need_table_grads else empty)
+    grads = window_attention_triton_backward(
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, need_qkv=need_qkv, need_bias=need_bias,
+        need_table_grads=need_table_grads, **options)
+    return tuple(qkv.new_empty((0,)) if g is None else g for g in grads)
 
 
 @window_attention_fused_backward.register_fake
 def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size,
-      shift_size, pad_order, mask_value, need_table_grads):
-    empty = qkv.new_empty((0,))
-    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
-            empty if qkv_bias is None else torch.empty_like(qkv_bias),
-            torch.empty_like(logit_scale) if need_table_grads else empty,
-            torch.empty_like(position_bias) if need_table_grads else empty)
+      shift_size, pad_order, mask_value, need_qkv, need_bias, need_table_grads):
+    def grad_like(t, needed):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else qkv.new_empty((0,))
+
+    return (grad_like(qkv, need_qkv), grad_like(qkv_bias, need_bias and qkv_bias is not None),
+            grad_like(logit_scale, need_table_grads), grad_like(position_bias, need_table_grads))
 
 
 def _setup_context(ctx, inputs, output):
@@ -770,9 +804,11 @@ def _backward(ctx, grad_out):
     if recording or not _runs_kernels(qkv):  # or the op's eager CPU path
         return _reference_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs, ctx.options,
                                    create_graph=recording)
-    need_table = bool(needs[2] or needs[3])
+    if not any(needs[:4]):
+        return (None,) * 10
     dqkv, d_bias, d_scale, d_table = torch.ops.swinv2_fast.window_attention_fused_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, *ctx.options, need_table)
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, *ctx.options, bool(needs[0]),
+        bool(needs[1] and qkv_bias is not None), bool(needs[2] or needs[3]))
     return (dqkv if needs[0] else None, d_bias if needs[1] else None, d_scale if needs[2] else None,
             d_table if needs[3] else None, None, None, None, None, None, None)
 
