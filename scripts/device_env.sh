@@ -20,9 +20,10 @@ if [ ! -f "$DEVICE_VENV/.complete" ]; then
   rm -rf "$DEVICE_VENV"
   mkdir -p "$(dirname "$DEVICE_VENV")"
   "$DEVICE_BASE_PYTHON" -m venv "$DEVICE_VENV"
-  # pip's exit status decides: a failed install stops here
-  "$DEVICE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQ"
-  "$DEVICE_VENV/bin/python" -c "import torch, triton, numpy, transformers, timm, peft, accelerate"
+  # pip's exit status decides (pipefail): a failed install stops here; only the local mirror's notes are hidden
+  "$DEVICE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQ" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  "$DEVICE_VENV/bin/python" -c "import torch, triton, numpy, transformers, timm, peft, accelerate, setuptools"
   touch "$DEVICE_VENV/.complete"
 fi
 DEVICE_PYTHON="$DEVICE_VENV/bin/python"
