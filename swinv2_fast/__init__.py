@@ -3,6 +3,11 @@
 Drop-in counterparts of transformers' Swinv2 classes (same config, module names, state-dict keys,
 forward arguments and outputs), converters from timm and the official checkpoints, and the
 window-attention op with its eager reference.
+
+When transformers imports, the model classes are `transformers.PreTrainedModel` subclasses (the Trainer,
+PEFT and accelerate recognise them; see `swinv2_fast.modeling`); the package imports and runs without
+transformers (or with SWINV2_FAST_NO_TRANSFORMERS=1), with `nn.Module` as their base. Importing registers
+nothing with transformers: `register_auto_classes()` does, on request.
 """
 from .configuration import Swinv2Config
 from .convert import from_official, from_timm, official_config_to_swinv2_config
@@ -15,6 +20,8 @@ from .modeling import (
     Swinv2ForMaskedImageModeling,
     Swinv2Model,
     Swinv2PreTrainedModel,
+    Swinv2FastConfig,
+    register_auto_classes,
 )
 
 __version__ = "0.1.0"
@@ -26,6 +33,8 @@ __all__ = [
     "Swinv2ForMaskedImageModeling",
     "Swinv2Backbone",
     "Swinv2PreTrainedModel",
+    "Swinv2FastConfig",
+    "register_auto_classes",
     "window_attention",
     "window_attention_reference",
     "from_timm",

@@ -10,6 +10,12 @@ behaviour:
 - `attn_implementation`: which window-attention implementation the model runs: "auto" (fused Triton kernel
   on CUDA, eager elsewhere), "triton" or "eager"; see `swinv2_fast.functional`. Saved under the key
   `swinv2_fast_attn_implementation` (transformers reads `attn_implementation` as its own setting).
+
+As in transformers, a config accepts any structure at construction; whether the structure can be built
+(heads dividing channels, one entry per stage, window >= 1) is checked by `validate()`, which the models
+call when they are constructed. config.json carries `model_type` "swinv2" (transformers' models read it),
+or "swinv2_fast" when saved with `save_pretrained(..., as_swinv2_fast=True)`, which transformers' Auto
+classes map to swinv2_fast's classes after `swinv2_fast.register_auto_classes()`.
 """
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ from typing import Any, Dict, List, Optional, Sequence
 __all__ = ["Swinv2Config", "WINDOW_SEMANTICS", "ATTN_IMPLEMENTATIONS"]
 
 WINDOW_SEMANTICS = ("transformers", "timm")
+# model_type values a config.json may carry: transformers' own, and the one that transformers' Auto classes map
+# to swinv2_fast's classes (swinv2_fast.register_auto_classes)
+MODEL_TYPES = ("swinv2", "swinv2_fast")
 ATTN_IMPLEMENTATIONS = ("auto", "triton", "eager")
 
 CONFIG_NAME = "config.json"
@@ -32,6 +41,20 @@ def _as_pair(value, name):
             raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
         return int(value[0]), int(value[1])
     return int(value), int(value)
+
+
+def _json_default(value):
+    """JSON form of values config.json may be given: dtypes as transformers writes them ("bfloat16")."""
+    try:
+        import torch
+
+        if isinstance(value, torch.dtype):
+            return str(value).replace("torch.", "")
+    except ImportError:
+        pass
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"config value {value!r} of type {type(value).__name__} is not JSON serializable")
 
 
 class Swinv2Config:
@@ -53,6 +76,17 @@ class Swinv2Config:
         out_features / out_indices: stages returned by `Swinv2Backbone` ("stem", "stage1", ...).
         window_semantics: "transformers" or "timm", see the module docstring.
         attn_implementation: window-attention implementation, one of ATTN_IMPLEMENTATIONS.
+        num_labels, id2label, label2id, problem_type: the classification head and its loss, as in transformers.
+        output_hidden_states, output_attentions, return_dict: defaults of the forward arguments of those names.
+
+    Raises:
+        ValueError: a field of swinv2_fast's own (window_semantics, attn_implementation) or out_features /
+            out_indices out of range. The structure itself is checked by `validate()` at model construction.
+
+    Example:
+        >>> config = Swinv2Config(image_size=256, window_size=8, num_labels=10)
+        >>> config.hidden_size, config.num_layers
+        (768, 4)
     """
 
     model_type = "swinv2"
@@ -130,7 +164,7 @@ class Swinv2Config:
         kwargs.pop("_out_indices", None)
         self._extra = {k: v for k, v in kwargs.items() if k not in ("model_type",)}
 
-        self.validate()
+        self._validate_own_fields()
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         self._set_out_features_out_indices(out_features, out_indices)
 
@@ -183,8 +217,17 @@ class Swinv2Config:
         raise AttributeError(f"'Swinv2Config' object has no attribute '{name}'")
 
     # ------------------------------------------------------------------------------------- validation
+    def _validate_own_fields(self) -> None:
+        if self.window_semantics not in WINDOW_SEMANTICS:
+            raise ValueError(f"window_semantics must be one of {WINDOW_SEMANTICS}, got {self.window_semantics!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
+            )
+
     def validate(self) -> None:
-        """Raise ValueError naming the field for any inconsistent setting."""
+        """Raise ValueError naming the field for any setting a model cannot be built from (called by the
+        models at construction; a config itself accepts what transformers' config accepts)."""
         if not self.depths:
             raise ValueError("depths must name at least one stage, got []")
         if len(self.num_heads) != len(self.depths):
@@ -216,12 +259,7 @@ class Swinv2Config:
         ih, iw = _as_pair(self.image_size, "image_size")
         if ih < 1 or iw < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size!r}")
-        if self.window_semantics not in WINDOW_SEMANTICS:
-            raise ValueError(f"window_semantics must be one of {WINDOW_SEMANTICS}, got {self.window_semantics!r}")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
-            )
+        self._validate_own_fields()
 
     def _set_out_features_out_indices(self, out_features, out_indices) -> None:
         names = self.stage_names
@@ -281,8 +319,8 @@ class Swinv2Config:
                 data.pop(derived, None)
         data.update(overrides)
         model_type = data.get("model_type", cls.model_type)
-        if model_type != cls.model_type:
-            raise ValueError(f"config model_type must be {cls.model_type!r}, got {model_type!r}")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"config model_type must be one of {MODEL_TYPES}, got {model_type!r}")
         for derived in ("num_layers", "hidden_size", "stage_names"):
             data.pop(derived, None)
         if "swinv2_fast_attn_implementation" in data:
@@ -291,26 +329,53 @@ class Swinv2Config:
         data.pop("_attn_implementation", None)
         return cls(**data)
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_json_string(self, as_swinv2_fast: bool = False) -> str:
+        data = self.to_dict()
+        if as_swinv2_fast:
+            data["model_type"] = "swinv2_fast"
+        return json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
 
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory: str, as_swinv2_fast: bool = False, **kwargs) -> None:
+        """Write config.json into `directory`: model_type "swinv2" (transformers' classes read it), or
+        "swinv2_fast" with `as_swinv2_fast=True` (read by transformers' Auto classes after
+        `swinv2_fast.register_auto_classes()`). Other keyword arguments of transformers' method
+        (push_to_hub, token, ...) are refused: swinv2_fast writes local directories only."""
+        if kwargs.pop("push_to_hub", False):
+            raise NotImplementedError("Swinv2Config.save_pretrained(push_to_hub=True): swinv2_fast writes local "
+                                      "directories only; upload the directory with huggingface_hub")
+        if kwargs:
+            raise TypeError(f"Swinv2Config.save_pretrained got unexpected keyword arguments {sorted(kwargs)}")
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as fh:
-            fh.write(self.to_json_string())
+            fh.write(self.to_json_string(as_swinv2_fast=as_swinv2_fast))
 
     @classmethod
-    def from_pretrained(cls, directory: str, **overrides) -> "Swinv2Config":
-        path = os.path.join(directory, CONFIG_NAME) if os.path.isdir(directory) else directory
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
+    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: Optional[str] = None,
+                        cache_dir: Optional[str] = None, subfolder: str = "", **overrides) -> "Swinv2Config":
+        """Read config.json from a directory (or a config.json path, or a hub id found in huggingface_hub's
+        local cache, see `swinv2_fast.weights.resolve_pretrained_directory`); keyword arguments override
+        fields (e.g. num_labels=10)."""
+        name = os.fspath(pretrained_model_name_or_path)
+        if os.path.isfile(name):
+            path = name
+        else:
+            from .weights import resolve_pretrained_directory
+
+            directory = resolve_pretrained_directory(name, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+            path = os.path.join(directory, CONFIG_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
         with open(path, encoding="utf-8") as fh:
             return cls.from_dict(json.load(fh), **overrides)
 
     @classmethod
     def from_transformers(cls, hf_config) -> "Swinv2Config":
-        """The same configuration from a transformers `Swinv2Config` object."""
-        return cls.from_dict(hf_config.to_dict())
+        """The same configuration from a transformers `Swinv2Config` object (model_type "swinv2" or
+        "swinv2_fast"). The models accept such a config directly and call this."""
+        to_dict = getattr(hf_config, "to_dict", None)
+        if to_dict is None:
+            raise TypeError(f"from_transformers expects a transformers Swinv2Config, got {type(hf_config).__name__}")
+        return cls.from_dict(to_dict())
 
     def copy(self) -> "Swinv2Config":
         return Swinv2Config.from_dict(self.to_dict())

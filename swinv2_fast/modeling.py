@@ -10,7 +10,9 @@ inference in fp32 runs the linear layers through oneDNN (`swinv2_fast.linear`).
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -19,7 +21,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .configuration import Swinv2Config
+from .configuration import ATTN_IMPLEMENTATIONS, MODEL_TYPES, Swinv2Config
 from .functional import window_attention
 from .kernels.reference import caching_allowed
 from .linear import apply_linear, has_hooks, is_plain_linear, linear, project_qkv
@@ -590,6 +592,8 @@ class Swinv2Encoder(nn.Module):
         )
         self.gradient_checkpointing = False
         self.checkpoint_kwargs = {"use_reentrant": False}
+        self.checkpoint_every_n_layers = 1
+        self.checkpoint_offload = False
 
     def forward(self, hidden_states, input_dimensions, output_attentions=False, output_hidden_states=False,
                 output_hidden_states_before_downsampling=False, return_dict=True):
@@ -605,11 +609,14 @@ class Swinv2Encoder(nn.Module):
 
         if output_hidden_states:
             record(hidden_states, input_dimensions)
-        for stage in self.layers:
-            if self.gradient_checkpointing and self.training:
-                stage_outputs = torch.utils.checkpoint.checkpoint(
-                    stage, hidden_states, input_dimensions, output_attentions, **self.checkpoint_kwargs
-                )
+        for index, stage in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and index % self.checkpoint_every_n_layers == 0:
+                offload = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+                           if self.checkpoint_offload else contextlib.nullcontext())
+                with offload:
+                    stage_outputs = torch.utils.checkpoint.checkpoint(
+                        stage, hidden_states, input_dimensions, output_attentions, **self.checkpoint_kwargs
+                    )
             else:
                 stage_outputs = stage(hidden_states, input_dimensions, output_attentions)
             hidden_states, before_downsampling, output_dimensions = stage_outputs[:3]
@@ -647,26 +654,152 @@ def _check_pixel_values(pixel_values, num_channels: int) -> None:
         raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
 
 
-class Swinv2PreTrainedModel(nn.Module):
-    """Weight init, checkpoint loading and saving, gradient checkpointing and cache control."""
+# ------------------------------------------------------------------------------------------ base class
+# Design: when transformers imports, the models are real `transformers.PreTrainedModel` subclasses, because
+# the Trainer (`Trainer.save_model` / checkpoints write config.json only for `isinstance(model,
+# PreTrainedModel)`), PEFT and accelerate recognise a transformers model by its class, not by its methods.
+# Everything that touches loading, saving, configs and checkpointing is swinv2_fast's own (overridden
+# below), so both bases behave the same; without transformers (or with SWINV2_FAST_NO_TRANSFORMERS=1 in the
+# environment) the base is `nn.Module` and the package runs unchanged, minus push_to_hub.
+def _transformers_base():
+    if os.environ.get("SWINV2_FAST_NO_TRANSFORMERS", "") not in ("", "0"):
+        return None
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None
+    return PreTrainedModel
+
+
+_TransformersPreTrainedModel = _transformers_base()
+_ModelBase = nn.Module if _TransformersPreTrainedModel is None else _TransformersPreTrainedModel
+
+# from_pretrained keywords that only steer transformers' downloads: a local directory (or a snapshot in the
+# local hub cache) makes them meaningless, so they are accepted and dropped (never written into config.json)
+_HUB_OPTIONS = frozenset({
+    "revision", "cache_dir", "local_files_only", "trust_remote_code", "force_download", "proxies", "token",
+    "use_auth_token", "resume_download", "low_cpu_mem_usage", "code_revision", "_commit_hash", "_from_auto",
+    "_from_pipeline", "user_agent", "weights_only", "mirror", "offload_state_dict",
+})
+# transformers options that swinv2_fast does not implement: refused by name rather than ignored
+_UNSUPPORTED_OPTIONS = {
+    "quantization_config": "quantized loading",
+    "max_memory": "device maps over several devices",
+    "offload_folder": "offloading weights to disk",
+    "offload_buffers": "offloading buffers",
+    "tp_plan": "tensor parallelism",
+    "tp_size": "tensor parallelism",
+    "device_mesh": "tensor parallelism",
+    "gguf_file": "GGUF checkpoints",
+    "from_tf": "TensorFlow checkpoints",
+    "from_flax": "Flax checkpoints",
+    "use_kernels": "hub kernels",
+    "key_mapping": "key_mapping (q_proj/k_proj/v_proj/o_proj keys are mapped already)",
+    "generation_config": "generation",
+}
+
+
+def _as_swinv2_config(config) -> Swinv2Config:
+    """Our config from ours or from a transformers Swinv2Config (model_type "swinv2" or "swinv2_fast")."""
+    if isinstance(config, Swinv2Config):
+        return config
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_TYPES and callable(getattr(config, "to_dict", None)):
+        return Swinv2Config.from_transformers(config)
+    raise TypeError(
+        "config must be a swinv2_fast.Swinv2Config or a transformers Swinv2Config (converted with "
+        f"swinv2_fast.Swinv2Config.from_transformers), got {type(config).__name__}"
+        + (f" with model_type {model_type!r}" if model_type is not None else "")
+    )
+
+
+def _resolve_dtype(dtype, config: Swinv2Config) -> Optional[torch.dtype]:
+    """from_pretrained's dtype: None or "auto" -> the dtype config.json records (transformers 5's default,
+    fp32 if none is recorded); a torch.dtype or its name ("bfloat16", "torch.float16") -> that dtype."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return _config_dtype(config)
+    if isinstance(dtype, str):
+        candidate = getattr(torch, dtype.replace("torch.", ""), None)
+        if isinstance(candidate, torch.dtype):
+            dtype = candidate
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, its name (e.g. 'bfloat16') or 'auto', got {dtype!r}")
+    return dtype
+
+
+def _resolve_device_map(device_map) -> Optional[torch.device]:
+    """from_pretrained's device_map as the one device the whole model goes to (None: stay on the CPU).
+
+    Accepted: a device (torch.device, "cuda", "cuda:1", "cpu", "mps", an int CUDA index), "auto" (the first
+    accelerator if there is one, else the CPU), or a dict mapping every module to one device ({"": "cuda:0"}).
+    A map over several devices raises: the model is small enough for one device."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = {str(torch.device(f"cuda:{d}" if isinstance(d, int) else d)) for d in device_map.values()}
+        if len(devices) != 1:
+            raise ValueError(
+                f"device_map over several devices ({sorted(devices)}) is not supported by swinv2_fast: pass one "
+                "device (e.g. device_map='cuda:0' or {'': 'cuda:0'}) or 'auto'"
+            )
+        device_map = devices.pop()
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(f"cuda:{device_map}" if isinstance(device_map, int) else device_map)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device_map must be a device, 'auto' or {{'': device}}, got {device_map!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device_map={device_map!r} asks for a CUDA device, but torch.cuda.is_available() is False")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class Swinv2PreTrainedModel(_ModelBase):
+    """Base of the Swin V2 models: weight init, checkpoint loading and saving, gradient checkpointing,
+    cache control.
+
+    A `transformers.PreTrainedModel` subclass when transformers imports (so that the Trainer saves
+    config.json with `save_model`, and PEFT and accelerate treat the models as transformers models), an
+    `nn.Module` otherwise; loading, saving, configs and checkpointing are swinv2_fast's own either way.
+    The constructor takes a `swinv2_fast.Swinv2Config` or a transformers `Swinv2Config` and checks that
+    the structure can be built (`Swinv2Config.validate`).
+    """
 
     config_class = Swinv2Config
     base_model_prefix = "swinv2"
     main_input_name = "pixel_values"
+    input_modalities = "image"
     supports_gradient_checkpointing = True
+    _no_split_modules = ["Swinv2Stage"]
+    _keys_to_ignore_on_load_unexpected = None
 
     def __init__(self, config: Swinv2Config):
-        super().__init__()
-        if not isinstance(config, Swinv2Config):
-            raise TypeError(f"config must be a swinv2_fast.Swinv2Config, got {type(config).__name__}")
+        # nn.Module's constructor, not transformers': that one requires its own config class and checks
+        # transformers' attention implementations; the attributes its methods read are set here.
+        nn.Module.__init__(self)
+        config = _as_swinv2_config(config)
         config.validate()
         self.config = config
+        self.name_or_path = ""
 
     def post_init(self):
+        """Initialise the weights (`_init_weights` on every module), as transformers' post_init does."""
         self.apply(self._init_weights)
+        # what transformers' methods (PEFT, accelerate, the Trainer) read on a PreTrainedModel
+        self.all_tied_weights_keys = {}
+        self._keep_in_fp32_modules = set()
+        self._keep_in_fp32_modules_strict = set()
 
     @torch.no_grad()
     def _init_weights(self, module):
+        """transformers' Swinv2 initialisation: normal(0, initializer_range) for linear and conv weights, zero
+        biases, LayerNorm (1, 0), zero mask token and absolute position embedding, logit scale log(10)."""
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             module.weight.normal_(mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
@@ -682,32 +815,72 @@ class Swinv2PreTrainedModel(nn.Module):
         elif isinstance(module, Swinv2SelfAttention):
             module.logit_scale.fill_(math.log(10))
 
+    def init_weights(self):
+        """Re-initialise every weight (transformers' name for post_init's initialisation)."""
+        self.apply(self._init_weights)
+
+    @property
+    def dummy_inputs(self):
+        """A batch of 2 random images at config.image_size, as `forward(**model.dummy_inputs)` takes it."""
+        height, width = _pair(self.config.image_size)
+        return {"pixel_values": torch.randn(2, self.config.num_channels, height, width,
+                                            dtype=self.dtype, device=self.device)}
+
     # ------------------------------------------------------------------------- gradient checkpointing
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Checkpoint every stage in training; `gradient_checkpointing_kwargs` go to
-        `torch.utils.checkpoint.checkpoint` (default `{"use_reentrant": False}`, as in transformers)."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                      offload: bool = False):
+        """Recompute stages in the backward instead of keeping their activations (training only).
+
+        Args:
+            gradient_checkpointing_kwargs: arguments of `torch.utils.checkpoint.checkpoint` (default
+                `{"use_reentrant": False}`, as in transformers).
+            every_n_layers: checkpoint stages 0, n, 2n, ... only (transformers 5's argument; 1: all stages).
+            offload: keep the activations saved for the recompute in (pinned, with CUDA) host memory.
+
+        Accepts what transformers' Trainer passes (`TrainingArguments(gradient_checkpointing=True,
+        gradient_checkpointing_kwargs=...)`, which may carry every_n_layers and offload).
+        """
         if gradient_checkpointing_kwargs is None:
             gradient_checkpointing_kwargs = {"use_reentrant": False}
         if not isinstance(gradient_checkpointing_kwargs, dict):
             raise TypeError("gradient_checkpointing_kwargs must be a dict of torch.utils.checkpoint.checkpoint "
                             f"arguments, got {type(gradient_checkpointing_kwargs).__name__}")
+        gradient_checkpointing_kwargs = dict(gradient_checkpointing_kwargs)
+        # the Trainer of some versions leaves these two in the dict
+        every_n_layers = gradient_checkpointing_kwargs.pop("every_n_layers", every_n_layers)
+        offload = gradient_checkpointing_kwargs.pop("offload", offload)
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be an int >= 1, got {every_n_layers!r}")
+        if not isinstance(offload, bool):
+            raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
         for module in self.modules():
             if isinstance(module, Swinv2Encoder):
                 module.gradient_checkpointing = True
-                module.checkpoint_kwargs = dict(gradient_checkpointing_kwargs)
+                module.checkpoint_kwargs = gradient_checkpointing_kwargs
+                module.checkpoint_every_n_layers = every_n_layers
+                module.checkpoint_offload = offload
+        if getattr(self, "_hf_peft_config_loaded", False):
+            self.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self):
+        """Keep all activations again (the default)."""
         for module in self.modules():
             if isinstance(module, Swinv2Encoder):
                 module.gradient_checkpointing = False
 
     @property
     def is_gradient_checkpointing(self) -> bool:
+        """Whether gradient checkpointing is on."""
         return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Swinv2Encoder))
 
+    # -------------------------------------------------------------------------------- accessors
     def get_input_embeddings(self) -> nn.Module:
         """The patch embedding (a convolution), the model's first layer."""
         return next(m for m in self.modules() if isinstance(m, Swinv2PatchEmbeddings))
+
+    def get_output_embeddings(self):
+        """None: a vision model has no output embedding (what transformers' Swinv2 returns)."""
+        return None
 
     def enable_input_require_grads(self):
         """Make the patch embedding's output require gradients, as transformers' method of this name does:
@@ -719,6 +892,7 @@ class Swinv2PreTrainedModel(nn.Module):
         self._input_require_grads_hook = self.get_input_embeddings().register_forward_hook(require_grads)
 
     def disable_input_require_grads(self):
+        """Remove the hook `enable_input_require_grads` added."""
         handle = self.__dict__.pop("_input_require_grads_hook", None)
         if handle is not None:
             handle.remove()
@@ -733,8 +907,6 @@ class Swinv2PreTrainedModel(nn.Module):
 
     def set_attn_implementation(self, attn_implementation: str):
         """Switch every block's window attention to "auto", "triton" or "eager" (see swinv2_fast.functional)."""
-        from .configuration import ATTN_IMPLEMENTATIONS
-
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
         self.config.attn_implementation = attn_implementation
@@ -751,49 +923,182 @@ class Swinv2PreTrainedModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Device of the parameters."""
         return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """dtype of the parameters."""
         return next(self.parameters()).dtype
 
     # -------------------------------------------------------------------------------- save / load
     @classmethod
-    def from_pretrained(cls, directory, *, config: Optional[Swinv2Config] = None, strict: bool = True,
-                        dtype: Optional[torch.dtype] = None, **config_overrides):
-        """Load a directory written by transformers' (or our) `save_pretrained`.
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, strict: bool = True,
+                        dtype=None, torch_dtype=None, device_map=None, ignore_mismatched_sizes: bool = False,
+                        output_loading_info: bool = False, subfolder: str = "", use_safetensors=None,
+                        variant: Optional[str] = None, attn_implementation: Optional[str] = None,
+                        adapter_kwargs=None, **kwargs):
+        """Load a directory written by transformers' (or our) `save_pretrained`, in eval mode.
 
         Reads config.json and model.safetensors / pytorch_model.bin (also sharded), in the released key
-        layout (query/key/value) or the renamed one (q_proj/k_proj/v_proj/o_proj). Keyword arguments
-        override config fields (e.g. num_labels=10). Missing or unexpected keys raise, naming them; the
-        only exceptions are task heads (`classifier`, `decoder`, mask token) absent from the checkpoint,
-        which keep their initialisation with a warning, and heads of another class in the checkpoint,
-        which are dropped with a warning. `strict=False` turns every key mismatch into a warning.
+        layout (query/key/value) or the renamed one (q_proj/k_proj/v_proj/o_proj). Missing or unexpected
+        keys raise, naming them; the only exceptions are task heads (`classifier`, `decoder`, mask token)
+        absent from the checkpoint, which keep their initialisation with a warning, and heads of another
+        class in the checkpoint, which are dropped with a warning.
+
+        Args:
+            pretrained_model_name_or_path: the directory, or a hub id whose snapshot is in huggingface_hub's
+                local cache (nothing is downloaded; anything else raises FileNotFoundError).
+            config: a swinv2_fast or transformers Swinv2Config to use instead of config.json.
+            dtype / torch_dtype: a floating torch.dtype, its name, or "auto" (default, as in transformers 5:
+                the dtype config.json records, else float32). Every parameter and buffer is cast to it.
+            device_map: one device for the whole model ("cuda", "cuda:1", torch.device, int), "auto" (the
+                first accelerator, else the CPU) or {"": device}; maps over several devices raise.
+            ignore_mismatched_sizes: leave weights whose shape differs from the checkpoint's (e.g. a new
+                classifier for another num_labels) at their initialisation, with a warning.
+            strict: False turns every key mismatch into a warning.
+            output_loading_info: also return {"missing_keys", "unexpected_keys", "mismatched_keys",
+                "error_msgs"}.
+            subfolder, use_safetensors, variant: where the files are, as in transformers.
+            attn_implementation: swinv2_fast's window attention ("auto", "triton", "eager").
+            revision, cache_dir, local_files_only, trust_remote_code, low_cpu_mem_usage, force_download,
+                proxies, token: accepted for transformers compatibility (revision and cache_dir select a
+                cached hub snapshot); never written into the config.
+            **kwargs: config fields to override (e.g. num_labels=10, out_features=["stage2"]). Other
+                keywords raise TypeError; transformers options swinv2_fast lacks (quantization_config,
+                tp_plan, ...) raise NotImplementedError.
+
+        Returns:
+            The model (and the loading info with output_loading_info=True).
+
+        Example:
+            >>> model = Swinv2ForImageClassification.from_pretrained("out/", dtype=torch.bfloat16, num_labels=10,
+            ...                                                      ignore_mismatched_sizes=True)
         """
-        from .weights import load_model_weights
+        from .weights import load_model_weights, resolve_pretrained_directory
 
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model arguments, got {len(model_args)}")
+        for option, what in _UNSUPPORTED_OPTIONS.items():
+            if kwargs.get(option) is not None:
+                raise NotImplementedError(f"from_pretrained({option}=...): {what} is not supported by swinv2_fast")
+            kwargs.pop(option, None)
+        if adapter_kwargs and adapter_kwargs.get("_adapter_model_path"):
+            raise NotImplementedError("from_pretrained on a PEFT adapter directory: load the base model with "
+                                      "swinv2_fast, then peft.PeftModel.from_pretrained(model, adapter_directory)")
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass dtype only "
+                                 "(torch_dtype is its older name)")
+            dtype = torch_dtype
+        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_OPTIONS}
+        directory = resolve_pretrained_directory(pretrained_model_name_or_path, subfolder=subfolder,
+                                                 revision=hub.get("revision"), cache_dir=hub.get("cache_dir"))
+        overrides = dict(kwargs)
+        if attn_implementation is not None:
+            overrides["attn_implementation"] = attn_implementation
+        known = _config_fields()
         if config is None:
-            config = Swinv2Config.from_pretrained(directory, **config_overrides)
-        elif config_overrides:
-            config = Swinv2Config.from_dict(config.to_dict(), **config_overrides)
-        model = cls(config)
-        load_model_weights(model, directory, strict=strict)
-        if dtype is None:  # as transformers 5: the dtype the checkpoint was saved in, recorded in config.json
-            dtype = _config_dtype(config)
-        if dtype is not None:
-            model = model.to(dtype)
-        return model.eval()
+            config = Swinv2Config.from_pretrained(directory)
+        else:
+            config = _as_swinv2_config(config)
+        stray = sorted(k for k in overrides if k not in known and k not in config._extra)
+        if stray:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments {stray}: neither "
+                            "Swinv2Config fields nor loading options")
+        if overrides:
+            config = Swinv2Config.from_dict(config.to_dict(), **overrides)
+        else:
+            config = config.copy()
+        dtype = _resolve_dtype(dtype, config)
+        device = _resolve_device_map(device_map)
 
-    def save_pretrained(self, directory: str, safe_serialization: bool = True) -> None:
-        """Write config.json and model.safetensors (or pytorch_model.bin) that transformers' `from_pretrained` reads."""
+        model = cls(config)
+        info = load_model_weights(model, directory, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                  use_safetensors=use_safetensors, variant=variant)
+        if dtype is not None or device is not None:
+            model = model.to(device=device, dtype=dtype)
+        if device_map is not None:
+            model.hf_device_map = {"": str(model.device)}
+        model.name_or_path = os.fspath(pretrained_model_name_or_path)
+        model.eval()
+        return (model, info) if output_loading_info else model
+
+    @classmethod
+    def _from_config(cls, config, dtype=None, torch_dtype=None, **kwargs):
+        """A randomly initialised model from a config (what transformers' `AutoModel*.from_config` calls)."""
+        model = cls(config, **kwargs)
+        dtype = dtype if dtype is not None else torch_dtype
+        return model if dtype is None else model.to(_resolve_dtype(dtype, model.config))
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        """A randomly initialised model from a swinv2_fast or transformers Swinv2Config."""
+        return cls._from_config(config, **kwargs)
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None,
+                        save_function=torch.save, push_to_hub: bool = False, max_shard_size="50GB",
+                        safe_serialization: bool = True, variant: Optional[str] = None,
+                        as_swinv2_fast: bool = False, **kwargs):
+        """Write config.json and model.safetensors (or pytorch_model.bin) that transformers' `from_pretrained`
+        reads, with transformers' arguments (the Trainer's `save_model` calls this).
+
+        Args:
+            save_directory: the directory (created if needed).
+            is_main_process: False writes nothing (distributed training: one writer).
+            state_dict: the tensors to write instead of `self.state_dict()` (what the Trainer passes).
+            safe_serialization: safetensors (default) or torch's pickle format through `save_function`.
+            max_shard_size: split the weights into shards of at most this size ("5GB", bytes) with an index.
+            variant: write model.<variant>.safetensors.
+            as_swinv2_fast: write model_type "swinv2_fast", which transformers' Auto classes map to
+                swinv2_fast's classes after `swinv2_fast.register_auto_classes()`. The default,
+                model_type "swinv2", is read by transformers' Swinv2 classes.
+            push_to_hub: upload the directory afterwards (needs transformers and the network; remaining
+                keyword arguments such as repo_id, token, private go to `push_to_hub`).
+        """
         from .weights import save_model_weights
 
-        save_model_weights(self, directory, safe_serialization=safe_serialization)
+        kwargs.pop("save_peft_format", None)
+        kwargs.pop("save_original_format", None)
+        save_model_weights(self, os.fspath(save_directory), safe_serialization=safe_serialization,
+                           state_dict=state_dict, as_swinv2_fast=as_swinv2_fast, max_shard_size=max_shard_size,
+                           variant=variant, is_main_process=is_main_process, save_function=save_function)
+        if push_to_hub:
+            if _TransformersPreTrainedModel is None:
+                raise NotImplementedError("save_pretrained(push_to_hub=True) needs transformers (its hub upload)")
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+            self.push_to_hub(repo_id, **kwargs)
+        elif kwargs:
+            raise TypeError(f"save_pretrained got unexpected keyword arguments {sorted(kwargs)}")
+
+
+def _config_fields():
+    """Names a from_pretrained keyword may override: Swinv2Config's arguments and its aliases."""
+    import inspect
+
+    names = set(inspect.signature(Swinv2Config.__init__).parameters) - {"self", "kwargs"}
+    return names | set(Swinv2Config.attribute_map)
 
 
 class Swinv2Model(Swinv2PreTrainedModel):
+    """The Swin V2 encoder: patch embedding, stages of window-attention blocks with patch merging between
+    them, final LayerNorm and (optional) mean pooling; transformers' `Swinv2Model` with the same modules,
+    parameter names and outputs.
+
+    Args:
+        config: a swinv2_fast or transformers Swinv2Config.
+        add_pooling_layer: compute `pooler_output` (mean over tokens).
+        use_mask_token: add the learned mask token `bool_masked_pos` substitutes (SimMIM).
+
+    Example:
+        >>> model = Swinv2Model(Swinv2Config(image_size=256, window_size=8)).eval()
+        >>> model(torch.randn(1, 3, 256, 256)).last_hidden_state.shape
+        torch.Size([1, 64, 768])
+    """
+
     def __init__(self, config: Swinv2Config, add_pooling_layer: bool = True, use_mask_token: bool = False):
         super().__init__(config)
+        config = self.config  # ours, also when a transformers Swinv2Config was passed
         self.num_layers = len(config.depths)
         self.num_features = int(config.embed_dim * 2 ** (self.num_layers - 1))
         self.embeddings = Swinv2Embeddings(config, use_mask_token=use_mask_token)
@@ -807,6 +1112,29 @@ class Swinv2Model(Swinv2PreTrainedModel):
 
     def forward(self, pixel_values=None, bool_masked_pos=None, output_attentions=None, output_hidden_states=None,
                 interpolate_pos_encoding=False, return_dict=None, **kwargs):
+        """Encode a batch of images.
+
+        Args:
+            pixel_values: (batch, num_channels, height, width) floating tensor; any height and width (padded
+                to the patch and window sizes as transformers pads).
+            bool_masked_pos: (batch, num_patches) bool, patches replaced by the mask token (needs
+                use_mask_token=True).
+            output_attentions: also return each stage's attention probabilities (the last block's,
+                (batch * windows, heads, N, N), N = window area); default config.output_attentions. Served by
+                the eager path (the fused kernel never forms them).
+            output_hidden_states: also return the token states after the embedding and after every stage
+                (`hidden_states`, (batch, tokens, channels)) and the same as NCHW maps
+                (`reshaped_hidden_states`); default config.output_hidden_states.
+            interpolate_pos_encoding: interpolate the absolute position embedding (use_absolute_embeddings
+                models) to the input size.
+            return_dict: return the output dataclass (default config.return_dict) or transformers' tuple
+                (its fields that are not None, in order).
+
+        Returns:
+            `Swinv2ModelOutput`: last_hidden_state (batch, tokens, hidden_size) after the final LayerNorm,
+            pooler_output (batch, hidden_size) or None, hidden_states, attentions, reshaped_hidden_states
+            (None unless requested).
+        """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -875,8 +1203,19 @@ def _classification_loss(config: Swinv2Config, logits: torch.Tensor, labels: tor
 
 
 class Swinv2ForImageClassification(Swinv2PreTrainedModel):
+    """Swin V2 with a linear classifier on the pooled output (transformers' `Swinv2ForImageClassification`).
+
+    config.num_labels sets the classifier's outputs (0: no classifier, the pooled features are returned as
+    logits); config.problem_type chooses the loss as transformers does.
+
+    Example:
+        >>> model = Swinv2ForImageClassification(Swinv2Config(image_size=256, window_size=8, num_labels=10))
+        >>> model(torch.randn(2, 3, 256, 256), labels=torch.tensor([1, 7])).loss
+    """
+
     def __init__(self, config: Swinv2Config):
         super().__init__(config)
+        config = self.config  # ours, also when a transformers Swinv2Config was passed
         self.num_labels = config.num_labels
         self.swinv2 = Swinv2Model(config)
         self.classifier = (
@@ -886,6 +1225,27 @@ class Swinv2ForImageClassification(Swinv2PreTrainedModel):
 
     def forward(self, pixel_values=None, labels=None, output_attentions=None, output_hidden_states=None,
                 interpolate_pos_encoding=False, return_dict=None, **kwargs):
+        """Classify a batch of images.
+
+        Args:
+            pixel_values: (batch, num_channels, height, width) floating tensor.
+            labels: (batch,) class indices (cross-entropy), (batch, num_labels) floats for regression or
+                multi-label (BCE) problems, as config.problem_type or transformers' rule chooses.
+            output_attentions: also return each stage's attention probabilities (the last block's,
+                (batch * windows, heads, N, N), N = window area); default config.output_attentions. Served by
+                the eager path (the fused kernel never forms them).
+            output_hidden_states: also return the token states after the embedding and after every stage
+                (`hidden_states`, (batch, tokens, channels)) and the same as NCHW maps
+                (`reshaped_hidden_states`); default config.output_hidden_states.
+            interpolate_pos_encoding: interpolate the absolute position embedding (use_absolute_embeddings
+                models) to the input size.
+            return_dict: return the output dataclass (default config.return_dict) or transformers' tuple
+                (its fields that are not None, in order).
+
+        Returns:
+            `Swinv2ImageClassifierOutput`: loss (with labels), logits (batch, num_labels), hidden_states,
+            attentions, reshaped_hidden_states (None unless requested).
+        """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.swinv2(
             pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -906,10 +1266,12 @@ class Swinv2ForImageClassification(Swinv2PreTrainedModel):
 
 
 class Swinv2ForMaskedImageModeling(Swinv2PreTrainedModel):
-    """SimMIM: mask token in the embeddings, 1x1 conv + pixel shuffle decoder, L1 loss over masked pixels."""
+    """SimMIM (transformers' `Swinv2ForMaskedImageModeling`): a mask token in the embeddings, a 1x1 conv +
+    pixel shuffle decoder back to pixels (stride config.encoder_stride), L1 loss over the masked pixels."""
 
     def __init__(self, config: Swinv2Config):
         super().__init__(config)
+        config = self.config  # ours, also when a transformers Swinv2Config was passed
         self.swinv2 = Swinv2Model(config, add_pooling_layer=False, use_mask_token=True)
         num_features = int(config.embed_dim * 2 ** (config.num_layers - 1))
         self.decoder = nn.Sequential(
@@ -920,6 +1282,26 @@ class Swinv2ForMaskedImageModeling(Swinv2PreTrainedModel):
 
     def forward(self, pixel_values=None, bool_masked_pos=None, output_attentions=None, output_hidden_states=None,
                 interpolate_pos_encoding=False, return_dict=None, **kwargs):
+        """Reconstruct a batch of images from partly masked patches.
+
+        Args:
+            pixel_values: (batch, num_channels, height, width) floating tensor at config.image_size.
+            bool_masked_pos: (batch, num_patches) bool, True for masked patches; gives the loss.
+            output_attentions: also return each stage's attention probabilities (the last block's,
+                (batch * windows, heads, N, N), N = window area); default config.output_attentions. Served by
+                the eager path (the fused kernel never forms them).
+            output_hidden_states: also return the token states after the embedding and after every stage
+                (`hidden_states`, (batch, tokens, channels)) and the same as NCHW maps
+                (`reshaped_hidden_states`); default config.output_hidden_states.
+            interpolate_pos_encoding: interpolate the absolute position embedding (use_absolute_embeddings
+                models) to the input size.
+            return_dict: return the output dataclass (default config.return_dict) or transformers' tuple
+                (its fields that are not None, in order).
+
+        Returns:
+            `Swinv2MaskedImageModelingOutput`: loss (with bool_masked_pos), reconstruction (batch,
+            num_channels, height, width), hidden_states, attentions, reshaped_hidden_states.
+        """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.swinv2(
             pixel_values, bool_masked_pos=bool_masked_pos, output_attentions=output_attentions,
@@ -958,10 +1340,12 @@ class Swinv2ForMaskedImageModeling(Swinv2PreTrainedModel):
 
 
 class Swinv2Backbone(Swinv2PreTrainedModel):
-    """Feature maps (NCHW) of the stages named by config.out_features, taken before patch merging."""
+    """Feature maps (NCHW) of the stages named by config.out_features / out_indices ("stem", "stage1", ...),
+    taken before patch merging (transformers' `Swinv2Backbone`); `channels` gives their channel counts."""
 
     def __init__(self, config: Swinv2Config):
         super().__init__(config)
+        config = self.config  # ours, also when a transformers Swinv2Config was passed
         self.num_features = [config.embed_dim] + [int(config.embed_dim * 2**i) for i in range(len(config.depths))]
         self.embeddings = Swinv2Embeddings(config)
         self.encoder = Swinv2Encoder(config, self.embeddings.patch_grid)
@@ -987,6 +1371,20 @@ class Swinv2Backbone(Swinv2PreTrainedModel):
         return self.embeddings.patch_embeddings
 
     def forward(self, pixel_values, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        """Feature maps of a batch of images.
+
+        Args:
+            pixel_values: (batch, num_channels, height, width) floating tensor.
+            output_attentions: also return each stage's attention probabilities; default
+                config.output_attentions.
+            output_hidden_states: also return the token states of every stage; default
+                config.output_hidden_states.
+            return_dict: return `BackboneOutput` (default config.return_dict) or a tuple.
+
+        Returns:
+            `BackboneOutput`: feature_maps, one (batch, channels, height, width) map per out_features
+            entry, hidden_states and attentions (None unless requested).
+        """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -1010,3 +1408,42 @@ class Swinv2Backbone(Swinv2PreTrainedModel):
                 output += (outputs.attentions,)
             return output
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=outputs.attentions)
+
+
+# ------------------------------------------------------------------------------------------ AutoClass
+if _TransformersPreTrainedModel is not None:
+    from transformers import Swinv2Config as _TransformersSwinv2Config
+
+    class Swinv2FastConfig(_TransformersSwinv2Config):
+        """transformers' Swinv2Config under model_type "swinv2_fast": what transformers' AutoConfig returns for
+        a directory saved with `save_pretrained(..., as_swinv2_fast=True)` once
+        `swinv2_fast.register_auto_classes()` has run; swinv2_fast's classes accept it as their config."""
+
+        model_type = "swinv2_fast"
+else:
+    Swinv2FastConfig = None
+
+
+def register_auto_classes() -> None:
+    """Register swinv2_fast's classes with transformers' Auto classes, under model_type "swinv2_fast".
+
+    After this call, `AutoConfig` / `AutoModel` / `AutoModelForImageClassification` /
+    `AutoModelForMaskedImageModeling` / `AutoBackbone` `.from_pretrained(d)` return swinv2_fast's classes
+    for a directory saved with `save_pretrained(d, as_swinv2_fast=True)`, and `AutoModel*.from_config` for a
+    `Swinv2FastConfig`. Directories with model_type "swinv2" (the default save, and every transformers
+    checkpoint) still load as transformers' own classes. Importing swinv2_fast registers nothing; calling
+    this again is harmless.
+    """
+    if _TransformersPreTrainedModel is None:
+        raise ImportError("swinv2_fast.register_auto_classes() needs transformers, which is not importable "
+                          "(or SWINV2_FAST_NO_TRANSFORMERS is set)")
+    from transformers import (AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification,
+                              AutoModelForMaskedImageModeling)
+
+    AutoConfig.register("swinv2_fast", Swinv2FastConfig, exist_ok=True)
+    pairs = ((AutoModel, Swinv2Model), (AutoModelForImageClassification, Swinv2ForImageClassification),
+             (AutoModelForMaskedImageModeling, Swinv2ForMaskedImageModeling), (AutoBackbone, Swinv2Backbone))
+    for auto_class, model_class in pairs:
+        # the mapping's own register: the Auto class's one insists that model_class.config_class is the
+        # registered config class, while ours take swinv2_fast.Swinv2Config and convert transformers' configs
+        auto_class._model_mapping.register(Swinv2FastConfig, model_class, exist_ok=True)

@@ -1,20 +1,57 @@
-"""Reading and writing checkpoint directories in transformers' format (config.json + weights)."""
+"""Reading and writing checkpoint directories in transformers' format (config.json + weights).
+
+Messages go to the `swinv2_fast` logger (records named after the package). When the application has not
+configured logging (no handler on the root logger), they are printed to stderr prefixed with
+"swinv2_fast WARNING:" (never as a bare line, as Python's last-resort handler would), through
+`tqdm.write` while a tqdm progress bar is active, so that the bar is redrawn below the message.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import os
 import re
-from typing import Dict, List
+import sys
+from typing import Dict, List, Optional
 
 import torch
 
+__all__ = ["logger", "read_checkpoint", "resolve_pretrained_directory", "load_state_dict_checked",
+           "load_model_weights", "save_model_weights", "rename_legacy_keys"]
+
+
+class _UnconfiguredLoggingHandler(logging.Handler):
+    """Reports the package's warnings when logging is not configured: "swinv2_fast WARNING: message" on
+    stderr. Once the root logger has a handler, records propagate to it and this handler stays silent."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+
+    def emit(self, record):
+        if logging.getLogger().handlers:
+            return
+        try:
+            message = self.format(record)
+            tqdm_module = sys.modules.get("tqdm")
+            bars = getattr(getattr(tqdm_module, "tqdm", None), "_instances", None)
+            if bars:  # an active progress bar: print above it and redraw it
+                tqdm_module.tqdm.write(message, file=sys.stderr)
+            else:
+                sys.stderr.write(message + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 logger = logging.getLogger("swinv2_fast")
+if not any(isinstance(h, _UnconfiguredLoggingHandler) for h in logger.handlers):
+    logger.addHandler(_UnconfiguredLoggingHandler())
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "pytorch_model.bin"
 WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+CONFIG_NAME = "config.json"
 
 # The unreleased transformers renames q/k/v/output projections; both layouts load.
 _RENAMES = [
@@ -30,6 +67,60 @@ _MISSING_OK = re.compile(r"^(swinv2\.)?(classifier\.|decoder\.|embeddings\.mask_
 # The final LayerNorm is not part of `Swinv2Backbone`: a classification checkpoint loads into it without it.
 _UNEXPECTED_OK = re.compile(r"^(swinv2\.)?(classifier\.|decoder\.|embeddings\.mask_token$|layernorm\.)")
 
+_DIRECTORY_FORM = ("a directory written by save_pretrained: config.json beside model.safetensors or "
+                   "pytorch_model.bin (or their sharded .index.json form)")
+
+
+def resolve_pretrained_directory(name_or_path, *, subfolder: str = "", revision: Optional[str] = None,
+                                 cache_dir: Optional[str] = None) -> str:
+    """The local directory `from_pretrained` reads for `name_or_path`.
+
+    A directory is used as it is. A hub id ("org/name") is looked up in huggingface_hub's local cache
+    (`cache_dir`, else the default cache), at `revision`, without any download: swinv2_fast never goes to
+    the network. Anything else raises FileNotFoundError naming the directory form expected.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"pretrained_model_name_or_path must be a path (str or os.PathLike), got "
+                        f"{type(name_or_path).__name__}")
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        directory = name
+    else:
+        if os.path.isfile(name):
+            raise FileNotFoundError(f"{name!r} is a file; from_pretrained expects {_DIRECTORY_FORM}")
+        directory = _cached_snapshot(name, revision=revision, cache_dir=cache_dir)
+        if directory is None:
+            raise FileNotFoundError(
+                f"{name!r} is not a directory. swinv2_fast loads local directories only ({_DIRECTORY_FORM}) "
+                "and never downloads; a hub id is read only from huggingface_hub's local cache, which has no "
+                f"snapshot of {name!r}"
+                + (f" at revision {revision!r}" if revision else "")
+                + ". Download it first (huggingface_hub.snapshot_download(repo_id) or transformers' "
+                "from_pretrained), or pass the directory."
+            )
+    if subfolder:
+        directory = os.path.join(directory, subfolder)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"subfolder {subfolder!r} does not exist in {name!r}")
+    return directory
+
+
+def _cached_snapshot(repo_id: str, revision: Optional[str], cache_dir: Optional[str]) -> Optional[str]:
+    """huggingface_hub's cached snapshot folder of `repo_id`, or None (not installed, not an id, not cached)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import validate_repo_id
+    except ImportError:
+        return None
+    try:
+        validate_repo_id(repo_id)
+    except Exception:  # huggingface_hub's HFValidationError: not a hub id, so not in the cache
+        return None
+    try:
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except Exception:  # LocalEntryNotFoundError and relatives: not cached (nothing is downloaded here)
+        return None
+
 
 def rename_legacy_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Map q_proj/k_proj/v_proj/o_proj keys to transformers 5.x's released query/key/value/output.dense."""
@@ -42,8 +133,12 @@ def rename_legacy_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.T
     return out
 
 
-def read_checkpoint(directory: str) -> Dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: safetensors or torch .bin, single file or sharded."""
+def read_checkpoint(directory: str, use_safetensors: Optional[bool] = None,
+                    variant: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory: safetensors or torch .bin, single file or sharded.
+
+    `use_safetensors=True` reads only safetensors files, False only .bin files, None (default) prefers
+    safetensors; `variant` reads model.<variant>.safetensors and the like, as transformers does."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
 
@@ -54,12 +149,15 @@ def read_checkpoint(directory: str) -> Dict[str, torch.Tensor]:
             return load_safetensors(path)
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    for single in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME):
-        path = os.path.join(directory, single)
+    kinds = {None: ("safetensors", "bin"), True: ("safetensors",), False: ("bin",)}[use_safetensors]
+    singles = [n for n in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME) if n.rsplit(".", 1)[1] in kinds]
+    indexes = [n for n in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME) if n.split(".")[1] in kinds]
+    for single in singles:
+        path = os.path.join(directory, _variant_name(single, variant))
         if os.path.isfile(path):
             return load_file(path)
-    for index_name in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
-        path = os.path.join(directory, index_name)
+    for index_name in indexes:
+        path = os.path.join(directory, _variant_name(index_name, variant))
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as fh:
                 shards = sorted(set(json.load(fh)["weight_map"].values()))
@@ -67,10 +165,9 @@ def read_checkpoint(directory: str) -> Dict[str, torch.Tensor]:
             for shard in shards:
                 state_dict.update(load_file(os.path.join(directory, shard)))
             return state_dict
-    raise FileNotFoundError(
-        f"no weights in {directory!r}: expected one of {SAFE_WEIGHTS_NAME}, {WEIGHTS_NAME}, "
-        f"{SAFE_WEIGHTS_INDEX_NAME}, {WEIGHTS_INDEX_NAME}"
-    )
+    expected = [_variant_name(n, variant) for n in singles + indexes]
+    raise FileNotFoundError(f"no weights in {directory!r}: expected one of {', '.join(expected)}"
+                            + ("" if use_safetensors is None else f" (use_safetensors={use_safetensors})"))
 
 
 def _adapt_prefix(state_dict, model_keys, prefix):
@@ -83,65 +180,156 @@ def _adapt_prefix(state_dict, model_keys, prefix):
     return state_dict
 
 
-def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True):
-    """Load transformers-layout weights into `model`, raising with the exact key lists on any mismatch."""
+def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True,
+                            ignore_mismatched_sizes: bool = False) -> Dict[str, list]:
+    """Load transformers-layout weights into `model`, raising with the exact key lists on any mismatch.
+
+    `ignore_mismatched_sizes=True` (transformers' option of that name) leaves weights whose shape differs
+    from the checkpoint's at their initialisation, with a warning; `strict=False` turns every mismatch
+    (missing, unexpected and mis-shaped keys) into a warning. Returns transformers' loading info:
+    {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}.
+    """
     state_dict = rename_legacy_keys(state_dict)
     expected = model.state_dict()
     state_dict = _adapt_prefix(state_dict, expected.keys(), model.base_model_prefix + ".")
 
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    missing_heads = [k for k in missing if _MISSING_OK.match(k)]
-    unexpected_heads = [k for k in unexpected if _UNEXPECTED_OK.match(k)]
-    missing = [k for k in missing if k not in missing_heads]
-    unexpected = [k for k in unexpected if k not in unexpected_heads]
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    )
+    all_missing = sorted(k for k in expected if k not in state_dict)
+    all_unexpected = sorted(k for k in state_dict if k not in expected)
+    missing_heads = [k for k in all_missing if _MISSING_OK.match(k)]
+    unexpected_heads = [k for k in all_unexpected if _UNEXPECTED_OK.match(k)]
+    missing = [k for k in all_missing if k not in missing_heads]
+    unexpected = [k for k in all_unexpected if k not in unexpected_heads]
+    mismatched_keys = sorted(k for k, v in state_dict.items()
+                             if k in expected and tuple(v.shape) != tuple(expected[k].shape))
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in mismatched_keys]
     problems: List[str] = []
     if missing:
         problems.append(f"missing keys: {missing}")
     if unexpected:
         problems.append(f"unexpected keys: {unexpected}")
-    if mismatched:
+    if mismatched and not ignore_mismatched_sizes:
         problems.append(f"shape mismatches: {mismatched}")
     if problems and strict:
-        raise ValueError(f"state dict does not fit {type(model).__name__}; " + "; ".join(problems))
+        hint = []
+        if mismatched and not ignore_mismatched_sizes:
+            hint.append("ignore_mismatched_sizes=True leaves the mis-shaped weights at their initialisation "
+                        "(e.g. a new classifier for another num_labels)")
+        hint.append("strict=False turns every mismatch into a warning")
+        raise ValueError(f"state dict does not fit {type(model).__name__}; " + "; ".join(problems)
+                         + ". " + "; ".join(hint))
+    name = type(model).__name__
     for problem in problems:
-        logger.warning("%s: %s", type(model).__name__, problem)
+        logger.warning("%s: %s", name, problem)
+    if mismatched and ignore_mismatched_sizes:
+        logger.warning("%s: shapes differ from the checkpoint, left at initialisation (ignore_mismatched_sizes=True): %s",
+                       name, mismatched)
     if missing_heads:
-        logger.warning("%s: not in the checkpoint, left at initialisation: %s", type(model).__name__, missing_heads)
+        logger.warning("%s: not in the checkpoint, left at initialisation: %s", name, missing_heads)
     if unexpected_heads:
-        logger.warning("%s: checkpoint weights of another head, not used: %s", type(model).__name__, unexpected_heads)
+        logger.warning("%s: checkpoint weights of another head, not used: %s", name, unexpected_heads)
 
-    mismatched_keys = {m.split(":")[0] for m in mismatched}
-    usable = {k: v for k, v in state_dict.items() if k in expected and k not in mismatched_keys}
+    usable = {k: v for k, v in state_dict.items() if k in expected and k not in set(mismatched_keys)}
     model.load_state_dict(usable, strict=False)
-    return model
+    return {
+        "missing_keys": all_missing,
+        "unexpected_keys": all_unexpected,
+        "mismatched_keys": [(k, tuple(state_dict[k].shape), tuple(expected[k].shape)) for k in mismatched_keys],
+        "error_msgs": [],
+    }
 
 
-def load_model_weights(model: torch.nn.Module, directory: str, strict: bool = True):
-    return load_state_dict_checked(model, read_checkpoint(directory), strict=strict)
+def load_model_weights(model: torch.nn.Module, directory: str, strict: bool = True,
+                       ignore_mismatched_sizes: bool = False, use_safetensors: Optional[bool] = None,
+                       variant: Optional[str] = None):
+    state_dict = read_checkpoint(directory, use_safetensors=use_safetensors, variant=variant)
+    return load_state_dict_checked(model, state_dict, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes)
 
 
-def save_model_weights(model: torch.nn.Module, directory: str, safe_serialization: bool = True) -> None:
+def _parse_size(size) -> int:
+    """Bytes from an int or a string such as "5GB", "500MB", "10KiB" (transformers' max_shard_size)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B\s*", str(size).upper().replace("IB", "iB"))
+    if not match:
+        raise ValueError(f"max_shard_size must be an int (bytes) or a string such as '5GB', got {size!r}")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** "_KMGT".index(unit or "_"))
+
+
+def _variant_name(name: str, variant: Optional[str]) -> str:
+    """transformers' naming of a variant: model.safetensors -> model.<variant>.safetensors,
+    model.safetensors.index.json -> model.safetensors.index.<variant>.json."""
+    if not variant:
+        return name
+    path, ext = name.rsplit(".", 1)
+    return f"{path}.{variant}.{ext}"
+
+
+def save_model_weights(model: torch.nn.Module, directory: str, safe_serialization: bool = True,
+                       state_dict: Optional[Dict[str, torch.Tensor]] = None, as_swinv2_fast: bool = False,
+                       max_shard_size="50GB", variant: Optional[str] = None, is_main_process: bool = True,
+                       save_function=torch.save) -> None:
+    """Write config.json and the weights (model.safetensors, or pytorch_model.bin without safe_serialization;
+    sharded with an index beyond `max_shard_size`), as transformers' save_pretrained writes them."""
+    if os.path.isfile(directory):
+        raise ValueError(f"save_pretrained needs a directory, got the file {directory!r}")
     os.makedirs(directory, exist_ok=True)
     config = model.config
     config._extra["architectures"] = [type(model).__name__]
     config._extra["dtype"] = str(model.dtype).replace("torch.", "")
-    if config.window_semantics != "transformers":
+    if config.window_semantics != "transformers" and not as_swinv2_fast and is_main_process:
         logger.warning(
             "saving a model with window_semantics=%r: swinv2_fast reloads it with the same numbers, but "
             "transformers will run it with its own padding order and shift mask",
             config.window_semantics,
         )
-    config.save_pretrained(directory)
-    state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if safe_serialization:
-        from safetensors.torch import save_file
+    if not is_main_process:
+        return
+    config.save_pretrained(directory, as_swinv2_fast=as_swinv2_fast)
+    if state_dict is None:
+        state_dict = model.state_dict()
+    state_dict = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    limit = _parse_size(max_shard_size)
+    shards: List[Dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    weights_name = _variant_name(SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME, variant)
+    index_name = _variant_name(SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME, variant)
+    # weights of an earlier save in another layout (the other format, sharded or not) would be read before
+    # or beside the new ones: remove those of this variant
+    names = [_variant_name(n, variant) for n in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
+                                                  WEIGHTS_INDEX_NAME)]
+    shard_patterns = [re.escape(n.rsplit(".", 1)[0]) + r"-\d{5}-of-\d{5}\." + n.rsplit(".", 1)[1] for n in names[:2]]
+    for stale in os.listdir(directory):
+        if stale in names or any(re.fullmatch(p, stale) for p in shard_patterns):
+            os.remove(os.path.join(directory, stale))
 
-        save_file(state_dict, os.path.join(directory, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
-    else:
-        torch.save(state_dict, os.path.join(directory, WEIGHTS_NAME))
+    def write(tensors, filename):
+        path = os.path.join(directory, filename)
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(tensors, path, metadata={"format": "pt"})
+        else:
+            save_function(tensors, path)
+
+    if len(shards) == 1:
+        write(shards[0], weights_name)
+        return
+    stem, ext = weights_name.rsplit(".", 1)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        filename = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
+        write(shard, filename)
+        weight_map.update({k: filename for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    with open(os.path.join(directory, index_name), "w", encoding="utf-8") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2, sort_keys=True)
