@@ -1,7 +1,23 @@
-"""Shared helpers: tolerances, comparison with context, deterministic weight perturbation."""
+"""Shared helpers: where the kernels run, launch proof, honest skips, tolerances, comparison with context,
+deterministic weight perturbation.
+
+Markers (pytest.ini) and what this file does with them:
+- `kernels`: the test runs the fused Triton kernels. It needs Triton and a place to run them (a CUDA device,
+  or CPU under TRITON_INTERPRET=1): without them it skips, and with CI=true it FAILS instead (a CI run that
+  cannot run the kernels must not pass as "N skipped"). Launch proof: the test fails unless a forward kernel
+  launched while it ran (`kernels(backward=True)`: a backward kernel too; `kernels(forward=False)`: it needs
+  the kernel runtime but launches nothing by design, e.g. an empty batch or a refusal).
+- `interpreter`: meaningful only under Triton's interpreter on CPU tensors; skips where a GPU runs the
+  kernels, and is handled like `kernels` where neither runs.
+- `gpu`: needs a CUDA device running the compiled kernels; skips elsewhere (also in CI, which has no GPU).
+- `slow`: long-running; `pytest -m "not slow"` deselects it.
+Every test, marked or not: if `window_attention` took the fused path on real, non-empty tensors while the test
+ran, a forward kernel must have launched (a fused path that silently computes something else fails).
+"""
 import collections
 import contextlib
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -19,6 +35,100 @@ INTERPRETER = os.environ["TRITON_INTERPRET"] == "1"
 # The device of the tensors a kernel test hands to implementation="triton".
 KERNEL_DEVICE = torch.device("cpu") if INTERPRETER or not torch.cuda.is_available() else torch.device("cuda")
 _triton_compat.install()
+# In CI a kernel test that cannot run fails instead of skipping (see the module docstring).
+CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+try:  # the kernel module (None without Triton): imported here, after TRITON_INTERPRET is settled
+    from swinv2_fast.kernels import triton_window_attention as tk
+    _TRITON_ERROR: Optional[str] = None
+except Exception as error:  # ImportError, or a broken install raising anything at import
+    tk, _TRITON_ERROR = None, f"{type(error).__name__}: {error}"
+
+
+def kernels_unavailable() -> Optional[str]:
+    """Why the fused kernels cannot run in this process, or None when they can."""
+    if tk is None:
+        return f"Triton does not import ({_TRITON_ERROR})"
+    if not INTERPRETER and KERNEL_DEVICE.type != "cuda":
+        return "no CUDA device and TRITON_INTERPRET is not 1 (the kernels run on CUDA or under the interpreter)"
+    return None
+
+
+def skip_or_fail(reason: str):
+    """Skip, or in CI (CI=true) fail: a CI run must not pass a kernel test it did not run."""
+    if CI:
+        pytest.fail(f"CI=true: this kernel test cannot run here and would have been skipped: {reason}",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
+def require_kernels():
+    """For a test body or helper that needs the kernels: skip (CI: fail) when they cannot run."""
+    reason = kernels_unavailable()
+    if reason:
+        skip_or_fail(reason)
+
+
+def pytest_runtest_setup(item):
+    reason = kernels_unavailable()
+    if item.get_closest_marker("kernels") is not None and reason:
+        skip_or_fail(reason)
+    if item.get_closest_marker("interpreter") is not None:
+        if reason:
+            skip_or_fail(reason)
+        if not INTERPRETER:
+            pytest.skip("meaningful only under Triton's interpreter on CPU tensors; here the kernels run compiled "
+                        "on CUDA")
+    if item.get_closest_marker("gpu") is not None and KERNEL_DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA device running the compiled kernels (TRITON_INTERPRET unset or 0)")
+
+
+def _is_real(t) -> bool:
+    """A tensor holding data that a kernel can read: not fake (torch.compile, torch.export), not meta."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return isinstance(t, torch.Tensor) and t.device.type != "meta" and not is_fake(t)
+
+
+@contextlib.contextmanager
+def count_fused_calls():
+    """Counts the calls of the fused path's entry (`fused_window_attention`, which `window_attention` calls
+    after choosing "triton") on real tensors with at least one token; a Counter with key "calls"."""
+    counts = collections.Counter()
+    entry = tk.fused_window_attention
+
+    def counted(qkv, *args, **kwargs):
+        if not torch.compiler.is_compiling() and _is_real(qkv) and qkv.numel() > 0:
+            counts["calls"] += 1
+        return entry(qkv, *args, **kwargs)
+
+    tk.fused_window_attention = counted
+    try:
+        yield counts
+    finally:
+        tk.fused_window_attention = entry
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Launch proof around every test's call phase (see the module docstring)."""
+    if tk is None:
+        return (yield)
+    marker = item.get_closest_marker("kernels")
+    with count_launches() as launches, count_fused_calls() as fused:
+        result = yield
+    forward, backward = forward_launches(launches), backward_launches(launches)
+    if fused["calls"] and not forward:
+        raise AssertionError(f"launch proof: window_attention took the fused path {fused['calls']} time(s) but no "
+                             f"forward kernel launched ({dict(launches) or 'no launches'})")
+    if marker is not None:
+        if marker.kwargs.get("forward", True) and not forward:
+            raise AssertionError("launch proof: this test asks for the fused kernels but no forward kernel "
+                                 f"launched ({dict(launches) or 'no launches'})")
+        if marker.kwargs.get("backward", False) and not backward:
+            raise AssertionError("launch proof: this test trains through the fused kernels but no backward "
+                                 f"kernel launched ({dict(launches) or 'no launches'})")
+    return result
 
 
 @contextlib.contextmanager

@@ -1,31 +1,30 @@
-"""The fused Triton forward against the reference, under Triton's interpreter on CPU (TRITON_INTERPRET=1)."""
+"""The fused Triton forward against the reference: compiled on CUDA tensors where a GPU runs the kernels,
+under Triton's interpreter on CPU tensors elsewhere (tests/conftest.py: KERNEL_DEVICE)."""
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import swinv2_fast
-from conftest import (FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL, OP_FP32_ATOL_AT_CLAMP, OP_GRAD_FP32_ATOL,
-                      OP_GRAD_FP32_RTOL, assert_close, perturb_)
-from swinv2_fast import functional, window_attention
-from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference, window_layout
+from conftest import (FP32_ATOL, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL,
+                      OP_FP32_ATOL_AT_CLAMP, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, perturb_, tk)
+from swinv2_fast import window_attention
+from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference
 
-triton = pytest.importorskip("triton")
-from swinv2_fast.kernels import triton_window_attention as tk  # noqa: E402
+# Every test here runs the forward kernel unless marked otherwise (conftest: launch proof, honest skips).
+pytestmark = pytest.mark.kernels
+DEVICE = KERNEL_DEVICE
 
-if not tk.INTERPRETED:  # pragma: no cover - only when the suite runs on a GPU without the interpreter
-    pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA or TRITON_INTERPRET=1")
 
-DEVICE = "cuda" if torch.cuda.is_available() and not tk.INTERPRETED else "cpu"
+def _pair(x):
+    return (x, x) if isinstance(x, int) else tuple(x)
 
 
 def make_inputs(B, grid, heads, head_dim, window, dtype=torch.float32, table_dtype=None, bias=True, seed=0,
                 zero_k_bias=True):
+    """Inputs of the op on DEVICE; `window` an int or a (height, width) pair."""
     gen = torch.Generator().manual_seed(seed)
-    C, N = heads * head_dim, window * window
+    C, N = heads * head_dim, _pair(window)[0] * _pair(window)[1]
     qkv = torch.randn(B, grid[0] * grid[1], 3 * C, generator=gen)
     qkv_bias = torch.randn(3 * C, generator=gen) if bias else None
     if qkv_bias is not None and zero_k_bias:
@@ -50,7 +49,13 @@ SHAPES = [
     pytest.param(1, (16, 16), 1, 16, 16, 8, id="B1-16x16-h1d16-w16s8"),
     pytest.param(1, (24, 24), 1, 32, 24, 12, id="B1-24x24-h1d32-w24s12"),
     pytest.param(1, (5, 7), 2, 16, 24, 0, id="B1-5x7-h2d16-w24s0-tiny-grid"),
+    # per-axis windows (timm's) on non-square grids: a window row and column index read with the wrong
+    # extent, or a shift applied on the wrong axis, moves tokens here and nowhere above
+    pytest.param(1, (7, 12), 2, 16, (3, 5), (1, 2), id="B1-7x12-h2d16-w3x5s1x2-padded"),
+    pytest.param(2, (10, 6), 1, 32, (6, 4), (3, 2), id="B2-10x6-h1d32-w6x4s3x2-padded"),
+    pytest.param(1, (8, 15), 1, 16, (4, 5), 0, id="B1-8x15-h1d16-w4x5s0"),
 ]
+NON_SQUARE = SHAPES[10:]
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
@@ -82,7 +87,7 @@ def test_forward_fp16_error_is_that_of_pytorch(B, grid, heads, head_dim, window,
         f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}")
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter computes bf16 wrongly; bf16 runs on a GPU")
+@pytest.mark.gpu  # the interpreter computes bf16 wrongly; bf16 runs on a GPU
 def test_forward_bf16_error_is_that_of_pytorch():  # pragma: no cover - GPU only
     inputs = make_inputs(2, (16, 16), 2, 32, 8, dtype=torch.bfloat16, table_dtype=torch.float32)
     kwargs = dict(grid_size=(16, 16), num_heads=2, window_size=8, shift_size=4)
@@ -92,7 +97,8 @@ def test_forward_bf16_error_is_that_of_pytorch():  # pragma: no cover - GPU only
     assert (out.double() - exact).abs().max().item() <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's refusal")
+@pytest.mark.interpreter
+@pytest.mark.kernels(forward=False)  # a refusal, and "auto" on CPU is eager
 def test_bf16_is_refused_under_the_interpreter():
     """The interpreter's bf16 dot is wrong (outputs near 1e8 where the reference's are O(1)): forcing the
     kernels there raises instead of returning those numbers; "auto" takes the eager path."""
@@ -125,6 +131,7 @@ def test_logit_scale_above_the_clamp():
                  atol=OP_FP32_ATOL_AT_CLAMP)
 
 
+@pytest.mark.kernels(forward=False)  # nothing to launch for an empty batch
 def test_empty_batch():
     qkv, qkv_bias, logit_scale, position_bias = make_inputs(1, (8, 8), 2, 16, 4)
     out = tk.window_attention_triton_forward(qkv[:0], qkv_bias, logit_scale, position_bias,
@@ -132,10 +139,11 @@ def test_empty_batch():
     assert out.shape == (0, 64, 32)
 
 
+@pytest.mark.kernels(backward=True)
 def test_gradients_through_the_fused_op_match_the_reference():
     inputs = [t.clone().requires_grad_() for t in make_inputs(2, (6, 7), 2, 16, 4)]
     kwargs = dict(grid_size=(6, 7), num_heads=2, window_size=4, shift_size=2, pad_order=ROLL_THEN_PAD)
-    grad_out = torch.randn(2, 42, 32)
+    grad_out = torch.randn(2, 42, 32, device=DEVICE)
     fused = window_attention(*inputs, implementation="triton", **kwargs)
     fused_grads = torch.autograd.grad(fused, inputs, grad_out)
     eager = window_attention(*inputs, implementation="eager", **kwargs)
@@ -145,76 +153,78 @@ def test_gradients_through_the_fused_op_match_the_reference():
         assert_close(a, b, atol=OP_GRAD_FP32_ATOL, rtol=OP_GRAD_FP32_RTOL, name=f"grad {name}")
 
 
-# ------------------------------------------------------------------------------------------------ dispatch
-def test_dispatch_rules(monkeypatch):
-    qkv = torch.randn(1, 64, 96)
-    assert functional.resolve_implementation("auto", qkv, 2) == "eager"  # CPU tensors: eager
-    assert functional.resolve_implementation("eager", qkv, 2) == "eager"
-    assert functional.resolve_implementation("triton", qkv, 2) == "triton"  # interpreter
-    # by design: probabilities and dropout are the eager path's
-    assert functional.resolve_implementation("triton", qkv, 2, return_attention_probs=True) == "eager"
-    assert functional.resolve_implementation("triton", qkv, 2, dropout_p=0.1) == "eager"
-    with pytest.raises(ValueError, match="head_dim in"):
-        functional.resolve_implementation("triton", torch.randn(1, 64, 3 * 24), 1)
-    monkeypatch.setattr(tk, "INTERPRETED", False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        functional.resolve_implementation("triton", qkv, 2)
-    monkeypatch.setattr(functional, "triton_available", lambda: False)
-    with pytest.raises(RuntimeError, match="needs Triton"):
-        functional.resolve_implementation("triton", qkv, 2)
-    assert functional.resolve_implementation("auto", qkv, 2) == "eager"
+def _shift_regions(size, window, shift):
+    """Shift-mask region (0, 1, 2) of each row of an unpadded, rolled axis: [0, P - window),
+    [P - window, P - shift), [P - shift, P) of the shifted grid, mapped back to the token's row."""
+    shifted = (torch.arange(size) - shift) % size  # where each token sits in the rolled grid
+    return (shifted >= size - window).long() + (shifted >= size - shift).long()
 
 
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+def test_mask_value_minus_100_and_minus_200_are_told_apart(pad_order):
+    """transformers adds its -100 shift mask twice (-200), timm once (-100). At ordinary logit scales the two
+    give the same softmax to fp32 precision; here they do not: every q is one unit vector e, keys of region
+    (1, 1) are -e and all others +e, at the clamped scale 100. A query of region (1, 1) then sees its own
+    region at logit -100 + bias and the masked regions at bias + 0 (mask -100) or bias - 100 (mask -200):
+    the masked keys dominate with -100 and not with -200. The kernel must add the value it is given."""
+    grid, window, shift, heads, head_dim = (8, 8), 4, 2, 1, 16
+    C, N = heads * head_dim, window * window
+    region = _shift_regions(8, window, shift)[:, None] * 3 + _shift_regions(8, window, shift)[None, :]
+    e = torch.zeros(head_dim)
+    e[0] = 1.0
+    sign = torch.where(region.flatten() == 4, -1.0, 1.0)  # (64,)
+    gen = torch.Generator().manual_seed(11)
+    qkv = torch.cat([e.expand(64, C), sign[:, None] * e, torch.randn(64, C, generator=gen)], dim=1)[None]
+    qkv = qkv.to(DEVICE)
+    scale = torch.full((heads, 1, 1), math.log(100) + 1.0, device=DEVICE)
+    table = (16 * torch.sigmoid(torch.randn(heads, N, N, generator=gen))).to(DEVICE)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    ref = {m: window_attention_reference(qkv, None, scale, table, mask_value=m, **kwargs) for m in (-100.0, -200.0)}
+    assert (ref[-100.0] - ref[-200.0]).abs().max() > 0.1, "the construction no longer separates the two values"
+    for mask_value, expected in ref.items():
+        fused = window_attention(qkv, None, scale, table, mask_value=mask_value, implementation="triton", **kwargs)
+        assert_close(fused, expected, atol=OP_FP32_ATOL_AT_CLAMP, name=f"output, mask {mask_value}")
+
+
+@pytest.mark.kernels(forward=False)  # the probabilities exist only on the eager path, by design
 def test_attention_probabilities_come_from_the_eager_path():
     inputs = make_inputs(1, (8, 8), 2, 16, 4)
-    out, probs = window_attention(*inputs, grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2,
-                                  return_attention_probs=True, implementation="triton")
+    kwargs = dict(grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2)
+    out, probs = window_attention(*inputs, return_attention_probs=True, implementation="triton", **kwargs)
+    expected_out, expected_probs = window_attention_reference(*inputs, return_attention_probs=True, **kwargs)
     assert probs.shape == (4, 2, 16, 16)
-
-
-def test_package_imports_and_runs_eager_without_triton(tmp_path):
-    """A machine without Triton: import works, eager and auto run, triton raises a clear error."""
-    script = tmp_path / "no_triton.py"
-    script.write_text(
-        "import sys\n"
-        "import torch  # torch probes for triton itself; block it for what follows\n"
-        "for name in [m for m in sys.modules if m == 'triton' or m.startswith('triton.')]:\n"
-        "    del sys.modules[name]\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'triton' or name.startswith('triton.'):\n"
-        "            raise ImportError('triton blocked for this test')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import swinv2_fast\n"
-        "cfg = swinv2_fast.Swinv2Config(image_size=32, window_size=4, embed_dim=16, depths=[2], num_heads=[1])\n"
-        "m = swinv2_fast.Swinv2Model(cfg).eval()\n"
-        "print(tuple(m(torch.randn(1, 3, 32, 32)).last_hidden_state.shape))\n"
-        "m.set_attn_implementation('triton')\n"
-        "try:\n"
-        "    m(torch.randn(1, 3, 32, 32))\n"
-        "except RuntimeError as e:\n"
-        "    print('raised:', e)\n"
-    )
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "(1, 64, 16)" in result.stdout
-    assert "raised: implementation='triton' needs Triton" in result.stdout
+    assert torch.equal(probs, expected_probs) and torch.equal(out, expected_out)
+    assert_close(probs.sum(-1), torch.ones(4, 2, 16, device=DEVICE), atol=1e-6, name="rows of P sum to 1")
 
 
 # ------------------------------------------------------------------------------------------ whole models
 TINY = dict(image_size=32, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 1], drop_path_rate=0.0)
+# Windows of the published models, so that a window takes several query and key blocks of the kernels
+# (N = 49, 64, 144 against blocks of 16 to 64): the online softmax's rescaling across key blocks and the
+# masked tail of a block run at model level. Stage 2 is at the window (shift 0), stage 1 shifted.
+MODEL_WINDOWS = {  # (window 12: one stage, decided at 96x96, run on a smaller padded input)
+    7: dict(image_size=56, window_size=7, embed_dim=16, depths=[2, 2], num_heads=[1, 1], drop_path_rate=0.0),
+    8: dict(image_size=64, window_size=8, embed_dim=32, depths=[2, 2], num_heads=[1, 2], drop_path_rate=0.0),
+    12: dict(image_size=96, window_size=12, embed_dim=16, depths=[2], num_heads=[1], drop_path_rate=0.0,
+             pretrained_window_sizes=[8]),
+}
+
+
+def _transformers_pair(config):
+    import transformers
+
+    hf_config = transformers.Swinv2Config(**config, num_labels=3)
+    hf = perturb_(transformers.Swinv2ForImageClassification(hf_config)).eval().to(DEVICE)
+    ours = swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config.from_transformers(hf_config)).eval()
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours.to(DEVICE)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (36, 28)], ids=["32x32", "36x28-padded"])
 def test_model_with_triton_matches_transformers(size):
-    import transformers
-
-    hf_config = transformers.Swinv2Config(**TINY, num_labels=3)
-    hf = perturb_(transformers.Swinv2ForImageClassification(hf_config)).eval()
-    ours = swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config.from_transformers(hf_config)).eval()
-    ours.load_state_dict(hf.state_dict())
+    hf, ours = _transformers_pair(TINY)
     ours.set_attn_implementation("triton")
-    x = torch.randn(2, 3, *size)
+    x = torch.randn(2, 3, *size, device=DEVICE)
     with torch.no_grad():
         expected = hf(x, output_hidden_states=True)
         actual = ours(x, output_hidden_states=True)
@@ -225,13 +235,28 @@ def test_model_with_triton_matches_transformers(size):
     assert_close(actual.logits, eager, atol=FP32_ATOL, name="triton vs eager")
 
 
+@pytest.mark.parametrize("window,size", [(7, (56, 56)), (7, (60, 45)), (8, (64, 64)), (12, (60, 52))],
+                         ids=["w7-56x56", "w7-60x45-padded", "w8-64x64", "w12-60x52-padded"])
+def test_model_with_published_windows_matches_transformers(window, size):
+    """Fused model, windows 7, 8 and 12 (several key blocks per window), against transformers' eager model."""
+    hf, ours = _transformers_pair(MODEL_WINDOWS[window])
+    ours.set_attn_implementation("triton")
+    x = torch.randn(1, 3, *size, device=DEVICE)
+    with torch.no_grad():
+        expected = hf(x, output_hidden_states=True)
+        actual = ours(x, output_hidden_states=True)
+    assert_close(actual.logits, expected.logits, atol=FP32_ATOL, name="logits vs transformers")
+    for i, (a, b) in enumerate(zip(actual.hidden_states, expected.hidden_states)):
+        assert_close(a, b, atol=FP32_ATOL, name=f"hidden_states[{i}]")
+
+
 def test_timm_model_with_triton_matches_timm():
     from timm.models.swin_transformer_v2 import SwinTransformerV2
 
     timm_model = perturb_(SwinTransformerV2(img_size=32, window_size=4, embed_dim=16, depths=(2, 2),
-                                            num_heads=(1, 1), num_classes=3)).eval()
+                                            num_heads=(1, 1), num_classes=3)).eval().to(DEVICE)
     ours = swinv2_fast.from_timm(timm_model, attn_implementation="triton")
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
         assert_close(ours(x).logits, timm_model(x), atol=FP32_ATOL, name="logits vs timm")
 
@@ -239,15 +264,11 @@ def test_timm_model_with_triton_matches_timm():
 def test_model_under_autocast_fp16():
     """Under torch.autocast the projection is fp16 while the logit scale and the bias table stay fp32: the
     fused path takes the mixed dtypes, and its error against fp32 is that of the eager path's (x2)."""
-    import transformers
-
-    hf_config = transformers.Swinv2Config(**TINY, num_labels=3)
-    model = swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config.from_transformers(hf_config))
-    model = perturb_(model).eval()
-    x = torch.randn(2, 3, 36, 28)
+    _, model = _transformers_pair(TINY)
+    x = torch.randn(2, 3, 36, 28, device=DEVICE)
     with torch.no_grad():
         reference = model.set_attn_implementation("eager")(x).logits.double()
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
             eager = model(x).logits.double()
             fused = model.set_attn_implementation("triton")(x).logits.double()
     eager_error = (eager - reference).abs().max().item()

@@ -1,0 +1,218 @@
+"""The dispatch table of swinv2_fast.functional, each rule from both sides: which implementation a call gets
+("auto", "triton", "eager"), and where "triton" refuses. The CUDA rules are checked without a GPU on tensors
+that report a CUDA device (a Tensor subclass overriding `is_cuda` and `device`; resolve_implementation reads
+nothing else of the device). No kernel runs here."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import require_kernels, tk
+from swinv2_fast import functional, window_attention
+
+
+class _ReportsCuda(torch.Tensor):
+    """A CPU tensor that answers like a CUDA tensor to the dispatch's device checks."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def _qkv(head_dim=32, heads=2, dtype=torch.float32, cuda=True, grad=False):
+    t = torch.zeros(1, 16, 3 * heads * head_dim, dtype=dtype, requires_grad=grad)
+    return t.as_subclass(_ReportsCuda) if cuda else t
+
+
+def _resolve(implementation, qkv, heads=2, **kwargs):
+    return functional.resolve_implementation(implementation, qkv, heads, grad_inputs=(qkv,), **kwargs)
+
+
+@pytest.fixture
+def kernel_module():
+    """The real kernel module (its backward-tile table decides the fp32 rule), Triton needed."""
+    if tk is None:
+        require_kernels()
+    return tk
+
+
+def test_auto_on_cuda_takes_the_kernels_where_they_serve(kernel_module):
+    for head_dim in functional.KERNEL_HEAD_DIMS:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            assert _resolve("auto", _qkv(head_dim, dtype=dtype)) == "triton", (head_dim, dtype)
+    # gradients: fused where the backward has a build (every 16-bit head dim, fp32 at 16 and 32)
+    assert _resolve("auto", _qkv(32, grad=True)) == "triton"
+    assert _resolve("auto", _qkv(16, grad=True)) == "triton"
+    assert _resolve("auto", _qkv(128, dtype=torch.bfloat16, grad=True)) == "triton"
+    assert _resolve("auto", _qkv(64, dtype=torch.float16, grad=True)) == "triton"
+
+
+def test_auto_on_cuda_takes_eager_where_the_kernels_do_not_serve(kernel_module):
+    assert _resolve("auto", _qkv(24)) == "eager"  # a head dim without a kernel build
+    assert _resolve("auto", _qkv(8, heads=1)) == "eager"
+    assert _resolve("auto", _qkv(32, dtype=torch.float64)) == "eager"
+    assert _resolve("auto", _qkv(64, grad=True)) == "eager"  # fp32 backward: no spill-free build
+    assert _resolve("auto", _qkv(128, grad=True)) == "eager"
+    with torch.no_grad():  # no gradient will be asked for: the forward serves
+        assert _resolve("auto", _qkv(64, grad=True)) == "triton"
+    assert _resolve("auto", _qkv(32), return_attention_probs=True) == "eager"
+    assert _resolve("auto", _qkv(32), dropout_p=0.1) == "eager"
+
+
+def test_auto_on_cuda_without_triton_is_eager(monkeypatch):
+    monkeypatch.setattr(functional, "triton_available", lambda: False)
+    assert _resolve("auto", _qkv(32)) == "eager"
+
+
+def test_auto_on_cpu_is_eager_even_under_the_interpreter(kernel_module, monkeypatch):
+    for interpreted in (True, False):
+        monkeypatch.setattr(kernel_module, "INTERPRETED", interpreted)
+        assert _resolve("auto", _qkv(32, cuda=False)) == "eager"
+
+
+def test_eager_is_eager_everywhere():
+    for cuda in (True, False):
+        assert _resolve("eager", _qkv(32, cuda=cuda)) == "eager"
+
+
+def test_triton_on_cuda_serves_or_raises(kernel_module):
+    assert _resolve("triton", _qkv(32)) == "triton"
+    assert _resolve("triton", _qkv(128, dtype=torch.float16, grad=True)) == "triton"
+    assert _resolve("triton", _qkv(32, dtype=torch.bfloat16)) == "triton"  # bf16 compiles on a GPU
+    assert _resolve("triton", _qkv(64)) == "triton"  # fp32 forward without gradients
+    with pytest.raises(ValueError, match="float64 runs on the eager path"):
+        _resolve("triton", _qkv(32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="no spill-free build for torch.float32 with head_dim 64"):
+        _resolve("triton", _qkv(64, grad=True))
+    with pytest.raises(ValueError, match=r"supports head_dim in \(16, 32, 64, 128\), got 24"):
+        _resolve("triton", _qkv(24))
+    # by design the eager path's, whatever was asked
+    assert _resolve("triton", _qkv(32), return_attention_probs=True) == "eager"
+    assert _resolve("triton", _qkv(32), dropout_p=0.1) == "eager"
+    assert _resolve("triton", _qkv(32), dropout_p=0.0) == "triton"
+
+
+def test_triton_on_cpu_needs_the_interpreter(kernel_module, monkeypatch):
+    monkeypatch.setattr(kernel_module, "INTERPRETED", True)
+    assert _resolve("triton", _qkv(32, cuda=False)) == "triton"
+    assert _resolve("triton", _qkv(64, cuda=False, grad=True)) == "triton"  # every fp32 build interprets
+    assert _resolve("triton", _qkv(32, cuda=False, dtype=torch.float64)) == "triton"  # gradcheck dtype
+    with pytest.raises(ValueError, match="bfloat16 CPU tensors"):
+        _resolve("triton", _qkv(32, cuda=False, dtype=torch.bfloat16))
+    monkeypatch.setattr(kernel_module, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _resolve("triton", _qkv(32, cuda=False))
+
+
+def test_triton_on_another_device_raises(kernel_module):
+    qkv = torch.zeros(1, 16, 192, device="meta")
+    with pytest.raises(RuntimeError, match="runs on CUDA .* got meta"):
+        _resolve("triton", qkv)
+
+
+def test_triton_without_triton_raises(monkeypatch):
+    monkeypatch.setattr(functional, "triton_available", lambda: False)
+    for cuda in (True, False):
+        with pytest.raises(RuntimeError, match="needs Triton"):
+            _resolve("triton", _qkv(32, cuda=cuda))
+
+
+def test_unknown_implementation_is_rejected():
+    with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'triton', 'eager'\)"):
+        _resolve("fast", _qkv(32))
+
+
+def test_which_calls_the_fused_backward_serves_on_a_gpu(kernel_module):
+    """The rule behind "auto" and "triton" on CUDA tensors: fp64 never; fp32 with gradients for head_dim
+    16/32; fp16/bf16 always."""
+    def serves(dtype, head_dim, grad):
+        qkv = torch.zeros(1, 4, 3 * head_dim, dtype=dtype, requires_grad=grad)
+        return functional._fused_serves(qkv, 1, (qkv,))
+
+    assert not serves(torch.float64, 32, False)
+    assert serves(torch.float32, 128, False) and serves(torch.float32, 32, True) and serves(torch.float32, 16, True)
+    assert not serves(torch.float32, 64, True) and not serves(torch.float32, 128, True)
+    assert serves(torch.float16, 128, True) and serves(torch.bfloat16, 64, True)
+    with torch.no_grad():
+        assert serves(torch.float32, 128, True)  # no gradient will be asked for
+    # the gradient of any differentiable input counts, not only qkv's
+    qkv, table = torch.zeros(1, 4, 3 * 64), torch.zeros(1, 4, 4, requires_grad=True)
+    assert not functional._fused_serves(qkv, 1, (qkv, None, None, table))
+
+
+# ------------------------------------------------------------------------------------ bounds of the op
+def _op_inputs(heads=2, head_dim=16, grid=(8, 8), window=4):
+    C, N = heads * head_dim, window * window
+    return (torch.randn(1, grid[0] * grid[1], 3 * C), None, torch.zeros(heads, 1, 1), torch.zeros(heads, N, N)), \
+        dict(grid_size=grid, num_heads=heads, window_size=window)
+
+
+@pytest.mark.parametrize("dropout_p,ok", [(0.0, True), (0.999, True), (1.0, False), (-0.1, False)])
+def test_dropout_p_bounds(dropout_p, ok):
+    tensors, kwargs = _op_inputs()
+    call = lambda: window_attention(*tensors, dropout_p=dropout_p, implementation="eager", **kwargs)  # noqa: E731
+    if ok:
+        assert call().shape == (1, 64, 32)
+    else:
+        with pytest.raises(ValueError, match=r"dropout_p must lie in \[0, 1\), got"):
+            call()
+
+
+@pytest.mark.parametrize("num_heads,error,pattern", [
+    (0, ValueError, r"3 \* num_heads \* head_dim; got 96 with num_heads=0"),
+    (-2, ValueError, r"with num_heads=-2"),
+    (3, ValueError, r"got 96 with num_heads=3"),
+    (2.0, TypeError, r"num_heads must be an int, got float"),
+])
+def test_num_heads_bounds(num_heads, error, pattern):
+    tensors, kwargs = _op_inputs()
+    with pytest.raises(error, match=pattern):
+        window_attention(*tensors, **dict(kwargs, num_heads=num_heads))
+
+
+@pytest.mark.parametrize("grid_size,pattern", [
+    ((8, 0), r"grid_size"),
+    ((0, 0), r"grid_size"),
+    ((8, -8), r"grid_size"),
+    ((8, 8, 1), r"grid_size"),
+])
+def test_grid_bounds(grid_size, pattern):
+    tensors, kwargs = _op_inputs()
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        window_attention(*tensors, **dict(kwargs, grid_size=grid_size))
+
+
+def test_package_imports_and_runs_eager_without_triton(tmp_path):
+    """A machine without Triton: import works, eager and auto run, triton raises a clear error."""
+    script = tmp_path / "no_triton.py"
+    script.write_text(
+        "import sys\n"
+        "import torch  # torch probes for triton itself; block it for what follows\n"
+        "for name in [m for m in sys.modules if m == 'triton' or m.startswith('triton.')]:\n"
+        "    del sys.modules[name]\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('triton blocked for this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import swinv2_fast\n"
+        "cfg = swinv2_fast.Swinv2Config(image_size=32, window_size=4, embed_dim=16, depths=[2], num_heads=[1])\n"
+        "m = swinv2_fast.Swinv2Model(cfg).eval()\n"
+        "print(tuple(m(torch.randn(1, 3, 32, 32)).last_hidden_state.shape))\n"
+        "m.set_attn_implementation('triton')\n"
+        "try:\n"
+        "    m(torch.randn(1, 3, 32, 32))\n"
+        "except RuntimeError as e:\n"
+        "    print('raised:', e)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "(1, 64, 16)" in result.stdout
+    assert "raised: implementation='triton' needs Triton" in result.stdout
+
+
