@@ -147,14 +147,18 @@ def _compile_star(args):
 
 
 def run(specs: List[Spec], jobs: int) -> List[Result]:
-    work = [(spec, arch) for spec in specs for arch in ARCHS]
-    # Compiling never touches a GPU. Fresh (spawned) workers with the interpreter off import the kernels
-    # as compilable functions, whatever this process imported under TRITON_INTERPRET=1.
+    return run_spawned(_compile_star, [(spec, arch) for spec in specs for arch in ARCHS], jobs)
+
+
+def run_spawned(fn, work, jobs: int) -> list:
+    """fn over work in fresh processes. Compiling never touches a GPU. Fresh (spawned) workers with the
+    interpreter off import the kernels as compilable functions, whatever this process imported under
+    TRITON_INTERPRET=1."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(_compile_star, work))
+            return list(pool.map(fn, work))
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]
@@ -191,11 +195,32 @@ def sweep(jobs: int) -> None:
     print(format_table(run(specs, jobs)))
 
 
+def cost_report(jobs: int, only: str = "") -> int:
+    from . import cost
+
+    chosen = dict(kernels=cost.COST_KERNELS, dtypes=cost.COST_DTYPES, windows=cost.COST_WINDOWS, archs=(80, 90))
+    for item in filter(None, only.split(",")):
+        key, value = item.split("=")
+        chosen[key + "s"] = tuple(int(v) if key in ("window", "arch") else v for v in value.split("+"))
+    costs = cost.cost_table(jobs, **chosen)
+    print(cost.format_cost(costs))
+    print("\n".join(cost.backward_sum(costs)))
+    failed = [c for c in costs if c.error]
+    spilled = [c for c in costs if not c.error and c.spill_bytes > 0]
+    print(f"\n{len(costs)} compilations: {len(failed)} failed, {len(spilled)} with spills")
+    return 1 if failed or spilled else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--sweep", action="store_true", help="try tile configs instead of checking the launchable ones")
+    parser.add_argument("--cost", action="store_true",
+                        help="the static cost report (instructions per score, traffic model; see kernels/cost.py)")
+    parser.add_argument("--only", default="", help="with --cost: comma-separated filters kernel=,dtype=,window=,arch=")
     args = parser.parse_args(argv)
+    if args.cost:
+        return cost_report(args.jobs, args.only)
     if args.sweep:
         sweep(args.jobs)
         return 0

@@ -1,0 +1,456 @@
+"""Static cost report of the fused window-attention kernels: what they compile to, counted, without a GPU.
+
+    python -m swinv2_fast.kernels.compile_check --cost            # the table (benchmarks/results/cost_report.txt)
+
+For each kernel, projection dtype (bf16, fp16, fp32), head_dim 32 and window of N = 49, 64, 144, 256, 576
+tokens, on sm_80 and sm_90, one line
+
+    cost <kernel> <dtype> hd<head_dim> N<n> <arch> regs=<int> spill=<bytes> instr_per_score=<float>
+
+and beside it a `model` line: the traffic model and the estimated H200 time.
+
+The reference launch (one per N). Batch 8, 4 heads of 32 channels, a 64x64 token grid (56x56 for N = 49)
+cut into windows of that N, shift = window // 2, with a q/k/v bias, transformers' padding order. The host
+functions themselves (`window_attention_triton_forward` / `_backward` with every gradient asked for) are
+run on meta tensors with each `*_kernel` module global replaced by a recorder, so the grid, the launch
+arguments and the options are exactly those a GPU launch would get. Each recorded launch is specialised
+by Triton's own binder (`create_function_from_signature` with the target's backend: integers divisible by
+16 and integers equal to 1 specialised, pointers 16-byte aligned, as the JIT does at run time) and
+compiled with `triton.compile` for the target down to the cubin the runtime would load.
+
+Counting instructions (instr_per_score). `cuobjdump -sass` lists the cubin's SASS. The count walks it as
+one thread of a program executes it:
+  * a straight instruction counts once each time it is reached (predicated-off instructions still issue);
+  * a branch to a lower address is a loop's back-edge: the loop [target, branch] runs its trip count T,
+    i.e. the back-edge is taken T - 1 times, then falls through (nested loops keep one counter each);
+  * a conditional branch forward is not taken (the path on which every loop guard passes and no early
+    exit happens: for these kernels, loop guards that skip a loop that runs at least once); an
+    unconditional one is taken; an unconditional EXIT ends the walk, a predicated one falls through;
+  * the trap loop after the last EXIT (`BRA` to itself) is never reached.
+The trip counts come from the launch, per kernel (`LOOP_TRIPS`): the source loops of a kernel, in source
+order, map one to one to the back-edges in address order; a kernel whose loops the compiler unrolled has
+no back-edge and is counted straight. A mismatch raises. Triton's software pipelining keeps the trip
+count (its prefetches are predicated in the last iterations), so the loop runs T times. The per-program
+count times the program's threads (num_warps x 32) times the programs, over the launch's attention scores
+(batch x heads x windows x N^2), is instr_per_score. A program whose loop runs over a range of windows
+(the bias-table kernel) is counted at the mean trip count of the launch, exact for a single loop.
+
+The traffic model (per launch, from the recorded arguments and the tiles):
+  * HBM bytes: every tensor the kernel reads or writes, once (q/k/v, dO, statistics, the table, outputs);
+  * L2-to-SM bytes: what the programs load, summed (a key block read by every query block counts once per
+    query block, the bias tile once per program that reads it);
+  * FLOPs: 2 * head_dim per score and per matmul of the kernel;
+  * time: max(HBM bytes / 4.8 TB/s, FLOPs / 790 TFLOP/s (16-bit dots; 67 TFLOP/s for IEEE fp32 dots),
+    instructions / issue rate), the issue rate being an H200's 132 SMs x 4 schedulers x 1 warp instruction
+    per cycle x 32 threads x 1.98 GHz. An estimate to compare versions of the kernels, not a measurement.
+Resident warps per SM: from the registers (64K per SM, allocated per warp in units of 256), the shared
+memory (228 KB per SM on sm_90, 164 KB on sm_80, 1 KB reserved per CTA) and the 64-warp limit.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+COST_DTYPES = ("bf16", "fp16", "fp32")
+COST_WINDOWS = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
+COST_HEAD_DIM = 32
+COST_KERNELS = ("fwd", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
+REFERENCE_BATCH = 8
+REFERENCE_HEADS = 4
+
+HBM_BYTES_PER_S = 4.8e12
+DOT_FLOPS_PER_S = {"bf16": 790e12, "fp16": 790e12, "fp32": 67e12}
+ISSUE_PER_S = 132 * 4 * 32 * 1.98e9  # thread instructions per second on an H200
+SM_SHARED = {80: 164 * 1024, 90: 228 * 1024}
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Launch(NamedTuple):
+    kernel: str  # short name: fwd, bwd_stats, ...
+    fn: object  # the JITFunction
+    grid: Tuple[int, ...]
+    kwargs: dict
+
+
+class Cost(NamedTuple):
+    kernel: str
+    dtype: str
+    head_dim: int
+    n: int
+    arch: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    num_warps: int
+    instr_per_program: float  # per thread
+    instr_per_score: float
+    hbm_bytes: int
+    l2_bytes: int
+    flops: int
+    warps_per_sm: int
+    scores: int
+    programs: int
+    error: str
+
+    def line(self) -> str:
+        return (f"cost {self.kernel} {self.dtype} hd{self.head_dim} N{self.n} sm_{self.arch} regs={self.registers} "
+                f"spill={self.spill_bytes} instr_per_score={self.instr_per_score:.2f}")
+
+    def model_line(self) -> str:
+        t_hbm = self.hbm_bytes / HBM_BYTES_PER_S * 1e6
+        t_dot = self.flops / DOT_FLOPS_PER_S[self.dtype] * 1e6
+        t_issue = self.instr_per_score * self.scores / ISSUE_PER_S * 1e6
+        return (f"model {self.kernel} {self.dtype} hd{self.head_dim} N{self.n} sm_{self.arch} "
+                f"hbm_bytes={self.hbm_bytes} l2_sm_bytes={self.l2_bytes} l2_over_hbm={self.l2_bytes / self.hbm_bytes:.2f} "
+                f"flops={self.flops} warps_per_sm={self.warps_per_sm} h200_us: hbm={t_hbm:.1f} dot={t_dot:.1f} "
+                f"issue={t_issue:.1f} est={max(t_hbm, t_dot, t_issue):.1f}")
+
+
+# ------------------------------------------------------------------------------------ the reference launch
+def _short(name: str) -> str:
+    return name[len("_window_attention_"):-len("_kernel")]
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Replace every `*_kernel` global of the kernel module by a recorder of (grid, kwargs); restored after."""
+    from . import triton_window_attention as tk
+
+    launches: List[Launch] = []
+    saved = {name: fn for name, fn in vars(tk).items() if name.endswith("_kernel")}
+
+    class _Recorder:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if args:
+                    raise TypeError("the cost model records keyword launches only")
+                launches.append(Launch(_short(self.name), self.fn, tuple(grid), kwargs))
+            return launch
+
+    try:
+        for name, fn in saved.items():
+            setattr(tk, name, _Recorder(name, fn))
+        yield launches
+    finally:
+        for name, fn in saved.items():
+            setattr(tk, name, fn)
+
+
+def reference_geometry(window: int):
+    grid = 56 if window == 7 else 64
+    return dict(grid_size=(grid, grid), num_heads=REFERENCE_HEADS, window_size=(window, window),
+                shift_size=(window // 2, window // 2))
+
+
+def reference_launches(window: int, dtype: str, head_dim: int = COST_HEAD_DIM) -> Dict[str, Launch]:
+    """The kernels' launches of one forward and one full backward at the reference shape, on meta tensors."""
+    import torch
+
+    from . import triton_window_attention as tk
+    from .compile_check import _torch_dtype
+
+    geometry = reference_geometry(window)
+    tdt = _torch_dtype(dtype)
+    B, heads, (gh, gw) = REFERENCE_BATCH, REFERENCE_HEADS, geometry["grid_size"]
+    C = heads * head_dim
+    meta = dict(device="meta")
+    qkv = torch.empty(B, gh * gw, 3 * C, dtype=tdt, **meta)
+    bias = torch.empty(3 * C, dtype=tdt, **meta)
+    logit_scale = torch.empty(heads, 1, 1, **meta)
+    table = torch.empty(heads, window * window, window * window, **meta)
+    with recording_launches() as launches:
+        out = tk.window_attention_triton_forward(qkv, bias, logit_scale, table, **geometry)
+        tk.window_attention_triton_backward(torch.empty_like(out), qkv, bias, logit_scale, table, **geometry)
+    found = {launch.kernel: launch for launch in launches}
+    if sorted(found) != sorted(COST_KERNELS) or len(launches) != len(COST_KERNELS):
+        raise RuntimeError(f"expected one launch of each of {COST_KERNELS}, recorded {[l.kernel for l in launches]}")
+    return found
+
+
+# Trip counts of each kernel's source loops, in source order, from its launch arguments (and grid).
+def _kv_blocks(a, grid):
+    return [cdiv(a["N"], a["BLOCK_N"])]
+
+
+def _q_blocks(a, grid):
+    return [cdiv(a["N"], a["BLOCK_M"])]
+
+
+def _windows_per_program(a, grid):
+    return [a["NUM_BW"] / grid[2]]  # the mean over the groups (the last may be shorter)
+
+
+LOOP_TRIPS: Dict[str, Callable] = {"fwd": _kv_blocks, "bwd_stats": _kv_blocks, "bwd_dq": _kv_blocks,
+                                   "bwd_dkdv": _q_blocks, "bwd_dbias": _windows_per_program}
+
+
+# ----------------------------------------------------------------------------------------- compiling
+def specialise(launch: Launch, arch: int):
+    """(signature, constexprs, attrs, options) exactly as the JIT builds them for this launch on `arch`."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.fn
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(**launch.kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, options, bound, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def _nvidia_bin(tool: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def compile_launch(launch: Launch, arch: int):
+    """The compiled kernel, its `cuobjdump -res-usage` and `-sass` texts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature, constexprs, attrs, options = specialise(launch, arch)
+    compiled = triton.compile(
+        triton.compiler.ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as fh:
+            fh.write(compiled.asm["cubin"])
+        usage = subprocess.run([_nvidia_bin("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_nvidia_bin("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    return compiled, usage, sass
+
+
+def resource_usage(usage: str) -> Tuple[int, int]:
+    """(registers, spill bytes) from `cuobjdump -res-usage`: spilled registers live in the stack frame."""
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    spills = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    return registers, spills
+
+
+# ----------------------------------------------------------------------------------- counting the SASS
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+class Instruction(NamedTuple):
+    address: int
+    predicated: bool
+    opcode: str
+    operands: str
+
+
+def parse_sass(sass: str) -> List[Instruction]:
+    """The instructions of the (single) function in `cuobjdump -sass` text, in address order."""
+    out = []
+    for line in sass.splitlines():
+        match = _SASS_LINE.match(line)
+        if match:
+            address, predicate, opcode, operands = match.groups()
+            predicated = predicate is not None and predicate.strip() not in ("@PT",)
+            out.append(Instruction(int(address, 16), predicated, opcode, operands.strip()))
+    if not out:
+        raise ValueError("no SASS instructions found")
+    return out
+
+
+def _branch_target(ins: Instruction) -> Optional[int]:
+    if ins.opcode.split(".")[0] != "BRA":
+        return None
+    match = re.search(r"0x([0-9a-f]+)", ins.operands)
+    if not match:
+        raise ValueError(f"branch without a literal target at {ins.address:#x}: {ins.opcode} {ins.operands}")
+    return int(match.group(1), 16)
+
+
+def back_edges(instructions: Sequence[Instruction]) -> List[int]:
+    """Addresses of the loops' back-edges (branches to a lower address; the trap loop to itself excluded)."""
+    edges = []
+    for ins in instructions:
+        target = _branch_target(ins)
+        if target is not None and target < ins.address:
+            edges.append(ins.address)
+    return edges
+
+
+def count_executed(instructions: Sequence[Instruction], trips: Sequence[float]) -> float:
+    """Instructions one thread executes, with loop i (back-edges in address order) at trip count trips[i]; see
+    the module docstring. Fractional trip counts (a mean over programs) are exact for non-nested loops: the
+    count is linear in each trip count, so it is evaluated at floor and ceil and interpolated."""
+    edges = back_edges(instructions)
+    if not edges:
+        trips = []  # the loops were unrolled: straight-line code
+    if len(edges) != len(trips):
+        raise ValueError(f"{len(edges)} loop back-edges in the SASS ({[hex(e) for e in edges]}), but {len(trips)} "
+                         f"source loops with trip counts {list(trips)}")
+    whole = [int(t) for t in trips]
+    base = _walk(instructions, dict(zip(edges, whole)))
+    total = base
+    for i, t in enumerate(trips):
+        if t != whole[i]:
+            bumped = list(whole)
+            bumped[i] += 1
+            total += (t - whole[i]) * (_walk(instructions, dict(zip(edges, bumped))) - base)
+    return total
+
+
+def _walk(instructions: Sequence[Instruction], trips: Dict[int, int]) -> int:
+    index = {ins.address: i for i, ins in enumerate(instructions)}
+    taken = {edge: 0 for edge in trips}
+    for trip in trips.values():
+        if trip < 1:
+            raise ValueError("a loop counted here runs at least once (its guard is taken as passing)")
+    i, count = 0, 0
+    limit = 100 * len(instructions) * max([1] + list(trips.values())) ** 2
+    while i < len(instructions):
+        ins = instructions[i]
+        count += 1
+        if count > limit:
+            raise RuntimeError("SASS walk did not terminate")
+        if ins.opcode.split(".")[0] == "EXIT" and not ins.predicated:
+            return count
+        target = _branch_target(ins)
+        if target is None:
+            i += 1
+        elif target == ins.address:
+            raise ValueError(f"reached the trap loop at {ins.address:#x}")
+        elif target < ins.address:  # back-edge
+            if taken[ins.address] < trips[ins.address] - 1:
+                taken[ins.address] += 1
+                i = index[target]
+            else:
+                taken[ins.address] = 0
+                i += 1
+        elif ins.predicated:  # forward and conditional: falls through
+            i += 1
+        else:
+            i = index[target]
+    raise ValueError("the walk ran off the end of the SASS without an EXIT")
+
+
+# --------------------------------------------------------------------------------------- traffic model
+def _elem(dtype_name: str) -> int:
+    return {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dtype_name]
+
+
+def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
+    """(HBM bytes, L2-to-SM bytes, FLOPs) of the launch; see the module docstring."""
+    a = launch.kwargs
+    e = _elem(dtype)
+    t = a["POSITION_BIAS"].element_size()  # the table's dtype as launched
+    B = a["QKV"].shape[0]
+    N, hd, heads, nw = a["N"], a["HEAD_DIM"], a["NUM_HEADS"], a["NUM_WINDOWS"]
+    L = a["QKV"].shape[1]
+    wh = B * nw * heads  # (image, window, head) triples
+    scores = wh * N * N
+    rows = hd * e  # one row of q, k, v, dO or an output, one head
+    nm, nn = cdiv(N, a["BLOCK_M"]), cdiv(N, a["BLOCK_N"])
+    table = heads * N * N * t
+    tokens = B * L * heads  # (token, head) pairs
+    stats = B * heads * nw * N * 8 + tokens * 4  # (row max, log sum) per window row, delta per token
+    k = launch.kernel
+    if k == "fwd":
+        hbm = tokens * rows * 4 + table
+        l2 = wh * (N * rows + nm * N * 2 * rows + N * N * t)
+        flops = scores * 2 * hd * 2
+    elif k == "bwd_stats":
+        hbm = tokens * rows * 4 + table + stats
+        l2 = wh * (2 * N * rows + nm * N * 2 * rows + N * N * t)
+        flops = scores * 2 * hd * 2
+    elif k == "bwd_dq":
+        hbm = tokens * rows * 5 + table + stats
+        l2 = wh * (2 * N * rows + 12 * N + nm * N * 2 * rows + N * N * t)
+        flops = scores * 2 * hd * 3
+    elif k == "bwd_dkdv":
+        hbm = tokens * rows * 6 + table + stats
+        l2 = wh * (2 * N * rows + nn * N * (2 * rows + 12) + N * N * t)
+        flops = scores * 2 * hd * 4
+    elif k == "bwd_dbias":
+        groups = launch.grid[2]
+        hbm = tokens * rows * 4 + table + stats + groups * table // t * 4
+        l2 = wh * (nn * N * (2 * rows + 12) + nm * N * 2 * rows + N * N * t)
+        flops = scores * 2 * hd * 3
+    else:
+        raise ValueError(f"no traffic model for kernel {k}")
+    return hbm, l2, flops
+
+
+def resident_warps(registers: int, shared: int, num_warps: int, arch: int) -> int:
+    per_warp = cdiv(max(registers, 1) * 32, 256) * 256
+    by_regs = 65536 // (per_warp * num_warps)
+    by_smem = SM_SHARED[arch] // (shared + 1024)
+    ctas = min(by_regs, by_smem, 32, 64 // num_warps)
+    return ctas * num_warps
+
+
+def scores_of(launch: Launch) -> int:
+    a = launch.kwargs
+    return a["QKV"].shape[0] * a["NUM_HEADS"] * a["NUM_WINDOWS"] * a["N"] ** 2
+
+
+def cost_of(launch: Launch, dtype: str, arch: int) -> Cost:
+    n, hd = launch.kwargs["N"], launch.kwargs["HEAD_DIM"]
+    programs = 1
+    for g in launch.grid:
+        programs *= g
+    hbm, l2, flops = traffic(launch, dtype)
+    try:
+        compiled, usage, sass = compile_launch(launch, arch)
+        registers, spills = resource_usage(usage)
+        warps = compiled.metadata.num_warps
+        shared = int(compiled.metadata.shared)
+        per_program = count_executed(parse_sass(sass), LOOP_TRIPS[launch.kernel](launch.kwargs, launch.grid))
+        per_score = per_program * warps * 32 * programs / scores_of(launch)
+        return Cost(launch.kernel, dtype, hd, n, arch, registers, spills, shared, warps, per_program, per_score,
+                    hbm, l2, flops, resident_warps(registers, shared, warps, arch), scores_of(launch), programs, "")
+    except Exception as exc:  # reported in the table and in the exit status
+        lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
+        return Cost(launch.kernel, dtype, hd, n, arch, -1, -1, -1, 0, 0.0, 0.0, hbm, l2, flops, 0,
+                    scores_of(launch), programs, f"{type(exc).__name__}: {lines[-1][:200]}")
+
+
+def _cost_job(args):
+    kernel, dtype, window, arch = args
+    return cost_of(reference_launches(window, dtype)[kernel], dtype, arch)
+
+
+def cost_table(jobs: int, kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=COST_WINDOWS, archs=(80, 90)):
+    """Every (kernel, dtype, window, arch) of the report, compiled in `jobs` fresh processes."""
+    from .compile_check import run_spawned
+
+    work = [(k, d, w, a) for k in kernels for d in dtypes for w in windows for a in archs]
+    return run_spawned(_cost_job, work, jobs)
+
+
+def format_cost(costs: List[Cost]) -> str:
+    lines = []
+    for c in costs:
+        if c.error:
+            lines.append(f"cost {c.kernel} {c.dtype} hd{c.head_dim} N{c.n} sm_{c.arch} FAILED {c.error}")
+        else:
+            lines.append(c.line())
+            lines.append(c.model_line())
+    return "\n".join(lines)
+
+
+def backward_sum(costs: List[Cost]) -> List[str]:
+    """The backward kernels' instructions per score added up, per (dtype, N, arch)."""
+    sums: Dict[tuple, float] = {}
+    for c in costs:
+        if c.kernel.startswith("bwd") and not c.error:
+            key = (c.dtype, c.head_dim, c.n, c.arch)
+            sums[key] = sums.get(key, 0.0) + c.instr_per_score
+    return [f"backward-total {d} hd{h} N{n} sm_{a} instr_per_score={v:.2f}" for (d, h, n, a), v in sorted(sums.items())]
