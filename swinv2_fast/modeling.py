@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import inspect
 import math
 import os
 from typing import Optional, Tuple
@@ -997,6 +998,10 @@ class Swinv2PreTrainedModel(_ModelBase):
         overrides = dict(kwargs)
         if attn_implementation is not None:
             overrides["attn_implementation"] = attn_implementation
+        # as in transformers, keywords of the class's constructor (Swinv2Model's add_pooling_layer,
+        # use_mask_token) go to the constructor, the others to the config
+        init_parameters = set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
+        model_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in init_parameters}
         known = _config_fields()
         if config is None:
             config = Swinv2Config.from_pretrained(directory)
@@ -1013,7 +1018,7 @@ class Swinv2PreTrainedModel(_ModelBase):
         dtype = _resolve_dtype(dtype, config)
         device = _resolve_device_map(device_map)
 
-        model = cls(config)
+        model = cls(config, **model_kwargs)
         info = load_model_weights(model, directory, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes,
                                   use_safetensors=use_safetensors, variant=variant)
         if dtype is not None or device is not None:
@@ -1025,8 +1030,10 @@ class Swinv2PreTrainedModel(_ModelBase):
         return (model, info) if output_loading_info else model
 
     @classmethod
-    def _from_config(cls, config, dtype=None, torch_dtype=None, **kwargs):
+    def _from_config(cls, config, dtype=None, torch_dtype=None, attn_implementation=None, **kwargs):
         """A randomly initialised model from a config (what transformers' `AutoModel*.from_config` calls)."""
+        if attn_implementation is not None:
+            config = Swinv2Config.from_dict(_as_swinv2_config(config).to_dict(), attn_implementation=attn_implementation)
         model = cls(config, **kwargs)
         dtype = dtype if dtype is not None else torch_dtype
         return model if dtype is None else model.to(_resolve_dtype(dtype, model.config))
@@ -1074,8 +1081,6 @@ class Swinv2PreTrainedModel(_ModelBase):
 
 def _config_fields():
     """Names a from_pretrained keyword may override: Swinv2Config's arguments and its aliases."""
-    import inspect
-
     names = set(inspect.signature(Swinv2Config.__init__).parameters) - {"self", "kwargs"}
     return names | set(Swinv2Config.attribute_map)
 

@@ -70,6 +70,9 @@ class ModelOutput:
 
 @dataclass
 class Swinv2EncoderOutput(ModelOutput):
+    """The encoder's output: last_hidden_state (batch, tokens, channels) of the last stage; hidden_states and
+    reshaped_hidden_states (token layout and NCHW) after the embedding and every stage; attentions, one per
+    stage (the last block's probabilities, (batch * windows, heads, N, N)). Unrequested fields are None."""
     last_hidden_state: Optional[torch.Tensor] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     attentions: Optional[Tuple[torch.Tensor, ...]] = None
@@ -78,6 +81,9 @@ class Swinv2EncoderOutput(ModelOutput):
 
 @dataclass
 class Swinv2ModelOutput(ModelOutput):
+    """`Swinv2Model`'s output: last_hidden_state (batch, tokens, hidden_size) after the final LayerNorm,
+    pooler_output (batch, hidden_size), and the encoder's hidden_states / attentions /
+    reshaped_hidden_states when requested (None otherwise)."""
     last_hidden_state: Optional[torch.Tensor] = None
     pooler_output: Optional[torch.Tensor] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
@@ -87,6 +93,8 @@ class Swinv2ModelOutput(ModelOutput):
 
 @dataclass
 class Swinv2ImageClassifierOutput(ModelOutput):
+    """`Swinv2ForImageClassification`'s output: loss (when labels are given), logits (batch, num_labels),
+    and hidden_states / attentions / reshaped_hidden_states when requested."""
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
@@ -96,6 +104,9 @@ class Swinv2ImageClassifierOutput(ModelOutput):
 
 @dataclass
 class Swinv2MaskedImageModelingOutput(ModelOutput):
+    """`Swinv2ForMaskedImageModeling`'s output: loss (L1 over masked pixels, when bool_masked_pos is given),
+    reconstruction (batch, num_channels, height, width), and hidden_states / attentions /
+    reshaped_hidden_states when requested."""
     loss: Optional[torch.Tensor] = None
     reconstruction: Optional[torch.Tensor] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
@@ -105,6 +116,8 @@ class Swinv2MaskedImageModelingOutput(ModelOutput):
 
 @dataclass
 class BackboneOutput(ModelOutput):
+    """`Swinv2Backbone`'s output: feature_maps, one NCHW map per out_features stage, and hidden_states /
+    attentions when requested."""
     feature_maps: Optional[Tuple[torch.Tensor, ...]] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     attentions: Optional[Tuple[torch.Tensor, ...]] = None

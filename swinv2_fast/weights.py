@@ -290,7 +290,7 @@ def save_model_weights(model: torch.nn.Module, directory: str, safe_serializatio
     config.save_pretrained(directory, as_swinv2_fast=as_swinv2_fast)
     if state_dict is None:
         state_dict = model.state_dict()
-    state_dict = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     limit = _parse_size(max_shard_size)
     shards: List[Dict[str, torch.Tensor]] = [{}]
     size = 0

@@ -685,3 +685,48 @@ bar.close()
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if "window_semantics" in line]
     assert lines and all(line.startswith("swinv2_fast WARNING: saving a model with window_semantics='timm'")
                          for line in lines), result.stderr
+
+
+def test_push_to_hub_uploads_a_directory_transformers_reads(tmp_path, monkeypatch):
+    """push_to_hub (transformers' PushToHubMixin) with its network calls replaced: the uploaded folder is
+    what save_pretrained writes, and transformers loads it."""
+    import types
+
+    import transformers.utils.hub as hub
+
+    monkeypatch.setattr(hub, "hf_api", lambda: types.SimpleNamespace(
+        create_repo=lambda repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id)))
+    monkeypatch.setattr(hub, "create_and_tag_model_card",
+                        lambda *args, **kwargs: types.SimpleNamespace(save=lambda path: open(path, "w").close()))
+    model = perturb_(swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config(**SMALL))).eval()
+    uploaded = {}
+
+    def upload(working_dir, repo_id, **kwargs):
+        import shutil
+
+        shutil.copytree(working_dir, tmp_path / "uploaded")
+        uploaded["repo_id"] = repo_id
+
+    monkeypatch.setattr(model, "_upload_modified_files", upload, raising=False)
+    model.push_to_hub("someone/tiny-swinv2")
+    assert uploaded["repo_id"] == "someone/tiny-swinv2"
+    theirs = transformers.Swinv2ForImageClassification.from_pretrained(tmp_path / "uploaded")
+    assert torch.equal(theirs.classifier.weight, model.classifier.weight)
+
+
+def test_image_classification_pipeline():
+    """transformers' pipeline takes the model as it takes its own: scores are the softmax of the logits."""
+    pytest.importorskip("PIL")
+    import numpy as np
+    from PIL import Image
+
+    model = perturb_(swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config(**SMALL))).eval()
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    classify = transformers.pipeline("image-classification", model=model, image_processor=processor, device="cpu")
+    image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype("uint8"))
+    result = classify(image, top_k=SMALL["num_labels"])
+    with torch.no_grad():
+        probabilities = model(processor(image, return_tensors="pt").pixel_values).logits.softmax(-1)[0]
+    for entry in result:
+        index = model.config.label2id[entry["label"]]
+        assert entry["score"] == pytest.approx(float(probabilities[index]), abs=1e-6)
