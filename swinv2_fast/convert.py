@@ -100,22 +100,58 @@ def _with_prefix(state_dict, model):
     return state_dict
 
 
-def _check_windows(config: Swinv2Config, blocks_per_stage, source: str) -> None:
-    """Raise unless every block's (window, shift) is what swinv2_fast derives from `config`."""
+def _stage_resolutions(config: Swinv2Config):
+    """Each stage's resolution as swinv2_fast (and transformers, and timm <= 1.0.29) derive it at construction:
+    the patch grid floor-divided by 2**i."""
     (ih, iw), (ph, pw) = _pair(config.image_size), _pair(config.patch_size)
     grid = (ih // ph, iw // pw)
+    return [(grid[0] // 2**i, grid[1] // 2**i) for i in range(len(config.depths))]
+
+
+def _check_windows(config: Swinv2Config, blocks_per_stage, source: str, resolutions=None) -> list:
+    """Raise unless every block's (window, shift) is the one its stage's resolution gives at construction.
+
+    `resolutions`: the source's own stage resolutions where it records them (timm blocks'
+    `input_resolution`); default swinv2_fast's (`_stage_resolutions`). timm 1.0.31 rounds the resolution of
+    a stage after an odd one up ((g + 2**i - 1) // 2**i, the size patch merging's padding actually produces)
+    where timm 1.0.29 and transformers floor it, so a small stage may get a larger window there.
+    Returns [(stage, block, window, shift)] for the blocks whose window or shift differs from what
+    swinv2_fast derives from `config` (from_timm rebuilds their attention with the source's choice)."""
+    ours_res = _stage_resolutions(config)
+    resolutions = resolutions or ours_res
+    differing = []
     for i, blocks in enumerate(blocks_per_stage):
-        resolution = (grid[0] // 2**i, grid[1] // 2**i)
         for j, (window, shift) in enumerate(blocks):
             target_shift = 0 if j % 2 == 0 else config.window_size // 2
-            ours = window_and_shift(resolution, config.window_size, target_shift, config.window_semantics)
-            if ours != (tuple(window), tuple(shift)):
+            source_choice = window_and_shift(resolutions[i], config.window_size, target_shift,
+                                             config.window_semantics)
+            if source_choice != (tuple(window), tuple(shift)):
                 raise ValueError(
                     f"{source} stage {i} block {j} uses window {tuple(window)} and shift {tuple(shift)}; "
-                    f"swinv2_fast derives {ours[0]} and {ours[1]} from window_size={config.window_size} "
-                    f"at resolution {resolution} (models built with always_partition or set_input_size "
-                    "after construction are not supported)"
+                    f"swinv2_fast derives {source_choice[0]} and {source_choice[1]} from "
+                    f"window_size={config.window_size} at resolution {tuple(resolutions[i])} (models built with "
+                    "always_partition, per-stage window sizes or set_input_size after construction are not "
+                    "supported)"
                 )
+            if window_and_shift(ours_res[i], config.window_size, target_shift, config.window_semantics) != \
+                    source_choice:
+                differing.append((i, j, tuple(window), tuple(shift)))
+    return differing
+
+
+def _use_source_windows(model: nn.Module, config: Swinv2Config, differing) -> None:
+    """Rebuild the window attention of the blocks listed by _check_windows with the source's window and shift
+    (same parameters, so the state dict loads as usual; only the derived coordinate tables differ)."""
+    from .modeling import Swinv2SelfAttention
+
+    encoder = model.swinv2.encoder if hasattr(model, "swinv2") else model.encoder
+    for i, j, window, shift in differing:
+        layer = encoder.layers[i].blocks[j]
+        old = layer.attention.self
+        layer.attention.self = Swinv2SelfAttention(
+            config, int(config.embed_dim * 2**i), config.num_heads[i], window, shift, old.pretrained_window_size,
+            config.window_semantics)
+        layer.window_size, layer.shift_size = window, shift
 
 
 def from_timm(timm_model: nn.Module, *, attn_implementation: str = "auto") -> nn.Module:
@@ -160,9 +196,11 @@ def from_timm(timm_model: nn.Module, *, attn_implementation: str = "auto") -> nn
         window_semantics="timm",
         attn_implementation=attn_implementation,
     )
-    _check_windows(config, [[(b.window_size, b.shift_size) for b in s.blocks] for s in stages], "timm model")
+    differing = _check_windows(config, [[(b.window_size, b.shift_size) for b in s.blocks] for s in stages],
+                               "timm model", [tuple(s.blocks[0].input_resolution) for s in stages])
     model_cls = Swinv2ForImageClassification if timm_model.num_classes > 0 else Swinv2Model
     model = model_cls(config)
+    _use_source_windows(model, config, differing)
     state_dict = convert_qkv_state_dict(timm_model.state_dict(), downsample_offset=1, head_prefix="head.fc.")
     load_state_dict_checked(model, _with_prefix(state_dict, model), strict=True)
     reference = next(timm_model.parameters())
