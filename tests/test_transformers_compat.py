@@ -304,6 +304,14 @@ def test_trainer_checkpointed_training_save_model_and_reload(tmp_path, monkeypat
         return original(function, *args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    offloads = []
+    save_on_cpu = torch.autograd.graph.save_on_cpu
+
+    def offload_spy(*args, **kwargs):
+        offloads.append(kwargs)
+        return save_on_cpu(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", offload_spy)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,
         learning_rate=1e-3, gradient_checkpointing=True, gradient_checkpointing_kwargs=gc_kwargs,
@@ -320,6 +328,7 @@ def test_trainer_checkpointed_training_save_model_and_reload(tmp_path, monkeypat
     assert len(checkpointed) == 2 * per_step
     expected_kwargs = {"use_reentrant": True} if gc_kwargs else {"use_reentrant": False}
     assert all(k == expected_kwargs for k in checkpointed), checkpointed
+    assert len(offloads) == (len(checkpointed) if gc_kwargs else 0)  # offload: each checkpointed stage
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters()), "no training happened"
 
     metrics = trainer.evaluate()
@@ -457,10 +466,15 @@ def test_config_like_transformers_config_tester(tmp_path):
     assert len(swinv2_fast.Swinv2Config(num_labels=5).id2label) == 5
     config.num_labels = 3
     assert len(config.id2label) == len(config.label2id) == 3
+    # a part of transformers' config_common_kwargs: the fields the models read, and others kept verbatim
     common = dict(return_dict=False, output_hidden_states=True, output_attentions=True, problem_type="regression",
-                  id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+                  id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1}, torchscript=True, finetuning_task="NER",
+                  architectures=["BertModel"], tokenizer_class="BertTokenizerFast", chunk_size_feed_forward=5)
     config = swinv2_fast.Swinv2Config(**common)
     assert {k: getattr(config, k) for k in common} == common
+    config.save_pretrained(tmp_path / "common")
+    again = swinv2_fast.Swinv2Config.from_pretrained(tmp_path / "common")
+    assert {k: getattr(again, k) for k in common} == common
     ours = swinv2_fast.Swinv2Config()
     theirs = transformers.Swinv2Config()
     for key in ("image_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio",
@@ -500,6 +514,10 @@ def test_common_attributes_and_forward_signature(cls_name):
     arg_names = list(inspect.signature(model.forward).parameters)
     assert arg_names[:1] == ["pixel_values"] == [model.main_input_name]
     assert isinstance(model, transformers.PreTrainedModel)
+    assert model.base_model is getattr(model, "swinv2", model)
+    assert not model.can_generate()
+    assert model.get_memory_footprint() >= 4 * model.num_parameters() > 0
+    model.tie_weights()  # nothing is tied; transformers' loaders call it
     model(**model.dummy_inputs)
 
 
