@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("triton")
 
 
+@pytest.mark.slow  # compiles every specialization for two architectures (minutes)
 def test_compile_check_passes():
     result = subprocess.run([sys.executable, "-m", "swinv2_fast.kernels.compile_check"], capture_output=True,
                             text=True, timeout=1800)

@@ -113,15 +113,16 @@ def test_backbone_matches_transformers(out_features):
 
 
 @pytest.mark.parametrize(
-    "num_labels,labels,problem_type",
+    "num_labels,make_labels,problem_type",
     [
-        (1, torch.randn(3), "regression"),
-        (4, torch.tensor([0, 3, 1]), "single_label_classification"),
-        (4, torch.randint(0, 2, (3, 4)).float(), "multi_label_classification"),
+        (1, lambda: torch.randn(3), "regression"),
+        (4, lambda: torch.tensor([0, 3, 1]), "single_label_classification"),
+        (4, lambda: torch.randint(0, 2, (3, 4)).float(), "multi_label_classification"),
     ],
     ids=["regression", "single-label", "multi-label"],
 )
-def test_classification_loss_matches_transformers(num_labels, labels, problem_type):
+def test_classification_loss_matches_transformers(num_labels, make_labels, problem_type):
+    labels = make_labels()  # drawn here, after the seed fixture, not at collection
     hf, ours = make_pair("Swinv2ForImageClassification", num_labels=num_labels, **CONFIGS["w8"])
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import swinv2_fast
-from conftest import FP32_ATOL, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close, perturb_
+from conftest import FP32_ATOL, KERNEL_DEVICE, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close, perturb_, tk
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -55,15 +55,20 @@ def _run(model, x):
         # SimMIM's decoder wants a square image, a multiple of the encoder stride (8 here): 40x40, a 10x10 grid
         x = torch.nn.functional.pad(x, (0, 40 - x.shape[-1], 0, 40 - x.shape[-2]))
         patches = (x.shape[-1] // 4) ** 2
-        kwargs["bool_masked_pos"] = (torch.arange(patches) % 3 == 0).expand(x.shape[0], patches)
+        kwargs["bool_masked_pos"] = (torch.arange(patches, device=x.device) % 3 == 0).expand(x.shape[0], patches)
     return _tensors(model(x, **kwargs))
 
 
-@pytest.mark.parametrize("implementation", ["triton", "eager"])
+# "triton" runs the kernels: the launch proof (conftest) fails the test if a patched model took another path
+TRITON = pytest.param("triton", marks=pytest.mark.kernels)
+TRITON_TRAINING = pytest.param("triton", marks=pytest.mark.kernels(backward=True))
+
+
+@pytest.mark.parametrize("implementation", [TRITON, "eager"])
 @pytest.mark.parametrize("make", MODELS)
 def test_patched_matches_unpatched(make, implementation):
-    model = make().eval()
-    x = torch.randn(2, 3, *SIZE)
+    model = make().eval().to(KERNEL_DEVICE)
+    x = torch.randn(2, 3, *SIZE, device=KERNEL_DEVICE)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         expected = _run(model, x)
@@ -85,12 +90,12 @@ def _loss(model, x):
     return sum(t.float().square().mean() for t in _run(model, x))
 
 
-@pytest.mark.parametrize("implementation", ["triton", "eager"])
+@pytest.mark.parametrize("implementation", [TRITON_TRAINING, "eager"])
 @pytest.mark.parametrize("make", MODELS)
 def test_training_step_gradients_match(make, implementation):
-    model = make().train()
+    model = make().train().to(KERNEL_DEVICE)
     patched = swinv2_fast.patch(copy.deepcopy(model), implementation)
-    x = torch.randn(2, 3, *SIZE)
+    x = torch.randn(2, 3, *SIZE, device=KERNEL_DEVICE)
     _loss(model, x).backward()
     _loss(patched, x).backward()
     grads = dict(patched.named_parameters())
@@ -145,10 +150,8 @@ def test_rejects_other_objects_and_unknown_structures():
     assert not swinv2_fast.is_patched(model)  # nothing was half-patched
 
 
+@pytest.mark.kernels(forward=False)  # a refusal: needs the kernel module, launches nothing
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    pytest.importorskip("triton")
-    from swinv2_fast.kernels import triton_window_attention as tk
-
     monkeypatch.setattr(tk, "INTERPRETED", False)
     model = swinv2_fast.patch(_timm("head"), "triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

@@ -1,22 +1,25 @@
-"""torch.compile through the fused op (a torch.library custom op with a fake implementation), on CPU."""
+"""torch.compile through the fused op (a torch.library custom op with a fake implementation): compiled
+kernels on CUDA tensors where a GPU runs them, the interpreter on CPU tensors elsewhere."""
 import pytest
 import torch
 
 import swinv2_fast
-from conftest import FP32_ATOL, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, assert_close, perturb_
+from conftest import (FP32_ATOL, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, assert_close, perturb_,
+                      tk)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import ROLL_THEN_PAD, window_attention_reference
+from test_triton_backward import assert_errors_within_pytorch, sum_floors
+from test_triton_forward import DEVICE, TINY, make_inputs
 
-pytest.importorskip("triton")
-from swinv2_fast.kernels import triton_window_attention as tk  # noqa: E402
-from test_triton_backward import assert_errors_within_pytorch, sum_floors  # noqa: E402
-from test_triton_forward import DEVICE, TINY, make_inputs  # noqa: E402
+# Every test here runs the forward and backward kernels (conftest: launch proof, honest skips).
+pytestmark = pytest.mark.kernels(backward=True)
 
 # Non-zero k bias throughout: the op's gradients are compared elementwise, and with a zero k bias the k part
 # of the bias gradient sits on the 1e12 slope of x / max(||x||, 1e-12) (see test_triton_backward).
 OP_KWARGS = dict(grid_size=(6, 7), num_heads=2, window_size=4, shift_size=2, pad_order=ROLL_THEN_PAD)
 
 
+@pytest.mark.kernels  # opcheck runs the op's forward (its backward only through autograd's checks)
 def test_fake_implementation_gives_the_real_shapes():
     inputs = make_inputs(2, (6, 7), 2, 16, 4, zero_k_bias=False)
     real_out = tk.window_attention_fused(*inputs, [6, 7], 2, [4, 4], [2, 2], ROLL_THEN_PAD, -100.0)
@@ -49,6 +52,7 @@ def _check_gradients(grads, inputs, grad_out):
     assert_errors_within_pytorch(grads, found["eager"], found["exact"], sum_floors(inputs[0].shape[0], (6, 7), 4))
 
 
+@pytest.mark.interpreter  # CPU tensors with the interpreter switched off and on
 def test_op_on_cpu_without_the_interpreter_runs_the_reference(monkeypatch):
     """Direct callers of the op with CPU tensors and no interpreter get the eager reference (and its
     output); its backward differentiates the reference."""
@@ -72,8 +76,8 @@ def test_compiled_model_training_step_matches_eager():
     """A tiny model with the fused op under torch.compile (inductor around the opaque op): same loss and
     parameter gradients as the uncompiled eager model; the op is traced without a graph break."""
     config = swinv2_fast.Swinv2Config(**TINY, num_labels=3)
-    model = perturb_(swinv2_fast.Swinv2ForImageClassification(config)).train()
-    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    model = perturb_(swinv2_fast.Swinv2ForImageClassification(config)).train().to(DEVICE)
+    x, labels = torch.randn(2, 3, 32, 32, device=DEVICE), torch.tensor([0, 2], device=DEVICE)
 
     def step(forward):
         model.zero_grad(set_to_none=True)

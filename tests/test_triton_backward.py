@@ -1,4 +1,5 @@
-"""The fused backward against the reference's autograd, under Triton's interpreter on CPU."""
+"""The fused backward against the reference's autograd: compiled on CUDA tensors where a GPU runs the kernels,
+under Triton's interpreter on CPU tensors elsewhere (tests/conftest.py: KERNEL_DEVICE)."""
 import copy
 import math
 
@@ -8,18 +9,19 @@ import torch
 import swinv2_fast
 from conftest import (FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL,
                       MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close,
-                      outputs_and_grads, perturb_, sum_grad_fp32_rtol)
+                      outputs_and_grads, perturb_, sum_grad_fp32_rtol, tk)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference
 from swinv2_fast.kernels.reference import window_log_sum_exp
+from test_triton_forward import DEVICE, NON_SQUARE, SHAPES, TINY, _pair, make_inputs
 
-pytest.importorskip("triton")
-from swinv2_fast.kernels import triton_window_attention as tk  # noqa: E402
-from test_triton_forward import DEVICE, SHAPES, TINY, make_inputs  # noqa: E402
+# Every test here runs the forward and backward kernels unless marked otherwise (conftest: launch proof).
+pytestmark = pytest.mark.kernels(backward=True)
 
 NAMES = ("qkv", "qkv_bias", "logit_scale", "position_bias")
 
 
+@pytest.mark.interpreter  # fp64 runs the kernels only under the interpreter; on a GPU "triton" refuses it
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
 @pytest.mark.parametrize("grid,window,shift", [((6, 7), 4, 2), ((8, 8), 4, 0), ((5, 3), 4, 0)],
                          ids=["6x7-w4s2-padded", "8x8-w4s0", "5x3-w4-below-window"])
@@ -37,11 +39,19 @@ def test_gradcheck_fp64(grid, window, shift, pad_order):
 
 
 def sum_floors(B, grid, window):
-    """Per-gradient floors for fp32 (conftest.sum_grad_fp32_rtol): q/k/v elementwise; the rest are sums."""
-    nw = -(-grid[0] // window) * -(-grid[1] // window)
-    n = window * window
+    """Per-gradient floors for fp32 (conftest.sum_grad_fp32_rtol): q/k/v elementwise; the rest are sums over
+    the windows of the batch (q/k/v bias: B * nW * N terms per element; logit scale: B * nW * N * N; table:
+    B * nW)."""
+    wh, ww = _pair(window)
+    nw = -(-grid[0] // wh) * -(-grid[1] // ww)
+    n = wh * ww
     return [OP_GRAD_FP32_RTOL, sum_grad_fp32_rtol(B * nw * n), sum_grad_fp32_rtol(B * nw * n * n),
             sum_grad_fp32_rtol(B * nw)]
+
+
+def needs_padding(grid, window):
+    wh, ww = _pair(window)
+    return grid[0] % wh != 0 or grid[1] % ww != 0
 
 
 def assert_errors_within_pytorch(fused, eager, exact, floor):
@@ -60,6 +70,7 @@ def assert_errors_within_pytorch(fused, eager, exact, floor):
 
 
 def _three_ways(B, grid, heads, head_dim, inputs, kwargs, seed, dtype):
+    """Gradients (fused, eager in the same dtype, exact in fp64) for one grad_out."""
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, generator=torch.Generator().manual_seed(seed))
     _, exact = outputs_and_grads("eager", [t.double() for t in inputs], grad_out.double().to(DEVICE), **kwargs)
     _, eager = outputs_and_grads("eager", inputs, grad_out.to(DEVICE, dtype), **kwargs)
@@ -68,12 +79,19 @@ def _three_ways(B, grid, heads, head_dim, inputs, kwargs, seed, dtype):
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
-@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", SHAPES[:8])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", SHAPES[:8] + NON_SQUARE)
 def test_fp32_gradients_match_reference(B, grid, heads, head_dim, window, shift, pad_order):
     inputs = make_inputs(B, grid, heads, head_dim, window, seed=1)
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
     fused, eager, exact = _three_ways(B, grid, heads, head_dim, inputs, kwargs, 2, torch.float32)
     assert_errors_within_pytorch(fused, eager, exact, sum_floors(B, grid, window))
+    # the bias gradient: only padded positions read the bias, so it is exactly zero without padding and
+    # non-zero in its v part with it (the comparison above is then not one of zeros)
+    C = heads * head_dim
+    if needs_padding(grid, window):
+        assert exact[1][2 * C:].abs().max() > 0 and fused[1][2 * C:].abs().max() > 0
+    else:
+        assert torch.count_nonzero(fused[1]) == 0
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
@@ -89,7 +107,8 @@ def test_fp16_gradient_error_is_that_of_pytorch(B, grid, heads, head_dim, window
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
-@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", [SHAPES[0], SHAPES[2], SHAPES[9]])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", [SHAPES[0], SHAPES[2], SHAPES[9], NON_SQUARE[0]])
+@pytest.mark.kernels(forward=False, backward=True)  # the first backward kernel alone
 def test_backward_statistics_and_delta(B, grid, heads, head_dim, window, shift, pad_order):
     """The first backward kernel's softmax statistics give the reference's log-sum-exp of every window row,
     and its delta = sum_j P_ij dP_ij equals rowsum(dO * O), the same quantity, computed in fp64."""
@@ -105,6 +124,7 @@ def test_backward_statistics_and_delta(B, grid, heads, head_dim, window, shift, 
     assert_close(common["DELTA"], delta, atol=OP_FP32_ATOL, name="delta")
 
 
+@pytest.mark.kernels  # the second backward differentiates the reference, by design
 def test_double_backward_differentiates_the_reference():
     """A backward that records a graph (a gradient penalty) goes through the reference by design; the
     second-order gradients are the eager path's."""
@@ -137,17 +157,18 @@ def test_ordinary_backward_runs_the_fused_kernels(monkeypatch, checkpointing):
     monkeypatch.setattr(tk, "window_attention_triton_backward",
                         lambda *args, **kwargs: used.append("fused") or fused(*args, **kwargs))
     config = swinv2_fast.Swinv2Config(**TINY, attn_implementation="triton")
-    model = swinv2_fast.Swinv2Model(config).train()
+    model = swinv2_fast.Swinv2Model(config).train().to(DEVICE)
     if checkpointing is not None:
         model.gradient_checkpointing_enable({"use_reentrant": checkpointing})
-    model(torch.randn(2, 3, TINY["image_size"], TINY["image_size"])).last_hidden_state.sum().backward()
+    x = torch.randn(2, 3, TINY["image_size"], TINY["image_size"], device=DEVICE)
+    model(x).last_hidden_state.sum().backward()
     assert used and set(used) == {"fused"}
 
 
 def test_gradients_are_deterministic():
     inputs = make_inputs(2, (10, 13), 2, 16, 4, seed=6)
     kwargs = dict(grid_size=(10, 13), num_heads=2, window_size=4, shift_size=2)
-    grad_out = torch.randn(2, 130, 32)
+    grad_out = torch.randn(2, 130, 32, device=DEVICE)
     first = outputs_and_grads("triton", inputs, grad_out, **kwargs)
     second = outputs_and_grads("triton", inputs, grad_out, **kwargs)
     assert torch.equal(first[0], second[0])
@@ -160,7 +181,7 @@ def test_padded_keys_reach_the_biases():
     none (padded queries have no output)."""
     inputs = make_inputs(1, (6, 6), 1, 16, 4, seed=7)
     kwargs = dict(grid_size=(6, 6), num_heads=1, window_size=4, shift_size=0)
-    grad_out = torch.randn(1, 36, 16)
+    grad_out = torch.randn(1, 36, 16, device=DEVICE)
     _, fused = outputs_and_grads("triton", inputs, grad_out, **kwargs)
     _, eager = outputs_and_grads("eager", inputs, grad_out, **kwargs)
     d_bias = fused[1]
@@ -169,15 +190,17 @@ def test_padded_keys_reach_the_biases():
 
 
 def test_logit_scale_gradient_is_zero_where_clamped():
-    """Above the clamp and exactly at it (torch.clamp passes no gradient at the bound) the scale's gradient
-    is zero, as in the reference; below it is not."""
+    """Above the clamp the scale's gradient is zero, below it is not, as in the reference; exactly at the
+    bound it follows the installed torch's clamp (zero in torch 2.14, passed through in 2.11 and 2.13)."""
     qkv, qkv_bias, _, table = make_inputs(1, (8, 8), 3, 16, 4, seed=8)
-    logit_scale = torch.tensor([7.0, math.log(100), 1.0]).view(3, 1, 1)
+    logit_scale = torch.tensor([7.0, math.log(100), 1.0], device=DEVICE).view(3, 1, 1)
     kwargs = dict(grid_size=(8, 8), num_heads=3, window_size=4, shift_size=2)
-    grad_out = torch.randn(1, 64, 48)
+    grad_out = torch.randn(1, 64, 48, device=DEVICE)
     _, fused = outputs_and_grads("triton", (qkv, qkv_bias, logit_scale, table), grad_out, **kwargs)
     _, eager = outputs_and_grads("eager", (qkv, qkv_bias, logit_scale, table), grad_out, **kwargs)
-    assert fused[2].flatten().tolist()[:2] == [0.0, 0.0] and fused[2].flatten()[2].item() != 0.0
+    above, at, below = fused[2].flatten().tolist()
+    assert above == 0.0 and below != 0.0
+    assert (at == 0.0) == (eager[2].flatten()[1].item() == 0.0), (at, eager[2].flatten().tolist())
     assert_close(fused[2], eager[2], atol=OP_GRAD_FP32_ATOL, rtol=OP_GRAD_FP32_RTOL, name="logit_scale grad")
 
 
@@ -194,10 +217,11 @@ def test_training_step_triton_matches_eager_and_transformers(size):
     import transformers
 
     hf_config = transformers.Swinv2Config(**TINY, num_labels=3)
-    hf = perturb_(transformers.Swinv2ForImageClassification(hf_config)).train()
+    hf = perturb_(transformers.Swinv2ForImageClassification(hf_config)).train().to(DEVICE)
     ours = swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config.from_transformers(hf_config)).train()
     ours.load_state_dict(hf.state_dict())
-    x, labels = torch.randn(2, 3, *size), torch.tensor([0, 2])
+    ours.to(DEVICE)
+    x, labels = torch.randn(2, 3, *size, device=DEVICE), torch.tensor([0, 2], device=DEVICE)
     hf_loss, hf_grads = _train_step(hf, x, labels)
     eager_loss, eager_grads = _train_step(ours.set_attn_implementation("eager"), x, labels)
     loss, fused_grads = _train_step(ours.set_attn_implementation("triton"), x, labels)
@@ -212,28 +236,12 @@ def test_training_step_triton_matches_eager_and_transformers(size):
 def test_gradient_checkpointing_with_the_fused_path():
     config = swinv2_fast.Swinv2Config(**TINY, num_labels=3)
     model = perturb_(swinv2_fast.Swinv2ForImageClassification(config)).train().set_attn_implementation("triton")
+    model.to(DEVICE)
     checkpointed = copy.deepcopy(model)
     checkpointed.gradient_checkpointing_enable()
-    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    x, labels = torch.randn(2, 3, 32, 32, device=DEVICE), torch.tensor([1, 2], device=DEVICE)
     loss, g = _train_step(model, x, labels)
     loss_ckpt, g_ckpt = _train_step(checkpointed, x, labels)
     assert torch.equal(loss, loss_ckpt)
     for key in g:
         assert torch.equal(g[key], g_ckpt[key]), key
-
-
-def test_which_calls_the_fused_backward_serves_on_a_gpu():
-    """The rule behind "auto" and "triton" on CUDA tensors (checked here on CPU tensors, where the rule is
-    the same function): fp64 never; fp32 with gradients for head_dim 16/32; fp16/bf16 always."""
-    from swinv2_fast import functional
-
-    def serves(dtype, head_dim, grad):
-        qkv = torch.zeros(1, 4, 3 * head_dim, dtype=dtype, requires_grad=grad)
-        return functional._fused_serves(qkv, 1, (qkv,))
-
-    assert not serves(torch.float64, 32, False)
-    assert serves(torch.float32, 128, False) and serves(torch.float32, 32, True)
-    assert not serves(torch.float32, 64, True) and not serves(torch.float32, 128, True)
-    assert serves(torch.float16, 128, True) and serves(torch.bfloat16, 64, True)
-    with torch.no_grad():
-        assert serves(torch.float32, 128, True)  # no gradient will be asked for
