@@ -88,14 +88,12 @@ def resolve_pretrained_directory(name_or_path, *, subfolder: str = "", revision:
     else:
         if os.path.isfile(name):
             raise FileNotFoundError(f"{name!r} is a file; from_pretrained expects {_DIRECTORY_FORM}")
-        directory = _cached_snapshot(name, revision=revision, cache_dir=cache_dir)
+        directory, why = _cached_snapshot(name, revision=revision, cache_dir=cache_dir)
         if directory is None:
             raise FileNotFoundError(
                 f"{name!r} is not a directory. swinv2_fast loads local directories only ({_DIRECTORY_FORM}) "
-                "and never downloads; a hub id is read only from huggingface_hub's local cache, which has no "
-                f"snapshot of {name!r}"
-                + (f" at revision {revision!r}" if revision else "")
-                + ". Download it first (huggingface_hub.snapshot_download(repo_id) or transformers' "
+                f"and never downloads; a hub id is read only from huggingface_hub's local cache: {why}. "
+                "Download it first (huggingface_hub.snapshot_download(repo_id) or transformers' "
                 "from_pretrained), or pass the directory."
             )
     if subfolder:
@@ -105,21 +103,22 @@ def resolve_pretrained_directory(name_or_path, *, subfolder: str = "", revision:
     return directory
 
 
-def _cached_snapshot(repo_id: str, revision: Optional[str], cache_dir: Optional[str]) -> Optional[str]:
-    """huggingface_hub's cached snapshot folder of `repo_id`, or None (not installed, not an id, not cached)."""
+def _cached_snapshot(repo_id: str, revision: Optional[str], cache_dir: Optional[str]):
+    """(huggingface_hub's cached snapshot folder of `repo_id`, None) or (None, why there is none)."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.utils import validate_repo_id
     except ImportError:
-        return None
+        return None, "huggingface_hub is not installed"
     try:
         validate_repo_id(repo_id)
-    except Exception:  # huggingface_hub's HFValidationError: not a hub id, so not in the cache
-        return None
+    except Exception:  # huggingface_hub's HFValidationError
+        return None, f"{repo_id!r} is not a hub id either"
     try:
-        return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True), None
     except Exception:  # LocalEntryNotFoundError and relatives: not cached (nothing is downloaded here)
-        return None
+        return None, (f"it holds no snapshot of {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+                      + f" (cache: {cache_dir or 'the default'})")
 
 
 def rename_legacy_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

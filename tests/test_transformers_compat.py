@@ -216,6 +216,9 @@ def test_hub_id_outside_the_cache_is_a_clear_error(tmp_path):
                                                 r"save_pretrained: config\.json beside model\.safetensors"):
         swinv2_fast.Swinv2ForImageClassification.from_pretrained("microsoft/swinv2-tiny-patch4-window8-256",
                                                                  cache_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"'no/such/directory' is not a directory.* huggingface_hub's local cache: "
+                                                r"'no/such/directory' is not a hub id either"):
+        swinv2_fast.Swinv2ForImageClassification.from_pretrained("no/such/directory")
 
 
 def test_hub_id_in_the_local_cache_loads(hf_directory, tmp_path):
