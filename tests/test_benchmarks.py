@@ -1,4 +1,5 @@
-"""The benchmark harness cannot rot: one tiny case of every CPU provider, the CSV and the chart."""
+"""The benchmark harness cannot rot: one tiny case of every CPU provider, the transformers chain against the
+reference, the presets' plans, compiled-case fallbacks reported as failures, run ids, the CSV and the chart."""
 import os
 import sys
 
@@ -31,10 +32,65 @@ def test_interpreter_is_refused(monkeypatch):
 @pytest.mark.parametrize("provider", cases.providers_for(CPU, "op"))
 def test_every_cpu_op_provider_runs_and_agrees(provider, mode):
     fn = cases.op_case(provider, TINY_OP, 1, torch.float32, mode, CPU)
-    expected = cases.op_case("eager", TINY_OP, 1, torch.float32, mode, CPU)()
+    expected = cases.op_case("sdpa", TINY_OP, 1, torch.float32, mode, CPU)()
     timing = harness.time_call(fn, CPU, rounds=2, warmup=1)
     assert 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms
     torch.testing.assert_close(fn().detach(), expected.detach(), atol=1e-5, rtol=0)  # same math, fp32
+
+
+@pytest.mark.parametrize("shape", [cases.OpShape("pad-w4", (6, 7), 32, 2, 4), cases.OpShape("w4", (8, 8), 32, 2, 4),
+                                   cases.OpShape("pad-w3", (7, 5), 16, 1, 3)], ids=lambda s: s.name)
+def test_transformers_chain_is_transformers_and_the_reference(shape):
+    """The op baseline is the chain transformers runs: on a Swinv2Layer's own attention (same q/k/v weights,
+    CPB MLP) it gives the layer's attention output, and it equals the package's reference (mask -200, pad
+    then roll), forward and every gradient, in fp64."""
+    import transformers
+
+    inputs = cases.op_inputs(shape, 2, torch.float64, CPU, True)
+    qkv, qkv_bias, logit_scale, table = inputs
+    chain = cases.op_function("transformers-chain", shape, inputs)
+    sdpa = cases.op_function("sdpa", shape, inputs)
+    out = chain(qkv)
+    torch.testing.assert_close(out, sdpa(qkv), atol=1e-10, rtol=0)
+    leaves = [qkv, logit_scale, table]
+    for a, b in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(sdpa(qkv).sum(), leaves)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    # against transformers' own layer: hidden states x, q/k/v from its Linear layers, bias from its MLP
+    config = transformers.Swinv2Config(window_size=shape.window, embed_dim=shape.channels, depths=[1],
+                                       num_heads=[shape.heads])
+    layer = transformers.models.swinv2.modeling_swinv2.Swinv2Layer(
+        config, dim=shape.channels, input_resolution=shape.grid, num_heads=shape.heads,
+        shift_size=shape.shift).double()
+    attn = layer.attention.self
+    x = torch.randn(2, shape.grid[0] * shape.grid[1], shape.channels, dtype=torch.float64)
+    projected = torch.cat([attn.query(x), attn.key(x), attn.value(x)], dim=-1).detach()
+    bias = torch.cat([attn.query.bias, torch.zeros_like(attn.query.bias), attn.value.bias]).detach()
+    mlp_table = attn.continuous_position_bias_mlp(attn.relative_coords_table).view(-1, shape.heads).detach()
+    own = cases.op_function("transformers-chain", shape, (projected, bias, torch.nn.Parameter(
+        attn.logit_scale.detach().clone()), torch.nn.Parameter(mlp_table)))
+    with torch.no_grad():
+        expected = _transformers_layer_attention(layer, x, shape)
+        torch.testing.assert_close(own(projected), expected, atol=1e-10, rtol=0)
+
+
+def _transformers_layer_attention(layer, x, shape):
+    """Swinv2Layer.forward up to the attention output (before its output projection and norm): the layer's
+    forward with attention.output replaced by the identity and layernorm_before by a hook capturing its input."""
+    captured = {}
+    handle = layer.layernorm_before.register_forward_hook(lambda m, inp, out: captured.setdefault("x", inp[0]))
+    saved = layer.attention.output
+    layer.attention.output = _Identity()
+    try:
+        layer(x, shape.grid)
+    finally:
+        layer.attention.output = saved
+        handle.remove()
+    return captured["x"]
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, hidden_states, input_tensor=None):
+        return hidden_states
 
 
 def test_triton_provider_needs_a_gpu():
@@ -63,16 +119,43 @@ def test_cpu_linear_comparison_runs(capsys):
 def test_rows_csv_and_chart(tmp_path):
     timing = harness.Timing(2.0, 1.5, 2.5, 3.0)
     rows = [harness.make_row(CPU, "model", "SwinV2-T 32 w4", p, "inference", torch.float32, 2, timing, 1000.0,
-                             "img/s") for p in ("swinv2_fast", "transformers")]
+                             "img/s", run_id="run-a") for p in ("swinv2_fast", "transformers")]
     path = str(tmp_path / "results.csv")
     harness.append_rows(rows, path)
     harness.append_rows(rows[:1], path)
     read = harness.read_rows(path)
     assert [r["provider"] for r in read] == ["swinv2_fast", "transformers", "swinv2_fast"]
     assert set(read[0]) == set(harness.COLUMNS) and float(read[0]["median_ms"]) == 2.0
+    assert read[0]["run_id"] == "run-a" and read[0]["note"] == "noisy"  # p80/p20 = 2.5/1.5
     charts = plot.plot(path)
     assert len(charts) == 1 and os.path.getsize(charts[0]) > 0
-    assert "x 1.00 vs transformers".replace(" ", "") in "".join(main.ratio_table(rows)).replace(" ", "")
+    table = "".join(main.ratio_table(rows)).replace(" ", "")
+    assert "x1.00vstransformers" in table and "NOISYRUN" in table
+
+
+def test_chart_draws_one_run(tmp_path):
+    """Two runs in one CSV: the chart draws the latest (or the one asked for), never a mix."""
+    path = str(tmp_path / "results.csv")
+    for run, ms in (("run-old", 4.0), ("run-new", 2.0)):
+        harness.append_rows([harness.make_row(CPU, "model", "M", p, "inference", torch.float32, 2,
+                                              harness.Timing(ms, ms, ms, 1.0), 2 / ms, "img/s", run_id=run)
+                             for p in ("swinv2_fast", "transformers")], path)
+    rows = harness.read_rows(path)
+    assert {r["run_id"] for r in plot.run_of(rows)} == {"run-new"}
+    assert {r["run_id"] for r in plot.run_of(rows, "run-old")} == {"run-old"}
+
+
+def test_old_csv_gets_the_new_columns(tmp_path):
+    """A CSV written before run_id/note existed is rewritten once with today's header."""
+    path = tmp_path / "results.csv"
+    old_columns = [c for c in harness.COLUMNS if c not in ("run_id", "note")]
+    path.write_text(",".join(old_columns) + "\n" + ",".join("1" if c in ("batch",) else "abc1234" if c == "git_sha"
+                                                             else "0" for c in old_columns) + "\n")
+    row = harness.make_row(CPU, "op", "c", "sdpa", "forward", torch.float32, 1, harness.Timing(1, 1, 1, 0), 1.0,
+                           "GB/s", run_id="run-x")
+    harness.append_rows([row], str(path))
+    read = harness.read_rows(str(path))
+    assert [r["run_id"] for r in read] == ["legacy-abc1234", "run-x"]
 
 
 def test_main_rejects_bad_options():
@@ -80,3 +163,73 @@ def test_main_rejects_bad_options():
         main.parse_args(["--op-shapes", "no-such-shape"])
     with pytest.raises(SystemExit):
         main.parse_args(["--rounds", "0"])
+    with pytest.raises(SystemExit):
+        main.parse_args(["--budget", "0"])
+
+
+def test_results_go_to_the_untracked_folder_unless_asked():
+    assert main.parse_args([]).csv.startswith(main.LOCAL_RESULTS_DIR)
+    assert main.parse_args(["--commit-results"]).csv == harness.RESULTS_CSV
+    assert main.parse_args(["--out-dir", "/tmp/x"]).csv == os.path.join("/tmp/x", "results.csv")
+
+
+def test_gpu_preset_plan(capsys):
+    """The GPU preset: the fused op against the transformers chain first, compiled cases last, at most 7
+    builds, every provider and shape the issue asks for; --dry-run prints it with an estimate."""
+    args = main.parse_args(["--preset", "gpu", "--dry-run"])
+    items = main.sweep_plan(args)
+    assert [i["provider"] for i in items[:2]] == ["transformers-chain", "triton"]
+    compiled = [n for n, i in enumerate(items) if i["compiled"]]
+    assert len(compiled) == 7 and compiled == list(range(len(items) - 7, len(items)))
+    ops = {(i["shape"], i["provider"], i["mode"], str(i["dtype"])) for i in items if i["level"] == "op"}
+    for shape in main.GPU_OP_SHAPES:
+        for provider in ("transformers-chain", "sdpa", "triton"):
+            for mode in cases.OP_MODES:
+                assert {(shape, provider, mode, "torch.float32"), (shape, provider, mode, "torch.bfloat16")} <= ops
+    assert {(i["shape"], i["mode"]) for i in items if i["provider"] == "compile"} == {
+        (s, m) for s in ("tiny-w8-256", "base-w16-256") for m in cases.OP_MODES}
+    assert all(str(i["dtype"]) == "torch.bfloat16" for i in items if i["compiled"])
+    models = {(i["variant"], i["mode"], i["provider"], i["compiled"]) for i in items if i["level"] == "model"}
+    assert {("tiny", "train step", p, False) for p in ("swinv2_fast", "transformers", "timm")} <= models
+    assert {("tiny", "inference", p, True) for p in ("swinv2_fast", "transformers", "timm")} <= models
+    assert main.main(["--preset", "gpu", "--dry-run", "--budget", "270"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"plan: {len(items)} cases, 7 torch.compile builds, estimated ")
+
+
+def test_smoke_preset_is_the_gpu_plan_on_cpu():
+    args = main.parse_args(["--preset", "smoke"])
+    items = main.sweep_plan(args)
+    assert args.device.type == "cpu" and all(i["provider"] != "triton" for i in items)
+    assert sum(i["compiled"] for i in items) == main.MAX_COMPILE["smoke"]
+    gpu_items = [i for i in main.sweep_plan(main.parse_args(["--preset", "gpu", "--dry-run"]))
+                 if i["provider"] != "triton"]
+    assert [describe_key(i) for i in items] == [describe_key(i) for i in gpu_items if not i["compiled"]] + [
+        describe_key(i) for i in gpu_items if i["compiled"]][:main.MAX_COMPILE["smoke"]]
+
+
+def describe_key(item):
+    return (item["level"], item.get("shape") or item.get("variant"), item["mode"], item["provider"],
+            str(item["dtype"]), item["compiled"])
+
+
+def test_budget_cuts_the_least_important_cases(tmp_path):
+    args = main.parse_args(["--preset", "smoke", "--csv", str(tmp_path / "r.csv"), "--budget", "0.001"])
+    items = main.sweep_plan(args)
+    rows, cut = main.run_sweep(args, items, "run-cut", progress=False)
+    assert rows == [] and cut == items
+
+
+def test_a_compiled_case_that_falls_back_is_reported_failed(tmp_path, monkeypatch):
+    """A graph break inside a compiled op case: the row says failed and has no timing."""
+    args = main.parse_args(["--preset", "smoke", "--csv", str(tmp_path / "r.csv")])
+    item = next(i for i in main.sweep_plan(args) if i["level"] == "op" and i["compiled"])
+    original = cases.TransformersChain.forward
+
+    def breaking(self, qkv):
+        torch._dynamo.graph_break()
+        return original(self, qkv)
+
+    monkeypatch.setattr(cases.TransformersChain, "forward", breaking)
+    row = main.run_case(args, item, {}, "run-f")
+    assert row.note.startswith("failed: CompileFellBack: graph break") and row.median_ms != row.median_ms
