@@ -110,6 +110,11 @@ class TransformersChain(torch.nn.Module):
         attn.logit_scale = logit_scale
         self.grid = shape.grid
         self.register_buffer("qkv_bias", qkv_bias, persistent=False)
+        # transformers 5.18 builds the shift mask on the device; 5.17 builds it on the CPU and copies it over
+        # in every forward: each version's chain as its Swinv2Layer.forward runs it
+        import inspect
+
+        self.mask_on_device = "device" in inspect.signature(self.layer.get_attn_mask).parameters
 
     def forward(self, qkv):
         from transformers.models.swinv2.modeling_swinv2 import window_partition, window_reverse
@@ -127,7 +132,11 @@ class TransformersChain(torch.nn.Module):
         if shift > 0:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
         windows = window_partition(x, ws).view(-1, ws * ws, channels3)
-        mask = layer.get_attn_mask(height_pad, width_pad, dtype=x.dtype, device=windows.device)
+        if self.mask_on_device:
+            mask = layer.get_attn_mask(height_pad, width_pad, dtype=x.dtype, device=windows.device)
+        else:
+            mask = layer.get_attn_mask(height_pad, width_pad, dtype=x.dtype)
+            mask = mask.to(windows.device) if mask is not None else None
         out = layer.attention.self(windows, mask)[0]
         channels = out.shape[-1]
         out = window_reverse(out.view(-1, ws, ws, channels), ws, height_pad, width_pad)

@@ -76,17 +76,18 @@ KNOWN_PEAK_GBPS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0
 
 
 def peak_bandwidth_gbps(device: torch.device) -> float:
-    """The device's DRAM bandwidth in GB/s: from its memory clock and bus width (double data rate) where
-    torch reports them, else by name (KNOWN_PEAK_GBPS); NaN on CPU or an unknown device."""
+    """The device's DRAM bandwidth in GB/s: the vendor's figure for a known device name (KNOWN_PEAK_GBPS:
+    the clock CUDA reports for HBM3e parts can understate it), else from the memory clock and bus width
+    (double data rate) that torch reports; NaN on CPU or where neither is known."""
     if device.type != "cuda":
         return float("nan")
     props = torch.cuda.get_device_properties(device)
-    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
-    if clock_khz and bus_bits:
-        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
     for name, gbps in KNOWN_PEAK_GBPS.items():
         if name in props.name:
             return gbps
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
     return float("nan")
 
 

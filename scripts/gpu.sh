@@ -53,54 +53,25 @@ fail_setup() { log "SETUP FAILED: $*"; echo "setup failed: $*" > "$OUT/summary.t
 # ------------------------------------------------------------------------------------------------ setup
 log "mode: $([ "$SMOKE" = 1 ] && echo "smoke (CPU, interpreter, tiny shapes)" || echo GPU); out: $OUT; python: $PY"
 command -v "$PY" >/dev/null 2>&1 || fail_setup "no $PY"
-"$PY" - <<'EOF' || fail_setup "a package the run needs does not import (see above)"
-import importlib, sys
-missing = []
-for name in ("torch", "triton", "numpy", "transformers", "timm", "pytest", "matplotlib", "tqdm", "safetensors",
-             "setuptools"):
-    try:
-        importlib.import_module(name)
-    except Exception as error:
-        missing.append(f"{name} ({type(error).__name__}: {error})")
-if missing:
-    print("missing: " + "; ".join(missing), file=sys.stderr)
-    sys.exit(1)
-EOF
 if [ "$SMOKE" = 0 ]; then
   command -v nvidia-smi >/dev/null 2>&1 || fail_setup "no nvidia-smi: not a GPU machine (use --smoke)"
-  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
-    || fail_setup "torch sees no CUDA device (torch.cuda.is_available() is False)"
 fi
-# the project, offline (editable: the checkout's kernels/ is installed as swinv2_fast.kernels)
+# the project, offline (editable: the checkout's kernels/ is installed as swinv2_fast.kernels); needs no torch
 "$PY" -m pip install --quiet --no-deps --no-build-isolation --no-index --use-pep517 -e "$ROOT" > "$OUT/install.tmp" 2>&1 \
   || { cat "$OUT/install.tmp"; rm -f "$OUT/install.tmp"; fail_setup "pip install -e . (offline) failed"; }
 rm -f "$OUT/install.tmp"
-( cd "$OUT" && "$PY" -c "import swinv2_fast, swinv2_fast.functional as f, os, sys; \
-  sys.exit(0 if os.path.dirname(swinv2_fast.__file__) == os.path.join('$ROOT', 'swinv2_fast') else 1)" ) \
-  || fail_setup "swinv2_fast does not import from this checkout after the install"
-
-{
+# one interpreter start (torch imports in seconds on the GPU machine, longer on a busy CPU): every package
+# the run needs, CUDA, swinv2_fast from this checkout; then what the run is on, into environment.txt
+(
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "mode: $([ "$SMOKE" = 1 ] && echo smoke || echo gpu)"
   echo "git: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (uncommitted changes)')"
   echo "host: $(uname -a)"
   echo "cpus: $(nproc)"
-  "$PY" - <<'EOF'
-import platform, importlib
-print("python:", platform.python_version(), platform.python_implementation())
-for name in ("torch", "triton", "numpy", "transformers", "timm", "pytest", "safetensors", "matplotlib"):
-    try:
-        print(f"{name}: {importlib.import_module(name).__version__}")
-    except Exception as error:
-        print(f"{name}: not importable ({type(error).__name__})")
-import torch
-print("cuda:", torch.version.cuda, "available:", torch.cuda.is_available())
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print(f"device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
-EOF
+  ( cd "$OUT" && SMOKE="$SMOKE" ROOT="$ROOT" "$PY" "$ROOT/benchmarks/gpu_setup_check.py" ) || exit $?
   if command -v nvidia-smi >/dev/null 2>&1; then echo; nvidia-smi 2>&1; fi
-} > "$OUT/environment.txt" 2>&1
+  true
+) > "$OUT/environment.txt" 2>&1 || { cat "$OUT/environment.txt"; fail_setup "$(grep '^SETUP:' "$OUT/environment.txt" | head -1)"; }
 log "environment recorded ($(grep -E '^(torch|triton|device):' "$OUT/environment.txt" | tr '\n' ' '))"
 
 # ------------------------------------------------------------------------------------------------ steps
