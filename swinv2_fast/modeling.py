@@ -778,7 +778,6 @@ class Swinv2PreTrainedModel(_ModelBase):
     input_modalities = "image"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Swinv2Stage"]
-    _keys_to_ignore_on_load_unexpected = None
 
     def __init__(self, config: Swinv2Config):
         # nn.Module's constructor, not transformers': that one requires its own config class and checks
