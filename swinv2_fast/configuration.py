@@ -91,6 +91,8 @@ class Swinv2Config:
 
     model_type = "swinv2"
     attribute_map = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
+    # read by transformers' pipeline() (5.17) from model.config; a local directory has no hub commit
+    _commit_hash = None
 
     def __init__(
         self,
