@@ -130,10 +130,16 @@ else:
     MODELS = {"tiny-32-w4": (cases.ModelSpec("tiny", 32, 4), dict(embed_dim=32, depths=[2, 1], num_heads=[1, 2]))}
 
 
+_BUILT = {}
+
+
 def build(model_name):
+    """Fresh copies (on DEVICE, eval) of the three models on identical weights; built once per variant (a
+    SwinV2-B's three copies take seconds to initialise on the CPU)."""
     spec, layout = MODELS[model_name]
-    models = cases.build_models(spec, layout=layout)
-    return spec, {k: m.to(DEVICE).eval() for k, m in models.items()}
+    if model_name not in _BUILT:
+        _BUILT[model_name] = cases.build_models(spec, layout=layout)
+    return spec, {k: copy.deepcopy(m).to(DEVICE).eval() for k, m in _BUILT[model_name].items()}
 
 
 def logits(name, model, x):
