@@ -127,8 +127,9 @@ def _fuzz_seed(test):
 def test_fuzz_forward_and_backward_match_the_reference(case):
     """The fused op's error against fp64 is at most LOW_PRECISION_FACTOR times PyTorch's own error in that
     dtype, plus a floor (the fp32 floor from conftest, the low-precision one for fp16), for the output and
-    every gradient. PyTorch's own error: the eager reference's in fp32; in fp16 the larger of the eager
-    reference's and the problem's sensitivity to rounding its inputs (conftest.rounding_sensitivity)."""
+    every gradient. PyTorch's own error: the larger of the eager reference's and the problem's sensitivity to
+    rounding its inputs (conftest.rounding_sensitivity), in every dtype: the sums (logit scale, table, bias)
+    can be ill-conditioned, and one eager sample lucky."""
     if case["dtype"] == torch.float32:  # output and q/k/v gradient elementwise; the rest are sums
         wh, ww = case["window"]
         windows = case["batch"] * -(-case["grid"][0] // wh) * -(-case["grid"][1] // ww)
@@ -146,10 +147,9 @@ def test_fuzz_forward_and_backward_match_the_reference(case):
     eager = _outputs_and_grads(inputs, g, "eager", kwargs)
     fused = _outputs_and_grads(inputs, g, "triton", kwargs)
     own = [_error(e, x) for e, x in zip(eager, exact)]
-    if case["dtype"] != torch.float32:
-        sensitivity = rounding_sensitivity(lambda ts: _outputs_and_grads(ts, g.double(), "eager", kwargs), inputs,
-                                           case["dtype"], _error, seed=case["seed"])
-        own = [max(o, s) for o, s in zip(own, sensitivity)]
+    sensitivity = rounding_sensitivity(lambda ts: _outputs_and_grads(ts, g.double(), "eager", kwargs), inputs,
+                                       case["dtype"], _error, seed=case["seed"])
+    own = [max(o, s) for o, s in zip(own, sensitivity)]
     # (the bias here has a non-zero k part: see test_triton_backward on the 1e12 slope of a zero k bias)
     if not case["bias"]:
         floors = floors[:2] + floors[3:]  # no bias gradient in the list
