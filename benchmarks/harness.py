@@ -210,7 +210,7 @@ def make_row(device: torch.device, level: str, case: str, provider: str, mode: s
         level=level, case=case, provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
         batch=batch, median_ms=round(timing.median_ms, 4), p20_ms=round(timing.p20_ms, 4),
         p80_ms=round(timing.p80_ms, 4), peak_mem_mib=round(timing.peak_mem_mib, 2),
-        throughput=round(throughput, 3), throughput_unit=unit, note=note,
+        throughput=float(f"{throughput:.4g}"), throughput_unit=unit, note=note,  # 4 significant digits
     )
 
 
