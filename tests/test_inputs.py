@@ -44,8 +44,10 @@ def test_bad_bool_masked_pos(model):
     ids=["heads-divide", "window-0", "heads-len", "semantics", "out-features"],
 )
 def test_bad_config(overrides, pattern):
+    """A config accepts what transformers' config accepts (some settings it cannot check alone); building a
+    model from it raises, naming the field (Swinv2Config.validate)."""
     with pytest.raises(ValueError, match=pattern):
-        swinv2_fast.Swinv2Config(**dict(CONFIGS["w8"], **overrides))
+        swinv2_fast.Swinv2Model(swinv2_fast.Swinv2Config(**dict(CONFIGS["w8"], **overrides)))
 
 
 def test_model_rejects_foreign_config():
