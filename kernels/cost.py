@@ -13,7 +13,8 @@ The reference launch (one per N). Batch 8, 4 heads of 32 channels, a 64x64 token
 cut into windows of that N, shift = window // 2, with a q/k/v bias, transformers' padding order. The host
 functions themselves (`window_attention_triton_forward` / `_backward` with every gradient asked for) are
 run on meta tensors with each `*_kernel` module global replaced by a recorder, so the grid, the launch
-arguments and the options are exactly those a GPU launch would get. Each recorded launch is specialised
+arguments and the options are exactly those a GPU launch would get (the register cap, which depends on
+the target, is recomputed for each arch with `register_cap`). Each recorded launch is specialised
 by Triton's own binder (`create_function_from_signature` with the target's backend: integers divisible by
 16 and integers equal to 1 specialised, pointers 16-byte aligned, as the JIT does at run time) and
 compiled with `triton.compile` for the target down to the cubin the runtime would load.
@@ -38,7 +39,8 @@ count times the program's threads (num_warps x 32) times the programs, over the 
 The traffic model (per launch, from the recorded arguments and the tiles):
   * HBM bytes: every tensor the kernel reads or writes, once (q/k/v, dO, statistics, the table, outputs);
   * L2-to-SM bytes: what the programs load, summed (a key block read by every query block counts once per
-    query block, the bias tile once per program that reads it);
+    query block, the bias tile once per program that reads it: per window, except in the bias-table
+    kernel, whose programs load theirs once for a group of windows);
   * FLOPs: 2 * head_dim per score and per matmul of the kernel;
   * time: max(HBM bytes / 4.8 TB/s, FLOPs / 790 TFLOP/s (16-bit dots; 67 TFLOP/s for IEEE fp32 dots),
     instructions / issue rate), the issue rate being an H200's 132 SMs x 4 schedulers x 1 warp instruction
@@ -107,8 +109,9 @@ class Cost(NamedTuple):
         t_hbm = self.hbm_bytes / HBM_BYTES_PER_S * 1e6
         t_dot = self.flops / DOT_FLOPS_PER_S[self.dtype] * 1e6
         t_issue = self.instr_per_score * self.scores / ISSUE_PER_S * 1e6
+        ratio = self.l2_bytes / self.hbm_bytes
         return (f"model {self.kernel} {self.dtype} hd{self.head_dim} N{self.n} sm_{self.arch} "
-                f"hbm_bytes={self.hbm_bytes} l2_sm_bytes={self.l2_bytes} l2_over_hbm={self.l2_bytes / self.hbm_bytes:.2f} "
+                f"hbm_bytes={self.hbm_bytes} l2_sm_bytes={self.l2_bytes} l2_over_hbm={ratio:.2f} "
                 f"flops={self.flops} warps_per_sm={self.warps_per_sm} h200_us: hbm={t_hbm:.1f} dot={t_dot:.1f} "
                 f"issue={t_issue:.1f} est={max(t_hbm, t_dot, t_issue):.1f}")
 
@@ -152,28 +155,35 @@ def reference_geometry(window: int):
                 shift_size=(window // 2, window // 2))
 
 
-def reference_launches(window: int, dtype: str, head_dim: int = COST_HEAD_DIM) -> Dict[str, Launch]:
-    """The kernels' launches of one forward and one full backward at the reference shape, on meta tensors."""
+def reference_launches(window: int, dtype: str, head_dim: int = COST_HEAD_DIM, geometry: Optional[dict] = None,
+                       bias: bool = True, pad_order: Optional[str] = None, backward: bool = True) -> Dict[str, Launch]:
+    """The kernels' launches of one forward and (with `backward`) one full backward, on meta tensors: by
+    default at the reference shape of the window (batch 8, 4 heads, a q/k/v bias, transformers' order)."""
     import torch
 
     from . import triton_window_attention as tk
     from .compile_check import _torch_dtype
+    from .reference import PAD_THEN_ROLL
 
-    geometry = reference_geometry(window)
+    geometry = dict(geometry or reference_geometry(window))
+    geometry.setdefault("num_heads", REFERENCE_HEADS)
+    geometry["pad_order"] = pad_order or PAD_THEN_ROLL
     tdt = _torch_dtype(dtype)
-    B, heads, (gh, gw) = REFERENCE_BATCH, REFERENCE_HEADS, geometry["grid_size"]
+    B, heads, (gh, gw) = REFERENCE_BATCH, geometry["num_heads"], geometry["grid_size"]
     C = heads * head_dim
     meta = dict(device="meta")
     qkv = torch.empty(B, gh * gw, 3 * C, dtype=tdt, **meta)
-    bias = torch.empty(3 * C, dtype=tdt, **meta)
+    qkv_bias = torch.empty(3 * C, dtype=tdt, **meta) if bias else None
     logit_scale = torch.empty(heads, 1, 1, **meta)
     table = torch.empty(heads, window * window, window * window, **meta)
     with recording_launches() as launches:
-        out = tk.window_attention_triton_forward(qkv, bias, logit_scale, table, **geometry)
-        tk.window_attention_triton_backward(torch.empty_like(out), qkv, bias, logit_scale, table, **geometry)
+        out = tk.window_attention_triton_forward(qkv, qkv_bias, logit_scale, table, **geometry)
+        if backward:
+            tk.window_attention_triton_backward(torch.empty_like(out), qkv, qkv_bias, logit_scale, table, **geometry)
     found = {launch.kernel: launch for launch in launches}
-    if sorted(found) != sorted(COST_KERNELS) or len(launches) != len(COST_KERNELS):
-        raise RuntimeError(f"expected one launch of each of {COST_KERNELS}, recorded {[l.kernel for l in launches]}")
+    expected = COST_KERNELS if backward else COST_KERNELS[:1]
+    if sorted(found) != sorted(expected) or len(launches) != len(expected):
+        raise RuntimeError(f"expected one launch of each of {expected}, recorded {[l.kernel for l in launches]}")
     return found
 
 
@@ -201,7 +211,13 @@ def specialise(launch: Launch, arch: int):
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    from .triton_window_attention import register_cap
+
     fn = launch.fn
+    a = dict(launch.kwargs)
+    # the register cap depends on the target: the recorded launch (meta tensors) was capped for sm_90
+    a["maxnreg"] = register_cap(a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch)
+    launch = launch._replace(kwargs=a)
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(**launch.kwargs)
@@ -235,10 +251,16 @@ def compile_launch(launch: Launch, arch: int):
     return compiled, usage, sass
 
 
-def resource_usage(usage: str) -> Tuple[int, int]:
-    """(registers, spill bytes) from `cuobjdump -res-usage`: spilled registers live in the stack frame."""
+def resource_usage(usage: str, sass: str) -> Tuple[int, int]:
+    """(registers, spill bytes): registers from `cuobjdump -res-usage`; spills are the bytes the SASS moves
+    to and from local memory (STL and LDL, per thread, each instruction once), where spilled registers
+    live. A stack frame the SASS never touches (ptxas sometimes reserves one) is not a spill."""
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
-    spills = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    spills = 0
+    for ins in parse_sass(sass):
+        if ins.opcode.split(".")[0] in ("STL", "LDL"):
+            width = re.search(r"\.(64|128|U8|S8|U16|S16)\b", ins.opcode)
+            spills += {"64": 8, "128": 16, "U8": 1, "S8": 1, "U16": 2, "S16": 2}[width.group(1)] if width else 4
     return registers, spills
 
 
@@ -381,8 +403,9 @@ def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
     elif k == "bwd_dbias":
         groups = launch.grid[2]
         hbm = tokens * rows * 4 + table + stats + groups * table // t * 4
-        l2 = wh * (nn * N * (2 * rows + 12) + nm * N * 2 * rows + N * N * t)
-        flops = scores * 2 * hd * 3
+        # each program loads its bias tile once for all the windows of its group
+        l2 = wh * (nn * N * (2 * rows + 12) + nm * N * 2 * rows) + groups * table
+        flops = scores * 2 * hd * 2  # q.k (scores and the scale gradient), dO.v
     else:
         raise ValueError(f"no traffic model for kernel {k}")
     return hbm, l2, flops
@@ -409,7 +432,7 @@ def cost_of(launch: Launch, dtype: str, arch: int) -> Cost:
     hbm, l2, flops = traffic(launch, dtype)
     try:
         compiled, usage, sass = compile_launch(launch, arch)
-        registers, spills = resource_usage(usage)
+        registers, spills = resource_usage(usage, sass)
         warps = compiled.metadata.num_warps
         shared = int(compiled.metadata.shared)
         per_program = count_executed(parse_sass(sass), LOOP_TRIPS[launch.kernel](launch.kwargs, launch.grid))

@@ -15,13 +15,22 @@ One program handles BLOCK_M query rows of one window of one image, for one head:
      reference's finite value, from each token's shift region, computed here; no mask tensor is read).
   4. Output rows are stored at the token they came from (window reverse, reverse shift and crop are the
      store's addressing); padded rows are not stored.
+
+What is compile-time. The window's height, width and N, whether it is shifted and whether the grid is
+padded (then the padding order and whether there is a q/k/v bias) are constexprs: a model has a handful of
+windows, hence a handful of specialisations, and the per-score work has no `//` or `%` on runtime values
+(the roll is undone with one conditional subtraction), no shift mask in unshifted blocks, no key masking
+when the key tile divides N, no padding checks without padding. The forward's logits are in base 2 (log2 e
+folded into the scale, a multiply-add with the bias) and compiled kernels take exp as the hardware's ex2.
+The cost of each kernel, counted from its SASS, is `compile_check --cost` (kernels/cost.py).
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -31,36 +40,80 @@ from .reference import LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair, win
 
 __all__ = ["fused_backward_supported", "window_attention_triton_forward", "window_attention_triton_backward",
            "window_attention_fused", "window_attention_fused_backward", "fused_window_attention",
-           "block_config", "KERNEL_HEAD_DIMS", "INTERPRETED"]
+           "block_config", "register_cap", "KERNEL_HEAD_DIMS", "INTERPRETED"]
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Compiled kernels take exp in fp32 as a multiply and the hardware's ex2 with subnormal results flushed to
+# zero (inline PTX, which the interpreter cannot run): tl.exp's ex2 keeps subnormals at three more
+# instructions per element. exp(x) below 2^-126 is zero for a softmax either way (its terms are summed with 1).
+_FAST_EXP = tl.constexpr(not INTERPRETED)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _window_rows(o_pos, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD: tl.constexpr):
-    """Token index, padding flag, shift region and padding index of window positions `o_pos` of window
-    (i_wy, i_wx). The padding index numbers the Hp*Wp - H*W padded positions of an image 0, 1, ..."""
+def _unroll(o_p, RS, E, SHIFTED: tl.constexpr):
+    """(o_p + RS) mod E for 0 <= o_p < E and 0 <= RS < E (the host reduces the shift): one conditional
+    subtraction instead of an integer division by a runtime extent."""
+    if SHIFTED:
+        o = o_p + RS
+        return tl.where(o >= E, o - E, o)
+    return o_p
+
+
+@triton.jit
+def _window_rows(o_pos, i_wy, i_wx, grid, WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr,
+                 PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr):
+    """[ROWS] token index, padding flag and shift region of window positions `o_pos` of window (i_wy, i_wx).
+    `grid` = (H, W, HP, WP, SH, SW, RSH, RSW): the image, the padded grid, the shift and the shift reduced
+    modulo the extent it rolls (H, W for roll-then-pad; HP, WP for pad-then-roll). The window's shape is a
+    compile-time constant, so `//` and `%` by WW are shifts or multiplications."""
+    H, W, HP, WP, SH, SW, RSH, RSW = grid
     # position in the shifted, padded grid
     o_py = i_wy * WH + o_pos // WW
     o_px = i_wx * WW + o_pos % WW
     if ROLL_THEN_PAD:
         # the grid was rolled first: padding sits at the bottom/right of the shifted grid
-        o_y = (o_py + SH) % H
-        o_x = (o_px + SW) % W
-        o_ay, o_ax = o_py, o_px
+        o_y = _unroll(o_py, RSH, H, SHIFTED)
+        o_x = _unroll(o_px, RSW, W, SHIFTED)
+        m_pad = (o_py >= H) | (o_px >= W)
     else:
         # the padded grid was rolled: undo the roll on the padded grid, then see if it is padding
-        o_y = (o_py + SH) % HP
-        o_x = (o_px + SW) % WP
-        o_ay, o_ax = o_y, o_x
-    m_pad = (o_ay >= H) | (o_ax >= W)
-    o_pad = tl.where(o_ay < H, o_ay * (WP - W) + (o_ax - W), H * (WP - W) + (o_ay - H) * WP + o_ax)
-    # shift-mask regions on the padded grid: [0, P - window), [P - window, P - shift), [P - shift, P)
-    o_ry = tl.where(SH > 0, (o_py >= HP - WH).to(tl.int32) + (o_py >= HP - SH).to(tl.int32), 0)
-    o_rx = tl.where(SW > 0, (o_px >= WP - WW).to(tl.int32) + (o_px >= WP - SW).to(tl.int32), 0)
-    return o_y * W + o_x, m_pad, o_ry * 3 + o_rx, o_pad
+        o_y = _unroll(o_py, RSH, HP, SHIFTED)
+        o_x = _unroll(o_px, RSW, WP, SHIFTED)
+        m_pad = (o_y >= H) | (o_x >= W)
+    if not PADDED:
+        m_pad = tl.zeros(o_pos.shape, dtype=tl.int1)
+    if SHIFTED:
+        # shift-mask regions on the padded grid: [0, P - window), [P - window, P - shift), [P - shift, P)
+        o_ry = (o_py >= HP - WH).to(tl.int32) + (o_py >= HP - SH).to(tl.int32)
+        o_rx = (o_px >= WP - WW).to(tl.int32) + (o_px >= WP - SW).to(tl.int32)
+        o_reg = o_ry * 3 + o_rx
+    else:
+        o_reg = tl.zeros(o_pos.shape, dtype=tl.int32)
+    return o_y * W + o_x, m_pad, o_reg
+
+
+@triton.jit
+def _padding_index(o_pos, i_wy, i_wx, grid, WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr,
+                   ROLL_THEN_PAD: tl.constexpr):
+    """[ROWS] index of padded window positions among an image's Hp*Wp - H*W padded positions 0, 1, ..."""
+    H, W, HP, WP, SH, SW, RSH, RSW = grid
+    o_ay = i_wy * WH + o_pos // WW
+    o_ax = i_wx * WW + o_pos % WW
+    if not ROLL_THEN_PAD:
+        o_ay = _unroll(o_ay, RSH, HP, SHIFTED)
+        o_ax = _unroll(o_ax, RSW, WP, SHIFTED)
+    return tl.where(o_ay < H, o_ay * (WP - W) + (o_ax - W), H * (WP - W) + (o_ay - H) * WP + o_ax)
+
+
+@triton.jit
+def _in_window(o, N: tl.constexpr, BLOCK: tl.constexpr):
+    """[BLOCK] o < N, a constant when N is a multiple of the block (then nothing is masked)."""
+    if N % BLOCK == 0:
+        return tl.full([BLOCK], 1, dtype=tl.int1)
+    return o < N
 
 
 @triton.jit
@@ -81,7 +134,8 @@ def _l2_normalize(b_x, CDT: tl.constexpr):
     """x / max(||x||, 1e-12) per row in the compute dtype, and the clamped norm max(||x||, 1e-12)."""
     b_x = b_x.to(CDT)
     b_r = tl.maximum(tl.sqrt(tl.sum(b_x * b_x, axis=1)), 1e-12)
-    return b_x / b_r[:, None], b_r
+    # one division per row, a multiply per element (within an ulp of dividing each element)
+    return b_x * (1.0 / b_r)[:, None], b_r
 
 
 @triton.jit
@@ -89,7 +143,7 @@ def _l2_normalize_backward(b_xn, b_r, b_dxn):
     """Gradient through x / max(||x||, eps): (dy - y (y . dy)) / ||x|| where the norm exceeds eps, dy / eps
     where the clamp is active (there the norm's own gradient is zero)."""
     b_proj = tl.where(b_r > 1e-12, tl.sum(b_xn * b_dxn, axis=1), 0.0)
-    return (b_dxn - b_xn * b_proj[:, None]) / b_r[:, None]
+    return (b_dxn - b_xn * b_proj[:, None]) * (1.0 / b_r)[:, None]
 
 
 @triton.jit
@@ -101,25 +155,41 @@ def _dot(a, b, FULL_DOT: tl.constexpr):
 
 
 @triton.jit
-def _scores(b_qs, b_kn, P_BIAS_H, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) logits: scaled cosine + position bias + shift mask; -inf beyond the window."""
-    b_s = _dot(b_qs, tl.trans(b_kn), FULL_DOT)
-    b_s += tl.load(P_BIAS_H + o_m[:, None] * N + o_n[None, :], mask=m_m[:, None] & m_n[None, :],
-                   other=0.0).to(b_s.dtype)
-    b_s += tl.where(o_reg_m[:, None] != o_reg_n[None, :], mask_value, 0.0)
-    return tl.where(m_n[None, :], b_s, float("-inf"))
+def _bias_tile(P_BIAS_H, o_m, o_n, m_m, m_n, N: tl.constexpr, EVEN: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] tile of one head's (N, N) position-bias table; unmasked when the tiles divide N."""
+    p_bias = P_BIAS_H + o_m[:, None] * N + o_n[None, :]
+    if EVEN:
+        return tl.load(p_bias)
+    return tl.load(p_bias, mask=m_m[:, None] & m_n[None, :], other=0.0)
 
 
 @triton.jit
-def _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_t, H, W, HP, WP, WH, WW, SH, SW, C,
-               HEAD_DIM: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, CDT: tl.constexpr):
-    """Key rows o_n of a window, for a loop over key blocks: normalised k (compute dtype), v (projection
-    dtype), [BLOCK_N, HEAD_DIM] each, and their shift-mask regions."""
-    o_tok_n, m_pad_n, o_reg_n, o_padi_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
-    b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n, o_d,
-                     stride_t, HAS_BIAS)
-    b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
-                     o_d, stride_t, HAS_BIAS)
+def _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, SHIFTED: tl.constexpr, MASK_N: tl.constexpr,
+            BIAS_SCALE: tl.constexpr = 1.0):
+    """[BLOCK_M, BLOCK_N] logits from the scaled cosines b_qk: + position bias (times BIAS_SCALE) + shift mask
+    (shifted windows only); -inf for keys beyond the window (only when the key tile does not divide N)."""
+    if BIAS_SCALE == 1.0:
+        b_s = b_qk + b_bias.to(b_qk.dtype)
+    else:
+        b_s = b_qk + b_bias.to(b_qk.dtype) * BIAS_SCALE
+    if SHIFTED:
+        b_s += tl.where(o_reg_m[:, None] != o_reg_n[None, :], mask_value, 0.0)
+    if MASK_N:
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    return b_s
+
+
+@triton.jit
+def _key_block(p_qkv, p_bias, o_n, m_n, i_wy, i_wx, o_d, stride_t, grid, C, WH: tl.constexpr, WW: tl.constexpr,
+               SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+               CDT: tl.constexpr):
+    """Key rows o_n of a window (p_qkv, p_bias: the image's projection and the bias at this head's q
+    channels): normalised k (compute dtype) and v (projection dtype), [BLOCK_N, HEAD_DIM] each, and the
+    rows' shift-mask regions [BLOCK_N]."""
+    o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_wy, i_wx, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+    # [BLOCK_N, HEAD_DIM]
+    b_k = _load_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, o_d, stride_t, HAS_BIAS)
+    b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, o_d, stride_t, HAS_BIAS)
     b_kn, b_rk = _l2_normalize(b_k, CDT)
     return b_kn, b_v, o_reg_n
 
@@ -128,83 +198,103 @@ def _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_t, H, W, 
 def _window_of(i_bw, NUM_WINDOWS, NUM_WX):
     # the image index in int64: i_b * stride_b overflows int32 for large images times large batches
     i_b, i_w = (i_bw // NUM_WINDOWS).to(tl.int64), i_bw % NUM_WINDOWS
-    return i_b, i_w, i_w // NUM_WX, i_w % NUM_WX
+    return i_b, i_w, (i_w // NUM_WX, i_w % NUM_WX)
 
 
 @triton.jit
-def _query_rows(p_qkv, QKV_BIAS, b_scale, o_m, m_m, i_wy, i_wx, i_h, o_d, stride_t, H, W, HP, WP, WH, WW, SH, SW,
-                HEAD_DIM: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, CDT: tl.constexpr,
-                DDT: tl.constexpr):
-    """Query rows o_m of a window: each row's token, padding flag and shift region, and q normalised (compute
-    dtype), its clamped norm and q times the clamped logit scale b_scale (dot dtype), [BLOCK_M, HEAD_DIM]."""
-    o_tok_m, m_pad_m, o_reg_m, o_padi_m = _window_rows(o_m, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW,
-                                                         ROLL_THEN_PAD)
-    b_q = _load_rows(p_qkv + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, o_tok_m, m_m, m_pad_m, o_d, stride_t,
-                     HAS_BIAS)
+def _query_rows(p_qkv, p_bias, b_scale, o_m, m_m, i_w2, o_d, stride_t, grid, WH: tl.constexpr, WW: tl.constexpr,
+                SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                CDT: tl.constexpr, DDT: tl.constexpr):
+    """Query rows o_m of window i_w2 = (row, column): the rows' (token, padding flag, shift region), and
+    (q normalised (compute dtype), its clamped norm, q times the clamped logit scale b_scale (dot dtype))."""
+    i_wy, i_wx = i_w2
+    o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_wy, i_wx, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+    # [BLOCK_M, HEAD_DIM]
+    b_q = _load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, o_d, stride_t, HAS_BIAS)
     b_qn, b_rq = _l2_normalize(b_q, CDT)
-    return o_tok_m, m_pad_m, o_reg_m, b_qn, b_rq, (b_qn * b_scale).to(DDT)
+    return (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, (b_qn * b_scale).to(DDT))
 
 
 @triton.jit
-def _query_block(i_bwm, i_h, QKV, QKV_BIAS, SCALE, stride_qkv_b, stride_qkv_t, H, W, HP, WP, NUM_WX, NUM_WINDOWS,
-                 WH, WW, SH, SW, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, CDT: tl.constexpr, DDT: tl.constexpr):
-    """The query side of a program over BLOCK_M rows (block i_bwm of the (image, window) pairs' row blocks)
-    for head i_h: image and window indices, channel and row offsets, row mask, each row's token, padding flag
-    and shift region, the image's projection pointer, and q normalised (compute dtype), its clamped norm and
-    q times the clamped logit scale (dot dtype), [BLOCK_M, HEAD_DIM]."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    i_b, i_w, i_wy, i_wx = _window_of(i_bwm // num_m, NUM_WINDOWS, NUM_WX)
-    o_d = tl.arange(0, HEAD_DIM)
-    o_m = (i_bwm % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
-    p_qkv = QKV + i_b * stride_qkv_b
-    o_tok_m, m_pad_m, o_reg_m, b_qn, b_rq, b_qs = _query_rows(
-        p_qkv, QKV_BIAS, tl.load(SCALE + i_h), o_m, m_m, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP, WH, WW, SH,
-        SW, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
-    return i_b, i_w, i_wy, i_wx, o_d, o_m, m_m, o_tok_m, m_pad_m, o_reg_m, p_qkv, b_qn, b_rq, b_qs
+def _exp2(x):
+    """2^x, elementwise; see _FAST_EXP."""
+    if _FAST_EXP:
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+    return tl.exp2(x)
 
 
 @triton.jit
-def _online_softmax_step(b_s, b_m):
-    """One key block of an online softmax over rows of scores b_s: the new row max, the factor rescaling
-    what was summed under the old max, and exp(S - new max)."""
+def _exp(x):
+    """exp(x), elementwise; see _FAST_EXP."""
+    return _exp2(x * LOG2E)
+
+
+@triton.jit
+def _online_softmax_step(b_s, b_m, BASE2: tl.constexpr):
+    """One key block of an online softmax over rows of scores b_s (natural logits, or logits times log2(e)
+    with BASE2): the new row max, the factor rescaling what was summed under the old max, and
+    exp(S - new max)."""
     b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-    return b_m_new, tl.exp(b_m - b_m_new), tl.exp(b_s - b_m_new[:, None])
+    if BASE2:
+        return b_m_new, _exp2(b_m - b_m_new), _exp2(b_s - b_m_new[:, None])
+    return b_m_new, _exp(b_m - b_m_new), _exp(b_s - b_m_new[:, None])
 
 
 @triton.jit
 def _window_attention_fwd_kernel(
     QKV, QKV_BIAS, SCALE, POSITION_BIAS, OUT,
     stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS,
     mask_value,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
+    """The output rows of BLOCK_M query rows of one window, one head: program (row block of an (image,
+    window) pair, head). The window (WH x WW = N tokens) and whether it is shifted or padded are
+    compile-time constants: a model has a handful of windows, hence a handful of specialisations."""
+    tl.static_assert(N == WH * WW)
     CDT: tl.constexpr = SCALE.dtype.element_ty  # compute dtype: fp32 (fp64 for fp64 inputs)
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty  # dot operand dtype
+    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
     i_bwm, i_h = tl.program_id(0), tl.program_id(1)
-    i_b, i_w, i_wy, i_wx, o_d, o_m, m_m, o_tok_m, m_pad_m, o_reg_m, p_qkv, b_qn, b_rq, b_qs = _query_block(
-        i_bwm, i_h, QKV, QKV_BIAS, SCALE, stride_qkv_b, stride_qkv_t, H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH,
-        SW, N, HEAD_DIM, BLOCK_M, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
+    i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    o_d = tl.arange(0, HEAD_DIM)
+    o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = _in_window(o_m, N, BLOCK_M)
+    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    # the forward's logits are in base 2: log2(e) folds into the scale (q), a multiply-add with the bias and
+    # the mask value, and the softmax takes 2^x (the backward keeps natural logits)
+    (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
+        p_qkv, p_bias, tl.load(SCALE + i_h) * LOG2E, o_m, m_m, i_w2, o_d, stride_qkv_t, grid, WH, WW, SHIFTED,
+        PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
 
+    # [BLOCK_M]
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
     b_l = tl.zeros([BLOCK_M], dtype=CDT)
+    # [BLOCK_M, HEAD_DIM]
     b_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < N
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP,
-                                        WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
+        m_n = _in_window(o_n, N, BLOCK_N)
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], o_d, stride_qkv_t, grid, C, WH,
+                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
         # [BLOCK_M, BLOCK_N]
-        b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
-        b_m, b_alpha, b_p = _online_softmax_step(b_s, b_m)
+        b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
+                      mask_value * LOG2E, SHIFTED, MASK_N, LOG2E)
+        b_m, b_alpha, b_p = _online_softmax_step(b_s, b_m, True)
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
         b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(DDT), b_v.to(DDT), FULL_DOT)
 
-    b_out = b_acc / b_l[:, None]
+    b_out = b_acc * (1.0 / b_l)[:, None]
     p_out = OUT + i_b * stride_out_b + o_tok_m[:, None] * stride_out_t + i_h * HEAD_DIM + o_d[None, :]
     tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=(m_m & ~m_pad_m)[:, None])
 
@@ -213,10 +303,11 @@ def _window_attention_fwd_kernel(
 def _window_attention_bwd_stats_kernel(
     QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA,
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L,
     mask_value,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     """The first backward kernel, for the query rows of one window block: the softmax statistics (row max,
     log row sum) into STATS, and delta[b, t, h] = sum_j P_ij dP_ij in token layout, the softmax backward's
@@ -229,27 +320,42 @@ def _window_attention_bwd_stats_kernel(
     the exact gradient), would not cancel. delta is summed over the row of P * dP rather than taken as
     rowsum(dO * O): O was rounded to the projection's dtype when stored, so an fp16 O would put its rounding
     into every gradient."""
+    tl.static_assert(N == WH * WW)
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
     i_bwm, i_h = tl.program_id(0), tl.program_id(1)
-    i_b, i_w, i_wy, i_wx, o_d, o_m, m_m, o_tok_m, m_pad_m, o_reg_m, p_qkv, b_qn, b_rq, b_qs = _query_block(
-        i_bwm, i_h, QKV, QKV_BIAS, SCALE, stride_qkv_b, stride_qkv_t, H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH,
-        SW, N, HEAD_DIM, BLOCK_M, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
+    i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    o_d = tl.arange(0, HEAD_DIM)
+    o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = _in_window(o_m, N, BLOCK_M)
+    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
+        p_qkv, p_bias, tl.load(SCALE + i_h), o_m, m_m, i_w2, o_d, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED,
+        ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
+    # [BLOCK_M, HEAD_DIM]
     b_do = tl.load(DOUT + i_b * stride_do_b + o_tok_m[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
                    mask=m_real_m[:, None], other=0.0).to(DDT)
-    # online softmax as in the forward, with sum_j exp(S_ij - m_i) dP_ij carried beside the row sum
+    # online softmax as in the forward, with sum_j exp(S_ij - m_i) dP_ij carried beside the row sum; [BLOCK_M]
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
     b_l = tl.zeros([BLOCK_M], dtype=CDT)
     b_pdp = tl.zeros([BLOCK_M], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < N
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP,
-                                        WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
-        b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
-        b_m, b_alpha, b_e = _online_softmax_step(b_s, b_m)
+        m_n = _in_window(o_n, N, BLOCK_N)
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], o_d, stride_qkv_t, grid, C, WH,
+                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
+        # [BLOCK_M, BLOCK_N]
+        b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
+                      mask_value, SHIFTED, MASK_N)
+        b_m, b_alpha, b_e = _online_softmax_step(b_s, b_m, False)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
         b_l = b_l * b_alpha + tl.sum(b_e, axis=1)
         b_pdp = b_pdp * b_alpha + tl.sum(b_e * b_dp, axis=1)
@@ -262,61 +368,82 @@ def _window_attention_bwd_stats_kernel(
 
 
 @triton.jit
-def _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS):
-    """Row max and log row sum of the forward's softmax for window rows o_m."""
+def _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N: tl.constexpr, NUM_WINDOWS, NUM_HEADS):
+    """Row max and log row sum of the forward's softmax for window rows o_m; [BLOCK_M] each."""
     p_stats = STATS + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
     return tl.load(p_stats, mask=m_m, other=0.0), tl.load(p_stats + 1, mask=m_m, other=0.0)
 
 
 @triton.jit
-def _probs(b_s, b_rmax, b_logl, m_m):
-    """P recomputed from the saved statistics; zero for rows beyond the window."""
-    return tl.where(m_m[:, None], tl.exp((b_s - b_rmax[:, None]) - b_logl[:, None]), 0.0)
+def _probs(b_s, b_rmax, b_logl, m_m, MASK_M: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] P recomputed from the saved statistics; zero for rows beyond the window."""
+    b_p = _exp((b_s - b_rmax[:, None]) - b_logl[:, None])
+    if MASK_M:
+        b_p = tl.where(m_m[:, None], b_p, 0.0)
+    return b_p
 
 
 @triton.jit
 def _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real, o_tok, o_d, stride_do_b, stride_do_t,
-                      L, N, NUM_WINDOWS, NUM_HEADS, HEAD_DIM: tl.constexpr):
-    """dO rows (zero for padded and out-of-window rows, which have no output), softmax statistics, delta."""
+                      L, N: tl.constexpr, NUM_WINDOWS, NUM_HEADS, HEAD_DIM: tl.constexpr):
+    """dO rows [BLOCK_M, HEAD_DIM] (zero for padded and out-of-window rows, which have no output), and the
+    softmax statistics and delta [BLOCK_M]."""
     b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
                    mask=m_real[:, None], other=0.0)
     b_rmax, b_logl = _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS)
     b_delta = tl.load(DELTA + i_b * L * NUM_HEADS + o_tok * NUM_HEADS + i_h, mask=m_real, other=0.0)
-    return b_do, b_rmax, b_logl, b_delta
+    return b_do, (b_rmax, b_logl), b_delta
 
 
 @triton.jit
 def _window_attention_bwd_dq_kernel(
     QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DQKV,
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L,
     mask_value,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     """dq for BLOCK_M query rows of one window and head; padded query rows have no output, hence no dq."""
+    tl.static_assert(N == WH * WW)
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    MASK_M: tl.constexpr = N % BLOCK_M != 0
     i_bwm, i_h = tl.program_id(0), tl.program_id(1)
-    i_b, i_w, i_wy, i_wx, o_d, o_m, m_m, o_tok_m, m_pad_m, o_reg_m, p_qkv, b_qn, b_rq, b_qs = _query_block(
-        i_bwm, i_h, QKV, QKV_BIAS, SCALE, stride_qkv_b, stride_qkv_t, H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH,
-        SW, N, HEAD_DIM, BLOCK_M, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
-    m_real_m = m_m & ~m_pad_m
+    i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    o_d = tl.arange(0, HEAD_DIM)
+    o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = _in_window(o_m, N, BLOCK_M)
+    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
     b_scale = tl.load(SCALE + i_h)
-    b_do, b_rmax, b_logl, b_delta = _load_query_grads(
+    (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
+        p_qkv, p_bias, b_scale, o_m, m_m, i_w2, o_d, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
+        HAS_BIAS, CDT, DDT)
+    m_real_m = m_m & ~m_pad_m
+    b_do, (b_rmax, b_logl), b_delta = _load_query_grads(
         DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d, stride_do_b, stride_do_t, L, N,
         NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
     b_do = b_do.to(DDT)
+    # [BLOCK_M, HEAD_DIM]
     b_dqs = tl.zeros([BLOCK_M, HEAD_DIM], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < N
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP,
-                                        WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
+        m_n = _in_window(o_n, N, BLOCK_N)
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], o_d, stride_qkv_t, grid, C, WH,
+                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
         b_kn = b_kn.to(DDT)
-        b_s = _scores(b_qs, b_kn, p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
-        b_p = _probs(b_s, b_rmax, b_logl, m_m)
+        # [BLOCK_M, BLOCK_N]
+        b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
+                      mask_value, SHIFTED, MASK_N)
+        b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dqs += _dot(b_ds.to(DDT), b_kn, FULL_DOT)
@@ -329,30 +456,36 @@ def _window_attention_bwd_dq_kernel(
 def _window_attention_bwd_dkdv_kernel(
     QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DQKV, DPAD,
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L, NUM_PAD,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L, NUM_PAD,
     mask_value,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     """dk and dv for BLOCK_N key rows of one window and head. Every token is a key of exactly one window,
     so rows are stored, not accumulated; with a bias, padded key rows go to their own slot of DPAD
     (B, NUM_PAD, 2C: dk then dv), which the host sums into the k/v bias gradients."""
+    tl.static_assert(N == WH * WW)
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    NUM_N: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    MASK_M: tl.constexpr = N % BLOCK_M != 0
     i_bwn, i_h = tl.program_id(0), tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    i_b, i_w, i_wy, i_wx = _window_of(i_bwn // num_n, NUM_WINDOWS, NUM_WX)
+    i_b, i_w, i_w2 = _window_of(i_bwn // NUM_N, NUM_WINDOWS, NUM_WX)
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
     o_d = tl.arange(0, HEAD_DIM)
-    o_n = (i_bwn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    o_tok_n, m_pad_n, o_reg_n, o_pad_n = _window_rows(o_n, i_wy, i_wx, H, W, HP, WP, WH, WW, SH, SW, ROLL_THEN_PAD)
+    o_n = (i_bwn % NUM_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = _in_window(o_n, N, BLOCK_N)
+    o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
 
-    p_qkv = QKV + i_b * stride_qkv_b
+    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
     b_scale = tl.load(SCALE + i_h)
-    b_k = _load_rows(p_qkv + C + i_h * HEAD_DIM, QKV_BIAS + C + i_h * HEAD_DIM, o_tok_n, m_n, m_pad_n,
-                     o_d, stride_qkv_t, HAS_BIAS)
-    b_v = _load_rows(p_qkv + 2 * C + i_h * HEAD_DIM, QKV_BIAS + 2 * C + i_h * HEAD_DIM, o_tok_n, m_n,
-                     m_pad_n, o_d, stride_qkv_t, HAS_BIAS).to(DDT)
+    # [BLOCK_N, HEAD_DIM]
+    b_k = _load_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
+    b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, o_d, stride_qkv_t, HAS_BIAS).to(DDT)
     b_kn, b_rk = _l2_normalize(b_k, CDT)
     b_kn_d = b_kn.to(DDT)
     b_dkn = tl.zeros([BLOCK_N, HEAD_DIM], dtype=CDT)
@@ -360,18 +493,21 @@ def _window_attention_bwd_dkdv_kernel(
     p_bias_h = POSITION_BIAS + i_h * N * N
     for start_m in range(0, N, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
-        m_m = o_m < N
-        o_tok_m, m_pad_m, o_reg_m, b_qn, b_rq, b_qs = _query_rows(
-            p_qkv, QKV_BIAS, b_scale, o_m, m_m, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP, WH, WW, SH, SW,
-            HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
+        m_m = _in_window(o_m, N, BLOCK_M)
+        (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
+            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, o_d, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
+            HAS_BIAS, CDT, DDT)
         m_real_m = m_m & ~m_pad_m
-        b_do, b_rmax, b_logl, b_delta = _load_query_grads(
+        b_do, (b_rmax, b_logl), b_delta = _load_query_grads(
             DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d, stride_do_b, stride_do_t, L, N,
             NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_do = b_do.to(DDT)
-        b_s = _scores(b_qs, b_kn_d, p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value, FULL_DOT)
+        # [BLOCK_M, BLOCK_N]
+        b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
+                      mask_value, SHIFTED, MASK_N)
         # padded rows have dO = 0 and delta = 0, hence dS = 0; rows beyond the window have no softmax
-        b_p = _probs(b_s, b_rmax, b_logl, m_m)
+        b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
         b_dv += _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
         b_dp = _dot(b_do, tl.trans(b_v), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -383,93 +519,157 @@ def _window_attention_bwd_dkdv_kernel(
     tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])
     tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])
     if HAS_BIAS:  # without a bias padded keys are constant zeros: nothing to learn there
-        m_padded_n = m_n & m_pad_n
-        p_dpad = DPAD + i_b * NUM_PAD * (2 * C) + o_pad_n[:, None] * (2 * C) + i_h * HEAD_DIM + o_d[None, :]
-        tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
-        tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
+        if PADDED:
+            o_pad_n = _padding_index(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, ROLL_THEN_PAD)
+            m_padded_n = m_n & m_pad_n
+            p_dpad = DPAD + i_b * NUM_PAD * (2 * C) + o_pad_n[:, None] * (2 * C) + i_h * HEAD_DIM + o_d[None, :]
+            tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
+            tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
 
 
 @triton.jit
 def _window_attention_bwd_dbias_kernel(
     QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DBIAS, DSCALE,
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, WH, WW, SH, SW, N, C, NUM_HEADS, L, NUM_BW, WINDOWS_PER_GROUP,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L, NUM_BW, WINDOWS_PER_GROUP,
     mask_value,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     """Partial gradients of the (heads, N, N) bias table and of the scale, summed over one group of
     WINDOWS_PER_GROUP consecutive (image, window) pairs in a fixed order: DBIAS (groups, heads, N, N) and
     DSCALE (groups, heads, tiles). The host sums the groups, so the reduction is deterministic."""
+    tl.static_assert(N == WH * WW)
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    NUM_TN: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    NUM_TILES: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M * NUM_TN
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    MASK_M: tl.constexpr = N % BLOCK_M != 0
     i_tile, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    num_tn = tl.cdiv(N, BLOCK_N)
-    i_tm, i_tn = i_tile // num_tn, i_tile % num_tn
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
     o_d = tl.arange(0, HEAD_DIM)
-    o_m = i_tm * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = i_tn * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_m = o_m < N
-    m_n = o_n < N
+    o_m = (i_tile // NUM_TN) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = (i_tile % NUM_TN) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m = _in_window(o_m, N, BLOCK_M)
+    m_n = _in_window(o_n, N, BLOCK_N)
     b_scale = tl.load(SCALE + i_h)
-    p_bias_h = POSITION_BIAS + i_h * N * N
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    # [BLOCK_M, BLOCK_N]: the bias tile is the same for every window
+    b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_m, o_n, m_m, m_n, N, EVEN)
     b_dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT)
     b_dscale = tl.zeros([BLOCK_M], dtype=CDT)
     for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
-        i_b, i_w, i_wy, i_wx = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
-        p_qkv = QKV + i_b * stride_qkv_b
-        o_tok_m, m_pad_m, o_reg_m, b_qn, b_rq, b_qs = _query_rows(
-            p_qkv, QKV_BIAS, b_scale, o_m, m_m, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP, WH, WW, SH, SW,
-            HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, QKV_BIAS, o_n, m_n, i_wy, i_wx, i_h, o_d, stride_qkv_t, H, W, HP, WP,
-                                        WH, WW, SH, SW, C, HEAD_DIM, ROLL_THEN_PAD, HAS_BIAS, CDT)
+        i_b, i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
+        p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
+        (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
+            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, o_d, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
+            HAS_BIAS, CDT, DDT)
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], o_d, stride_qkv_t, grid, C, WH,
+                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
         m_real_m = m_m & ~m_pad_m
-        b_do, b_rmax, b_logl, b_delta = _load_query_grads(
+        b_do, (b_rmax, b_logl), b_delta = _load_query_grads(
             DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d, stride_do_b, stride_do_t, L, N,
             NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
-        b_s = _scores(b_qs, b_kn.to(DDT), p_bias_h, o_m, o_n, m_m, m_n, o_reg_m, o_reg_n, N, mask_value,
-                      FULL_DOT)
-        b_p = _probs(b_s, b_rmax, b_logl, m_m)
+        b_kn = b_kn.to(DDT)
+        # [BLOCK_M, BLOCK_N]
+        b_qk = _dot(b_qs, tl.trans(b_kn), FULL_DOT)  # the q.k the other backward kernels compute, bitwise
+        b_s = _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, SHIFTED, MASK_N)
+        b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
         b_dp = _dot(b_do.to(DDT), tl.trans(b_v.to(DDT)), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dbias += b_ds
         # d scale = sum dS * cos(q, k); qs . kn = scale * cos
-        b_dscale += tl.sum(b_ds * _dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), axis=1)
+        b_dscale += tl.sum(b_ds * b_qk, axis=1)
     p_dbias = DBIAS + (i_g * NUM_HEADS + i_h) * N * N + o_m[:, None] * N + o_n[None, :]
-    tl.store(p_dbias, b_dbias, mask=m_m[:, None] & m_n[None, :])
-    num_tiles = tl.cdiv(N, BLOCK_M) * num_tn
-    tl.store(DSCALE + (i_g * NUM_HEADS + i_h) * num_tiles + i_tile, tl.sum(b_dscale, axis=0) / b_scale)
+    if EVEN:
+        tl.store(p_dbias, b_dbias)
+    else:
+        tl.store(p_dbias, b_dbias, mask=m_m[:, None] & m_n[None, :])
+    tl.store(DSCALE + (i_g * NUM_HEADS + i_h) * NUM_TILES + i_tile, tl.sum(b_dscale, axis=0) / b_scale)
 
 
-# (BLOCK_M, BLOCK_N, num_warps) per head dimension, chosen with `compile_check --sweep` as the largest
-# tiles that compile without register spills for sm_80 and sm_90 (registers in the compile-check table).
-# The same tiles serve every window size: a window of N tokens takes ceil(N / BLOCK_M) query blocks and
-# streams ceil(N / BLOCK_N) key blocks; non-power-of-two N (49, 144, 576) is masked.
+# (BLOCK_M, BLOCK_N, num_warps) per head dimension, chosen with the compile check as the largest tiles that
+# compile without register spills for sm_80 and sm_90 (registers in the compile-check table). A window of N
+# tokens takes ceil(N / BLOCK_M) query blocks and streams ceil(N / BLOCK_N) key blocks; a tile that does not
+# divide N is masked. The 16-bit forward at head_dim <= 32 picks its tiles by N (_forward_tiles_16bit).
 _TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)}
 _TILES_FP32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (16, 16, 8), 128: (16, 16, 8)}
 _TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 4)}
 # The backward kernels (dq, dk/dv, bias table and scale) hold more live tiles: their own table, from the
 # same compile check. fp32 backward with head_dim 64 or 128 has no spill-free tile (IEEE fp32 dots keep
 # their operands in registers), and fp64 is a gradcheck dtype: on a GPU those go to the eager path by design
-# (`fused_backward_supported`); under the interpreter every dtype and head dim runs.
+# (`fused_backward_supported`); under the interpreter every dtype and head dim runs. The four backward
+# kernels share one tile shape: the probabilities they recompute are then bitwise the same.
 _BWD_TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 8), 64: (32, 16, 8), 128: (16, 32, 8)}
 _BWD_TILES_FP32 = {16: (32, 16, 8), 32: (16, 32, 8)}
 # Register budget per thread handed to ptxas (.maxnreg). Without it ptxas may cap 8-warp kernels at 128
-# registers and spill; 255 x 256 threads still fits one SM's 64K registers.
+# registers and spill; 255 x 256 threads still fits one SM's 64K registers. Kernels that fit in 128
+# without spilling are capped there (twice the resident warps of 255): `register_cap`.
 MAXNREG = 255
+
+
+def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
+    """Static cost report (compile_check --cost, sm_90, bf16, head_dim 32): 64-wide key tiles everywhere (one
+    key block at N <= 64); 128 query rows where they divide N (N = 256: 21 instructions per score against 23
+    with 64 rows), 64 elsewhere (less padding waste at N = 49, 144, 576)."""
+    return (128, 64, 8) if n % 128 == 0 else (64, 64, 4)
+
+
+# Tiles set by the GPU tile sweep while it times a candidate (kernels/sweep.py), then those it recorded
+# (kernels/tuned_tiles.json, read on a CUDA machine with compiled kernels only): "<dtype>/hd<head_dim>/N<n>/
+# <fwd|bwd>" -> (BLOCK_M, BLOCK_N, num_warps, maxnreg).
+TILE_OVERRIDES: Dict[str, Tuple[int, int, int, int]] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _recorded_tiles() -> Dict[str, Tuple[int, int, int, int]]:
+    if INTERPRETED or not torch.cuda.is_available():
+        return {}
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_tiles.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as fh:
+        return {key: tuple(value) for key, value in json.load(fh)["entries"].items()}
+
+
+def _tuned(n: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Optional[Tuple[int, int, int, int]]:
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype)
+    if name is None:
+        return None
+    key = f"{name}/hd{head_dim}/N{n}/{'bwd' if backward else 'fwd'}"
+    return TILE_OVERRIDES.get(key) or _recorded_tiles().get(key)
 
 
 def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for windows of n tokens, head_dim and the projection dtype, of the
-    forward kernel or of the backward kernels."""
-    del n  # one configuration per head dimension covers every window size
+    forward kernel or of the backward kernels: a tile sweep's record where there is one, else the tables."""
+    tuned = _tuned(n, head_dim, dtype, backward)
+    if tuned is not None:
+        return tuned[:3]
     if dtype == torch.float64:
         return _TILES_FP64[head_dim]
     if backward and dtype == torch.float32:
         return _BWD_TILES_FP32.get(head_dim, _TILES_FP32[head_dim])  # beyond the table: interpreter only
     if backward:
         return _BWD_TILES_16BIT[head_dim]
+    if dtype != torch.float32 and head_dim <= 32:
+        return _forward_tiles_16bit(n)
     return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[head_dim]
+
+
+def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: int = 90) -> int:
+    """ptxas's register budget per thread for the kernels of this configuration on sm_<arch>: 128 for the
+    16-bit forward with 128-row tiles on sm_90 (124 registers, no spills; 148 uncapped; sm_80 spills at 128),
+    MAXNREG elsewhere."""
+    tuned = _tuned(n, head_dim, dtype, backward)
+    if tuned is not None:
+        return tuned[3]
+    if not backward and dtype in (torch.float16, torch.bfloat16) and head_dim <= 32 and n % 128 == 0 and arch >= 90:
+        return 128
+    return MAXNREG
 
 
 def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:
@@ -480,7 +680,8 @@ def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:
 
 
 class _Geometry(NamedTuple):
-    """Runtime integers every kernel takes, derived once per call."""
+    """The integers every kernel takes, derived once per call: the window's shape (WH, WW, N) is a
+    compile-time constant of the kernels, the rest are runtime arguments."""
 
     H: int
     W: int
@@ -492,18 +693,23 @@ class _Geometry(NamedTuple):
     WW: int
     SH: int
     SW: int
+    RSH: int  # the shift modulo the extent it rolls: the kernels undo the roll with one subtraction
+    RSW: int
     N: int
     C: int
     NUM_HEADS: int
 
 
-def _geometry(qkv, grid_size, num_heads, window_size, shift_size) -> _Geometry:
+def _geometry(qkv, grid_size, num_heads, window_size, shift_size, pad_order) -> _Geometry:
     H, W = _pair(grid_size, "grid_size")
     wh, ww = _pair(window_size, "window_size")
     sh, sw = _pair(shift_size, "shift_size")
     hp, wp = -(-H // wh) * wh, -(-W // ww) * ww
+    # timm rolls the un-padded grid (H, W), transformers the padded one (HP, WP)
+    rsh, rsw = (sh % H, sw % W) if pad_order == ROLL_THEN_PAD else (sh % hp, sw % wp)
     C = qkv.shape[-1] // 3
-    return _Geometry(H, W, hp, wp, wp // ww, (hp // wh) * (wp // ww), wh, ww, sh, sw, wh * ww, C, num_heads)
+    return _Geometry(H, W, hp, wp, wp // ww, (hp // wh) * (wp // ww), wh, ww, sh, sw, rsh, rsw, wh * ww, C,
+                     num_heads)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -522,11 +728,25 @@ def _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads):
     return scale, table, bias
 
 
-def _flags(qkv, qkv_bias, pad_order, head_dim, n, backward=False):
-    block_m, block_n, num_warps = block_config(n, head_dim, qkv.dtype, backward)
-    return dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, ROLL_THEN_PAD=pad_order == ROLL_THEN_PAD,
-                HAS_BIAS=qkv_bias is not None, FULL_DOT=qkv.dtype in (torch.float32, torch.float64),
-                num_warps=num_warps, maxnreg=MAXNREG)
+def _flags(qkv, qkv_bias, pad_order, head_dim, g: _Geometry, backward=False):
+    """The kernels' compile-time flags and launch options. Without padding the padding order and the bias
+    change nothing the kernels compute (no row reads the bias), so they are not told apart: fewer
+    specialisations."""
+    block_m, block_n, num_warps = block_config(g.N, head_dim, qkv.dtype, backward)
+    padded = g.HP * g.WP != g.H * g.W
+    return dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, SHIFTED=g.SH > 0 or g.SW > 0, PADDED=padded,
+                ROLL_THEN_PAD=padded and pad_order == ROLL_THEN_PAD, HAS_BIAS=padded and qkv_bias is not None,
+                FULL_DOT=qkv.dtype in (torch.float32, torch.float64), num_warps=num_warps,
+                maxnreg=register_cap(g.N, head_dim, qkv.dtype, backward, _arch(qkv)))
+
+
+def _arch(t: torch.Tensor) -> int:
+    """The compute capability the launch compiles for (90 off CUDA: the interpreter ignores the register
+    cap, and the cost report re-caps its recorded launches per target)."""
+    if t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return 90
 
 
 def window_attention_triton_forward(
@@ -553,12 +773,12 @@ def window_attention_triton_forward(
         raise ValueError(f"the Triton kernel supports head_dim in {KERNEL_HEAD_DIMS}, got {head_dim}")
     if qkv.stride(-1) != 1:
         raise ValueError(f"qkv's last dimension must be contiguous (stride 1), got strides {qkv.stride()}")
-    g = _geometry(qkv, grid_size, num_heads, window_size, shift_size)
+    g = _geometry(qkv, grid_size, num_heads, window_size, shift_size, pad_order)
     scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
     out = torch.empty((B, L, g.C), device=qkv.device, dtype=qkv.dtype)
     if B == 0:
         return out
-    flags = _flags(qkv, qkv_bias, pad_order, head_dim, g.N)
+    flags = _flags(qkv, qkv_bias, pad_order, head_dim, g)
     grid = (B * g.NUM_WINDOWS * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)
     _window_attention_fwd_kernel[grid](
         QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, OUT=out,
@@ -574,11 +794,11 @@ def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, gr
     the launch arguments every backward kernel shares, whose STATS (B, heads, nW * N * 2: (row max, log row
     sum) pairs) and DELTA (B, H*W, heads) it has filled."""
     B, L, C3 = qkv.shape
-    g = _geometry(qkv, grid_size, num_heads, window_size, shift_size)
+    g = _geometry(qkv, grid_size, num_heads, window_size, shift_size, pad_order)
     scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    flags = _flags(qkv, qkv_bias, pad_order, C3 // 3 // num_heads, g.N, backward=True)
+    flags = _flags(qkv, qkv_bias, pad_order, C3 // 3 // num_heads, g, backward=True)
     stats = torch.empty((B, num_heads, g.NUM_WINDOWS * g.N * 2), device=qkv.device, dtype=scale.dtype)
     delta = torch.empty((B, L, num_heads), device=qkv.device, dtype=scale.dtype)
     common = dict(QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, STATS=stats,

@@ -61,6 +61,13 @@ def test_cost_line_format():
     assert c.model_line().startswith("model fwd bf16 hd32 N64 sm_90 hbm_bytes=10 l2_sm_bytes=20 l2_over_hbm=2.00 ")
 
 
+def test_spills_are_local_memory_traffic():
+    usage = "Function toy_kernel:\n  REG:152 STACK:8 SHARED:0 LOCAL:0 CONSTANT[0]:656"
+    assert cost.resource_usage(usage, SASS) == (152, 0)  # a reserved frame nothing touches is no spill
+    spilled = SASS.replace("MOV R3, RZ ;", "STL.64 [R1+0x8], R2 ;").replace("MOV R2, RZ ;", "LDL R2, [R1+0x8] ;")
+    assert cost.resource_usage(usage, spilled) == (152, 8 + 4)
+
+
 def test_resident_warps():
     # 142 registers -> 4608 per warp (rounded to 256 per warp): 14 warps fit 64K; in CTAs of 4 warps, 12
     assert cost.resident_warps(142, 1024, 4, 90) == 12
@@ -79,3 +86,52 @@ def test_cost_report_compiles_the_reference_launch():
     assert c.scores == cost.REFERENCE_BATCH * cost.REFERENCE_HEADS * 64 * 64 ** 2  # 64 windows of 64 tokens
     assert c.instr_per_score == pytest.approx(c.instr_per_program * c.num_warps * 32 * c.programs / c.scores)
     assert 0 < c.registers <= 255 and c.spill_bytes == 0
+
+
+def test_tile_sweep_times_every_candidate_and_records_the_fastest(tmp_path):
+    """The GPU sweep's plumbing, on the interpreter: each candidate is launched with its tiles (a stand-in
+    timer reads them back), the fastest is recorded per direction, and nothing stays overridden."""
+    import torch
+    from conftest import INTERPRETER
+
+    if not INTERPRETER:
+        pytest.skip("the sweep proper runs on the GPU (scripts/gpu.sh)")
+    from swinv2_fast.kernels import sweep, triton_window_attention as tk
+
+    seen = []
+
+    def timer(fn):
+        (key, config), = tk.TILE_OVERRIDES.items()
+        assert tk.block_config(16, 16, torch.float32, key.endswith("bwd")) == config[:3]
+        assert tk.register_cap(16, 16, torch.float32, key.endswith("bwd")) == config[3]
+        fn()
+        seen.append((key, config))
+        return {16: 2.0, 32: 1.0}[config[0]]  # 32-row tiles "faster"
+
+    shape = sweep.SweepShape("toy", 1, 8, 1, 16, 4)
+    candidates = {"fwd": [(16, 16, 4, 255), (32, 16, 4, 255)], "bwd": [(16, 16, 4, 255)]}
+    entries = sweep.sweep(60.0, [shape], "fp32", "cpu", timer, candidates, log=lambda *_: None)
+    assert entries == {"fp32/hd16/N16/fwd": [32, 16, 4, 255], "fp32/hd16/N16/bwd": [16, 16, 4, 255]}
+    assert [c for _, c in seen] == [(16, 16, 4, 255), (32, 16, 4, 255), (16, 16, 4, 255)]
+    assert tk.TILE_OVERRIDES == {}
+    sweep.write(entries, str(tmp_path / "tuned_tiles.json"), "cpu")
+    assert (tmp_path / "tuned_tiles.json").read_text().startswith("{")
+
+
+def test_spill_gate_geometries_cover_every_flag_combination():
+    """The gate's geometries (compile_check.GEOMETRIES, at the published windows) reach every combination of
+    the kernels' compile-time flags the host can launch; recorded from the host functions on meta tensors
+    (nothing is compiled or run)."""
+    from swinv2_fast.kernels import compile_check
+
+    flags = set()
+    for window in compile_check.WINDOW_SIZES:
+        for geometry in compile_check.GEOMETRIES:
+            spec = compile_check.Spec("bwd_dkdv", "fp32", 32, window, geometry)
+            a = compile_check.spec_launch(spec).kwargs
+            assert (a["WH"], a["WW"], a["N"]) == (window, window, window * window)
+            flags.add((a["SHIFTED"], a["PADDED"], a["ROLL_THEN_PAD"], a["HAS_BIAS"]))
+    # without padding the order and the bias are not told apart (nothing reads the bias)
+    possible = {(s, False, False, False) for s in (False, True)} | {
+        (s, True, r, b) for s in (False, True) for r in (False, True) for b in (False, True)}
+    assert flags == possible

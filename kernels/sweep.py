@@ -1,0 +1,155 @@
+"""Tile sweep on a GPU: time the candidate tile configurations at the benchmark shapes and record the fastest.
+
+    python -m swinv2_fast.kernels.sweep OUT_DIR [--budget SECONDS]    # writes OUT_DIR/tuned_tiles.json
+
+The candidates live in one table (CANDIDATES), today's defaults among them, so a pick is never slower than
+the default at the shape it was timed on. The forward and the backward are swept separately; a backward
+candidate sets the tiles of all four backward kernels together (they share one tile shape: the
+probabilities they recompute are then bitwise the same). Each configuration is timed with
+`triton.testing.do_bench` after a warm-up launch that compiles it. Shapes are swept in order until the
+budget (default 50 s) is spent; a shape is recorded only if all its candidates were timed.
+
+The result, committed as `kernels/tuned_tiles.json` (package data), is read by `block_config` and
+`register_cap` on a CUDA device (never under the interpreter, whose tests keep one fixed configuration):
+entries keyed "<dtype>/hd<head_dim>/N<n>/<fwd|bwd>" -> [BLOCK_M, BLOCK_N, num_warps, maxnreg]. Without a
+sweep on record the defaults are the best-scoring candidates of the static cost report (compile_check --cost).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+# (BLOCK_M, BLOCK_N, num_warps, maxnreg): the defaults of block_config/register_cap are among them
+CANDIDATES: Dict[str, List[Tuple[int, int, int, int]]] = {
+    "fwd": [(64, 64, 4, 255), (128, 64, 8, 128), (64, 32, 4, 255), (128, 64, 8, 255), (128, 64, 4, 255),
+            (64, 64, 8, 255)],
+    "bwd": [(64, 32, 8, 255), (64, 64, 8, 255), (64, 32, 4, 255), (32, 32, 4, 255)],
+}
+
+
+class SweepShape(NamedTuple):
+    name: str
+    batch: int
+    grid: int
+    heads: int
+    head_dim: int
+    window: int
+
+
+# stage 1 of the published models (the op benchmark's shapes; head_dim 32 throughout), most common first
+SHAPES = (
+    SweepShape("tiny-w8-256", 32, 64, 3, 32, 8),
+    SweepShape("base-w16-256", 32, 64, 4, 32, 16),
+    SweepShape("tiny-w12-192", 32, 48, 3, 32, 12),
+    SweepShape("base-w24-384", 16, 96, 4, 32, 24),
+    SweepShape("tiny-w7-224", 32, 56, 3, 32, 7),
+)
+
+
+def entry_key(dtype: str, head_dim: int, n: int, direction: str) -> str:
+    return f"{dtype}/hd{head_dim}/N{n}/{direction}"
+
+
+def _inputs(shape: SweepShape, dtype, device):
+    import torch
+
+    C = shape.heads * shape.head_dim
+    n = shape.window * shape.window
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    qkv = torch.randn(shape.batch, shape.grid * shape.grid, 3 * C, generator=gen).to(device, dtype)
+    bias = (0.1 * torch.randn(3 * C, generator=gen)).to(device, dtype)
+    logit_scale = torch.log(10 * torch.ones(shape.heads, 1, 1)).to(device)
+    table = torch.randn(shape.heads, n, n, generator=gen).to(device)
+    grad_out = torch.randn(shape.batch, shape.grid * shape.grid, C, generator=gen).to(device, dtype)
+    options = dict(grid_size=(shape.grid, shape.grid), num_heads=shape.heads,
+                   window_size=(shape.window, shape.window), shift_size=(shape.window // 2, shape.window // 2))
+    return qkv, bias, logit_scale, table, grad_out, options
+
+
+def _do_bench(fn) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25))
+
+
+def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_name: str = "bf16",
+          device: str = "cuda", timer: Callable = _do_bench, candidates=None, log=print) -> Dict[str, list]:
+    """Time every candidate of each direction at each shape until the budget is spent; the fastest per
+    (shape, direction), as entries for tuned_tiles.json."""
+    import torch
+
+    from . import triton_window_attention as tk
+    from .compile_check import _torch_dtype
+
+    candidates = candidates or CANDIDATES
+    dtype = _torch_dtype(dtype_name)
+    start = time.monotonic()
+    entries: Dict[str, list] = {}
+    for shape in shapes:
+        qkv, bias, logit_scale, table, grad_out, options = _inputs(shape, dtype, device)
+        n = shape.window * shape.window
+        runs = {
+            "fwd": lambda: tk.window_attention_triton_forward(qkv, bias, logit_scale, table, **options),
+            "bwd": lambda: tk.window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, **options),
+        }
+        for direction, fn in runs.items():
+            key = entry_key(dtype_name, shape.head_dim, n, direction)
+            times = {}
+            for config in candidates[direction]:
+                if time.monotonic() - start > budget_s:
+                    log(f"sweep: budget of {budget_s:.0f} s spent; {key} and later shapes not recorded")
+                    return entries
+                tk.TILE_OVERRIDES[key] = tuple(config)
+                try:
+                    fn()  # compiles
+                    torch.cuda.synchronize() if device == "cuda" else None
+                    times[tuple(config)] = timer(fn)
+                except Exception as exc:  # a candidate that does not compile or launch is not a pick
+                    log(f"sweep: {key} {config} failed: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
+                finally:
+                    del tk.TILE_OVERRIDES[key]
+            if not times:
+                continue
+            best = min(times, key=times.get)
+            entries[key] = list(best)
+            log(f"sweep: {shape.name} {key}: " + ", ".join(f"{c}={t * 1000:.1f}us" for c, t in times.items())
+                + f" -> {best}")
+    return entries
+
+
+def write(entries: Dict[str, list], path: str, device_name: str) -> None:
+    import triton
+
+    with open(path, "w") as fh:
+        json.dump({"device": device_name, "triton": triton.__version__, "entries": entries}, fh, indent=1,
+                  sort_keys=True)
+        fh.write("\n")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--budget", type=float, default=50.0, help="seconds of sweeping (compiles included)")
+    args = parser.parse_args(argv)
+    import torch
+
+    from .triton_window_attention import INTERPRETED
+
+    if INTERPRETED or not torch.cuda.is_available():
+        print("swinv2_fast.kernels.sweep: needs a CUDA device and compiled kernels (TRITON_INTERPRET unset); "
+              "nothing written", file=sys.stderr)
+        return 2
+    os.makedirs(args.out_dir, exist_ok=True)
+    entries = sweep(args.budget)
+    path = os.path.join(args.out_dir, "tuned_tiles.json")
+    write(entries, path, torch.cuda.get_device_name())
+    print(f"sweep: {len(entries)} entries -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
