@@ -216,7 +216,7 @@ def specialise(launch: Launch, arch: int):
     fn = launch.fn
     a = dict(launch.kwargs)
     # the register cap depends on the target: the recorded launch (meta tensors) was capped for sm_90
-    a["maxnreg"] = register_cap(a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch)
+    a["maxnreg"] = register_cap(a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch, a["PADDED"])
     launch = launch._replace(kwargs=a)
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)

@@ -660,14 +660,16 @@ def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = Fal
     return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[head_dim]
 
 
-def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: int = 90) -> int:
+def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: int = 90,
+                 padded: bool = False) -> int:
     """ptxas's register budget per thread for the kernels of this configuration on sm_<arch>: 128 for the
-    16-bit forward with 128-row tiles on sm_90 (124 registers, no spills; 148 uncapped; sm_80 spills at 128),
-    MAXNREG elsewhere."""
+    16-bit forward with 128-row tiles on sm_90 without padding (124 registers, no spills; 148 uncapped; sm_80,
+    and fp16 on a padded grid, spill at 128), MAXNREG elsewhere."""
     tuned = _tuned(n, head_dim, dtype, backward)
     if tuned is not None:
         return tuned[3]
-    if not backward and dtype in (torch.float16, torch.bfloat16) and head_dim <= 32 and n % 128 == 0 and arch >= 90:
+    if not backward and dtype in (torch.float16, torch.bfloat16) and head_dim <= 32 and n % 128 == 0 and arch >= 90 \
+            and not padded:
         return 128
     return MAXNREG
 
@@ -737,7 +739,7 @@ def _flags(qkv, qkv_bias, pad_order, head_dim, g: _Geometry, backward=False):
     return dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, SHIFTED=g.SH > 0 or g.SW > 0, PADDED=padded,
                 ROLL_THEN_PAD=padded and pad_order == ROLL_THEN_PAD, HAS_BIAS=padded and qkv_bias is not None,
                 FULL_DOT=qkv.dtype in (torch.float32, torch.float64), num_warps=num_warps,
-                maxnreg=register_cap(g.N, head_dim, qkv.dtype, backward, _arch(qkv)))
+                maxnreg=register_cap(g.N, head_dim, qkv.dtype, backward, _arch(qkv), padded))
 
 
 def _arch(t: torch.Tensor) -> int:
