@@ -12,7 +12,7 @@
 #              interpreter on CPU tensors at tiny shapes), ~2-3 min
 #   2. bench   benchmarks/main.py --preset gpu (smoke: --preset smoke), ~4 min, cases ordered by importance
 #   3. sweep   optional hook: `python -m swinv2_fast.kernels.sweep OUT_DIR` when that module exists (a short
-#              tile sweep, ~1 min; it may write one file, OUT_DIR/sweep.csv); skipped otherwise
+#              tile sweep, ~1 min; it may write one file, OUT_DIR/tuned_tiles.json); skipped otherwise
 #   4. report  OUT_DIR/summary.txt: step statuses, test pass/fail counts, every ratio, % of HBM bandwidth
 # Everything lands in OUT_DIR (the only thing that comes back from the GPU machine), at most 8 files:
 #   environment.txt  tests.log  bench.log  results.csv  <device>.png  sweep.log  [sweep.csv]  summary.txt
