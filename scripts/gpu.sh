@@ -15,7 +15,7 @@
 #              tile sweep, ~1 min; it may write one file, OUT_DIR/tuned_tiles.json); skipped otherwise
 #   4. report  OUT_DIR/summary.txt: step statuses, test pass/fail counts, every ratio, % of HBM bandwidth
 # Everything lands in OUT_DIR (the only thing that comes back from the GPU machine), at most 8 files:
-#   environment.txt  tests.log  bench.log  results.csv  <device>.png  sweep.log  [sweep.csv]  summary.txt
+#   environment.txt  tests.log  bench.log  results.csv  <device>.png  sweep.log  [tuned_tiles.json]  summary.txt
 # Budgets (seconds) can be changed with GPU_SH_BUDGET_{TOTAL,TESTS,BENCH,SWEEP}.
 set -uo pipefail
 
@@ -123,7 +123,7 @@ run_step bench "$BENCH_BUDGET" "$OUT/bench.log" \
   "$PY" benchmarks/main.py --preset "$PRESET" --out-dir "$OUT" --budget "$(( BENCH_BUDGET > 60 ? BENCH_BUDGET - 30 : BENCH_BUDGET / 2 + 1 ))"
 
 # Optional tile-sweep hook: runs only when the kernels ship a sweep module (swinv2_fast.kernels.sweep, called
-# with OUT_DIR; it must finish within its budget and write at most one file there, sweep.csv).
+# with OUT_DIR; it must finish within its budget and write at most one file there, tuned_tiles.json).
 if [ -f "$ROOT/kernels/sweep.py" ]; then  # swinv2_fast.kernels is the checkout's kernels/ folder
   [ "$SMOKE" = 1 ] && export TRITON_INTERPRET=1
   run_step sweep "$(budget_for "$B_SWEEP")" "$OUT/sweep.log" "$PY" -m swinv2_fast.kernels.sweep "$OUT"
