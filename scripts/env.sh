@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates (once) the project's virtual environment in .venv with Python 3.11 and everything the tests and
-# the main job need, then installs swinv2_fast into it in editable mode. Sourced by test.sh and main.sh.
+# Creates (once) the project's virtual environment in .venv with Python 3.11 and installs swinv2_fast into it
+# in editable mode with its `test` extra (pyproject.toml: everything the tests and the main job import), at
+# the versions requirements/test.txt pins. Sourced by test.sh and main.sh.
 # (On a machine without network, e.g. the GPU machine, use scripts/gpu.sh: it creates no venv.)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,7 +9,7 @@ VENV="${SWINV2_FAST_VENV:-$ROOT/.venv}"
 PYTHON_BIN="${PYTHON:-python3.11}"
 command -v "$PYTHON_BIN" >/dev/null 2>&1 || PYTHON_BIN=python3
 STAMP="$VENV/.swinv2_fast-requirements"
-WANT="$(cat "$ROOT/requirements/test.txt" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+WANT="$(cat "$ROOT/requirements/test.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 
 # pip's notes about the local mirror's missing folders are noise; its exit status is not (pipefail)
 _pip() {
@@ -21,9 +22,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON_BIN" -m venv "$VENV"
 fi
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
-  echo "[env] installing requirements/test.txt (torch is large: a few minutes the first time)"
-  _pip -r "$ROOT/requirements/test.txt" || { echo "[env] pip install -r requirements/test.txt failed" >&2; exit 1; }
-  _pip --no-deps -e "$ROOT" || { echo "[env] pip install -e . failed" >&2; exit 1; }
+  echo "[env] installing swinv2_fast[test] at requirements/test.txt's versions (torch is large: a few minutes the first time)"
+  # one resolution: the pins and the extra together (a pin that contradicts the extra's floors fails here)
+  _pip -r "$ROOT/requirements/test.txt" -e "$ROOT[test]" \
+    || { echo "[env] pip install -r requirements/test.txt -e .[test] failed" >&2; exit 1; }
   "$VENV/bin/python" -c "import torch, transformers, timm, swinv2_fast" || { echo "[env] install failed" >&2; exit 1; }
   echo "$WANT" > "$STAMP"
 fi
