@@ -5,8 +5,13 @@ swinv2_fast's op, in place.
     model = swinv2_fast.patch(model, "triton")       # or "eager"; the same rules as the models
     swinv2_fast.unpatch(model)                       # the original behaviour again
 
-What changes is one method per block, set on the block instance (a transformers `Swinv2Layer`'s `forward`,
-a timm `SwinTransformerV2Block`'s `_attn`); the class, the parameters, the buffers, the state-dict keys
+Supported: transformers' `Swinv2Model`, `Swinv2ForImageClassification`, `Swinv2ForMaskedImageModeling`,
+`Swinv2Backbone`, `Swin2SRModel` and `Swin2SRForImageSuperResolution`; timm's `SwinTransformerV2` and
+`SwinTransformerV2Cr` (`swinv2_*` and `swinv2_cr_*`; with a head, headless, `features_only`).
+
+What changes is one method per block, set on the block instance (a transformers `Swinv2Layer`'s or
+`Swin2SRLayer`'s `forward`, a timm `SwinTransformerV2Block`'s `_attn`, a timm `SwinTransformerV2CrBlock`'s
+`_shifted_window_attn`); the class, the parameters, the buffers, the state-dict keys
 and the hooks registered on the model's modules stay as they were, so checkpoints move freely between
 patched and unpatched models. The patched step reads the block's own parameters every call (q/k/v
 projection, logit scale, continuous-position-bias MLP, output projection), so training, `load_state_dict`
@@ -15,11 +20,16 @@ and `.to()` need nothing special. Because the step is one op, forward hooks on t
 the norms, the MLP and the blocks do. transformers' `query`, `key` and `value` are read as one GEMM while
 they are plain `nn.Linear` layers without hooks; swapped ones (PEFT's LoRA, quantized or parametrized
 layers) or hooked ones are called as modules, on the block's tokens (and, when the grid is padded, on one
-zero token: the value padded positions hold). timm computes its q/k/v from `qkv.weight` itself, as timm does.
+zero token: the value padded positions hold). timm's `SwinTransformerV2` computes its q/k/v from
+`qkv.weight` itself, as timm does; `SwinTransformerV2Cr`'s `qkv` layer is read like transformers' layers
+(one GEMM while plain, a module call otherwise).
 
 Each library keeps its own semantics: transformers pads then rolls and adds its shift mask twice (-200);
 timm rolls then pads and adds -100. `output_attentions=True` (transformers) runs the original forward,
 which forms the probabilities. Attention dropout in training goes to the eager path, as in the models.
+`SwinTransformerV2Cr` (patch_timm_cr.py): the block's own window and shift (chosen by timm from its feature
+size), its position-bias MLP called as a module (its dropout of 0.125 applies in training as in timm),
+and, by design, timm's own `_shifted_window_attn` where the fused op cannot be exact (see there).
 """
 from __future__ import annotations
 
@@ -33,11 +43,14 @@ import torch.nn.functional as F
 from .functional import IMPLEMENTATIONS, window_attention
 from .linear import is_plain_linear, project_qkv
 from .kernels.reference import PAD_THEN_ROLL, ROLL_THEN_PAD
+from .patch_timm_cr import MARK as _MARK  # on each patched block: (method name, implementation)
+from .patch_timm_cr import CR_ATTN_ATTRS, CR_BLOCK_ATTRS, cr_geometry_problems, timm_cr_shifted_window_attn
 
 __all__ = ["patch", "unpatch", "is_patched", "TESTED_VERSIONS"]
 
-TESTED_VERSIONS = {"transformers": "5.18.0", "timm": "1.0.29"}
-_MARK = "_swinv2_fast_patch"  # on each patched block: (attribute name, implementation)
+# The library versions whose module structure the patch was tested with (the package's pinned stack and the
+# GPU machine's stack); other versions are patched when their modules carry the attributes the patch reads.
+TESTED_VERSIONS = {"transformers": ("5.17.0", "5.18.0"), "timm": ("1.0.29", "1.0.31")}
 
 # Attributes the patched step reads, per library: a block without them is a structure we do not know.
 _HF_LAYER_ATTRS = ("attention", "layernorm_before", "layernorm_after", "drop_path", "intermediate", "output",
@@ -58,8 +71,8 @@ def _position_bias(mlp: nn.Module, coords_table: torch.Tensor, index: torch.Tens
 
 # ---------------------------------------------------------------------------------------------- transformers
 def _hf_layer_forward(self, hidden_states, input_dimensions, output_attentions=False):
-    """transformers' Swinv2Layer.forward with the attention step fused: pad, roll, partition, attention,
-    reverse, roll back and crop are one `window_attention` call."""
+    """transformers' Swinv2Layer.forward (and Swin2SRLayer.forward, the same layer) with the attention step
+    fused: pad, roll, partition, attention, reverse, roll back and crop are one `window_attention` call."""
     _, implementation = getattr(self, _MARK)
     if output_attentions:  # the probabilities exist only in the original chain
         return type(self).forward(self, hidden_states, input_dimensions, output_attentions)
@@ -110,6 +123,16 @@ def _timm_attn(self, x):
 
 
 # ------------------------------------------------------------------------------------------------- discovery
+def _tested(library: str) -> str:
+    """"timm 1.0.29 and 1.0.31": the versions named in errors."""
+    return f"{library} {' and '.join(TESTED_VERSIONS[library])}"
+
+
+_ACCEPTED = ("a transformers Swinv2 model (Swinv2Model, Swinv2ForImageClassification, Swinv2ForMaskedImageModeling, "
+             "Swinv2Backbone), a transformers Swin2SR model (Swin2SRModel, Swin2SRForImageSuperResolution), or a "
+             "timm SwinTransformerV2 or SwinTransformerV2Cr (also features_only)")
+
+
 def _library_blocks(model: nn.Module):
     """("transformers" | "timm", [blocks]) for a supported model; raises TypeError otherwise."""
     from .modeling import Swinv2PreTrainedModel as OurModel
@@ -117,26 +140,60 @@ def _library_blocks(model: nn.Module):
     if isinstance(model, OurModel):
         raise TypeError("patch() takes transformers or timm models; a swinv2_fast model chooses its path with "
                         "model.set_attn_implementation(name)")
+    for models, layer in _transformers_families():
+        if isinstance(model, models):
+            return "transformers", [m for m in model.modules() if isinstance(m, layer)]
     try:
-        from transformers.models.swinv2 import modeling_swinv2 as hf
-    except ImportError:
-        hf = None
-    if hf is not None and isinstance(model, hf.Swinv2PreTrainedModel):
-        return "transformers", [m for m in model.modules() if isinstance(m, hf.Swinv2Layer)]
-    try:
-        from timm.models import swin_transformer_v2 as timm_swin
         from timm.models._features import FeatureDictNet
     except ImportError:
-        timm_swin = None
-    if timm_swin is not None:
-        blocks = [m for m in model.modules() if isinstance(m, timm_swin.SwinTransformerV2Block)]
-        if isinstance(model, timm_swin.SwinTransformerV2) or (isinstance(model, FeatureDictNet) and blocks):
+        FeatureDictNet = None
+    for models, block in _timm_families():
+        blocks = [m for m in model.modules() if isinstance(m, block)]
+        if isinstance(model, models) or (FeatureDictNet is not None and isinstance(model, FeatureDictNet) and blocks):
             return "timm", blocks
-    raise TypeError(
-        "patch() accepts a transformers Swinv2 model (Swinv2Model, Swinv2ForImageClassification, "
-        "Swinv2ForMaskedImageModeling, Swinv2Backbone) or a timm SwinTransformerV2 (also features_only); "
-        f"got {type(model).__module__}.{type(model).__qualname__}"
-    )
+    raise TypeError(f"patch() accepts {_ACCEPTED}; got {type(model).__module__}.{type(model).__qualname__}")
+
+
+def _transformers_families():
+    """(model base class, block class) of each transformers family this transformers has."""
+    families = []
+    try:
+        from transformers.models.swinv2 import modeling_swinv2 as hf
+        families.append((hf.Swinv2PreTrainedModel, hf.Swinv2Layer))
+    except ImportError:
+        pass
+    try:
+        from transformers.models.swin2sr import modeling_swin2sr as sr
+        families.append((sr.Swin2SRPreTrainedModel, sr.Swin2SRLayer))
+    except ImportError:
+        pass
+    return families
+
+
+def _timm_families():
+    """(model class, block class) of each timm family this timm has."""
+    families = []
+    try:
+        from timm.models import swin_transformer_v2 as timm_swin
+        families.append((timm_swin.SwinTransformerV2, timm_swin.SwinTransformerV2Block))
+    except ImportError:
+        pass
+    try:
+        from timm.models import swin_transformer_v2_cr as timm_cr
+        families.append((timm_cr.SwinTransformerV2Cr, timm_cr.SwinTransformerV2CrBlock))
+    except ImportError:
+        pass
+    return families
+
+
+def _binding(library: str, block: nn.Module):
+    """(method name, patched function, what the function reads: (block attributes, attention module name,
+    its attributes)) for one block."""
+    if library == "transformers":
+        return "forward", _hf_layer_forward, (_HF_LAYER_ATTRS, "attention.self", _HF_SELF_ATTRS)
+    if type(block).__name__ == "SwinTransformerV2CrBlock":
+        return "_shifted_window_attn", timm_cr_shifted_window_attn, (CR_BLOCK_ATTRS, "attn", CR_ATTN_ATTRS)
+    return "_attn", _timm_attn, (_TIMM_BLOCK_ATTRS, "attn", _TIMM_ATTN_ATTRS)
 
 
 def _check_structure(library: str, blocks) -> None:
@@ -145,21 +202,22 @@ def _check_structure(library: str, blocks) -> None:
     version = importlib.import_module(library).__version__
     if not blocks:
         raise RuntimeError(f"found no Swin V2 blocks in this {library} {version} model; swinv2_fast.patch was "
-                           f"tested with {library} {TESTED_VERSIONS[library]}")
+                           f"tested with {_tested(library)}")
     for block in blocks:
-        if library == "transformers":
-            inner = getattr(getattr(block, "attention", None), "self", None)
-            missing = [a for a in _HF_LAYER_ATTRS if not hasattr(block, a)]
-            missing += [f"attention.self.{a}" for a in _HF_SELF_ATTRS if not hasattr(inner, a)]
-            if not missing and not isinstance(block.window_size, int):
-                missing.append("window_size (an int)")
-        else:
-            missing = [a for a in _TIMM_BLOCK_ATTRS if not hasattr(block, a)]
-            missing += [f"attn.{a}" for a in _TIMM_ATTN_ATTRS if not hasattr(getattr(block, "attn", None), a)]
+        _, _, (block_attrs, inner_path, inner_attrs) = _binding(library, block)
+        inner = block
+        for part in inner_path.split("."):
+            inner = getattr(inner, part, None)
+        missing = [a for a in block_attrs if not hasattr(block, a)]
+        missing += [f"{inner_path}.{a}" for a in inner_attrs if not hasattr(inner, a)]
+        if not missing and library == "transformers" and not isinstance(block.window_size, int):
+            missing.append("window_size (an int)")
+        if not missing and type(block).__name__ == "SwinTransformerV2CrBlock":
+            missing += cr_geometry_problems(block)
         if missing:
             raise RuntimeError(
                 f"{library} {version}: a {type(block).__name__} lacks {missing}, which swinv2_fast.patch reads; "
-                f"the patch knows the module structure of {library} {TESTED_VERSIONS[library]}"
+                f"the patch knows the module structure of {_tested(library)}"
             )
 
 
@@ -171,8 +229,8 @@ def patch(model: nn.Module, attn_implementation: str = "auto") -> nn.Module:
         raise ValueError(f"attn_implementation must be one of {IMPLEMENTATIONS}, got {attn_implementation!r}")
     library, blocks = _library_blocks(model)
     _check_structure(library, blocks)
-    name, function = ("forward", _hf_layer_forward) if library == "transformers" else ("_attn", _timm_attn)
     for block in blocks:
+        name, function, _ = _binding(library, block)
         setattr(block, _MARK, (name, attn_implementation))
         setattr(block, name, types.MethodType(function, block))
     return model
