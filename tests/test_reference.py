@@ -1,71 +1,34 @@
-"""The window-attention contract (kernels/reference.py) against literal re-statements and against timm's block."""
+"""The oracle (kernels/naive.py) against transformers' and timm's own blocks, the eager path (kernels/reference.py)
+against the oracle, the window geometry's validation, and the bounds of the reference's process-wide caches."""
+import gc
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import FP32_ATOL, assert_close
+from _utils import FP32_ATOL, assert_close
 from swinv2_fast.kernels import (
+    PAD_ORDERS,
     PAD_THEN_ROLL,
     ROLL_THEN_PAD,
+    WindowGeometry,
+    reference,
     shift_mask,
+    window_attention_naive,
     window_attention_reference,
     window_layout,
+    window_log_sum_exp,
 )
-
-
-def literal_window_attention(qkv, qkv_bias, logit_scale, position_bias, grid, heads, window, shift, pad_order,
-                             mask_value):
-    """The chain as the public codebases write it: F.pad, torch.roll, view/permute partition, explicit
-    softmax, reverse, roll back, crop. Square windows only. Independent of the gather indices."""
-    B, L, C3 = qkv.shape
-    H, W = grid
-    C = C3 // 3
-    d = C // heads
-    ws, s = window, shift
-    x = qkv.view(B, H, W, C3)
-    pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
-    bias = torch.zeros(C3, dtype=qkv.dtype) if qkv_bias is None else qkv_bias
-
-    def pad(t):
-        # Padded tokens are the projection of a zero input: the bias.
-        out = bias.view(1, 1, 1, C3).expand(B, t.shape[1] + pad_b, t.shape[2] + pad_r, C3).clone()
-        out[:, : t.shape[1], : t.shape[2]] = t
-        return out
-
-    if pad_order == PAD_THEN_ROLL:
-        x = torch.roll(pad(x), (-s, -s), (1, 2))
-    else:
-        x = pad(torch.roll(x, (-s, -s), (1, 2)))
-    Hp, Wp = x.shape[1:3]
-    win = x.view(B, Hp // ws, ws, Wp // ws, ws, C3).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, 3, heads, d)
-    q, k, v = win.permute(2, 0, 3, 1, 4).unbind(0)
-    attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-    attn = attn * torch.clamp(logit_scale.view(heads, 1, 1), max=math.log(100.0)).exp() + position_bias
-    if s > 0:
-        img = torch.zeros(Hp, Wp)
-        cnt = 0
-        for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-            for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-                img[hs, wsl] = cnt
-                cnt += 1
-        mw = img.view(Hp // ws, ws, Wp // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
-        mask = (mw[:, None, :] != mw[:, :, None]).float() * mask_value
-        nW = mask.shape[0]
-        attn = (attn.view(B, nW, heads, ws * ws, ws * ws) + mask[None, :, None]).view_as(attn)
-    out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(B, Hp // ws, Wp // ws, ws, ws, C)
-    out = out.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
-    if pad_order == PAD_THEN_ROLL:
-        out = torch.roll(out, (s, s), (1, 2))[:, :H, :W]
-    else:
-        out = torch.roll(out[:, :H, :W], (s, s), (1, 2))
-    return out.reshape(B, H * W, C)
+from swinv2_fast.kernels.naive import shift_mask_naive
 
 
 def random_inputs(B, grid, heads, head_dim, window, dtype=torch.float32, bias=True):
+    wh, ww = (window, window) if isinstance(window, int) else window
     C = heads * head_dim
-    N = window * window
+    N = wh * ww
     qkv = torch.randn(B, grid[0] * grid[1], 3 * C, dtype=dtype)
     qkv_bias = torch.randn(3 * C, dtype=dtype) if bias else None
     if qkv_bias is not None:
@@ -84,33 +47,40 @@ CASES = [
     pytest.param(1, (9, 9), 1, 32, 8, 4, id="B1-9x9-w8-s4-padded"),
     pytest.param(3, (5, 6), 2, 8, 8, 0, id="B3-5x6-w8-grid-below-window"),
     pytest.param(1, (14, 14), 2, 8, 7, 3, id="B1-14x14-w7-s3"),
+    pytest.param(2, (7, 10), 2, 8, (3, 5), (1, 2), id="B2-7x10-w3x5-s1x2-padded"),
+    pytest.param(1, (9, 8), 1, 8, (6, 4), (0, 2), id="B1-9x8-w6x4-s0x2-one-axis-shift"),
+    pytest.param(1, (8, 9), 1, 8, (4, 6), (2, 0), id="B1-8x9-w4x6-s2x0-one-axis-shift"),
 ]
 
 
-@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("pad_order", PAD_ORDERS)
 @pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", CASES)
-def test_reference_matches_literal_chain(B, grid, heads, head_dim, window, shift, pad_order):
+def test_reference_matches_the_naive_chain(B, grid, heads, head_dim, window, shift, pad_order):
     qkv, qkv_bias, logit_scale, position_bias = random_inputs(B, grid, heads, head_dim, window)
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
                   mask_value=-100.0)
-    expected = literal_window_attention(qkv, qkv_bias, logit_scale, position_bias, grid, heads, window, shift,
-                                        pad_order, -100.0)
+    expected, expected_probs = window_attention_naive(qkv, qkv_bias, logit_scale, position_bias,
+                                                      return_attention_probs=True, **kwargs)
     fused = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, **kwargs)
     explicit, probs = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias,
                                                  return_attention_probs=True, **kwargs)
+    geometry = WindowGeometry.from_args(**kwargs)
+    from_geometry = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, geometry=geometry)
     assert_close(fused, expected, atol=FP32_ATOL, name="sdpa branch")
     assert_close(explicit, expected, atol=FP32_ATOL, name="explicit branch")
-    assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)), atol=1e-5, name="probability rows")
+    assert_close(probs, expected_probs, atol=1e-6, name="probabilities")
+    assert torch.equal(from_geometry, fused)
 
 
 def test_padding_orders_differ_where_they_should():
-    """Same inputs, padded shifted grid: the two orders must give different results (else one test above
-    would be testing nothing)."""
+    """Same inputs, padded shifted grid: the two orders must give different results, in the oracle and in the
+    reference (else the parametrized tests above would be testing nothing)."""
     qkv, qkv_bias, logit_scale, position_bias = random_inputs(1, (10, 10), 2, 8, 4)
     kwargs = dict(grid_size=(10, 10), num_heads=2, window_size=4, shift_size=2)
-    a = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, pad_order=PAD_THEN_ROLL, **kwargs)
-    b = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, pad_order=ROLL_THEN_PAD, **kwargs)
-    assert (a - b).abs().max() > 1e-2
+    for attention in (window_attention_naive, window_attention_reference):
+        a = attention(qkv, qkv_bias, logit_scale, position_bias, pad_order=PAD_THEN_ROLL, **kwargs)
+        b = attention(qkv, qkv_bias, logit_scale, position_bias, pad_order=ROLL_THEN_PAD, **kwargs)
+        assert (a - b).abs().max() > 1e-2, attention.__name__
 
 
 def test_padded_positions_use_the_bias():
@@ -118,18 +88,19 @@ def test_padded_positions_use_the_bias():
     of real tokens that share a window with padding, and only those."""
     qkv, qkv_bias, logit_scale, position_bias = random_inputs(1, (6, 6), 1, 8, 4)
     kwargs = dict(grid_size=(6, 6), num_heads=1, window_size=4, shift_size=0)
-    base = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, **kwargs)
     other_bias = qkv_bias.clone()
     other_bias[16:] += 1.0
-    moved = window_attention_reference(qkv, other_bias, logit_scale, position_bias, **kwargs)
-    changed = ((base - moved).abs().amax(-1) > 1e-6).view(6, 6)
     # Only the top-left 4x4 window is free of padding.
     expected = torch.ones(6, 6, dtype=torch.bool)
     expected[:4, :4] = False
-    assert torch.equal(changed, expected)
+    for attention in (window_attention_naive, window_attention_reference):
+        base = attention(qkv, qkv_bias, logit_scale, position_bias, **kwargs)
+        moved = attention(qkv, other_bias, logit_scale, position_bias, **kwargs)
+        changed = ((base - moved).abs().amax(-1) > 1e-6).view(6, 6)
+        assert torch.equal(changed, expected), attention.__name__
 
 
-@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("pad_order", PAD_ORDERS)
 def test_layout_indices_are_inverse(pad_order):
     layout = window_layout((10, 13), 4, 2, pad_order)
     assert layout.padded_size == (12, 16)
@@ -140,26 +111,77 @@ def test_layout_indices_are_inverse(pad_order):
     assert torch.equal(layout.gather_index[layout.scatter_index], torch.arange(130))
 
 
+@pytest.mark.parametrize("window,shift", [(4, 2), ((4, 6), (2, 0)), ((6, 4), (0, 2)), ((3, 5), (1, 2))])
+def test_shift_masks_agree(window, shift):
+    """The reference's region arithmetic and the oracle's slice assignments give the same mask."""
+    geometry = WindowGeometry.from_args((12, 10), 1, window, shift, mask_value=-100.0)
+    ours = shift_mask(reference.layout_of(geometry), -100.0, torch.float32)
+    assert torch.equal(ours, shift_mask_naive(geometry))
+
+
 def test_shift_mask_matches_transformers():
-    from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer
     from transformers import Swinv2Config
+    from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer
 
     layer = Swinv2Layer(Swinv2Config(window_size=4), dim=8, input_resolution=(16, 16), num_heads=1, shift_size=2)
     expected = layer.get_attn_mask(12, 16, dtype=torch.float32)
-    ours = shift_mask(window_layout((12, 16), 4, 2), -100.0, torch.float32)
-    assert torch.equal(ours, expected)
+    assert torch.equal(shift_mask(window_layout((12, 16), 4, 2), -100.0, torch.float32), expected)
+    geometry = WindowGeometry.from_args((12, 16), 1, 4, 2, PAD_THEN_ROLL, -100.0)
+    assert torch.equal(shift_mask_naive(geometry), expected)
+
+
+def _perturbed(module, scale=0.05):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
 
 
 @pytest.mark.parametrize("grid", [(16, 16), (10, 13), (5, 11)], ids=lambda g: f"{g[0]}x{g[1]}")
-def test_roll_then_pad_matches_timm_block(grid):
-    """timm's own block (roll, pad, dynamic mask on the padded grid) against the contract with ROLL_THEN_PAD."""
+def test_naive_and_reference_match_transformers_layer(grid):
+    """transformers' own layer (pad, then roll, its -100 mask added twice) reduced to its attention: the
+    oracle and the reference with PAD_THEN_ROLL and mask -200."""
+    from transformers import Swinv2Config
+    from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer
+
+    dim, heads = 16, 2
+    layer = _perturbed(Swinv2Layer(Swinv2Config(window_size=8), dim=dim, input_resolution=(16, 16),
+                                   num_heads=heads, shift_size=4)).eval()
+    # layer(x) = x + attention output: norms removed, MLP zeroed, output projection the identity
+    layer.layernorm_before = nn.Identity()
+    layer.layernorm_after = nn.Identity()
+    attn = layer.attention.self
+    with torch.no_grad():
+        layer.output.dense.weight.zero_()
+        layer.output.dense.bias.zero_()
+        layer.attention.output.dense.weight.copy_(torch.eye(dim))
+        layer.attention.output.dense.bias.zero_()
+        attn.logit_scale.add_(torch.tensor([[[1.0]], [[-0.5]]]))  # heads with different scales
+    x = torch.randn(2, grid[0] * grid[1], dim)
+    with torch.no_grad():
+        expected = layer(x, grid)[0] - x
+        qkv = torch.cat([attn.query(x), attn.key(x), attn.value(x)], -1)
+        qkv_bias = torch.cat([attn.query.bias, torch.zeros(dim), attn.value.bias])
+        table = attn.continuous_position_bias_mlp(attn.relative_coords_table).view(-1, heads)
+        position_bias = 16 * torch.sigmoid(table[attn.relative_position_index.view(-1)].view(64, 64, heads)
+                                           .permute(2, 0, 1))
+        kwargs = dict(grid_size=grid, num_heads=heads, window_size=8, shift_size=4, pad_order=PAD_THEN_ROLL,
+                      mask_value=-200.0)
+        naive = window_attention_naive(qkv, qkv_bias, attn.logit_scale, position_bias, **kwargs)
+        eager = window_attention_reference(qkv, qkv_bias, attn.logit_scale, position_bias, **kwargs)
+    assert_close(naive, expected, name=f"naive vs transformers layer {grid}")
+    assert_close(eager, expected, name=f"reference vs transformers layer {grid}")
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (10, 13), (5, 11)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_naive_and_reference_match_timm_block(grid):
+    """timm's own block (roll, pad, dynamic mask on the padded grid) against the oracle and the reference with
+    ROLL_THEN_PAD and mask -100."""
     from timm.models.swin_transformer_v2 import SwinTransformerV2Block
 
-    block = SwinTransformerV2Block(dim=16, input_resolution=(16, 16), num_heads=2, window_size=8, shift_size=4).eval()
+    block = _perturbed(SwinTransformerV2Block(dim=16, input_resolution=(16, 16), num_heads=2, window_size=8,
+                                              shift_size=4)).eval()
     block.dynamic_mask = True
-    with torch.no_grad():
-        for p in block.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     x = torch.randn(2, grid[0], grid[1], 16)
     attn = block.attn
     with torch.no_grad():
@@ -168,9 +190,196 @@ def test_roll_then_pad_matches_timm_block(grid):
         qkv = F.linear(x.reshape(2, -1, 16), attn.qkv.weight, qkv_bias)
         table = attn.cpb_mlp(attn.relative_coords_table).view(-1, 2)
         position_bias = 16 * torch.sigmoid(table[attn.relative_position_index.view(-1)].view(64, 64, 2).permute(2, 0, 1))
-        out = window_attention_reference(
-            qkv, qkv_bias, attn.logit_scale, position_bias, grid_size=grid, num_heads=2, window_size=8,
-            shift_size=4, pad_order=ROLL_THEN_PAD, mask_value=-100.0,
-        )
-        out = attn.proj(out)
-    assert_close(out, expected, name=f"timm block {grid}")
+        kwargs = dict(grid_size=grid, num_heads=2, window_size=8, shift_size=4, pad_order=ROLL_THEN_PAD,
+                      mask_value=-100.0)
+        naive = attn.proj(window_attention_naive(qkv, qkv_bias, attn.logit_scale, position_bias, **kwargs))
+        eager = attn.proj(window_attention_reference(qkv, qkv_bias, attn.logit_scale, position_bias, **kwargs))
+    assert_close(naive, expected, name=f"naive vs timm block {grid}")
+    assert_close(eager, expected, name=f"reference vs timm block {grid}")
+
+
+@pytest.mark.parametrize("pad_order", PAD_ORDERS)
+def test_log_sum_exp_matches_the_gathered_scores(pad_order):
+    """The oracle's log-sum-exp of every window row, in window order, against the same statistic formed from
+    the reference's gather indices and region mask (an independent route to the same scores), in fp64; the
+    fp32 result within fp32 rounding of it."""
+    B, grid, heads, head_dim, window, shift = 2, (10, 7), 2, 8, (4, 3), (2, 1)
+    inputs = random_inputs(B, grid, heads, head_dim, window)
+    qkv, qkv_bias, logit_scale, position_bias = [t.double() for t in inputs]
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    g = WindowGeometry.from_args(**kwargs)
+    layout = reference.layout_of(g)
+    tokens = torch.cat([qkv, qkv_bias.expand(B, 1, -1)], 1)[:, layout.gather_index]  # (B, nW * N, 3C)
+    windows = tokens.view(B, g.num_windows, g.N, 3, heads, head_dim)
+    q = F.normalize(windows[:, :, :, 0], dim=-1).permute(0, 3, 1, 2, 4)  # (B, heads, nW, N, d)
+    k = F.normalize(windows[:, :, :, 1], dim=-1).permute(0, 3, 1, 2, 4)
+    scale = logit_scale.clamp(max=math.log(100.0)).exp().view(heads, 1, 1, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale + position_bias[:, None] + shift_mask(layout, -100.0, torch.float64)
+    expected = scores.logsumexp(-1).reshape(B, heads, -1)
+    exact = window_log_sum_exp(qkv, qkv_bias, logit_scale, position_bias, **kwargs)
+    assert exact.shape == (B, heads, g.num_windows * g.N) and exact.dtype == torch.float64
+    assert_close(exact, expected, atol=1e-12, name="log-sum-exp, fp64")
+    fp32 = window_log_sum_exp(*inputs, **kwargs)
+    assert fp32.dtype == torch.float32
+    assert_close(fp32.double(), expected, atol=1e-4, name="log-sum-exp, fp32")
+
+
+# ------------------------------------------------------------------------------------------ the geometry
+def test_geometry_derived_sizes_and_op_args():
+    g = WindowGeometry.from_args(grid_size=(10, 13), num_heads=3, window_size=(4, 6), shift_size=(2, 3),
+                                 pad_order=ROLL_THEN_PAD, mask_value=-200)
+    assert (g.grid, g.window, g.shift, g.num_heads, g.mask_value) == ((10, 13), (4, 6), (2, 3), 3, -200.0)
+    assert g.padded_size == (12, 18) and g.windows_per_axis == (3, 3) and g.num_windows == 9 and g.N == 24
+    assert g.needs_padding and g.shifted and g.num_tokens == 130 and g.roll_shift == (2, 3)
+    assert g.as_op_args() == ([10, 13], 3, [4, 6], [2, 3], ROLL_THEN_PAD, -200.0)
+    assert WindowGeometry.from_args(*g.as_op_args()) == g
+    assert WindowGeometry.from_args(**g.as_kwargs()) == g
+    assert hash(g) == hash(WindowGeometry.from_args(**g.as_kwargs()))
+    with pytest.raises(Exception):  # frozen
+        g.num_heads = 4
+    assert WindowGeometry.from_args((8, 8), 1, 4).shift == (0, 0)
+    assert WindowGeometry.from_args((3, 5), 1, 4, 3, PAD_THEN_ROLL).roll_shift == (3, 3)  # rolls the 4x8 grid
+    assert WindowGeometry.from_args((3, 5), 1, 4, 3, ROLL_THEN_PAD).roll_shift == (0, 3)  # rolls the 3x5 grid
+    assert g.head_dim(3 * 3 * 8) == 8
+    with pytest.raises(ValueError, match=r"3 \* num_heads \* head_dim; got 70 with num_heads=3"):
+        g.head_dim(70)
+
+
+@pytest.mark.parametrize("change,error,pattern", [
+    (dict(grid_size=(8, 0)), ValueError, r"grid_size must be positive, got \(8, 0\)"),
+    (dict(grid_size=(8, 8, 1)), TypeError, r"grid_size must be an int or a pair of ints, got \(8, 8, 1\)"),
+    (dict(grid_size=(8, True)), TypeError, r"grid_size must be an int or a pair of ints"),
+    (dict(window_size=0), ValueError, r"window_size must be at least 1, got \(0, 0\)"),
+    (dict(window_size=4.0), TypeError, r"window_size must be an int or a pair of ints, got 4.0"),
+    (dict(shift_size=4), ValueError, r"shift_size must lie in \[0, window_size\) = \[0, \(4, 4\)\), got \(4, 4\)"),
+    (dict(shift_size=(-1, 0)), ValueError, r"shift_size must lie in .* got \(-1, 0\)"),
+    (dict(pad_order="pad"), ValueError, r"pad_order must be one of \('pad_then_roll', 'roll_then_pad'\), got 'pad'"),
+    (dict(mask_value=float("-inf")), ValueError, r"mask_value must be a finite real number .* got -inf"),
+    (dict(mask_value="-100"), ValueError, r"mask_value must be a finite real number .* got '-100'"),
+    (dict(num_heads=2.0), TypeError, r"num_heads must be an int, got float 2.0"),
+    (dict(num_heads=0), ValueError, r"num_heads must be at least 1, got 0"),
+], ids=["grid-zero", "grid-triple", "grid-bool", "window-zero", "window-float", "shift-window", "shift-negative",
+        "pad-order", "mask-inf", "mask-str", "heads-float", "heads-zero"])
+def test_geometry_validation_names_argument_expected_and_received(change, error, pattern):
+    args = dict(grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2, pad_order=PAD_THEN_ROLL,
+                mask_value=-100.0)
+    with pytest.raises(error, match=pattern):
+        WindowGeometry.from_args(**dict(args, **change))
+
+
+def test_numpy_and_tensor_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    g = WindowGeometry.from_args((np.int64(8), np.int32(8)), torch.tensor(2), np.int64(4), 2)
+    assert g == WindowGeometry.from_args((8, 8), 2, 4, 2)
+    assert all(type(v) is int for v in (*g.grid, *g.window, *g.shift, g.num_heads))
+
+
+def test_geometry_or_keywords_not_both():
+    qkv, qkv_bias, logit_scale, position_bias = random_inputs(1, (8, 8), 2, 8, 4)
+    g = WindowGeometry.from_args((8, 8), 2, 4)
+    for attention in (window_attention_naive, window_attention_reference):
+        with pytest.raises(TypeError, match=r"not both; got geometry and \['shift_size'\]"):
+            attention(qkv, qkv_bias, logit_scale, position_bias, geometry=g, shift_size=2)
+        with pytest.raises(TypeError, match=r"num_heads required"):
+            attention(qkv, qkv_bias, logit_scale, position_bias, grid_size=(8, 8), window_size=4)
+        with pytest.raises(TypeError, match=r"geometry must be a WindowGeometry, got dict"):
+            attention(qkv, qkv_bias, logit_scale, position_bias, geometry=g.as_kwargs())
+
+
+# ------------------------------------------------------------------------------------------ the caches
+def _live_storages() -> int:
+    """Distinct storages of the tensors alive in the process (a view and its base count once: the memory)."""
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on torch.distributed's deprecated module attributes warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    return len({t.untyped_storage().data_ptr() for t in tensors
+                if t.device.type != "meta" and t.untyped_storage().nbytes()})
+
+
+def test_caches_stay_bounded_over_many_geometries():
+    """120 distinct grids through the reference with a table autograd does not track (as a model's eval-mode
+    table): the layout cache holds at most LAYOUT_CACHE_SIZE layouts, the SDPA-mask cache at most
+    SDPA_MASK_CACHE_SIZE masks, and once the tables are freed their masks are freed with them. Counted both
+    from the caches and from the storages of every tensor alive in the process."""
+    reference.clear_caches()
+    before = _live_storages()
+    heads, window = 2, 4
+    tables = []
+    for i in range(120):
+        grid = (4 + i % 12, 5 + i // 12)
+        qkv, qkv_bias, logit_scale, table = random_inputs(1, grid, heads, 8, window)
+        tables.append(table)
+        with torch.no_grad():
+            window_attention_reference(qkv, qkv_bias, logit_scale, table, grid_size=grid, num_heads=heads,
+                                       window_size=window, shift_size=2)
+    del qkv, qkv_bias, logit_scale, table
+    bound = 3 * reference.LAYOUT_CACHE_SIZE + reference.SDPA_MASK_CACHE_SIZE
+    assert len(reference._layouts) == reference.LAYOUT_CACHE_SIZE
+    assert len(reference._sdpa_masks) == reference.SDPA_MASK_CACHE_SIZE  # the tables are alive
+    assert reference.cached_tensors() <= bound
+    assert _live_storages() - before <= bound + len(tables)
+    tables.clear()
+    gc.collect()
+    assert len(reference._sdpa_masks) == 0, "masks outlive their tables"
+    assert reference.cached_tensors() <= 3 * reference.LAYOUT_CACHE_SIZE
+    assert _live_storages() - before <= 3 * reference.LAYOUT_CACHE_SIZE
+    reference.clear_caches()
+    assert reference.cached_tensors() == 0
+
+
+def test_layouts_are_per_device_and_reused():
+    reference.clear_caches()
+    a = window_layout((10, 10), 4, 2)
+    assert window_layout((10, 10), 4, 2) is a
+    assert window_layout((10, 10), (4, 4), (2, 2), PAD_THEN_ROLL, "cpu") is a
+    assert window_layout((10, 10), 4, 2, ROLL_THEN_PAD) is not a
+    meta = window_layout((10, 10), 4, 2, device="meta")
+    assert meta.gather_index.device.type == "meta" and a.gather_index.device.type == "cpu"
+    assert len(reference._layouts) == 3
+
+
+def test_sdpa_mask_follows_in_place_changes_and_new_tables():
+    heads, n = 2, 16
+    qkv = torch.randn(1, 64, 3 * heads * 8)
+    logit_scale = torch.zeros(heads, 1, 1)
+    table = torch.rand(heads, n, n)
+    kwargs = dict(grid_size=(8, 8), num_heads=heads, window_size=4, shift_size=2)
+    reference.clear_caches()
+    first = window_attention_reference(qkv, None, logit_scale, table, **kwargs)
+    assert len(reference._sdpa_masks) == 1
+    assert torch.equal(window_attention_reference(qkv, None, logit_scale, table, **kwargs), first)
+    table.mul_(3.0)
+    changed = window_attention_reference(qkv, None, logit_scale, table, **kwargs)
+    fresh = window_attention_reference(qkv, None, logit_scale, table.clone(), **kwargs)
+    assert torch.equal(changed, fresh)
+    assert not torch.equal(changed, first)
+    with torch.no_grad():
+        table.data = torch.rand(heads, n, n)  # a new storage, no version bump
+    assert torch.equal(window_attention_reference(qkv, None, logit_scale, table, **kwargs),
+                       window_attention_reference(qkv, None, logit_scale, table.clone(), **kwargs))
+    trained = table.clone().requires_grad_()
+    window_attention_reference(qkv, None, logit_scale, trained, **kwargs)
+    assert len(reference._sdpa_masks) == 1, "a table autograd tracks is never cached"
+
+
+def test_reference_keeps_nothing_under_inference_mode_tables():
+    reference.clear_caches()
+    with torch.inference_mode():
+        qkv, _, logit_scale, table = random_inputs(1, (8, 8), 2, 8, 4)
+        window_attention_reference(qkv, None, logit_scale, table, grid_size=(8, 8), num_heads=2, window_size=4,
+                                   shift_size=2)
+    assert len(reference._sdpa_masks) == 0  # inference tensors have no version counter
+    assert len(reference._layouts) == 1
+    assert not torch.is_inference(window_layout((8, 8), 4, 2).gather_index)
+
+
+def test_naive_runs_in_low_precision_without_nan():
+    """float16 with a zero k bias: the padded tokens' k is all zeros; normalised in float32 it stays 0, not 0/0."""
+    qkv, qkv_bias, logit_scale, position_bias = random_inputs(1, (6, 6), 2, 8, 4, dtype=torch.float16)
+    out = window_attention_naive(qkv, qkv_bias, logit_scale, position_bias, grid_size=(6, 6), num_heads=2,
+                                 window_size=4, shift_size=2)
+    exact = window_attention_naive(qkv.double(), qkv_bias.double(), logit_scale.double(), position_bias.double(),
+                                   grid_size=(6, 6), num_heads=2, window_size=4, shift_size=2)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert (out.double() - exact).abs().max() < 50 * math.ldexp(1.0, -11)

@@ -1,0 +1,247 @@
+"""The geometry of one window-attention call, as one validated value, and the constants every layer shares.
+
+Plain Python and torch only (no Triton): the model code, the eager paths (`naive.py`, `reference.py`), the
+custom op and the kernel launcher all read the same `WindowGeometry`, built once from the keyword block
+`grid_size, num_heads, window_size, shift_size, pad_order, mask_value` and passed down::
+
+    geometry = WindowGeometry.from_args(grid_size=(H, W), num_heads=heads, window_size=8, shift_size=4,
+                                        pad_order=PAD_THEN_ROLL, mask_value=-200.0)
+    window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, geometry=geometry)
+    torch.ops.swinv2_fast.window_attention_fused(qkv, qkv_bias, logit_scale, position_bias,
+                                                 *geometry.as_op_args())
+
+Sizes are per axis, (height, width) order. Derived sizes: the padded grid (Hp, Wp) is the grid rounded up
+to window multiples; there are (Hp / wh) * (Wp / ww) windows of N = wh * ww tokens each.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "PAD_THEN_ROLL",
+    "ROLL_THEN_PAD",
+    "PAD_ORDERS",
+    "LOGIT_SCALE_MAX",
+    "DEFAULT_MASK_VALUE",
+    "IntPair",
+    "WindowGeometry",
+    "is_int",
+    "int_pair",
+    "check_layout_args",
+    "resolve_geometry",
+]
+
+PAD_THEN_ROLL = "pad_then_roll"  # transformers: pad the grid, then roll the padded grid
+ROLL_THEN_PAD = "roll_then_pad"  # timm: roll the un-padded grid, then pad at the bottom/right
+PAD_ORDERS = (PAD_THEN_ROLL, ROLL_THEN_PAD)
+
+# exp(logit_scale) is clamped at 1 / 0.01 = 100, as in the paper and all three public codebases.
+LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
+
+# The value added to the scores of query/key pairs from different shift regions: -100 in timm and the
+# official code; transformers adds its -100 mask twice, so a transformers-semantics block passes -200.
+DEFAULT_MASK_VALUE = -100.0
+
+IntPair = Union[int, Sequence[int]]
+
+
+def is_int(value) -> bool:
+    """An integer: Python's or numpy's (any numbers.Integral) but not a bool, or a 0-d integer tensor (what
+    sizes are while torch.jit.trace records; the trace then holds this call's value)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and not value.is_complex() \
+            and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def int_pair(value: IntPair, name: str) -> Tuple[int, int]:
+    """An int or a pair of ints as a pair of Python ints; TypeError naming `name` otherwise."""
+    if is_int(value):
+        return int(value), int(value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 \
+            and all(is_int(v) for v in value):
+        return int(value[0]), int(value[1])
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def check_layout_args(grid_size: IntPair, window_size: IntPair, shift_size: IntPair, pad_order: str):
+    """Validate and normalise what the token movement depends on: ((H, W), (wh, ww), (sh, sw)) as ints;
+    raises naming the argument, what was expected and what was received."""
+    grid = int_pair(grid_size, "grid_size")
+    window = int_pair(window_size, "window_size")
+    shift = int_pair(shift_size, "shift_size")
+    if grid[0] < 1 or grid[1] < 1:
+        raise ValueError(f"grid_size must be positive, got {grid}")
+    if window[0] < 1 or window[1] < 1:
+        raise ValueError(f"window_size must be at least 1, got {window}")
+    if not (0 <= shift[0] < window[0] and 0 <= shift[1] < window[1]):
+        raise ValueError(f"shift_size must lie in [0, window_size) = [0, {window}), got {shift}")
+    if not isinstance(pad_order, str) or pad_order not in PAD_ORDERS:
+        raise ValueError(f"pad_order must be one of {PAD_ORDERS}, got {pad_order!r}")
+    return grid, window, shift
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """Grid, window, shift, padding order, mask value and head count of one window-attention call; validated.
+
+    Fields (per-axis values are (height, width) pairs of Python ints):
+        grid:       (H, W) token grid, each >= 1.
+        window:     (wh, ww) window, each >= 1.
+        shift:      (sh, sw) cyclic shift, each in [0, window); (0, 0) for regular windows.
+        pad_order:  PAD_THEN_ROLL (transformers) or ROLL_THEN_PAD (timm).
+        mask_value: finite float added to the scores of query/key pairs from different shift regions.
+        num_heads:  attention heads, >= 1.
+
+    Build it with `from_args` (accepts ints or pairs, numpy integers, 0-d integer tensors) or directly with
+    pairs of ints; either way every field is checked, and a bad one raises TypeError/ValueError naming the
+    argument, what was expected and what was received.
+    """
+
+    grid: Tuple[int, int]
+    window: Tuple[int, int]
+    shift: Tuple[int, int]
+    pad_order: str
+    mask_value: float
+    num_heads: int
+
+    def __post_init__(self):
+        # normalise (frozen: through object.__setattr__) and validate, once, at construction
+        grid, window, shift = check_layout_args(self.grid, self.window, self.shift, self.pad_order)
+        if not isinstance(self.mask_value, numbers.Real) or isinstance(self.mask_value, bool) \
+                or not math.isfinite(self.mask_value):
+            raise ValueError(f"mask_value must be a finite real number (e.g. -100.0), got {self.mask_value!r}")
+        if not is_int(self.num_heads):
+            raise TypeError(f"num_heads must be an int, got {type(self.num_heads).__name__} {self.num_heads!r}")
+        if int(self.num_heads) < 1:
+            raise ValueError(f"num_heads must be at least 1, got {int(self.num_heads)}")
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "window", window)
+        object.__setattr__(self, "shift", shift)
+        object.__setattr__(self, "mask_value", float(self.mask_value))
+        object.__setattr__(self, "num_heads", int(self.num_heads))
+
+    @classmethod
+    def from_args(
+        cls,
+        grid_size: IntPair,
+        num_heads: int,
+        window_size: IntPair,
+        shift_size: IntPair = 0,
+        pad_order: str = PAD_THEN_ROLL,
+        mask_value: float = DEFAULT_MASK_VALUE,
+    ) -> "WindowGeometry":
+        """From today's keyword block (also the custom op's schema order: `from_args(*geometry.as_op_args())`
+        gives the geometry back)."""
+        return cls(grid=grid_size, window=window_size, shift=shift_size, pad_order=pad_order,
+                   mask_value=mask_value, num_heads=num_heads)
+
+    # ------------------------------------------------------------------------------------ derived sizes
+    @property
+    def padded_size(self) -> Tuple[int, int]:
+        """(Hp, Wp): the grid rounded up to window multiples."""
+        (h, w), (wh, ww) = self.grid, self.window
+        return -(-h // wh) * wh, -(-w // ww) * ww
+
+    @property
+    def windows_per_axis(self) -> Tuple[int, int]:
+        """(Hp / wh, Wp / ww)."""
+        (hp, wp), (wh, ww) = self.padded_size, self.window
+        return hp // wh, wp // ww
+
+    @property
+    def num_windows(self) -> int:
+        """nW: windows per image."""
+        rows, cols = self.windows_per_axis
+        return rows * cols
+
+    @property
+    def window_tokens(self) -> int:
+        """N = wh * ww: tokens per window (the attention matrix of one window is N x N)."""
+        return self.window[0] * self.window[1]
+
+    N = window_tokens  # the paper's name
+
+    @property
+    def num_tokens(self) -> int:
+        """H * W: tokens of the un-padded grid (qkv's second dimension)."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def needs_padding(self) -> bool:
+        return self.padded_size != self.grid
+
+    @property
+    def shifted(self) -> bool:
+        return self.shift != (0, 0)
+
+    @property
+    def roll_shift(self) -> Tuple[int, int]:
+        """The shift modulo the extent it rolls: the un-padded grid (timm, ROLL_THEN_PAD) or the padded grid
+        (transformers, PAD_THEN_ROLL)."""
+        extent = self.grid if self.pad_order == ROLL_THEN_PAD else self.padded_size
+        return self.shift[0] % extent[0], self.shift[1] % extent[1]
+
+    @property
+    def layout_key(self) -> Tuple[int, int, int, int, int, int, str]:
+        """(H, W, wh, ww, sh, sw, pad_order): what the token movement depends on (not heads, not mask value)."""
+        return (*self.grid, *self.window, *self.shift, self.pad_order)
+
+    # ------------------------------------------------------------------------------------ conversions
+    def head_dim(self, qkv_channels: int) -> int:
+        """C / num_heads for qkv's last dimension 3 * C; ValueError if it does not divide."""
+        if qkv_channels % (3 * self.num_heads) != 0:
+            raise ValueError(f"qkv's last dimension must be 3 * num_heads * head_dim; got {qkv_channels} "
+                             f"with num_heads={self.num_heads}")
+        return qkv_channels // (3 * self.num_heads)
+
+    def as_op_args(self) -> Tuple[List[int], int, List[int], List[int], str, float]:
+        """(grid_size, num_heads, window_size, shift_size, pad_order, mask_value) as the custom op's schema
+        takes them: `List[int], int, List[int], List[int], str, float`."""
+        return list(self.grid), self.num_heads, list(self.window), list(self.shift), self.pad_order, \
+            self.mask_value
+
+    def as_kwargs(self) -> Dict[str, Any]:
+        """The keyword block `grid_size, num_heads, window_size, shift_size, pad_order, mask_value`, pairs as
+        tuples: for callees that still take it."""
+        return dict(grid_size=self.grid, num_heads=self.num_heads, window_size=self.window,
+                    shift_size=self.shift, pad_order=self.pad_order, mask_value=self.mask_value)
+
+
+def resolve_geometry(
+    geometry: Optional[WindowGeometry] = None,
+    *,
+    grid_size: Optional[IntPair] = None,
+    num_heads: Optional[int] = None,
+    window_size: Optional[IntPair] = None,
+    shift_size: Optional[IntPair] = None,
+    pad_order: Optional[str] = None,
+    mask_value: Optional[float] = None,
+) -> WindowGeometry:
+    """The geometry of a call that takes either `geometry=` or the keyword block (never both).
+
+    For the keyword block, grid_size, num_heads and window_size are required; None for shift_size,
+    pad_order and mask_value means their defaults (0, PAD_THEN_ROLL, -100.0)."""
+    block = dict(grid_size=grid_size, num_heads=num_heads, window_size=window_size, shift_size=shift_size,
+                 pad_order=pad_order, mask_value=mask_value)
+    if geometry is not None:
+        if not isinstance(geometry, WindowGeometry):
+            raise TypeError(f"geometry must be a WindowGeometry, got {type(geometry).__name__}")
+        given = [name for name, value in block.items() if value is not None]
+        if given:
+            raise TypeError(f"pass either geometry or the keyword block, not both; got geometry and {given}")
+        return geometry
+    missing = [name for name in ("grid_size", "num_heads", "window_size") if block[name] is None]
+    if missing:
+        raise TypeError(f"{', '.join(missing)} required (or geometry=WindowGeometry(...)), got None")
+    return WindowGeometry.from_args(
+        grid_size, num_heads, window_size,
+        0 if shift_size is None else shift_size,
+        PAD_THEN_ROLL if pad_order is None else pad_order,
+        DEFAULT_MASK_VALUE if mask_value is None else mask_value,
+    )
