@@ -105,11 +105,17 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+# Batch 2 (windows of several images in one launch, per-image masks) for one model of each family; the
+# others batch 1, which halves the interpreter's work.
+BATCH_2 = ("cr-head-nonsquare-padded", "sr-pixelshuffle")
+
+
 @pytest.mark.parametrize("implementation", [TRITON, "eager"])
 @pytest.mark.parametrize("make, size", MODELS)
-def test_patched_matches_unpatched(make, size, implementation):
+def test_patched_matches_unpatched(make, size, implementation, request):
     model = make().eval().to(KERNEL_DEVICE)
-    x = torch.randn(2, 3, *size, device=KERNEL_DEVICE)
+    batch = 2 if request.node.callspec.id.rsplit("-", 1)[0] in BATCH_2 else 1  # id: "<model>-<implementation>"
+    x = torch.randn(batch, 3, *size, device=KERNEL_DEVICE)
     state = _state(model)
     with torch.no_grad():
         expected = _run(model, x)
@@ -134,9 +140,12 @@ def _loss(model, x, seed):
     return sum(t.float().square().mean() for t in _run(model, x))
 
 
-TRAINING_MODELS = [m for m in MODELS if m.id in ("cr-head-nonsquare-padded", "cr-window-ratio-clamped",
-                                                  "cr-headless-static-mask-extra-norm", "sr-pixelshuffle",
-                                                  "sr-windows-not-dividing")]
+# Training through the kernels under the interpreter costs 15-60 s a model on a shared 2-core machine: two
+# configs in the default run (padding, shifts, the Cr bias MLP's dropout; Swin2SR), the others marked slow.
+_TRAINING_FAST = ("cr-head-nonsquare-padded", "sr-pixelshuffle")
+_TRAINING_SLOW = ("cr-window-ratio-clamped", "cr-headless-static-mask-extra-norm", "sr-windows-not-dividing")
+TRAINING_MODELS = [m for m in MODELS if m.id in _TRAINING_FAST]
+TRAINING_MODELS += [pytest.param(*m.values, id=m.id, marks=pytest.mark.slow) for m in MODELS if m.id in _TRAINING_SLOW]
 
 
 @pytest.mark.parametrize("implementation", [TRITON_TRAINING, "eager"])
@@ -144,7 +153,7 @@ TRAINING_MODELS = [m for m in MODELS if m.id in ("cr-head-nonsquare-padded", "cr
 def test_training_step_gradients_match(make, size, implementation):
     model = make().train().to(KERNEL_DEVICE)
     patched = swinv2_fast.patch(copy.deepcopy(model), implementation)
-    x = torch.randn(2, 3, *size, device=KERNEL_DEVICE)
+    x = torch.randn(1, 3, *size, device=KERNEL_DEVICE)
     expected_loss, loss = _loss(model, x, seed=1), _loss(patched, x, seed=1)
     assert_close(loss.detach(), expected_loss.detach(), atol=FP32_ATOL, name="training loss")
     expected_loss.backward()
@@ -222,7 +231,7 @@ def test_swin2sr_output_attentions_runs_the_original_chain():
         expected = model(x, output_attentions=True).attentions
         swinv2_fast.patch(model, "eager")
         got = model(x, output_attentions=True).attentions
-    assert len(got) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert len(got) == len(expected) >= 1 and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 @pytest.mark.parametrize("make", [lambda: _cr("head-nonsquare-padded"), lambda: _sr("pixelshuffle")],
