@@ -1,7 +1,8 @@
 """Compile every kernel specialization swinv2_fast can launch ahead of time for sm_80 and sm_90; no GPU needed.
 
     python -m swinv2_fast.kernels.compile_check               # the spill gate: registers, spills, shared memory
-    python -m swinv2_fast.kernels.compile_check --published   # the gate over the published models' head_dim (32)
+    python -m swinv2_fast.kernels.compile_check --published   # the gate over the published models' head dims
+    python -m swinv2_fast.kernels.compile_check --head-dims 10,30  # the gate over chosen head dims
     python -m swinv2_fast.kernels.compile_check --cost        # the static cost report (see kernels/cost.py)
 
 A specialization is fixed by the kernel (forward; backward: softmax statistics and delta = rowsum(P * dP),
@@ -32,7 +33,9 @@ ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")  # fp64 runs under the interpreter only (gradcheck)
 KERNELS = ("fwd", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 WINDOW_SIZES = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
-PUBLISHED_HEAD_DIM = 32
+PUBLISHED_HEAD_DIM = 32  # every published Swin V2 model's
+# the full gate: the head dims of whole channel tiles, and masked ones (below 16, and between powers of two)
+GATE_HEAD_DIMS = (10, 16, 24, 30, 32, 64, 96, 128)
 
 
 def _grid(window: int, padded: bool) -> int:
@@ -56,6 +59,11 @@ GEOMETRIES = {
     "pad": (True, False, False, "pad_then_roll"),
 }
 PUBLISHED_GEOMETRIES = ("shift+bias", "noshift+bias", "pad+shift+bias", "pad+shift+bias+roll_then_pad")
+# transformers' Swin2SR: head_dim 30 (embed_dim 180, 6 heads) and 10 (the lightweight model's 60), window 8 on
+# a grid padded to whole windows before the first block (no padding inside the attention)
+SWIN2SR_HEAD_DIMS = (30, 10)
+SWIN2SR_WINDOWS = (8,)
+SWIN2SR_GEOMETRIES = ("shift+bias", "noshift+bias")
 
 
 class Spec(NamedTuple):
@@ -82,20 +90,29 @@ def _torch_dtype(name):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
 
 
-def launchable_specs(head_dims=None, geometries=None) -> List[Spec]:
+def launchable_specs(head_dims=None, geometries=None, windows=None) -> List[Spec]:
     """The (kernel, dtype, head_dim, window, geometry) the gate compiles: the backward kernels where the fused
     backward serves the dtype and head dim on a GPU."""
-    from .triton_window_attention import KERNEL_HEAD_DIMS, fused_backward_supported
+    from .triton_window_attention import fused_backward_supported
 
     specs = []
     for dtype in DTYPES:
-        for head_dim in head_dims or KERNEL_HEAD_DIMS:
+        for head_dim in head_dims or GATE_HEAD_DIMS:
             backward = fused_backward_supported(head_dim, _torch_dtype(dtype))
-            for window in WINDOW_SIZES:
+            for window in windows or WINDOW_SIZES:
                 for geometry in geometries or GEOMETRIES:
                     specs += [Spec(k, dtype, head_dim, window, geometry) for k in KERNELS
                               if backward or k == "fwd"]
     return specs
+
+
+def published_specs(head_dims=None) -> List[Spec]:
+    """The --published gate: Swin V2's head dim over every published window and geometry, and Swin2SR's head
+    dims at its window and geometries (`head_dims` replaces both sets of head dims, over Swin V2's windows)."""
+    if head_dims:
+        return launchable_specs(head_dims, PUBLISHED_GEOMETRIES)
+    return (launchable_specs((PUBLISHED_HEAD_DIM,), PUBLISHED_GEOMETRIES)
+            + launchable_specs(SWIN2SR_HEAD_DIMS, SWIN2SR_GEOMETRIES, SWIN2SR_WINDOWS))
 
 
 def spec_launch(spec: Spec):
@@ -168,10 +185,10 @@ def format_table(results: List[Result]) -> str:
 def cost_report(jobs: int, only: str = "") -> int:
     from . import cost
 
-    chosen = dict(kernels=cost.COST_KERNELS, dtypes=cost.COST_DTYPES, windows=cost.COST_WINDOWS, archs=(80, 90))
+    chosen = dict(kernels=cost.COST_KERNELS, dtypes=cost.COST_DTYPES, windows=None, archs=(80, 90))
     for item in filter(None, only.split(",")):
         key, value = item.split("=")
-        chosen[key + "s"] = tuple(int(v) if key in ("window", "arch") else v for v in value.split("+"))
+        chosen[key + "s"] = tuple(int(v) if key in ("window", "arch", "head_dim") else v for v in value.split("+"))
     costs = cost.cost_table(jobs, **chosen)
     print(cost.format_cost(costs))
     print("\n".join(cost.backward_sum(costs)))
@@ -185,18 +202,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--published", action="store_true",
-                        help="the gate over head_dim 32 (every published model's) and geometries "
-                             f"{', '.join(PUBLISHED_GEOMETRIES)}")
+                        help=f"the gate over the published models: Swin V2's head_dim {PUBLISHED_HEAD_DIM}, geometries "
+                             f"{', '.join(PUBLISHED_GEOMETRIES)}; Swin2SR's head dims {SWIN2SR_HEAD_DIMS} at window "
+                             f"{SWIN2SR_WINDOWS[0]}, geometries {', '.join(SWIN2SR_GEOMETRIES)}")
+    parser.add_argument("--head-dims", default="",
+                        help=f"comma-separated head dims for the gate (default: {GATE_HEAD_DIMS}; with --published, "
+                             "replaces its head dims)")
     parser.add_argument("--cost", action="store_true",
                         help="the static cost report (instructions per score, traffic model; see kernels/cost.py)")
-    parser.add_argument("--only", default="", help="with --cost: comma-separated filters kernel=,dtype=,window=,arch=")
+    parser.add_argument("--only", default="",
+                        help="with --cost: comma-separated filters kernel=,dtype=,head_dim=,window=,arch= (values "
+                             "joined by +)")
     args = parser.parse_args(argv)
     if args.cost:
         return cost_report(args.jobs, args.only)
+    head_dims = tuple(int(h) for h in args.head_dims.split(",") if h) or None
     if args.published:
-        specs = launchable_specs((PUBLISHED_HEAD_DIM,), PUBLISHED_GEOMETRIES)
+        specs = published_specs(head_dims)
     else:
-        specs = launchable_specs()
+        specs = launchable_specs(head_dims)
     results = run(specs, args.jobs)
     print(format_table(results))
     failed = [r for r in results if r.error]

@@ -2,8 +2,9 @@
 
     python -m swinv2_fast.kernels.compile_check --cost            # the table (benchmarks/results/cost_report.txt)
 
-For each kernel, projection dtype (bf16, fp16, fp32), head_dim 32 and window of N = 49, 64, 144, 256, 576
-tokens, on sm_80 and sm_90, one line
+For each kernel, projection dtype (bf16, fp16, fp32), head_dim and window on sm_80 and sm_90 (head_dim 32, the
+published Swin V2 models', at N = 49, 64, 144, 256, 576 tokens; Swin2SR's 30 and 10, which run masked in
+channel tiles of 32 and 16, at its N = 64), one line
 
     cost <kernel> <dtype> hd<head_dim> N<n> <arch> regs=<int> spill=<bytes> instr_per_score=<float>
 
@@ -60,6 +61,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 COST_DTYPES = ("bf16", "fp16", "fp32")
 COST_WINDOWS = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
 COST_HEAD_DIM = 32
+COST_HEAD_DIMS = (32, 30, 10)  # Swin V2's; Swin2SR's (masked channel tiles)
+COST_WINDOWS_BY_HEAD_DIM = {30: (8,), 10: (8,)}  # Swin2SR's window; other head dims: COST_WINDOWS
 COST_KERNELS = ("fwd", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 REFERENCE_BATCH = 8
 REFERENCE_HEADS = 4
@@ -446,15 +449,18 @@ def cost_of(launch: Launch, dtype: str, arch: int) -> Cost:
 
 
 def _cost_job(args):
-    kernel, dtype, window, arch = args
-    return cost_of(reference_launches(window, dtype)[kernel], dtype, arch)
+    kernel, dtype, head_dim, window, arch = args
+    return cost_of(reference_launches(window, dtype, head_dim)[kernel], dtype, arch)
 
 
-def cost_table(jobs: int, kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=COST_WINDOWS, archs=(80, 90)):
-    """Every (kernel, dtype, window, arch) of the report, compiled in `jobs` fresh processes."""
+def cost_table(jobs: int, kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=None, archs=(80, 90),
+               head_dims=COST_HEAD_DIMS):
+    """Every (kernel, dtype, head_dim, window, arch) of the report, compiled in `jobs` fresh processes; the
+    windows of each head dim by default, or `windows` for all."""
     from .compile_check import run_spawned
 
-    work = [(k, d, w, a) for k in kernels for d in dtypes for w in windows for a in archs]
+    work = [(k, d, h, w, a) for h in head_dims for k in kernels for d in dtypes
+            for w in (windows or COST_WINDOWS_BY_HEAD_DIM.get(h, COST_WINDOWS)) for a in archs]
     return run_spawned(_cost_job, work, jobs)
 
 

@@ -40,9 +40,24 @@ from .reference import LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair, win
 
 __all__ = ["fused_backward_supported", "window_attention_triton_forward", "window_attention_triton_backward",
            "window_attention_fused", "window_attention_fused_backward", "fused_window_attention",
-           "block_config", "register_cap", "KERNEL_HEAD_DIMS", "INTERPRETED"]
+           "block_config", "register_cap", "head_dim_supported", "channel_block", "MAX_HEAD_DIM", "INTERPRETED"]
 
-KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+# The head dims the kernels serve: every one from 1 to MAX_HEAD_DIM. The kernels' channel tiles are BLOCK_D =
+# channel_block(head_dim) wide, a power of two of at least 16 (tl.arange and tl.dot need one); a head dim
+# below it (10, 24, 30, 48, 96, ...) runs masked in that tile. This is the rule the dispatch asks
+# (swinv2_fast.functional): stated here only.
+MAX_HEAD_DIM = 128
+
+
+def head_dim_supported(head_dim: int) -> bool:
+    """Whether the fused kernels run heads of `head_dim` channels (1 to MAX_HEAD_DIM)."""
+    return 1 <= head_dim <= MAX_HEAD_DIM
+
+
+def channel_block(head_dim: int) -> int:
+    """BLOCK_D, the kernels' channel tile for `head_dim`: the next power of two, at least 16."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Compiled kernels take exp in fp32 as a multiply and the hardware's ex2 with subnormal results flushed to
@@ -117,16 +132,40 @@ def _in_window(o, N: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(P_QKV, P_BIAS, o_tok, m_rows, m_pad, o_d, stride_t, HAS_BIAS: tl.constexpr):
-    """(rows, HEAD_DIM) slice of the projection at tokens `o_tok`, in its own dtype. Padded rows read the bias
+def _channels(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The channel axis of a head's tiles: [BLOCK_D] offsets and the mask of the HEAD_DIM real channels.
+    BLOCK_D is HEAD_DIM rounded up to a power of two of at least 16 (what tl.arange and tl.dot take); the
+    channels beyond HEAD_DIM load as zeros and are never stored, so every norm and every dot over the
+    channel axis is that of the real channels. Without padding the mask is a constant (nothing is masked)."""
+    tl.static_assert(BLOCK_D >= 16)
+    tl.static_assert((BLOCK_D & (BLOCK_D - 1)) == 0)
+    tl.static_assert(HEAD_DIM <= BLOCK_D)
+    # [BLOCK_D]
+    o_d = tl.arange(0, BLOCK_D)
+    if HEAD_DIM == BLOCK_D:
+        return o_d, tl.full([BLOCK_D], 1, dtype=tl.int1)
+    return o_d, o_d < HEAD_DIM
+
+
+@triton.jit
+def _tile_mask(m_rows, m_d):
+    """[ROWS, BLOCK_D] mask of a row tile: rows m_rows, the head's real channels m_d."""
+    return m_rows[:, None] & m_d[None, :]
+
+
+@triton.jit
+def _load_rows(P_QKV, P_BIAS, o_tok, m_rows, m_pad, cols, stride_t, HAS_BIAS: tl.constexpr):
+    """[ROWS, BLOCK_D] slice of the projection at tokens `o_tok`, in its own dtype. Padded rows read the bias
     (the projection of a zero token, in the projection's dtype as in the reference), or zero without one;
-    rows beyond the window (m_rows false) read zero. One load: padded rows point into the bias."""
+    rows beyond the window (m_rows false) and channels beyond the head (see _channels) read zero. One load:
+    padded rows point into the bias."""
+    o_d, m_d = cols
     p_rows = P_QKV + o_tok[:, None] * stride_t + o_d[None, :]
     if HAS_BIAS:
         p_rows = tl.where(m_pad[:, None], P_BIAS + o_d[None, :], p_rows)
-        return tl.load(p_rows, mask=m_rows[:, None], other=0.0)
-    # [ROWS, HEAD_DIM]
-    return tl.load(p_rows, mask=(m_rows & ~m_pad)[:, None], other=0.0)
+        return tl.load(p_rows, mask=_tile_mask(m_rows, m_d), other=0.0)
+    # [ROWS, BLOCK_D]
+    return tl.load(p_rows, mask=_tile_mask(m_rows & ~m_pad, m_d), other=0.0)
 
 
 @triton.jit
@@ -180,16 +219,16 @@ def _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, SHIFTED: tl.constex
 
 
 @triton.jit
-def _key_block(p_qkv, p_bias, o_n, m_n, i_wy, i_wx, o_d, stride_t, grid, C, WH: tl.constexpr, WW: tl.constexpr,
+def _key_block(p_qkv, p_bias, o_n, m_n, i_wy, i_wx, cols, stride_t, grid, C, WH: tl.constexpr, WW: tl.constexpr,
                SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
                CDT: tl.constexpr):
     """Key rows o_n of a window (p_qkv, p_bias: the image's projection and the bias at this head's q
-    channels): normalised k (compute dtype) and v (projection dtype), [BLOCK_N, HEAD_DIM] each, and the
+    channels): normalised k (compute dtype) and v (projection dtype), [BLOCK_N, BLOCK_D] each, and the
     rows' shift-mask regions [BLOCK_N]."""
     o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_wy, i_wx, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
-    # [BLOCK_N, HEAD_DIM]
-    b_k = _load_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, o_d, stride_t, HAS_BIAS)
-    b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, o_d, stride_t, HAS_BIAS)
+    # [BLOCK_N, BLOCK_D]
+    b_k = _load_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_t, HAS_BIAS)
+    b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_t, HAS_BIAS)
     b_kn, b_rk = _l2_normalize(b_k, CDT)
     return b_kn, b_v, o_reg_n
 
@@ -202,15 +241,15 @@ def _window_of(i_bw, NUM_WINDOWS, NUM_WX):
 
 
 @triton.jit
-def _query_rows(p_qkv, p_bias, b_scale, o_m, m_m, i_w2, o_d, stride_t, grid, WH: tl.constexpr, WW: tl.constexpr,
+def _query_rows(p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_t, grid, WH: tl.constexpr, WW: tl.constexpr,
                 SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
                 CDT: tl.constexpr, DDT: tl.constexpr):
     """Query rows o_m of window i_w2 = (row, column): the rows' (token, padding flag, shift region), and
     (q normalised (compute dtype), its clamped norm, q times the clamped logit scale b_scale (dot dtype))."""
     i_wy, i_wx = i_w2
     o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_wy, i_wx, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
-    # [BLOCK_M, HEAD_DIM]
-    b_q = _load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, o_d, stride_t, HAS_BIAS)
+    # [BLOCK_M, BLOCK_D]
+    b_q = _load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, cols, stride_t, HAS_BIAS)
     b_qn, b_rq = _l2_normalize(b_q, CDT)
     return (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, (b_qn * b_scale).to(DDT))
 
@@ -248,9 +287,9 @@ def _window_attention_fwd_kernel(
     stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t,
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS,
     mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     """The output rows of BLOCK_M query rows of one window, one head: program (row block of an (image,
     window) pair, head). The window (WH x WW = N tokens) and whether it is shifted or padded are
@@ -264,7 +303,8 @@ def _window_attention_fwd_kernel(
     i_bwm, i_h = tl.program_id(0), tl.program_id(1)
     i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    o_d = tl.arange(0, HEAD_DIM)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
     o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = _in_window(o_m, N, BLOCK_M)
     p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
@@ -272,19 +312,19 @@ def _window_attention_fwd_kernel(
     # the forward's logits are in base 2: log2(e) folds into the scale (q), a multiply-add with the bias and
     # the mask value, and the softmax takes 2^x (the backward keeps natural logits)
     (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
-        p_qkv, p_bias, tl.load(SCALE + i_h) * LOG2E, o_m, m_m, i_w2, o_d, stride_qkv_t, grid, WH, WW, SHIFTED,
+        p_qkv, p_bias, tl.load(SCALE + i_h) * LOG2E, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED,
         PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
 
     # [BLOCK_M]
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
     b_l = tl.zeros([BLOCK_M], dtype=CDT)
-    # [BLOCK_M, HEAD_DIM]
-    b_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=CDT)
+    # [BLOCK_M, BLOCK_D]
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = _in_window(o_n, N, BLOCK_N)
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], o_d, stride_qkv_t, grid, C, WH,
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
                                         WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
@@ -296,7 +336,7 @@ def _window_attention_fwd_kernel(
 
     b_out = b_acc * (1.0 / b_l)[:, None]
     p_out = OUT + i_b * stride_out_b + o_tok_m[:, None] * stride_out_t + i_h * HEAD_DIM + o_d[None, :]
-    tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=(m_m & ~m_pad_m)[:, None])
+    tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=_tile_mask(m_m & ~m_pad_m, m_d))
 
 
 @triton.jit
@@ -305,9 +345,9 @@ def _window_attention_bwd_stats_kernel(
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L,
     mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     """The first backward kernel, for the query rows of one window block: the softmax statistics (row max,
     log row sum) into STATS, and delta[b, t, h] = sum_j P_ij dP_ij in token layout, the softmax backward's
@@ -329,18 +369,19 @@ def _window_attention_bwd_stats_kernel(
     i_bwm, i_h = tl.program_id(0), tl.program_id(1)
     i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    o_d = tl.arange(0, HEAD_DIM)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
     o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = _in_window(o_m, N, BLOCK_M)
     p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
     p_bias = QKV_BIAS + i_h * HEAD_DIM
     (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
-        p_qkv, p_bias, tl.load(SCALE + i_h), o_m, m_m, i_w2, o_d, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED,
+        p_qkv, p_bias, tl.load(SCALE + i_h), o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED,
         ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
-    # [BLOCK_M, HEAD_DIM]
+    # [BLOCK_M, BLOCK_D]
     b_do = tl.load(DOUT + i_b * stride_do_b + o_tok_m[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
-                   mask=m_real_m[:, None], other=0.0).to(DDT)
+                   mask=_tile_mask(m_real_m, m_d), other=0.0).to(DDT)
     # online softmax as in the forward, with sum_j exp(S_ij - m_i) dP_ij carried beside the row sum; [BLOCK_M]
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
     b_l = tl.zeros([BLOCK_M], dtype=CDT)
@@ -349,7 +390,7 @@ def _window_attention_bwd_stats_kernel(
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = _in_window(o_n, N, BLOCK_N)
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], o_d, stride_qkv_t, grid, C, WH,
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
                                         WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
@@ -384,12 +425,13 @@ def _probs(b_s, b_rmax, b_logl, m_m, MASK_M: tl.constexpr):
 
 
 @triton.jit
-def _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real, o_tok, o_d, stride_do_b, stride_do_t,
+def _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real, o_tok, cols, stride_do_b, stride_do_t,
                       L, N: tl.constexpr, NUM_WINDOWS, NUM_HEADS, HEAD_DIM: tl.constexpr):
-    """dO rows [BLOCK_M, HEAD_DIM] (zero for padded and out-of-window rows, which have no output), and the
-    softmax statistics and delta [BLOCK_M]."""
+    """dO rows [BLOCK_M, BLOCK_D] (zero for padded and out-of-window rows, which have no output, and beyond the
+    head's channels), and the softmax statistics and delta [BLOCK_M]."""
+    o_d, m_d = cols
     b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
-                   mask=m_real[:, None], other=0.0)
+                   mask=_tile_mask(m_real, m_d), other=0.0)
     b_rmax, b_logl = _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS)
     b_delta = tl.load(DELTA + i_b * L * NUM_HEADS + o_tok * NUM_HEADS + i_h, mask=m_real, other=0.0)
     return b_do, (b_rmax, b_logl), b_delta
@@ -401,9 +443,9 @@ def _window_attention_bwd_dq_kernel(
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L,
     mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     """dq for BLOCK_M query rows of one window and head; padded query rows have no output, hence no dq."""
     tl.static_assert(N == WH * WW)
@@ -416,27 +458,28 @@ def _window_attention_bwd_dq_kernel(
     i_bwm, i_h = tl.program_id(0), tl.program_id(1)
     i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    o_d = tl.arange(0, HEAD_DIM)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
     o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = _in_window(o_m, N, BLOCK_M)
     p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
     p_bias = QKV_BIAS + i_h * HEAD_DIM
     b_scale = tl.load(SCALE + i_h)
     (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
-        p_qkv, p_bias, b_scale, o_m, m_m, i_w2, o_d, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
+        p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
         HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
     b_do, (b_rmax, b_logl), b_delta = _load_query_grads(
-        DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d, stride_do_b, stride_do_t, L, N,
+        DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
         NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
     b_do = b_do.to(DDT)
-    # [BLOCK_M, HEAD_DIM]
-    b_dqs = tl.zeros([BLOCK_M, HEAD_DIM], dtype=CDT)
+    # [BLOCK_M, BLOCK_D]
+    b_dqs = tl.zeros([BLOCK_M, BLOCK_D], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = _in_window(o_n, N, BLOCK_N)
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], o_d, stride_qkv_t, grid, C, WH,
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
                                         WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
         b_kn = b_kn.to(DDT)
         # [BLOCK_M, BLOCK_N]
@@ -449,7 +492,7 @@ def _window_attention_bwd_dq_kernel(
         b_dqs += _dot(b_ds.to(DDT), b_kn, FULL_DOT)
     b_dq = _l2_normalize_backward(b_qn, b_rq, b_dqs * b_scale)
     p_dq = DQKV + i_b * stride_dqkv_b + o_tok_m[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
-    tl.store(p_dq, b_dq.to(DQKV.dtype.element_ty), mask=m_real_m[:, None])
+    tl.store(p_dq, b_dq.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_m, m_d))
 
 
 @triton.jit
@@ -458,9 +501,9 @@ def _window_attention_bwd_dkdv_kernel(
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L, NUM_PAD,
     mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     """dk and dv for BLOCK_N key rows of one window and head. Every token is a key of exactly one window,
     so rows are stored, not accumulated; with a bias, padded key rows go to their own slot of DPAD
@@ -475,7 +518,8 @@ def _window_attention_bwd_dkdv_kernel(
     i_bwn, i_h = tl.program_id(0), tl.program_id(1)
     i_b, i_w, i_w2 = _window_of(i_bwn // NUM_N, NUM_WINDOWS, NUM_WX)
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    o_d = tl.arange(0, HEAD_DIM)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
     o_n = (i_bwn % NUM_N) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = _in_window(o_n, N, BLOCK_N)
     o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
@@ -483,23 +527,23 @@ def _window_attention_bwd_dkdv_kernel(
     p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
     p_bias = QKV_BIAS + i_h * HEAD_DIM
     b_scale = tl.load(SCALE + i_h)
-    # [BLOCK_N, HEAD_DIM]
-    b_k = _load_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, o_d, stride_qkv_t, HAS_BIAS)
-    b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, o_d, stride_qkv_t, HAS_BIAS).to(DDT)
+    # [BLOCK_N, BLOCK_D]
+    b_k = _load_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
+    b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS).to(DDT)
     b_kn, b_rk = _l2_normalize(b_k, CDT)
     b_kn_d = b_kn.to(DDT)
-    b_dkn = tl.zeros([BLOCK_N, HEAD_DIM], dtype=CDT)
-    b_dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=CDT)
+    b_dkn = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
     for start_m in range(0, N, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = _in_window(o_m, N, BLOCK_M)
         (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
-            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, o_d, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
+            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
             HAS_BIAS, CDT, DDT)
         m_real_m = m_m & ~m_pad_m
         b_do, (b_rmax, b_logl), b_delta = _load_query_grads(
-            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d, stride_do_b, stride_do_t, L, N,
+            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
             NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_do = b_do.to(DDT)
         # [BLOCK_M, BLOCK_N]
@@ -516,15 +560,15 @@ def _window_attention_bwd_dkdv_kernel(
 
     m_real_n = m_n & ~m_pad_n
     p_dk = DQKV + i_b * stride_dqkv_b + o_tok_n[:, None] * stride_dqkv_t + C + i_h * HEAD_DIM + o_d[None, :]
-    tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])
-    tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])
+    tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))
+    tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))
     if HAS_BIAS:  # without a bias padded keys are constant zeros: nothing to learn there
         if PADDED:
             o_pad_n = _padding_index(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, ROLL_THEN_PAD)
             m_padded_n = m_n & m_pad_n
             p_dpad = DPAD + i_b * NUM_PAD * (2 * C) + o_pad_n[:, None] * (2 * C) + i_h * HEAD_DIM + o_d[None, :]
-            tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
-            tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=m_padded_n[:, None])
+            tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=_tile_mask(m_padded_n, m_d))
+            tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=_tile_mask(m_padded_n, m_d))
 
 
 @triton.jit
@@ -533,9 +577,9 @@ def _window_attention_bwd_dbias_kernel(
     stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L, NUM_BW, WINDOWS_PER_GROUP,
     mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     """Partial gradients of the (heads, N, N) bias table and of the scale, summed over one group of
     WINDOWS_PER_GROUP consecutive (image, window) pairs in a fixed order: DBIAS (groups, heads, N, N) and
@@ -550,7 +594,8 @@ def _window_attention_bwd_dbias_kernel(
     MASK_M: tl.constexpr = N % BLOCK_M != 0
     i_tile, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    o_d = tl.arange(0, HEAD_DIM)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
     o_m = (i_tile // NUM_TN) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = (i_tile % NUM_TN) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = _in_window(o_m, N, BLOCK_M)
@@ -565,13 +610,13 @@ def _window_attention_bwd_dbias_kernel(
         i_b, i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
         p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
         (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
-            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, o_d, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
+            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
             HAS_BIAS, CDT, DDT)
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], o_d, stride_qkv_t, grid, C, WH,
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
                                         WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
         m_real_m = m_m & ~m_pad_m
         b_do, (b_rmax, b_logl), b_delta = _load_query_grads(
-            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, o_d, stride_do_b, stride_do_t, L, N,
+            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
             NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
         b_kn = b_kn.to(DDT)
         # [BLOCK_M, BLOCK_N]
@@ -591,9 +636,9 @@ def _window_attention_bwd_dbias_kernel(
     tl.store(DSCALE + (i_g * NUM_HEADS + i_h) * NUM_TILES + i_tile, tl.sum(b_dscale, axis=0) / b_scale)
 
 
-# (BLOCK_M, BLOCK_N, num_warps) per head dimension, chosen with the compile check as the largest tiles that
-# compile without register spills for sm_80 and sm_90 (registers in the compile-check table). A window of N
-# tokens takes ceil(N / BLOCK_M) query blocks and streams ceil(N / BLOCK_N) key blocks; a tile that does not
+# (BLOCK_M, BLOCK_N, num_warps) per channel tile BLOCK_D = channel_block(head_dim), chosen with the compile
+# check as the largest tiles that compile without register spills for sm_80 and sm_90 (registers in the
+# compile-check table). A window of N tokens takes ceil(N / BLOCK_M) query blocks and streams ceil(N / BLOCK_N) key blocks; a tile that does not
 # divide N is masked. The 16-bit forward at head_dim <= 32 picks its tiles by N (_forward_tiles_16bit).
 _TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)}
 _TILES_FP32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (16, 16, 8), 128: (16, 16, 8)}
@@ -649,15 +694,16 @@ def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = Fal
     tuned = _tuned(n, head_dim, dtype, backward)
     if tuned is not None:
         return tuned[:3]
+    block_d = channel_block(head_dim)
     if dtype == torch.float64:
-        return _TILES_FP64[head_dim]
+        return _TILES_FP64[block_d]
     if backward and dtype == torch.float32:
-        return _BWD_TILES_FP32.get(head_dim, _TILES_FP32[head_dim])  # beyond the table: interpreter only
+        return _BWD_TILES_FP32.get(block_d, _TILES_FP32[block_d])  # beyond the table: interpreter only
     if backward:
-        return _BWD_TILES_16BIT[head_dim]
-    if dtype != torch.float32 and head_dim <= 32:
+        return _BWD_TILES_16BIT[block_d]
+    if dtype != torch.float32 and block_d <= 32:
         return _forward_tiles_16bit(n)
-    return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[head_dim]
+    return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[block_d]
 
 
 def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: int = 90,
@@ -668,17 +714,19 @@ def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = Fal
     tuned = _tuned(n, head_dim, dtype, backward)
     if tuned is not None:
         return tuned[3]
-    if not backward and dtype in (torch.float16, torch.bfloat16) and head_dim <= 32 and n % 128 == 0 and arch >= 90 \
-            and not padded:
+    if not backward and dtype in (torch.float16, torch.bfloat16) and channel_block(head_dim) <= 32 and n % 128 == 0 \
+            and arch >= 90 and not padded:
         return 128
     return MAXNREG
 
 
 def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the compiled backward kernels serve this head dim and dtype on a GPU (see the tile tables)."""
+    if not head_dim_supported(head_dim):
+        return False
     if dtype == torch.float32:
-        return head_dim in _BWD_TILES_FP32
-    return dtype in (torch.float16, torch.bfloat16) and head_dim in _BWD_TILES_16BIT
+        return channel_block(head_dim) in _BWD_TILES_FP32
+    return dtype in (torch.float16, torch.bfloat16) and channel_block(head_dim) in _BWD_TILES_16BIT
 
 
 class _Geometry(NamedTuple):
@@ -736,7 +784,8 @@ def _flags(qkv, qkv_bias, pad_order, head_dim, g: _Geometry, backward=False):
     specialisations."""
     block_m, block_n, num_warps = block_config(g.N, head_dim, qkv.dtype, backward)
     padded = g.HP * g.WP != g.H * g.W
-    return dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, SHIFTED=g.SH > 0 or g.SW > 0, PADDED=padded,
+    return dict(HEAD_DIM=head_dim, BLOCK_D=channel_block(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+                SHIFTED=g.SH > 0 or g.SW > 0, PADDED=padded,
                 ROLL_THEN_PAD=padded and pad_order == ROLL_THEN_PAD, HAS_BIAS=padded and qkv_bias is not None,
                 FULL_DOT=qkv.dtype in (torch.float32, torch.float64), num_warps=num_warps,
                 maxnreg=register_cap(g.N, head_dim, qkv.dtype, backward, _arch(qkv), padded))
@@ -771,8 +820,8 @@ def window_attention_triton_forward(
     """
     B, L, C3 = qkv.shape
     head_dim = C3 // 3 // num_heads
-    if head_dim not in KERNEL_HEAD_DIMS:
-        raise ValueError(f"the Triton kernel supports head_dim in {KERNEL_HEAD_DIMS}, got {head_dim}")
+    if not head_dim_supported(head_dim):
+        raise ValueError(f"the Triton kernels support head_dim 1 to {MAX_HEAD_DIM}, got {head_dim}")
     if qkv.stride(-1) != 1:
         raise ValueError(f"qkv's last dimension must be contiguous (stride 1), got strides {qkv.stride()}")
     g = _geometry(qkv, grid_size, num_heads, window_size, shift_size, pad_order)

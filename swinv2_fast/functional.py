@@ -8,12 +8,14 @@ shapes and the math) plus `implementation`:
   tensors it runs under Triton's interpreter when TRITON_INTERPRET=1 was set before the kernel module was
   imported, and raises otherwise. Calls the kernel does not serve by design go to the eager path:
   `return_attention_probs=True` (the kernel never forms the N x N probabilities) and `dropout_p > 0`.
-- "auto": "triton" for CUDA tensors when Triton imports and the head dimension is one the kernel is built
-  for (16, 32, 64, 128), "eager" otherwise.
+- "auto": "triton" for CUDA tensors when Triton imports and the kernels serve the head dimension (1 to 128:
+  `head_dim_supported` in the kernel module states the rule; a head dim that is not a power of two of at
+  least 16 runs masked in the next one), "eager" otherwise.
 
 On a GPU two cases go to the eager path by design ("auto") or raise ("triton"): float64 inputs, and fp32
 calls that need gradients with head_dim 64 or 128 (the fused backward has no spill-free fp32 build there;
-every published model has head_dim 32). Under the interpreter on CPU every case runs the kernels but
+every published model has head_dim 32; the fp32 rule goes by the padded channel tile, so head dims up
+to 32 are fused). Under the interpreter on CPU every case runs the kernels but
 bfloat16, which Triton's interpreter computes wrongly (its bf16 `tl.dot`): "triton" raises there.
 
 The "triton" path is the custom op `torch.ops.swinv2_fast.window_attention_fused` (torch.library, with a
@@ -30,7 +32,6 @@ from .kernels.reference import PAD_THEN_ROLL, check_geometry, is_int, window_att
 __all__ = ["window_attention", "IMPLEMENTATIONS", "triton_available", "resolve_implementation"]
 
 IMPLEMENTATIONS = ("auto", "triton", "eager")
-KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 
 
 _TRITON_IMPORTS: Optional[bool] = None
@@ -60,7 +61,7 @@ def _unserved_reason(qkv: torch.Tensor, num_heads: int) -> str:
     if qkv.dtype == torch.float64:
         return "float64 runs on the eager path (the kernels' fp64 build is for gradcheck under the interpreter)"
     return (f"the fused backward has no spill-free build for {qkv.dtype} with head_dim {head_dim} (fp32 "
-            "gradients are fused for head_dim 16 and 32, fp16/bf16 for every head_dim)")
+            "gradients are fused for head_dim up to 32, fp16/bf16 for every head_dim)")
 
 
 def _fused_serves(qkv: torch.Tensor, num_heads: int, grad_inputs) -> bool:
@@ -85,15 +86,16 @@ def resolve_implementation(implementation: str, qkv: torch.Tensor, num_heads: in
         return "eager"
     head_dim = qkv.shape[-1] // 3 // num_heads
     if implementation == "auto":
-        usable = qkv.is_cuda and head_dim in KERNEL_HEAD_DIMS and triton_available()
+        usable = qkv.is_cuda and triton_available() and _kernel_module().head_dim_supported(head_dim)
         return "triton" if usable and _fused_serves(qkv, num_heads, grad_inputs) else "eager"
     if not triton_available():
         raise RuntimeError(
             "implementation='triton' needs Triton, which does not import here; install triton or use "
             "implementation='eager' (or 'auto', which picks eager where Triton cannot run)"
         )
-    if head_dim not in KERNEL_HEAD_DIMS:
-        raise ValueError(f"implementation='triton' supports head_dim in {KERNEL_HEAD_DIMS}, got {head_dim}")
+    if not _kernel_module().head_dim_supported(head_dim):
+        raise ValueError(f"implementation='triton' supports head_dim 1 to {_kernel_module().MAX_HEAD_DIM}, got "
+                         f"{head_dim}")
     if qkv.device.type == "cuda" and not _fused_serves(qkv, num_heads, grad_inputs):
         raise ValueError(
             f"implementation='triton' on a GPU: {_unserved_reason(qkv, num_heads)}; use implementation='auto' "

@@ -9,8 +9,9 @@ pytest.importorskip("triton")
 
 @pytest.mark.slow  # compiles the published head dim's specializations for two architectures (minutes)
 def test_compile_check_passes():
-    # --published: head_dim 32 over every window and flag combination (600 compilations); the full gate over
-    # every head dim (about 2,600) is the check to run before changing a kernel, too long for CI
+    # --published: Swin V2's head dim 32 over every published window and geometry, Swin2SR's 30 and 10 at its
+    # window and geometries; the full gate over every head dim of GATE_HEAD_DIMS is the check to run before
+    # changing a kernel, too long for CI
     result = subprocess.run([sys.executable, "-m", "swinv2_fast.kernels.compile_check", "--published"],
                             capture_output=True,
                             text=True, timeout=1800)
@@ -21,7 +22,9 @@ def test_compile_check_passes():
     assert result.stdout.count("sm_80") == result.stdout.count("sm_90") > 0
     for kernel in ("fwd", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
         for dtype in ("fp32", "fp16", "bf16"):
-            assert any(line.split()[:2] == [kernel, dtype] for line in result.stdout.splitlines()), (kernel, dtype)
+            for head_dim in ("32", "30", "10"):
+                assert any(line.split()[:3] == [kernel, dtype, head_dim] for line in result.stdout.splitlines()), (
+                    kernel, dtype, head_dim)
 
 
 def test_launchable_specs_cover_what_the_host_launches():
@@ -29,16 +32,20 @@ def test_launchable_specs_cover_what_the_host_launches():
     combination the host can launch), the forward, and the backward kernels where the fused backward serves."""
     import torch
 
-    from swinv2_fast.kernels.compile_check import GEOMETRIES, KERNELS, WINDOW_SIZES, launchable_specs
-    from swinv2_fast.kernels.triton_window_attention import KERNEL_HEAD_DIMS, fused_backward_supported
+    from swinv2_fast.kernels.compile_check import GATE_HEAD_DIMS, GEOMETRIES, KERNELS, WINDOW_SIZES, launchable_specs
+    from swinv2_fast.kernels.triton_window_attention import channel_block, fused_backward_supported
 
+    # the gate's head dims: every channel tile, whole and masked (below 16, and between powers of two)
+    assert {channel_block(h) for h in GATE_HEAD_DIMS} == {16, 32, 64, 128}
+    assert any(h < 16 for h in GATE_HEAD_DIMS) and any(channel_block(h) != h for h in GATE_HEAD_DIMS if h > 16)
     specs = set(launchable_specs())
-    for head_dim in KERNEL_HEAD_DIMS:
+    for head_dim in GATE_HEAD_DIMS:
         for dtype, name in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
             backward = fused_backward_supported(head_dim, dtype)
             for window in WINDOW_SIZES:
                 for geometry in GEOMETRIES:
                     for kernel in KERNELS:
                         assert ((kernel, name, head_dim, window, geometry) in specs) == (kernel == "fwd" or backward)
-    # head_dim 32, the published models': fused backward in every dtype
-    assert all(fused_backward_supported(32, d) for d in (torch.float32, torch.float16, torch.bfloat16))
+    # the published models' head dims (Swin V2's 32, Swin2SR's 30 and 10): fused backward in every dtype
+    for head_dim in (32, 30, 10):
+        assert all(fused_backward_supported(head_dim, d) for d in (torch.float32, torch.float16, torch.bfloat16))

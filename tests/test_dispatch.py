@@ -42,19 +42,24 @@ def kernel_module():
 
 
 def test_auto_on_cuda_takes_the_kernels_where_they_serve(kernel_module):
-    for head_dim in functional.KERNEL_HEAD_DIMS:
+    # every head dim from 1 to 128: powers of two from 16 in whole channel tiles, the others masked
+    for head_dim in (1, 8, 10, 16, 24, 30, 32, 48, 64, 96, 127, 128):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            assert _resolve("auto", _qkv(head_dim, dtype=dtype)) == "triton", (head_dim, dtype)
-    # gradients: fused where the backward has a build (every 16-bit head dim, fp32 at 16 and 32)
+            assert _resolve("auto", _qkv(head_dim, heads=1, dtype=dtype), heads=1) == "triton", (head_dim, dtype)
+    # gradients: fused where the backward has a build (every 16-bit head dim, fp32 up to 32)
     assert _resolve("auto", _qkv(32, grad=True)) == "triton"
     assert _resolve("auto", _qkv(16, grad=True)) == "triton"
+    assert _resolve("auto", _qkv(30, grad=True)) == "triton"  # Swin2SR's head dims
+    assert _resolve("auto", _qkv(10, grad=True)) == "triton"
+    assert _resolve("auto", _qkv(96, dtype=torch.float16, grad=True)) == "triton"
     assert _resolve("auto", _qkv(128, dtype=torch.bfloat16, grad=True)) == "triton"
     assert _resolve("auto", _qkv(64, dtype=torch.float16, grad=True)) == "triton"
 
 
 def test_auto_on_cuda_takes_eager_where_the_kernels_do_not_serve(kernel_module):
-    assert _resolve("auto", _qkv(24)) == "eager"  # a head dim without a kernel build
-    assert _resolve("auto", _qkv(8, heads=1)) == "eager"
+    assert _resolve("auto", _qkv(160, heads=1), heads=1) == "eager"  # beyond the kernels' largest head dim
+    assert _resolve("auto", _qkv(129, heads=1, dtype=torch.float16), heads=1) == "eager"
+    assert _resolve("auto", _qkv(48, grad=True)) == "eager"  # fp32 backward: a 64-channel tile
     assert _resolve("auto", _qkv(32, dtype=torch.float64)) == "eager"
     assert _resolve("auto", _qkv(64, grad=True)) == "eager"  # fp32 backward: no spill-free build
     assert _resolve("auto", _qkv(128, grad=True)) == "eager"
@@ -89,8 +94,10 @@ def test_triton_on_cuda_serves_or_raises(kernel_module):
         _resolve("triton", _qkv(32, dtype=torch.float64))
     with pytest.raises(ValueError, match="no spill-free build for torch.float32 with head_dim 64"):
         _resolve("triton", _qkv(64, grad=True))
-    with pytest.raises(ValueError, match=r"supports head_dim in \(16, 32, 64, 128\), got 24"):
-        _resolve("triton", _qkv(24))
+    with pytest.raises(ValueError, match=r"supports head_dim 1 to 128, got 160"):
+        _resolve("triton", _qkv(160, heads=1), heads=1)
+    assert _resolve("triton", _qkv(24)) == "triton"  # masked in a 32-channel tile
+    assert _resolve("triton", _qkv(10, dtype=torch.float16, grad=True)) == "triton"
     # by design the eager path's, whatever was asked
     assert _resolve("triton", _qkv(32), return_attention_probs=True) == "eager"
     assert _resolve("triton", _qkv(32), dropout_p=0.1) == "eager"
@@ -128,15 +135,17 @@ def test_unknown_implementation_is_rejected():
 
 
 def test_which_calls_the_fused_backward_serves_on_a_gpu(kernel_module):
-    """The rule behind "auto" and "triton" on CUDA tensors: fp64 never; fp32 with gradients for head_dim
-    16/32; fp16/bf16 always."""
+    """The rule behind "auto" and "triton" on CUDA tensors: fp64 never; fp32 with gradients for head_dim up
+    to 32 (channel tiles of 16 and 32); fp16/bf16 always."""
     def serves(dtype, head_dim, grad):
         qkv = torch.zeros(1, 4, 3 * head_dim, dtype=dtype, requires_grad=grad)
         return functional._fused_serves(qkv, 1, (qkv,))
 
     assert not serves(torch.float64, 32, False)
     assert serves(torch.float32, 128, False) and serves(torch.float32, 32, True) and serves(torch.float32, 16, True)
-    assert not serves(torch.float32, 64, True) and not serves(torch.float32, 128, True)
+    assert serves(torch.float32, 30, True) and serves(torch.float32, 10, True) and serves(torch.float32, 1, True)
+    assert not serves(torch.float32, 33, True) and not serves(torch.float32, 64, True)
+    assert not serves(torch.float32, 128, True)
     assert serves(torch.float16, 128, True) and serves(torch.bfloat16, 64, True)
     with torch.no_grad():
         assert serves(torch.float32, 128, True)  # no gradient will be asked for

@@ -13,7 +13,7 @@ from conftest import (FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, MODE
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference
 from swinv2_fast.kernels.reference import window_log_sum_exp
-from test_triton_forward import DEVICE, NON_SQUARE, SHAPES, TINY, _pair, make_inputs
+from test_triton_forward import DEVICE, NON_SQUARE, ODD_HEAD_DIMS, SHAPES, TINY, _pair, make_inputs
 
 # Every test here runs the forward and backward kernels unless marked otherwise (conftest: launch proof).
 pytestmark = pytest.mark.kernels(backward=True)
@@ -109,6 +109,22 @@ def test_fp32_gradients_match_reference(B, grid, heads, head_dim, window, shift,
         assert exact[1][2 * C:].abs().max() > 0 and fused[1][2 * C:].abs().max() > 0
     else:
         assert torch.count_nonzero(fused[1]) == 0
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", ODD_HEAD_DIMS)
+def test_gradients_any_head_dim(B, grid, heads, head_dim, window, shift, pad_order):
+    """Head dims 10, 24 and 30 (masked channel tiles), every gradient: fp32 as in the test above, fp16 (with
+    autocast's fp32 table and a non-zero k bias, as below) within PyTorch's own fp16 error."""
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    inputs = make_inputs(B, grid, heads, head_dim, window, seed=1)
+    fused, eager, exact, sensitivity = _three_ways(B, grid, heads, head_dim, inputs, kwargs, 2, torch.float32,
+                                                   with_sensitivity=True)
+    assert_errors_within_pytorch(fused, eager, exact, sum_floors(B, grid, window), sensitivity)
+    inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=4,
+                         zero_k_bias=False)
+    fused, eager, exact = _three_ways(B, grid, heads, head_dim, inputs, kwargs, 5, torch.float16)
+    assert_errors_within_pytorch(fused, eager, exact, LOW_PRECISION_FLOOR)
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])

@@ -56,6 +56,14 @@ SHAPES = [
     pytest.param(1, (8, 15), 1, 16, (4, 5), 0, id="B1-8x15-h1d16-w4x5s0"),
 ]
 NON_SQUARE = SHAPES[10:]
+# head dims that are not a power of two of at least 16 (Swin2SR's 30 and 10, 24 from a custom config): the
+# kernels run them masked in a channel tile of 16 or 32. Two heads where the head dim is below its tile: a
+# padded channel read or stored would reach the other head's channels (or the next token's) and show.
+ODD_HEAD_DIMS = [
+    pytest.param(1, (6, 7), 2, 10, 4, 2, id="B1-6x7-h2d10-w4s2-padded"),
+    pytest.param(2, (8, 8), 2, 30, 4, 0, id="B2-8x8-h2d30-w4s0"),
+    pytest.param(1, (5, 6), 2, 24, (3, 4), (1, 2), id="B1-5x6-h2d24-w3x4s1x2-padded"),
+]
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
@@ -83,6 +91,25 @@ def test_forward_fp16_error_is_that_of_pytorch(B, grid, heads, head_dim, window,
     assert out.dtype == torch.float16
     eager_error = (eager.double() - exact).abs().max().item()
     kernel_error = (out.double() - exact).abs().max().item()
+    assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
+        f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}")
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", ODD_HEAD_DIMS)
+def test_forward_any_head_dim(B, grid, heads, head_dim, window, shift, pad_order):
+    """Head dims 10, 24 and 30 (masked channel tiles): fp32 within the op's tolerance, fp16 (autocast's fp32
+    table) within PyTorch's own fp16 error."""
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    inputs = make_inputs(B, grid, heads, head_dim, window)
+    assert tk.channel_block(head_dim) > head_dim  # the masked path
+    out = tk.window_attention_triton_forward(*inputs, **kwargs)
+    assert_close(out, window_attention_reference(*inputs, **kwargs), atol=OP_FP32_ATOL, name="output")
+
+    inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32)
+    exact = window_attention_reference(*[t.double() if t is not None else None for t in inputs], **kwargs)
+    eager_error = (window_attention_reference(*inputs, **kwargs).double() - exact).abs().max().item()
+    kernel_error = (tk.window_attention_triton_forward(*inputs, **kwargs).double() - exact).abs().max().item()
     assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
         f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}")
 
