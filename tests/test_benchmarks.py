@@ -29,7 +29,9 @@ def test_interpreter_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", cases.OP_MODES)
-@pytest.mark.parametrize("provider", cases.providers_for(CPU, "op"))
+# the compiled chain takes 20 s and more to compile on 2 cores: in the slow part
+@pytest.mark.parametrize("provider", [pytest.param(p, marks=pytest.mark.slow) if p == "compile" else p
+                                      for p in cases.providers_for(CPU, "op")])
 def test_every_cpu_op_provider_runs_and_agrees(provider, mode):
     fn = cases.op_case(provider, TINY_OP, 1, torch.float32, mode, CPU)
     expected = cases.op_case("sdpa", TINY_OP, 1, torch.float32, mode, CPU)()
@@ -99,7 +101,8 @@ def test_triton_provider_needs_a_gpu():
 
 
 # torch.compile of whole models takes about a minute per mode on 2 cores: CI compiles the inference mode only
-@pytest.mark.parametrize("mode,compiled", [("inference", False), ("train step", False), ("inference", True)],
+@pytest.mark.parametrize("mode,compiled", [("inference", False), ("train step", False),
+                                           pytest.param("inference", True, marks=pytest.mark.slow)],
                          ids=["inference", "train-step", "inference-compiled"])
 def test_every_cpu_model_provider_runs(mode, compiled):
     models = cases.build_models(TINY_MODEL, layout=TINY_LAYOUT)

@@ -6,7 +6,7 @@ import torch
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
 import swinv2_fast
-from conftest import MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close, perturb_
+from _utils import MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close, official_checkpoint_from_timm, perturb_
 
 TIMM_CONFIGS = {
     "w4-classifier": dict(img_size=64, window_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), num_classes=5),
@@ -70,26 +70,6 @@ def test_from_timm_rejects_windows_it_cannot_express():
                                    always_partition=True)
     with pytest.raises(ValueError, match="always_partition"):
         swinv2_fast.from_timm(timm_model)
-
-
-def official_checkpoint_from_timm(timm_model):
-    """The official layout of the same weights: downsample at the end of stage i, plain `head`, and the
-    derived buffers the official code saves (which the converter must ignore)."""
-    state = {}
-    for key, value in timm_model.state_dict().items():
-        match = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
-        if match:
-            key = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
-        key = key.replace("head.fc.", "head.")
-        state[key] = value.clone()
-    for i, stage in enumerate(timm_model.layers):
-        for j, block in enumerate(stage.blocks):
-            prefix = f"layers.{i}.blocks.{j}."
-            state[prefix + "attn.relative_coords_table"] = block.attn.relative_coords_table.clone()
-            state[prefix + "attn.relative_position_index"] = block.attn.relative_position_index.clone()
-            if block.attn_mask is not None:
-                state[prefix + "attn_mask"] = block.attn_mask.clone()
-    return {"model": state, "epoch": 3}
 
 
 OFFICIAL_CONFIG = {

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import swinv2_fast
-from conftest import (MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close, backward_launches, count_launches,
-                      forward_launches, perturb_)
+from _utils import (MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close, backward_launches, count_launches,
+                    forward_launches, perturb_)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")]
@@ -102,8 +102,8 @@ def test_two_processes_match_one_process(implementation, mode):
     forward and backward kernels ran on both ranks."""
     single = _train(_model(implementation).train(), _batches())
     with tempfile.TemporaryDirectory() as out_dir:
-        # spawned workers inherit this environment, TRITON_INTERPRET included; they import conftest, which
-        # applies the same stack shims
+        # spawned workers inherit this environment, TRITON_INTERPRET included; they import tests/_utils.py (through
+        # this module), which applies the same stack shims
         try:
             mp.spawn(_worker, args=(implementation, mode, os.path.join(out_dir, "init"), out_dir), nprocs=WORLD,
                      join=True)

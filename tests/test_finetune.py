@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import swinv2_fast
-from conftest import (KERNEL_DEVICE, LOW_PRECISION_FACTOR, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL,
-                      OP_GRAD_FP32_RTOL, assert_close, backward_launches, count_launches, forward_launches,
-                      perturb_, sum_grad_fp32_rtol)
+from _utils import (KERNEL_DEVICE, LOW_PRECISION_FACTOR, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL,
+                    OP_GRAD_FP32_RTOL, assert_close, backward_launches, count_launches, forward_launches, perturb_,
+                    sum_grad_fp32_rtol)
 
 pytestmark = pytest.mark.kernels  # the kernels must run here (conftest: skip, or fail in CI, where they cannot)
 transformers = pytest.importorskip("transformers")
@@ -46,7 +46,10 @@ def _grads(implementation, inputs, needs, grad_out):
 SUBSETS = [needs for needs in itertools.product([False, True], repeat=4) if any(needs)]
 
 
-@pytest.mark.parametrize("needs", SUBSETS, ids=lambda needs: "+".join(n for n, x in zip(NAMES, needs) if x))
+# one input needing a gradient, and all of them, in the quick run; the other ten subsets in the slow part
+@pytest.mark.parametrize("needs", [needs if sum(needs) in (1, 4) else pytest.param(needs, marks=pytest.mark.slow)
+                                   for needs in SUBSETS],
+                         ids=lambda needs: "+".join(n for n, x in zip(NAMES, needs) if x))
 def test_every_subset_of_inputs_needing_gradients(needs):
     """Only the asked-for gradients: each against fp64 no further off than the eager reference in fp32
     (LOW_PRECISION_FACTOR times its error plus the sum-aware floor); the table/scale kernel runs only when
@@ -126,6 +129,10 @@ def _timm():
 
 
 FAMILIES = {"swinv2_fast": _ours, "transformers": _transformers, "timm": _timm}
+# swinv2_fast's models in the quick run; the patched transformers and timm models (15 s to 100 s each on 2
+# cores) in the slow part
+FAMILY_PARAMS = [family if family == "swinv2_fast" else pytest.param(family, marks=pytest.mark.slow)
+                 for family in FAMILIES]
 
 
 def _frozen_scale_and_cpb(name):
@@ -174,7 +181,7 @@ def _compare_training(eager, fused, family):
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_partial_fine_tuning_matches_eager(family, scenario):
     eager, fused = FAMILIES[family]()
     eager.to(KERNEL_DEVICE).train()
@@ -194,7 +201,7 @@ def test_partial_fine_tuning_matches_eager(family, scenario):
         assert launches["_window_attention_bwd_dbias_kernel"] == 0  # nothing allocated or run for them
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_peft_lora_on_query_value(family):
     """A real PEFT LoRA adapter: the base model frozen, the adapters train with the eager path's gradients.
     On query/value for transformers' layout; timm's SwinTransformerV2 reads `qkv.weight` directly (F.linear),

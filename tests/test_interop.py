@@ -11,9 +11,8 @@ from torch import nn
 
 import swinv2_fast
 import swinv2_fast.modeling as modeling
-from conftest import FP32_ATOL, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close
+from _utils import FP32_ATOL, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close, make_pair
 from swinv2_fast.kernels import reference, window_attention_reference, window_layout
-from test_models import make_pair
 
 TINY = dict(image_size=40, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2])
 
@@ -163,6 +162,7 @@ def test_a_default_device_keeps_the_caches():
         assert window_layout((10, 10), 4, 2) is window_layout((10, 10), 4, 2)
 
 
+@pytest.mark.slow  # inductor compiles a whole model
 def test_fullgraph_compile_in_inference():
     hf, ours = make_pair("Swinv2ForImageClassification", num_labels=3, **TINY)
     x = torch.randn(2, 3, 40, 40)

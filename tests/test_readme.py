@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import swinv2_fast
+from _utils import official_checkpoint_from_timm
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -32,7 +33,6 @@ def test_use_section_has_snippets():
 def downloads(tmp_path, monkeypatch):
     """The files the snippets name, written with random weights, and the working directory they live in."""
     timm = pytest.importorskip("timm")
-    from test_convert import official_checkpoint_from_timm
 
     config = transformers.Swinv2Config(image_size=256, patch_size=4, window_size=8, embed_dim=16, depths=[1, 1],
                                        num_heads=[1, 2], num_labels=1000, drop_path_rate=0.0)

@@ -4,12 +4,10 @@ import pytest
 import torch
 
 import swinv2_fast
-from conftest import (FP32_ATOL, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, assert_close, perturb_,
-                      tk)
+from _utils import (FP32_ATOL, KERNEL_DEVICE, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, TINY,
+                    assert_close, assert_errors_within_pytorch, make_inputs, perturb_, sum_floors, tk)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import ROLL_THEN_PAD, window_attention_reference
-from test_triton_backward import assert_errors_within_pytorch, sum_floors
-from test_triton_forward import DEVICE, TINY, make_inputs
 
 # Every test here runs the forward and backward kernels (conftest: launch proof, honest skips).
 pytestmark = pytest.mark.kernels(backward=True)
@@ -30,7 +28,7 @@ def test_fake_implementation_gives_the_real_shapes():
 
 def test_op_compiles_without_graph_break_forward_and_backward():
     inputs = make_inputs(2, (6, 7), 2, 16, 4, seed=1, zero_k_bias=False)
-    grad_out = torch.randn(2, 42, 32, device=DEVICE)
+    grad_out = torch.randn(2, 42, 32, device=KERNEL_DEVICE)
 
     def f(*xs):
         return window_attention(*xs, implementation="triton", **OP_KWARGS)
@@ -72,12 +70,13 @@ def test_op_on_cpu_without_the_interpreter_runs_the_reference(monkeypatch):
     _check_gradients(grads, inputs, grad_out)
 
 
+@pytest.mark.slow  # inductor compiles a whole model's forward and backward: about a minute on 2 cores
 def test_compiled_model_training_step_matches_eager():
     """A tiny model with the fused op under torch.compile (inductor around the opaque op): same loss and
     parameter gradients as the uncompiled eager model; the op is traced without a graph break."""
     config = swinv2_fast.Swinv2Config(**TINY, num_labels=3)
-    model = perturb_(swinv2_fast.Swinv2ForImageClassification(config)).train().to(DEVICE)
-    x, labels = torch.randn(2, 3, 32, 32, device=DEVICE), torch.tensor([0, 2], device=DEVICE)
+    model = perturb_(swinv2_fast.Swinv2ForImageClassification(config)).train().to(KERNEL_DEVICE)
+    x, labels = torch.randn(2, 3, 32, 32, device=KERNEL_DEVICE), torch.tensor([0, 2], device=KERNEL_DEVICE)
 
     def step(forward):
         model.zero_grad(set_to_none=True)

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import swinv2_fast
-from conftest import MODEL_GRAD_FP32_ATOL as GRAD_ATOL
-from conftest import MODEL_GRAD_FP32_RTOL as GRAD_RTOL
-from conftest import assert_close
-from test_models import CONFIGS, make_pair
+from _utils import MODEL_GRAD_FP32_ATOL as GRAD_ATOL
+from _utils import MODEL_GRAD_FP32_RTOL as GRAD_RTOL
+from _utils import CONFIGS, assert_close, make_pair, perturb_
 
 
 def train_step(model, x, labels):
@@ -123,7 +122,6 @@ def test_eval_mode_with_grad_enabled_still_differentiates_the_position_bias():
 
 
 def perturb_like(model, seed):
-    from conftest import perturb_
 
     return perturb_(copy.deepcopy(model), seed=seed).eval()
 

@@ -18,7 +18,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import swinv2_fast
-from conftest import assert_close, perturb_
+from _utils import assert_close, perturb_
 
 # A saved and reloaded model gives the same logits: within 1e-5 in fp32 between transformers and swinv2_fast
 # (issue 15's bound; the two implementations sum in different orders), bit for bit within swinv2_fast.

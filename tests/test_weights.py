@@ -8,8 +8,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import swinv2_fast
-from conftest import assert_close
-from test_models import CONFIGS, make_pair
+from _utils import CONFIGS, assert_close, make_pair
 
 CLASSES = ["Swinv2Model", "Swinv2ForImageClassification", "Swinv2ForMaskedImageModeling", "Swinv2Backbone"]
 

@@ -10,7 +10,7 @@ import transformers
 
 import swinv2_fast
 import swinv2_fast.modeling as modeling
-from conftest import FP32_ATOL, KERNEL_DEVICE, assert_close, count_launches, forward_launches, perturb_
+from _utils import FP32_ATOL, KERNEL_DEVICE, assert_close, count_launches, forward_launches, perturb_
 from swinv2_fast.patch import _position_bias
 
 # Every neighbour differs from every other, so a field read from a neighbour shows: the two dropout
