@@ -228,3 +228,37 @@ def test_patch_again_with_another_implementation(make):
         with count_launches() as launches:
             assert torch.equal(_logits(model, x), expected)
         assert not launches and not swinv2_fast.is_patched(model)
+
+
+# ------------------------------------------------------------------------------------------ the installed package
+def test_a_built_wheel_holds_the_tree_as_swinv2_fast(tmp_path):
+    """pyproject.toml's packaging: a wheel built offline (as on the GPU machine: setuptools and wheel only) holds
+    every module of swinv2_fast/ and of kernels/ (as swinv2_fast.kernels, never a top-level `kernels`), the
+    kernels' JSON data (a tile sweep's tuned_tiles.json), py.typed, and swinv2_fast.__version__ as its version."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    pytest.importorskip("wheel")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(root, name), source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(os.path.join(root, "swinv2_fast"), source / "swinv2_fast", ignore=ignore)
+    shutil.copytree(os.path.join(root, "kernels"), source / "kernels", ignore=ignore)
+    (source / "kernels" / "tuned_tiles.json").write_text("{}")  # as a GPU tile sweep leaves it
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"swinv2_fast/{f}" for f in os.listdir(source / "swinv2_fast") if f.endswith((".py", ".typed"))}
+    expected |= {f"swinv2_fast/kernels/{f}" for f in os.listdir(source / "kernels") if f.endswith((".py", ".json"))}
+    assert "swinv2_fast/py.typed" in expected and "swinv2_fast/kernels/tuned_tiles.json" in expected
+    assert expected <= names, sorted(expected - names)
+    assert not any(n.startswith("kernels/") for n in names), "kernels/ installed as a top-level package"
+    assert wheel.name.startswith(f"swinv2_fast-{swinv2_fast.__version__}-"), wheel.name
