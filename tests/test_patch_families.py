@@ -3,7 +3,8 @@ Swin2SR. Patched == unpatched (outputs, a training step's gradients, state dicts
 and on the eager path; unpatch restores the library's code; the cases the Cr patch routes to timm's own
 chain by design; clear refusals of unknown structures.
 
-Tiny configs (the kernels run under Triton's interpreter on CPU): embed_dim 16 or 32 with head_dim 16 or 32.
+Tiny configs (the kernels run under Triton's interpreter on CPU): head_dim 16 or 32, and Swin2SR's published
+head dims 10 and 30 (which the kernels run in a masked power-of-two channel tile).
 """
 import copy
 import re
@@ -69,6 +70,10 @@ SR_CONFIGS = {
     # config.image_size 6 < window 8: transformers takes 6x6 windows without shift on the 8x16 grid the
     # model pads to window multiples of 8, so every block pads its grid to 12x18
     "windows-not-dividing": dict(upsampler="pixelshuffledirect", image_size=6, window_size=8),
+    # the published head dims, shrunk: 10 (lightweight: embed_dim 60, 6 heads) and 30 (embed_dim 180, 6 heads),
+    # which the kernels run masked in a 16- and a 32-channel tile
+    "head-dim-10-lightweight": dict(upsampler="pixelshuffledirect", embed_dim=20, num_heads=[2]),
+    "head-dim-30": dict(upsampler="pixelshuffle", embed_dim=30, num_heads=[1]),
 }
 SR_SIZE = {"windows-not-dividing": (8, 16)}
 
@@ -141,9 +146,11 @@ def _loss(model, x, seed):
 
 
 # Training through the kernels under the interpreter costs 15-60 s a model on a shared 2-core machine: two
-# configs in the default run (padding, shifts, the Cr bias MLP's dropout; Swin2SR), the others marked slow.
-_TRAINING_FAST = ("cr-head-nonsquare-padded", "sr-pixelshuffle")
-_TRAINING_SLOW = ("cr-window-ratio-clamped", "cr-headless-static-mask-extra-norm", "sr-windows-not-dividing")
+# configs in the default run (Cr: padding, shifts, its bias MLP's dropout; Swin2SR at head_dim 10), the others
+# marked slow.
+_TRAINING_FAST = ("cr-head-nonsquare-padded", "sr-head-dim-10-lightweight")
+_TRAINING_SLOW = ("cr-window-ratio-clamped", "cr-headless-static-mask-extra-norm", "sr-pixelshuffle",
+                  "sr-windows-not-dividing", "sr-head-dim-30")
 TRAINING_MODELS = [m for m in MODELS if m.id in _TRAINING_FAST]
 TRAINING_MODELS += [pytest.param(*m.values, id=m.id, marks=pytest.mark.slow) for m in MODELS if m.id in _TRAINING_SLOW]
 
