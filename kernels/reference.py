@@ -289,7 +289,10 @@ def _cached_layout(key: tuple, device: Union[str, torch.device, None]) -> Window
                                scatter_index=layout.scatter_index.to(device),
                                region=None if layout.region is None else layout.region.to(device))
 
-    if not torch.compiler.is_dynamo_compiling() and tensor_modes_active():
+    if torch.compiler.is_dynamo_compiling():
+        # torch.compile records the construction into its graph (dynamo cannot enter the cache's lock)
+        return build()
+    if tensor_modes_active():
         # under a mode (fake or meta tensors, a device context) the layout is built in that mode, for this
         # call only: kept in the cache it would serve every later call of the process
         return build()
