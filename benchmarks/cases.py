@@ -285,11 +285,11 @@ def linear_route(provider: str, model: Callable) -> Callable:
         return model
 
     def call(*args, **kwargs):
-        previous = swinv2_fast.linear.set_onednn_linear(False)
+        previous, model.config.cpu_onednn_linear = model.config.cpu_onednn_linear, False
         try:
             return model(*args, **kwargs)
         finally:
-            swinv2_fast.linear.set_onednn_linear(previous)
+            model.config.cpu_onednn_linear = previous
 
     return call
 

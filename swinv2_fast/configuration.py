@@ -10,6 +10,8 @@ behaviour:
 - `attn_implementation`: which window-attention implementation the model runs: "auto" (fused Triton kernel
   on CUDA, eager elsewhere), "triton" or "eager"; see `swinv2_fast.functional`. Saved under the key
   `swinv2_fast_attn_implementation` (transformers reads `attn_implementation` as its own setting).
+- `cpu_onednn_linear` and `cpu_inference_chunk_bytes`: the two CPU-only optimisations of inference, each
+  on by default (see `swinv2_fast.modeling`); same math either way. Written only when set off the default.
 
 As in transformers, a config accepts any structure at construction; whether the structure can be built
 (heads dividing channels, one entry per stage, window >= 1) is checked by `validate()`, which the models
@@ -24,13 +26,16 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["Swinv2Config", "WINDOW_SEMANTICS", "ATTN_IMPLEMENTATIONS"]
+__all__ = ["Swinv2Config", "WINDOW_SEMANTICS", "ATTN_IMPLEMENTATIONS", "DEFAULT_CPU_INFERENCE_CHUNK_BYTES"]
 
 WINDOW_SEMANTICS = ("transformers", "timm")
 # model_type values a config.json may carry: transformers' own, and the one that transformers' Auto classes map
 # to swinv2_fast's classes (swinv2_fast.register_auto_classes)
 MODEL_TYPES = ("swinv2", "swinv2_fast")
 ATTN_IMPLEMENTATIONS = ("auto", "triton", "eager")
+# Size of the pieces CPU inference runs a block in (Swinv2Layer._forward_in_pieces), when
+# config.cpu_inference_chunk_bytes is left at its default. See the README's CPU section for the measurement.
+DEFAULT_CPU_INFERENCE_CHUNK_BYTES = 8 << 20
 
 CONFIG_NAME = "config.json"
 
@@ -76,12 +81,18 @@ class Swinv2Config:
         out_features / out_indices: stages returned by `Swinv2Backbone` ("stem", "stage1", ...).
         window_semantics: "transformers" or "timm", see the module docstring.
         attn_implementation: window-attention implementation, one of ATTN_IMPLEMENTATIONS.
+        cpu_onednn_linear: fp32 CPU inference runs the linear layers through oneDNN's matmul
+            (`swinv2_fast.linear`); False keeps `F.linear` (MKL). Default True.
+        cpu_inference_chunk_bytes: CPU inference without autograd runs each block in pieces whose largest
+            intermediate is about this many bytes; 0 runs whole blocks. Hooks on modules inside a block
+            fire once per piece when > 0. Default DEFAULT_CPU_INFERENCE_CHUNK_BYTES (8 MiB).
         num_labels, id2label, label2id, problem_type: the classification head and its loss, as in transformers.
         output_hidden_states, output_attentions, return_dict: defaults of the forward arguments of those names.
 
     Raises:
-        ValueError: a field of swinv2_fast's own (window_semantics, attn_implementation) or out_features /
-            out_indices out of range. The structure itself is checked by `validate()` at model construction.
+        ValueError: a field of swinv2_fast's own (window_semantics, attn_implementation,
+            cpu_inference_chunk_bytes) or out_features / out_indices out of range.
+        TypeError: cpu_onednn_linear not a bool, cpu_inference_chunk_bytes not an int. The structure itself is checked by `validate()` at model construction.
 
     Example:
         >>> config = Swinv2Config(image_size=256, window_size=8, num_labels=10)
@@ -118,6 +129,8 @@ class Swinv2Config:
         out_indices: Optional[List[int]] = None,
         window_semantics: str = "transformers",
         attn_implementation: str = "auto",
+        cpu_onednn_linear: bool = True,
+        cpu_inference_chunk_bytes: int = DEFAULT_CPU_INFERENCE_CHUNK_BYTES,
         # Common fields of transformers' PreTrainedConfig that the models read.
         num_labels: Optional[int] = None,
         id2label: Optional[Dict[Any, str]] = None,
@@ -148,6 +161,8 @@ class Swinv2Config:
         self.encoder_stride = encoder_stride
         self.window_semantics = window_semantics
         self.attn_implementation = attn_implementation
+        self.cpu_onednn_linear = cpu_onednn_linear
+        self.cpu_inference_chunk_bytes = cpu_inference_chunk_bytes
         self.problem_type = problem_type
         self.output_hidden_states = output_hidden_states
         self.output_attentions = output_attentions
@@ -226,6 +241,13 @@ class Swinv2Config:
             raise ValueError(
                 f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
             )
+        if not isinstance(self.cpu_onednn_linear, bool):
+            raise TypeError(f"cpu_onednn_linear must be a bool, got {self.cpu_onednn_linear!r}")
+        chunk = self.cpu_inference_chunk_bytes
+        if isinstance(chunk, bool) or not isinstance(chunk, int):
+            raise TypeError(f"cpu_inference_chunk_bytes must be an int (bytes; 0 for whole blocks), got {chunk!r}")
+        if chunk < 0:
+            raise ValueError(f"cpu_inference_chunk_bytes must be >= 0 (0 for whole blocks), got {chunk}")
 
     def validate(self) -> None:
         """Raise ValueError naming the field for any setting a model cannot be built from (called by the
@@ -309,6 +331,10 @@ class Swinv2Config:
         implementation = out.pop("attn_implementation")
         if implementation != "auto":
             out["swinv2_fast_attn_implementation"] = implementation
+        if out["cpu_onednn_linear"] is True:
+            out.pop("cpu_onednn_linear")
+        if out["cpu_inference_chunk_bytes"] == DEFAULT_CPU_INFERENCE_CHUNK_BYTES:
+            out.pop("cpu_inference_chunk_bytes")
         return out
 
     @classmethod

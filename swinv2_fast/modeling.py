@@ -4,8 +4,23 @@ The module and parameter names mirror transformers 5.x exactly, so `load_state_d
 works in both directions. What differs is inside the attention: the window-attention step runs on the
 q/k/v projection in token layout through `swinv2_fast.functional.window_attention` (one GEMM for q/k/v,
 one gather in, one gather out, PyTorch's fused attention), in eval mode the continuous position bias
-table and the concatenated q/k/v weights are computed once and reused until a parameter changes, and CPU
-inference in fp32 runs the linear layers through oneDNN (`swinv2_fast.linear`).
+CPU inference in fp32 runs the linear layers through oneDNN (`swinv2_fast.linear`), and
+can run each block in cache-sized pieces.
+
+State: the models keep nothing derived from their parameters between calls. The continuous position bias
+(an MLP over at most (2 * 24 - 1)**2 coordinates per block) and the concatenated q/k/v weight are computed in
+every forward, so no optimizer (fused or not), `.data` write, `load_state_dict` or `.to()` can leave a stale
+value behind; importing the package registers nothing with torch.
+
+CPU switches (config fields, read where they act; defaults in `Swinv2Config`):
+
+- `config.cpu_onednn_linear` (default True): fp32 CPU inference runs the linear layers through oneDNN's
+  matmul (see `swinv2_fast.linear`); False keeps `F.linear`. Same math either way (fp32 rounding).
+- `config.cpu_inference_chunk_bytes` (default `DEFAULT_CPU_INFERENCE_CHUNK_BYTES`): CPU inference without
+  autograd runs each block on pieces of about this many bytes (`Swinv2Layer.forward`); 0 runs whole blocks.
+  In pieces, the modules inside a block are called once per piece, so hooks registered on them fire once
+  per piece on pieces of the batch (the MLP on 2-D token rows): set 0 on a model whose hooks must see whole
+  blocks, as transformers shows them. The switch alone decides; hooks are never looked at for it.
 """
 from __future__ import annotations
 
@@ -20,12 +35,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .configuration import ATTN_IMPLEMENTATIONS, MODEL_TYPES, Swinv2Config
+from .configuration import ATTN_IMPLEMENTATIONS, DEFAULT_CPU_INFERENCE_CHUNK_BYTES, MODEL_TYPES, Swinv2Config
 from .functional import window_attention
-from .kernels.reference import caching_allowed
-from .linear import apply_linear, has_hooks, is_plain_linear, linear, project_qkv
+from .linear import apply_linear, is_plain_linear, linear, project_qkv
 from .outputs import (
     BackboneOutput,
     Swinv2EncoderOutput,
@@ -40,6 +53,7 @@ __all__ = [
     "Swinv2ForImageClassification",
     "Swinv2ForMaskedImageModeling",
     "Swinv2Backbone",
+    "DEFAULT_CPU_INFERENCE_CHUNK_BYTES",
 ]
 
 
@@ -110,68 +124,6 @@ def window_and_shift(resolution, window_size: int, shift_size: int, semantics: s
         return (w, w), (s, s)
     wh, ww = min(rh, window_size), min(rw, window_size)
     return (wh, ww), (0 if rh <= wh else shift_size, 0 if rw <= ww else shift_size)
-
-
-# Size of the pieces the inference path works on (see Swinv2Layer._forward_inference); 4 to 16 MiB
-# measured best on a 2-core Xeon, SwinV2-T batch 8.
-INFERENCE_CHUNK_BYTES = 8 << 20
-
-
-# Steps taken by any torch.optim optimizer in this process. Fused optimizers (AdamW(fused=True), the default
-# of transformers' Trainer) update parameters in place without moving their version counters; every cached
-# value is keyed on this count as well, so any step invalidates it.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs):
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-class _VersionedCache:
-    """Caches a value derived from tensors until one of them changes.
-
-    A tensor changes when it is modified in place (`load_state_dict`, `copy_`, unfused optimizers: its
-    version counter moves), replaced (`.to()`, `.half()`: its storage moves), or when any torch.optim
-    optimizer takes a step (fused optimizers move no version counter). Writes through `.data`, and
-    in-place updates by code outside torch.optim that bypass version counters, are not seen: call
-    `model.clear_caches()` after such writes.
-    """
-
-    def __init__(self):
-        self.key = None
-        self.value = None
-
-    @staticmethod
-    def usable(module: nn.Module, tensors) -> bool:
-        # Only in eval mode, never for a value autograd needs to differentiate, and only where
-        # reference.caching_allowed (no graph being recorded, no tensor mode).
-        if module.training or not caching_allowed():
-            return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-
-    def get(self, tensors, compute):
-        if any(torch.is_inference(t) for t in tensors):
-            # parameters made under inference_mode have no version counter: nothing tells a change, so
-            # nothing is cached
-            return compute()
-        key = (_optimizer_steps,) + tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-        if self.key != key:
-            # A normal tensor even under inference_mode: usable in any later mode, and it keeps a version
-            # counter, which the attention op's own memo of the expanded table relies on. Computed at the
-            # parameters' precision even under autocast, so that a later call outside autocast gets it too.
-            device_type = tensors[0].device.type
-            with torch.inference_mode(False), torch.no_grad(), torch.autocast(device_type, enabled=False):
-                self.value = compute()
-            self.key = key
-        return self.value
-
-    def clear(self):
-        self.key = None
-        self.value = None
 
 
 class Swinv2PatchEmbeddings(nn.Module):
@@ -284,8 +236,7 @@ class Swinv2SelfAttention(nn.Module):
         self.key = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self._bias_cache = _VersionedCache()
-        self._qkv_cache = _VersionedCache()
+        self.config = config
 
     def create_coords_table_and_index(self):
         """Log-spaced relative coordinates (1, 2wh-1, 2ww-1, 2) and the (N, N) relative position index."""
@@ -312,48 +263,34 @@ class Swinv2SelfAttention(nn.Module):
         index = (relative[..., 0] + wh - 1) * (2 * ww - 1) + (relative[..., 1] + ww - 1)
         return table, index
 
-    def _compute_position_bias(self) -> torch.Tensor:
+    def position_bias(self) -> torch.Tensor:
+        """(heads, N, N) = 16 * sigmoid(cpb_mlp(coords))[index], N = wh * ww, computed on every call.
+
+        The MLP runs on the (2wh-1)(2ww-1) relative coordinates and is called as a module (hooks, swapped
+        layers and autocast apply); 16 * sigmoid is taken on that table before the gather to (heads, N, N),
+        which gives the same values as transformers' order (gather, then sigmoid) with N*N/(2wh-1)(2ww-1)
+        ~ 4 times fewer sigmoids, and the gather writes head-major rows directly.
+        """
         mlp = self.continuous_position_bias_mlp
         # the MLP's floating dtype; fp32 when it has no floating parameters (dynamically quantized layers)
         dtype = next((p.dtype for p in mlp.parameters() if p.is_floating_point()), torch.float32)
-        table = mlp(self.relative_coords_table.to(dtype)).view(-1, self.num_attention_heads)
+        table = 16 * torch.sigmoid(mlp(self.relative_coords_table.to(dtype)).view(-1, self.num_attention_heads))
         n = self.window_size[0] * self.window_size[1]
-        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
-        return 16 * torch.sigmoid(bias)
+        return table.t().index_select(1, self.relative_position_index.view(-1)).view(-1, n, n)
 
-    def position_bias(self) -> torch.Tensor:
-        """(heads, N, N) = 16 * sigmoid(cpb_mlp(coords))[index]; cached in eval mode while the MLP is the
-        plain one (its parameters are then all that it depends on)."""
-        mlp = self.continuous_position_bias_mlp
-        params = list(mlp.parameters()) + [self.relative_coords_table]
-        plain = all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU) and not has_hooks(m) for m in mlp.modules())
-        if plain and _VersionedCache.usable(self, params):
-            return self._bias_cache.get(params, self._compute_position_bias)
-        return self._compute_position_bias()
-
-    def _compute_qkv_parameters(self):
+    def qkv_parameters(self):
+        """The (3C, C) weight and (3C,) bias (None without qkv_bias; k has no bias) of one q/k/v projection,
+        concatenated on every call from the three layers' parameters."""
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight], dim=0)
         if self.query.bias is None:
             return weight, None
         bias = torch.cat([self.query.bias, torch.zeros_like(self.query.bias), self.value.bias])
         return weight, bias
 
-    def qkv_parameters(self):
-        """The (3C, C) weight and (3C,) bias of one q/k/v projection (k has no bias); cached in eval mode."""
-        params = [p for p in (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.value.bias)
-                  if p is not None]
-        if _VersionedCache.usable(self, params):
-            return self._qkv_cache.get(params, self._compute_qkv_parameters)
-        return self._compute_qkv_parameters()
-
-    def clear_caches(self):
-        self._bias_cache.clear()
-        self._qkv_cache.clear()
-
     def forward(self, hidden_states, input_dimensions, output_attentions=False):
         if all(is_plain_linear(m) for m in (self.query, self.key, self.value)):
             weight, bias = self.qkv_parameters()
-            qkv = linear(hidden_states, weight, bias)
+            qkv = linear(hidden_states, weight, bias, onednn=self.config.cpu_onednn_linear)
         else:  # swapped (LoRA, quantized, parametrized) or hooked projections: called as modules
             height, width = input_dimensions
             padded = height % self.window_size[0] != 0 or width % self.window_size[1] != 0
@@ -381,9 +318,10 @@ class Swinv2SelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.config = config
 
     def forward(self, hidden_states):
-        return self.dropout(apply_linear(self.dense, hidden_states))
+        return self.dropout(apply_linear(self.dense, hidden_states, onednn=self.config.cpu_onednn_linear))
 
 
 class Swinv2Attention(nn.Module):
@@ -409,11 +347,13 @@ class Swinv2Intermediate(nn.Module):
             self.intermediate_act_fn = config.hidden_act
         # exact GELU can be applied by the GEMM itself (swinv2_fast.linear)
         self._exact_gelu = config.hidden_act == "gelu"
+        self.config = config
 
     def forward(self, hidden_states):
+        onednn = self.config.cpu_onednn_linear
         if self._exact_gelu:
-            return apply_linear(self.dense, hidden_states, gelu=True)
-        return self.intermediate_act_fn(apply_linear(self.dense, hidden_states))
+            return apply_linear(self.dense, hidden_states, gelu=True, onednn=onednn)
+        return self.intermediate_act_fn(apply_linear(self.dense, hidden_states, onednn=onednn))
 
 
 class Swinv2Output(nn.Module):
@@ -421,9 +361,10 @@ class Swinv2Output(nn.Module):
         super().__init__()
         self.dense = nn.Linear(int(config.mlp_ratio * dim), dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.config = config
 
     def forward(self, hidden_states):
-        return self.dropout(apply_linear(self.dense, hidden_states))
+        return self.dropout(apply_linear(self.dense, hidden_states, onednn=self.config.cpu_onednn_linear))
 
 
 class Swinv2DropPath(nn.Module):
@@ -467,38 +408,38 @@ class Swinv2Layer(nn.Module):
         self.intermediate = Swinv2Intermediate(config, dim)
         self.output = Swinv2Output(config, dim)
         self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.config = config
 
     def forward(self, hidden_states, input_dimensions, output_attentions=False):
-        if (not self.training and not output_attentions and not torch.is_grad_enabled()
-                and hidden_states.device.type == "cpu" and self._chunkable(hidden_states)):
-            return (self._forward_inference(hidden_states, input_dimensions),)
+        """(B, H*W, C) tokens of an (H, W) grid -> (output,) or (output, attention probabilities).
+
+        CPU inference without autograd (eval mode, `torch.no_grad()` or `torch.inference_mode()`, no
+        attention probabilities asked for) runs in pieces when `config.cpu_inference_chunk_bytes` > 0 (see
+        `_forward_in_pieces`); everything else runs the block whole. Same math either way.
+        """
+        chunk_bytes = self.config.cpu_inference_chunk_bytes
+        if (chunk_bytes > 0 and not self.training and not output_attentions and not torch.is_grad_enabled()
+                and hidden_states.device.type == "cpu"):
+            return (self._forward_in_pieces(hidden_states, input_dimensions, chunk_bytes),)
         attention_output, probs = self.attention(hidden_states, input_dimensions, output_attentions)
         hidden_states = hidden_states + self.drop_path(self.layernorm_before(attention_output))
         layer_output = self.output(self.intermediate(hidden_states))
         layer_output = hidden_states + self.drop_path(self.layernorm_after(layer_output))
         return (layer_output, probs) if output_attentions else (layer_output,)
 
-    def _chunkable(self, hidden_states) -> bool:
-        """Whether `_forward_inference` may run this block: it calls the submodules once per piece, on
-        pieces of the batch and on 2-D token rows, so it runs only when no hook (on a submodule or global)
-        would see those calls, and not under torch.func transforms (vmap of its `out=` adds)."""
-        if not torch.compiler.is_dynamo_compiling():  # (dynamo cannot trace the functorch query)
-            if torch._C._functorch.is_functorch_wrapped_tensor(hidden_states):
-                return False
-        return not any(has_hooks(m) for m in self.modules() if m is not self)
-
-    def _forward_inference(self, hidden_states, input_dimensions):
+    def _forward_in_pieces(self, hidden_states, input_dimensions, chunk_bytes: int):
         """`forward` in eval mode without autograd, computed in cache-sized pieces.
 
         Attention runs on groups of whole images, the MLP on groups of token rows, each sized so that its
-        largest intermediate (q/k/v, the MLP's hidden layer) stays near INFERENCE_CHUNK_BYTES: on CPU this
-        keeps intermediates in cache and reuses freed allocations instead of faulting in fresh pages for
-        every large tensor. The math per token is the same as `forward`'s.
+        largest intermediate (q/k/v, the MLP's hidden layer) stays near `chunk_bytes`: on CPU this keeps
+        intermediates in cache and reuses freed allocations instead of faulting in fresh pages for every
+        large tensor. The math per token is the same as `forward`'s (drop path is the identity in eval).
+        The submodules are called once per piece, which their hooks see.
         """
         batch, tokens, channels = hidden_states.shape
         elem = hidden_states.element_size()
-        images = max(1, INFERENCE_CHUNK_BYTES // (tokens * 3 * channels * elem))
-        rows = max(64, INFERENCE_CHUNK_BYTES // (self.intermediate.dense.out_features * elem))
+        images = max(1, chunk_bytes // (tokens * 3 * channels * elem))
+        rows = max(64, chunk_bytes // (self.intermediate.dense.out_features * elem))
         out = torch.empty_like(hidden_states)
         for start in range(0, batch, images):
             x = hidden_states[start : start + images]
@@ -507,19 +448,22 @@ class Swinv2Layer(nn.Module):
             o = out[start : start + images].view(-1, channels)
             for r in range(0, h.shape[0], rows):
                 h_rows = h[r : r + rows]
-                torch.add(h_rows, self.layernorm_after(self.output(self.intermediate(h_rows))), out=o[r : r + rows])
+                # y + h == h + y exactly; copy_ rather than add(out=...), which torch.func.vmap refuses
+                o[r : r + rows].copy_(self.layernorm_after(self.output(self.intermediate(h_rows))).add_(h_rows))
         return out
 
 
 class Swinv2PatchMerging(nn.Module):
     """2x2 neighbours concatenated as (0,0), (1,0), (0,1), (1,1) -> Linear(4C, 2C) -> LayerNorm(2C)."""
 
-    def __init__(self, input_resolution, dim, norm_layer=nn.LayerNorm):
+    def __init__(self, input_resolution, dim, norm_layer=nn.LayerNorm, config: Optional[Swinv2Config] = None):
         super().__init__()
         self.input_resolution = input_resolution
         self.dim = dim
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = norm_layer(2 * dim)
+        # read for config.cpu_onednn_linear; without a config (transformers' constructor arguments) the default
+        self.config = config
 
     def forward(self, input_feature, input_dimensions):
         height, width = input_dimensions
@@ -531,7 +475,8 @@ class Swinv2PatchMerging(nn.Module):
         # (B, H/2, 2(row), W/2, 2(col), C) -> (B, H/2, W/2, col, row, C): the concatenation order above.
         x = x.view(batch_size, hp // 2, 2, wp // 2, 2, channels).permute(0, 1, 3, 4, 2, 5)
         x = x.reshape(batch_size, (hp // 2) * (wp // 2), 4 * channels)
-        return self.norm(apply_linear(self.reduction, x))
+        onednn = self.config.cpu_onednn_linear if self.config is not None else True
+        return self.norm(apply_linear(self.reduction, x, onednn=onednn))
 
 
 class Swinv2Stage(nn.Module):
@@ -552,7 +497,8 @@ class Swinv2Stage(nn.Module):
             )
             for i in range(depth)
         )
-        self.downsample = downsample(input_resolution, dim=dim, norm_layer=nn.LayerNorm) if downsample else None
+        self.downsample = (downsample(input_resolution, dim=dim, norm_layer=nn.LayerNorm, config=config)
+                           if downsample else None)
 
     def forward(self, hidden_states, input_dimensions, output_attentions=False):
         height, width = input_dimensions
@@ -916,10 +862,8 @@ class Swinv2PreTrainedModel(_ModelBase):
         return self
 
     def clear_caches(self):
-        """Drop the eval-mode caches (position bias tables, concatenated q/k/v weights)."""
-        for module in self.modules():
-            if isinstance(module, Swinv2SelfAttention):
-                module.clear_caches()
+        """Does nothing: the models keep no caches (the position bias and the q/k/v weight are computed in
+        every forward). Kept so that code written for earlier versions, which had eval-mode caches, runs."""
 
     @property
     def device(self) -> torch.device:

@@ -1,4 +1,5 @@
-"""swinv2_fast.linear: oneDNN for fp32 CPU inference, F.linear elsewhere, the same numbers either way."""
+"""swinv2_fast.linear: oneDNN for fp32 CPU inference, F.linear elsewhere, the same numbers either way; the
+route is chosen by an argument (the models pass config.cpu_onednn_linear), never by process-wide state."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,49 +11,55 @@ from swinv2_fast import linear as L
 needs_onednn = pytest.mark.skipif(not L.onednn_linear_available(), reason="this PyTorch has no oneDNN linear op")
 
 
-@pytest.fixture
-def onednn():
-    previous = L.set_onednn_linear(True)
-    yield
-    L.set_onednn_linear(previous)
-
-
 def _operands(seed=0, m=37, k=24, n=40):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(3, m, k, generator=gen), torch.randn(n, k, generator=gen) / k**0.5, torch.randn(n, generator=gen)
 
 
 @needs_onednn
-def test_which_calls_go_to_onednn(onednn):
+def test_which_calls_go_to_onednn():
     x, w, b = _operands()
     with torch.no_grad():
-        assert L._routes_to_onednn(x, w, b) and L._routes_to_onednn(x, w, None)
-        assert not L._routes_to_onednn(x.double(), w.double(), b.double())  # fp32 only
-        assert not L._routes_to_onednn(x, w.t().contiguous().t(), b)  # the op needs a contiguous weight
-        assert not L._routes_to_onednn(x, w, b.half())
+        assert L._routes_to_onednn(x, w, b, True) and L._routes_to_onednn(x, w, None, True)
+        assert not L._routes_to_onednn(x.double(), w.double(), b.double(), True)  # fp32 only
+        assert not L._routes_to_onednn(x, w.t().contiguous().t(), b, True)  # the op needs a contiguous weight
+        assert not L._routes_to_onednn(x, w, b.half(), True)
+        assert not L._routes_to_onednn(x, w, b, False)  # the caller's switch
     w_leaf = w.clone().requires_grad_()
-    assert not L._routes_to_onednn(x, w_leaf, b)  # autograd records the call: F.linear
-    assert L._routes_to_onednn(x, w, b)  # grad mode on, but nothing requires grad: nothing to record
+    assert not L._routes_to_onednn(x, w_leaf, b, True)  # autograd records the call: F.linear
+    assert L._routes_to_onednn(x, w, b, True)  # grad mode on, but nothing requires grad: nothing to record
     with torch.inference_mode():
-        assert L._routes_to_onednn(x, w, b)
-    L.set_onednn_linear(False)
+        assert L._routes_to_onednn(x, w, b, True)
+
+
+@needs_onednn
+def test_the_switch_reaches_the_op(monkeypatch):
+    """onednn=True calls oneDNN's op, onednn=False never does (counted at the one place the op is called)."""
+    from swinv2_fast import _torch_private
+
+    calls = []
+    real = _torch_private.onednn_linear
+    monkeypatch.setattr(_torch_private, "onednn_linear", lambda *a: calls.append(1) or real(*a))
+    x, w, b = _operands(seed=5)
     with torch.no_grad():
-        assert not L._routes_to_onednn(x, w, b)
+        L.linear(x, w, b, onednn=False)
+        assert calls == []
+        L.linear(x, w, b, onednn=True)
+        assert calls == [1]
 
 
 @needs_onednn
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_onednn_equals_f_linear(onednn, gelu, bias):
+def test_onednn_equals_f_linear(gelu, bias):
     """Against fp64: both routes within fp32 rounding of a K=24 dot (the same bound for both)."""
     x, w, b = _operands(seed=1)
     b = b if bias else None
     exact = F.linear(x.double(), w.double(), None if b is None else b.double())
     exact = F.gelu(exact) if gelu else exact
     with torch.no_grad():
-        fast = L.linear(x, w, b, gelu=gelu)
-        L.set_onednn_linear(False)
-        plain = L.linear(x, w, b, gelu=gelu)
+        fast = L.linear(x, w, b, gelu=gelu, onednn=True)
+        plain = L.linear(x, w, b, gelu=gelu, onednn=False)
     assert fast.shape == plain.shape == (3, 37, 40) and fast.dtype == torch.float32
     assert_close(fast, exact, atol=1e-5, name="oneDNN")
     assert_close(plain, exact, atol=1e-5, name="F.linear")
@@ -68,32 +75,42 @@ def test_gradients_flow_through_the_f_linear_route():
         assert torch.equal(a.grad, r.grad)
 
 
-def test_set_onednn_linear_checks_its_argument():
-    with pytest.raises(TypeError, match="enabled must be a bool, got int"):
-        L.set_onednn_linear(1)
+def test_the_config_switch_checks_its_value():
+    with pytest.raises(TypeError, match="cpu_onednn_linear must be a bool, got 1"):
+        swinv2_fast.Swinv2Config(cpu_onednn_linear=1)
 
 
-def _tiny_model():
+def _tiny_model(**overrides):
     config = swinv2_fast.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
-                                      window_size=4)
+                                      window_size=4, **overrides)
     return perturb_(swinv2_fast.Swinv2Model(config)).eval()
 
 
 @needs_onednn
-def test_model_outputs_are_the_same_with_and_without_onednn(onednn):
+def test_model_outputs_are_the_same_with_and_without_onednn(monkeypatch):
+    """config.cpu_onednn_linear is read per call: switched off on the same model, no oneDNN call is made,
+    and the outputs agree within fp32 rounding."""
+    from swinv2_fast import _torch_private
+
+    calls = []
+    real = _torch_private.onednn_linear
+    monkeypatch.setattr(_torch_private, "onednn_linear", lambda *a: calls.append(1) or real(*a))
     model = _tiny_model()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         fast = model(x).last_hidden_state
-        L.set_onednn_linear(False)
+        assert calls, "the default (cpu_onednn_linear=True) made no oneDNN call"
+        calls.clear()
+        model.config.cpu_onednn_linear = False
         plain = model(x).last_hidden_state
+        assert calls == []
     assert_close(fast, plain, atol=FP32_ATOL, name="last_hidden_state")
 
 
-def test_a_hook_on_the_mlp_sees_the_layer_it_hooked(onednn):
+def test_a_hook_on_the_mlp_sees_the_layer_it_hooked():
     """The MLP's first GEMM and its GELU are one oneDNN call only while nobody hooks that layer; with a hook
     the layer runs as a module, and the hook sees its output before the activation."""
-    model = _tiny_model()
+    model = _tiny_model(cpu_inference_chunk_bytes=0)  # whole blocks: the hook sees one call
     dense = model.encoder.layers[0].blocks[0].intermediate.dense
     seen = []
     handle = dense.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
@@ -106,7 +123,7 @@ def test_a_hook_on_the_mlp_sees_the_layer_it_hooked(onednn):
 
 
 @needs_onednn
-def test_the_onednn_route_compiles_without_graph_break(onednn):
+def test_the_onednn_route_compiles_without_graph_break():
     """Under torch.compile the oneDNN call is the opaque custom op swinv2_fast::onednn_linear (inductor
     would reject oneDNN's own op on parameters that are not frozen); fake shapes checked by opcheck."""
     x, w, b = _operands(seed=4)
@@ -116,8 +133,8 @@ def test_the_onednn_route_compiles_without_graph_break(onednn):
         assert_close(compiled(x, w, b), F.gelu(F.linear(x, w, b)), atol=1e-5, name="compiled")
 
 
-def test_a_global_hook_also_keeps_the_mlp_layer_a_module(onednn):
-    model = _tiny_model()
+def test_a_global_hook_also_keeps_the_mlp_layer_a_module():
+    model = _tiny_model(cpu_inference_chunk_bytes=0)
     dense = model.encoder.layers[0].blocks[0].intermediate.dense
     seen = []
     handle = torch.nn.modules.module.register_module_forward_hook(
