@@ -52,19 +52,51 @@ class Row:
 COLUMNS = [f.name for f in fields(Row)]
 
 
+# AMD's microarchitectures by (family, model range) as /proc/cpuinfo gives them (decimal), from AMD's
+# processor programming references; the oneDNN route's gain on CPU depends on it (see the README's CPU speed).
+_AMD_MICROARCHITECTURES = (
+    (23, range(0x00, 0x30), "Zen/Zen+"), (23, range(0x30, 0x100), "Zen 2"),
+    (25, range(0x00, 0x10), "Zen 3"), (25, range(0x10, 0x20), "Zen 4"), (25, range(0x20, 0x60), "Zen 3"),
+    (25, range(0x60, 0x80), "Zen 4"), (25, range(0xA0, 0xB0), "Zen 4"),
+    (26, range(0x00, 0x100), "Zen 5"),
+)
+
+
+def cpu_identity(cpuinfo: Optional[str] = None) -> str:
+    """The CPU as /proc/cpuinfo names it, with what its speed depends on: model name, vendor, family and model
+    (decimal), and the microarchitecture where known (AMD), e.g. "AMD EPYC 9B14 (AuthenticAMD family 25
+    model 17, Zen 4)". Under a hypervisor these are the values the virtual CPU reports. Falls back to
+    `platform.processor()` where /proc/cpuinfo is absent."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields_ = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields_.setdefault(key.strip(), value.strip())
+    name = fields_.get("model name") or platform.processor() or platform.machine()
+    vendor, family, model = fields_.get("vendor_id"), fields_.get("cpu family"), fields_.get("model")
+    if not (vendor and family and model and family.isdigit() and model.isdigit()):
+        return name
+    details = f"{vendor} family {family} model {model}"
+    if vendor == "AuthenticAMD":
+        for fam, models, arch in _AMD_MICROARCHITECTURES:
+            if int(family) == fam and int(model) in models:
+                details += f", {arch}"
+                break
+    return f"{name} ({details})"
+
+
 def device_name(device: torch.device) -> str:
+    """The device column of the results: the GPU's name, or "CPU <cpu_identity()>, <n> threads"."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU {name} ({torch.get_num_threads()} threads)"
+    return f"CPU {cpu_identity()}, {torch.get_num_threads()} threads"
 
 
 # A case whose p80/p20 exceeds this was measured on a busy or throttling machine: the table says so.
