@@ -20,8 +20,10 @@ What is compile-time. The window's height, width and N, whether it is shifted an
 padded (then the padding order and whether there is a q/k/v bias) are constexprs: a model has a handful of
 windows, hence a handful of specialisations, and the per-score work has no `//` or `%` on runtime values
 (the roll is undone with one conditional subtraction), no shift mask in unshifted blocks, no key masking
-when the key tile divides N, no padding checks without padding. The forward's logits are in base 2 (log2 e
-folded into the scale, a multiply-add with the bias) and compiled kernels take exp as the hardware's ex2.
+when the key tile divides N, no padding checks without padding. On a shifted grid the forward runs the
+windows off the shifted border (most of them) as a launch of its own without the shift mask, and the border
+windows apart. The forward takes exp(S - m) as 2^(S log2 e - m log2 e), one multiply-add per score, and
+compiled kernels take 2^x as the hardware's ex2.
 The cost of each kernel, counted from its SASS, is `compile_check --cost` (kernels/cost.py).
 """
 from __future__ import annotations
@@ -79,8 +81,9 @@ def _unroll(o_p, RS, E, SHIFTED: tl.constexpr):
 
 @triton.jit
 def _window_rows(o_pos, i_wy, i_wx, grid, WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr,
-                 PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr):
-    """[ROWS] token index, padding flag and shift region of window positions `o_pos` of window (i_wy, i_wx).
+                 PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, MASKED: tl.constexpr = True):
+    """[ROWS] token index, padding flag and shift region of window positions `o_pos` of window (i_wy, i_wx);
+    the regions are all 0 without a shift, or with MASKED false (windows off the shifted border).
     `grid` = (H, W, HP, WP, SH, SW, RSH, RSW): the image, the padded grid, the shift and the shift reduced
     modulo the extent it rolls (H, W for roll-then-pad; HP, WP for pad-then-roll). The window's shape is a
     compile-time constant, so `//` and `%` by WW are shifts or multiplications."""
@@ -100,7 +103,7 @@ def _window_rows(o_pos, i_wy, i_wx, grid, WH: tl.constexpr, WW: tl.constexpr, SH
         m_pad = (o_y >= H) | (o_x >= W)
     if not PADDED:
         m_pad = tl.zeros(o_pos.shape, dtype=tl.int1)
-    if SHIFTED:
+    if SHIFTED and MASKED:
         # shift-mask regions on the padded grid: [0, P - window), [P - window, P - shift), [P - shift, P)
         o_ry = (o_py >= HP - WH).to(tl.int32) + (o_py >= HP - SH).to(tl.int32)
         o_rx = (o_px >= WP - WW).to(tl.int32) + (o_px >= WP - SW).to(tl.int32)
@@ -169,10 +172,16 @@ def _load_rows(P_QKV, P_BIAS, o_tok, m_rows, m_pad, cols, stride_t, HAS_BIAS: tl
 
 
 @triton.jit
+def _row_norm(b_x):
+    """[ROWS] max(||x||, 1e-12) of each row of b_x (compute dtype)."""
+    return tl.maximum(tl.sqrt(tl.sum(b_x * b_x, axis=1)), 1e-12)
+
+
+@triton.jit
 def _l2_normalize(b_x, CDT: tl.constexpr):
     """x / max(||x||, 1e-12) per row in the compute dtype, and the clamped norm max(||x||, 1e-12)."""
     b_x = b_x.to(CDT)
-    b_r = tl.maximum(tl.sqrt(tl.sum(b_x * b_x, axis=1)), 1e-12)
+    b_r = _row_norm(b_x)
     # one division per row, a multiply per element (within an ulp of dividing each element)
     return b_x * (1.0 / b_r)[:, None], b_r
 
@@ -203,15 +212,11 @@ def _bias_tile(P_BIAS_H, o_m, o_n, m_m, m_n, N: tl.constexpr, EVEN: tl.constexpr
 
 
 @triton.jit
-def _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, SHIFTED: tl.constexpr, MASK_N: tl.constexpr,
-            BIAS_SCALE: tl.constexpr = 1.0):
-    """[BLOCK_M, BLOCK_N] logits from the scaled cosines b_qk: + position bias (times BIAS_SCALE) + shift mask
-    (shifted windows only); -inf for keys beyond the window (only when the key tile does not divide N)."""
-    if BIAS_SCALE == 1.0:
-        b_s = b_qk + b_bias.to(b_qk.dtype)
-    else:
-        b_s = b_qk + b_bias.to(b_qk.dtype) * BIAS_SCALE
-    if SHIFTED:
+def _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, MASKED: tl.constexpr, MASK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] logits from the scaled cosines b_qk: + position bias + shift mask (MASKED: shifted
+    windows on the border); -inf for keys beyond the window (only when the key tile does not divide N)."""
+    b_s = b_qk + b_bias.to(b_qk.dtype)
+    if MASKED:
         b_s += tl.where(o_reg_m[:, None] != o_reg_n[None, :], mask_value, 0.0)
     if MASK_N:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -221,11 +226,11 @@ def _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, SHIFTED: tl.constex
 @triton.jit
 def _key_block(p_qkv, p_bias, o_n, m_n, i_wy, i_wx, cols, stride_t, grid, C, WH: tl.constexpr, WW: tl.constexpr,
                SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-               CDT: tl.constexpr):
+               CDT: tl.constexpr, MASKED: tl.constexpr = True):
     """Key rows o_n of a window (p_qkv, p_bias: the image's projection and the bias at this head's q
     channels): normalised k (compute dtype) and v (projection dtype), [BLOCK_N, BLOCK_D] each, and the
     rows' shift-mask regions [BLOCK_N]."""
-    o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_wy, i_wx, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+    o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_wy, i_wx, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD, MASKED)
     # [BLOCK_N, BLOCK_D]
     b_k = _load_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_t, HAS_BIAS)
     b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_t, HAS_BIAS)
@@ -238,6 +243,27 @@ def _window_of(i_bw, NUM_WINDOWS, NUM_WX):
     # the image index in int64: i_b * stride_b overflows int32 for large images times large batches
     i_b, i_w = (i_bw // NUM_WINDOWS).to(tl.int64), i_bw % NUM_WINDOWS
     return i_b, i_w, (i_w // NUM_WX, i_w % NUM_WX)
+
+
+@triton.jit
+def _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET: tl.constexpr):
+    """(image, window, (window row, column)) of the i_bw-th (image, window) pair of a launch over WINDOW_SET:
+    ALL_WINDOWS every window of the images; INTERIOR_WINDOWS those off the shifted border (not in the last row
+    or column: no shift mask there); BORDER_WINDOWS the last row, then the last column."""
+    if WINDOW_SET == 0:
+        return _window_of(i_bw, NUM_WINDOWS, NUM_WX)
+    NUM_WY = NUM_WINDOWS // NUM_WX
+    if WINDOW_SET == 1:
+        per_image = (NUM_WY - 1) * (NUM_WX - 1)
+        i_b, i_k = (i_bw // per_image).to(tl.int64), i_bw % per_image
+        i_wy, i_wx = i_k // (NUM_WX - 1), i_k % (NUM_WX - 1)
+    else:
+        per_image = NUM_WY + NUM_WX - 1
+        i_b, i_k = (i_bw // per_image).to(tl.int64), i_bw % per_image
+        in_last_row = (i_k < NUM_WX).to(tl.int32)
+        i_wy = in_last_row * (NUM_WY - 1) + (1 - in_last_row) * (i_k - NUM_WX)
+        i_wx = in_last_row * i_k + (1 - in_last_row) * (NUM_WX - 1)
+    return i_b, i_wy * NUM_WX + i_wx, (i_wy, i_wx)
 
 
 @triton.jit
@@ -271,13 +297,19 @@ def _exp(x):
 
 
 @triton.jit
-def _online_softmax_step(b_s, b_m, BASE2: tl.constexpr):
-    """One key block of an online softmax over rows of scores b_s (natural logits, or logits times log2(e)
-    with BASE2): the new row max, the factor rescaling what was summed under the old max, and
-    exp(S - new max)."""
+def _online_softmax_step_scaled(b_s, b_m):
+    """The forward's online softmax step on natural logits b_s, with the exponentials taken in base 2 as one
+    multiply-add per score, 2^(S log2 e - m log2 e): the new row max, the rescaling factor, 2^(...)."""
     b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-    if BASE2:
-        return b_m_new, _exp2(b_m - b_m_new), _exp2(b_s - b_m_new[:, None])
+    b_m_scaled = b_m_new * LOG2E
+    return b_m_new, _exp2(b_m * LOG2E - b_m_scaled), _exp2(b_s * LOG2E - b_m_scaled[:, None])
+
+
+@triton.jit
+def _online_softmax_step(b_s, b_m):
+    """One key block of an online softmax over rows of natural logits b_s: the new row max, the factor
+    rescaling what was summed under the old max, and exp(S - new max)."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     return b_m_new, _exp(b_m - b_m_new), _exp(b_s - b_m_new[:, None])
 
 
@@ -289,19 +321,23 @@ def _window_attention_fwd_kernel(
     mask_value,
     WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr, WINDOW_SET: tl.constexpr = 0,
 ):
     """The output rows of BLOCK_M query rows of one window, one head: program (row block of an (image,
-    window) pair, head). The window (WH x WW = N tokens) and whether it is shifted or padded are
-    compile-time constants: a model has a handful of windows, hence a handful of specialisations."""
+    window) pair of WINDOW_SET, head). The window (WH x WW = N tokens) and whether it is shifted or padded are
+    compile-time constants: a model has a handful of windows, hence a handful of specialisations. A shifted
+    grid takes two launches: the windows off the shifted border, which have no shift mask (INTERIOR_WINDOWS),
+    and the border (BORDER_WINDOWS)."""
     tl.static_assert(N == WH * WW)
+    tl.static_assert((WINDOW_SET == 0) | SHIFTED)
+    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
     CDT: tl.constexpr = SCALE.dtype.element_ty  # compute dtype: fp32 (fp64 for fp64 inputs)
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty  # dot operand dtype
     NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     i_bwm, i_h = tl.program_id(0), tl.program_id(1)
-    i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
+    i_b, i_w, i_w2 = _window_in_set(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX, WINDOW_SET)
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
@@ -309,11 +345,13 @@ def _window_attention_fwd_kernel(
     m_m = _in_window(o_m, N, BLOCK_M)
     p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
     p_bias = QKV_BIAS + i_h * HEAD_DIM
-    # the forward's logits are in base 2: log2(e) folds into the scale (q), a multiply-add with the bias and
-    # the mask value, and the softmax takes 2^x (the backward keeps natural logits)
-    (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
-        p_qkv, p_bias, tl.load(SCALE + i_h) * LOG2E, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED,
-        PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
+    o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
+                                             MASKED)
+    # [BLOCK_M, BLOCK_D]: q times scale / max(||q||, 1e-12), one factor per row (the backward keeps the
+    # normalised q apart); natural logits (the bias tile can start the dot's accumulator); the softmax takes
+    # 2^x with log2(e) folded into the subtraction of the row max (one multiply-add per score)
+    b_q = _load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, cols, stride_qkv_t, HAS_BIAS).to(CDT)
+    b_qs = (b_q * (tl.load(SCALE + i_h) / _row_norm(b_q))[:, None]).to(DDT)
 
     # [BLOCK_M]
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
@@ -325,12 +363,12 @@ def _window_attention_fwd_kernel(
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = _in_window(o_n, N, BLOCK_N)
         b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
-                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
+                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT, MASKED)
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
         b_s = _logits(_dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
-                      mask_value * LOG2E, SHIFTED, MASK_N, LOG2E)
-        b_m, b_alpha, b_p = _online_softmax_step(b_s, b_m, True)
+                      mask_value, MASKED, MASK_N)
+        b_m, b_alpha, b_p = _online_softmax_step_scaled(b_s, b_m)
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
         b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(DDT), b_v.to(DDT), FULL_DOT)
 
@@ -396,7 +434,7 @@ def _window_attention_bwd_stats_kernel(
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
         b_s = _logits(_dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
                       mask_value, SHIFTED, MASK_N)
-        b_m, b_alpha, b_e = _online_softmax_step(b_s, b_m, False)
+        b_m, b_alpha, b_e = _online_softmax_step(b_s, b_m)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
         b_l = b_l * b_alpha + tl.sum(b_e, axis=1)
         b_pdp = b_pdp * b_alpha + tl.sum(b_e * b_dp, axis=1)
@@ -638,8 +676,9 @@ def _window_attention_bwd_dbias_kernel(
 
 # (BLOCK_M, BLOCK_N, num_warps) per channel tile BLOCK_D = channel_block(head_dim), chosen with the compile
 # check as the largest tiles that compile without register spills for sm_80 and sm_90 (registers in the
-# compile-check table). A window of N tokens takes ceil(N / BLOCK_M) query blocks and streams ceil(N / BLOCK_N) key blocks; a tile that does not
-# divide N is masked. The 16-bit forward at head_dim <= 32 picks its tiles by N (_forward_tiles_16bit).
+# compile-check table). A window of N tokens takes ceil(N / BLOCK_M) query blocks and streams ceil(N / BLOCK_N)
+# key blocks; a tile that does not divide N is masked. The 16-bit forward at head_dim <= 32 picks its tiles by
+# N (_forward_tiles_16bit).
 _TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)}
 _TILES_FP32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (16, 16, 8), 128: (16, 16, 8)}
 _TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 4)}
@@ -762,6 +801,19 @@ def _geometry(qkv, grid_size, num_heads, window_size, shift_size, pad_order) -> 
                      num_heads)
 
 
+ALL_WINDOWS, INTERIOR_WINDOWS, BORDER_WINDOWS = 0, 1, 2  # the forward kernel's WINDOW_SET
+
+
+def window_sets(g: _Geometry) -> List[Tuple[int, int]]:
+    """The forward's launches as (WINDOW_SET, windows per image): on a shifted grid with windows off its
+    border, those (no shift mask: most windows) and the border (the last window row and column) apart;
+    otherwise every window at once."""
+    num_wy = g.NUM_WINDOWS // g.NUM_WX
+    if (g.SH > 0 or g.SW > 0) and num_wy > 1 and g.NUM_WX > 1:
+        return [(INTERIOR_WINDOWS, (num_wy - 1) * (g.NUM_WX - 1)), (BORDER_WINDOWS, num_wy + g.NUM_WX - 1)]
+    return [(ALL_WINDOWS, g.NUM_WINDOWS)]
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -830,12 +882,12 @@ def window_attention_triton_forward(
     if B == 0:
         return out
     flags = _flags(qkv, qkv_bias, pad_order, head_dim, g)
-    grid = (B * g.NUM_WINDOWS * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)
-    _window_attention_fwd_kernel[grid](
-        QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, OUT=out,
-        stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1), stride_out_b=out.stride(0),
-        stride_out_t=out.stride(1), mask_value=float(mask_value), **g._asdict(), **flags,
-    )
+    for window_set, windows in window_sets(g):
+        _window_attention_fwd_kernel[(B * windows * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
+            QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, OUT=out,
+            stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1), stride_out_b=out.stride(0),
+            stride_out_t=out.stride(1), mask_value=float(mask_value), WINDOW_SET=window_set, **g._asdict(),
+            **flags)
     return out
 
 

@@ -128,7 +128,8 @@ def test_spill_gate_geometries_cover_every_flag_combination():
     for window in compile_check.WINDOW_SIZES:
         for geometry in compile_check.GEOMETRIES:
             spec = compile_check.Spec("bwd_dkdv", "fp32", 32, window, geometry)
-            a = compile_check.spec_launch(spec).kwargs
+            (launch,) = compile_check.spec_launches(spec)
+            a = launch.kwargs
             assert (a["WH"], a["WW"], a["N"]) == (window, window, window * window)
             flags.add((a["SHIFTED"], a["PADDED"], a["ROLL_THEN_PAD"], a["HAS_BIAS"]))
     # without padding the order and the bias are not told apart (nothing reads the bias)
