@@ -22,6 +22,23 @@ def _real_execution(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
+@pytest.mark.parametrize("vendor,family,model,expected", [
+    ("AuthenticAMD", 25, 17, "AMD EPYC 9B14 (AuthenticAMD family 25 model 17, Zen 4)"),
+    ("AuthenticAMD", 25, 1, "AMD EPYC 9B14 (AuthenticAMD family 25 model 1, Zen 3)"),
+    ("AuthenticAMD", 26, 2, "AMD EPYC 9B14 (AuthenticAMD family 26 model 2, Zen 5)"),
+    ("GenuineIntel", 6, 143, "AMD EPYC 9B14 (GenuineIntel family 6 model 143)"),
+])
+def test_the_device_column_names_the_cpu(vendor, family, model, expected):
+    """The CPU rows' device column carries what the oneDNN route's gain depends on: vendor, family and model
+    (the first processor's block of /proc/cpuinfo) and AMD's microarchitecture."""
+    block = (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+             "model name\t: AMD EPYC 9B14\n")
+    other = "processor\t: 1\nvendor_id\t: Other\ncpu family\t: 1\nmodel\t\t: 1\nmodel name\t: other\n"
+    assert harness.cpu_identity(block + "\n" + other) == expected
+    assert harness.device_name(CPU).startswith("CPU ") and harness.device_name(CPU).endswith(
+        f", {torch.get_num_threads()} threads")
+
+
 def test_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="interpreter"):
