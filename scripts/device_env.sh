@@ -2,8 +2,9 @@
 # Creates (once) a venv with the GPU machine's package stack (requirements/device-stack.txt, Python 3.12)
 # OUTSIDE the clone, keyed by the requirements' hash, so CI's fresh clones reuse it: the first run downloads
 # several GB (torch 2.11.0 is the cu130 build), later runs take seconds. Sourced: sets DEVICE_PYTHON.
-# The swinv2_fast package is not installed into it: callers put the clone on PYTHONPATH or let gpu.sh
-# install it (as on the GPU machine), so one venv serves every clone.
+# The swinv2_fast package is not part of the stack: callers install their clone into it, editable and offline
+# (`pip install --no-deps --no-build-isolation --no-index --use-pep517 -e .`, as .ci/run and gpu.sh do), so one
+# venv serves every clone (the last install decides which clone `import swinv2_fast` reads).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REQ="$ROOT/requirements/device-stack.txt"

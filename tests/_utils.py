@@ -136,7 +136,7 @@ def forward_launches(counts) -> int:
 def backward_launches(counts) -> int:
     return sum(n for name, n in counts.items() if "bwd" in name)
 
-# fp32 parity with transformers and timm on identical weights (the issue's contract). Both sides run the
+# fp32 parity with transformers and timm on identical weights (the models' contract). Both sides run the
 # same math in fp32; the only differences are summation orders (fused attention, one q/k/v GEMM), which
 # stay around 1e-6 for these sizes.
 FP32_ATOL = 1e-4

@@ -195,7 +195,7 @@ def test_results_go_to_the_untracked_folder_unless_asked():
 
 def test_gpu_preset_plan(capsys):
     """The GPU preset: the fused op against the transformers chain first, compiled cases last, at most 7
-    builds, every provider and shape the issue asks for; --dry-run prints it with an estimate that fits the
+    builds, every provider and shape the plan promises; --dry-run prints it with an estimate that fits the
     budget scripts/gpu.sh gives it (270 s less its 30 s margin)."""
     args = main.parse_args(["--preset", "gpu", "--dry-run"])
     items = main.sweep_plan(args)

@@ -1,4 +1,4 @@
-"""A drop-in for transformers users (issue 15): every from_pretrained loading option on a directory written by
+"""A drop-in for transformers users: every from_pretrained loading option on a directory written by
 transformers' save_pretrained, the Trainer (gradient checkpointing, save_model, evaluation, prediction), the
 Auto classes, and the behaviours transformers' own tests check on its Swinv2 classes
 (tests/models/swinv2/test_modeling_swinv2.py and tests/test_modeling_common.py in transformers' repository),
@@ -21,7 +21,7 @@ import swinv2_fast
 from _utils import assert_close, perturb_
 
 # A saved and reloaded model gives the same logits: within 1e-5 in fp32 between transformers and swinv2_fast
-# (issue 15's bound; the two implementations sum in different orders), bit for bit within swinv2_fast.
+# (the drop-in bound; the two implementations sum in different orders), bit for bit within swinv2_fast.
 RELOAD_FP32_ATOL = 1e-5
 
 # transformers' Swinv2ModelTester (tests/models/swinv2/test_modeling_swinv2.py), batch 2 instead of 13
