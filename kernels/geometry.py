@@ -53,6 +53,8 @@ IntPair = Union[int, Sequence[int]]
 def is_int(value) -> bool:
     """An integer: Python's or numpy's (any numbers.Integral) but not a bool, or a 0-d integer tensor (what
     sizes are while torch.jit.trace records; the trace then holds this call's value)."""
+    if type(value) is int:  # the common case, without the abstract-base-class check below
+        return True
     if isinstance(value, torch.Tensor):
         return value.dim() == 0 and not value.is_floating_point() and not value.is_complex() \
             and value.dtype != torch.bool
@@ -61,6 +63,8 @@ def is_int(value) -> bool:
 
 def int_pair(value: IntPair, name: str) -> Tuple[int, int]:
     """An int or a pair of ints as a pair of Python ints; TypeError naming `name` otherwise."""
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value  # already normalised (the common case)
     if is_int(value):
         return int(value), int(value)
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 \

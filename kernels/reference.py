@@ -190,7 +190,8 @@ class _LRU:
 
 
 # A model uses at most two layouts per stage and input size (shifted and not): 16 hold a four-stage model at
-# two input sizes. A miss costs one rebuild of a few small index tensors (tens of microseconds on a CPU).
+# two input sizes. A miss costs one rebuild of a few small index tensors (0.14 ms for a 16x16 grid, 0.3 ms
+# for 128x128, on one core of the CPU machine), against ~20 us for a hit.
 LAYOUT_CACHE_SIZE = 16
 # One entry per (table, geometry, dtype): 32 hold every block of the largest published model (24 blocks).
 SDPA_MASK_CACHE_SIZE = 32
@@ -296,11 +297,15 @@ def _cached_layout(key: tuple, device: Union[str, torch.device, None]) -> Window
         # under a mode (fake or meta tensors, a device context) the layout is built in that mode, for this
         # call only: kept in the cache it would serve every later call of the process
         return build()
-    # Built as normal tensors even when the first call comes under inference_mode, so that a later training
-    # call can save them for backward; and never recorded by torch.jit.trace, which sees the layout as
-    # constants whether this call built it or found it.
-    with torch.inference_mode(False), _jit_trace_suspended():
-        return _layouts.get_or_build((key, device), build)
+
+    def build_plain():
+        # Built as normal tensors even when the first call comes under inference_mode, so that a later
+        # training call can save them for backward; and never recorded by torch.jit.trace, which sees the
+        # layout as constants whether this call built it or found it.
+        with torch.inference_mode(False), _jit_trace_suspended():
+            return build()
+
+    return _layouts.get_or_build((key, device), build_plain)
 
 
 def layout_of(geometry: WindowGeometry, device: Union[str, torch.device, None] = None) -> WindowLayout:

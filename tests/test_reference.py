@@ -383,3 +383,26 @@ def test_naive_runs_in_low_precision_without_nan():
                                    grid_size=(6, 6), num_heads=2, window_size=4, shift_size=2)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     assert (out.double() - exact).abs().max() < 50 * math.ldexp(1.0, -11)
+
+
+def test_tensor_modes_neither_fill_nor_read_the_layout_cache():
+    """Under a fake-tensor mode (torch.export, shape propagation) the layout is built in that mode for the call
+    only; a default device (a torch-function mode too) does not stop caching, and the layout stays on the CPU;
+    a layout first built while torch.jit.trace records is a plain tensor, not part of the trace."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    reference.clear_caches()
+    with FakeTensorMode():
+        fake = window_layout((10, 10), 4, 2)
+    assert isinstance(fake.gather_index, FakeTensor) and len(reference._layouts) == 0
+    with torch.device("meta"):
+        kept = window_layout((10, 10), 4, 2)
+    assert type(kept.gather_index) is torch.Tensor and kept.gather_index.device.type == "cpu"
+    assert window_layout((10, 10), 4, 2) is kept
+    qkv, _, logit_scale, table = random_inputs(1, (6, 6), 2, 8, 4)
+    kwargs = dict(grid_size=(6, 6), num_heads=2, window_size=4, shift_size=2)
+    traced = torch.jit.trace(lambda x: window_attention_reference(x, None, logit_scale, table, **kwargs), (qkv,))
+    layout = window_layout((6, 6), 4, 2)
+    assert type(layout.gather_index) is torch.Tensor and not layout.gather_index.requires_grad
+    assert_close(traced(qkv), window_attention_naive(qkv, None, logit_scale, table, **kwargs), atol=FP32_ATOL,
+                 name="traced reference")
