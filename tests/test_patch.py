@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import swinv2_fast
-from conftest import FP32_ATOL, KERNEL_DEVICE, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close, perturb_, tk
+from _utils import FP32_ATOL, KERNEL_DEVICE, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close, perturb_, tk
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")

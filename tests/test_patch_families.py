@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import swinv2_fast
-from conftest import (FP32_ATOL, KERNEL_DEVICE, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close,
+from _utils import (FP32_ATOL, KERNEL_DEVICE, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close,
                       count_launches, forward_launches, perturb_)
 from swinv2_fast.patch import TESTED_VERSIONS
 
@@ -145,9 +145,9 @@ def _loss(model, x, seed):
     return sum(t.float().square().mean() for t in _run(model, x))
 
 
-# Training through the kernels under the interpreter costs 15-60 s a model on a shared 2-core machine: two
-# configs in the default run (Cr: padding, shifts, its bias MLP's dropout; Swin2SR at head_dim 10), the others
-# marked slow.
+# Training through the kernels under the interpreter costs 5-30 s a model on a shared 2-core machine
+# (conftest's SLOW_TESTS marks every triton case here slow): the eager cases of two configs run in the quick
+# part (Cr: padding, shifts, its bias MLP's dropout; Swin2SR at head_dim 10), the other configs are slow.
 _TRAINING_FAST = ("cr-head-nonsquare-padded", "sr-head-dim-10-lightweight")
 _TRAINING_SLOW = ("cr-window-ratio-clamped", "cr-headless-static-mask-extra-norm", "sr-pixelshuffle",
                   "sr-windows-not-dividing", "sr-head-dim-30")
