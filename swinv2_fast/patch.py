@@ -186,12 +186,20 @@ def _timm_families():
     return families
 
 
+def _is_cr_block(block: nn.Module) -> bool:
+    try:
+        from timm.models.swin_transformer_v2_cr import SwinTransformerV2CrBlock
+    except ImportError:  # no timm, or a timm without the Cr family
+        return False
+    return isinstance(block, SwinTransformerV2CrBlock)
+
+
 def _binding(library: str, block: nn.Module):
     """(method name, patched function, what the function reads: (block attributes, attention module name,
     its attributes)) for one block."""
     if library == "transformers":
         return "forward", _hf_layer_forward, (_HF_LAYER_ATTRS, "attention.self", _HF_SELF_ATTRS)
-    if type(block).__name__ == "SwinTransformerV2CrBlock":
+    if _is_cr_block(block):
         return "_shifted_window_attn", timm_cr_shifted_window_attn, (CR_BLOCK_ATTRS, "attn", CR_ATTN_ATTRS)
     return "_attn", _timm_attn, (_TIMM_BLOCK_ATTRS, "attn", _TIMM_ATTN_ATTRS)
 
@@ -212,11 +220,12 @@ def _check_structure(library: str, blocks) -> None:
         missing += [f"{inner_path}.{a}" for a in inner_attrs if not hasattr(inner, a)]
         if not missing and library == "transformers" and not isinstance(block.window_size, int):
             missing.append("window_size (an int)")
-        if not missing and type(block).__name__ == "SwinTransformerV2CrBlock":
+        if not missing and _is_cr_block(block):
             missing += cr_geometry_problems(block)
         if missing:
             raise RuntimeError(
-                f"{library} {version}: a {type(block).__name__} lacks {missing}, which swinv2_fast.patch reads; "
+                f"{library} {version}: a {type(block).__name__} lacks (or has another form of) {missing}, which "
+                "swinv2_fast.patch reads; "
                 f"the patch knows the module structure of {_tested(library)}"
             )
 
