@@ -136,3 +136,23 @@ def test_spill_gate_geometries_cover_every_flag_combination():
     possible = {(s, False, False, False) for s in (False, True)} | {
         (s, True, r, b) for s in (False, True) for r in (False, True) for b in (False, True)}
     assert flags == possible
+
+
+def test_forward_launches_split_the_shifted_grid():
+    """On a shifted grid the forward runs the windows off the shifted border (no shift mask) and the border
+    windows as two launches that together cover every window once; unshifted, one launch of every window.
+    Recorded on meta tensors (nothing is compiled or run)."""
+    from swinv2_fast.kernels import triton_window_attention as tk
+
+    launches = cost.reference_launches(8, "bf16", backward=False)["fwd"]  # 64x64 grid: 8x8 windows, shifted
+    sets = [(a.kwargs["WINDOW_SET"], a.grid[0]) for a in launches]
+    m_blocks = -(-64 // launches[0].kwargs["BLOCK_M"])
+    assert sets == [(tk.INTERIOR_WINDOWS, cost.REFERENCE_BATCH * 49 * m_blocks),
+                    (tk.BORDER_WINDOWS, cost.REFERENCE_BATCH * 15 * m_blocks)]
+    unshifted = dict(grid_size=(64, 64), window_size=(8, 8), shift_size=(0, 0))
+    (launch,) = cost.reference_launches(8, "bf16", geometry=unshifted, backward=False)["fwd"]
+    assert launch.kwargs["WINDOW_SET"] == tk.ALL_WINDOWS and launch.grid[0] == cost.REFERENCE_BATCH * 64 * m_blocks
+    # a single window row (or column) has no interior: one launch of every window, masked
+    one_row = dict(grid_size=(8, 64), window_size=(8, 8), shift_size=(4, 4))
+    (launch,) = cost.reference_launches(8, "bf16", geometry=one_row, backward=False)["fwd"]
+    assert launch.kwargs["WINDOW_SET"] == tk.ALL_WINDOWS and launch.kwargs["SHIFTED"]
