@@ -22,8 +22,9 @@ take part in the softmax of real tokens in windows that overhang the grid.
 State: two small process-wide least-recently-used caches, both bounded and both cleared by
 `clear_caches()`: the gather/scatter indices per (geometry, device) (`LAYOUT_CACHE_SIZE` entries), and, for
 position-bias tables autograd does not track (the models' eval-mode tables), the SDPA mask expanded from
-the table (`SDPA_MASK_CACHE_SIZE` entries, each dropped as soon as its table is freed). Nothing is cached
-while torch.compile or torch.jit.trace records a graph or under a tensor mode (`caching_allowed`).
+the table (`SDPA_MASK_CACHE_SIZE` entries, each dropped as soon as its table is freed). Under torch.compile
+both are computed in the graph; while torch.jit.trace records, masks are not kept (layouts are, built outside
+the trace); under a tensor mode neither cache is read or filled (`caching_allowed`, `tensor_modes_active`).
 """
 from __future__ import annotations
 
