@@ -385,6 +385,7 @@ def test_naive_runs_in_low_precision_without_nan():
     assert (out.double() - exact).abs().max() < 50 * math.ldexp(1.0, -11)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
 def test_tensor_modes_neither_fill_nor_read_the_layout_cache():
     """Under a fake-tensor mode (torch.export, shape propagation) the layout is built in that mode for the call
     only; a default device (a torch-function mode too) does not stop caching, and the layout stays on the CPU;
