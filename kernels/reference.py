@@ -73,13 +73,16 @@ check_geometry = check_layout_args
 
 # ------------------------------------------------------------------------------------------ torch internals
 # Private torch APIs, each behind one function, because no public API answers the question. Checked on
-# torch 2.11.0 (the GPU machine's stack) and 2.14.1 (this repository's pinned stack).
+# torch 2.11.0 (the GPU machine's stack) and 2.14.1 (this repository's pinned stack). Imported here, once, not
+# per call: the checks run on every attention call.
+from torch.overrides import _get_current_function_mode_stack  # noqa: E402
+from torch.utils._device import DeviceContext  # noqa: E402
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode  # noqa: E402
 
 
 def _in_dispatch_mode() -> bool:
     """A TorchDispatchMode is active (FakeTensorMode under torch.export, FlopCounterMode, ...).
     Private: torch.utils._python_dispatch.is_in_torch_dispatch_mode; no public query exists."""
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
     return is_in_torch_dispatch_mode()
 
 
@@ -90,8 +93,6 @@ def _non_device_function_mode_active() -> bool:
     torch.utils._device.DeviceContext (the mode a default device installs); no public query exists."""
     if not torch._C._is_torch_function_mode_enabled():
         return False
-    from torch.overrides import _get_current_function_mode_stack
-    from torch.utils._device import DeviceContext
     return any(not isinstance(mode, DeviceContext) for mode in _get_current_function_mode_stack())
 
 
