@@ -3,9 +3,8 @@
 The module and parameter names mirror transformers 5.x exactly, so `load_state_dict(hf_model.state_dict())`
 works in both directions. What differs is inside the attention: the window-attention step runs on the
 q/k/v projection in token layout through `swinv2_fast.functional.window_attention` (one GEMM for q/k/v,
-one gather in, one gather out, PyTorch's fused attention), in eval mode the continuous position bias
-CPU inference in fp32 runs the linear layers through oneDNN (`swinv2_fast.linear`), and
-can run each block in cache-sized pieces.
+one gather in, one gather out, PyTorch's fused attention); CPU inference in fp32 runs the linear layers
+through oneDNN (`swinv2_fast.linear`) and each block in cache-sized pieces.
 
 State: the models keep nothing derived from their parameters between calls. The continuous position bias
 (an MLP over at most (2 * 24 - 1)**2 coordinates per block) and the concatenated q/k/v weight are computed in
@@ -1179,16 +1178,8 @@ class Swinv2ForImageClassification(Swinv2PreTrainedModel):
             pixel_values: (batch, num_channels, height, width) floating tensor.
             labels: (batch,) class indices (cross-entropy), (batch, num_labels) floats for regression or
                 multi-label (BCE) problems, as config.problem_type or transformers' rule chooses.
-            output_attentions: also return each stage's attention probabilities (the last block's,
-                (batch * windows, heads, N, N), N = window area); default config.output_attentions. Served by
-                the eager path (the fused kernel never forms them).
-            output_hidden_states: also return the token states after the embedding and after every stage
-                (`hidden_states`, (batch, tokens, channels)) and the same as NCHW maps
-                (`reshaped_hidden_states`); default config.output_hidden_states.
-            interpolate_pos_encoding: interpolate the absolute position embedding (use_absolute_embeddings
-                models) to the input size.
-            return_dict: return the output dataclass (default config.return_dict) or transformers' tuple
-                (its fields that are not None, in order).
+            output_attentions, output_hidden_states, interpolate_pos_encoding, return_dict: as in
+                `Swinv2Model.forward`.
 
         Returns:
             `Swinv2ImageClassifierOutput`: loss (with labels), logits (batch, num_labels), hidden_states,
@@ -1215,7 +1206,13 @@ class Swinv2ForImageClassification(Swinv2PreTrainedModel):
 
 class Swinv2ForMaskedImageModeling(Swinv2PreTrainedModel):
     """SimMIM (transformers' `Swinv2ForMaskedImageModeling`): a mask token in the embeddings, a 1x1 conv +
-    pixel shuffle decoder back to pixels (stride config.encoder_stride), L1 loss over the masked pixels."""
+    pixel shuffle decoder back to pixels (stride config.encoder_stride), L1 loss over the masked pixels.
+
+    Example:
+        >>> model = Swinv2ForMaskedImageModeling(Swinv2Config(image_size=192, window_size=6))
+        >>> mask = torch.rand(2, 48 * 48) < 0.6
+        >>> model(torch.randn(2, 3, 192, 192), bool_masked_pos=mask).loss
+    """
 
     def __init__(self, config: Swinv2Config):
         super().__init__(config)
@@ -1235,16 +1232,8 @@ class Swinv2ForMaskedImageModeling(Swinv2PreTrainedModel):
         Args:
             pixel_values: (batch, num_channels, height, width) floating tensor at config.image_size.
             bool_masked_pos: (batch, num_patches) bool, True for masked patches; gives the loss.
-            output_attentions: also return each stage's attention probabilities (the last block's,
-                (batch * windows, heads, N, N), N = window area); default config.output_attentions. Served by
-                the eager path (the fused kernel never forms them).
-            output_hidden_states: also return the token states after the embedding and after every stage
-                (`hidden_states`, (batch, tokens, channels)) and the same as NCHW maps
-                (`reshaped_hidden_states`); default config.output_hidden_states.
-            interpolate_pos_encoding: interpolate the absolute position embedding (use_absolute_embeddings
-                models) to the input size.
-            return_dict: return the output dataclass (default config.return_dict) or transformers' tuple
-                (its fields that are not None, in order).
+            output_attentions, output_hidden_states, interpolate_pos_encoding, return_dict: as in
+                `Swinv2Model.forward`.
 
         Returns:
             `Swinv2MaskedImageModelingOutput`: loss (with bool_masked_pos), reconstruction (batch,
@@ -1289,7 +1278,13 @@ class Swinv2ForMaskedImageModeling(Swinv2PreTrainedModel):
 
 class Swinv2Backbone(Swinv2PreTrainedModel):
     """Feature maps (NCHW) of the stages named by config.out_features / out_indices ("stem", "stage1", ...),
-    taken before patch merging (transformers' `Swinv2Backbone`); `channels` gives their channel counts."""
+    taken before patch merging (transformers' `Swinv2Backbone`); `channels` gives their channel counts.
+
+    Example:
+        >>> model = Swinv2Backbone(Swinv2Config(out_features=["stage2", "stage4"])).eval()
+        >>> [f.shape for f in model(torch.randn(1, 3, 224, 224)).feature_maps]
+        [torch.Size([1, 192, 28, 28]), torch.Size([1, 768, 7, 7])]
+    """
 
     def __init__(self, config: Swinv2Config):
         super().__init__(config)
@@ -1323,10 +1318,10 @@ class Swinv2Backbone(Swinv2PreTrainedModel):
 
         Args:
             pixel_values: (batch, num_channels, height, width) floating tensor.
-            output_attentions: also return each stage's attention probabilities; default
-                config.output_attentions.
-            output_hidden_states: also return the token states of every stage; default
-                config.output_hidden_states.
+            output_attentions: also return each stage's attention probabilities (as in `Swinv2Model.forward`);
+                default config.output_attentions.
+            output_hidden_states: also return the token states of every stage, taken before patch merging;
+                default config.output_hidden_states.
             return_dict: return `BackboneOutput` (default config.return_dict) or a tuple.
 
         Returns:
