@@ -161,6 +161,11 @@ def from_timm(timm_model: nn.Module, *, attn_implementation: str = "auto") -> nn
     `Swinv2Model` (whose `pooler_output` is timm's pooled features). The result keeps timm's semantics
     (roll then pad, shift mask -100, per-axis windows) and is in the timm model's mode, device and dtype.
     """
+    if type(timm_model).__name__ == "SwinTransformerV2Cr":
+        raise TypeError(
+            "from_timm cannot represent timm's SwinTransformerV2Cr (swinv2_cr_*) exactly (another position-bias "
+            "function, a learnable k bias, another stage layout and extra norms); use swinv2_fast.patch(model), "
+            "which keeps timm's model and runs its window attention on swinv2_fast's op")
     if type(timm_model).__name__ != "SwinTransformerV2" or not hasattr(timm_model, "layers"):
         raise TypeError(
             "from_timm expects a timm SwinTransformerV2 (timm.create_model('swinv2_...')), got "

@@ -311,3 +311,8 @@ def test_rejects_unknown_structures_naming_the_tested_versions():
                                            + _versions("transformers")):
         swinv2_fast.patch(model)
     assert not swinv2_fast.is_patched(model)
+
+
+def test_from_timm_refuses_cr_and_names_patch_as_the_route():
+    with pytest.raises(TypeError, match=r"SwinTransformerV2Cr.*swinv2_fast\.patch\(model\)"):
+        swinv2_fast.from_timm(_cr("head-nonsquare-padded"))
