@@ -188,14 +188,14 @@ MUTANTS = [
            "delta = rowsum(P * dP) needs the softmax's normalisation"),
     Mutant("kernel-padded-channels-unmasked", KERNEL,
            "    return o_d, o_d < HEAD_DIM\n",
-           "    return o_d, o_d < BLOCK_D\n",
+           "    return o_d, o_d < HEAD_DIM + 1\n",  # one channel too many: in bounds, no crash
            (f"{FWD}::test_forward_any_head_dim", "-k", "h2d10"),
            "a head dim below its channel tile reads and writes the next head's channels"),
     Mutant("kernel-padded-channels-unmasked-in-stores", KERNEL,
-           "tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))",
-           "tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])",
+           "tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))",
+           "tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])",  # the dk stores stay in bounds
            (f"{BWD}::test_gradients_any_head_dim", "-k", "h2d10"),
-           "dv of the padded channels (zeros) overwrites the next head's (or the next token's dq) channels"),
+           "dk of the padded channels (zeros) overwrites the next head's dk or the first head's dv"),
     Mutant("kernel-clamp-gradient-passes", KERNEL,
            "bound = torch.tensor(LOGIT_SCALE_MAX, dtype=x.dtype, device=x.device)",
            "bound = torch.tensor(2 * LOGIT_SCALE_MAX, dtype=x.dtype, device=x.device)",
