@@ -79,7 +79,7 @@ def test_resident_warps():
 @pytest.mark.skipif(shutil.which("true") is None, reason="needs a POSIX shell")
 def test_cost_report_compiles_the_reference_launch():
     """One real line: the forward at N = 64, bf16, sm_90, compiled in a fresh process without the interpreter."""
-    (c,) = cost.cost_table(1, kernels=("fwd",), dtypes=("bf16",), windows=(8,), archs=(90,))
+    (c,) = cost.cost_table(1, kernels=("fwd",), dtypes=("bf16",), windows=(8,), archs=(90,), head_dims=(32,))
     assert not c.error, c.error
     match = COST_LINE.match(c.line())
     assert match and match.group(4) == "64" and match.group(5) == "sm_90"
