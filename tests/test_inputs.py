@@ -4,7 +4,7 @@ import torch
 
 import swinv2_fast
 from swinv2_fast import window_attention
-from test_models import CONFIGS
+from _utils import CONFIGS
 
 
 @pytest.fixture(scope="module")

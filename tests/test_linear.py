@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import swinv2_fast
-from conftest import FP32_ATOL, assert_close, perturb_
+from _utils import FP32_ATOL, assert_close, perturb_
 from swinv2_fast import linear as L
 
 needs_onednn = pytest.mark.skipif(not L.onednn_linear_available(), reason="this PyTorch has no oneDNN linear op")

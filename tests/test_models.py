@@ -4,17 +4,8 @@ import torch
 import transformers
 
 import swinv2_fast
-from conftest import FP32_ATOL, assert_close, perturb_
+from _utils import CONFIGS, FP32_ATOL, assert_close, make_pair, perturb_
 
-# Small models that cover the window sizes of the published models (N = 49, 64, 144, 256), pretrained
-# window sizes, stages at or below the window, and inputs not divisible by the patch or the window.
-CONFIGS = {
-    "w7": dict(image_size=56, window_size=7, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 4]),
-    "w8": dict(image_size=64, window_size=8, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 4]),
-    "w12-pretrained": dict(image_size=96, window_size=12, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
-                           pretrained_window_sizes=[8, 6]),
-    "w16": dict(image_size=64, window_size=16, embed_dim=16, depths=[2, 2], num_heads=[2, 2]),
-}
 INPUTS = {
     "w7": [(2, 56, 56), (1, 61, 45)],
     "w8": [(2, 64, 64), (1, 70, 50), (2, 37, 37)],
@@ -23,15 +14,6 @@ INPUTS = {
 }
 CASES = [pytest.param(name, shape, id=f"{name}-B{shape[0]}-{shape[1]}x{shape[2]}")
          for name in CONFIGS for shape in INPUTS[name]]
-
-
-def make_pair(cls_name, num_labels=5, **overrides):
-    kwargs = dict(drop_path_rate=0.0, num_labels=num_labels, **overrides)
-    hf_config = transformers.Swinv2Config(**kwargs)
-    hf = perturb_(getattr(transformers, cls_name)(hf_config)).eval()
-    ours = getattr(swinv2_fast, cls_name)(swinv2_fast.Swinv2Config.from_transformers(hf_config)).eval()
-    ours.load_state_dict(hf.state_dict())
-    return hf, ours
 
 
 def compare_outputs(ours, theirs, prefix=""):

@@ -1,6 +1,6 @@
 """Fuzzed parity of the fused op (forward and backward) against the reference, numerical edge cases and
 hostile inputs; the kernels compiled on CUDA tensors where a GPU runs them, under Triton's interpreter on CPU
-tensors elsewhere (tests/conftest.py: KERNEL_DEVICE).
+tensors elsewhere (tests/_utils.py: KERNEL_DEVICE).
 
 The fuzz runs FUZZ_EXAMPLES drawn examples (default 30, derandomized: the same ones every run, windows up to
 8x8) plus the fixed @example cases (a 12x12 window among them); it is marked slow. The larger run, to do before
@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from conftest import (INTERPRETER, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL,
+from _utils import (INTERPRETER, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL,
                       OP_FP32_ATOL_AT_CLAMP, assert_close, outputs_and_grads, rounding_sensitivity,
                       sum_grad_fp32_rtol)
 from swinv2_fast import window_attention
@@ -131,9 +131,9 @@ def _fuzz_seed(test):
 @given(case=cases())
 def test_fuzz_forward_and_backward_match_the_reference(case):
     """The fused op's error against fp64 is at most LOW_PRECISION_FACTOR times PyTorch's own error in that
-    dtype, plus a floor (the fp32 floor from conftest, the low-precision one for fp16), for the output and
+    dtype, plus a floor (the fp32 floor from _utils, the low-precision one for fp16), for the output and
     every gradient. PyTorch's own error: the larger of the eager reference's and the problem's sensitivity to
-    rounding its inputs (conftest.rounding_sensitivity), in every dtype: the sums (logit scale, table, bias)
+    rounding its inputs (_utils.rounding_sensitivity), in every dtype: the sums (logit scale, table, bias)
     can be ill-conditioned, and one eager sample lucky."""
     if case["dtype"] == torch.float32:  # output and q/k/v gradient elementwise; the rest are sums
         wh, ww = case["window"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import swinv2_fast
-from conftest import assert_close, perturb_
+from _utils import assert_close, perturb_
 
 TINY = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4, num_labels=3)
 
