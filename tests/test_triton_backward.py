@@ -7,18 +7,19 @@ import pytest
 import torch
 
 import swinv2_fast
-from conftest import (FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL,
-                      MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close,
-                      outputs_and_grads, perturb_, rounding_sensitivity, sum_grad_fp32_rtol, tk)
+from conftest import (FP32_ATOL, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL,
+                      OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, outputs_and_grads, perturb_,
+                      rounding_sensitivity, tk)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference
 from swinv2_fast.kernels.reference import window_log_sum_exp
-from test_triton_forward import DEVICE, NON_SQUARE, ODD_HEAD_DIMS, SHAPES, TINY, _pair, make_inputs
+from _utils import GRAD_NAMES as NAMES
+from _utils import NON_SQUARE, ODD_HEAD_DIMS, SHAPES, TINY, assert_errors_within_pytorch, make_inputs, sum_floors
+from _utils import pair as _pair
+from test_triton_forward import DEVICE
 
 # Every test here runs the forward and backward kernels unless marked otherwise (conftest: launch proof).
 pytestmark = pytest.mark.kernels(backward=True)
-
-NAMES = ("qkv", "qkv_bias", "logit_scale", "position_bias")
 
 
 @pytest.mark.interpreter  # fp64 runs the kernels only under the interpreter; on a GPU "triton" refuses it
@@ -38,37 +39,9 @@ def test_gradcheck_fp64(grid, window, shift, pad_order):
                                     rtol=1e-4, fast_mode=True)
 
 
-def sum_floors(B, grid, window):
-    """Per-gradient floors for fp32 (conftest.sum_grad_fp32_rtol): q/k/v elementwise; the rest are sums over
-    the windows of the batch (q/k/v bias: B * nW * N terms per element; logit scale: B * nW * N * N; table:
-    B * nW)."""
-    wh, ww = _pair(window)
-    nw = -(-grid[0] // wh) * -(-grid[1] // ww)
-    n = wh * ww
-    return [OP_GRAD_FP32_RTOL, sum_grad_fp32_rtol(B * nw * n), sum_grad_fp32_rtol(B * nw * n * n),
-            sum_grad_fp32_rtol(B * nw)]
-
-
 def needs_padding(grid, window):
     wh, ww = _pair(window)
     return grid[0] % wh != 0 or grid[1] % ww != 0
-
-
-def assert_errors_within_pytorch(fused, eager, exact, floor, sensitivity=None):
-    """Each gradient's error against fp64, relative to its largest element, is at most LOW_PRECISION_FACTOR
-    times the eager reference's own error in the same dtype, plus `floor`. Measured against fp64 rather than
-    against the eager result: the logit-scale and table gradients are sums over every window and image,
-    and the k part of the bias gradient passes through x / max(||x||, 1e-12) at zero vectors (padded k rows
-    with the published models' zero k bias), whose slope 1e12 magnifies any rounding; both
-    implementations' errors are of that size, and the test asks that ours is no larger."""
-    floors = floor if isinstance(floor, list) else [floor] * len(NAMES)
-    sensitivity = sensitivity or [0.0] * len(NAMES)
-    for name, f, e, x, fl, sens in zip(NAMES, fused, eager, exact, floors, sensitivity):
-        scale = max(x.abs().max().item(), 1e-30)
-        eager_error = (e.double() - x).abs().max().item() / scale
-        fused_error = (f.double() - x).abs().max().item() / scale
-        own = max(eager_error, sens)  # PyTorch's own error: one eager sample, or the problem's sensitivity
-        assert fused_error <= LOW_PRECISION_FACTOR * own + fl, (name, fused_error, eager_error, sens, fl)
 
 
 def _relative_error(a, exact):

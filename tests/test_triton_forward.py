@@ -8,62 +8,13 @@ import torch
 import swinv2_fast
 from conftest import (FP32_ATOL, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL,
                       OP_FP32_ATOL_AT_CLAMP, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, perturb_, tk)
+from _utils import ODD_HEAD_DIMS, SHAPES, TINY, make_inputs
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference
 
 # Every test here runs the forward kernel unless marked otherwise (conftest: launch proof, honest skips).
 pytestmark = pytest.mark.kernels
 DEVICE = KERNEL_DEVICE
-
-
-def _pair(x):
-    return (x, x) if isinstance(x, int) else tuple(x)
-
-
-def make_inputs(B, grid, heads, head_dim, window, dtype=torch.float32, table_dtype=None, bias=True, seed=0,
-                zero_k_bias=True):
-    """Inputs of the op on DEVICE; `window` an int or a (height, width) pair."""
-    gen = torch.Generator().manual_seed(seed)
-    C, N = heads * head_dim, _pair(window)[0] * _pair(window)[1]
-    qkv = torch.randn(B, grid[0] * grid[1], 3 * C, generator=gen)
-    qkv_bias = torch.randn(3 * C, generator=gen) if bias else None
-    if qkv_bias is not None and zero_k_bias:
-        qkv_bias[C : 2 * C] = 0  # k has no bias in the published models
-    logit_scale = math.log(10) + 0.5 * torch.randn(heads, 1, 1, generator=gen)
-    position_bias = 16 * torch.sigmoid(torch.randn(heads, N, N, generator=gen))
-    cast = lambda t, d: None if t is None else t.to(device=DEVICE, dtype=d)  # noqa: E731
-    return (cast(qkv, dtype), cast(qkv_bias, dtype), logit_scale.to(DEVICE),
-            cast(position_bias, table_dtype or dtype))
-
-
-# (B, grid, heads, head_dim, window, shift): every window size of the published models (N = 49, 64, 144,
-# 256, 576), head dims 16/32/64/128, shifted and not, grids that need padding and grids below the window.
-SHAPES = [
-    pytest.param(2, (8, 8), 2, 16, 4, 2, id="B2-8x8-h2d16-w4s2"),
-    pytest.param(1, (14, 14), 2, 32, 7, 3, id="B1-14x14-h2d32-w7s3"),
-    pytest.param(1, (10, 13), 1, 32, 7, 3, id="B1-10x13-h1d32-w7s3-padded"),
-    pytest.param(2, (8, 8), 1, 32, 8, 0, id="B2-8x8-h1d32-w8s0"),
-    pytest.param(1, (16, 11), 1, 64, 8, 4, id="B1-16x11-h1d64-w8s4-padded"),
-    pytest.param(1, (12, 12), 1, 32, 12, 6, id="B1-12x12-h1d32-w12s6"),
-    pytest.param(1, (9, 10), 1, 128, 12, 0, id="B1-9x10-h1d128-w12s0-below-window"),
-    pytest.param(1, (16, 16), 1, 16, 16, 8, id="B1-16x16-h1d16-w16s8"),
-    pytest.param(1, (24, 24), 1, 32, 24, 12, id="B1-24x24-h1d32-w24s12"),
-    pytest.param(1, (5, 7), 2, 16, 24, 0, id="B1-5x7-h2d16-w24s0-tiny-grid"),
-    # per-axis windows (timm's) on non-square grids: a window row and column index read with the wrong
-    # extent, or a shift applied on the wrong axis, moves tokens here and nowhere above
-    pytest.param(1, (7, 12), 2, 16, (3, 5), (1, 2), id="B1-7x12-h2d16-w3x5s1x2-padded"),
-    pytest.param(2, (10, 6), 1, 32, (6, 4), (3, 2), id="B2-10x6-h1d32-w6x4s3x2-padded"),
-    pytest.param(1, (8, 15), 1, 16, (4, 5), 0, id="B1-8x15-h1d16-w4x5s0"),
-]
-NON_SQUARE = SHAPES[10:]
-# head dims that are not a power of two of at least 16 (Swin2SR's 30 and 10, 24 from a custom config): the
-# kernels run them masked in a channel tile of 16 or 32. Two heads where the head dim is below its tile: a
-# padded channel read or stored would reach the other head's channels (or the next token's) and show.
-ODD_HEAD_DIMS = [
-    pytest.param(1, (6, 7), 2, 10, 4, 2, id="B1-6x7-h2d10-w4s2-padded"),
-    pytest.param(2, (8, 8), 2, 30, 4, 0, id="B2-8x8-h2d30-w4s0"),
-    pytest.param(1, (5, 6), 2, 24, (3, 4), (1, 2), id="B1-5x6-h2d24-w3x4s1x2-padded"),
-]
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
@@ -225,7 +176,6 @@ def test_attention_probabilities_come_from_the_eager_path():
 
 
 # ------------------------------------------------------------------------------------------ whole models
-TINY = dict(image_size=32, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 1], drop_path_rate=0.0)
 # Windows of the published models, so that a window takes several query and key blocks of the kernels
 # (N = 49, 64, 144 against blocks of 16 to 64): the online softmax's rescaling across key blocks and the
 # masked tail of a block run at model level. Stage 2 is at the window (shift 0), stage 1 shifted.
