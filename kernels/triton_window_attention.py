@@ -693,6 +693,7 @@ _BWD_TILES_FP32 = {16: (32, 16, 8), 32: (16, 32, 8)}
 # registers and spill; 255 x 256 threads still fits one SM's 64K registers. Kernels that fit in 128
 # without spilling are capped there (twice the resident warps of 255): `register_cap`.
 MAXNREG = 255
+_TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
 def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
@@ -748,13 +749,14 @@ def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = Fal
 def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: int = 90,
                  padded: bool = False) -> int:
     """ptxas's register budget per thread for the kernels of this configuration on sm_<arch>: 128 for the
-    16-bit forward with 128-row tiles on sm_90 without padding (124 registers, no spills; 148 uncapped; sm_80,
-    and fp16 on a padded grid, spill at 128), MAXNREG elsewhere."""
+    16-bit forward with 128-row tiles on sm_90 without padding, with triton 3.8 or later (128 registers, no
+    spills; sm_80, fp16 on a padded grid, and triton 3.6's build, which spills 88 B there, go uncapped),
+    MAXNREG elsewhere."""
     tuned = _tuned(n, head_dim, dtype, backward)
     if tuned is not None:
         return tuned[3]
     if not backward and dtype in (torch.float16, torch.bfloat16) and channel_block(head_dim) <= 32 and n % 128 == 0 \
-            and arch >= 90 and not padded:
+            and arch >= 90 and not padded and _TRITON_VERSION >= (3, 8):
         return 128
     return MAXNREG
 
