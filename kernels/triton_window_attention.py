@@ -413,9 +413,11 @@ def _window_attention_bwd_stats_kernel(
     m_m = _in_window(o_m, N, BLOCK_M)
     p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
     p_bias = QKV_BIAS + i_h * HEAD_DIM
-    (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
+    rows_m, q_m = _query_rows(
         p_qkv, p_bias, tl.load(SCALE + i_h), o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED,
         ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
+    o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
+    b_qn, b_rq, b_qs = q_m
     m_real_m = m_m & ~m_pad_m
     # [BLOCK_M, BLOCK_D]
     b_do = tl.load(DOUT + i_b * stride_do_b + o_tok_m[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
@@ -503,13 +505,16 @@ def _window_attention_bwd_dq_kernel(
     p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
     p_bias = QKV_BIAS + i_h * HEAD_DIM
     b_scale = tl.load(SCALE + i_h)
-    (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
+    rows_m, q_m = _query_rows(
         p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
         HAS_BIAS, CDT, DDT)
+    o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
+    b_qn, b_rq, b_qs = q_m
     m_real_m = m_m & ~m_pad_m
-    b_do, (b_rmax, b_logl), b_delta = _load_query_grads(
+    b_do, stats_m, b_delta = _load_query_grads(
         DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
         NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+    b_rmax, b_logl = stats_m
     b_do = b_do.to(DDT)
     # [BLOCK_M, BLOCK_D]
     b_dqs = tl.zeros([BLOCK_M, BLOCK_D], dtype=CDT)
@@ -576,13 +581,16 @@ def _window_attention_bwd_dkdv_kernel(
     for start_m in range(0, N, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = _in_window(o_m, N, BLOCK_M)
-        (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
+        rows_m, q_m = _query_rows(
             p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
             HAS_BIAS, CDT, DDT)
+        o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
+        b_qn, b_rq, b_qs = q_m
         m_real_m = m_m & ~m_pad_m
-        b_do, (b_rmax, b_logl), b_delta = _load_query_grads(
+        b_do, stats_m, b_delta = _load_query_grads(
             DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
             NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+        b_rmax, b_logl = stats_m
         b_do = b_do.to(DDT)
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
@@ -647,15 +655,18 @@ def _window_attention_bwd_dbias_kernel(
     for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
         i_b, i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
         p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
-        (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, b_qs) = _query_rows(
+        rows_m, q_m = _query_rows(
             p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
             HAS_BIAS, CDT, DDT)
+        o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
+        b_qn, b_rq, b_qs = q_m
         b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
                                         WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
         m_real_m = m_m & ~m_pad_m
-        b_do, (b_rmax, b_logl), b_delta = _load_query_grads(
+        b_do, stats_m, b_delta = _load_query_grads(
             DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
             NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+        b_rmax, b_logl = stats_m
         b_kn = b_kn.to(DDT)
         # [BLOCK_M, BLOCK_N]
         b_qk = _dot(b_qs, tl.trans(b_kn), FULL_DOT)  # the q.k the other backward kernels compute, bitwise
