@@ -286,9 +286,20 @@ class Swinv2SelfAttention(nn.Module):
         bias = torch.cat([self.query.bias, torch.zeros_like(self.query.bias), self.value.bias])
         return weight, bias
 
-    def forward(self, hidden_states, input_dimensions, output_attentions=False):
-        if all(is_plain_linear(m) for m in (self.query, self.key, self.value)):
-            weight, bias = self.qkv_parameters()
+    def derived_parameters(self):
+        """((q/k/v weight, bias) or None, position bias): what one forward computes from the parameters;
+        None in place of the weights where the projections are not plain (they are then called as modules).
+        `Swinv2Layer._forward_in_pieces` computes this once per block call and passes it to every piece."""
+        plain = all(is_plain_linear(m) for m in (self.query, self.key, self.value))
+        return (self.qkv_parameters() if plain else None), self.position_bias()
+
+    def forward(self, hidden_states, input_dimensions, output_attentions=False, derived_parameters=None):
+        """(B, H*W, C) tokens of an (H, W) grid -> ((B, H*W, C) attention output before the output
+        projection, attention probabilities or None). `derived_parameters`: this call's
+        `derived_parameters()`, when the caller has computed them already (pieces of one block call)."""
+        qkv_parameters, position_bias = derived_parameters or self.derived_parameters()
+        if qkv_parameters is not None:
+            weight, bias = qkv_parameters
             qkv = linear(hidden_states, weight, bias, onednn=self.config.cpu_onednn_linear)
         else:  # swapped (LoRA, quantized, parametrized) or hooked projections: called as modules
             height, width = input_dimensions
@@ -298,7 +309,7 @@ class Swinv2SelfAttention(nn.Module):
             qkv,
             bias,
             self.logit_scale,
-            self.position_bias(),
+            position_bias,
             grid_size=input_dimensions,
             num_heads=self.num_attention_heads,
             window_size=self.window_size,
@@ -331,8 +342,8 @@ class Swinv2Attention(nn.Module):
         )
         self.output = Swinv2SelfOutput(config, dim)
 
-    def forward(self, hidden_states, input_dimensions, output_attentions=False):
-        context, probs = self.self(hidden_states, input_dimensions, output_attentions)
+    def forward(self, hidden_states, input_dimensions, output_attentions=False, derived_parameters=None):
+        context, probs = self.self(hidden_states, input_dimensions, output_attentions, derived_parameters)
         return self.output(context), probs
 
 
@@ -440,9 +451,11 @@ class Swinv2Layer(nn.Module):
         images = max(1, chunk_bytes // (tokens * 3 * channels * elem))
         rows = max(64, chunk_bytes // (self.intermediate.dense.out_features * elem))
         out = torch.empty_like(hidden_states)
+        # the position bias and the q/k/v weight once per block call, not once per piece
+        derived = self.attention.self.derived_parameters()
         for start in range(0, batch, images):
             x = hidden_states[start : start + images]
-            attention_output, _ = self.attention(x, input_dimensions)
+            attention_output, _ = self.attention(x, input_dimensions, derived_parameters=derived)
             h = (x + self.layernorm_before(attention_output)).view(-1, channels)
             o = out[start : start + images].view(-1, channels)
             for r in range(0, h.shape[0], rows):
