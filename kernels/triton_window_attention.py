@@ -1,4 +1,5 @@
-"""Fused Swin V2 window attention in Triton: the forward pass of `window_attention_reference` in one kernel.
+"""Fused Swin V2 window attention in Triton: the forward of `window_attention_reference` (one kernel; a shifted grid
+runs it as two launches, the windows off the shifted border and the border windows) and its four backward kernels.
 
 Memory traffic. The eager chain reads and writes the whole activation at every step (pad, roll, partition,
 normalise, scores, bias, mask, softmax, product, reverse, roll back, crop). This kernel reads each q/k/v

@@ -1,25 +1,6 @@
 """The public window-attention op and its dispatch between implementations.
 
-`window_attention` has the signature of `swinv2_fast.kernels.window_attention_reference` (see there for the
-shapes and the math) plus `implementation`:
-
-- "eager": the reference, plain PyTorch, any device.
-- "triton": the fused kernel (`kernels/triton_window_attention.py`). On CUDA tensors it compiles; on CPU
-  tensors it runs under Triton's interpreter when TRITON_INTERPRET=1 was set before the kernel module was
-  imported, and raises otherwise. Calls the kernel does not serve by design go to the eager path:
-  `return_attention_probs=True` (the kernel never forms the N x N probabilities) and `dropout_p > 0`.
-- "auto": "triton" for CUDA tensors when Triton imports and the kernels serve the head dimension (1 to 128:
-  `head_dim_supported` in the kernel module states the rule; a head dim that is not a power of two of at
-  least 16 runs masked in the next one), "eager" otherwise.
-
-On a GPU two cases go to the eager path by design ("auto") or raise ("triton"): float64 inputs, and fp32
-calls that need gradients with head_dim 64 or 128 (the fused backward has no spill-free fp32 build there;
-every published model has head_dim 32; the fp32 rule goes by the padded channel tile, so head dims up
-to 32 are fused). Under the interpreter on CPU every case runs the kernels but
-bfloat16, which Triton's interpreter computes wrongly (its bf16 `tl.dot`): "triton" raises there.
-
-The "triton" path is the custom op `torch.ops.swinv2_fast.window_attention_fused` (torch.library, with a
-fake implementation, so torch.compile traces through it); its backward is the fused Triton backward.
+The dispatch rules are stated once, in `window_attention`'s docstring.
 """
 from __future__ import annotations
 
@@ -78,7 +59,7 @@ def _fused_serves(qkv: torch.Tensor, num_heads: int, grad_inputs) -> bool:
 def resolve_implementation(implementation: str, qkv: torch.Tensor, num_heads: int,
                            return_attention_probs: bool = False, dropout_p: float = 0.0,
                            grad_inputs=()) -> str:
-    """"triton" or "eager" for this call, following the rules in the module docstring; raises where
+    """"triton" or "eager" for this call, following the rules in `window_attention`'s docstring; raises where
     "triton" was asked for and cannot run."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -193,8 +174,29 @@ def window_attention(
     return_attention_probs: bool = False,
     implementation: str = "auto",
 ):
-    """Swin V2 window attention, token layout in and out; see `window_attention_reference` for the contract
-    and the module docstring for `implementation`."""
+    """Swin V2 window attention, token layout in and out: the dispatch rules.
+
+    This op has the signature of `swinv2_fast.kernels.window_attention_reference` (see there for the
+    shapes and the math) plus `implementation`:
+
+    - "eager": the reference, plain PyTorch, any device.
+    - "triton": the fused kernel (`kernels/triton_window_attention.py`). On CUDA tensors it compiles; on CPU
+      tensors it runs under Triton's interpreter when TRITON_INTERPRET=1 was set before the kernel module was
+      imported, and raises otherwise. Calls the kernel does not serve by design go to the eager path:
+      `return_attention_probs=True` (the kernel never forms the N x N probabilities) and `dropout_p > 0`.
+    - "auto": "triton" for CUDA tensors when Triton imports and the kernels serve the head dimension (1 to 128:
+      `head_dim_supported` in the kernel module states the rule; a head dim that is not a power of two of at
+      least 16 runs masked in the next one), "eager" otherwise.
+
+    On a GPU two cases go to the eager path by design ("auto") or raise ("triton"): float64 inputs, and fp32
+    calls that need gradients with head_dim 64 or 128 (the fused backward has no spill-free fp32 build there;
+    every published model has head_dim 32; the fp32 rule goes by the padded channel tile, so head dims up
+    to 32 are fused). Under the interpreter on CPU every case runs the kernels but
+    bfloat16, which Triton's interpreter computes wrongly (its bf16 `tl.dot`): "triton" raises there.
+
+    The "triton" path is the custom op `torch.ops.swinv2_fast.window_attention_fused` (torch.library, with a
+    fake implementation, so torch.compile traces through it); its backward is the fused Triton backward.
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     # the geometry and head count as plain ints (numpy integers accepted)

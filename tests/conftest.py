@@ -98,11 +98,3 @@ def pytest_runtest_call(item):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-# Transitional: test modules that still import helpers from conftest keep working until they import them from
-# tests/_utils.py. Nothing else belongs here; remove this block once no test module has `from conftest import`.
-from _utils import (FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL,  # noqa: E402,F401
-                    MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, OP_FP32_ATOL_AT_CLAMP, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL,
-                    assert_close, outputs_and_grads, perturb_, require_kernels, rounding_sensitivity,
-                    sum_grad_fp32_rtol)

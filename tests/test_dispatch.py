@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import require_kernels, tk
+from _utils import require_kernels, tk
 from swinv2_fast import functional, window_attention
 
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 import swinv2_fast
-from conftest import (FP32_ATOL, INTERPRETER, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR,
+from _utils import (FP32_ATOL, INTERPRETER, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR,
                       MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close,
                       backward_launches, count_launches, forward_launches, outputs_and_grads,
                       sum_grad_fp32_rtol)
-from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference
+from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_naive
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import cases  # noqa: E402  (identical weights in swinv2_fast, transformers and timm)
@@ -106,10 +106,10 @@ def check_forward(name, pad_order, dtype):
     assert forward_launches(launches) >= 1, dict(launches)
     assert out.dtype == dtype and out.device.type == DEVICE.type
     if dtype == torch.float32:
-        assert_close(out, window_attention_reference(*inputs, **kwargs), atol=OP_FP32_ATOL, name="output")
+        assert_close(out, window_attention_naive(*inputs, **kwargs), atol=OP_FP32_ATOL, name="output")
         return
-    exact = window_attention_reference(*fp64(inputs), **kwargs)
-    eager_error = (window_attention_reference(*inputs, **kwargs).double() - exact).abs().max().item()
+    exact = window_attention_naive(*fp64(inputs), **kwargs)
+    eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
     kernel_error = (out.double() - exact).abs().max().item()
     assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR, (
         f"{dtype} kernel error {kernel_error:.3e} vs PyTorch's own {eager_error:.3e}")
@@ -249,7 +249,7 @@ def test_op_compiles_without_graph_break():
         out = compiled(*leaves)
         out.float().square().sum().backward()
     assert forward_launches(launches) >= 1 and backward_launches(launches) >= 1, dict(launches)
-    assert_close(out, window_attention_reference(*inputs, **kwargs), atol=OP_FP32_ATOL, name="compiled output")
+    assert_close(out, window_attention_naive(*inputs, **kwargs), atol=OP_FP32_ATOL, name="compiled output")
     torch._dynamo.reset()
 
 

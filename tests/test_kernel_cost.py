@@ -92,7 +92,7 @@ def test_tile_sweep_times_every_candidate_and_records_the_fastest(tmp_path):
     """The GPU sweep's plumbing, on the interpreter: each candidate is launched with its tiles (a stand-in
     timer reads them back), the fastest is recorded per direction, and nothing stays overridden."""
     import torch
-    from conftest import INTERPRETER
+    from _utils import INTERPRETER
 
     if not INTERPRETER:
         pytest.skip("the sweep proper runs on the GPU (scripts/gpu.sh)")

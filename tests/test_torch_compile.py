@@ -7,7 +7,7 @@ import swinv2_fast
 from _utils import (FP32_ATOL, KERNEL_DEVICE, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, TINY,
                     assert_close, assert_errors_within_pytorch, make_inputs, perturb_, sum_floors, tk)
 from swinv2_fast import window_attention
-from swinv2_fast.kernels import ROLL_THEN_PAD, window_attention_reference
+from swinv2_fast.kernels import ROLL_THEN_PAD, window_attention_naive
 
 # Every test here runs the forward and backward kernels (conftest: launch proof, honest skips).
 pytestmark = pytest.mark.kernels(backward=True)
@@ -37,7 +37,7 @@ def test_op_compiles_without_graph_break_forward_and_backward():
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = compiled(*leaves)
     grads = torch.autograd.grad(out, leaves, grad_out)
-    assert_close(out, window_attention_reference(*inputs, **OP_KWARGS), atol=OP_FP32_ATOL, name="output")
+    assert_close(out, window_attention_naive(*inputs, **OP_KWARGS), atol=OP_FP32_ATOL, name="output")
     _check_gradients(grads, inputs, grad_out)
 
 
@@ -46,7 +46,7 @@ def _check_gradients(grads, inputs, grad_out):
     found = {}
     for name, tensors, g in (("exact", [t.double() for t in inputs], grad_out.double()), ("eager", inputs, grad_out)):
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
-        found[name] = torch.autograd.grad(window_attention_reference(*leaves, **OP_KWARGS), leaves, g)
+        found[name] = torch.autograd.grad(window_attention_naive(*leaves, **OP_KWARGS), leaves, g)
     assert_errors_within_pytorch(grads, found["eager"], found["exact"], sum_floors(inputs[0].shape[0], (6, 7), 4))
 
 

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 import swinv2_fast
-from conftest import (FP32_ATOL, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL,
+from _utils import (FP32_ATOL, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL,
                       OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, outputs_and_grads, perturb_,
                       rounding_sensitivity, tk)
 from swinv2_fast import window_attention
-from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference
+from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_naive
 from swinv2_fast.kernels.reference import window_log_sum_exp
 from _utils import GRAD_NAMES as NAMES
 from _utils import NON_SQUARE, ODD_HEAD_DIMS, SHAPES, TINY, assert_errors_within_pytorch, make_inputs, sum_floors
 from _utils import pair as _pair
-from test_triton_forward import DEVICE
+from _utils import KERNEL_DEVICE as DEVICE
 
 # Every test here runs the forward and backward kernels unless marked otherwise (conftest: launch proof).
 pytestmark = pytest.mark.kernels(backward=True)
@@ -125,7 +125,7 @@ def test_backward_statistics_and_delta(B, grid, heads, head_dim, window, shift, 
     common = tk._backward_statistics(grad_out, *inputs, **kwargs)[-1]
     lse = common["STATS"].unflatten(-1, (-1, 2)).sum(-1)  # (row max, log row sum) pairs
     assert_close(lse, window_log_sum_exp(*inputs, **kwargs), atol=OP_FP32_ATOL, rtol=1e-6, name="log-sum-exp")
-    out = window_attention_reference(*[t.double() for t in inputs], **kwargs)
+    out = window_attention_naive(*[t.double() for t in inputs], **kwargs)
     delta = (grad_out.double() * out).unflatten(-1, (heads, head_dim)).sum(-1)
     assert_close(common["DELTA"], delta, atol=OP_FP32_ATOL, name="delta")
 

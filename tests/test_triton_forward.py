@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import swinv2_fast
-from conftest import (FP32_ATOL, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL,
+from _utils import (FP32_ATOL, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL,
                       OP_FP32_ATOL_AT_CLAMP, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, perturb_, tk)
 from _utils import ODD_HEAD_DIMS, SHAPES, TINY, make_inputs
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference
+from swinv2_fast.kernels.naive import window_attention_naive  # the oracle
 
 # Every test here runs the forward kernel unless marked otherwise (conftest: launch proof, honest skips).
 pytestmark = pytest.mark.kernels
@@ -24,7 +25,7 @@ def test_forward_matches_reference_fp32(B, grid, heads, head_dim, window, shift,
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
                   mask_value=-100.0)
     out = tk.window_attention_triton_forward(*inputs, **kwargs)
-    expected = window_attention_reference(*inputs, **kwargs)
+    expected = window_attention_naive(*inputs, **kwargs)
     assert_close(out, expected, atol=OP_FP32_ATOL, name="output")
 
 
@@ -36,8 +37,8 @@ def test_forward_fp16_error_is_that_of_pytorch(B, grid, heads, head_dim, window,
     against an fp64 reference is at most twice the eager reference's own fp16 error."""
     inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=table_dtype)
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
-    exact = window_attention_reference(*[t.double() if t is not None else None for t in inputs], **kwargs)
-    eager = window_attention_reference(*inputs, **kwargs)
+    exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
+    eager = window_attention_naive(*inputs, **kwargs)
     out = tk.window_attention_triton_forward(*inputs, **kwargs)
     assert out.dtype == torch.float16
     eager_error = (eager.double() - exact).abs().max().item()
@@ -55,11 +56,11 @@ def test_forward_any_head_dim(B, grid, heads, head_dim, window, shift, pad_order
     inputs = make_inputs(B, grid, heads, head_dim, window)
     assert tk.channel_block(head_dim) > head_dim  # the masked path
     out = tk.window_attention_triton_forward(*inputs, **kwargs)
-    assert_close(out, window_attention_reference(*inputs, **kwargs), atol=OP_FP32_ATOL, name="output")
+    assert_close(out, window_attention_naive(*inputs, **kwargs), atol=OP_FP32_ATOL, name="output")
 
     inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32)
-    exact = window_attention_reference(*[t.double() if t is not None else None for t in inputs], **kwargs)
-    eager_error = (window_attention_reference(*inputs, **kwargs).double() - exact).abs().max().item()
+    exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
+    eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
     kernel_error = (tk.window_attention_triton_forward(*inputs, **kwargs).double() - exact).abs().max().item()
     assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
         f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}")
@@ -69,8 +70,8 @@ def test_forward_any_head_dim(B, grid, heads, head_dim, window, shift, pad_order
 def test_forward_bf16_error_is_that_of_pytorch():  # pragma: no cover - GPU only
     inputs = make_inputs(2, (16, 16), 2, 32, 8, dtype=torch.bfloat16, table_dtype=torch.float32)
     kwargs = dict(grid_size=(16, 16), num_heads=2, window_size=8, shift_size=4)
-    exact = window_attention_reference(*[t.double() if t is not None else None for t in inputs], **kwargs)
-    eager_error = (window_attention_reference(*inputs, **kwargs).double() - exact).abs().max().item()
+    exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
+    eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
     out = tk.window_attention_triton_forward(*inputs, **kwargs)
     assert (out.double() - exact).abs().max().item() <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR
 
@@ -96,7 +97,7 @@ def test_strided_qkv_and_no_bias():
     assert not strided.is_contiguous()
     kwargs = dict(grid_size=(7 + 1, 8), num_heads=2, window_size=4, shift_size=2)
     out = tk.window_attention_triton_forward(strided, None, logit_scale, position_bias, **kwargs)
-    assert_close(out, window_attention_reference(qkv, None, logit_scale, position_bias, **kwargs),
+    assert_close(out, window_attention_naive(qkv, None, logit_scale, position_bias, **kwargs),
                  atol=OP_FP32_ATOL)
 
 
@@ -105,7 +106,7 @@ def test_logit_scale_above_the_clamp():
     logit_scale = torch.full_like(logit_scale, 7.0)  # exp(7) > 100: clamped
     kwargs = dict(grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2)
     out = tk.window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, **kwargs)
-    assert_close(out, window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, **kwargs),
+    assert_close(out, window_attention_naive(qkv, qkv_bias, logit_scale, position_bias, **kwargs),
                  atol=OP_FP32_ATOL_AT_CLAMP)
 
 
@@ -157,7 +158,7 @@ def test_mask_value_minus_100_and_minus_200_are_told_apart(pad_order):
     scale = torch.full((heads, 1, 1), math.log(100) + 1.0, device=DEVICE)
     table = (16 * torch.sigmoid(torch.randn(heads, N, N, generator=gen))).to(DEVICE)
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
-    ref = {m: window_attention_reference(qkv, None, scale, table, mask_value=m, **kwargs) for m in (-100.0, -200.0)}
+    ref = {m: window_attention_naive(qkv, None, scale, table, mask_value=m, **kwargs) for m in (-100.0, -200.0)}
     assert (ref[-100.0] - ref[-200.0]).abs().max() > 0.1, "the construction no longer separates the two values"
     for mask_value, expected in ref.items():
         fused = window_attention(qkv, None, scale, table, mask_value=mask_value, implementation="triton", **kwargs)
