@@ -7,7 +7,8 @@
 - `reference`: the eager path the models run without the fused kernels (`window_attention_reference`:
   gather indices and PyTorch's scaled_dot_product_attention), with its bounded layout caches.
 
-The fused Triton kernels live in `triton_window_attention`, imported only when first launched.
+The fused path (`op`: the custom ops; `triton_window_attention` and `triton_window_attention_backward`: the Triton
+kernels and their launchers) is imported only when first launched.
 """
 from .geometry import LOGIT_SCALE_MAX, PAD_ORDERS, PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry
 from .naive import window_attention_naive, window_log_sum_exp

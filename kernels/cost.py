@@ -40,8 +40,9 @@ count times the program's threads (num_warps x 32) times the programs, over the 
 The traffic model (per launch, from the recorded arguments and the tiles):
   * HBM bytes: every tensor the kernel reads or writes, once (q/k/v, dO, statistics, the table, outputs);
   * L2-to-SM bytes: what the programs load, summed (a key block read by every query block counts once per
-    query block, the bias tile once per program that reads it: per window, except in the bias-table
-    kernel, whose programs load theirs once for a group of windows);
+    query block, the bias tile once per program that reads it: per window, except where a program runs
+    several windows of one head (the forward's WINDOWS_PER_PROGRAM, the bias-table kernel's group of
+    windows) and loads the tile once for all of them);
   * FLOPs: 2 * head_dim per score and per matmul of the kernel;
   * time: max(HBM bytes / 4.8 TB/s, FLOPs / 790 TFLOP/s (16-bit dots; 67 TFLOP/s for IEEE fp32 dots),
     instructions / issue rate), the issue rate being an H200's 132 SMs x 4 schedulers x 1 warp instruction
@@ -126,11 +127,13 @@ def _short(name: str) -> str:
 
 @contextlib.contextmanager
 def recording_launches():
-    """Replace every `*_kernel` global of the kernel module by a recorder of (grid, kwargs); restored after."""
+    """Replace every `*_kernel` global of the kernel modules by a recorder of (grid, kwargs); restored after."""
     from . import triton_window_attention as tk
+    from . import triton_window_attention_backward as tkb
 
     launches: List[Launch] = []
-    saved = {name: fn for name, fn in vars(tk).items() if name.endswith("_kernel")}
+    saved = {(module, name): fn for module in (tk, tkb) for name, fn in vars(module).items()
+             if name.endswith("_kernel")}
 
     class _Recorder:
         def __init__(self, name, fn):
@@ -144,12 +147,12 @@ def recording_launches():
             return launch
 
     try:
-        for name, fn in saved.items():
-            setattr(tk, name, _Recorder(name, fn))
+        for (module, name), fn in saved.items():
+            setattr(module, name, _Recorder(name, fn))
         yield launches
     finally:
-        for name, fn in saved.items():
-            setattr(tk, name, fn)
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
 
 
 def reference_geometry(window: int):
@@ -168,8 +171,9 @@ def reference_launches(window: int, dtype: str, head_dim: int = COST_HEAD_DIM, g
     import torch
 
     from . import triton_window_attention as tk
+    from . import triton_window_attention_backward as tkb
     from .compile_check import _torch_dtype
-    from .reference import PAD_THEN_ROLL
+    from .geometry import PAD_THEN_ROLL, WindowGeometry
 
     geometry = dict(geometry or reference_geometry(window))
     geometry.setdefault("num_heads", REFERENCE_HEADS)
@@ -182,10 +186,11 @@ def reference_launches(window: int, dtype: str, head_dim: int = COST_HEAD_DIM, g
     qkv_bias = torch.empty(3 * C, dtype=tdt, **meta) if bias else None
     logit_scale = torch.empty(heads, 1, 1, **meta)
     table = torch.empty(heads, window * window, window * window, **meta)
+    g = WindowGeometry.from_args(**geometry)
     with recording_launches() as launches:
-        out = tk.window_attention_triton_forward(qkv, qkv_bias, logit_scale, table, **geometry)
+        out = tk.window_attention_triton_forward(qkv, qkv_bias, logit_scale, table, g)
         if backward:
-            tk.window_attention_triton_backward(torch.empty_like(out), qkv, qkv_bias, logit_scale, table, **geometry)
+            tkb.window_attention_triton_backward(torch.empty_like(out), qkv, qkv_bias, logit_scale, table, g)
     found: Dict[str, List[Launch]] = {}
     for launch in launches:
         found.setdefault(launch.kernel, []).append(launch)
@@ -397,7 +402,8 @@ def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
     k = launch.kernel
     if k == "fwd":
         hbm = tokens * rows * 4 + table
-        l2 = wh * (N * rows + nm * N * 2 * rows + N * N * t)
+        # a program that runs WINDOWS_PER_PROGRAM windows of one head loads each bias tile once for all of them
+        l2 = wh * (N * rows + nm * N * 2 * rows) + wh * N * N * t // a.get("WINDOWS_PER_PROGRAM", 1)
         flops = scores * 2 * hd * 2
     elif k == "bwd_stats":
         hbm = tokens * rows * 4 + table + stats

@@ -66,8 +66,8 @@ __all__ = [
     "cached_tensors",
 ]
 
-# Kept for importers not yet moved to `geometry` (kernels/triton_window_attention.py imports `_pair`,
-# swinv2_fast/functional.py `check_geometry` and `is_int`): remove when they import from `.geometry`.
+# Kept for importers not yet moved to `geometry` (swinv2_fast/functional.py imports `check_geometry` and
+# `is_int`): remove when they import from `.geometry`.
 _pair = int_pair
 check_geometry = check_layout_args
 

@@ -57,6 +57,8 @@ def entry_key(dtype: str, head_dim: int, n: int, direction: str) -> str:
 def _inputs(shape: SweepShape, dtype, device):
     import torch
 
+    from .geometry import WindowGeometry
+
     C = shape.heads * shape.head_dim
     n = shape.window * shape.window
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -65,9 +67,8 @@ def _inputs(shape: SweepShape, dtype, device):
     logit_scale = torch.log(10 * torch.ones(shape.heads, 1, 1)).to(device)
     table = torch.randn(shape.heads, n, n, generator=gen).to(device)
     grad_out = torch.randn(shape.batch, shape.grid * shape.grid, C, generator=gen).to(device, dtype)
-    options = dict(grid_size=(shape.grid, shape.grid), num_heads=shape.heads,
-                   window_size=(shape.window, shape.window), shift_size=(shape.window // 2, shape.window // 2))
-    return qkv, bias, logit_scale, table, grad_out, options
+    geometry = WindowGeometry.from_args((shape.grid, shape.grid), shape.heads, shape.window, shape.window // 2)
+    return qkv, bias, logit_scale, table, grad_out, geometry
 
 
 def _do_bench(fn) -> float:
@@ -84,17 +85,18 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
 
     from . import triton_window_attention as tk
     from .compile_check import _torch_dtype
+    from .triton_window_attention_backward import window_attention_triton_backward
 
     candidates = candidates or CANDIDATES
     dtype = _torch_dtype(dtype_name)
     start = time.monotonic()
     entries: Dict[str, list] = {}
     for shape in shapes:
-        qkv, bias, logit_scale, table, grad_out, options = _inputs(shape, dtype, device)
+        qkv, bias, logit_scale, table, grad_out, geometry = _inputs(shape, dtype, device)
         n = shape.window * shape.window
         runs = {
-            "fwd": lambda: tk.window_attention_triton_forward(qkv, bias, logit_scale, table, **options),
-            "bwd": lambda: tk.window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, **options),
+            "fwd": lambda: tk.window_attention_triton_forward(qkv, bias, logit_scale, table, geometry),
+            "bwd": lambda: window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, geometry),
         }
         for direction, fn in runs.items():
             key = entry_key(dtype_name, shape.head_dim, n, direction)

@@ -1,5 +1,7 @@
 """Fused Swin V2 window attention in Triton: the forward of `window_attention_reference` (one kernel; a shifted grid
-runs it as two launches, the windows off the shifted border and the border windows) and its four backward kernels.
+runs it as two launches, the windows off the shifted border and the border windows), the index, normalisation and
+softmax helpers the backward kernels (triton_window_attention_backward.py) share, the tiles and the geometry.
+The custom ops over both are in op.py.
 
 Memory traffic. The eager chain reads and writes the whole activation at every step (pad, roll, partition,
 normalise, scores, bias, mask, softmax, product, reverse, roll back, crop). This kernel reads each q/k/v
@@ -32,18 +34,16 @@ from __future__ import annotations
 import functools
 import json
 import os
-import threading
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, _pair, window_attention_reference
+from .geometry import LOGIT_SCALE_MAX, PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry
 
-__all__ = ["fused_backward_supported", "window_attention_triton_forward", "window_attention_triton_backward",
-           "window_attention_fused", "window_attention_fused_backward", "fused_window_attention",
-           "block_config", "register_cap", "head_dim_supported", "channel_block", "MAX_HEAD_DIM", "INTERPRETED"]
+__all__ = ["fused_backward_supported", "window_attention_triton_forward", "block_config", "register_cap",
+           "head_dim_supported", "channel_block", "MAX_HEAD_DIM", "INTERPRETED"]
 
 # The head dims the kernels serve: every one from 1 to MAX_HEAD_DIM. The kernels' channel tiles are BLOCK_D =
 # channel_block(head_dim) wide, a power of two of at least 16 (tl.arange and tl.dot need one); a head dim
@@ -378,313 +378,6 @@ def _window_attention_fwd_kernel(
     tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=_tile_mask(m_m & ~m_pad_m, m_d))
 
 
-@triton.jit
-def _window_attention_bwd_stats_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA,
-    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L,
-    mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
-):
-    """The first backward kernel, for the query rows of one window block: the softmax statistics (row max,
-    log row sum) into STATS, and delta[b, t, h] = sum_j P_ij dP_ij in token layout, the softmax backward's
-    correction term, both in one online pass over the key blocks.
-
-    The statistics are recomputed here rather than saved by the forward: the backward kernels share one tile
-    shape, so the scores they recompute are bitwise those these statistics come from, while the forward's
-    tiles differ, and a score in another tile shape can differ in its last bit. At |S| up to 116 that bit moves
-    a saturated row's P off 1 by ~1e-5, and dS = P (dP - delta), exactly zero there in the reference (and in
-    the exact gradient), would not cancel. delta is summed over the row of P * dP rather than taken as
-    rowsum(dO * O): O was rounded to the projection's dtype when stored, so an fp16 O would put its rounding
-    into every gradient."""
-    tl.static_assert(N == WH * WW)
-    CDT: tl.constexpr = SCALE.dtype.element_ty
-    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
-    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
-    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
-    MASK_N: tl.constexpr = N % BLOCK_N != 0
-    i_bwm, i_h = tl.program_id(0), tl.program_id(1)
-    i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
-    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
-    o_d, m_d = cols
-    o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = _in_window(o_m, N, BLOCK_M)
-    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
-    p_bias = QKV_BIAS + i_h * HEAD_DIM
-    rows_m, q_m = _query_rows(
-        p_qkv, p_bias, tl.load(SCALE + i_h), o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED,
-        ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
-    o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
-    b_qn, b_rq, b_qs = q_m
-    m_real_m = m_m & ~m_pad_m
-    # [BLOCK_M, BLOCK_D]
-    b_do = tl.load(DOUT + i_b * stride_do_b + o_tok_m[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
-                   mask=_tile_mask(m_real_m, m_d), other=0.0).to(DDT)
-    # online softmax as in the forward, with sum_j exp(S_ij - m_i) dP_ij carried beside the row sum; [BLOCK_M]
-    b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
-    b_l = tl.zeros([BLOCK_M], dtype=CDT)
-    b_pdp = tl.zeros([BLOCK_M], dtype=CDT)
-    p_bias_h = POSITION_BIAS + i_h * N * N
-    for start_n in range(0, N, BLOCK_N):
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = _in_window(o_n, N, BLOCK_N)
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
-                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
-        # [BLOCK_M, BLOCK_N]
-        b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
-        b_s = _logits(_dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
-                      mask_value, SHIFTED, MASK_N)
-        b_m, b_alpha, b_e = _online_softmax_step(b_s, b_m)
-        b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
-        b_l = b_l * b_alpha + tl.sum(b_e, axis=1)
-        b_pdp = b_pdp * b_alpha + tl.sum(b_e * b_dp, axis=1)
-    # (row max, log row sum): P = exp((S - m) - log l) keeps the dominant entries exact, where
-    # exp(S - logsumexp) would lose |S| * eps of them
-    p_stats = STATS + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
-    tl.store(p_stats, b_m, mask=m_m)
-    tl.store(p_stats + 1, tl.log(b_l), mask=m_m)
-    tl.store(DELTA + i_b * L * NUM_HEADS + o_tok_m * NUM_HEADS + i_h, b_pdp / b_l, mask=m_real_m)
-
-
-@triton.jit
-def _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N: tl.constexpr, NUM_WINDOWS, NUM_HEADS):
-    """Row max and log row sum of the forward's softmax for window rows o_m; [BLOCK_M] each."""
-    p_stats = STATS + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
-    return tl.load(p_stats, mask=m_m, other=0.0), tl.load(p_stats + 1, mask=m_m, other=0.0)
-
-
-@triton.jit
-def _probs(b_s, b_rmax, b_logl, m_m, MASK_M: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] P recomputed from the saved statistics; zero for rows beyond the window."""
-    b_p = _exp((b_s - b_rmax[:, None]) - b_logl[:, None])
-    if MASK_M:
-        b_p = tl.where(m_m[:, None], b_p, 0.0)
-    return b_p
-
-
-@triton.jit
-def _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real, o_tok, cols, stride_do_b, stride_do_t,
-                      L, N: tl.constexpr, NUM_WINDOWS, NUM_HEADS, HEAD_DIM: tl.constexpr):
-    """dO rows [BLOCK_M, BLOCK_D] (zero for padded and out-of-window rows, which have no output, and beyond the
-    head's channels), and the softmax statistics and delta [BLOCK_M]."""
-    o_d, m_d = cols
-    b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
-                   mask=_tile_mask(m_real, m_d), other=0.0)
-    b_rmax, b_logl = _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS)
-    b_delta = tl.load(DELTA + i_b * L * NUM_HEADS + o_tok * NUM_HEADS + i_h, mask=m_real, other=0.0)
-    return b_do, (b_rmax, b_logl), b_delta
-
-
-@triton.jit
-def _window_attention_bwd_dq_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DQKV,
-    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L,
-    mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
-):
-    """dq for BLOCK_M query rows of one window and head; padded query rows have no output, hence no dq."""
-    tl.static_assert(N == WH * WW)
-    CDT: tl.constexpr = SCALE.dtype.element_ty
-    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
-    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
-    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
-    MASK_N: tl.constexpr = N % BLOCK_N != 0
-    MASK_M: tl.constexpr = N % BLOCK_M != 0
-    i_bwm, i_h = tl.program_id(0), tl.program_id(1)
-    i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
-    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
-    o_d, m_d = cols
-    o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = _in_window(o_m, N, BLOCK_M)
-    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
-    p_bias = QKV_BIAS + i_h * HEAD_DIM
-    b_scale = tl.load(SCALE + i_h)
-    rows_m, q_m = _query_rows(
-        p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
-        HAS_BIAS, CDT, DDT)
-    o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
-    b_qn, b_rq, b_qs = q_m
-    m_real_m = m_m & ~m_pad_m
-    b_do, stats_m, b_delta = _load_query_grads(
-        DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
-        NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
-    b_rmax, b_logl = stats_m
-    b_do = b_do.to(DDT)
-    # [BLOCK_M, BLOCK_D]
-    b_dqs = tl.zeros([BLOCK_M, BLOCK_D], dtype=CDT)
-    p_bias_h = POSITION_BIAS + i_h * N * N
-    for start_n in range(0, N, BLOCK_N):
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = _in_window(o_n, N, BLOCK_N)
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
-                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
-        b_kn = b_kn.to(DDT)
-        # [BLOCK_M, BLOCK_N]
-        b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
-        b_s = _logits(_dot(b_qs, tl.trans(b_kn), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
-                      mask_value, SHIFTED, MASK_N)
-        b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
-        b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dqs += _dot(b_ds.to(DDT), b_kn, FULL_DOT)
-    b_dq = _l2_normalize_backward(b_qn, b_rq, b_dqs * b_scale)
-    p_dq = DQKV + i_b * stride_dqkv_b + o_tok_m[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
-    tl.store(p_dq, b_dq.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_m, m_d))
-
-
-@triton.jit
-def _window_attention_bwd_dkdv_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DQKV, DPAD,
-    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L, NUM_PAD,
-    mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
-):
-    """dk and dv for BLOCK_N key rows of one window and head. Every token is a key of exactly one window,
-    so rows are stored, not accumulated; with a bias, padded key rows go to their own slot of DPAD
-    (B, NUM_PAD, 2C: dk then dv), which the host sums into the k/v bias gradients."""
-    tl.static_assert(N == WH * WW)
-    CDT: tl.constexpr = SCALE.dtype.element_ty
-    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
-    NUM_N: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
-    MASK_N: tl.constexpr = N % BLOCK_N != 0
-    MASK_M: tl.constexpr = N % BLOCK_M != 0
-    i_bwn, i_h = tl.program_id(0), tl.program_id(1)
-    i_b, i_w, i_w2 = _window_of(i_bwn // NUM_N, NUM_WINDOWS, NUM_WX)
-    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
-    o_d, m_d = cols
-    o_n = (i_bwn % NUM_N) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = _in_window(o_n, N, BLOCK_N)
-    o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
-
-    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
-    p_bias = QKV_BIAS + i_h * HEAD_DIM
-    b_scale = tl.load(SCALE + i_h)
-    # [BLOCK_N, BLOCK_D]
-    b_k = _load_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
-    b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS).to(DDT)
-    b_kn, b_rk = _l2_normalize(b_k, CDT)
-    b_kn_d = b_kn.to(DDT)
-    b_dkn = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
-    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
-    p_bias_h = POSITION_BIAS + i_h * N * N
-    for start_m in range(0, N, BLOCK_M):
-        o_m = start_m + tl.arange(0, BLOCK_M)
-        m_m = _in_window(o_m, N, BLOCK_M)
-        rows_m, q_m = _query_rows(
-            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
-            HAS_BIAS, CDT, DDT)
-        o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
-        b_qn, b_rq, b_qs = q_m
-        m_real_m = m_m & ~m_pad_m
-        b_do, stats_m, b_delta = _load_query_grads(
-            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
-            NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
-        b_rmax, b_logl = stats_m
-        b_do = b_do.to(DDT)
-        # [BLOCK_M, BLOCK_N]
-        b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
-        b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
-                      mask_value, SHIFTED, MASK_N)
-        # padded rows have dO = 0 and delta = 0, hence dS = 0; rows beyond the window have no softmax
-        b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
-        b_dv += _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
-        b_dp = _dot(b_do, tl.trans(b_v), FULL_DOT)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dkn += _dot(tl.trans(b_ds.to(DDT)), b_qs, FULL_DOT)
-    b_dk = _l2_normalize_backward(b_kn, b_rk, b_dkn)
-
-    m_real_n = m_n & ~m_pad_n
-    p_dk = DQKV + i_b * stride_dqkv_b + o_tok_n[:, None] * stride_dqkv_t + C + i_h * HEAD_DIM + o_d[None, :]
-    tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))
-    tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))
-    if HAS_BIAS:  # without a bias padded keys are constant zeros: nothing to learn there
-        if PADDED:
-            o_pad_n = _padding_index(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, ROLL_THEN_PAD)
-            m_padded_n = m_n & m_pad_n
-            p_dpad = DPAD + i_b * NUM_PAD * (2 * C) + o_pad_n[:, None] * (2 * C) + i_h * HEAD_DIM + o_d[None, :]
-            tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=_tile_mask(m_padded_n, m_d))
-            tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=_tile_mask(m_padded_n, m_d))
-
-
-@triton.jit
-def _window_attention_bwd_dbias_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DBIAS, DSCALE,
-    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L, NUM_BW, WINDOWS_PER_GROUP,
-    mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
-):
-    """Partial gradients of the (heads, N, N) bias table and of the scale, summed over one group of
-    WINDOWS_PER_GROUP consecutive (image, window) pairs in a fixed order: DBIAS (groups, heads, N, N) and
-    DSCALE (groups, heads, tiles). The host sums the groups, so the reduction is deterministic."""
-    tl.static_assert(N == WH * WW)
-    CDT: tl.constexpr = SCALE.dtype.element_ty
-    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
-    NUM_TN: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    NUM_TILES: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M * NUM_TN
-    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
-    MASK_N: tl.constexpr = N % BLOCK_N != 0
-    MASK_M: tl.constexpr = N % BLOCK_M != 0
-    i_tile, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
-    o_d, m_d = cols
-    o_m = (i_tile // NUM_TN) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = (i_tile % NUM_TN) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_m = _in_window(o_m, N, BLOCK_M)
-    m_n = _in_window(o_n, N, BLOCK_N)
-    b_scale = tl.load(SCALE + i_h)
-    p_bias = QKV_BIAS + i_h * HEAD_DIM
-    # [BLOCK_M, BLOCK_N]: the bias tile is the same for every window
-    b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_m, o_n, m_m, m_n, N, EVEN)
-    b_dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT)
-    b_dscale = tl.zeros([BLOCK_M], dtype=CDT)
-    for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
-        i_b, i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
-        p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
-        rows_m, q_m = _query_rows(
-            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
-            HAS_BIAS, CDT, DDT)
-        o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
-        b_qn, b_rq, b_qs = q_m
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
-                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
-        m_real_m = m_m & ~m_pad_m
-        b_do, stats_m, b_delta = _load_query_grads(
-            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
-            NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
-        b_rmax, b_logl = stats_m
-        b_kn = b_kn.to(DDT)
-        # [BLOCK_M, BLOCK_N]
-        b_qk = _dot(b_qs, tl.trans(b_kn), FULL_DOT)  # the q.k the other backward kernels compute, bitwise
-        b_s = _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, SHIFTED, MASK_N)
-        b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
-        b_dp = _dot(b_do.to(DDT), tl.trans(b_v.to(DDT)), FULL_DOT)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dbias += b_ds
-        # d scale = sum dS * cos(q, k); qs . kn = scale * cos
-        b_dscale += tl.sum(b_ds * b_qk, axis=1)
-    p_dbias = DBIAS + (i_g * NUM_HEADS + i_h) * N * N + o_m[:, None] * N + o_n[None, :]
-    if EVEN:
-        tl.store(p_dbias, b_dbias)
-    else:
-        tl.store(p_dbias, b_dbias, mask=m_m[:, None] & m_n[None, :])
-    tl.store(DSCALE + (i_g * NUM_HEADS + i_h) * NUM_TILES + i_tile, tl.sum(b_dscale, axis=0) / b_scale)
-
 
 # (BLOCK_M, BLOCK_N, num_warps) per channel tile BLOCK_D = channel_block(head_dim), chosen with the compile
 # check as the largest tiles that compile without register spills for sm_80 and sm_90 (registers in the
@@ -803,16 +496,12 @@ class _Geometry(NamedTuple):
     NUM_HEADS: int
 
 
-def _geometry(qkv, grid_size, num_heads, window_size, shift_size, pad_order) -> _Geometry:
-    H, W = _pair(grid_size, "grid_size")
-    wh, ww = _pair(window_size, "window_size")
-    sh, sw = _pair(shift_size, "shift_size")
-    hp, wp = -(-H // wh) * wh, -(-W // ww) * ww
-    # timm rolls the un-padded grid (H, W), transformers the padded one (HP, WP)
-    rsh, rsw = (sh % H, sw % W) if pad_order == ROLL_THEN_PAD else (sh % hp, sw % wp)
-    C = qkv.shape[-1] // 3
-    return _Geometry(H, W, hp, wp, wp // ww, (hp // wh) * (wp // ww), wh, ww, sh, sw, rsh, rsw, wh * ww, C,
-                     num_heads)
+def _geometry(qkv, geometry: WindowGeometry) -> _Geometry:
+    (H, W), (wh, ww), (sh, sw) = geometry.grid, geometry.window, geometry.shift
+    hp, wp = geometry.padded_size
+    rsh, rsw = geometry.roll_shift  # timm rolls the un-padded grid (H, W), transformers the padded one (HP, WP)
+    return _Geometry(H, W, hp, wp, geometry.windows_per_axis[1], geometry.num_windows, wh, ww, sh, sw, rsh, rsw,
+                     geometry.N, qkv.shape[-1] // 3, geometry.num_heads)
 
 
 ALL_WINDOWS, INTERIOR_WINDOWS, BORDER_WINDOWS = 0, 1, 2  # the forward kernel's WINDOW_SET
@@ -871,13 +560,7 @@ def window_attention_triton_forward(
     qkv_bias: Optional[torch.Tensor],
     logit_scale: torch.Tensor,
     position_bias: torch.Tensor,
-    *,
-    grid_size,
-    num_heads: int,
-    window_size,
-    shift_size=0,
-    pad_order: str = PAD_THEN_ROLL,
-    mask_value: float = -100.0,
+    geometry: WindowGeometry,
 ) -> torch.Tensor:
     """Launch the fused forward. Returns the output (B, H*W, C); the backward recomputes what it needs.
 
@@ -885,278 +568,22 @@ def window_attention_triton_forward(
     contiguous; batch and token strides are free.
     """
     B, L, C3 = qkv.shape
+    num_heads = geometry.num_heads
     head_dim = C3 // 3 // num_heads
     if not head_dim_supported(head_dim):
         raise ValueError(f"the Triton kernels support head_dim 1 to {MAX_HEAD_DIM}, got {head_dim}")
     if qkv.stride(-1) != 1:
         raise ValueError(f"qkv's last dimension must be contiguous (stride 1), got strides {qkv.stride()}")
-    g = _geometry(qkv, grid_size, num_heads, window_size, shift_size, pad_order)
+    g = _geometry(qkv, geometry)
     scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
     out = torch.empty((B, L, g.C), device=qkv.device, dtype=qkv.dtype)
     if B == 0:
         return out
-    flags = _flags(qkv, qkv_bias, pad_order, head_dim, g)
+    flags = _flags(qkv, qkv_bias, geometry.pad_order, head_dim, g)
     for window_set, windows in window_sets(g):
         _window_attention_fwd_kernel[(B * windows * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
             QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, OUT=out,
             stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1), stride_out_b=out.stride(0),
-            stride_out_t=out.stride(1), mask_value=float(mask_value), WINDOW_SET=window_set, **g._asdict(),
+            stride_out_t=out.stride(1), mask_value=geometry.mask_value, WINDOW_SET=window_set, **g._asdict(),
             **flags)
     return out
-
-
-def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size,
-                         shift_size, pad_order, mask_value):
-    """Run the first backward kernel. Returns the geometry, the backward's tile flags, the clamped scale and
-    the launch arguments every backward kernel shares, whose STATS (B, heads, nW * N * 2: (row max, log row
-    sum) pairs) and DELTA (B, H*W, heads) it has filled."""
-    B, L, C3 = qkv.shape
-    g = _geometry(qkv, grid_size, num_heads, window_size, shift_size, pad_order)
-    scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
-    if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
-    flags = _flags(qkv, qkv_bias, pad_order, C3 // 3 // num_heads, g, backward=True)
-    stats = torch.empty((B, num_heads, g.NUM_WINDOWS * g.N * 2), device=qkv.device, dtype=scale.dtype)
-    delta = torch.empty((B, L, num_heads), device=qkv.device, dtype=scale.dtype)
-    common = dict(QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, STATS=stats,
-                  DELTA=delta, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
-                  stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L,
-                  mask_value=float(mask_value), **g._asdict(), **flags)
-    if B > 0:
-        # every token is the query of exactly one window row: each delta is written once
-        _window_attention_bwd_stats_kernel[(B * g.NUM_WINDOWS * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
-            **common)
-    return g, flags, scale, common
-
-
-def window_attention_triton_backward(
-    grad_out: torch.Tensor,
-    qkv: torch.Tensor,
-    qkv_bias: Optional[torch.Tensor],
-    logit_scale: torch.Tensor,
-    position_bias: torch.Tensor,
-    *,
-    grid_size,
-    num_heads: int,
-    window_size,
-    shift_size=0,
-    pad_order: str = PAD_THEN_ROLL,
-    mask_value: float = -100.0,
-    need_qkv: bool = True,
-    need_bias: bool = True,
-    need_table_grads: bool = True,
-):
-    """Gradients of the fused op: (d qkv, d qkv_bias, d logit_scale, d position_bias), each None when not
-    asked for (`need_qkv`, `need_bias`, `need_table_grads` for the scale and the table together) or, for the
-    bias, when there is none. A gradient not asked for is neither computed nor allocated: without
-    `need_table_grads` the table/scale kernel does not run, without `need_qkv` the dq kernel does not.
-
-    P is recomputed (nothing N x N was stored). Kernels: the softmax statistics of every window row and
-    delta = rowsum(P * dP) per query row, in token layout; dq per query block; dk/dv per key block (padded
-    keys to a per-position buffer, summed into the bias gradient); the table and scale gradients per bias
-    tile over groups of windows, summed on the host in a fixed order. Every reduction is deterministic: no
-    atomics.
-    """
-    B, L, C3 = qkv.shape
-    g, flags, scale, common = _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, grid_size,
-                                                   num_heads, window_size, shift_size, pad_order, mask_value)
-    cdt = scale.dtype
-    num_pad = g.HP * g.WP - g.H * g.W
-    need_bias = need_bias and qkv_bias is not None
-    # dk/dv also carry the k/v bias gradient (padded keys); dqkv is then scratch if the activation's is not asked
-    run_dkdv = need_qkv or (need_bias and num_pad > 0)
-    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format) if run_dkdv else None
-    # every padded position is a key of exactly one window: each slot is written once per head, none is left
-    pad_grads = qkv_bias is not None and num_pad > 0
-    dpad = torch.empty((B, num_pad, 2 * (C3 // 3)) if pad_grads else (1,), device=qkv.device, dtype=cdt)
-    d_table = d_logit_scale = None
-    if B > 0:
-        num_bw = B * g.NUM_WINDOWS
-        if run_dkdv:
-            strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
-            if need_qkv:
-                _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
-                    DQKV=dqkv, **strides, **common)
-            _window_attention_bwd_dkdv_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_N"]), num_heads)](
-                DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, **strides, **common)
-        if need_table_grads:
-            num_tiles = triton.cdiv(g.N, flags["BLOCK_M"]) * triton.cdiv(g.N, flags["BLOCK_N"])
-            # Enough groups of windows to fill a GPU (about 1024 programs), each group a fixed range.
-            groups = max(1, min(num_bw, 1024 // max(1, num_tiles * num_heads)))
-            per_group = triton.cdiv(num_bw, groups)
-            groups = triton.cdiv(num_bw, per_group)
-            d_table_parts = torch.empty((groups, num_heads, g.N, g.N), device=qkv.device, dtype=cdt)
-            d_scale_parts = torch.empty((groups, num_heads, num_tiles), device=qkv.device, dtype=cdt)
-            _window_attention_bwd_dbias_kernel[(num_tiles, num_heads, groups)](
-                DBIAS=d_table_parts, DSCALE=d_scale_parts, NUM_BW=num_bw, WINDOWS_PER_GROUP=per_group, **common)
-            d_table = d_table_parts.sum(0)
-            d_scale = d_scale_parts.sum((0, 2))
-    elif dqkv is not None:
-        dqkv.zero_()
-    if need_table_grads:
-        if d_table is None:  # empty batch
-            d_table = torch.zeros_like(position_bias, dtype=cdt)
-            d_scale = torch.zeros_like(scale)
-        # d exp(min(x, log 100)) / dx = exp(x) below the bound and 0 above it; at exactly the bound, what the
-        # installed torch.clamp passes (the reference's rule), compared in the logit scale's own dtype as the
-        # reference's clamp does
-        x = logit_scale.detach().reshape(num_heads)
-        bound = torch.tensor(LOGIT_SCALE_MAX, dtype=x.dtype, device=x.device)
-        inside = ((x <= bound) if clamp_passes_gradient_at_bound() else (x < bound)).to(cdt)
-        d_logit_scale = (d_scale * scale * inside).reshape(logit_scale.shape).to(logit_scale.dtype)
-        d_table = d_table.to(position_bias.dtype)
-    d_bias = None
-    if need_bias:
-        d_bias = torch.zeros(C3, device=qkv.device, dtype=cdt)  # the q part: padded queries have no output
-        if pad_grads:
-            d_bias[C3 // 3:] = dpad.sum((0, 1))
-        d_bias = d_bias.to(qkv_bias.dtype)
-    return (dqkv if need_qkv else None), d_bias, d_logit_scale, d_table
-
-
-@functools.lru_cache(maxsize=None)
-def clamp_passes_gradient_at_bound() -> bool:
-    """Whether torch.clamp(x, max=b) passes the gradient at x == b. Both rules exist in released torch
-    (2.11 and 2.13 pass it, 2.14 does not); the fused backward follows the installed one, as the reference
-    (which differentiates torch.clamp) does."""
-    # asked in a thread of its own: grad mode, inference mode and the dispatch state that excludes autograd
-    # inside a custom op's implementation are thread-local, and this is called from there
-    found = []
-
-    def ask():
-        x = torch.tensor(1.0, requires_grad=True)
-        (grad,) = torch.autograd.grad(torch.clamp(x, max=1.0), x)
-        found.append(bool(grad != 0))
-
-    thread = threading.Thread(target=ask, name="swinv2_fast-clamp-rule")
-    thread.start()
-    thread.join()
-    return found[0]
-
-
-# ----------------------------------------------------------------------------------------- the custom op
-# `torch.ops.swinv2_fast.window_attention_fused` (the forward's output) and
-# `torch.ops.swinv2_fast.window_attention_fused_backward`, registered with torch.library so that
-# torch.compile traces models through them without a graph break (fake implementations give the shapes)
-# and autograd runs the fused backward. Where they run:
-#   CUDA tensors: the Triton kernels above.
-#   CPU tensors:  the same kernels under Triton's interpreter when TRITON_INTERPRET=1 was set at import;
-#                 otherwise the eager reference (the backward differentiates the reference). The model and
-#                 functional dispatch never send CPU tensors here without the interpreter ("triton" raises
-#                 there, "auto" picks eager); direct callers of the op get the reference's numbers.
-
-def _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value):
-    return dict(grid_size=tuple(grid_size), num_heads=num_heads, window_size=tuple(window_size),
-                shift_size=tuple(shift_size), pad_order=pad_order, mask_value=mask_value)
-
-
-def _runs_kernels(t: torch.Tensor) -> bool:
-    if t.device.type == "cuda":
-        return True
-    if t.device.type == "cpu":
-        return INTERPRETED
-    raise RuntimeError(f"swinv2_fast::window_attention_fused runs on CUDA or CPU tensors, got {t.device}")
-
-
-@torch.library.custom_op("swinv2_fast::window_attention_fused", mutates_args=(), device_types=("cuda", "cpu"))
-def window_attention_fused(
-    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor, position_bias: torch.Tensor,
-    grid_size: List[int], num_heads: int, window_size: List[int], shift_size: List[int], pad_order: str,
-    mask_value: float,
-) -> torch.Tensor:
-    """The output (B, H*W, C); see the comment above."""
-    options = _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
-    if _runs_kernels(qkv):
-        return window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, **options)
-    return window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, **options)
-
-
-@window_attention_fused.register_fake
-def _(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size, pad_order,
-      mask_value):
-    B, L, C3 = qkv.shape
-    return qkv.new_empty((B, L, C3 // 3))
-
-
-@torch.library.custom_op("swinv2_fast::window_attention_fused_backward", mutates_args=(),
-                         device_types=("cuda", "cpu"))
-def window_attention_fused_backward(
-    grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
-    position_bias: torch.Tensor, grid_size: List[int], num_heads: int,
-    window_size: List[int], shift_size: List[int], pad_order: str, mask_value: float, need_qkv: bool,
-    need_bias: bool, need_table_grads: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d qkv, d qkv_bias, d logit_scale, d position_bias). A gradient not asked for (or the bias's, without a
-    bias) is a fresh empty tensor of its own: custom ops return tensors, never None, and no two outputs may
-    share storage (frozen parameters in fine-tuning ask for some gradients only)."""
-    options = _options(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
-    if not _runs_kernels(qkv):
-        raise RuntimeError("swinv2_fast::window_attention_fused_backward runs the Triton kernels (CUDA, or CPU "
-                           "under TRITON_INTERPRET=1); the op's eager CPU path is differentiated by autograd")
-    grads = window_attention_triton_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, need_qkv=need_qkv, need_bias=need_bias,
-        need_table_grads=need_table_grads, **options)
-    return tuple(qkv.new_empty((0,)) if g is None else g for g in grads)
-
-
-@window_attention_fused_backward.register_fake
-def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size,
-      shift_size, pad_order, mask_value, need_qkv, need_bias, need_table_grads):
-    def grad_like(t, needed):
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else qkv.new_empty((0,))
-
-    return (grad_like(qkv, need_qkv), grad_like(qkv_bias, need_bias and qkv_bias is not None),
-            grad_like(logit_scale, need_table_grads), grad_like(position_bias, need_table_grads))
-
-
-def _setup_context(ctx, inputs, output):
-    # the backward needs the inputs only: it recomputes P and its statistics, and delta comes from P * dP
-    ctx.save_for_backward(*inputs[:4])
-    ctx.options = inputs[4:]
-
-
-def _reference_backward(grad_out, inputs, needs, options, create_graph=False):
-    """The gradients by differentiating the reference at the saved inputs: for the op's eager CPU path, and,
-    by design, for a backward that records a graph (`create_graph=True`: gradient penalties, double
-    backward), since the fused backward is not differentiable itself; then the gradients are functions of
-    the inputs themselves, not of detached copies."""
-    with torch.enable_grad():
-        leaves = inputs if create_graph else [
-            t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
-        out = window_attention_reference(*leaves, **_options(*options))
-        wanted = [t for t, need in zip(leaves, needs) if t is not None and need]
-        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph, allow_unused=True)
-                     if wanted else ())
-        grads = [next(found) if t is not None and need else None for t, need in zip(leaves, needs)]
-    # the reference reads qkv_bias only where there is padding: elsewhere its gradient is zero
-    if needs[1] and grads[1] is None:
-        grads[1] = torch.zeros_like(inputs[1])
-    return (*grads, None, None, None, None, None, None)
-
-
-def _backward(ctx, grad_out):
-    qkv, qkv_bias, logit_scale, position_bias = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    recording = torch.is_grad_enabled()  # autograd records this backward (create_graph=True)
-    if recording or not _runs_kernels(qkv):  # or the op's eager CPU path
-        return _reference_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs, ctx.options,
-                                   create_graph=recording)
-    if not any(needs[:4]):
-        return (None,) * 10
-    dqkv, d_bias, d_scale, d_table = torch.ops.swinv2_fast.window_attention_fused_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, *ctx.options, bool(needs[0]),
-        bool(needs[1] and qkv_bias is not None), bool(needs[2] or needs[3]))
-    return (dqkv if needs[0] else None, d_bias if needs[1] else None, d_scale if needs[2] else None,
-            d_table if needs[3] else None, None, None, None, None, None, None)
-
-
-window_attention_fused.register_autograd(_backward, setup_context=_setup_context)
-
-
-def fused_window_attention(qkv, qkv_bias, logit_scale, position_bias, *, grid_size, num_heads, window_size,
-                           shift_size=0, pad_order=PAD_THEN_ROLL, mask_value=-100.0) -> torch.Tensor:
-    """The fused op on validated inputs (see `swinv2_fast.window_attention`), differentiable: the output only."""
-    return torch.ops.swinv2_fast.window_attention_fused(
-        qkv, qkv_bias, logit_scale, position_bias, list(_pair(grid_size, "grid_size")), num_heads,
-        list(_pair(window_size, "window_size")), list(_pair(shift_size, "shift_size")), pad_order,
-        float(mask_value))

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from .kernels.geometry import WindowGeometry
 from .kernels.reference import PAD_THEN_ROLL, check_geometry, is_int, window_attention_reference
 
 __all__ = ["window_attention", "IMPLEMENTATIONS", "triton_available", "resolve_implementation"]
@@ -180,7 +181,7 @@ def window_attention(
     shapes and the math) plus `implementation`:
 
     - "eager": the reference, plain PyTorch, any device.
-    - "triton": the fused kernel (`kernels/triton_window_attention.py`). On CUDA tensors it compiles; on CPU
+    - "triton": the fused kernels (`kernels/op.py` and the Triton files it names). On CUDA tensors it compiles; on CPU
       tensors it runs under Triton's interpreter when TRITON_INTERPRET=1 was set before the kernel module was
       imported, and raises otherwise. Calls the kernel does not serve by design go to the eager path:
       `return_attention_probs=True` (the kernel never forms the N x N probabilities) and `dropout_p > 0`.
@@ -208,9 +209,10 @@ def window_attention(
                               grad_inputs) == "triton":
         if qkv.stride(-1) != 1:  # the kernel reads channel rows; any batch and token strides are read as they are
             qkv = qkv.contiguous()
-        return _kernel_module().fused_window_attention(
-            qkv, qkv_bias, logit_scale, position_bias, grid_size=grid_size, num_heads=num_heads,
-            window_size=window_size, shift_size=shift_size, pad_order=pad_order, mask_value=mask_value)
+        from .kernels import op
+
+        geometry = WindowGeometry(grid_size, window_size, shift_size, pad_order, mask_value, num_heads)
+        return op.window_attention_fused(qkv, qkv_bias, logit_scale, position_bias, geometry)
     return window_attention_reference(
         qkv,
         qkv_bias,

@@ -40,10 +40,13 @@ _triton_compat.install()
 CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 try:  # the kernel module (None without Triton): imported here, after TRITON_INTERPRET is settled
+    from swinv2_fast.kernels import op
     from swinv2_fast.kernels import triton_window_attention as tk
+    from swinv2_fast.kernels import triton_window_attention_backward as tkb
     _TRITON_ERROR: Optional[str] = None
 except Exception as error:  # ImportError, or a broken install raising anything at import
-    tk, _TRITON_ERROR = None, f"{type(error).__name__}: {error}"
+    op = tk = tkb = None
+    _TRITON_ERROR = f"{type(error).__name__}: {error}"
 
 
 def kernels_unavailable() -> Optional[str]:
@@ -79,21 +82,21 @@ def _is_real(t) -> bool:
 
 @contextlib.contextmanager
 def count_fused_calls():
-    """Counts the calls of the fused path's entry (`fused_window_attention`, which `window_attention` calls
+    """Counts the calls of the fused path's entry (`kernels.op.window_attention_fused`, which `window_attention` calls
     after choosing "triton") on real tensors with at least one token; a Counter with key "calls"."""
     counts = collections.Counter()
-    entry = tk.fused_window_attention
+    entry = op.window_attention_fused
 
     def counted(qkv, *args, **kwargs):
         if not torch.compiler.is_compiling() and _is_real(qkv) and qkv.numel() > 0:
             counts["calls"] += 1
         return entry(qkv, *args, **kwargs)
 
-    tk.fused_window_attention = counted
+    op.window_attention_fused = counted
     try:
         yield counts
     finally:
-        tk.fused_window_attention = entry
+        op.window_attention_fused = entry
 
 
 @contextlib.contextmanager
@@ -103,6 +106,7 @@ def count_launches():
     kernels ran, not a fallback. Works for the interpreter and for compiled kernels: each kernel object of
     the kernel module is wrapped where the launchers look it up (a module global)."""
     from swinv2_fast.kernels import triton_window_attention as tk
+    from swinv2_fast.kernels import triton_window_attention_backward as tkb
 
     counts = collections.Counter()
 
@@ -117,16 +121,16 @@ def count_launches():
         def __getattr__(self, attr):
             return getattr(self._kernel, attr)
 
-    originals = {name: obj for name, obj in vars(tk).items()
-                 if name.endswith("_kernel") and hasattr(type(obj), "__getitem__")}
-    assert originals, "no Triton kernels found in the kernel module"
+    originals = [(module, name, obj) for module in (tk, tkb) for name, obj in vars(module).items()
+                 if name.endswith("_kernel") and hasattr(type(obj), "__getitem__")]
+    assert originals, "no Triton kernels found in the kernel modules"
     try:
-        for name, obj in originals.items():
-            setattr(tk, name, _Counted(name, obj))
+        for module, name, obj in originals:
+            setattr(module, name, _Counted(name, obj))
         yield counts
     finally:
-        for name, obj in originals.items():
-            setattr(tk, name, obj)
+        for module, name, obj in originals:
+            setattr(module, name, obj)
 
 
 def forward_launches(counts) -> int:

@@ -20,12 +20,13 @@ class Mutant(NamedTuple):
 
 
 KERNEL = "kernels/triton_window_attention.py"
+KERNEL_BACKWARD = "kernels/triton_window_attention_backward.py"
 FWD = "tests/test_triton_forward.py"
 BWD = "tests/test_triton_backward.py"
 
 MUTANTS = [
     # ------------------------------------------------------------------------------------------ wiring
-    Mutant("op-forward-forced-reference", KERNEL,
+    Mutant("op-forward-forced-reference", "kernels/op.py",
            "    if _runs_kernels(qkv):\n        return window_attention_triton_forward(",
            "    if False:\n        return window_attention_triton_forward(",
            (f"{FWD}::test_gradients_through_the_fused_op_match_the_reference",),
@@ -151,37 +152,37 @@ MUTANTS = [
            (f"{FWD}::test_forward_matches_reference_fp32", "-k", "padded"),
            "padded positions hold the projection of a zero token: the q/k/v bias, not zero"),
     # ------------------------------------------------------------------------------ backward kernels
-    Mutant("kernel-dq-without-scale", KERNEL,
+    Mutant("kernel-dq-without-scale", KERNEL_BACKWARD,
            "b_dq = _l2_normalize_backward(b_qn, b_rq, b_dqs * b_scale)",
            "b_dq = _l2_normalize_backward(b_qn, b_rq, b_dqs)",
            (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
            "dq carries the logit scale"),
-    Mutant("kernel-dk-from-unscaled-q", KERNEL,
+    Mutant("kernel-dk-from-unscaled-q", KERNEL_BACKWARD,
            "b_dkn += _dot(tl.trans(b_ds.to(DDT)), b_qs, FULL_DOT)",
            "b_dkn += _dot(tl.trans(b_ds.to(DDT)), b_qn.to(DDT), FULL_DOT)",
            (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
            "dk is dS^T times the scaled q"),
-    Mutant("kernel-dv-stores-dk", KERNEL,
+    Mutant("kernel-dv-stores-dk", KERNEL_BACKWARD,
            "tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))",
            "tl.store(p_dk + C, b_dk.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))",
            (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
            "dv is P^T dO, stored in the v part"),
-    Mutant("kernel-padded-key-v-bias-gradient", KERNEL,
+    Mutant("kernel-padded-key-v-bias-gradient", KERNEL_BACKWARD,
            "tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=_tile_mask(m_padded_n, m_d))",
            "tl.store(p_dpad + C, b_dk.to(DPAD.dtype.element_ty), mask=_tile_mask(m_padded_n, m_d))",
            (f"{BWD}::test_padded_keys_reach_the_biases",),
            "padded keys' dv reaches the v bias"),
-    Mutant("kernel-table-gradient-from-p", KERNEL,
+    Mutant("kernel-table-gradient-from-p", KERNEL_BACKWARD,
            "b_dbias += b_ds\n",
            "b_dbias += b_p\n",
            (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
            "the bias table's gradient is dS, summed over windows"),
-    Mutant("kernel-scale-gradient-not-divided", KERNEL,
+    Mutant("kernel-scale-gradient-not-divided", KERNEL_BACKWARD,
            "tl.sum(b_dscale, axis=0) / b_scale)",
            "tl.sum(b_dscale, axis=0))",
            (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
            "d scale = sum dS * cos(q, k) = sum dS * (qs . kn) / scale"),
-    Mutant("kernel-delta-not-normalised", KERNEL,
+    Mutant("kernel-delta-not-normalised", KERNEL_BACKWARD,
            "b_pdp / b_l, mask=m_real_m)",
            "b_pdp, mask=m_real_m)",
            (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
@@ -191,12 +192,12 @@ MUTANTS = [
            "    return o_d, o_d < HEAD_DIM + 1\n",  # one channel too many: in bounds, no crash
            (f"{FWD}::test_forward_any_head_dim", "-k", "h2d10"),
            "a head dim below its channel tile reads and writes the next head's channels"),
-    Mutant("kernel-padded-channels-unmasked-in-stores", KERNEL,
+    Mutant("kernel-padded-channels-unmasked-in-stores", KERNEL_BACKWARD,
            "tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))",
            "tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=m_real_n[:, None])",  # the dk stores stay in bounds
            (f"{BWD}::test_gradients_any_head_dim", "-k", "h2d10"),
            "dk of the padded channels (zeros) overwrites the next head's dk or the first head's dv"),
-    Mutant("kernel-clamp-gradient-passes", KERNEL,
+    Mutant("kernel-clamp-gradient-passes", KERNEL_BACKWARD,
            "bound = torch.tensor(LOGIT_SCALE_MAX, dtype=x.dtype, device=x.device)",
            "bound = torch.tensor(2 * LOGIT_SCALE_MAX, dtype=x.dtype, device=x.device)",
            (f"{BWD}::test_logit_scale_gradient_is_zero_where_clamped",),

@@ -5,7 +5,7 @@ import torch
 
 import swinv2_fast
 from _utils import (FP32_ATOL, KERNEL_DEVICE, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, TINY,
-                    assert_close, assert_errors_within_pytorch, make_inputs, perturb_, sum_floors, tk)
+                    assert_close, assert_errors_within_pytorch, make_inputs, perturb_, sum_floors, op)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import ROLL_THEN_PAD, window_attention_naive
 
@@ -20,7 +20,7 @@ OP_KWARGS = dict(grid_size=(6, 7), num_heads=2, window_size=4, shift_size=2, pad
 @pytest.mark.kernels  # opcheck runs the op's forward (its backward only through autograd's checks)
 def test_fake_implementation_gives_the_real_shapes():
     inputs = make_inputs(2, (6, 7), 2, 16, 4, zero_k_bias=False)
-    real_out = tk.window_attention_fused(*inputs, [6, 7], 2, [4, 4], [2, 2], ROLL_THEN_PAD, -100.0)
+    real_out = torch.ops.swinv2_fast.window_attention_fused(*inputs, [6, 7], 2, [4, 4], [2, 2], ROLL_THEN_PAD, -100.0)
     torch.library.opcheck(torch.ops.swinv2_fast.window_attention_fused.default,
                           (*inputs, [6, 7], 2, [4, 4], [2, 2], ROLL_THEN_PAD, -100.0))
     assert real_out.shape == (2, 42, 32)
@@ -55,12 +55,12 @@ def test_op_on_cpu_without_the_interpreter_runs_the_reference(monkeypatch):
     """Direct callers of the op with CPU tensors and no interpreter get the eager reference (and its
     output); its backward differentiates the reference."""
     inputs = make_inputs(1, (6, 7), 2, 16, 4, seed=2, zero_k_bias=False)
-    monkeypatch.setattr(tk, "INTERPRETED", False)
+    monkeypatch.setattr(op, "INTERPRETED", False)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = torch.ops.swinv2_fast.window_attention_fused(*leaves, [6, 7], 2, [4, 4], [2, 2], ROLL_THEN_PAD, -100.0)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, grad_out)
-    monkeypatch.setattr(tk, "INTERPRETED", True)
+    monkeypatch.setattr(op, "INTERPRETED", True)
     kernel_leaves = [t.detach().clone().requires_grad_() for t in inputs]
     kernel_out = torch.ops.swinv2_fast.window_attention_fused(*kernel_leaves, [6, 7], 2, [4, 4], [2, 2],
                                                               ROLL_THEN_PAD, -100.0)

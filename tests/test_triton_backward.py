@@ -9,9 +9,9 @@ import torch
 import swinv2_fast
 from _utils import (FP32_ATOL, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL,
                       OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, outputs_and_grads, perturb_,
-                      rounding_sensitivity, tk)
+                      rounding_sensitivity, op, tkb)
 from swinv2_fast import window_attention
-from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_naive
+from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, window_attention_naive
 from swinv2_fast.kernels.reference import window_log_sum_exp
 from _utils import GRAD_NAMES as NAMES
 from _utils import NON_SQUARE, ODD_HEAD_DIMS, SHAPES, TINY, assert_errors_within_pytorch, make_inputs, sum_floors
@@ -122,7 +122,7 @@ def test_backward_statistics_and_delta(B, grid, heads, head_dim, window, shift, 
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
                   mask_value=-100.0)
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE)
-    common = tk._backward_statistics(grad_out, *inputs, **kwargs)[-1]
+    common = tkb._backward_statistics(grad_out, *inputs, WindowGeometry.from_args(**kwargs))[-1]
     lse = common["STATS"].unflatten(-1, (-1, 2)).sum(-1)  # (row max, log row sum) pairs
     assert_close(lse, window_log_sum_exp(*inputs, **kwargs), atol=OP_FP32_ATOL, rtol=1e-6, name="log-sum-exp")
     out = window_attention_naive(*[t.double() for t in inputs], **kwargs)
@@ -158,9 +158,9 @@ def test_ordinary_backward_runs_the_fused_kernels(monkeypatch, checkpointing):
     """Only a backward that records a graph goes to the reference: a training step, checkpointed or not,
     runs the fused backward kernels."""
     used = []
-    monkeypatch.setattr(tk, "_reference_backward", lambda *args, **kwargs: used.append("reference"))
-    fused = tk.window_attention_triton_backward
-    monkeypatch.setattr(tk, "window_attention_triton_backward",
+    monkeypatch.setattr(op, "_reference_backward", lambda *args, **kwargs: used.append("reference"))
+    fused = op.window_attention_triton_backward
+    monkeypatch.setattr(op, "window_attention_triton_backward",
                         lambda *args, **kwargs: used.append("fused") or fused(*args, **kwargs))
     config = swinv2_fast.Swinv2Config(**TINY, attn_implementation="triton")
     model = swinv2_fast.Swinv2Model(config).train().to(DEVICE)

@@ -1,0 +1,459 @@
+"""The four backward kernels of the fused Swin V2 window attention (kernels/triton_window_attention.py holds the
+forward, the shared index/normalisation helpers, the tiles and the geometry) and their launcher.
+
+P is recomputed (the forward stores nothing N x N): the statistics kernel writes each window row's softmax
+statistics and delta = rowsum(P * dP) per query row; dq runs per query block, dk/dv per key block (padded keys
+to a per-position buffer, summed into the bias gradient), the table and logit-scale gradients per bias tile over
+fixed groups of windows, summed on the host in a fixed order. No atomics: every reduction is deterministic.
+The four kernels share one tile shape, so the probabilities they recompute are bitwise the same.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .geometry import LOGIT_SCALE_MAX, ROLL_THEN_PAD, WindowGeometry
+from .triton_window_attention import (
+    _bias_tile, _channels, _dot, _exp, _flags, _geometry, _in_window, _key_block, _l2_normalize,
+    _l2_normalize_backward, _load_rows, _logits, _online_softmax_step, _padding_index, _query_rows,
+    _small_operands, _tile_mask, _window_of, _window_rows,
+)
+
+__all__ = ["window_attention_triton_backward", "clamp_passes_gradient_at_bound"]
+
+
+@triton.jit
+def _window_attention_bwd_stats_kernel(
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA,
+    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L,
+    mask_value,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+):
+    """The first backward kernel, for the query rows of one window block: the softmax statistics (row max,
+    log row sum) into STATS, and delta[b, t, h] = sum_j P_ij dP_ij in token layout, the softmax backward's
+    correction term, both in one online pass over the key blocks.
+
+    The statistics are recomputed here rather than saved by the forward: the backward kernels share one tile
+    shape, so the scores they recompute are bitwise those these statistics come from, while the forward's
+    tiles differ, and a score in another tile shape can differ in its last bit. At |S| up to 116 that bit moves
+    a saturated row's P off 1 by ~1e-5, and dS = P (dP - delta), exactly zero there in the reference (and in
+    the exact gradient), would not cancel. delta is summed over the row of P * dP rather than taken as
+    rowsum(dO * O): O was rounded to the projection's dtype when stored, so an fp16 O would put its rounding
+    into every gradient."""
+    tl.static_assert(N == WH * WW)
+    CDT: tl.constexpr = SCALE.dtype.element_ty
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    i_bwm, i_h = tl.program_id(0), tl.program_id(1)
+    i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
+    o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = _in_window(o_m, N, BLOCK_M)
+    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    rows_m, q_m = _query_rows(
+        p_qkv, p_bias, tl.load(SCALE + i_h), o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED,
+        ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
+    o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
+    b_qn, b_rq, b_qs = q_m
+    m_real_m = m_m & ~m_pad_m
+    # [BLOCK_M, BLOCK_D]
+    b_do = tl.load(DOUT + i_b * stride_do_b + o_tok_m[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
+                   mask=_tile_mask(m_real_m, m_d), other=0.0).to(DDT)
+    # online softmax as in the forward, with sum_j exp(S_ij - m_i) dP_ij carried beside the row sum; [BLOCK_M]
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
+    b_l = tl.zeros([BLOCK_M], dtype=CDT)
+    b_pdp = tl.zeros([BLOCK_M], dtype=CDT)
+    p_bias_h = POSITION_BIAS + i_h * N * N
+    for start_n in range(0, N, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = _in_window(o_n, N, BLOCK_N)
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
+                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
+        # [BLOCK_M, BLOCK_N]
+        b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
+                      mask_value, SHIFTED, MASK_N)
+        b_m, b_alpha, b_e = _online_softmax_step(b_s, b_m)
+        b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
+        b_l = b_l * b_alpha + tl.sum(b_e, axis=1)
+        b_pdp = b_pdp * b_alpha + tl.sum(b_e * b_dp, axis=1)
+    # (row max, log row sum): P = exp((S - m) - log l) keeps the dominant entries exact, where
+    # exp(S - logsumexp) would lose |S| * eps of them
+    p_stats = STATS + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
+    tl.store(p_stats, b_m, mask=m_m)
+    tl.store(p_stats + 1, tl.log(b_l), mask=m_m)
+    tl.store(DELTA + i_b * L * NUM_HEADS + o_tok_m * NUM_HEADS + i_h, b_pdp / b_l, mask=m_real_m)
+
+
+@triton.jit
+def _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N: tl.constexpr, NUM_WINDOWS, NUM_HEADS):
+    """Row max and log row sum of the forward's softmax for window rows o_m; [BLOCK_M] each."""
+    p_stats = STATS + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
+    return tl.load(p_stats, mask=m_m, other=0.0), tl.load(p_stats + 1, mask=m_m, other=0.0)
+
+
+@triton.jit
+def _probs(b_s, b_rmax, b_logl, m_m, MASK_M: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] P recomputed from the saved statistics; zero for rows beyond the window."""
+    b_p = _exp((b_s - b_rmax[:, None]) - b_logl[:, None])
+    if MASK_M:
+        b_p = tl.where(m_m[:, None], b_p, 0.0)
+    return b_p
+
+
+@triton.jit
+def _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real, o_tok, cols, stride_do_b, stride_do_t,
+                      L, N: tl.constexpr, NUM_WINDOWS, NUM_HEADS, HEAD_DIM: tl.constexpr):
+    """dO rows [BLOCK_M, BLOCK_D] (zero for padded and out-of-window rows, which have no output, and beyond the
+    head's channels), and the softmax statistics and delta [BLOCK_M]."""
+    o_d, m_d = cols
+    b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
+                   mask=_tile_mask(m_real, m_d), other=0.0)
+    b_rmax, b_logl = _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS)
+    b_delta = tl.load(DELTA + i_b * L * NUM_HEADS + o_tok * NUM_HEADS + i_h, mask=m_real, other=0.0)
+    return b_do, (b_rmax, b_logl), b_delta
+
+
+@triton.jit
+def _window_attention_bwd_dq_kernel(
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DQKV,
+    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L,
+    mask_value,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+):
+    """dq for BLOCK_M query rows of one window and head; padded query rows have no output, hence no dq."""
+    tl.static_assert(N == WH * WW)
+    CDT: tl.constexpr = SCALE.dtype.element_ty
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    MASK_M: tl.constexpr = N % BLOCK_M != 0
+    i_bwm, i_h = tl.program_id(0), tl.program_id(1)
+    i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
+    o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = _in_window(o_m, N, BLOCK_M)
+    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    b_scale = tl.load(SCALE + i_h)
+    rows_m, q_m = _query_rows(
+        p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
+        HAS_BIAS, CDT, DDT)
+    o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
+    b_qn, b_rq, b_qs = q_m
+    m_real_m = m_m & ~m_pad_m
+    b_do, stats_m, b_delta = _load_query_grads(
+        DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
+        NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+    b_rmax, b_logl = stats_m
+    b_do = b_do.to(DDT)
+    # [BLOCK_M, BLOCK_D]
+    b_dqs = tl.zeros([BLOCK_M, BLOCK_D], dtype=CDT)
+    p_bias_h = POSITION_BIAS + i_h * N * N
+    for start_n in range(0, N, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = _in_window(o_n, N, BLOCK_N)
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
+                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
+        b_kn = b_kn.to(DDT)
+        # [BLOCK_M, BLOCK_N]
+        b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
+                      mask_value, SHIFTED, MASK_N)
+        b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
+        b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dqs += _dot(b_ds.to(DDT), b_kn, FULL_DOT)
+    b_dq = _l2_normalize_backward(b_qn, b_rq, b_dqs * b_scale)
+    p_dq = DQKV + i_b * stride_dqkv_b + o_tok_m[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
+    tl.store(p_dq, b_dq.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_m, m_d))
+
+
+@triton.jit
+def _window_attention_bwd_dkdv_kernel(
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DQKV, DPAD,
+    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L, NUM_PAD,
+    mask_value,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+):
+    """dk and dv for BLOCK_N key rows of one window and head. Every token is a key of exactly one window,
+    so rows are stored, not accumulated; with a bias, padded key rows go to their own slot of DPAD
+    (B, NUM_PAD, 2C: dk then dv), which the host sums into the k/v bias gradients."""
+    tl.static_assert(N == WH * WW)
+    CDT: tl.constexpr = SCALE.dtype.element_ty
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    NUM_N: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    MASK_M: tl.constexpr = N % BLOCK_M != 0
+    i_bwn, i_h = tl.program_id(0), tl.program_id(1)
+    i_b, i_w, i_w2 = _window_of(i_bwn // NUM_N, NUM_WINDOWS, NUM_WX)
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
+    o_n = (i_bwn % NUM_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = _in_window(o_n, N, BLOCK_N)
+    o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+
+    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    b_scale = tl.load(SCALE + i_h)
+    # [BLOCK_N, BLOCK_D]
+    b_k = _load_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
+    b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS).to(DDT)
+    b_kn, b_rk = _l2_normalize(b_k, CDT)
+    b_kn_d = b_kn.to(DDT)
+    b_dkn = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
+    p_bias_h = POSITION_BIAS + i_h * N * N
+    for start_m in range(0, N, BLOCK_M):
+        o_m = start_m + tl.arange(0, BLOCK_M)
+        m_m = _in_window(o_m, N, BLOCK_M)
+        rows_m, q_m = _query_rows(
+            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
+            HAS_BIAS, CDT, DDT)
+        o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
+        b_qn, b_rq, b_qs = q_m
+        m_real_m = m_m & ~m_pad_m
+        b_do, stats_m, b_delta = _load_query_grads(
+            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
+            NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+        b_rmax, b_logl = stats_m
+        b_do = b_do.to(DDT)
+        # [BLOCK_M, BLOCK_N]
+        b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
+                      mask_value, SHIFTED, MASK_N)
+        # padded rows have dO = 0 and delta = 0, hence dS = 0; rows beyond the window have no softmax
+        b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
+        b_dv += _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
+        b_dp = _dot(b_do, tl.trans(b_v), FULL_DOT)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dkn += _dot(tl.trans(b_ds.to(DDT)), b_qs, FULL_DOT)
+    b_dk = _l2_normalize_backward(b_kn, b_rk, b_dkn)
+
+    m_real_n = m_n & ~m_pad_n
+    p_dk = DQKV + i_b * stride_dqkv_b + o_tok_n[:, None] * stride_dqkv_t + C + i_h * HEAD_DIM + o_d[None, :]
+    tl.store(p_dk, b_dk.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))
+    tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))
+    if HAS_BIAS:  # without a bias padded keys are constant zeros: nothing to learn there
+        if PADDED:
+            o_pad_n = _padding_index(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, ROLL_THEN_PAD)
+            m_padded_n = m_n & m_pad_n
+            p_dpad = DPAD + i_b * NUM_PAD * (2 * C) + o_pad_n[:, None] * (2 * C) + i_h * HEAD_DIM + o_d[None, :]
+            tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=_tile_mask(m_padded_n, m_d))
+            tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=_tile_mask(m_padded_n, m_d))
+
+
+@triton.jit
+def _window_attention_bwd_dbias_kernel(
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DBIAS, DSCALE,
+    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L, NUM_BW, WINDOWS_PER_GROUP,
+    mask_value,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+):
+    """Partial gradients of the (heads, N, N) bias table and of the scale, summed over one group of
+    WINDOWS_PER_GROUP consecutive (image, window) pairs in a fixed order: DBIAS (groups, heads, N, N) and
+    DSCALE (groups, heads, tiles). The host sums the groups, so the reduction is deterministic."""
+    tl.static_assert(N == WH * WW)
+    CDT: tl.constexpr = SCALE.dtype.element_ty
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    NUM_TN: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    NUM_TILES: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M * NUM_TN
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    MASK_M: tl.constexpr = N % BLOCK_M != 0
+    i_tile, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
+    o_m = (i_tile // NUM_TN) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = (i_tile % NUM_TN) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_m = _in_window(o_m, N, BLOCK_M)
+    m_n = _in_window(o_n, N, BLOCK_N)
+    b_scale = tl.load(SCALE + i_h)
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    # [BLOCK_M, BLOCK_N]: the bias tile is the same for every window
+    b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_m, o_n, m_m, m_n, N, EVEN)
+    b_dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT)
+    b_dscale = tl.zeros([BLOCK_M], dtype=CDT)
+    for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
+        i_b, i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
+        p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
+        rows_m, q_m = _query_rows(
+            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
+            HAS_BIAS, CDT, DDT)
+        o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
+        b_qn, b_rq, b_qs = q_m
+        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
+                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
+        m_real_m = m_m & ~m_pad_m
+        b_do, stats_m, b_delta = _load_query_grads(
+            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
+            NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+        b_rmax, b_logl = stats_m
+        b_kn = b_kn.to(DDT)
+        # [BLOCK_M, BLOCK_N]
+        b_qk = _dot(b_qs, tl.trans(b_kn), FULL_DOT)  # the q.k the other backward kernels compute, bitwise
+        b_s = _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, SHIFTED, MASK_N)
+        b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
+        b_dp = _dot(b_do.to(DDT), tl.trans(b_v.to(DDT)), FULL_DOT)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dbias += b_ds
+        # d scale = sum dS * cos(q, k); qs . kn = scale * cos
+        b_dscale += tl.sum(b_ds * b_qk, axis=1)
+    p_dbias = DBIAS + (i_g * NUM_HEADS + i_h) * N * N + o_m[:, None] * N + o_n[None, :]
+    if EVEN:
+        tl.store(p_dbias, b_dbias)
+    else:
+        tl.store(p_dbias, b_dbias, mask=m_m[:, None] & m_n[None, :])
+    tl.store(DSCALE + (i_g * NUM_HEADS + i_h) * NUM_TILES + i_tile, tl.sum(b_dscale, axis=0) / b_scale)
+
+
+def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometry: WindowGeometry):
+    """Run the first backward kernel. Returns the geometry, the backward's tile flags, the clamped scale and
+    the launch arguments every backward kernel shares, whose STATS (B, heads, nW * N * 2: (row max, log row
+    sum) pairs) and DELTA (B, H*W, heads) it has filled."""
+    B, L, C3 = qkv.shape
+    num_heads = geometry.num_heads
+    g = _geometry(qkv, geometry)
+    scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    flags = _flags(qkv, qkv_bias, geometry.pad_order, C3 // 3 // num_heads, g, backward=True)
+    stats = torch.empty((B, num_heads, g.NUM_WINDOWS * g.N * 2), device=qkv.device, dtype=scale.dtype)
+    delta = torch.empty((B, L, num_heads), device=qkv.device, dtype=scale.dtype)
+    common = dict(QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, STATS=stats,
+                  DELTA=delta, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
+                  stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L,
+                  mask_value=geometry.mask_value, **g._asdict(), **flags)
+    if B > 0:
+        # every token is the query of exactly one window row: each delta is written once
+        _window_attention_bwd_stats_kernel[(B * g.NUM_WINDOWS * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
+            **common)
+    return g, flags, scale, common
+
+
+def window_attention_triton_backward(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    logit_scale: torch.Tensor,
+    position_bias: torch.Tensor,
+    geometry: WindowGeometry,
+    *,
+    need_qkv: bool = True,
+    need_bias: bool = True,
+    need_table_grads: bool = True,
+):
+    """Gradients of the fused op: (d qkv, d qkv_bias, d logit_scale, d position_bias), each None when not
+    asked for (`need_qkv`, `need_bias`, `need_table_grads` for the scale and the table together) or, for the
+    bias, when there is none. A gradient not asked for is neither computed nor allocated: without
+    `need_table_grads` the table/scale kernel does not run, without `need_qkv` the dq kernel does not.
+
+    P is recomputed (nothing N x N was stored). Kernels: the softmax statistics of every window row and
+    delta = rowsum(P * dP) per query row, in token layout; dq per query block; dk/dv per key block (padded
+    keys to a per-position buffer, summed into the bias gradient); the table and scale gradients per bias
+    tile over groups of windows, summed on the host in a fixed order. Every reduction is deterministic: no
+    atomics.
+    """
+    B, L, C3 = qkv.shape
+    num_heads = geometry.num_heads
+    g, flags, scale, common = _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometry)
+    cdt = scale.dtype
+    num_pad = g.HP * g.WP - g.H * g.W
+    need_bias = need_bias and qkv_bias is not None
+    # dk/dv also carry the k/v bias gradient (padded keys); dqkv is then scratch if the activation's is not asked
+    run_dkdv = need_qkv or (need_bias and num_pad > 0)
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format) if run_dkdv else None
+    # every padded position is a key of exactly one window: each slot is written once per head, none is left
+    pad_grads = qkv_bias is not None and num_pad > 0
+    dpad = torch.empty((B, num_pad, 2 * (C3 // 3)) if pad_grads else (1,), device=qkv.device, dtype=cdt)
+    d_table = d_logit_scale = None
+    if B > 0:
+        num_bw = B * g.NUM_WINDOWS
+        if run_dkdv:
+            strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
+            if need_qkv:
+                _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
+                    DQKV=dqkv, **strides, **common)
+            _window_attention_bwd_dkdv_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_N"]), num_heads)](
+                DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, **strides, **common)
+        if need_table_grads:
+            num_tiles = triton.cdiv(g.N, flags["BLOCK_M"]) * triton.cdiv(g.N, flags["BLOCK_N"])
+            # Enough groups of windows to fill a GPU (about 1024 programs), each group a fixed range.
+            groups = max(1, min(num_bw, 1024 // max(1, num_tiles * num_heads)))
+            per_group = triton.cdiv(num_bw, groups)
+            groups = triton.cdiv(num_bw, per_group)
+            d_table_parts = torch.empty((groups, num_heads, g.N, g.N), device=qkv.device, dtype=cdt)
+            d_scale_parts = torch.empty((groups, num_heads, num_tiles), device=qkv.device, dtype=cdt)
+            _window_attention_bwd_dbias_kernel[(num_tiles, num_heads, groups)](
+                DBIAS=d_table_parts, DSCALE=d_scale_parts, NUM_BW=num_bw, WINDOWS_PER_GROUP=per_group, **common)
+            d_table = d_table_parts.sum(0)
+            d_scale = d_scale_parts.sum((0, 2))
+    elif dqkv is not None:
+        dqkv.zero_()
+    if need_table_grads:
+        if d_table is None:  # empty batch
+            d_table = torch.zeros_like(position_bias, dtype=cdt)
+            d_scale = torch.zeros_like(scale)
+        # d exp(min(x, log 100)) / dx = exp(x) below the bound and 0 above it; at exactly the bound, what the
+        # installed torch.clamp passes (the reference's rule), compared in the logit scale's own dtype as the
+        # reference's clamp does
+        x = logit_scale.detach().reshape(num_heads)
+        bound = torch.tensor(LOGIT_SCALE_MAX, dtype=x.dtype, device=x.device)
+        inside = ((x <= bound) if clamp_passes_gradient_at_bound() else (x < bound)).to(cdt)
+        d_logit_scale = (d_scale * scale * inside).reshape(logit_scale.shape).to(logit_scale.dtype)
+        d_table = d_table.to(position_bias.dtype)
+    d_bias = None
+    if need_bias:
+        d_bias = torch.zeros(C3, device=qkv.device, dtype=cdt)  # the q part: padded queries have no output
+        if pad_grads:
+            d_bias[C3 // 3:] = dpad.sum((0, 1))
+        d_bias = d_bias.to(qkv_bias.dtype)
+    return (dqkv if need_qkv else None), d_bias, d_logit_scale, d_table
+
+
+@functools.lru_cache(maxsize=None)
+def clamp_passes_gradient_at_bound() -> bool:
+    """Whether torch.clamp(x, max=b) passes the gradient at x == b. Both rules exist in released torch
+    (2.11 and 2.13 pass it, 2.14 does not); the fused backward follows the installed one, as the reference
+    (which differentiates torch.clamp) does."""
+    # asked in a thread of its own: grad mode, inference mode and the dispatch state that excludes autograd
+    # inside a custom op's implementation are thread-local, and this is called from there
+    found = []
+
+    def ask():
+        x = torch.tensor(1.0, requires_grad=True)
+        (grad,) = torch.autograd.grad(torch.clamp(x, max=1.0), x)
+        found.append(bool(grad != 0))
+
+    thread = threading.Thread(target=ask, name="swinv2_fast-clamp-rule")
+    thread.start()
+    thread.join()
+    return found[0]
