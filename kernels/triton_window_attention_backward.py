@@ -21,7 +21,7 @@ from .geometry import LOGIT_SCALE_MAX, ROLL_THEN_PAD, WindowGeometry
 from .triton_window_attention import (
     _bias_tile, _channels, _dot, _exp, _flags, _geometry, _in_window, _key_block, _l2_normalize,
     _l2_normalize_backward, _load_rows, _logits, _online_softmax_step, _padding_index, _query_rows,
-    _small_operands, _tile_mask, _window_of, _window_rows,
+    _small_operands, _tile_mask, _window_of, _window_rows, channel_block,
 )
 
 __all__ = ["window_attention_triton_backward", "clamp_passes_gradient_at_bound"]
@@ -335,6 +335,113 @@ def _window_attention_bwd_dbias_kernel(
     tl.store(DSCALE + (i_g * NUM_HEADS + i_h) * NUM_TILES + i_tile, tl.sum(b_dscale, axis=0) / b_scale)
 
 
+@triton.jit
+def _softmax_rows(b_s):
+    """[BLOCK, BLOCK] P = exp(S - row max) / row sum of one whole window's logits b_s, in one program: P and
+    the statistics come from the same scores, so a row whose softmax is one-hot in fp32 gets P exactly 1 and
+    0 and delta = rowsum(P * dP) exactly that row's dP at the 1 (dS exactly 0 there, as in the reference)."""
+    b_m = tl.max(b_s, axis=1)
+    b_e = _exp(b_s - b_m[:, None])
+    return b_e * (1.0 / tl.sum(b_e, axis=1))[:, None]
+
+
+@triton.jit
+def _window_attention_bwd_fused_kernel(
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, DQKV, DPAD, DBIAS, DSCALE,
+    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, NUM_PAD, NUM_BW, WINDOWS_PER_GROUP,
+    mask_value,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DKV: tl.constexpr,
+    NEED_TABLE: tl.constexpr,
+):
+    """The whole backward of small windows (N <= BLOCK, one block holds a window): program (group of
+    WINDOWS_PER_GROUP consecutive (image, window) pairs, head) runs its windows in a fixed order. Per window:
+    S = qs kn^T + bias (+ shift mask), P with its row statistics computed here (no statistics pass), dP = dO v^T,
+    delta = rowsum(P * dP), dS = P (dP - delta), then dqs = dS kn, dkn = dS^T qs, dv = P^T dO (five matmuls) and
+    the normalisation backward. NEED_DQ: store dq; NEED_DKV: dk and dv (and the padded keys' rows, to DPAD, for
+    the k/v bias); NEED_TABLE: the table gradient (dS summed over the group's windows in registers, stored once
+    per group to DBIAS (groups, heads, N, N)) and the clamped scale's, sum over rows of qn . dqs (= sum dS cos,
+    from the dq rows: no extra q.k product), to DSCALE (groups, heads). The host sums the groups in a fixed
+    order: no atomics, deterministic. The bias tile is loaded once per program and stays in registers."""
+    tl.static_assert(N == WH * WW)
+    tl.static_assert(N <= BLOCK)
+    tl.static_assert(BLOCK >= 16)
+    tl.static_assert((BLOCK & (BLOCK - 1)) == 0)
+    CDT: tl.constexpr = SCALE.dtype.element_ty  # compute dtype: fp32 (fp64 for fp64 inputs)
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty  # dot operand dtype
+    EVEN: tl.constexpr = N == BLOCK
+    MASK_N: tl.constexpr = N != BLOCK
+    DQS: tl.constexpr = NEED_DQ or NEED_TABLE  # dqs = dS kn: dq, and the scale's gradient
+    i_g, i_h = tl.program_id(0), tl.program_id(1)
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
+    # [BLOCK]: the window's positions, as query rows and as key columns
+    o_n = tl.arange(0, BLOCK)
+    m_n = _in_window(o_n, N, BLOCK)
+    b_scale = tl.load(SCALE + i_h)
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    # [BLOCK, BLOCK]: the same bias tile for every window of the group
+    b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_n, o_n, m_n, m_n, N, EVEN)
+    b_dbias = tl.zeros([BLOCK, BLOCK], dtype=CDT)
+    # [BLOCK]: per-row partial sums of the scale's gradient
+    b_dscale = tl.zeros([BLOCK], dtype=CDT)
+    for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
+        i_b, i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
+        p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
+        rows, q_rows = _query_rows(p_qkv, p_bias, b_scale, o_n, m_n, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED,
+                                   PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
+        o_tok, m_pad, o_reg = rows  # flat targets: triton 3.6 cannot bind nested ones
+        b_qn, b_rq, b_qs = q_rows  # [BLOCK, BLOCK_D] normalised q (compute dtype); [BLOCK] norms; q * scale (DDT)
+        m_real = m_n & ~m_pad  # rows with an output (and a gradient)
+        # [BLOCK, BLOCK_D]
+        b_k = _load_rows(p_qkv + C, p_bias + C, o_tok, m_n, m_pad, cols, stride_qkv_t, HAS_BIAS)
+        b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok, m_n, m_pad, cols, stride_qkv_t, HAS_BIAS).to(DDT)
+        b_kn, b_rk = _l2_normalize(b_k, CDT)
+        b_kn_d = b_kn.to(DDT)
+        b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
+                       mask=_tile_mask(m_real, m_d), other=0.0).to(DDT)
+        # [BLOCK, BLOCK]; rows beyond the window (N < BLOCK) have dO = 0, hence dS = 0 and no dv share
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg, o_reg, m_n, mask_value, SHIFTED,
+                      MASK_N)
+        b_p = _softmax_rows(b_s)
+        b_dp = _dot(b_do, tl.trans(b_v), FULL_DOT)
+        b_ds = b_p * (b_dp - tl.sum(b_p * b_dp, axis=1)[:, None])
+        b_ds_d = b_ds.to(DDT)
+        o_dst = i_b * stride_dqkv_b + o_tok[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
+        if DQS:
+            # [BLOCK, BLOCK_D]: the gradient of q * scale
+            b_dqs = _dot(b_ds_d, b_kn_d, FULL_DOT)
+            if NEED_TABLE:
+                b_dbias += b_ds
+                # d scale = sum_ij dS_ij cos_ij = sum_i qn_i . dqs_i
+                b_dscale += tl.sum(b_qn * b_dqs, axis=1)
+            if NEED_DQ:
+                b_dq = _l2_normalize_backward(b_qn, b_rq, b_dqs * b_scale)
+                tl.store(DQKV + o_dst, b_dq.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real, m_d))
+        if NEED_DKV:
+            # [BLOCK, BLOCK_D]
+            b_dv = _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
+            b_dk = _l2_normalize_backward(b_kn, b_rk, _dot(tl.trans(b_ds_d), b_qs, FULL_DOT))
+            tl.store(DQKV + o_dst + C, b_dk.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real, m_d))
+            tl.store(DQKV + o_dst + 2 * C, b_dv.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real, m_d))
+            if HAS_BIAS:  # without a bias padded keys are constant zeros: nothing to learn there
+                if PADDED:
+                    o_pad = _padding_index(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, ROLL_THEN_PAD)
+                    p_dpad = DPAD + i_b * NUM_PAD * (2 * C) + o_pad[:, None] * (2 * C) + i_h * HEAD_DIM + o_d[None, :]
+                    tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=_tile_mask(m_n & m_pad, m_d))
+                    tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=_tile_mask(m_n & m_pad, m_d))
+    if NEED_TABLE:
+        p_dbias = DBIAS + (i_g * NUM_HEADS + i_h) * N * N + o_n[:, None] * N + o_n[None, :]
+        if EVEN:
+            tl.store(p_dbias, b_dbias)
+        else:
+            tl.store(p_dbias, b_dbias, mask=m_n[:, None] & m_n[None, :])
+        tl.store(DSCALE + i_g * NUM_HEADS + i_h, tl.sum(b_dscale, axis=0))
+
+
 def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometry: WindowGeometry):
     """Run the first backward kernel. Returns the geometry, the backward's tile flags, the clamped scale and
     the launch arguments every backward kernel shares, whose STATS (B, heads, nW * N * 2: (row max, log row
@@ -359,6 +466,87 @@ def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, ge
     return g, flags, scale, common
 
 
+# The fused backward (one kernel, `_window_attention_bwd_fused_kernel`) serves windows of at most FUSED_MAX_N
+# tokens (the published windows 7 and 8: N = 49, 64) with channel tiles of at most FUSED_MAX_BLOCK_D: one
+# program holds a whole window's [BLOCK, BLOCK] score tiles. Larger windows and head dims run the four kernels.
+FUSED_MAX_N = 64
+FUSED_MAX_BLOCK_D = 32
+# Programs the fused backward aims at (about 4 per SM of an H200's 132): (image, window) pairs are grouped per
+# head so that the launch has about this many programs; more windows per group load the bias tile and store
+# the table's partial sum fewer times.
+FUSED_PROGRAMS = 512
+
+
+def fused_backward_applies(n: int, head_dim: int) -> bool:
+    """Whether the backward of windows of n tokens and heads of head_dim channels runs as the one fused kernel
+    (else the statistics, dq, dk/dv and table kernels)."""
+    return n <= FUSED_MAX_N and channel_block(head_dim) <= FUSED_MAX_BLOCK_D
+
+
+def fused_block(n: int) -> int:
+    """The fused kernel's tile: n rounded up to a power of two, at least 16 (what tl.dot takes)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def fused_num_warps(n: int, dtype: torch.dtype) -> int:
+    """Warps per program of the fused kernel (compile_check: the registers without spills for sm_80 and
+    sm_90): 8 for the 64-token tile, 4 below."""
+    return 8 if fused_block(n) >= 64 else 4
+
+
+def backward_kernels(n: int, head_dim: int):
+    """The short names of the kernels the backward launches for this window and head dim (all gradients)."""
+    if fused_backward_applies(n, head_dim):
+        return ("bwd_fused",)
+    return ("bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
+
+
+def _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometry: WindowGeometry, need_qkv,
+                    need_bias, need_table_grads):
+    """Launch the fused kernel. Returns (dqkv or None, dpad, d_table or None, d_scale or None) in the compute
+    dtype (dqkv in the projection's)."""
+    B, L, C3 = qkv.shape
+    num_heads = geometry.num_heads
+    head_dim = C3 // 3 // num_heads
+    g = _geometry(qkv, geometry)
+    scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
+    cdt = scale.dtype
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    flags = _flags(qkv, qkv_bias, geometry.pad_order, head_dim, g, backward=True)
+    for name in ("BLOCK_M", "BLOCK_N"):
+        del flags[name]
+    flags.update(BLOCK=fused_block(g.N), num_warps=fused_num_warps(g.N, qkv.dtype))
+    num_pad = g.HP * g.WP - g.H * g.W
+    pad_grads = need_bias and qkv_bias is not None and num_pad > 0
+    need_dkv = need_qkv or pad_grads
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format) if need_dkv else None
+    dpad = torch.empty((B, num_pad, 2 * (C3 // 3)) if pad_grads else (1,), device=qkv.device, dtype=cdt)
+    num_bw = B * g.NUM_WINDOWS
+    per_group = triton.cdiv(num_bw, max(1, FUSED_PROGRAMS // num_heads)) if num_bw else 1
+    groups = triton.cdiv(num_bw, per_group)
+    d_table_parts = torch.empty((groups, num_heads, g.N, g.N) if need_table_grads else (1,), device=qkv.device,
+                                dtype=cdt)
+    d_scale_parts = torch.empty((groups, num_heads) if need_table_grads else (1,), device=qkv.device, dtype=cdt)
+    if B == 0:
+        if dqkv is not None:
+            dqkv.zero_()
+        d_table = torch.zeros_like(position_bias, dtype=cdt) if need_table_grads else None
+        return dqkv, dpad, d_table, (torch.zeros_like(scale) if need_table_grads else None)
+    out = dqkv if dqkv is not None else qkv  # never written without NEED_DQ / NEED_DKV
+    _window_attention_bwd_fused_kernel[(groups, num_heads)](
+        QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, DQKV=out, DPAD=dpad,
+        DBIAS=d_table_parts, DSCALE=d_scale_parts, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
+        stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), stride_dqkv_b=out.stride(0),
+        stride_dqkv_t=out.stride(1), NUM_PAD=num_pad, NUM_BW=num_bw, WINDOWS_PER_GROUP=per_group,
+        mask_value=geometry.mask_value, NEED_DQ=need_qkv, NEED_DKV=need_dkv, NEED_TABLE=need_table_grads,
+        **g._asdict(), **flags)
+    if not need_table_grads:
+        return dqkv, dpad, None, None
+    # the groups summed in a fixed order (no atomics): deterministic
+    return dqkv, dpad, d_table_parts.sum(0), d_scale_parts.sum(0)
+
+
 def window_attention_triton_backward(
     grad_out: torch.Tensor,
     qkv: torch.Tensor,
@@ -373,28 +561,63 @@ def window_attention_triton_backward(
 ):
     """Gradients of the fused op: (d qkv, d qkv_bias, d logit_scale, d position_bias), each None when not
     asked for (`need_qkv`, `need_bias`, `need_table_grads` for the scale and the table together) or, for the
-    bias, when there is none. A gradient not asked for is neither computed nor allocated: without
-    `need_table_grads` the table/scale kernel does not run, without `need_qkv` the dq kernel does not.
+    bias, when there is none. A gradient not asked for is neither computed nor allocated.
 
-    P is recomputed (nothing N x N was stored). Kernels: the softmax statistics of every window row and
-    delta = rowsum(P * dP) per query row, in token layout; dq per query block; dk/dv per key block (padded
-    keys to a per-position buffer, summed into the bias gradient); the table and scale gradients per bias
-    tile over groups of windows, summed on the host in a fixed order. Every reduction is deterministic: no
-    atomics.
+    P is recomputed (nothing N x N was stored). Windows of at most FUSED_MAX_N tokens (heads of at most
+    FUSED_MAX_BLOCK_D channels): one kernel per (group of windows, head) computes everything of a window in one
+    block (`_window_attention_bwd_fused_kernel`). Larger windows: the softmax statistics of every window row
+    and delta = rowsum(P * dP) per query row, in token layout; dq per query block (without `need_qkv` not
+    run); dk/dv per key block (padded keys to a per-position buffer, summed into the bias gradient); the table
+    and scale gradients per bias tile over groups of windows (without `need_table_grads` not run). Partial sums
+    over groups of windows are summed on the host in a fixed order: no atomics, every reduction deterministic.
     """
+    B, L, C3 = qkv.shape
+    num_heads = geometry.num_heads
+    need_bias = need_bias and qkv_bias is not None
+    if fused_backward_applies(geometry.N, C3 // 3 // num_heads):
+        dqkv, dpad, d_table, d_scale = _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias,
+                                                       geometry, need_qkv, need_bias, need_table_grads)
+    else:
+        dqkv, dpad, d_table, d_scale = _unfused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias,
+                                                         geometry, need_qkv, need_bias, need_table_grads)
+    cdt = dpad.dtype
+    num_pad = (geometry.padded_size[0] * geometry.padded_size[1] - geometry.grid[0] * geometry.grid[1])
+    d_logit_scale = None
+    if need_table_grads:
+        # d exp(min(x, log 100)) / dx = exp(x) below the bound and 0 above it; at exactly the bound, what the
+        # installed torch.clamp passes (the reference's rule), compared in the logit scale's own dtype as the
+        # reference's clamp does
+        x = logit_scale.detach().reshape(num_heads)
+        scale = torch.clamp(x.to(cdt), max=LOGIT_SCALE_MAX).exp()
+        bound = torch.tensor(LOGIT_SCALE_MAX, dtype=x.dtype, device=x.device)
+        inside = ((x <= bound) if clamp_passes_gradient_at_bound() else (x < bound)).to(cdt)
+        d_logit_scale = (d_scale * scale * inside).reshape(logit_scale.shape).to(logit_scale.dtype)
+        d_table = d_table.to(position_bias.dtype)
+    d_bias = None
+    if need_bias:
+        d_bias = torch.zeros(C3, device=qkv.device, dtype=cdt)  # the q part: padded queries have no output
+        if num_pad > 0 and B > 0:
+            d_bias[C3 // 3:] = dpad.sum((0, 1))
+        d_bias = d_bias.to(qkv_bias.dtype)
+    return (dqkv if need_qkv else None), d_bias, d_logit_scale, (d_table if need_table_grads else None)
+
+
+def _unfused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometry: WindowGeometry, need_qkv,
+                      need_bias, need_table_grads):
+    """The four kernels (windows beyond the fused kernel's). Returns (dqkv or None, dpad, d_table or None,
+    d_scale or None) as `_fused_backward`."""
     B, L, C3 = qkv.shape
     num_heads = geometry.num_heads
     g, flags, scale, common = _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometry)
     cdt = scale.dtype
     num_pad = g.HP * g.WP - g.H * g.W
-    need_bias = need_bias and qkv_bias is not None
     # dk/dv also carry the k/v bias gradient (padded keys); dqkv is then scratch if the activation's is not asked
     run_dkdv = need_qkv or (need_bias and num_pad > 0)
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format) if run_dkdv else None
     # every padded position is a key of exactly one window: each slot is written once per head, none is left
     pad_grads = qkv_bias is not None and num_pad > 0
     dpad = torch.empty((B, num_pad, 2 * (C3 // 3)) if pad_grads else (1,), device=qkv.device, dtype=cdt)
-    d_table = d_logit_scale = None
+    d_table = d_scale = None
     if B > 0:
         num_bw = B * g.NUM_WINDOWS
         if run_dkdv:
@@ -418,25 +641,10 @@ def window_attention_triton_backward(
             d_scale = d_scale_parts.sum((0, 2))
     elif dqkv is not None:
         dqkv.zero_()
-    if need_table_grads:
-        if d_table is None:  # empty batch
-            d_table = torch.zeros_like(position_bias, dtype=cdt)
-            d_scale = torch.zeros_like(scale)
-        # d exp(min(x, log 100)) / dx = exp(x) below the bound and 0 above it; at exactly the bound, what the
-        # installed torch.clamp passes (the reference's rule), compared in the logit scale's own dtype as the
-        # reference's clamp does
-        x = logit_scale.detach().reshape(num_heads)
-        bound = torch.tensor(LOGIT_SCALE_MAX, dtype=x.dtype, device=x.device)
-        inside = ((x <= bound) if clamp_passes_gradient_at_bound() else (x < bound)).to(cdt)
-        d_logit_scale = (d_scale * scale * inside).reshape(logit_scale.shape).to(logit_scale.dtype)
-        d_table = d_table.to(position_bias.dtype)
-    d_bias = None
-    if need_bias:
-        d_bias = torch.zeros(C3, device=qkv.device, dtype=cdt)  # the q part: padded queries have no output
-        if pad_grads:
-            d_bias[C3 // 3:] = dpad.sum((0, 1))
-        d_bias = d_bias.to(qkv_bias.dtype)
-    return (dqkv if need_qkv else None), d_bias, d_logit_scale, d_table
+    if need_table_grads and d_table is None:  # empty batch
+        d_table = torch.zeros_like(position_bias, dtype=cdt)
+        d_scale = torch.zeros_like(scale)
+    return dqkv, dpad, d_table, d_scale
 
 
 @functools.lru_cache(maxsize=None)
