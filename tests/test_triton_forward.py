@@ -47,6 +47,81 @@ def test_forward_fp16_error_is_that_of_pytorch(B, grid, heads, head_dim, window,
         f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}")
 
 
+# Several windows per program (WINDOWS_PER_PROGRAM): pair counts the group size does not divide, both window
+# sets of a shifted grid (interior and border launches), padding, per-axis windows, an odd head dim, one key
+# block (the bias tile held across the windows) and several (re-read per window).
+SEVERAL_WINDOWS = [
+    pytest.param(3, (8, 8), 2, 16, 4, 2, id="B3-8x8-h2d16-w4s2"),
+    pytest.param(3, (12, 12), 1, 32, 4, 0, id="B3-12x12-h1d32-w4s0"),
+    pytest.param(3, (10, 13), 1, 32, 7, 3, id="B3-10x13-h1d32-w7s3-padded"),
+    pytest.param(3, (7, 12), 2, 16, (3, 5), (1, 2), id="B3-7x12-h2d16-w3x5s1x2-padded"),
+    pytest.param(3, (6, 7), 2, 10, 4, 2, id="B3-6x7-h2d10-w4s2-padded"),
+]
+
+
+class _LaunchRecorder:
+    """Wraps the forward kernel: records each launch's grid and keyword arguments, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](**kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("per_program", [2, 4])
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", SEVERAL_WINDOWS)
+def test_several_windows_per_program(B, grid, heads, head_dim, window, shift, pad_order, per_program,
+                                     monkeypatch):
+    """Programs that run `per_program` windows each (the last fewer) match the oracle in fp32: every window
+    computed once, with its own q/k/v and the program's rows of the table."""
+    monkeypatch.setattr(tk, "FORWARD_WINDOWS_PER_PROGRAM", per_program)
+    monkeypatch.setattr(tk, "_multiprocessors", lambda t: 1)  # no launch is too small to group
+    recorder = _LaunchRecorder(tk._window_attention_fwd_kernel)
+    monkeypatch.setattr(tk, "_window_attention_fwd_kernel", recorder)
+    inputs = make_inputs(B, grid, heads, head_dim, window)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
+                  mask_value=-100.0)
+    out = tk.window_attention_triton_forward(*inputs, WindowGeometry.from_args(**kwargs))
+    assert_close(out, window_attention_naive(*inputs, **kwargs), atol=OP_FP32_ATOL, name="output")
+    sets = {launch["WINDOW_SET"] for _, launch in recorder.launches}
+    assert sets == ({tk.INTERIOR_WINDOWS, tk.BORDER_WINDOWS} if shift else {tk.ALL_WINDOWS})
+    for grid_, launch in recorder.launches:
+        assert launch["WINDOWS_PER_PROGRAM"] == per_program
+        row_blocks = math.ceil(launch["N"] / launch["BLOCK_M"])
+        assert grid_[0] == math.ceil(launch["NUM_BW"] / per_program) * row_blocks
+    assert any(launch["NUM_BW"] % per_program for _, launch in recorder.launches), "no program got fewer windows"
+
+
+@pytest.mark.kernels(forward=False)  # host-side: the launch's group size
+def test_windows_per_program_keeps_every_multiprocessor_busy():
+    """The group size: the largest power of two up to FORWARD_WINDOWS_PER_PROGRAM that leaves at least one
+    program per SM."""
+    top = tk.FORWARD_WINDOWS_PER_PROGRAM
+    assert tk.windows_per_program(64 * 49, 1, 3, 132) == top  # a large batch: the largest group
+    assert tk.windows_per_program(72, 2, 4, 132) == 4  # 18 groups x 2 row blocks x 4 heads = 144 programs
+    assert tk.windows_per_program(3, 1, 1, 132) == 1  # fewer programs than SMs at any group size
+
+
+@pytest.mark.kernels(forward=False)  # host-side: what the kernel is handed
+def test_table_is_read_in_the_dtype_it_arrives_in():
+    """The forward reads a 16-bit model's table as it is (no per-call fp32 copy), and autocast's fp32 table
+    as it is (fp32: the logits keep its precision); another dtype is converted to the compute dtype."""
+    qkv16 = torch.zeros(1, 4, 6, dtype=torch.float16, device=DEVICE)
+    for table in (torch.rand(1, 4, 4, dtype=torch.float16, device=DEVICE),
+                  torch.rand(1, 4, 4, dtype=torch.float32, device=DEVICE)):
+        read = tk._forward_table(qkv16, table)
+        assert read.dtype == table.dtype and read.data_ptr() == table.data_ptr()
+    read = tk._forward_table(qkv16, torch.rand(1, 4, 4, dtype=torch.bfloat16, device=DEVICE))
+    assert read.dtype == torch.float32
+    read = tk._forward_table(qkv16.double(), torch.rand(1, 4, 4, dtype=torch.float32, device=DEVICE))
+    assert read.dtype == torch.float64
+
+
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
 @pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", ODD_HEAD_DIMS)
 def test_forward_any_head_dim(B, grid, heads, head_dim, window, shift, pad_order):
