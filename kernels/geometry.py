@@ -1,12 +1,22 @@
 """The geometry of one window-attention call, as one validated value, and the constants every layer shares.
 
-Plain Python and torch only (no Triton): the model code, the eager paths (`naive.py`, `reference.py`), the
-custom op and the kernel launcher all read the same `WindowGeometry`, built once from the keyword block
-`grid_size, num_heads, window_size, shift_size, pad_order, mask_value` and passed down::
+Plain Python and torch only (no Triton). Every layer takes the same `WindowGeometry`, built once by the caller
+and passed down::
+
+    swinv2_fast.window_attention(..., geometry=g)      functional.py: tensor checks against g, dispatch
+      -> window_attention_reference(..., geometry=g)   reference.py: the eager path (naive.py: the oracle)
+      -> op.window_attention_fused(..., g)             op.py: the custom op, g as plain ints (`as_op_args`)
+        -> launchers(..., g) -> kernels                triton_window_attention[_backward].py
+
+The keyword block `grid_size, num_heads, window_size, shift_size, pad_order, mask_value` exists in one place,
+`WindowGeometry.from_args`; the public functions also accept it instead of `geometry=` through
+`takes_geometry`, which converts it at the boundary::
 
     geometry = WindowGeometry.from_args(grid_size=(H, W), num_heads=heads, window_size=8, shift_size=4,
                                         pad_order=PAD_THEN_ROLL, mask_value=-200.0)
     window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, geometry=geometry)
+    window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, grid_size=(H, W), num_heads=heads,
+                               window_size=8, shift_size=4, pad_order=PAD_THEN_ROLL, mask_value=-200.0)
     torch.ops.swinv2_fast.window_attention_fused(qkv, qkv_bias, logit_scale, position_bias,
                                                  *geometry.as_op_args())
 
@@ -15,10 +25,12 @@ to window multiples; there are (Hp / wh) * (Wp / ww) windows of N = wh * ww toke
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, TypeVar, Union
 
 import torch
 
@@ -33,7 +45,9 @@ __all__ = [
     "is_int",
     "int_pair",
     "check_layout_args",
-    "resolve_geometry",
+    "GEOMETRY_ARGS",
+    "OP_SCHEMA_GEOMETRY",
+    "takes_geometry",
 ]
 
 PAD_THEN_ROLL = "pad_then_roll"  # transformers: pad the grid, then roll the padded grid
@@ -217,35 +231,46 @@ class WindowGeometry:
                     shift_size=self.shift, pad_order=self.pad_order, mask_value=self.mask_value)
 
 
-def resolve_geometry(
-    geometry: Optional[WindowGeometry] = None,
-    *,
-    grid_size: Optional[IntPair] = None,
-    num_heads: Optional[int] = None,
-    window_size: Optional[IntPair] = None,
-    shift_size: Optional[IntPair] = None,
-    pad_order: Optional[str] = None,
-    mask_value: Optional[float] = None,
-) -> WindowGeometry:
-    """The geometry of a call that takes either `geometry=` or the keyword block (never both).
+# The keyword block, as `from_args` names it (its parameters after `cls`), and as the custom ops' schema
+# spells it (the same order: `as_op_args()` fills it, `from_args(*args)` reads it back).
+GEOMETRY_ARGS: Tuple[str, ...] = tuple(inspect.signature(WindowGeometry.from_args).parameters)
+OP_SCHEMA_GEOMETRY = ("int[] grid_size, int num_heads, int[] window_size, int[] shift_size, str pad_order, "
+                      "float mask_value")
 
-    For the keyword block, grid_size, num_heads and window_size are required; None for shift_size,
-    pad_order and mask_value means their defaults (0, PAD_THEN_ROLL, -100.0)."""
-    block = dict(grid_size=grid_size, num_heads=num_heads, window_size=window_size, shift_size=shift_size,
-                 pad_order=pad_order, mask_value=mask_value)
-    if geometry is not None:
-        if not isinstance(geometry, WindowGeometry):
-            raise TypeError(f"geometry must be a WindowGeometry, got {type(geometry).__name__}")
-        given = [name for name, value in block.items() if value is not None]
-        if given:
-            raise TypeError(f"pass either geometry or the keyword block, not both; got geometry and {given}")
-        return geometry
-    missing = [name for name in ("grid_size", "num_heads", "window_size") if block[name] is None]
-    if missing:
-        raise TypeError(f"{', '.join(missing)} required (or geometry=WindowGeometry(...)), got None")
-    return WindowGeometry.from_args(
-        grid_size, num_heads, window_size,
-        0 if shift_size is None else shift_size,
-        PAD_THEN_ROLL if pad_order is None else pad_order,
-        DEFAULT_MASK_VALUE if mask_value is None else mask_value,
-    )
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def takes_geometry(function: _F) -> _F:
+    """Lets `function`, whose signature takes a keyword-only `geometry: WindowGeometry`, also be called with
+    the keyword block `GEOMETRY_ARGS` instead (converted by `WindowGeometry.from_args`, so omitted
+    shift_size, pad_order and mask_value take its defaults): the one place the public functions convert the
+    block, at their boundary. Passing both, a block without grid_size, num_heads or window_size, or a
+    `geometry` that is not a WindowGeometry raises a TypeError saying so."""
+    defaults = inspect.signature(WindowGeometry.from_args).parameters
+    required = [name for name in GEOMETRY_ARGS if defaults[name].default is inspect.Parameter.empty]
+
+    @functools.wraps(function)
+    def call(*args, geometry=None, **kwargs):
+        block = {name: kwargs.pop(name) for name in GEOMETRY_ARGS if name in kwargs}
+        if geometry is not None:
+            if not isinstance(geometry, WindowGeometry):
+                raise TypeError(f"geometry must be a WindowGeometry, got {type(geometry).__name__}")
+            if block:
+                raise TypeError(f"pass either geometry or the keyword block, not both; got geometry and "
+                                f"{list(block)}")
+        else:
+            missing = [name for name in required if block.get(name) is None]
+            if missing:
+                raise TypeError(f"{', '.join(missing)} required (or geometry=WindowGeometry(...)), got None")
+            geometry = WindowGeometry.from_args(**{k: v for k, v in block.items() if v is not None})
+        return function(*args, geometry=geometry, **kwargs)
+
+    # what help() and IDEs show: the function's own parameters, then the block as keyword-only alternatives
+    signature = inspect.signature(function)
+    block_params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in GEOMETRY_ARGS]
+    params = list(signature.parameters.values())
+    at = [p.name for p in params].index("geometry")
+    params[at] = params[at].replace(default=None)
+    at += 1
+    call.__signature__ = signature.replace(parameters=params[:at] + block_params + params[at:])
+    return call  # type: ignore[return-value]

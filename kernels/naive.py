@@ -26,8 +26,8 @@ Numerics: q and k are normalised in float32 at least (float64 stays float64) and
 float16 F.normalize's epsilon 1e-12 underflows to 0 and the all-zero k of a padded token (no k bias) would
 give 0/0; everything else runs in the inputs' dtype, as in transformers and timm.
 
-Every function takes the geometry either as `geometry=WindowGeometry(...)` or as the keyword block
-`grid_size, num_heads, window_size, shift_size, pad_order, mask_value`, like `window_attention_reference`.
+The functions take the geometry as `geometry=WindowGeometry(...)`; the public ones also accept the keyword
+block `grid_size, num_heads, window_size, shift_size, pad_order, mask_value` instead (`takes_geometry`).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .geometry import LOGIT_SCALE_MAX, PAD_THEN_ROLL, IntPair, WindowGeometry, resolve_geometry
+from .geometry import LOGIT_SCALE_MAX, PAD_THEN_ROLL, WindowGeometry, takes_geometry
 
 __all__ = [
     "window_partition",
@@ -129,19 +129,14 @@ def _scores(qkv, qkv_bias, logit_scale, position_bias, g: WindowGeometry):
     return scores, v
 
 
+@takes_geometry
 def window_attention_naive(
     qkv: torch.Tensor,
     qkv_bias: Optional[torch.Tensor],
     logit_scale: torch.Tensor,
     position_bias: torch.Tensor,
     *,
-    geometry: Optional[WindowGeometry] = None,
-    grid_size: Optional[IntPair] = None,
-    num_heads: Optional[int] = None,
-    window_size: Optional[IntPair] = None,
-    shift_size: Optional[IntPair] = None,
-    pad_order: Optional[str] = None,
-    mask_value: Optional[float] = None,
+    geometry: WindowGeometry,
     dropout_p: float = 0.0,
     return_attention_probs: bool = False,
 ):
@@ -153,16 +148,14 @@ def window_attention_naive(
         qkv_bias: (3C,) [q_bias | k_bias | v_bias], the projection of a zero token (padded positions); None: 0.
         logit_scale: (heads,) or (heads, 1, 1).
         position_bias: (heads, N, N), after 16 * sigmoid.
-        geometry or grid_size, num_heads, window_size, shift_size (0), pad_order (PAD_THEN_ROLL),
-            mask_value (-100.0): see `WindowGeometry`.
+        geometry: the `WindowGeometry` (or, instead, its keyword block: see `takes_geometry`).
         dropout_p: attention dropout on P.
         return_attention_probs: also return P, (B * nW, heads, N, N).
 
     Returns:
         (B, H*W, C), and P if asked for.
     """
-    g = resolve_geometry(geometry, grid_size=grid_size, num_heads=num_heads, window_size=window_size,
-                         shift_size=shift_size, pad_order=pad_order, mask_value=mask_value)
+    g = geometry
     B, L, C3 = qkv.shape
     C = C3 // 3
     H, W = g.grid
@@ -181,27 +174,21 @@ def window_attention_naive(
     return (out, probs) if return_attention_probs else out
 
 
+@takes_geometry
 def window_log_sum_exp(
     qkv: torch.Tensor,
     qkv_bias: Optional[torch.Tensor],
     logit_scale: torch.Tensor,
     position_bias: torch.Tensor,
     *,
-    geometry: Optional[WindowGeometry] = None,
-    grid_size: Optional[IntPair] = None,
-    num_heads: Optional[int] = None,
-    window_size: Optional[IntPair] = None,
-    shift_size: Optional[IntPair] = None,
-    pad_order: Optional[str] = None,
-    mask_value: Optional[float] = None,
+    geometry: WindowGeometry,
 ) -> torch.Tensor:
     """log(sum_j exp(S_ij)) of every window row, (B, heads, nW * N), rows in window order (window-major, then
     the row inside the window), computed in float32 (float64 for float64 inputs) from all N x N scores.
 
     The softmax statistic a fused kernel computes on its way (the backward kernels recompute it from q and
     k); tests compare the kernels' statistics with it. Nothing stores it in the forward."""
-    g = resolve_geometry(geometry, grid_size=grid_size, num_heads=num_heads, window_size=window_size,
-                         shift_size=shift_size, pad_order=pad_order, mask_value=mask_value)
+    g = geometry
     cdt = torch.promote_types(qkv.dtype, torch.float32)
     scores, _ = _scores(qkv.to(cdt), None if qkv_bias is None else qkv_bias.to(cdt), logit_scale.to(cdt),
                         position_bias.to(cdt), g)

@@ -10,11 +10,11 @@ the two `torch.library` custom ops under it.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from .geometry import WindowGeometry
+from .geometry import GEOMETRY_ARGS, OP_SCHEMA_GEOMETRY, WindowGeometry
 from .reference import window_attention_reference
 from .triton_window_attention import INTERPRETED, window_attention_triton_forward
 from .triton_window_attention_backward import window_attention_triton_backward
@@ -30,10 +30,12 @@ __all__ = ["window_attention_fused", "fused_forward_op", "fused_backward_op"]
 #                 otherwise the eager reference (the backward differentiates the reference). The model and
 #                 functional dispatch never send CPU tensors here without the interpreter ("triton" raises
 #                 there, "auto" picks eager); direct callers of the op get the reference's numbers.
-
-def _geometry(grid_size, num_heads, window_size, shift_size, pad_order, mask_value) -> WindowGeometry:
-    """The op's plain-int arguments (the schema's order) as a WindowGeometry."""
-    return WindowGeometry.from_args(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
+#
+# The schema takes the geometry as plain values (`OP_SCHEMA_GEOMETRY`: grid_size, num_heads, window_size,
+# shift_size, pad_order, mask_value), which `WindowGeometry.as_op_args()` gives and `from_args` reads back;
+# the functions below take them as `*geometry_args` and rebuild the WindowGeometry once per op call.
+_TENSORS = "Tensor qkv, Tensor? qkv_bias, Tensor logit_scale, Tensor position_bias"
+_N_INPUTS = 4 + len(GEOMETRY_ARGS)  # the forward op's arguments: four tensors and the geometry
 
 
 def _runs_kernels(t: torch.Tensor) -> bool:
@@ -44,38 +46,36 @@ def _runs_kernels(t: torch.Tensor) -> bool:
     raise RuntimeError(f"swinv2_fast::window_attention_fused runs on CUDA or CPU tensors, got {t.device}")
 
 
-@torch.library.custom_op("swinv2_fast::window_attention_fused", mutates_args=(), device_types=("cuda", "cpu"))
-def fused_forward_op(
-    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor, position_bias: torch.Tensor,
-    grid_size: List[int], num_heads: int, window_size: List[int], shift_size: List[int], pad_order: str,
-    mask_value: float,
-) -> torch.Tensor:
+@torch.library.custom_op("swinv2_fast::window_attention_fused", mutates_args=(), device_types=("cuda", "cpu"),
+                         schema=f"({_TENSORS}, {OP_SCHEMA_GEOMETRY}) -> Tensor")
+def fused_forward_op(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
+                     position_bias: torch.Tensor, *geometry_args) -> torch.Tensor:
     """The output (B, H*W, C); see the comment above."""
-    geometry = _geometry(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
+    geometry = WindowGeometry.from_args(*geometry_args)
     if _runs_kernels(qkv):
         return window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, geometry)
     return window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, geometry=geometry)
 
 
 @fused_forward_op.register_fake
-def _(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size, pad_order,
-      mask_value):
+def _(qkv, qkv_bias, logit_scale, position_bias, *geometry_args):
     B, L, C3 = qkv.shape
     return qkv.new_empty((B, L, C3 // 3))
 
 
-@torch.library.custom_op("swinv2_fast::window_attention_fused_backward", mutates_args=(),
-                         device_types=("cuda", "cpu"))
-def fused_backward_op(
-    grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
-    position_bias: torch.Tensor, grid_size: List[int], num_heads: int,
-    window_size: List[int], shift_size: List[int], pad_order: str, mask_value: float, need_qkv: bool,
-    need_bias: bool, need_table_grads: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "swinv2_fast::window_attention_fused_backward", mutates_args=(), device_types=("cuda", "cpu"),
+    schema=f"(Tensor grad_out, {_TENSORS}, {OP_SCHEMA_GEOMETRY}, bool need_qkv, bool need_bias, "
+           "bool need_table_grads) -> (Tensor, Tensor, Tensor, Tensor)")
+def fused_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor],
+                      logit_scale: torch.Tensor, position_bias: torch.Tensor, *geometry_args_and_needs,
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d qkv, d qkv_bias, d logit_scale, d position_bias). A gradient not asked for (or the bias's, without a
     bias) is a fresh empty tensor of its own: custom ops return tensors, never None, and no two outputs may
-    share storage (frozen parameters in fine-tuning ask for some gradients only)."""
-    geometry = _geometry(grid_size, num_heads, window_size, shift_size, pad_order, mask_value)
+    share storage (frozen parameters in fine-tuning ask for some gradients only). After the geometry come
+    need_qkv, need_bias and need_table_grads."""
+    *geometry_args, need_qkv, need_bias, need_table_grads = geometry_args_and_needs
+    geometry = WindowGeometry.from_args(*geometry_args)
     if not _runs_kernels(qkv):
         raise RuntimeError("swinv2_fast::window_attention_fused_backward runs the Triton kernels (CUDA, or CPU "
                            "under TRITON_INTERPRET=1); the op's eager CPU path is differentiated by autograd")
@@ -86,8 +86,9 @@ def fused_backward_op(
 
 
 @fused_backward_op.register_fake
-def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size,
-      shift_size, pad_order, mask_value, need_qkv, need_bias, need_table_grads):
+def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, *geometry_args_and_needs):
+    *_, need_qkv, need_bias, need_table_grads = geometry_args_and_needs
+
     def grad_like(t, needed):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else qkv.new_empty((0,))
 
@@ -98,10 +99,10 @@ def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads,
 def _setup_context(ctx, inputs, output):
     # the backward needs the inputs only: it recomputes P and its statistics, and delta comes from P * dP
     ctx.save_for_backward(*inputs[:4])
-    ctx.options = inputs[4:]
+    ctx.geometry_args = inputs[4:]
 
 
-def _reference_backward(grad_out, inputs, needs, options, create_graph=False):
+def _reference_backward(grad_out, inputs, needs, geometry_args, create_graph=False):
     """The gradients by differentiating the reference at the saved inputs: for the op's eager CPU path, and,
     by design, for a backward that records a graph (`create_graph=True`: gradient penalties, double
     backward), since the fused backward is not differentiable itself; then the gradients are functions of
@@ -109,7 +110,7 @@ def _reference_backward(grad_out, inputs, needs, options, create_graph=False):
     with torch.enable_grad():
         leaves = inputs if create_graph else [
             t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
-        out = window_attention_reference(*leaves, geometry=_geometry(*options))
+        out = window_attention_reference(*leaves, geometry=WindowGeometry.from_args(*geometry_args))
         wanted = [t for t, need in zip(leaves, needs) if t is not None and need]
         found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph, allow_unused=True)
                      if wanted else ())
@@ -117,7 +118,7 @@ def _reference_backward(grad_out, inputs, needs, options, create_graph=False):
     # the reference reads qkv_bias only where there is padding: elsewhere its gradient is zero
     if needs[1] and grads[1] is None:
         grads[1] = torch.zeros_like(inputs[1])
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, *[None] * len(geometry_args))
 
 
 def _backward(ctx, grad_out):
@@ -125,15 +126,15 @@ def _backward(ctx, grad_out):
     needs = ctx.needs_input_grad
     recording = torch.is_grad_enabled()  # autograd records this backward (create_graph=True)
     if recording or not _runs_kernels(qkv):  # or the op's eager CPU path
-        return _reference_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs, ctx.options,
-                                   create_graph=recording)
+        return _reference_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs,
+                                   ctx.geometry_args, create_graph=recording)
     if not any(needs[:4]):
-        return (None,) * 10
+        return (None,) * _N_INPUTS
     dqkv, d_bias, d_scale, d_table = torch.ops.swinv2_fast.window_attention_fused_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, *ctx.options, bool(needs[0]),
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, *ctx.geometry_args, bool(needs[0]),
         bool(needs[1] and qkv_bias is not None), bool(needs[2] or needs[3]))
     return (dqkv if needs[0] else None, d_bias if needs[1] else None, d_scale if needs[2] else None,
-            d_table if needs[3] else None, None, None, None, None, None, None)
+            d_table if needs[3] else None, *[None] * len(GEOMETRY_ARGS))
 
 
 fused_forward_op.register_autograd(_backward, setup_context=_setup_context)

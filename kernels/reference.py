@@ -44,10 +44,7 @@ from .geometry import (
     ROLL_THEN_PAD,
     IntPair,
     WindowGeometry,
-    check_layout_args,
-    int_pair,
-    is_int,  # noqa: F401  (re-exported, see below)
-    resolve_geometry,
+    takes_geometry,
 )
 
 __all__ = [
@@ -65,11 +62,6 @@ __all__ = [
     "clear_caches",
     "cached_tensors",
 ]
-
-# Kept for importers not yet moved to `geometry` (swinv2_fast/functional.py imports `check_geometry` and
-# `is_int`): remove when they import from `.geometry`.
-_pair = int_pair
-check_geometry = check_layout_args
 
 # ------------------------------------------------------------------------------------------ torch internals
 # Private torch APIs, each behind one function, because no public API answers the question. Checked on
@@ -322,9 +314,11 @@ def window_layout(
     pad_order: str = PAD_THEN_ROLL,
     device: Union[str, torch.device, None] = None,
 ) -> WindowLayout:
-    """`layout_of` for a grid, window, shift and padding order given as ints or pairs (validated)."""
-    grid, window, shift = check_layout_args(grid_size, window_size, shift_size, pad_order)
-    return _cached_layout((*grid, *window, *shift, pad_order), device)
+    """`layout_of` for a grid, window, shift and padding order given as ints or pairs (validated by
+    `WindowGeometry`; the layout does not depend on heads or mask value)."""
+    geometry = WindowGeometry(grid=grid_size, window=window_size, shift=shift_size, pad_order=pad_order,
+                              mask_value=0.0, num_heads=1)
+    return layout_of(geometry, device)
 
 
 def shift_mask(layout: WindowLayout, mask_value: float, dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -383,19 +377,14 @@ def _sdpa_mask(position_bias, layout, mask_value, dtype):
 
 
 # ------------------------------------------------------------------------------------------ the attention
+@takes_geometry
 def window_attention_reference(
     qkv: torch.Tensor,
     qkv_bias: Optional[torch.Tensor],
     logit_scale: torch.Tensor,
     position_bias: torch.Tensor,
     *,
-    geometry: Optional[WindowGeometry] = None,
-    grid_size: Optional[IntPair] = None,
-    num_heads: Optional[int] = None,
-    window_size: Optional[IntPair] = None,
-    shift_size: Optional[IntPair] = None,
-    pad_order: Optional[str] = None,
-    mask_value: Optional[float] = None,
+    geometry: WindowGeometry,
     dropout_p: float = 0.0,
     return_attention_probs: bool = False,
     fused_softmax: bool = True,
@@ -411,14 +400,10 @@ def window_attention_reference(
             the cosine similarities.
         position_bias: (num_heads, N, N) continuous position bias already passed through 16 * sigmoid,
             N = wh * ww.
-        geometry: a `WindowGeometry`; or, instead of it, the keyword block below.
-        grid_size: (H, W) of the token grid.
-        num_heads: number of heads; C must divide by it.
-        window_size: wh or (wh, ww).
-        shift_size: cyclic shift (sh, sw), each in [0, window); None or 0 for regular windows.
-        pad_order: PAD_THEN_ROLL (transformers, the default) or ROLL_THEN_PAD (timm).
-        mask_value: the value added to the scores of query/key pairs from different shift regions
-            (-100, the default, in timm and the official code; transformers adds -100 twice, i.e. -200).
+        geometry: the `WindowGeometry`: grid (H, W), window, shift, padding order (PAD_THEN_ROLL,
+            transformers; ROLL_THEN_PAD, timm), mask value (-100 in timm and the official code; transformers
+            adds -100 twice, i.e. -200) and heads (C must divide by them). Or, instead of it, its keyword
+            block `grid_size, num_heads, window_size, shift_size, pad_order, mask_value` (`takes_geometry`).
         dropout_p: attention dropout on P; pass 0.0 outside training.
         return_attention_probs: also return P as (B * nW, num_heads, N, N).
         fused_softmax: softmax(S) @ v through `scaled_dot_product_attention` (the default); False forms S and
@@ -427,8 +412,7 @@ def window_attention_reference(
     Returns:
         (B, H*W, C) attention output (before the output projection), and P if asked for.
     """
-    g = resolve_geometry(geometry, grid_size=grid_size, num_heads=num_heads, window_size=window_size,
-                         shift_size=shift_size, pad_order=pad_order, mask_value=mask_value)
+    g = geometry
     B, L, C3 = qkv.shape
     num_heads, N = g.num_heads, g.N
     C = C3 // 3

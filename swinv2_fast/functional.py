@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-from .kernels.geometry import WindowGeometry
-from .kernels.reference import PAD_THEN_ROLL, check_geometry, is_int, window_attention_reference
+from .kernels.geometry import WindowGeometry, takes_geometry
+from .kernels.reference import window_attention_reference
 
 __all__ = ["window_attention", "IMPLEMENTATIONS", "triton_available", "resolve_implementation"]
 
@@ -101,8 +101,9 @@ def resolve_implementation(implementation: str, qkv: torch.Tensor, num_heads: in
     return "triton"
 
 
-def _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size,
-                  pad_order, dropout_p):
+def _check_inputs(qkv, qkv_bias, logit_scale, position_bias, geometry: WindowGeometry, dropout_p):
+    """The tensors against the (already validated) geometry; raises naming the argument, what was expected
+    and what was received."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
         shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
         raise ValueError(f"qkv must be a 3-D tensor (batch, H*W, 3*C), got {shape}")
@@ -111,32 +112,24 @@ def _check_inputs(qkv, qkv_bias, logit_scale, position_bias, grid_size, num_head
     if logit_scale is None or position_bias is None:
         raise TypeError("logit_scale and position_bias are required tensors, got None")
     _check_dtypes_and_devices(qkv, qkv_bias=qkv_bias, logit_scale=logit_scale, position_bias=position_bias)
-    geometry = check_geometry(grid_size, window_size, shift_size, pad_order)
-    (height, width), (wh, ww), _ = geometry
     _, tokens, channels3 = qkv.shape
-    if tokens != height * width:
-        raise ValueError(f"qkv must have H*W = {height * width} tokens for grid_size {(height, width)}, got {tokens}")
-    if not is_int(num_heads):
-        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__} {num_heads!r}")
-    num_heads = int(num_heads)
-    if num_heads < 1 or channels3 % (3 * num_heads) != 0:
-        raise ValueError(
-            f"qkv's last dimension must be 3 * num_heads * head_dim; got {channels3} with num_heads={num_heads!r}"
-        )
-    n = wh * ww
+    if tokens != geometry.num_tokens:
+        raise ValueError(f"qkv must have H*W = {geometry.num_tokens} tokens for grid_size {geometry.grid}, "
+                         f"got {tokens}")
+    geometry.head_dim(channels3)  # raises unless 3 * num_heads divides the channels
+    heads, n = geometry.num_heads, geometry.N
     if qkv_bias is not None and tuple(qkv_bias.shape) != (channels3,):
         raise ValueError(f"qkv_bias must have shape ({channels3},), got {tuple(qkv_bias.shape)}")
-    if logit_scale.numel() != num_heads:
+    if logit_scale.numel() != heads:
         raise ValueError(
-            f"logit_scale must have num_heads = {num_heads} elements, got shape {tuple(logit_scale.shape)}"
+            f"logit_scale must have num_heads = {heads} elements, got shape {tuple(logit_scale.shape)}"
         )
-    if tuple(position_bias.shape) != (num_heads, n, n):
+    if tuple(position_bias.shape) != (heads, n, n):
         raise ValueError(
-            f"position_bias must have shape (num_heads, N, N) = {(num_heads, n, n)}, got {tuple(position_bias.shape)}"
+            f"position_bias must have shape (num_heads, N, N) = {(heads, n, n)}, got {tuple(position_bias.shape)}"
         )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
-    return geometry, num_heads
 
 
 def _check_dtypes_and_devices(qkv, **others):
@@ -159,18 +152,14 @@ def _check_dtypes_and_devices(qkv, **others):
             )
 
 
+@takes_geometry
 def window_attention(
     qkv: torch.Tensor,
     qkv_bias: Optional[torch.Tensor],
     logit_scale: torch.Tensor,
     position_bias: torch.Tensor,
     *,
-    grid_size,
-    num_heads: int,
-    window_size,
-    shift_size=0,
-    pad_order: str = PAD_THEN_ROLL,
-    mask_value: float = -100.0,
+    geometry: WindowGeometry,
     dropout_p: float = 0.0,
     return_attention_probs: bool = False,
     implementation: str = "auto",
@@ -178,7 +167,9 @@ def window_attention(
     """Swin V2 window attention, token layout in and out: the dispatch rules.
 
     This op has the signature of `swinv2_fast.kernels.window_attention_reference` (see there for the
-    shapes and the math) plus `implementation`:
+    shapes and the math) plus `implementation`. The geometry is a `WindowGeometry` (`geometry=`), or its
+    keyword block `grid_size, num_heads, window_size, shift_size=0, pad_order="pad_then_roll",
+    mask_value=-100.0` (`kernels/geometry.py`: `takes_geometry`, the one place the block is converted).
 
     - "eager": the reference, plain PyTorch, any device.
     - "triton": the fused kernels (`kernels/op.py` and the Triton files it names). On CUDA tensors it compiles; on CPU
@@ -200,30 +191,14 @@ def window_attention(
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    # the geometry and head count as plain ints (numpy integers accepted)
-    (grid_size, window_size, shift_size), num_heads = _check_inputs(
-        qkv, qkv_bias, logit_scale, position_bias, grid_size, num_heads, window_size, shift_size, pad_order,
-        dropout_p)
+    _check_inputs(qkv, qkv_bias, logit_scale, position_bias, geometry, dropout_p)
     grad_inputs = (qkv, qkv_bias, logit_scale, position_bias)
-    if resolve_implementation(implementation, qkv, num_heads, return_attention_probs, dropout_p,
+    if resolve_implementation(implementation, qkv, geometry.num_heads, return_attention_probs, dropout_p,
                               grad_inputs) == "triton":
         if qkv.stride(-1) != 1:  # the kernel reads channel rows; any batch and token strides are read as they are
             qkv = qkv.contiguous()
         from .kernels import op
 
-        geometry = WindowGeometry(grid_size, window_size, shift_size, pad_order, mask_value, num_heads)
         return op.window_attention_fused(qkv, qkv_bias, logit_scale, position_bias, geometry)
-    return window_attention_reference(
-        qkv,
-        qkv_bias,
-        logit_scale,
-        position_bias,
-        grid_size=grid_size,
-        num_heads=num_heads,
-        window_size=window_size,
-        shift_size=shift_size,
-        pad_order=pad_order,
-        mask_value=mask_value,
-        dropout_p=dropout_p,
-        return_attention_probs=return_attention_probs,
-    )
+    return window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, geometry=geometry,
+                                      dropout_p=dropout_p, return_attention_probs=return_attention_probs)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .functional import IMPLEMENTATIONS, window_attention
 from .linear import is_plain_linear, project_qkv
-from .kernels.reference import PAD_THEN_ROLL, ROLL_THEN_PAD
+from .kernels.geometry import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry
 from .patch_timm_cr import MARK as _MARK  # on each patched block: (method name, implementation)
 from .patch_timm_cr import CR_ATTN_ATTRS, CR_BLOCK_ATTRS, cr_geometry_problems, timm_cr_shifted_window_attn
 
@@ -89,10 +89,11 @@ def _hf_layer_forward(self, hidden_states, input_dimensions, output_attentions=F
         qkv, bias = project_qkv(hidden_states, *projections, padded=padded)
     position_bias = _position_bias(attn.continuous_position_bias_mlp, attn.relative_coords_table,
                                    attn.relative_position_index, attn.num_attention_heads)
+    geometry = WindowGeometry(grid=(height, width), window=self.window_size, shift=self.shift_size,
+                              pad_order=PAD_THEN_ROLL, mask_value=-200.0,  # transformers adds its -100 mask twice
+                              num_heads=attn.num_attention_heads)
     context = window_attention(
-        qkv, bias, attn.logit_scale, position_bias, grid_size=(height, width),
-        num_heads=attn.num_attention_heads, window_size=self.window_size, shift_size=self.shift_size,
-        pad_order=PAD_THEN_ROLL, mask_value=-200.0,  # transformers adds its -100 mask twice
+        qkv, bias, attn.logit_scale, position_bias, geometry=geometry,
         dropout_p=attn.dropout.p if self.training else 0.0, implementation=implementation,
     )
     attention_output = self.attention.output(context, hidden_states).view(batch, height * width, channels)
@@ -114,10 +115,11 @@ def _timm_attn(self, x):
     qkv = F.linear(x.reshape(batch, height * width, channels), attn.qkv.weight, bias)
     position_bias = _position_bias(attn.cpb_mlp, attn.relative_coords_table, attn.relative_position_index,
                                    attn.num_heads)
+    geometry = WindowGeometry(grid=(height, width), window=tuple(self.window_size), shift=tuple(self.shift_size),
+                              pad_order=ROLL_THEN_PAD, mask_value=-100.0, num_heads=attn.num_heads)
     context = window_attention(
-        qkv, bias, attn.logit_scale, position_bias, grid_size=(height, width), num_heads=attn.num_heads,
-        window_size=tuple(self.window_size), shift_size=tuple(self.shift_size), pad_order=ROLL_THEN_PAD,
-        mask_value=-100.0, dropout_p=attn.attn_drop.p if self.training else 0.0, implementation=implementation,
+        qkv, bias, attn.logit_scale, position_bias, geometry=geometry,
+        dropout_p=attn.attn_drop.p if self.training else 0.0, implementation=implementation,
     )
     return attn.proj_drop(attn.proj(context)).view(batch, height, width, channels)
 
@@ -154,36 +156,31 @@ def _library_blocks(model: nn.Module):
     raise TypeError(f"patch() accepts {_ACCEPTED}; got {type(model).__module__}.{type(model).__qualname__}")
 
 
+def _families(classes):
+    """(model class, block class) of each family in `classes` ((module, model class name, block class name))
+    that the installed library has."""
+    import importlib
+
+    families = []
+    for module_name, model_name, block_name in classes:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        families.append((getattr(module, model_name), getattr(module, block_name)))
+    return families
+
+
 def _transformers_families():
     """(model base class, block class) of each transformers family this transformers has."""
-    families = []
-    try:
-        from transformers.models.swinv2 import modeling_swinv2 as hf
-        families.append((hf.Swinv2PreTrainedModel, hf.Swinv2Layer))
-    except ImportError:
-        pass
-    try:
-        from transformers.models.swin2sr import modeling_swin2sr as sr
-        families.append((sr.Swin2SRPreTrainedModel, sr.Swin2SRLayer))
-    except ImportError:
-        pass
-    return families
+    return _families((("transformers.models.swinv2.modeling_swinv2", "Swinv2PreTrainedModel", "Swinv2Layer"),
+                      ("transformers.models.swin2sr.modeling_swin2sr", "Swin2SRPreTrainedModel", "Swin2SRLayer")))
 
 
 def _timm_families():
     """(model class, block class) of each timm family this timm has."""
-    families = []
-    try:
-        from timm.models import swin_transformer_v2 as timm_swin
-        families.append((timm_swin.SwinTransformerV2, timm_swin.SwinTransformerV2Block))
-    except ImportError:
-        pass
-    try:
-        from timm.models import swin_transformer_v2_cr as timm_cr
-        families.append((timm_cr.SwinTransformerV2Cr, timm_cr.SwinTransformerV2CrBlock))
-    except ImportError:
-        pass
-    return families
+    return _families((("timm.models.swin_transformer_v2", "SwinTransformerV2", "SwinTransformerV2Block"),
+                      ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2Cr", "SwinTransformerV2CrBlock")))
 
 
 def _is_cr_block(block: nn.Module) -> bool:

@@ -12,7 +12,8 @@ ROLL_THEN_PAD order with mask -100, so the patched step is:
 
     qkv = qkv(tokens)                              one GEMM while `qkv` is a plain nn.Linear
     position_bias = meta_mlp(coords)               a module call: its dropout runs exactly as in timm
-    context = window_attention(qkv, qkv.bias, logit_scale, position_bias, ROLL_THEN_PAD, mask -100)
+    geometry = WindowGeometry(grid, window, shift, ROLL_THEN_PAD, mask_value=-100.0, num_heads=heads)
+    context = window_attention(qkv, qkv.bias, logit_scale, position_bias, geometry=geometry)
     out = proj_drop(proj(context))
 
 The window and shift are the block's own (`block.window_size`, `block.shift_size`: timm chooses them from the
@@ -36,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import window_attention
-from .kernels.reference import ROLL_THEN_PAD
+from .kernels.geometry import ROLL_THEN_PAD, WindowGeometry
 from .linear import is_plain_linear
 
 __all__ = ["MARK", "CR_BLOCK_ATTRS", "CR_ATTN_ATTRS", "cr_geometry_problems", "timm_cr_shifted_window_attn"]
@@ -100,9 +101,10 @@ def timm_cr_shifted_window_attn(self, x: torch.Tensor) -> torch.Tensor:
     n = wh * ww
     # timm's _relative_positional_encodings: the MLP called as a module (its dropout, its hooks), no sigmoid
     position_bias = attn.meta_mlp(attn.relative_coordinates_log).transpose(1, 0).reshape(attn.num_heads, n, n)
+    geometry = WindowGeometry(grid=(height, width), window=(wh, ww), shift=(sh, sw), pad_order=ROLL_THEN_PAD,
+                              mask_value=-100.0, num_heads=attn.num_heads)
     context = window_attention(
-        qkv, pad, attn.logit_scale, position_bias, grid_size=(height, width), num_heads=attn.num_heads,
-        window_size=(wh, ww), shift_size=(sh, sw), pad_order=ROLL_THEN_PAD, mask_value=-100.0,
+        qkv, pad, attn.logit_scale, position_bias, geometry=geometry,
         implementation=implementation,
     )
     return attn.proj_drop(attn.proj(context)).view(batch, height, width, channels)

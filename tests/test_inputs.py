@@ -4,6 +4,7 @@ import torch
 
 import swinv2_fast
 from swinv2_fast import window_attention
+from swinv2_fast.kernels import WindowGeometry
 from _utils import CONFIGS
 
 
@@ -91,3 +92,19 @@ def test_bad_window_attention_inputs(change, error, pattern):
     with pytest.raises(error, match=pattern):
         window_attention(tensors["qkv"], tensors["qkv_bias"], tensors["logit_scale"], tensors["position_bias"],
                          **kwargs)
+
+
+def test_window_attention_takes_a_geometry_or_its_keyword_block():
+    """`geometry=` and the keyword block are the same call; both at once, a block without a required size, or
+    a geometry of another type raise a TypeError saying which."""
+    tensors, kwargs = _op_inputs()
+    args = (tensors["qkv"], tensors["qkv_bias"], tensors["logit_scale"], tensors["position_bias"])
+    geometry = WindowGeometry.from_args(**kwargs, shift_size=2)
+    assert torch.equal(window_attention(*args, geometry=geometry), window_attention(*args, **kwargs, shift_size=2))
+    assert not torch.equal(window_attention(*args, geometry=geometry), window_attention(*args, **kwargs))
+    with pytest.raises(TypeError, match=r"not both; got geometry and \['grid_size'\]"):
+        window_attention(*args, geometry=geometry, grid_size=(8, 8))
+    with pytest.raises(TypeError, match=r"num_heads required \(or geometry=WindowGeometry\(...\)\), got None"):
+        window_attention(*args, grid_size=(8, 8), window_size=4)
+    with pytest.raises(TypeError, match=r"geometry must be a WindowGeometry, got dict"):
+        window_attention(*args, geometry=kwargs)
