@@ -64,7 +64,9 @@ COST_WINDOWS = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
 COST_HEAD_DIM = 32
 COST_HEAD_DIMS = (32, 30, 10)  # Swin V2's; Swin2SR's (masked channel tiles)
 COST_WINDOWS_BY_HEAD_DIM = {30: (8,), 10: (8,)}  # Swin2SR's window; other head dims: COST_WINDOWS
-COST_KERNELS = ("fwd", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
+# bwd_fused runs the backward of windows of at most 64 tokens (head dims up to 32) alone; the other four
+# backward kernels run beyond (`triton_window_attention_backward.backward_kernels`)
+COST_KERNELS = ("fwd", "bwd_fused", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 REFERENCE_BATCH = 8
 REFERENCE_HEADS = 4
 
@@ -194,8 +196,9 @@ def reference_launches(window: int, dtype: str, head_dim: int = COST_HEAD_DIM, g
     found: Dict[str, List[Launch]] = {}
     for launch in launches:
         found.setdefault(launch.kernel, []).append(launch)
-    expected = COST_KERNELS if backward else COST_KERNELS[:1]
-    # one launch of each kernel; the forward's windows off the shifted border and the border apart
+    # one launch of each kernel the launchers launch for this window; the forward's windows off the shifted
+    # border and the border apart
+    expected = ("fwd",) + (tkb.backward_kernels(window * window, head_dim, tdt) if backward else ())
     counts = {k: len(v) for k, v in found.items()}
     if sorted(found) != sorted(expected) or counts["fwd"] > 2 or any(c != 1 for k, c in counts.items() if k != "fwd"):
         raise RuntimeError(f"expected one launch of each of {expected} (two of fwd on a shifted grid), recorded "
@@ -216,8 +219,12 @@ def _windows_per_program(a, grid):
     return [a["NUM_BW"] / grid[2]]  # the mean over the groups (the last may be shorter)
 
 
-LOOP_TRIPS: Dict[str, Callable] = {"fwd": _kv_blocks, "bwd_stats": _kv_blocks, "bwd_dq": _kv_blocks,
-                                   "bwd_dkdv": _q_blocks, "bwd_dbias": _windows_per_program}
+def _windows_per_group(a, grid):
+    return [a["NUM_BW"] / grid[0]]  # the fused backward's groups of windows (grid (groups, heads))
+
+
+LOOP_TRIPS: Dict[str, Callable] = {"fwd": _kv_blocks, "bwd_fused": _windows_per_group, "bwd_stats": _kv_blocks,
+                                   "bwd_dq": _kv_blocks, "bwd_dkdv": _q_blocks, "bwd_dbias": _windows_per_program}
 
 
 # ----------------------------------------------------------------------------------------- compiling
@@ -395,7 +402,7 @@ def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
     wh = B * nw * heads  # (image, window, head) triples
     scores = wh * N * N
     rows = hd * e  # one row of q, k, v, dO or an output, one head
-    nm, nn = cdiv(N, a["BLOCK_M"]), cdiv(N, a["BLOCK_N"])
+    nm, nn = cdiv(N, a.get("BLOCK_M", a.get("BLOCK"))), cdiv(N, a.get("BLOCK_N", a.get("BLOCK")))
     table = heads * N * N * t
     tokens = B * L * heads  # (token, head) pairs
     stats = B * heads * nw * N * 8 + tokens * 4  # (row max, log sum) per window row, delta per token
@@ -405,6 +412,13 @@ def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
         # a program that runs WINDOWS_PER_PROGRAM windows of one head loads each bias tile once for all of them
         l2 = wh * (N * rows + nm * N * 2 * rows) + wh * N * N * t // a.get("WINDOWS_PER_PROGRAM", 1)
         flops = scores * 2 * hd * 2
+    elif k == "bwd_fused":
+        groups = launch.grid[0]
+        # q, k, v, dO read once and dq, dk, dv written once per (token, head); the table read once; each
+        # (group, head) program stores its table partial sum (fp32) and loads its bias tile once
+        hbm = tokens * rows * 7 + table + groups * table // t * 4
+        l2 = wh * 4 * N * rows + groups * table
+        flops = scores * 2 * hd * 5  # q.k, dO.v, dS k, dS^T q, P^T dO
     elif k == "bwd_stats":
         hbm = tokens * rows * 4 + table + stats
         l2 = wh * (2 * N * rows + nm * N * 2 * rows + N * N * t)
@@ -477,6 +491,15 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
                     scores_of(launch), programs, f"{type(exc).__name__}: {lines[-1][:200]}")
 
 
+def launched(kernel: str, window: int, head_dim: int, dtype: str) -> bool:
+    """Whether the launchers run `kernel` at windows of `window` x `window`, head_dim and the projection dtype
+    (every gradient asked for)."""
+    from .compile_check import _torch_dtype
+    from .triton_window_attention_backward import backward_kernels
+
+    return kernel == "fwd" or kernel in backward_kernels(window * window, head_dim, _torch_dtype(dtype))
+
+
 def _cost_job(args):
     kernel, dtype, head_dim, window, arch = args
     return cost_of(reference_launches(window, dtype, head_dim)[kernel], dtype, arch)
@@ -489,7 +512,8 @@ def cost_table(jobs: int, kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=None
     from .compile_check import run_spawned
 
     work = [(k, d, h, w, a) for h in head_dims for k in kernels for d in dtypes
-            for w in (windows or COST_WINDOWS_BY_HEAD_DIM.get(h, COST_WINDOWS)) for a in archs]
+            for w in (windows or COST_WINDOWS_BY_HEAD_DIM.get(h, COST_WINDOWS)) for a in archs
+            if launched(k, w, h, d)]
     return run_spawned(_cost_job, work, jobs)
 
 

@@ -354,14 +354,14 @@ def _window_attention_bwd_fused_kernel(
     WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DKV: tl.constexpr,
-    NEED_TABLE: tl.constexpr,
+    NEED_PAD: tl.constexpr, NEED_TABLE: tl.constexpr,
 ):
     """The whole backward of small windows (N <= BLOCK, one block holds a window): program (group of
     WINDOWS_PER_GROUP consecutive (image, window) pairs, head) runs its windows in a fixed order. Per window:
     S = qs kn^T + bias (+ shift mask), P with its row statistics computed here (no statistics pass), dP = dO v^T,
     delta = rowsum(P * dP), dS = P (dP - delta), then dqs = dS kn, dkn = dS^T qs, dv = P^T dO (five matmuls) and
-    the normalisation backward. NEED_DQ: store dq; NEED_DKV: dk and dv (and the padded keys' rows, to DPAD, for
-    the k/v bias); NEED_TABLE: the table gradient (dS summed over the group's windows in registers, stored once
+    the normalisation backward. NEED_DQ: store dq; NEED_DKV: dk and dv; NEED_PAD: the padded keys' dk and dv
+    rows, to DPAD (B, NUM_PAD, 2C), which the host sums into the k/v bias gradient; NEED_TABLE: the table gradient (dS summed over the group's windows in registers, stored once
     per group to DBIAS (groups, heads, N, N)) and the clamped scale's, sum over rows of qn . dqs (= sum dS cos,
     from the dq rows: no extra q.k product), to DSCALE (groups, heads). The host sums the groups in a fixed
     order: no atomics, deterministic. The bias tile is loaded once per program and stays in registers."""
@@ -383,8 +383,6 @@ def _window_attention_bwd_fused_kernel(
     m_n = _in_window(o_n, N, BLOCK)
     b_scale = tl.load(SCALE + i_h)
     p_bias = QKV_BIAS + i_h * HEAD_DIM
-    # [BLOCK, BLOCK]: the same bias tile for every window of the group
-    b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_n, o_n, m_n, m_n, N, EVEN)
     b_dbias = tl.zeros([BLOCK, BLOCK], dtype=CDT)
     # [BLOCK]: per-row partial sums of the scale's gradient
     b_dscale = tl.zeros([BLOCK], dtype=CDT)
@@ -404,13 +402,24 @@ def _window_attention_bwd_fused_kernel(
         b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
                        mask=_tile_mask(m_real, m_d), other=0.0).to(DDT)
         # [BLOCK, BLOCK]; rows beyond the window (N < BLOCK) have dO = 0, hence dS = 0 and no dv share
+        b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_n, o_n, m_n, m_n, N, EVEN)
         b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg, o_reg, m_n, mask_value, SHIFTED,
                       MASK_N)
         b_p = _softmax_rows(b_s)
+        o_dst = i_b * stride_dqkv_b + o_tok[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
+        PAD_GRADS: tl.constexpr = NEED_PAD and HAS_BIAS and PADDED  # the padded keys' rows, for the k/v bias
+        if PAD_GRADS:
+            o_pad = _padding_index(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, ROLL_THEN_PAD)
+            p_dpad = DPAD + i_b * NUM_PAD * (2 * C) + o_pad[:, None] * (2 * C) + i_h * HEAD_DIM + o_d[None, :]
+        if NEED_DKV:
+            # [BLOCK, BLOCK_D], stored at once (fewer live registers)
+            b_dv = _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
+            tl.store(DQKV + o_dst + 2 * C, b_dv.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real, m_d))
+            if PAD_GRADS:
+                tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=_tile_mask(m_n & m_pad, m_d))
         b_dp = _dot(b_do, tl.trans(b_v), FULL_DOT)
         b_ds = b_p * (b_dp - tl.sum(b_p * b_dp, axis=1)[:, None])
         b_ds_d = b_ds.to(DDT)
-        o_dst = i_b * stride_dqkv_b + o_tok[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
         if DQS:
             # [BLOCK, BLOCK_D]: the gradient of q * scale
             b_dqs = _dot(b_ds_d, b_kn_d, FULL_DOT)
@@ -423,16 +432,10 @@ def _window_attention_bwd_fused_kernel(
                 tl.store(DQKV + o_dst, b_dq.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real, m_d))
         if NEED_DKV:
             # [BLOCK, BLOCK_D]
-            b_dv = _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
             b_dk = _l2_normalize_backward(b_kn, b_rk, _dot(tl.trans(b_ds_d), b_qs, FULL_DOT))
             tl.store(DQKV + o_dst + C, b_dk.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real, m_d))
-            tl.store(DQKV + o_dst + 2 * C, b_dv.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real, m_d))
-            if HAS_BIAS:  # without a bias padded keys are constant zeros: nothing to learn there
-                if PADDED:
-                    o_pad = _padding_index(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, ROLL_THEN_PAD)
-                    p_dpad = DPAD + i_b * NUM_PAD * (2 * C) + o_pad[:, None] * (2 * C) + i_h * HEAD_DIM + o_d[None, :]
-                    tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=_tile_mask(m_n & m_pad, m_d))
-                    tl.store(p_dpad + C, b_dv.to(DPAD.dtype.element_ty), mask=_tile_mask(m_n & m_pad, m_d))
+            if PAD_GRADS:  # without a bias padded keys are constant zeros: nothing to learn there
+                tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=_tile_mask(m_n & m_pad, m_d))
     if NEED_TABLE:
         p_dbias = DBIAS + (i_g * NUM_HEADS + i_h) * N * N + o_n[:, None] * N + o_n[None, :]
         if EVEN:
@@ -466,21 +469,24 @@ def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, ge
     return g, flags, scale, common
 
 
-# The fused backward (one kernel, `_window_attention_bwd_fused_kernel`) serves windows of at most FUSED_MAX_N
-# tokens (the published windows 7 and 8: N = 49, 64) with channel tiles of at most FUSED_MAX_BLOCK_D: one
-# program holds a whole window's [BLOCK, BLOCK] score tiles. Larger windows and head dims run the four kernels.
+# The fused backward (one kernel, `_window_attention_bwd_fused_kernel`) serves fp16/bf16 windows of at most
+# FUSED_MAX_N tokens (the published windows 7 and 8: N = 49, 64) with channel tiles of at most FUSED_MAX_BLOCK_D:
+# one program holds a whole window's [BLOCK, BLOCK] score tiles. Larger windows and head dims, and fp32/fp64
+# (IEEE fp32 dots keep their operands in registers: the 64-token block spills 800 B and more on sm_80 and
+# sm_90), run the four kernels.
 FUSED_MAX_N = 64
 FUSED_MAX_BLOCK_D = 32
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
 # Programs the fused backward aims at (about 4 per SM of an H200's 132): (image, window) pairs are grouped per
-# head so that the launch has about this many programs; more windows per group load the bias tile and store
-# the table's partial sum fewer times.
+# head so that the launch has about this many programs; more windows per group store the table's partial sum
+# fewer times.
 FUSED_PROGRAMS = 512
 
 
-def fused_backward_applies(n: int, head_dim: int) -> bool:
-    """Whether the backward of windows of n tokens and heads of head_dim channels runs as the one fused kernel
-    (else the statistics, dq, dk/dv and table kernels)."""
-    return n <= FUSED_MAX_N and channel_block(head_dim) <= FUSED_MAX_BLOCK_D
+def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the backward of windows of n tokens, heads of head_dim channels and a projection in `dtype` runs
+    as the one fused kernel (else the statistics, dq, dk/dv and table kernels)."""
+    return dtype in FUSED_DTYPES and n <= FUSED_MAX_N and channel_block(head_dim) <= FUSED_MAX_BLOCK_D
 
 
 def fused_block(n: int) -> int:
@@ -494,9 +500,10 @@ def fused_num_warps(n: int, dtype: torch.dtype) -> int:
     return 8 if fused_block(n) >= 64 else 4
 
 
-def backward_kernels(n: int, head_dim: int):
-    """The short names of the kernels the backward launches for this window and head dim (all gradients)."""
-    if fused_backward_applies(n, head_dim):
+def backward_kernels(n: int, head_dim: int, dtype: torch.dtype):
+    """The short names of the kernels the backward launches for this window, head dim and projection dtype,
+    every gradient asked for."""
+    if fused_backward_applies(n, head_dim, dtype):
         return ("bwd_fused",)
     return ("bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 
@@ -516,7 +523,7 @@ def _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometr
     flags = _flags(qkv, qkv_bias, geometry.pad_order, head_dim, g, backward=True)
     for name in ("BLOCK_M", "BLOCK_N"):
         del flags[name]
-    flags.update(BLOCK=fused_block(g.N), num_warps=fused_num_warps(g.N, qkv.dtype))
+    flags.update(BLOCK=fused_block(g.N), num_warps=fused_num_warps(g.N, qkv.dtype), num_stages=1)
     num_pad = g.HP * g.WP - g.H * g.W
     pad_grads = need_bias and qkv_bias is not None and num_pad > 0
     need_dkv = need_qkv or pad_grads
@@ -539,7 +546,8 @@ def _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometr
         DBIAS=d_table_parts, DSCALE=d_scale_parts, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
         stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), stride_dqkv_b=out.stride(0),
         stride_dqkv_t=out.stride(1), NUM_PAD=num_pad, NUM_BW=num_bw, WINDOWS_PER_GROUP=per_group,
-        mask_value=geometry.mask_value, NEED_DQ=need_qkv, NEED_DKV=need_dkv, NEED_TABLE=need_table_grads,
+        mask_value=geometry.mask_value, NEED_DQ=need_qkv, NEED_DKV=need_dkv, NEED_PAD=pad_grads,
+        NEED_TABLE=need_table_grads,
         **g._asdict(), **flags)
     if not need_table_grads:
         return dqkv, dpad, None, None
@@ -563,8 +571,8 @@ def window_attention_triton_backward(
     asked for (`need_qkv`, `need_bias`, `need_table_grads` for the scale and the table together) or, for the
     bias, when there is none. A gradient not asked for is neither computed nor allocated.
 
-    P is recomputed (nothing N x N was stored). Windows of at most FUSED_MAX_N tokens (heads of at most
-    FUSED_MAX_BLOCK_D channels): one kernel per (group of windows, head) computes everything of a window in one
+    P is recomputed (nothing N x N was stored). fp16/bf16 windows of at most FUSED_MAX_N tokens (heads of at
+    most FUSED_MAX_BLOCK_D channels): one kernel per (group of windows, head) computes everything of a window in one
     block (`_window_attention_bwd_fused_kernel`). Larger windows: the softmax statistics of every window row
     and delta = rowsum(P * dP) per query row, in token layout; dq per query block (without `need_qkv` not
     run); dk/dv per key block (padded keys to a per-position buffer, summed into the bias gradient); the table
@@ -574,7 +582,7 @@ def window_attention_triton_backward(
     B, L, C3 = qkv.shape
     num_heads = geometry.num_heads
     need_bias = need_bias and qkv_bias is not None
-    if fused_backward_applies(geometry.N, C3 // 3 // num_heads):
+    if fused_backward_applies(geometry.N, C3 // 3 // num_heads, qkv.dtype):
         dqkv, dpad, d_table, d_scale = _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias,
                                                        geometry, need_qkv, need_bias, need_table_grads)
     else:

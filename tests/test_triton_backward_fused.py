@@ -1,0 +1,205 @@
+"""The fused backward of small windows (triton_window_attention_backward._window_attention_bwd_fused_kernel:
+fp16/bf16, N <= 64, head dims up to 32) against the reference's autograd, with the launch proven: windows 2 to
+8, shifted, padded in both orders, per-axis windows, odd head dims, no q/k/v bias, frozen inputs, groups of
+windows that do not divide the batch's windows. fp32 and fp64 run the four kernels on a GPU (the fused
+kernel spills there); the tests that check its arithmetic at fp32's tolerances (and gradcheck in fp64) route
+those dtypes to it (`FUSED_DTYPES`), which is where it would run them."""
+import math
+
+import pytest
+import torch
+
+from _utils import (LOW_PRECISION_FLOOR, OP_GRAD_FP32_ATOL, assert_close, assert_errors_within_pytorch,
+                    count_launches, make_inputs, outputs_and_grads, rounding_sensitivity, sum_floors, tkb)
+from _utils import KERNEL_DEVICE as DEVICE
+from swinv2_fast import window_attention
+from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry
+
+pytestmark = pytest.mark.kernels(backward=True)
+
+FUSED = "_window_attention_bwd_fused_kernel"
+FOUR = ("_window_attention_bwd_stats_kernel", "_window_attention_bwd_dq_kernel", "_window_attention_bwd_dkdv_kernel",
+        "_window_attention_bwd_dbias_kernel")
+
+# (B, grid, heads, head_dim, window, shift): every window from 2 to 8 tokens a side (N = 4 to 64, tiles of 16 and
+# 64 with masked rows), shifted and not, padded, per-axis windows, odd head dims (masked channel tiles)
+FUSED_SHAPES = [
+    pytest.param(2, (4, 6), 2, 16, 2, 1, id="B2-4x6-h2d16-w2s1"),
+    pytest.param(1, (7, 8), 1, 32, 3, 1, id="B1-7x8-h1d32-w3s1-padded"),
+    pytest.param(2, (8, 8), 2, 16, 4, 2, id="B2-8x8-h2d16-w4s2"),
+    pytest.param(1, (9, 11), 2, 32, 5, 2, id="B1-9x11-h2d32-w5s2-padded"),
+    pytest.param(1, (12, 12), 1, 32, 6, 3, id="B1-12x12-h1d32-w6s3"),
+    pytest.param(1, (10, 13), 1, 32, 7, 3, id="B1-10x13-h1d32-w7s3-padded"),
+    pytest.param(1, (16, 11), 1, 32, 8, 4, id="B1-16x11-h1d32-w8s4-padded"),
+    pytest.param(1, (8, 8), 2, 32, 8, 0, id="B1-8x8-h2d32-w8s0"),
+    pytest.param(1, (7, 12), 2, 16, (3, 5), (1, 2), id="B1-7x12-h2d16-w3x5s1x2-padded"),
+    pytest.param(2, (10, 6), 1, 32, (6, 4), (3, 2), id="B2-10x6-h1d32-w6x4s3x2-padded"),
+    pytest.param(1, (6, 7), 2, 10, 4, 2, id="B1-6x7-h2d10-w4s2-padded"),
+    pytest.param(1, (5, 6), 2, 24, (3, 4), (1, 2), id="B1-5x6-h2d24-w3x4s1x2-padded"),
+    pytest.param(2, (8, 8), 2, 30, 4, 0, id="B2-8x8-h2d30-w4s0"),
+]
+
+
+@pytest.fixture
+def fused_in(monkeypatch):
+    """Route the given dtypes to the fused kernel too (fp32/fp64 go to the four kernels on a GPU)."""
+    def route(*dtypes):
+        monkeypatch.setattr(tkb, "FUSED_DTYPES", tkb.FUSED_DTYPES + tuple(dtypes))
+    return route
+
+
+def _relative_error(a, exact):
+    return (a.double() - exact).abs().max().item() / max(exact.abs().max().item(), 1e-30)
+
+
+def _gradients(B, grid, heads, head_dim, inputs, kwargs, dtype, seed=2, sensitivity=False):
+    """(fused, eager in dtype, exact in fp64[, sensitivity]) gradients; the fused ones with the launch proof."""
+    grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, generator=torch.Generator().manual_seed(seed))
+    _, exact = outputs_and_grads("eager", [None if t is None else t.double() for t in inputs],
+                                 grad_out.double().to(DEVICE), **kwargs)
+    _, eager = outputs_and_grads("eager", inputs, grad_out.to(DEVICE, dtype), **kwargs)
+    with count_launches() as launches:
+        _, fused = outputs_and_grads("triton", inputs, grad_out.to(DEVICE, dtype), **kwargs)
+    assert launches[FUSED] == 1 and not any(launches[name] for name in FOUR), dict(launches)
+    if not sensitivity:
+        return fused, eager, exact
+    g = grad_out.to(DEVICE, dtype).double()
+    sens = rounding_sensitivity(lambda ts: list(outputs_and_grads("eager", ts, g, **kwargs)[1]),
+                                [t for t in inputs if t is not None], dtype, _relative_error)
+    return fused, eager, exact, sens
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", FUSED_SHAPES)
+def test_fused_backward_fp16_error_is_that_of_pytorch(B, grid, heads, head_dim, window, shift, pad_order):
+    """fp16 projection with autocast's fp32 table and a non-zero k bias: every gradient within PyTorch's own
+    fp16 error (tests/_utils.py), the fused kernel alone launched for the backward."""
+    inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=4,
+                         zero_k_bias=False)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    fused, eager, exact = _gradients(B, grid, heads, head_dim, inputs, kwargs, torch.float16, seed=5)
+    assert_errors_within_pytorch(fused, eager, exact, LOW_PRECISION_FLOOR)
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", FUSED_SHAPES)
+def test_fused_backward_arithmetic_at_fp32_tolerance(B, grid, heads, head_dim, window, shift, pad_order, fused_in):
+    """The fused kernel's arithmetic in fp32 (routed to it), held to the fp32 budgets of the four kernels'
+    tests: q/k/v elementwise, the sums over windows (bias, scale, table) by their sum-aware floors."""
+    fused_in(torch.float32)
+    inputs = make_inputs(B, grid, heads, head_dim, window, seed=1)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    fused, eager, exact, sens = _gradients(B, grid, heads, head_dim, inputs, kwargs, torch.float32,
+                                           sensitivity=True)
+    assert_errors_within_pytorch(fused, eager, exact, sum_floors(B, grid, window), sens)
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+def test_fused_backward_without_qkv_bias(pad_order, fused_in):
+    fused_in(torch.float32)
+    B, grid, heads, head_dim, window, shift = 1, (9, 11), 2, 16, 5, 2
+    inputs = list(make_inputs(B, grid, heads, head_dim, window, seed=3))
+    inputs[1] = None
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    fused, eager, exact = _gradients(B, grid, heads, head_dim, inputs, kwargs, torch.float32)
+    floors = sum_floors(B, grid, window)
+    assert_errors_within_pytorch(fused, eager, exact, [floors[0], floors[2], floors[3]])
+
+
+@pytest.mark.interpreter  # fp64 runs the kernels only under the interpreter
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+def test_fused_gradcheck_fp64(pad_order, fused_in):
+    """torch.autograd.gradcheck through the fused kernel in fp64 (routed to it), every differentiable input,
+    a padded shifted grid; the k bias non-zero (see test_triton_backward.test_gradcheck_fp64)."""
+    fused_in(torch.float64)
+    inputs = [t.double() for t in make_inputs(1, (6, 7), 1, 16, 4, seed=3)]
+    inputs[1][16:32] = torch.linspace(-0.5, 0.5, 16, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in inputs]
+    kwargs = dict(grid_size=(6, 7), num_heads=1, window_size=4, shift_size=2, pad_order=pad_order,
+                  implementation="triton")
+    with count_launches() as launches:
+        assert torch.autograd.gradcheck(lambda *xs: window_attention(*xs, **kwargs), inputs, eps=1e-6, atol=1e-5,
+                                        rtol=1e-4, fast_mode=True)
+    assert launches[FUSED] > 0 and not any(launches[name] for name in FOUR), dict(launches)
+
+
+NEEDS = [(True, False, False), (False, True, False), (False, False, True), (True, True, False),
+         (False, True, True), (True, False, True)]
+
+
+@pytest.mark.kernels(forward=False, backward=True)  # the backward launcher alone
+@pytest.mark.parametrize("needs", NEEDS, ids=lambda n: "+".join(x for x, f in zip(("qkv", "bias", "table"), n) if f))
+def test_fused_backward_computes_what_is_asked(needs, fused_in):
+    """Frozen inputs: the launcher's need_* flags. A gradient not asked for is None; those asked for are
+    those of the full backward (the same window arithmetic, specialised without the rest)."""
+    fused_in(torch.float32)
+    B, grid, heads, head_dim, window, shift = 2, (6, 5), 2, 16, 4, 2  # padding: the k/v bias is read
+    qkv, bias, logit_scale, table = make_inputs(B, grid, heads, head_dim, window, seed=7, zero_k_bias=False)
+    geometry = WindowGeometry.from_args(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
+    grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE)
+    full = tkb.window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, geometry)
+    with count_launches() as launches:
+        part = tkb.window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, geometry,
+                                                    need_qkv=needs[0], need_bias=needs[1],
+                                                    need_table_grads=needs[2])
+    assert launches[FUSED] == 1 and sum(launches.values()) == 1, dict(launches)
+    asked = (needs[0], needs[1], needs[2], needs[2])
+    for name, want, p, f in zip(("qkv", "qkv_bias", "logit_scale", "position_bias"), asked, part, full):
+        if not want:
+            assert p is None, name
+        else:
+            assert p is not None and p.abs().sum() > 0, name
+            assert_close(p, f, atol=OP_GRAD_FP32_ATOL * max(1.0, f.abs().max().item()), name=name)
+
+
+@pytest.mark.kernels(forward=False, backward=True)  # the backward launcher alone
+def test_fused_backward_groups_windows_deterministically(monkeypatch):
+    """Groups of windows that do not divide the batch's windows (the last group shorter): the table and scale
+    gradients are the same as with one window per group, and two runs agree bitwise (no atomics)."""
+    B, grid, heads, head_dim, window, shift = 3, (8, 12), 2, 16, 4, 2  # 3 x 6 = 18 (image, window) pairs
+    inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=9)
+    geometry = WindowGeometry.from_args(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
+    grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE).half()
+    results = {}
+    for programs in (2 * 18, 2 * 4, 2 * 4):  # 18 groups of 1; 4 groups of 5, 5, 5, 3 (twice)
+        monkeypatch.setattr(tkb, "FUSED_PROGRAMS", programs)
+        with count_launches() as launches:
+            got = tkb.window_attention_triton_backward(grad_out, *inputs, geometry)
+        assert launches[FUSED] == 1, dict(launches)
+        results.setdefault(programs, []).append(got)
+    first, second = results[8]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    one = results[36][0]
+    # q/k/v: per window, whatever the grouping (the same arithmetic; compiled, another specialisation may
+    # contract differently)
+    assert_close(first[0], one[0], atol=1e-3 * one[0].abs().max().item(), name="qkv")
+    for a, b, name in zip(first[2:], one[2:], ("logit_scale", "position_bias")):
+        assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-5, name=name)
+
+
+def test_fused_backward_one_hot_rows_cancel_exactly(fused_in):
+    """Rows whose softmax is one-hot in fp32 (scores 100 apart: the clamped logit scale on orthonormal keys):
+    the reference's P is exactly 1 and 0 there and dS = P (dP - delta) cancels, so the exact q gradient is
+    ~1e-40. The fused kernel computes P and its row statistics from the same scores in one program, so
+    delta = rowsum(P * dP) is exactly dP at the 1 and the q gradient of those rows is as small (a P off 1
+    by 1e-5, as scores recomputed in another tile shape gave, would leave ~1e-3)."""
+    fused_in(torch.float32)
+    grid, window, head_dim = (4, 4), 4, 16
+    n = window * window
+    gen = torch.Generator().manual_seed(0)
+    eye = torch.eye(n, head_dim)
+    perm = torch.randperm(n, generator=gen)
+    q = eye[perm] * (0.5 + torch.rand(n, 1, generator=gen))
+    k = eye * (0.5 + torch.rand(n, 1, generator=gen))
+    v = torch.randn(n, head_dim, generator=gen)
+    qkv = torch.cat([q, k, v], dim=1)[None].to(DEVICE)  # one window of 16 tokens, one head
+    logit_scale = torch.full((1, 1, 1), math.log(100) + 1.0, device=DEVICE)  # clamped at 100
+    table = torch.zeros(1, n, n, device=DEVICE)
+    kwargs = dict(grid_size=grid, num_heads=1, window_size=window, shift_size=0)
+    grad_out = torch.randn(1, n, head_dim, generator=gen).to(DEVICE)
+    with count_launches() as launches:
+        _, fused = outputs_and_grads("triton", [qkv, None, logit_scale, table], grad_out, **kwargs)
+    assert launches[FUSED] == 1, dict(launches)
+    dq = fused[0][..., :head_dim]
+    assert dq.abs().max().item() < 1e-30, dq.abs().max().item()
