@@ -156,3 +156,41 @@ def test_forward_launches_split_the_shifted_grid():
     one_row = dict(grid_size=(8, 64), window_size=(8, 8), shift_size=(4, 4))
     (launch,) = cost.reference_launches(8, "bf16", geometry=one_row, backward=False)["fwd"]
     assert launch.kwargs["WINDOW_SET"] == tk.ALL_WINDOWS and launch.kwargs["SHIFTED"]
+
+
+def test_reference_launches_record_the_backward_the_launcher_runs():
+    """fp16/bf16 windows of at most 64 tokens (head dims up to 32): the fused backward alone, one program per
+    (group of windows, head), its loop counted at the windows per group; larger windows and fp32: the four
+    kernels. Recorded on meta tensors (nothing is compiled or run)."""
+    from swinv2_fast.kernels import triton_window_attention_backward as tkb
+
+    for window, dtype, head_dim in ((8, "bf16", 32), (7, "fp16", 32), (8, "bf16", 30), (8, "fp16", 10)):
+        launches = cost.reference_launches(window, dtype, head_dim)
+        assert sorted(launches) == ["bwd_fused", "fwd"], (window, dtype, head_dim)
+        (launch,) = launches["bwd_fused"]
+        a = launch.kwargs
+        num_bw = cost.REFERENCE_BATCH * a["NUM_WINDOWS"]
+        groups, heads = launch.grid
+        assert heads == cost.REFERENCE_HEADS and a["NUM_BW"] == num_bw
+        assert groups == -(-num_bw // a["WINDOWS_PER_GROUP"]) and groups * heads <= tkb.FUSED_PROGRAMS
+        assert a["BLOCK"] == 64 and (a["NEED_DQ"], a["NEED_DKV"], a["NEED_PAD"], a["NEED_TABLE"]) == (
+            True, True, False, True)  # the reference grid is not padded
+        assert cost.LOOP_TRIPS["bwd_fused"](a, launch.grid) == [num_bw / groups]
+        hbm, l2, flops = cost.traffic(launch, dtype)
+        assert flops == cost.scores_of(launch) * 2 * head_dim * 5 and 0 < l2 < hbm
+    for window, dtype in ((12, "bf16"), (8, "fp32")):
+        launches = cost.reference_launches(window, dtype)
+        assert sorted(launches) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"], (window, dtype)
+    assert cost.launched("bwd_fused", 8, 32, "bf16") and not cost.launched("bwd_stats", 8, 32, "bf16")
+    assert cost.launched("bwd_stats", 8, 32, "fp32") and not cost.launched("bwd_fused", 16, 32, "bf16")
+
+
+@pytest.mark.slow
+def test_fused_backward_meets_the_instruction_budget():
+    """Issue 12's budget: the backward at most 150 SASS instructions per score at N = 64 (bf16, head_dim 32,
+    sm_90), without spills; compiled in a fresh process without the interpreter."""
+    costs = cost.cost_table(1, kernels=cost.COST_KERNELS[1:], dtypes=("bf16",), windows=(8,), archs=(90,),
+                            head_dims=(32,))
+    assert [c.kernel for c in costs] == ["bwd_fused"] and not costs[0].error, costs
+    (total,) = cost.backward_sum(costs)
+    assert float(total.split("=")[-1]) <= 150 and costs[0].spill_bytes == 0, (total, costs[0].line())
