@@ -424,11 +424,11 @@ def _window_attention_bwd_fused_kernel(
             # [BLOCK, BLOCK_D]: the gradient of q * scale
             b_dqs = _dot(b_ds_d, b_kn_d, FULL_DOT)
             if NEED_TABLE:
-                b_dbias += b_ds
+                b_dbias = b_dbias + b_ds  # [BLOCK, BLOCK]
                 # d scale = sum_ij dS_ij cos_ij = sum_i qn_i . dqs_i
                 b_dscale += tl.sum(b_qn * b_dqs, axis=1)
             if NEED_DQ:
-                b_dq = _l2_normalize_backward(b_qn, b_rq, b_dqs * b_scale)
+                b_dq = _l2_normalize_backward(b_qn, b_rq, b_scale * b_dqs)
                 tl.store(DQKV + o_dst, b_dq.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real, m_d))
         if NEED_DKV:
             # [BLOCK, BLOCK_D]
