@@ -5,10 +5,13 @@ The custom ops over both are in op.py.
 
 Memory traffic. The eager chain reads and writes the whole activation at every step (pad, roll, partition,
 normalise, scores, bias, mask, softmax, product, reverse, roll back, crop). This kernel reads each q/k/v
-element of the projection once per query block that needs it, reads the (heads, N, N) bias table, and
+element of the projection once per query block that needs it, reads the (heads, N, N) bias table in the
+dtype it arrives in (a 16-bit model's table as it is; autocast's fp32 table as it is), each program its rows
+of it once for several windows (WINDOWS_PER_PROGRAM; see the kernel for how, and what is an estimate), and
 writes the output; nothing of size N x N reaches memory. The backward recomputes the softmax from q/k/v.
 
-One program handles BLOCK_M query rows of one window of one image, for one head:
+One program handles BLOCK_M query rows of WINDOWS_PER_PROGRAM consecutive windows (of one image or the next),
+for one head; for each window:
   1. Each row's source token comes from index arithmetic on the load: window -> shifted padded grid ->
      reverse shift -> un-padded token, in either padding order (transformers pads then rolls; timm rolls
      then pads). Rows that land on padding read the projection of a zero token: the q/k/v bias.
@@ -514,14 +517,16 @@ def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = Fal
 def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: int = 90,
                  padded: bool = False) -> int:
     """ptxas's register budget per thread for the kernels of this configuration on sm_<arch>: 128 for the
-    16-bit forward with 128-row tiles on sm_90 without padding, with triton 3.8 or later (128 registers, no
-    spills; sm_80, fp16 on a padded grid, and triton 3.6's build, which spills 88 B there, go uncapped),
-    MAXNREG elsewhere."""
+    16-bit forward at head_dim 16 or 32 (channel tiles without a mask) on sm_90 without padding, with triton
+    3.8 or later, where its tiles divide the window (n % 128 == 0, or n == 64: one key block, the bias tile
+    held in registers across the program's windows): 128 registers, no spills. sm_80, masked channel tiles
+    (head_dim 10, 24, 30: 24 to 48 B of spills at 128), n = 49 (72 B with its masked tile), a padded grid and
+    triton 3.6's build (88 B at n % 128 == 0) go uncapped: MAXNREG."""
     tuned = _tuned(n, head_dim, dtype, backward)
     if tuned is not None:
         return tuned[3]
-    if not backward and dtype in (torch.float16, torch.bfloat16) and channel_block(head_dim) <= 32 and n % 128 == 0 \
-            and arch >= 90 and not padded and _TRITON_VERSION >= (3, 8):
+    if not backward and dtype in (torch.float16, torch.bfloat16) and head_dim in (16, 32) \
+            and (n % 128 == 0 or n == 64) and arch >= 90 and not padded and _TRITON_VERSION >= (3, 8):
         return 128
     return MAXNREG
 

@@ -97,6 +97,23 @@ def test_several_windows_per_program(B, grid, heads, head_dim, window, shift, pa
     assert any(launch["NUM_BW"] % per_program for _, launch in recorder.launches), "no program got fewer windows"
 
 
+@pytest.mark.parametrize("table_dtype", [torch.float16, torch.float32], ids=["table-fp16", "table-fp32-autocast"])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", [SEVERAL_WINDOWS[0], SEVERAL_WINDOWS[2]])
+def test_several_windows_per_program_fp16(B, grid, heads, head_dim, window, shift, table_dtype, monkeypatch):
+    """fp16 programs of 4 windows (the 16-bit tiles: one key block, the bias tile held across the windows),
+    with the table as a 16-bit model passes it and as autocast does (fp32): within PyTorch's own fp16 error."""
+    monkeypatch.setattr(tk, "FORWARD_WINDOWS_PER_PROGRAM", 4)
+    monkeypatch.setattr(tk, "_multiprocessors", lambda t: 1)
+    inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=table_dtype)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
+    exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
+    eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
+    out = tk.window_attention_triton_forward(*inputs, WindowGeometry.from_args(**kwargs))
+    kernel_error = (out.double() - exact).abs().max().item()
+    assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
+        f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}")
+
+
 @pytest.mark.kernels(forward=False)  # host-side: the launch's group size
 def test_windows_per_program_keeps_every_multiprocessor_busy():
     """The group size: the largest power of two up to FORWARD_WINDOWS_PER_PROGRAM that leaves at least one
