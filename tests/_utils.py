@@ -12,6 +12,9 @@ or from another test module. tests/conftest.py holds only pytest's hooks and fix
 - Shared inputs: the op's inputs and shapes (`make_inputs`, `SHAPES`, `NON_SQUARE`, `ODD_HEAD_DIMS`), the
   gradient budgets of the fused backward (`sum_floors`, `assert_errors_within_pytorch`), small models
   (`TINY`, `CONFIGS`, `make_pair`), the official checkpoint layout (`official_checkpoint_from_timm`).
+- Whole-model gradients: `assert_grad_close` (the budget relative to each gradient's size).
+- Patched transformers/timm models: `output_tensors`, `count_patched_calls()`, `assert_patch_matches_unpatched`,
+  `assert_training_step_matches_unpatched`.
 """
 import collections
 import contextlib
@@ -178,6 +181,15 @@ def sum_grad_fp32_rtol(terms: int) -> float:
 # weights: the op's gradient error carried through every block's projections, norms and the position-bias
 # MLP; relative error about 1e-5 of each gradient's size.
 MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL = 1e-4, 1e-4
+# The same budget taken relative to each gradient's largest element (assert_grad_close): a loss such as the
+# mean of squared outputs gives gradients of 1e-6 to 1e-1 (median ~5e-4 in the patched timm model), where a
+# fixed MODEL_GRAD_FP32_ATOL of 1e-4 lets a gradient 20% wrong pass. Measured (eager, patched vs library,
+# fp32): errors up to 4e-6 of the gradient's largest element. Gradients that are sums with cancellation (the
+# logit scale: a few 1e-8 from terms a million times larger; a position-bias MLP's last bias, whose exact
+# gradient is 0 because softmax ignores a constant) carry rounding of their terms' size instead: their scale
+# is floored at MODEL_GRAD_SUM_FLOOR times the model's largest gradient element.
+MODEL_GRAD_SUM_FLOOR = 1e-3
+MODEL_GRAD_FP32_SCALED = 1e-4
 
 # Low precision: the kernel's error against an fp64 reference may be at most LOW_PRECISION_FACTOR times the
 # error of the eager reference run in that dtype (plus a floor for cases where that error is ~0).
@@ -251,6 +263,14 @@ def assert_close(actual, expected, atol=FP32_ATOL, rtol=0.0, name="tensor"):
         )
 
 
+def assert_grad_close(actual, expected, name="gradient", rel=MODEL_GRAD_FP32_SCALED, floor=0.0):
+    """A whole model's parameter gradient against another implementation's: every element within `rel` times
+    the larger of the expected gradient's largest element and `floor` (MODEL_GRAD_SUM_FLOOR times the model's
+    largest gradient element), plus `rel` relative to the element itself."""
+    scale = max(expected.detach().abs().max().item(), floor)
+    assert_close(actual, expected, atol=max(rel * scale, torch.finfo(torch.float32).tiny), rtol=rel, name=name)
+
+
 # ------------------------------------------------------------------------------------------ the op's inputs
 def pair(x):
     """An int or a (height, width) pair as a pair."""
@@ -258,9 +278,10 @@ def pair(x):
 
 
 def make_inputs(B, grid, heads, head_dim, window, dtype=torch.float32, table_dtype=None, bias=True, seed=0,
-                zero_k_bias=True):
-    """Inputs of the op (qkv, qkv_bias, logit_scale, position_bias) on KERNEL_DEVICE; `window` an int or a
-    (height, width) pair."""
+                zero_k_bias=True, device=None):
+    """Inputs of the op (qkv, qkv_bias, logit_scale, position_bias) on `device` (default KERNEL_DEVICE);
+    `window` an int or a (height, width) pair; the logit scale stays fp32."""
+    device = KERNEL_DEVICE if device is None else device
     gen = torch.Generator().manual_seed(seed)
     C, N = heads * head_dim, pair(window)[0] * pair(window)[1]
     qkv = torch.randn(B, grid[0] * grid[1], 3 * C, generator=gen)
@@ -269,8 +290,8 @@ def make_inputs(B, grid, heads, head_dim, window, dtype=torch.float32, table_dty
         qkv_bias[C : 2 * C] = 0  # k has no bias in the published models
     logit_scale = math.log(10) + 0.5 * torch.randn(heads, 1, 1, generator=gen)
     position_bias = 16 * torch.sigmoid(torch.randn(heads, N, N, generator=gen))
-    cast = lambda t, d: None if t is None else t.to(device=KERNEL_DEVICE, dtype=d)  # noqa: E731
-    return (cast(qkv, dtype), cast(qkv_bias, dtype), logit_scale.to(KERNEL_DEVICE),
+    cast = lambda t, d: None if t is None else t.to(device=device, dtype=d)  # noqa: E731
+    return (cast(qkv, dtype), cast(qkv_bias, dtype), logit_scale.to(device),
             cast(position_bias, table_dtype or dtype))
 
 
@@ -383,3 +404,106 @@ def official_checkpoint_from_timm(timm_model):
             if block.attn_mask is not None:
                 state[prefix + "attn_mask"] = block.attn_mask.clone()
     return {"model": state, "epoch": 3}
+
+
+# --------------------------------------------------------------------------- patched transformers/timm models
+def output_tensors(output):
+    """Every tensor of a model output (ModelOutput, tuple or list), flattened in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    return [t for item in output if item is not None for t in output_tensors(item)]
+
+
+def _run_outputs(model, x):
+    return output_tensors(model(x))
+
+
+@contextlib.contextmanager
+def count_patched_calls():
+    """Counts the `window_attention` calls made by patched library blocks (swinv2_fast.patch and
+    swinv2_fast.patch_timm_cr look it up as a module global): a Counter with key "calls". Proves a patched
+    model ran the patched step, on the eager path too, where the outputs alone cannot tell."""
+    import importlib
+
+    # the modules, by name: the package's attribute `patch` is the function
+    modules = [importlib.import_module(f"swinv2_fast.{name}") for name in ("patch", "patch_timm_cr")]
+    counts = collections.Counter()
+    originals = [module.window_attention for module in modules]
+
+    def counted(entry):
+        def call(*args, **kwargs):
+            counts["calls"] += 1
+            return entry(*args, **kwargs)
+        return call
+
+    try:
+        for module, entry in zip(modules, originals):
+            module.window_attention = counted(entry)
+        yield counts
+    finally:
+        for module, entry in zip(modules, originals):
+            module.window_attention = entry
+
+
+def assert_patch_matches_unpatched(model, x, implementation, run=_run_outputs):
+    """`swinv2_fast.patch(model, implementation)` in eval without autograd: the patched step runs (counted),
+    its outputs equal the library's within FP32_ATOL; `unpatch` brings back the library's code (bitwise the
+    same outputs, no patched call); the state dict is untouched. `run(model, x)` -> list of output tensors."""
+    import swinv2_fast
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = run(model, x)
+        assert swinv2_fast.patch(model, implementation) is model and swinv2_fast.is_patched(model)
+        with count_patched_calls() as patched_calls:
+            patched = run(model, x)
+        swinv2_fast.unpatch(model)
+        with count_patched_calls() as restored_calls:
+            restored = run(model, x)
+    assert patched_calls["calls"] > 0, "the patched model never ran the patched step"
+    assert restored_calls["calls"] == 0 and not swinv2_fast.is_patched(model)
+    assert len(patched) == len(restored) == len(expected) >= 1
+    for i, (a, b) in enumerate(zip(patched, expected)):
+        assert_close(a, b, atol=FP32_ATOL, name=f"output {i}")
+    for a, b in zip(restored, expected):
+        assert torch.equal(a, b)  # the original code runs again
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def _squared_outputs_loss(model, x):
+    return sum(t.float().square().mean() for t in _run_outputs(model, x))
+
+
+def assert_training_step_matches_unpatched(model, x, implementation, loss=_squared_outputs_loss, seed=1):
+    """One training step of `model` (in train mode) and of a patched deep copy on the same input: the same
+    loss within FP32_ATOL, the patched step ran, and every parameter's gradient within MODEL_GRAD_FP32_*
+    (a parameter without a gradient in the library's model has none in the patched one). Both losses are
+    computed after torch.manual_seed(seed): a dropout inside the model (timm Cr's position-bias MLP) draws
+    the same mask on both sides. `loss(model, x)` -> scalar."""
+    import copy
+
+    import swinv2_fast
+
+    patched = swinv2_fast.patch(copy.deepcopy(model), implementation)
+    torch.manual_seed(seed)
+    expected_loss = loss(model, x)
+    torch.manual_seed(seed)
+    with count_patched_calls() as calls:
+        got_loss = loss(patched, x)
+    assert calls["calls"] > 0, "the patched model never ran the patched step"
+    assert_close(got_loss.detach(), expected_loss.detach(), atol=FP32_ATOL, name="training loss")
+    expected_loss.backward()
+    got_loss.backward()
+    grads = dict(patched.named_parameters())
+    assert grads.keys() == dict(model.named_parameters()).keys()
+    expected = {name: p.grad for name, p in model.named_parameters()}
+    largest = max((g.abs().max().item() for g in expected.values() if g is not None), default=0.0)
+    assert largest > 0, "no parameter received a gradient"
+    for name, grad in expected.items():
+        if grad is None:
+            assert grads[name].grad is None, name
+            continue
+        assert_grad_close(grads[name].grad, grad, name=name, floor=MODEL_GRAD_SUM_FLOOR * largest)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import swinv2_fast
-from _utils import (FP32_ATOL, KERNEL_DEVICE, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close,
-                      count_launches, forward_launches, perturb_)
+from _utils import (FP32_ATOL, KERNEL_DEVICE, assert_close, assert_patch_matches_unpatched,
+                    assert_training_step_matches_unpatched, count_launches, forward_launches, output_tensors, perturb_)
 from swinv2_fast.patch import TESTED_VERSIONS
 
 transformers = pytest.importorskip("transformers")
@@ -93,21 +93,8 @@ TRITON = pytest.param("triton", marks=pytest.mark.kernels)
 TRITON_TRAINING = pytest.param("triton", marks=pytest.mark.kernels(backward=True))
 
 
-def _tensors(output):
-    """Every tensor of a model output (ModelOutput, tuple or list), flattened in order."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if hasattr(output, "to_tuple"):
-        output = output.to_tuple()
-    return [t for item in output if item is not None for t in _tensors(item)]
-
-
 def _run(model, x):
-    return _tensors(model(x))
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return output_tensors(model(x))
 
 
 # Batch 2 (windows of several images in one launch, per-image masks) for one model of each family; the
@@ -120,29 +107,7 @@ BATCH_2 = ("cr-head-nonsquare-padded", "sr-pixelshuffle")
 def test_patched_matches_unpatched(make, size, implementation, request):
     model = make().eval().to(KERNEL_DEVICE)
     batch = 2 if request.node.callspec.id.rsplit("-", 1)[0] in BATCH_2 else 1  # id: "<model>-<implementation>"
-    x = torch.randn(batch, 3, *size, device=KERNEL_DEVICE)
-    state = _state(model)
-    with torch.no_grad():
-        expected = _run(model, x)
-        assert swinv2_fast.patch(model, implementation) is model and swinv2_fast.is_patched(model)
-        patched = _run(model, x)
-        swinv2_fast.unpatch(model)
-        restored = _run(model, x)
-    assert not swinv2_fast.is_patched(model)
-    assert len(patched) == len(expected)
-    for i, (a, b) in enumerate(zip(patched, expected)):
-        assert_close(a, b, atol=FP32_ATOL, name=f"output {i}")
-    for a, b in zip(restored, expected):
-        assert torch.equal(a, b)  # the original code runs again
-    after = model.state_dict()
-    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
-
-
-def _loss(model, x, seed):
-    # the same seed for both models: timm Cr's position-bias MLP drops 12.5% of its hidden units in training,
-    # and the patched step calls that MLP as a module, so both draw the same dropout mask
-    torch.manual_seed(seed)
-    return sum(t.float().square().mean() for t in _run(model, x))
+    assert_patch_matches_unpatched(model, torch.randn(batch, 3, *size, device=KERNEL_DEVICE), implementation)
 
 
 # Training through the kernels under the interpreter costs 5-30 s a model on a shared 2-core machine
@@ -158,19 +123,10 @@ TRAINING_MODELS += [pytest.param(*m.values, id=m.id, marks=pytest.mark.slow) for
 @pytest.mark.parametrize("implementation", [TRITON_TRAINING, "eager"])
 @pytest.mark.parametrize("make, size", TRAINING_MODELS)
 def test_training_step_gradients_match(make, size, implementation):
+    # the helper seeds both losses alike: timm Cr's position-bias MLP drops 12.5% of its hidden units in
+    # training, and the patched step calls that MLP as a module, so both draw the same dropout mask
     model = make().train().to(KERNEL_DEVICE)
-    patched = swinv2_fast.patch(copy.deepcopy(model), implementation)
-    x = torch.randn(1, 3, *size, device=KERNEL_DEVICE)
-    expected_loss, loss = _loss(model, x, seed=1), _loss(patched, x, seed=1)
-    assert_close(loss.detach(), expected_loss.detach(), atol=FP32_ATOL, name="training loss")
-    expected_loss.backward()
-    loss.backward()
-    grads = dict(patched.named_parameters())
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            assert grads[name].grad is None, name
-            continue
-        assert_close(grads[name].grad, p.grad, atol=MODEL_GRAD_FP32_ATOL, rtol=MODEL_GRAD_FP32_RTOL, name=name)
+    assert_training_step_matches_unpatched(model, torch.randn(1, 3, *size, device=KERNEL_DEVICE), implementation)
 
 
 def test_cr_bias_mlp_dropout_runs_in_training():
