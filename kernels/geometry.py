@@ -226,7 +226,7 @@ class WindowGeometry:
 
     def as_kwargs(self) -> Dict[str, Any]:
         """The keyword block `grid_size, num_heads, window_size, shift_size, pad_order, mask_value`, pairs as
-        tuples: for callees that still take it."""
+        tuples: `WindowGeometry.from_args(**dict(g.as_kwargs(), shift_size=0))` is g without its shift."""
         return dict(grid_size=self.grid, num_heads=self.num_heads, window_size=self.window,
                     shift_size=self.shift, pad_order=self.pad_order, mask_value=self.mask_value)
 
