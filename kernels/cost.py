@@ -64,8 +64,8 @@ COST_WINDOWS = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
 COST_HEAD_DIM = 32
 COST_HEAD_DIMS = (32, 30, 10)  # Swin V2's; Swin2SR's (masked channel tiles)
 COST_WINDOWS_BY_HEAD_DIM = {30: (8,), 10: (8,)}  # Swin2SR's window; other head dims: COST_WINDOWS
-# bwd_fused runs the backward of windows of at most 64 tokens (head dims up to 32) alone; the other four
-# backward kernels run beyond (`triton_window_attention_backward.backward_kernels`)
+# bwd_fused runs the backward of fp16/bf16 windows of at most 64 tokens (head dims up to 32) alone; the other
+# four backward kernels run beyond and in fp32 (`triton_window_attention_backward.backward_kernels`)
 COST_KERNELS = ("fwd", "bwd_fused", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 REFERENCE_BATCH = 8
 REFERENCE_HEADS = 4
@@ -402,7 +402,7 @@ def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
     wh = B * nw * heads  # (image, window, head) triples
     scores = wh * N * N
     rows = hd * e  # one row of q, k, v, dO or an output, one head
-    nm, nn = cdiv(N, a.get("BLOCK_M", a.get("BLOCK"))), cdiv(N, a.get("BLOCK_N", a.get("BLOCK")))
+    nm, nn = cdiv(N, a["BLOCK_M"]), cdiv(N, a["BLOCK_N"])
     table = heads * N * N * t
     tokens = B * L * heads  # (token, head) pairs
     stats = B * heads * nw * N * 8 + tokens * 4  # (row max, log sum) per window row, delta per token
@@ -415,9 +415,9 @@ def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
     elif k == "bwd_fused":
         groups = launch.grid[0]
         # q, k, v, dO read once and dq, dk, dv written once per (token, head); the table read once; each
-        # (group, head) program stores its table partial sum (fp32) and loads its bias tile once
+        # (group, head) program stores its table partial sum (fp32) and loads the bias tile per window
         hbm = tokens * rows * 7 + table + groups * table // t * 4
-        l2 = wh * 4 * N * rows + groups * table
+        l2 = wh * (4 * N * rows + N * N * t)
         flops = scores * 2 * hd * 5  # q.k, dO.v, dS k, dS^T q, P^T dO
     elif k == "bwd_stats":
         hbm = tokens * rows * 4 + table + stats

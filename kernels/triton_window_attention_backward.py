@@ -352,20 +352,25 @@ def _window_attention_bwd_fused_kernel(
     H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, NUM_PAD, NUM_BW, WINDOWS_PER_GROUP,
     mask_value,
     WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DKV: tl.constexpr,
-    NEED_PAD: tl.constexpr, NEED_TABLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr, NEED_DQ: tl.constexpr,
+    NEED_DKV: tl.constexpr, NEED_PAD: tl.constexpr, NEED_TABLE: tl.constexpr,
 ):
-    """The whole backward of small windows (N <= BLOCK, one block holds a window): program (group of
-    WINDOWS_PER_GROUP consecutive (image, window) pairs, head) runs its windows in a fixed order. Per window:
-    S = qs kn^T + bias (+ shift mask), P with its row statistics computed here (no statistics pass), dP = dO v^T,
-    delta = rowsum(P * dP), dS = P (dP - delta), then dqs = dS kn, dkn = dS^T qs, dv = P^T dO (five matmuls) and
-    the normalisation backward. NEED_DQ: store dq; NEED_DKV: dk and dv; NEED_PAD: the padded keys' dk and dv
-    rows, to DPAD (B, NUM_PAD, 2C), which the host sums into the k/v bias gradient; NEED_TABLE: the table gradient (dS summed over the group's windows in registers, stored once
-    per group to DBIAS (groups, heads, N, N)) and the clamped scale's, sum over rows of qn . dqs (= sum dS cos,
-    from the dq rows: no extra q.k product), to DSCALE (groups, heads). The host sums the groups in a fixed
-    order: no atomics, deterministic. The bias tile is loaded once per program and stays in registers."""
+    """The whole backward of small windows (N <= BLOCK = BLOCK_M = BLOCK_N: one block holds a window): program
+    (group of WINDOWS_PER_GROUP consecutive (image, window) pairs, head) runs its windows in a fixed order.
+    Per window: S = qs kn^T + bias (+ shift mask), P with its row statistics computed here (no statistics
+    pass), dP = dO v^T, delta = rowsum(P * dP), dS = P (dP - delta), then dv = P^T dO, dqs = dS kn,
+    dkn = dS^T qs (five matmuls) and the normalisation backward.
+    NEED_DQ: store dq. NEED_DKV: dk and dv. NEED_PAD: the padded keys' dk and dv rows to DPAD (B, NUM_PAD, 2C),
+    which the host sums into the k/v bias gradient. NEED_TABLE: the table gradient (dS summed over the group's
+    windows in registers, stored once per group to DBIAS (groups, heads, N, N)) and the clamped scale's,
+    sum_i qn_i . dqs_i (= sum_ij dS_ij cos_ij, from the dq rows: no extra q.k product), to DSCALE
+    (groups, heads). The host sums the groups in a fixed order: no atomics, deterministic.
+    The bias tile is the same for every window of the program; it is loaded per window, expected to hit
+    L1/L2 after the first (an estimate until a GPU measures it)."""
     tl.static_assert(N == WH * WW)
+    tl.static_assert(BLOCK_M == BLOCK_N)  # one block holds the window, as queries and as keys
+    BLOCK: tl.constexpr = BLOCK_M
     tl.static_assert(N <= BLOCK)
     tl.static_assert(BLOCK >= 16)
     tl.static_assert((BLOCK & (BLOCK - 1)) == 0)
@@ -521,9 +526,10 @@ def _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometr
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     flags = _flags(qkv, qkv_bias, geometry.pad_order, head_dim, g, backward=True)
-    for name in ("BLOCK_M", "BLOCK_N"):
-        del flags[name]
-    flags.update(BLOCK=fused_block(g.N), num_warps=fused_num_warps(g.N, qkv.dtype), num_stages=1)
+    # one block per window; num_stages 1: no software pipelining of the window loop (prefetching the next
+    # window's rows costs registers: spills on sm_80)
+    block = fused_block(g.N)
+    flags.update(BLOCK_M=block, BLOCK_N=block, num_warps=fused_num_warps(g.N, qkv.dtype), num_stages=1)
     num_pad = g.HP * g.WP - g.H * g.W
     pad_grads = need_bias and qkv_bias is not None and num_pad > 0
     need_dkv = need_qkv or pad_grads

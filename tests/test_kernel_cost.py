@@ -173,7 +173,7 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
         groups, heads = launch.grid
         assert heads == cost.REFERENCE_HEADS and a["NUM_BW"] == num_bw
         assert groups == -(-num_bw // a["WINDOWS_PER_GROUP"]) and groups * heads <= tkb.FUSED_PROGRAMS
-        assert a["BLOCK"] == 64 and (a["NEED_DQ"], a["NEED_DKV"], a["NEED_PAD"], a["NEED_TABLE"]) == (
+        assert a["BLOCK_M"] == a["BLOCK_N"] == 64 and (a["NEED_DQ"], a["NEED_DKV"], a["NEED_PAD"], a["NEED_TABLE"]) == (
             True, True, False, True)  # the reference grid is not padded
         assert cost.LOOP_TRIPS["bwd_fused"](a, launch.grid) == [num_bw / groups]
         hbm, l2, flops = cost.traffic(launch, dtype)
