@@ -271,6 +271,21 @@ def assert_grad_close(actual, expected, name="gradient", rel=MODEL_GRAD_FP32_SCA
     assert_close(actual, expected, atol=max(rel * scale, torch.finfo(torch.float32).tiny), rtol=rel, name=name)
 
 
+def assert_grads_close(actual: dict, expected: dict, prefix=""):
+    """Parameter gradients (name -> gradient or None) of a whole model against another implementation's:
+    the same names, None where the other has None, and each gradient within assert_grad_close with the
+    floor MODEL_GRAD_SUM_FLOOR times the largest expected gradient element."""
+    assert actual.keys() == expected.keys(), (sorted(actual.keys() ^ expected.keys()))
+    largest = max((g.detach().abs().max().item() for g in expected.values() if g is not None), default=0.0)
+    assert largest > 0, "no parameter received a gradient"
+    for name, grad in expected.items():
+        if grad is None:
+            assert actual[name] is None, f"{prefix}{name}: a gradient where the other implementation has none"
+            continue
+        assert actual[name] is not None, f"{prefix}{name}: no gradient"
+        assert_grad_close(actual[name], grad, name=f"{prefix}{name}", floor=MODEL_GRAD_SUM_FLOOR * largest)
+
+
 # ------------------------------------------------------------------------------------------ the op's inputs
 def pair(x):
     """An int or a (height, width) pair as a pair."""
@@ -497,13 +512,5 @@ def assert_training_step_matches_unpatched(model, x, implementation, loss=_squar
     assert_close(got_loss.detach(), expected_loss.detach(), atol=FP32_ATOL, name="training loss")
     expected_loss.backward()
     got_loss.backward()
-    grads = dict(patched.named_parameters())
-    assert grads.keys() == dict(model.named_parameters()).keys()
-    expected = {name: p.grad for name, p in model.named_parameters()}
-    largest = max((g.abs().max().item() for g in expected.values() if g is not None), default=0.0)
-    assert largest > 0, "no parameter received a gradient"
-    for name, grad in expected.items():
-        if grad is None:
-            assert grads[name].grad is None, name
-            continue
-        assert_grad_close(grads[name].grad, grad, name=name, floor=MODEL_GRAD_SUM_FLOOR * largest)
+    assert_grads_close({name: p.grad for name, p in patched.named_parameters()},
+                       {name: p.grad for name, p in model.named_parameters()})

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import swinv2_fast
-from _utils import (KERNEL_DEVICE, LOW_PRECISION_FACTOR, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL,
-                    OP_GRAD_FP32_RTOL, assert_close, backward_launches, count_launches, forward_launches, perturb_,
+from _utils import (KERNEL_DEVICE, LOW_PRECISION_FACTOR, OP_GRAD_FP32_RTOL, assert_grads_close,
+                    backward_launches, count_launches, forward_launches, perturb_,
                     sum_grad_fp32_rtol)
 
 pytestmark = pytest.mark.kernels  # the kernels must run here (conftest: skip, or fail in CI, where they cannot)
@@ -175,7 +175,8 @@ def _compare_training(eager, fused, family):
             assert p.grad is None and expected is None, name
             continue
         assert p.grad is not None and expected is not None, name
-        assert_close(p.grad, expected, atol=MODEL_GRAD_FP32_ATOL, rtol=MODEL_GRAD_FP32_RTOL, name=f"{family} {name}")
+    assert_grads_close({name: p.grad for name, p in trained.items()},
+                       {name: reference[name].grad for name in trained}, prefix=f"{family} ")
     assert forward_launches(launches) > 0
     return launches
 

@@ -5,9 +5,7 @@ import pytest
 import torch
 
 import swinv2_fast
-from _utils import MODEL_GRAD_FP32_ATOL as GRAD_ATOL
-from _utils import MODEL_GRAD_FP32_RTOL as GRAD_RTOL
-from _utils import CONFIGS, FP32_ATOL, assert_close, make_pair, perturb_
+from _utils import CONFIGS, FP32_ATOL, assert_close, assert_grads_close, make_pair, perturb_
 
 
 def train_step(model, x, labels):
@@ -26,9 +24,7 @@ def test_training_step_gradients_match_transformers(name, size):
     hf_loss, hf_grads = train_step(hf, x, labels)
     loss, grads = train_step(ours, x, labels)
     assert_close(loss, hf_loss, name="loss")
-    assert grads.keys() == hf_grads.keys()
-    for key in hf_grads:
-        assert_close(grads[key], hf_grads[key], atol=GRAD_ATOL, rtol=GRAD_RTOL, name=f"grad {key}")
+    assert_grads_close(grads, hf_grads, prefix="grad ")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
