@@ -64,7 +64,7 @@ COST_WINDOWS = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
 COST_HEAD_DIM = 32
 COST_HEAD_DIMS = (32, 30, 10)  # Swin V2's; Swin2SR's (masked channel tiles)
 COST_WINDOWS_BY_HEAD_DIM = {30: (8,), 10: (8,)}  # Swin2SR's window; other head dims: COST_WINDOWS
-# bwd_fused runs the backward of fp16/bf16 windows of at most 64 tokens (head dims up to 32) alone; the other
+# bwd_fused runs the backward of fp16/bf16 windows of 64 (or at most 32) tokens, head dims up to 32, alone; the other
 # four backward kernels run beyond and in fp32 (`triton_window_attention_backward.backward_kernels`)
 COST_KERNELS = ("fwd", "bwd_fused", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 REFERENCE_BATCH = 8

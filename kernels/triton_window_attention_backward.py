@@ -475,10 +475,12 @@ def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, ge
 
 
 # The fused backward (one kernel, `_window_attention_bwd_fused_kernel`) serves fp16/bf16 windows of at most
-# FUSED_MAX_N tokens (the published windows 7 and 8: N = 49, 64) with channel tiles of at most FUSED_MAX_BLOCK_D:
-# one program holds a whole window's [BLOCK, BLOCK] score tiles. Larger windows and head dims, and fp32/fp64
-# (IEEE fp32 dots keep their operands in registers: the 64-token block spills 800 B and more on sm_80 and
-# sm_90), run the four kernels.
+# FUSED_MAX_N tokens with channel tiles of at most FUSED_MAX_BLOCK_D: one program holds a whole window's
+# [BLOCK, BLOCK] score tiles. Not served (the four kernels run): larger windows and head dims; fp32/fp64 (IEEE
+# fp32 dots keep their operands in registers: the 64-token block spills 800 B and more on sm_80 and sm_90);
+# windows of 33 to 63 tokens (window 7's N = 49 in a masked 64-token block spills 12 to 140 B with triton 3.6 on
+# shifted and padded grids, sm_80 and sm_90; none with 3.8). Served: the published window 8 (N = 64), the
+# tiny windows (N <= 32, 16- or 32-token blocks).
 FUSED_MAX_N = 64
 FUSED_MAX_BLOCK_D = 32
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -491,7 +493,8 @@ FUSED_PROGRAMS = 512
 def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the backward of windows of n tokens, heads of head_dim channels and a projection in `dtype` runs
     as the one fused kernel (else the statistics, dq, dk/dv and table kernels)."""
-    return dtype in FUSED_DTYPES and n <= FUSED_MAX_N and channel_block(head_dim) <= FUSED_MAX_BLOCK_D
+    return (dtype in FUSED_DTYPES and n <= FUSED_MAX_N and channel_block(head_dim) <= FUSED_MAX_BLOCK_D
+            and (n <= 32 or n == fused_block(n)))
 
 
 def fused_block(n: int) -> int:
@@ -577,13 +580,14 @@ def window_attention_triton_backward(
     asked for (`need_qkv`, `need_bias`, `need_table_grads` for the scale and the table together) or, for the
     bias, when there is none. A gradient not asked for is neither computed nor allocated.
 
-    P is recomputed (nothing N x N was stored). fp16/bf16 windows of at most FUSED_MAX_N tokens (heads of at
-    most FUSED_MAX_BLOCK_D channels): one kernel per (group of windows, head) computes everything of a window in one
-    block (`_window_attention_bwd_fused_kernel`). Larger windows: the softmax statistics of every window row
-    and delta = rowsum(P * dP) per query row, in token layout; dq per query block (without `need_qkv` not
-    run); dk/dv per key block (padded keys to a per-position buffer, summed into the bias gradient); the table
-    and scale gradients per bias tile over groups of windows (without `need_table_grads` not run). Partial sums
-    over groups of windows are summed on the host in a fixed order: no atomics, every reduction deterministic.
+    P is recomputed (nothing N x N was stored). fp16/bf16 windows of 64 tokens or at most 32 (heads of at most
+    FUSED_MAX_BLOCK_D channels; see FUSED_MAX_N): one kernel per (group of windows, head) computes everything of
+    a window in one block (`_window_attention_bwd_fused_kernel`). Otherwise: the softmax statistics of every
+    window row and delta = rowsum(P * dP) per query row, in token layout; dq per query block (without
+    `need_qkv` not run); dk/dv per key block (padded keys to a per-position buffer, summed into the bias
+    gradient); the table and scale gradients per bias tile over groups of windows (without `need_table_grads`
+    not run). Partial sums over groups of windows are summed on the host in a fixed order: no atomics, every
+    reduction deterministic.
     """
     B, L, C3 = qkv.shape
     num_heads = geometry.num_heads

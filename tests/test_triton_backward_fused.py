@@ -1,5 +1,5 @@
 """The fused backward of small windows (triton_window_attention_backward._window_attention_bwd_fused_kernel:
-fp16/bf16, N <= 64, head dims up to 32) against the reference's autograd, with the launch proven: windows 2 to
+fp16/bf16, N = 64 or N <= 32, head dims up to 32) against the reference's autograd, with the launch proven: windows 2 to
 8, shifted, padded in both orders, per-axis windows, odd head dims, no q/k/v bias, frozen inputs, groups of
 windows that do not divide the batch's windows. fp32 and fp64 run the four kernels on a GPU (the fused
 kernel spills there); the tests that check its arithmetic at fp32's tolerances (and gradcheck in fp64) route
@@ -21,15 +21,13 @@ FUSED = "_window_attention_bwd_fused_kernel"
 FOUR = ("_window_attention_bwd_stats_kernel", "_window_attention_bwd_dq_kernel", "_window_attention_bwd_dkdv_kernel",
         "_window_attention_bwd_dbias_kernel")
 
-# (B, grid, heads, head_dim, window, shift): every window from 2 to 8 tokens a side (N = 4 to 64, tiles of 16 and
-# 64 with masked rows), shifted and not, padded, per-axis windows, odd head dims (masked channel tiles)
+# (B, grid, heads, head_dim, window, shift): windows of 2 to 5 and 8 tokens a side (N = 4 to 25 in masked tiles
+# of 16 and 32, N = 64), shifted and not, padded, per-axis windows, odd head dims (masked channel tiles)
 FUSED_SHAPES = [
     pytest.param(2, (4, 6), 2, 16, 2, 1, id="B2-4x6-h2d16-w2s1"),
     pytest.param(1, (7, 8), 1, 32, 3, 1, id="B1-7x8-h1d32-w3s1-padded"),
     pytest.param(2, (8, 8), 2, 16, 4, 2, id="B2-8x8-h2d16-w4s2"),
     pytest.param(1, (9, 11), 2, 32, 5, 2, id="B1-9x11-h2d32-w5s2-padded"),
-    pytest.param(1, (12, 12), 1, 32, 6, 3, id="B1-12x12-h1d32-w6s3"),
-    pytest.param(1, (10, 13), 1, 32, 7, 3, id="B1-10x13-h1d32-w7s3-padded"),
     pytest.param(1, (16, 11), 1, 32, 8, 4, id="B1-16x11-h1d32-w8s4-padded"),
     pytest.param(1, (8, 8), 2, 32, 8, 0, id="B1-8x8-h2d32-w8s0"),
     pytest.param(1, (7, 12), 2, 16, (3, 5), (1, 2), id="B1-7x12-h2d16-w3x5s1x2-padded"),
@@ -203,3 +201,16 @@ def test_fused_backward_one_hot_rows_cancel_exactly(fused_in):
     assert launches[FUSED] == 1, dict(launches)
     dq = fused[0][..., :head_dim]
     assert dq.abs().max().item() < 1e-30, dq.abs().max().item()
+
+
+@pytest.mark.kernels(forward=False, backward=False)  # nothing runs: the launcher's rule
+def test_which_windows_take_the_fused_backward():
+    """N = 64 and N <= 32 in fp16/bf16 with head dims up to 32; window 7 (N = 49, a masked 64-token block that
+    spills with triton 3.6), larger windows and head dims, fp32 and fp64: the four kernels."""
+    for n, head_dim, dtype, fused in ((64, 32, torch.bfloat16, True), (16, 10, torch.float16, True),
+                                      (25, 30, torch.float16, True), (4, 16, torch.bfloat16, True),
+                                      (49, 32, torch.bfloat16, False), (36, 32, torch.float16, False),
+                                      (144, 32, torch.bfloat16, False), (64, 64, torch.float16, False),
+                                      (64, 32, torch.float32, False), (16, 16, torch.float64, False)):
+        assert tkb.fused_backward_applies(n, head_dim, dtype) == fused, (n, head_dim, dtype)
+        assert (tkb.backward_kernels(n, head_dim, dtype) == ("bwd_fused",)) == fused
