@@ -31,7 +31,7 @@ from typing import List, NamedTuple
 ARCHS = (80, 90)
 
 DTYPES = ("fp32", "fp16", "bf16")  # fp64 runs under the interpreter only (gradcheck)
-KERNELS = ("fwd", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
+KERNELS = ("fwd", "bwd_fused", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 WINDOW_SIZES = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
 PUBLISHED_HEAD_DIM = 32  # every published Swin V2 model's
 # the full gate: the head dims of whole channel tiles, and masked ones (below 16, and between powers of two)
@@ -93,6 +93,7 @@ def _torch_dtype(name):
 def launchable_specs(head_dims=None, geometries=None, windows=None) -> List[Spec]:
     """The (kernel, dtype, head_dim, window, geometry) the gate compiles: the backward kernels where the fused
     backward serves the dtype and head dim on a GPU."""
+    from . import cost
     from .triton_window_attention import fused_backward_supported
 
     specs = []
@@ -102,7 +103,7 @@ def launchable_specs(head_dims=None, geometries=None, windows=None) -> List[Spec
             for window in windows or WINDOW_SIZES:
                 for geometry in geometries or GEOMETRIES:
                     specs += [Spec(k, dtype, head_dim, window, geometry) for k in KERNELS
-                              if backward or k == "fwd"]
+                              if (backward or k == "fwd") and cost.launched(k, window, head_dim, dtype)]
     return specs
 
 

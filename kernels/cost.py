@@ -211,6 +211,14 @@ def _kv_blocks(a, grid):
     return [cdiv(a["N"], a["BLOCK_N"])]
 
 
+def _fwd_loops(a, grid):
+    """The forward's key-block loop (absent where one block covers the window: a loop of one trip is
+    unrolled) inside its loop over the program's windows, at the launch's mean windows per program."""
+    kv = cdiv(a["N"], a["BLOCK_N"])
+    windows = a["NUM_BW"] * cdiv(a["N"], a["BLOCK_M"]) / grid[0]
+    return ([kv] if kv > 1 else []) + [windows]
+
+
 def _q_blocks(a, grid):
     return [cdiv(a["N"], a["BLOCK_M"])]
 
@@ -223,7 +231,7 @@ def _windows_per_group(a, grid):
     return [a["NUM_BW"] / grid[0]]  # the fused backward's groups of windows (grid (groups, heads))
 
 
-LOOP_TRIPS: Dict[str, Callable] = {"fwd": _kv_blocks, "bwd_fused": _windows_per_group, "bwd_stats": _kv_blocks,
+LOOP_TRIPS: Dict[str, Callable] = {"fwd": _fwd_loops, "bwd_fused": _windows_per_group, "bwd_stats": _kv_blocks,
                                    "bwd_dq": _kv_blocks, "bwd_dkdv": _q_blocks, "bwd_dbias": _windows_per_program}
 
 

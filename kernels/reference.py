@@ -192,9 +192,6 @@ SDPA_MASK_CACHE_SIZE = 32
 
 _layouts = _LRU(LAYOUT_CACHE_SIZE)
 _sdpa_masks = _LRU(SDPA_MASK_CACHE_SIZE)
-# The former names of the layout cache (tests/test_interop.py and tests/test_training.py clear it and read
-# its size through these): remove when they call clear_caches() / len(reference._layouts).
-_window_layout_cpu = _layouts
 
 
 def clear_caches() -> None:
@@ -461,8 +458,3 @@ def window_attention_reference(
     if return_attention_probs:
         return out, probs.transpose(1, 2).reshape(B * nW, num_heads, N, N)
     return out
-
-
-# Transitional: tests/test_triton_backward.py imports the log-sum-exp from here; it lives in `naive` now.
-# Remove when that test imports it from swinv2_fast.kernels.naive.
-from .naive import window_log_sum_exp  # noqa: E402,F401

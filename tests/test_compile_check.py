@@ -20,10 +20,15 @@ def test_compile_check_passes():
     assert "0 failed, 0 with spills" in summary, summary
     # every published window size's specializations appear, for both archs
     assert result.stdout.count("sm_80") == result.stdout.count("sm_90") > 0
-    for kernel in ("fwd", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
+    from swinv2_fast.kernels import cost
+    from swinv2_fast.kernels.compile_check import KERNELS, SWIN2SR_WINDOWS, WINDOW_SIZES
+
+    for kernel in KERNELS:
         for dtype in ("fp32", "fp16", "bf16"):
-            for head_dim in ("32", "30", "10"):
-                assert any(line.split()[:3] == [kernel, dtype, head_dim] for line in result.stdout.splitlines()), (
+            for head_dim in (32, 30, 10):
+                windows = WINDOW_SIZES if head_dim == 32 else SWIN2SR_WINDOWS
+                found = any(line.split()[:3] == [kernel, dtype, str(head_dim)] for line in result.stdout.splitlines())
+                assert found == any(cost.launched(kernel, w, head_dim, dtype) for w in windows), (
                     kernel, dtype, head_dim)
 
 
@@ -32,6 +37,7 @@ def test_launchable_specs_cover_what_the_host_launches():
     combination the host can launch), the forward, and the backward kernels where the fused backward serves."""
     import torch
 
+    from swinv2_fast.kernels import cost
     from swinv2_fast.kernels.compile_check import GATE_HEAD_DIMS, GEOMETRIES, KERNELS, WINDOW_SIZES, launchable_specs
     from swinv2_fast.kernels.triton_window_attention import channel_block, fused_backward_supported
 
@@ -45,7 +51,8 @@ def test_launchable_specs_cover_what_the_host_launches():
             for window in WINDOW_SIZES:
                 for geometry in GEOMETRIES:
                     for kernel in KERNELS:
-                        assert ((kernel, name, head_dim, window, geometry) in specs) == (kernel == "fwd" or backward)
+                        launched = kernel == "fwd" or (backward and cost.launched(kernel, window, head_dim, name))
+                        assert ((kernel, name, head_dim, window, geometry) in specs) == launched
     # the published models' head dims (Swin V2's 32, Swin2SR's 30 and 10): fused backward in every dtype
     for head_dim in (32, 30, 10):
         assert all(fused_backward_supported(head_dim, d) for d in (torch.float32, torch.float16, torch.bfloat16))

@@ -145,13 +145,18 @@ def test_forward_launches_split_the_shifted_grid():
     from swinv2_fast.kernels import triton_window_attention as tk
 
     launches = cost.reference_launches(8, "bf16", backward=False)["fwd"]  # 64x64 grid: 8x8 windows, shifted
-    sets = [(a.kwargs["WINDOW_SET"], a.grid[0]) for a in launches]
     m_blocks = -(-64 // launches[0].kwargs["BLOCK_M"])
-    assert sets == [(tk.INTERIOR_WINDOWS, cost.REFERENCE_BATCH * 49 * m_blocks),
-                    (tk.BORDER_WINDOWS, cost.REFERENCE_BATCH * 15 * m_blocks)]
+
+    def covered(launch):  # (window set, (image, window) pairs); the grid runs WINDOWS_PER_PROGRAM pairs a program
+        a = launch.kwargs
+        assert launch.grid[0] == -(-a["NUM_BW"] // a["WINDOWS_PER_PROGRAM"]) * m_blocks
+        return a["WINDOW_SET"], a["NUM_BW"]
+
+    assert [covered(a) for a in launches] == [(tk.INTERIOR_WINDOWS, cost.REFERENCE_BATCH * 49),
+                                              (tk.BORDER_WINDOWS, cost.REFERENCE_BATCH * 15)]
     unshifted = dict(grid_size=(64, 64), window_size=(8, 8), shift_size=(0, 0))
     (launch,) = cost.reference_launches(8, "bf16", geometry=unshifted, backward=False)["fwd"]
-    assert launch.kwargs["WINDOW_SET"] == tk.ALL_WINDOWS and launch.grid[0] == cost.REFERENCE_BATCH * 64 * m_blocks
+    assert covered(launch) == (tk.ALL_WINDOWS, cost.REFERENCE_BATCH * 64)
     # a single window row (or column) has no interior: one launch of every window, masked
     one_row = dict(grid_size=(8, 64), window_size=(8, 8), shift_size=(4, 4))
     (launch,) = cost.reference_launches(8, "bf16", geometry=one_row, backward=False)["fwd"]

@@ -12,7 +12,7 @@ from _utils import (FP32_ATOL, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL, MODEL_
                       rounding_sensitivity, op, tkb)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, window_attention_naive
-from swinv2_fast.kernels.reference import window_log_sum_exp
+from swinv2_fast.kernels.naive import window_log_sum_exp
 from _utils import GRAD_NAMES as NAMES
 from _utils import NON_SQUARE, ODD_HEAD_DIMS, SHAPES, TINY, assert_errors_within_pytorch, make_inputs, sum_floors
 from _utils import pair as _pair
