@@ -126,8 +126,12 @@ def spec_launches(spec: Spec):
     geometry = dict(grid_size=(grid, grid), window_size=(spec.window, spec.window),
                     shift_size=(spec.window // 2 if shifted else 0,) * 2)
     launches = cost.reference_launches(spec.window, spec.dtype, spec.head_dim, geometry, bias=bias, pad_order=order,
-                                       backward=spec.kernel != "fwd")
-    return launches[spec.kernel]
+                                       backward=spec.kernel != "fwd")[spec.kernel]
+    if spec.kernel == "fwd" and spec.dtype != "fp32":  # the forward reads the table as it arrives: the table of a
+        # 16-bit model (above) and the fp32 table torch.autocast passes are two specialisations
+        launches += cost.reference_launches(spec.window, spec.dtype, spec.head_dim, geometry, bias=bias,
+                                            pad_order=order, backward=False, table_dtype="fp32")["fwd"]
+    return launches
 
 
 def compile_spec(spec: Spec, arch: int) -> Result:

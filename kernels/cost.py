@@ -10,7 +10,8 @@ channel tiles of 32 and 16, at its N = 64), one line
 
 and beside it a `model` line: the traffic model and the estimated H200 time.
 
-The reference launch (one per N). Batch 8, 4 heads of 32 channels, a 64x64 token grid (56x56 for N = 49)
+The reference launch (one per N). The position-bias table in the projection's dtype (a bf16 model's), batch 8,
+4 heads of 32 channels, a 64x64 token grid (56x56 for N = 49)
 cut into windows of that N, shift = window // 2, with a q/k/v bias, transformers' padding order. The host
 functions themselves (`window_attention_triton_forward` / `_backward` with every gradient asked for) are
 run on meta tensors with each `*_kernel` module global replaced by a recorder, so the grid, the launch
@@ -164,10 +165,12 @@ def reference_geometry(window: int):
 
 
 def reference_launches(window: int, dtype: str, head_dim: int = COST_HEAD_DIM, geometry: Optional[dict] = None,
-                       bias: bool = True, pad_order: Optional[str] = None,
-                       backward: bool = True) -> Dict[str, List[Launch]]:
+                       bias: bool = True, pad_order: Optional[str] = None, backward: bool = True,
+                       table_dtype: Optional[str] = None) -> Dict[str, List[Launch]]:
     """The kernels' launches of one forward and (with `backward`) one full backward, on meta tensors: by
-    default at the reference shape of the window (batch 8, 4 heads, a q/k/v bias, transformers' order). Each
+    default at the reference shape of the window (batch 8, 4 heads, a q/k/v bias, transformers' order), with
+    the position-bias table in the projection's dtype (what a model in that dtype passes; "fp32" for the
+    table torch.autocast passes beside a 16-bit projection). Each
     kernel is launched once, but the forward on a shifted grid twice (the windows off the shifted border,
     without the shift mask, and the border: `window_sets`); a kernel's cost is that of its launches."""
     import torch
@@ -187,7 +190,7 @@ def reference_launches(window: int, dtype: str, head_dim: int = COST_HEAD_DIM, g
     qkv = torch.empty(B, gh * gw, 3 * C, dtype=tdt, **meta)
     qkv_bias = torch.empty(3 * C, dtype=tdt, **meta) if bias else None
     logit_scale = torch.empty(heads, 1, 1, **meta)
-    table = torch.empty(heads, window * window, window * window, **meta)
+    table = torch.empty(heads, window * window, window * window, dtype=_torch_dtype(table_dtype or dtype), **meta)
     g = WindowGeometry.from_args(**geometry)
     with recording_launches() as launches:
         out = tk.window_attention_triton_forward(qkv, qkv_bias, logit_scale, table, g)
