@@ -31,6 +31,14 @@ windows off the shifted border (most of them) as a launch of its own without the
 windows apart. The forward takes exp(S - m) as 2^(S log2 e - m log2 e), one multiply-add per score, and
 compiled kernels take 2^x as the hardware's ex2.
 The cost of each kernel, counted from its SASS, is `compile_check --cost` (kernels/cost.py).
+
+How the helpers take the geometry: as tuples the kernels build once, unpacked where they are used.
+`grid` = (H, W, HP, WP, SH, SW, RSH, RSW) runtime ints; `layout` = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD),
+built as `layout: tl.constexpr` and taken as a `tl.constexpr` argument (a plain tuple of constexprs reaches a
+helper as runtime values: the window shape's `//` and `%` become divisions and the flags branches);
+`proj` = (the image's projection and the bias at the head's q channels, the token stride, C); `rows` = a block's
+(token, padding flag, shift region) from `_window_rows`. tests/test_kernel_source.py holds the helpers to at
+most 10 arguments and 3 returned values.
 """
 from __future__ import annotations
 
@@ -84,14 +92,16 @@ def _unroll(o_p, RS, E, SHIFTED: tl.constexpr):
 
 
 @triton.jit
-def _window_rows(o_pos, i_wy, i_wx, grid, WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr,
-                 PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, MASKED: tl.constexpr = True):
-    """[ROWS] token index, padding flag and shift region of window positions `o_pos` of window (i_wy, i_wx);
-    the regions are all 0 without a shift, or with MASKED false (windows off the shifted border).
+def _window_rows(o_pos, i_w2, grid, layout: tl.constexpr, MASKED: tl.constexpr = True):
+    """[ROWS] token index, padding flag and shift region of window positions `o_pos` of window i_w2 = (row,
+    column); the regions are all 0 without a shift, or with MASKED false (windows off the shifted border).
     `grid` = (H, W, HP, WP, SH, SW, RSH, RSW): the image, the padded grid, the shift and the shift reduced
-    modulo the extent it rolls (H, W for roll-then-pad; HP, WP for pad-then-roll). The window's shape is a
-    compile-time constant, so `//` and `%` by WW are shifts or multiplications."""
+    modulo the extent it rolls (H, W for roll-then-pad; HP, WP for pad-then-roll). `layout` = (WH, WW,
+    SHIFTED, PADDED, ROLL_THEN_PAD), compile-time constants: the window's shape, so `//` and `%` by WW are
+    shifts or multiplications."""
     H, W, HP, WP, SH, SW, RSH, RSW = grid
+    WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD = layout
+    i_wy, i_wx = i_w2
     # position in the shifted, padded grid
     o_py = i_wy * WH + o_pos // WW
     o_px = i_wx * WW + o_pos % WW
@@ -118,10 +128,12 @@ def _window_rows(o_pos, i_wy, i_wx, grid, WH: tl.constexpr, WW: tl.constexpr, SH
 
 
 @triton.jit
-def _padding_index(o_pos, i_wy, i_wx, grid, WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr,
-                   ROLL_THEN_PAD: tl.constexpr):
-    """[ROWS] index of padded window positions among an image's Hp*Wp - H*W padded positions 0, 1, ..."""
+def _padding_index(o_pos, i_w2, grid, layout: tl.constexpr):
+    """[ROWS] index of padded window positions among an image's Hp*Wp - H*W padded positions 0, 1, ...
+    (arguments as _window_rows')."""
     H, W, HP, WP, SH, SW, RSH, RSW = grid
+    WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD = layout
+    i_wy, i_wx = i_w2
     o_ay = i_wy * WH + o_pos // WW
     o_ax = i_wx * WW + o_pos % WW
     if not ROLL_THEN_PAD:
@@ -228,18 +240,18 @@ def _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, MASKED: tl.constexp
 
 
 @triton.jit
-def _key_block(p_qkv, p_bias, o_n, m_n, i_wy, i_wx, cols, stride_t, grid, C, WH: tl.constexpr, WW: tl.constexpr,
-               SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-               CDT: tl.constexpr, MASKED: tl.constexpr = True):
-    """Key rows o_n of a window (p_qkv, p_bias: the image's projection and the bias at this head's q
-    channels): normalised k (compute dtype) and v (projection dtype), [BLOCK_N, BLOCK_D] each, and the
-    rows' shift-mask regions [BLOCK_N]."""
-    o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_wy, i_wx, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD, MASKED)
+def _key_rows(proj, rows, m_n, cols, HAS_BIAS: tl.constexpr, CDT: tl.constexpr):
+    """Key rows of a window: `proj` = (the image's projection and the bias, both at this head's q channels;
+    the token stride; C), `rows` = the rows' (token, padding flag, shift region) from _window_rows,
+    [BLOCK_N] each. Returns k normalised (compute dtype) [BLOCK_N, BLOCK_D], its clamped norm [BLOCK_N], and v
+    (projection dtype) [BLOCK_N, BLOCK_D]."""
+    p_qkv, p_bias, stride_t, C = proj
+    o_tok, m_pad, o_reg = rows
     # [BLOCK_N, BLOCK_D]
-    b_k = _load_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_t, HAS_BIAS)
-    b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_t, HAS_BIAS)
+    b_k = _load_rows(p_qkv + C, p_bias + C, o_tok, m_n, m_pad, cols, stride_t, HAS_BIAS)
+    b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok, m_n, m_pad, cols, stride_t, HAS_BIAS)
     b_kn, b_rk = _l2_normalize(b_k, CDT)
-    return b_kn, b_v, o_reg_n
+    return b_kn, b_rk, b_v
 
 
 @triton.jit
@@ -271,17 +283,16 @@ def _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET: tl.constexpr):
 
 
 @triton.jit
-def _query_rows(p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_t, grid, WH: tl.constexpr, WW: tl.constexpr,
-                SHIFTED: tl.constexpr, PADDED: tl.constexpr, ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                CDT: tl.constexpr, DDT: tl.constexpr):
-    """Query rows o_m of window i_w2 = (row, column): the rows' (token, padding flag, shift region), and
-    (q normalised (compute dtype), its clamped norm, q times the clamped logit scale b_scale (dot dtype))."""
-    i_wy, i_wx = i_w2
-    o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_wy, i_wx, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+def _query_rows(proj, rows, m_m, cols, b_scale, HAS_BIAS: tl.constexpr, CDT: tl.constexpr,
+                DDT: tl.constexpr):
+    """Query rows of a window (`proj`, `rows` as in _key_rows): q normalised (compute dtype) [BLOCK_M,
+    BLOCK_D], its clamped norm [BLOCK_M], and q times the clamped logit scale b_scale (dot dtype)."""
+    p_qkv, p_bias, stride_t, C = proj
+    o_tok, m_pad, o_reg = rows
     # [BLOCK_M, BLOCK_D]
-    b_q = _load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, cols, stride_t, HAS_BIAS)
+    b_q = _load_rows(p_qkv, p_bias, o_tok, m_m, m_pad, cols, stride_t, HAS_BIAS)
     b_qn, b_rq = _l2_normalize(b_q, CDT)
-    return (o_tok_m, m_pad_m, o_reg_m), (b_qn, b_rq, (b_qn * b_scale).to(DDT))
+    return b_qn, b_rq, (b_qn * b_scale).to(DDT)
 
 
 @triton.jit
@@ -383,6 +394,7 @@ def _window_attention_fwd_kernel(
     i_pid, i_h = tl.program_id(0), tl.program_id(1)
     i_first = (i_pid // NUM_M) * WINDOWS_PER_PROGRAM  # the program's first (image, window) pair
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
     # [BLOCK_M]
@@ -401,8 +413,7 @@ def _window_attention_fwd_kernel(
         i_b, i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
         p_qkv = p_qkv_h + i_b * stride_qkv_b
         # [BLOCK_M] token, padding flag, shift region of the query rows
-        o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, PADDED,
-                                                 ROLL_THEN_PAD, MASKED)
+        o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
         # [BLOCK_M, BLOCK_D]: q times scale / max(||q||, 1e-12), one factor per row (the backward keeps the
         # normalised q apart); natural logits; the softmax takes 2^x with log2(e) folded into the
         # subtraction of the row max (one multiply-add per score)
@@ -417,8 +428,7 @@ def _window_attention_fwd_kernel(
             # [BLOCK_N]
             o_n = start_n + tl.arange(0, BLOCK_N)
             m_n = _in_window(o_n, N, BLOCK_N)
-            o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, PADDED,
-                                                     ROLL_THEN_PAD, MASKED)
+            o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_w2, grid, layout, MASKED)
             # [BLOCK_N, BLOCK_D]: normalised k (compute dtype), v (projection dtype)
             b_k = _stream_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
             b_v = _stream_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)

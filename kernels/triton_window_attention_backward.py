@@ -19,12 +19,53 @@ import triton.language as tl
 
 from .geometry import LOGIT_SCALE_MAX, ROLL_THEN_PAD, WindowGeometry
 from .triton_window_attention import (
-    _bias_tile, _channels, _dot, _exp, _flags, _geometry, _in_window, _key_block, _l2_normalize,
-    _l2_normalize_backward, _load_rows, _logits, _online_softmax_step, _padding_index, _query_rows,
-    _small_operands, _tile_mask, _window_of, _window_rows, channel_block,
+    _bias_tile, _channels, _dot, _exp, _flags, _geometry, _in_window, _key_rows, _l2_normalize_backward, _logits,
+    _online_softmax_step, _padding_index, _query_rows, _small_operands, _tile_mask, _window_of, _window_rows,
+    channel_block,
 )
 
 __all__ = ["window_attention_triton_backward", "clamp_passes_gradient_at_bound"]
+
+
+@triton.jit
+def _block_of(i_pid, NUM_BLOCKS: tl.constexpr, BLOCK: tl.constexpr, N: tl.constexpr, NUM_WINDOWS, NUM_WX):
+    """Program i_pid of a launch over every block of BLOCK rows (NUM_BLOCKS per window) of every (image,
+    window) pair: the pair (image (int64), window, (window row, column)), the block's window positions
+    [BLOCK] and their in-window mask [BLOCK]."""
+    i_b, i_w, i_w2 = _window_of(i_pid // NUM_BLOCKS, NUM_WINDOWS, NUM_WX)
+    o = (i_pid % NUM_BLOCKS) * BLOCK + tl.arange(0, BLOCK)
+    return (i_b, i_w, i_w2), o, _in_window(o, N, BLOCK)
+
+
+@triton.jit
+def _load_do(DOUT, stride_b, stride_t, i_b, i_h, o_tok, m_real, cols, HEAD_DIM: tl.constexpr):
+    """[ROWS, BLOCK_D] dO at tokens o_tok of image i_b, head i_h; zero for rows without an output (m_real
+    false: padded, beyond the window) and beyond the head's channels."""
+    o_d, m_d = cols
+    return tl.load(DOUT + i_b * stride_b + o_tok[:, None] * stride_t + i_h * HEAD_DIM + o_d[None, :],
+                   mask=_tile_mask(m_real, m_d), other=0.0)
+
+
+@triton.jit
+def _stats_offsets(ids, o_m, N: tl.constexpr, NUM_WINDOWS, NUM_HEADS):
+    """[BLOCK_M] offsets into STATS (B, heads, windows, N, 2) of window rows o_m; ids = (image, window, head)."""
+    i_b, i_w, i_h = ids
+    return (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
+
+
+@triton.jit
+def _load_query_grads(grads, ids, o_m, m_m, o_tok, m_real, cols, N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """What the first kernel computed for window rows o_m (tokens o_tok; ids = (image, window, head)), from
+    `grads` = (DOUT, its image and token strides, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS): dO [BLOCK_M, BLOCK_D]
+    (zero for padded and out-of-window rows, which have no output, and beyond the head's channels), the softmax
+    statistics (row max, log row sum) and delta, [BLOCK_M] each."""
+    DOUT, stride_do_b, stride_do_t, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS = grads
+    i_b, i_w, i_h = ids
+    b_do = _load_do(DOUT, stride_do_b, stride_do_t, i_b, i_h, o_tok, m_real, cols, HEAD_DIM)
+    p_stats = STATS + _stats_offsets(ids, o_m, N, NUM_WINDOWS, NUM_HEADS)
+    b_stats = (tl.load(p_stats, mask=m_m, other=0.0), tl.load(p_stats + 1, mask=m_m, other=0.0))
+    b_delta = tl.load(DELTA + i_b * L * NUM_HEADS + o_tok * NUM_HEADS + i_h, mask=m_real, other=0.0)
+    return b_do, b_stats, b_delta
 
 
 @triton.jit
@@ -54,24 +95,19 @@ def _window_attention_bwd_stats_kernel(
     NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
-    i_bwm, i_h = tl.program_id(0), tl.program_id(1)
-    i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
+    i_pid, i_h = tl.program_id(0), tl.program_id(1)
+    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_M] query rows
+    i_b, i_w, i_w2 = pair
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
-    o_d, m_d = cols
-    o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = _in_window(o_m, N, BLOCK_M)
-    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
-    p_bias = QKV_BIAS + i_h * HEAD_DIM
-    rows_m, q_m = _query_rows(
-        p_qkv, p_bias, tl.load(SCALE + i_h), o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED,
-        ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
-    o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
-    b_qn, b_rq, b_qs = q_m
+    proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
+    rows_m = _window_rows(o_m, i_w2, grid, layout)
+    o_tok_m, m_pad_m, o_reg_m = rows_m
+    b_qn, b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, tl.load(SCALE + i_h), HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
     # [BLOCK_M, BLOCK_D]
-    b_do = tl.load(DOUT + i_b * stride_do_b + o_tok_m[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
-                   mask=_tile_mask(m_real_m, m_d), other=0.0).to(DDT)
+    b_do = _load_do(DOUT, stride_do_b, stride_do_t, i_b, i_h, o_tok_m, m_real_m, cols, HEAD_DIM).to(DDT)
     # online softmax as in the forward, with sum_j exp(S_ij - m_i) dP_ij carried beside the row sum; [BLOCK_M]
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
     b_l = tl.zeros([BLOCK_M], dtype=CDT)
@@ -80,11 +116,11 @@ def _window_attention_bwd_stats_kernel(
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = _in_window(o_n, N, BLOCK_N)
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
-                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
+        rows_n = _window_rows(o_n, i_w2, grid, layout)
+        b_kn, b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
-        b_s = _logits(_dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, rows_n[2], m_n,
                       mask_value, SHIFTED, MASK_N)
         b_m, b_alpha, b_e = _online_softmax_step(b_s, b_m)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
@@ -92,17 +128,10 @@ def _window_attention_bwd_stats_kernel(
         b_pdp = b_pdp * b_alpha + tl.sum(b_e * b_dp, axis=1)
     # (row max, log row sum): P = exp((S - m) - log l) keeps the dominant entries exact, where
     # exp(S - logsumexp) would lose |S| * eps of them
-    p_stats = STATS + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
+    p_stats = STATS + _stats_offsets((i_b, i_w, i_h), o_m, N, NUM_WINDOWS, NUM_HEADS)
     tl.store(p_stats, b_m, mask=m_m)
     tl.store(p_stats + 1, tl.log(b_l), mask=m_m)
     tl.store(DELTA + i_b * L * NUM_HEADS + o_tok_m * NUM_HEADS + i_h, b_pdp / b_l, mask=m_real_m)
-
-
-@triton.jit
-def _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N: tl.constexpr, NUM_WINDOWS, NUM_HEADS):
-    """Row max and log row sum of the forward's softmax for window rows o_m; [BLOCK_M] each."""
-    p_stats = STATS + (((i_b * NUM_HEADS + i_h) * NUM_WINDOWS + i_w) * N + o_m) * 2
-    return tl.load(p_stats, mask=m_m, other=0.0), tl.load(p_stats + 1, mask=m_m, other=0.0)
 
 
 @triton.jit
@@ -112,19 +141,6 @@ def _probs(b_s, b_rmax, b_logl, m_m, MASK_M: tl.constexpr):
     if MASK_M:
         b_p = tl.where(m_m[:, None], b_p, 0.0)
     return b_p
-
-
-@triton.jit
-def _load_query_grads(DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real, o_tok, cols, stride_do_b, stride_do_t,
-                      L, N: tl.constexpr, NUM_WINDOWS, NUM_HEADS, HEAD_DIM: tl.constexpr):
-    """dO rows [BLOCK_M, BLOCK_D] (zero for padded and out-of-window rows, which have no output, and beyond the
-    head's channels), and the softmax statistics and delta [BLOCK_M]."""
-    o_d, m_d = cols
-    b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
-                   mask=_tile_mask(m_real, m_d), other=0.0)
-    b_rmax, b_logl = _load_stats(STATS, i_b, i_w, i_h, o_m, m_m, N, NUM_WINDOWS, NUM_HEADS)
-    b_delta = tl.load(DELTA + i_b * L * NUM_HEADS + o_tok * NUM_HEADS + i_h, mask=m_real, other=0.0)
-    return b_do, (b_rmax, b_logl), b_delta
 
 
 @triton.jit
@@ -145,25 +161,22 @@ def _window_attention_bwd_dq_kernel(
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     MASK_M: tl.constexpr = N % BLOCK_M != 0
-    i_bwm, i_h = tl.program_id(0), tl.program_id(1)
-    i_b, i_w, i_w2 = _window_of(i_bwm // NUM_M, NUM_WINDOWS, NUM_WX)
+    i_pid, i_h = tl.program_id(0), tl.program_id(1)
+    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_M] query rows
+    i_b, i_w, i_w2 = pair
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
-    o_m = (i_bwm % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = _in_window(o_m, N, BLOCK_M)
-    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
-    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
+    grads = (DOUT, stride_do_b, stride_do_t, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS)
     b_scale = tl.load(SCALE + i_h)
-    rows_m, q_m = _query_rows(
-        p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
-        HAS_BIAS, CDT, DDT)
-    o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
-    b_qn, b_rq, b_qs = q_m
+    rows_m = _window_rows(o_m, i_w2, grid, layout)
+    o_tok_m, m_pad_m, o_reg_m = rows_m
+    b_qn, b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
-    b_do, stats_m, b_delta = _load_query_grads(
-        DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
-        NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+    b_do, stats_m, b_delta = _load_query_grads(grads, (i_b, i_w, i_h), o_m, m_m, o_tok_m, m_real_m, cols, N,
+                                               HEAD_DIM)
     b_rmax, b_logl = stats_m
     b_do = b_do.to(DDT)
     # [BLOCK_M, BLOCK_D]
@@ -172,12 +185,12 @@ def _window_attention_bwd_dq_kernel(
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = _in_window(o_n, N, BLOCK_N)
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
-                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
+        rows_n = _window_rows(o_n, i_w2, grid, layout)
+        b_kn, b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
         b_kn = b_kn.to(DDT)
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
-        b_s = _logits(_dot(b_qs, tl.trans(b_kn), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn), FULL_DOT), b_bias, o_reg_m, rows_n[2], m_n,
                       mask_value, SHIFTED, MASK_N)
         b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
@@ -208,22 +221,21 @@ def _window_attention_bwd_dkdv_kernel(
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     MASK_M: tl.constexpr = N % BLOCK_M != 0
-    i_bwn, i_h = tl.program_id(0), tl.program_id(1)
-    i_b, i_w, i_w2 = _window_of(i_bwn // NUM_N, NUM_WINDOWS, NUM_WX)
+    i_pid, i_h = tl.program_id(0), tl.program_id(1)
+    pair, o_n, m_n = _block_of(i_pid, NUM_N, BLOCK_N, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_N] key rows
+    i_b, i_w, i_w2 = pair
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
-    o_n = (i_bwn % NUM_N) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = _in_window(o_n, N, BLOCK_N)
-    o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
-
-    p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
-    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
+    grads = (DOUT, stride_do_b, stride_do_t, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS)
+    rows_n = _window_rows(o_n, i_w2, grid, layout)
+    o_tok_n, m_pad_n, o_reg_n = rows_n
     b_scale = tl.load(SCALE + i_h)
     # [BLOCK_N, BLOCK_D]
-    b_k = _load_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
-    b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS).to(DDT)
-    b_kn, b_rk = _l2_normalize(b_k, CDT)
+    b_kn, b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)
+    b_v = b_v.to(DDT)
     b_kn_d = b_kn.to(DDT)
     b_dkn = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
@@ -231,15 +243,12 @@ def _window_attention_bwd_dkdv_kernel(
     for start_m in range(0, N, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = _in_window(o_m, N, BLOCK_M)
-        rows_m, q_m = _query_rows(
-            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
-            HAS_BIAS, CDT, DDT)
-        o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
-        b_qn, b_rq, b_qs = q_m
+        rows_m = _window_rows(o_m, i_w2, grid, layout)
+        o_tok_m, m_pad_m, o_reg_m = rows_m
+        b_qn, b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
         m_real_m = m_m & ~m_pad_m
-        b_do, stats_m, b_delta = _load_query_grads(
-            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
-            NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+        b_do, stats_m, b_delta = _load_query_grads(grads, (i_b, i_w, i_h), o_m, m_m, o_tok_m, m_real_m, cols, N,
+                                                   HEAD_DIM)
         b_rmax, b_logl = stats_m
         b_do = b_do.to(DDT)
         # [BLOCK_M, BLOCK_N]
@@ -260,7 +269,7 @@ def _window_attention_bwd_dkdv_kernel(
     tl.store(p_dk + C, b_dv.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_n, m_d))
     if HAS_BIAS:  # without a bias padded keys are constant zeros: nothing to learn there
         if PADDED:
-            o_pad_n = _padding_index(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, ROLL_THEN_PAD)
+            o_pad_n = _padding_index(o_n, i_w2, grid, layout)
             m_padded_n = m_n & m_pad_n
             p_dpad = DPAD + i_b * NUM_PAD * (2 * C) + o_pad_n[:, None] * (2 * C) + i_h * HEAD_DIM + o_d[None, :]
             tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=_tile_mask(m_padded_n, m_d))
@@ -290,8 +299,10 @@ def _window_attention_bwd_dbias_kernel(
     MASK_M: tl.constexpr = N % BLOCK_M != 0
     i_tile, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
-    o_d, m_d = cols
+    grads = (DOUT, stride_do_b, stride_do_t, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS)
+    # [BLOCK_M], [BLOCK_N]
     o_m = (i_tile // NUM_TN) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = (i_tile % NUM_TN) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = _in_window(o_m, N, BLOCK_M)
@@ -304,23 +315,20 @@ def _window_attention_bwd_dbias_kernel(
     b_dscale = tl.zeros([BLOCK_M], dtype=CDT)
     for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
         i_b, i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
-        p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
-        rows_m, q_m = _query_rows(
-            p_qkv, p_bias, b_scale, o_m, m_m, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD,
-            HAS_BIAS, CDT, DDT)
-        o_tok_m, m_pad_m, o_reg_m = rows_m  # flat targets: triton 3.6 cannot bind nested ones
-        b_qn, b_rq, b_qs = q_m
-        b_kn, b_v, o_reg_n = _key_block(p_qkv, p_bias, o_n, m_n, i_w2[0], i_w2[1], cols, stride_qkv_t, grid, C, WH,
-                                        WW, SHIFTED, PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT)
+        proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, p_bias, stride_qkv_t, C)
+        rows_m = _window_rows(o_m, i_w2, grid, layout)
+        o_tok_m, m_pad_m, o_reg_m = rows_m
+        b_qn, b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
+        rows_n = _window_rows(o_n, i_w2, grid, layout)
+        b_kn, b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
         m_real_m = m_m & ~m_pad_m
-        b_do, stats_m, b_delta = _load_query_grads(
-            DOUT, STATS, DELTA, i_b, i_w, i_h, o_m, m_m, m_real_m, o_tok_m, cols, stride_do_b, stride_do_t, L, N,
-            NUM_WINDOWS, NUM_HEADS, HEAD_DIM)
+        b_do, stats_m, b_delta = _load_query_grads(grads, (i_b, i_w, i_h), o_m, m_m, o_tok_m, m_real_m, cols, N,
+                                                   HEAD_DIM)
         b_rmax, b_logl = stats_m
         b_kn = b_kn.to(DDT)
         # [BLOCK_M, BLOCK_N]
         b_qk = _dot(b_qs, tl.trans(b_kn), FULL_DOT)  # the q.k the other backward kernels compute, bitwise
-        b_s = _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, SHIFTED, MASK_N)
+        b_s = _logits(b_qk, b_bias, o_reg_m, rows_n[2], m_n, mask_value, SHIFTED, MASK_N)
         b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
         b_dp = _dot(b_do.to(DDT), tl.trans(b_v.to(DDT)), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -381,6 +389,7 @@ def _window_attention_bwd_fused_kernel(
     DQS: tl.constexpr = NEED_DQ or NEED_TABLE  # dqs = dS kn: dq, and the scale's gradient
     i_g, i_h = tl.program_id(0), tl.program_id(1)
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
     # [BLOCK]: the window's positions, as query rows and as key columns
@@ -393,19 +402,17 @@ def _window_attention_bwd_fused_kernel(
     b_dscale = tl.zeros([BLOCK], dtype=CDT)
     for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
         i_b, i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
-        p_qkv = QKV + i_b * stride_qkv_b + i_h * HEAD_DIM
-        rows, q_rows = _query_rows(p_qkv, p_bias, b_scale, o_n, m_n, i_w2, cols, stride_qkv_t, grid, WH, WW, SHIFTED,
-                                   PADDED, ROLL_THEN_PAD, HAS_BIAS, CDT, DDT)
-        o_tok, m_pad, o_reg = rows  # flat targets: triton 3.6 cannot bind nested ones
-        b_qn, b_rq, b_qs = q_rows  # [BLOCK, BLOCK_D] normalised q (compute dtype); [BLOCK] norms; q * scale (DDT)
+        proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, p_bias, stride_qkv_t, C)
+        rows = _window_rows(o_n, i_w2, grid, layout)  # the window's positions, as query rows and as keys
+        o_tok, m_pad, o_reg = rows  # [BLOCK] token, padding flag, shift region
+        # [BLOCK, BLOCK_D] normalised q (compute dtype); [BLOCK] norms; q * scale (DDT)
+        b_qn, b_rq, b_qs = _query_rows(proj, rows, m_n, cols, b_scale, HAS_BIAS, CDT, DDT)
         m_real = m_n & ~m_pad  # rows with an output (and a gradient)
         # [BLOCK, BLOCK_D]
-        b_k = _load_rows(p_qkv + C, p_bias + C, o_tok, m_n, m_pad, cols, stride_qkv_t, HAS_BIAS)
-        b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok, m_n, m_pad, cols, stride_qkv_t, HAS_BIAS).to(DDT)
-        b_kn, b_rk = _l2_normalize(b_k, CDT)
+        b_kn, b_rk, b_v = _key_rows(proj, rows, m_n, cols, HAS_BIAS, CDT)
+        b_v = b_v.to(DDT)
         b_kn_d = b_kn.to(DDT)
-        b_do = tl.load(DOUT + i_b * stride_do_b + o_tok[:, None] * stride_do_t + i_h * HEAD_DIM + o_d[None, :],
-                       mask=_tile_mask(m_real, m_d), other=0.0).to(DDT)
+        b_do = _load_do(DOUT, stride_do_b, stride_do_t, i_b, i_h, o_tok, m_real, cols, HEAD_DIM).to(DDT)
         # [BLOCK, BLOCK]; rows beyond the window (N < BLOCK) have dO = 0, hence dS = 0 and no dv share
         b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_n, o_n, m_n, m_n, N, EVEN)
         b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg, o_reg, m_n, mask_value, SHIFTED,
@@ -414,7 +421,7 @@ def _window_attention_bwd_fused_kernel(
         o_dst = i_b * stride_dqkv_b + o_tok[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
         PAD_GRADS: tl.constexpr = NEED_PAD and HAS_BIAS and PADDED  # the padded keys' rows, for the k/v bias
         if PAD_GRADS:
-            o_pad = _padding_index(o_n, i_w2[0], i_w2[1], grid, WH, WW, SHIFTED, ROLL_THEN_PAD)
+            o_pad = _padding_index(o_n, i_w2, grid, layout)
             p_dpad = DPAD + i_b * NUM_PAD * (2 * C) + o_pad[:, None] * (2 * C) + i_h * HEAD_DIM + o_d[None, :]
         if NEED_DKV:
             # [BLOCK, BLOCK_D], stored at once (fewer live registers)

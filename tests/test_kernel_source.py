@@ -1,0 +1,58 @@
+"""The kernel files' readability contract (issue: kernels at the hardware's pace, item 7), read from the source:
+no Triton jit helper takes more than MAX_HELPER_ARGS arguments or returns more than MAX_HELPER_RETURNS values
+(the geometry travels as tuples: `grid`, `layout`, `proj`, `rows`, `grads`), and every window layout that
+helpers unpack is a compile-time constant where the kernels build it (a tuple built without `tl.constexpr`
+reaches the helpers as runtime values: `if SHIFTED:` becomes a branch and `// WW` a division)."""
+import ast
+import pathlib
+
+import pytest
+
+KERNEL_FILES = ("kernels/triton_window_attention.py", "kernels/triton_window_attention_backward.py")
+MAX_HELPER_ARGS = 10
+MAX_HELPER_RETURNS = 3
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _jit_functions(path):
+    tree = ast.parse((ROOT / path).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and any(
+                getattr(d, "attr", None) == "jit" or getattr(d, "id", None) == "jit" for d in node.decorator_list):
+            yield node
+
+
+def _helpers():
+    return [(path, fn) for path in KERNEL_FILES for fn in _jit_functions(path) if not fn.name.endswith("_kernel")]
+
+
+def _returned_values(fn):
+    return max((len(r.value.elts) if isinstance(r.value, ast.Tuple) else 1
+                for r in ast.walk(fn) if isinstance(r, ast.Return) and r.value is not None), default=0)
+
+
+def test_the_kernel_files_have_jit_helpers():
+    names = {fn.name for _, fn in _helpers()}
+    assert {"_window_rows", "_query_rows", "_key_rows", "_load_query_grads"} <= names, names
+
+
+@pytest.mark.parametrize("path,name", [(path, fn.name) for path, fn in _helpers()])
+def test_jit_helpers_take_few_arguments_and_return_few_values(path, name):
+    (fn,) = [f for f in _jit_functions(path) if f.name == name]
+    assert len(fn.args.args) <= MAX_HELPER_ARGS, (
+        f"{path}: {name} takes {len(fn.args.args)} arguments; group them (tuples) to at most {MAX_HELPER_ARGS}")
+    assert _returned_values(fn) <= MAX_HELPER_RETURNS, (
+        f"{path}: {name} returns {_returned_values(fn)} values; at most {MAX_HELPER_RETURNS}")
+
+
+@pytest.mark.parametrize("path", KERNEL_FILES)
+def test_window_layout_tuples_are_compile_time_constants(path):
+    source = (ROOT / path).read_text()
+    built = [line.strip() for line in source.splitlines() if "= (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)" in line]
+    assert built, f"{path}: no kernel builds the window layout"
+    for line in built:
+        assert line.startswith("layout: tl.constexpr = "), f"{path}: {line!r} is not a tl.constexpr"
+    for fn in _jit_functions(path):
+        for arg in fn.args.args:
+            if arg.arg == "layout":
+                assert ast.unparse(arg.annotation) == "tl.constexpr", f"{path}: {fn.name}'s layout is not tl.constexpr"
