@@ -24,7 +24,9 @@ The exit status is non-zero on a compile failure or on any spill.
 at the sweep's shapes (sweep.SHAPES: bf16, head_dim 32, their windows and heads on their shifted unpadded
 grids, a bf16 table) with the candidate set as `TILE_OVERRIDES` and recorded by the same launch path: the
 forward's two launches, and the four backward kernels where they run (not at N = 64, where the fused
-backward kernel runs with its own tiles). One row per (direction, candidate, shape, kernel, arch).
+backward kernel runs with its own tiles); a register-capped candidate only where the sweep tries it
+(`sweep.candidate_applies`: where register_cap caps at that budget). One row per (direction, candidate,
+shape, kernel, arch).
 """
 from __future__ import annotations
 
@@ -228,7 +230,7 @@ def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateRes
     """Compile a candidate's launches at a sweep shape for every arch (the candidate set as the override)."""
     from . import cost
     from . import triton_window_attention as tk
-    from .sweep import entry_key
+    from .sweep import candidate_applies, entry_key
 
     n = shape.window ** 2
     key = entry_key("bf16", shape.head_dim, n, direction)
@@ -246,6 +248,8 @@ def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateRes
         launches = [launch for kernel, ls in found.items() for launch in ls
                     if (kernel == "fwd") == (direction == "fwd")]
         for arch in ARCHS:
+            if not candidate_applies(config, n, shape.head_dim, _torch_dtype("bf16"), direction == "bwd", arch):
+                continue  # the sweep does not try it there (see sweep.candidate_applies)
             for launch in launches:
                 a = launch.kwargs
                 if (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], a.get("num_stages")) != \

@@ -53,6 +53,17 @@ CANDIDATES: Dict[str, List[Tuple[int, int, int, int, int]]] = {
 }
 
 
+
+
+def candidate_applies(config, n: int, head_dim: int, dtype, backward: bool, arch: int) -> bool:
+    """Whether a candidate is tried at a shape on sm_<arch>: uncapped ones (maxnreg MAXNREG) everywhere; a
+    register-capped one only where `register_cap` itself caps at that budget (the 16-bit forward at N = 64 or
+    N % 128 == 0 on sm_90 with triton 3.8; elsewhere a 128-register cap spills: see register_cap)."""
+    from .triton_window_attention import MAXNREG, register_cap
+
+    return config[3] >= MAXNREG or register_cap(n, head_dim, dtype, backward, arch) == config[3]
+
+
 class SweepShape(NamedTuple):
     name: str
     batch: int
@@ -171,6 +182,7 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
 
     candidates = candidates or CANDIDATES
     dtype = _torch_dtype(dtype_name)
+    arch = tk._arch(torch.empty(0, device=device))
     start = time.monotonic()
     entries: Dict[str, list] = {}
     for shape in shapes:
@@ -191,6 +203,10 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
                 if time.monotonic() - start > budget_s:
                     log(f"sweep: budget of {budget_s:.0f} s spent; {key} and later shapes not recorded")
                     return entries
+                if not candidate_applies(config, n, shape.head_dim, dtype, direction == "bwd", arch):
+                    log(f"sweep: {key} {tuple(config)} not tried: its register cap spills at this shape on "
+                        f"sm_{arch} (register_cap)")
+                    continue
                 tk.TILE_OVERRIDES[key] = tuple(config)
                 try:
                     spills = spill_reader(fn)  # the warm-up launch: compiles

@@ -167,3 +167,23 @@ def test_sweep_launches_each_candidate_under_the_interpreter(tmp_path):
     assert entries == {"fp32/hd16/N16/fwd": [32, 16, 4, 255, 2], "fp32/hd16/N16/bwd": [16, 16, 4, 255, 1]}
     assert seen == candidates["fwd"] + candidates["bwd"]
     assert tk.TILE_OVERRIDES == {}
+
+
+def test_register_capped_candidates_are_tried_only_where_register_cap_caps():
+    """A 128-register candidate spills where register_cap leaves the budget uncapped (sm_80, N = 49, 144, 576,
+    triton 3.6): the sweep and `compile_check --candidates` try it only where register_cap caps at 128."""
+    capped, uncapped = (128, 64, 8, 128, 3), (128, 64, 8, 255, 3)
+    bf16 = torch.bfloat16
+    for n in (49, 64, 144, 256, 576):
+        for arch in (80, 90):
+            assert sweep.candidate_applies(uncapped, n, 32, bf16, False, arch)
+            assert sweep.candidate_applies(capped, n, 32, bf16, False, arch) == (
+                tk.register_cap(n, 32, bf16, False, arch) == 128)
+    assert not sweep.candidate_applies(capped, 144, 32, bf16, False, 90)
+    assert not sweep.candidate_applies(capped, 256, 32, bf16, False, 80)
+    logs, timed = [], []
+    shape = sweep.SweepShape("capped-toy", 1, 12, 1, 16, 12)  # N = 144: no cap
+    entries = sweep.sweep(60.0, [shape], "bf16", "cpu", lambda fn: timed.append(1) or 1.0,
+                          {"fwd": [capped, uncapped], "bwd": []}, logs.append, lambda fn: {})
+    assert entries == {"bf16/hd16/N144/fwd": list(uncapped)} and len(timed) == 1
+    assert any("(128, 64, 8, 128, 3) not tried" in line for line in logs)
