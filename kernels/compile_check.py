@@ -236,6 +236,11 @@ def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateRes
     key = entry_key("bf16", shape.head_dim, n, direction)
     geometry = dict(grid_size=(shape.grid, shape.grid), num_heads=shape.heads,
                     window_size=(shape.window, shape.window), shift_size=(shape.window // 2,) * 2)
+    # where the sweep tries it (decided from register_cap before the candidate is set as the override)
+    archs = [arch for arch in ARCHS
+             if candidate_applies(config, n, shape.head_dim, _torch_dtype("bf16"), direction == "bwd", arch)]
+    if not archs:
+        return []
     results = []
     tk.TILE_OVERRIDES[key] = config
     try:
@@ -247,9 +252,7 @@ def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateRes
                                     f"{type(exc).__name__}: {str(exc)[:200]}")]
         launches = [launch for kernel, ls in found.items() for launch in ls
                     if (kernel == "fwd") == (direction == "fwd")]
-        for arch in ARCHS:
-            if not candidate_applies(config, n, shape.head_dim, _torch_dtype("bf16"), direction == "bwd", arch):
-                continue  # the sweep does not try it there (see sweep.candidate_applies)
+        for arch in archs:
             for launch in launches:
                 a = launch.kwargs
                 if (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], a.get("num_stages")) != \

@@ -58,7 +58,8 @@ CANDIDATES: Dict[str, List[Tuple[int, int, int, int, int]]] = {
 def candidate_applies(config, n: int, head_dim: int, dtype, backward: bool, arch: int) -> bool:
     """Whether a candidate is tried at a shape on sm_<arch>: uncapped ones (maxnreg MAXNREG) everywhere; a
     register-capped one only where `register_cap` itself caps at that budget (the 16-bit forward at N = 64 or
-    N % 128 == 0 on sm_90 with triton 3.8; elsewhere a 128-register cap spills: see register_cap)."""
+    N % 128 == 0 on sm_90 with triton 3.8; elsewhere a 128-register cap spills: see register_cap). Asked with no
+    override set for that shape (register_cap would return the override's budget)."""
     from .triton_window_attention import MAXNREG, register_cap
 
     return config[3] >= MAXNREG or register_cap(n, head_dim, dtype, backward, arch) == config[3]
