@@ -45,11 +45,11 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 # (64, 64, 4, 255), (64, 64, 4, 128) (N = 64 on sm_90) and (128, 64, 8, 128) (N % 128 == 0 on sm_90), the
 # backward's (64, 32, 8, 255). num_stages variants of those: 2 and 1 (no software pipelining: fewer live
 # registers) of the forward, whose key-block loop at N >= 144 streams several blocks (at N <= 64 one block:
-# the variants then pipeline only the loop over the program's windows), and of the backward's shared tiles. Removed: (128, 64, 4, 255, 3), which
-# spills at N = 144 (compile_check --candidates, triton 3.8: 96 B on sm_90, 48 B on sm_80; triton 3.6: 32 B on
-# sm_80; at N = 576 with triton 3.6: 32 B on sm_80, 8 B on sm_90): 128 query rows over 4 warps hold too many
-# live values at 255 registers; and the backward's (64, 64, 8, 255, 3), whose bias-table kernel spills 24 B on
-# sm_80 at N = 144 with triton 3.6 (the GPU machine's stack).
+# the variants then pipeline only the loop over the program's windows), and of the backward's shared tiles.
+# Removed (compile_check --candidates): the forward's (128, 64, 4, 255, 3), which spills at N = 144 (triton
+# 3.8: 96 B on sm_90, 48 B on sm_80; triton 3.6: 32 B on sm_80) and at N = 576 (triton 3.6: 32 B on sm_80, 8 B
+# on sm_90): 128 query rows over 4 warps hold too many live values at 255 registers; and the backward's
+# (64, 64, 8, 255, 3), whose bias-table kernel spills 24 B on sm_80 at N = 144 with triton 3.6.
 CANDIDATES: Dict[str, List[Tuple[int, int, int, int, int]]] = {
     "fwd": [(64, 64, 4, 255, 3), (128, 64, 8, 128, 3), (64, 32, 4, 255, 3), (128, 64, 8, 255, 3),
             (64, 64, 8, 255, 3),
