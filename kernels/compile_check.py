@@ -26,7 +26,10 @@ grids, a bf16 table) with the candidate set as `TILE_OVERRIDES` and recorded by 
 forward's two launches, and the four backward kernels where they run (not at N = 64, where the fused
 backward kernel runs with its own tiles); a register-capped candidate only where the sweep tries it
 (`sweep.candidate_applies`: where register_cap caps at that budget). One row per (direction, candidate,
-shape, kernel, arch).
+shape, kernel, arch). About 8 minutes on 2 shared cores with a cold Triton cache
+(`time nice python -m swinv2_fast.kernels.compile_check --candidates --jobs 1`, triton 3.8: 8m25s for 324
+compilations, 0 spills, before the last candidate was dropped; triton 3.6 about 11 minutes): a check to run
+before changing sweep.CANDIDATES, too long for CI.
 """
 from __future__ import annotations
 
