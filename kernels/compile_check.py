@@ -4,6 +4,7 @@
     python -m swinv2_fast.kernels.compile_check --published   # the gate over the published models' head dims
     python -m swinv2_fast.kernels.compile_check --head-dims 10,30  # the gate over chosen head dims
     python -m swinv2_fast.kernels.compile_check --cost        # the static cost report (see kernels/cost.py)
+    python -m swinv2_fast.kernels.compile_check --candidates  # the GPU tile sweep's candidates (kernels/sweep.py)
 
 A specialization is fixed by the kernel (forward; backward: softmax statistics and delta = rowsum(P * dP),
 dq, dk/dv, bias table and scale), the projection dtype (fp32, fp16, bf16; fp64, which gradcheck uses, runs
@@ -18,6 +19,17 @@ the JIT would (Triton's binder, `triton.compile` for a `GPUTarget`, down to the 
 load). Registers are read with the `cuobjdump -res-usage` that ships in the Triton wheel, spills from its
 `-sass` (bytes of local-memory stores and loads, `cost.resource_usage`); shared memory is Triton's figure.
 The exit status is non-zero on a compile failure or on any spill.
+
+--candidates compiles every configuration of the tile sweep's table (sweep.CANDIDATES, num_stages included)
+at the sweep's shapes (sweep.SHAPES: bf16, head_dim 32, their windows and heads on their shifted unpadded
+grids, a bf16 table) with the candidate set as `TILE_OVERRIDES` and recorded by the same launch path: the
+forward's two launches, and the four backward kernels where they run (not at N = 64, where the fused
+backward kernel runs with its own tiles); a register-capped candidate only where the sweep tries it
+(`sweep.candidate_applies`: where register_cap caps at that budget). One row per (direction, candidate,
+shape, kernel, arch). About 8 minutes on 2 shared cores with a cold Triton cache
+(`time nice python -m swinv2_fast.kernels.compile_check --candidates --jobs 1`, triton 3.8: 8m25s for 324
+compilations, 0 spills, before the last candidate was dropped; triton 3.6 about 11 minutes): a check to run
+before changing sweep.CANDIDATES, too long for CI.
 """
 from __future__ import annotations
 
@@ -192,6 +204,94 @@ def format_table(results: List[Result]) -> str:
     return "\n".join(lines)
 
 
+class CandidateResult(NamedTuple):
+    direction: str
+    config: tuple
+    shape: str
+    n: int
+    kernel: str
+    arch: int
+    registers: int
+    spill_bytes: int
+    error: str
+
+
+def candidate_work():
+    """(direction, candidate, shape) the --candidates gate compiles: every candidate at every sweep shape, the
+    backward's only where its four kernels run."""
+    import torch
+
+    from .sweep import CANDIDATES, SHAPES
+    from .triton_window_attention_backward import fused_backward_applies
+
+    return [(direction, tuple(config), shape) for shape in SHAPES for direction, configs in CANDIDATES.items()
+            for config in configs
+            if direction == "fwd" or not fused_backward_applies(shape.window ** 2, shape.head_dim, torch.bfloat16)]
+
+
+def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateResult]:
+    """Compile a candidate's launches at a sweep shape for every arch (the candidate set as the override)."""
+    from . import cost
+    from . import triton_window_attention as tk
+    from .sweep import candidate_applies, entry_key
+
+    n = shape.window ** 2
+    key = entry_key("bf16", shape.head_dim, n, direction)
+    geometry = dict(grid_size=(shape.grid, shape.grid), num_heads=shape.heads,
+                    window_size=(shape.window, shape.window), shift_size=(shape.window // 2,) * 2)
+    # where the sweep tries it (decided from register_cap before the candidate is set as the override)
+    archs = [arch for arch in ARCHS
+             if candidate_applies(config, n, shape.head_dim, _torch_dtype("bf16"), direction == "bwd", arch)]
+    if not archs:
+        return []
+    results = []
+    tk.TILE_OVERRIDES[key] = config
+    try:
+        try:
+            found = cost.reference_launches(shape.window, "bf16", shape.head_dim, geometry, bias=True,
+                                            backward=direction == "bwd")
+        except Exception as exc:
+            return [CandidateResult(direction, config, shape.name, n, "-", 0, -1, -1,
+                                    f"{type(exc).__name__}: {str(exc)[:200]}")]
+        launches = [launch for kernel, ls in found.items() for launch in ls
+                    if (kernel == "fwd") == (direction == "fwd")]
+        for arch in archs:
+            for launch in launches:
+                a = launch.kwargs
+                if (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], a.get("num_stages")) != \
+                        (config[0], config[1], config[2], config[4]):
+                    raise RuntimeError(f"{key}: the launch of {launch.kernel} did not take the candidate {config}")
+                try:
+                    _, usage, sass = cost.compile_launch(launch, arch)
+                    regs, spill = cost.resource_usage(usage, sass)
+                    results.append(CandidateResult(direction, config, shape.name, n, launch.kernel, arch, regs,
+                                                   spill, ""))
+                except Exception as exc:
+                    lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
+                    results.append(CandidateResult(direction, config, shape.name, n, launch.kernel, arch, -1, -1,
+                                                   f"{type(exc).__name__}: {lines[-1][:200]}"))
+    finally:
+        del tk.TILE_OVERRIDES[key]
+    return results
+
+
+def _compile_candidate_star(args):
+    return compile_candidate(*args)
+
+
+def candidates_report(jobs: int) -> int:
+    results = [r for rs in run_spawned(_compile_candidate_star, candidate_work(), jobs) for r in rs]
+    print(f"{'dir':<4} {'candidate (M,N,warps,maxnreg,stages)':<38} {'shape':<14} {'N':>4} {'kernel':<10} "
+          f"{'arch':<6} {'regs':>5} {'spill B':>8}")
+    for r in results:
+        row = (f"{r.direction:<4} {str(r.config):<38} {r.shape:<14} {r.n:>4} {r.kernel:<10} sm_{r.arch:<3}")
+        print(f"{row} FAILED {r.error}" if r.error else f"{row} {r.registers:>5} {r.spill_bytes:>8}")
+    failed = [r for r in results if r.error]
+    spilled = [r for r in results if not r.error and r.spill_bytes > 0]
+    print(f"\n{len(results)} compilations: {len(failed)} failed, {len(spilled)} with spills")
+    return 1 if failed or spilled else 0
+
+
 def cost_report(jobs: int, only: str = "") -> int:
     from . import cost
 
@@ -223,7 +323,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="",
                         help="with --cost: comma-separated filters kernel=,dtype=,head_dim=,window=,arch= (values "
                              "joined by +)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="the GPU tile sweep's candidates (kernels/sweep.py CANDIDATES) at its shapes")
     args = parser.parse_args(argv)
+    if args.candidates:
+        return candidates_report(args.jobs)
     if args.cost:
         return cost_report(args.jobs, args.only)
     head_dims = tuple(int(h) for h in args.head_dims.split(",") if h) or None

@@ -11,24 +11,64 @@ budget (default 50 s) is spent; a shape is recorded only if all its candidates w
 
 The result, committed as `kernels/tuned_tiles.json` (package data), is read by `block_config` and
 `register_cap` on a CUDA device (never under the interpreter, whose tests keep one fixed configuration):
-entries keyed "<dtype>/hd<head_dim>/N<n>/<fwd|bwd>" -> [BLOCK_M, BLOCK_N, num_warps, maxnreg]. Without a
-sweep on record the defaults are the best-scoring candidates of the static cost report (compile_check --cost).
+entries keyed "<dtype>/hd<head_dim>/N<n>/<fwd|bwd>" -> [BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages]
+(a malformed entry raises, naming the file and the key). A recorded entry passes num_stages to the launch;
+without a record the launch passes none (Triton's default, 3 on CUDA) and the tiles and register cap are
+the tables' (the defaults: the best-scoring candidates of the static cost report, compile_check --cost).
+
+Spills: the warm-up launch returns each kernel's CompiledKernel (JITFunction.run returns it in triton 3.6
+and 3.8); the sweep reads the spill bytes of its cubin as the spill gate does (`cost.resource_usage`:
+local-memory stores and loads in the SASS) and rejects a candidate that spills at that shape (logged).
+
+The backward candidates set the four-kernel backward's tiles. Where the one fused backward kernel runs
+(`fused_backward_applies`: fp16/bf16 windows of 64 tokens or at most 32, head dims up to 32) it fixes its own
+tiles, warps and num_stages=1, so a "bwd" candidate changes nothing there: the sweep times no "bwd" candidate
+at such a shape, says so in its log and records nothing for it (SHAPES' N = 64 rows record "fwd" only).
+Every candidate compiles without spills at SHAPES for sm_80 and sm_90 where the sweep tries it, with triton
+3.8 and 3.6 (`compile_check --candidates`; a register-capped candidate is tried only where `register_cap`
+caps at its budget: `candidate_applies`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-# (BLOCK_M, BLOCK_N, num_warps, maxnreg): the defaults of block_config/register_cap are among them
-CANDIDATES: Dict[str, List[Tuple[int, int, int, int]]] = {
-    "fwd": [(64, 64, 4, 255), (128, 64, 8, 128), (64, 32, 4, 255), (128, 64, 8, 255), (128, 64, 4, 255),
-            (64, 64, 8, 255)],
-    "bwd": [(64, 32, 8, 255), (64, 64, 8, 255), (64, 32, 4, 255), (32, 32, 4, 255)],
+# (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages). The defaults of block_config/register_cap are among them
+# with num_stages 3, what today's launches get without passing any (Triton's default on CUDA): the forward's
+# (64, 64, 4, 255), (64, 64, 4, 128) (N = 64 on sm_90) and (128, 64, 8, 128) (N % 128 == 0 on sm_90), the
+# backward's (64, 32, 8, 255). num_stages variants of those: 2 and 1 (no software pipelining: fewer live
+# registers) of the forward, whose key-block loop at N >= 144 streams several blocks (at N <= 64 one block:
+# the variants then pipeline only the loop over the program's windows), and of the backward's shared tiles.
+# Removed (compile_check --candidates): the forward's (128, 64, 4, 255, 3), which spills at N = 144 (triton
+# 3.8: 96 B on sm_90, 48 B on sm_80; triton 3.6: 32 B on sm_80) and at N = 576 (triton 3.6: 32 B on sm_80, 8 B
+# on sm_90): 128 query rows over 4 warps hold too many live values at 255 registers; and the backward's
+# (64, 64, 8, 255, 3), whose bias-table kernel spills 24 B on sm_80 at N = 144 with triton 3.6.
+CANDIDATES: Dict[str, List[Tuple[int, int, int, int, int]]] = {
+    "fwd": [(64, 64, 4, 255, 3), (128, 64, 8, 128, 3), (64, 32, 4, 255, 3), (128, 64, 8, 255, 3),
+            (64, 64, 8, 255, 3),
+            (64, 64, 4, 128, 3), (64, 64, 4, 255, 2), (128, 64, 8, 128, 2), (64, 64, 4, 255, 1)],
+    "bwd": [(64, 32, 8, 255, 3), (64, 32, 4, 255, 3), (32, 32, 4, 255, 3),
+            (64, 32, 8, 255, 2), (64, 32, 8, 255, 1)],
 }
+
+
+
+
+def candidate_applies(config, n: int, head_dim: int, dtype, backward: bool, arch: int) -> bool:
+    """Whether a candidate is tried at a shape on sm_<arch>: uncapped ones (maxnreg MAXNREG) everywhere; a
+    register-capped one only where `register_cap` itself caps at that budget (the 16-bit forward at N = 64 or
+    N % 128 == 0 on sm_90 with triton 3.8; elsewhere a 128-register cap spills: see register_cap). Asked with no
+    override set for that shape (register_cap would return the override's budget)."""
+    from .triton_window_attention import MAXNREG, register_cap
+
+    return config[3] >= MAXNREG or register_cap(n, head_dim, dtype, backward, arch) == config[3]
 
 
 class SweepShape(NamedTuple):
@@ -65,7 +105,7 @@ def _inputs(shape: SweepShape, dtype, device):
     qkv = torch.randn(shape.batch, shape.grid * shape.grid, 3 * C, generator=gen).to(device, dtype)
     bias = (0.1 * torch.randn(3 * C, generator=gen)).to(device, dtype)
     logit_scale = torch.log(10 * torch.ones(shape.heads, 1, 1)).to(device)
-    table = torch.randn(shape.heads, n, n, generator=gen).to(device)
+    table = torch.randn(shape.heads, n, n, generator=gen).to(device, dtype)  # a bf16/fp16 model's table
     grad_out = torch.randn(shape.batch, shape.grid * shape.grid, C, generator=gen).to(device, dtype)
     geometry = WindowGeometry.from_args((shape.grid, shape.grid), shape.heads, shape.window, shape.window // 2)
     return qkv, bias, logit_scale, table, grad_out, geometry
@@ -77,18 +117,79 @@ def _do_bench(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=25))
 
 
+@contextlib.contextmanager
+def capturing_launches():
+    """Launch as usual, and collect (kernel short name, what the launch returned) for each launch of a
+    `*_kernel` global of the kernel modules: the CompiledKernel on a GPU (triton 3.6 and 3.8)."""
+    from . import triton_window_attention as tk
+    from . import triton_window_attention_backward as tkb
+    from .cost import _short
+
+    captured: List[Tuple[str, object]] = []
+    saved = {(module, name): fn for module in (tk, tkb) for name, fn in vars(module).items()
+             if name.endswith("_kernel")}
+
+    class _Capture:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                result = self.fn[grid](*args, **kwargs)
+                captured.append((_short(self.name), result))
+                return result
+            return launch
+
+    try:
+        for (module, name), fn in saved.items():
+            setattr(module, name, _Capture(name, fn))
+        yield captured
+    finally:
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
+
+
+def compiled_spill_bytes(compiled) -> int:
+    """Spill bytes of a CompiledKernel's cubin, as the spill gate counts them (`cost.resource_usage`)."""
+    from .cost import _nvidia_bin, resource_usage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as fh:
+            fh.write(compiled.asm["cubin"])
+        usage, sass = (subprocess.run([_nvidia_bin("cuobjdump"), flag, cubin], capture_output=True, text=True,
+                                      check=True).stdout for flag in ("-res-usage", "-sass"))
+    return resource_usage(usage, sass)[1]
+
+
+def launch_spills(fn) -> Dict[str, int]:
+    """Run fn (the warm-up launch, which compiles) and return the spill bytes of each kernel it launched."""
+    with capturing_launches() as captured:
+        fn()
+    spills: Dict[str, int] = {}
+    for name, compiled in captured:
+        if compiled is None or not hasattr(compiled, "asm"):
+            raise RuntimeError(f"the launch of {name} returned {compiled!r}, not a CompiledKernel: the sweep needs "
+                               "compiled kernels on a CUDA device")
+        spills[name] = max(spills.get(name, 0), compiled_spill_bytes(compiled))
+    return spills
+
+
 def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_name: str = "bf16",
-          device: str = "cuda", timer: Callable = _do_bench, candidates=None, log=print) -> Dict[str, list]:
+          device: str = "cuda", timer: Callable = _do_bench, candidates=None, log=print,
+          spill_reader: Callable = launch_spills) -> Dict[str, list]:
     """Time every candidate of each direction at each shape until the budget is spent; the fastest per
-    (shape, direction), as entries for tuned_tiles.json."""
+    (shape, direction) among those that do not spill, as entries for tuned_tiles.json. `spill_reader(fn)`
+    runs the warm-up launch fn and returns {kernel: spill bytes}; a candidate with spills is not timed."""
     import torch
 
     from . import triton_window_attention as tk
     from .compile_check import _torch_dtype
-    from .triton_window_attention_backward import window_attention_triton_backward
+    from .triton_window_attention_backward import fused_backward_applies, window_attention_triton_backward
 
     candidates = candidates or CANDIDATES
     dtype = _torch_dtype(dtype_name)
+    arch = tk._arch(torch.empty(0, device=device))
     start = time.monotonic()
     entries: Dict[str, list] = {}
     for shape in shapes:
@@ -100,21 +201,35 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
         }
         for direction, fn in runs.items():
             key = entry_key(dtype_name, shape.head_dim, n, direction)
+            if direction == "bwd" and fused_backward_applies(n, shape.head_dim, dtype):
+                log(f"sweep: {shape.name} {key}: the fused backward kernel runs at this shape (its own tiles, "
+                    f"warps and num_stages=1): no bwd candidate has an effect; nothing timed or recorded")
+                continue
             times = {}
             for config in candidates[direction]:
                 if time.monotonic() - start > budget_s:
                     log(f"sweep: budget of {budget_s:.0f} s spent; {key} and later shapes not recorded")
                     return entries
+                if not candidate_applies(config, n, shape.head_dim, dtype, direction == "bwd", arch):
+                    log(f"sweep: {key} {tuple(config)} not tried: its register cap spills at this shape on "
+                        f"sm_{arch} (register_cap)")
+                    continue
                 tk.TILE_OVERRIDES[key] = tuple(config)
                 try:
-                    fn()  # compiles
+                    spills = spill_reader(fn)  # the warm-up launch: compiles
                     torch.cuda.synchronize() if device == "cuda" else None
+                    spilled = {k: b for k, b in spills.items() if b > 0}
+                    if spilled:
+                        log(f"sweep: {key} {tuple(config)} rejected: spills "
+                            + ", ".join(f"{k} {b} B" for k, b in sorted(spilled.items())))
+                        continue
                     times[tuple(config)] = timer(fn)
                 except Exception as exc:  # a candidate that does not compile or launch is not a pick
                     log(f"sweep: {key} {config} failed: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
                 finally:
                     del tk.TILE_OVERRIDES[key]
             if not times:
+                log(f"sweep: {shape.name} {key}: no candidate timed; nothing recorded")
                 continue
             best = min(times, key=times.get)
             entries[key] = list(best)

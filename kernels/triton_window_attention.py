@@ -483,27 +483,48 @@ def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
 
 # Tiles set by the GPU tile sweep while it times a candidate (kernels/sweep.py), then those it recorded
 # (kernels/tuned_tiles.json, read on a CUDA machine with compiled kernels only): "<dtype>/hd<head_dim>/N<n>/
-# <fwd|bwd>" -> (BLOCK_M, BLOCK_N, num_warps, maxnreg).
-TILE_OVERRIDES: Dict[str, Tuple[int, int, int, int]] = {}
+# <fwd|bwd>" -> (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages). Without a record or override the launch
+# gets the tables' tiles, `register_cap`'s budget and no num_stages (Triton's default, 3 on CUDA).
+TUNED_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "maxnreg", "num_stages")
+TILE_OVERRIDES: Dict[str, Tuple[int, int, int, int, int]] = {}
+TUNED_TILES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_tiles.json")
+
+
+def tuned_entry(value, where: str) -> Tuple[int, int, int, int, int]:
+    """One tuned configuration, checked: five positive integers in the order of TUNED_FIELDS."""
+    if (not isinstance(value, (list, tuple)) or len(value) != len(TUNED_FIELDS)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ValueError(f"{where}: expected {len(TUNED_FIELDS)} positive integers [{', '.join(TUNED_FIELDS)}], "
+                         f"got {value!r}")
+    return tuple(value)
+
+
+def load_tuned_tiles(path: str) -> Dict[str, Tuple[int, int, int, int, int]]:
+    """The entries of a tile sweep's record ({"entries": {key: [BLOCK_M, BLOCK_N, num_warps, maxnreg,
+    num_stages]}, ...}); a malformed file or entry raises, naming the file and the key."""
+    with open(path) as fh:
+        data = json.load(fh)
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: expected a JSON object with an \"entries\" object, got {str(data)[:200]}")
+    return {key: tuned_entry(value, f"{path}: entry {key!r}") for key, value in entries.items()}
 
 
 @functools.lru_cache(maxsize=None)
-def _recorded_tiles() -> Dict[str, Tuple[int, int, int, int]]:
-    if INTERPRETED or not torch.cuda.is_available():
+def _recorded_tiles() -> Dict[str, Tuple[int, int, int, int, int]]:
+    if INTERPRETED or not torch.cuda.is_available() or not os.path.exists(TUNED_TILES_PATH):
         return {}
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_tiles.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as fh:
-        return {key: tuple(value) for key, value in json.load(fh)["entries"].items()}
+    return load_tuned_tiles(TUNED_TILES_PATH)
 
 
-def _tuned(n: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Optional[Tuple[int, int, int, int]]:
+def _tuned(n: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Optional[Tuple[int, int, int, int, int]]:
     name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype)
     if name is None:
         return None
     key = f"{name}/hd{head_dim}/N{n}/{'bwd' if backward else 'fwd'}"
-    return TILE_OVERRIDES.get(key) or _recorded_tiles().get(key)
+    if key in TILE_OVERRIDES:
+        return tuned_entry(TILE_OVERRIDES[key], f"TILE_OVERRIDES[{key!r}]")
+    return _recorded_tiles().get(key)
 
 
 def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False) -> Tuple[int, int, int]:
@@ -522,6 +543,13 @@ def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = Fal
     if dtype != torch.float32 and block_d <= 32:
         return _forward_tiles_16bit(n)
     return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[block_d]
+
+
+def launch_stages(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False) -> Optional[int]:
+    """num_stages for the launch: a tile sweep's record or override where there is one, else None (the launch
+    passes none: Triton's default, 3 on CUDA)."""
+    tuned = _tuned(n, head_dim, dtype, backward)
+    return None if tuned is None else tuned[4]
 
 
 def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: int = 90,
@@ -621,11 +649,15 @@ def _flags(qkv, qkv_bias, pad_order, head_dim, g: _Geometry, backward=False):
     specialisations."""
     block_m, block_n, num_warps = block_config(g.N, head_dim, qkv.dtype, backward)
     padded = g.HP * g.WP != g.H * g.W
-    return dict(HEAD_DIM=head_dim, BLOCK_D=channel_block(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-                SHIFTED=g.SH > 0 or g.SW > 0, PADDED=padded,
-                ROLL_THEN_PAD=padded and pad_order == ROLL_THEN_PAD, HAS_BIAS=padded and qkv_bias is not None,
-                FULL_DOT=qkv.dtype in (torch.float32, torch.float64), num_warps=num_warps,
-                maxnreg=register_cap(g.N, head_dim, qkv.dtype, backward, _arch(qkv), padded))
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=channel_block(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+                 SHIFTED=g.SH > 0 or g.SW > 0, PADDED=padded,
+                 ROLL_THEN_PAD=padded and pad_order == ROLL_THEN_PAD, HAS_BIAS=padded and qkv_bias is not None,
+                 FULL_DOT=qkv.dtype in (torch.float32, torch.float64), num_warps=num_warps,
+                 maxnreg=register_cap(g.N, head_dim, qkv.dtype, backward, _arch(qkv), padded))
+    stages = launch_stages(g.N, head_dim, qkv.dtype, backward)
+    if stages is not None:  # only a sweep's record or override: otherwise today's launch, Triton's default
+        flags["num_stages"] = stages
+    return flags
 
 
 def _arch(t: torch.Tensor) -> int:

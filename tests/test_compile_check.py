@@ -56,3 +56,41 @@ def test_launchable_specs_cover_what_the_host_launches():
     # the published models' head dims (Swin V2's 32, Swin2SR's 30 and 10): fused backward in every dtype
     for head_dim in (32, 30, 10):
         assert all(fused_backward_supported(head_dim, d) for d in (torch.float32, torch.float16, torch.bfloat16))
+
+
+def test_candidates_gate_compiles_each_candidate_where_the_sweep_tries_it(monkeypatch):
+    """compile_check --candidates: every candidate at every sweep shape (bwd only where the four kernels run),
+    each launch recorded with the candidate's tiles and num_stages; a register-capped candidate only on the
+    archs where register_cap caps at its budget. Compiling is replaced by a stand-in (nothing compiled)."""
+    import torch
+
+    from swinv2_fast.kernels import compile_check, cost, sweep
+    from swinv2_fast.kernels.triton_window_attention import TILE_OVERRIDES, register_cap
+    from swinv2_fast.kernels.triton_window_attention_backward import fused_backward_applies
+
+    work = compile_check.candidate_work()
+    for shape in sweep.SHAPES:
+        n = shape.window ** 2
+        for direction, configs in sweep.CANDIDATES.items():
+            expected = direction == "fwd" or not fused_backward_applies(n, shape.head_dim, torch.bfloat16)
+            assert all(((direction, c, shape) in work) == expected for c in configs), (shape.name, direction)
+    compiled = []
+
+    def fake_compile(launch, arch):
+        compiled.append((launch.kernel, arch, launch.kwargs["num_stages"], launch.kwargs["BLOCK_M"]))
+        return None, "REG:100", ""
+
+    monkeypatch.setattr(cost, "compile_launch", fake_compile)
+    monkeypatch.setattr(cost, "resource_usage", lambda usage, sass: (100, 0))
+    by_n = {s.window ** 2: s for s in sweep.SHAPES}
+    rows = compile_check.compile_candidate("bwd", (32, 32, 4, 255, 2), by_n[256])
+    assert sorted({(k, a) for k, a, _, _ in compiled}) == sorted(
+        (k, a) for k in ("bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats") for a in compile_check.ARCHS)
+    assert {(s, m) for _, _, s, m in compiled} == {(2, 32)} and len(rows) == len(compiled)
+    for n in (144, 256):
+        compiled.clear()
+        rows = compile_check.compile_candidate("fwd", (128, 64, 8, 128, 1), by_n[n])
+        archs = [a for a in compile_check.ARCHS if register_cap(n, 32, torch.bfloat16, False, a) == 128]
+        assert sorted({a for _, a, _, _ in compiled}) == archs and all(s == 1 for _, _, s, _ in compiled)
+        assert 80 not in archs and (n == 256 or not archs)
+    assert TILE_OVERRIDES == {}

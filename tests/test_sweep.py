@@ -1,0 +1,189 @@
+"""The GPU tile sweep's table, its record format and its selection logic, on CPU: a stand-in timer and spill
+reader (nothing is compiled or run), and launches recorded on meta tensors (cost.recording_launches)."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from swinv2_fast.kernels import cost, sweep  # noqa: E402
+from swinv2_fast.kernels import triton_window_attention as tk  # noqa: E402
+from swinv2_fast.kernels.triton_window_attention_backward import fused_backward_applies  # noqa: E402
+
+
+def test_candidates_are_five_values_and_hold_todays_launches():
+    """(BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages) each; at every sweep shape today's launch (the tables'
+    tiles, register_cap's sm_90 budget, Triton's default num_stages 3) is a candidate, so a pick is never
+    slower than it; num_stages variants are in the table."""
+    for direction, configs in sweep.CANDIDATES.items():
+        assert configs and len(set(configs)) == len(configs), direction
+        for config in configs:
+            assert tk.tuned_entry(config, direction) == tuple(config)
+        assert {c[4] for c in configs} >= {1, 2, 3} if direction == "fwd" else {2, 3} <= {c[4] for c in configs}
+    for shape in sweep.SHAPES:
+        n = shape.window ** 2
+        for direction in ("fwd", "bwd"):
+            backward = direction == "bwd"
+            if backward and fused_backward_applies(n, shape.head_dim, torch.bfloat16):
+                continue
+            today = tk.block_config(n, shape.head_dim, torch.bfloat16, backward) + (
+                tk.register_cap(n, shape.head_dim, torch.bfloat16, backward, 90), 3)
+            assert today in sweep.CANDIDATES[direction], (shape.name, direction, today)
+
+
+def _launch_options(window, backward, head_dim=32, dtype="bf16"):
+    found = cost.reference_launches(window, dtype, head_dim, backward=backward)
+    return {kernel: [launch.kwargs for launch in launches] for kernel, launches in found.items()}
+
+
+def test_num_stages_reaches_the_launch_only_when_recorded():
+    key_fwd = sweep.entry_key("bf16", 32, 256, "fwd")
+    key_bwd = sweep.entry_key("bf16", 32, 256, "bwd")
+    # nothing recorded: the launch options are today's (no num_stages: Triton's default)
+    for kernel, options in _launch_options(16, True).items():
+        for kwargs in options:
+            assert "num_stages" not in kwargs, kernel
+    try:
+        tk.TILE_OVERRIDES[key_fwd] = (64, 64, 4, 255, 2)
+        tk.TILE_OVERRIDES[key_bwd] = (32, 32, 4, 255, 1)
+        found = _launch_options(16, True)
+        assert sorted(found) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"]
+        for kernel, options in found.items():
+            for kwargs in options:
+                expected = (64, 64, 4, 255, 2) if kernel == "fwd" else (32, 32, 4, 255, 1)
+                assert tuple(kwargs[f] for f in tk.TUNED_FIELDS) == expected, kernel
+    finally:
+        tk.TILE_OVERRIDES.clear()
+    # the fused backward (N = 64) keeps its own num_stages=1, tiles and warps, and the forward at another N
+    # is untouched by a record at N = 256
+    tk.TILE_OVERRIDES[key_fwd] = (64, 64, 4, 255, 2)
+    try:
+        found = _launch_options(8, True)
+        assert "num_stages" not in found["fwd"][0]
+        assert found["bwd_fused"][0]["num_stages"] == 1
+    finally:
+        tk.TILE_OVERRIDES.clear()
+
+
+def test_malformed_record_raises_naming_file_key_and_values(tmp_path):
+    path = tmp_path / "tuned_tiles.json"
+    good = {"bf16/hd32/N256/fwd": [128, 64, 8, 128, 2]}
+    path.write_text(json.dumps({"device": "x", "triton": "3.6.0", "entries": good}))
+    assert tk.load_tuned_tiles(str(path)) == {"bf16/hd32/N256/fwd": (128, 64, 8, 128, 2)}
+    path.write_text(json.dumps({"entries": {"bf16/hd32/N256/fwd": [128, 64, 8, 128]}}))
+    with pytest.raises(ValueError) as info:
+        tk.load_tuned_tiles(str(path))
+    message = str(info.value)
+    assert str(path) in message and "bf16/hd32/N256/fwd" in message and "num_stages" in message
+    assert "[128, 64, 8, 128]" in message
+    path.write_text(json.dumps({"bf16/hd32/N256/fwd": [128, 64, 8, 128, 2]}))  # no "entries"
+    with pytest.raises(ValueError, match="entries"):
+        tk.load_tuned_tiles(str(path))
+    tk.TILE_OVERRIDES["bf16/hd32/N256/fwd"] = (128, 64, 8, 128)
+    try:
+        with pytest.raises(ValueError, match=r"TILE_OVERRIDES\['bf16/hd32/N256/fwd'\].*got \(128, 64, 8, 128\)"):
+            tk.block_config(256, 32, torch.bfloat16)
+    finally:
+        tk.TILE_OVERRIDES.clear()
+
+
+def test_sweep_rejects_spilling_candidates_and_skips_bwd_where_the_fused_kernel_runs(tmp_path):
+    """Selection with a stand-in timer and spill reader (nothing launched): the fastest candidate that does not
+    spill is recorded; a spilling candidate is never timed; at a shape where the fused backward runs no bwd
+    candidate is tried and nothing is recorded, and the log says so."""
+    fp32 = sweep.SweepShape("fp32-toy", 1, 8, 1, 16, 4)  # N = 16, fp32: the four backward kernels
+    candidates = {"fwd": [(16, 16, 4, 255, 3), (32, 16, 4, 255, 3), (32, 16, 4, 255, 1)],
+                  "bwd": [(16, 16, 4, 255, 3), (16, 16, 4, 255, 2)]}
+    fast = {(16, 16, 4, 255, 3): 3.0, (32, 16, 4, 255, 3): 2.0, (32, 16, 4, 255, 1): 1.0,  # the fastest spills
+            (16, 16, 4, 255, 2): 0.5}
+    spilling = {(32, 16, 4, 255, 1), (16, 16, 4, 255, 2)}
+    read, timed, logs = [], [], []
+
+    def spill_reader(fn):
+        (key, config), = tk.TILE_OVERRIDES.items()
+        read.append((key, config))
+        return {"fwd" if key.endswith("fwd") else "bwd_dq": 48 if config in spilling else 0}
+
+    def timer(fn):
+        (key, config), = tk.TILE_OVERRIDES.items()
+        timed.append((key, config))
+        return fast[config]
+
+    entries = sweep.sweep(60.0, [fp32], "fp32", "cpu", timer, candidates, logs.append, spill_reader)
+    assert entries == {"fp32/hd16/N16/fwd": [32, 16, 4, 255, 3], "fp32/hd16/N16/bwd": [16, 16, 4, 255, 3]}
+    assert [c for _, c in read] == candidates["fwd"] + candidates["bwd"]
+    assert not spilling & {c for _, c in timed}
+    assert any("(32, 16, 4, 255, 1) rejected: spills fwd 48 B" in line for line in logs)
+    assert tk.TILE_OVERRIDES == {}
+
+    bf16 = sweep.SweepShape("bf16-toy", 1, 8, 1, 16, 8)  # N = 64 in bf16: the fused backward kernel
+    assert fused_backward_applies(64, 16, torch.bfloat16)
+    read.clear(), logs.clear()
+    entries = sweep.sweep(60.0, [bf16], "bf16", "cpu", timer, {**candidates, "fwd": candidates["fwd"][:2]},
+                          logs.append, spill_reader)
+    assert entries == {"bf16/hd16/N64/fwd": [32, 16, 4, 255, 3]}
+    assert all(key.endswith("fwd") for key, _ in read)
+    assert any("bf16/hd16/N64/bwd" in line and "fused backward" in line and "nothing" in line for line in logs)
+    sweep.write(entries, str(tmp_path / "tuned_tiles.json"), "cpu")
+    assert tk.load_tuned_tiles(str(tmp_path / "tuned_tiles.json")) == {"bf16/hd16/N64/fwd": (32, 16, 4, 255, 3)}
+
+
+def test_sweep_shapes_n64_records_forward_only():
+    """SHAPES' N = 64 row: the fused backward runs there, so the sweep records only its forward."""
+    n64 = [s for s in sweep.SHAPES if s.window == 8]
+    assert n64 and all(fused_backward_applies(64, s.head_dim, torch.bfloat16) for s in n64)
+
+
+def test_sweep_launches_each_candidate_under_the_interpreter(tmp_path):
+    """The sweep's plumbing end to end on the interpreter (tiny shape): each candidate's tiles and num_stages
+    reach block_config / register_cap / the launch while it is timed, the fastest is recorded per direction,
+    and nothing stays overridden. (Replaces test_kernel_cost's 4-value version.)"""
+    from _utils import INTERPRETER, count_launches
+
+    if not INTERPRETER:
+        pytest.skip("the sweep proper runs on the GPU (scripts/gpu.sh)")
+    seen = []
+
+    def timer(fn):
+        (key, config), = tk.TILE_OVERRIDES.items()
+        backward = key.endswith("bwd")
+        assert tk.block_config(16, 16, torch.float32, backward) == config[:3]
+        assert tk.register_cap(16, 16, torch.float32, backward) == config[3]
+        assert tk.launch_stages(16, 16, torch.float32, backward) == config[4]
+        with count_launches() as launches:
+            fn()
+        assert sum(launches.values()) > 0
+        seen.append(config)
+        return {16: 2.0, 32: 1.0}[config[0]]  # 32-row tiles "faster"
+
+    def no_spills(fn):  # the interpreter compiles nothing: the warm-up launch, no spill figures
+        fn()
+        return {}
+
+    shape = sweep.SweepShape("toy", 1, 8, 1, 16, 4)
+    candidates = {"fwd": [(16, 16, 4, 255, 3), (32, 16, 4, 255, 2)], "bwd": [(16, 16, 4, 255, 1)]}
+    entries = sweep.sweep(60.0, [shape], "fp32", "cpu", timer, candidates, lambda *_: None, no_spills)
+    assert entries == {"fp32/hd16/N16/fwd": [32, 16, 4, 255, 2], "fp32/hd16/N16/bwd": [16, 16, 4, 255, 1]}
+    assert seen == candidates["fwd"] + candidates["bwd"]
+    assert tk.TILE_OVERRIDES == {}
+
+
+def test_register_capped_candidates_are_tried_only_where_register_cap_caps():
+    """A 128-register candidate spills where register_cap leaves the budget uncapped (sm_80, N = 49, 144, 576,
+    triton 3.6): the sweep and `compile_check --candidates` try it only where register_cap caps at 128."""
+    capped, uncapped = (128, 64, 8, 128, 3), (128, 64, 8, 255, 3)
+    bf16 = torch.bfloat16
+    for n in (49, 64, 144, 256, 576):
+        for arch in (80, 90):
+            assert sweep.candidate_applies(uncapped, n, 32, bf16, False, arch)
+            assert sweep.candidate_applies(capped, n, 32, bf16, False, arch) == (
+                tk.register_cap(n, 32, bf16, False, arch) == 128)
+    assert not sweep.candidate_applies(capped, 144, 32, bf16, False, 90)
+    assert not sweep.candidate_applies(capped, 256, 32, bf16, False, 80)
+    logs, timed = [], []
+    shape = sweep.SweepShape("capped-toy", 1, 12, 1, 16, 12)  # N = 144: no cap
+    entries = sweep.sweep(60.0, [shape], "bf16", "cpu", lambda fn: timed.append(1) or 1.0,
+                          {"fwd": [capped, uncapped], "bwd": []}, logs.append, lambda fn: {})
+    assert entries == {"bf16/hd16/N144/fwd": list(uncapped)} and len(timed) == 1
+    assert any("(128, 64, 8, 128, 3) not tried" in line for line in logs)
