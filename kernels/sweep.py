@@ -238,12 +238,14 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
     return entries
 
 
-def write(entries: Dict[str, list], path: str, device_name: str) -> None:
+def write(entries: Dict[str, list], path: str, device_name: str, arch: int) -> None:
+    """The record: the device's name, its architecture and the Triton version (a record applies only where
+    both match: `load_tuned_tiles`), and the entries."""
     import triton
 
     with open(path, "w") as fh:
-        json.dump({"device": device_name, "triton": triton.__version__, "entries": entries}, fh, indent=1,
-                  sort_keys=True)
+        json.dump({"device": device_name, "arch": f"sm_{arch}", "triton": triton.__version__, "entries": entries},
+                  fh, indent=1, sort_keys=True)
         fh.write("\n")
 
 
@@ -263,7 +265,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     entries = sweep(args.budget)
     path = os.path.join(args.out_dir, "tuned_tiles.json")
-    write(entries, path, torch.cuda.get_device_name())
+    major, minor = torch.cuda.get_device_capability()
+    write(entries, path, torch.cuda.get_device_name(), 10 * major + minor)
     print(f"sweep: {len(entries)} entries -> {path}")
     return 0
 

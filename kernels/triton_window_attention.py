@@ -482,7 +482,8 @@ def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
 
 
 # Tiles set by the GPU tile sweep while it times a candidate (kernels/sweep.py), then those it recorded
-# (kernels/tuned_tiles.json, read on a CUDA machine with compiled kernels only): "<dtype>/hd<head_dim>/N<n>/
+# (kernels/tuned_tiles.json, read on a CUDA machine with compiled kernels only, of the architecture and Triton
+# version the sweep ran on: the current device's): "<dtype>/hd<head_dim>/N<n>/
 # <fwd|bwd>" -> (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages). Without a record or override the launch
 # gets the tables' tiles, `register_cap`'s budget and no num_stages (Triton's default, 3 on CUDA).
 TUNED_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "maxnreg", "num_stages")
@@ -499,22 +500,27 @@ def tuned_entry(value, where: str) -> Tuple[int, int, int, int, int]:
     return tuple(value)
 
 
-def load_tuned_tiles(path: str) -> Dict[str, Tuple[int, int, int, int, int]]:
-    """The entries of a tile sweep's record ({"entries": {key: [BLOCK_M, BLOCK_N, num_warps, maxnreg,
-    num_stages]}, ...}); a malformed file or entry raises, naming the file and the key."""
+def load_tuned_tiles(path: str, arch: Optional[int] = None) -> Dict[str, Tuple[int, int, int, int, int]]:
+    """The entries of a tile sweep's record ({"arch": "sm_90", "triton": "3.6.0", "entries": {key: [BLOCK_M,
+    BLOCK_N, num_warps, maxnreg, num_stages]}, ...}); a malformed file or entry raises, naming the file and the
+    key. With `arch`, a record swept on another architecture or with another Triton gives no entries: its
+    picks (register caps above all) are only known to fit where they were timed and compiled."""
     with open(path) as fh:
         data = json.load(fh)
     entries = data.get("entries") if isinstance(data, dict) else None
     if not isinstance(entries, dict):
         raise ValueError(f"{path}: expected a JSON object with an \"entries\" object, got {str(data)[:200]}")
-    return {key: tuned_entry(value, f"{path}: entry {key!r}") for key, value in entries.items()}
+    checked = {key: tuned_entry(value, f"{path}: entry {key!r}") for key, value in entries.items()}
+    if arch is not None and (data.get("arch") != f"sm_{arch}" or data.get("triton") != triton.__version__):
+        return {}
+    return checked
 
 
 @functools.lru_cache(maxsize=None)
-def _recorded_tiles() -> Dict[str, Tuple[int, int, int, int, int]]:
-    if INTERPRETED or not torch.cuda.is_available() or not os.path.exists(TUNED_TILES_PATH):
+def _recorded_tiles(arch: int) -> Dict[str, Tuple[int, int, int, int, int]]:
+    if INTERPRETED or not os.path.exists(TUNED_TILES_PATH):
         return {}
-    return load_tuned_tiles(TUNED_TILES_PATH)
+    return load_tuned_tiles(TUNED_TILES_PATH, arch)
 
 
 def _tuned(n: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Optional[Tuple[int, int, int, int, int]]:
@@ -524,7 +530,10 @@ def _tuned(n: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Optiona
     key = f"{name}/hd{head_dim}/N{n}/{'bwd' if backward else 'fwd'}"
     if key in TILE_OVERRIDES:
         return tuned_entry(TILE_OVERRIDES[key], f"TILE_OVERRIDES[{key!r}]")
-    return _recorded_tiles().get(key)
+    if INTERPRETED or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return _recorded_tiles(10 * major + minor).get(key)
 
 
 def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False) -> Tuple[int, int, int]:

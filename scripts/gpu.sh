@@ -125,7 +125,7 @@ run_step bench "$BENCH_BUDGET" "$OUT/bench.log" \
 # Optional tile-sweep hook: runs only when the kernels ship a sweep module (swinv2_fast.kernels.sweep, called
 # with OUT_DIR; it must finish within its budget and write at most one file there, tuned_tiles.json).
 if [ "$SMOKE" = 1 ]; then
-  # the sweep times compiled kernels and refuses without CUDA (its plumbing is tested in tests/test_kernel_cost.py)
+  # the sweep times compiled kernels and refuses without CUDA (its plumbing is tested in tests/test_sweep.py)
   log "sweep: skipped (smoke: the tile sweep needs a CUDA device)"; echo "sweep skipped 0" >> "$STEPS"
   echo "skipped: smoke mode (the tile sweep times compiled kernels on a CUDA device)" > "$OUT/sweep.log"
 elif [ -f "$ROOT/kernels/sweep.py" ]; then  # swinv2_fast.kernels is the checkout's kernels/ folder

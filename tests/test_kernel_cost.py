@@ -88,36 +88,6 @@ def test_cost_report_compiles_the_reference_launch():
     assert 0 < c.registers <= 255 and c.spill_bytes == 0
 
 
-def test_tile_sweep_times_every_candidate_and_records_the_fastest(tmp_path):
-    """The GPU sweep's plumbing, on the interpreter: each candidate is launched with its tiles (a stand-in
-    timer reads them back), the fastest is recorded per direction, and nothing stays overridden."""
-    import torch
-    from _utils import INTERPRETER
-
-    if not INTERPRETER:
-        pytest.skip("the sweep proper runs on the GPU (scripts/gpu.sh)")
-    from swinv2_fast.kernels import sweep, triton_window_attention as tk
-
-    seen = []
-
-    def timer(fn):
-        (key, config), = tk.TILE_OVERRIDES.items()
-        assert tk.block_config(16, 16, torch.float32, key.endswith("bwd")) == config[:3]
-        assert tk.register_cap(16, 16, torch.float32, key.endswith("bwd")) == config[3]
-        fn()
-        seen.append((key, config))
-        return {16: 2.0, 32: 1.0}[config[0]]  # 32-row tiles "faster"
-
-    shape = sweep.SweepShape("toy", 1, 8, 1, 16, 4)
-    candidates = {"fwd": [(16, 16, 4, 255), (32, 16, 4, 255)], "bwd": [(16, 16, 4, 255)]}
-    entries = sweep.sweep(60.0, [shape], "fp32", "cpu", timer, candidates, log=lambda *_: None)
-    assert entries == {"fp32/hd16/N16/fwd": [32, 16, 4, 255], "fp32/hd16/N16/bwd": [16, 16, 4, 255]}
-    assert [c for _, c in seen] == [(16, 16, 4, 255), (32, 16, 4, 255), (16, 16, 4, 255)]
-    assert tk.TILE_OVERRIDES == {}
-    sweep.write(entries, str(tmp_path / "tuned_tiles.json"), "cpu")
-    assert (tmp_path / "tuned_tiles.json").read_text().startswith("{")
-
-
 def test_spill_gate_geometries_cover_every_flag_combination():
     """The gate's geometries (compile_check.GEOMETRIES, at the published windows) reach every combination of
     the kernels' compile-time flags the host can launch; recorded from the host functions on meta tensors

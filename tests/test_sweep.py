@@ -125,8 +125,16 @@ def test_sweep_rejects_spilling_candidates_and_skips_bwd_where_the_fused_kernel_
     assert entries == {"bf16/hd16/N64/fwd": [32, 16, 4, 255, 3]}
     assert all(key.endswith("fwd") for key, _ in read)
     assert any("bf16/hd16/N64/bwd" in line and "fused backward" in line and "nothing" in line for line in logs)
-    sweep.write(entries, str(tmp_path / "tuned_tiles.json"), "cpu")
-    assert tk.load_tuned_tiles(str(tmp_path / "tuned_tiles.json")) == {"bf16/hd16/N64/fwd": (32, 16, 4, 255, 3)}
+    record = str(tmp_path / "tuned_tiles.json")
+    sweep.write(entries, record, "cpu", 90)
+    assert tk.load_tuned_tiles(record) == {"bf16/hd16/N64/fwd": (32, 16, 4, 255, 3)}
+    # a record applies on the architecture and Triton it was swept with only
+    assert tk.load_tuned_tiles(record, 90) == {"bf16/hd16/N64/fwd": (32, 16, 4, 255, 3)}
+    assert tk.load_tuned_tiles(record, 80) == {}
+    data = json.loads(open(record).read())
+    data["triton"] = "0.0.0"
+    open(record, "w").write(json.dumps(data))
+    assert tk.load_tuned_tiles(record, 90) == {}
 
 
 def test_sweep_shapes_n64_records_forward_only():
