@@ -129,14 +129,27 @@ def _short(name: str) -> str:
 
 
 @contextlib.contextmanager
-def recording_launches():
-    """Replace every `*_kernel` global of the kernel modules by a recorder of (grid, kwargs); restored after."""
+def replaced_kernels(wrap: Callable):
+    """Replace every `*_kernel` global of the kernel modules by wrap(name, kernel), an object launched as the
+    kernel is (`kernel[grid](**kwargs)`); restored after."""
     from . import triton_window_attention as tk
     from . import triton_window_attention_backward as tkb
 
-    launches: List[Launch] = []
     saved = {(module, name): fn for module in (tk, tkb) for name, fn in vars(module).items()
              if name.endswith("_kernel")}
+    try:
+        for (module, name), fn in saved.items():
+            setattr(module, name, wrap(name, fn))
+        yield
+    finally:
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Replace every `*_kernel` global of the kernel modules by a recorder of (grid, kwargs); restored after."""
+    launches: List[Launch] = []
 
     class _Recorder:
         def __init__(self, name, fn):
@@ -149,13 +162,8 @@ def recording_launches():
                 launches.append(Launch(_short(self.name), self.fn, tuple(grid), kwargs))
             return launch
 
-    try:
-        for (module, name), fn in saved.items():
-            setattr(module, name, _Recorder(name, fn))
+    with replaced_kernels(_Recorder):
         yield launches
-    finally:
-        for (module, name), fn in saved.items():
-            setattr(module, name, fn)
 
 
 def reference_geometry(window: int):
@@ -265,6 +273,16 @@ def _nvidia_bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
+def cubin_listings(cubin: bytes) -> Tuple[str, str]:
+    """`cuobjdump -res-usage` and `-sass` of a cubin (the cuobjdump that ships in the Triton wheel)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        return tuple(subprocess.run([_nvidia_bin("cuobjdump"), flag, path], capture_output=True, text=True,
+                                    check=True).stdout for flag in ("-res-usage", "-sass"))
+
+
 def compile_launch(launch: Launch, arch: int):
     """The compiled kernel, its `cuobjdump -res-usage` and `-sass` texts."""
     import triton
@@ -274,14 +292,7 @@ def compile_launch(launch: Launch, arch: int):
     compiled = triton.compile(
         triton.compiler.ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32), options=options.__dict__)
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as fh:
-            fh.write(compiled.asm["cubin"])
-        usage = subprocess.run([_nvidia_bin("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([_nvidia_bin("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
-                              check=True).stdout
+    usage, sass = cubin_listings(compiled.asm["cubin"])
     return compiled, usage, sass
 
 

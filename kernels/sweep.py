@@ -34,9 +34,7 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -121,13 +119,9 @@ def _do_bench(fn) -> float:
 def capturing_launches():
     """Launch as usual, and collect (kernel short name, what the launch returned) for each launch of a
     `*_kernel` global of the kernel modules: the CompiledKernel on a GPU (triton 3.6 and 3.8)."""
-    from . import triton_window_attention as tk
-    from . import triton_window_attention_backward as tkb
-    from .cost import _short
+    from .cost import _short, replaced_kernels
 
     captured: List[Tuple[str, object]] = []
-    saved = {(module, name): fn for module in (tk, tkb) for name, fn in vars(module).items()
-             if name.endswith("_kernel")}
 
     class _Capture:
         def __init__(self, name, fn):
@@ -140,26 +134,15 @@ def capturing_launches():
                 return result
             return launch
 
-    try:
-        for (module, name), fn in saved.items():
-            setattr(module, name, _Capture(name, fn))
+    with replaced_kernels(_Capture):
         yield captured
-    finally:
-        for (module, name), fn in saved.items():
-            setattr(module, name, fn)
 
 
 def compiled_spill_bytes(compiled) -> int:
     """Spill bytes of a CompiledKernel's cubin, as the spill gate counts them (`cost.resource_usage`)."""
-    from .cost import _nvidia_bin, resource_usage
+    from .cost import cubin_listings, resource_usage
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as fh:
-            fh.write(compiled.asm["cubin"])
-        usage, sass = (subprocess.run([_nvidia_bin("cuobjdump"), flag, cubin], capture_output=True, text=True,
-                                      check=True).stdout for flag in ("-res-usage", "-sass"))
-    return resource_usage(usage, sass)[1]
+    return resource_usage(*cubin_listings(compiled.asm["cubin"]))[1]
 
 
 def launch_spills(fn) -> Dict[str, int]:

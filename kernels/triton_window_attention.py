@@ -523,7 +523,9 @@ def _recorded_tiles(arch: int) -> Dict[str, Tuple[int, int, int, int, int]]:
     return load_tuned_tiles(TUNED_TILES_PATH, arch)
 
 
-def _tuned(n: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Optional[Tuple[int, int, int, int, int]]:
+def _tuned(n: int, head_dim: int, dtype: torch.dtype, backward: bool,
+           arch: Optional[int] = None) -> Optional[Tuple[int, int, int, int, int]]:
+    """An override, else the record of sm_<arch> (the current CUDA device's when None), if either has the key."""
     name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype)
     if name is None:
         return None
@@ -532,14 +534,18 @@ def _tuned(n: int, head_dim: int, dtype: torch.dtype, backward: bool) -> Optiona
         return tuned_entry(TILE_OVERRIDES[key], f"TILE_OVERRIDES[{key!r}]")
     if INTERPRETED or not torch.cuda.is_available():
         return None
-    major, minor = torch.cuda.get_device_capability()
-    return _recorded_tiles(10 * major + minor).get(key)
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability()
+        arch = 10 * major + minor
+    return _recorded_tiles(arch).get(key)
 
 
-def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False) -> Tuple[int, int, int]:
+def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False,
+                 arch: Optional[int] = None) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for windows of n tokens, head_dim and the projection dtype, of the
-    forward kernel or of the backward kernels: a tile sweep's record where there is one, else the tables."""
-    tuned = _tuned(n, head_dim, dtype, backward)
+    forward kernel or of the backward kernels: a tile sweep's record for sm_<arch> (default: the current CUDA
+    device's) where there is one, else the tables."""
+    tuned = _tuned(n, head_dim, dtype, backward, arch)
     if tuned is not None:
         return tuned[:3]
     block_d = channel_block(head_dim)
@@ -554,10 +560,11 @@ def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = Fal
     return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[block_d]
 
 
-def launch_stages(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False) -> Optional[int]:
-    """num_stages for the launch: a tile sweep's record or override where there is one, else None (the launch
-    passes none: Triton's default, 3 on CUDA)."""
-    tuned = _tuned(n, head_dim, dtype, backward)
+def launch_stages(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False,
+                  arch: Optional[int] = None) -> Optional[int]:
+    """num_stages for the launch: a tile sweep's record (as block_config's) or override where there is one,
+    else None (the launch passes none: Triton's default, 3 on CUDA)."""
+    tuned = _tuned(n, head_dim, dtype, backward, arch)
     return None if tuned is None else tuned[4]
 
 
@@ -568,8 +575,9 @@ def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = Fal
     3.8 or later, where its tiles divide the window (n % 128 == 0, or n == 64: one key block, the bias tile
     held in registers across the program's windows): 128 registers, no spills. sm_80, masked channel tiles
     (head_dim 10, 24, 30: 24 to 48 B of spills at 128), n = 49 (72 B with its masked tile), a padded grid and
-    triton 3.6's build (88 B at n % 128 == 0) go uncapped: MAXNREG."""
-    tuned = _tuned(n, head_dim, dtype, backward)
+    triton 3.6's build (88 B at n % 128 == 0) go uncapped: MAXNREG. A tile sweep's record for sm_<arch> or an
+    override sets its own."""
+    tuned = _tuned(n, head_dim, dtype, backward, arch)
     if tuned is not None:
         return tuned[3]
     if not backward and dtype in (torch.float16, torch.bfloat16) and head_dim in (16, 32) \
@@ -656,14 +664,15 @@ def _flags(qkv, qkv_bias, pad_order, head_dim, g: _Geometry, backward=False):
     """The kernels' compile-time flags and launch options. Without padding the padding order and the bias
     change nothing the kernels compute (no row reads the bias), so they are not told apart: fewer
     specialisations."""
-    block_m, block_n, num_warps = block_config(g.N, head_dim, qkv.dtype, backward)
+    arch = _arch(qkv)  # the launch's device: a tile sweep's record applies on its architecture only
+    block_m, block_n, num_warps = block_config(g.N, head_dim, qkv.dtype, backward, arch)
     padded = g.HP * g.WP != g.H * g.W
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=channel_block(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
                  SHIFTED=g.SH > 0 or g.SW > 0, PADDED=padded,
                  ROLL_THEN_PAD=padded and pad_order == ROLL_THEN_PAD, HAS_BIAS=padded and qkv_bias is not None,
                  FULL_DOT=qkv.dtype in (torch.float32, torch.float64), num_warps=num_warps,
-                 maxnreg=register_cap(g.N, head_dim, qkv.dtype, backward, _arch(qkv), padded))
-    stages = launch_stages(g.N, head_dim, qkv.dtype, backward)
+                 maxnreg=register_cap(g.N, head_dim, qkv.dtype, backward, arch, padded))
+    stages = launch_stages(g.N, head_dim, qkv.dtype, backward, arch)
     if stages is not None:  # only a sweep's record or override: otherwise today's launch, Triton's default
         flags["num_stages"] = stages
     return flags
