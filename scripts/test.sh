@@ -12,7 +12,7 @@ cd "$ROOT"
 
 for arg in "$@"; do
   case "$arg" in
-    -m|-m*) exec python -m pytest "$@" ;;
+    -m|-m*) exec python -P -m pytest "$@" ;;
   esac
 done
 
@@ -28,7 +28,7 @@ run_part() {  # run_part MARKER_EXPRESSION ARGS...: sets rc and seconds
   shift
   t0=$(date +%s)
   set +e
-  python -m pytest -m "$expr" "$@"  # no paths given: pytest.ini's testpaths (tests/)
+  python -P -m pytest -m "$expr" "$@"  # no paths given: pytest.ini's testpaths (tests/)
   rc=$?
   set -e
   seconds=$(( $(date +%s) - t0 ))

@@ -262,3 +262,31 @@ def test_a_built_wheel_holds_the_tree_as_swinv2_fast(tmp_path):
     assert expected <= names, sorted(expected - names)
     assert not any(n.startswith("kernels/") for n in names), "kernels/ installed as a top-level package"
     assert wheel.name.startswith(f"swinv2_fast-{swinv2_fast.__version__}-"), wheel.name
+
+
+def test_the_top_level_name_kernels_never_loads_our_folder():
+    """A process whose sys.path starts with the repository root (`python -m ...` or `python -c` run there) finds
+    the root's kernels/ folder under the name `kernels`, which Hugging Face's package (imported by transformers
+    >= 5.25) also has. Under that name the folder must hand over to the installed package, or be an empty module
+    transformers reads as "not installed"; transformers must still build its Swinv2 models there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    probe = (
+        "import sys, kernels, transformers\n"
+        f"assert sys.path[0] in ('', {str(root)!r}), sys.path[:2]\n"
+        "assert not hasattr(kernels, 'WindowGeometry'), 'our kernels/ folder loaded as kernels'\n"
+        f"assert kernels.__file__ is None or not kernels.__file__.startswith({str(root / 'kernels')!r}), kernels.__file__\n"
+        "transformers.Swinv2Model(transformers.Swinv2Config(image_size=32, embed_dim=16, depths=[1], num_heads=[1],"
+        " window_size=4))\n"
+        "import swinv2_fast.kernels\n"
+        "assert hasattr(swinv2_fast.kernels, 'WindowGeometry')\n"
+        "print(kernels.__file__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
