@@ -113,7 +113,7 @@ else
   export TRITON_INTERPRET=0
 fi
 run_step tests "$(budget_for "$B_TESTS")" "$OUT/tests.log" \
-  "$PY" -m pytest tests/test_gpu.py -v -p no:cacheprovider -o console_output_style=classic --durations=10
+  "$PY" -P -m pytest tests/test_gpu.py -v -p no:cacheprovider -o console_output_style=classic --durations=10
 unset TRITON_INTERPRET SWINV2_FAST_SMOKE
 
 PRESET=$([ "$SMOKE" = 1 ] && echo smoke || echo gpu)

@@ -7,6 +7,21 @@
 # Exit status: non-zero when either part fails (a part that selects no test counts as passed, unless both do).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+case "${1:-}" in
+  -h|--help)
+    cat <<'USAGE'
+usage: bash scripts/test.sh [PYTEST ARGS...]
+
+Runs swinv2_fast's test suite (what CI runs): sets up .venv on first use (Python 3.11, torch 2.14.1 and the
+pinned stack of requirements/test.txt: a few minutes and ~6 GB the first time), then two pytest runs, the
+quick part (-m "not slow", ~7 min on 2 cores) and the slow part (-m slow, ~20 min), and prints each part's
+wall time. Arguments go to both runs (e.g. -x -q tests/test_inputs.py, -k timm); a marker expression of
+your own (-m ...) makes it one run. Exit status: non-zero when either part fails.
+Outputs: pytest's report on the terminal only. pytest's own options: bash scripts/test.sh -m "" --help
+USAGE
+    exit 0 ;;
+esac
+
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
 
