@@ -24,6 +24,13 @@ zero token: the value padded positions hold). timm's `SwinTransformerV2` compute
 `qkv.weight` itself, as timm does; `SwinTransformerV2Cr`'s `qkv` layer is read like transformers' layers
 (one GEMM while plain, a module call otherwise).
 
+Capturing a patched model: torch.compile, torch.export (dynamic batch and sizes too: the geometry takes
+symbolic sizes) and torch.jit.trace trace through the patched step; torch.fx records it as one call
+(`patch_timm_cr.patched_window_step`), and an fx graph of a patched model scripts (the step compiles to the
+fused custom op). torch.jit.script of the patched model itself raises `PatchedModelNotScriptable`:
+scripting compiles each block's class methods, so it would run the library's attention without the patch;
+unpatch first to script the library's model.
+
 Each library keeps its own semantics: transformers pads then rolls and adds its shift mask twice (-200);
 timm rolls then pads and adds -100. `output_attentions=True` (transformers) runs the original forward,
 which forms the probabilities. Attention dropout in training goes to the eager path, as in the models.
