@@ -43,7 +43,9 @@ __all__ = [
     "IntPair",
     "WindowGeometry",
     "is_int",
+    "is_symbolic",
     "int_pair",
+    "grid_needs_padding",
     "check_layout_args",
     "GEOMETRY_ARGS",
     "OP_SCHEMA_GEOMETRY",
@@ -64,10 +66,18 @@ DEFAULT_MASK_VALUE = -100.0
 IntPair = Union[int, Sequence[int]]
 
 
+def is_symbolic(value) -> bool:
+    """A symbolic size (`torch.SymInt`): what a tensor's sizes are while torch.export or torch.compile traces
+    with dynamic shapes. Its value is known only as an expression; comparing it in a Python `if` would
+    specialise the trace to the example's value, so the code below never branches on one."""
+    return isinstance(value, torch.SymInt)
+
+
 def is_int(value) -> bool:
-    """An integer: Python's or numpy's (any numbers.Integral) but not a bool, or a 0-d integer tensor (what
-    sizes are while torch.jit.trace records; the trace then holds this call's value)."""
-    if type(value) is int:  # the common case, without the abstract-base-class check below
+    """An integer: Python's or numpy's (any numbers.Integral) but not a bool, a 0-d integer tensor (what
+    sizes are while torch.jit.trace records; the trace then holds this call's value), or a symbolic size
+    (`torch.SymInt`)."""
+    if type(value) is int or isinstance(value, torch.SymInt):  # the common cases, before the ABC check below
         return True
     if isinstance(value, torch.Tensor):
         return value.dim() == 0 and not value.is_floating_point() and not value.is_complex() \
@@ -75,26 +85,49 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def int_pair(value: IntPair, name: str) -> Tuple[int, int]:
-    """An int or a pair of ints as a pair of Python ints; TypeError naming `name` otherwise."""
+def _as_int(value):
+    """A Python int; a symbolic size stays symbolic (int() on it would specialise the trace)."""
+    return value if isinstance(value, torch.SymInt) else int(value)
+
+
+def int_pair(value: IntPair, name: str, symbolic: bool = False) -> Tuple[int, int]:
+    """An int or a pair of ints as a pair of Python ints; TypeError naming `name` otherwise. With `symbolic`,
+    symbolic sizes (torch.SymInt) are accepted and kept as they are; without it they are rejected like any
+    other non-int, naming the argument."""
     if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
         return value  # already normalised (the common case)
-    if is_int(value):
-        return int(value), int(value)
-    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 \
-            and all(is_int(v) for v in value):
-        return int(value[0]), int(value[1])
+    ok = (lambda v: is_int(v)) if symbolic else (lambda v: is_int(v) and not is_symbolic(v))
+    if ok(value):
+        return _as_int(value), _as_int(value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(ok(v) for v in value):
+        return _as_int(value[0]), _as_int(value[1])
+    parts = value if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
+    if not symbolic and any(is_symbolic(v) for v in parts):
+        raise TypeError(f"{name} must be an int or a pair of ints fixed by the model (not a symbolic size: only "
+                        f"grid_size follows the input's size), got {value!r}")
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def _check_positive_grid(grid) -> None:
+    """Each grid side >= 1. A concrete side is checked here; a symbolic one (torch.export, dynamic shapes)
+    through torch._check, which records the condition for the traced program (checked again on its inputs)
+    instead of specialising the trace on the example's value."""
+    for side in grid:
+        if is_symbolic(side):
+            torch._check(side >= 1, lambda: f"grid_size must be positive, got {grid}")
+        elif side < 1:
+            raise ValueError(f"grid_size must be positive, got {grid}")
 
 
 def check_layout_args(grid_size: IntPair, window_size: IntPair, shift_size: IntPair, pad_order: str):
     """Validate and normalise what the token movement depends on: ((H, W), (wh, ww), (sh, sw)) as ints;
-    raises naming the argument, what was expected and what was received."""
-    grid = int_pair(grid_size, "grid_size")
+    raises naming the argument, what was expected and what was received. The grid may be symbolic (the
+    input's size under torch.export with dynamic shapes); the window and shift are the model's constants
+    and must be concrete."""
+    grid = int_pair(grid_size, "grid_size", symbolic=True)
     window = int_pair(window_size, "window_size")
     shift = int_pair(shift_size, "shift_size")
-    if grid[0] < 1 or grid[1] < 1:
-        raise ValueError(f"grid_size must be positive, got {grid}")
+    _check_positive_grid(grid)
     if window[0] < 1 or window[1] < 1:
         raise ValueError(f"window_size must be at least 1, got {window}")
     if not (0 <= shift[0] < window[0] and 0 <= shift[1] < window[1]):
@@ -104,12 +137,24 @@ def check_layout_args(grid_size: IntPair, window_size: IntPair, shift_size: IntP
     return grid, window, shift
 
 
+def grid_needs_padding(grid, padded_size) -> bool:
+    """`WindowGeometry.needs_padding` for a grid and its padded size (the rule is stated there)."""
+    if is_symbolic(grid[0]) or is_symbolic(grid[1]):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return not all(statically_known_true(p == g) for p, g in zip(padded_size, grid))
+    return tuple(padded_size) != tuple(grid)
+
+
 @dataclass(frozen=True)
 class WindowGeometry:
     """Grid, window, shift, padding order, mask value and head count of one window-attention call; validated.
 
     Fields (per-axis values are (height, width) pairs of Python ints):
-        grid:       (H, W) token grid, each >= 1.
+        grid:       (H, W) token grid, each >= 1; may be symbolic (torch.SymInt) while torch.export or
+                    torch.compile trace with dynamic shapes. Then the derived sizes are expressions and
+                    `needs_padding` is True unless the trace proves otherwise (see there); the geometry is
+                    not hashable then (it is never a cache key while tracing).
         window:     (wh, ww) window, each >= 1.
         shift:      (sh, sw) cyclic shift, each in [0, window); (0, 0) for regular windows.
         pad_order:  PAD_THEN_ROLL (transformers) or ROLL_THEN_PAD (timm).
@@ -191,8 +236,17 @@ class WindowGeometry:
         return self.grid[0] * self.grid[1]
 
     @property
+    def is_symbolic(self) -> bool:
+        """The grid is symbolic (see the class docstring)."""
+        return is_symbolic(self.grid[0]) or is_symbolic(self.grid[1])
+
+    @property
     def needs_padding(self) -> bool:
-        return self.padded_size != self.grid
+        """Whether the grid is smaller than the padded grid. With a symbolic grid: False only when the trace
+        proves the grid a window multiple for every size it admits, else True; padding that turns out empty
+        is exact (the pad token is then never gathered), while a branch on the size would specialise the
+        trace to the example's size."""
+        return grid_needs_padding(self.grid, self.padded_size)
 
     @property
     def shifted(self) -> bool:
@@ -234,7 +288,9 @@ class WindowGeometry:
 # The keyword block, as `from_args` names it (its parameters after `cls`), and as the custom ops' schema
 # spells it (the same order: `as_op_args()` fills it, `from_args(*args)` reads it back).
 GEOMETRY_ARGS: Tuple[str, ...] = tuple(inspect.signature(WindowGeometry.from_args).parameters)
-OP_SCHEMA_GEOMETRY = ("int[] grid_size, int num_heads, int[] window_size, int[] shift_size, str pad_order, "
+# grid_size is SymInt[]: under torch.export with dynamic shapes the op is recorded with the symbolic grid
+# (an int[] argument would specialise the program to the example's size).
+OP_SCHEMA_GEOMETRY = ("SymInt[] grid_size, int num_heads, int[] window_size, int[] shift_size, str pad_order, "
                       "float mask_value")
 
 _F = TypeVar("_F", bound=Callable[..., Any])

@@ -44,6 +44,7 @@ from .geometry import (
     ROLL_THEN_PAD,
     IntPair,
     WindowGeometry,
+    grid_needs_padding,
     takes_geometry,
 )
 
@@ -241,30 +242,43 @@ def _axis_region(size: int, window: int, shift: int, device: torch.device) -> to
 
 
 def _build_window_layout(key: tuple, device: torch.device) -> WindowLayout:
-    """The layout of `key` = WindowGeometry.layout_key, built on `device`."""
+    """The layout of `key` = WindowGeometry.layout_key, built on `device`.
+
+    Index arithmetic only (no slice of a padded buffer, no branch on the grid): the same code builds the
+    layout of a symbolic grid under torch.export with dynamic shapes, where a slice or a comparison of the
+    grid with its padded size would specialise the program to the example's size. Padded-grid position
+    (r, c) after the shift reads, with the roll by (-sh, -sw):
+      PAD_THEN_ROLL: position ((r + sh) % Hp, (c + sw) % Wp) of the padded grid, a token where that lies in
+                     the grid, the pad token elsewhere;
+      ROLL_THEN_PAD: the pad token where r >= H or c >= W, else token ((r + sh) % H, (c + sw) % W).
+    """
     height, width, wh, ww, sh, sw, pad_order = key
     hp = -(-height // wh) * wh
     wp = -(-width // ww) * ww
     pad_id = height * width
-    tokens = torch.arange(height * width, device=device).view(height, width)
-    grid = torch.full((hp, wp), pad_id, dtype=torch.long, device=device)
+    rows = torch.arange(hp, device=device)
+    cols = torch.arange(wp, device=device)
     if pad_order == PAD_THEN_ROLL:
-        grid[:height, :width] = tokens
-        grid = torch.roll(grid, shifts=(-sh, -sw), dims=(0, 1))
+        src_r, src_c = (rows + sh) % hp, (cols + sw) % wp
+        real = (src_r < height)[:, None] & (src_c < width)[None, :]
     else:
-        grid[:height, :width] = torch.roll(tokens, shifts=(-sh, -sw), dims=(0, 1))
+        real = (rows < height)[:, None] & (cols < width)[None, :]
+        src_r, src_c = (rows + sh) % height, (cols + sw) % width
+    token = src_r[:, None] * width + src_c[None, :]
+    grid = torch.where(real, token, torch.full_like(token, 0) + pad_id)
     windows = _partition(grid, wh, ww)
     gather_index = windows.reshape(-1)
-    position = torch.empty(pad_id + 1, dtype=torch.long, device=device)
-    position[gather_index] = torch.arange(gather_index.numel(), device=device)
-    scatter_index = position[:pad_id].clone()
+    # the inverse of the gather on the real tokens: token t sits at row scatter_index[t]
+    position = torch.zeros(pad_id + 1, dtype=torch.long, device=device)
+    position = position.scatter(0, gather_index, torch.arange(gather_index.numel(), device=device))
+    scatter_index = position[:pad_id]
     region = None
     if sh > 0 or sw > 0:
         region_grid = (_axis_region(hp, wh, sh, device)[:, None] * 3
                        + _axis_region(wp, ww, sw, device)[None, :])
         region = _partition(region_grid, wh, ww)
     return WindowLayout(key=key, padded_size=(hp, wp), num_windows=windows.shape[0],
-                        needs_padding=(hp, wp) != (height, width), gather_index=gather_index,
+                        needs_padding=grid_needs_padding((height, width), (hp, wp)), gather_index=gather_index,
                         scatter_index=scatter_index, region=region)
 
 

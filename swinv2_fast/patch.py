@@ -24,6 +24,13 @@ zero token: the value padded positions hold). timm's `SwinTransformerV2` compute
 `qkv.weight` itself, as timm does; `SwinTransformerV2Cr`'s `qkv` layer is read like transformers' layers
 (one GEMM while plain, a module call otherwise).
 
+Capturing a patched model: torch.compile, torch.export (dynamic batch and sizes too: the geometry takes
+symbolic sizes) and torch.jit.trace trace through the patched step; torch.fx records it as one call
+(`patch_timm_cr.patched_window_step`), and an fx graph of a patched model scripts (the step compiles to the
+fused custom op). torch.jit.script of the patched model itself raises `PatchedModelNotScriptable`:
+scripting compiles each block's class methods, so it would run the library's attention without the patch;
+unpatch first to script the library's model.
+
 Each library keeps its own semantics: transformers pads then rolls and adds its shift mask twice (-200);
 timm rolls then pads and adds -100. `output_attentions=True` (transformers) runs the original forward,
 which forms the probabilities. Attention dropout in training goes to the eager path, as in the models.
@@ -37,16 +44,20 @@ import types
 from typing import Optional
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import IMPLEMENTATIONS, window_attention
 from .linear import is_plain_linear, project_qkv
-from .kernels.geometry import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry
+from .kernels.geometry import PAD_THEN_ROLL, ROLL_THEN_PAD
 from .patch_timm_cr import MARK as _MARK  # on each patched block: (method name, implementation)
 from .patch_timm_cr import CR_ATTN_ATTRS, CR_BLOCK_ATTRS, cr_geometry_problems, timm_cr_shifted_window_attn
+from .patch_timm_cr import _concrete, patched_window_step
 
-__all__ = ["patch", "unpatch", "is_patched", "TESTED_VERSIONS"]
+torch.fx.wrap("patched_window_step")  # a leaf of fx traces here too (torch.fx.wrap acts per calling module)
+
+__all__ = ["patch", "unpatch", "is_patched", "TESTED_VERSIONS", "PatchedModelNotScriptable"]
 
 # The library versions whose module structure the patch was tested with (the package's pinned stack and the
 # GPU machine's stack); other versions are patched when their modules carry the attributes the patch reads.
@@ -60,6 +71,11 @@ _HF_SELF_ATTRS = ("query", "key", "value", "logit_scale", "continuous_position_b
 _TIMM_BLOCK_ATTRS = ("_attn", "attn", "window_size", "shift_size")
 _TIMM_ATTN_ATTRS = ("qkv", "q_bias", "k_bias", "v_bias", "logit_scale", "cpb_mlp", "relative_coords_table",
                     "relative_position_index", "num_heads", "proj", "proj_drop", "attn_drop")
+
+
+def _pair_list(value) -> list:
+    """A block's window or shift (an int or a pair of ints) as [height, width]."""
+    return [int(value), int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
 def _position_bias(mlp: nn.Module, coords_table: torch.Tensor, index: torch.Tensor, heads: int) -> torch.Tensor:
@@ -85,17 +101,14 @@ def _hf_layer_forward(self, hidden_states, input_dimensions, output_attentions=F
         bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in projections])
         qkv = F.linear(hidden_states, weight, bias)
     else:  # swapped (LoRA, quantized, parametrized) or hooked projections: called as modules
-        padded = height % self.window_size != 0 or width % self.window_size != 0  # an int (checked at patch)
+        padded = not _concrete(height, width) or height % self.window_size != 0 or width % self.window_size != 0
         qkv, bias = project_qkv(hidden_states, *projections, padded=padded)
     position_bias = _position_bias(attn.continuous_position_bias_mlp, attn.relative_coords_table,
                                    attn.relative_position_index, attn.num_attention_heads)
-    geometry = WindowGeometry(grid=(height, width), window=self.window_size, shift=self.shift_size,
-                              pad_order=PAD_THEN_ROLL, mask_value=-200.0,  # transformers adds its -100 mask twice
-                              num_heads=attn.num_attention_heads)
-    context = window_attention(
-        qkv, bias, attn.logit_scale, position_bias, geometry=geometry,
-        dropout_p=attn.dropout.p if self.training else 0.0, implementation=implementation,
-    )
+    window, shift = _pair_list(self.window_size), _pair_list(self.shift_size)
+    context = patched_window_step(  # transformers adds its -100 mask twice: -200
+        qkv, bias, attn.logit_scale, position_bias, height, width, attn.num_attention_heads, window, shift,
+        PAD_THEN_ROLL, -200.0, attn.dropout.p if self.training else 0.0, implementation)
     attention_output = self.attention.output(context, hidden_states).view(batch, height * width, channels)
     hidden_states = hidden_states + self.drop_path(self.layernorm_before(attention_output))
     layer_output = self.output(self.intermediate(hidden_states))
@@ -115,13 +128,11 @@ def _timm_attn(self, x):
     qkv = F.linear(x.reshape(batch, height * width, channels), attn.qkv.weight, bias)
     position_bias = _position_bias(attn.cpb_mlp, attn.relative_coords_table, attn.relative_position_index,
                                    attn.num_heads)
-    geometry = WindowGeometry(grid=(height, width), window=tuple(self.window_size), shift=tuple(self.shift_size),
-                              pad_order=ROLL_THEN_PAD, mask_value=-100.0, num_heads=attn.num_heads)
-    context = window_attention(
-        qkv, bias, attn.logit_scale, position_bias, geometry=geometry,
-        dropout_p=attn.attn_drop.p if self.training else 0.0, implementation=implementation,
-    )
-    return attn.proj_drop(attn.proj(context)).view(batch, height, width, channels)
+    context = patched_window_step(
+        qkv, bias, attn.logit_scale, position_bias, height, width, attn.num_heads, _pair_list(self.window_size),
+        _pair_list(self.shift_size), ROLL_THEN_PAD, -100.0, attn.attn_drop.p if self.training else 0.0,
+        implementation)
+    return attn.proj_drop(attn.proj(context)).reshape(x.shape)
 
 
 # ------------------------------------------------------------------------------------------------- discovery
@@ -132,7 +143,7 @@ def _tested(library: str) -> str:
 
 _ACCEPTED = ("a transformers Swinv2 model (Swinv2Model, Swinv2ForImageClassification, Swinv2ForMaskedImageModeling, "
              "Swinv2Backbone), a transformers Swin2SR model (Swin2SRModel, Swin2SRForImageSuperResolution), or a "
-             "timm SwinTransformerV2 or SwinTransformerV2Cr (also features_only)")
+             "timm SwinTransformerV2 or SwinTransformerV2Cr (also features_only, every feature_cls holding the blocks)")
 
 
 def _library_blocks(model: nn.Module):
@@ -145,15 +156,19 @@ def _library_blocks(model: nn.Module):
     for models, layer in _transformers_families():
         if isinstance(model, models):
             return "transformers", [m for m in model.modules() if isinstance(m, layer)]
-    try:
-        from timm.models._features import FeatureDictNet
-    except ImportError:
-        FeatureDictNet = None
     for models, block in _timm_families():
         blocks = [m for m in model.modules() if isinstance(m, block)]
-        if isinstance(model, models) or (FeatureDictNet is not None and isinstance(model, FeatureDictNet) and blocks):
+        if isinstance(model, models) or (_is_timm_feature_wrapper(model) and blocks):
             return "timm", blocks
     raise TypeError(f"patch() accepts {_ACCEPTED}; got {type(model).__module__}.{type(model).__qualname__}")
+
+
+def _is_timm_feature_wrapper(model: nn.Module) -> bool:
+    """What timm's `create_model(..., features_only=True)` returns for every `feature_cls` (FeatureListNet,
+    FeatureDictNet, FeatureHookNet, FeatureGetterNet; FeatureGraphNet and GraphExtractNet are fx graphs,
+    which keep no blocks to patch: patch the model before tracing it). Recognised by timm's feature
+    modules, so a wrapper class timm adds there is accepted too, when it holds Swin V2 blocks."""
+    return type(model).__module__.startswith("timm.models._features")
 
 
 def _families(classes):
@@ -239,7 +254,28 @@ def patch(model: nn.Module, attn_implementation: str = "auto") -> nn.Module:
         name, function, _ = _binding(library, block)
         setattr(block, _MARK, (name, attn_implementation))
         setattr(block, name, types.MethodType(function, block))
+        setattr(block, _PREPARE_SCRIPTABLE, types.MethodType(_refuse_scripting, block))
     return model
+
+
+# torch.jit.script calls a module's `__prepare_scriptable__` (when it has one) on the model and on every
+# submodule before compiling. Set on each patched block, it refuses: scripting compiles the classes' own
+# methods, so the patch (an instance attribute) would be dropped without a word and the scripted model would
+# run the library's attention chain.
+_PREPARE_SCRIPTABLE = "__prepare_scriptable__"
+
+
+class PatchedModelNotScriptable(RuntimeError):
+    """torch.jit.script was called on a model patched by swinv2_fast.patch (see `_refuse_scripting`)."""
+
+
+def _refuse_scripting(self):
+    raise PatchedModelNotScriptable(
+        f"torch.jit.script cannot compile swinv2_fast's patched window-attention step of this "
+        f"{type(self).__name__}: scripting compiles the class's own methods and would silently drop the patch. "
+        "Script the unpatched model (swinv2_fast.unpatch(model) first), or capture the patched model with "
+        "torch.export, torch.compile, torch.jit.trace or torch.fx (an fx graph of a patched model can be "
+        "scripted: its step compiles to the fused custom op)")
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -250,6 +286,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         mark: Optional[tuple] = block.__dict__.pop(_MARK, None)
         if mark is not None:
             block.__dict__.pop(mark[0], None)
+            block.__dict__.pop(_PREPARE_SCRIPTABLE, None)
     return model
 
 

@@ -30,19 +30,63 @@ By design, two cases run timm's own `_shifted_window_attn` (the original chain, 
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import window_attention
-from .kernels.geometry import ROLL_THEN_PAD, WindowGeometry
+from .kernels.geometry import ROLL_THEN_PAD, WindowGeometry, is_symbolic
 from .linear import is_plain_linear
 
-__all__ = ["MARK", "CR_BLOCK_ATTRS", "CR_ATTN_ATTRS", "cr_geometry_problems", "timm_cr_shifted_window_attn"]
+__all__ = ["MARK", "CR_BLOCK_ATTRS", "CR_ATTN_ATTRS", "cr_geometry_problems", "timm_cr_shifted_window_attn",
+           "patched_window_step"]
 
 MARK = "_swinv2_fast_patch"  # on each patched block: (method name, implementation)
+
+
+@torch.jit.unused
+def _eager_step(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
+                position_bias: torch.Tensor, height: int, width: int, num_heads: int, window: List[int],
+                shift: List[int], pad_order: str, mask_value: float, dropout_p: float,
+                implementation: str) -> torch.Tensor:
+    geometry = WindowGeometry(grid=(height, width), window=tuple(window), shift=tuple(shift), pad_order=pad_order,
+                              mask_value=mask_value, num_heads=num_heads)
+    return window_attention(qkv, qkv_bias, logit_scale, position_bias, geometry=geometry, dropout_p=dropout_p,
+                            implementation=implementation)
+
+
+def patched_window_step(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
+                        position_bias: torch.Tensor, height: int, width: int, num_heads: int, window: List[int],
+                        shift: List[int], pad_order: str, mask_value: float, dropout_p: float,
+                        implementation: str) -> torch.Tensor:
+    """The window-attention step of every patched block: (B, H*W, 3C) q/k/v -> (B, H*W, C).
+
+    One function taking tensors and plain values, so that the three ways of capturing a model see it whole:
+    - torch.fx (`symbolic_trace`, timm's and torchvision's feature extractors, transformers' HFTracer)
+      records it as one call (`torch.fx.wrap` below): the geometry is built when the graph runs, from the
+      sizes of that call, never from the tracer's proxies.
+    - TorchScript (scripting an fx graph of a patched model) compiles it to the custom op
+      `torch.ops.swinv2_fast.window_attention_fused` (the Triton kernels on CUDA; on CPU, the op's eager
+      path), since the dispatch in Python cannot be scripted; attention dropout and implementation="eager"
+      cannot be served there and raise.
+    - torch.export / torch.compile trace through it (the geometry takes symbolic sizes).
+    """
+    if torch.jit.is_scripting():
+        if dropout_p > 0.0 or implementation == "eager":
+            raise RuntimeError(
+                "swinv2_fast: a scripted patched step runs the fused custom op only; attention dropout in "
+                "training and implementation='eager' need Python (use the model unscripted, or unpatch it)")
+        return torch.ops.swinv2_fast.window_attention_fused(
+            qkv, qkv_bias, logit_scale, position_bias, [height, width], num_heads, window, shift, pad_order,
+            mask_value)
+    return _eager_step(qkv, qkv_bias, logit_scale, position_bias, height, width, num_heads, window, shift,
+                       pad_order, mask_value, dropout_p, implementation)
+
+
+torch.fx.wrap("patched_window_step")  # a leaf of every fx trace (see its docstring)
 
 # What the patched step reads; a block without them is a structure the patch does not know.
 CR_BLOCK_ATTRS = ("_shifted_window_attn", "attn", "window_size", "shift_size", "feat_size", "attn_mask")
@@ -78,33 +122,39 @@ def _static_mask_fits(block: nn.Module, height: int, width: int) -> bool:
             and tuple(mask.shape) == (windows, wh * ww, wh * ww))
 
 
+def _concrete(*sizes) -> bool:
+    """Sizes that are Python ints: not symbolic (torch.export, dynamic shapes) and not fx proxies."""
+    return all(isinstance(s, int) and not is_symbolic(s) for s in sizes)
+
+
 def timm_cr_shifted_window_attn(self, x: torch.Tensor) -> torch.Tensor:
-    """timm's SwinTransformerV2CrBlock._shifted_window_attn fused: (B, H, W, C) in and out."""
+    """timm's SwinTransformerV2CrBlock._shifted_window_attn fused: (B, H, W, C) in and out.
+
+    The static-mask check (module docstring) needs the call's sizes: while torch.fx traces (sizes are
+    proxies) or torch.export traces a static-mask block with symbolic sizes, it is not made and the fused
+    step is recorded; that step derives the mask from the grid of each call, which is timm's static mask at
+    the size the block was built for (timm's own traced graph keeps the static mask of that size)."""
     _, implementation = getattr(self, MARK)
     attn = self.attn
     batch, height, width, channels = x.shape
     (wh, ww), (sh, sw) = self.window_size, self.shift_size
     shifted = sh > 0 or sw > 0
     dropout_active = self.training and (attn.attn_drop.p > 0.0 or attn.proj_drop.p > 0.0)
-    static_mismatch = shifted and not getattr(self, "dynamic_mask", False) and not _static_mask_fits(
-        self, height, width)
+    static_mismatch = shifted and not getattr(self, "dynamic_mask", False) and _concrete(height, width) \
+        and not _static_mask_fits(self, height, width)
     if dropout_active or static_mismatch:  # timm's own chain, by design (module docstring)
         return type(self)._shifted_window_attn(self, x)
 
     tokens = x.reshape(batch, height * width, channels)
-    padded = height % wh != 0 or width % ww != 0
     if is_plain_linear(attn.qkv):
         qkv, pad = F.linear(tokens, attn.qkv.weight, attn.qkv.bias), attn.qkv.bias
     else:  # swapped (LoRA, quantized, parametrized) or hooked: called as a module, on a zero token for padding
         qkv = attn.qkv(tokens)
+        padded = not _concrete(height, width) or height % wh != 0 or width % ww != 0
         pad = attn.qkv(tokens.new_zeros((1, channels))).reshape(-1) if padded else None
     n = wh * ww
     # timm's _relative_positional_encodings: the MLP called as a module (its dropout, its hooks), no sigmoid
     position_bias = attn.meta_mlp(attn.relative_coordinates_log).transpose(1, 0).reshape(attn.num_heads, n, n)
-    geometry = WindowGeometry(grid=(height, width), window=(wh, ww), shift=(sh, sw), pad_order=ROLL_THEN_PAD,
-                              mask_value=-100.0, num_heads=attn.num_heads)
-    context = window_attention(
-        qkv, pad, attn.logit_scale, position_bias, geometry=geometry,
-        implementation=implementation,
-    )
-    return attn.proj_drop(attn.proj(context)).view(batch, height, width, channels)
+    context = patched_window_step(qkv, pad, attn.logit_scale, position_bias, height, width, attn.num_heads,
+                                  [wh, ww], [sh, sw], ROLL_THEN_PAD, -100.0, 0.0, implementation)
+    return attn.proj_drop(attn.proj(context)).reshape(x.shape)

@@ -1,0 +1,193 @@
+"""Capturing models whole: torch.export with dynamic batch, height and width (strict and non-strict) of
+swinv2_fast's four classes and of patched transformers and timm models, and torch.fx of patched timm models.
+
+The exported program must match eager (FP32_ATOL) at two input sizes other than the traced one, both
+padded (a token grid that is not a window multiple at some stage). The pixel sizes are multiples of 8
+(`8 * Dim`): patch 4 and one patch merging, so every stage's grid is whole, as a model's patch embedding
+asks (timm asserts it; a size that needs patch padding would make the program branch on the size). The
+traced example has at least two windows per axis at each stage and batch 2: export specialises sizes 0 and
+1 and guards derived sizes against 1, so an example with one window per axis would admit only that.
+
+Not covered here: the fused op under export runs on CPU only under Triton's interpreter (the slow test
+with attn_implementation="triton"); compiled kernels inside an exported program need a GPU. torch.fx of
+transformers and swinv2_fast models: transformers 5 has no fx tracer (transformers.utils.fx is gone) and
+their forwards check and branch on sizes in Python (transformers' own unpatched Swinv2 does not trace).
+"""
+import importlib
+
+import pytest
+import torch
+from torch.export import Dim
+
+import swinv2_fast
+from _utils import FP32_ATOL, TINY, assert_close, count_patched_calls, make_pair, output_tensors, perturb_
+
+TRACED = (2, 3, 80, 72)             # stage grids 20x18 and 10x9 at window 4: >= 2 windows per axis
+CHECKED = [(3, 3, 72, 56), (2, 3, 104, 88)]  # 18x14 -> 20x16 padded, 9x7 -> 12x8; 26x22, 13x11
+
+
+def _dynamic(name="pixel_values", square=False):
+    batch, k, j = Dim("batch", min=2, max=8), Dim("k", min=4, max=32), Dim("j", min=4, max=32)
+    return {name: {0: batch, 2: 8 * k, 3: 8 * (k if square else j)}}
+
+
+def _export_matches_eager(model, strict, dynamic_shapes=None, run=None, square=False):
+    """`square`: one side size for both (masked image modeling reshapes its tokens to a square, as
+    transformers' does)."""
+    run = run or (lambda m, x: output_tensors(m(x)))
+    torch.manual_seed(0)
+    traced, checked = TRACED, CHECKED
+    if square:
+        traced, checked = TRACED[:3] + TRACED[2:3], [shape[:3] + shape[2:3] for shape in CHECKED]
+    program = torch.export.export(model, (torch.randn(traced),),
+                                  dynamic_shapes=dynamic_shapes or _dynamic(square=square), strict=strict)
+    exported = program.module()
+    for shape in checked:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected, got = run(model, x), run(exported, x)
+        assert len(got) == len(expected) >= 1
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert a.shape == b.shape, (shape, i, a.shape, b.shape)
+            assert_close(a, b, atol=FP32_ATOL, name=f"output {i} at {shape}")
+    return program
+
+
+def _ours(cls_name, **overrides):
+    config = swinv2_fast.Swinv2Config(**dict(TINY, num_labels=3, **overrides))
+    return perturb_(getattr(swinv2_fast, cls_name)(config)).eval()
+
+
+# ------------------------------------------------------------------------------------ the geometry
+def test_symbolic_grid_accepted_and_symbolic_window_rejected():
+    """Under export the grid is symbolic and accepted; the window and shift must stay concrete, and a
+    symbolic one is rejected naming the argument, the expectation and the value."""
+    from swinv2_fast.kernels.geometry import WindowGeometry
+
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            h, w = x.shape[1], x.shape[2]
+            g = WindowGeometry.from_args(grid_size=(h, w), num_heads=1, window_size=4)
+            seen["symbolic"], seen["padding"] = g.is_symbolic, g.needs_padding
+            with pytest.raises(TypeError, match=r"window_size must be an int or a pair of ints fixed by the "
+                                                r"model \(not a symbolic size.*got \(4, s"):
+                WindowGeometry.from_args(grid_size=(h, w), num_heads=1, window_size=(4, w))
+            return x * 2
+
+    x = torch.randn(1, 8, 12)
+    torch.export.export(Probe(), (x,), dynamic_shapes={"x": {1: Dim("h", min=2), 2: Dim("w", min=2)}},
+                        strict=False)
+    assert seen == {"symbolic": True, "padding": True}
+    with pytest.raises(ValueError, match=r"grid_size must be positive, got \(0, 3\)"):
+        WindowGeometry.from_args(grid_size=(0, 3), num_heads=1, window_size=4)
+
+
+# ------------------------------------------------------------------------------- swinv2_fast models
+def test_export_model_dynamic_non_strict():
+    program = _export_matches_eager(_ours("Swinv2Model"), strict=False)
+    assert "window_attention" not in str(program.graph)  # "auto" on CPU: the eager path, traced through
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("cls_name", ["Swinv2Model", "Swinv2ForImageClassification",
+                                      "Swinv2ForMaskedImageModeling", "Swinv2Backbone"])
+def test_export_our_classes_dynamic(cls_name, strict):
+    overrides = dict(out_features=["stage1", "stage2"]) if cls_name == "Swinv2Backbone" else {}
+    if cls_name == "Swinv2ForMaskedImageModeling":
+        overrides["encoder_stride"] = 8  # two stages: the decoder upsamples by patch 4 * one merging
+    _export_matches_eager(_ours(cls_name, **overrides), strict=strict,
+                          square=cls_name == "Swinv2ForMaskedImageModeling")
+
+
+@pytest.mark.slow
+def test_export_fused_op_under_the_interpreter():
+    """attn_implementation="triton": export records the custom op through its fake implementation; the
+    program then runs the Triton kernels (CPU: the interpreter) at other sizes."""
+    from _utils import INTERPRETER, count_fused_calls, require_kernels
+
+    require_kernels()
+    if not INTERPRETER:
+        pytest.skip("runs the fused op on CPU tensors under Triton's interpreter")
+    model = _ours("Swinv2Model", embed_dim=32, num_heads=[2, 2])
+    model.set_attn_implementation("triton")
+    with count_fused_calls() as calls:
+        program = _export_matches_eager(model, strict=False)
+    assert "swinv2_fast.window_attention_fused" in str(program.graph)
+    assert calls["calls"] > 0
+
+
+# ------------------------------------------------------------------------------- patched models
+@pytest.mark.slow
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_patched_transformers_dynamic(strict):
+    hf, _ = make_pair("Swinv2ForImageClassification", num_labels=3,
+                      **{k: v for k, v in TINY.items() if k != "drop_path_rate"})
+    swinv2_fast.patch(hf)
+    with count_patched_calls() as calls:
+        _export_matches_eager(hf, strict, run=lambda m, x: output_tensors(m(x).logits if hasattr(m(x), "logits")
+                                                                          else m(x)))
+    assert calls["calls"] > 0
+
+
+TIMM_SMALL = dict(pretrained=False, img_size=80, embed_dim=16, depths=(2, 2), num_heads=(1, 1), window_size=4,
+                  num_classes=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("name,kwargs", [
+    ("swinv2_tiny_window8_256", dict(strict_img_size=False)),
+    ("swinv2_cr_tiny_ns_224", dict(strict_img_size=False)),
+], ids=["v2", "cr"])
+def test_export_patched_timm_dynamic(name, kwargs, strict):
+    timm = pytest.importorskip("timm")
+    model = perturb_(timm.create_model(name, **TIMM_SMALL, **kwargs)).eval()
+    swinv2_fast.patch(model)
+    with count_patched_calls() as calls:
+        _export_matches_eager(model, strict, dynamic_shapes=_dynamic("x"))
+    assert calls["calls"] > 0
+
+
+# ------------------------------------------------------------------------------- torch.fx
+@pytest.mark.parametrize("name", ["swinv2_tiny_window8_256", "swinv2_cr_tiny_ns_224"], ids=["v2", "cr"])
+def test_fx_trace_patched_timm(name):
+    """torch.fx.symbolic_trace and timm's feature extractor (torchvision's create_feature_extractor with
+    timm's leaf modules and functions) record the patched step as one call; the graph runs it (counted),
+    matches the patched model. (Scripting such a graph, whose step compiles to the fused custom op, runs in
+    timm's own test_model_forward_fx_torchscript: tests/test_peer_suites.py.)"""
+    timm = pytest.importorskip("timm")
+    feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
+    from timm.models import get_notrace_functions, get_notrace_modules
+
+    model = perturb_(timm.create_model(name, **{**TIMM_SMALL, "img_size": 32})).eval()
+    swinv2_fast.patch(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        graph = torch.fx.symbolic_trace(model)
+        assert "patched_window_step" in graph.code
+        with count_patched_calls() as calls:
+            assert_close(graph(x), expected, atol=FP32_ATOL, name="symbolic_trace")
+        assert calls["calls"] == 4
+        tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+        _, nodes = feature_extraction.get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+        extractor = feature_extraction.create_feature_extractor(model, return_nodes=[nodes[-1]],
+                                                                tracer_kwargs=tracer_kwargs)
+        with count_patched_calls() as calls:
+            assert_close(next(iter(extractor(x).values())), expected, atol=FP32_ATOL, name="feature extractor")
+        assert calls["calls"] == 4
+
+
+def test_jit_script_of_a_patched_model_raises_naming_the_cause():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("swinv2_tiny_window8_256", **{**TIMM_SMALL, "img_size": 32}).eval()
+    swinv2_fast.patch(model)
+    not_scriptable = importlib.import_module("swinv2_fast.patch").PatchedModelNotScriptable
+    with pytest.raises(not_scriptable, match=r"torch.jit.script cannot compile swinv2_fast's patched .*"
+                                             r"swinv2_fast.unpatch\(model\) first"):
+        torch.jit.script(model)
+    swinv2_fast.unpatch(model)
+    torch.jit.script(model)  # unpatched: timm's own model scripts
