@@ -93,8 +93,7 @@ def _activation(name: str):
 
 def _config_dtype(config) -> Optional[torch.dtype]:
     """The floating dtype config.json records ("dtype", or "torch_dtype" before transformers 5), if any."""
-    extra = config.__dict__.get("_extra", {})
-    name = extra.get("dtype", extra.get("torch_dtype"))
+    name = getattr(config, "dtype", None)
     if isinstance(name, torch.dtype):
         return name
     if isinstance(name, str):

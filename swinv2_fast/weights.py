@@ -276,8 +276,8 @@ def save_model_weights(model: torch.nn.Module, directory: str, safe_serializatio
         raise ValueError(f"save_pretrained needs a directory, got the file {directory!r}")
     os.makedirs(directory, exist_ok=True)
     config = model.config
-    config._extra["architectures"] = [type(model).__name__]
-    config._extra["dtype"] = str(model.dtype).replace("torch.", "")
+    config.architectures = [type(model).__name__]
+    config.dtype = model.dtype
     if config.window_semantics != "transformers" and not as_swinv2_fast and is_main_process:
         logger.warning(
             "saving a model with window_semantics=%r: swinv2_fast reloads it with the same numbers, but "
