@@ -57,12 +57,13 @@ def _as_pair(value):
 
 
 class FamilyTester:
-    """Config and inputs of a small Swin V2: 32x32 images in patches of 2 (a 16x16 grid), three stages with
-    windows of 2, so that every stage shifts, pads nothing and merges patches."""
+    """Config and inputs of a small Swin V2: 32x32 images in patches of 2 (a 16x16 grid), two stages of two
+    blocks with windows of 2, so that every stage shifts (its second block), pads nothing and merges patches.
+    Two stages: the mixin's test_num_layers_is_small holds testers to num_hidden_layers <= 2."""
 
     def __init__(self, parent, batch_size=4, image_size=32, patch_size=2, num_channels=3, embed_dim=16,
-                 depths=(1, 2, 1), num_heads=(2, 2, 4), window_size=2, mlp_ratio=2.0, drop_path_rate=0.1,
-                 num_labels=10, encoder_stride=8, out_features=("stage1", "stage2")):
+                 depths=(2, 2), num_heads=(2, 4), window_size=2, mlp_ratio=2.0, drop_path_rate=0.1,
+                 num_labels=10, encoder_stride=4, out_features=("stage1", "stage2")):
         self.parent = parent
         self.batch_size = batch_size
         self.image_size = image_size
@@ -75,7 +76,7 @@ class FamilyTester:
         self.mlp_ratio = mlp_ratio
         self.drop_path_rate = drop_path_rate
         self.num_labels = num_labels
-        self.encoder_stride = encoder_stride
+        self.encoder_stride = encoder_stride  # the decoder's pixel shuffle: patch 2 * 2**(stages - 1)
         self.out_features = list(out_features)
         self.is_training = True
         # what the mixins read off the tester
