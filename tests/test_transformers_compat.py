@@ -487,6 +487,14 @@ again = swinv2_fast.Swinv2ForImageClassification.from_pretrained({str(tmp_path /
 with torch.no_grad():
     assert torch.equal(again(x).logits, model(x).logits)
 assert swinv2_fast.Swinv2ForImageClassification.from_pretrained({str(tmp_path / "m")!r}, dtype="bfloat16").dtype == torch.bfloat16
+assert swinv2_fast.Swinv2Config.__mro__[1:] == (object,), swinv2_fast.Swinv2Config.__mro__
+# gradient checkpointing through the stand-in checkpointing layer: each stage recomputed in the backward
+model.train()
+model.gradient_checkpointing_enable()
+calls = []
+model.swinv2.encoder.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+model(x, labels=torch.tensor([1])).loss.backward()
+assert model.is_gradient_checkpointing and len(calls) == 2, calls
 try:
     swinv2_fast.register_auto_classes()
 except ImportError as error:
