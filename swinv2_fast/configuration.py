@@ -436,7 +436,7 @@ class Swinv2Config(_ConfigBase):
         with open(json_file, encoding="utf-8") as fh:
             return cls.from_dict(json.load(fh))
 
-    def to_json_string(self, use_diff: bool = True, as_swinv2_fast: bool = False) -> str:
+    def to_json_string(self, use_diff: bool = True, *, as_swinv2_fast: bool = False) -> str:
         """config.json's text. `use_diff` is accepted for transformers' signature: the JSON form is always
         the full one (to_dict), which both transformers and swinv2_fast read."""
         data = self.to_dict()
