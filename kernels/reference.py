@@ -416,7 +416,8 @@ def window_attention_reference(
             adds -100 twice, i.e. -200) and heads (C must divide by them). Or, instead of it, its keyword
             block `grid_size, num_heads, window_size, shift_size, pad_order, mask_value` (`takes_geometry`).
         dropout_p: attention dropout on P; pass 0.0 outside training.
-        return_attention_probs: also return P as (B * nW, num_heads, N, N).
+        return_attention_probs: also return P as (B * nW, num_heads, N, N): the tensor the output is computed
+            from (a gradient reaches it; P after dropout, as transformers returns it).
         fused_softmax: softmax(S) @ v through `scaled_dot_product_attention` (the default); False forms S and
             P explicitly, the chain transformers and timm run (always so when P is returned). Same math.
 
@@ -457,6 +458,11 @@ def window_attention_reference(
         probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p, training=True)
+        if return_attention_probs:
+            # returned as (B * nW, heads, N, N), and the output is computed from a view of that very tensor:
+            # a gradient reaches the returned probabilities (retain_grad on a model's `attentions`)
+            returned_probs = probs.transpose(1, 2).reshape(B * nW, num_heads, N, N)
+            probs = returned_probs.view(B, nW, num_heads, N, N).transpose(1, 2)
         out = probs.to(v.dtype) @ v  # (B, heads, nW, N, head_dim)
     else:
         # The same softmax(S) @ v through PyTorch's fused attention, heads and windows as one batch axis.
@@ -470,5 +476,5 @@ def window_attention_reference(
     out = out.reshape(B, num_heads, nW * N, head_dim).permute(0, 2, 1, 3)  # (B, nW*N, heads, head_dim)
     out = out.index_select(1, layout.scatter_index).view(B, L, C)
     if return_attention_probs:
-        return out, probs.transpose(1, 2).reshape(B * nW, num_heads, N, N)
+        return out, returned_probs
     return out

@@ -5,8 +5,9 @@ forward arguments and outputs), converters from timm and the official checkpoint
 window-attention op with its eager reference.
 
 When transformers imports, the model classes are `transformers.PreTrainedModel` subclasses (the Trainer,
-PEFT and accelerate recognise them; see `swinv2_fast.modeling`); the package imports and runs without
-transformers (or with SWINV2_FAST_NO_TRANSFORMERS=1), with `nn.Module` as their base. Importing registers
+PEFT and accelerate recognise them; see `swinv2_fast.modeling`) and `Swinv2Config` is a
+`transformers.PreTrainedConfig` subclass; the package imports and runs without transformers (or with
+SWINV2_FAST_NO_TRANSFORMERS=1), with `nn.Module` and a plain class as their bases. Importing registers
 nothing with transformers: `register_auto_classes()` does, on request.
 """
 from .configuration import Swinv2Config

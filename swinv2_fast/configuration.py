@@ -66,7 +66,42 @@ def _json_default(value):
     raise TypeError(f"config value {value!r} of type {type(value).__name__} is not JSON serializable")
 
 
-class Swinv2Config:
+def _config_base():
+    """transformers' `PreTrainedConfig` when transformers imports (and SWINV2_FAST_NO_TRANSFORMERS is unset), else
+    `object`: the same rule as the models' base (`swinv2_fast.modeling._transformers_base`)."""
+    if os.environ.get("SWINV2_FAST_NO_TRANSFORMERS", "") not in ("", "0"):
+        return object
+    try:
+        from transformers import PreTrainedConfig
+    except ImportError:
+        return object
+    return PreTrainedConfig
+
+
+_ConfigBase = _config_base()
+
+# PreTrainedConfig's common settings that Swin V2 does not read but keeps, as real attributes (class defaults
+# below), so that a config.json round trip is lossless and transformers' code reads them where it expects.
+_COMMON_SETTINGS = ("transformers_version", "architectures", "dtype", "chunk_size_feed_forward", "is_encoder_decoder")
+# keys of to_dict() that are derived, or transformers' own internal state: never constructor arguments
+_DERIVED_KEYS = ("num_layers", "hidden_size", "stage_names", "_out_features", "_out_indices", "_attn_implementation",
+                 "_attn_implementation_internal", "_experts_implementation_internal", "_commit_hash")
+
+
+def _as_torch_dtype(value):
+    """A dtype given by name ("float16", "torch.float16") as the torch.dtype, as transformers stores it."""
+    if isinstance(value, str):
+        try:
+            import torch
+        except ImportError:
+            return value
+        candidate = getattr(torch, value.replace("torch.", ""), None)
+        if isinstance(candidate, torch.dtype):
+            return candidate
+    return value
+
+
+class Swinv2Config(_ConfigBase):
     """Configuration of a Swin Transformer V2 (same fields and defaults as transformers' `Swinv2Config`).
 
     Args:
@@ -96,7 +131,15 @@ class Swinv2Config:
     Raises:
         ValueError: a field of swinv2_fast's own (window_semantics, attn_implementation,
             cpu_inference_chunk_bytes) or out_features / out_indices out of range.
-        TypeError: cpu_onednn_linear not a bool, cpu_inference_chunk_bytes not an int. The structure itself is checked by `validate()` at model construction.
+        TypeError: cpu_onednn_linear not a bool, cpu_inference_chunk_bytes not an int. The structure itself is
+            checked by `validate()` at model construction.
+
+    With transformers installed this is a `transformers.PreTrainedConfig` subclass (its iteration,
+    `to_json_file`, `to_diff_dict`, `get_text_config`, `sub_configs`, ... apply; transformers' code that checks
+    `isinstance(config, PreTrainedConfig)` accepts it); without it a plain class with the same fields, defaults,
+    JSON form and methods defined here. The common settings of PreTrainedConfig that Swin V2 does not read
+    (`architectures`, `dtype`, `chunk_size_feed_forward`, `is_encoder_decoder`, `transformers_version`) are
+    kept as given; `dtype` given by name is stored as the torch.dtype and written by name.
 
     Example:
         >>> config = Swinv2Config(image_size=256, window_size=8, num_labels=10)
@@ -108,6 +151,14 @@ class Swinv2Config:
     attribute_map = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
     # read by transformers' pipeline() (5.17) from model.config; a local directory has no hub commit
     _commit_hash = None
+    # defaults of PreTrainedConfig's common settings (_COMMON_SETTINGS); the same values as its own
+    transformers_version = None
+    architectures = None
+    dtype = None
+    chunk_size_feed_forward = 0
+    is_encoder_decoder = False
+    has_no_defaults_at_init = False
+    sub_configs = {}  # noqa: RUF012  (PreTrainedConfig's ClassVar: no nested configs)
 
     def __init__(
         self,
@@ -145,6 +196,28 @@ class Swinv2Config:
         return_dict: bool = True,
         **kwargs,
     ):
+        # transformers' internal state, read by PreTrainedConfig's properties (output_attentions,
+        # _attn_implementation, name_or_path); set first because the setters below read it. transformers'
+        # attention setting mirrors ours where the names agree ("eager").
+        for internal in _DERIVED_KEYS:
+            kwargs.pop(internal, None)
+        model_type = kwargs.pop("model_type", self.model_type)
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"config model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+        # config.json's key for our attention setting (see the module docstring); an explicit argument wins
+        saved_implementation = kwargs.pop("swinv2_fast_attn_implementation", None)
+        if saved_implementation is not None and attn_implementation == "auto":
+            attn_implementation = saved_implementation
+        self._attn_implementation_internal = "eager" if attn_implementation == "eager" else None
+        self._experts_implementation_internal = None
+        self._name_or_path = str(kwargs.pop("name_or_path", kwargs.pop("_name_or_path", "")))
+        if "torch_dtype" in kwargs:  # transformers 4's name of dtype
+            torch_dtype = kwargs.pop("torch_dtype")
+            kwargs.setdefault("dtype", torch_dtype)
+        for name in _COMMON_SETTINGS:
+            if name in kwargs:
+                value = kwargs.pop(name)
+                setattr(self, name, _as_torch_dtype(value) if name == "dtype" else value)
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
@@ -181,9 +254,7 @@ class Swinv2Config:
         self.label2id = dict(label2id) if label2id is not None else {v: k for k, v in self.id2label.items()}
 
         # Keys written by transformers that the models do not read are kept so that a round trip is lossless.
-        kwargs.pop("_out_features", None)
-        kwargs.pop("_out_indices", None)
-        self._extra = {k: v for k, v in kwargs.items() if k not in ("model_type",)}
+        self._extra = dict(kwargs)
 
         self._validate_own_fields()
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
@@ -323,6 +394,9 @@ class Swinv2Config:
             if key.startswith("_") or key == "stage_names":
                 continue
             out[key] = copy.deepcopy(value)
+        out["output_attentions"] = bool(self.output_attentions)
+        if out.get("dtype") is not None and not isinstance(out["dtype"], str):
+            out["dtype"] = str(out["dtype"]).replace("torch.", "")
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["out_features"] = list(self._out_features)
         out["out_indices"] = list(self._out_indices)
@@ -350,18 +424,21 @@ class Swinv2Config:
             if given in overrides and derived not in overrides:
                 data.pop(derived, None)
         data.update(overrides)
-        model_type = data.get("model_type", cls.model_type)
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"config model_type must be one of {MODEL_TYPES}, got {model_type!r}")
-        for derived in ("num_layers", "hidden_size", "stage_names"):
-            data.pop(derived, None)
-        if "swinv2_fast_attn_implementation" in data:
-            data["attn_implementation"] = data.pop("swinv2_fast_attn_implementation")
-        # transformers' own attention setting, which a transformers config may carry, is not ours.
-        data.pop("_attn_implementation", None)
+        # the saved implementation (swinv2_fast_attn_implementation, read by the constructor) gives way to an
+        # override
+        if "attn_implementation" in overrides:
+            data.pop("swinv2_fast_attn_implementation", None)
         return cls(**data)
 
-    def to_json_string(self, as_swinv2_fast: bool = False) -> str:
+    @classmethod
+    def from_json_file(cls, json_file) -> "Swinv2Config":
+        """The config a JSON file written by `to_json_file` or `save_pretrained` describes."""
+        with open(json_file, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+    def to_json_string(self, use_diff: bool = True, *, as_swinv2_fast: bool = False) -> str:
+        """config.json's text. `use_diff` is accepted for transformers' signature: the JSON form is always
+        the full one (to_dict), which both transformers and swinv2_fast read."""
         data = self.to_dict()
         if as_swinv2_fast:
             data["model_type"] = "swinv2_fast"
@@ -408,6 +485,11 @@ class Swinv2Config:
         if to_dict is None:
             raise TypeError(f"from_transformers expects a transformers Swinv2Config, got {type(hf_config).__name__}")
         return cls.from_dict(to_dict())
+
+    def to_json_file(self, json_file_path, use_diff: bool = True) -> None:
+        """Write `to_json_string()` to `json_file_path`."""
+        with open(json_file_path, "w", encoding="utf-8") as fh:
+            fh.write(self.to_json_string(use_diff=use_diff))
 
     def copy(self) -> "Swinv2Config":
         return Swinv2Config.from_dict(self.to_dict())

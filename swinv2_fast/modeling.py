@@ -24,7 +24,7 @@ CPU switches (config fields, read where they act; defaults in `Swinv2Config`):
 from __future__ import annotations
 
 import collections.abc
-import contextlib
+import functools
 import inspect
 import math
 import os
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .configuration import ATTN_IMPLEMENTATIONS, DEFAULT_CPU_INFERENCE_CHUNK_BYTES, MODEL_TYPES, Swinv2Config
+from .configuration import (_COMMON_SETTINGS, ATTN_IMPLEMENTATIONS, DEFAULT_CPU_INFERENCE_CHUNK_BYTES, MODEL_TYPES,
+                            Swinv2Config)
 from .functional import window_attention
 from .kernels.geometry import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry
 from .linear import apply_linear, is_plain_linear, linear, project_qkv
@@ -93,8 +94,7 @@ def _activation(name: str):
 
 def _config_dtype(config) -> Optional[torch.dtype]:
     """The floating dtype config.json records ("dtype", or "torch_dtype" before transformers 5), if any."""
-    extra = config.__dict__.get("_extra", {})
-    name = extra.get("dtype", extra.get("torch_dtype"))
+    name = getattr(config, "dtype", None)
     if isinstance(name, torch.dtype):
         return name
     if isinstance(name, str):
@@ -496,7 +496,45 @@ class Swinv2PatchMerging(nn.Module):
         return self.norm(apply_linear(self.reduction, x, onednn=onednn))
 
 
-class Swinv2Stage(nn.Module):
+def _transformers_base():
+    """transformers' PreTrainedModel when transformers imports and SWINV2_FAST_NO_TRANSFORMERS is unset, else None
+    (see the base class section below)."""
+    if os.environ.get("SWINV2_FAST_NO_TRANSFORMERS", "") not in ("", "0"):
+        return None
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None
+    return PreTrainedModel
+
+
+class _GradientCheckpointingLayer(nn.Module):
+    """A layer whose calls are recomputed in the backward while `gradient_checkpointing` is set and the layer
+    is training: the call goes through `_gradient_checkpointing_func` (a `torch.utils.checkpoint.checkpoint`
+    partial, set by `Swinv2PreTrainedModel.gradient_checkpointing_enable`) with the positional arguments as
+    the checkpoint's inputs. The stand-in for transformers' `GradientCheckpointingLayer` (same contract)
+    when transformers is not the base."""
+
+    gradient_checkpointing = False
+
+    def __call__(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(functools.partial(super().__call__, **kwargs), *args)
+        return super().__call__(*args, **kwargs)
+
+
+def _checkpointing_layer_base():
+    """transformers' GradientCheckpointingLayer when the models are transformers models (its Swinv2Stage is
+    one, and transformers' tools find checkpointed layers by that class), `_GradientCheckpointingLayer`
+    otherwise."""
+    if _transformers_base() is None:
+        return _GradientCheckpointingLayer
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return GradientCheckpointingLayer
+
+
+class Swinv2Stage(_checkpointing_layer_base()):
     def __init__(self, config, dim, input_resolution, depth, num_heads, drop_path, downsample,
                  pretrained_window_size=0):
         super().__init__()
@@ -554,10 +592,8 @@ class Swinv2Encoder(nn.Module):
             )
             for i in range(self.num_layers)
         )
+        # set with the stages' by gradient_checkpointing_enable/disable; the stages do the checkpointing
         self.gradient_checkpointing = False
-        self.checkpoint_kwargs = {"use_reentrant": False}
-        self.checkpoint_every_n_layers = 1
-        self.checkpoint_offload = False
 
     def forward(self, hidden_states, input_dimensions, output_attentions=False, output_hidden_states=False,
                 output_hidden_states_before_downsampling=False, return_dict=True):
@@ -573,16 +609,9 @@ class Swinv2Encoder(nn.Module):
 
         if output_hidden_states:
             record(hidden_states, input_dimensions)
-        for index, stage in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and index % self.checkpoint_every_n_layers == 0:
-                offload = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-                           if self.checkpoint_offload else contextlib.nullcontext())
-                with offload:
-                    stage_outputs = torch.utils.checkpoint.checkpoint(
-                        stage, hidden_states, input_dimensions, output_attentions, **self.checkpoint_kwargs
-                    )
-            else:
-                stage_outputs = stage(hidden_states, input_dimensions, output_attentions)
+        for stage in self.layers:
+            # positional: a checkpointing stage (gradient checkpointing) takes its inputs as *args
+            stage_outputs = stage(hidden_states, input_dimensions, output_attentions)
             hidden_states, before_downsampling, output_dimensions = stage_outputs[:3]
             input_dimensions = (output_dimensions[-2], output_dimensions[-1])
             if output_hidden_states and output_hidden_states_before_downsampling:
@@ -600,6 +629,13 @@ class Swinv2Encoder(nn.Module):
             attentions=all_attentions,
             reshaped_hidden_states=all_reshaped,
         )
+
+
+def _offloaded_checkpoint(checkpoint, function, *args, **kwargs):
+    """`checkpoint(function, *args)` keeping the tensors saved for the recompute in host memory (pinned with
+    CUDA): gradient_checkpointing_enable(offload=True)."""
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return checkpoint(function, *args, **kwargs)
 
 
 def _check_pixel_values(pixel_values, num_channels: int) -> None:
@@ -625,16 +661,6 @@ def _check_pixel_values(pixel_values, num_channels: int) -> None:
 # Everything that touches loading, saving, configs and checkpointing is swinv2_fast's own (overridden
 # below), so both bases behave the same; without transformers (or with SWINV2_FAST_NO_TRANSFORMERS=1 in the
 # environment) the base is `nn.Module` and the package runs unchanged, minus push_to_hub.
-def _transformers_base():
-    if os.environ.get("SWINV2_FAST_NO_TRANSFORMERS", "") not in ("", "0"):
-        return None
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return None
-    return PreTrainedModel
-
-
 _TransformersPreTrainedModel = _transformers_base()
 _ModelBase = nn.Module if _TransformersPreTrainedModel is None else _TransformersPreTrainedModel
 
@@ -752,8 +778,14 @@ class Swinv2PreTrainedModel(_ModelBase):
         self.name_or_path = ""
 
     def post_init(self):
-        """Initialise the weights (`_init_weights` on every module), as transformers' post_init does."""
+        """Initialise the weights (`_init_weights` on every module), as transformers' post_init does, and
+        honour `config.gradient_checkpointing = True` set before construction (transformers' older switch):
+        checkpointing is enabled and the attribute removed from the config, so that it is not saved."""
         self.apply(self._init_weights)
+        if getattr(self.config, "gradient_checkpointing", False):
+            self.gradient_checkpointing_enable()
+            self.config.__dict__.pop("gradient_checkpointing", None)
+            self.config.__dict__.get("_extra", {}).pop("gradient_checkpointing", None)
         # what transformers' methods (PEFT, accelerate, the Trainer) read on a PreTrainedModel
         self.all_tied_weights_keys = {}
         self._keep_in_fp32_modules = set()
@@ -777,6 +809,11 @@ class Swinv2PreTrainedModel(_ModelBase):
                 module.position_embeddings.zero_()
         elif isinstance(module, Swinv2SelfAttention):
             module.logit_scale.fill_(math.log(10))
+            # the non-persistent buffers too: a model built on the meta device, moved with to_empty() and
+            # initialised with init_weights() must equal one built on a real device
+            table, index = module.create_coords_table_and_index()
+            module.relative_coords_table.copy_(table)
+            module.relative_position_index.copy_(index)
 
     def init_weights(self):
         """Re-initialise every weight (transformers' name for post_init's initialisation)."""
@@ -816,25 +853,37 @@ class Swinv2PreTrainedModel(_ModelBase):
             raise ValueError(f"every_n_layers must be an int >= 1, got {every_n_layers!r}")
         if not isinstance(offload, bool):
             raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
-        for module in self.modules():
-            if isinstance(module, Swinv2Encoder):
-                module.gradient_checkpointing = True
-                module.checkpoint_kwargs = gradient_checkpointing_kwargs
-                module.checkpoint_every_n_layers = every_n_layers
-                module.checkpoint_offload = offload
+        checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, **gradient_checkpointing_kwargs)
+        function = functools.partial(_offloaded_checkpoint, checkpoint) if offload else checkpoint
+        self._set_checkpointing(True, function, every_n_layers)
         if getattr(self, "_hf_peft_config_loaded", False):
             self.enable_input_require_grads()
 
+    def _set_checkpointing(self, enable: bool, function=None, every_n_layers: int = 1) -> None:
+        """Set `gradient_checkpointing` on every module that has the flag, as transformers does: the stages
+        (checkpointing layers) 0, n, 2n, ... when enabling, every other flag to `enable`."""
+        stage_index = 0
+        for module in self.modules():
+            if not hasattr(module, "gradient_checkpointing"):
+                continue
+            if function is not None:
+                module._gradient_checkpointing_func = function
+            if enable and isinstance(module, Swinv2Stage):
+                module.gradient_checkpointing = stage_index % every_n_layers == 0
+                stage_index += 1
+            else:
+                module.gradient_checkpointing = enable
+
     def gradient_checkpointing_disable(self):
         """Keep all activations again (the default)."""
-        for module in self.modules():
-            if isinstance(module, Swinv2Encoder):
-                module.gradient_checkpointing = False
+        self._set_checkpointing(False)
+        if getattr(self, "_hf_peft_config_loaded", False):
+            self.disable_input_require_grads()
 
     @property
     def is_gradient_checkpointing(self) -> bool:
         """Whether gradient checkpointing is on."""
-        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Swinv2Encoder))
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
     # -------------------------------------------------------------------------------- accessors
     def get_input_embeddings(self) -> nn.Module:
@@ -894,32 +943,40 @@ class Swinv2PreTrainedModel(_ModelBase):
 
     # -------------------------------------------------------------------------------- save / load
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, strict: bool = True,
-                        dtype=None, torch_dtype=None, device_map=None, ignore_mismatched_sizes: bool = False,
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, strict: bool = False,
+                        state_dict=None, dtype=None, torch_dtype=None, device_map=None, ignore_mismatched_sizes: bool = False,
                         output_loading_info: bool = False, subfolder: str = "", use_safetensors=None,
                         variant: Optional[str] = None, attn_implementation: Optional[str] = None,
                         adapter_kwargs=None, **kwargs):
         """Load a directory written by transformers' (or our) `save_pretrained`, in eval mode.
 
         Reads config.json and model.safetensors / pytorch_model.bin (also sharded), in the released key
-        layout (query/key/value) or the renamed one (q_proj/k_proj/v_proj/o_proj). Missing or unexpected
-        keys raise, naming them; the only exceptions are task heads (`classifier`, `decoder`, mask token)
-        absent from the checkpoint, which keep their initialisation with a warning, and heads of another
-        class in the checkpoint, which are dropped with a warning.
+        layout (query/key/value) or the renamed one (q_proj/k_proj/v_proj/o_proj). As in transformers, missing
+        and unexpected keys are reported as warnings (weights missing from the checkpoint keep their
+        initialisation) and listed in the loading info; a weight whose shape differs from the checkpoint's
+        raises RuntimeError unless ignore_mismatched_sizes=True. The report goes to transformers'
+        `transformers.modeling_utils` logger when the models are transformers models (so that
+        `transformers.logging`'s verbosity governs it as it governs transformers' own report), to the
+        `swinv2_fast` logger otherwise. Called inside `with torch.device("meta")` it raises RuntimeError, as
+        transformers does: the weights would be placeholders.
 
         Args:
             pretrained_model_name_or_path: the directory, or a hub id whose snapshot is in huggingface_hub's
-                local cache (nothing is downloaded; anything else raises FileNotFoundError).
+                local cache (nothing is downloaded; anything else raises FileNotFoundError); None with
+                `config` and `state_dict`.
             config: a swinv2_fast or transformers Swinv2Config to use instead of config.json.
+            state_dict: the weights to load instead of the directory's files (transformers' argument).
             dtype / torch_dtype: a floating torch.dtype, its name, or "auto" (default, as in transformers 5:
                 the dtype config.json records, else float32). Every parameter and buffer is cast to it.
             device_map: one device for the whole model ("cuda", "cuda:1", torch.device, int), "auto" (the
                 first accelerator, else the CPU) or {"": device}; maps over several devices raise.
             ignore_mismatched_sizes: leave weights whose shape differs from the checkpoint's (e.g. a new
                 classifier for another num_labels) at their initialisation, with a warning.
-            strict: False turns every key mismatch into a warning.
-            output_loading_info: also return {"missing_keys", "unexpected_keys", "mismatched_keys",
-                "error_msgs"}.
+            strict: True raises ValueError on any missing, unexpected or mis-shaped key (except task heads of
+                another class of the family, which warn), listing them.
+            output_loading_info: also return transformers' loading info: {"missing_keys": set,
+                "unexpected_keys": set, "mismatched_keys": set of (key, checkpoint shape, model shape),
+                "error_msgs": list}.
             subfolder, use_safetensors, variant: where the files are, as in transformers.
             attn_implementation: swinv2_fast's window attention ("auto", "triton", "eager").
             revision, cache_dir, local_files_only, trust_remote_code, low_cpu_mem_usage, force_download,
@@ -936,8 +993,14 @@ class Swinv2PreTrainedModel(_ModelBase):
             >>> model = Swinv2ForImageClassification.from_pretrained("out/", dtype=torch.bfloat16, num_labels=10,
             ...                                                      ignore_mismatched_sizes=True)
         """
-        from .weights import load_model_weights, resolve_pretrained_directory
+        from .weights import load_model_weights, load_state_dict_checked, resolve_pretrained_directory
 
+        if torch.empty(0).device.type == "meta":
+            raise RuntimeError(
+                f"{cls.__name__}.from_pretrained: You are using `from_pretrained` with a meta device context manager "
+                "or `torch.set_default_device('meta')`, under which the loaded weights would be placeholders. Build "
+                "the model on the meta device with the class itself (e.g. for its structure), or call "
+                "from_pretrained outside the context and pass device_map for the device.")
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model arguments, got {len(model_args)}")
         for option, what in _UNSUPPORTED_OPTIONS.items():
@@ -953,8 +1016,16 @@ class Swinv2PreTrainedModel(_ModelBase):
                                  "(torch_dtype is its older name)")
             dtype = torch_dtype
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_OPTIONS}
-        directory = resolve_pretrained_directory(pretrained_model_name_or_path, subfolder=subfolder,
-                                                 revision=hub.get("revision"), cache_dir=hub.get("cache_dir"))
+        if pretrained_model_name_or_path is None:
+            if config is None or state_dict is None:
+                raise ValueError(
+                    f"{cls.__name__}.from_pretrained(None, ...) needs both config= and state_dict= (got "
+                    f"config={'given' if config is not None else None}, "
+                    f"state_dict={'given' if state_dict is not None else None}); otherwise pass a directory")
+            directory = None
+        else:
+            directory = resolve_pretrained_directory(pretrained_model_name_or_path, subfolder=subfolder,
+                                                     revision=hub.get("revision"), cache_dir=hub.get("cache_dir"))
         overrides = dict(kwargs)
         if attn_implementation is not None:
             overrides["attn_implementation"] = attn_implementation
@@ -979,13 +1050,18 @@ class Swinv2PreTrainedModel(_ModelBase):
         device = _resolve_device_map(device_map)
 
         model = cls(config, **model_kwargs)
-        info = load_model_weights(model, directory, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                  use_safetensors=use_safetensors, variant=variant)
+        report = _loading_report_logger()
+        if state_dict is not None:
+            info = load_state_dict_checked(model, state_dict, strict=strict,
+                                           ignore_mismatched_sizes=ignore_mismatched_sizes, report_logger=report)
+        else:
+            info = load_model_weights(model, directory, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                      use_safetensors=use_safetensors, variant=variant, report_logger=report)
         if dtype is not None or device is not None:
             model = model.to(device=device, dtype=dtype)
         if device_map is not None:
             model.hf_device_map = {"": str(model.device)}
-        model.name_or_path = os.fspath(pretrained_model_name_or_path)
+        model.name_or_path = "" if pretrained_model_name_or_path is None else os.fspath(pretrained_model_name_or_path)
         model.eval()
         return (model, info) if output_loading_info else model
 
@@ -1040,9 +1116,22 @@ class Swinv2PreTrainedModel(_ModelBase):
 
 
 def _config_fields():
-    """Names a from_pretrained keyword may override: Swinv2Config's arguments and its aliases."""
+    """Names a from_pretrained keyword may override: Swinv2Config's arguments, its aliases and the common
+    settings of transformers' PreTrainedConfig it keeps."""
     names = set(inspect.signature(Swinv2Config.__init__).parameters) - {"self", "kwargs"}
-    return names | set(Swinv2Config.attribute_map)
+    return names | set(Swinv2Config.attribute_map) | set(_COMMON_SETTINGS)
+
+
+def _loading_report_logger():
+    """Where from_pretrained's loading report goes: transformers' own report logger when the models are
+    transformers models, the package's logger otherwise (see `Swinv2PreTrainedModel.from_pretrained`)."""
+    import logging
+
+    from .weights import logger
+
+    if _TransformersPreTrainedModel is None:
+        return logger
+    return logging.getLogger("transformers.modeling_utils")
 
 
 class Swinv2Model(Swinv2PreTrainedModel):
@@ -1312,6 +1401,19 @@ class Swinv2Backbone(Swinv2PreTrainedModel):
         self.encoder = Swinv2Encoder(config, self.embeddings.patch_grid)
         self.post_init()
 
+    # transformers' BackboneMixin interface (attributes and properties, without its constructor, which
+    # expects transformers' own backbone config): what transformers' code reads on a backbone
+    has_attentions = True
+
+    @property
+    def backbone_type(self):
+        """transformers' `BackboneType.TRANSFORMERS` (the string "transformers" without transformers)."""
+        if _TransformersPreTrainedModel is None:
+            return "transformers"
+        from transformers.backbone_utils import BackboneType
+
+        return BackboneType.TRANSFORMERS
+
     @property
     def stage_names(self):
         return self.config.stage_names
@@ -1320,13 +1422,32 @@ class Swinv2Backbone(Swinv2PreTrainedModel):
     def out_features(self):
         return self.config.out_features
 
+    @out_features.setter
+    def out_features(self, value):
+        """Select stages by name (updates the config's out_indices too)."""
+        self.config.out_features = value
+
     @property
     def out_indices(self):
         return self.config.out_indices
 
+    @out_indices.setter
+    def out_indices(self, value):
+        """Select stages by index (updates the config's out_features too)."""
+        self.config.out_indices = value
+
+    @property
+    def out_feature_channels(self):
+        """{stage name: channels} for every stage, selected or not."""
+        return {stage: self.num_features[i] for i, stage in enumerate(self.stage_names)}
+
     @property
     def channels(self):
         return [self.num_features[i] for i in self.out_indices]
+
+    def forward_with_filtered_kwargs(self, *args, **kwargs):
+        """`self(*args, **kwargs)` (transformers' BackboneMixin method; every forward argument applies here)."""
+        return self(*args, **kwargs)
 
     def get_input_embeddings(self):
         return self.embeddings.patch_embeddings

@@ -180,14 +180,24 @@ def _adapt_prefix(state_dict, model_keys, prefix):
 
 
 def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True,
-                            ignore_mismatched_sizes: bool = False) -> Dict[str, list]:
-    """Load transformers-layout weights into `model`, raising with the exact key lists on any mismatch.
+                            ignore_mismatched_sizes: bool = False,
+                            report_logger: Optional[logging.Logger] = None) -> Dict[str, object]:
+    """Load transformers-layout weights into `model`; returns transformers' loading info: {"missing_keys": set,
+    "unexpected_keys": set, "mismatched_keys": set of (key, checkpoint shape, model shape), "error_msgs": list}.
 
-    `ignore_mismatched_sizes=True` (transformers' option of that name) leaves weights whose shape differs
-    from the checkpoint's at their initialisation, with a warning; `strict=False` turns every mismatch
-    (missing, unexpected and mis-shaped keys) into a warning. Returns transformers' loading info:
-    {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}.
+    Rules (transformers' own where it has one):
+    - a weight whose shape differs from the checkpoint's raises RuntimeError naming it, unless
+      `ignore_mismatched_sizes=True` (transformers' option), which leaves it at its initialisation with a
+      warning ("Reinit due to size mismatch", transformers' words);
+    - `strict=True` raises ValueError listing every missing, unexpected and mis-shaped key (what the
+      converters from timm and the official checkpoints use: a converted checkpoint must fit exactly), except
+      task heads another class of the family lacks or adds (`classifier`, `decoder`, mask token), which
+      warn;
+    - `strict=False` (from_pretrained's default, as in transformers) warns about missing and unexpected keys
+      and loads what fits.
+    Warnings go to `report_logger` (default: the package's logger).
     """
+    report = report_logger if report_logger is not None else logger
     state_dict = rename_legacy_keys(state_dict)
     expected = model.state_dict()
     state_dict = _adapt_prefix(state_dict, expected.keys(), model.base_model_prefix + ".")
@@ -202,6 +212,7 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.
                              if k in expected and tuple(v.shape) != tuple(expected[k].shape))
     mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in mismatched_keys]
+    name = type(model).__name__
     problems: List[str] = []
     if missing:
         problems.append(f"missing keys: {missing}")
@@ -214,35 +225,38 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.
         if mismatched and not ignore_mismatched_sizes:
             hint.append("ignore_mismatched_sizes=True leaves the mis-shaped weights at their initialisation "
                         "(e.g. a new classifier for another num_labels)")
-        hint.append("strict=False turns every mismatch into a warning")
-        raise ValueError(f"state dict does not fit {type(model).__name__}; " + "; ".join(problems)
-                         + ". " + "; ".join(hint))
-    name = type(model).__name__
+        hint.append("strict=False loads what fits and warns about missing and unexpected keys")
+        raise ValueError(f"state dict does not fit {name}; " + "; ".join(problems) + ". " + "; ".join(hint))
+    if mismatched and not ignore_mismatched_sizes:
+        raise RuntimeError(f"Error(s) in loading state_dict for {name}: shape mismatches: {mismatched}. Pass "
+                           "ignore_mismatched_sizes=True to leave these weights at their initialisation (e.g. a new "
+                           "classifier for another num_labels)")
     for problem in problems:
-        logger.warning("%s: %s", name, problem)
+        report.warning("%s: %s (left at initialisation / not used)", name, problem)
     if mismatched and ignore_mismatched_sizes:
-        logger.warning("%s: shapes differ from the checkpoint, left at initialisation (ignore_mismatched_sizes=True): %s",
+        report.warning("%s: Reinit due to size mismatch (ignore_mismatched_sizes=True), left at initialisation: %s",
                        name, mismatched)
     if missing_heads:
-        logger.warning("%s: not in the checkpoint, left at initialisation: %s", name, missing_heads)
+        report.warning("%s: not in the checkpoint, left at initialisation: %s", name, missing_heads)
     if unexpected_heads:
-        logger.warning("%s: checkpoint weights of another head, not used: %s", name, unexpected_heads)
+        report.warning("%s: checkpoint weights of another head, not used: %s", name, unexpected_heads)
 
     usable = {k: v for k, v in state_dict.items() if k in expected and k not in set(mismatched_keys)}
     model.load_state_dict(usable, strict=False)
     return {
-        "missing_keys": all_missing,
-        "unexpected_keys": all_unexpected,
-        "mismatched_keys": [(k, tuple(state_dict[k].shape), tuple(expected[k].shape)) for k in mismatched_keys],
+        "missing_keys": set(all_missing),
+        "unexpected_keys": set(all_unexpected),
+        "mismatched_keys": {(k, tuple(state_dict[k].shape), tuple(expected[k].shape)) for k in mismatched_keys},
         "error_msgs": [],
     }
 
 
 def load_model_weights(model: torch.nn.Module, directory: str, strict: bool = True,
                        ignore_mismatched_sizes: bool = False, use_safetensors: Optional[bool] = None,
-                       variant: Optional[str] = None):
+                       variant: Optional[str] = None, report_logger: Optional[logging.Logger] = None):
     state_dict = read_checkpoint(directory, use_safetensors=use_safetensors, variant=variant)
-    return load_state_dict_checked(model, state_dict, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes)
+    return load_state_dict_checked(model, state_dict, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                   report_logger=report_logger)
 
 
 def _parse_size(size) -> int:
@@ -276,8 +290,8 @@ def save_model_weights(model: torch.nn.Module, directory: str, safe_serializatio
         raise ValueError(f"save_pretrained needs a directory, got the file {directory!r}")
     os.makedirs(directory, exist_ok=True)
     config = model.config
-    config._extra["architectures"] = [type(model).__name__]
-    config._extra["dtype"] = str(model.dtype).replace("torch.", "")
+    config.architectures = [type(model).__name__]
+    config.dtype = model.dtype
     if config.window_semantics != "transformers" and not as_swinv2_fast and is_main_process:
         logger.warning(
             "saving a model with window_semantics=%r: swinv2_fast reloads it with the same numbers, but "

@@ -85,10 +85,12 @@ def require_peer_tests(name: str, version: Optional[str] = None) -> Path:
 
 
 def run_child_pytest(args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None,
-                     timeout: float = 1800) -> Dict[str, str]:
+                     timeout: float = 1800, details: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """Run `python -P -m pytest ARGS` in a child process; returns {test id: "passed" | "failed" | "skipped"}
     for every test it ran (from a JUnit XML report). Raises with the child's output tail when pytest did not
-    run the session (exit status 2-4: interrupted, internal or usage error)."""
+    run the session (exit status 2-4: interrupted, internal or usage error). `details`, when given, is
+    filled with {test id: message} for the failed and skipped tests (the failure's message and the last
+    lines of its traceback; the skip reason)."""
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "report.xml"
         child_env = dict(os.environ)
@@ -103,10 +105,18 @@ def run_child_pytest(args: Sequence[str], env: Optional[Dict[str, str]] = None, 
         outcomes = {}
         for case in ElementTree.parse(report).getroot().iter("testcase"):
             test_id = f"{case.get('classname')}::{case.get('name')}"
-            if case.find("failure") is not None or case.find("error") is not None:
+            failure = case.find("failure")
+            failure = failure if failure is not None else case.find("error")
+            skipped = case.find("skipped")
+            if failure is not None:
                 outcomes[test_id] = "failed"
-            elif case.find("skipped") is not None:
+                if details is not None:
+                    trace = (failure.text or "").strip().splitlines()[-6:]
+                    details[test_id] = "\n".join([failure.get("message", "")[:600], *trace])
+            elif skipped is not None:
                 outcomes[test_id] = "skipped"
+                if details is not None:
+                    details[test_id] = skipped.get("message", "")
             else:
                 outcomes[test_id] = "passed"
         return outcomes
@@ -116,3 +126,117 @@ def counts(outcomes: Dict[str, str]) -> str:
     """'N passed, N failed, N skipped'."""
     tally = {kind: sum(1 for v in outcomes.values() if v == kind) for kind in ("passed", "failed", "skipped")}
     return ", ".join(f"{n} {kind}" for kind, n in tally.items())
+
+
+# ------------------------------------------------------------------------------ transformers' mixins
+# The package name the cached `tests/` folder of transformers' sdist is imported under (never "tests", which
+# other suites use, and never on sys.path as a bare folder).
+TRANSFORMERS_PEER_PACKAGE = "_transformers_peer_tests"
+# Modules of transformers' tests/ that its common mixins import but the sdist does not ship, and the names
+# they take from them: given stand-ins here (see `_transformers_stand_ins`).
+TRANSFORMERS_MISSING_MODULES = {
+    "exporters.test_export": ("ExportTesterMixin",),
+    "generation.test_utils": ("GenerationTesterMixin",),
+    "utils.test_configuration_utils": ("config_common_kwargs",),
+}
+
+
+def _common_config_value(field):
+    """A value different from the default for one of PreTrainedConfig's dataclass fields, chosen by the
+    field's default type; None for a field that is not a user setting. Raises on a field with no rule, so
+    that a new common field is noticed instead of silently left out."""
+    import typing
+
+    name, default = field.name, field.default
+    if name == "transformers_version":  # written by save_pretrained, not a setting
+        return None
+    if name == "dtype":  # ConfigTester.check_config_arguments_init expects torch.float16 back
+        return "float16"
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return default + 5
+    if name == "id2label":
+        return {0: "label"}
+    if name == "label2id":
+        return {"label": 0}
+    if name == "architectures":
+        return ["Swinv2Model"]
+    literals = [arg for arg in typing.get_args(field.type) if typing.get_origin(arg) is typing.Literal]
+    if isinstance(field.type, str) and "Literal[" in field.type:  # postponed annotations
+        return field.type.split("Literal[", 1)[1].split(",", 1)[0].strip().strip("\"'")
+    if literals:
+        return typing.get_args(literals[0])[0]
+    raise RuntimeError(f"PreTrainedConfig field {name!r} (default {default!r}, type {field.type!r}) has no "
+                       "non-default value rule in tests/_peers.py: add one")
+
+
+def transformers_config_common_kwargs() -> dict:
+    """Our stand-in for transformers' `tests/utils/test_configuration_utils.config_common_kwargs`: every
+    common setting of `PreTrainedConfig` (its dataclass fields, and `output_attentions`, which its
+    `__post_init__` takes) at a non-default value, derived from the installed transformers."""
+    import dataclasses
+
+    from transformers import PreTrainedConfig
+
+    kwargs = {}
+    for field in dataclasses.fields(PreTrainedConfig):
+        value = _common_config_value(field)
+        if value is not None:
+            kwargs[field.name] = value
+    kwargs["output_attentions"] = True
+    return kwargs
+
+
+def _transformers_stand_ins() -> dict:
+    """{module name under the package: {attribute: value}} for TRANSFORMERS_MISSING_MODULES."""
+
+    class ExportTesterMixin:
+        """Empty: torch.export of our models is tested by tests/test_torch_compile.py and test_patch."""
+
+    class GenerationTesterMixin:
+        """Empty: generation does not apply to a vision encoder."""
+
+    return {
+        "exporters.test_export": {"ExportTesterMixin": ExportTesterMixin},
+        "generation.test_utils": {"GenerationTesterMixin": GenerationTesterMixin},
+        "utils.test_configuration_utils": {"config_common_kwargs": transformers_config_common_kwargs()},
+    }
+
+
+def import_transformers_mixins(tests_dir: Path):
+    """Import transformers' common test modules from the cached sdist folder `tests_dir` as the package
+    TRANSFORMERS_PEER_PACKAGE; returns (test_modeling_common, test_configuration_common, test_backbone_common).
+
+    The folder is mapped as a package without being put on sys.path; the submodules the sdist lacks are
+    registered in sys.modules first with our stand-ins. test_configuration_common runs
+    `direct_transformers_import(its folder)`, which executes the folder's `__init__.py`: the sdist has
+    none, so an empty one (the package marker transformers' repository has) is written into the cache."""
+    import importlib
+    import importlib.util
+    import types
+
+    tests_dir = Path(tests_dir)
+    marker = tests_dir / "__init__.py"
+    if not marker.exists():
+        marker.write_text("")
+    if TRANSFORMERS_PEER_PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(TRANSFORMERS_PEER_PACKAGE, marker,
+                                                      submodule_search_locations=[str(tests_dir)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[TRANSFORMERS_PEER_PACKAGE] = package
+        spec.loader.exec_module(package)
+        for dotted, attributes in _transformers_stand_ins().items():
+            parts = dotted.split(".")
+            for depth in range(1, len(parts) + 1):
+                name = ".".join([TRANSFORMERS_PEER_PACKAGE, *parts[:depth]])
+                if name not in sys.modules:
+                    module = types.ModuleType(name, "stand-in written by tests/_peers.py: the sdist lacks it")
+                    if depth < len(parts):
+                        module.__path__ = []
+                    sys.modules[name] = module
+                    setattr(sys.modules[name.rsplit(".", 1)[0]], parts[depth - 1], module)
+            for attribute, value in attributes.items():
+                setattr(sys.modules[".".join([TRANSFORMERS_PEER_PACKAGE, *parts])], attribute, value)
+    return tuple(importlib.import_module(f"{TRANSFORMERS_PEER_PACKAGE}.{name}")
+                 for name in ("test_modeling_common", "test_configuration_common", "test_backbone_common"))

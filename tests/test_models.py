@@ -128,3 +128,72 @@ def test_low_precision_error_is_that_of_transformers(dtype):
     hf_error = (hf_low - reference).abs().max().item()
     ours_error = (ours_low - reference).abs().max().item()
     assert ours_error <= 2 * hf_error + 1e-6, f"{dtype}: ours {ours_error:.3e} vs transformers {hf_error:.3e}"
+
+
+MODEL_CLASSES = ["Swinv2Model", "Swinv2ForImageClassification", "Swinv2ForMaskedImageModeling", "Swinv2Backbone"]
+
+
+@pytest.mark.parametrize("cls_name", MODEL_CLASSES)
+def test_meta_device_then_init_weights_equals_a_cpu_build(cls_name):
+    """A model built under `with torch.device("meta")`, moved with to_empty() and initialised with
+    init_weights() has the structure and the buffers (the CPB coordinates and index, not saved in
+    checkpoints) of one built on the CPU, and runs to the same output with the same weights."""
+    config = swinv2_fast.Swinv2Config(**CONFIGS["w8"], out_features=["stage1", "stage2"])
+    reference = getattr(swinv2_fast, cls_name)(config).eval()
+    with torch.device("meta"):
+        model = getattr(swinv2_fast, cls_name)(swinv2_fast.Swinv2Config(**CONFIGS["w8"],
+                                                                         out_features=["stage1", "stage2"]))
+    assert all(b.device.type == "meta" for b in model.buffers())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.eval()
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in reference.named_modules()]
+    buffers, expected = dict(model.named_buffers()), dict(reference.named_buffers())
+    assert sorted(buffers) == sorted(expected) and any("relative_position_index" in n for n in buffers)
+    for name, tensor in expected.items():
+        assert torch.equal(buffers[name], tensor), name
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert_close(model(x)[0] if cls_name != "Swinv2Backbone" else model(x).feature_maps[-1],
+                     reference(x)[0] if cls_name != "Swinv2Backbone" else reference(x).feature_maps[-1])
+
+
+def test_returned_attentions_receive_gradients():
+    """The returned attentions are the tensors the output is computed from: retain_grad() on one gives a
+    gradient, equal to transformers' on the same weights."""
+    hf, ours = make_pair("Swinv2Model", **CONFIGS["w8"])
+    x = torch.randn(1, 3, 64, 64)
+    grads = []
+    for model in (ours, hf):
+        outputs = model(x, output_attentions=True)
+        attentions = outputs.attentions[0]
+        attentions.retain_grad()
+        outputs.last_hidden_state.flatten()[0].backward()
+        assert attentions.grad is not None and attentions.grad.abs().sum() > 0
+        grads.append(attentions.grad)
+    assert_close(grads[0], grads[1], name="gradient of attentions[0]")
+
+
+def test_config_gradient_checkpointing_before_construction():
+    """config.gradient_checkpointing = True set before construction enables checkpointing on every stage and
+    is consumed (not saved), as transformers does."""
+    config = swinv2_fast.Swinv2Config(**CONFIGS["w8"])
+    config.gradient_checkpointing = True
+    model = swinv2_fast.Swinv2ForImageClassification(config)
+    assert model.is_gradient_checkpointing
+    assert all(stage.gradient_checkpointing for stage in model.swinv2.encoder.layers)
+    assert "gradient_checkpointing" not in model.config.to_dict()
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+
+
+def test_backbone_has_transformers_backbone_attributes():
+    config = swinv2_fast.Swinv2Config(**CONFIGS["w8"], out_features=["stage1", "stage3"])
+    ours = swinv2_fast.Swinv2Backbone(config)
+    theirs = transformers.Swinv2Backbone(transformers.Swinv2Config(**CONFIGS["w8"], out_features=["stage1", "stage3"]))
+    for name in ("backbone_type", "stage_names", "num_features", "out_features", "out_indices", "out_feature_channels",
+                 "channels"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    ours.out_indices = [-2, -1]
+    assert ours.out_features == ["stage2", "stage3"] and ours.channels == ours.num_features[-2:]

@@ -4,6 +4,7 @@ Auto classes, and the behaviours transformers' own tests check on its Swinv2 cla
 (tests/models/swinv2/test_modeling_swinv2.py and tests/test_modeling_common.py in transformers' repository),
 ported here and run on swinv2_fast's classes. No hub: every directory is written here from random weights.
 """
+import contextlib
 import copy
 import inspect
 import json
@@ -147,25 +148,52 @@ def test_device_map_refusals_are_named(hf_directory):
             swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, device_map="cuda")
 
 
-def test_ignore_mismatched_sizes(hf_directory, caplog):
+@contextlib.contextmanager
+def loading_report():
+    """The records from_pretrained's loading report writes: to transformers' `transformers.modeling_utils`
+    logger when the models are transformers models (which does not propagate to the root logger, so caplog
+    does not see it), else to the package's logger."""
+    name = "swinv2_fast" if swinv2_fast.modeling._TransformersPreTrainedModel is None else "transformers.modeling_utils"
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def report_text(records) -> str:
+    return "\n".join(r.getMessage() for r in records)
+
+
+def test_ignore_mismatched_sizes(hf_directory):
+    """A shape mismatch raises RuntimeError (transformers' error) naming the weights and the way out;
+    ignore_mismatched_sizes=True reinitialises them with a report, as transformers does."""
     directory, hf = hf_directory
-    with pytest.raises(ValueError, match=r"shape mismatches: .*classifier.weight.*ignore_mismatched_sizes=True.*"
-                                         r"strict=False"):
+    with pytest.raises(RuntimeError, match=r"shape mismatches: .*classifier.weight: checkpoint \(3, \d+\) vs model "
+                                           r"\(7, \d+\).*ignore_mismatched_sizes=True"):
         swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, num_labels=7)
-    with caplog.at_level(logging.WARNING, logger="swinv2_fast"):
-        ours = swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, num_labels=7,
-                                                                       ignore_mismatched_sizes=True)
-    assert "left at initialisation (ignore_mismatched_sizes=True)" in caplog.text
-    assert all(r.name.startswith("swinv2_fast") for r in caplog.records if "ignore_mismatched" in r.message)
-    theirs = transformers.Swinv2ForImageClassification.from_pretrained(directory, num_labels=7,
-                                                                      ignore_mismatched_sizes=True)
+    with pytest.raises(RuntimeError):
+        transformers.Swinv2ForImageClassification.from_pretrained(directory, num_labels=7)
+    with loading_report() as records:
+        ours, info = swinv2_fast.Swinv2ForImageClassification.from_pretrained(
+            directory, num_labels=7, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert "Reinit due to size mismatch" in report_text(records) and "classifier.weight" in report_text(records)
+    theirs, their_info = transformers.Swinv2ForImageClassification.from_pretrained(
+        directory, num_labels=7, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert info["mismatched_keys"] == their_info["mismatched_keys"]
     assert ours.classifier.weight.shape == theirs.classifier.weight.shape == (7, hf.classifier.in_features)
     for name, tensor in hf.state_dict().items():
         if not name.startswith("classifier."):
             assert torch.equal(ours.state_dict()[name], tensor), name
 
 
-def test_strict_false_loads_what_is_there(hf_directory, caplog):
+def test_missing_and_unexpected_keys_warn_and_load_what_is_there(hf_directory):
+    """As in transformers: missing and unexpected keys are reported (not raised), the loading info lists them
+    as sets, equal to transformers' own; strict=True raises ValueError listing them."""
     directory, hf = hf_directory
     weights = os.path.join(directory, "model.safetensors")
     state = load_file(weights)
@@ -175,15 +203,38 @@ def test_strict_false_loads_what_is_there(hf_directory, caplog):
     save_file(state, weights, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing keys: \['" + dropped.replace(".", r"\.")
                        + r"'\]; unexpected keys: \['swinv2\.stray\.weight'\]"):
-        swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory)
-    with caplog.at_level(logging.WARNING, logger="swinv2_fast"):
-        model, info = swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, strict=False,
-                                                                              output_loading_info=True)
-    assert dropped in caplog.text and "stray" in caplog.text
-    assert info["missing_keys"] == [dropped] and info["unexpected_keys"] == ["swinv2.stray.weight"]
+        swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, strict=True)
+    with loading_report() as records:
+        model, info = swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, output_loading_info=True)
+    assert dropped in report_text(records) and "stray" in report_text(records)
+    assert info["missing_keys"] == {dropped} and info["unexpected_keys"] == {"swinv2.stray.weight"}
+    _, their_info = transformers.Swinv2ForImageClassification.from_pretrained(directory, output_loading_info=True)
+    assert their_info["missing_keys"] == info["missing_keys"]
+    assert their_info["unexpected_keys"] == info["unexpected_keys"]
     for name, tensor in hf.state_dict().items():
         if name != dropped:
             assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_from_pretrained_without_a_directory(hf_directory):
+    """from_pretrained(None, config=, state_dict=) builds the model from the given weights (transformers'
+    form); without both it names what is missing."""
+    directory, hf = hf_directory
+    config = swinv2_fast.Swinv2Config.from_pretrained(directory)
+    model = swinv2_fast.Swinv2ForImageClassification.from_pretrained(None, config=config, state_dict=hf.state_dict())
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match=r"needs both config= and state_dict= \(got config=given, state_dict=None\)"):
+        swinv2_fast.Swinv2ForImageClassification.from_pretrained(None, config=config)
+
+
+def test_from_pretrained_refuses_the_meta_device_context(hf_directory):
+    directory, _ = hf_directory
+    with torch.device("meta"):
+        with pytest.raises(RuntimeError, match="with a meta device context manager"):
+            transformers.Swinv2ForImageClassification.from_pretrained(directory)
+        with pytest.raises(RuntimeError, match="with a meta device context manager"):
+            swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory)
 
 
 HUB_OPTIONS = dict(revision="main", low_cpu_mem_usage=True, local_files_only=True, trust_remote_code=False,
@@ -436,6 +487,14 @@ again = swinv2_fast.Swinv2ForImageClassification.from_pretrained({str(tmp_path /
 with torch.no_grad():
     assert torch.equal(again(x).logits, model(x).logits)
 assert swinv2_fast.Swinv2ForImageClassification.from_pretrained({str(tmp_path / "m")!r}, dtype="bfloat16").dtype == torch.bfloat16
+assert swinv2_fast.Swinv2Config.__mro__[1:] == (object,), swinv2_fast.Swinv2Config.__mro__
+# gradient checkpointing through the stand-in checkpointing layer: each stage recomputed in the backward
+model.train()
+model.gradient_checkpointing_enable()
+calls = []
+model.swinv2.encoder.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+model(x, labels=torch.tensor([1])).loss.backward()
+assert model.is_gradient_checkpointing and len(calls) == 2, calls
 try:
     swinv2_fast.register_auto_classes()
 except ImportError as error:

@@ -1,5 +1,6 @@
 """Checkpoint directories: transformers -> swinv2_fast, swinv2_fast -> transformers, key layouts, errors."""
 import json
+import logging
 import os
 
 import pytest
@@ -89,6 +90,7 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    """strict=True names every missing and unexpected key; the default (transformers') loads and lists them."""
     hf, _ = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
     hf.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
@@ -97,34 +99,46 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     weights["swinv2.encoder.layers.1.blocks.0.attention.self.surprise"] = torch.zeros(1)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError) as info:
-        swinv2_fast.Swinv2ForImageClassification.from_pretrained(str(tmp_path))
+        swinv2_fast.Swinv2ForImageClassification.from_pretrained(str(tmp_path), strict=True)
     message = str(info.value)
     assert "missing keys" in message and dropped in message
     assert "unexpected keys" in message and "attention.self.surprise" in message
+    _, loading = swinv2_fast.Swinv2ForImageClassification.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert loading["missing_keys"] == {dropped}
+    assert loading["unexpected_keys"] == {"swinv2.encoder.layers.1.blocks.0.attention.self.surprise"}
 
 
-def test_heads_across_classes(tmp_path, caplog):
+def test_heads_across_classes(tmp_path):
     """A classification checkpoint feeds a backbone (head dropped) and a base checkpoint feeds a classifier
-    (head kept at initialisation), each with a warning, as in transformers."""
-    hf, _ = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
-    hf.save_pretrained(tmp_path / "cls")
-    backbone = swinv2_fast.Swinv2Backbone.from_pretrained(str(tmp_path / "cls"))
-    hf_backbone = transformers.Swinv2Backbone.from_pretrained(str(tmp_path / "cls")).eval()
-    x = torch.randn(1, 3, 64, 64)
-    assert_close(outputs_of(backbone, x)[0], outputs_of(hf_backbone, x)[0])
-    assert "another head" in caplog.text
+    (head kept at initialisation), each reported, as in transformers."""
+    report = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = report.append
+    name = "swinv2_fast" if swinv2_fast.modeling._TransformersPreTrainedModel is None else "transformers.modeling_utils"
+    logging.getLogger(name).addHandler(handler)
+    try:
+        hf, _ = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
+        hf.save_pretrained(tmp_path / "cls")
+        backbone = swinv2_fast.Swinv2Backbone.from_pretrained(str(tmp_path / "cls"))
+        hf_backbone = transformers.Swinv2Backbone.from_pretrained(str(tmp_path / "cls")).eval()
+        x = torch.randn(1, 3, 64, 64)
+        assert_close(outputs_of(backbone, x)[0], outputs_of(hf_backbone, x)[0])
+        assert "another head" in "\n".join(r.getMessage() for r in report)
 
-    base, _ = make_pair("Swinv2Model", **CONFIGS["w8"])
-    base.save_pretrained(tmp_path / "base")
-    classifier = swinv2_fast.Swinv2ForImageClassification.from_pretrained(str(tmp_path / "base"), num_labels=3)
-    assert classifier.classifier.out_features == 3
-    assert "left at initialisation" in caplog.text
+        base, _ = make_pair("Swinv2Model", **CONFIGS["w8"])
+        base.save_pretrained(tmp_path / "base")
+        classifier = swinv2_fast.Swinv2ForImageClassification.from_pretrained(str(tmp_path / "base"), num_labels=3)
+        assert classifier.classifier.out_features == 3
+        assert "left at initialisation" in "\n".join(r.getMessage() for r in report)
+    finally:
+        logging.getLogger(name).removeHandler(handler)
 
 
 def test_num_labels_mismatch_raises(tmp_path):
+    """transformers' contract: a mis-shaped weight raises RuntimeError (ignore_mismatched_sizes=True to reinit)."""
     hf, _ = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
     hf.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="shape mismatches: .*classifier.weight"):
+    with pytest.raises(RuntimeError, match="shape mismatches: .*classifier.weight"):
         swinv2_fast.Swinv2ForImageClassification.from_pretrained(str(tmp_path), num_labels=7)
 
 
