@@ -159,6 +159,10 @@ class Launch(NamedTuple):
     kwargs: dict
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "n/a"  # a Cost built without the forward's minimum has no floor
+
+
 class Cost(NamedTuple):
     kernel: str
     dtype: str
@@ -212,8 +216,8 @@ class Cost(NamedTuple):
                 f"hbm_bytes={self.hbm_bytes} l2_sm_bytes={self.l2_bytes} l2_over_hbm={ratio:.2f} "
                 f"flops={self.flops} warps_per_sm={self.warps_per_sm} h200_us: hbm={t_hbm:.1f} dot={t_dot:.1f} "
                 f"issue={t_issue:.1f} est={max(t_hbm, t_dot, t_issue):.1f} mufu={t.mufu:.1f} "
-                f"cal_est={t.cal_est:.1f} {name}={floor:.1f} est/{name}={t.est / floor:.2f} "
-                f"cal_est/{name}={t.cal_est / floor:.2f}")
+                f"cal_est={t.cal_est:.1f} {name}={floor:.1f} est/{name}={_ratio(t.est, floor)} "
+                f"cal_est/{name}={_ratio(t.cal_est, floor)}")
 
 
 # ------------------------------------------------------------------------------------ the reference launch
@@ -871,4 +875,95 @@ def calibration_table(path: str) -> List[str]:
                          f"{cal_tf / tflops:>7.2f} {str(config):<26} {instr:>11.2f} {mufu:>10.2f}")
     lines += [f"not counted: hd{h} causal={c} {config}: {why}"
               for (h, c, config), why in sorted(failed.items())]
+    return lines
+
+
+# ------------------------------------------------------------------------------------ per-model summary
+SUMMARY_BATCH = 64
+SUMMARY_DTYPE = "bf16"
+SUMMARY_ARCH = 90
+# (name, embed_dim, depths, heads per stage, image size, window); patch 4, head_dim 32
+SUMMARY_MODELS = (
+    ("SwinV2-T 256 w8", 96, (2, 2, 6, 2), (3, 6, 12, 24), 256, 8),
+    ("SwinV2-B 256 w16", 128, (2, 2, 18, 2), (4, 8, 16, 32), 256, 16),
+    ("SwinV2-B 192 w12", 128, (2, 2, 18, 2), (4, 8, 16, 32), 192, 12),
+    ("SwinV2-L 384 w24", 192, (2, 2, 18, 2), (6, 12, 24, 48), 384, 24),
+)
+# the benchmark's op cases (benchmarks/cases.py OP_SHAPES) that time a model's first stage, shifted
+SUMMARY_OP_CASES = {"SwinV2-T 256 w8": "tiny-w8-256", "SwinV2-B 256 w16": "base-w16-256",
+                    "SwinV2-B 192 w12": "base-w12-192", "SwinV2-L 384 w24": "large-w24-384"}
+
+
+class StageShape(NamedTuple):
+    stage: int
+    grid: int  # tokens per side
+    heads: int
+    window: int
+    shift: int
+    blocks: int  # blocks of the stage with this (window, shift)
+
+
+def model_stages(depths, heads, image_size: int, window: int) -> List[StageShape]:
+    """The window attention's shapes over a model: stage i at image_size / 4 / 2^i tokens a side; a stage
+    whose resolution is at most the window uses window = resolution and no shift
+    (swinv2_fast.modeling.window_and_shift); otherwise blocks alternate unshifted / shifted by window // 2."""
+    from swinv2_fast.modeling import window_and_shift
+
+    shapes = []
+    for i, (depth, h) in enumerate(zip(depths, heads)):
+        res = image_size // 4 // 2 ** i
+        (w, _), (s, _) = window_and_shift((res, res), window, window // 2, "timm")
+        if s:
+            shapes += [StageShape(i, res, h, w, 0, depth - depth // 2), StageShape(i, res, h, w, s, depth // 2)]
+        else:
+            shapes.append(StageShape(i, res, h, w, 0, depth))
+    return shapes
+
+
+def _stage_job(shape: StageShape) -> List[Cost]:
+    """Every kernel of one forward and one backward at a stage shape, batch SUMMARY_BATCH: the launches the
+    host functions make for that shape, recorded and compiled (not scaled from the reference launch)."""
+    geometry = dict(grid_size=(shape.grid, shape.grid), num_heads=shape.heads,
+                    window_size=(shape.window, shape.window), shift_size=(shape.shift, shape.shift))
+    found = reference_launches(shape.window, SUMMARY_DTYPE, COST_HEAD_DIM, geometry, batch=SUMMARY_BATCH)
+    return [cost_of(launches, SUMMARY_DTYPE, SUMMARY_ARCH) for launches in found.values()]
+
+
+def model_summary(jobs: int) -> List[str]:
+    """Per model: a line per stage shape (its forward and its backward for one block) and the totals over
+    the model's blocks, a forward and a training step (forward + backward): the H200 estimates (est, cal_est),
+    the floor and their ratios."""
+    from .compile_check import run_spawned
+
+    units = sorted({s for m in SUMMARY_MODELS for s in model_stages(*m[2:])}, key=lambda s: s[1:])
+    unit_costs = dict(zip(units, run_spawned(_stage_job, units, jobs)))
+    lines = []
+    for name, _, depths, heads, image, window in SUMMARY_MODELS:
+        total = {k: [0.0, 0.0, 0.0] for k in ("forward", "backward")}  # est, cal_est, floor
+        for shape in model_stages(depths, heads, image, window):
+            costs = unit_costs[shape]
+            failed = [c for c in costs if c.error]
+            if failed:
+                raise RuntimeError(f"{name} {shape}: {failed[0].error}")
+            parts = {}
+            for kind, group in (("forward", [c for c in costs if not c.backward]),
+                                ("backward", [c for c in costs if c.backward])):
+                est = sum(c.times().est for c in group)
+                cal = sum(c.times().cal_est for c in group)
+                floor = group[0].floor()
+                parts[kind] = (est, cal, floor)
+                for i, v in enumerate((est, cal, floor)):
+                    total[kind][i] += v * shape.blocks
+            case = SUMMARY_OP_CASES[name] if shape.stage == 0 and shape.shift else ""
+            lines.append(
+                f"stage {name} s{shape.stage} grid{shape.grid} heads{shape.heads} window{shape.window} "
+                f"shift{shape.shift} blocks={shape.blocks} per block h200_us: "
+                + " ".join(f"{k}: est={e:.1f} cal_est={c:.1f} floor={f:.1f}" for k, (e, c, f) in parts.items())
+                + (f"  (op case {case})" if case else ""))
+        fwd, bwd = total["forward"], total["backward"]
+        step = [f + b for f, b in zip(fwd, bwd)]
+        lines.append(
+            f"model-summary {name} batch{SUMMARY_BATCH} {SUMMARY_DTYPE} sm_{SUMMARY_ARCH} h200_us: "
+            + " ".join(f"{k}: est={e:.0f} cal_est={c:.0f} floor={f:.0f} est/floor={e / f:.2f} "
+                       f"cal_est/floor={c / f:.2f}" for k, (e, c, f) in (("forward", fwd), ("train_step", step))))
     return lines
