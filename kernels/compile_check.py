@@ -308,6 +308,28 @@ def cost_report(jobs: int, only: str = "") -> int:
     return 1 if failed or spilled else 0
 
 
+def calibration_report(path: str) -> int:
+    """The cost model on Triton's fused-attention tutorial against its published H100 throughput (see
+    cost.PUBLISHED_TUTORIAL); compiled in a fresh process without the interpreter."""
+    from . import cost
+
+    (lines,) = run_spawned(cost.calibration_table, [path], 1)
+    print("\n".join(lines))
+    return 0
+
+
+def models_report(jobs: int) -> int:
+    """The window-attention op over whole models (cost.model_summary)."""
+    from . import cost
+
+    print(f"# Window attention over whole models: python -m swinv2_fast.kernels.compile_check --models "
+          f"(batch {cost.SUMMARY_BATCH}, {cost.SUMMARY_DTYPE}, sm_{cost.SUMMARY_ARCH}, head_dim 32; H200 estimates)")
+    print("# each stage shape's launches recorded from the host functions and compiled (not scaled from the "
+          "reference launch); totals = per-block costs x blocks")
+    print("\n".join(cost.model_summary(jobs)))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -325,7 +347,17 @@ def main(argv=None) -> int:
                              "joined by +)")
     parser.add_argument("--candidates", action="store_true",
                         help="the GPU tile sweep's candidates (kernels/sweep.py CANDIDATES) at its shapes")
+    parser.add_argument("--calibrate", metavar="TUTORIAL", default="",
+                        help="the cost model on Triton's fused-attention tutorial (the path of its "
+                             "python/tutorials/06-fused-attention.py) against published H100 throughput")
+    parser.add_argument("--models", action="store_true",
+                        help="the window-attention op over whole SwinV2-T/B/L forwards and training steps "
+                             "(estimates and floors; see kernels/cost.py model_summary)")
     args = parser.parse_args(argv)
+    if args.models:
+        return models_report(args.jobs)
+    if args.calibrate:
+        return calibration_report(args.calibrate)
     if args.candidates:
         return candidates_report(args.jobs)
     if args.cost:

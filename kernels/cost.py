@@ -54,6 +54,7 @@ memory (228 KB per SM on sm_90, 164 KB on sm_80, 1 KB reserved per CTA) and the 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import subprocess
@@ -75,6 +76,76 @@ HBM_BYTES_PER_S = 4.8e12
 DOT_FLOPS_PER_S = {"bf16": 790e12, "fp16": 790e12, "fp32": 67e12}
 ISSUE_PER_S = 132 * 4 * 32 * 1.98e9  # thread instructions per second on an H200
 SM_SHARED = {80: 164 * 1024, 90: 228 * 1024}
+MUFU_PER_SM_CLOCK = 16  # special-function results (MUFU.EX2, RCP, RSQ, ...) per SM per clock (sm_80, sm_90)
+# the floors of the backward, relative to the forward's (FlashAttention-2's count): q/k/v and dO in, dq/dk/dv out
+# is twice the forward's bytes; five matmuls (two recomputed or new per forward one) are 2.5 times its FLOPs
+BACKWARD_FLOOR_HBM = 2.0
+BACKWARD_FLOOR_DOT = 2.5
+
+
+class Hardware(NamedTuple):
+    """The constants an estimate is made with."""
+
+    name: str
+    hbm_bytes_per_s: float
+    dot_flops_per_s: Dict[str, float]  # by the dot operands' dtype
+    sms: int
+    clock_hz: float
+
+    @property
+    def issue_per_s(self) -> float:  # thread instructions: 4 schedulers x 1 warp instruction per clock per SM
+        return self.sms * 4 * 32 * self.clock_hz
+
+    @property
+    def mufu_per_s(self) -> float:
+        return self.sms * MUFU_PER_SM_CLOCK * self.clock_hz
+
+
+H200 = Hardware("h200", HBM_BYTES_PER_S, DOT_FLOPS_PER_S, 132, 1.98e9)
+# H100 SXM: 3.35 TB/s, 989 dense fp16/bf16 TFLOP/s (= 132 SMs x 4096 FLOPs per clock at 1.83 GHz, the clock it
+# holds under a tensor-core load), 67 TFLOP/s fp32; H100 PCIe: 114 SMs, 2.0 TB/s, 756 TFLOP/s (1.62 GHz)
+H100_SXM = Hardware("h100_sxm", 3.35e12, {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 132, 1.83e9)
+H100_PCIE = Hardware("h100_pcie", 2.0e12, {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}, 114, 1.62e9)
+
+
+class Times(NamedTuple):
+    """Microseconds. est: the roofline, max(hbm, dot, issue): every unit overlapped with the others.
+    cal_est: max(hbm, dot + issue + mufu): the tensor cores, the issue slots and the special-function
+    pipe serialised, as in a kernel whose warps do their own matmuls and softmax (no warp specialisation:
+    Triton's); calibrated on Triton's fused-attention tutorial (benchmarks/results/cost_calibration.txt),
+    where the roofline predicts twice the published H100 throughput and cal_est is within 1.2x of it."""
+
+    hbm: float
+    dot: float
+    issue: float
+    mufu: float
+
+    @property
+    def est(self) -> float:
+        return max(self.hbm, self.dot, self.issue)
+
+    @property
+    def cal_est(self) -> float:
+        return max(self.hbm, self.dot + self.issue + self.mufu)
+
+
+def times(hbm_bytes: float, flops: float, dtype: str, instructions: float, mufu: float,
+          hw: Hardware = H200) -> Times:
+    """The estimate's terms for a launch: bytes from HBM, dot FLOPs (operands in `dtype`), thread
+    instructions executed and MUFU thread instructions among them."""
+    return Times(hbm_bytes / hw.hbm_bytes_per_s * 1e6, flops / hw.dot_flops_per_s[dtype] * 1e6,
+                 instructions / hw.issue_per_s * 1e6, mufu / hw.mufu_per_s * 1e6)
+
+
+def floor_us(fwd_hbm_bytes: float, fwd_flops: float, dtype: str, backward: bool, hw: Hardware = H200) -> float:
+    """The floor of a forward, max(HBM time, tensor-core time) of its minimal traffic (q/k/v in, the output
+    out, the bias table once) and its matmuls at peak; of a backward, max(2 x the forward's HBM time,
+    2.5 x its tensor-core time)."""
+    hbm = fwd_hbm_bytes / hw.hbm_bytes_per_s * 1e6
+    dot = fwd_flops / hw.dot_flops_per_s[dtype] * 1e6
+    if backward:
+        return max(BACKWARD_FLOOR_HBM * hbm, BACKWARD_FLOOR_DOT * dot)
+    return max(hbm, dot)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -86,6 +157,10 @@ class Launch(NamedTuple):
     fn: object  # the JITFunction
     grid: Tuple[int, ...]
     kwargs: dict
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "n/a"  # a Cost built without the forward's minimum has no floor
 
 
 class Cost(NamedTuple):
@@ -107,6 +182,21 @@ class Cost(NamedTuple):
     scores: int
     programs: int
     error: str
+    mufu_per_score: float = 0.0  # MUFU (special-function) instructions among instr_per_score
+    fwd_hbm_bytes: int = 0  # the forward's minimal traffic and FLOPs at this launch (`forward_minimum`)
+    fwd_flops: int = 0
+
+    @property
+    def backward(self) -> bool:
+        return self.kernel.startswith("bwd")
+
+    def times(self, hw: Hardware = H200) -> Times:
+        return times(self.hbm_bytes, self.flops, self.dtype, self.instr_per_score * self.scores,
+                     self.mufu_per_score * self.scores, hw)
+
+    def floor(self, hw: Hardware = H200) -> float:
+        """The forward's floor for the forward kernel; the whole backward's floor for a backward kernel."""
+        return floor_us(self.fwd_hbm_bytes, self.fwd_flops, self.dtype, self.backward, hw)
 
     def line(self) -> str:
         return (f"cost {self.kernel} {self.dtype} hd{self.head_dim} N{self.n} sm_{self.arch} regs={self.registers} "
@@ -117,10 +207,17 @@ class Cost(NamedTuple):
         t_dot = self.flops / DOT_FLOPS_PER_S[self.dtype] * 1e6
         t_issue = self.instr_per_score * self.scores / ISSUE_PER_S * 1e6
         ratio = self.l2_bytes / self.hbm_bytes
+        t = self.times()
+        floor = self.floor()
+        # a backward kernel is compared with the floor of the whole backward (the sum of its kernels is, on
+        # the backward-total line)
+        name = "backward_floor" if self.backward else "floor"
         return (f"model {self.kernel} {self.dtype} hd{self.head_dim} N{self.n} sm_{self.arch} "
                 f"hbm_bytes={self.hbm_bytes} l2_sm_bytes={self.l2_bytes} l2_over_hbm={ratio:.2f} "
                 f"flops={self.flops} warps_per_sm={self.warps_per_sm} h200_us: hbm={t_hbm:.1f} dot={t_dot:.1f} "
-                f"issue={t_issue:.1f} est={max(t_hbm, t_dot, t_issue):.1f}")
+                f"issue={t_issue:.1f} est={max(t_hbm, t_dot, t_issue):.1f} mufu={t.mufu:.1f} "
+                f"cal_est={t.cal_est:.1f} {name}={floor:.1f} est/{name}={_ratio(t.est, floor)} "
+                f"cal_est/{name}={_ratio(t.cal_est, floor)}")
 
 
 # ------------------------------------------------------------------------------------ the reference launch
@@ -174,7 +271,7 @@ def reference_geometry(window: int):
 
 def reference_launches(window: int, dtype: str, head_dim: int = COST_HEAD_DIM, geometry: Optional[dict] = None,
                        bias: bool = True, pad_order: Optional[str] = None, backward: bool = True,
-                       table_dtype: Optional[str] = None) -> Dict[str, List[Launch]]:
+                       table_dtype: Optional[str] = None, batch: int = REFERENCE_BATCH) -> Dict[str, List[Launch]]:
     """The kernels' launches of one forward and (with `backward`) one full backward, on meta tensors: by
     default at the reference shape of the window (batch 8, 4 heads, a q/k/v bias, transformers' order), with
     the position-bias table in the projection's dtype (what a model in that dtype passes; "fp32" for the
@@ -192,7 +289,7 @@ def reference_launches(window: int, dtype: str, head_dim: int = COST_HEAD_DIM, g
     geometry.setdefault("num_heads", REFERENCE_HEADS)
     geometry["pad_order"] = pad_order or PAD_THEN_ROLL
     tdt = _torch_dtype(dtype)
-    B, heads, (gh, gw) = REFERENCE_BATCH, geometry["num_heads"], geometry["grid_size"]
+    B, heads, (gh, gw) = batch, geometry["num_heads"], geometry["grid_size"]
     C = heads * head_dim
     meta = dict(device="meta")
     qkv = torch.empty(B, gh * gw, 3 * C, dtype=tdt, **meta)
@@ -344,19 +441,33 @@ def _branch_target(ins: Instruction) -> Optional[int]:
 
 
 def back_edges(instructions: Sequence[Instruction]) -> List[int]:
-    """Addresses of the loops' back-edges (branches to a lower address; the trap loop to itself excluded)."""
+    """Addresses of the loops' back-edges: branches to a lower address, except the trap loop to itself and
+    the branches after the function's last unconditional EXIT. Those are out-of-line slow paths (on sm_90
+    the retry loops of mbarrier waits, `SYNCS.PHASECHK.TRANS64.TRYWAIT` then a forward conditional branch
+    to a block that retries and branches back), entered only when a wait fails its first try, which the
+    walk does not take."""
+    exits = [ins.address for ins in instructions if ins.opcode.split(".")[0] == "EXIT" and not ins.predicated]
+    last_exit = exits[-1] if exits else None
     edges = []
     for ins in instructions:
         target = _branch_target(ins)
-        if target is not None and target < ins.address:
+        if target is not None and target < ins.address and (last_exit is None or ins.address < last_exit):
             edges.append(ins.address)
     return edges
 
 
-def count_executed(instructions: Sequence[Instruction], trips: Sequence[float]) -> float:
-    """Instructions one thread executes, with loop i (back-edges in address order) at trip count trips[i]; see
-    the module docstring. Fractional trip counts (a mean over programs) are exact for non-nested loops: the
-    count is linear in each trip count, so it is evaluated at floor and ceil and interpolated."""
+def is_mufu(ins: Instruction) -> bool:
+    """A special-function-unit instruction (exp2, reciprocal, rsqrt, ...): 16 per SM per clock, an eighth
+    of the issue rate."""
+    return ins.opcode.split(".")[0] == "MUFU"
+
+
+def count_executed(instructions: Sequence[Instruction], trips: Sequence[float],
+                   select: Optional[Callable[[Instruction], bool]] = None) -> float:
+    """Instructions one thread executes (those `select` accepts, if given), with loop i (back-edges in
+    address order) at trip count trips[i]; see the module docstring. Fractional trip counts (a mean over
+    programs) are exact for non-nested loops: the count is linear in each trip count, so it is evaluated at
+    floor and ceil and interpolated."""
     edges = back_edges(instructions)
     if not edges:
         trips = []  # the loops were unrolled: straight-line code
@@ -364,28 +475,30 @@ def count_executed(instructions: Sequence[Instruction], trips: Sequence[float]) 
         raise ValueError(f"{len(edges)} loop back-edges in the SASS ({[hex(e) for e in edges]}), but {len(trips)} "
                          f"source loops with trip counts {list(trips)}")
     whole = [int(t) for t in trips]
-    base = _walk(instructions, dict(zip(edges, whole)))
+    base = _walk(instructions, dict(zip(edges, whole)), select)
     total = base
     for i, t in enumerate(trips):
         if t != whole[i]:
             bumped = list(whole)
             bumped[i] += 1
-            total += (t - whole[i]) * (_walk(instructions, dict(zip(edges, bumped))) - base)
+            total += (t - whole[i]) * (_walk(instructions, dict(zip(edges, bumped)), select) - base)
     return total
 
 
-def _walk(instructions: Sequence[Instruction], trips: Dict[int, int]) -> int:
+def _walk(instructions: Sequence[Instruction], trips: Dict[int, int],
+          select: Optional[Callable[[Instruction], bool]] = None) -> int:
     index = {ins.address: i for i, ins in enumerate(instructions)}
     taken = {edge: 0 for edge in trips}
     for trip in trips.values():
         if trip < 1:
             raise ValueError("a loop counted here runs at least once (its guard is taken as passing)")
-    i, count = 0, 0
+    i, steps, count = 0, 0, 0
     limit = 100 * len(instructions) * max([1] + list(trips.values())) ** 2
     while i < len(instructions):
         ins = instructions[i]
-        count += 1
-        if count > limit:
+        steps += 1
+        count += select is None or select(ins)
+        if steps > limit:
             raise RuntimeError("SASS walk did not terminate")
         if ins.opcode.split(".")[0] == "EXIT" and not ins.predicated:
             return count
@@ -464,6 +577,16 @@ def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
     return hbm, l2, flops
 
 
+def forward_minimum(launch: Launch, dtype: str) -> Tuple[int, int]:
+    """(bytes, FLOPs) a forward over the launch's windows cannot go below, whichever kernel the launch is:
+    q, k, v read and the output written once per (token, head), the bias table read once; the two matmuls
+    (q.k and P.v), 2 * head_dim FLOPs per score each."""
+    a = launch.kwargs
+    tokens = a["QKV"].shape[0] * a["QKV"].shape[1] * a["NUM_HEADS"]
+    table = a["NUM_HEADS"] * a["N"] * a["N"] * a["POSITION_BIAS"].element_size()
+    return tokens * a["HEAD_DIM"] * _elem(dtype) * 4 + table, scores_of(launch) * 2 * a["HEAD_DIM"] * 2
+
+
 def resident_warps(registers: int, shared: int, num_warps: int, arch: int) -> int:
     per_warp = cdiv(max(registers, 1) * 32, 256) * 256
     by_regs = 65536 // (per_warp * num_warps)
@@ -495,22 +618,27 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
     hbm += (len(launches) - 1) * table.numel() * table.element_size()  # each launch reads the table
     try:
         registers = spills = shared = warps = 0
-        total = 0.0  # instructions all threads of all programs execute
+        total = mufu = 0.0  # instructions (MUFU instructions) all threads of all programs execute
         for lch in launches:
             compiled, usage, sass = compile_launch(lch, arch)
             regs, spill = resource_usage(usage, sass)
             registers, spills = max(registers, regs), max(spills, spill)
             warps, shared = compiled.metadata.num_warps, max(shared, int(compiled.metadata.shared))
-            per_program = count_executed(parse_sass(sass), LOOP_TRIPS[lch.kernel](lch.kwargs, lch.grid))
-            total += per_program * warps * 32 * _programs(lch)
+            instructions, trips = parse_sass(sass), LOOP_TRIPS[lch.kernel](lch.kwargs, lch.grid)
+            threads = warps * 32 * _programs(lch)
+            total += count_executed(instructions, trips) * threads
+            mufu += count_executed(instructions, trips, is_mufu) * threads
         per_program = total / (warps * 32 * programs)
         per_score = total / scores_of(launch)
+        fwd_bytes, fwd_flops = forward_minimum(launch, dtype)
         return Cost(launch.kernel, dtype, hd, n, arch, registers, spills, shared, warps, per_program, per_score,
-                    hbm, l2, flops, resident_warps(registers, shared, warps, arch), scores_of(launch), programs, "")
+                    hbm, l2, flops, resident_warps(registers, shared, warps, arch), scores_of(launch), programs, "",
+                    mufu / scores_of(launch), fwd_bytes, fwd_flops)
     except Exception as exc:  # reported in the table and in the exit status
         lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
         return Cost(launch.kernel, dtype, hd, n, arch, -1, -1, -1, 0, 0.0, 0.0, hbm, l2, flops, 0,
-                    scores_of(launch), programs, f"{type(exc).__name__}: {lines[-1][:200]}")
+                    scores_of(launch), programs, f"{type(exc).__name__}: {lines[-1][:200]}", 0.0,
+                    *forward_minimum(launch, dtype))
 
 
 def launched(kernel: str, window: int, head_dim: int, dtype: str) -> bool:
@@ -551,10 +679,291 @@ def format_cost(costs: List[Cost]) -> str:
 
 
 def backward_sum(costs: List[Cost]) -> List[str]:
-    """The backward kernels' instructions per score added up, per (dtype, N, arch)."""
-    sums: Dict[tuple, float] = {}
+    """Per (dtype, head_dim, N, arch): the backward kernels' instructions per score added up, their H200
+    estimates added up (they run one after another) and the floor of the backward as a whole."""
+    groups: Dict[tuple, List[Cost]] = {}
     for c in costs:
-        if c.kernel.startswith("bwd") and not c.error:
-            key = (c.dtype, c.head_dim, c.n, c.arch)
-            sums[key] = sums.get(key, 0.0) + c.instr_per_score
-    return [f"backward-total {d} hd{h} N{n} sm_{a} instr_per_score={v:.2f}" for (d, h, n, a), v in sorted(sums.items())]
+        if c.backward and not c.error:
+            groups.setdefault((c.dtype, c.head_dim, c.n, c.arch), []).append(c)
+    lines = []
+    for (d, h, n, a), group in sorted(groups.items()):
+        instr = sum(c.instr_per_score for c in group)
+        est = sum(c.times().est for c in group)
+        cal = sum(c.times().cal_est for c in group)
+        floor = group[0].floor()
+        lines.append(f"backward-total {d} hd{h} N{n} sm_{a} instr_per_score={instr:.2f} h200_us: est={est:.1f} "
+                     f"cal_est={cal:.1f} floor={floor:.1f} est/floor={est / floor:.2f} cal_est/floor={cal / floor:.2f}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------- calibration
+# Published H100 forward throughput of Triton's fused-attention tutorial (python/tutorials/06-fused-attention.py),
+# fp16, TFLOP/s as the tutorial counts them (4 * batch * heads * N_CTX^2 * head_dim, halved when causal), by
+# N_CTX: (source URL, hardware, head_dim, causal, batch, heads, {N_CTX: TFLOP/s}).
+PUBLISHED_TUTORIAL = (
+    ("https://github.com/facebookexperimental/triton/pull/205", H100_SXM, 128, False, 4, 32,
+     {1024: 406.8, 2048: 427.8, 4096: 459.6, 8192: 464.4, 16384: 487.0}),
+    ("https://github.com/triton-lang/triton/pull/4552", H100_SXM, 128, False, 4, 32,
+     {1024: 356.4, 2048: 387.5, 4096: 406.5, 8192: 413.2, 16384: 418.7}),
+    ("https://github.com/triton-lang/triton/issues/2367", H100_SXM, 64, True, 4, 48,
+     {1024: 169.0, 2048: 211.9, 4096: 239.1, 8192: 254.7, 16384: 265.1}),
+    ("https://github.com/Dao-AILab/flash-attention/issues/1777", H100_PCIE, 64, False, 16, 32,
+     {1024: 230.0}),
+)
+
+
+class _TutorialDriver:
+    """Stands in for Triton's active driver while the tutorial module is imported and its host code runs on
+    meta tensors: a CUDA sm_90 target, the meta device."""
+
+    def get_active_torch_device(self):
+        import torch
+
+        return torch.device("meta")
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+@contextlib.contextmanager
+def _as_hopper():
+    import torch
+    from triton.runtime import driver
+
+    saved, capability = driver._active, torch.cuda.get_device_capability
+    driver.set_active(_TutorialDriver())
+    torch.cuda.get_device_capability = lambda *args: (9, 0)
+    try:
+        yield
+    finally:
+        driver._active, torch.cuda.get_device_capability = saved, capability
+
+
+def load_tutorial(path: str):
+    """Import the fused-attention tutorial from `path` (it asks the driver for a device at import)."""
+    import importlib.util
+
+    with _as_hopper():
+        spec = importlib.util.spec_from_file_location("fused_attention_tutorial", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+def tutorial_forward_launches(module, batch: int, heads: int, n_ctx: int, head_dim: int,
+                              causal: bool) -> List[Launch]:
+    """The tutorial's forward (`module.attention`) run on fp16 meta tensors with its autotuned kernels
+    replaced by a recorder; one Launch per autotuner configuration that compiles at this head_dim (the
+    kernel asserts BLOCK_N <= HEAD_DIM), with the configuration's pre-hook applied and the grid evaluated."""
+    import torch
+    from triton.runtime.autotuner import Autotuner
+
+    recorded = []
+
+    class _Recorder:
+        def __init__(self, tuner):
+            self.tuner = tuner
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                recorded.append((self.tuner, grid, args, kwargs))
+            return launch
+
+    tuners = {name: obj for name, obj in vars(module).items() if isinstance(obj, Autotuner)}
+    q = torch.empty(batch, heads, n_ctx, head_dim, dtype=torch.float16, device="meta")
+    try:
+        for name, tuner in tuners.items():
+            setattr(module, name, _Recorder(tuner))
+        with _as_hopper():
+            module.attention(q, torch.empty_like(q), torch.empty_like(q), causal, 0.5)
+    finally:
+        for name, tuner in tuners.items():
+            setattr(module, name, tuner)
+    if len(recorded) != 1:
+        raise RuntimeError(f"expected one autotuned forward launch, recorded {len(recorded)}")
+    tuner, grid, args, kwargs = recorded[0]
+    fn = tuner.fn
+    launches = []
+    for config in tuner.configs:
+        a = dict(zip(fn.arg_names, args), **kwargs, **config.kwargs)
+        # the pre-hook sets the tensor descriptors' block shapes: each configuration gets its own copies
+        a = {k: copy.copy(v) if hasattr(v, "block_shape") else v for k, v in a.items()}
+        if a["BLOCK_N"] > head_dim:
+            continue
+        a["num_warps"], a["num_stages"] = config.num_warps, config.num_stages
+        if config.pre_hook:
+            config.pre_hook(a)
+        launches.append(Launch("tutorial_fwd", fn, tuple(grid(a) if callable(grid) else grid), a))
+    return launches
+
+
+def _tutorial_trips(a: dict, grid, n_ctx: int, causal: bool) -> List[float]:
+    """The forward's key-block loops: non-causal one over N_CTX; causal the off-band loop (start_m * BLOCK_M
+    keys, at its mean over the query blocks) and the diagonal block's (BLOCK_M / BLOCK_N key blocks)."""
+    bm, bn = a["BLOCK_M"], a["BLOCK_N"]
+    if not causal:
+        return [n_ctx / bn]
+    # the diagonal block's loop of one trip (BLOCK_M == BLOCK_N) is unrolled: no back-edge
+    return [(grid[0] - 1) / 2 * bm / bn] + ([bm / bn] if bm > bn else [])
+
+
+def calibrate_launch(launch: Launch, n_ctx: int, head_dim: int, causal: bool, hw: Hardware,
+                     arch: int = 90) -> Tuple[Times, float, float]:
+    """(Times, thread instructions per score, MUFU per score) of one tutorial configuration on `hw`: the
+    same compilation, SASS walk and estimate as the window-attention kernels'."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn, a = launch.fn, launch.kwargs
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(**a)
+    options, signature, constexprs, attrs = fn._pack_args(backend, options, bound, specialization, options)
+    compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                                        attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+    _, sass = cubin_listings(compiled.asm["cubin"])
+    instructions = parse_sass(sass)
+    trips = _tutorial_trips(a, launch.grid, n_ctx, causal)
+    threads = compiled.metadata.num_warps * 32 * _programs(launch)
+    total = count_executed(instructions, trips) * threads
+    mufu = count_executed(instructions, trips, is_mufu) * threads
+    batch_heads = launch.grid[1]
+    # the matmuls the kernel runs: BLOCK_M x BLOCK_N x head_dim, twice, per key block of each program
+    blocks = sum(trips) * _programs(launch)
+    flops = blocks * a["BLOCK_M"] * a["BLOCK_N"] * head_dim * 4
+    hbm = batch_heads * n_ctx * (4 * head_dim * 2 + 4)  # q, k, v in, o out (fp16), the row statistics (fp32)
+    scores = batch_heads * n_ctx * n_ctx
+    return times(hbm, flops, "fp16", total, mufu, hw), total / scores, mufu / scores
+
+
+def calibration_table(path: str) -> List[str]:
+    """Predicted and published TFLOP/s of the tutorial's forward at every published shape: the prediction
+    is that of the configuration the model finds fastest (the autotuner keeps the fastest), with the roofline
+    (est) and the calibrated estimate (cal_est)."""
+    module = load_tutorial(path)
+    failed: Dict[tuple, str] = {}
+    lines = [f"{'source':<58} {'hw':<9} {'hd':>3} {'causal':<6} {'B':>2} {'H':>2} {'N_CTX':>5} {'published':>9} "
+             f"{'est_TF':>6} {'est/pub':>7} {'cal_TF':>6} {'cal/pub':>7} {'config (M,N,warps,stages)':<26} "
+             f"{'instr/score':>11} {'mufu/score':>10}"]
+    for url, hw, head_dim, causal, batch, heads, published in PUBLISHED_TUTORIAL:
+        for n_ctx, tflops in published.items():
+            counted = 4 * batch * heads * n_ctx ** 2 * head_dim * (0.5 if causal else 1.0)
+            best, est_best = None, float("inf")
+            for launch in tutorial_forward_launches(module, batch, heads, n_ctx, head_dim, causal):
+                try:
+                    t, instr, mufu = calibrate_launch(launch, n_ctx, head_dim, causal, hw)
+                except Exception as exc:  # reported below the table (the autotuner drops one that fails)
+                    key = (head_dim, causal, tuple(launch.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps",
+                                                                             "num_stages")))
+                    if key not in failed:
+                        failed[key] = str(exc).strip().splitlines()[-1][:120]
+                    continue
+                a = launch.kwargs
+                if best is None or t.cal_est < best[0].cal_est:
+                    best = (t, instr, mufu, (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], a["num_stages"]))
+                est_best = min(est_best, t.est)
+            t, instr, mufu, config = best
+            est_tf = counted / (est_best * 1e-6) / 1e12
+            cal_tf = counted / (t.cal_est * 1e-6) / 1e12
+            lines.append(f"{url:<58} {hw.name:<9} {head_dim:>3} {str(causal):<6} {batch:>2} {heads:>2} {n_ctx:>5} "
+                         f"{tflops:>9.1f} {est_tf:>6.1f} {est_tf / tflops:>7.2f} {cal_tf:>6.1f} "
+                         f"{cal_tf / tflops:>7.2f} {str(config):<26} {instr:>11.2f} {mufu:>10.2f}")
+    lines += [f"not counted: hd{h} causal={c} {config}: {why}"
+              for (h, c, config), why in sorted(failed.items())]
+    return lines
+
+
+# ------------------------------------------------------------------------------------ per-model summary
+SUMMARY_BATCH = 64
+SUMMARY_DTYPE = "bf16"
+SUMMARY_ARCH = 90
+# (name, embed_dim, depths, heads per stage, image size, window); patch 4, head_dim 32
+SUMMARY_MODELS = (
+    ("SwinV2-T 256 w8", 96, (2, 2, 6, 2), (3, 6, 12, 24), 256, 8),
+    ("SwinV2-B 256 w16", 128, (2, 2, 18, 2), (4, 8, 16, 32), 256, 16),
+    ("SwinV2-B 192 w12", 128, (2, 2, 18, 2), (4, 8, 16, 32), 192, 12),
+    ("SwinV2-L 384 w24", 192, (2, 2, 18, 2), (6, 12, 24, 48), 384, 24),
+)
+# the benchmark's op cases (benchmarks/cases.py OP_SHAPES) that time a model's first stage, shifted
+SUMMARY_OP_CASES = {"SwinV2-T 256 w8": "tiny-w8-256", "SwinV2-B 256 w16": "base-w16-256",
+                    "SwinV2-B 192 w12": "base-w12-192", "SwinV2-L 384 w24": "large-w24-384"}
+
+
+class StageShape(NamedTuple):
+    stage: int
+    grid: int  # tokens per side
+    heads: int
+    window: int
+    shift: int
+    blocks: int  # blocks of the stage with this (window, shift)
+
+
+def model_stages(depths, heads, image_size: int, window: int) -> List[StageShape]:
+    """The window attention's shapes over a model: stage i at image_size / 4 / 2^i tokens a side; a stage
+    whose resolution is at most the window uses window = resolution and no shift
+    (swinv2_fast.modeling.window_and_shift); otherwise blocks alternate unshifted / shifted by window // 2."""
+    from swinv2_fast.modeling import window_and_shift
+
+    shapes = []
+    for i, (depth, h) in enumerate(zip(depths, heads)):
+        res = image_size // 4 // 2 ** i
+        (w, _), (s, _) = window_and_shift((res, res), window, window // 2, "timm")
+        if s:
+            shapes += [StageShape(i, res, h, w, 0, depth - depth // 2), StageShape(i, res, h, w, s, depth // 2)]
+        else:
+            shapes.append(StageShape(i, res, h, w, 0, depth))
+    return shapes
+
+
+def _stage_job(shape: StageShape) -> List[Cost]:
+    """Every kernel of one forward and one backward at a stage shape, batch SUMMARY_BATCH: the launches the
+    host functions make for that shape, recorded and compiled (not scaled from the reference launch)."""
+    geometry = dict(grid_size=(shape.grid, shape.grid), num_heads=shape.heads,
+                    window_size=(shape.window, shape.window), shift_size=(shape.shift, shape.shift))
+    found = reference_launches(shape.window, SUMMARY_DTYPE, COST_HEAD_DIM, geometry, batch=SUMMARY_BATCH)
+    return [cost_of(launches, SUMMARY_DTYPE, SUMMARY_ARCH) for launches in found.values()]
+
+
+def model_summary(jobs: int) -> List[str]:
+    """Per model: a line per stage shape (its forward and its backward for one block) and the totals over
+    the model's blocks, a forward and a training step (forward + backward): the H200 estimates (est, cal_est),
+    the floor and their ratios."""
+    from .compile_check import run_spawned
+
+    units = sorted({s for m in SUMMARY_MODELS for s in model_stages(*m[2:])}, key=lambda s: s[1:])
+    unit_costs = dict(zip(units, run_spawned(_stage_job, units, jobs)))
+    lines = []
+    for name, _, depths, heads, image, window in SUMMARY_MODELS:
+        total = {k: [0.0, 0.0, 0.0] for k in ("forward", "backward")}  # est, cal_est, floor
+        for shape in model_stages(depths, heads, image, window):
+            costs = unit_costs[shape]
+            failed = [c for c in costs if c.error]
+            if failed:
+                raise RuntimeError(f"{name} {shape}: {failed[0].error}")
+            parts = {}
+            for kind, group in (("forward", [c for c in costs if not c.backward]),
+                                ("backward", [c for c in costs if c.backward])):
+                est = sum(c.times().est for c in group)
+                cal = sum(c.times().cal_est for c in group)
+                floor = group[0].floor()
+                parts[kind] = (est, cal, floor)
+                for i, v in enumerate((est, cal, floor)):
+                    total[kind][i] += v * shape.blocks
+            case = SUMMARY_OP_CASES[name] if shape.stage == 0 and shape.shift else ""
+            lines.append(
+                f"stage {name} s{shape.stage} grid{shape.grid} heads{shape.heads} window{shape.window} "
+                f"shift{shape.shift} blocks={shape.blocks} per block h200_us: "
+                + " ".join(f"{k}: est={e:.1f} cal_est={c:.1f} floor={f:.1f}" for k, (e, c, f) in parts.items())
+                + (f"  (op case {case})" if case else ""))
+        fwd, bwd = total["forward"], total["backward"]
+        step = [f + b for f, b in zip(fwd, bwd)]
+        lines.append(
+            f"model-summary {name} batch{SUMMARY_BATCH} {SUMMARY_DTYPE} sm_{SUMMARY_ARCH} h200_us: "
+            + " ".join(f"{k}: est={e:.0f} cal_est={c:.0f} floor={f:.0f} est/floor={e / f:.2f} "
+                       f"cal_est/floor={c / f:.2f}" for k, (e, c, f) in (("forward", fwd), ("train_step", step))))
+    return lines

@@ -169,3 +169,65 @@ def test_fused_backward_meets_the_instruction_budget():
     assert [c.kernel for c in costs] == ["bwd_fused"] and not costs[0].error, costs
     (total,) = cost.backward_sum(costs)
     assert float(total.split("=")[-1]) <= 150 and costs[0].spill_bytes == 0, (total, costs[0].line())
+
+
+def test_floors_by_hand():
+    """The forward's floor is max(HBM, tensor-core) time of its minimal traffic and matmuls; the backward's
+    max(2 x that HBM time, 2.5 x that tensor time). At the reference launch of N = 64 (bf16, head_dim 32,
+    batch 8, 4 heads, a 64x64 grid) by hand: 131072 (token, head) pairs x 32 channels x 2 bytes x (q, k, v,
+    out) + the 4 x 64 x 64 bf16 table = 33587200 B, 6.997 us at 4.8 TB/s; 8 x 4 x 64 windows x 64^2 scores
+    x 2 matmuls x 64 FLOPs = 1073741824 FLOPs, 1.359 us at 790 TFLOP/s."""
+    (launch, *_) = cost.reference_launches(8, "bf16", backward=False)["fwd"]
+    fwd_bytes, fwd_flops = cost.forward_minimum(launch, "bf16")
+    assert (fwd_bytes, fwd_flops) == (33587200, 1073741824)
+    assert cost.floor_us(fwd_bytes, fwd_flops, "bf16", backward=False) == pytest.approx(6.99733, rel=1e-5)
+    assert cost.floor_us(fwd_bytes, fwd_flops, "bf16", backward=True) == pytest.approx(13.99467, rel=1e-5)
+    # a tensor-bound launch: 1 byte, 790e6 FLOPs -> 1 us forward, 2.5 us backward
+    assert cost.floor_us(1, 790e6, "fp16", backward=False) == pytest.approx(1.0)
+    assert cost.floor_us(1, 790e6, "fp16", backward=True) == pytest.approx(2.5)
+    assert cost.floor_us(1, 67e6, "fp32", backward=False) == pytest.approx(1.0)  # IEEE fp32 dots
+
+
+def test_estimates_and_model_line_fields():
+    # 4.8e6 B (1 us), 790e6 FLOPs (1 us), 2 us of issue, 1 us of MUFU: roofline 2 us, serialised 4 us
+    issue = 2 * cost.H200.issue_per_s * 1e-6
+    mufu = cost.H200.mufu_per_s * 1e-6
+    t = cost.times(4.8e6, 790e6, "bf16", issue, mufu)
+    assert (t.hbm, t.dot, t.issue, t.mufu) == pytest.approx((1, 1, 2, 1))
+    assert t.est == pytest.approx(2) and t.cal_est == pytest.approx(4)
+    assert cost.times(48e6, 790e6, "bf16", issue, mufu).cal_est == pytest.approx(10)  # HBM-bound
+    c = cost.Cost("fwd", "bf16", 32, 64, 90, 128, 0, 1024, 4, 2400.0, 2.0, 4800000, 20, 790000000, 16,
+                  int(issue // 2), 512, "", 0.5 * mufu / (issue // 2) * 2, 4800000, 790000000)
+    line = c.model_line()
+    assert line.startswith("model fwd bf16 hd32 N64 sm_90 hbm_bytes=4800000 l2_sm_bytes=20 ")
+    assert " est=2.0 mufu=1.0 cal_est=4.0 floor=1.0 est/floor=2.00 cal_est/floor=4.00" in line
+    b = c._replace(kernel="bwd_dq")
+    assert " backward_floor=2.5 est/backward_floor=0.80 cal_est/backward_floor=1.60" in b.model_line()
+    (total,) = cost.backward_sum([b, b._replace(kernel="bwd_dkdv"), c])
+    assert total == ("backward-total bf16 hd32 N64 sm_90 instr_per_score=4.00 h200_us: est=4.0 cal_est=8.0 "
+                     "floor=2.5 est/floor=1.60 cal_est/floor=3.20")
+
+
+def test_model_stages_follow_the_window_rules():
+    """Stage i at image / 4 / 2^i tokens a side; a stage at most a window across takes the resolution as
+    its window and no shift; otherwise half its blocks (the odd ones) shift by window // 2."""
+    tiny = cost.model_stages((2, 2, 6, 2), (3, 6, 12, 24), 256, 8)
+    assert [tuple(s) for s in tiny] == [(0, 64, 3, 8, 0, 1), (0, 64, 3, 8, 4, 1), (1, 32, 6, 8, 0, 1),
+                                        (1, 32, 6, 8, 4, 1), (2, 16, 12, 8, 0, 3), (2, 16, 12, 8, 4, 3),
+                                        (3, 8, 24, 8, 0, 2)]
+    large = cost.model_stages((2, 2, 18, 2), (6, 12, 24, 48), 384, 24)
+    assert [tuple(s) for s in large][-2:] == [(2, 24, 24, 24, 0, 18), (3, 12, 48, 12, 0, 2)]
+    base192 = cost.model_stages((2, 2, 18, 2), (4, 8, 16, 32), 192, 12)
+    assert tuple(base192[-1]) == (3, 6, 32, 6, 0, 2)  # 6x6 tokens: one window of 36
+    for _, _, depths, heads, image, window in cost.SUMMARY_MODELS:
+        assert sum(s.blocks for s in cost.model_stages(depths, heads, image, window)) == sum(depths)
+
+
+def test_sass_walk_skips_out_of_line_retry_loops():
+    """A retry loop after the last EXIT (sm_90 mbarrier waits) is not a loop of the walk."""
+    retry = SASS.replace("        /*00f0*/                   BRA 0xf0;", "        /*00f0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2 ;\n"
+                         "        /*0100*/              @!P0 BRA 0xf0 ;\n        /*0110*/                   BRA 0x110;")
+    instructions = cost.parse_sass(retry)
+    assert cost.back_edges(instructions) == [0x70]
+    assert cost.count_executed(instructions, [5]) == 4 + 4 * 5 + 1 + 3
+    assert cost.count_executed(instructions, [5], lambda ins: ins.opcode == "FADD") == 5
