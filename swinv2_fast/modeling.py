@@ -145,7 +145,7 @@ class Swinv2PatchEmbeddings(nn.Module):
         if not known_zero(pad_w, pad_h):  # symbolic sizes: pad unless provably 0, no branch on a traced size
             pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))  # (maybe by 0)
         embeddings = self.projection(pixel_values)
-        output_dimensions = tuple(embeddings.shape[-2:])
+        output_dimensions = (embeddings.shape[-2], embeddings.shape[-1])  # not tuple(): torch.fx traces this
         return embeddings.flatten(2).transpose(1, 2), output_dimensions
 
 
@@ -434,7 +434,7 @@ class Swinv2Layer(nn.Module):
         """
         chunk_bytes = self.config.cpu_inference_chunk_bytes
         if (chunk_bytes > 0 and not self.training and not output_attentions and not torch.is_grad_enabled()
-                and hidden_states.device.type == "cpu"):
+                and isinstance(hidden_states, torch.Tensor) and hidden_states.device.type == "cpu"):  # not fx
             return (self._forward_in_pieces(hidden_states, input_dimensions, chunk_bytes),)
         attention_output, probs = self.attention(hidden_states, input_dimensions, output_attentions)
         hidden_states = hidden_states + self.drop_path(self.layernorm_before(attention_output))
@@ -616,6 +616,13 @@ def _check_pixel_values(pixel_values, num_channels: int) -> None:
         )
     if not pixel_values.is_floating_point():
         raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
+
+
+# torch.fx.symbolic_trace records these calls instead of running them on its proxies: the graph checks its
+# input as the model does and builds each block's geometry from the sizes of the call when it runs.
+torch.fx.wrap("_check_pixel_values")
+torch.fx.wrap("WindowGeometry")
+torch.fx.wrap("window_attention")
 
 
 # ------------------------------------------------------------------------------------------ base class
