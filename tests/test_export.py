@@ -103,6 +103,32 @@ def test_symbolic_grid_accepted_and_symbolic_window_rejected():
         WindowGeometry.from_args(grid_size=(0, 3), num_heads=1, window_size=4)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_known_zero_pads_without_a_guard(strict):
+    """`known_zero`, the size test of the padding code: under export (both modes; TorchDynamo shows sizes
+    to isinstance as ints) it is False unless the amount is provably 0, recording no guard, so one program
+    pads every size by its (maybe 0) amount; on ints it is the plain test; on fx proxies False."""
+    from swinv2_fast.kernels.geometry import known_zero
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            pad = (4 - x.shape[1] % 4) % 4
+            if not known_zero(pad):
+                x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+            if not known_zero((2 * x.shape[1]) % 2):  # provably 0: no pad recorded
+                x = torch.nn.functional.pad(x, (0, 0, 0, 1))
+            return x * 2
+
+    program = torch.export.export(Probe(), (torch.randn(2, 9, 3),), strict=strict,
+                                  dynamic_shapes={"x": {1: Dim("h", min=2, max=64)}})
+    assert str(program.graph).count("aten.pad") + str(program.graph).count("constant_pad_nd") == 1
+    for height in (8, 9, 12, 15):
+        assert tuple(program.module()(torch.randn(2, height, 3)).shape) == (2, -(-height // 4) * 4, 3)
+    assert known_zero(0, 0) and not known_zero(0, 3)
+    graph = torch.fx.symbolic_trace(Probe())
+    assert tuple(graph(torch.randn(2, 8, 3)).shape) == (2, 9, 3)  # fx: both paddings recorded (the 2nd by 1)
+
+
 # ------------------------------------------------------------------------------- swinv2_fast models
 def test_export_model_dynamic_non_strict():
     program = _export_matches_eager(_ours("Swinv2Model"), strict=False)
