@@ -143,11 +143,14 @@ def known_true(condition) -> bool:
     """Whether a condition on sizes holds, without a Python branch on a symbolic size: a bool as it is; a
     symbolic one (torch.export or torch.compile with dynamic shapes) True only when the trace proves it for
     every size it admits, recording no guard (torch's `statically_known_true`); an fx Proxy (torch.fx sizes)
-    False. One test for both kinds of symbolic size: under TorchDynamo (strict export, torch.compile) a size
-    is an int to `isinstance` (`is_symbolic` says False there), so a branch chosen by `is_symbolic` would
-    evaluate the comparison and guard the program to the example's outcome."""
+    False; a 0-d tensor (torch.jit.trace's sizes) its value, as a branch on it would. One test for both
+    kinds of symbolic size: under TorchDynamo (strict export, torch.compile) a size is an int to
+    `isinstance` (`is_symbolic` says False there), so a branch chosen by `is_symbolic` would evaluate the
+    comparison and guard the program to the example's outcome."""
     if isinstance(condition, torch.fx.Proxy):
         return False
+    if isinstance(condition, torch.Tensor):  # torch.jit.trace: sizes are 0-d tensors, the trace keeps this outcome
+        return bool(condition)
     from torch.fx.experimental.symbolic_shapes import statically_known_true  # loaded on first use
 
     return statically_known_true(condition)
