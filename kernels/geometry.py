@@ -46,6 +46,8 @@ __all__ = [
     "is_symbolic",
     "int_pair",
     "grid_needs_padding",
+    "known_true",
+    "known_zero",
     "check_layout_args",
     "GEOMETRY_ARGS",
     "OP_SCHEMA_GEOMETRY",
@@ -137,13 +139,32 @@ def check_layout_args(grid_size: IntPair, window_size: IntPair, shift_size: IntP
     return grid, window, shift
 
 
+def known_true(condition) -> bool:
+    """Whether a condition on sizes holds, without a Python branch on a symbolic size: a bool as it is; a
+    symbolic one (torch.export or torch.compile with dynamic shapes) True only when the trace proves it for
+    every size it admits, recording no guard (torch's `statically_known_true`); an fx Proxy (torch.fx sizes)
+    False; a 0-d tensor (torch.jit.trace's sizes) its value, as a branch on it would. One test for both
+    kinds of symbolic size: under TorchDynamo (strict export, torch.compile) a size is an int to
+    `isinstance` (`is_symbolic` says False there), so a branch chosen by `is_symbolic` would evaluate the
+    comparison and guard the program to the example's outcome."""
+    if isinstance(condition, torch.fx.Proxy):
+        return False
+    if isinstance(condition, torch.Tensor):  # torch.jit.trace: sizes are 0-d tensors, the trace keeps this outcome
+        return bool(condition)
+    from torch.fx.experimental.symbolic_shapes import statically_known_true  # loaded on first use
+
+    return statically_known_true(condition)
+
+
+def known_zero(*values) -> bool:
+    """Every value is known to be 0 (`known_true`): e.g. a padding amount, so that code pads unless no
+    padding is needed at every size a trace admits (padding by 0 is exact)."""
+    return all(known_true(v == 0) for v in values)
+
+
 def grid_needs_padding(grid, padded_size) -> bool:
     """`WindowGeometry.needs_padding` for a grid and its padded size (the rule is stated there)."""
-    if is_symbolic(grid[0]) or is_symbolic(grid[1]):
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-        return not all(statically_known_true(p == g) for p, g in zip(padded_size, grid))
-    return tuple(padded_size) != tuple(grid)
+    return not (known_true(padded_size[0] == grid[0]) and known_true(padded_size[1] == grid[1]))
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ def onednn_linear_available() -> bool:
 def _routes_to_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], onednn: bool) -> bool:
     if not onednn or torch.jit.is_tracing():  # TorchScript's tracer cannot record the op's optional-scalar list
         return False
+    if isinstance(x, torch.fx.Proxy):  # torch.fx traces: device and autograd unknown, the graph takes F.linear
+        return False
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.device.type == "cpu" and weight.is_contiguous()):
         return False

@@ -38,7 +38,7 @@ from torch import nn
 from .configuration import (_COMMON_SETTINGS, ATTN_IMPLEMENTATIONS, DEFAULT_CPU_INFERENCE_CHUNK_BYTES, MODEL_TYPES,
                             Swinv2Config)
 from .functional import window_attention
-from .kernels.geometry import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry
+from .kernels.geometry import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, known_zero
 from .linear import apply_linear, is_plain_linear, linear, project_qkv
 from .outputs import (
     BackboneOutput,
@@ -142,10 +142,10 @@ class Swinv2PatchEmbeddings(nn.Module):
         _, _, height, width = pixel_values.shape
         pad_w = (self.patch_size[1] - width % self.patch_size[1]) % self.patch_size[1]
         pad_h = (self.patch_size[0] - height % self.patch_size[0]) % self.patch_size[0]
-        if isinstance(pad_w, torch.SymInt) or isinstance(pad_h, torch.SymInt) or pad_w or pad_h:  # symbolic: pad
-            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))  # (maybe by 0): no branch on a traced size
+        if not known_zero(pad_w, pad_h):  # symbolic sizes: pad unless provably 0, no branch on a traced size
+            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))  # (maybe by 0)
         embeddings = self.projection(pixel_values)
-        output_dimensions = tuple(embeddings.shape[-2:])
+        output_dimensions = (embeddings.shape[-2], embeddings.shape[-1])  # not tuple(): torch.fx traces this
         return embeddings.flatten(2).transpose(1, 2), output_dimensions
 
 
@@ -313,7 +313,7 @@ class Swinv2SelfAttention(nn.Module):
             qkv = linear(hidden_states, weight, bias, onednn=self.config.cpu_onednn_linear)
         else:  # swapped (LoRA, quantized, parametrized) or hooked projections: called as modules
             height, width = input_dimensions
-            padded = height % self.window_size[0] != 0 or width % self.window_size[1] != 0
+            padded = not known_zero(height % self.window_size[0], width % self.window_size[1])
             qkv, bias = project_qkv(hidden_states, self.query, self.key, self.value, padded)
         result = window_attention(
             qkv,
@@ -434,7 +434,7 @@ class Swinv2Layer(nn.Module):
         """
         chunk_bytes = self.config.cpu_inference_chunk_bytes
         if (chunk_bytes > 0 and not self.training and not output_attentions and not torch.is_grad_enabled()
-                and hidden_states.device.type == "cpu"):
+                and isinstance(hidden_states, torch.Tensor) and hidden_states.device.type == "cpu"):  # not fx
             return (self._forward_in_pieces(hidden_states, input_dimensions, chunk_bytes),)
         attention_output, probs = self.attention(hidden_states, input_dimensions, output_attentions)
         hidden_states = hidden_states + self.drop_path(self.layernorm_before(attention_output))
@@ -486,8 +486,8 @@ class Swinv2PatchMerging(nn.Module):
         height, width = input_dimensions
         batch_size, _, channels = input_feature.shape
         x = input_feature.view(batch_size, height, width, channels)
-        if isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt) or height % 2 or width % 2:
-            x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))  # symbolic sizes: always (maybe by 0), no branch
+        if not known_zero(height % 2, width % 2):
+            x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))  # traced sizes: unless provably 0 (maybe by 0)
         hp, wp = x.shape[1], x.shape[2]
         # (B, H/2, 2(row), W/2, 2(col), C) -> (B, H/2, W/2, col, row, C): the concatenation order above.
         x = x.view(batch_size, hp // 2, 2, wp // 2, 2, channels).permute(0, 1, 3, 4, 2, 5)
@@ -652,6 +652,13 @@ def _check_pixel_values(pixel_values, num_channels: int) -> None:
         )
     if not pixel_values.is_floating_point():
         raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
+
+
+# torch.fx.symbolic_trace records these calls instead of running them on its proxies: the graph checks its
+# input as the model does and builds each block's geometry from the sizes of the call when it runs.
+torch.fx.wrap("_check_pixel_values")
+torch.fx.wrap("WindowGeometry")
+torch.fx.wrap("window_attention")
 
 
 # ------------------------------------------------------------------------------------------ base class

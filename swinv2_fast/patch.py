@@ -50,10 +50,10 @@ import torch.nn.functional as F
 
 from .functional import IMPLEMENTATIONS, window_attention
 from .linear import is_plain_linear, project_qkv
-from .kernels.geometry import PAD_THEN_ROLL, ROLL_THEN_PAD
+from .kernels.geometry import PAD_THEN_ROLL, ROLL_THEN_PAD, known_zero
 from .patch_timm_cr import MARK as _MARK  # on each patched block: (method name, implementation)
 from .patch_timm_cr import CR_ATTN_ATTRS, CR_BLOCK_ATTRS, cr_geometry_problems, timm_cr_shifted_window_attn
-from .patch_timm_cr import _concrete, patched_window_step
+from .patch_timm_cr import patched_window_step
 
 torch.fx.wrap("patched_window_step")  # a leaf of fx traces here too (torch.fx.wrap acts per calling module)
 
@@ -101,7 +101,7 @@ def _hf_layer_forward(self, hidden_states, input_dimensions, output_attentions=F
         bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in projections])
         qkv = F.linear(hidden_states, weight, bias)
     else:  # swapped (LoRA, quantized, parametrized) or hooked projections: called as modules
-        padded = not _concrete(height, width) or height % self.window_size != 0 or width % self.window_size != 0
+        padded = not known_zero(height % self.window_size, width % self.window_size)  # traced: unless known
         qkv, bias = project_qkv(hidden_states, *projections, padded=padded)
     position_bias = _position_bias(attn.continuous_position_bias_mlp, attn.relative_coords_table,
                                    attn.relative_position_index, attn.num_attention_heads)

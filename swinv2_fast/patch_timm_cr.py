@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import window_attention
-from .kernels.geometry import ROLL_THEN_PAD, WindowGeometry, is_symbolic
+from .kernels.geometry import ROLL_THEN_PAD, WindowGeometry, is_symbolic, known_zero
 from .linear import is_plain_linear
 
 __all__ = ["MARK", "CR_BLOCK_ATTRS", "CR_ATTN_ATTRS", "cr_geometry_problems", "timm_cr_shifted_window_attn",
@@ -150,7 +150,7 @@ def timm_cr_shifted_window_attn(self, x: torch.Tensor) -> torch.Tensor:
         qkv, pad = F.linear(tokens, attn.qkv.weight, attn.qkv.bias), attn.qkv.bias
     else:  # swapped (LoRA, quantized, parametrized) or hooked: called as a module, on a zero token for padding
         qkv = attn.qkv(tokens)
-        padded = not _concrete(height, width) or height % wh != 0 or width % ww != 0
+        padded = not known_zero(height % wh, width % ww)  # traced sizes: unless provably a window multiple
         pad = attn.qkv(tokens.new_zeros((1, channels))).reshape(-1) if padded else None
     n = wh * ww
     # timm's _relative_positional_encodings: the MLP called as a module (its dropout, its hooks), no sigmoid
