@@ -25,7 +25,8 @@ zero token: the value padded positions hold). timm's `SwinTransformerV2` compute
 (one GEMM while plain, a module call otherwise).
 
 Capturing a patched model: torch.compile, torch.export (dynamic batch and sizes too: the geometry takes
-symbolic sizes) and torch.jit.trace trace through the patched step; torch.fx records it as one call
+symbolic sizes) and torch.jit.trace trace through the patched step (except a timm SwinTransformerV2
+block under "auto" or "eager", whose trace records timm's own step, which traces its sizes); torch.fx records it as one call
 (`patch_timm_cr.patched_window_step`), and an fx graph of a patched model scripts (the step compiles to the
 fused custom op). torch.jit.script of the patched model itself raises `PatchedModelNotScriptable`:
 scripting compiles each block's class methods, so it would run the library's attention without the patch;
@@ -118,8 +119,15 @@ def _hf_layer_forward(self, hidden_states, input_dimensions, output_attentions=F
 
 # ------------------------------------------------------------------------------------------------------ timm
 def _timm_attn(self, x):
-    """timm's SwinTransformerV2Block._attn fused: (B, H, W, C) in and out."""
+    """timm's SwinTransformerV2Block._attn fused: (B, H, W, C) in and out.
+
+    While torch.jit.trace records (legacy ONNX export), "auto" and "eager" run timm's own step: the patched
+    step's window layout enters a trace as constants (kernels/reference.py), so its trace would hold only at
+    the traced size, where timm's step traces its sizes and its mask. "triton" keeps the fused step, at the
+    traced size."""
     _, implementation = getattr(self, _MARK)
+    if torch.jit.is_tracing() and implementation != "triton":
+        return type(self)._attn(self, x)
     attn = self.attn
     batch, height, width, channels = x.shape
     bias = None

@@ -35,6 +35,12 @@ def _swin_blocks(model):
 
 
 def _count_block_forward(module, args):
+    # not while TorchDynamo traces: a Python side effect there becomes a guard on the counter, and timm's
+    # recompilation tests count the graphs
+    if torch.compiler.is_compiling():
+        return
+    if torch.jit.is_tracing():  # a traced timm block runs timm's own step by design (swinv2_fast.patch._timm_attn)
+        return
     if args and isinstance(args[0], torch.Tensor) and not isinstance(args[0], torch.fx.Proxy):
         _state["blocks_ran"] += 1
 
@@ -67,7 +73,7 @@ def pytest_runtest_call(item):
     from _utils import count_patched_calls
 
     _state["blocks_ran"] = 0
-    with count_patched_calls() as calls:
+    with count_patched_calls(while_compiling=False) as calls:
         outcome = yield
     if outcome.excinfo is None and _state["blocks_ran"] and not calls["calls"]:
         pytest.fail(f"swinv2_fast: {_state['blocks_ran']} patched block forward(s) ran but the patched step "

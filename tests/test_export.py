@@ -334,3 +334,27 @@ def test_jit_script_of_a_patched_model_raises_naming_the_cause():
         torch.jit.script(model)
     swinv2_fast.unpatch(model)
     torch.jit.script(model)  # unpatched: timm's own model scripts
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+def test_jit_trace_of_a_patched_timm_model_records_timms_step():
+    """torch.jit.trace of a patched timm SwinTransformerV2 ("auto") records timm's own step, which traces its
+    sizes: traced at one size, the program runs at another (timm's own test of this, legacy ONNX export). The
+    patched step still runs outside the trace."""
+    timm = pytest.importorskip("timm")
+    name = "swinv2_tiny_window8_256"
+    plain = perturb_(timm.create_model(name, **TIMM_SMALL, strict_img_size=False)).eval()
+    model = timm.create_model(name, **TIMM_SMALL, strict_img_size=False).eval()
+    model.load_state_dict(plain.state_dict())
+    swinv2_fast.patch(model)
+    with torch.no_grad():
+        with count_patched_calls() as calls:
+            traced = torch.jit.trace(model, torch.randn(1, 3, 64, 64), check_trace=False)
+        assert calls["calls"] == 0
+        for size in ((48, 80), (64, 96)):
+            x = torch.randn(2, 3, *size)
+            assert_close(traced(x), plain(x), atol=FP32_ATOL, name=f"traced at 64x64, run at {size}")
+            with count_patched_calls() as calls:
+                model(x)
+            assert calls["calls"] > 0
