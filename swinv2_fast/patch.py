@@ -60,9 +60,10 @@ torch.fx.wrap("patched_window_step")  # a leaf of fx traces here too (torch.fx.w
 
 __all__ = ["patch", "unpatch", "is_patched", "TESTED_VERSIONS", "PatchedModelNotScriptable"]
 
-# The library versions whose module structure the patch was tested with (the package's pinned stack and the
-# GPU machine's stack); other versions are patched when their modules carry the attributes the patch reads.
-TESTED_VERSIONS = {"transformers": ("5.17.0", "5.18.0"), "timm": ("1.0.29", "1.0.31")}
+# The library versions whose module structure the patch was tested with (the pinned stack, the GPU machine's
+# stack, and the newest releases CI has run); other versions are patched when their modules carry the
+# attributes the patch reads.
+TESTED_VERSIONS = {"transformers": ("5.17.0", "5.18.0", "5.25.0"), "timm": ("1.0.29", "1.0.31")}
 
 # Attributes the patched step reads, per library: a block without them is a structure we do not know.
 _HF_LAYER_ATTRS = ("attention", "layernorm_before", "layernorm_after", "drop_path", "intermediate", "output",
