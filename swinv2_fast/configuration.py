@@ -66,19 +66,20 @@ def _json_default(value):
     raise TypeError(f"config value {value!r} of type {type(value).__name__} is not JSON serializable")
 
 
-def _config_base():
-    """transformers' `PreTrainedConfig` when transformers imports (and SWINV2_FAST_NO_TRANSFORMERS is unset), else
-    `object`: the same rule as the models' base (`swinv2_fast.modeling._transformers_base`)."""
+def transformers_class(name: str):
+    """transformers' class `name` (e.g. "PreTrainedConfig") when transformers imports and
+    SWINV2_FAST_NO_TRANSFORMERS is unset, else None: the one rule for the config's base here and the models'
+    base (`swinv2_fast.modeling`)."""
     if os.environ.get("SWINV2_FAST_NO_TRANSFORMERS", "") not in ("", "0"):
-        return object
+        return None
     try:
-        from transformers import PreTrainedConfig
+        import transformers
     except ImportError:
-        return object
-    return PreTrainedConfig
+        return None
+    return getattr(transformers, name, None)
 
 
-_ConfigBase = _config_base()
+_ConfigBase = transformers_class("PreTrainedConfig") or object
 
 # PreTrainedConfig's common settings that Swin V2 does not read but keeps, as real attributes (class defaults
 # below), so that a config.json round trip is lossless and transformers' code reads them where it expects.

@@ -36,7 +36,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .configuration import (_COMMON_SETTINGS, ATTN_IMPLEMENTATIONS, DEFAULT_CPU_INFERENCE_CHUNK_BYTES, MODEL_TYPES,
-                            Swinv2Config)
+                            Swinv2Config, transformers_class)
 from .functional import window_attention
 from .kernels.geometry import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, known_zero
 from .linear import apply_linear, is_plain_linear, linear, project_qkv
@@ -499,13 +499,7 @@ class Swinv2PatchMerging(nn.Module):
 def _transformers_base():
     """transformers' PreTrainedModel when transformers imports and SWINV2_FAST_NO_TRANSFORMERS is unset, else None
     (see the base class section below)."""
-    if os.environ.get("SWINV2_FAST_NO_TRANSFORMERS", "") not in ("", "0"):
-        return None
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return None
-    return PreTrainedModel
+    return transformers_class("PreTrainedModel")
 
 
 class _GradientCheckpointingLayer(nn.Module):
