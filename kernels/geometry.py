@@ -98,7 +98,7 @@ def int_pair(value: IntPair, name: str, symbolic: bool = False) -> Tuple[int, in
     other non-int, naming the argument."""
     if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
         return value  # already normalised (the common case)
-    ok = (lambda v: is_int(v)) if symbolic else (lambda v: is_int(v) and not is_symbolic(v))
+    ok = is_int if symbolic else (lambda v: is_int(v) and not is_symbolic(v))
     if ok(value):
         return _as_int(value), _as_int(value)
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(ok(v) for v in value):
