@@ -1,6 +1,6 @@
 """F.linear against oneDNN's linear (swinv2_fast.linear) on this CPU, for SwinV2-T's GEMMs at 256x256, batch 8.
 
-    python benchmarks/cpu_linear.py [--batch 8] [--rounds 10]
+    python -m benchmarks.cpu_linear [--batch 8] [--rounds 10]
 
 Prints, per GEMM shape (tokens x in -> out), the median ms of F.linear, of the oneDNN call, and their ratio,
 measured in one run; with --gelu the MLP's first GEMM is also timed with exact GELU (F.gelu after F.linear
@@ -15,7 +15,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness  # noqa: E402
 from swinv2_fast import linear as L  # noqa: E402

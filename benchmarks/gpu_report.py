@@ -1,6 +1,6 @@
 """The one-screen summary of a scripts/gpu.sh run, from what it left in OUT_DIR.
 
-    python benchmarks/gpu_report.py OUT_DIR [--steps STEPS_FILE] [--elapsed SECONDS]
+    python -m benchmarks.gpu_report OUT_DIR [--steps STEPS_FILE] [--elapsed SECONDS]
 
 Reads the step statuses, tests.log (pytest -v) and results.csv (the latest run in it); draws the chart if
 the benchmark did not (it was cut); prints each step's status, the test counts and the failed tests, every
@@ -18,7 +18,6 @@ import re
 import sys
 from typing import Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness  # noqa: E402
 

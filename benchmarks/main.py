@@ -1,10 +1,10 @@
 """The main job: a benchmark sweep, a parity report and a table of speedup ratios.
 
-    python benchmarks/main.py                       # quick default sweep on the best device here
-    python benchmarks/main.py --device cpu --model-variants tiny base --batch 8 --rounds 10
-    python benchmarks/main.py --op-shapes base-w16-256 --dtypes bfloat16 --providers transformers-chain triton
-    python benchmarks/main.py --preset gpu --dry-run  # the GPU preset's plan and estimated time
-    python benchmarks/main.py --preset gpu --out-dir OUT --budget 240   # what scripts/gpu.sh runs
+    python -m benchmarks.main                       # quick default sweep on the best device here
+    python -m benchmarks.main --device cpu --model-variants tiny base --batch 8 --rounds 10
+    python -m benchmarks.main --op-shapes base-w16-256 --dtypes bfloat16 --providers transformers-chain triton
+    python -m benchmarks.main --preset gpu --dry-run  # the GPU preset's plan and estimated time
+    python -m benchmarks.main --preset gpu --out-dir OUT --budget 240   # what scripts/gpu.sh runs
 
 1. Sweep (progress bar): op level (the window-attention step: the chain transformers runs, the package's
    SDPA reference, torch.compile of the transformers chain, the fused Triton op on a GPU; forward and
@@ -39,7 +39,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import cases, harness  # noqa: E402
 

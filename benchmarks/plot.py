@@ -1,7 +1,7 @@
 """PNG charts from a results CSV: one chart per device, drawing one run (the device's latest by default).
 
-    python benchmarks/plot.py                 # every device in the committed CSV, its latest run each
-    python benchmarks/plot.py --device "CPU ..." --run-id 20261130T120000Z-abc1234-1f2e
+    python -m benchmarks.plot                 # every device in the committed CSV, its latest run each
+    python -m benchmarks.plot --device "CPU ..." --run-id 20261130T120000Z-abc1234-1f2e
 
 Each panel is one (level, case, mode, dtype, batch) group; bars are the providers' throughput (img/s at
 model level, GB/s over the fused op's bytes at op level) from that run, so a chart never mixes runs. Rows
@@ -16,7 +16,6 @@ import re
 import sys
 from typing import Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness  # noqa: E402
 

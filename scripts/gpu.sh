@@ -10,7 +10,7 @@
 # the whole within 8 minutes (a step that runs out is cut and says so; the later steps still run):
 #   1. tests   tests/test_gpu.py: the compiled kernels on CUDA tensors at the real shapes (smoke: Triton's
 #              interpreter on CPU tensors at tiny shapes), ~2-3 min
-#   2. bench   benchmarks/main.py --preset gpu (smoke: --preset smoke), ~4 min, cases ordered by importance
+#   2. bench   python -m benchmarks.main --preset gpu (smoke: --preset smoke), ~4 min, cases ordered by importance
 #   3. sweep   optional hook: `python -m swinv2_fast.kernels.sweep OUT_DIR` when that module exists (a short
 #              tile sweep, ~1 min; it may write one file, OUT_DIR/tuned_tiles.json); skipped otherwise
 #   4. report  OUT_DIR/summary.txt: step statuses, test pass/fail counts, every ratio, % of HBM bandwidth
@@ -120,7 +120,7 @@ PRESET=$([ "$SMOKE" = 1 ] && echo smoke || echo gpu)
 BENCH_BUDGET=$(budget_for "$B_BENCH")
 # the benchmark cuts its own cases at its budget minus a margin for its last case and the chart
 run_step bench "$BENCH_BUDGET" "$OUT/bench.log" \
-  "$PY" benchmarks/main.py --preset "$PRESET" --out-dir "$OUT" --budget "$(( BENCH_BUDGET > 60 ? BENCH_BUDGET - 30 : BENCH_BUDGET / 2 + 1 ))"
+  "$PY" -m benchmarks.main --preset "$PRESET" --out-dir "$OUT" --budget "$(( BENCH_BUDGET > 60 ? BENCH_BUDGET - 30 : BENCH_BUDGET / 2 + 1 ))"
 
 # Optional tile-sweep hook: runs only when the kernels ship a sweep module (swinv2_fast.kernels.sweep, called
 # with OUT_DIR; it must finish within its budget and write at most one file there, tuned_tiles.json).
@@ -135,7 +135,7 @@ else
 fi
 
 # ----------------------------------------------------------------------------------------------- report
-"$PY" benchmarks/gpu_report.py "$OUT" --steps "$STEPS" --elapsed "$(( $(date +%s) - START ))" > "$OUT/summary.txt" 2>&1
+"$PY" -m benchmarks.gpu_report "$OUT" --steps "$STEPS" --elapsed "$(( $(date +%s) - START ))" > "$OUT/summary.txt" 2>&1
 REPORT_RC=$?
 rm -f "$STEPS"
 cat "$OUT/summary.txt"

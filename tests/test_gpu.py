@@ -27,7 +27,6 @@ from _utils import (FP32_ATOL, INTERPRETER, KERNEL_DEVICE, LOW_PRECISION_FACTOR,
                       sum_grad_fp32_rtol)
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_naive
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import cases  # noqa: E402  (identical weights in swinv2_fast, transformers and timm)
 
 GPU = KERNEL_DEVICE.type == "cuda"

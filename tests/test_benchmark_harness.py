@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import cases, cpu_linear, harness, main, plot  # noqa: E402
 from swinv2_fast import linear as L  # noqa: E402
 
