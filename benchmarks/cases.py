@@ -1,8 +1,8 @@
 """What the benchmarks run: op-level window-attention shapes and model-level SwinV2 variants, and the
 providers that run them. Each `*_case` function returns a zero-argument callable to time."""
+
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -38,14 +38,22 @@ class OpShape:
 def _stage1(variant: str, window: int, resolution: int) -> OpShape:
     spec = VARIANTS[variant]
     side = resolution // 4
-    return OpShape(f"{variant}-w{window}-{resolution}", (side, side), spec["embed_dim"], spec["num_heads"][0],
-                   window)
+    return OpShape(f"{variant}-w{window}-{resolution}", (side, side), spec["embed_dim"], spec["num_heads"][0], window)
 
 
-OP_SHAPES: Dict[str, OpShape] = {s.name: s for s in [
-    _stage1("tiny", 8, 256), _stage1("tiny", 16, 256), _stage1("small", 16, 256), _stage1("base", 12, 192),
-    _stage1("base", 16, 256), _stage1("base", 24, 384), _stage1("large", 12, 192), _stage1("large", 24, 384),
-]}
+OP_SHAPES: Dict[str, OpShape] = {
+    s.name: s
+    for s in [
+        _stage1("tiny", 8, 256),
+        _stage1("tiny", 16, 256),
+        _stage1("small", 16, 256),
+        _stage1("base", 12, 192),
+        _stage1("base", 16, 256),
+        _stage1("base", 24, 384),
+        _stage1("large", 12, 192),
+        _stage1("large", 24, 384),
+    ]
+}
 
 # The op-level providers. transformers-chain: the literal chain transformers' Swinv2Layer runs around its
 # attention (pad, roll, window_partition, Swinv2SelfAttention with the CPB bias and the mask added twice,
@@ -68,7 +76,7 @@ class _Columns(torch.nn.Module):
         self.start, self.stop = start, stop
 
     def forward(self, x):
-        return x[..., self.start:self.stop]
+        return x[..., self.start : self.stop]
 
 
 class _Table(torch.nn.Module):
@@ -91,16 +99,22 @@ class TransformersChain(torch.nn.Module):
     Padded positions hold the projection of a zero token (qkv_bias), as when transformers pads the input of
     its projections."""
 
-    def __init__(self, shape: "OpShape", logit_scale: torch.nn.Parameter, cpb_table: torch.nn.Parameter,
-                 qkv_bias: Optional[torch.Tensor]):
+    def __init__(
+        self,
+        shape: OpShape,
+        logit_scale: torch.nn.Parameter,
+        cpb_table: torch.nn.Parameter,
+        qkv_bias: Optional[torch.Tensor],
+    ):
         super().__init__()
         import transformers
 
-        config = transformers.Swinv2Config(window_size=shape.window, embed_dim=shape.channels, depths=[1],
-                                           num_heads=[shape.heads])
+        config = transformers.Swinv2Config(
+            window_size=shape.window, embed_dim=shape.channels, depths=[1], num_heads=[shape.heads]
+        )
         self.layer = transformers.models.swinv2.modeling_swinv2.Swinv2Layer(
-            config, dim=shape.channels, input_resolution=shape.grid, num_heads=shape.heads,
-            shift_size=shape.shift)
+            config, dim=shape.channels, input_resolution=shape.grid, num_heads=shape.heads, shift_size=shape.shift
+        )
         if (self.layer.window_size, self.layer.shift_size) != (shape.window, shape.shift):
             raise ValueError(f"op shape {shape.name}: transformers changes its window/shift for grid {shape.grid}")
         attn = self.layer.attention.self
@@ -167,12 +181,16 @@ def op_inputs(shape: OpShape, batch: int, dtype: torch.dtype, device: torch.devi
     C, L = shape.channels, shape.grid[0] * shape.grid[1]
     qkv = torch.randn(batch, L, 3 * C, generator=gen, device=device)
     qkv_bias = 0.1 * torch.randn(3 * C, generator=gen, device=device)
-    qkv_bias[C:2 * C] = 0
+    qkv_bias[C : 2 * C] = 0
     logit_scale = torch.log(10.0 + 2 * torch.rand(shape.heads, 1, 1, generator=gen, device=device))
     table = torch.randn((2 * shape.window - 1) ** 2, shape.heads, generator=gen, device=device)
     qkv = qkv.to(dtype).requires_grad_(requires_grad)
-    return (qkv, qkv_bias.to(device, dtype), torch.nn.Parameter(logit_scale.to(device, dtype), requires_grad),
-            torch.nn.Parameter(table.to(device, dtype), requires_grad))
+    return (
+        qkv,
+        qkv_bias.to(device, dtype),
+        torch.nn.Parameter(logit_scale.to(device, dtype), requires_grad),
+        torch.nn.Parameter(table.to(device, dtype), requires_grad),
+    )
 
 
 def op_bytes(shape: OpShape, batch: int, dtype: torch.dtype, mode: str) -> int:
@@ -180,7 +198,7 @@ def op_bytes(shape: OpShape, batch: int, dtype: torch.dtype, mode: str) -> int:
     the backward reads q/k/v, the output's gradient and the bias and writes the q/k/v gradient and the bias
     gradient (its softmax statistics and delta are its own intermediates, a few bytes per window row)."""
     e = torch.finfo(dtype).bits // 8
-    L, C, N = shape.grid[0] * shape.grid[1], shape.channels, shape.window ** 2
+    L, C, N = shape.grid[0] * shape.grid[1], shape.channels, shape.window**2
     table = shape.heads * N * N * e
     forward = batch * L * 4 * C * e + table
     if mode == "forward":
@@ -198,19 +216,32 @@ def op_function(provider: str, shape: OpShape, inputs, compile_options: Optional
         chain = TransformersChain(shape, logit_scale, table, qkv_bias).to(qkv.device)
         return torch.compile(chain, **(compile_options or {})) if provider == "compile" else chain
     index = relative_position_index(shape.window).to(qkv.device)
-    kwargs = dict(grid_size=shape.grid, num_heads=shape.heads, window_size=shape.window, shift_size=shape.shift,
-                  pad_order=PAD_THEN_ROLL, mask_value=OP_MASK_VALUE)
+    kwargs = dict(
+        grid_size=shape.grid,
+        num_heads=shape.heads,
+        window_size=shape.window,
+        shift_size=shape.shift,
+        pad_order=PAD_THEN_ROLL,
+        mask_value=OP_MASK_VALUE,
+    )
     if provider == "sdpa":
-        return lambda x: window_attention_reference(x, qkv_bias, logit_scale, position_bias(table, index),
-                                                    **kwargs)
+        return lambda x: window_attention_reference(x, qkv_bias, logit_scale, position_bias(table, index), **kwargs)
     if qkv.device.type != "cuda":
         raise RuntimeError("the triton provider times the compiled kernel and needs a CUDA device")
-    return lambda x: swinv2_fast.window_attention(x, qkv_bias, logit_scale, position_bias(table, index),
-                                                  implementation="triton", **kwargs)
+    return lambda x: swinv2_fast.window_attention(
+        x, qkv_bias, logit_scale, position_bias(table, index), implementation="triton", **kwargs
+    )
 
 
-def op_case(provider: str, shape: OpShape, batch: int, dtype: torch.dtype, mode: str,
-            device: torch.device, compile_options: Optional[dict] = None) -> Callable[[], object]:
+def op_case(
+    provider: str,
+    shape: OpShape,
+    batch: int,
+    dtype: torch.dtype,
+    mode: str,
+    device: torch.device,
+    compile_options: Optional[dict] = None,
+) -> Callable[[], object]:
     if provider not in OP_PROVIDERS:
         raise ValueError(f"op provider must be one of {OP_PROVIDERS}, got {provider!r}")
     if mode not in OP_MODES:
@@ -218,8 +249,13 @@ def op_case(provider: str, shape: OpShape, batch: int, dtype: torch.dtype, mode:
     backward = mode == "forward+backward"
     inputs = op_inputs(shape, batch, dtype, device, backward)
     fn = op_function(provider, shape, inputs, compile_options)
-    grad = torch.randn(batch, shape.grid[0] * shape.grid[1], shape.channels,
-                       generator=torch.Generator(device=device).manual_seed(1), device=device).to(dtype)
+    grad = torch.randn(
+        batch,
+        shape.grid[0] * shape.grid[1],
+        shape.channels,
+        generator=torch.Generator(device=device).manual_seed(1),
+        device=device,
+    ).to(dtype)
     leaves = [t for t in inputs if t.requires_grad]
 
     def run():
@@ -264,13 +300,15 @@ def build_models(spec: ModelSpec, seed: int = 0, layout: Optional[dict] = None) 
 
     torch.manual_seed(seed)
     layout = layout or VARIANTS[spec.variant]
-    timm_model = timm_swin.SwinTransformerV2(img_size=spec.image_size, window_size=spec.window, num_classes=1000,
-                                             drop_path_rate=0.0, **layout)
+    timm_model = timm_swin.SwinTransformerV2(
+        img_size=spec.image_size, window_size=spec.window, num_classes=1000, drop_path_rate=0.0, **layout
+    )
     with torch.no_grad():
         for p in timm_model.parameters():
             p.add_(0.02 * torch.randn_like(p))  # off the initialisation: non-zero biases, unequal scales
-    hf_config = transformers.Swinv2Config(image_size=spec.image_size, window_size=spec.window, drop_path_rate=0.0,
-                                          num_labels=1000, **layout)
+    hf_config = transformers.Swinv2Config(
+        image_size=spec.image_size, window_size=spec.window, drop_path_rate=0.0, num_labels=1000, **layout
+    )
     hf = transformers.Swinv2ForImageClassification(hf_config)
     ours = swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config.from_transformers(hf_config))
     ours.load_state_dict(swinv2_fast.from_timm(timm_model).state_dict(), strict=False)
@@ -298,9 +336,17 @@ def logits(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x) if name.startswith("timm") else model(x).logits
 
 
-def model_case(provider: str, models: Dict[str, torch.nn.Module], batch: int, image_size: int, dtype: torch.dtype,
-               mode: str, device: torch.device, compiled: bool,
-               compile_options: Optional[dict] = None) -> Callable[[], object]:
+def model_case(
+    provider: str,
+    models: Dict[str, torch.nn.Module],
+    batch: int,
+    image_size: int,
+    dtype: torch.dtype,
+    mode: str,
+    device: torch.device,
+    compiled: bool,
+    compile_options: Optional[dict] = None,
+) -> Callable[[], object]:
     if provider not in MODEL_PROVIDERS:
         raise ValueError(f"model provider must be one of {MODEL_PROVIDERS}, got {provider!r}")
     if mode not in MODEL_MODES:
@@ -315,9 +361,11 @@ def model_case(provider: str, models: Dict[str, torch.nn.Module], batch: int, im
     x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device, dtype)
     labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     if mode == "inference":
+
         def run():
             with torch.inference_mode():
                 return logits(source, forward, x)
+
         return run
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
 
@@ -340,5 +388,8 @@ def providers_for(device: torch.device, level: str, mode: Optional[str] = None) 
         return list(OP_PROVIDERS) if device.type == "cuda" else [p for p in OP_PROVIDERS if p != "triton"]
     if device.type == "cuda":
         return [p for p in MODEL_PROVIDERS if p != "swinv2_fast-F.linear"]
-    return [p for p in MODEL_PROVIDERS if p != "swinv2_fast-eager"
-            and (p != "swinv2_fast-F.linear" or mode in (None, "inference"))]
+    return [
+        p
+        for p in MODEL_PROVIDERS
+        if p != "swinv2_fast-eager" and (p != "swinv2_fast-F.linear" or mode in (None, "inference"))
+    ]

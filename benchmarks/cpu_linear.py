@@ -6,18 +6,17 @@ Prints, per GEMM shape (tokens x in -> out), the median ms of F.linear, of the o
 measured in one run; with --gelu the MLP's first GEMM is also timed with exact GELU (F.gelu after F.linear
 against GELU applied by oneDNN). Inference only, fp32: the shapes and route the models' eval path uses.
 """
+
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-
-from benchmarks import harness  # noqa: E402
-from swinv2_fast import linear as L  # noqa: E402
+from benchmarks import harness
+from swinv2_fast import linear as L
 
 # SwinV2-T 256 window 8: (tokens per image, channels) of the four stages
 STAGES = ((64 * 64, 96), (32 * 32, 192), (16 * 16, 384), (8 * 8, 768))
@@ -50,9 +49,15 @@ def main(argv=None) -> int:
         for name, m, k, n, gelu in shapes(args.batch):
             x = torch.randn(m, k, generator=gen)
             w, b = torch.randn(n, k, generator=gen) / k**0.5, torch.randn(n, generator=gen)
-            plain = harness.time_call(lambda: F.gelu(F.linear(x, w, b)) if gelu else F.linear(x, w, b), device,
-                                      args.rounds, 2).median_ms
-            fast = harness.time_call(lambda: L.linear(x, w, b, gelu=gelu), device, args.rounds, 2).median_ms
+            plain = harness.time_call(
+                lambda x=x, w=w, b=b, gelu=gelu: F.gelu(F.linear(x, w, b)) if gelu else F.linear(x, w, b),
+                device,
+                args.rounds,
+                2,
+            ).median_ms
+            fast = harness.time_call(
+                lambda x=x, w=w, b=b, gelu=gelu: L.linear(x, w, b, gelu=gelu), device, args.rounds, 2
+            ).median_ms
             total_plain, total_fast = total_plain + plain, total_fast + fast
             print(f"{name:<22} {f'{m} x {k} -> {n}':>22} {plain:8.2f}ms {fast:8.2f}ms  x{plain / fast:.2f}")
     print(f"{'one of each':<22} {'':>22} {total_plain:8.2f}ms {total_fast:8.2f}ms  x{total_plain / total_fast:.2f}")

@@ -9,6 +9,7 @@ machine: at most 8 files in OUT_DIR or one folder below, each under 16 MiB, 64 M
 Exit status 1 when a step failed, a test failed, or the limits are broken; in a smoke run also when a step
 was cut (CI must see a smoke run that outgrew its budget).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,7 @@ import re
 import sys
 from typing import Dict, List
 
-
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness
 
 MAX_FILES, MAX_FILE_MIB, MAX_TOTAL_MIB = 8, 16, 64
 _OUTCOME = re.compile(r"^(tests/\S+::\S+(?:\[.*?\])?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
@@ -106,16 +106,23 @@ def main(argv=None) -> int:
         with open(env_path, encoding="utf-8", errors="replace") as fh:
             env = fh.read().splitlines()
         smoke = "mode: smoke" in env
-        lines += [l for l in env if l.split(":")[0] in ("date", "mode", "git", "python", "torch", "triton", "numpy",
-                                                         "transformers", "timm", "device")]
+        lines += [
+            line
+            for line in env
+            if line.split(":")[0]
+            in ("date", "mode", "git", "python", "torch", "triton", "numpy", "transformers", "timm", "device")
+        ]
     bad = False
     steps = []
     if args.steps and os.path.exists(args.steps):
         with open(args.steps, encoding="utf-8") as fh:
-            steps = [l.split() for l in fh if l.strip()]
-    lines.append("steps: " + ", ".join(f"{n} {s} ({t}s)" for n, s, t in steps)
-                 + (f"; total {args.elapsed:.0f}s" if args.elapsed is not None else ""))
-    for name, status, _ in steps:
+            steps = [line.split() for line in fh if line.strip()]
+    lines.append(
+        "steps: "
+        + ", ".join(f"{n} {s} ({t}s)" for n, s, t in steps)
+        + (f"; total {args.elapsed:.0f}s" if args.elapsed is not None else "")
+    )
+    for _, status, _ in steps:
         if status == "failed" or (smoke and status == "cut"):
             bad = True
 
@@ -128,16 +135,19 @@ def main(argv=None) -> int:
     csv_path = os.path.join(out, "results.csv")
     rows = rows_of_latest_run(csv_path)
     if rows:
-        from benchmarks import main as bench, plot
+        from benchmarks import main as bench
+        from benchmarks import plot
 
         peak = peak_gbps_of(rows[0].device)
         failed_cases = [r for r in rows if r.note.startswith("failed")]
-        lines.append(f"benchmark run {rows[0].run_id} on {rows[0].device}: {len(rows) - len(failed_cases)} timed, "
-                     f"{len(failed_cases)} failed" + (f"; HBM {peak:.0f} GB/s" if math.isfinite(peak) else ""))
+        lines.append(
+            f"benchmark run {rows[0].run_id} on {rows[0].device}: {len(rows) - len(failed_cases)} timed, "
+            f"{len(failed_cases)} failed" + (f"; HBM {peak:.0f} GB/s" if math.isfinite(peak) else "")
+        )
         lines.append("")
         lines += bench.key_ratios(rows)
         lines.append("")
-        lines += [l for l in bench.ratio_table(rows, peak)]
+        lines += bench.ratio_table(rows, peak)
         if not any(name.endswith(".png") for name in os.listdir(out)):
             plot.plot(csv_path, device=rows[0].device, out_dir=out, run_id=rows[0].run_id)
     else:

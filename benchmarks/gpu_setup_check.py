@@ -2,6 +2,7 @@
 (unless SMOKE=1), swinv2_fast imports from this checkout (ROOT); prints the versions and the device for
 environment.txt. Exit 3: a package is missing; 4: no CUDA device; 5: swinv2_fast from elsewhere (lines
 starting with SETUP: say which)."""
+
 import importlib
 import os
 import platform

@@ -6,6 +6,7 @@ between runs; on CPU, rounds of wall-clock time with warm-up. Peak memory is the
 (`torch.cuda.max_memory_allocated`) on a GPU and the rise of the process's peak resident set size on
 CPU (Linux: the high-water mark is reset through /proc/self/clear_refs before the measured call).
 """
+
 from __future__ import annotations
 
 import csv
@@ -55,10 +56,14 @@ COLUMNS = [f.name for f in fields(Row)]
 # AMD's microarchitectures by (family, model range) as /proc/cpuinfo gives them (decimal), from AMD's
 # processor programming references; the oneDNN route's gain on CPU depends on it (see the README's CPU speed).
 _AMD_MICROARCHITECTURES = (
-    (23, range(0x00, 0x30), "Zen/Zen+"), (23, range(0x30, 0x100), "Zen 2"),
-    (25, range(0x00, 0x10), "Zen 3"), (25, range(0x10, 0x20), "Zen 4"), (25, range(0x20, 0x60), "Zen 3"),
-    (25, range(0x60, 0x80), "Zen 4"), (25, range(0xA0, 0xB0), "Zen 4"),
-    (26, range(0x00, 0x100), "Zen 5"),
+    (23, range(0x30), "Zen/Zen+"),
+    (23, range(0x30, 0x100), "Zen 2"),
+    (25, range(0x10), "Zen 3"),
+    (25, range(0x10, 0x20), "Zen 4"),
+    (25, range(0x20, 0x60), "Zen 3"),
+    (25, range(0x60, 0x80), "Zen 4"),
+    (25, range(0xA0, 0xB0), "Zen 4"),
+    (26, range(0x100), "Zen 5"),
 )
 
 
@@ -103,8 +108,16 @@ def device_name(device: torch.device) -> str:
 NOISY_SPREAD = 1.25
 
 # HBM bandwidth (GB/s) by device name, where torch does not report the memory clock and bus width.
-KNOWN_PEAK_GBPS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "A100-SXM4-80GB": 2039.0,
-                   "A100-SXM4-40GB": 1555.0, "A100-PCIE-40GB": 1555.0, "L40S": 864.0, "A10G": 600.0}
+KNOWN_PEAK_GBPS = {
+    "H200": 4800.0,
+    "H100 80GB HBM3": 3350.0,
+    "H100 PCIe": 2000.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100-SXM4-40GB": 1555.0,
+    "A100-PCIE-40GB": 1555.0,
+    "L40S": 864.0,
+    "A10G": 600.0,
+}
 
 
 def peak_bandwidth_gbps(device: torch.device) -> float:
@@ -135,8 +148,13 @@ def noisy(p20_ms: float, p80_ms: float) -> bool:
 
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -153,8 +171,10 @@ def triton_version() -> str:
 
 def refuse_interpreter() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("benchmarks time real execution: unset TRITON_INTERPRET (the interpreter is a "
-                           "correctness tool, not a performance path)")
+        raise RuntimeError(
+            "benchmarks time real execution: unset TRITON_INTERPRET (the interpreter is a "
+            "correctness tool, not a performance path)"
+        )
 
 
 @dataclass
@@ -232,17 +252,42 @@ def time_call(fn: Callable[[], object], device: torch.device, rounds: int = 10, 
     return Timing(median, p20, p80, peak_memory_mib(fn, device))
 
 
-def make_row(device: torch.device, level: str, case: str, provider: str, mode: str, dtype: torch.dtype,
-             batch: int, timing: Timing, throughput: float, unit: str, run_id: str = "", note: str = "") -> Row:
+def make_row(
+    device: torch.device,
+    level: str,
+    case: str,
+    provider: str,
+    mode: str,
+    dtype: torch.dtype,
+    batch: int,
+    timing: Timing,
+    throughput: float,
+    unit: str,
+    run_id: str = "",
+    note: str = "",
+) -> Row:
     if not note and noisy(timing.p20_ms, timing.p80_ms):
         note = "noisy"
     return Row(
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), run_id=run_id,
-        device=device_name(device), torch=torch.__version__, triton=triton_version(), git_sha=git_sha(),
-        level=level, case=case, provider=provider, mode=mode, dtype=str(dtype).replace("torch.", ""),
-        batch=batch, median_ms=round(timing.median_ms, 4), p20_ms=round(timing.p20_ms, 4),
-        p80_ms=round(timing.p80_ms, 4), peak_mem_mib=round(timing.peak_mem_mib, 2),
-        throughput=float(f"{throughput:.4g}"), throughput_unit=unit, note=note,  # 4 significant digits
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        run_id=run_id,
+        device=device_name(device),
+        torch=torch.__version__,
+        triton=triton_version(),
+        git_sha=git_sha(),
+        level=level,
+        case=case,
+        provider=provider,
+        mode=mode,
+        dtype=str(dtype).replace("torch.", ""),
+        batch=batch,
+        median_ms=round(timing.median_ms, 4),
+        p20_ms=round(timing.p20_ms, 4),
+        p80_ms=round(timing.p80_ms, 4),
+        peak_mem_mib=round(timing.peak_mem_mib, 2),
+        throughput=float(f"{throughput:.4g}"),
+        throughput_unit=unit,
+        note=note,  # 4 significant digits
     )
 
 

@@ -28,6 +28,7 @@ importance so that --budget drops the least important; 6 torch.compile builds, a
 plan at tiny shapes on the CPU providers, one round, one compile build (the first): CI runs it (scripts/gpu.sh
 --smoke) so that the GPU plan's plumbing cannot rot between loans.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,11 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
-
-from benchmarks import cases, harness  # noqa: E402
+from benchmarks import cases, harness
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LOCAL_RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "local-results")
@@ -55,42 +55,79 @@ SMOKE_OP_SHAPES = {
     "large-w24-384": cases.OpShape("smoke-w12", (13, 13), 32, 1, 12),
 }
 SMOKE_MODEL_SPECS = {"tiny": cases.ModelSpec("tiny", 32, 4), "base": cases.ModelSpec("base", 32, 4)}
-SMOKE_LAYOUTS = {"tiny": dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2]),
-                 "base": dict(embed_dim=32, depths=[1, 1], num_heads=[1, 2])}
+SMOKE_LAYOUTS = {
+    "tiny": dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2]),
+    "base": dict(embed_dim=32, depths=[1, 1], num_heads=[1, 2]),
+}
 MAX_COMPILE = {"gpu": 7, "smoke": 1}  # limits; the gpu plan has 6
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=["gpu", "smoke"], default=None,
-                        help="a fixed plan (see above); other sweep options are then ignored")
+    parser.add_argument(
+        "--preset",
+        choices=["gpu", "smoke"],
+        default=None,
+        help="a fixed plan (see above); other sweep options are then ignored",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time, run nothing")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the sweep: a case that would end past it is cut (listed, not run)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the sweep: a case that would end past it is cut (listed, not run)",
+    )
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
-    parser.add_argument("--op-shapes", nargs="*", default=None,
-                        help=f"op shapes from {sorted(cases.OP_SHAPES)} (default: tiny-w8-256 on CPU; "
-                             "tiny-w8-256, base-w16-256, large-w24-384 on a GPU); none to skip")
+    parser.add_argument(
+        "--op-shapes",
+        nargs="*",
+        default=None,
+        help=f"op shapes from {sorted(cases.OP_SHAPES)} (default: tiny-w8-256 on CPU; "
+        "tiny-w8-256, base-w16-256, large-w24-384 on a GPU); none to skip",
+    )
     parser.add_argument("--op-batch", type=int, default=None, help="op-level batch (default 2 on CPU, 64 on GPU)")
-    parser.add_argument("--model-variants", nargs="*", default=None, choices=sorted(cases.MODEL_SPECS),
-                        help="model-level variants (default: tiny on CPU; tiny and base on a GPU); none to skip")
+    parser.add_argument(
+        "--model-variants",
+        nargs="*",
+        default=None,
+        choices=sorted(cases.MODEL_SPECS),
+        help="model-level variants (default: tiny on CPU; tiny and base on a GPU); none to skip",
+    )
     parser.add_argument("--batch", type=int, default=8, help="model-level inference batch")
-    parser.add_argument("--train-batch", type=int, default=None, help="training-step batch (default 2 on CPU, 32 on GPU)")
-    parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
-                        help="default float32 on CPU; float32 and bfloat16 on a GPU")
-    parser.add_argument("--providers", nargs="+", default=None,
-                        help=f"subset of {cases.OP_PROVIDERS + cases.MODEL_PROVIDERS} (default: all that run here)")
-    parser.add_argument("--modes", nargs="+", default=None,
-                        choices=list(cases.OP_MODES) + list(cases.MODEL_MODES), help="default: all")
+    parser.add_argument(
+        "--train-batch", type=int, default=None, help="training-step batch (default 2 on CPU, 32 on GPU)"
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=None,
+        choices=sorted(DTYPES),
+        help="default float32 on CPU; float32 and bfloat16 on a GPU",
+    )
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        help=f"subset of {cases.OP_PROVIDERS + cases.MODEL_PROVIDERS} (default: all that run here)",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", default=None, choices=list(cases.OP_MODES) + list(cases.MODEL_MODES), help="default: all"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
-    parser.add_argument("--compile-train", action="store_true",
-                        help="also time compiled models' training steps on CPU (on by default on a GPU; a few "
-                             "minutes of compilation per model on a 2-core CPU)")
+    parser.add_argument(
+        "--compile-train",
+        action="store_true",
+        help="also time compiled models' training steps on CPU (on by default on a GPU; a few "
+        "minutes of compilation per model on a 2-core CPU)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per case (CPU; the GPU uses do_bench)")
     parser.add_argument("--warmup", type=int, default=1)
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--commit-results", action="store_true",
-                       help=f"append to the committed {os.path.relpath(harness.RESULTS_CSV)} and redraw its chart")
+    where.add_argument(
+        "--commit-results",
+        action="store_true",
+        help=f"append to the committed {os.path.relpath(harness.RESULTS_CSV)} and redraw its chart",
+    )
     where.add_argument("--out-dir", default=None, help="write results.csv, the chart and summary.txt here")
     where.add_argument("--csv", default=None, help="append to this CSV (its chart goes beside it)")
     parser.add_argument("--no-plot", action="store_true")
@@ -185,7 +222,7 @@ def sweep_plan(args) -> List[dict]:
         items = preset_plan()
         if args.device.type != "cuda":
             items = [i for i in items if i["provider"] != "triton"]
-        compiled = [i for i in items if i["compiled"]][MAX_COMPILE[args.preset]:]
+        compiled = [i for i in items if i["compiled"]][MAX_COMPILE[args.preset] :]
         return [i for i in items if not any(i is c for c in compiled)]
     items = []
     compile_options = [False] if args.no_compile else [False, True]
@@ -195,7 +232,9 @@ def sweep_plan(args) -> List[dict]:
                 if args.modes and mode not in args.modes:
                     continue
                 for provider in cases.providers_for(args.device, "op"):
-                    if (args.providers and provider not in args.providers) or (provider == "compile" and args.no_compile):
+                    if (args.providers and provider not in args.providers) or (
+                        provider == "compile" and args.no_compile
+                    ):
                         continue
                     items.append(_op(shape, dtype, mode, provider))
         for variant in args.model_variants:
@@ -240,13 +279,35 @@ def case_batch(args, item: dict) -> int:
 # dtype, mode) JIT-compiles its kernels (a model's first call: one build per stage shape, partly shared with
 # the op rows); a torch.compile build (inductor with its parallel workers on 16 cores); building a variant's
 # three models on the CPU. Estimates for planning, not measurements: the budget cuts what overruns.
-GPU_SECONDS = dict(op=0.5, jit_forward=1.5, jit_backward=4.0, model_inference=1.0, model_train=2.0,
-                   model_jit_inference=3.0, model_jit_train=6.0, compile_op_forward=10.0, compile_op_backward=20.0,
-                   compile_model=35.0, build_tiny=4.0, build_base=10.0)
+GPU_SECONDS = dict(
+    op=0.5,
+    jit_forward=1.5,
+    jit_backward=4.0,
+    model_inference=1.0,
+    model_train=2.0,
+    model_jit_inference=3.0,
+    model_jit_train=6.0,
+    compile_op_forward=10.0,
+    compile_op_backward=20.0,
+    compile_model=35.0,
+    build_tiny=4.0,
+    build_base=10.0,
+)
 # On this repository's 2-core CPU machine at the smoke preset's tiny shapes (no Triton rows on a CPU).
-SMOKE_SECONDS = dict(op=0.3, jit_forward=0.0, jit_backward=0.0, model_inference=0.5, model_train=1.0,
-                     model_jit_inference=0.0, model_jit_train=0.0, compile_op_forward=25.0,
-                     compile_op_backward=45.0, compile_model=60.0, build_tiny=2.0, build_base=2.0)
+SMOKE_SECONDS = dict(
+    op=0.3,
+    jit_forward=0.0,
+    jit_backward=0.0,
+    model_inference=0.5,
+    model_train=1.0,
+    model_jit_inference=0.0,
+    model_jit_train=0.0,
+    compile_op_forward=25.0,
+    compile_op_backward=45.0,
+    compile_model=60.0,
+    build_tiny=2.0,
+    build_base=2.0,
+)
 
 
 def estimate_seconds(args, items: List[dict]) -> List[float]:
@@ -291,8 +352,10 @@ def describe(args, item: dict) -> str:
 def print_plan(args, items: List[dict]) -> None:
     estimates = estimate_seconds(args, items)
     builds = sum(1 for i in items if i["compiled"])
-    print(f"plan: {len(items)} cases, {builds} torch.compile builds, estimated {sum(estimates):.0f} s"
-          + (f" (budget {args.budget:.0f} s)" if args.budget else ""))
+    print(
+        f"plan: {len(items)} cases, {builds} torch.compile builds, estimated {sum(estimates):.0f} s"
+        + (f" (budget {args.budget:.0f} s)" if args.budget else "")
+    )
     total = 0.0
     for n, (item, seconds) in enumerate(zip(items, estimates), 1):
         total += seconds
@@ -325,18 +388,48 @@ def _time_case(args, item, models_by_variant, run_id: str) -> harness.Row:
         if item["compiled"]:
             _compiled_counters_check()
         gbps = cases.op_bytes(shape, batch, item["dtype"], item["mode"]) / (timing.median_ms * 1e-3) / 1e9
-        return harness.make_row(args.device, "op", op_case_name(shape), item["provider"], item["mode"],
-                                item["dtype"], batch, timing, gbps, "GB/s", run_id)
+        return harness.make_row(
+            args.device,
+            "op",
+            op_case_name(shape),
+            item["provider"],
+            item["mode"],
+            item["dtype"],
+            batch,
+            timing,
+            gbps,
+            "GB/s",
+            run_id,
+        )
     spec = model_spec(args, item["variant"])
     provider = item["provider"] + ("+compile" if item["compiled"] else "")
-    fn = cases.model_case(item["provider"], models_by_variant[item["variant"]], batch, spec.image_size,
-                          item["dtype"], item["mode"], args.device, item["compiled"])
+    fn = cases.model_case(
+        item["provider"],
+        models_by_variant[item["variant"]],
+        batch,
+        spec.image_size,
+        item["dtype"],
+        item["mode"],
+        args.device,
+        item["compiled"],
+    )
     # a compiled provider compiles in its first (warm-up) call: never timed
     timing = harness.time_call(fn, args.device, args.rounds, max(args.warmup, 2 if item["compiled"] else 1))
     if item["compiled"]:
         _compiled_counters_check()
-    return harness.make_row(args.device, "model", spec.name, provider, item["mode"], item["dtype"], batch, timing,
-                            batch / (timing.median_ms * 1e-3), "img/s", run_id)
+    return harness.make_row(
+        args.device,
+        "model",
+        spec.name,
+        provider,
+        item["mode"],
+        item["dtype"],
+        batch,
+        timing,
+        batch / (timing.median_ms * 1e-3),
+        "img/s",
+        run_id,
+    )
 
 
 def op_case_name(shape: cases.OpShape) -> str:
@@ -351,9 +444,20 @@ def failed_row(args, item, run_id: str, why: str) -> harness.Row:
     else:
         case = model_spec(args, item["variant"]).name
         provider, unit = item["provider"] + ("+compile" if item["compiled"] else ""), "img/s"
-    return harness.make_row(args.device, item["level"], case, provider, item["mode"], item["dtype"],
-                            case_batch(args, item), harness.Timing(nan, nan, nan, nan), nan, unit, run_id,
-                            note=f"failed: {why}"[:240].replace("\n", " "))
+    return harness.make_row(
+        args.device,
+        item["level"],
+        case,
+        provider,
+        item["mode"],
+        item["dtype"],
+        case_batch(args, item),
+        harness.Timing(nan, nan, nan, nan),
+        nan,
+        unit,
+        run_id,
+        note=f"failed: {why}"[:240].replace("\n", " "),
+    )
 
 
 def run_case(args, item, models_by_variant, run_id: str) -> harness.Row:
@@ -427,8 +531,11 @@ def parity_report(args, models_by_variant) -> List[str]:
         for provider in sorted(outputs):
             if provider == "swinv2_fast-eager":
                 continue
-            lines.append(f"  {spec.name:<18} {provider:<14} vs eager reference {(outputs[provider] - reference).abs().max().item():.2e}"
-                         f"   vs transformers {(outputs[provider] - outputs['transformers']).abs().max().item():.2e}")
+            error = (outputs[provider] - reference).abs().max().item()
+            lines.append(
+                f"  {spec.name:<18} {provider:<14} vs eager reference {error:.2e}"
+                f"   vs transformers {(outputs[provider] - outputs['transformers']).abs().max().item():.2e}"
+            )
     return lines
 
 
@@ -453,14 +560,17 @@ def ratio_table(rows: List[harness.Row], peak_gbps: float = float("nan")) -> Lis
                 continue
             ratio = f"x{base.median_ms / r.median_ms:5.2f} vs {base_name}" if base else ""
             memory = "" if not _finite(r.peak_mem_mib) else f"{r.peak_mem_mib:9.1f} MiB"
-            share = (f" {100 * r.throughput / peak_gbps:5.1f}% of HBM" if level == "op" and _finite(peak_gbps)
-                     else "")
-            flag = "  NOISY (p80/p20 {:.2f})".format(r.p80_ms / r.p20_ms) if r.note == "noisy" else ""
-            lines.append(f"  {r.provider:<24} {r.median_ms:10.3f} ms [{r.p20_ms:.3f}-{r.p80_ms:.3f}] "
-                         f"{r.throughput:10.2f} {r.throughput_unit:<5}{share} {memory}  {ratio}{flag}")
+            share = f" {100 * r.throughput / peak_gbps:5.1f}% of HBM" if level == "op" and _finite(peak_gbps) else ""
+            flag = f"  NOISY (p80/p20 {r.p80_ms / r.p20_ms:.2f})" if r.note == "noisy" else ""
+            lines.append(
+                f"  {r.provider:<24} {r.median_ms:10.3f} ms [{r.p20_ms:.3f}-{r.p80_ms:.3f}] "
+                f"{r.throughput:10.2f} {r.throughput_unit:<5}{share} {memory}  {ratio}{flag}"
+            )
     if any(r.note == "noisy" for r in rows):
-        lines.append(f"NOISY RUN: {sum(r.note == 'noisy' for r in rows)} case(s) with p80/p20 > "
-                     f"{harness.NOISY_SPREAD}: the machine was busy; compare ratios with care")
+        lines.append(
+            f"NOISY RUN: {sum(r.note == 'noisy' for r in rows)} case(s) with p80/p20 > "
+            f"{harness.NOISY_SPREAD}: the machine was busy; compare ratios with care"
+        )
     return lines
 
 
@@ -474,8 +584,19 @@ def key_ratios(rows: List[harness.Row]) -> List[str]:
             groups.setdefault((row.level, row.case, row.mode, row.dtype), {})[row.provider] = row
     for (level, case, mode, dtype), members in groups.items():
         ours = [p for p in ("triton", "swinv2_fast", "swinv2_fast+compile") if p in members]
-        others = [p for p in ("transformers-chain", "compile", "sdpa", "transformers", "timm",
-                              "transformers+compile", "timm+compile") if p in members]
+        others = [
+            p
+            for p in (
+                "transformers-chain",
+                "compile",
+                "sdpa",
+                "transformers",
+                "timm",
+                "transformers+compile",
+                "timm+compile",
+            )
+            if p in members
+        ]
         parts = [f"{a} x{members[b].median_ms / members[a].median_ms:.2f} vs {b}" for a in ours for b in others]
         if parts:
             lines.append(f"{level} {case} {mode} {dtype}: " + "; ".join(parts))
@@ -484,10 +605,12 @@ def key_ratios(rows: List[harness.Row]) -> List[str]:
 
 def summary_lines(args, items, rows, cut, run_id: str, seconds: float) -> List[str]:
     failed = [r for r in rows if r.note.startswith("failed")]
-    head = [f"benchmark run {run_id}: {harness.device_name(args.device)}; torch {torch.__version__}, "
-            f"triton {harness.triton_version()}, git {harness.git_sha()}",
-            f"{len(items)} cases planned, {len(rows) - len(failed)} timed, {len(failed)} failed, {len(cut)} cut "
-            f"by the budget; {seconds:.0f} s"]
+    head = [
+        f"benchmark run {run_id}: {harness.device_name(args.device)}; torch {torch.__version__}, "
+        f"triton {harness.triton_version()}, git {harness.git_sha()}",
+        f"{len(items)} cases planned, {len(rows) - len(failed)} timed, {len(failed)} failed, {len(cut)} cut "
+        f"by the budget; {seconds:.0f} s",
+    ]
     peak = harness.peak_bandwidth_gbps(args.device)
     if _finite(peak):
         head.append(f"HBM bandwidth of this device: {peak:.0f} GB/s (op GB/s count the bytes the fused op must move)")
@@ -506,8 +629,10 @@ def main(argv=None) -> int:
         return 0
     harness.refuse_interpreter()
     run_id = harness.new_run_id()
-    print(f"device: {harness.device_name(args.device)}; torch {torch.__version__}, triton {harness.triton_version()}, "
-          f"git {harness.git_sha()}; run {run_id}; {len(items)} cases")
+    print(
+        f"device: {harness.device_name(args.device)}; torch {torch.__version__}, triton {harness.triton_version()}, "
+        f"git {harness.git_sha()}; run {run_id}; {len(items)} cases"
+    )
     start = time.monotonic()
     models_by_variant: Dict[str, Dict[str, torch.nn.Module]] = {}
     if not args.preset:

@@ -7,6 +7,7 @@ Each panel is one (level, case, mode, dtype, batch) group; bars are the provider
 model level, GB/s over the fused op's bytes at op level) from that run, so a chart never mixes runs. Rows
 that failed (no timing) are left out. Old rows without a run id count as one run per git sha.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,7 @@ import re
 import sys
 from typing import Dict, List, Optional
 
-
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness
 
 
 def slug(device: str) -> str:
@@ -49,8 +49,12 @@ def _timed(row: dict) -> bool:
         return False
 
 
-def plot(csv_path: str = harness.RESULTS_CSV, device: Optional[str] = None, out_dir: Optional[str] = None,
-         run_id: Optional[str] = None) -> List[str]:
+def plot(
+    csv_path: str = harness.RESULTS_CSV,
+    device: Optional[str] = None,
+    out_dir: Optional[str] = None,
+    run_id: Optional[str] = None,
+) -> List[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,19 +72,25 @@ def plot(csv_path: str = harness.RESULTS_CSV, device: Optional[str] = None, out_
         cols = min(3, len(groups))
         nrows = math.ceil(len(groups) / cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.4 * nrows), squeeze=False)
-        for ax, ((level, case, mode, dtype, batch), providers) in zip(axes.flat, sorted(groups.items())):
+        for ax, ((_, case, mode, dtype, batch), providers) in zip(axes.flat, sorted(groups.items())):
             names = list(providers)
             values = [float(providers[p]["throughput"]) for p in names]
-            ax.barh(names, values, color=["#d62728" if p.startswith("swinv2_fast") or p == "triton" else "#7f7f7f"
-                                          for p in names])
+            ax.barh(
+                names,
+                values,
+                color=["#d62728" if p.startswith("swinv2_fast") or p == "triton" else "#7f7f7f" for p in names],
+            )
             ax.set_title(f"{case}\n{mode}, {dtype}, batch {batch}", fontsize=8)
             ax.set_xlabel(providers[names[0]]["throughput_unit"], fontsize=8)
             ax.tick_params(labelsize=7)
-        for ax in list(axes.flat)[len(groups):]:
+        for ax in list(axes.flat)[len(groups) :]:
             ax.axis("off")
         first = chosen[0]
-        fig.suptitle(f"swinv2_fast benchmarks on {name}\nrun {first.get('run_id') or 'legacy'}, "
-                     f"torch {first['torch']}, triton {first['triton']}, git {first['git_sha']}", fontsize=9)
+        fig.suptitle(
+            f"swinv2_fast benchmarks on {name}\nrun {first.get('run_id') or 'legacy'}, "
+            f"torch {first['torch']}, triton {first['triton']}, git {first['git_sha']}",
+            fontsize=9,
+        )
         fig.tight_layout()
         path = os.path.join(out_dir, f"{slug(name)}.png")
         fig.savefig(path, dpi=110)

@@ -7,6 +7,7 @@
 On CUDA each call is synchronised so the plugin's wall-clock timer measures the kernels. The main job
 (benchmarks/main.py) runs the same cases, writes the CSV and draws the charts.
 """
+
 import os
 
 import pytest

@@ -11,6 +11,7 @@ Without the registry the caller's test skips with the command to run, and with C
 starts with the working directory, so our top-level `kernels/` folder cannot shadow Hugging Face's `kernels`
 package) and returns the outcome of every test it ran, read from a JUnit XML report.
 """
+
 import importlib.metadata
 import os
 import shutil
@@ -34,8 +35,20 @@ class PeerSuiteUnavailable(Exception):
 
 
 def download_command(name: str, version: str, dest: str = "DIR") -> list:
-    return [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-            "--no-binary", ":all:", f"{name}=={version}", "-d", dest]
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        f"{name}=={version}",
+        "-d",
+        dest,
+    ]
 
 
 def peer_tests(name: str, version: Optional[str] = None) -> Path:
@@ -58,7 +71,8 @@ def peer_tests(name: str, version: Optional[str] = None) -> Path:
             raise PeerSuiteUnavailable(
                 f"{name} {version}'s own tests come from its sdist on the package registry, which could not be "
                 f"fetched ({detail}); run: {' '.join(download_command(name, version))} (the cache is {CACHE}, "
-                "or set SWINV2_FAST_PEER_CACHE)")
+                "or set SWINV2_FAST_PEER_CACHE)"
+            )
         staged = Path(scratch) / "tree"
         with tarfile.open(archives[0]) as archive:
             members = [m for m in archive.getmembers() if m.name.split("/")[1:2] == ["tests"]]
@@ -84,8 +98,13 @@ def require_peer_tests(name: str, version: Optional[str] = None) -> Path:
         pytest.skip(str(error))
 
 
-def run_child_pytest(args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None,
-                     timeout: float = 1800, details: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def run_child_pytest(
+    args: Sequence[str],
+    env: Optional[Dict[str, str]] = None,
+    cwd: Optional[Path] = None,
+    timeout: float = 1800,
+    details: Optional[Dict[str, str]] = None,
+) -> Dict[str, str]:
     """Run `python -P -m pytest ARGS` in a child process; returns {test id: "passed" | "failed" | "skipped"}
     for every test it ran (from a JUnit XML report). Raises with the child's output tail when pytest did not
     run the session (exit status 2-4: interrupted, internal or usage error). `details`, when given, is
@@ -95,10 +114,24 @@ def run_child_pytest(args: Sequence[str], env: Optional[Dict[str, str]] = None, 
         report = Path(scratch) / "report.xml"
         child_env = dict(os.environ)
         child_env.update(env or {})
-        command = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                   f"--junitxml={report}", "-o", "junit_family=xunit2", *args]
-        done = subprocess.run(command, capture_output=True, text=True, env=child_env, cwd=cwd or scratch,
-                              timeout=timeout)
+        command = [
+            sys.executable,
+            "-P",
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            f"--junitxml={report}",
+            "-o",
+            "junit_family=xunit2",
+            *args,
+        ]
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=child_env, cwd=cwd or scratch, timeout=timeout
+        )
         if done.returncode not in (0, 1, 5) or not report.exists():
             tail = (done.stdout + done.stderr)[-4000:]
             raise RuntimeError(f"child pytest exited {done.returncode}: {' '.join(command)}\n{tail}")
@@ -167,8 +200,10 @@ def _common_config_value(field):
         return field.type.split("Literal[", 1)[1].split(",", 1)[0].strip().strip("\"'")
     if literals:
         return typing.get_args(literals[0])[0]
-    raise RuntimeError(f"PreTrainedConfig field {name!r} (default {default!r}, type {field.type!r}) has no "
-                       "non-default value rule in tests/_peers.py: add one")
+    raise RuntimeError(
+        f"PreTrainedConfig field {name!r} (default {default!r}, type {field.type!r}) has no "
+        "non-default value rule in tests/_peers.py: add one"
+    )
 
 
 def transformers_config_common_kwargs() -> dict:
@@ -221,8 +256,9 @@ def import_transformers_mixins(tests_dir: Path):
     if not marker.exists():
         marker.write_text("")
     if TRANSFORMERS_PEER_PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(TRANSFORMERS_PEER_PACKAGE, marker,
-                                                      submodule_search_locations=[str(tests_dir)])
+        spec = importlib.util.spec_from_file_location(
+            TRANSFORMERS_PEER_PACKAGE, marker, submodule_search_locations=[str(tests_dir)]
+        )
         package = importlib.util.module_from_spec(spec)
         sys.modules[TRANSFORMERS_PEER_PACKAGE] = package
         spec.loader.exec_module(package)
@@ -238,5 +274,7 @@ def import_transformers_mixins(tests_dir: Path):
                     setattr(sys.modules[name.rsplit(".", 1)[0]], parts[depth - 1], module)
             for attribute, value in attributes.items():
                 setattr(sys.modules[".".join([TRANSFORMERS_PEER_PACKAGE, *parts])], attribute, value)
-    return tuple(importlib.import_module(f"{TRANSFORMERS_PEER_PACKAGE}.{name}")
-                 for name in ("test_modeling_common", "test_configuration_common", "test_backbone_common"))
+    return tuple(
+        importlib.import_module(f"{TRANSFORMERS_PEER_PACKAGE}.{name}")
+        for name in ("test_modeling_common", "test_configuration_common", "test_backbone_common")
+    )

@@ -8,6 +8,7 @@ first `range(0, N, BLOCK_N)` of a kernel fails (the GPU machine's stack: triton 
 3.8 squeezes first; the shim does the same, on the versions that need it and nowhere else. It changes only
 what the interpreter patches in for the duration of a kernel run, and only when the interpreter is used.
 """
+
 import re
 
 _MARK = "_swinv2_fast_index_shim"
@@ -36,8 +37,10 @@ def install() -> None:
 
     original = getattr(interpreter, "_patch_lang_tensor", None)
     if original is None:
-        raise RuntimeError(f"triton {triton.__version__}: triton.runtime.interpreter has no _patch_lang_tensor; "
-                           "the numpy >= 2.4 shim in tests/_triton_compat.py needs updating for this version")
+        raise RuntimeError(
+            f"triton {triton.__version__}: triton.runtime.interpreter has no _patch_lang_tensor; "
+            "the numpy >= 2.4 shim in tests/_triton_compat.py needs updating for this version"
+        )
     if getattr(original, _MARK, False):
         return  # installed already (conftest, then a worker importing it again)
 

@@ -16,14 +16,24 @@ Markers (pytest.ini) and what this file does with them:
 Every test, marked or not: if `window_attention` took the fused path on real, non-empty tensors while the test
 ran, a forward kernel must have launched (a fused path that silently computes something else fails).
 """
+
 import fnmatch
 
 import pytest
 import torch
 
 # imported first: settles TRITON_INTERPRET before any test module imports the kernels (see tests/_utils.py)
-from _utils import (INTERPRETER, KERNEL_DEVICE, backward_launches, count_fused_calls, count_launches,  # noqa: F401
-                    forward_launches, kernels_unavailable, skip_or_fail, tk)
+from _utils import (
+    INTERPRETER,
+    KERNEL_DEVICE,
+    backward_launches,
+    count_fused_calls,
+    count_launches,
+    forward_launches,
+    kernels_unavailable,
+    skip_or_fail,
+    tk,
+)
 
 # Tests marked slow here rather than in their files, as node-id patterns (fnmatch) relative to tests/, with
 # the reason. Chosen from per-test durations under the interpreter on 2 CPU cores: each takes 15 s to 70 s,
@@ -67,8 +77,9 @@ def pytest_runtest_setup(item):
         if reason:
             skip_or_fail(reason)
         if not INTERPRETER:
-            pytest.skip("meaningful only under Triton's interpreter on CPU tensors; here the kernels run compiled "
-                        "on CUDA")
+            pytest.skip(
+                "meaningful only under Triton's interpreter on CPU tensors; here the kernels run compiled on CUDA"
+            )
     if item.get_closest_marker("gpu") is not None and KERNEL_DEVICE.type != "cuda":
         pytest.skip("needs a CUDA device running the compiled kernels (TRITON_INTERPRET unset or 0)")
 
@@ -83,15 +94,21 @@ def pytest_runtest_call(item):
         result = yield
     forward, backward = forward_launches(launches), backward_launches(launches)
     if fused["calls"] and not forward:
-        raise AssertionError(f"launch proof: window_attention took the fused path {fused['calls']} time(s) but no "
-                             f"forward kernel launched ({dict(launches) or 'no launches'})")
+        raise AssertionError(
+            f"launch proof: window_attention took the fused path {fused['calls']} time(s) but no "
+            f"forward kernel launched ({dict(launches) or 'no launches'})"
+        )
     if marker is not None:
         if marker.kwargs.get("forward", True) and not forward:
-            raise AssertionError("launch proof: this test asks for the fused kernels but no forward kernel "
-                                 f"launched ({dict(launches) or 'no launches'})")
+            raise AssertionError(
+                "launch proof: this test asks for the fused kernels but no forward kernel "
+                f"launched ({dict(launches) or 'no launches'})"
+            )
         if marker.kwargs.get("backward", False) and not backward:
-            raise AssertionError("launch proof: this test trains through the fused kernels but no backward "
-                                 f"kernel launched ({dict(launches) or 'no launches'})")
+            raise AssertionError(
+                "launch proof: this test trains through the fused kernels but no backward "
+                f"kernel launched ({dict(launches) or 'no launches'})"
+            )
     return result
 
 

@@ -1,13 +1,13 @@
 """The benchmark harness cannot rot: one tiny case of every CPU provider, the transformers chain against the
 reference, the presets' plans, compiled-case fallbacks reported as failures, run ids, the CSV and the chart."""
+
 import os
-import sys
 
 import pytest
 import torch
 
-from benchmarks import cases, cpu_linear, harness, main, plot  # noqa: E402
-from swinv2_fast import linear as L  # noqa: E402
+from benchmarks import cases, cpu_linear, harness, main, plot
+from swinv2_fast import linear as L
 
 CPU = torch.device("cpu")
 TINY_OP = cases.OpShape("test-w4", (6, 7), 32, 2, 4)
@@ -21,21 +21,27 @@ def _real_execution(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-@pytest.mark.parametrize("vendor,family,model,expected", [
-    ("AuthenticAMD", 25, 17, "AMD EPYC 9B14 (AuthenticAMD family 25 model 17, Zen 4)"),
-    ("AuthenticAMD", 25, 1, "AMD EPYC 9B14 (AuthenticAMD family 25 model 1, Zen 3)"),
-    ("AuthenticAMD", 26, 2, "AMD EPYC 9B14 (AuthenticAMD family 26 model 2, Zen 5)"),
-    ("GenuineIntel", 6, 143, "AMD EPYC 9B14 (GenuineIntel family 6 model 143)"),
-])
+@pytest.mark.parametrize(
+    "vendor,family,model,expected",
+    [
+        ("AuthenticAMD", 25, 17, "AMD EPYC 9B14 (AuthenticAMD family 25 model 17, Zen 4)"),
+        ("AuthenticAMD", 25, 1, "AMD EPYC 9B14 (AuthenticAMD family 25 model 1, Zen 3)"),
+        ("AuthenticAMD", 26, 2, "AMD EPYC 9B14 (AuthenticAMD family 26 model 2, Zen 5)"),
+        ("GenuineIntel", 6, 143, "AMD EPYC 9B14 (GenuineIntel family 6 model 143)"),
+    ],
+)
 def test_the_device_column_names_the_cpu(vendor, family, model, expected):
     """The CPU rows' device column carries what the oneDNN route's gain depends on: vendor, family and model
     (the first processor's block of /proc/cpuinfo) and AMD's microarchitecture."""
-    block = (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
-             "model name\t: AMD EPYC 9B14\n")
+    block = (
+        f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+        "model name\t: AMD EPYC 9B14\n"
+    )
     other = "processor\t: 1\nvendor_id\t: Other\ncpu family\t: 1\nmodel\t\t: 1\nmodel name\t: other\n"
     assert harness.cpu_identity(block + "\n" + other) == expected
     assert harness.device_name(CPU).startswith("CPU ") and harness.device_name(CPU).endswith(
-        f", {torch.get_num_threads()} threads")
+        f", {torch.get_num_threads()} threads"
+    )
 
 
 def test_interpreter_is_refused(monkeypatch):
@@ -46,8 +52,10 @@ def test_interpreter_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("mode", cases.OP_MODES)
 # the compiled chain takes 20 s and more to compile on 2 cores: in the slow part
-@pytest.mark.parametrize("provider", [pytest.param(p, marks=pytest.mark.slow) if p == "compile" else p
-                                      for p in cases.providers_for(CPU, "op")])
+@pytest.mark.parametrize(
+    "provider",
+    [pytest.param(p, marks=pytest.mark.slow) if p == "compile" else p for p in cases.providers_for(CPU, "op")],
+)
 def test_every_cpu_op_provider_runs_and_agrees(provider, mode):
     fn = cases.op_case(provider, TINY_OP, 1, torch.float32, mode, CPU)
     expected = cases.op_case("sdpa", TINY_OP, 1, torch.float32, mode, CPU)()
@@ -56,8 +64,15 @@ def test_every_cpu_op_provider_runs_and_agrees(provider, mode):
     torch.testing.assert_close(fn().detach(), expected.detach(), atol=1e-5, rtol=0)  # same math, fp32
 
 
-@pytest.mark.parametrize("shape", [cases.OpShape("pad-w4", (6, 7), 32, 2, 4), cases.OpShape("w4", (8, 8), 32, 2, 4),
-                                   cases.OpShape("pad-w3", (7, 5), 16, 1, 3)], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        cases.OpShape("pad-w4", (6, 7), 32, 2, 4),
+        cases.OpShape("w4", (8, 8), 32, 2, 4),
+        cases.OpShape("pad-w3", (7, 5), 16, 1, 3),
+    ],
+    ids=lambda s: s.name,
+)
 def test_transformers_chain_is_transformers_and_the_reference(shape):
     """The op baseline is the chain transformers runs: on a Swinv2Layer's own attention (same q/k/v weights,
     CPB MLP) it gives the layer's attention output, and it equals the package's reference (mask -200, pad
@@ -65,7 +80,7 @@ def test_transformers_chain_is_transformers_and_the_reference(shape):
     import transformers
 
     inputs = cases.op_inputs(shape, 2, torch.float64, CPU, True)
-    qkv, qkv_bias, logit_scale, table = inputs
+    qkv, _, logit_scale, table = inputs
     chain = cases.op_function("transformers-chain", shape, inputs)
     sdpa = cases.op_function("sdpa", shape, inputs)
     out = chain(qkv)
@@ -74,18 +89,22 @@ def test_transformers_chain_is_transformers_and_the_reference(shape):
     for a, b in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(sdpa(qkv).sum(), leaves)):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
     # against transformers' own layer: hidden states x, q/k/v from its Linear layers, bias from its MLP
-    config = transformers.Swinv2Config(window_size=shape.window, embed_dim=shape.channels, depths=[1],
-                                       num_heads=[shape.heads])
+    config = transformers.Swinv2Config(
+        window_size=shape.window, embed_dim=shape.channels, depths=[1], num_heads=[shape.heads]
+    )
     layer = transformers.models.swinv2.modeling_swinv2.Swinv2Layer(
-        config, dim=shape.channels, input_resolution=shape.grid, num_heads=shape.heads,
-        shift_size=shape.shift).double()
+        config, dim=shape.channels, input_resolution=shape.grid, num_heads=shape.heads, shift_size=shape.shift
+    ).double()
     attn = layer.attention.self
     x = torch.randn(2, shape.grid[0] * shape.grid[1], shape.channels, dtype=torch.float64)
     projected = torch.cat([attn.query(x), attn.key(x), attn.value(x)], dim=-1).detach()
     bias = torch.cat([attn.query.bias, torch.zeros_like(attn.query.bias), attn.value.bias]).detach()
     mlp_table = attn.continuous_position_bias_mlp(attn.relative_coords_table).view(-1, shape.heads).detach()
-    own = cases.op_function("transformers-chain", shape, (projected, bias, torch.nn.Parameter(
-        attn.logit_scale.detach().clone()), torch.nn.Parameter(mlp_table)))
+    own = cases.op_function(
+        "transformers-chain",
+        shape,
+        (projected, bias, torch.nn.Parameter(attn.logit_scale.detach().clone()), torch.nn.Parameter(mlp_table)),
+    )
     with torch.no_grad():
         expected = _transformers_layer_attention(layer, x, shape)
         torch.testing.assert_close(own(projected), expected, atol=1e-10, rtol=0)
@@ -117,9 +136,11 @@ def test_triton_provider_needs_a_gpu():
 
 
 # torch.compile of whole models takes about a minute per mode on 2 cores: CI compiles the inference mode only
-@pytest.mark.parametrize("mode,compiled", [("inference", False), ("train step", False),
-                                           pytest.param("inference", True, marks=pytest.mark.slow)],
-                         ids=["inference", "train-step", "inference-compiled"])
+@pytest.mark.parametrize(
+    "mode,compiled",
+    [("inference", False), ("train step", False), pytest.param("inference", True, marks=pytest.mark.slow)],
+    ids=["inference", "train-step", "inference-compiled"],
+)
 def test_every_cpu_model_provider_runs(mode, compiled):
     models = cases.build_models(TINY_MODEL, layout=TINY_LAYOUT)
     for provider in cases.providers_for(CPU, "model", mode):
@@ -137,8 +158,12 @@ def test_cpu_linear_comparison_runs(capsys):
 
 def test_rows_csv_and_chart(tmp_path):
     timing = harness.Timing(2.0, 1.5, 2.5, 3.0)
-    rows = [harness.make_row(CPU, "model", "SwinV2-T 32 w4", p, "inference", torch.float32, 2, timing, 1000.0,
-                             "img/s", run_id="run-a") for p in ("swinv2_fast", "transformers")]
+    rows = [
+        harness.make_row(
+            CPU, "model", "SwinV2-T 32 w4", p, "inference", torch.float32, 2, timing, 1000.0, "img/s", run_id="run-a"
+        )
+        for p in ("swinv2_fast", "transformers")
+    ]
     path = str(tmp_path / "results.csv")
     harness.append_rows(rows, path)
     harness.append_rows(rows[:1], path)
@@ -156,9 +181,25 @@ def test_chart_draws_one_run(tmp_path):
     """Two runs in one CSV: the chart draws the latest (or the one asked for), never a mix."""
     path = str(tmp_path / "results.csv")
     for run, ms in (("run-old", 4.0), ("run-new", 2.0)):
-        harness.append_rows([harness.make_row(CPU, "model", "M", p, "inference", torch.float32, 2,
-                                              harness.Timing(ms, ms, ms, 1.0), 2 / ms, "img/s", run_id=run)
-                             for p in ("swinv2_fast", "transformers")], path)
+        harness.append_rows(
+            [
+                harness.make_row(
+                    CPU,
+                    "model",
+                    "M",
+                    p,
+                    "inference",
+                    torch.float32,
+                    2,
+                    harness.Timing(ms, ms, ms, 1.0),
+                    2 / ms,
+                    "img/s",
+                    run_id=run,
+                )
+                for p in ("swinv2_fast", "transformers")
+            ],
+            path,
+        )
     rows = harness.read_rows(path)
     assert {r["run_id"] for r in plot.run_of(rows)} == {"run-new"}
     assert {r["run_id"] for r in plot.run_of(rows, "run-old")} == {"run-old"}
@@ -168,10 +209,15 @@ def test_old_csv_gets_the_new_columns(tmp_path):
     """A CSV written before run_id/note existed is rewritten once with today's header."""
     path = tmp_path / "results.csv"
     old_columns = [c for c in harness.COLUMNS if c not in ("run_id", "note")]
-    path.write_text(",".join(old_columns) + "\n" + ",".join("1" if c in ("batch",) else "abc1234" if c == "git_sha"
-                                                             else "0" for c in old_columns) + "\n")
-    row = harness.make_row(CPU, "op", "c", "sdpa", "forward", torch.float32, 1, harness.Timing(1, 1, 1, 0), 1.0,
-                           "GB/s", run_id="run-x")
+    path.write_text(
+        ",".join(old_columns)
+        + "\n"
+        + ",".join("1" if c in ("batch",) else "abc1234" if c == "git_sha" else "0" for c in old_columns)
+        + "\n"
+    )
+    row = harness.make_row(
+        CPU, "op", "c", "sdpa", "forward", torch.float32, 1, harness.Timing(1, 1, 1, 0), 1.0, "GB/s", run_id="run-x"
+    )
     harness.append_rows([row], str(path))
     read = harness.read_rows(str(path))
     assert [r["run_id"] for r in read] == ["legacy-abc1234", "run-x"]
@@ -207,7 +253,8 @@ def test_gpu_preset_plan(capsys):
             for mode in cases.OP_MODES:
                 assert {(shape, provider, mode, "torch.float32"), (shape, provider, mode, "torch.bfloat16")} <= ops
     assert {(i["shape"], i["mode"]) for i in items if i["provider"] == "compile"} == {
-        (s, m) for s in ("tiny-w8-256", "base-w16-256") for m in cases.OP_MODES}
+        (s, m) for s in ("tiny-w8-256", "base-w16-256") for m in cases.OP_MODES
+    }
     assert all(str(i["dtype"]) == "torch.bfloat16" for i in items if i["compiled"])
     models = {(i["variant"], i["mode"], i["provider"], i["compiled"]) for i in items if i["level"] == "model"}
     assert {("tiny", "train step", p, False) for p in ("swinv2_fast", "transformers", "timm")} <= models
@@ -224,15 +271,23 @@ def test_smoke_preset_is_the_gpu_plan_on_cpu():
     items = main.sweep_plan(args)
     assert args.device.type == "cpu" and all(i["provider"] != "triton" for i in items)
     assert sum(i["compiled"] for i in items) == main.MAX_COMPILE["smoke"]
-    gpu_items = [i for i in main.sweep_plan(main.parse_args(["--preset", "gpu", "--dry-run"]))
-                 if i["provider"] != "triton"]
+    gpu_items = [
+        i for i in main.sweep_plan(main.parse_args(["--preset", "gpu", "--dry-run"])) if i["provider"] != "triton"
+    ]
     assert [describe_key(i) for i in items] == [describe_key(i) for i in gpu_items if not i["compiled"]] + [
-        describe_key(i) for i in gpu_items if i["compiled"]][:main.MAX_COMPILE["smoke"]]
+        describe_key(i) for i in gpu_items if i["compiled"]
+    ][: main.MAX_COMPILE["smoke"]]
 
 
 def describe_key(item):
-    return (item["level"], item.get("shape") or item.get("variant"), item["mode"], item["provider"],
-            str(item["dtype"]), item["compiled"])
+    return (
+        item["level"],
+        item.get("shape") or item.get("variant"),
+        item["mode"],
+        item["provider"],
+        str(item["dtype"]),
+        item["compiled"],
+    )
 
 
 def test_budget_cuts_the_least_important_cases(tmp_path):

@@ -1,20 +1,33 @@
 """Conversion from timm models and official checkpoints, checked against timm on identical weights."""
+
 import pytest
 import torch
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
 import swinv2_fast
+
 from _utils import MODEL_GRAD_SUM_FLOOR, assert_close, assert_grad_close, official_checkpoint_from_timm, perturb_
 
 TIMM_CONFIGS = {
-    "w4-classifier": dict(img_size=64, window_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), num_classes=5),
-    "w12-pretrained-features": dict(img_size=96, window_size=12, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
-                                    num_classes=0, pretrained_window_sizes=(8, 6)),
+    "w4-classifier": dict(
+        img_size=64, window_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), num_classes=5
+    ),
+    "w12-pretrained-features": dict(
+        img_size=96,
+        window_size=12,
+        embed_dim=16,
+        depths=(2, 2),
+        num_heads=(1, 2),
+        num_classes=0,
+        pretrained_window_sizes=(8, 6),
+    ),
     # non-square: the middle stage shifts along the width only (per-axis windows, timm's rule)
-    "w8-nonsquare": dict(img_size=(64, 128), window_size=8, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4),
-                         num_classes=3),
-    "w7-below-window": dict(img_size=112, window_size=7, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                            num_classes=2),
+    "w8-nonsquare": dict(
+        img_size=(64, 128), window_size=8, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), num_classes=3
+    ),
+    "w7-below-window": dict(
+        img_size=112, window_size=7, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), num_classes=2
+    ),
 }
 
 
@@ -37,8 +50,7 @@ def test_from_timm_matches_timm(name):
     with torch.no_grad():
         assert_close(pooled(ours(x)), timm_model(x), name=f"{name} logits")
         base = ours.swinv2 if hasattr(ours, "swinv2") else ours
-        assert_close(base(x).last_hidden_state, timm_model.forward_features(x).flatten(1, 2),
-                     name=f"{name} features")
+        assert_close(base(x).last_hidden_state, timm_model.forward_features(x).flatten(1, 2), name=f"{name} features")
 
 
 def test_from_timm_training_gradients_match_timm():
@@ -56,8 +68,12 @@ def test_from_timm_training_gradients_match_timm():
     ours_grad = ours_grads["swinv2.encoder.layers.1.blocks.1.attention.self.continuous_position_bias_mlp.0.weight"].grad
     assert_grad_close(ours_grad, timm_grad, name="cpb grad", floor=floor)
     qkv_grad = timm_model.layers[0].blocks[1].attn.qkv.weight.grad
-    ours_qkv = torch.cat([ours_grads[f"swinv2.encoder.layers.0.blocks.1.attention.self.{n}.weight"].grad
-                          for n in ("query", "key", "value")])
+    ours_qkv = torch.cat(
+        [
+            ours_grads[f"swinv2.encoder.layers.0.blocks.1.attention.self.{n}.weight"].grad
+            for n in ("query", "key", "value")
+        ]
+    )
     assert_grad_close(ours_qkv, qkv_grad, name="qkv grad", floor=floor)
 
 
@@ -67,8 +83,9 @@ def test_from_timm_rejects_other_objects():
 
 
 def test_from_timm_rejects_windows_it_cannot_express():
-    timm_model = SwinTransformerV2(img_size=64, window_size=8, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
-                                   always_partition=True)
+    timm_model = SwinTransformerV2(
+        img_size=64, window_size=8, embed_dim=16, depths=(2, 2), num_heads=(1, 2), always_partition=True
+    )
     with pytest.raises(ValueError, match="always_partition"):
         swinv2_fast.from_timm(timm_model)
 
@@ -100,8 +117,9 @@ def test_from_official_simmim_checkpoint():
     mask_token = torch.randn(1, 1, 16)
     decoder_weight, decoder_bias = torch.randn(16 * 16 * 3, 64, 1, 1), torch.randn(16 * 16 * 3)
     checkpoint = {f"encoder.{k}": v for k, v in encoder.items()}
-    checkpoint.update({"encoder.mask_token": mask_token, "decoder.0.weight": decoder_weight,
-                       "decoder.0.bias": decoder_bias})
+    checkpoint.update(
+        {"encoder.mask_token": mask_token, "decoder.0.weight": decoder_weight, "decoder.0.bias": decoder_bias}
+    )
     config = swinv2_fast.official_config_to_swinv2_config(OFFICIAL_CONFIG, encoder_stride=16)
     ours = swinv2_fast.from_official({"model": checkpoint}, config=config)
     assert isinstance(ours, swinv2_fast.Swinv2ForMaskedImageModeling)
@@ -117,5 +135,5 @@ def test_from_official_simmim_checkpoint():
 def test_from_official_names_unknown_keys():
     checkpoint = official_checkpoint_from_timm(make_timm("w4-classifier"))
     checkpoint["model"]["layers.0.blocks.0.attn.mystery"] = torch.zeros(1)
-    with pytest.raises(ValueError, match="layers.0.blocks.0.attn.mystery"):
+    with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.attn\.mystery"):
         swinv2_fast.from_official(checkpoint, OFFICIAL_CONFIG)

@@ -1,5 +1,6 @@
 """Distributed training: two gloo processes on CPU (DDP, and FSDP2's fully_shard per stage, with and
 without activation checkpointing) against one process on the concatenated batch."""
+
 import collections
 import contextlib
 import gc
@@ -13,14 +14,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import swinv2_fast
-from _utils import (MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, assert_close, backward_launches, count_launches,
-                    forward_launches, perturb_)
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")]
+from _utils import (
+    MODEL_GRAD_FP32_ATOL,
+    MODEL_GRAD_FP32_RTOL,
+    assert_close,
+    backward_launches,
+    count_launches,
+    forward_launches,
+    perturb_,
+)
 
-TINY = dict(image_size=32, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 1], drop_path_rate=0.0,
-            num_labels=3)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")]
+
+TINY = dict(
+    image_size=32, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 1], drop_path_rate=0.0, num_labels=3
+)
 STEPS = 2
 WORLD = 2
 
@@ -32,8 +41,7 @@ def _model(implementation):
 
 def _batches():
     gen = torch.Generator().manual_seed(5)
-    return [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 3, (4,), generator=gen))
-            for _ in range(STEPS)]
+    return [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(STEPS)]
 
 
 def _train(model, batches, rank=0, world=1):
@@ -64,8 +72,10 @@ def _full_state(model, mode):
     if mode == "ddp":
         return model.module.state_dict()
     # FSDP2 parameters are DTensors sharded over the ranks: gathered whole on every rank
-    return {key: value.full_tensor() if hasattr(value, "full_tensor") else value
-            for key, value in model.state_dict().items()}
+    return {
+        key: value.full_tensor() if hasattr(value, "full_tensor") else value
+        for key, value in model.state_dict().items()
+    }
 
 
 def _worker(rank, implementation, mode, init_file, out_dir):
@@ -105,12 +115,14 @@ def test_two_processes_match_one_process(implementation, mode):
         # spawned workers inherit this environment, TRITON_INTERPRET included; they import tests/_utils.py (through
         # this module), which applies the same stack shims
         try:
-            mp.spawn(_worker, args=(implementation, mode, os.path.join(out_dir, "init"), out_dir), nprocs=WORLD,
-                     join=True)
+            mp.spawn(
+                _worker, args=(implementation, mode, os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True
+            )
         except mp.ProcessExitedException as error:
             done = sorted(name for name in os.listdir(out_dir) if name.endswith(".done"))
-            raise AssertionError(f"a worker died ({error}); ranks that had finished their work and teardown: "
-                                 f"{done or 'none'}") from error
+            raise AssertionError(
+                f"a worker died ({error}); ranks that had finished their work and teardown: {done or 'none'}"
+            ) from error
         distributed = torch.load(os.path.join(out_dir, "distributed.pt"))
         launches = []
         for rank in range(WORLD):

@@ -2,6 +2,7 @@
 and position-bias MLP, frozen biases, frozen q/k/v weights, adapters), on the op itself, on swinv2_fast
 models, on patched transformers models and on patched timm models, each against the eager path's gradients
 on identical weights, with the kernels proven to run."""
+
 import copy
 import itertools
 
@@ -9,9 +10,18 @@ import pytest
 import torch
 
 import swinv2_fast
-from _utils import (KERNEL_DEVICE, LOW_PRECISION_FACTOR, OP_GRAD_FP32_RTOL, assert_grads_close,
-                    backward_launches, count_launches, forward_launches, perturb_,
-                    sum_grad_fp32_rtol)
+
+from _utils import (
+    KERNEL_DEVICE,
+    LOW_PRECISION_FACTOR,
+    OP_GRAD_FP32_RTOL,
+    assert_grads_close,
+    backward_launches,
+    count_launches,
+    forward_launches,
+    perturb_,
+    sum_grad_fp32_rtol,
+)
 
 pytestmark = pytest.mark.kernels  # the kernels must run here (conftest: skip, or fail in CI, where they cannot)
 transformers = pytest.importorskip("transformers")
@@ -47,9 +57,11 @@ SUBSETS = [needs for needs in itertools.product([False, True], repeat=4) if any(
 
 
 # one input needing a gradient, and all of them, in the quick run; the other ten subsets in the slow part
-@pytest.mark.parametrize("needs", [needs if sum(needs) in (1, 4) else pytest.param(needs, marks=pytest.mark.slow)
-                                   for needs in SUBSETS],
-                         ids=lambda needs: "+".join(n for n, x in zip(NAMES, needs) if x))
+@pytest.mark.parametrize(
+    "needs",
+    [needs if sum(needs) in (1, 4) else pytest.param(needs, marks=pytest.mark.slow) for needs in SUBSETS],
+    ids=lambda needs: "+".join(n for n, x in zip(NAMES, needs) if x),
+)
 def test_every_subset_of_inputs_needing_gradients(needs):
     """Only the asked-for gradients: each against fp64 no further off than the eager reference in fp32
     (LOW_PRECISION_FACTOR times its error plus the sum-aware floor); the table/scale kernel runs only when
@@ -62,8 +74,12 @@ def test_every_subset_of_inputs_needing_gradients(needs):
     exact = _grads("eager", [t.double() for t in inputs], needs, grad_out.double())
     windows = -(-GRID[0] // WINDOW) * -(-GRID[1] // WINDOW)
     n = WINDOW * WINDOW
-    floors = [OP_GRAD_FP32_RTOL, sum_grad_fp32_rtol(BATCH * windows * n),
-              sum_grad_fp32_rtol(BATCH * windows * n * n), sum_grad_fp32_rtol(BATCH * windows)]
+    floors = [
+        OP_GRAD_FP32_RTOL,
+        sum_grad_fp32_rtol(BATCH * windows * n),
+        sum_grad_fp32_rtol(BATCH * windows * n * n),
+        sum_grad_fp32_rtol(BATCH * windows),
+    ]
     for name, need, f, e, x, floor in zip(NAMES, needs, fused, eager, exact, floors):
         if not need:
             assert f is None, name
@@ -81,8 +97,11 @@ def test_every_subset_of_inputs_needing_gradients(needs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("needs", [(True, False, False, False), (False, False, True, True),
-                                   (False, True, False, True)], ids=["qkv", "scale+table", "bias+table"])
+@pytest.mark.parametrize(
+    "needs",
+    [(True, False, False, False), (False, False, True, True), (False, True, False, True)],
+    ids=["qkv", "scale+table", "bias+table"],
+)
 def test_opcheck_with_frozen_inputs(needs):
     """torch.library.opcheck of the op (schema, fake implementation, autograd registration, AOT dispatch
     with the backward) and of its backward op, with some inputs frozen: no two outputs alias each other or
@@ -93,12 +112,12 @@ def test_opcheck_with_frozen_inputs(needs):
     torch.library.opcheck(torch.ops.swinv2_fast.window_attention_fused, (*args, *options))
     grad_out = torch.randn(BATCH, GRID[0] * GRID[1], HEADS * HEAD_DIM, device=KERNEL_DEVICE)
     flags = (needs[0], needs[1], needs[2] or needs[3])
-    torch.library.opcheck(torch.ops.swinv2_fast.window_attention_fused_backward,
-                          (grad_out, *inputs, *options, *flags))
+    torch.library.opcheck(torch.ops.swinv2_fast.window_attention_fused_backward, (grad_out, *inputs, *options, *flags))
     outputs = torch.ops.swinv2_fast.window_attention_fused_backward(grad_out, *inputs, *options, *flags)
     storages = [t.untyped_storage() for t in outputs]
-    assert all(a is not b and a.data_ptr() != b.data_ptr() or a.nbytes() == 0
-               for a, b in itertools.combinations(storages, 2))
+    assert all(
+        (a is not b and a.data_ptr() != b.data_ptr()) or a.nbytes() == 0 for a, b in itertools.combinations(storages, 2)
+    )
     for t, asked in zip(outputs, (flags[0], flags[1], flags[2], flags[2])):
         assert (t.numel() > 0) == asked
 
@@ -106,10 +125,29 @@ def test_opcheck_with_frozen_inputs(needs):
 # ------------------------------------------------------------------------------------------- models
 # one stage of two blocks (the second shifted) on a 9x7 token grid: every window layout is padded
 SIZE = (36, 28)
-HF_CONFIG = dict(image_size=36, patch_size=4, window_size=4, embed_dim=32, depths=[2], num_heads=[2],
-                 drop_path_rate=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
-TIMM_CONFIG = dict(img_size=SIZE, strict_img_size=False, patch_size=4, window_size=4, embed_dim=32, depths=(2,),
-                   num_heads=(2,), drop_path_rate=0.0, num_classes=3)
+HF_CONFIG = dict(
+    image_size=36,
+    patch_size=4,
+    window_size=4,
+    embed_dim=32,
+    depths=[2],
+    num_heads=[2],
+    drop_path_rate=0.0,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    num_labels=3,
+)
+TIMM_CONFIG = dict(
+    img_size=SIZE,
+    strict_img_size=False,
+    patch_size=4,
+    window_size=4,
+    embed_dim=32,
+    depths=(2,),
+    num_heads=(2,),
+    drop_path_rate=0.0,
+    num_classes=3,
+)
 
 
 def _ours():
@@ -131,8 +169,9 @@ def _timm():
 FAMILIES = {"swinv2_fast": _ours, "transformers": _transformers, "timm": _timm}
 # swinv2_fast's models in the quick run; the patched transformers and timm models (15 s to 100 s each on 2
 # cores) in the slow part
-FAMILY_PARAMS = [family if family == "swinv2_fast" else pytest.param(family, marks=pytest.mark.slow)
-                 for family in FAMILIES]
+FAMILY_PARAMS = [
+    family if family == "swinv2_fast" else pytest.param(family, marks=pytest.mark.slow) for family in FAMILIES
+]
 
 
 def _frozen_scale_and_cpb(name):
@@ -148,7 +187,7 @@ SCENARIOS = {
     "scale-and-cpb-frozen": lambda name: not _frozen_scale_and_cpb(name),
     "head-only": lambda name: name.startswith(("classifier.", "head.")),
     "attention-frozen-but-query-value": lambda name: _query_value(name),
-    "biases-frozen": lambda name: not (name.endswith("bias") or name.endswith("_bias")),
+    "biases-frozen": lambda name: not name.endswith(("bias", "_bias")),
 }
 
 
@@ -175,8 +214,11 @@ def _compare_training(eager, fused, family):
             assert p.grad is None and expected is None, name
             continue
         assert p.grad is not None and expected is not None, name
-    assert_grads_close({name: p.grad for name, p in trained.items()},
-                       {name: reference[name].grad for name in trained}, prefix=f"{family} ")
+    assert_grads_close(
+        {name: p.grad for name, p in trained.items()},
+        {name: reference[name].grad for name in trained},
+        prefix=f"{family} ",
+    )
     assert forward_launches(launches) > 0
     return launches
 

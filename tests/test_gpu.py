@@ -12,22 +12,35 @@ Ordered by importance, because scripts/gpu.sh cuts the run at its budget: the op
 published windows, the models in bf16 against transformers, the backward, determinism, torch.compile,
 patch(), partial fine-tuning, then the remaining forward shapes.
 """
+
 import copy
 import math
 import os
-import sys
 
 import pytest
 import torch
 
 import swinv2_fast
-from _utils import (FP32_ATOL, INTERPRETER, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR,
-                      MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close,
-                      backward_launches, count_launches, forward_launches, outputs_and_grads,
-                      sum_grad_fp32_rtol)
+from benchmarks import cases
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_naive
 
-from benchmarks import cases  # noqa: E402  (identical weights in swinv2_fast, transformers and timm)
+from _utils import (
+    FP32_ATOL,
+    INTERPRETER,
+    KERNEL_DEVICE,
+    LOW_PRECISION_FACTOR,
+    LOW_PRECISION_FLOOR,
+    MODEL_GRAD_FP32_ATOL,
+    MODEL_GRAD_FP32_RTOL,
+    OP_FP32_ATOL,
+    OP_GRAD_FP32_RTOL,
+    assert_close,
+    backward_launches,
+    count_launches,
+    forward_launches,
+    outputs_and_grads,
+    sum_grad_fp32_rtol,
+)
 
 GPU = KERNEL_DEVICE.type == "cuda"
 SMOKE = os.environ.get("SWINV2_FAST_SMOKE") == "1"
@@ -37,10 +50,15 @@ DEVICE = KERNEL_DEVICE
 # CPU mode on purpose
 pytestmark = [] if SMOKE and not GPU else [pytest.mark.gpu]
 if not GPU and not (SMOKE and INTERPRETER):
-    pytest.skip("the GPU selection runs on a CUDA device, or on CPU under scripts/gpu.sh --smoke "
-                "(SWINV2_FAST_SMOKE=1 with Triton's interpreter)", allow_module_level=True)
+    pytest.skip(
+        "the GPU selection runs on a CUDA device, or on CPU under scripts/gpu.sh --smoke "
+        "(SWINV2_FAST_SMOKE=1 with Triton's interpreter)",
+        allow_module_level=True,
+    )
 
-BF16_ON_INTERPRETER = "Triton's interpreter computes bf16 dot products wrongly ('triton' refuses bf16 on CPU): bf16 runs on a GPU"
+BF16_ON_INTERPRETER = (
+    "Triton's interpreter computes bf16 dot products wrongly ('triton' refuses bf16 on CPU): bf16 runs on a GPU"
+)
 HEAD_DIM = 32
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -54,17 +72,24 @@ def dtype_param(dtype):
 # grids that need padding. Smoke: windows 4 and 7 at grids the interpreter runs in seconds.
 if GPU:
     SHAPES = {
-        "w8-16x16-s4": ((16, 16), 8, 4), "w16-32x32-s8": ((32, 32), 16, 8),
-        "w7-14x14-s3": ((14, 14), 7, 3), "w7-10x13-s0-padded": ((10, 13), 7, 0),
-        "w8-12x11-s4-padded": ((12, 11), 8, 4), "w12-24x24-s0": ((24, 24), 12, 0),
-        "w12-15x26-s6-padded": ((15, 26), 12, 6), "w16-20x18-s0-padded": ((20, 18), 16, 0),
-        "w24-48x48-s12": ((48, 48), 24, 12), "w24-30x27-s12-padded": ((30, 27), 24, 12),
+        "w8-16x16-s4": ((16, 16), 8, 4),
+        "w16-32x32-s8": ((32, 32), 16, 8),
+        "w7-14x14-s3": ((14, 14), 7, 3),
+        "w7-10x13-s0-padded": ((10, 13), 7, 0),
+        "w8-12x11-s4-padded": ((12, 11), 8, 4),
+        "w12-24x24-s0": ((24, 24), 12, 0),
+        "w12-15x26-s6-padded": ((15, 26), 12, 6),
+        "w16-20x18-s0-padded": ((20, 18), 16, 0),
+        "w24-48x48-s12": ((48, 48), 24, 12),
+        "w24-30x27-s12-padded": ((30, 27), 24, 12),
     }
     BATCH, HEADS = 2, 2
 else:
     SHAPES = {
-        "w4-8x8-s2": ((8, 8), 4, 2), "w4-6x7-s0-padded": ((6, 7), 4, 0),
-        "w7-7x7-s0": ((7, 7), 7, 0), "w7-9x10-s3-padded": ((9, 10), 7, 3),
+        "w4-8x8-s2": ((8, 8), 4, 2),
+        "w4-6x7-s0-padded": ((6, 7), 4, 0),
+        "w7-7x7-s0": ((7, 7), 7, 0),
+        "w7-9x10-s3-padded": ((9, 10), 7, 3),
     }
     BATCH, HEADS = 1, 2
 FIRST = list(SHAPES)[:2]  # the published windows 8 and 16 (smoke: the first two)
@@ -81,7 +106,7 @@ def make_inputs(name, dtype, seed=0, batch=BATCH, zero_k_bias=True):
     qkv = torch.randn(batch, grid[0] * grid[1], 3 * C, generator=gen)
     qkv_bias = torch.randn(3 * C, generator=gen)
     if zero_k_bias:
-        qkv_bias[C:2 * C] = 0
+        qkv_bias[C : 2 * C] = 0
     logit_scale = math.log(10) + 0.3 * torch.randn(HEADS, 1, 1, generator=gen)
     position_bias = 16 * torch.sigmoid(torch.randn(HEADS, N, N, generator=gen))
     return [qkv.to(DEVICE, dtype), qkv_bias.to(DEVICE, dtype), logit_scale.to(DEVICE), position_bias.to(DEVICE)]
@@ -89,8 +114,9 @@ def make_inputs(name, dtype, seed=0, batch=BATCH, zero_k_bias=True):
 
 def op_kwargs(name, pad_order):
     grid, window, shift = SHAPES[name]
-    return dict(grid_size=grid, num_heads=HEADS, window_size=window, shift_size=shift, pad_order=pad_order,
-                mask_value=-100.0)
+    return dict(
+        grid_size=grid, num_heads=HEADS, window_size=window, shift_size=shift, pad_order=pad_order, mask_value=-100.0
+    )
 
 
 def fp64(tensors):
@@ -111,7 +137,8 @@ def check_forward(name, pad_order, dtype):
     eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
     kernel_error = (out.double() - exact).abs().max().item()
     assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR, (
-        f"{dtype} kernel error {kernel_error:.3e} vs PyTorch's own {eager_error:.3e}")
+        f"{dtype} kernel error {kernel_error:.3e} vs PyTorch's own {eager_error:.3e}"
+    )
 
 
 # -------------------------------------------------------------------------------- forward, published windows
@@ -170,15 +197,15 @@ def test_model_forward_against_transformers(model_name, dtype):
     own_error = (hf_low - exact).abs().max().item()
     our_error = (got - exact).abs().max().item()
     assert our_error <= LOW_PRECISION_FACTOR * own_error + LOW_PRECISION_FLOOR, (
-        f"swinv2_fast {dtype} logits error {our_error:.3e} vs transformers' own {own_error:.3e}")
+        f"swinv2_fast {dtype} logits error {our_error:.3e} vs transformers' own {own_error:.3e}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ backward
 def grad_errors_ok(fused, eager, exact, floors):
     """Each gradient's error against fp64, relative to its largest element, at most LOW_PRECISION_FACTOR
     times PyTorch's own error in the same dtype plus the floor."""
-    for label, f, e, x, floor in zip(("qkv", "qkv_bias", "logit_scale", "position_bias"), fused, eager, exact,
-                                     floors):
+    for label, f, e, x, floor in zip(("qkv", "qkv_bias", "logit_scale", "position_bias"), fused, eager, exact, floors):
         scale = max(x.abs().max().item(), 1e-30)
         eager_error = (e.double() - x).abs().max().item() / scale
         fused_error = (f.double() - x).abs().max().item() / scale
@@ -191,13 +218,18 @@ def backward_floors(name, dtype):
     grid, window, _ = SHAPES[name]
     windows = -(-grid[0] // window) * -(-grid[1] // window)
     n = window * window
-    return [OP_GRAD_FP32_RTOL, sum_grad_fp32_rtol(BATCH * windows * n), sum_grad_fp32_rtol(BATCH * windows * n * n),
-            sum_grad_fp32_rtol(BATCH * windows)]
+    return [
+        OP_GRAD_FP32_RTOL,
+        sum_grad_fp32_rtol(BATCH * windows * n),
+        sum_grad_fp32_rtol(BATCH * windows * n * n),
+        sum_grad_fp32_rtol(BATCH * windows),
+    ]
 
 
 @pytest.mark.parametrize("dtype", [dtype_param(d) for d in DTYPES])
-@pytest.mark.parametrize("name,pad_order", [(FIRST[0], PAD_THEN_ROLL), (FIRST[1], ROLL_THEN_PAD),
-                                            (REST[1], PAD_THEN_ROLL)])
+@pytest.mark.parametrize(
+    "name,pad_order", [(FIRST[0], PAD_THEN_ROLL), (FIRST[1], ROLL_THEN_PAD), (REST[1], PAD_THEN_ROLL)]
+)
 def test_backward_against_reference(name, pad_order, dtype):
     """Gradients of every input at head_dim 32; a non-zero k bias (with the published zero one, padded k rows
     are zero vectors where x / max(||x||, 1e-12) has slope 1e12, beyond fp16 in both implementations)."""
@@ -241,8 +273,11 @@ def test_op_compiles_without_graph_break():
     inputs = make_inputs(name, torch.float32, seed=5)
     kwargs = op_kwargs(name, PAD_THEN_ROLL)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda *xs: swinv2_fast.window_attention(*xs, implementation="triton", **kwargs),
-                             fullgraph=True, backend=COMPILE_BACKEND)  # fullgraph: a graph break raises
+    compiled = torch.compile(
+        lambda *xs: swinv2_fast.window_attention(*xs, implementation="triton", **kwargs),
+        fullgraph=True,
+        backend=COMPILE_BACKEND,
+    )  # fullgraph: a graph break raises
     leaves = [t.detach().clone().requires_grad_(i != 1) for i, t in enumerate(inputs)]
     with count_launches() as launches:
         out = compiled(*leaves)
@@ -255,8 +290,11 @@ def test_op_compiles_without_graph_break():
 def test_model_compiles_without_graph_break():
     import torch._dynamo
 
-    layout = dict(embed_dim=64, depths=[2, 2], num_heads=[2, 4]) if GPU else dict(embed_dim=32, depths=[2, 1],
-                                                                                     num_heads=[1, 2])
+    layout = (
+        dict(embed_dim=64, depths=[2, 2], num_heads=[2, 4])
+        if GPU
+        else dict(embed_dim=32, depths=[2, 1], num_heads=[1, 2])
+    )
     spec = cases.ModelSpec("tiny", 64 if GPU else 32, 8 if GPU else 4)
     models = cases.build_models(spec, layout=layout)
     ours = models["swinv2_fast"].to(DEVICE).eval().set_attn_implementation("triton")
@@ -277,8 +315,11 @@ def test_model_compiles_without_graph_break():
 def test_patch_runs_the_kernels(library):
     """patch(model, "triton") on a transformers and a timm model: the same logits as the unpatched model
     (fp32) and, in a training step, the same parameter gradients; the fused kernels ran."""
-    spec, layout = (cases.ModelSpec("tiny", 64, 8), dict(embed_dim=64, depths=[2, 2], num_heads=[2, 4])) if GPU \
+    spec, layout = (
+        (cases.ModelSpec("tiny", 64, 8), dict(embed_dim=64, depths=[2, 2], num_heads=[2, 4]))
+        if GPU
         else (cases.ModelSpec("tiny", 32, 4), dict(embed_dim=32, depths=[2, 1], num_heads=[1, 2]))
+    )
     model = cases.build_models(spec, layout=layout)[library].to(DEVICE)
     patched = swinv2_fast.patch(copy.deepcopy(model), "triton")
     x = torch.randn(2, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(7)).to(DEVICE)
@@ -303,8 +344,11 @@ def test_patch_runs_the_kernels(library):
 def test_partial_fine_tuning_frozen_logit_scale_and_position_bias_mlp():
     """Logit scales and the continuous-position-bias MLPs frozen (requires_grad False), the rest trained:
     the fused backward gives the trained parameters transformers' gradients and the frozen ones none."""
-    spec, layout = (cases.ModelSpec("tiny", 64, 8), dict(embed_dim=64, depths=[2, 2], num_heads=[2, 4])) if GPU \
+    spec, layout = (
+        (cases.ModelSpec("tiny", 64, 8), dict(embed_dim=64, depths=[2, 2], num_heads=[2, 4]))
+        if GPU
         else (cases.ModelSpec("tiny", 32, 4), dict(embed_dim=32, depths=[2, 1], num_heads=[1, 2]))
+    )
     models = cases.build_models(spec, layout=layout)
     ours = models["swinv2_fast"].to(DEVICE).train().set_attn_implementation("triton")
     hf = models["transformers"].to(DEVICE).train()

@@ -1,10 +1,12 @@
 """Bad input raises a clear exception naming the argument, what was expected and what was received."""
+
 import pytest
 import torch
 
 import swinv2_fast
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import WindowGeometry
+
 from _utils import CONFIGS
 
 
@@ -18,7 +20,11 @@ def model():
     [
         (torch.randn(3, 64, 64), ValueError, r"pixel_values must be 4-D .* got shape \(3, 64, 64\)"),
         (torch.randn(1, 1, 64, 64), ValueError, r"pixel_values must have 3 channels .* got shape \(1, 1, 64, 64\)"),
-        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, r"pixel_values must be a floating-point .* torch.uint8"),
+        (
+            torch.zeros(1, 3, 64, 64, dtype=torch.uint8),
+            TypeError,
+            r"pixel_values must be a floating-point .* torch.uint8",
+        ),
         ([[1.0]], TypeError, r"pixel_values must be a torch.Tensor, got list"),
     ],
     ids=["3-D", "channels", "uint8", "list"],
@@ -29,7 +35,11 @@ def test_bad_pixel_values(model, pixel_values, error, pattern):
 
 
 def test_bad_bool_masked_pos(model):
-    with pytest.raises(ValueError, match=r"bool_masked_pos must have a shape broadcastable to \(batch_size, num_patches\) = \(2, 256\), got \(2, 255\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"bool_masked_pos must have a shape broadcastable to \(batch_size, num_patches\) = "
+        r"\(2, 256\), got \(2, 255\)",
+    ):
         model(torch.randn(2, 3, 64, 64), bool_masked_pos=torch.zeros(2, 255, dtype=torch.bool))
 
 
@@ -52,7 +62,7 @@ def test_bad_config(overrides, pattern):
 
 
 def test_model_rejects_foreign_config():
-    with pytest.raises(TypeError, match="config must be a swinv2_fast.Swinv2Config"):
+    with pytest.raises(TypeError, match=r"config must be a swinv2_fast\.Swinv2Config"):
         swinv2_fast.Swinv2Model({"embed_dim": 16})
 
 
@@ -70,28 +80,56 @@ def _op_inputs(B=1, grid=(8, 8), heads=2, head_dim=8, window=4):
     "change,error,pattern",
     [
         (lambda t, k: t.update(qkv=t["qkv"][0]), ValueError, r"qkv must be a 3-D tensor"),
-        (lambda t, k: t.update(qkv=t["qkv"].long()), TypeError, r"qkv must be a floating-point tensor, got dtype torch.int64"),
+        (
+            lambda t, k: t.update(qkv=t["qkv"].long()),
+            TypeError,
+            r"qkv must be a floating-point tensor, got dtype torch.int64",
+        ),
         (lambda t, k: k.update(grid_size=(8, 7)), ValueError, r"qkv must have H\*W = 56 tokens .* got 64"),
         (lambda t, k: k.update(num_heads=5), ValueError, r"3 \* num_heads \* head_dim; got 48 with num_heads=5"),
         (lambda t, k: t.update(qkv_bias=torch.zeros(47)), ValueError, r"qkv_bias must have shape \(48,\), got \(47,\)"),
-        (lambda t, k: t.update(logit_scale=torch.zeros(3)), ValueError, r"logit_scale must have num_heads = 2 elements"),
-        (lambda t, k: t.update(position_bias=torch.zeros(2, 15, 16)), ValueError,
-         r"position_bias must have shape \(num_heads, N, N\) = \(2, 16, 16\), got \(2, 15, 16\)"),
+        (
+            lambda t, k: t.update(logit_scale=torch.zeros(3)),
+            ValueError,
+            r"logit_scale must have num_heads = 2 elements",
+        ),
+        (
+            lambda t, k: t.update(position_bias=torch.zeros(2, 15, 16)),
+            ValueError,
+            r"position_bias must have shape \(num_heads, N, N\) = \(2, 16, 16\), got \(2, 15, 16\)",
+        ),
         (lambda t, k: k.update(window_size=0), ValueError, r"window_size must be at least 1, got \(0, 0\)"),
         (lambda t, k: k.update(shift_size=4), ValueError, r"shift_size must lie in \[0, window_size\)"),
         (lambda t, k: k.update(shift_size=-1), ValueError, r"shift_size must lie in \[0, window_size\)"),
         (lambda t, k: k.update(pad_order="pad"), ValueError, r"pad_order must be one of"),
-        (lambda t, k: k.update(implementation="cuda"), ValueError, r"implementation must be one of \('auto', 'triton', 'eager'\), got 'cuda'"),
+        (
+            lambda t, k: k.update(implementation="cuda"),
+            ValueError,
+            r"implementation must be one of \('auto', 'triton', 'eager'\), got 'cuda'",
+        ),
     ],
-    ids=["rank", "dtype", "tokens", "heads", "bias-shape", "scale-shape", "table-shape", "window", "shift-high",
-         "shift-negative", "pad-order", "implementation"],
+    ids=[
+        "rank",
+        "dtype",
+        "tokens",
+        "heads",
+        "bias-shape",
+        "scale-shape",
+        "table-shape",
+        "window",
+        "shift-high",
+        "shift-negative",
+        "pad-order",
+        "implementation",
+    ],
 )
 def test_bad_window_attention_inputs(change, error, pattern):
     tensors, kwargs = _op_inputs()
     change(tensors, kwargs)
     with pytest.raises(error, match=pattern):
-        window_attention(tensors["qkv"], tensors["qkv_bias"], tensors["logit_scale"], tensors["position_bias"],
-                         **kwargs)
+        window_attention(
+            tensors["qkv"], tensors["qkv_bias"], tensors["logit_scale"], tensors["position_bias"], **kwargs
+        )
 
 
 def test_window_attention_takes_a_geometry_or_its_keyword_block():

@@ -1,12 +1,14 @@
 """swinv2_fast.linear: oneDNN for fp32 CPU inference, F.linear elsewhere, the same numbers either way; the
 route is chosen by an argument (the models pass config.cpu_onednn_linear), never by process-wide state."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import swinv2_fast
-from _utils import FP32_ATOL, assert_close, perturb_
 from swinv2_fast import linear as L
+
+from _utils import FP32_ATOL, assert_close, perturb_
 
 needs_onednn = pytest.mark.skipif(not L.onednn_linear_available(), reason="this PyTorch has no oneDNN linear op")
 
@@ -81,8 +83,9 @@ def test_the_config_switch_checks_its_value():
 
 
 def _tiny_model(**overrides):
-    config = swinv2_fast.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
-                                      window_size=4, **overrides)
+    config = swinv2_fast.Swinv2Config(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4, **overrides
+    )
     return perturb_(swinv2_fast.Swinv2Model(config)).eval()
 
 
@@ -117,7 +120,7 @@ def test_a_hook_on_the_mlp_sees_the_layer_it_hooked():
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     handle.remove()
-    (inp, out), = seen
+    ((inp, out),) = seen
     assert_close(out, F.linear(inp, dense.weight, dense.bias), atol=1e-5, name="hooked output")
     assert (out < 0).any()  # pre-GELU values
 
@@ -138,7 +141,8 @@ def test_a_global_hook_also_keeps_the_mlp_layer_a_module():
     dense = model.encoder.layers[0].blocks[0].intermediate.dense
     seen = []
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, out: seen.append(module) if module is dense else None)
+        lambda module, args, out: seen.append(module) if module is dense else None
+    )
     try:
         with torch.no_grad():
             model(torch.randn(1, 3, 32, 32))

@@ -6,6 +6,7 @@ The suites come from the peers' sdists (tests/_peers.py fetches them into a cach
 without the registry these tests skip, and with CI=true they fail) and run in child pytests, one per side.
 A test that fails on the peer's own classes too is reported, not asserted.
 """
+
 import os
 import time
 from pathlib import Path
@@ -25,8 +26,9 @@ def run_side(suite: Path, env: Mapping[str, str]):
     """(outcomes, details) of one side's child run of `suite` (tests/_peers.run_child_pytest). The
     child drops the repository's pytest addopts: --strict-markers would refuse the peer's own marks."""
     details: Dict[str, str] = {}
-    outcomes = run_child_pytest([str(suite), "-o", "addopts=", "-W", "ignore::pytest.PytestUnknownMarkWarning"],
-                                env=dict(env), details=details)
+    outcomes = run_child_pytest(
+        [str(suite), "-o", "addopts=", "-W", "ignore::pytest.PytestUnknownMarkWarning"], env=dict(env), details=details
+    )
     return outcomes, details
 
 
@@ -78,29 +80,37 @@ def test_transformers_common_mixins(capsys):
     elapsed = time.perf_counter() - started
     failing_on_theirs = sorted(short_id(t) for t, outcome in theirs.items() if outcome == "failed")
     with capsys.disabled():
-        print(f"\ntransformers' common mixins on transformers' classes: {counts(theirs)}; on swinv2_fast's: "
-              f"{counts(ours)} ({elapsed:.0f} s)")
+        print(
+            f"\ntransformers' common mixins on transformers' classes: {counts(theirs)}; on swinv2_fast's: "
+            f"{counts(ours)} ({elapsed:.0f} s)"
+        )
         if failing_on_theirs:
             print("failing on transformers' own classes too (reported, not asserted):")
             for name in failing_on_theirs:
                 test_id = next(t for t in theirs if short_id(t) == name)
-                print(f"  {name}: {details_theirs.get(test_id, '').splitlines()[0] if details_theirs.get(test_id) else ''}")
+                detail = details_theirs.get(test_id, "")
+                print(f"  {name}: {detail.splitlines()[0] if detail else ''}")
 
     for side, outcomes in (("transformers' classes", theirs), ("swinv2_fast's classes", ours)):
         assert len(outcomes) >= MIN_TESTS_PER_SIDE, (
-            f"the suite ran {len(outcomes)} tests on {side}, expected at least {MIN_TESTS_PER_SIDE}: {counts(outcomes)}")
+            f"the suite ran {len(outcomes)} tests on {side}, expected at least {MIN_TESTS_PER_SIDE}: {counts(outcomes)}"
+        )
     assert set(theirs) == set(ours), (
         f"the two sides ran different tests: only on theirs {sorted(set(theirs) - set(ours))}, "
-        f"only on ours {sorted(set(ours) - set(theirs))}")
+        f"only on ours {sorted(set(ours) - set(theirs))}"
+    )
     offenders = regressions(theirs, ours, details_ours)
     assert not offenders, (
         f"{len(offenders)} of transformers' common tests pass or skip on transformers' Swinv2 classes but fail on "
-        "swinv2_fast's:\n" + "\n\n".join(offenders))
+        "swinv2_fast's:\n" + "\n\n".join(offenders)
+    )
     unexplained = [name for name in skipped_only_on_ours(theirs, ours) if name not in TRANSFORMERS_NOT_APPLICABLE]
     assert not unexplained, (
         "these pass on transformers' classes but skip on ours without a reason in TRANSFORMERS_NOT_APPLICABLE: "
-        + ", ".join(f"{name} ({details_ours.get(next(t for t in ours if short_id(t) == name), '')})"
-                    for name in unexplained))
+        + ", ".join(
+            f"{name} ({details_ours.get(next(t for t in ours if short_id(t) == name), '')})" for name in unexplained
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- timm
@@ -117,8 +127,11 @@ def _child_env(patched: bool) -> dict:
     # tests/ on PYTHONPATH for the plugin (and _utils); never the repository root, whose kernels/ folder
     # would shadow Hugging Face's `kernels` package. The fused op runs as on a user's CPU: no interpreter.
     env = {"PYTHONPATH": str(TESTS), "TRITON_INTERPRET": "0"}
-    env["PYTHONPATH"] += "".join(os.pathsep + p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                 if p and Path(p).resolve() != TESTS.parent)
+    env["PYTHONPATH"] += "".join(
+        os.pathsep + p
+        for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if p and Path(p).resolve() != TESTS.parent
+    )
     return env
 
 
@@ -150,8 +163,10 @@ def test_timm_model_tests(tmp_path):
     assert not offenders, f"tests that pass on timm but fail patched: {sorted(offenders)}\n{messages}"
     # the only tests allowed to skip instead are those in which torch.jit.script refused the patched model
     # (PatchedModelNotScriptable, by design: the plugin reports them as skipped with that reason)
-    unexplained = {t: details["patched"].get(t, "") for t in not_applied
-                   if "cannot apply to a patched model" not in details["patched"].get(t, "")
-                   or "torch.jit.script cannot compile" not in details["patched"].get(t, "")}
+    unexplained = {
+        t: details["patched"].get(t, "")
+        for t in not_applied
+        if "cannot apply to a patched model" not in details["patched"].get(t, "")
+        or "torch.jit.script cannot compile" not in details["patched"].get(t, "")
+    }
     assert not unexplained, f"tests that pass on timm but skip patched for another reason: {unexplained}"
-

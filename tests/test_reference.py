@@ -1,5 +1,7 @@
 """The oracle (kernels/naive.py) against transformers' and timm's own blocks, the eager path (kernels/reference.py)
 against the oracle, the window geometry's validation, and the bounds of the reference's process-wide caches."""
+
+import dataclasses
 import gc
 import math
 import warnings
@@ -9,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _utils import FP32_ATOL, LOW_PRECISION_FACTOR, assert_close, make_inputs, rounding_sensitivity
 from swinv2_fast.kernels import (
     PAD_ORDERS,
     PAD_THEN_ROLL,
@@ -24,11 +25,14 @@ from swinv2_fast.kernels import (
 )
 from swinv2_fast.kernels.naive import shift_mask_naive
 
+from _utils import FP32_ATOL, LOW_PRECISION_FACTOR, assert_close, make_inputs, rounding_sensitivity
+
 
 def random_inputs(B, grid, heads, head_dim, window, dtype=torch.float32, bias=True):
     """The op's inputs (tests/_utils.make_inputs) on the CPU, the logit scale in `dtype` too."""
-    qkv, qkv_bias, logit_scale, position_bias = make_inputs(B, grid, heads, head_dim, window, dtype=dtype,
-                                                            bias=bias, device="cpu")
+    qkv, qkv_bias, logit_scale, position_bias = make_inputs(
+        B, grid, heads, head_dim, window, dtype=dtype, bias=bias, device="cpu"
+    )
     return qkv, qkv_bias, logit_scale.to(dtype), position_bias
 
 
@@ -51,13 +55,16 @@ CASES = [
 @pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", CASES)
 def test_reference_matches_the_naive_chain(B, grid, heads, head_dim, window, shift, pad_order):
     qkv, qkv_bias, logit_scale, position_bias = random_inputs(B, grid, heads, head_dim, window)
-    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
-                  mask_value=-100.0)
-    expected, expected_probs = window_attention_naive(qkv, qkv_bias, logit_scale, position_bias,
-                                                      return_attention_probs=True, **kwargs)
+    kwargs = dict(
+        grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order, mask_value=-100.0
+    )
+    expected, expected_probs = window_attention_naive(
+        qkv, qkv_bias, logit_scale, position_bias, return_attention_probs=True, **kwargs
+    )
     fused = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, **kwargs)
-    explicit, probs = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias,
-                                                 return_attention_probs=True, **kwargs)
+    explicit, probs = window_attention_reference(
+        qkv, qkv_bias, logit_scale, position_bias, return_attention_probs=True, **kwargs
+    )
     geometry = WindowGeometry.from_args(**kwargs)
     from_geometry = window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, geometry=geometry)
     assert_close(fused, expected, atol=FP32_ATOL, name="sdpa branch")
@@ -139,8 +146,9 @@ def test_naive_and_reference_match_transformers_layer(grid):
     from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer
 
     dim, heads = 16, 2
-    layer = _perturbed(Swinv2Layer(Swinv2Config(window_size=8), dim=dim, input_resolution=(16, 16),
-                                   num_heads=heads, shift_size=4)).eval()
+    layer = _perturbed(
+        Swinv2Layer(Swinv2Config(window_size=8), dim=dim, input_resolution=(16, 16), num_heads=heads, shift_size=4)
+    ).eval()
     # layer(x) = x + attention output: norms removed, MLP zeroed, output projection the identity
     layer.layernorm_before = nn.Identity()
     layer.layernorm_after = nn.Identity()
@@ -157,10 +165,12 @@ def test_naive_and_reference_match_transformers_layer(grid):
         qkv = torch.cat([attn.query(x), attn.key(x), attn.value(x)], -1)
         qkv_bias = torch.cat([attn.query.bias, torch.zeros(dim), attn.value.bias])
         table = attn.continuous_position_bias_mlp(attn.relative_coords_table).view(-1, heads)
-        position_bias = 16 * torch.sigmoid(table[attn.relative_position_index.view(-1)].view(64, 64, heads)
-                                           .permute(2, 0, 1))
-        kwargs = dict(grid_size=grid, num_heads=heads, window_size=8, shift_size=4, pad_order=PAD_THEN_ROLL,
-                      mask_value=-200.0)
+        position_bias = 16 * torch.sigmoid(
+            table[attn.relative_position_index.view(-1)].view(64, 64, heads).permute(2, 0, 1)
+        )
+        kwargs = dict(
+            grid_size=grid, num_heads=heads, window_size=8, shift_size=4, pad_order=PAD_THEN_ROLL, mask_value=-200.0
+        )
         naive = window_attention_naive(qkv, qkv_bias, attn.logit_scale, position_bias, **kwargs)
         eager = window_attention_reference(qkv, qkv_bias, attn.logit_scale, position_bias, **kwargs)
     assert_close(naive, expected, name=f"naive vs transformers layer {grid}")
@@ -173,8 +183,9 @@ def test_naive_and_reference_match_timm_block(grid):
     ROLL_THEN_PAD and mask -100."""
     from timm.models.swin_transformer_v2 import SwinTransformerV2Block
 
-    block = _perturbed(SwinTransformerV2Block(dim=16, input_resolution=(16, 16), num_heads=2, window_size=8,
-                                              shift_size=4)).eval()
+    block = _perturbed(
+        SwinTransformerV2Block(dim=16, input_resolution=(16, 16), num_heads=2, window_size=8, shift_size=4)
+    ).eval()
     block.dynamic_mask = True
     x = torch.randn(2, grid[0], grid[1], 16)
     attn = block.attn
@@ -183,9 +194,12 @@ def test_naive_and_reference_match_timm_block(grid):
         qkv_bias = torch.cat([attn.q_bias, attn.k_bias, attn.v_bias])
         qkv = F.linear(x.reshape(2, -1, 16), attn.qkv.weight, qkv_bias)
         table = attn.cpb_mlp(attn.relative_coords_table).view(-1, 2)
-        position_bias = 16 * torch.sigmoid(table[attn.relative_position_index.view(-1)].view(64, 64, 2).permute(2, 0, 1))
-        kwargs = dict(grid_size=grid, num_heads=2, window_size=8, shift_size=4, pad_order=ROLL_THEN_PAD,
-                      mask_value=-100.0)
+        position_bias = 16 * torch.sigmoid(
+            table[attn.relative_position_index.view(-1)].view(64, 64, 2).permute(2, 0, 1)
+        )
+        kwargs = dict(
+            grid_size=grid, num_heads=2, window_size=8, shift_size=4, pad_order=ROLL_THEN_PAD, mask_value=-100.0
+        )
         naive = attn.proj(window_attention_naive(qkv, qkv_bias, attn.logit_scale, position_bias, **kwargs))
         eager = attn.proj(window_attention_reference(qkv, qkv_bias, attn.logit_scale, position_bias, **kwargs))
     assert_close(naive, expected, name=f"naive vs timm block {grid}")
@@ -197,8 +211,9 @@ def _own_rounding(function, inputs, kwargs, dtype):
     change when the inputs are rounded to `dtype` (rounding_sensitivity), plus the rounding of the result
     itself (one unit of `dtype` at its largest element)."""
     exact = function(*[None if t is None else t.double() for t in inputs], **kwargs)
-    sensitivity, = rounding_sensitivity(lambda ts: [function(*ts, **kwargs)], list(inputs), dtype,
-                                        lambda a, b: (a - b).abs().max().item())
+    (sensitivity,) = rounding_sensitivity(
+        lambda ts: [function(*ts, **kwargs)], list(inputs), dtype, lambda a, b: (a - b).abs().max().item()
+    )
     return LOW_PRECISION_FACTOR * sensitivity + torch.finfo(dtype).eps * exact.abs().max().item()
 
 
@@ -225,14 +240,19 @@ def test_log_sum_exp_matches_the_gathered_scores(pad_order):
     assert_close(exact, expected, atol=1e-12, name="log-sum-exp, fp64")
     fp32 = window_log_sum_exp(*inputs, **kwargs)
     assert fp32.dtype == torch.float32
-    assert_close(fp32.double(), expected, atol=_own_rounding(window_log_sum_exp, inputs, kwargs, torch.float32),
-                 name="log-sum-exp, fp32")
+    assert_close(
+        fp32.double(),
+        expected,
+        atol=_own_rounding(window_log_sum_exp, inputs, kwargs, torch.float32),
+        name="log-sum-exp, fp32",
+    )
 
 
 # ------------------------------------------------------------------------------------------ the geometry
 def test_geometry_derived_sizes_and_op_args():
-    g = WindowGeometry.from_args(grid_size=(10, 13), num_heads=3, window_size=(4, 6), shift_size=(2, 3),
-                                 pad_order=ROLL_THEN_PAD, mask_value=-200)
+    g = WindowGeometry.from_args(
+        grid_size=(10, 13), num_heads=3, window_size=(4, 6), shift_size=(2, 3), pad_order=ROLL_THEN_PAD, mask_value=-200
+    )
     assert (g.grid, g.window, g.shift, g.num_heads, g.mask_value) == ((10, 13), (4, 6), (2, 3), 3, -200.0)
     assert g.padded_size == (12, 18) and g.windows_per_axis == (3, 3) and g.num_windows == 9 and g.N == 24
     assert g.needs_padding and g.shifted and g.num_tokens == 130 and g.roll_shift == (2, 3)
@@ -240,7 +260,7 @@ def test_geometry_derived_sizes_and_op_args():
     assert WindowGeometry.from_args(*g.as_op_args()) == g
     assert WindowGeometry.from_args(**g.as_kwargs()) == g
     assert hash(g) == hash(WindowGeometry.from_args(**g.as_kwargs()))
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
         g.num_heads = 4
     assert WindowGeometry.from_args((8, 8), 1, 4).shift == (0, 0)
     assert WindowGeometry.from_args((3, 5), 1, 4, 3, PAD_THEN_ROLL).roll_shift == (3, 3)  # rolls the 4x8 grid
@@ -250,24 +270,43 @@ def test_geometry_derived_sizes_and_op_args():
         g.head_dim(70)
 
 
-@pytest.mark.parametrize("change,error,pattern", [
-    (dict(grid_size=(8, 0)), ValueError, r"grid_size must be positive, got \(8, 0\)"),
-    (dict(grid_size=(8, 8, 1)), TypeError, r"grid_size must be an int or a pair of ints, got \(8, 8, 1\)"),
-    (dict(grid_size=(8, True)), TypeError, r"grid_size must be an int or a pair of ints"),
-    (dict(window_size=0), ValueError, r"window_size must be at least 1, got \(0, 0\)"),
-    (dict(window_size=4.0), TypeError, r"window_size must be an int or a pair of ints, got 4.0"),
-    (dict(shift_size=4), ValueError, r"shift_size must lie in \[0, window_size\) = \[0, \(4, 4\)\), got \(4, 4\)"),
-    (dict(shift_size=(-1, 0)), ValueError, r"shift_size must lie in .* got \(-1, 0\)"),
-    (dict(pad_order="pad"), ValueError, r"pad_order must be one of \('pad_then_roll', 'roll_then_pad'\), got 'pad'"),
-    (dict(mask_value=float("-inf")), ValueError, r"mask_value must be a finite real number .* got -inf"),
-    (dict(mask_value="-100"), ValueError, r"mask_value must be a finite real number .* got '-100'"),
-    (dict(num_heads=2.0), TypeError, r"num_heads must be an int, got float 2.0"),
-    (dict(num_heads=0), ValueError, r"num_heads must be at least 1, got 0"),
-], ids=["grid-zero", "grid-triple", "grid-bool", "window-zero", "window-float", "shift-window", "shift-negative",
-        "pad-order", "mask-inf", "mask-str", "heads-float", "heads-zero"])
+@pytest.mark.parametrize(
+    "change,error,pattern",
+    [
+        (dict(grid_size=(8, 0)), ValueError, r"grid_size must be positive, got \(8, 0\)"),
+        (dict(grid_size=(8, 8, 1)), TypeError, r"grid_size must be an int or a pair of ints, got \(8, 8, 1\)"),
+        (dict(grid_size=(8, True)), TypeError, r"grid_size must be an int or a pair of ints"),
+        (dict(window_size=0), ValueError, r"window_size must be at least 1, got \(0, 0\)"),
+        (dict(window_size=4.0), TypeError, r"window_size must be an int or a pair of ints, got 4.0"),
+        (dict(shift_size=4), ValueError, r"shift_size must lie in \[0, window_size\) = \[0, \(4, 4\)\), got \(4, 4\)"),
+        (dict(shift_size=(-1, 0)), ValueError, r"shift_size must lie in .* got \(-1, 0\)"),
+        (
+            dict(pad_order="pad"),
+            ValueError,
+            r"pad_order must be one of \('pad_then_roll', 'roll_then_pad'\), got 'pad'",
+        ),
+        (dict(mask_value=float("-inf")), ValueError, r"mask_value must be a finite real number .* got -inf"),
+        (dict(mask_value="-100"), ValueError, r"mask_value must be a finite real number .* got '-100'"),
+        (dict(num_heads=2.0), TypeError, r"num_heads must be an int, got float 2.0"),
+        (dict(num_heads=0), ValueError, r"num_heads must be at least 1, got 0"),
+    ],
+    ids=[
+        "grid-zero",
+        "grid-triple",
+        "grid-bool",
+        "window-zero",
+        "window-float",
+        "shift-window",
+        "shift-negative",
+        "pad-order",
+        "mask-inf",
+        "mask-str",
+        "heads-float",
+        "heads-zero",
+    ],
+)
 def test_geometry_validation_names_argument_expected_and_received(change, error, pattern):
-    args = dict(grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2, pad_order=PAD_THEN_ROLL,
-                mask_value=-100.0)
+    args = dict(grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2, pad_order=PAD_THEN_ROLL, mask_value=-100.0)
     with pytest.raises(error, match=pattern):
         WindowGeometry.from_args(**dict(args, **change))
 
@@ -328,8 +367,9 @@ def test_caches_stay_bounded_over_many_geometries():
         qkv, qkv_bias, logit_scale, table = random_inputs(1, grid, heads, 8, window)
         tables.append(table)
         with torch.no_grad():
-            window_attention_reference(qkv, qkv_bias, logit_scale, table, grid_size=grid, num_heads=heads,
-                                       window_size=window, shift_size=2)
+            window_attention_reference(
+                qkv, qkv_bias, logit_scale, table, grid_size=grid, num_heads=heads, window_size=window, shift_size=2
+            )
     del qkv, qkv_bias, logit_scale, table
     bound = 3 * reference.LAYOUT_CACHE_SIZE + reference.SDPA_MASK_CACHE_SIZE
     assert len(reference._layouts) == reference.LAYOUT_CACHE_SIZE
@@ -373,8 +413,10 @@ def test_sdpa_mask_follows_in_place_changes_and_new_tables():
     assert not torch.equal(changed, first)
     with torch.no_grad():
         table.data = torch.rand(heads, n, n)  # a new storage, no version bump
-    assert torch.equal(window_attention_reference(qkv, None, logit_scale, table, **kwargs),
-                       window_attention_reference(qkv, None, logit_scale, table.clone(), **kwargs))
+    assert torch.equal(
+        window_attention_reference(qkv, None, logit_scale, table, **kwargs),
+        window_attention_reference(qkv, None, logit_scale, table.clone(), **kwargs),
+    )
     trained = table.clone().requires_grad_()
     window_attention_reference(qkv, None, logit_scale, trained, **kwargs)
     assert len(reference._sdpa_masks) == 1, "a table autograd tracks is never cached"
@@ -384,8 +426,9 @@ def test_reference_keeps_nothing_under_inference_mode_tables():
     reference.clear_caches()
     with torch.inference_mode():
         qkv, _, logit_scale, table = random_inputs(1, (8, 8), 2, 8, 4)
-        window_attention_reference(qkv, None, logit_scale, table, grid_size=(8, 8), num_heads=2, window_size=4,
-                                   shift_size=2)
+        window_attention_reference(
+            qkv, None, logit_scale, table, grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2
+        )
     assert len(reference._sdpa_masks) == 0  # inference tensors have no version counter
     assert len(reference._layouts) == 1
     assert not torch.is_inference(window_layout((8, 8), 4, 2).gather_index)
@@ -394,14 +437,31 @@ def test_reference_keeps_nothing_under_inference_mode_tables():
 def test_naive_runs_in_low_precision_without_nan():
     """float16 with a zero k bias: the padded tokens' k is all zeros; normalised in float32 it stays 0, not 0/0."""
     qkv, qkv_bias, logit_scale, position_bias = random_inputs(1, (6, 6), 2, 8, 4, dtype=torch.float16)
-    out = window_attention_naive(qkv, qkv_bias, logit_scale, position_bias, grid_size=(6, 6), num_heads=2,
-                                 window_size=4, shift_size=2)
-    exact = window_attention_naive(qkv.double(), qkv_bias.double(), logit_scale.double(), position_bias.double(),
-                                   grid_size=(6, 6), num_heads=2, window_size=4, shift_size=2)
+    out = window_attention_naive(
+        qkv, qkv_bias, logit_scale, position_bias, grid_size=(6, 6), num_heads=2, window_size=4, shift_size=2
+    )
+    exact = window_attention_naive(
+        qkv.double(),
+        qkv_bias.double(),
+        logit_scale.double(),
+        position_bias.double(),
+        grid_size=(6, 6),
+        num_heads=2,
+        window_size=4,
+        shift_size=2,
+    )
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
-    assert_close(out, exact, atol=_own_rounding(window_attention_naive, (qkv, qkv_bias, logit_scale, position_bias),
-                                                dict(grid_size=(6, 6), num_heads=2, window_size=4, shift_size=2),
-                                                torch.float16), name="naive in float16")
+    assert_close(
+        out,
+        exact,
+        atol=_own_rounding(
+            window_attention_naive,
+            (qkv, qkv_bias, logit_scale, position_bias),
+            dict(grid_size=(6, 6), num_heads=2, window_size=4, shift_size=2),
+            torch.float16,
+        ),
+        name="naive in float16",
+    )
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
@@ -424,5 +484,9 @@ def test_tensor_modes_neither_fill_nor_read_the_layout_cache():
     traced = torch.jit.trace(lambda x: window_attention_reference(x, None, logit_scale, table, **kwargs), (qkv,))
     layout = window_layout((6, 6), 4, 2)
     assert type(layout.gather_index) is torch.Tensor and not layout.gather_index.requires_grad
-    assert_close(traced(qkv), window_attention_naive(qkv, None, logit_scale, table, **kwargs), atol=FP32_ATOL,
-                 name="traced reference")
+    assert_close(
+        traced(qkv),
+        window_attention_naive(qkv, None, logit_scale, table, **kwargs),
+        atol=FP32_ATOL,
+        name="traced reference",
+    )

@@ -1,13 +1,27 @@
 """torch.compile through the fused op (a torch.library custom op with a fake implementation): compiled
 kernels on CUDA tensors where a GPU runs them, the interpreter on CPU tensors elsewhere."""
+
 import pytest
 import torch
 
 import swinv2_fast
-from _utils import (FP32_ATOL, KERNEL_DEVICE, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL, TINY,
-                    assert_close, assert_errors_within_pytorch, make_inputs, perturb_, sum_floors, op)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import ROLL_THEN_PAD, window_attention_naive
+
+from _utils import (
+    FP32_ATOL,
+    KERNEL_DEVICE,
+    MODEL_GRAD_FP32_ATOL,
+    MODEL_GRAD_FP32_RTOL,
+    OP_FP32_ATOL,
+    TINY,
+    assert_close,
+    assert_errors_within_pytorch,
+    make_inputs,
+    op,
+    perturb_,
+    sum_floors,
+)
 
 # Every test here runs the forward and backward kernels (conftest: launch proof, honest skips).
 pytestmark = pytest.mark.kernels(backward=True)
@@ -21,8 +35,10 @@ OP_KWARGS = dict(grid_size=(6, 7), num_heads=2, window_size=4, shift_size=2, pad
 def test_fake_implementation_gives_the_real_shapes():
     inputs = make_inputs(2, (6, 7), 2, 16, 4, zero_k_bias=False)
     real_out = torch.ops.swinv2_fast.window_attention_fused(*inputs, [6, 7], 2, [4, 4], [2, 2], ROLL_THEN_PAD, -100.0)
-    torch.library.opcheck(torch.ops.swinv2_fast.window_attention_fused.default,
-                          (*inputs, [6, 7], 2, [4, 4], [2, 2], ROLL_THEN_PAD, -100.0))
+    torch.library.opcheck(
+        torch.ops.swinv2_fast.window_attention_fused.default,
+        (*inputs, [6, 7], 2, [4, 4], [2, 2], ROLL_THEN_PAD, -100.0),
+    )
     assert real_out.shape == (2, 42, 32)
 
 
@@ -62,8 +78,9 @@ def test_op_on_cpu_without_the_interpreter_runs_the_reference(monkeypatch):
     grads = torch.autograd.grad(out, leaves, grad_out)
     monkeypatch.setattr(op, "INTERPRETED", True)
     kernel_leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    kernel_out = torch.ops.swinv2_fast.window_attention_fused(*kernel_leaves, [6, 7], 2, [4, 4], [2, 2],
-                                                              ROLL_THEN_PAD, -100.0)
+    kernel_out = torch.ops.swinv2_fast.window_attention_fused(
+        *kernel_leaves, [6, 7], 2, [4, 4], [2, 2], ROLL_THEN_PAD, -100.0
+    )
     kernel_grads = torch.autograd.grad(kernel_out, kernel_leaves, grad_out)
     assert_close(out, kernel_out, atol=OP_FP32_ATOL, name="output")
     _check_gradients(kernel_grads, inputs, grad_out)
@@ -88,11 +105,9 @@ def test_compiled_model_training_step_matches_eager():
     torch._dynamo.reset()
     # compile from scratch: a graph cached on disk by an earlier version of the op would carry its old shapes
     # (torch's own config.patch: monkeypatch's undo of these config attributes broke later compiles)
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(
-            enable_autograd_cache=False):
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         explained = torch._dynamo.explain(model.set_attn_implementation("triton"))(x, labels=labels)
-        assert not any("window_attention" in str(reason) for reason in explained.break_reasons), \
-            explained.break_reasons
+        assert not any("window_attention" in str(reason) for reason in explained.break_reasons), explained.break_reasons
         compiled = torch.compile(model)
         compiled_loss, compiled_grads = step(compiled)
     assert_close(compiled_loss, loss, atol=FP32_ATOL, name="loss")

@@ -1,10 +1,12 @@
 """Training through swinv2_fast: gradients against transformers, gradient checkpointing, eval caches."""
+
 import copy
 
 import pytest
 import torch
 
 import swinv2_fast
+
 from _utils import CONFIGS, FP32_ATOL, assert_close, assert_grads_close, make_pair, perturb_
 
 
@@ -41,8 +43,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_drop_path_and_dropout_are_active_in_training_only():
-    config = swinv2_fast.Swinv2Config(**CONFIGS["w8"], drop_path_rate=0.5, hidden_dropout_prob=0.2,
-                                      attention_probs_dropout_prob=0.2)
+    config = swinv2_fast.Swinv2Config(
+        **CONFIGS["w8"], drop_path_rate=0.5, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2
+    )
     model = swinv2_fast.Swinv2Model(config)
     x = torch.randn(2, 3, 64, 64)
     model.train()
