@@ -205,8 +205,27 @@ def test_chart_draws_one_run(tmp_path):
     assert {r["run_id"] for r in plot.run_of(rows, "run-old")} == {"run-old"}
 
 
+def test_chart_labels_ratios_and_whiskers():
+    """Each bar is labelled with its ratio to the group's baseline; the whiskers span the throughput at the
+    p80 and p20 call times; swinv2_fast's rows are told apart from the peers'."""
+    providers = {
+        "transformers": {"median_ms": "4.0", "p20_ms": "3.0", "p80_ms": "5.0", "throughput": "2.0"},
+        "swinv2_fast": {"median_ms": "2.0", "p20_ms": "2.0", "p80_ms": "2.5", "throughput": "4.0"},
+    }
+    assert plot.bar_labels("model", providers) == {"transformers": "x1.00", "swinv2_fast": "x2.00"}
+    assert plot.bar_labels("op", providers) == {}  # no transformers-chain row: nothing to compare with
+    below, above = plot.whiskers(providers["transformers"])
+    assert (below, above) == pytest.approx((2.0 - 2.0 * 4 / 5, 2.0 * 4 / 3 - 2.0))
+    assert plot.whiskers(providers["swinv2_fast"]) == pytest.approx((4.0 - 4.0 * 2 / 2.5, 0.0))
+    assert [p for p in ("swinv2_fast+compile", "triton", "sdpa", "timm", "transformers-chain") if plot.is_ours(p)] == [
+        "swinv2_fast+compile",
+        "triton",
+        "sdpa",
+    ]
+
+
 def test_old_csv_gets_the_new_columns(tmp_path):
-    """A CSV written before run_id/note existed is rewritten once with today's header."""
+    """A CSV written before run_id/note existed is rewritten once with the current header."""
     path = tmp_path / "results.csv"
     old_columns = [c for c in harness.COLUMNS if c not in ("run_id", "note")]
     path.write_text(
