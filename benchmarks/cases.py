@@ -3,8 +3,9 @@ providers that run them. Each `*_case` function returns a zero-argument callable
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -336,6 +337,19 @@ def logits(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x) if name.startswith("timm") else model(x).logits
 
 
+class Autocast(NamedTuple):
+    """A model-level precision: the model in float32, each call under torch.autocast to `dtype` (what a user
+    of bf16 on a CPU, or of mixed precision on a GPU, runs). Rows name it "bfloat16-autocast"."""
+
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        return f"{str(self.dtype).replace('torch.', '')}-autocast"
+
+
+BF16_AUTOCAST = Autocast(torch.bfloat16)
+
+
 def model_case(
     provider: str,
     models: Dict[str, torch.nn.Module],
@@ -352,18 +366,25 @@ def model_case(
     if mode not in MODEL_MODES:
         raise ValueError(f"model mode must be one of {MODEL_MODES}, got {mode!r}")
     source = "swinv2_fast" if provider.startswith("swinv2_fast") else provider
-    model = models[source].to(device=device, dtype=dtype)
+    autocast = isinstance(dtype, Autocast)
+    model = models[source].to(device=device, dtype=torch.float32 if autocast else dtype)
     if source == "swinv2_fast":
         model.set_attn_implementation("eager" if provider == "swinv2_fast-eager" else "auto")
     model.train(mode == "train step")
     forward = linear_route(provider, torch.compile(model, **(compile_options or {})) if compiled else model)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device, dtype)
+    x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(device, torch.float32 if autocast else dtype)
     labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+
+    def precision():
+        if autocast:
+            return torch.autocast(device.type, dtype=dtype.dtype)
+        return contextlib.nullcontext()
+
     if mode == "inference":
 
         def run():
-            with torch.inference_mode():
+            with torch.inference_mode(), precision():
                 return logits(source, forward, x)
 
         return run
@@ -371,7 +392,9 @@ def model_case(
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(logits(source, forward, x).float(), labels)
+        with precision():
+            out = logits(source, forward, x)
+        loss = torch.nn.functional.cross_entropy(out.float(), labels)
         loss.backward()
         optimizer.step()
         return loss

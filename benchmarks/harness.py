@@ -97,6 +97,27 @@ def cpu_identity(cpuinfo: Optional[str] = None) -> str:
     return f"{name} ({details})"
 
 
+def cpu_bf16_support(cpuinfo: Optional[str] = None) -> str:
+    """The CPU's native bf16 matrix support as /proc/cpuinfo's flags give it: "AMX" (amx_bf16), "AVX-512 BF16"
+    (avx512_bf16), or "" (none, or not Linux): where bf16 autocast is worth timing on a CPU."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+            break
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX-512 BF16"
+    return ""
+
+
 def device_name(device: torch.device) -> str:
     """The device column of the results: the GPU's name, or "CPU <cpu_identity()>, <n> threads"."""
     if device.type == "cuda":

@@ -1,12 +1,19 @@
 """The main job: a benchmark sweep, a parity report and a table of speedup ratios.
 
-    python -m benchmarks.main                       # quick default sweep on the best device here
+    python -m benchmarks.main                       # the default sweep on the best device here (a CPU: ~5 min)
+    python -m benchmarks.main --quick               # about a minute: SwinV2-T inference, eager
+    python -m benchmarks.main --full                # every provider and mode, compiled training too
     python -m benchmarks.main --device cpu --model-variants tiny base --batch 8 --rounds 10
     python -m benchmarks.main --op-shapes base-w16-256 --dtypes bfloat16 --providers transformers-chain triton
     python -m benchmarks.main --preset gpu --dry-run  # the GPU preset's plan and estimated time
     python -m benchmarks.main --preset gpu --out-dir OUT --budget 240   # what scripts/gpu.sh runs
 
-1. Sweep (progress bar): op level (the window-attention step: the chain transformers runs, the package's
+The plan and its estimated time print first. On a CPU with native bf16 (AMX or AVX-512 BF16) the model rows
+come in float32 and in bf16 autocast; the default compiles the float32 models only (--full: all of them).
+The summary ends with one line per model: swinv2_fast's best row against transformers', timm's and the best
+of both, compiled or not.
+
+1. Sweep (progress bar naming the running case): op level (the window-attention step: the chain transformers runs, the package's
    SDPA reference, torch.compile of the transformers chain, the fused Triton op on a GPU; forward and
    forward+backward) and model level (images/s of swinv2_fast, transformers and timm on identical weights,
    each eager and under torch.compile; inference and a training step). Providers that cannot run on the
@@ -32,17 +39,24 @@ plan at tiny shapes on the CPU providers, one round, one compile build (the firs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
+import warnings
 from typing import Dict, List
 
 import torch
 
 from benchmarks import cases, harness
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bfloat16-autocast": cases.BF16_AUTOCAST,  # model level: float32 weights, calls under torch.autocast
+}
 LOCAL_RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "local-results")
 
 # The GPU preset's shapes: SwinV2-T stage 1 (window 8), SwinV2-B stage 1 (window 16), one window-24 shape.
@@ -69,6 +83,17 @@ def parse_args(argv=None):
         choices=["gpu", "smoke"],
         default=None,
         help="a fixed plan (see above); other sweep options are then ignored",
+    )
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument(
+        "--quick",
+        action="store_true",
+        help="about a minute: SwinV2-T inference, eager, no compile, no op rows",
+    )
+    length.add_argument(
+        "--full",
+        action="store_true",
+        help="every op mode and provider, compiled training steps too (a CPU: about 15 minutes)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time, run nothing")
     parser.add_argument(
@@ -102,7 +127,8 @@ def parse_args(argv=None):
         nargs="+",
         default=None,
         choices=sorted(DTYPES),
-        help="default float32 on CPU; float32 and bfloat16 on a GPU",
+        help="default: float32 and bfloat16 on a GPU; on a CPU float32, and bfloat16-autocast where the CPU has "
+        "native bf16 (AMX or AVX-512 BF16)",
     )
     parser.add_argument(
         "--providers",
@@ -145,8 +171,11 @@ def parse_args(argv=None):
     if args.preset == "gpu":
         args.device = torch.device("cuda")  # planned for a GPU even where --dry-run prints it on a CPU
     gpu = args.device.type == "cuda"
+    # the length: a CPU's default is the plan that answers "how much faster?" in about 5 minutes
+    args.length = "quick" if args.quick else "full" if args.full or gpu else "default"
     if args.op_shapes is None:
-        args.op_shapes = ["tiny-w8-256", "base-w16-256", "large-w24-384"] if gpu else ["tiny-w8-256"]
+        defaults = ["tiny-w8-256", "base-w16-256", "large-w24-384"] if gpu else ["tiny-w8-256"]
+        args.op_shapes = [] if args.length == "quick" else defaults
     unknown = [s for s in args.op_shapes if s not in cases.OP_SHAPES]
     if unknown:
         parser.error(f"--op-shapes: unknown {unknown}; choose from {sorted(cases.OP_SHAPES)}")
@@ -154,7 +183,14 @@ def parse_args(argv=None):
         args.model_variants = ["tiny", "base"] if gpu else ["tiny"]
     args.op_batch = args.op_batch or (64 if gpu else 2)
     args.train_batch = args.train_batch or (32 if gpu else 2)
-    args.dtypes = [DTYPES[d] for d in (args.dtypes or (["float32", "bfloat16"] if gpu else ["float32"]))]
+    if args.dtypes is None:
+        cpu_bf16 = not gpu and harness.cpu_bf16_support()
+        args.dtypes = ["float32", "bfloat16"] if gpu else ["float32"] + (["bfloat16-autocast"] if cpu_bf16 else [])
+    args.dtypes = [DTYPES[d] for d in args.dtypes]
+    if args.length == "quick":
+        args.no_compile = True
+    if args.length == "full" and not gpu:
+        args.compile_train = True
     for name in ("op_batch", "batch", "train_batch", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -226,23 +262,31 @@ def sweep_plan(args) -> List[dict]:
         return [i for i in items if not any(i is c for c in compiled)]
     items = []
     compile_options = [False] if args.no_compile else [False, True]
+    length = getattr(args, "length", "full")
+    # quick: inference only; default (a CPU): the op's forward without its compiled chain, models compiled for
+    # inference; full: everything
+    op_modes = cases.OP_MODES if length == "full" else ("forward",)
+    model_modes = ("inference",) if length == "quick" else cases.MODEL_MODES
     for dtype in args.dtypes:
-        for shape in args.op_shapes:
-            for mode in cases.OP_MODES:
+        for shape in [] if isinstance(dtype, cases.Autocast) else args.op_shapes:
+            for mode in op_modes:
                 if args.modes and mode not in args.modes:
                     continue
                 for provider in cases.providers_for(args.device, "op"):
                     if (args.providers and provider not in args.providers) or (
-                        provider == "compile" and args.no_compile
+                        provider == "compile" and (args.no_compile or length != "full")
                     ):
                         continue
                     items.append(_op(shape, dtype, mode, provider))
         for variant in args.model_variants:
-            for mode in cases.MODEL_MODES:
+            for mode in model_modes:
                 if args.modes and mode not in args.modes:
                     continue
                 for compiled in compile_options:
                     if compiled and mode == "train step" and args.device.type == "cpu" and not args.compile_train:
+                        continue
+                    # a CPU's default compiles float32 only: an autocast build takes minutes on 2 cores (--full)
+                    if compiled and isinstance(dtype, cases.Autocast) and length == "default":
                         continue
                     for provider in cases.providers_for(args.device, "model", mode):
                         if args.providers and provider not in args.providers:
@@ -293,7 +337,24 @@ GPU_SECONDS = dict(
     build_tiny=4.0,
     build_base=10.0,
 )
-# On this repository's 2-core CPU machine at the smoke preset's tiny shapes (no Triton rows on a CPU).
+# On this repository's 2-core CPU machine (Intel Xeon, 2 threads), the published shapes at the default rounds
+# (5 timed calls, a warm-up and the memory call): SwinV2-T inference at batch 8 and a training step at batch
+# 2; a torch.compile build of SwinV2-T (inductor, 2 workers) without inductor's on-disk cache; the op at batch 2.
+CPU_SECONDS = dict(
+    op=0.5,
+    jit_forward=0.0,
+    jit_backward=0.0,
+    model_inference=6.0,
+    model_train=4.5,
+    model_jit_inference=0.0,
+    model_jit_train=0.0,
+    compile_op_forward=25.0,
+    compile_op_backward=45.0,
+    compile_model=45.0,
+    build_tiny=4.0,
+    build_base=12.0,
+)
+# On the same machine at the smoke preset's tiny shapes (no Triton rows on a CPU).
 SMOKE_SECONDS = dict(
     op=0.3,
     jit_forward=0.0,
@@ -312,7 +373,10 @@ SMOKE_SECONDS = dict(
 
 def estimate_seconds(args, items: List[dict]) -> List[float]:
     """Estimated seconds of each case, including the one-time costs it triggers."""
-    table = SMOKE_SECONDS if args.preset == "smoke" or args.device.type == "cpu" else GPU_SECONDS
+    if args.preset == "smoke":
+        table = SMOKE_SECONDS
+    else:
+        table = CPU_SECONDS if args.device.type == "cpu" else GPU_SECONDS
     seen_jit, built, out = set(), set(), []
     for item in items:
         seconds = 0.0
@@ -343,10 +407,10 @@ def estimate_seconds(args, items: List[dict]) -> List[float]:
 def describe(args, item: dict) -> str:
     dtype = str(item["dtype"]).replace("torch.", "")
     if item["level"] == "op":
-        return f"op    {op_shape(args, item['shape']).name:<16} {item['mode']:<17} {dtype:<9} {item['provider']}"
+        return f"op    {op_shape(args, item['shape']).name:<16} {item['mode']:<17} {dtype:<17} {item['provider']}"
     spec = model_spec(args, item["variant"])
     provider = item["provider"] + ("+compile" if item["compiled"] else "")
-    return f"model {spec.name:<16} {item['mode']:<17} {dtype:<9} {provider}"
+    return f"model {spec.name:<16} {item['mode']:<17} {dtype:<17} {provider}"
 
 
 def print_plan(args, items: List[dict]) -> None:
@@ -488,26 +552,55 @@ def build_models_for(args, variant: str) -> Dict[str, torch.nn.Module]:
     return cases.build_models(cases.MODEL_SPECS[variant])
 
 
+@contextlib.contextmanager
+def warnings_above(bar):
+    """Python warnings raised while the bar is drawn print above it (tqdm.write), not into its line."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        bar.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"))
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def run_sweep(args, items, run_id: str, models_by_variant=None, progress=True):
     """Runs the cases in order, appending each row to the CSV as soon as it exists (a run killed from
-    outside keeps what it measured). Returns (rows, cut): cut lists the cases the budget left out."""
+    outside keeps what it measured). Returns (rows, cut): cut lists the cases the budget left out.
+
+    The bar advances by each case's estimated seconds (not by one per case: a torch.compile build takes a
+    hundred times an eager case), so its time remaining follows the plan; it names the running case."""
     from tqdm import tqdm
 
     models_by_variant = {} if models_by_variant is None else models_by_variant
     estimates = estimate_seconds(args, items)
     start = time.monotonic()
     rows, cut = [], []
-    bar = tqdm(list(zip(items, estimates)), desc="benchmark", unit="case", file=sys.stdout, disable=not progress)
-    for item, seconds in bar:
-        elapsed = time.monotonic() - start
-        if args.budget is not None and elapsed + seconds > args.budget:
-            cut.append(item)
-            continue
-        if item["level"] == "model" and item["variant"] not in models_by_variant:
-            models_by_variant[item["variant"]] = build_models_for(args, item["variant"])
-        row = run_case(args, item, models_by_variant, run_id)
-        harness.append_rows([row], args.csv)
-        rows.append(row)
+    bar = tqdm(
+        total=round(sum(estimates), 1),
+        desc="benchmark",
+        unit="est-s",
+        file=sys.stdout,
+        disable=not progress,
+        bar_format="{desc} {percentage:3.0f}%|{bar:20}| {elapsed}<{remaining} {postfix}",
+    )
+    with bar, warnings_above(bar):
+        for n, (item, seconds) in enumerate(zip(items, estimates), 1):
+            elapsed = time.monotonic() - start
+            if args.budget is not None and elapsed + seconds > args.budget:
+                cut.append(item)
+                bar.update(seconds)
+                continue
+            bar.set_postfix_str(f"{n}/{len(items)} {' '.join(describe(args, item).split())}", refresh=True)
+            if item["level"] == "model" and item["variant"] not in models_by_variant:
+                models_by_variant[item["variant"]] = build_models_for(args, item["variant"])
+            row = run_case(args, item, models_by_variant, run_id)
+            harness.append_rows([row], args.csv)
+            rows.append(row)
+            bar.update(seconds)
     return rows, cut
 
 
@@ -603,6 +696,38 @@ def key_ratios(rows: List[harness.Row]) -> List[str]:
     return lines
 
 
+OURS = ("swinv2_fast", "swinv2_fast+compile", "swinv2_fast-F.linear")
+PEERS = {"transformers": ("transformers", "transformers+compile"), "timm": ("timm", "timm+compile")}
+
+
+def verdict_lines(rows: List[harness.Row]) -> List[str]:
+    """One line per model, mode and dtype: swinv2_fast's best row (eager or compiled) against transformers'
+    best, timm's best and the best of both, each ratio of median times measured in this run."""
+    lines = []
+    groups: Dict[tuple, Dict[str, harness.Row]] = {}
+    for row in rows:
+        if row.level == "model" and _finite(row.median_ms):
+            groups.setdefault((row.case, row.mode, row.dtype, row.batch), {})[row.provider] = row
+    for (case, mode, dtype, batch), members in groups.items():
+        ours = [members[p] for p in OURS if p in members]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r.median_ms)
+        parts, peers = [], []
+        for library, providers in PEERS.items():
+            theirs = [members[p] for p in providers if p in members]
+            if theirs:
+                peer = min(theirs, key=lambda r: r.median_ms)
+                peers.append(peer)
+                parts.append(f"x{peer.median_ms / best.median_ms:.2f} vs {library} ({peer.provider})")
+        if len(peers) > 1:
+            peer = min(peers, key=lambda r: r.median_ms)
+            parts.append(f"x{peer.median_ms / best.median_ms:.2f} vs the best of them ({peer.provider})")
+        if parts:
+            lines.append(f"{case}, {mode}, {dtype}, batch {batch}: swinv2_fast ({best.provider}) " + ", ".join(parts))
+    return lines
+
+
 def summary_lines(args, items, rows, cut, run_id: str, seconds: float) -> List[str]:
     failed = [r for r in rows if r.note.startswith("failed")]
     head = [
@@ -618,6 +743,11 @@ def summary_lines(args, items, rows, cut, run_id: str, seconds: float) -> List[s
     tail = ["", "ratios:"] + key_ratios(rows)
     if cut:
         tail += ["", "cut by the budget (not run):"] + [f"  {describe(args, i)}" for i in cut]
+    verdicts = verdict_lines(rows)
+    if verdicts:
+        tail += ["", "how much faster (each model's best swinv2_fast row against each peer's best row):"] + [
+            f"  {line}" for line in verdicts
+        ]
     return head + [""] + body + tail
 
 
@@ -631,28 +761,30 @@ def main(argv=None) -> int:
     run_id = harness.new_run_id()
     print(
         f"device: {harness.device_name(args.device)}; torch {torch.__version__}, triton {harness.triton_version()}, "
-        f"git {harness.git_sha()}; run {run_id}; {len(items)} cases"
+        f"git {harness.git_sha()}; run {run_id}"
     )
+    print_plan(args, items)
+    print()
     start = time.monotonic()
     models_by_variant: Dict[str, Dict[str, torch.nn.Module]] = {}
     if not args.preset:
         models_by_variant = {v: cases.build_models(cases.MODEL_SPECS[v]) for v in args.model_variants}
     rows, cut = run_sweep(args, items, run_id, models_by_variant)
-    print()
-    if models_by_variant and not args.no_parity:
-        print("\n".join(parity_report(args, models_by_variant)))
-        print()
-    lines = summary_lines(args, items, rows, cut, run_id, time.monotonic() - start)
-    print("\n".join(lines))
     print(f"\n{len(rows)} rows appended to {args.csv}")
-    if args.out_dir:
-        with open(os.path.join(args.out_dir, "summary.txt"), "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
     if not args.no_plot and rows:
         from benchmarks import plot
 
         for path in plot.plot(args.csv, device=harness.device_name(args.device), run_id=run_id):
             print(f"chart: {path}")
+    print()
+    if models_by_variant and not args.no_parity:
+        print("\n".join(parity_report(args, models_by_variant)))
+        print()
+    lines = summary_lines(args, items, rows, cut, run_id, time.monotonic() - start)
+    print("\n".join(lines))  # ends with the "how much faster" lines
+    if args.out_dir:
+        with open(os.path.join(args.out_dir, "summary.txt"), "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
     return 1 if any(r.note.startswith("failed") for r in rows) else 0
 
 

@@ -22,7 +22,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON_BIN" -m venv "$VENV"
 fi
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
-  echo "[env] installing swinv2_fast[test] at requirements/test.txt's versions (torch is large: a few minutes the first time)"
+  echo "[env] installing into $VENV: swinv2_fast (editable) with its test extra at requirements/test.txt's versions:"
+  echo "[env]   torch with its NVIDIA libraries (~4.5 GB), triton (~0.9 GB), transformers, timm, peft, pytest, ruff, mypy"
+  echo "[env]   about 6 GB in all; a few minutes the first time"
   # one resolution: the pins and the extra together (a pin that contradicts the extra's floors fails here)
   _pip -r "$ROOT/requirements/test.txt" -e "$ROOT[test]" \
     || { echo "[env] pip install -r requirements/test.txt -e .[test] failed" >&2; exit 1; }

@@ -329,3 +329,45 @@ def test_a_compiled_case_that_falls_back_is_reported_failed(tmp_path, monkeypatc
     monkeypatch.setattr(cases.TransformersChain, "forward", breaking)
     row = main.run_case(args, item, {}, "run-f")
     assert row.note.startswith("failed: CompileFellBack: graph break") and row.median_ms != row.median_ms
+
+
+def test_verdict_compares_the_best_rows():
+    """The closing line: swinv2_fast's best row against each library's best row (eager or compiled) and the
+    best of both."""
+    timing = {"swinv2_fast": 2.0, "swinv2_fast+compile": 1.0, "transformers": 4.0, "timm": 3.5, "timm+compile": 1.5}
+    rows = [
+        harness.make_row(
+            CPU, "model", "M", p, "inference", torch.float32, 8, harness.Timing(ms, ms, ms, 1.0), 8 / ms, "img/s", "r"
+        )
+        for p, ms in timing.items()
+    ]
+    (line,) = main.verdict_lines(rows)
+    assert line == (
+        "M, inference, float32, batch 8: swinv2_fast (swinv2_fast+compile) x4.00 vs transformers (transformers), "
+        "x1.50 vs timm (timm+compile), x1.50 vs the best of them (timm+compile)"
+    )
+
+
+def test_cpu_bf16_support_reads_the_flags():
+    assert harness.cpu_bf16_support("flags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile\n") == "AMX"
+    assert harness.cpu_bf16_support("flags\t\t: fpu avx512f avx512_bf16\n") == "AVX-512 BF16"
+    assert harness.cpu_bf16_support("flags\t\t: fpu sse avx2\n") == ""
+
+
+@pytest.mark.parametrize("bf16", ["AMX", ""])
+def test_cpu_plans_by_length(monkeypatch, bf16):
+    """--quick: inference, eager, no op rows; the default: bf16 autocast rows where the CPU has native bf16,
+    compiled float32 inference only; --full: compiled op chains and training steps too."""
+    monkeypatch.setattr(harness, "cpu_bf16_support", lambda: bf16)
+
+    def plan(*flags):
+        return main.sweep_plan(main.parse_args(["--device", "cpu", *flags]))
+
+    quick, default, full = plan("--quick"), plan(), plan("--full")
+    assert quick and all(i["level"] == "model" and i["mode"] == "inference" and not i["compiled"] for i in quick)
+    autocast = [i for i in default if isinstance(i["dtype"], cases.Autocast)]
+    assert bool(autocast) == bool(bf16) and not any(i["compiled"] for i in autocast)
+    assert {i["provider"] for i in default if i["compiled"]} == {"swinv2_fast", "transformers", "timm"}
+    assert not any(i["level"] == "op" and i["compiled"] for i in default)
+    assert any(i["level"] == "op" and i["compiled"] for i in full)
+    assert any(i["mode"] == "train step" and i["compiled"] for i in full)
