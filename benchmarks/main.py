@@ -13,11 +13,11 @@ come in float32 and in bf16 autocast; the default compiles the float32 models on
 The summary ends with one line per model: swinv2_fast's best row against transformers', timm's and the best
 of both, compiled or not.
 
-1. Sweep (progress bar naming the running case): op level (the window-attention step: the chain transformers runs, the package's
-   SDPA reference, torch.compile of the transformers chain, the fused Triton op on a GPU; forward and
-   forward+backward) and model level (images/s of swinv2_fast, transformers and timm on identical weights,
-   each eager and under torch.compile; inference and a training step). Providers that cannot run on the
-   device are left out, never emulated.
+1. Sweep (progress bar naming the running case): op level (the window-attention step: the chain transformers
+   runs, the package's SDPA reference, torch.compile of the transformers chain, the fused Triton op on a GPU;
+   forward and forward+backward) and model level (images/s of swinv2_fast, transformers and timm on identical
+   weights, each eager and under torch.compile; inference and a training step). Providers that cannot run on
+   the device are left out, never emulated.
 2. Parity: max |difference| of each implementation's logits against the eager reference path and
    against transformers, on the benchmark's weights and input (not in the presets: the tests check parity).
 3. Ratios: every provider against the baseline of its group (op: transformers-chain; model: transformers
