@@ -19,10 +19,15 @@
 # Budgets (seconds) can be changed with GPU_SH_BUDGET_{TOTAL,TESTS,BENCH,SWEEP}.
 set -uo pipefail
 
+usage() {
+  # the header comment above, as the help text
+  sed -n '2,/^set -uo pipefail/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then usage; exit 0; fi
 SMOKE=0
 if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
 if [ $# -ne 1 ] || [ "${1#-}" != "$1" ]; then
-  echo "usage: bash scripts/gpu.sh [--smoke] OUT_DIR" >&2
+  echo "usage: bash scripts/gpu.sh [--smoke] OUT_DIR   (bash scripts/gpu.sh --help: what it does)" >&2
   exit 2
 fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
