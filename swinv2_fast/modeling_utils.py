@@ -300,7 +300,7 @@ class PreTrainedMixin:
 
     def clear_caches(self):
         """Does nothing: the models keep no caches (the position bias and the q/k/v weight are computed in
-        every forward). Kept so that code written for earlier versions, which had eval-mode caches, runs."""
+        every forward). It exists so that code which calls it runs unchanged."""
 
     @property
     def device(self) -> torch.device:
