@@ -4,8 +4,8 @@ A config.json written by transformers' `save_pretrained` loads here, and one wri
 transformers. Two fields are swinv2_fast's own and are written only when they differ from transformers'
 behaviour:
 
-- `window_semantics`: "transformers" (pad then roll, shift mask -100 added twice, square window taken
-  from the stage height) or "timm" (roll then pad, mask -100, window and shift chosen per axis). Models
+- `window_semantics`: "transformers" or "timm", the library whose window rules (pad order, shift-mask
+  value, window choice) the model follows; the rules are the table `swinv2_fast.windows.SEMANTICS`. Models
   converted from timm or the official checkpoints carry "timm" so that they keep their own numbers.
 - `attn_implementation`: which window-attention implementation the model runs: "auto" (fused Triton kernel
   on CUDA, eager elsewhere), "triton" or "eager"; see `swinv2_fast.functional`. Saved under the key
@@ -26,9 +26,12 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from .windows import SEMANTICS
+
 __all__ = ["Swinv2Config", "WINDOW_SEMANTICS", "ATTN_IMPLEMENTATIONS", "DEFAULT_CPU_INFERENCE_CHUNK_BYTES"]
 
-WINDOW_SEMANTICS = ("transformers", "timm")
+# the names `window_semantics` accepts: the keys of the semantics table
+WINDOW_SEMANTICS = tuple(SEMANTICS)
 # model_type values a config.json may carry: transformers' own, and the one that transformers' Auto classes map
 # to swinv2_fast's classes (swinv2_fast.register_auto_classes)
 MODEL_TYPES = ("swinv2", "swinv2_fast")
@@ -119,7 +122,8 @@ class Swinv2Config(_ConfigBase):
         mlp_ratio, qkv_bias, hidden_dropout_prob, attention_probs_dropout_prob, drop_path_rate, hidden_act,
         use_absolute_embeddings, initializer_range, layer_norm_eps, encoder_stride: as in transformers.
         out_features / out_indices: stages returned by `Swinv2Backbone` ("stem", "stage1", ...).
-        window_semantics: "transformers" or "timm", see the module docstring.
+        window_semantics: "transformers" or "timm" (a key of `swinv2_fast.windows.SEMANTICS`), see the module
+            docstring.
         attn_implementation: window-attention implementation, one of ATTN_IMPLEMENTATIONS.
         cpu_onednn_linear: fp32 CPU inference runs the linear layers through oneDNN's matmul
             (`swinv2_fast.linear`); False keeps `F.linear` (MKL). Default True.

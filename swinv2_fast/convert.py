@@ -19,9 +19,9 @@ from .modeling import (
     Swinv2ForMaskedImageModeling,
     Swinv2Model,
     _pair,
-    window_and_shift,
 )
 from .weights import load_state_dict_checked
+from .windows import window_and_shift
 
 __all__ = ["from_timm", "from_official", "official_config_to_swinv2_config", "convert_qkv_state_dict"]
 

@@ -103,14 +103,17 @@ def apply_linear(module: nn.Module, x: torch.Tensor, gelu: bool = False, onednn:
     return F.gelu(out) if gelu else out
 
 
-def project_qkv(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.Module,
-                padded: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """q/k/v of tokens `x` (B, L, C) by calling the three projection modules, for modules that are not
-    plain (`is_plain_linear`): ((B, L, 3C), pad) where pad (3C,) is what a padded position holds, the
-    projection of a zero token (the grid is padded with zeros before the projection), or None when
-    `padded` is False (the window-attention op then never reads it)."""
-    qkv = torch.cat([query(x), key(x), value(x)], dim=-1)
+def project_qkv(x: torch.Tensor, *projections: nn.Module, padded: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """q/k/v of tokens `x` (B, L, C) by calling the projection modules (query, key and value, or one fused
+    qkv layer), for modules that are not plain (`is_plain_linear`): ((B, L, 3C), pad) where pad (3C,) is what
+    a padded position holds, the projection of a zero token (the grid is padded with zeros before the
+    projection), or None when `padded` is False (the window-attention op then never reads it)."""
+    def project(tokens):
+        if len(projections) == 1:
+            return projections[0](tokens)
+        return torch.cat([module(tokens) for module in projections], dim=-1)
+
+    qkv = project(x)
     if not padded:
         return qkv, None
-    zero = x.new_zeros((1, x.shape[-1]))
-    return qkv, torch.cat([query(zero), key(zero), value(zero)], dim=-1).reshape(-1)
+    return qkv, project(x.new_zeros((1, x.shape[-1]))).reshape(-1)

@@ -51,7 +51,6 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "pytorch_model.bin"
 WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
-CONFIG_NAME = "config.json"
 
 # The unreleased transformers renames q/k/v/output projections; both layouts load.
 _RENAMES = [

@@ -437,16 +437,16 @@ def _run_outputs(model, x):
 
 @contextlib.contextmanager
 def count_patched_calls(while_compiling: bool = True):
-    """Counts the `window_attention` calls made by patched library blocks (swinv2_fast.patch and
-    swinv2_fast.patch_timm_cr look it up as a module global): a Counter with key "calls". Proves a patched
+    """Counts the `window_attention` calls made by patched library blocks (swinv2_fast.patch.step, the step
+    every patched block calls, looks it up as a module global): a Counter with key "calls". Proves a patched
     model ran the patched step, on the eager path too, where the outputs alone cannot tell.
 
     `while_compiling=False` leaves calls traced by TorchDynamo uncounted: the count is a Python side effect,
     which Dynamo guards on, so counting would add recompilations to a test that counts them."""
     import importlib
 
-    # the modules, by name: the package's attribute `patch` is the function
-    modules = [importlib.import_module(f"swinv2_fast.{name}") for name in ("patch", "patch_timm_cr")]
+    # the module, by name: the package's attribute `patch` is the function
+    modules = [importlib.import_module("swinv2_fast.patch.step")]
     counts = collections.Counter()
     originals = [module.window_attention for module in modules]
 

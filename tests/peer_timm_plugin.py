@@ -39,7 +39,7 @@ def _count_block_forward(module, args):
     # recompilation tests count the graphs
     if torch.compiler.is_compiling():
         return
-    if torch.jit.is_tracing():  # a traced timm block runs timm's own step by design (swinv2_fast.patch._timm_attn)
+    if torch.jit.is_tracing():  # a traced timm block runs timm's own step by design (swinv2_fast.patch.timm.timm_attn)
         return
     if args and isinstance(args[0], torch.Tensor) and not isinstance(args[0], torch.fx.Proxy):
         _state["blocks_ran"] += 1

@@ -478,7 +478,8 @@ def test_package_runs_without_transformers(tmp_path):
 import sys
 sys.modules["transformers"] = None  # import transformers -> ImportError
 import torch, swinv2_fast
-assert swinv2_fast.Swinv2Model.__mro__[2] is torch.nn.Module, swinv2_fast.Swinv2Model.__mro__
+# Swinv2Model -> Swinv2PreTrainedModel -> PreTrainedMixin -> the base: nn.Module
+assert swinv2_fast.Swinv2Model.__mro__[3] is torch.nn.Module, swinv2_fast.Swinv2Model.__mro__
 config = swinv2_fast.Swinv2Config(**{SMALL!r})
 model = swinv2_fast.Swinv2ForImageClassification(config).eval()
 x = torch.randn(1, 3, 32, 32)

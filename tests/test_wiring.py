@@ -11,7 +11,7 @@ import transformers
 import swinv2_fast
 import swinv2_fast.modeling as modeling
 from _utils import FP32_ATOL, KERNEL_DEVICE, assert_close, count_launches, forward_launches, perturb_
-from swinv2_fast.patch import _position_bias
+from swinv2_fast.attention import continuous_position_bias
 
 # Every neighbour differs from every other, so a field read from a neighbour shows: the two dropout
 # probabilities, the stochastic-depth rate, and the norm epsilon all have distinct, non-default values.
@@ -158,8 +158,8 @@ def test_the_adversarial_block_tells_the_two_mask_values_apart():
     bias = torch.cat([attn.query.bias, torch.zeros_like(attn.query.bias), attn.value.bias])
     qkv = F.linear(hidden, weight, bias)
     with torch.no_grad():
-        table = _position_bias(attn.continuous_position_bias_mlp, attn.relative_coords_table,
-                               attn.relative_position_index, 2)
+        table = continuous_position_bias(attn.continuous_position_bias_mlp, attn.relative_coords_table, 2, 16,
+                                         index=attn.relative_position_index)
         outs = [swinv2_fast.window_attention(qkv, bias, attn.logit_scale, table, grid_size=(8, 8), num_heads=2,
                                              window_size=4, shift_size=2, mask_value=m, implementation="eager")
                 for m in (-100.0, -200.0)]

@@ -7,12 +7,12 @@ q/k/v from `qkv` (a Linear with a bias on q, k and v, so a padded position holds
 scores times the clamped `logit_scale`, plus the position bias `meta_mlp(relative_coordinates_log)` (a
 log-spaced coordinate table through a ReLU MLP whose hidden layer has dropout 0.125 in training; no sigmoid,
 no factor 16), plus the shift mask (-100 between regions of the padded grid, added once), softmax, attention
-dropout, `proj` and `proj_drop` on each window, then reverse, crop and roll back. That is the op's
-ROLL_THEN_PAD order with mask -100, so the patched step is:
+dropout, `proj` and `proj_drop` on each window, then reverse, crop and roll back. These are timm's window
+rules (`swinv2_fast.windows.SEMANTICS["timm"]`: ROLL_THEN_PAD, mask -100), so the patched step is:
 
     qkv = qkv(tokens)                              one GEMM while `qkv` is a plain nn.Linear
     position_bias = meta_mlp(coords)               a module call: its dropout runs exactly as in timm
-    geometry = WindowGeometry(grid, window, shift, ROLL_THEN_PAD, mask_value=-100.0, num_heads=heads)
+    geometry = WindowGeometry(grid, window, shift, timm's pad order and mask value, num_heads=heads)
     context = window_attention(qkv, qkv.bias, logit_scale, position_bias, geometry=geometry)
     out = proj_drop(proj(context))
 
@@ -30,63 +30,24 @@ By design, two cases run timm's own `_shifted_window_attn` (the original chain, 
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import window_attention
-from .kernels.geometry import ROLL_THEN_PAD, WindowGeometry, is_symbolic, known_zero
-from .linear import is_plain_linear
+from ..attention import continuous_position_bias, project_qkv_modules, qkv_weight_and_bias
+from ..kernels.geometry import is_symbolic
+from ..linear import is_plain_linear
+from ..windows import SEMANTICS
+from .step import MARK, patched_window_step
 
-__all__ = ["MARK", "CR_BLOCK_ATTRS", "CR_ATTN_ATTRS", "cr_geometry_problems", "timm_cr_shifted_window_attn",
-           "patched_window_step"]
+torch.fx.wrap("patched_window_step")  # a leaf of fx traces here too (torch.fx.wrap acts per calling module)
 
-MARK = "_swinv2_fast_patch"  # on each patched block: (method name, implementation)
+__all__ = ["CR_BLOCK_ATTRS", "CR_ATTN_ATTRS", "cr_geometry_problems", "timm_cr_shifted_window_attn"]
 
-
-@torch.jit.unused
-def _eager_step(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
-                position_bias: torch.Tensor, height: int, width: int, num_heads: int, window: List[int],
-                shift: List[int], pad_order: str, mask_value: float, dropout_p: float,
-                implementation: str) -> torch.Tensor:
-    geometry = WindowGeometry(grid=(height, width), window=tuple(window), shift=tuple(shift), pad_order=pad_order,
-                              mask_value=mask_value, num_heads=num_heads)
-    return window_attention(qkv, qkv_bias, logit_scale, position_bias, geometry=geometry, dropout_p=dropout_p,
-                            implementation=implementation)
-
-
-def patched_window_step(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
-                        position_bias: torch.Tensor, height: int, width: int, num_heads: int, window: List[int],
-                        shift: List[int], pad_order: str, mask_value: float, dropout_p: float,
-                        implementation: str) -> torch.Tensor:
-    """The window-attention step of every patched block: (B, H*W, 3C) q/k/v -> (B, H*W, C).
-
-    One function taking tensors and plain values, so that the three ways of capturing a model see it whole:
-    - torch.fx (`symbolic_trace`, timm's and torchvision's feature extractors, transformers' HFTracer)
-      records it as one call (`torch.fx.wrap` below): the geometry is built when the graph runs, from the
-      sizes of that call, never from the tracer's proxies.
-    - TorchScript (scripting an fx graph of a patched model) compiles it to the custom op
-      `torch.ops.swinv2_fast.window_attention_fused` (the Triton kernels on CUDA; on CPU, the op's eager
-      path), since the dispatch in Python cannot be scripted; attention dropout and implementation="eager"
-      cannot be served there and raise.
-    - torch.export / torch.compile trace through it (the geometry takes symbolic sizes).
-    """
-    if torch.jit.is_scripting():
-        if dropout_p > 0.0 or implementation == "eager":
-            raise RuntimeError(
-                "swinv2_fast: a scripted patched step runs the fused custom op only; attention dropout in "
-                "training and implementation='eager' need Python (use the model unscripted, or unpatch it)")
-        return torch.ops.swinv2_fast.window_attention_fused(
-            qkv, qkv_bias, logit_scale, position_bias, [height, width], num_heads, window, shift, pad_order,
-            mask_value)
-    return _eager_step(qkv, qkv_bias, logit_scale, position_bias, height, width, num_heads, window, shift,
-                       pad_order, mask_value, dropout_p, implementation)
-
-
-torch.fx.wrap("patched_window_step")  # a leaf of every fx trace (see its docstring)
+_RULES = SEMANTICS["timm"]
 
 # What the patched step reads; a block without them is a structure the patch does not know.
 CR_BLOCK_ATTRS = ("_shifted_window_attn", "attn", "window_size", "shift_size", "feat_size", "attn_mask")
@@ -147,14 +108,14 @@ def timm_cr_shifted_window_attn(self, x: torch.Tensor) -> torch.Tensor:
 
     tokens = x.reshape(batch, height * width, channels)
     if is_plain_linear(attn.qkv):
-        qkv, pad = F.linear(tokens, attn.qkv.weight, attn.qkv.bias), attn.qkv.bias
+        weight, pad = qkv_weight_and_bias((attn.qkv,), bias_when_absent=False)
+        qkv = F.linear(tokens, weight, pad)
     else:  # swapped (LoRA, quantized, parametrized) or hooked: called as a module, on a zero token for padding
-        qkv = attn.qkv(tokens)
-        padded = not known_zero(height % wh, width % ww)  # traced sizes: unless provably a window multiple
-        pad = attn.qkv(tokens.new_zeros((1, channels))).reshape(-1) if padded else None
-    n = wh * ww
-    # timm's _relative_positional_encodings: the MLP called as a module (its dropout, its hooks), no sigmoid
-    position_bias = attn.meta_mlp(attn.relative_coordinates_log).transpose(1, 0).reshape(attn.num_heads, n, n)
+        qkv, pad = project_qkv_modules(tokens, (attn.qkv,), (height, width), (wh, ww))
+    # timm's _relative_positional_encodings: the MLP called as a module (its dropout, its hooks) on one
+    # coordinate row per query/key pair, no sigmoid
+    position_bias = continuous_position_bias(attn.meta_mlp, attn.relative_coordinates_log, attn.num_heads, wh * ww,
+                                             sigmoid=False)
     context = patched_window_step(qkv, pad, attn.logit_scale, position_bias, height, width, attn.num_heads,
-                                  [wh, ww], [sh, sw], ROLL_THEN_PAD, -100.0, 0.0, implementation)
+                                  [wh, ww], [sh, sw], _RULES.pad_order, _RULES.mask_value, 0.0, implementation)
     return attn.proj_drop(attn.proj(context)).reshape(x.shape)

@@ -26,37 +26,40 @@ zero token: the value padded positions hold). timm's `SwinTransformerV2` compute
 
 Capturing a patched model: torch.compile, torch.export (dynamic batch and sizes too: the geometry takes
 symbolic sizes) and torch.jit.trace trace through the patched step (except a timm SwinTransformerV2
-block under "auto" or "eager", whose trace records timm's own step, which traces its sizes); torch.fx records it as one call
-(`patch_timm_cr.patched_window_step`), and an fx graph of a patched model scripts (the step compiles to the
-fused custom op). torch.jit.script of the patched model itself raises `PatchedModelNotScriptable`:
-scripting compiles each block's class methods, so it would run the library's attention without the patch;
-unpatch first to script the library's model.
+block under "auto" or "eager", whose trace records timm's own step, which traces its sizes); torch.fx
+records it as one call (`swinv2_fast.patch.step.patched_window_step`), and an fx graph of a patched model
+scripts (the step compiles to the fused custom op). torch.jit.script of the patched model itself raises
+`PatchedModelNotScriptable`: scripting compiles each block's class methods, so it would run the library's
+attention without the patch; unpatch first to script the library's model.
 
-Each library keeps its own semantics: transformers pads then rolls and adds its shift mask twice (-200);
-timm rolls then pads and adds -100. `output_attentions=True` (transformers) runs the original forward,
+Each library keeps its own window rules (pad order, shift-mask value): the table
+`swinv2_fast.windows.SEMANTICS`. `output_attentions=True` (transformers) runs the original forward,
 which forms the probabilities. Attention dropout in training goes to the eager path, as in the models.
-`SwinTransformerV2Cr` (patch_timm_cr.py): the block's own window and shift (chosen by timm from its feature
-size), its position-bias MLP called as a module (its dropout of 0.125 applies in training as in timm),
-and, by design, timm's own `_shifted_window_attn` where the fused op cannot be exact (see there).
+`SwinTransformerV2Cr`: the block's own window and shift (chosen by timm from its feature size), its
+position-bias MLP called as a module (its dropout of 0.125 applies in training as in timm), and, by
+design, timm's own `_shifted_window_attn` where the fused op cannot be exact (see `timm_cr.py`).
+
+One module per library holds its patched method: `transformers.py` (`Swinv2Layer`, `Swin2SRLayer`),
+`timm.py` (`SwinTransformerV2Block`), `timm_cr.py` (`SwinTransformerV2CrBlock`); all of them call the step
+of `step.py`, and compute the position bias and the q/k/v projection with `swinv2_fast.attention`. This
+module finds the blocks and binds the methods.
 """
 from __future__ import annotations
 
 import types
 from typing import Optional
 
-import torch
-import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .functional import IMPLEMENTATIONS, window_attention
-from .linear import is_plain_linear, project_qkv
-from .kernels.geometry import PAD_THEN_ROLL, ROLL_THEN_PAD, known_zero
-from .patch_timm_cr import MARK as _MARK  # on each patched block: (method name, implementation)
-from .patch_timm_cr import CR_ATTN_ATTRS, CR_BLOCK_ATTRS, cr_geometry_problems, timm_cr_shifted_window_attn
-from .patch_timm_cr import patched_window_step
-
-torch.fx.wrap("patched_window_step")  # a leaf of fx traces here too (torch.fx.wrap acts per calling module)
+from ..functional import IMPLEMENTATIONS
+from .step import MARK as _MARK  # on each patched block: (method name, implementation)
+from .timm import ATTN_ATTRS as _TIMM_ATTN_ATTRS
+from .timm import BLOCK_ATTRS as _TIMM_BLOCK_ATTRS
+from .timm import timm_attn
+from .timm_cr import CR_ATTN_ATTRS, CR_BLOCK_ATTRS, cr_geometry_problems, timm_cr_shifted_window_attn
+from .transformers import LAYER_ATTRS as _HF_LAYER_ATTRS
+from .transformers import SELF_ATTRS as _HF_SELF_ATTRS
+from .transformers import transformers_layer_forward
 
 __all__ = ["patch", "unpatch", "is_patched", "TESTED_VERSIONS", "PatchedModelNotScriptable"]
 
@@ -64,84 +67,6 @@ __all__ = ["patch", "unpatch", "is_patched", "TESTED_VERSIONS", "PatchedModelNot
 # stack, and the newest releases CI has run); other versions are patched when their modules carry the
 # attributes the patch reads.
 TESTED_VERSIONS = {"transformers": ("5.17.0", "5.18.0", "5.25.0"), "timm": ("1.0.29", "1.0.31")}
-
-# Attributes the patched step reads, per library: a block without them is a structure we do not know.
-_HF_LAYER_ATTRS = ("attention", "layernorm_before", "layernorm_after", "drop_path", "intermediate", "output",
-                   "window_size", "shift_size")
-_HF_SELF_ATTRS = ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp", "relative_coords_table",
-                  "relative_position_index", "num_attention_heads", "dropout")
-_TIMM_BLOCK_ATTRS = ("_attn", "attn", "window_size", "shift_size")
-_TIMM_ATTN_ATTRS = ("qkv", "q_bias", "k_bias", "v_bias", "logit_scale", "cpb_mlp", "relative_coords_table",
-                    "relative_position_index", "num_heads", "proj", "proj_drop", "attn_drop")
-
-
-def _pair_list(value) -> list:
-    """A block's window or shift (an int or a pair of ints) as [height, width]."""
-    return [int(value), int(value)] if isinstance(value, int) else [int(v) for v in value]
-
-
-def _position_bias(mlp: nn.Module, coords_table: torch.Tensor, index: torch.Tensor, heads: int) -> torch.Tensor:
-    """(heads, N, N) = 16 * sigmoid(mlp(table))[index]: the continuous position bias both libraries compute."""
-    n = index.shape[0]
-    table = mlp(coords_table).view(-1, heads)
-    return 16 * torch.sigmoid(table[index.reshape(-1)].view(n, n, heads).permute(2, 0, 1))
-
-
-# ---------------------------------------------------------------------------------------------- transformers
-def _hf_layer_forward(self, hidden_states, input_dimensions, output_attentions=False):
-    """transformers' Swinv2Layer.forward (and Swin2SRLayer.forward, the same layer) with the attention step
-    fused: pad, roll, partition, attention, reverse, roll back and crop are one `window_attention` call."""
-    _, implementation = getattr(self, _MARK)
-    if output_attentions:  # the probabilities exist only in the original chain
-        return type(self).forward(self, hidden_states, input_dimensions, output_attentions)
-    attn = self.attention.self
-    height, width = input_dimensions
-    batch, _, channels = hidden_states.shape
-    projections = (attn.query, attn.key, attn.value)
-    if all(is_plain_linear(m) for m in projections):
-        weight = torch.cat([m.weight for m in projections])
-        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in projections])
-        qkv = F.linear(hidden_states, weight, bias)
-    else:  # swapped (LoRA, quantized, parametrized) or hooked projections: called as modules
-        padded = not known_zero(height % self.window_size, width % self.window_size)  # traced: unless known
-        qkv, bias = project_qkv(hidden_states, *projections, padded=padded)
-    position_bias = _position_bias(attn.continuous_position_bias_mlp, attn.relative_coords_table,
-                                   attn.relative_position_index, attn.num_attention_heads)
-    window, shift = _pair_list(self.window_size), _pair_list(self.shift_size)
-    context = patched_window_step(  # transformers adds its -100 mask twice: -200
-        qkv, bias, attn.logit_scale, position_bias, height, width, attn.num_attention_heads, window, shift,
-        PAD_THEN_ROLL, -200.0, attn.dropout.p if self.training else 0.0, implementation)
-    attention_output = self.attention.output(context, hidden_states).view(batch, height * width, channels)
-    hidden_states = hidden_states + self.drop_path(self.layernorm_before(attention_output))
-    layer_output = self.output(self.intermediate(hidden_states))
-    layer_output = hidden_states + self.drop_path(self.layernorm_after(layer_output))
-    return (layer_output,)
-
-
-# ------------------------------------------------------------------------------------------------------ timm
-def _timm_attn(self, x):
-    """timm's SwinTransformerV2Block._attn fused: (B, H, W, C) in and out.
-
-    While torch.jit.trace records (legacy ONNX export), "auto" and "eager" run timm's own step: the patched
-    step's window layout enters a trace as constants (kernels/reference.py), so its trace would hold only at
-    the traced size, where timm's step traces its sizes and its mask. "triton" keeps the fused step, at the
-    traced size."""
-    _, implementation = getattr(self, _MARK)
-    if torch.jit.is_tracing() and implementation != "triton":
-        return type(self)._attn(self, x)
-    attn = self.attn
-    batch, height, width, channels = x.shape
-    bias = None
-    if attn.q_bias is not None:
-        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    qkv = F.linear(x.reshape(batch, height * width, channels), attn.qkv.weight, bias)
-    position_bias = _position_bias(attn.cpb_mlp, attn.relative_coords_table, attn.relative_position_index,
-                                   attn.num_heads)
-    context = patched_window_step(
-        qkv, bias, attn.logit_scale, position_bias, height, width, attn.num_heads, _pair_list(self.window_size),
-        _pair_list(self.shift_size), ROLL_THEN_PAD, -100.0, attn.attn_drop.p if self.training else 0.0,
-        implementation)
-    return attn.proj_drop(attn.proj(context)).reshape(x.shape)
 
 
 # ------------------------------------------------------------------------------------------------- discovery
@@ -157,7 +82,7 @@ _ACCEPTED = ("a transformers Swinv2 model (Swinv2Model, Swinv2ForImageClassifica
 
 def _library_blocks(model: nn.Module):
     """("transformers" | "timm", [blocks]) for a supported model; raises TypeError otherwise."""
-    from .modeling import Swinv2PreTrainedModel as OurModel
+    from ..modeling import Swinv2PreTrainedModel as OurModel
 
     if isinstance(model, OurModel):
         raise TypeError("patch() takes transformers or timm models; a swinv2_fast model chooses its path with "
@@ -219,10 +144,10 @@ def _binding(library: str, block: nn.Module):
     """(method name, patched function, what the function reads: (block attributes, attention module name,
     its attributes)) for one block."""
     if library == "transformers":
-        return "forward", _hf_layer_forward, (_HF_LAYER_ATTRS, "attention.self", _HF_SELF_ATTRS)
+        return "forward", transformers_layer_forward, (_HF_LAYER_ATTRS, "attention.self", _HF_SELF_ATTRS)
     if _is_cr_block(block):
         return "_shifted_window_attn", timm_cr_shifted_window_attn, (CR_BLOCK_ATTRS, "attn", CR_ATTN_ATTRS)
-    return "_attn", _timm_attn, (_TIMM_BLOCK_ATTRS, "attn", _TIMM_ATTN_ATTRS)
+    return "_attn", timm_attn, (_TIMM_BLOCK_ATTRS, "attn", _TIMM_ATTN_ATTRS)
 
 
 def _check_structure(library: str, blocks) -> None:
