@@ -256,8 +256,18 @@ def test_a_built_wheel_holds_the_tree_as_swinv2_fast(tmp_path):
                     "--no-index", "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"swinv2_fast/{f}" for f in os.listdir(source / "swinv2_fast") if f.endswith((".py", ".typed"))}
-    expected |= {f"swinv2_fast/kernels/{f}" for f in os.listdir(source / "kernels") if f.endswith((".py", ".json"))}
+
+    def tree(folder, installed_as, suffixes):  # every file of the folder and its subfolders, as installed
+        return {
+            os.path.join(installed_as, os.path.relpath(os.path.join(where, f), folder)).replace(os.sep, "/")
+            for where, _, files in os.walk(folder)
+            for f in files
+            if f.endswith(suffixes)
+        }
+
+    expected = tree(source / "swinv2_fast", "swinv2_fast", (".py", ".typed"))
+    expected |= tree(source / "kernels", "swinv2_fast/kernels", (".py", ".json"))
+    assert "swinv2_fast/patch/step.py" in expected  # subpackages are walked too
     assert "swinv2_fast/py.typed" in expected and "swinv2_fast/kernels/tuned_tiles.json" in expected
     assert expected <= names, sorted(expected - names)
     assert not any(n.startswith("kernels/") for n in names), "kernels/ installed as a top-level package"
