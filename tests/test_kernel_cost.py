@@ -119,15 +119,15 @@ def test_forward_launches_split_the_shifted_grid():
     Recorded on meta tensors (nothing is compiled or run)."""
     from swinv2_fast.kernels import triton_forward as tk
 
-    launches = launches.reference_launches(8, "bf16", backward=False)["fwd"]  # 64x64 grid: 8x8 windows, shifted
-    m_blocks = -(-64 // launches[0].kwargs["BLOCK_M"])
+    recorded = launches.reference_launches(8, "bf16", backward=False)["fwd"]  # 64x64 grid: 8x8 windows, shifted
+    m_blocks = -(-64 // recorded[0].kwargs["BLOCK_M"])
 
     def covered(launch):  # (window set, (image, window) pairs); the grid runs WINDOWS_PER_PROGRAM pairs a program
         a = launch.kwargs
         assert launch.grid[0] == -(-a["NUM_BW"] // a["WINDOWS_PER_PROGRAM"]) * m_blocks
         return a["WINDOW_SET"], a["NUM_BW"]
 
-    assert [covered(a) for a in launches] == [(tk.INTERIOR_WINDOWS, launches.REFERENCE_BATCH * 49),
+    assert [covered(a) for a in recorded] == [(tk.INTERIOR_WINDOWS, launches.REFERENCE_BATCH * 49),
                                               (tk.BORDER_WINDOWS, launches.REFERENCE_BATCH * 15)]
     unshifted = dict(grid_size=(64, 64), window_size=(8, 8), shift_size=(0, 0))
     (launch,) = launches.reference_launches(8, "bf16", geometry=unshifted, backward=False)["fwd"]
@@ -145,9 +145,9 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
     from swinv2_fast.kernels import tiles
 
     for window, dtype, head_dim in ((8, "bf16", 32), (8, "fp16", 32), (8, "bf16", 30), (8, "fp16", 10)):
-        launches = launches.reference_launches(window, dtype, head_dim)
-        assert sorted(launches) == ["bwd_fused", "fwd"], (window, dtype, head_dim)
-        (launch,) = launches["bwd_fused"]
+        recorded = launches.reference_launches(window, dtype, head_dim)
+        assert sorted(recorded) == ["bwd_fused", "fwd"], (window, dtype, head_dim)
+        (launch,) = recorded["bwd_fused"]
         a = launch.kwargs
         num_bw = launches.REFERENCE_BATCH * a["NUM_WINDOWS"]
         groups, heads = launch.grid
@@ -159,8 +159,8 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
         hbm, l2, flops = cost.traffic(launch, dtype)
         assert flops == cost.scores_of(launch) * 2 * head_dim * 5 and hbm > 0 and l2 > 0
     for window, dtype in ((7, "bf16"), (12, "bf16"), (8, "fp32")):
-        launches = launches.reference_launches(window, dtype)
-        assert sorted(launches) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"], (window, dtype)
+        recorded = launches.reference_launches(window, dtype)
+        assert sorted(recorded) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"], (window, dtype)
     assert launches.launched("bwd_fused", 8, 32, "bf16") and not launches.launched("bwd_stats", 8, 32, "bf16")
     assert launches.launched("bwd_stats", 8, 32, "fp32") and not launches.launched("bwd_fused", 16, 32, "bf16")
 
