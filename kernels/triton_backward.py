@@ -30,14 +30,15 @@ __all__ = ["window_attention_triton_backward", "clamp_passes_gradient_at_bound"]
 
 
 @triton.jit
-def _bwd_prologue(layout: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """What every backward kernel opens with: the check that its compile-time window `layout` = (WH, WW,
-    SHIFTED, PADDED, ROLL_THEN_PAD) holds N tokens, the program's head (every backward launch puts the heads on
-    program axis 1) and the channel axis of the head's tiles ([BLOCK_D] offsets and the real-channel mask:
-    `_channels`)."""
-    WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD = layout
+def _bwd_prologue(WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr):
+    """What every backward kernel opens with: the check that its compile-time window WH x WW holds N tokens,
+    and the program's index on axis 0 (its block, tile or group of windows, by kernel) and its head (every
+    backward launch puts the heads on axis 1). The window comes as constexpr arguments: unpacked from the
+    `layout` tuple, its entries would not be compile-time values to tl.static_assert. (The channel axis,
+    `_channels`, stays where each kernel computed it: computed before the rows' `tl.arange`, it reorders the
+    generated code.)"""
     tl.static_assert(N == WH * WW)
-    return tl.program_id(1), _channels(HEAD_DIM, BLOCK_D)
+    return tl.program_id(0), tl.program_id(1)
 
 
 @triton.jit
@@ -103,16 +104,16 @@ def _window_attention_bwd_stats_kernel(
     rowsum(dO * O): O was rounded to the projection's dtype when stored, so an fp16 O would put its rounding
     into every gradient."""
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
-    i_h, cols = _bwd_prologue(layout, N, HEAD_DIM, BLOCK_D)  # the head; [BLOCK_D] channel offsets, mask
+    i_pid, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
-    i_pid = tl.program_id(0)
     pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_M] query rows
     i_b, i_w, i_w2 = pair
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
     rows_m = _window_rows(o_m, i_w2, grid, layout)
     o_tok_m, m_pad_m, o_reg_m = rows_m
@@ -167,7 +168,7 @@ def _window_attention_bwd_dq_kernel(
 ):
     """dq for BLOCK_M query rows of one window and head; padded query rows have no output, hence no dq."""
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
-    i_h, cols = _bwd_prologue(layout, N, HEAD_DIM, BLOCK_D)  # the head; [BLOCK_D] channel offsets, mask
+    i_pid, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
@@ -175,9 +176,9 @@ def _window_attention_bwd_dq_kernel(
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     MASK_M: tl.constexpr = N % BLOCK_M != 0
-    i_pid = tl.program_id(0)
     pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_M] query rows
     i_b, i_w, i_w2 = pair
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
     proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
     grads = (DOUT, stride_do_b, stride_do_t, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS)
@@ -226,7 +227,7 @@ def _window_attention_bwd_dkdv_kernel(
     so rows are stored, not accumulated; with a bias, padded key rows go to their own slot of DPAD
     (B, NUM_PAD, 2C: dk then dv), which the host sums into the k/v bias gradients."""
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
-    i_h, cols = _bwd_prologue(layout, N, HEAD_DIM, BLOCK_D)  # the head; [BLOCK_D] channel offsets, mask
+    i_pid, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
@@ -234,9 +235,9 @@ def _window_attention_bwd_dkdv_kernel(
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     MASK_M: tl.constexpr = N % BLOCK_M != 0
-    i_pid = tl.program_id(0)
     pair, o_n, m_n = _block_of(i_pid, NUM_N, BLOCK_N, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_N] key rows
     i_b, i_w, i_w2 = pair
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
     proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
     grads = (DOUT, stride_do_b, stride_do_t, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS)
@@ -300,8 +301,10 @@ def _window_attention_bwd_dbias_kernel(
     WINDOWS_PER_GROUP consecutive (image, window) pairs in a fixed order: DBIAS (groups, heads, N, N) and
     DSCALE (groups, heads, tiles). The host sums the groups, so the reduction is deterministic."""
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
-    i_h, cols = _bwd_prologue(layout, N, HEAD_DIM, BLOCK_D)  # the head; [BLOCK_D] channel offsets, mask
+    i_tile, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
+    i_g = tl.program_id(2)
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     NUM_TN: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -309,7 +312,6 @@ def _window_attention_bwd_dbias_kernel(
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     MASK_M: tl.constexpr = N % BLOCK_M != 0
-    i_tile, i_g = tl.program_id(0), tl.program_id(2)
     grads = (DOUT, stride_do_b, stride_do_t, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS)
     # [BLOCK_M], [BLOCK_N]
     o_m = (i_tile // NUM_TN) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -386,8 +388,9 @@ def _window_attention_bwd_fused_kernel(
     The bias tile is the same for every window of the program; it is loaded per window, expected to hit
     L1/L2 after the first (an estimate until a GPU measures it)."""
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
-    i_h, cols = _bwd_prologue(layout, N, HEAD_DIM, BLOCK_D)  # the head; [BLOCK_D] channel offsets, mask
+    i_g, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     tl.static_assert(BLOCK_M == BLOCK_N)  # one block holds the window, as queries and as keys
     BLOCK: tl.constexpr = BLOCK_M
     tl.static_assert(N <= BLOCK)
@@ -398,7 +401,6 @@ def _window_attention_bwd_fused_kernel(
     EVEN: tl.constexpr = N == BLOCK
     MASK_N: tl.constexpr = N != BLOCK
     DQS: tl.constexpr = NEED_DQ or NEED_TABLE  # dqs = dS kn: dq, and the scale's gradient
-    i_g = tl.program_id(0)
     o_d, m_d = cols
     # [BLOCK]: the window's positions, as query rows and as key columns
     o_n = tl.arange(0, BLOCK)
