@@ -14,7 +14,8 @@ tile sweep share (tools/compile_check.py, tools/cost.py, tools/sweep.py).
   spill bytes) and `parse_sass`.
 - `run_spawned`: work in fresh processes with the interpreter off.
 
-Triton and torch are imported where they are used: listing the cases needs neither.
+It imports the Triton files (the launchers it records); Triton's compiler internals are imported where a
+launch is specialised or compiled.
 """
 from __future__ import annotations
 
