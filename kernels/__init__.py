@@ -5,10 +5,14 @@
 - `naive`: the specification, the literal pad/roll/partition chain (`window_attention_naive`), which the
   tests hold every other implementation to;
 - `reference`: the eager path the models run without the fused kernels (`window_attention_reference`:
-  gather indices and PyTorch's scaled_dot_product_attention), with its bounded layout caches.
+  gather indices and PyTorch's scaled_dot_product_attention), with its bounded layout caches;
+- `tiles`: the fused kernels' policy (the head dims and dtypes they serve, their tiles, which backward
+  kernels run), which the dispatch asks without Triton;
+- `launch`: the integers, flags and small operands the launchers hand the kernels (no Triton).
 
-The fused path (`op`: the custom ops; `triton_window_attention` and `triton_window_attention_backward`: the Triton
-kernels and their launchers) is imported only when first launched.
+The fused path (`op`: the custom ops; `triton_forward` and `triton_backward`: the Triton kernels and their
+launchers; `triton_common`: the `@triton.jit` helpers both share) is imported only when first launched.
+The tools that compile, cost and sweep the kernels are not part of the package: `tools/` at the repository root.
 
 This folder is the package `swinv2_fast.kernels`. Imported as a top-level `kernels` (a process whose
 `sys.path` starts with the repository root, e.g. `python -m ...` run there), it would shadow Hugging Face's

@@ -1,12 +1,15 @@
 """The geometry of one window-attention call, as one validated value, and the constants every layer shares.
 
-Plain Python and torch only (no Triton). Every layer takes the same `WindowGeometry`, built once by the caller
-and passed down::
+Plain Python and torch only (no Triton). The geometry is validated once, where it enters (`WindowGeometry`,
+built by the caller or by `takes_geometry` from the keyword block), and passed down::
 
     swinv2_fast.window_attention(..., geometry=g)      functional.py: tensor checks against g, dispatch
       -> window_attention_reference(..., geometry=g)   reference.py: the eager path (naive.py: the oracle)
-      -> op.window_attention_fused(..., g)             op.py: the custom op, g as plain ints (`as_op_args`)
-        -> launchers(..., g) -> kernels                triton_window_attention[_backward].py
+      -> op.window_attention_fused(..., g)             op.py: the custom op, g as plain values (`as_op_args`:
+                                                       the op's schema takes no WindowGeometry)
+        -> launchers(..., *g.as_op_args())             triton_forward.py, triton_backward.py: the plain values
+          -> launch_dims(...) -> kernels               -> launch.LaunchDims (a cheap guard, no re-validation)
+                                                       -> the kernels' scalars
 
 The keyword block `grid_size, num_heads, window_size, shift_size, pad_order, mask_value` exists in one place,
 `WindowGeometry.from_args`; the public functions also accept it instead of `geometry=` through
@@ -220,7 +223,7 @@ class WindowGeometry:
         pad_order: str = PAD_THEN_ROLL,
         mask_value: float = DEFAULT_MASK_VALUE,
     ) -> "WindowGeometry":
-        """From today's keyword block (also the custom op's schema order: `from_args(*geometry.as_op_args())`
+        """From the keyword block (also the custom op's schema order: `from_args(*geometry.as_op_args())`
         gives the geometry back)."""
         return cls(grid=grid_size, window=window_size, shift=shift_size, pad_order=pad_order,
                    mask_value=mask_value, num_heads=num_heads)

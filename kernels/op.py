@@ -1,10 +1,11 @@
 """The fused window attention as PyTorch ops: the one entry the dispatch calls (`window_attention_fused`) and
 the two `torch.library` custom ops under it.
 
-    swinv2_fast.window_attention            (functional.py: validation and the dispatch rules)
-      -> window_attention_fused             (this module: a WindowGeometry in, the custom op's plain ints out)
+    swinv2_fast.window_attention            (functional.py: validation, once, and the dispatch rules)
+      -> window_attention_fused             (this module: a WindowGeometry in, the custom op's plain values out)
         -> torch.ops.swinv2_fast.window_attention_fused[_backward]   (the custom ops below)
-          -> window_attention_triton_forward / _backward   (the launchers: triton_window_attention[_backward].py)
+          -> window_attention_triton_forward / _backward   (the launchers: triton_forward.py, triton_backward.py;
+                                                            the plain values -> launch.LaunchDims)
             -> the Triton kernels
 
 """
@@ -16,8 +17,9 @@ import torch
 
 from .geometry import GEOMETRY_ARGS, OP_SCHEMA_GEOMETRY, WindowGeometry
 from .reference import window_attention_reference
-from .triton_window_attention import INTERPRETED, window_attention_triton_forward
-from .triton_window_attention_backward import window_attention_triton_backward
+from .tiles import INTERPRETED
+from .triton_backward import window_attention_triton_backward
+from .triton_forward import window_attention_triton_forward
 
 __all__ = ["window_attention_fused", "fused_forward_op", "fused_backward_op"]
 
@@ -32,8 +34,10 @@ __all__ = ["window_attention_fused", "fused_forward_op", "fused_backward_op"]
 #                 there, "auto" picks eager); direct callers of the op get the reference's numbers.
 #
 # The schema takes the geometry as plain values (`OP_SCHEMA_GEOMETRY`: grid_size, num_heads, window_size,
-# shift_size, pad_order, mask_value), which `WindowGeometry.as_op_args()` gives and `from_args` reads back;
-# the functions below take them as `*geometry_args` and rebuild the WindowGeometry once per op call.
+# shift_size, pad_order, mask_value), which `WindowGeometry.as_op_args()` gives (validated by
+# `swinv2_fast.window_attention`); the functions below take them as `*geometry_args` and hand them to the
+# launchers as they are (whose `launch_dims` refuses, as a cheap guard, what that validation rules out). Only
+# the eager paths below rebuild a WindowGeometry (`from_args` reads the values back), which the reference takes.
 _TENSORS = "Tensor qkv, Tensor? qkv_bias, Tensor logit_scale, Tensor position_bias"
 _N_INPUTS = 4 + len(GEOMETRY_ARGS)  # the forward op's arguments: four tensors and the geometry
 
@@ -51,10 +55,10 @@ def _runs_kernels(t: torch.Tensor) -> bool:
 def fused_forward_op(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
                      position_bias: torch.Tensor, *geometry_args) -> torch.Tensor:
     """The output (B, H*W, C); see the comment above."""
-    geometry = WindowGeometry.from_args(*geometry_args)
     if _runs_kernels(qkv):
-        return window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, geometry)
-    return window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, geometry=geometry)
+        return window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, *geometry_args)
+    return window_attention_reference(qkv, qkv_bias, logit_scale, position_bias,
+                                      geometry=WindowGeometry.from_args(*geometry_args))
 
 
 @fused_forward_op.register_fake
@@ -75,13 +79,12 @@ def fused_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optio
     share storage (frozen parameters in fine-tuning ask for some gradients only). After the geometry come
     need_qkv, need_bias and need_table_grads."""
     *geometry_args, need_qkv, need_bias, need_table_grads = geometry_args_and_needs
-    geometry = WindowGeometry.from_args(*geometry_args)
     if not _runs_kernels(qkv):
         raise RuntimeError("swinv2_fast::window_attention_fused_backward runs the Triton kernels (CUDA, or CPU "
                            "under TRITON_INTERPRET=1); the op's eager CPU path is differentiated by autograd")
     grads = window_attention_triton_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, geometry, need_qkv=need_qkv, need_bias=need_bias,
-        need_table_grads=need_table_grads)
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, *geometry_args, need_qkv=need_qkv,
+        need_bias=need_bias, need_table_grads=need_table_grads)
     return tuple(qkv.new_empty((0,)) if g is None else g for g in grads)
 
 

@@ -11,7 +11,7 @@
 #   1. tests   tests/test_gpu.py: the compiled kernels on CUDA tensors at the real shapes (smoke: Triton's
 #              interpreter on CPU tensors at tiny shapes), ~2-3 min
 #   2. bench   python -m benchmarks.main --preset gpu (smoke: --preset smoke), ~4 min, cases ordered by importance
-#   3. sweep   optional hook: `python -m swinv2_fast.kernels.sweep OUT_DIR` when that module exists (a short
+#   3. sweep   optional hook: `python -m tools.sweep OUT_DIR` when that module exists (a short
 #              tile sweep, ~1 min; it may write one file, OUT_DIR/tuned_tiles.json); skipped otherwise
 #   4. report  OUT_DIR/summary.txt: step statuses, test pass/fail counts, every ratio, % of HBM bandwidth
 # Everything lands in OUT_DIR (the only thing that comes back from the GPU machine), at most 8 files:
@@ -127,16 +127,16 @@ BENCH_BUDGET=$(budget_for "$B_BENCH")
 run_step bench "$BENCH_BUDGET" "$OUT/bench.log" \
   "$PY" -m benchmarks.main --preset "$PRESET" --out-dir "$OUT" --budget "$(( BENCH_BUDGET > 60 ? BENCH_BUDGET - 30 : BENCH_BUDGET / 2 + 1 ))"
 
-# Optional tile-sweep hook: runs only when the kernels ship a sweep module (swinv2_fast.kernels.sweep, called
+# Optional tile-sweep hook: runs only when the checkout has a sweep module (tools/sweep.py, called
 # with OUT_DIR; it must finish within its budget and write at most one file there, tuned_tiles.json).
 if [ "$SMOKE" = 1 ]; then
   # the sweep times compiled kernels and refuses without CUDA (its plumbing is tested in tests/test_sweep.py)
   log "sweep: skipped (smoke: the tile sweep needs a CUDA device)"; echo "sweep skipped 0" >> "$STEPS"
   echo "skipped: smoke mode (the tile sweep times compiled kernels on a CUDA device)" > "$OUT/sweep.log"
-elif [ -f "$ROOT/kernels/sweep.py" ]; then  # swinv2_fast.kernels is the checkout's kernels/ folder
-  run_step sweep "$(budget_for "$B_SWEEP")" "$OUT/sweep.log" "$PY" -m swinv2_fast.kernels.sweep "$OUT"
+elif [ -f "$ROOT/tools/sweep.py" ]; then  # tools/ is not installed: run from the repository root
+  run_step sweep "$(budget_for "$B_SWEEP")" "$OUT/sweep.log" "$PY" -m tools.sweep "$OUT"
 else
-  log "sweep: skipped (no swinv2_fast.kernels.sweep module)"; echo "sweep skipped 0" >> "$STEPS"
+  log "sweep: skipped (no tools/sweep.py)"; echo "sweep skipped 0" >> "$STEPS"
 fi
 
 # ----------------------------------------------------------------------------------------------- report

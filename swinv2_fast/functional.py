@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from .kernels import tiles
 from .kernels.geometry import WindowGeometry, takes_geometry
 from .kernels.reference import window_attention_reference
 
@@ -20,7 +21,8 @@ _TRITON_IMPORTS: Optional[bool] = None
 
 
 def triton_available() -> bool:
-    """True when Triton imports (the kernel module itself is imported only when first launched)."""
+    """True when Triton imports (the Triton files themselves are imported only when first launched; the
+    questions about what they serve are answered by kernels/tiles.py, which needs no Triton)."""
     global _TRITON_IMPORTS
     if _TRITON_IMPORTS is None:
         try:
@@ -30,12 +32,6 @@ def triton_available() -> bool:
         except Exception:  # ImportError, or a broken install raising anything at import
             _TRITON_IMPORTS = False
     return _TRITON_IMPORTS
-
-
-def _kernel_module():
-    from .kernels import triton_window_attention
-
-    return triton_window_attention
 
 
 def _unserved_reason(qkv: torch.Tensor, num_heads: int) -> str:
@@ -48,13 +44,13 @@ def _unserved_reason(qkv: torch.Tensor, num_heads: int) -> str:
 
 def _fused_serves(qkv: torch.Tensor, num_heads: int, grad_inputs) -> bool:
     """On a GPU: fp64 never; fp32 with gradients only where the compiled backward has a tile (see
-    kernels/triton_window_attention.py); everything else yes."""
+    kernels/tiles.py); everything else yes."""
     if qkv.dtype == torch.float64:
         return False
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
     if not needs_grad:
         return True
-    return _kernel_module().fused_backward_supported(qkv.shape[-1] // 3 // num_heads, qkv.dtype)
+    return tiles.fused_backward_supported(qkv.shape[-1] // 3 // num_heads, qkv.dtype)
 
 
 def resolve_implementation(implementation: str, qkv: torch.Tensor, num_heads: int,
@@ -68,27 +64,26 @@ def resolve_implementation(implementation: str, qkv: torch.Tensor, num_heads: in
         return "eager"
     head_dim = qkv.shape[-1] // 3 // num_heads
     if implementation == "auto":
-        usable = qkv.is_cuda and triton_available() and _kernel_module().head_dim_supported(head_dim)
+        usable = qkv.is_cuda and triton_available() and tiles.head_dim_supported(head_dim)
         return "triton" if usable and _fused_serves(qkv, num_heads, grad_inputs) else "eager"
     if not triton_available():
         raise RuntimeError(
             "implementation='triton' needs Triton, which does not import here; install triton or use "
             "implementation='eager' (or 'auto', which picks eager where Triton cannot run)"
         )
-    if not _kernel_module().head_dim_supported(head_dim):
-        raise ValueError(f"implementation='triton' supports head_dim 1 to {_kernel_module().MAX_HEAD_DIM}, got "
-                         f"{head_dim}")
+    if not tiles.head_dim_supported(head_dim):
+        raise ValueError(f"implementation='triton' supports head_dim 1 to {tiles.MAX_HEAD_DIM}, got {head_dim}")
     if qkv.device.type == "cuda" and not _fused_serves(qkv, num_heads, grad_inputs):
         raise ValueError(
             f"implementation='triton' on a GPU: {_unserved_reason(qkv, num_heads)}; use implementation='auto' "
             "(which sends these calls to the eager path) or 'eager'"
         )
     if qkv.device.type == "cpu":
-        if not _kernel_module().INTERPRETED:
+        if not tiles.INTERPRETED:
             raise RuntimeError(
                 "implementation='triton' got CPU tensors: the kernel runs on CUDA, or on CPU under Triton's "
-                "interpreter, which needs TRITON_INTERPRET=1 in the environment before swinv2_fast's kernels "
-                "are imported; use implementation='eager' or 'auto' on CPU"
+                "interpreter, which needs TRITON_INTERPRET=1 in the environment before swinv2_fast is "
+                "imported; use implementation='eager' or 'auto' on CPU"
             )
         if qkv.dtype == torch.bfloat16:
             raise ValueError(
@@ -173,11 +168,11 @@ def window_attention(
 
     - "eager": the reference, plain PyTorch, any device.
     - "triton": the fused kernels (`kernels/op.py` and the Triton files it names). On CUDA tensors it compiles; on CPU
-      tensors it runs under Triton's interpreter when TRITON_INTERPRET=1 was set before the kernel module was
+      tensors it runs under Triton's interpreter when TRITON_INTERPRET=1 was set before swinv2_fast was
       imported, and raises otherwise. Calls the kernel does not serve by design go to the eager path:
       `return_attention_probs=True` (the kernel never forms the N x N probabilities) and `dropout_p > 0`.
     - "auto": "triton" for CUDA tensors when Triton imports and the kernels serve the head dimension (1 to 128:
-      `head_dim_supported` in the kernel module states the rule; a head dim that is not a power of two of at
+      `head_dim_supported` in kernels/tiles.py states the rule; a head dim that is not a power of two of at
       least 16 runs masked in the next one), "eager" otherwise.
 
     On a GPU two cases go to the eager path by design ("auto") or raise ("triton"): float64 inputs, and fp32

@@ -21,6 +21,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 from typing import Optional
 
 import pytest
@@ -30,7 +31,7 @@ import _triton_compat  # tests/ is on sys.path (pytest inserts the conftest's fo
 
 # Where the Triton kernels run. On a machine with a CUDA device: compiled, on CUDA tensors. Without one: on
 # CPU tensors under Triton's interpreter. TRITON_INTERPRET is read when a kernel is decorated, i.e. when
-# swinv2_fast.kernels.triton_window_attention is first imported, so it is settled here, when tests/conftest.py
+# swinv2_fast (kernels/tiles.py) is first imported, so it is settled here, when tests/conftest.py
 # imports this module before any test module; a caller may force either mode by exporting it
 # (TRITON_INTERPRET=1 on a GPU machine runs the interpreter on CPU tensors).
 if "TRITON_INTERPRET" not in os.environ:
@@ -44,12 +45,24 @@ CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 try:  # the kernel module (None without Triton): imported here, after TRITON_INTERPRET is settled
     from swinv2_fast.kernels import op
-    from swinv2_fast.kernels import triton_window_attention as tk
-    from swinv2_fast.kernels import triton_window_attention_backward as tkb
+    from swinv2_fast.kernels import triton_backward as tkb
+    from swinv2_fast.kernels import triton_forward as tk
     _TRITON_ERROR: Optional[str] = None
 except Exception as error:  # ImportError, or a broken install raising anything at import
     op = tk = tkb = None
     _TRITON_ERROR = f"{type(error).__name__}: {error}"
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def use_tools():
+    """Make the repository's tools/ importable (`import tools.cost`): it is not installed, so its folder's parent,
+    the repository root, is appended to sys.path, after the installed packages (first on the path, the root's
+    kernels/ folder would stand in for an installed `kernels`: see kernels/__init__.py). Processes the tools
+    spawn inherit the path."""
+    if REPO_ROOT not in sys.path:
+        sys.path.append(REPO_ROOT)
 
 
 def kernels_unavailable() -> Optional[str]:
@@ -108,8 +121,8 @@ def count_launches():
     launches (e.g. `_window_attention_fwd_kernel`). A test that asks for "triton" uses it to prove the
     kernels ran, not a fallback. Works for the interpreter and for compiled kernels: each kernel object of
     the kernel module is wrapped where the launchers look it up (a module global)."""
-    from swinv2_fast.kernels import triton_window_attention as tk
-    from swinv2_fast.kernels import triton_window_attention_backward as tkb
+    from swinv2_fast.kernels import triton_backward as tkb
+    from swinv2_fast.kernels import triton_forward as tk
 
     counts = collections.Counter()
 

@@ -6,29 +6,32 @@ import pytest
 
 pytest.importorskip("triton")
 
+from _utils import REPO_ROOT, use_tools  # noqa: E402
+
+use_tools()
+
 
 @pytest.mark.slow  # compiles the published head dim's specializations for two architectures (minutes)
 def test_compile_check_passes():
     # --published: Swin V2's head dim 32 over every published window and geometry, Swin2SR's 30 and 10 at its
     # window and geometries; the full gate over every head dim of GATE_HEAD_DIMS is the check to run before
     # changing a kernel, too long for CI
-    result = subprocess.run([sys.executable, "-m", "swinv2_fast.kernels.compile_check", "--published"],
-                            capture_output=True,
-                            text=True, timeout=1800)
+    result = subprocess.run([sys.executable, "-m", "tools.compile_check", "--published"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert "0 failed, 0 with spills" in summary, summary
     # every published window size's specializations appear, for both archs
     assert result.stdout.count("sm_80") == result.stdout.count("sm_90") > 0
-    from swinv2_fast.kernels import cost
-    from swinv2_fast.kernels.compile_check import KERNELS, SWIN2SR_WINDOWS, WINDOW_SIZES
+    from tools import launches
+    from tools.launches import KERNELS, SWIN2SR_WINDOWS, WINDOW_SIZES
 
     for kernel in KERNELS:
         for dtype in ("fp32", "fp16", "bf16"):
             for head_dim in (32, 30, 10):
                 windows = WINDOW_SIZES if head_dim == 32 else SWIN2SR_WINDOWS
                 found = any(line.split()[:3] == [kernel, dtype, str(head_dim)] for line in result.stdout.splitlines())
-                assert found == any(cost.launched(kernel, w, head_dim, dtype) for w in windows), (
+                assert found == any(launches.launched(kernel, w, head_dim, dtype) for w in windows), (
                     kernel, dtype, head_dim)
 
 
@@ -37,9 +40,10 @@ def test_launchable_specs_cover_what_the_host_launches():
     combination the host can launch), the forward, and the backward kernels where the fused backward serves."""
     import torch
 
-    from swinv2_fast.kernels import cost
-    from swinv2_fast.kernels.compile_check import GATE_HEAD_DIMS, GEOMETRIES, KERNELS, WINDOW_SIZES, launchable_specs
-    from swinv2_fast.kernels.triton_window_attention import channel_block, fused_backward_supported
+    from swinv2_fast.kernels.tiles import channel_block, fused_backward_supported
+    from tools import launches
+    from tools.compile_check import launchable_specs
+    from tools.launches import GATE_HEAD_DIMS, GEOMETRIES, KERNELS, WINDOW_SIZES
 
     # the gate's head dims: every channel tile, whole and masked (below 16, and between powers of two)
     assert {channel_block(h) for h in GATE_HEAD_DIMS} == {16, 32, 64, 128}
@@ -51,7 +55,7 @@ def test_launchable_specs_cover_what_the_host_launches():
             for window in WINDOW_SIZES:
                 for geometry in GEOMETRIES:
                     for kernel in KERNELS:
-                        launched = kernel == "fwd" or (backward and cost.launched(kernel, window, head_dim, name))
+                        launched = kernel == "fwd" or (backward and launches.launched(kernel, window, head_dim, name))
                         assert ((kernel, name, head_dim, window, geometry) in specs) == launched
     # the published models' head dims (Swin V2's 32, Swin2SR's 30 and 10): fused backward in every dtype
     for head_dim in (32, 30, 10):
@@ -64,9 +68,8 @@ def test_candidates_gate_compiles_each_candidate_where_the_sweep_tries_it(monkey
     archs where register_cap caps at its budget. Compiling is replaced by a stand-in (nothing compiled)."""
     import torch
 
-    from swinv2_fast.kernels import compile_check, cost, sweep
-    from swinv2_fast.kernels.triton_window_attention import TILE_OVERRIDES, register_cap
-    from swinv2_fast.kernels.triton_window_attention_backward import fused_backward_applies
+    from swinv2_fast.kernels.tiles import TILE_OVERRIDES, fused_backward_applies, register_cap
+    from tools import compile_check, sweep
 
     work = compile_check.candidate_work()
     for shape in sweep.SHAPES:
@@ -80,8 +83,8 @@ def test_candidates_gate_compiles_each_candidate_where_the_sweep_tries_it(monkey
         compiled.append((launch.kernel, arch, launch.kwargs["num_stages"], launch.kwargs["BLOCK_M"]))
         return None, "REG:100", ""
 
-    monkeypatch.setattr(cost, "compile_launch", fake_compile)
-    monkeypatch.setattr(cost, "resource_usage", lambda usage, sass: (100, 0))
+    monkeypatch.setattr(compile_check, "compile_launch", fake_compile)
+    monkeypatch.setattr(compile_check, "resource_usage", lambda usage, sass: (100, 0))
     by_n = {s.window ** 2: s for s in sweep.SHAPES}
     rows = compile_check.compile_candidate("bwd", (32, 32, 4, 255, 2), by_n[256])
     assert sorted({(k, a) for k, a, _, _ in compiled}) == sorted(

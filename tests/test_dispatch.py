@@ -10,6 +10,7 @@ import torch
 
 from _utils import require_kernels, tk
 from swinv2_fast import functional, window_attention
+from swinv2_fast.kernels import tiles
 
 
 class _ReportsCuda(torch.Tensor):
@@ -35,10 +36,11 @@ def _resolve(implementation, qkv, heads=2, **kwargs):
 
 @pytest.fixture
 def kernel_module():
-    """The real kernel module (its backward-tile table decides the fp32 rule), Triton needed."""
+    """The kernels' policy module (its backward-tile table decides the fp32 rule; its INTERPRETED the CPU
+    rule), with Triton needed for the dispatch to pick the kernels."""
     if tk is None:
         require_kernels()
-    return tk
+    return tiles
 
 
 def test_auto_on_cuda_takes_the_kernels_where_they_serve(kernel_module):

@@ -1,11 +1,16 @@
-"""The static cost report (swinv2_fast.kernels.cost, `compile_check --cost`): the SASS walk counts loops at
+"""The static cost report (tools/cost.py, `python -m tools.compile_check --cost`): the SASS walk counts loops at
 their trip counts (checked by hand on a small listing), and the report's lines have the documented form."""
 import re
 import shutil
 
 import pytest
 
-from swinv2_fast.kernels import cost
+pytest.importorskip("triton")  # tools/ records and compiles launches of the Triton files
+
+from _utils import use_tools  # noqa: E402
+
+use_tools()
+from tools import cost, launches  # noqa: E402
 
 COST_LINE = re.compile(r"^cost (fwd|bwd_[a-z]+) (bf16|fp16|fp32) hd(\d+) N(\d+) (sm_80|sm_90) regs=(\d+) spill=(\d+) "
                        r"instr_per_score=(\d+\.\d+)$")
@@ -35,7 +40,7 @@ SASS = """
 
 
 def test_sass_walk_counts_loops_at_their_trip_count():
-    instructions = cost.parse_sass(SASS)
+    instructions = launches.parse_sass(SASS)
     assert len(instructions) == 16
     assert cost.back_edges(instructions) == [0x70]
     # by hand: 4 before the loop + 4 per iteration + the BRA out + @!P0 EXIT, STG, EXIT
@@ -46,10 +51,10 @@ def test_sass_walk_counts_loops_at_their_trip_count():
 
 
 def test_sass_walk_refuses_a_loop_structure_it_was_not_told():
-    instructions = cost.parse_sass(SASS)
+    instructions = launches.parse_sass(SASS)
     with pytest.raises(ValueError, match="1 loop back-edges"):
         cost.count_executed(instructions, [2, 3])
-    straight = cost.parse_sass("\n".join(line for line in SASS.splitlines() if "0x40 ;" not in line))
+    straight = launches.parse_sass("\n".join(line for line in SASS.splitlines() if "0x40 ;" not in line))
     assert cost.back_edges(straight) == []
     assert cost.count_executed(straight, [7]) == 4 + 3 + 1 + 3  # unrolled (body of 3 left): counted once
 
@@ -63,9 +68,9 @@ def test_cost_line_format():
 
 def test_spills_are_local_memory_traffic():
     usage = "Function toy_kernel:\n  REG:152 STACK:8 SHARED:0 LOCAL:0 CONSTANT[0]:656"
-    assert cost.resource_usage(usage, SASS) == (152, 0)  # a reserved frame nothing touches is no spill
+    assert launches.resource_usage(usage, SASS) == (152, 0)  # a reserved frame nothing touches is no spill
     spilled = SASS.replace("MOV R3, RZ ;", "STL.64 [R1+0x8], R2 ;").replace("MOV R2, RZ ;", "LDL R2, [R1+0x8] ;")
-    assert cost.resource_usage(usage, spilled) == (152, 8 + 4)
+    assert launches.resource_usage(usage, spilled) == (152, 8 + 4)
 
 
 def test_resident_warps():
@@ -83,7 +88,7 @@ def test_cost_report_compiles_the_reference_launch():
     assert not c.error, c.error
     match = COST_LINE.match(c.line())
     assert match and match.group(4) == "64" and match.group(5) == "sm_90"
-    assert c.scores == cost.REFERENCE_BATCH * cost.REFERENCE_HEADS * 64 * 64 ** 2  # 64 windows of 64 tokens
+    assert c.scores == launches.REFERENCE_BATCH * launches.REFERENCE_HEADS * 64 * 64 ** 2  # 64 windows of 64 tokens
     assert c.instr_per_score == pytest.approx(c.instr_per_program * c.num_warps * 32 * c.programs / c.scores)
     assert 0 < c.registers <= 255 and c.spill_bytes == 0
 
@@ -92,7 +97,7 @@ def test_spill_gate_geometries_cover_every_flag_combination():
     """The gate's geometries (compile_check.GEOMETRIES, at the published windows) reach every combination of
     the kernels' compile-time flags the host can launch; recorded from the host functions on meta tensors
     (nothing is compiled or run)."""
-    from swinv2_fast.kernels import compile_check
+    from tools import compile_check
 
     flags = set()
     for window in compile_check.WINDOW_SIZES:
@@ -112,24 +117,24 @@ def test_forward_launches_split_the_shifted_grid():
     """On a shifted grid the forward runs the windows off the shifted border (no shift mask) and the border
     windows as two launches that together cover every window once; unshifted, one launch of every window.
     Recorded on meta tensors (nothing is compiled or run)."""
-    from swinv2_fast.kernels import triton_window_attention as tk
+    from swinv2_fast.kernels import triton_forward as tk
 
-    launches = cost.reference_launches(8, "bf16", backward=False)["fwd"]  # 64x64 grid: 8x8 windows, shifted
-    m_blocks = -(-64 // launches[0].kwargs["BLOCK_M"])
+    recorded = launches.reference_launches(8, "bf16", backward=False)["fwd"]  # 64x64 grid: 8x8 windows, shifted
+    m_blocks = -(-64 // recorded[0].kwargs["BLOCK_M"])
 
     def covered(launch):  # (window set, (image, window) pairs); the grid runs WINDOWS_PER_PROGRAM pairs a program
         a = launch.kwargs
         assert launch.grid[0] == -(-a["NUM_BW"] // a["WINDOWS_PER_PROGRAM"]) * m_blocks
         return a["WINDOW_SET"], a["NUM_BW"]
 
-    assert [covered(a) for a in launches] == [(tk.INTERIOR_WINDOWS, cost.REFERENCE_BATCH * 49),
-                                              (tk.BORDER_WINDOWS, cost.REFERENCE_BATCH * 15)]
+    assert [covered(a) for a in recorded] == [(tk.INTERIOR_WINDOWS, launches.REFERENCE_BATCH * 49),
+                                              (tk.BORDER_WINDOWS, launches.REFERENCE_BATCH * 15)]
     unshifted = dict(grid_size=(64, 64), window_size=(8, 8), shift_size=(0, 0))
-    (launch,) = cost.reference_launches(8, "bf16", geometry=unshifted, backward=False)["fwd"]
-    assert covered(launch) == (tk.ALL_WINDOWS, cost.REFERENCE_BATCH * 64)
+    (launch,) = launches.reference_launches(8, "bf16", geometry=unshifted, backward=False)["fwd"]
+    assert covered(launch) == (tk.ALL_WINDOWS, launches.REFERENCE_BATCH * 64)
     # a single window row (or column) has no interior: one launch of every window, masked
     one_row = dict(grid_size=(8, 64), window_size=(8, 8), shift_size=(4, 4))
-    (launch,) = cost.reference_launches(8, "bf16", geometry=one_row, backward=False)["fwd"]
+    (launch,) = launches.reference_launches(8, "bf16", geometry=one_row, backward=False)["fwd"]
     assert launch.kwargs["WINDOW_SET"] == tk.ALL_WINDOWS and launch.kwargs["SHIFTED"]
 
 
@@ -137,27 +142,27 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
     """fp16/bf16 windows of 64 tokens (head dims up to 32): the fused backward alone, one program per
     (group of windows, head), its loop counted at the windows per group; larger windows and fp32: the four
     kernels (window 7's 49 tokens too: see FUSED_MAX_N). Recorded on meta tensors (nothing is compiled or run)."""
-    from swinv2_fast.kernels import triton_window_attention_backward as tkb
+    from swinv2_fast.kernels import tiles
 
     for window, dtype, head_dim in ((8, "bf16", 32), (8, "fp16", 32), (8, "bf16", 30), (8, "fp16", 10)):
-        launches = cost.reference_launches(window, dtype, head_dim)
-        assert sorted(launches) == ["bwd_fused", "fwd"], (window, dtype, head_dim)
-        (launch,) = launches["bwd_fused"]
+        recorded = launches.reference_launches(window, dtype, head_dim)
+        assert sorted(recorded) == ["bwd_fused", "fwd"], (window, dtype, head_dim)
+        (launch,) = recorded["bwd_fused"]
         a = launch.kwargs
-        num_bw = cost.REFERENCE_BATCH * a["NUM_WINDOWS"]
+        num_bw = launches.REFERENCE_BATCH * a["NUM_WINDOWS"]
         groups, heads = launch.grid
-        assert heads == cost.REFERENCE_HEADS and a["NUM_BW"] == num_bw
-        assert groups == -(-num_bw // a["WINDOWS_PER_GROUP"]) and groups * heads <= tkb.FUSED_PROGRAMS
+        assert heads == launches.REFERENCE_HEADS and a["NUM_BW"] == num_bw
+        assert groups == -(-num_bw // a["WINDOWS_PER_GROUP"]) and groups * heads <= tiles.FUSED_PROGRAMS
         assert a["BLOCK_M"] == a["BLOCK_N"] == 64 and (a["NEED_DQ"], a["NEED_DKV"], a["NEED_PAD"], a["NEED_TABLE"]) == (
             True, True, False, True)  # the reference grid is not padded
         assert cost.LOOP_TRIPS["bwd_fused"](a, launch.grid) == [num_bw / groups]
         hbm, l2, flops = cost.traffic(launch, dtype)
         assert flops == cost.scores_of(launch) * 2 * head_dim * 5 and hbm > 0 and l2 > 0
     for window, dtype in ((7, "bf16"), (12, "bf16"), (8, "fp32")):
-        launches = cost.reference_launches(window, dtype)
-        assert sorted(launches) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"], (window, dtype)
-    assert cost.launched("bwd_fused", 8, 32, "bf16") and not cost.launched("bwd_stats", 8, 32, "bf16")
-    assert cost.launched("bwd_stats", 8, 32, "fp32") and not cost.launched("bwd_fused", 16, 32, "bf16")
+        recorded = launches.reference_launches(window, dtype)
+        assert sorted(recorded) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"], (window, dtype)
+    assert launches.launched("bwd_fused", 8, 32, "bf16") and not launches.launched("bwd_stats", 8, 32, "bf16")
+    assert launches.launched("bwd_stats", 8, 32, "fp32") and not launches.launched("bwd_fused", 16, 32, "bf16")
 
 
 @pytest.mark.slow
@@ -177,7 +182,7 @@ def test_floors_by_hand():
     batch 8, 4 heads, a 64x64 grid) by hand: 131072 (token, head) pairs x 32 channels x 2 bytes x (q, k, v,
     out) + the 4 x 64 x 64 bf16 table = 33587200 B, 6.997 us at 4.8 TB/s; 8 x 4 x 64 windows x 64^2 scores
     x 2 matmuls x 64 FLOPs = 1073741824 FLOPs, 1.359 us at 790 TFLOP/s."""
-    (launch, *_) = cost.reference_launches(8, "bf16", backward=False)["fwd"]
+    (launch, *_) = launches.reference_launches(8, "bf16", backward=False)["fwd"]
     fwd_bytes, fwd_flops = cost.forward_minimum(launch, "bf16")
     assert (fwd_bytes, fwd_flops) == (33587200, 1073741824)
     assert cost.floor_us(fwd_bytes, fwd_flops, "bf16", backward=False) == pytest.approx(6.99733, rel=1e-5)
@@ -227,7 +232,7 @@ def test_sass_walk_skips_out_of_line_retry_loops():
     """A retry loop after the last EXIT (sm_90 mbarrier waits) is not a loop of the walk."""
     retry = SASS.replace("        /*00f0*/                   BRA 0xf0;", "        /*00f0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2 ;\n"
                          "        /*0100*/              @!P0 BRA 0xf0 ;\n        /*0110*/                   BRA 0x110;")
-    instructions = cost.parse_sass(retry)
+    instructions = launches.parse_sass(retry)
     assert cost.back_edges(instructions) == [0x70]
     assert cost.count_executed(instructions, [5]) == 4 + 4 * 5 + 1 + 3
     assert cost.count_executed(instructions, [5], lambda ins: ins.opcode == "FADD") == 5

@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-KERNEL_FILES = ("kernels/triton_window_attention.py", "kernels/triton_window_attention_backward.py")
+KERNEL_FILES = ("kernels/triton_common.py", "kernels/triton_forward.py", "kernels/triton_backward.py")
 MAX_HELPER_ARGS = 10
 MAX_HELPER_RETURNS = 3
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -63,4 +63,5 @@ def test_window_layout_tuples_are_compile_time_constants(path):
             if arg.arg == "layout":
                 assert arg.annotation is not None and ast.unparse(arg.annotation) == "tl.constexpr", (
                     f"{path}: {fn.name} takes layout without tl.constexpr")
-    assert built, f"{path}: no kernel builds the window layout"
+    kernels = [fn.name for fn in _jit_functions(path) if fn.name.endswith("_kernel")]
+    assert built or not kernels, f"{path}: no kernel builds the window layout"

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import swinv2_fast
+from swinv2_fast.kernels import tiles
 from _utils import (KERNEL_DEVICE, assert_patch_matches_unpatched, assert_training_step_matches_unpatched,
                     output_tensors, perturb_, tk)
 
@@ -119,7 +120,7 @@ def test_rejects_other_objects_and_unknown_structures():
 
 @pytest.mark.kernels(forward=False)  # a refusal: needs the kernel module, launches nothing
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    monkeypatch.setattr(tk, "INTERPRETED", False)
+    monkeypatch.setattr(tiles, "INTERPRETED", False)
     model = swinv2_fast.patch(_timm("head"), "triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         model(torch.randn(1, 3, *SIZE))

@@ -1,5 +1,5 @@
 """The GPU tile sweep's table, its record format and its selection logic, on CPU: a stand-in timer and spill
-reader (nothing is compiled or run), and launches recorded on meta tensors (cost.recording_launches)."""
+reader (nothing is compiled or run), and launches recorded on meta tensors (launches.recording_launches)."""
 import json
 
 import pytest
@@ -7,9 +7,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from swinv2_fast.kernels import cost, sweep  # noqa: E402
-from swinv2_fast.kernels import triton_window_attention as tk  # noqa: E402
-from swinv2_fast.kernels.triton_window_attention_backward import fused_backward_applies  # noqa: E402
+from _utils import use_tools  # noqa: E402
+from swinv2_fast.kernels import tiles  # noqa: E402
+from swinv2_fast.kernels.tiles import fused_backward_applies  # noqa: E402
+
+use_tools()
+from tools import launches, sweep  # noqa: E402
 
 
 def test_candidates_are_five_values_and_hold_todays_launches():
@@ -19,7 +22,7 @@ def test_candidates_are_five_values_and_hold_todays_launches():
     for direction, configs in sweep.CANDIDATES.items():
         assert configs and len(set(configs)) == len(configs), direction
         for config in configs:
-            assert tk.tuned_entry(config, direction) == tuple(config)
+            assert tiles.tuned_entry(config, direction) == tuple(config)
         assert {c[4] for c in configs} >= {1, 2, 3} if direction == "fwd" else {2, 3} <= {c[4] for c in configs}
     for shape in sweep.SHAPES:
         n = shape.window ** 2
@@ -27,13 +30,13 @@ def test_candidates_are_five_values_and_hold_todays_launches():
             backward = direction == "bwd"
             if backward and fused_backward_applies(n, shape.head_dim, torch.bfloat16):
                 continue
-            today = tk.block_config(n, shape.head_dim, torch.bfloat16, backward) + (
-                tk.register_cap(n, shape.head_dim, torch.bfloat16, backward, 90), 3)
+            today = tiles.block_config(n, shape.head_dim, torch.bfloat16, backward) + (
+                tiles.register_cap(n, shape.head_dim, torch.bfloat16, backward, 90), 3)
             assert today in sweep.CANDIDATES[direction], (shape.name, direction, today)
 
 
 def _launch_options(window, backward, head_dim=32, dtype="bf16"):
-    found = cost.reference_launches(window, dtype, head_dim, backward=backward)
+    found = launches.reference_launches(window, dtype, head_dim, backward=backward)
     return {kernel: [launch.kwargs for launch in launches] for kernel, launches in found.items()}
 
 
@@ -45,47 +48,47 @@ def test_num_stages_reaches_the_launch_only_when_recorded():
         for kwargs in options:
             assert "num_stages" not in kwargs, kernel
     try:
-        tk.TILE_OVERRIDES[key_fwd] = (64, 64, 4, 255, 2)
-        tk.TILE_OVERRIDES[key_bwd] = (32, 32, 4, 255, 1)
+        tiles.TILE_OVERRIDES[key_fwd] = (64, 64, 4, 255, 2)
+        tiles.TILE_OVERRIDES[key_bwd] = (32, 32, 4, 255, 1)
         found = _launch_options(16, True)
         assert sorted(found) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"]
         for kernel, options in found.items():
             for kwargs in options:
                 expected = (64, 64, 4, 255, 2) if kernel == "fwd" else (32, 32, 4, 255, 1)
-                assert tuple(kwargs[f] for f in tk.TUNED_FIELDS) == expected, kernel
+                assert tuple(kwargs[f] for f in tiles.TUNED_FIELDS) == expected, kernel
     finally:
-        tk.TILE_OVERRIDES.clear()
+        tiles.TILE_OVERRIDES.clear()
     # the fused backward (N = 64) keeps its own num_stages=1, tiles and warps, and the forward at another N
     # is untouched by a record at N = 256
-    tk.TILE_OVERRIDES[key_fwd] = (64, 64, 4, 255, 2)
+    tiles.TILE_OVERRIDES[key_fwd] = (64, 64, 4, 255, 2)
     try:
         found = _launch_options(8, True)
         assert "num_stages" not in found["fwd"][0]
         assert found["bwd_fused"][0]["num_stages"] == 1
     finally:
-        tk.TILE_OVERRIDES.clear()
+        tiles.TILE_OVERRIDES.clear()
 
 
 def test_malformed_record_raises_naming_file_key_and_values(tmp_path):
     path = tmp_path / "tuned_tiles.json"
     good = {"bf16/hd32/N256/fwd": [128, 64, 8, 128, 2]}
     path.write_text(json.dumps({"device": "x", "triton": "3.6.0", "entries": good}))
-    assert tk.load_tuned_tiles(str(path)) == {"bf16/hd32/N256/fwd": (128, 64, 8, 128, 2)}
+    assert tiles.load_tuned_tiles(str(path)) == {"bf16/hd32/N256/fwd": (128, 64, 8, 128, 2)}
     path.write_text(json.dumps({"entries": {"bf16/hd32/N256/fwd": [128, 64, 8, 128]}}))
     with pytest.raises(ValueError) as info:
-        tk.load_tuned_tiles(str(path))
+        tiles.load_tuned_tiles(str(path))
     message = str(info.value)
     assert str(path) in message and "bf16/hd32/N256/fwd" in message and "num_stages" in message
     assert "[128, 64, 8, 128]" in message
     path.write_text(json.dumps({"bf16/hd32/N256/fwd": [128, 64, 8, 128, 2]}))  # no "entries"
     with pytest.raises(ValueError, match="entries"):
-        tk.load_tuned_tiles(str(path))
-    tk.TILE_OVERRIDES["bf16/hd32/N256/fwd"] = (128, 64, 8, 128)
+        tiles.load_tuned_tiles(str(path))
+    tiles.TILE_OVERRIDES["bf16/hd32/N256/fwd"] = (128, 64, 8, 128)
     try:
         with pytest.raises(ValueError, match=r"TILE_OVERRIDES\['bf16/hd32/N256/fwd'\].*got \(128, 64, 8, 128\)"):
-            tk.block_config(256, 32, torch.bfloat16)
+            tiles.block_config(256, 32, torch.bfloat16)
     finally:
-        tk.TILE_OVERRIDES.clear()
+        tiles.TILE_OVERRIDES.clear()
 
 
 def test_sweep_rejects_spilling_candidates_and_skips_bwd_where_the_fused_kernel_runs(tmp_path):
@@ -101,12 +104,12 @@ def test_sweep_rejects_spilling_candidates_and_skips_bwd_where_the_fused_kernel_
     read, timed, logs = [], [], []
 
     def spill_reader(fn):
-        (key, config), = tk.TILE_OVERRIDES.items()
+        (key, config), = tiles.TILE_OVERRIDES.items()
         read.append((key, config))
         return {"fwd" if key.endswith("fwd") else "bwd_dq": 48 if config in spilling else 0}
 
     def timer(fn):
-        (key, config), = tk.TILE_OVERRIDES.items()
+        (key, config), = tiles.TILE_OVERRIDES.items()
         timed.append((key, config))
         return fast[config]
 
@@ -115,7 +118,7 @@ def test_sweep_rejects_spilling_candidates_and_skips_bwd_where_the_fused_kernel_
     assert [c for _, c in read] == candidates["fwd"] + candidates["bwd"]
     assert not spilling & {c for _, c in timed}
     assert any("(32, 16, 4, 255, 1) rejected: spills fwd 48 B" in line for line in logs)
-    assert tk.TILE_OVERRIDES == {}
+    assert tiles.TILE_OVERRIDES == {}
 
     bf16 = sweep.SweepShape("bf16-toy", 1, 8, 1, 16, 8)  # N = 64 in bf16: the fused backward kernel
     assert fused_backward_applies(64, 16, torch.bfloat16)
@@ -127,14 +130,14 @@ def test_sweep_rejects_spilling_candidates_and_skips_bwd_where_the_fused_kernel_
     assert any("bf16/hd16/N64/bwd" in line and "fused backward" in line and "nothing" in line for line in logs)
     record = str(tmp_path / "tuned_tiles.json")
     sweep.write(entries, record, "cpu", 90)
-    assert tk.load_tuned_tiles(record) == {"bf16/hd16/N64/fwd": (32, 16, 4, 255, 3)}
+    assert tiles.load_tuned_tiles(record) == {"bf16/hd16/N64/fwd": (32, 16, 4, 255, 3)}
     # a record applies on the architecture and Triton it was swept with only
-    assert tk.load_tuned_tiles(record, 90) == {"bf16/hd16/N64/fwd": (32, 16, 4, 255, 3)}
-    assert tk.load_tuned_tiles(record, 80) == {}
+    assert tiles.load_tuned_tiles(record, 90) == {"bf16/hd16/N64/fwd": (32, 16, 4, 255, 3)}
+    assert tiles.load_tuned_tiles(record, 80) == {}
     data = json.loads(open(record).read())
     data["triton"] = "0.0.0"
     open(record, "w").write(json.dumps(data))
-    assert tk.load_tuned_tiles(record, 90) == {}
+    assert tiles.load_tuned_tiles(record, 90) == {}
 
 
 def test_sweep_shapes_n64_records_forward_only():
@@ -154,11 +157,11 @@ def test_sweep_launches_each_candidate_under_the_interpreter(tmp_path):
     seen = []
 
     def timer(fn):
-        (key, config), = tk.TILE_OVERRIDES.items()
+        (key, config), = tiles.TILE_OVERRIDES.items()
         backward = key.endswith("bwd")
-        assert tk.block_config(16, 16, torch.float32, backward) == config[:3]
-        assert tk.register_cap(16, 16, torch.float32, backward) == config[3]
-        assert tk.launch_stages(16, 16, torch.float32, backward) == config[4]
+        assert tiles.block_config(16, 16, torch.float32, backward) == config[:3]
+        assert tiles.register_cap(16, 16, torch.float32, backward) == config[3]
+        assert tiles.launch_stages(16, 16, torch.float32, backward) == config[4]
         with count_launches() as launches:
             fn()
         assert sum(launches.values()) > 0
@@ -174,7 +177,7 @@ def test_sweep_launches_each_candidate_under_the_interpreter(tmp_path):
     entries = sweep.sweep(60.0, [shape], "fp32", "cpu", timer, candidates, lambda *_: None, no_spills)
     assert entries == {"fp32/hd16/N16/fwd": [32, 16, 4, 255, 2], "fp32/hd16/N16/bwd": [16, 16, 4, 255, 1]}
     assert seen == candidates["fwd"] + candidates["bwd"]
-    assert tk.TILE_OVERRIDES == {}
+    assert tiles.TILE_OVERRIDES == {}
 
 
 def test_register_capped_candidates_are_tried_only_where_register_cap_caps():
@@ -186,7 +189,7 @@ def test_register_capped_candidates_are_tried_only_where_register_cap_caps():
         for arch in (80, 90):
             assert sweep.candidate_applies(uncapped, n, 32, bf16, False, arch)
             assert sweep.candidate_applies(capped, n, 32, bf16, False, arch) == (
-                tk.register_cap(n, 32, bf16, False, arch) == 128)
+                tiles.register_cap(n, 32, bf16, False, arch) == 128)
     assert not sweep.candidate_applies(capped, 144, 32, bf16, False, 90)
     assert not sweep.candidate_applies(capped, 256, 32, bf16, False, 80)
     logs, timed = [], []

@@ -12,6 +12,7 @@ from _utils import (FP32_ATOL, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL, MODEL_
                       rounding_sensitivity, op, tkb)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, window_attention_naive
+from swinv2_fast.kernels.launch import launch_dims
 from swinv2_fast.kernels.naive import window_log_sum_exp
 from _utils import GRAD_NAMES as NAMES
 from _utils import NON_SQUARE, ODD_HEAD_DIMS, SHAPES, TINY, assert_errors_within_pytorch, make_inputs, sum_floors
@@ -122,7 +123,9 @@ def test_backward_statistics_and_delta(B, grid, heads, head_dim, window, shift, 
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
                   mask_value=-100.0)
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE)
-    common = tkb._backward_statistics(grad_out, *inputs, WindowGeometry.from_args(**kwargs))[-1]
+    geometry = WindowGeometry.from_args(**kwargs)
+    dims = launch_dims(inputs[0], *geometry.as_op_args()[:5])
+    common = tkb._backward_statistics(grad_out, *inputs, dims, geometry.pad_order, geometry.mask_value)[-1]
     lse = common["STATS"].unflatten(-1, (-1, 2)).sum(-1)  # (row max, log row sum) pairs
     assert_close(lse, window_log_sum_exp(*inputs, **kwargs), atol=OP_FP32_ATOL, rtol=1e-6, name="log-sum-exp")
     out = window_attention_naive(*[t.double() for t in inputs], **kwargs)

@@ -1,4 +1,4 @@
-"""The fused backward of small windows (triton_window_attention_backward._window_attention_bwd_fused_kernel:
+"""The fused backward of small windows (triton_backward._window_attention_bwd_fused_kernel:
 fp16/bf16, N = 64 or N <= 32, head dims up to 32) against the reference's autograd, with the launch proven: windows 2 to
 8, shifted, padded in both orders, per-axis windows, odd head dims, no q/k/v bias, frozen inputs, groups of
 windows that do not divide the batch's windows. fp32 and fp64 run the four kernels on a GPU (the fused
@@ -13,7 +13,7 @@ from _utils import (LOW_PRECISION_FLOOR, OP_GRAD_FP32_ATOL, assert_close, assert
                     count_launches, make_inputs, outputs_and_grads, rounding_sensitivity, sum_floors, tkb)
 from _utils import KERNEL_DEVICE as DEVICE
 from swinv2_fast import window_attention
-from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry
+from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, tiles
 
 pytestmark = pytest.mark.kernels(backward=True)
 
@@ -42,7 +42,7 @@ FUSED_SHAPES = [
 def fused_in(monkeypatch):
     """Route the given dtypes to the fused kernel too (fp32/fp64 go to the four kernels on a GPU)."""
     def route(*dtypes):
-        monkeypatch.setattr(tkb, "FUSED_DTYPES", tkb.FUSED_DTYPES + tuple(dtypes))
+        monkeypatch.setattr(tiles, "FUSED_DTYPES", tiles.FUSED_DTYPES + tuple(dtypes))
     return route
 
 
@@ -135,9 +135,9 @@ def test_fused_backward_computes_what_is_asked(needs, fused_in):
     qkv, bias, logit_scale, table = make_inputs(B, grid, heads, head_dim, window, seed=7, zero_k_bias=False)
     geometry = WindowGeometry.from_args(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE)
-    full = tkb.window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, geometry)
+    full = tkb.window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, *geometry.as_op_args())
     with count_launches() as launches:
-        part = tkb.window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, geometry,
+        part = tkb.window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, *geometry.as_op_args(),
                                                     need_qkv=needs[0], need_bias=needs[1],
                                                     need_table_grads=needs[2])
     assert launches[FUSED] == 1 and sum(launches.values()) == 1, dict(launches)
@@ -162,7 +162,7 @@ def test_fused_backward_groups_windows_deterministically(monkeypatch):
     for programs in (2 * 18, 2 * 4, 2 * 4):  # 18 groups of 1; 4 groups of 5, 5, 5, 3 (twice)
         monkeypatch.setattr(tkb, "FUSED_PROGRAMS", programs)
         with count_launches() as launches:
-            got = tkb.window_attention_triton_backward(grad_out, *inputs, geometry)
+            got = tkb.window_attention_triton_backward(grad_out, *inputs, *geometry.as_op_args())
         assert launches[FUSED] == 1, dict(launches)
         results.setdefault(programs, []).append(got)
     first, second = results[8]
@@ -212,5 +212,5 @@ def test_which_windows_take_the_fused_backward():
                                       (49, 32, torch.bfloat16, False), (36, 32, torch.float16, False),
                                       (144, 32, torch.bfloat16, False), (64, 64, torch.float16, False),
                                       (64, 32, torch.float32, False), (16, 16, torch.float64, False)):
-        assert tkb.fused_backward_applies(n, head_dim, dtype) == fused, (n, head_dim, dtype)
-        assert (tkb.backward_kernels(n, head_dim, dtype) == ("bwd_fused",)) == fused
+        assert tiles.fused_backward_applies(n, head_dim, dtype) == fused, (n, head_dim, dtype)
+        assert (tiles.backward_kernels(n, head_dim, dtype) == ("bwd_fused",)) == fused

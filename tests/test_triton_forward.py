@@ -11,6 +11,7 @@ from _utils import (FP32_ATOL, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISIO
 from _utils import ODD_HEAD_DIMS, SHAPES, TINY, make_inputs
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, window_attention_reference
+from swinv2_fast.kernels import tiles
 from swinv2_fast.kernels.naive import window_attention_naive  # the oracle
 
 # Every test here runs the forward kernel unless marked otherwise (conftest: launch proof, honest skips).
@@ -24,7 +25,7 @@ def test_forward_matches_reference_fp32(B, grid, heads, head_dim, window, shift,
     inputs = make_inputs(B, grid, heads, head_dim, window)
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
                   mask_value=-100.0)
-    out = tk.window_attention_triton_forward(*inputs, WindowGeometry.from_args(**kwargs))
+    out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
     expected = window_attention_naive(*inputs, **kwargs)
     assert_close(out, expected, atol=OP_FP32_ATOL, name="output")
 
@@ -39,7 +40,7 @@ def test_forward_fp16_error_is_that_of_pytorch(B, grid, heads, head_dim, window,
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
     exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
     eager = window_attention_naive(*inputs, **kwargs)
-    out = tk.window_attention_triton_forward(*inputs, WindowGeometry.from_args(**kwargs))
+    out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
     assert out.dtype == torch.float16
     eager_error = (eager.double() - exact).abs().max().item()
     kernel_error = (out.double() - exact).abs().max().item()
@@ -86,7 +87,7 @@ def test_several_windows_per_program(B, grid, heads, head_dim, window, shift, pa
     inputs = make_inputs(B, grid, heads, head_dim, window)
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
                   mask_value=-100.0)
-    out = tk.window_attention_triton_forward(*inputs, WindowGeometry.from_args(**kwargs))
+    out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
     assert_close(out, window_attention_naive(*inputs, **kwargs), atol=OP_FP32_ATOL, name="output")
     sets = {launch["WINDOW_SET"] for _, launch in recorder.launches}
     assert sets == ({tk.INTERIOR_WINDOWS, tk.BORDER_WINDOWS} if shift else {tk.ALL_WINDOWS})
@@ -108,7 +109,7 @@ def test_several_windows_per_program_fp16(B, grid, heads, head_dim, window, shif
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
     exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
     eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
-    out = tk.window_attention_triton_forward(*inputs, WindowGeometry.from_args(**kwargs))
+    out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
     kernel_error = (out.double() - exact).abs().max().item()
     assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
         f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}")
@@ -146,14 +147,14 @@ def test_forward_any_head_dim(B, grid, heads, head_dim, window, shift, pad_order
     table) within PyTorch's own fp16 error."""
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
     inputs = make_inputs(B, grid, heads, head_dim, window)
-    assert tk.channel_block(head_dim) > head_dim  # the masked path
-    out = tk.window_attention_triton_forward(*inputs, WindowGeometry.from_args(**kwargs))
+    assert tiles.channel_block(head_dim) > head_dim  # the masked path
+    out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
     assert_close(out, window_attention_naive(*inputs, **kwargs), atol=OP_FP32_ATOL, name="output")
 
     inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32)
     exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
     eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
-    kernel_error = (tk.window_attention_triton_forward(*inputs, WindowGeometry.from_args(**kwargs)).double() - exact).abs().max().item()
+    kernel_error = (tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args()).double() - exact).abs().max().item()
     assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
         f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}")
 
@@ -164,7 +165,7 @@ def test_forward_bf16_error_is_that_of_pytorch():  # pragma: no cover - GPU only
     kwargs = dict(grid_size=(16, 16), num_heads=2, window_size=8, shift_size=4)
     exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
     eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
-    out = tk.window_attention_triton_forward(*inputs, WindowGeometry.from_args(**kwargs))
+    out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
     assert (out.double() - exact).abs().max().item() <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR
 
 
@@ -189,7 +190,7 @@ def test_strided_qkv_and_no_bias():
     assert not strided.is_contiguous()
     kwargs = dict(grid_size=(7 + 1, 8), num_heads=2, window_size=4, shift_size=2)
     out = tk.window_attention_triton_forward(strided, None, logit_scale, position_bias,
-                                         WindowGeometry.from_args(**kwargs))
+                                         *WindowGeometry.from_args(**kwargs).as_op_args())
     assert_close(out, window_attention_naive(qkv, None, logit_scale, position_bias, **kwargs),
                  atol=OP_FP32_ATOL)
 
@@ -199,7 +200,7 @@ def test_logit_scale_above_the_clamp():
     logit_scale = torch.full_like(logit_scale, 7.0)  # exp(7) > 100: clamped
     kwargs = dict(grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2)
     out = tk.window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias,
-                                         WindowGeometry.from_args(**kwargs))
+                                         *WindowGeometry.from_args(**kwargs).as_op_args())
     assert_close(out, window_attention_naive(qkv, qkv_bias, logit_scale, position_bias, **kwargs),
                  atol=OP_FP32_ATOL_AT_CLAMP)
 
@@ -208,7 +209,7 @@ def test_logit_scale_above_the_clamp():
 def test_empty_batch():
     qkv, qkv_bias, logit_scale, position_bias = make_inputs(1, (8, 8), 2, 16, 4)
     out = tk.window_attention_triton_forward(qkv[:0], qkv_bias, logit_scale, position_bias,
-                                             WindowGeometry.from_args((8, 8), 2, 4))
+                                             *WindowGeometry.from_args((8, 8), 2, 4).as_op_args())
     assert out.shape == (0, 64, 32)
 
 

@@ -1,10 +1,12 @@
 """Compile every kernel specialization swinv2_fast can launch ahead of time for sm_80 and sm_90; no GPU needed.
 
-    python -m swinv2_fast.kernels.compile_check               # the spill gate: registers, spills, shared memory
-    python -m swinv2_fast.kernels.compile_check --published   # the gate over the published models' head dims
-    python -m swinv2_fast.kernels.compile_check --head-dims 10,30  # the gate over chosen head dims
-    python -m swinv2_fast.kernels.compile_check --cost        # the static cost report (see kernels/cost.py)
-    python -m swinv2_fast.kernels.compile_check --candidates  # the GPU tile sweep's candidates (kernels/sweep.py)
+    python -m tools.compile_check               # the spill gate: registers, spills, shared memory
+    python -m tools.compile_check --published   # the gate over the published models' head dims
+    python -m tools.compile_check --head-dims 10,30  # the gate over chosen head dims
+    python -m tools.compile_check --cost        # the static cost report (see tools/cost.py)
+    python -m tools.compile_check --candidates  # the GPU tile sweep's candidates (tools/sweep.py)
+
+Run from the repository root (tools/ is not installed).
 
 A specialization is fixed by the kernel (forward; backward: softmax statistics and delta = rowsum(P * dP),
 dq, dk/dv, bias table and scale), the projection dtype (fp32, fp16, bf16; fp64, which gradcheck uses, runs
@@ -13,11 +15,11 @@ constants of the kernels), whether the window is shifted, whether the grid is pa
 order and whether the projection has a bias, the tiles `block_config` picks, and what Triton's JIT
 specialises on at run time (integers divisible by 16 or equal to 1, 16-byte aligned pointers). The gate
 does not rebuild that by hand: it runs the host functions on meta tensors with the kernels replaced by
-recorders (`cost.recording_launches`), for each window of the published models (7, 8, 12, 16, 24) and a
+recorders (`launches.recording_launches`), for each window of the published models (7, 8, 12, 16, 24) and a
 set of geometries covering the flag combinations (GEOMETRIES), and compiles each recorded launch exactly as
 the JIT would (Triton's binder, `triton.compile` for a `GPUTarget`, down to the cubin the runtime would
 load). Registers are read with the `cuobjdump -res-usage` that ships in the Triton wheel, spills from its
-`-sass` (bytes of local-memory stores and loads, `cost.resource_usage`); shared memory is Triton's figure.
+`-sass` (bytes of local-memory stores and loads, `launches.resource_usage`); shared memory is Triton's figure.
 The exit status is non-zero on a compile failure or on any spill.
 
 --candidates compiles every configuration of the tile sweep's table (sweep.CANDIDATES, num_stages included)
@@ -26,64 +28,29 @@ grids, a bf16 table) with the candidate set as `TILE_OVERRIDES` and recorded by 
 forward's two launches, and the four backward kernels where they run (not at N = 64, where the fused
 backward kernel runs with its own tiles); a register-capped candidate only where the sweep tries it
 (`sweep.candidate_applies`: where register_cap caps at that budget). One row per (direction, candidate,
-shape, kernel, arch). About 8 minutes on 2 shared cores with a cold Triton cache
-(`time nice python -m swinv2_fast.kernels.compile_check --candidates --jobs 1`, triton 3.8: 8m25s for 324
-compilations, 0 spills, before the last candidate was dropped; triton 3.6 about 11 minutes): a check to run
-before changing sweep.CANDIDATES, too long for CI.
+shape, kernel, arch); the committed table is benchmarks/results/compile_check_candidates.txt. It compiles
+every candidate at every shape for two archs, minutes on a few cores: a check to run before changing
+sweep.CANDIDATES, too long for CI.
 """
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from typing import List, NamedTuple
 
-ARCHS = (80, 90)
+import torch
 
-DTYPES = ("fp32", "fp16", "bf16")  # fp64 runs under the interpreter only (gradcheck)
-KERNELS = ("fwd", "bwd_fused", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
-WINDOW_SIZES = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
-PUBLISHED_HEAD_DIM = 32  # every published Swin V2 model's
-# the full gate: the head dims of whole channel tiles, and masked ones (below 16, and between powers of two)
-GATE_HEAD_DIMS = (10, 16, 24, 30, 32, 64, 96, 128)
+from swinv2_fast.kernels import tiles
+from swinv2_fast.kernels.tiles import fused_backward_applies, fused_backward_supported
 
+from . import cost, sweep
+from .launches import (
+    ARCHS, DTYPES, GATE_HEAD_DIMS, GEOMETRIES, KERNELS, PUBLISHED_GEOMETRIES, PUBLISHED_HEAD_DIM, SWIN2SR_GEOMETRIES,
+    SWIN2SR_HEAD_DIMS, SWIN2SR_WINDOWS, WINDOW_SIZES, Spec, _grid, _torch_dtype, compile_launch, launched,
+    reference_launches, resource_usage, run_spawned,
+)
 
-def _grid(window: int, padded: bool) -> int:
-    base = 56 if window == 7 else 64  # windows 12 and 24 pad a 64x64 grid to 72
-    if padded:
-        return base if base % window else base + window // 2
-    return base if base % window == 0 else 48 * window // 12  # 48 = 4 windows of 12, 2 of 24
-
-
-# geometry name -> (padded grid?, shifted?, bias?, pad order): every flag combination the kernels specialise on
-GEOMETRIES = {
-    "shift+bias": (False, True, True, "pad_then_roll"),
-    "noshift+bias": (False, False, True, "pad_then_roll"),
-    "pad+shift+bias+roll_then_pad": (True, True, True, "roll_then_pad"),
-    "pad+shift+bias": (True, True, True, "pad_then_roll"),
-    "pad+shift": (True, True, False, "pad_then_roll"),
-    "pad+shift+roll_then_pad": (True, True, False, "roll_then_pad"),
-    "pad+bias": (True, False, True, "pad_then_roll"),
-    "pad+bias+roll_then_pad": (True, False, True, "roll_then_pad"),
-    "pad+roll_then_pad": (True, False, False, "roll_then_pad"),
-    "pad": (True, False, False, "pad_then_roll"),
-}
-PUBLISHED_GEOMETRIES = ("shift+bias", "noshift+bias", "pad+shift+bias", "pad+shift+bias+roll_then_pad")
-# transformers' Swin2SR: head_dim 30 (embed_dim 180, 6 heads) and 10 (the lightweight model's 60), window 8 on
-# a grid padded to whole windows before the first block (no padding inside the attention)
-SWIN2SR_HEAD_DIMS = (30, 10)
-SWIN2SR_WINDOWS = (8,)
-SWIN2SR_GEOMETRIES = ("shift+bias", "noshift+bias")
-
-
-class Spec(NamedTuple):
-    kernel: str
-    dtype: str
-    head_dim: int
-    window: int
-    geometry: str
 
 
 class Result(NamedTuple):
@@ -96,17 +63,11 @@ class Result(NamedTuple):
     error: str
 
 
-def _torch_dtype(name):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
 
 
 def launchable_specs(head_dims=None, geometries=None, windows=None) -> List[Spec]:
     """The (kernel, dtype, head_dim, window, geometry) the gate compiles: the backward kernels where the fused
     backward serves the dtype and head dim on a GPU."""
-    from . import cost
-    from .triton_window_attention import fused_backward_supported
 
     specs = []
     for dtype in DTYPES:
@@ -115,7 +76,7 @@ def launchable_specs(head_dims=None, geometries=None, windows=None) -> List[Spec
             for window in windows or WINDOW_SIZES:
                 for geometry in geometries or GEOMETRIES:
                     specs += [Spec(k, dtype, head_dim, window, geometry) for k in KERNELS
-                              if (backward or k == "fwd") and cost.launched(k, window, head_dim, dtype)]
+                              if (backward or k == "fwd") and launched(k, window, head_dim, dtype)]
     return specs
 
 
@@ -129,25 +90,23 @@ def published_specs(head_dims=None) -> List[Spec]:
 
 
 def spec_launches(spec: Spec):
-    """The recorded launches of the spec's kernel (see cost.reference_launches): one, or the forward's two on a
+    """The recorded launches of the spec's kernel (see launches.reference_launches): one, or the forward's two on a
     shifted grid (windows off the shifted border, border windows), each its own specialisation."""
-    from . import cost
 
     padded, shifted, bias, order = GEOMETRIES[spec.geometry]
     grid = _grid(spec.window, padded)
     geometry = dict(grid_size=(grid, grid), window_size=(spec.window, spec.window),
                     shift_size=(spec.window // 2 if shifted else 0,) * 2)
-    launches = cost.reference_launches(spec.window, spec.dtype, spec.head_dim, geometry, bias=bias, pad_order=order,
+    launches = reference_launches(spec.window, spec.dtype, spec.head_dim, geometry, bias=bias, pad_order=order,
                                        backward=spec.kernel != "fwd")[spec.kernel]
     if spec.kernel == "fwd" and spec.dtype != "fp32":  # the forward reads the table as it arrives: the table of a
         # 16-bit model (above) and the fp32 table torch.autocast passes are two specialisations
-        launches += cost.reference_launches(spec.window, spec.dtype, spec.head_dim, geometry, bias=bias,
+        launches += reference_launches(spec.window, spec.dtype, spec.head_dim, geometry, bias=bias,
                                             pad_order=order, backward=False, table_dtype="fp32")["fwd"]
     return launches
 
 
 def compile_spec(spec: Spec, arch: int) -> Result:
-    from . import cost
 
     tiles = ""
     try:
@@ -156,8 +115,8 @@ def compile_spec(spec: Spec, arch: int) -> Result:
         tiles = f"{a['BLOCK_M']},{a['BLOCK_N']},{a['num_warps']}"
         registers = spills = shared = 0
         for launch in launches:  # the largest figures of the spec's specialisations
-            compiled, usage, sass = cost.compile_launch(launch, arch)
-            regs, spill = cost.resource_usage(usage, sass)
+            compiled, usage, sass = compile_launch(launch, arch)
+            regs, spill = resource_usage(usage, sass)
             registers, spills = max(registers, regs), max(spills, spill)
             shared = max(shared, int(compiled.metadata.shared))
         return Result(spec, arch, tiles, registers, spills, shared, "")
@@ -175,20 +134,6 @@ def run(specs: List[Spec], jobs: int) -> List[Result]:
     return run_spawned(_compile_star, [(spec, arch) for spec in specs for arch in ARCHS], jobs)
 
 
-def run_spawned(fn, work, jobs: int) -> list:
-    """fn over work in fresh processes. Compiling never touches a GPU. Fresh (spawned) workers with the
-    interpreter off import the kernels as compilable functions, whatever this process imported under
-    TRITON_INTERPRET=1."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(fn, work))
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
 
 
 def format_table(results: List[Result]) -> str:
@@ -219,36 +164,29 @@ class CandidateResult(NamedTuple):
 def candidate_work():
     """(direction, candidate, shape) the --candidates gate compiles: every candidate at every sweep shape, the
     backward's only where its four kernels run."""
-    import torch
-
-    from .sweep import CANDIDATES, SHAPES
-    from .triton_window_attention_backward import fused_backward_applies
-
-    return [(direction, tuple(config), shape) for shape in SHAPES for direction, configs in CANDIDATES.items()
+    return [(direction, tuple(config), shape) for shape in sweep.SHAPES
+            for direction, configs in sweep.CANDIDATES.items()
             for config in configs
             if direction == "fwd" or not fused_backward_applies(shape.window ** 2, shape.head_dim, torch.bfloat16)]
 
 
 def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateResult]:
     """Compile a candidate's launches at a sweep shape for every arch (the candidate set as the override)."""
-    from . import cost
-    from . import triton_window_attention as tk
-    from .sweep import candidate_applies, entry_key
 
     n = shape.window ** 2
-    key = entry_key("bf16", shape.head_dim, n, direction)
+    key = sweep.entry_key("bf16", shape.head_dim, n, direction)
     geometry = dict(grid_size=(shape.grid, shape.grid), num_heads=shape.heads,
                     window_size=(shape.window, shape.window), shift_size=(shape.window // 2,) * 2)
     # where the sweep tries it (decided from register_cap before the candidate is set as the override)
     archs = [arch for arch in ARCHS
-             if candidate_applies(config, n, shape.head_dim, _torch_dtype("bf16"), direction == "bwd", arch)]
+             if sweep.candidate_applies(config, n, shape.head_dim, _torch_dtype("bf16"), direction == "bwd", arch)]
     if not archs:
         return []
     results = []
-    tk.TILE_OVERRIDES[key] = config
+    tiles.TILE_OVERRIDES[key] = config
     try:
         try:
-            found = cost.reference_launches(shape.window, "bf16", shape.head_dim, geometry, bias=True,
+            found = reference_launches(shape.window, "bf16", shape.head_dim, geometry, bias=True,
                                             backward=direction == "bwd")
         except Exception as exc:
             return [CandidateResult(direction, config, shape.name, n, "-", 0, -1, -1,
@@ -262,8 +200,8 @@ def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateRes
                         (config[0], config[1], config[2], config[4]):
                     raise RuntimeError(f"{key}: the launch of {launch.kernel} did not take the candidate {config}")
                 try:
-                    _, usage, sass = cost.compile_launch(launch, arch)
-                    regs, spill = cost.resource_usage(usage, sass)
+                    _, usage, sass = compile_launch(launch, arch)
+                    regs, spill = resource_usage(usage, sass)
                     results.append(CandidateResult(direction, config, shape.name, n, launch.kernel, arch, regs,
                                                    spill, ""))
                 except Exception as exc:
@@ -271,7 +209,7 @@ def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateRes
                     results.append(CandidateResult(direction, config, shape.name, n, launch.kernel, arch, -1, -1,
                                                    f"{type(exc).__name__}: {lines[-1][:200]}"))
     finally:
-        del tk.TILE_OVERRIDES[key]
+        del tiles.TILE_OVERRIDES[key]
     return results
 
 
@@ -293,7 +231,6 @@ def candidates_report(jobs: int) -> int:
 
 
 def cost_report(jobs: int, only: str = "") -> int:
-    from . import cost
 
     chosen = dict(kernels=cost.COST_KERNELS, dtypes=cost.COST_DTYPES, windows=None, archs=(80, 90))
     for item in filter(None, only.split(",")):
@@ -311,7 +248,6 @@ def cost_report(jobs: int, only: str = "") -> int:
 def calibration_report(path: str) -> int:
     """The cost model on Triton's fused-attention tutorial against its published H100 throughput (see
     cost.PUBLISHED_TUTORIAL); compiled in a fresh process without the interpreter."""
-    from . import cost
 
     (lines,) = run_spawned(cost.calibration_table, [path], 1)
     print("\n".join(lines))
@@ -320,9 +256,8 @@ def calibration_report(path: str) -> int:
 
 def models_report(jobs: int) -> int:
     """The window-attention op over whole models (cost.model_summary)."""
-    from . import cost
 
-    print(f"# Window attention over whole models: python -m swinv2_fast.kernels.compile_check --models "
+    print(f"# Window attention over whole models: python -m tools.compile_check --models "
           f"(batch {cost.SUMMARY_BATCH}, {cost.SUMMARY_DTYPE}, sm_{cost.SUMMARY_ARCH}, head_dim 32; H200 estimates)")
     print("# each stage shape's launches recorded from the host functions and compiled (not scaled from the "
           "reference launch); totals = per-block costs x blocks")
@@ -341,18 +276,18 @@ def main(argv=None) -> int:
                         help=f"comma-separated head dims for the gate (default: {GATE_HEAD_DIMS}; with --published, "
                              "replaces its head dims)")
     parser.add_argument("--cost", action="store_true",
-                        help="the static cost report (instructions per score, traffic model; see kernels/cost.py)")
+                        help="the static cost report (instructions per score, traffic model; see tools/cost.py)")
     parser.add_argument("--only", default="",
                         help="with --cost: comma-separated filters kernel=,dtype=,head_dim=,window=,arch= (values "
                              "joined by +)")
     parser.add_argument("--candidates", action="store_true",
-                        help="the GPU tile sweep's candidates (kernels/sweep.py CANDIDATES) at its shapes")
+                        help="the GPU tile sweep's candidates (tools/sweep.py CANDIDATES) at its shapes")
     parser.add_argument("--calibrate", metavar="TUTORIAL", default="",
                         help="the cost model on Triton's fused-attention tutorial (the path of its "
                              "python/tutorials/06-fused-attention.py) against published H100 throughput")
     parser.add_argument("--models", action="store_true",
                         help="the window-attention op over whole SwinV2-T/B/L forwards and training steps "
-                             "(estimates and floors; see kernels/cost.py model_summary)")
+                             "(estimates and floors; see tools/cost.py model_summary)")
     args = parser.parse_args(argv)
     if args.models:
         return models_report(args.jobs)

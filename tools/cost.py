@@ -1,6 +1,6 @@
 """Static cost report of the fused window-attention kernels: what they compile to, counted, without a GPU.
 
-    python -m swinv2_fast.kernels.compile_check --cost            # the table (benchmarks/results/cost_report.txt)
+    python -m tools.compile_check --cost            # the table (benchmarks/results/cost_report.txt)
 
 For each kernel, projection dtype (bf16, fp16, fp32), head_dim and window on sm_80 and sm_90 (head_dim 32, the
 published Swin V2 models', at N = 49, 64, 144, 256, 576 tokens; Swin2SR's 30 and 10, which run masked in
@@ -55,22 +55,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import re
-import subprocess
-import tempfile
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from .launches import (
+    REFERENCE_HEAD_DIM, Instruction, Launch, compile_launch, cubin_listings, launched, parse_sass, reference_launches,
+    resource_usage, run_spawned,
+)
 
 COST_DTYPES = ("bf16", "fp16", "fp32")
 COST_WINDOWS = (7, 8, 12, 16, 24)  # N = 49, 64, 144, 256, 576
-COST_HEAD_DIM = 32
+COST_HEAD_DIM = REFERENCE_HEAD_DIM
 COST_HEAD_DIMS = (32, 30, 10)  # Swin V2's; Swin2SR's (masked channel tiles)
 COST_WINDOWS_BY_HEAD_DIM = {30: (8,), 10: (8,)}  # Swin2SR's window; other head dims: COST_WINDOWS
 # bwd_fused runs the backward of fp16/bf16 windows of 64 (or at most 32) tokens, head dims up to 32, alone; the other
-# four backward kernels run beyond and in fp32 (`triton_window_attention_backward.backward_kernels`)
+# four backward kernels run beyond and in fp32 (`swinv2_fast.kernels.tiles.backward_kernels`)
 COST_KERNELS = ("fwd", "bwd_fused", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
-REFERENCE_BATCH = 8
-REFERENCE_HEADS = 4
 
 HBM_BYTES_PER_S = 4.8e12
 DOT_FLOPS_PER_S = {"bf16": 790e12, "fp16": 790e12, "fp32": 67e12}
@@ -152,11 +152,6 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class Launch(NamedTuple):
-    kernel: str  # short name: fwd, bwd_stats, ...
-    fn: object  # the JITFunction
-    grid: Tuple[int, ...]
-    kwargs: dict
 
 
 def _ratio(a: float, b: float) -> str:
@@ -220,99 +215,6 @@ class Cost(NamedTuple):
                 f"cal_est/{name}={_ratio(t.cal_est, floor)}")
 
 
-# ------------------------------------------------------------------------------------ the reference launch
-def _short(name: str) -> str:
-    return name[len("_window_attention_"):-len("_kernel")]
-
-
-@contextlib.contextmanager
-def replaced_kernels(wrap: Callable):
-    """Replace every `*_kernel` global of the kernel modules by wrap(name, kernel), an object launched as the
-    kernel is (`kernel[grid](**kwargs)`); restored after."""
-    from . import triton_window_attention as tk
-    from . import triton_window_attention_backward as tkb
-
-    saved = {(module, name): fn for module in (tk, tkb) for name, fn in vars(module).items()
-             if name.endswith("_kernel")}
-    try:
-        for (module, name), fn in saved.items():
-            setattr(module, name, wrap(name, fn))
-        yield
-    finally:
-        for (module, name), fn in saved.items():
-            setattr(module, name, fn)
-
-
-@contextlib.contextmanager
-def recording_launches():
-    """Replace every `*_kernel` global of the kernel modules by a recorder of (grid, kwargs); restored after."""
-    launches: List[Launch] = []
-
-    class _Recorder:
-        def __init__(self, name, fn):
-            self.name, self.fn = name, fn
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                if args:
-                    raise TypeError("the cost model records keyword launches only")
-                launches.append(Launch(_short(self.name), self.fn, tuple(grid), kwargs))
-            return launch
-
-    with replaced_kernels(_Recorder):
-        yield launches
-
-
-def reference_geometry(window: int):
-    grid = 56 if window == 7 else 64
-    return dict(grid_size=(grid, grid), num_heads=REFERENCE_HEADS, window_size=(window, window),
-                shift_size=(window // 2, window // 2))
-
-
-def reference_launches(window: int, dtype: str, head_dim: int = COST_HEAD_DIM, geometry: Optional[dict] = None,
-                       bias: bool = True, pad_order: Optional[str] = None, backward: bool = True,
-                       table_dtype: Optional[str] = None, batch: int = REFERENCE_BATCH) -> Dict[str, List[Launch]]:
-    """The kernels' launches of one forward and (with `backward`) one full backward, on meta tensors: by
-    default at the reference shape of the window (batch 8, 4 heads, a q/k/v bias, transformers' order), with
-    the position-bias table in the projection's dtype (what a model in that dtype passes; "fp32" for the
-    table torch.autocast passes beside a 16-bit projection). Each
-    kernel is launched once, but the forward on a shifted grid twice (the windows off the shifted border,
-    without the shift mask, and the border: `window_sets`); a kernel's cost is that of its launches."""
-    import torch
-
-    from . import triton_window_attention as tk
-    from . import triton_window_attention_backward as tkb
-    from .compile_check import _torch_dtype
-    from .geometry import PAD_THEN_ROLL, WindowGeometry
-
-    geometry = dict(geometry or reference_geometry(window))
-    geometry.setdefault("num_heads", REFERENCE_HEADS)
-    geometry["pad_order"] = pad_order or PAD_THEN_ROLL
-    tdt = _torch_dtype(dtype)
-    B, heads, (gh, gw) = batch, geometry["num_heads"], geometry["grid_size"]
-    C = heads * head_dim
-    meta = dict(device="meta")
-    qkv = torch.empty(B, gh * gw, 3 * C, dtype=tdt, **meta)
-    qkv_bias = torch.empty(3 * C, dtype=tdt, **meta) if bias else None
-    logit_scale = torch.empty(heads, 1, 1, **meta)
-    table = torch.empty(heads, window * window, window * window, dtype=_torch_dtype(table_dtype or dtype), **meta)
-    g = WindowGeometry.from_args(**geometry)
-    with recording_launches() as launches:
-        out = tk.window_attention_triton_forward(qkv, qkv_bias, logit_scale, table, g)
-        if backward:
-            tkb.window_attention_triton_backward(torch.empty_like(out), qkv, qkv_bias, logit_scale, table, g)
-    found: Dict[str, List[Launch]] = {}
-    for launch in launches:
-        found.setdefault(launch.kernel, []).append(launch)
-    # one launch of each kernel the launchers launch for this window; the forward's windows off the shifted
-    # border and the border apart
-    expected = ("fwd",) + (tkb.backward_kernels(window * window, head_dim, tdt) if backward else ())
-    counts = {k: len(v) for k, v in found.items()}
-    if sorted(found) != sorted(expected) or counts["fwd"] > 2 or any(c != 1 for k, c in counts.items() if k != "fwd"):
-        raise RuntimeError(f"expected one launch of each of {expected} (two of fwd on a shifted grid), recorded "
-                           f"{[l.kernel for l in launches]}")
-    return found
-
 
 # Trip counts of each kernel's source loops, in source order, from its launch arguments (and grid).
 def _kv_blocks(a, grid):
@@ -343,92 +245,6 @@ LOOP_TRIPS: Dict[str, Callable] = {"fwd": _fwd_loops, "bwd_fused": _windows_per_
                                    "bwd_dq": _kv_blocks, "bwd_dkdv": _q_blocks, "bwd_dbias": _windows_per_program}
 
 
-# ----------------------------------------------------------------------------------------- compiling
-def specialise(launch: Launch, arch: int):
-    """(signature, constexprs, attrs, options) exactly as the JIT builds them for this launch on `arch`."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    from .triton_window_attention import register_cap
-
-    fn = launch.fn
-    a = dict(launch.kwargs)
-    # the register cap depends on the target: the recorded launch (meta tensors) was capped for sm_90
-    a["maxnreg"] = register_cap(a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch, a["PADDED"])
-    launch = launch._replace(kwargs=a)
-    backend = make_backend(GPUTarget("cuda", arch, 32))
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(**launch.kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, options, bound, specialization, options)
-    return signature, constexprs, attrs, options
-
-
-def _nvidia_bin(tool: str) -> str:
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
-
-
-def cubin_listings(cubin: bytes) -> Tuple[str, str]:
-    """`cuobjdump -res-usage` and `-sass` of a cubin (the cuobjdump that ships in the Triton wheel)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as fh:
-            fh.write(cubin)
-        return tuple(subprocess.run([_nvidia_bin("cuobjdump"), flag, path], capture_output=True, text=True,
-                                    check=True).stdout for flag in ("-res-usage", "-sass"))
-
-
-def compile_launch(launch: Launch, arch: int):
-    """The compiled kernel, its `cuobjdump -res-usage` and `-sass` texts."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    signature, constexprs, attrs, options = specialise(launch, arch)
-    compiled = triton.compile(
-        triton.compiler.ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs),
-        target=GPUTarget("cuda", arch, 32), options=options.__dict__)
-    usage, sass = cubin_listings(compiled.asm["cubin"])
-    return compiled, usage, sass
-
-
-def resource_usage(usage: str, sass: str) -> Tuple[int, int]:
-    """(registers, spill bytes): registers from `cuobjdump -res-usage`; spills are the bytes the SASS moves
-    to and from local memory (STL and LDL, per thread, each instruction once), where spilled registers
-    live. A stack frame the SASS never touches (ptxas sometimes reserves one) is not a spill."""
-    registers = int(re.search(r"REG:(\d+)", usage).group(1))
-    spills = 0
-    for ins in parse_sass(sass):
-        if ins.opcode.split(".")[0] in ("STL", "LDL"):
-            width = re.search(r"\.(64|128|U8|S8|U16|S16)\b", ins.opcode)
-            spills += {"64": 8, "128": 16, "U8": 1, "S8": 1, "U16": 2, "S16": 2}[width.group(1)] if width else 4
-    return registers, spills
-
-
-# ----------------------------------------------------------------------------------- counting the SASS
-_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
-
-
-class Instruction(NamedTuple):
-    address: int
-    predicated: bool
-    opcode: str
-    operands: str
-
-
-def parse_sass(sass: str) -> List[Instruction]:
-    """The instructions of the (single) function in `cuobjdump -sass` text, in address order."""
-    out = []
-    for line in sass.splitlines():
-        match = _SASS_LINE.match(line)
-        if match:
-            address, predicate, opcode, operands = match.groups()
-            predicated = predicate is not None and predicate.strip() not in ("@PT",)
-            out.append(Instruction(int(address, 16), predicated, opcode, operands.strip()))
-    if not out:
-        raise ValueError("no SASS instructions found")
-    return out
 
 
 def _branch_target(ins: Instruction) -> Optional[int]:
@@ -641,13 +457,6 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
                     *forward_minimum(launch, dtype))
 
 
-def launched(kernel: str, window: int, head_dim: int, dtype: str) -> bool:
-    """Whether the launchers run `kernel` at windows of `window` x `window`, head_dim and the projection dtype
-    (every gradient asked for)."""
-    from .compile_check import _torch_dtype
-    from .triton_window_attention_backward import backward_kernels
-
-    return kernel == "fwd" or kernel in backward_kernels(window * window, head_dim, _torch_dtype(dtype))
 
 
 def _cost_job(args):
@@ -659,8 +468,6 @@ def cost_table(jobs: int, kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=None
                head_dims=COST_HEAD_DIMS):
     """Every (kernel, dtype, head_dim, window, arch) of the report, compiled in `jobs` fresh processes; the
     windows of each head dim by default, or `windows` for all."""
-    from .compile_check import run_spawned
-
     work = [(k, d, h, w, a) for h in head_dims for k in kernels for d in dtypes
             for w in (windows or COST_WINDOWS_BY_HEAD_DIM.get(h, COST_WINDOWS)) for a in archs
             if launched(k, w, h, d)]
@@ -906,8 +713,8 @@ class StageShape(NamedTuple):
 def model_stages(depths, heads, image_size: int, window: int) -> List[StageShape]:
     """The window attention's shapes over a model: stage i at image_size / 4 / 2^i tokens a side; a stage
     whose resolution is at most the window uses window = resolution and no shift
-    (swinv2_fast.modeling.window_and_shift); otherwise blocks alternate unshifted / shifted by window // 2."""
-    from swinv2_fast.modeling import window_and_shift
+    (swinv2_fast.windows.window_and_shift); otherwise blocks alternate unshifted / shifted by window // 2."""
+    from swinv2_fast.windows import window_and_shift
 
     shapes = []
     for i, (depth, h) in enumerate(zip(depths, heads)):
@@ -933,8 +740,6 @@ def model_summary(jobs: int) -> List[str]:
     """Per model: a line per stage shape (its forward and its backward for one block) and the totals over
     the model's blocks, a forward and a training step (forward + backward): the H200 estimates (est, cal_est),
     the floor and their ratios."""
-    from .compile_check import run_spawned
-
     units = sorted({s for m in SUMMARY_MODELS for s in model_stages(*m[2:])}, key=lambda s: s[1:])
     unit_costs = dict(zip(units, run_spawned(_stage_job, units, jobs)))
     lines = []

@@ -1,5 +1,6 @@
-"""The four backward kernels of the fused Swin V2 window attention (kernels/triton_window_attention.py holds the
-forward, the shared index/normalisation helpers, the tiles and the geometry) and their launcher.
+"""The backward kernels of the fused Swin V2 window attention and their launcher (triton_forward.py holds the
+forward, triton_common.py the helpers both share, tiles.py the tiles and the rule choosing between the one
+fused kernel and the four below, launch.py the launch integers and flags).
 
 P is recomputed (the forward stores nothing N x N): the statistics kernel writes each window row's softmax
 statistics and delta = rowsum(P * dP) per query row; dq runs per query block, dk/dv per key block (padded keys
@@ -11,20 +12,33 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .geometry import LOGIT_SCALE_MAX, ROLL_THEN_PAD, WindowGeometry
-from .triton_window_attention import (
-    _bias_tile, _channels, _dot, _exp, _flags, _geometry, _in_window, _key_rows, _l2_normalize_backward, _logits,
-    _online_softmax_step, _padding_index, _query_rows, _small_operands, _tile_mask, _window_of, _window_rows,
-    channel_block,
+from .geometry import LOGIT_SCALE_MAX
+from .launch import LaunchDims, launch_dims, launch_flags, small_operands
+from .tiles import FUSED_PROGRAMS, fused_backward_applies, fused_block, fused_num_warps
+from .triton_common import (
+    _bias_tile, _channels, _dot, _exp, _in_window, _key_rows, _l2_normalize_backward, _logits,
+    _online_softmax_step, _padding_index, _query_rows, _tile_mask, _window_of, _window_rows,
 )
 
 __all__ = ["window_attention_triton_backward", "clamp_passes_gradient_at_bound"]
+
+
+@triton.jit
+def _bwd_prologue(WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr):
+    """What every backward kernel opens with: the check that its compile-time window WH x WW holds N tokens,
+    and the program's index on axis 0 (its block, tile or group of windows, by kernel) and its head (every
+    backward launch puts the heads on axis 1). The window comes as constexpr arguments: unpacked from the
+    `layout` tuple, its entries would not be compile-time values to tl.static_assert. (The channel axis,
+    `_channels`, stays where each kernel computed it: computed before the rows' `tl.arange`, it reorders the
+    generated code.)"""
+    tl.static_assert(N == WH * WW)
+    return tl.program_id(0), tl.program_id(1)
 
 
 @triton.jit
@@ -89,17 +103,16 @@ def _window_attention_bwd_stats_kernel(
     the exact gradient), would not cancel. delta is summed over the row of P * dP rather than taken as
     rowsum(dO * O): O was rounded to the projection's dtype when stored, so an fp16 O would put its rounding
     into every gradient."""
-    tl.static_assert(N == WH * WW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+    i_pid, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
-    i_pid, i_h = tl.program_id(0), tl.program_id(1)
     pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_M] query rows
     i_b, i_w, i_w2 = pair
-    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
     rows_m = _window_rows(o_m, i_w2, grid, layout)
@@ -154,18 +167,17 @@ def _window_attention_bwd_dq_kernel(
     ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
 ):
     """dq for BLOCK_M query rows of one window and head; padded query rows have no output, hence no dq."""
-    tl.static_assert(N == WH * WW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+    i_pid, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     MASK_M: tl.constexpr = N % BLOCK_M != 0
-    i_pid, i_h = tl.program_id(0), tl.program_id(1)
     pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_M] query rows
     i_b, i_w, i_w2 = pair
-    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
     proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
@@ -214,18 +226,17 @@ def _window_attention_bwd_dkdv_kernel(
     """dk and dv for BLOCK_N key rows of one window and head. Every token is a key of exactly one window,
     so rows are stored, not accumulated; with a bias, padded key rows go to their own slot of DPAD
     (B, NUM_PAD, 2C: dk then dv), which the host sums into the k/v bias gradients."""
-    tl.static_assert(N == WH * WW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+    i_pid, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     NUM_N: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     MASK_M: tl.constexpr = N % BLOCK_M != 0
-    i_pid, i_h = tl.program_id(0), tl.program_id(1)
     pair, o_n, m_n = _block_of(i_pid, NUM_N, BLOCK_N, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_N] key rows
     i_b, i_w, i_w2 = pair
-    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
     proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
@@ -289,7 +300,11 @@ def _window_attention_bwd_dbias_kernel(
     """Partial gradients of the (heads, N, N) bias table and of the scale, summed over one group of
     WINDOWS_PER_GROUP consecutive (image, window) pairs in a fixed order: DBIAS (groups, heads, N, N) and
     DSCALE (groups, heads, tiles). The host sums the groups, so the reduction is deterministic."""
-    tl.static_assert(N == WH * WW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+    i_tile, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
+    i_g = tl.program_id(2)
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     NUM_TN: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -297,10 +312,6 @@ def _window_attention_bwd_dbias_kernel(
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     MASK_M: tl.constexpr = N % BLOCK_M != 0
-    i_tile, i_h, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
-    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     grads = (DOUT, stride_do_b, stride_do_t, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS)
     # [BLOCK_M], [BLOCK_N]
     o_m = (i_tile // NUM_TN) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -376,7 +387,10 @@ def _window_attention_bwd_fused_kernel(
     (groups, heads). The host sums the groups in a fixed order: no atomics, deterministic.
     The bias tile is the same for every window of the program; it is loaded per window, expected to hit
     L1/L2 after the first (an estimate until a GPU measures it)."""
-    tl.static_assert(N == WH * WW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+    i_g, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     tl.static_assert(BLOCK_M == BLOCK_N)  # one block holds the window, as queries and as keys
     BLOCK: tl.constexpr = BLOCK_M
     tl.static_assert(N <= BLOCK)
@@ -387,10 +401,6 @@ def _window_attention_bwd_fused_kernel(
     EVEN: tl.constexpr = N == BLOCK
     MASK_N: tl.constexpr = N != BLOCK
     DQS: tl.constexpr = NEED_DQ or NEED_TABLE  # dqs = dS kn: dq, and the scale's gradient
-    i_g, i_h = tl.program_id(0), tl.program_id(1)
-    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
-    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
-    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
     # [BLOCK]: the window's positions, as query rows and as key columns
     o_n = tl.arange(0, BLOCK)
@@ -457,99 +467,56 @@ def _window_attention_bwd_fused_kernel(
         tl.store(DSCALE + i_g * NUM_HEADS + i_h, tl.sum(b_dscale, axis=0))
 
 
-def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometry: WindowGeometry):
-    """Run the first backward kernel. Returns the geometry, the backward's tile flags, the clamped scale and
-    the launch arguments every backward kernel shares, whose STATS (B, heads, nW * N * 2: (row max, log row
-    sum) pairs) and DELTA (B, H*W, heads) it has filled."""
+def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims: LaunchDims, pad_order: str,
+                         mask_value: float):
+    """Run the first backward kernel. Returns the backward's tile flags, the clamped scale and the launch
+    arguments every backward kernel shares, whose STATS (B, heads, nW * N * 2: (row max, log row sum) pairs)
+    and DELTA (B, H*W, heads) it has filled."""
     B, L, C3 = qkv.shape
-    num_heads = geometry.num_heads
-    g = _geometry(qkv, geometry)
-    scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
+    num_heads = dims.NUM_HEADS
+    scale, table, bias = small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    flags = _flags(qkv, qkv_bias, geometry.pad_order, C3 // 3 // num_heads, g, backward=True)
-    stats = torch.empty((B, num_heads, g.NUM_WINDOWS * g.N * 2), device=qkv.device, dtype=scale.dtype)
+    flags = launch_flags(qkv, qkv_bias, pad_order, C3 // 3 // num_heads, dims, backward=True)
+    stats = torch.empty((B, num_heads, dims.NUM_WINDOWS * dims.N * 2), device=qkv.device, dtype=scale.dtype)
     delta = torch.empty((B, L, num_heads), device=qkv.device, dtype=scale.dtype)
     common = dict(QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, STATS=stats,
                   DELTA=delta, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
                   stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L,
-                  mask_value=geometry.mask_value, **g._asdict(), **flags)
+                  mask_value=mask_value, **dims._asdict(), **flags)
     if B > 0:
         # every token is the query of exactly one window row: each delta is written once
-        _window_attention_bwd_stats_kernel[(B * g.NUM_WINDOWS * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
-            **common)
-    return g, flags, scale, common
+        _window_attention_bwd_stats_kernel[(B * dims.NUM_WINDOWS * triton.cdiv(dims.N, flags["BLOCK_M"]),
+                                            num_heads)](**common)
+    return flags, scale, common
 
 
-# The fused backward (one kernel, `_window_attention_bwd_fused_kernel`) serves fp16/bf16 windows of at most
-# FUSED_MAX_N tokens with channel tiles of at most FUSED_MAX_BLOCK_D: one program holds a whole window's
-# [BLOCK, BLOCK] score tiles. Not served (the four kernels run): larger windows and head dims; fp32/fp64 (IEEE
-# fp32 dots keep their operands in registers: the 64-token block spills 800 B and more on sm_80 and sm_90);
-# windows of 33 to 63 tokens (window 7's N = 49 in a masked 64-token block spills 12 to 140 B with triton 3.6 on
-# shifted and padded grids, sm_80 and sm_90; none with 3.8). Served: the published window 8 (N = 64), the
-# tiny windows (N <= 32, 16- or 32-token blocks).
-FUSED_MAX_N = 64
-FUSED_MAX_BLOCK_D = 32
-FUSED_DTYPES = (torch.float16, torch.bfloat16)
-# Programs the fused backward aims at (about 4 per SM of an H200's 132): (image, window) pairs are grouped per
-# head so that the launch has about this many programs; more windows per group store the table's partial sum
-# fewer times.
-FUSED_PROGRAMS = 512
-
-
-def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether the backward of windows of n tokens, heads of head_dim channels and a projection in `dtype` runs
-    as the one fused kernel (else the statistics, dq, dk/dv and table kernels)."""
-    return (dtype in FUSED_DTYPES and n <= FUSED_MAX_N and channel_block(head_dim) <= FUSED_MAX_BLOCK_D
-            and (n <= 32 or n == fused_block(n)))
-
-
-def fused_block(n: int) -> int:
-    """The fused kernel's tile: n rounded up to a power of two, at least 16 (what tl.dot takes)."""
-    return max(16, 1 << (n - 1).bit_length())
-
-
-def fused_num_warps(n: int, dtype: torch.dtype) -> int:
-    """Warps per program of the fused kernel (compile_check: the registers without spills for sm_80 and
-    sm_90): 8 for the 64-token tile, 4 below."""
-    return 8 if fused_block(n) >= 64 else 4
-
-
-def backward_kernels(n: int, head_dim: int, dtype: torch.dtype):
-    """The short names of the kernels the backward launches for this window, head dim and projection dtype,
-    every gradient asked for."""
-    if fused_backward_applies(n, head_dim, dtype):
-        return ("bwd_fused",)
-    return ("bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
-
-
-def _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometry: WindowGeometry, need_qkv,
-                    need_bias, need_table_grads):
+def _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims: LaunchDims, pad_order: str,
+                    mask_value: float, need_qkv, need_bias, need_table_grads):
     """Launch the fused kernel. Returns (dqkv or None, dpad, d_table or None, d_scale or None) in the compute
     dtype (dqkv in the projection's)."""
     B, L, C3 = qkv.shape
-    num_heads = geometry.num_heads
+    num_heads = dims.NUM_HEADS
     head_dim = C3 // 3 // num_heads
-    g = _geometry(qkv, geometry)
-    scale, table, bias = _small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
+    scale, table, bias = small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
     cdt = scale.dtype
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    flags = _flags(qkv, qkv_bias, geometry.pad_order, head_dim, g, backward=True)
+    flags = launch_flags(qkv, qkv_bias, pad_order, head_dim, dims, backward=True)
     # one block per window; num_stages 1: no software pipelining of the window loop (prefetching the next
     # window's rows costs registers: spills on sm_80)
-    block = fused_block(g.N)
-    flags.update(BLOCK_M=block, BLOCK_N=block, num_warps=fused_num_warps(g.N, qkv.dtype), num_stages=1)
-    num_pad = g.HP * g.WP - g.H * g.W
+    block = fused_block(dims.N)
+    flags.update(BLOCK_M=block, BLOCK_N=block, num_warps=fused_num_warps(dims.N, qkv.dtype), num_stages=1)
+    num_pad = dims.num_pad
     pad_grads = need_bias and qkv_bias is not None and num_pad > 0
     need_dkv = need_qkv or pad_grads
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format) if need_dkv else None
     dpad = torch.empty((B, num_pad, 2 * (C3 // 3)) if pad_grads else (1,), device=qkv.device, dtype=cdt)
-    num_bw = B * g.NUM_WINDOWS
+    num_bw = B * dims.NUM_WINDOWS
     per_group = triton.cdiv(num_bw, max(1, FUSED_PROGRAMS // num_heads)) if num_bw else 1
     groups = triton.cdiv(num_bw, per_group)
-    d_table_parts = torch.empty((groups, num_heads, g.N, g.N) if need_table_grads else (1,), device=qkv.device,
-                                dtype=cdt)
+    d_table_parts = torch.empty((groups, num_heads, dims.N, dims.N) if need_table_grads else (1,),
+                                device=qkv.device, dtype=cdt)
     d_scale_parts = torch.empty((groups, num_heads) if need_table_grads else (1,), device=qkv.device, dtype=cdt)
     if B == 0:
         if dqkv is not None:
@@ -562,9 +529,9 @@ def _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometr
         DBIAS=d_table_parts, DSCALE=d_scale_parts, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
         stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), stride_dqkv_b=out.stride(0),
         stride_dqkv_t=out.stride(1), NUM_PAD=num_pad, NUM_BW=num_bw, WINDOWS_PER_GROUP=per_group,
-        mask_value=geometry.mask_value, NEED_DQ=need_qkv, NEED_DKV=need_dkv, NEED_PAD=pad_grads,
+        mask_value=mask_value, NEED_DQ=need_qkv, NEED_DKV=need_dkv, NEED_PAD=pad_grads,
         NEED_TABLE=need_table_grads,
-        **g._asdict(), **flags)
+        **dims._asdict(), **flags)
     if not need_table_grads:
         return dqkv, dpad, None, None
     # the groups summed in a fixed order (no atomics): deterministic
@@ -577,7 +544,12 @@ def window_attention_triton_backward(
     qkv_bias: Optional[torch.Tensor],
     logit_scale: torch.Tensor,
     position_bias: torch.Tensor,
-    geometry: WindowGeometry,
+    grid_size: Sequence[int],
+    num_heads: int,
+    window_size: Sequence[int],
+    shift_size: Sequence[int],
+    pad_order: str,
+    mask_value: float,
     *,
     need_qkv: bool = True,
     need_bias: bool = True,
@@ -585,28 +557,26 @@ def window_attention_triton_backward(
 ):
     """Gradients of the fused op: (d qkv, d qkv_bias, d logit_scale, d position_bias), each None when not
     asked for (`need_qkv`, `need_bias`, `need_table_grads` for the scale and the table together) or, for the
-    bias, when there is none. A gradient not asked for is neither computed nor allocated.
+    bias, when there is none. A gradient not asked for is neither computed nor allocated. The geometry is the
+    custom op's plain values, as `window_attention_triton_forward` takes them.
 
     P is recomputed (nothing N x N was stored). fp16/bf16 windows of 64 tokens or at most 32 (heads of at most
-    FUSED_MAX_BLOCK_D channels; see FUSED_MAX_N): one kernel per (group of windows, head) computes everything of
-    a window in one block (`_window_attention_bwd_fused_kernel`). Otherwise: the softmax statistics of every
-    window row and delta = rowsum(P * dP) per query row, in token layout; dq per query block (without
-    `need_qkv` not run); dk/dv per key block (padded keys to a per-position buffer, summed into the bias
-    gradient); the table and scale gradients per bias tile over groups of windows (without `need_table_grads`
-    not run). Partial sums over groups of windows are summed on the host in a fixed order: no atomics, every
-    reduction deterministic.
+    FUSED_MAX_BLOCK_D channels; see tiles.fused_backward_applies): one kernel per (group of windows, head)
+    computes everything of a window in one block (`_window_attention_bwd_fused_kernel`). Otherwise: the softmax
+    statistics of every window row and delta = rowsum(P * dP) per query row, in token layout; dq per query
+    block (without `need_qkv` not run); dk/dv per key block (padded keys to a per-position buffer, summed into
+    the bias gradient); the table and scale gradients per bias tile over groups of windows (without
+    `need_table_grads` not run). Partial sums over groups of windows are summed on the host in a fixed order:
+    no atomics, every reduction deterministic.
     """
     B, L, C3 = qkv.shape
-    num_heads = geometry.num_heads
+    dims = launch_dims(qkv, grid_size, num_heads, window_size, shift_size, pad_order)
     need_bias = need_bias and qkv_bias is not None
-    if fused_backward_applies(geometry.N, C3 // 3 // num_heads, qkv.dtype):
-        dqkv, dpad, d_table, d_scale = _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias,
-                                                       geometry, need_qkv, need_bias, need_table_grads)
-    else:
-        dqkv, dpad, d_table, d_scale = _unfused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias,
-                                                         geometry, need_qkv, need_bias, need_table_grads)
+    run = _fused_backward if fused_backward_applies(dims.N, C3 // 3 // num_heads, qkv.dtype) else _unfused_backward
+    dqkv, dpad, d_table, d_scale = run(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims, pad_order,
+                                       mask_value, need_qkv, need_bias, need_table_grads)
     cdt = dpad.dtype
-    num_pad = (geometry.padded_size[0] * geometry.padded_size[1] - geometry.grid[0] * geometry.grid[1])
+    num_pad = dims.num_pad
     d_logit_scale = None
     if need_table_grads:
         # d exp(min(x, log 100)) / dx = exp(x) below the bound and 0 above it; at exactly the bound, what the
@@ -627,15 +597,16 @@ def window_attention_triton_backward(
     return (dqkv if need_qkv else None), d_bias, d_logit_scale, (d_table if need_table_grads else None)
 
 
-def _unfused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometry: WindowGeometry, need_qkv,
-                      need_bias, need_table_grads):
+def _unfused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims: LaunchDims, pad_order: str,
+                      mask_value: float, need_qkv, need_bias, need_table_grads):
     """The four kernels (windows beyond the fused kernel's). Returns (dqkv or None, dpad, d_table or None,
     d_scale or None) as `_fused_backward`."""
     B, L, C3 = qkv.shape
-    num_heads = geometry.num_heads
-    g, flags, scale, common = _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, geometry)
+    num_heads = dims.NUM_HEADS
+    flags, scale, common = _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims,
+                                                pad_order, mask_value)
     cdt = scale.dtype
-    num_pad = g.HP * g.WP - g.H * g.W
+    num_pad = dims.num_pad
     # dk/dv also carry the k/v bias gradient (padded keys); dqkv is then scratch if the activation's is not asked
     run_dkdv = need_qkv or (need_bias and num_pad > 0)
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format) if run_dkdv else None
@@ -644,21 +615,21 @@ def _unfused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, geome
     dpad = torch.empty((B, num_pad, 2 * (C3 // 3)) if pad_grads else (1,), device=qkv.device, dtype=cdt)
     d_table = d_scale = None
     if B > 0:
-        num_bw = B * g.NUM_WINDOWS
+        num_bw = B * dims.NUM_WINDOWS
         if run_dkdv:
             strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
             if need_qkv:
-                _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_M"]), num_heads)](
+                _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(dims.N, flags["BLOCK_M"]), num_heads)](
                     DQKV=dqkv, **strides, **common)
-            _window_attention_bwd_dkdv_kernel[(num_bw * triton.cdiv(g.N, flags["BLOCK_N"]), num_heads)](
+            _window_attention_bwd_dkdv_kernel[(num_bw * triton.cdiv(dims.N, flags["BLOCK_N"]), num_heads)](
                 DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, **strides, **common)
         if need_table_grads:
-            num_tiles = triton.cdiv(g.N, flags["BLOCK_M"]) * triton.cdiv(g.N, flags["BLOCK_N"])
+            num_tiles = triton.cdiv(dims.N, flags["BLOCK_M"]) * triton.cdiv(dims.N, flags["BLOCK_N"])
             # Enough groups of windows to fill a GPU (about 1024 programs), each group a fixed range.
             groups = max(1, min(num_bw, 1024 // max(1, num_tiles * num_heads)))
             per_group = triton.cdiv(num_bw, groups)
             groups = triton.cdiv(num_bw, per_group)
-            d_table_parts = torch.empty((groups, num_heads, g.N, g.N), device=qkv.device, dtype=cdt)
+            d_table_parts = torch.empty((groups, num_heads, dims.N, dims.N), device=qkv.device, dtype=cdt)
             d_scale_parts = torch.empty((groups, num_heads, num_tiles), device=qkv.device, dtype=cdt)
             _window_attention_bwd_dbias_kernel[(num_tiles, num_heads, groups)](
                 DBIAS=d_table_parts, DSCALE=d_scale_parts, NUM_BW=num_bw, WINDOWS_PER_GROUP=per_group, **common)

@@ -1,31 +1,32 @@
 """Tile sweep on a GPU: time the candidate tile configurations at the benchmark shapes and record the fastest.
 
-    python -m swinv2_fast.kernels.sweep OUT_DIR [--budget SECONDS]    # writes OUT_DIR/tuned_tiles.json
+    python -m tools.sweep OUT_DIR [--budget SECONDS]    # writes OUT_DIR/tuned_tiles.json (from the repository root)
 
-The candidates live in one table (CANDIDATES), today's defaults among them, so a pick is never slower than
+The candidates live in one table (CANDIDATES), the launches' defaults among them, so a pick is never slower than
 the default at the shape it was timed on. The forward and the backward are swept separately; a backward
 candidate sets the tiles of all four backward kernels together (they share one tile shape: the
 probabilities they recompute are then bitwise the same). Each configuration is timed with
 `triton.testing.do_bench` after a warm-up launch that compiles it. Shapes are swept in order until the
 budget (default 50 s) is spent; a shape is recorded only if all its candidates were timed.
 
-The result, committed as `kernels/tuned_tiles.json` (package data), is read by `block_config` and
+The result, committed as `kernels/tuned_tiles.json` (package data of swinv2_fast.kernels), is read by `block_config` and
 `register_cap` on a CUDA device (never under the interpreter, whose tests keep one fixed configuration):
 entries keyed "<dtype>/hd<head_dim>/N<n>/<fwd|bwd>" -> [BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages]
 (a malformed entry raises, naming the file and the key). A recorded entry passes num_stages to the launch;
 without a record the launch passes none (Triton's default, 3 on CUDA) and the tiles and register cap are
-the tables' (the defaults: the best-scoring candidates of the static cost report, compile_check --cost).
+the tables' (the defaults: the best-scoring candidates of the static cost report,
+`python -m tools.compile_check --cost`).
 
 Spills: the warm-up launch returns each kernel's CompiledKernel (JITFunction.run returns it in triton 3.6
-and 3.8); the sweep reads the spill bytes of its cubin as the spill gate does (`cost.resource_usage`:
+and 3.8); the sweep reads the spill bytes of its cubin as the spill gate does (`launches.resource_usage`:
 local-memory stores and loads in the SASS) and rejects a candidate that spills at that shape (logged).
 
 The backward candidates set the four-kernel backward's tiles. Where the one fused backward kernel runs
 (`fused_backward_applies`: fp16/bf16 windows of 64 tokens or at most 32, head dims up to 32) it fixes its own
 tiles, warps and num_stages=1, so a "bwd" candidate changes nothing there: the sweep times no "bwd" candidate
 at such a shape, says so in its log and records nothing for it (SHAPES' N = 64 rows record "fwd" only).
-Every candidate compiles without spills at SHAPES for sm_80 and sm_90 where the sweep tries it, with triton
-3.8 and 3.6 (`compile_check --candidates`; a register-capped candidate is tried only where `register_cap`
+Every candidate compiles without spills at SHAPES for sm_80 and sm_90 where the sweep tries it
+(`python -m tools.compile_check --candidates`; a register-capped candidate is tried only where `register_cap`
 caps at its budget: `candidate_applies`).
 """
 from __future__ import annotations
@@ -38,16 +39,24 @@ import sys
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from swinv2_fast.kernels import tiles
+from swinv2_fast.kernels.geometry import WindowGeometry
+from swinv2_fast.kernels.launch import device_arch
+from swinv2_fast.kernels.tiles import INTERPRETED, MAXNREG, fused_backward_applies, register_cap
+from swinv2_fast.kernels.triton_backward import window_attention_triton_backward
+from swinv2_fast.kernels.triton_forward import window_attention_triton_forward
+
+from .launches import _short, _torch_dtype, cubin_listings, replaced_kernels, resource_usage
+
 # (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages). The defaults of block_config/register_cap are among them
-# with num_stages 3, what today's launches get without passing any (Triton's default on CUDA): the forward's
+# with num_stages 3, what the launches get without passing any (Triton's default on CUDA): the forward's
 # (64, 64, 4, 255), (64, 64, 4, 128) (N = 64 on sm_90) and (128, 64, 8, 128) (N % 128 == 0 on sm_90), the
 # backward's (64, 32, 8, 255). num_stages variants of those: 2 and 1 (no software pipelining: fewer live
 # registers) of the forward, whose key-block loop at N >= 144 streams several blocks (at N <= 64 one block:
 # the variants then pipeline only the loop over the program's windows), and of the backward's shared tiles.
-# Removed (compile_check --candidates): the forward's (128, 64, 4, 255, 3), which spills at N = 144 (triton
-# 3.8: 96 B on sm_90, 48 B on sm_80; triton 3.6: 32 B on sm_80) and at N = 576 (triton 3.6: 32 B on sm_80, 8 B
-# on sm_90): 128 query rows over 4 warps hold too many live values at 255 registers; and the backward's
-# (64, 64, 8, 255, 3), whose bias-table kernel spills 24 B on sm_80 at N = 144 with triton 3.6.
+# A candidate that spills at a sweep shape on sm_80 or sm_90 with a supported Triton is not in the table
+# (`python -m tools.compile_check --candidates`; the committed rows: benchmarks/results/
+# compile_check_candidates.txt): e.g. 128 query rows over 4 warps at 255 registers hold too many live values.
 CANDIDATES: Dict[str, List[Tuple[int, int, int, int, int]]] = {
     "fwd": [(64, 64, 4, 255, 3), (128, 64, 8, 128, 3), (64, 32, 4, 255, 3), (128, 64, 8, 255, 3),
             (64, 64, 8, 255, 3),
@@ -64,8 +73,6 @@ def candidate_applies(config, n: int, head_dim: int, dtype, backward: bool, arch
     register-capped one only where `register_cap` itself caps at that budget (the 16-bit forward at N = 64 or
     N % 128 == 0 on sm_90 with triton 3.8; elsewhere a 128-register cap spills: see register_cap). Asked with no
     override set for that shape (register_cap would return the override's budget)."""
-    from .triton_window_attention import MAXNREG, register_cap
-
     return config[3] >= MAXNREG or register_cap(n, head_dim, dtype, backward, arch) == config[3]
 
 
@@ -95,8 +102,6 @@ def entry_key(dtype: str, head_dim: int, n: int, direction: str) -> str:
 def _inputs(shape: SweepShape, dtype, device):
     import torch
 
-    from .geometry import WindowGeometry
-
     C = shape.heads * shape.head_dim
     n = shape.window * shape.window
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -119,8 +124,6 @@ def _do_bench(fn) -> float:
 def capturing_launches():
     """Launch as usual, and collect (kernel short name, what the launch returned) for each launch of a
     `*_kernel` global of the kernel modules: the CompiledKernel on a GPU (triton 3.6 and 3.8)."""
-    from .cost import _short, replaced_kernels
-
     captured: List[Tuple[str, object]] = []
 
     class _Capture:
@@ -139,9 +142,7 @@ def capturing_launches():
 
 
 def compiled_spill_bytes(compiled) -> int:
-    """Spill bytes of a CompiledKernel's cubin, as the spill gate counts them (`cost.resource_usage`)."""
-    from .cost import cubin_listings, resource_usage
-
+    """Spill bytes of a CompiledKernel's cubin, as the spill gate counts them (`launches.resource_usage`)."""
     return resource_usage(*cubin_listings(compiled.asm["cubin"]))[1]
 
 
@@ -166,21 +167,18 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
     runs the warm-up launch fn and returns {kernel: spill bytes}; a candidate with spills is not timed."""
     import torch
 
-    from . import triton_window_attention as tk
-    from .compile_check import _torch_dtype
-    from .triton_window_attention_backward import fused_backward_applies, window_attention_triton_backward
-
     candidates = candidates or CANDIDATES
     dtype = _torch_dtype(dtype_name)
-    arch = tk._arch(torch.empty(0, device=device))
+    arch = device_arch(torch.empty(0, device=device))
     start = time.monotonic()
     entries: Dict[str, list] = {}
     for shape in shapes:
         qkv, bias, logit_scale, table, grad_out, geometry = _inputs(shape, dtype, device)
         n = shape.window * shape.window
         runs = {
-            "fwd": lambda: tk.window_attention_triton_forward(qkv, bias, logit_scale, table, geometry),
-            "bwd": lambda: window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, geometry),
+            "fwd": lambda: window_attention_triton_forward(qkv, bias, logit_scale, table, *geometry.as_op_args()),
+            "bwd": lambda: window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table,
+                                                            *geometry.as_op_args()),
         }
         for direction, fn in runs.items():
             key = entry_key(dtype_name, shape.head_dim, n, direction)
@@ -197,7 +195,7 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
                     log(f"sweep: {key} {tuple(config)} not tried: its register cap spills at this shape on "
                         f"sm_{arch} (register_cap)")
                     continue
-                tk.TILE_OVERRIDES[key] = tuple(config)
+                tiles.TILE_OVERRIDES[key] = tuple(config)
                 try:
                     spills = spill_reader(fn)  # the warm-up launch: compiles
                     torch.cuda.synchronize() if device == "cuda" else None
@@ -210,7 +208,7 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
                 except Exception as exc:  # a candidate that does not compile or launch is not a pick
                     log(f"sweep: {key} {config} failed: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
                 finally:
-                    del tk.TILE_OVERRIDES[key]
+                    del tiles.TILE_OVERRIDES[key]
             if not times:
                 log(f"sweep: {shape.name} {key}: no candidate timed; nothing recorded")
                 continue
@@ -239,10 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from .triton_window_attention import INTERPRETED
-
     if INTERPRETED or not torch.cuda.is_available():
-        print("swinv2_fast.kernels.sweep: needs a CUDA device and compiled kernels (TRITON_INTERPRET unset); "
+        print("tools.sweep: needs a CUDA device and compiled kernels (TRITON_INTERPRET unset); "
               "nothing written", file=sys.stderr)
         return 2
     os.makedirs(args.out_dir, exist_ok=True)

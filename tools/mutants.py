@@ -1,4 +1,4 @@
-"""The curated mutants of `python -m tests.mutation`: one plausible one-line bug each, the tests that must
+"""The curated mutants of `python -m tools.mutation`: one plausible one-line bug each, the tests that must
 catch it, and why it matters. A mutant is an exact text snippet of one file and its replacement (or tuples of
 variants of the same edit, for successive versions of a file being restructured); the harness requires one
 variant to occur exactly once (otherwise the mutant is an ERROR: the code moved, update the snippet), applies
@@ -19,8 +19,10 @@ class Mutant(NamedTuple):
     reason: str
 
 
-KERNEL = "kernels/triton_window_attention.py"
-KERNEL_BACKWARD = "kernels/triton_window_attention_backward.py"
+KERNEL = "kernels/triton_forward.py"
+KERNEL_COMMON = "kernels/triton_common.py"
+KERNEL_LAUNCH = "kernels/launch.py"
+KERNEL_BACKWARD = "kernels/triton_backward.py"
 FWD = "tests/test_triton_forward.py"
 BWD = "tests/test_triton_backward.py"
 
@@ -95,22 +97,22 @@ MUTANTS = [
            ("tests/test_convert.py", "-x"),
            "timm's v bias converted onto the query bias"),
     # ------------------------------------------------------------------------------- forward kernel
-    Mutant("kernel-window-row-uses-wh", KERNEL,
+    Mutant("kernel-window-row-uses-wh", KERNEL_COMMON,
            "o_py = i_wy * WH + o_pos // WW",
            "o_py = i_wy * WH + o_pos // WH",
            (f"{FWD}::test_forward_matches_reference_fp32", "-k", "w3x5 or w6x4 or w4x5"),
            "per-axis windows: the row of a window position divides by the window's width"),
-    Mutant("kernel-shift-region-wrong-axis", KERNEL,
+    Mutant("kernel-shift-region-wrong-axis", KERNEL_COMMON,
            "(o_py >= HP - SH).to(tl.int32)",
            "(o_py >= HP - SW).to(tl.int32)",
            (f"{FWD}::test_forward_matches_reference_fp32", "-k", "w3x5 or w6x4"),
            "shift-mask regions along y must use the y shift"),
-    Mutant("kernel-mask-value-hard-coded", KERNEL,
+    Mutant("kernel-mask-value-hard-coded", KERNEL_COMMON,
            "b_s += tl.where(o_reg_m[:, None] != o_reg_n[None, :], mask_value, 0.0)",
            "b_s += tl.where(o_reg_m[:, None] != o_reg_n[None, :], -100.0, 0.0)",
            (f"{FWD}::test_mask_value_minus_100_and_minus_200_are_told_apart",),
            "the kernel must add the mask value it is given (-200 for transformers)"),
-    Mutant("kernel-no-shift-mask", KERNEL,
+    Mutant("kernel-no-shift-mask", KERNEL_COMMON,
            "b_s += tl.where(o_reg_m[:, None] != o_reg_n[None, :], mask_value, 0.0)",
            "b_s += tl.where(o_reg_m[:, None] != o_reg_n[None, :], 0.0, 0.0)",
            (f"{FWD}::test_forward_matches_reference_fp32", "-k", "w4s2 or w7s3"),
@@ -125,17 +127,17 @@ MUTANTS = [
            "i_wx = in_last_row * i_k + (1 - in_last_row) * (NUM_WX - 2)",
            (f"{FWD}::test_forward_matches_reference_fp32", "-k", "w4s2 or w7s3"),
            "the border launch covers the last window column (and row): every window runs exactly once"),
-    Mutant("kernel-pad-order-swapped", KERNEL,
+    Mutant("kernel-pad-order-swapped", KERNEL_LAUNCH,
            ("ROLL_THEN_PAD=padded and pad_order == ROLL_THEN_PAD,", "ROLL_THEN_PAD=pad_order == ROLL_THEN_PAD,"),
            ("ROLL_THEN_PAD=padded and pad_order != ROLL_THEN_PAD,", "ROLL_THEN_PAD=pad_order != ROLL_THEN_PAD,"),
            (f"{FWD}::test_forward_matches_reference_fp32", "-k", "padded"),
            "transformers pads then rolls, timm rolls then pads"),
-    Mutant("kernel-logit-scale-unclamped", KERNEL,
+    Mutant("kernel-logit-scale-unclamped", KERNEL_LAUNCH,
            "torch.clamp(logit_scale.detach().reshape(num_heads).to(cdt), max=LOGIT_SCALE_MAX).exp()",
            "logit_scale.detach().reshape(num_heads).to(cdt).exp()",
            (f"{FWD}::test_logit_scale_above_the_clamp",),
            "exp(min(logit_scale, log 100)): the clamp"),
-    Mutant("kernel-position-bias-transposed", KERNEL,
+    Mutant("kernel-position-bias-transposed", KERNEL_COMMON,
            ("p_bias = P_BIAS_H + o_m[:, None] * N + o_n[None, :]", "tl.load(P_BIAS_H + o_m[:, None] * N + o_n[None, :]"),
            ("p_bias = P_BIAS_H + o_n[None, :] * N + o_m[:, None]", "tl.load(P_BIAS_H + o_n[None, :] * N + o_m[:, None]"),
            (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
@@ -145,7 +147,7 @@ MUTANTS = [
            "b_acc = b_acc + _dot(",
            (f"{FWD}::test_forward_matches_reference_fp32", "-k", "w7s3 or w12"),
            "the online softmax rescales what was accumulated under an older row max (several key blocks)"),
-    Mutant("kernel-padded-rows-read-zero", KERNEL,
+    Mutant("kernel-padded-rows-read-zero", KERNEL_COMMON,
            "p_rows = tl.where(m_pad[:, None], P_BIAS + o_d[None, :], p_rows)\n"
            "        return tl.load(p_rows, mask=_tile_mask(m_rows, m_d), other=0.0)",
            "return tl.load(p_rows, mask=_tile_mask(m_rows & ~m_pad, m_d), other=0.0)",
@@ -208,7 +210,7 @@ MUTANTS = [
            "b_pdp, mask=m_real_m)",
            (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
            "delta = rowsum(P * dP) needs the softmax's normalisation"),
-    Mutant("kernel-padded-channels-unmasked", KERNEL,
+    Mutant("kernel-padded-channels-unmasked", KERNEL_COMMON,
            "    return o_d, o_d < HEAD_DIM\n",
            "    return o_d, o_d < HEAD_DIM + 1\n",  # one channel too many: in bounds, no crash
            (f"{FWD}::test_forward_any_head_dim", "-k", "h2d10"),
@@ -250,7 +252,7 @@ MUTANTS = [
            'padded keys carry the k/v bias gradient'),
     # ----------------------------------------------------------------------------------------- dispatch
     Mutant("dispatch-auto-ignores-head-dim", "swinv2_fast/functional.py",
-           "usable = qkv.is_cuda and triton_available() and _kernel_module().head_dim_supported(head_dim)",
+           "usable = qkv.is_cuda and triton_available() and tiles.head_dim_supported(head_dim)",
            "usable = qkv.is_cuda and triton_available()",
            ("tests/test_dispatch.py",),
            "'auto' must not send head dims without a kernel build to the kernels"),

@@ -1,13 +1,13 @@
 """Mutation harness: does the test suite catch plausible one-line bugs?
 
-    python -m tests.mutation                 # every mutant of tests/mutants.py
-    python -m tests.mutation -k kernel       # the mutants whose name contains "kernel"
-    python -m tests.mutation --list          # names, files and reasons
-    python -m tests.mutation --baseline      # first run every mutant's tests on the unmutated copy
-    python -m tests.mutation --check         # only check that every snippet still occurs exactly once
-    python -m tests.mutation --rev HEAD      # mutate the last commit instead of the working tree
+    python -m tools.mutation                 # every mutant of tools/mutants.py
+    python -m tools.mutation -k kernel       # the mutants whose name contains "kernel"
+    python -m tools.mutation --list          # names, files and reasons
+    python -m tools.mutation --baseline      # first run every mutant's tests on the unmutated copy
+    python -m tools.mutation --check         # only check that every snippet still occurs exactly once
+    python -m tools.mutation --rev HEAD      # mutate the last commit instead of the working tree
 
-Each mutant (tests/mutants.py) replaces one exact snippet of one file, in a temporary copy of the repository
+Each mutant (tools/mutants.py) replaces one exact snippet of one file, in a temporary copy of the repository
 (the working tree is never touched), then runs the tests that should catch it with `pytest -x` and a time
 limit. The copy is what Python imports: PYTHONPATH points at it and `swinv2_fast/kernels` links to its
 `kernels/` (the editable install maps the package to the original checkout otherwise); the harness checks
@@ -20,7 +20,8 @@ that before any mutant runs. One line per mutant:
               run the tests (collection error, usage error; not counted as killed)
 
 and a last line `mutants: <killed> killed of <total>`. Exit status 0 only if every mutant was killed.
-Run it before resolving a kernel or model change; it takes about 7 minutes on 2 cores with --jobs 2.
+Run it from the repository root before resolving a kernel or model change (minutes; --jobs runs mutants
+side by side).
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from .mutants import MUTANTS, Mutant
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutants import MUTANTS, Mutant  # noqa: E402
 
 SKIP_DIRS = {".git", ".venv", ".hypothesis", "__pycache__", ".pytest_cache", "swinv2_fast.egg-info"}
 
@@ -162,7 +163,7 @@ def run_mutant(mutant: Mutant, files, timeout: float, workdir: Path, rev: str | 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.mutation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.mutation", description=__doc__.split("\n\n")[0])
     parser.add_argument("-k", dest="select", default="", help="run the mutants whose name contains this")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("MUTATION_JOBS", "1")),

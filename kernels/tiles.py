@@ -1,0 +1,255 @@
+"""The fused kernels' policy, without Triton: what they serve, which tiles and options each launch takes, and
+which backward kernels run.
+
+Plain Python and torch only, so that the dispatch (swinv2_fast/functional.py) asks its questions here at
+import time on any machine, Triton installed or not; the Triton files (triton_forward.py, triton_backward.py)
+and the launch arguments (launch.py) read their tiles from here.
+
+- Capability: `head_dim_supported` / `MAX_HEAD_DIM`, `fused_backward_supported`, `INTERPRETED`.
+- Tiles: the forward's and the backward's tables, `block_config`, `launch_stages`, `register_cap` /
+  `MAXNREG`, `channel_block`; a GPU tile sweep's record (`TUNED_TILES_PATH`, `load_tuned_tiles`) and the
+  overrides the sweep sets while it times a candidate (`TILE_OVERRIDES`).
+- The fused backward's rule: `fused_backward_applies` and its tile (`fused_block`, `fused_num_warps`), and
+  `backward_kernels`, the kernels a backward launches.
+
+The registers and spill bytes behind each table are in the committed compile-check tables
+(benchmarks/results/compile_check.txt, compile_check_candidates.txt; `python -m tools.compile_check`), their
+costs in benchmarks/results/cost_report.txt (`python -m tools.compile_check --cost`).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "MAX_HEAD_DIM", "head_dim_supported", "channel_block", "INTERPRETED", "fused_backward_supported",
+    "MAXNREG", "block_config", "launch_stages", "register_cap",
+    "TUNED_FIELDS", "TILE_OVERRIDES", "TUNED_TILES_PATH", "tuned_entry", "load_tuned_tiles",
+    "FUSED_MAX_N", "FUSED_MAX_BLOCK_D", "FUSED_DTYPES", "FUSED_PROGRAMS", "fused_backward_applies", "fused_block",
+    "fused_num_warps", "backward_kernels",
+]
+
+# The head dims the kernels serve: every one from 1 to MAX_HEAD_DIM. The kernels' channel tiles are BLOCK_D =
+# channel_block(head_dim) wide, a power of two of at least 16 (tl.arange and tl.dot need one); a head dim
+# below it (10, 24, 30, 48, 96, ...) runs masked in that tile. This is the rule the dispatch asks
+# (swinv2_fast.functional): stated here only.
+MAX_HEAD_DIM = 128
+
+
+def head_dim_supported(head_dim: int) -> bool:
+    """Whether the fused kernels run heads of `head_dim` channels (1 to MAX_HEAD_DIM)."""
+    return 1 <= head_dim <= MAX_HEAD_DIM
+
+
+def channel_block(head_dim: int) -> int:
+    """BLOCK_D, the kernels' channel tile for `head_dim`: the next power of two, at least 16."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+# Whether the kernels run under Triton's interpreter (CPU tensors), read once, when swinv2_fast is imported.
+# Triton reads the same variable when it decorates a kernel, i.e. when the Triton files are imported; they
+# refuse to import under another value than this one (triton_common.py), so the dispatch and the kernels
+# never disagree.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# (BLOCK_M, BLOCK_N, num_warps) per channel tile BLOCK_D = channel_block(head_dim), chosen with the compile
+# check as the largest tiles that compile without register spills for sm_80 and sm_90 (registers in the
+# compile-check table). A window of N tokens takes ceil(N / BLOCK_M) query blocks and streams ceil(N / BLOCK_N)
+# key blocks; a tile that does not divide N is masked. The 16-bit forward at head_dim <= 32 picks its tiles by
+# N (_forward_tiles_16bit).
+_TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)}
+_TILES_FP32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (16, 16, 8), 128: (16, 16, 8)}
+_TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 4)}
+# The backward kernels (dq, dk/dv, bias table and scale) hold more live tiles: their own table, from the
+# same compile check. fp32 backward with head_dim 64 or 128 has no spill-free tile (IEEE fp32 dots keep
+# their operands in registers), and fp64 is a gradcheck dtype: on a GPU those go to the eager path by design
+# (`fused_backward_supported`); under the interpreter every dtype and head dim runs. The four backward
+# kernels share one tile shape: the probabilities they recompute are then bitwise the same.
+_BWD_TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 8), 64: (32, 16, 8), 128: (16, 32, 8)}
+_BWD_TILES_FP32 = {16: (32, 16, 8), 32: (16, 32, 8)}
+# Register budget per thread handed to ptxas (.maxnreg). Without it ptxas may cap 8-warp kernels at 128
+# registers and spill; 255 x 256 threads still fits one SM's 64K registers. Kernels that fit in 128
+# without spilling are capped there (twice the resident warps of 255): `register_cap`.
+MAXNREG = 255
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> str:
+    """The installed Triton's version string. Imported here, on first use (a launch, a compile check, a tuned
+    record read on a GPU), where Triton is needed anyway: at this module's import it would make the dispatch
+    need Triton."""
+    import triton
+
+    return triton.__version__
+
+
+def _triton_release() -> Tuple[int, int]:
+    """(major, minor) of the installed Triton."""
+    return tuple(int(part) for part in triton_version().split(".")[:2])
+
+
+def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
+    """The 16-bit forward at head_dim <= 32, by the static cost report (benchmarks/results/cost_report.txt):
+    64-wide key tiles everywhere (one key block at N <= 64); 128 query rows where they divide N (fewer
+    instructions per score at N = 256), 64 elsewhere (less padding waste at N = 49, 144, 576)."""
+    return (128, 64, 8) if n % 128 == 0 else (64, 64, 4)
+
+
+# Tiles set by the GPU tile sweep while it times a candidate (tools/sweep.py), then those it recorded
+# (kernels/tuned_tiles.json, read on a CUDA machine with compiled kernels only, of the architecture and Triton
+# version the sweep ran on: the current device's): "<dtype>/hd<head_dim>/N<n>/
+# <fwd|bwd>" -> (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages). Without a record or override the launch
+# gets the tables' tiles, `register_cap`'s budget and no num_stages (Triton's default, 3 on CUDA).
+TUNED_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "maxnreg", "num_stages")
+TILE_OVERRIDES: Dict[str, Tuple[int, int, int, int, int]] = {}
+TUNED_TILES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_tiles.json")
+
+
+def tuned_entry(value, where: str) -> Tuple[int, int, int, int, int]:
+    """One tuned configuration, checked: five positive integers in the order of TUNED_FIELDS."""
+    if (not isinstance(value, (list, tuple)) or len(value) != len(TUNED_FIELDS)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ValueError(f"{where}: expected {len(TUNED_FIELDS)} positive integers [{', '.join(TUNED_FIELDS)}], "
+                         f"got {value!r}")
+    return tuple(value)
+
+
+def load_tuned_tiles(path: str, arch: Optional[int] = None) -> Dict[str, Tuple[int, int, int, int, int]]:
+    """The entries of a tile sweep's record ({"arch": "sm_90", "triton": "3.6.0", "entries": {key: [BLOCK_M,
+    BLOCK_N, num_warps, maxnreg, num_stages]}, ...}); a malformed file or entry raises, naming the file and the
+    key. With `arch`, a record swept on another architecture or with another Triton gives no entries: its
+    picks (register caps above all) are only known to fit where they were timed and compiled."""
+    with open(path) as fh:
+        data = json.load(fh)
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: expected a JSON object with an \"entries\" object, got {str(data)[:200]}")
+    checked = {key: tuned_entry(value, f"{path}: entry {key!r}") for key, value in entries.items()}
+    if arch is not None and (data.get("arch") != f"sm_{arch}" or data.get("triton") != triton_version()):
+        return {}
+    return checked
+
+
+@functools.lru_cache(maxsize=None)
+def _recorded_tiles(arch: int) -> Dict[str, Tuple[int, int, int, int, int]]:
+    if INTERPRETED or not os.path.exists(TUNED_TILES_PATH):
+        return {}
+    return load_tuned_tiles(TUNED_TILES_PATH, arch)
+
+
+def _tuned(n: int, head_dim: int, dtype: torch.dtype, backward: bool,
+           arch: Optional[int] = None) -> Optional[Tuple[int, int, int, int, int]]:
+    """An override, else the record of sm_<arch> (the current CUDA device's when None), if either has the key."""
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype)
+    if name is None:
+        return None
+    key = f"{name}/hd{head_dim}/N{n}/{'bwd' if backward else 'fwd'}"
+    if key in TILE_OVERRIDES:
+        return tuned_entry(TILE_OVERRIDES[key], f"TILE_OVERRIDES[{key!r}]")
+    if INTERPRETED or not torch.cuda.is_available():
+        return None
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability()
+        arch = 10 * major + minor
+    return _recorded_tiles(arch).get(key)
+
+
+def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False,
+                 arch: Optional[int] = None) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for windows of n tokens, head_dim and the projection dtype, of the
+    forward kernel or of the backward kernels: a tile sweep's record for sm_<arch> (default: the current CUDA
+    device's) where there is one, else the tables."""
+    tuned = _tuned(n, head_dim, dtype, backward, arch)
+    if tuned is not None:
+        return tuned[:3]
+    block_d = channel_block(head_dim)
+    if dtype == torch.float64:
+        return _TILES_FP64[block_d]
+    if backward and dtype == torch.float32:
+        return _BWD_TILES_FP32.get(block_d, _TILES_FP32[block_d])  # beyond the table: interpreter only
+    if backward:
+        return _BWD_TILES_16BIT[block_d]
+    if dtype != torch.float32 and block_d <= 32:
+        return _forward_tiles_16bit(n)
+    return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[block_d]
+
+
+def launch_stages(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False,
+                  arch: Optional[int] = None) -> Optional[int]:
+    """num_stages for the launch: a tile sweep's record (as block_config's) or override where there is one,
+    else None (the launch passes none: Triton's default, 3 on CUDA)."""
+    tuned = _tuned(n, head_dim, dtype, backward, arch)
+    return None if tuned is None else tuned[4]
+
+
+def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: int = 90,
+                 padded: bool = False) -> int:
+    """ptxas's register budget per thread for the kernels of this configuration on sm_<arch>: 128 where that
+    compiles without spills, MAXNREG elsewhere. 128 for the 16-bit forward at head_dim 16 or 32 (channel
+    tiles without a mask) on sm_90 and later without padding, with Triton 3.8 or later, where its tiles divide
+    the window (n % 128 == 0, or n == 64: one key block, the bias tile held in registers across the program's
+    windows). Uncapped: sm_80, masked channel tiles, n = 49 (a masked tile), a padded grid and Triton before
+    3.8, whose builds spill at 128 (the spill bytes are in the compile check's candidate table,
+    benchmarks/results/compile_check_candidates.txt). A tile sweep's record for sm_<arch> or an override sets
+    its own."""
+    tuned = _tuned(n, head_dim, dtype, backward, arch)
+    if tuned is not None:
+        return tuned[3]
+    if not backward and dtype in (torch.float16, torch.bfloat16) and head_dim in (16, 32) \
+            and (n % 128 == 0 or n == 64) and arch >= 90 and not padded and _triton_release() >= (3, 8):
+        return 128
+    return MAXNREG
+
+
+def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the compiled backward kernels serve this head dim and dtype on a GPU (see the tile tables)."""
+    if not head_dim_supported(head_dim):
+        return False
+    if dtype == torch.float32:
+        return channel_block(head_dim) in _BWD_TILES_FP32
+    return dtype in (torch.float16, torch.bfloat16) and channel_block(head_dim) in _BWD_TILES_16BIT
+
+
+# The fused backward (one kernel, `_window_attention_bwd_fused_kernel`) serves fp16/bf16 windows of at most
+# FUSED_MAX_N tokens with channel tiles of at most FUSED_MAX_BLOCK_D: one program holds a whole window's
+# [BLOCK, BLOCK] score tiles. Not served (the four kernels run): larger windows and head dims; fp32/fp64 (IEEE
+# fp32 dots keep their operands in registers: the 64-token block spills on sm_80 and sm_90); windows of 33 to
+# 63 tokens (window 7's N = 49 in a masked 64-token block spills on shifted and padded grids with some Triton
+# releases). Served: the published window 8 (N = 64), the tiny windows (N <= 32, 16- or 32-token blocks).
+FUSED_MAX_N = 64
+FUSED_MAX_BLOCK_D = 32
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+# Programs the fused backward aims at (about 4 per SM of an H200's 132): (image, window) pairs are grouped per
+# head so that the launch has about this many programs; more windows per group store the table's partial sum
+# fewer times.
+FUSED_PROGRAMS = 512
+
+
+def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the backward of windows of n tokens, heads of head_dim channels and a projection in `dtype` runs
+    as the one fused kernel (else the statistics, dq, dk/dv and table kernels)."""
+    return (dtype in FUSED_DTYPES and n <= FUSED_MAX_N and channel_block(head_dim) <= FUSED_MAX_BLOCK_D
+            and (n <= 32 or n == fused_block(n)))
+
+
+def fused_block(n: int) -> int:
+    """The fused kernel's tile: n rounded up to a power of two, at least 16 (what tl.dot takes)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def fused_num_warps(n: int, dtype: torch.dtype) -> int:
+    """Warps per program of the fused kernel (compile_check: the registers without spills for sm_80 and
+    sm_90): 8 for the 64-token tile, 4 below."""
+    return 8 if fused_block(n) >= 64 else 4
+
+
+def backward_kernels(n: int, head_dim: int, dtype: torch.dtype):
+    """The short names of the kernels the backward launches for this window, head dim and projection dtype,
+    every gradient asked for."""
+    if fused_backward_applies(n, head_dim, dtype):
+        return ("bwd_fused",)
+    return ("bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")

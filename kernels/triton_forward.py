@@ -1,0 +1,297 @@
+"""Fused Swin V2 window attention in Triton: the forward of `window_attention_reference` (one kernel; a shifted grid
+runs it as two launches, the windows off the shifted border and the border windows) and its launcher. The
+helpers it shares with the backward kernels are in triton_common.py, its tiles in tiles.py, the launch
+integers and flags in launch.py; the custom ops over forward and backward are in op.py.
+
+Memory traffic. The eager chain reads and writes the whole activation at every step (pad, roll, partition,
+normalise, scores, bias, mask, softmax, product, reverse, roll back, crop). This kernel reads each q/k/v
+element of the projection once per query block that needs it, reads the (heads, N, N) bias table in the
+dtype it arrives in (a 16-bit model's table as it is; autocast's fp32 table as it is), each program its rows
+of it once for several windows (WINDOWS_PER_PROGRAM; see the kernel for how, and what is an estimate), and
+writes the output; nothing of size N x N reaches memory. The backward recomputes the softmax from q/k/v.
+
+One program handles BLOCK_M query rows of WINDOWS_PER_PROGRAM consecutive windows (of one image or the next),
+for one head; for each window:
+  1. Each row's source token comes from index arithmetic on the load: window -> shifted padded grid ->
+     reverse shift -> un-padded token, in either padding order (transformers pads then rolls; timm rolls
+     then pads). Rows that land on padding read the projection of a zero token: the q/k/v bias.
+  2. q and k rows are L2-normalised in fp32 (x / max(||x||, 1e-12)); q is multiplied by the clamped
+     logit scale (computed on the host: exp(min(logit_scale, log 100))).
+  3. Key blocks of the same window stream through an online softmax: scores + bias tile + shift mask (the
+     reference's finite value, from each token's shift region, computed here; no mask tensor is read).
+  4. Output rows are stored at the token they came from (window reverse, reverse shift and crop are the
+     store's addressing); padded rows are not stored.
+
+What is compile-time. The window's height, width and N, whether it is shifted and whether the grid is
+padded (then the padding order and whether there is a q/k/v bias) are constexprs: a model has a handful of
+windows, hence a handful of specialisations, and the per-score work has no `//` or `%` on runtime values
+(the roll is undone with one conditional subtraction), no shift mask in unshifted blocks, no key masking
+when the key tile divides N, no padding checks without padding. On a shifted grid the forward runs the
+windows off the shifted border (most of them) as a launch of its own without the shift mask, and the border
+windows apart. The forward takes exp(S - m) as 2^(S log2 e - m log2 e), one multiply-add per score, and
+compiled kernels take 2^x as the hardware's ex2.
+The cost of each kernel, counted from its SASS, is `python -m tools.compile_check --cost` (tools/cost.py;
+the committed table: benchmarks/results/cost_report.txt).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import LaunchDims, clamped_scale, compute_dtype, launch_dims, launch_flags, padding_token
+from .tiles import MAX_HEAD_DIM, head_dim_supported
+from .triton_common import (
+    LOG2E, _channels, _dot, _exp2, _in_window, _l2_normalize, _load_rows, _logits, _row_norm, _tile_mask,
+    _window_of, _window_rows,
+)
+
+__all__ = ["window_attention_triton_forward", "window_sets", "windows_per_program", "ALL_WINDOWS",
+           "INTERIOR_WINDOWS", "BORDER_WINDOWS", "FORWARD_WINDOWS_PER_PROGRAM"]
+
+
+@triton.jit
+def _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET: tl.constexpr):
+    """(image, window, (window row, column)) of the i_bw-th (image, window) pair of a launch over WINDOW_SET:
+    ALL_WINDOWS every window of the images; INTERIOR_WINDOWS those off the shifted border (not in the last row
+    or column: no shift mask there); BORDER_WINDOWS the last row, then the last column."""
+    if WINDOW_SET == 0:
+        return _window_of(i_bw, NUM_WINDOWS, NUM_WX)
+    NUM_WY = NUM_WINDOWS // NUM_WX
+    if WINDOW_SET == 1:
+        per_image = (NUM_WY - 1) * (NUM_WX - 1)
+        i_b, i_k = (i_bw // per_image).to(tl.int64), i_bw % per_image
+        i_wy, i_wx = i_k // (NUM_WX - 1), i_k % (NUM_WX - 1)
+    else:
+        per_image = NUM_WY + NUM_WX - 1
+        i_b, i_k = (i_bw // per_image).to(tl.int64), i_bw % per_image
+        in_last_row = (i_k < NUM_WX).to(tl.int32)
+        i_wy = in_last_row * (NUM_WY - 1) + (1 - in_last_row) * (i_k - NUM_WX)
+        i_wx = in_last_row * i_k + (1 - in_last_row) * (NUM_WX - 1)
+    return i_b, i_wy * NUM_WX + i_wx, (i_wy, i_wx)
+
+
+@triton.jit
+def _online_softmax_step_scaled(b_s, b_m):
+    """The forward's online softmax step on natural logits b_s, with the exponentials taken in base 2 as one
+    multiply-add per score, 2^(S log2 e - m log2 e): the new row max, the rescaling factor, 2^(...)."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    b_m_scaled = b_m_new * LOG2E
+    return b_m_new, _exp2(b_m * LOG2E - b_m_scaled), _exp2(b_s * LOG2E - b_m_scaled[:, None])
+
+
+@triton.jit
+def _stream_rows(P_QKV, P_BIAS, o_tok, m_rows, m_pad, cols, stride_t, HAS_BIAS: tl.constexpr):
+    """[ROWS, BLOCK_D] projection rows as `_load_rows` reads them, marked first to leave L1 (evict_first):
+    the forward reads each k/v row once per window, and the bias tiles it re-reads should stay."""
+    o_d, m_d = cols
+    p_rows = P_QKV + o_tok[:, None] * stride_t + o_d[None, :]
+    if HAS_BIAS:
+        p_rows = tl.where(m_pad[:, None], P_BIAS + o_d[None, :], p_rows)
+        return tl.load(p_rows, mask=_tile_mask(m_rows, m_d), other=0.0, eviction_policy="evict_first")
+    # [ROWS, BLOCK_D]
+    return tl.load(p_rows, mask=_tile_mask(m_rows & ~m_pad, m_d), other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _fwd_bias_tile(p_bias_m, o_n, m_m, m_n, EVEN: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] tile of one head's position-bias table at key columns o_n, from the rows' pointers
+    p_bias_m [BLOCK_M, 1], in the table's dtype, marked to stay in L1 (evict_last): the program's next window
+    reads the same tile."""
+    if EVEN:
+        return tl.load(p_bias_m + o_n[None, :], eviction_policy="evict_last")
+    return tl.load(p_bias_m + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0,
+                   eviction_policy="evict_last")
+
+
+@triton.jit
+def _window_attention_fwd_kernel(
+    QKV, QKV_BIAS, SCALE, POSITION_BIAS, OUT,
+    stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t,
+    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, NUM_BW,
+    mask_value,
+    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr, WINDOW_SET: tl.constexpr = 0,
+    WINDOWS_PER_PROGRAM: tl.constexpr = 1,
+):
+    """The output rows of BLOCK_M query rows of one head in WINDOWS_PER_PROGRAM consecutive (image, window)
+    pairs of WINDOW_SET (NUM_BW pairs in the launch; the last program may get fewer): program (row block of a
+    group of pairs, head). The window (WH x WW = N tokens) and whether it is shifted or padded are
+    compile-time constants: a model has a handful of windows, hence a handful of specialisations. A shifted
+    grid takes two launches: the windows off the shifted border, which have no shift mask (INTERIOR_WINDOWS),
+    and the border (BORDER_WINDOWS).
+
+    Reuse across the program's windows. The rows of the position-bias table a program reads are the same in
+    each of its windows (one head, one row block). With one key block (N <= BLOCK_N) the tile is loaded
+    once, before the windows, and stays in registers. With several key blocks the loop re-reads each tile per
+    window, marked evict_last, while the k/v rows stream through marked evict_first: the re-reads are meant
+    to hit L1 instead of L2. That L1 reuse (and so the traffic model's bias term divided by
+    WINDOWS_PER_PROGRAM) is an estimate until a GPU measures it: a (BLOCK_M, N) slice of the table must
+    stay resident beside the other programs on the SM (128 x 256 x 2 B = 64 KB for a 16-bit table).
+    k is normalised once per window and row block: once per window where one row block covers it
+    (N <= BLOCK_M, the windows of 7 and 8)."""
+    tl.static_assert(N == WH * WW)
+    tl.static_assert((WINDOW_SET == 0) | SHIFTED)
+    tl.static_assert(WINDOWS_PER_PROGRAM >= 1)
+    tl.static_assert(BLOCK_M % 16 == 0)
+    tl.static_assert(BLOCK_N % 16 == 0)
+    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
+    CDT: tl.constexpr = SCALE.dtype.element_ty  # compute dtype: fp32 (fp64 for fp64 inputs)
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty  # dot operand dtype
+    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    ONE_KEY_BLOCK: tl.constexpr = N <= BLOCK_N
+    i_pid, i_h = tl.program_id(0), tl.program_id(1)
+    i_first = (i_pid // NUM_M) * WINDOWS_PER_PROGRAM  # the program's first (image, window) pair
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
+    # [BLOCK_M]
+    o_m = (i_pid % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = _in_window(o_m, N, BLOCK_M)
+    b_scale = tl.load(SCALE + i_h)
+    p_qkv_h = QKV + i_h * HEAD_DIM
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    # [BLOCK_M, 1] the rows of this head's (N, N) table
+    p_bias_m = POSITION_BIAS + i_h * N * N + o_m[:, None] * N
+    if ONE_KEY_BLOCK:
+        # [BLOCK_M, BLOCK_N] the whole (row block, window) tile: loaded once for every window of the program
+        o_n0 = tl.arange(0, BLOCK_N)
+        b_bias_once = _fwd_bias_tile(p_bias_m, o_n0, m_m, _in_window(o_n0, N, BLOCK_N), EVEN)
+    for i_bw in range(i_first, tl.minimum(i_first + WINDOWS_PER_PROGRAM, NUM_BW)):
+        i_b, i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
+        p_qkv = p_qkv_h + i_b * stride_qkv_b
+        # [BLOCK_M] token, padding flag, shift region of the query rows
+        o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
+        # [BLOCK_M, BLOCK_D]: q times scale / max(||q||, 1e-12), one factor per row (the backward keeps the
+        # normalised q apart); natural logits; the softmax takes 2^x with log2(e) folded into the
+        # subtraction of the row max (one multiply-add per score)
+        b_q = _load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, cols, stride_qkv_t, HAS_BIAS).to(CDT)
+        b_qs = (b_q * (b_scale / _row_norm(b_q))[:, None]).to(DDT)
+        # [BLOCK_M]
+        b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
+        b_l = tl.zeros([BLOCK_M], dtype=CDT)
+        # [BLOCK_M, BLOCK_D]
+        b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=CDT)
+        for start_n in range(0, N, BLOCK_N):
+            # [BLOCK_N]
+            o_n = start_n + tl.arange(0, BLOCK_N)
+            m_n = _in_window(o_n, N, BLOCK_N)
+            o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_w2, grid, layout, MASKED)
+            # [BLOCK_N, BLOCK_D]: normalised k (compute dtype), v (projection dtype)
+            b_k = _stream_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
+            b_v = _stream_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
+            b_kn, b_rk = _l2_normalize(b_k, CDT)
+            # [BLOCK_M, BLOCK_N]
+            if ONE_KEY_BLOCK:
+                b_bias = b_bias_once
+            else:
+                b_bias = _fwd_bias_tile(p_bias_m, o_n, m_m, m_n, EVEN)
+            b_s = _logits(_dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
+                          mask_value, MASKED, MASK_N)
+            b_m, b_alpha, b_p = _online_softmax_step_scaled(b_s, b_m)
+            b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+            # [BLOCK_M, BLOCK_D]
+            b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(DDT), b_v.to(DDT), FULL_DOT)
+
+        # [BLOCK_M, BLOCK_D]
+        b_out = b_acc * (1.0 / b_l)[:, None]
+        p_out = OUT + i_b * stride_out_b + o_tok_m[:, None] * stride_out_t + i_h * HEAD_DIM + o_d[None, :]
+        tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=_tile_mask(m_m & ~m_pad_m, m_d))
+
+
+ALL_WINDOWS, INTERIOR_WINDOWS, BORDER_WINDOWS = 0, 1, 2  # the forward kernel's WINDOW_SET
+
+
+def window_sets(dims: LaunchDims) -> List[Tuple[int, int]]:
+    """The forward's launches as (WINDOW_SET, windows per image): on a shifted grid with windows off its
+    border, those (no shift mask: most windows) and the border (the last window row and column) apart;
+    otherwise every window at once."""
+    num_wy = dims.NUM_WINDOWS // dims.NUM_WX
+    if (dims.SH > 0 or dims.SW > 0) and num_wy > 1 and dims.NUM_WX > 1:
+        return [(INTERIOR_WINDOWS, (num_wy - 1) * (dims.NUM_WX - 1)), (BORDER_WINDOWS, num_wy + dims.NUM_WX - 1)]
+    return [(ALL_WINDOWS, dims.NUM_WINDOWS)]
+
+
+# Windows per forward program (WINDOWS_PER_PROGRAM): the program reuses its rows of the position-bias table
+# across them (see the kernel). At most FORWARD_WINDOWS_PER_PROGRAM, fewer while the launch would otherwise
+# have fewer programs than the GPU has SMs (a small batch keeps every SM busy rather than reusing the table).
+FORWARD_WINDOWS_PER_PROGRAM = 8
+_SMS_OFF_CUDA = 132  # an H200's SMs: the launches the cost report records on meta tensors
+
+
+def _multiprocessors(t: torch.Tensor) -> int:
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _SMS_OFF_CUDA
+
+
+def windows_per_program(pairs: int, row_blocks: int, num_heads: int, multiprocessors: int) -> int:
+    """WINDOWS_PER_PROGRAM for a forward launch over `pairs` (image, window) pairs of `row_blocks` query blocks
+    each: the largest power of two up to FORWARD_WINDOWS_PER_PROGRAM that leaves at least `multiprocessors`
+    programs (1 when even one window per program leaves fewer)."""
+    wpp = FORWARD_WINDOWS_PER_PROGRAM
+    while wpp > 1 and triton.cdiv(pairs, wpp) * row_blocks * num_heads < multiprocessors:
+        wpp //= 2
+    return wpp
+
+
+def _forward_table(qkv: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
+    """The position-bias table as the forward reads it: as it arrives when that is the projection's dtype or
+    the compute dtype (a bf16/fp16 model passes a bf16/fp16 table: no per-call fp32 copy, half the bytes;
+    under autocast it arrives fp32 beside a bf16/fp16 projection and is read as it is, fp32: the logits keep
+    the table's precision and nothing is copied), else converted to the compute dtype. The kernel adds it in
+    the compute dtype either way. (The backward takes `small_operands`'s compute-dtype table.)"""
+    table = position_bias.detach()
+    if table.dtype not in (qkv.dtype, compute_dtype(qkv.dtype)):
+        table = table.to(compute_dtype(qkv.dtype))
+    return table.contiguous()
+
+
+def window_attention_triton_forward(
+    qkv: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    logit_scale: torch.Tensor,
+    position_bias: torch.Tensor,
+    grid_size: Sequence[int],
+    num_heads: int,
+    window_size: Sequence[int],
+    shift_size: Sequence[int],
+    pad_order: str,
+    mask_value: float,
+) -> torch.Tensor:
+    """Launch the fused forward. Returns the output (B, H*W, C); the backward recomputes what it needs.
+
+    Inputs as in `window_attention_reference`, the geometry as the custom op's plain values
+    (`WindowGeometry.as_op_args()`), validated by the caller (`launch_dims` refuses what that rules out). qkv's
+    channel dimension must be contiguous; batch and token strides are free.
+    """
+    B, L, C3 = qkv.shape
+    dims = launch_dims(qkv, grid_size, num_heads, window_size, shift_size, pad_order)
+    head_dim = C3 // 3 // num_heads
+    if not head_dim_supported(head_dim):
+        raise ValueError(f"the Triton kernels support head_dim 1 to {MAX_HEAD_DIM}, got {head_dim}")
+    if qkv.stride(-1) != 1:
+        raise ValueError(f"qkv's last dimension must be contiguous (stride 1), got strides {qkv.stride()}")
+    scale = clamped_scale(logit_scale, num_heads, compute_dtype(qkv.dtype))
+    table = _forward_table(qkv, position_bias)
+    bias = padding_token(qkv, qkv_bias)
+    out = torch.empty((B, L, dims.C), device=qkv.device, dtype=qkv.dtype)
+    if B == 0:
+        return out
+    flags = launch_flags(qkv, qkv_bias, pad_order, head_dim, dims)
+    row_blocks = triton.cdiv(dims.N, flags["BLOCK_M"])
+    for window_set, windows in window_sets(dims):
+        pairs = B * windows  # (image, window) pairs of this launch
+        wpp = windows_per_program(pairs, row_blocks, num_heads, _multiprocessors(qkv))
+        _window_attention_fwd_kernel[(triton.cdiv(pairs, wpp) * row_blocks, num_heads)](
+            QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, OUT=out,
+            stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1), stride_out_b=out.stride(0),
+            stride_out_t=out.stride(1), NUM_BW=pairs, mask_value=mask_value, WINDOW_SET=window_set,
+            WINDOWS_PER_PROGRAM=wpp, **dims._asdict(), **flags)
+    return out
