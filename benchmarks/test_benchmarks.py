@@ -5,7 +5,7 @@
     SWINV2_BENCH_DEVICE=cuda pytest benchmarks/test_benchmarks.py --benchmark-only
 
 On CUDA each call is synchronised so the plugin's wall-clock timer measures the kernels. The main job
-(benchmarks/main.py) runs the same cases, writes the CSV and draws the charts.
+(python -m benchmarks.main) runs the same cases, writes the CSV and draws the charts.
 """
 
 import os
