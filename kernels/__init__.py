@@ -20,6 +20,7 @@ This folder is the package `swinv2_fast.kernels`. Imported as a top-level `kerne
 installed `kernels` package, or, when there is none, stays an empty module without a file (what
 transformers' probe reads as "not installed"); it never loads itself under that name.
 """
+
 if __name__ == "kernels":
     import importlib.machinery as _machinery
     import importlib.util as _util
@@ -34,7 +35,7 @@ if __name__ == "kernels":
         _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this body
         _spec.loader.exec_module(_module)
     else:  # none installed: an empty module without a file, which transformers' probe reads as "not installed"
-        __file__ = None  # type: ignore[assignment]  # noqa: A001
+        __file__ = None  # type: ignore[assignment]
         __path__ = []  # type: ignore[var-annotated]
 else:
     from .geometry import LOGIT_SCALE_MAX, PAD_ORDERS, PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry

@@ -26,6 +26,7 @@ The keyword block `grid_size, num_heads, window_size, shift_size, pad_order, mas
 Sizes are per axis, (height, width) order. Derived sizes: the padded grid (Hp, Wp) is the grid rounded up
 to window multiples; there are (Hp / wh) * (Wp / ww) windows of N = wh * ww tokens each.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,22 +39,22 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple, TypeVar, Union
 import torch
 
 __all__ = [
+    "DEFAULT_MASK_VALUE",
+    "GEOMETRY_ARGS",
+    "LOGIT_SCALE_MAX",
+    "OP_SCHEMA_GEOMETRY",
+    "PAD_ORDERS",
     "PAD_THEN_ROLL",
     "ROLL_THEN_PAD",
-    "PAD_ORDERS",
-    "LOGIT_SCALE_MAX",
-    "DEFAULT_MASK_VALUE",
     "IntPair",
     "WindowGeometry",
+    "check_layout_args",
+    "grid_needs_padding",
+    "int_pair",
     "is_int",
     "is_symbolic",
-    "int_pair",
-    "grid_needs_padding",
     "known_true",
     "known_zero",
-    "check_layout_args",
-    "GEOMETRY_ARGS",
-    "OP_SCHEMA_GEOMETRY",
     "takes_geometry",
 ]
 
@@ -85,8 +86,9 @@ def is_int(value) -> bool:
     if type(value) is int or isinstance(value, torch.SymInt):  # the common cases, before the ABC check below
         return True
     if isinstance(value, torch.Tensor):
-        return value.dim() == 0 and not value.is_floating_point() and not value.is_complex() \
-            and value.dtype != torch.bool
+        return (
+            value.dim() == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+        )
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -108,8 +110,10 @@ def int_pair(value: IntPair, name: str, symbolic: bool = False) -> Tuple[int, in
         return _as_int(value[0]), _as_int(value[1])
     parts = value if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
     if not symbolic and any(is_symbolic(v) for v in parts):
-        raise TypeError(f"{name} must be an int or a pair of ints fixed by the model (not a symbolic size: only "
-                        f"grid_size follows the input's size), got {value!r}")
+        raise TypeError(
+            f"{name} must be an int or a pair of ints fixed by the model (not a symbolic size: only "
+            f"grid_size follows the input's size), got {value!r}"
+        )
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
@@ -200,8 +204,11 @@ class WindowGeometry:
     def __post_init__(self):
         # normalise (frozen: through object.__setattr__) and validate, once, at construction
         grid, window, shift = check_layout_args(self.grid, self.window, self.shift, self.pad_order)
-        if not isinstance(self.mask_value, numbers.Real) or isinstance(self.mask_value, bool) \
-                or not math.isfinite(self.mask_value):
+        if (
+            not isinstance(self.mask_value, numbers.Real)
+            or isinstance(self.mask_value, bool)
+            or not math.isfinite(self.mask_value)
+        ):
             raise ValueError(f"mask_value must be a finite real number (e.g. -100.0), got {self.mask_value!r}")
         if not is_int(self.num_heads):
             raise TypeError(f"num_heads must be an int, got {type(self.num_heads).__name__} {self.num_heads!r}")
@@ -222,11 +229,17 @@ class WindowGeometry:
         shift_size: IntPair = 0,
         pad_order: str = PAD_THEN_ROLL,
         mask_value: float = DEFAULT_MASK_VALUE,
-    ) -> "WindowGeometry":
+    ) -> WindowGeometry:
         """From the keyword block (also the custom op's schema order: `from_args(*geometry.as_op_args())`
         gives the geometry back)."""
-        return cls(grid=grid_size, window=window_size, shift=shift_size, pad_order=pad_order,
-                   mask_value=mask_value, num_heads=num_heads)
+        return cls(
+            grid=grid_size,
+            window=window_size,
+            shift=shift_size,
+            pad_order=pad_order,
+            mask_value=mask_value,
+            num_heads=num_heads,
+        )
 
     # ------------------------------------------------------------------------------------ derived sizes
     @property
@@ -292,21 +305,28 @@ class WindowGeometry:
     def head_dim(self, qkv_channels: int) -> int:
         """C / num_heads for qkv's last dimension 3 * C; ValueError if it does not divide."""
         if qkv_channels % (3 * self.num_heads) != 0:
-            raise ValueError(f"qkv's last dimension must be 3 * num_heads * head_dim; got {qkv_channels} "
-                             f"with num_heads={self.num_heads}")
+            raise ValueError(
+                f"qkv's last dimension must be 3 * num_heads * head_dim; got {qkv_channels} "
+                f"with num_heads={self.num_heads}"
+            )
         return qkv_channels // (3 * self.num_heads)
 
     def as_op_args(self) -> Tuple[List[int], int, List[int], List[int], str, float]:
         """(grid_size, num_heads, window_size, shift_size, pad_order, mask_value) as the custom op's schema
         takes them: `List[int], int, List[int], List[int], str, float`."""
-        return list(self.grid), self.num_heads, list(self.window), list(self.shift), self.pad_order, \
-            self.mask_value
+        return list(self.grid), self.num_heads, list(self.window), list(self.shift), self.pad_order, self.mask_value
 
     def as_kwargs(self) -> Dict[str, Any]:
         """The keyword block `grid_size, num_heads, window_size, shift_size, pad_order, mask_value`, pairs as
         tuples: `WindowGeometry.from_args(**dict(g.as_kwargs(), shift_size=0))` is g without its shift."""
-        return dict(grid_size=self.grid, num_heads=self.num_heads, window_size=self.window,
-                    shift_size=self.shift, pad_order=self.pad_order, mask_value=self.mask_value)
+        return dict(
+            grid_size=self.grid,
+            num_heads=self.num_heads,
+            window_size=self.window,
+            shift_size=self.shift,
+            pad_order=self.pad_order,
+            mask_value=self.mask_value,
+        )
 
 
 # The keyword block, as `from_args` names it (its parameters after `cls`), and as the custom ops' schema
@@ -314,8 +334,9 @@ class WindowGeometry:
 GEOMETRY_ARGS: Tuple[str, ...] = tuple(inspect.signature(WindowGeometry.from_args).parameters)
 # grid_size is SymInt[]: under torch.export with dynamic shapes the op is recorded with the symbolic grid
 # (an int[] argument would specialise the program to the example's size).
-OP_SCHEMA_GEOMETRY = ("SymInt[] grid_size, int num_heads, int[] window_size, int[] shift_size, str pad_order, "
-                      "float mask_value")
+OP_SCHEMA_GEOMETRY = (
+    "SymInt[] grid_size, int num_heads, int[] window_size, int[] shift_size, str pad_order, float mask_value"
+)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -336,8 +357,7 @@ def takes_geometry(function: _F) -> _F:
             if not isinstance(geometry, WindowGeometry):
                 raise TypeError(f"geometry must be a WindowGeometry, got {type(geometry).__name__}")
             if block:
-                raise TypeError(f"pass either geometry or the keyword block, not both; got geometry and "
-                                f"{list(block)}")
+                raise TypeError(f"pass either geometry or the keyword block, not both; got geometry and {list(block)}")
         else:
             missing = [name for name in required if block.get(name) is None]
             if missing:

@@ -8,6 +8,7 @@ kernels/geometry.py); `launch_dims` turns them into the kernels' integers with t
 `WindowGeometry` (padded grid, windows per axis, roll shift) and refuses, with a cheap guard, what that
 validation rules out (a direct call of the op with such values would otherwise read out of bounds).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -17,8 +18,16 @@ import torch
 from .geometry import LOGIT_SCALE_MAX, PAD_ORDERS, ROLL_THEN_PAD
 from .tiles import block_config, channel_block, launch_stages, register_cap
 
-__all__ = ["LaunchDims", "launch_dims", "launch_flags", "device_arch", "compute_dtype", "small_operands",
-           "clamped_scale", "padding_token"]
+__all__ = [
+    "LaunchDims",
+    "clamped_scale",
+    "compute_dtype",
+    "device_arch",
+    "launch_dims",
+    "launch_flags",
+    "padding_token",
+    "small_operands",
+]
 
 
 class LaunchDims(NamedTuple):
@@ -48,8 +57,14 @@ class LaunchDims(NamedTuple):
         return self.HP * self.WP - self.H * self.W
 
 
-def launch_dims(qkv: torch.Tensor, grid_size: Sequence[int], num_heads: int, window_size: Sequence[int],
-                shift_size: Sequence[int], pad_order: str) -> LaunchDims:
+def launch_dims(
+    qkv: torch.Tensor,
+    grid_size: Sequence[int],
+    num_heads: int,
+    window_size: Sequence[int],
+    shift_size: Sequence[int],
+    pad_order: str,
+) -> LaunchDims:
     """The kernels' integers from the op's plain geometry (the derived sizes as `WindowGeometry` states them:
     the padded grid rounds the grid up to window multiples; the shift is reduced modulo the extent it rolls,
     the un-padded grid for ROLL_THEN_PAD, the padded one for PAD_THEN_ROLL). RuntimeError on values
@@ -57,16 +72,40 @@ def launch_dims(qkv: torch.Tensor, grid_size: Sequence[int], num_heads: int, win
     through `swinv2_fast.window_attention`."""
     (H, W), (wh, ww), (sh, sw) = grid_size, window_size, shift_size
     tokens, channels3 = qkv.shape[1], qkv.shape[-1]
-    if not (H >= 1 and W >= 1 and 0 <= sh < wh and 0 <= sw < ww and num_heads >= 1 and pad_order in PAD_ORDERS
-            and tokens == H * W and channels3 % (3 * num_heads) == 0):
+    if not (
+        H >= 1
+        and W >= 1
+        and 0 <= sh < wh
+        and 0 <= sw < ww
+        and num_heads >= 1
+        and pad_order in PAD_ORDERS
+        and tokens == H * W
+        and channels3 % (3 * num_heads) == 0
+    ):
         raise RuntimeError(
             f"swinv2_fast::window_attention_fused got a geometry its validation rules out (grid {grid_size}, "
             f"heads {num_heads}, window {window_size}, shift {shift_size}, {pad_order!r}) for qkv of shape "
-            f"{tuple(qkv.shape)}; call it through swinv2_fast.window_attention, which validates the geometry")
+            f"{tuple(qkv.shape)}; call it through swinv2_fast.window_attention, which validates the geometry"
+        )
     hp, wp = -(-H // wh) * wh, -(-W // ww) * ww
     extent = (H, W) if pad_order == ROLL_THEN_PAD else (hp, wp)
-    return LaunchDims(H, W, hp, wp, wp // ww, (hp // wh) * (wp // ww), wh, ww, sh, sw, sh % extent[0],
-                      sw % extent[1], wh * ww, channels3 // 3, num_heads)
+    return LaunchDims(
+        H,
+        W,
+        hp,
+        wp,
+        wp // ww,
+        (hp // wh) * (wp // ww),
+        wh,
+        ww,
+        sh,
+        sw,
+        sh % extent[0],
+        sw % extent[1],
+        wh * ww,
+        channels3 // 3,
+        num_heads,
+    )
 
 
 def device_arch(t: torch.Tensor) -> int:
@@ -85,11 +124,19 @@ def launch_flags(qkv, qkv_bias, pad_order: str, head_dim: int, dims: LaunchDims,
     arch = device_arch(qkv)  # the launch's device: a tile sweep's record applies on its architecture only
     block_m, block_n, num_warps = block_config(dims.N, head_dim, qkv.dtype, backward, arch)
     padded = dims.HP * dims.WP != dims.H * dims.W
-    flags = dict(HEAD_DIM=head_dim, BLOCK_D=channel_block(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-                 SHIFTED=dims.SH > 0 or dims.SW > 0, PADDED=padded,
-                 ROLL_THEN_PAD=padded and pad_order == ROLL_THEN_PAD, HAS_BIAS=padded and qkv_bias is not None,
-                 FULL_DOT=qkv.dtype in (torch.float32, torch.float64), num_warps=num_warps,
-                 maxnreg=register_cap(dims.N, head_dim, qkv.dtype, backward, arch, padded))
+    flags = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=channel_block(head_dim),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        SHIFTED=dims.SH > 0 or dims.SW > 0,
+        PADDED=padded,
+        ROLL_THEN_PAD=padded and pad_order == ROLL_THEN_PAD,
+        HAS_BIAS=padded and qkv_bias is not None,
+        FULL_DOT=qkv.dtype in (torch.float32, torch.float64),
+        num_warps=num_warps,
+        maxnreg=register_cap(dims.N, head_dim, qkv.dtype, backward, arch, padded),
+    )
     stages = launch_stages(dims.N, head_dim, qkv.dtype, backward, arch)
     if stages is not None:  # only a sweep's record or override: otherwise the launch passes none (Triton's default)
         flags["num_stages"] = stages

@@ -29,6 +29,7 @@ give 0/0; everything else runs in the inputs' dtype, as in transformers and timm
 The functions take the geometry as `geometry=WindowGeometry(...)`; the public ones also accept the keyword
 block `grid_size, num_heads, window_size, shift_size, pad_order, mask_value` instead (`takes_geometry`).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -39,12 +40,12 @@ import torch.nn.functional as F
 from .geometry import LOGIT_SCALE_MAX, PAD_THEN_ROLL, WindowGeometry, takes_geometry
 
 __all__ = [
-    "window_partition",
-    "window_reverse",
-    "shift_region_ids",
     "shift_mask_naive",
+    "shift_region_ids",
     "window_attention_naive",
     "window_log_sum_exp",
+    "window_partition",
+    "window_reverse",
 ]
 
 
@@ -80,8 +81,9 @@ def shift_region_ids(geometry: WindowGeometry) -> torch.Tensor:
     return img
 
 
-def shift_mask_naive(geometry: WindowGeometry, dtype: torch.dtype = torch.float32,
-                     device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+def shift_mask_naive(
+    geometry: WindowGeometry, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None
+) -> Optional[torch.Tensor]:
     """(nW, N, N): 0 where query and key lie in the same shift region, `geometry.mask_value` elsewhere; None
     without a shift (no mask at all, as in transformers and timm)."""
     if not geometry.shifted:
@@ -190,8 +192,9 @@ def window_log_sum_exp(
     k); tests compare the kernels' statistics with it. Nothing stores it in the forward."""
     g = geometry
     cdt = torch.promote_types(qkv.dtype, torch.float32)
-    scores, _ = _scores(qkv.to(cdt), None if qkv_bias is None else qkv_bias.to(cdt), logit_scale.to(cdt),
-                        position_bias.to(cdt), g)
+    scores, _ = _scores(
+        qkv.to(cdt), None if qkv_bias is None else qkv_bias.to(cdt), logit_scale.to(cdt), position_bias.to(cdt), g
+    )
     B = qkv.shape[0]
     lse = scores.logsumexp(-1)  # (B * nW, heads, N)
     return lse.view(B, g.num_windows, g.num_heads, g.N).permute(0, 2, 1, 3).reshape(B, g.num_heads, -1)

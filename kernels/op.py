@@ -9,6 +9,7 @@ the two `torch.library` custom ops under it.
             -> the Triton kernels
 
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -21,7 +22,7 @@ from .tiles import INTERPRETED
 from .triton_backward import window_attention_triton_backward
 from .triton_forward import window_attention_triton_forward
 
-__all__ = ["window_attention_fused", "fused_forward_op", "fused_backward_op"]
+__all__ = ["fused_backward_op", "fused_forward_op", "window_attention_fused"]
 
 # `torch.ops.swinv2_fast.window_attention_fused` (the forward's output, `fused_forward_op`) and
 # `torch.ops.swinv2_fast.window_attention_fused_backward` (`fused_backward_op`), registered with torch.library so that
@@ -50,15 +51,25 @@ def _runs_kernels(t: torch.Tensor) -> bool:
     raise RuntimeError(f"swinv2_fast::window_attention_fused runs on CUDA or CPU tensors, got {t.device}")
 
 
-@torch.library.custom_op("swinv2_fast::window_attention_fused", mutates_args=(), device_types=("cuda", "cpu"),
-                         schema=f"({_TENSORS}, {OP_SCHEMA_GEOMETRY}) -> Tensor")
-def fused_forward_op(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
-                     position_bias: torch.Tensor, *geometry_args) -> torch.Tensor:
+@torch.library.custom_op(
+    "swinv2_fast::window_attention_fused",
+    mutates_args=(),
+    device_types=("cuda", "cpu"),
+    schema=f"({_TENSORS}, {OP_SCHEMA_GEOMETRY}) -> Tensor",
+)
+def fused_forward_op(
+    qkv: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    logit_scale: torch.Tensor,
+    position_bias: torch.Tensor,
+    *geometry_args,
+) -> torch.Tensor:
     """The output (B, H*W, C); see the comment above."""
     if _runs_kernels(qkv):
         return window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias, *geometry_args)
-    return window_attention_reference(qkv, qkv_bias, logit_scale, position_bias,
-                                      geometry=WindowGeometry.from_args(*geometry_args))
+    return window_attention_reference(
+        qkv, qkv_bias, logit_scale, position_bias, geometry=WindowGeometry.from_args(*geometry_args)
+    )
 
 
 @fused_forward_op.register_fake
@@ -68,23 +79,41 @@ def _(qkv, qkv_bias, logit_scale, position_bias, *geometry_args):
 
 
 @torch.library.custom_op(
-    "swinv2_fast::window_attention_fused_backward", mutates_args=(), device_types=("cuda", "cpu"),
+    "swinv2_fast::window_attention_fused_backward",
+    mutates_args=(),
+    device_types=("cuda", "cpu"),
     schema=f"(Tensor grad_out, {_TENSORS}, {OP_SCHEMA_GEOMETRY}, bool need_qkv, bool need_bias, "
-           "bool need_table_grads) -> (Tensor, Tensor, Tensor, Tensor)")
-def fused_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor],
-                      logit_scale: torch.Tensor, position_bias: torch.Tensor, *geometry_args_and_needs,
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    "bool need_table_grads) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def fused_backward_op(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    logit_scale: torch.Tensor,
+    position_bias: torch.Tensor,
+    *geometry_args_and_needs,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d qkv, d qkv_bias, d logit_scale, d position_bias). A gradient not asked for (or the bias's, without a
     bias) is a fresh empty tensor of its own: custom ops return tensors, never None, and no two outputs may
     share storage (frozen parameters in fine-tuning ask for some gradients only). After the geometry come
     need_qkv, need_bias and need_table_grads."""
     *geometry_args, need_qkv, need_bias, need_table_grads = geometry_args_and_needs
     if not _runs_kernels(qkv):
-        raise RuntimeError("swinv2_fast::window_attention_fused_backward runs the Triton kernels (CUDA, or CPU "
-                           "under TRITON_INTERPRET=1); the op's eager CPU path is differentiated by autograd")
+        raise RuntimeError(
+            "swinv2_fast::window_attention_fused_backward runs the Triton kernels (CUDA, or CPU "
+            "under TRITON_INTERPRET=1); the op's eager CPU path is differentiated by autograd"
+        )
     grads = window_attention_triton_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, *geometry_args, need_qkv=need_qkv,
-        need_bias=need_bias, need_table_grads=need_table_grads)
+        grad_out,
+        qkv,
+        qkv_bias,
+        logit_scale,
+        position_bias,
+        *geometry_args,
+        need_qkv=need_qkv,
+        need_bias=need_bias,
+        need_table_grads=need_table_grads,
+    )
     return tuple(qkv.new_empty((0,)) if g is None else g for g in grads)
 
 
@@ -95,8 +124,12 @@ def _(grad_out, qkv, qkv_bias, logit_scale, position_bias, *geometry_args_and_ne
     def grad_like(t, needed):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else qkv.new_empty((0,))
 
-    return (grad_like(qkv, need_qkv), grad_like(qkv_bias, need_bias and qkv_bias is not None),
-            grad_like(logit_scale, need_table_grads), grad_like(position_bias, need_table_grads))
+    return (
+        grad_like(qkv, need_qkv),
+        grad_like(qkv_bias, need_bias and qkv_bias is not None),
+        grad_like(logit_scale, need_table_grads),
+        grad_like(position_bias, need_table_grads),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -111,12 +144,16 @@ def _reference_backward(grad_out, inputs, needs, geometry_args, create_graph=Fal
     backward), since the fused backward is not differentiable itself; then the gradients are functions of
     the inputs themselves, not of detached copies."""
     with torch.enable_grad():
-        leaves = inputs if create_graph else [
-            t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
+        leaves = (
+            inputs
+            if create_graph
+            else [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
+        )
         out = window_attention_reference(*leaves, geometry=WindowGeometry.from_args(*geometry_args))
         wanted = [t for t, need in zip(leaves, needs) if t is not None and need]
-        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph, allow_unused=True)
-                     if wanted else ())
+        found = iter(
+            torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph, allow_unused=True) if wanted else ()
+        )
         grads = [next(found) if t is not None and need else None for t, need in zip(leaves, needs)]
     # the reference reads qkv_bias only where there is padding: elsewhere its gradient is zero
     if needs[1] and grads[1] is None:
@@ -129,22 +166,42 @@ def _backward(ctx, grad_out):
     needs = ctx.needs_input_grad
     recording = torch.is_grad_enabled()  # autograd records this backward (create_graph=True)
     if recording or not _runs_kernels(qkv):  # or the op's eager CPU path
-        return _reference_backward(grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs,
-                                   ctx.geometry_args, create_graph=recording)
+        return _reference_backward(
+            grad_out, (qkv, qkv_bias, logit_scale, position_bias), needs, ctx.geometry_args, create_graph=recording
+        )
     if not any(needs[:4]):
         return (None,) * _N_INPUTS
     dqkv, d_bias, d_scale, d_table = torch.ops.swinv2_fast.window_attention_fused_backward(
-        grad_out, qkv, qkv_bias, logit_scale, position_bias, *ctx.geometry_args, bool(needs[0]),
-        bool(needs[1] and qkv_bias is not None), bool(needs[2] or needs[3]))
-    return (dqkv if needs[0] else None, d_bias if needs[1] else None, d_scale if needs[2] else None,
-            d_table if needs[3] else None, *[None] * len(GEOMETRY_ARGS))
+        grad_out,
+        qkv,
+        qkv_bias,
+        logit_scale,
+        position_bias,
+        *ctx.geometry_args,
+        bool(needs[0]),
+        bool(needs[1] and qkv_bias is not None),
+        bool(needs[2] or needs[3]),
+    )
+    return (
+        dqkv if needs[0] else None,
+        d_bias if needs[1] else None,
+        d_scale if needs[2] else None,
+        d_table if needs[3] else None,
+        *[None] * len(GEOMETRY_ARGS),
+    )
 
 
 fused_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def window_attention_fused(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], logit_scale: torch.Tensor,
-                           position_bias: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
+def window_attention_fused(
+    qkv: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    logit_scale: torch.Tensor,
+    position_bias: torch.Tensor,
+    geometry: WindowGeometry,
+) -> torch.Tensor:
     """The fused op on validated inputs (see `swinv2_fast.window_attention`), differentiable: the output only."""
-    return torch.ops.swinv2_fast.window_attention_fused(qkv, qkv_bias, logit_scale, position_bias,
-                                                        *geometry.as_op_args())
+    return torch.ops.swinv2_fast.window_attention_fused(
+        qkv, qkv_bias, logit_scale, position_bias, *geometry.as_op_args()
+    )

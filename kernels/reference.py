@@ -26,6 +26,7 @@ the table (`SDPA_MASK_CACHE_SIZE` entries, each dropped as soon as its table is 
 both are computed in the graph; while torch.jit.trace records, masks are not kept (layouts are, built outside
 the trace); under a tensor mode neither cache is read or filled (`caching_allowed`, `tensor_modes_active`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -49,28 +50,28 @@ from .geometry import (
 )
 
 __all__ = [
+    "LOGIT_SCALE_MAX",
+    "PAD_ORDERS",
     "PAD_THEN_ROLL",
     "ROLL_THEN_PAD",
-    "PAD_ORDERS",
-    "LOGIT_SCALE_MAX",
     "WindowGeometry",
     "WindowLayout",
-    "window_layout",
+    "cached_tensors",
+    "caching_allowed",
+    "clear_caches",
     "layout_of",
     "shift_mask",
     "window_attention_reference",
-    "caching_allowed",
-    "clear_caches",
-    "cached_tensors",
+    "window_layout",
 ]
 
 # ------------------------------------------------------------------------------------------ torch internals
 # Private torch APIs, each behind one function, because no public API answers the question. Checked on
 # torch 2.11.0 (the GPU machine's stack) and 2.14.1 (this repository's pinned stack). Imported here, once, not
 # per call: the checks run on every attention call.
-from torch.overrides import _get_current_function_mode_stack  # noqa: E402
-from torch.utils._device import DeviceContext  # noqa: E402
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode  # noqa: E402
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 def _in_dispatch_mode() -> bool:
@@ -128,11 +129,13 @@ class _LRU:
 
     def __init__(self, maxsize: int):
         self.maxsize = maxsize
-        self._entries: "collections.OrderedDict[Hashable, object]" = collections.OrderedDict()
+        self._entries: collections.OrderedDict[Hashable, object] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._dropped: list = []  # keys whose removal a weakref callback could not take the lock for
 
-    def get_or_build(self, key: Hashable, build: Callable[[], object], valid: Callable[[object], bool] = None):
+    def get_or_build(
+        self, key: Hashable, build: Callable[[], object], valid: Optional[Callable[[object], bool]] = None
+    ):
         with self._lock:
             self._purge()
             entry = self._entries.get(key)
@@ -274,12 +277,17 @@ def _build_window_layout(key: tuple, device: torch.device) -> WindowLayout:
     scatter_index = position[:pad_id]
     region = None
     if sh > 0 or sw > 0:
-        region_grid = (_axis_region(hp, wh, sh, device)[:, None] * 3
-                       + _axis_region(wp, ww, sw, device)[None, :])
+        region_grid = _axis_region(hp, wh, sh, device)[:, None] * 3 + _axis_region(wp, ww, sw, device)[None, :]
         region = _partition(region_grid, wh, ww)
-    return WindowLayout(key=key, padded_size=(hp, wp), num_windows=windows.shape[0],
-                        needs_padding=grid_needs_padding((height, width), (hp, wp)), gather_index=gather_index,
-                        scatter_index=scatter_index, region=region)
+    return WindowLayout(
+        key=key,
+        padded_size=(hp, wp),
+        num_windows=windows.shape[0],
+        needs_padding=grid_needs_padding((height, width), (hp, wp)),
+        gather_index=gather_index,
+        scatter_index=scatter_index,
+        region=region,
+    )
 
 
 def _cached_layout(key: tuple, device: Union[str, torch.device, None]) -> WindowLayout:
@@ -291,9 +299,11 @@ def _cached_layout(key: tuple, device: Union[str, torch.device, None]) -> Window
         layout = _build_window_layout(key, cpu)
         if device == cpu:
             return layout
-        return layout._replace(gather_index=layout.gather_index.to(device),
-                               scatter_index=layout.scatter_index.to(device),
-                               region=None if layout.region is None else layout.region.to(device))
+        return layout._replace(
+            gather_index=layout.gather_index.to(device),
+            scatter_index=layout.scatter_index.to(device),
+            region=None if layout.region is None else layout.region.to(device),
+        )
 
     if torch.compiler.is_dynamo_compiling():
         # torch.compile records the construction into its graph (dynamo cannot enter the cache's lock)
@@ -327,8 +337,9 @@ def window_layout(
 ) -> WindowLayout:
     """`layout_of` for a grid, window, shift and padding order given as ints or pairs (validated by
     `WindowGeometry`; the layout does not depend on heads or mask value)."""
-    geometry = WindowGeometry(grid=grid_size, window=window_size, shift=shift_size, pad_order=pad_order,
-                              mask_value=0.0, num_heads=1)
+    geometry = WindowGeometry(
+        grid=grid_size, window=window_size, shift=shift_size, pad_order=pad_order, mask_value=0.0, num_heads=1
+    )
     return layout_of(geometry, device)
 
 
@@ -381,8 +392,9 @@ def _sdpa_mask(position_bias, layout, mask_value, dtype):
     def build_entry() -> _MaskEntry:
         with torch.inference_mode(False), torch.no_grad():
             mask = build()
-        return _MaskEntry(weakref.ref(position_bias, lambda _, key=key: _sdpa_masks.discard(key)), version,
-                          data_ptr, mask)
+        return _MaskEntry(
+            weakref.ref(position_bias, lambda _, key=key: _sdpa_masks.discard(key)), version, data_ptr, mask
+        )
 
     return _sdpa_masks.get_or_build(key, build_entry, valid).mask
 
@@ -468,8 +480,12 @@ def window_attention_reference(
         # The same softmax(S) @ v through PyTorch's fused attention, heads and windows as one batch axis.
         shape = (B, num_heads * nW, N, head_dim)
         out = F.scaled_dot_product_attention(
-            (q * scale.to(q.dtype)).view(shape), k.view(shape), v.view(shape),
-            attn_mask=_sdpa_mask(position_bias, layout, g.mask_value, q.dtype), dropout_p=dropout_p, scale=1.0,
+            (q * scale.to(q.dtype)).view(shape),
+            k.view(shape),
+            v.view(shape),
+            attn_mask=_sdpa_mask(position_bias, layout, g.mask_value, q.dtype),
+            dropout_p=dropout_p,
+            scale=1.0,
         )
 
     # Windows -> tokens: rows of padded positions are dropped, every real token is picked once.

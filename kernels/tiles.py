@@ -16,6 +16,7 @@ The registers and spill bytes behind each table are in the committed compile-che
 (benchmarks/results/compile_check.txt, compile_check_candidates.txt; `python -m tools.compile_check`), their
 costs in benchmarks/results/cost_report.txt (`python -m tools.compile_check --cost`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,11 +27,28 @@ from typing import Dict, Optional, Tuple
 import torch
 
 __all__ = [
-    "MAX_HEAD_DIM", "head_dim_supported", "channel_block", "INTERPRETED", "fused_backward_supported",
-    "MAXNREG", "block_config", "launch_stages", "register_cap",
-    "TUNED_FIELDS", "TILE_OVERRIDES", "TUNED_TILES_PATH", "tuned_entry", "load_tuned_tiles",
-    "FUSED_MAX_N", "FUSED_MAX_BLOCK_D", "FUSED_DTYPES", "FUSED_PROGRAMS", "fused_backward_applies", "fused_block",
-    "fused_num_warps", "backward_kernels",
+    "FUSED_DTYPES",
+    "FUSED_MAX_BLOCK_D",
+    "FUSED_MAX_N",
+    "FUSED_PROGRAMS",
+    "INTERPRETED",
+    "MAXNREG",
+    "MAX_HEAD_DIM",
+    "TILE_OVERRIDES",
+    "TUNED_FIELDS",
+    "TUNED_TILES_PATH",
+    "backward_kernels",
+    "block_config",
+    "channel_block",
+    "fused_backward_applies",
+    "fused_backward_supported",
+    "fused_block",
+    "fused_num_warps",
+    "head_dim_supported",
+    "launch_stages",
+    "load_tuned_tiles",
+    "register_cap",
+    "tuned_entry",
 ]
 
 # The head dims the kernels serve: every one from 1 to MAX_HEAD_DIM. The kernels' channel tiles are BLOCK_D =
@@ -77,7 +95,7 @@ _BWD_TILES_FP32 = {16: (32, 16, 8), 32: (16, 32, 8)}
 MAXNREG = 255
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_version() -> str:
     """The installed Triton's version string. Imported here, on first use (a launch, a compile check, a tuned
     record read on a GPU), where Triton is needed anyway: at this module's import it would make the dispatch
@@ -111,10 +129,14 @@ TUNED_TILES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tun
 
 def tuned_entry(value, where: str) -> Tuple[int, int, int, int, int]:
     """One tuned configuration, checked: five positive integers in the order of TUNED_FIELDS."""
-    if (not isinstance(value, (list, tuple)) or len(value) != len(TUNED_FIELDS)
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-        raise ValueError(f"{where}: expected {len(TUNED_FIELDS)} positive integers [{', '.join(TUNED_FIELDS)}], "
-                         f"got {value!r}")
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != len(TUNED_FIELDS)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ValueError(
+            f"{where}: expected {len(TUNED_FIELDS)} positive integers [{', '.join(TUNED_FIELDS)}], got {value!r}"
+        )
     return tuple(value)
 
 
@@ -127,22 +149,23 @@ def load_tuned_tiles(path: str, arch: Optional[int] = None) -> Dict[str, Tuple[i
         data = json.load(fh)
     entries = data.get("entries") if isinstance(data, dict) else None
     if not isinstance(entries, dict):
-        raise ValueError(f"{path}: expected a JSON object with an \"entries\" object, got {str(data)[:200]}")
+        raise ValueError(f'{path}: expected a JSON object with an "entries" object, got {str(data)[:200]}')
     checked = {key: tuned_entry(value, f"{path}: entry {key!r}") for key, value in entries.items()}
     if arch is not None and (data.get("arch") != f"sm_{arch}" or data.get("triton") != triton_version()):
         return {}
     return checked
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _recorded_tiles(arch: int) -> Dict[str, Tuple[int, int, int, int, int]]:
     if INTERPRETED or not os.path.exists(TUNED_TILES_PATH):
         return {}
     return load_tuned_tiles(TUNED_TILES_PATH, arch)
 
 
-def _tuned(n: int, head_dim: int, dtype: torch.dtype, backward: bool,
-           arch: Optional[int] = None) -> Optional[Tuple[int, int, int, int, int]]:
+def _tuned(
+    n: int, head_dim: int, dtype: torch.dtype, backward: bool, arch: Optional[int] = None
+) -> Optional[Tuple[int, int, int, int, int]]:
     """An override, else the record of sm_<arch> (the current CUDA device's when None), if either has the key."""
     name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype)
     if name is None:
@@ -158,8 +181,9 @@ def _tuned(n: int, head_dim: int, dtype: torch.dtype, backward: bool,
     return _recorded_tiles(arch).get(key)
 
 
-def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False,
-                 arch: Optional[int] = None) -> Tuple[int, int, int]:
+def block_config(
+    n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: Optional[int] = None
+) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for windows of n tokens, head_dim and the projection dtype, of the
     forward kernel or of the backward kernels: a tile sweep's record for sm_<arch> (default: the current CUDA
     device's) where there is one, else the tables."""
@@ -178,16 +202,18 @@ def block_config(n: int, head_dim: int, dtype: torch.dtype, backward: bool = Fal
     return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[block_d]
 
 
-def launch_stages(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False,
-                  arch: Optional[int] = None) -> Optional[int]:
+def launch_stages(
+    n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: Optional[int] = None
+) -> Optional[int]:
     """num_stages for the launch: a tile sweep's record (as block_config's) or override where there is one,
     else None (the launch passes none: Triton's default, 3 on CUDA)."""
     tuned = _tuned(n, head_dim, dtype, backward, arch)
     return None if tuned is None else tuned[4]
 
 
-def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: int = 90,
-                 padded: bool = False) -> int:
+def register_cap(
+    n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: int = 90, padded: bool = False
+) -> int:
     """ptxas's register budget per thread for the kernels of this configuration on sm_<arch>: 128 where that
     compiles without spills, MAXNREG elsewhere. 128 for the 16-bit forward at head_dim 16 or 32 (channel
     tiles without a mask) on sm_90 and later without padding, with Triton 3.8 or later, where its tiles divide
@@ -199,8 +225,15 @@ def register_cap(n: int, head_dim: int, dtype: torch.dtype, backward: bool = Fal
     tuned = _tuned(n, head_dim, dtype, backward, arch)
     if tuned is not None:
         return tuned[3]
-    if not backward and dtype in (torch.float16, torch.bfloat16) and head_dim in (16, 32) \
-            and (n % 128 == 0 or n == 64) and arch >= 90 and not padded and _triton_release() >= (3, 8):
+    if (
+        not backward
+        and dtype in (torch.float16, torch.bfloat16)
+        and head_dim in (16, 32)
+        and (n % 128 == 0 or n == 64)
+        and arch >= 90
+        and not padded
+        and _triton_release() >= (3, 8)
+    ):
         return 128
     return MAXNREG
 
@@ -232,8 +265,12 @@ FUSED_PROGRAMS = 512
 def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the backward of windows of n tokens, heads of head_dim channels and a projection in `dtype` runs
     as the one fused kernel (else the statistics, dq, dk/dv and table kernels)."""
-    return (dtype in FUSED_DTYPES and n <= FUSED_MAX_N and channel_block(head_dim) <= FUSED_MAX_BLOCK_D
-            and (n <= 32 or n == fused_block(n)))
+    return (
+        dtype in FUSED_DTYPES
+        and n <= FUSED_MAX_N
+        and channel_block(head_dim) <= FUSED_MAX_BLOCK_D
+        and (n <= 32 or n == fused_block(n))
+    )
 
 
 def fused_block(n: int) -> int:

@@ -8,6 +8,7 @@ to a per-position buffer, summed into the bias gradient), the table and logit-sc
 fixed groups of windows, summed on the host in a fixed order. No atomics: every reduction is deterministic.
 The four kernels share one tile shape, so the probabilities they recompute are bitwise the same.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,11 +23,23 @@ from .geometry import LOGIT_SCALE_MAX
 from .launch import LaunchDims, launch_dims, launch_flags, small_operands
 from .tiles import FUSED_PROGRAMS, fused_backward_applies, fused_block, fused_num_warps
 from .triton_common import (
-    _bias_tile, _channels, _dot, _exp, _in_window, _key_rows, _l2_normalize_backward, _logits,
-    _online_softmax_step, _padding_index, _query_rows, _tile_mask, _window_of, _window_rows,
+    _bias_tile,
+    _channels,
+    _dot,
+    _exp,
+    _in_window,
+    _key_rows,
+    _l2_normalize_backward,
+    _logits,
+    _online_softmax_step,
+    _padding_index,
+    _query_rows,
+    _tile_mask,
+    _window_of,
+    _window_rows,
 )
 
-__all__ = ["window_attention_triton_backward", "clamp_passes_gradient_at_bound"]
+__all__ = ["clamp_passes_gradient_at_bound", "window_attention_triton_backward"]
 
 
 @triton.jit
@@ -56,8 +69,11 @@ def _load_do(DOUT, stride_b, stride_t, i_b, i_h, o_tok, m_real, cols, HEAD_DIM: 
     """[ROWS, BLOCK_D] dO at tokens o_tok of image i_b, head i_h; zero for rows without an output (m_real
     false: padded, beyond the window) and beyond the head's channels."""
     o_d, m_d = cols
-    return tl.load(DOUT + i_b * stride_b + o_tok[:, None] * stride_t + i_h * HEAD_DIM + o_d[None, :],
-                   mask=_tile_mask(m_real, m_d), other=0.0)
+    return tl.load(
+        DOUT + i_b * stride_b + o_tok[:, None] * stride_t + i_h * HEAD_DIM + o_d[None, :],
+        mask=_tile_mask(m_real, m_d),
+        other=0.0,
+    )
 
 
 @triton.jit
@@ -74,7 +90,7 @@ def _load_query_grads(grads, ids, o_m, m_m, o_tok, m_real, cols, N: tl.constexpr
     (zero for padded and out-of-window rows, which have no output, and beyond the head's channels), the softmax
     statistics (row max, log row sum) and delta, [BLOCK_M] each."""
     DOUT, stride_do_b, stride_do_t, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS = grads
-    i_b, i_w, i_h = ids
+    i_b, _i_w, i_h = ids
     b_do = _load_do(DOUT, stride_do_b, stride_do_t, i_b, i_h, o_tok, m_real, cols, HEAD_DIM)
     p_stats = STATS + _stats_offsets(ids, o_m, N, NUM_WINDOWS, NUM_HEADS)
     b_stats = (tl.load(p_stats, mask=m_m, other=0.0), tl.load(p_stats + 1, mask=m_m, other=0.0))
@@ -84,13 +100,43 @@ def _load_query_grads(grads, ids, o_m, m_m, o_tok, m_real, cols, N: tl.constexpr
 
 @triton.jit
 def _window_attention_bwd_stats_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA,
-    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L,
+    QKV,
+    QKV_BIAS,
+    SCALE,
+    POSITION_BIAS,
+    DOUT,
+    STATS,
+    DELTA,
+    stride_qkv_b,
+    stride_qkv_t,
+    stride_do_b,
+    stride_do_t,
+    H,
+    W,
+    HP,
+    WP,
+    NUM_WX,
+    NUM_WINDOWS,
+    SH,
+    SW,
+    RSH,
+    RSW,
+    C,
+    NUM_HEADS,
+    L,
     mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr,
+    WW: tl.constexpr,
+    N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SHIFTED: tl.constexpr,
+    PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FULL_DOT: tl.constexpr,
 ):
     """The first backward kernel, for the query rows of one window block: the softmax statistics (row max,
     log row sum) into STATS, and delta[b, t, h] = sum_j P_ij dP_ij in token layout, the softmax backward's
@@ -117,7 +163,7 @@ def _window_attention_bwd_stats_kernel(
     proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
     rows_m = _window_rows(o_m, i_w2, grid, layout)
     o_tok_m, m_pad_m, o_reg_m = rows_m
-    b_qn, b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, tl.load(SCALE + i_h), HAS_BIAS, CDT, DDT)
+    _b_qn, _b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, tl.load(SCALE + i_h), HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
     # [BLOCK_M, BLOCK_D]
     b_do = _load_do(DOUT, stride_do_b, stride_do_t, i_b, i_h, o_tok_m, m_real_m, cols, HEAD_DIM).to(DDT)
@@ -130,11 +176,12 @@ def _window_attention_bwd_stats_kernel(
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = _in_window(o_n, N, BLOCK_N)
         rows_n = _window_rows(o_n, i_w2, grid, layout)
-        b_kn, b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
+        b_kn, _b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
-        b_s = _logits(_dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, rows_n[2], m_n,
-                      mask_value, SHIFTED, MASK_N)
+        b_s = _logits(
+            _dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, rows_n[2], m_n, mask_value, SHIFTED, MASK_N
+        )
         b_m, b_alpha, b_e = _online_softmax_step(b_s, b_m)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
         b_l = b_l * b_alpha + tl.sum(b_e, axis=1)
@@ -158,13 +205,46 @@ def _probs(b_s, b_rmax, b_logl, m_m, MASK_M: tl.constexpr):
 
 @triton.jit
 def _window_attention_bwd_dq_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DQKV,
-    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L,
+    QKV,
+    QKV_BIAS,
+    SCALE,
+    POSITION_BIAS,
+    DOUT,
+    STATS,
+    DELTA,
+    DQKV,
+    stride_qkv_b,
+    stride_qkv_t,
+    stride_do_b,
+    stride_do_t,
+    stride_dqkv_b,
+    stride_dqkv_t,
+    H,
+    W,
+    HP,
+    WP,
+    NUM_WX,
+    NUM_WINDOWS,
+    SH,
+    SW,
+    RSH,
+    RSW,
+    C,
+    NUM_HEADS,
+    L,
     mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr,
+    WW: tl.constexpr,
+    N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SHIFTED: tl.constexpr,
+    PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FULL_DOT: tl.constexpr,
 ):
     """dq for BLOCK_M query rows of one window and head; padded query rows have no output, hence no dq."""
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
@@ -187,8 +267,7 @@ def _window_attention_bwd_dq_kernel(
     o_tok_m, m_pad_m, o_reg_m = rows_m
     b_qn, b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
-    b_do, stats_m, b_delta = _load_query_grads(grads, (i_b, i_w, i_h), o_m, m_m, o_tok_m, m_real_m, cols, N,
-                                               HEAD_DIM)
+    b_do, stats_m, b_delta = _load_query_grads(grads, (i_b, i_w, i_h), o_m, m_m, o_tok_m, m_real_m, cols, N, HEAD_DIM)
     b_rmax, b_logl = stats_m
     b_do = b_do.to(DDT)
     # [BLOCK_M, BLOCK_D]
@@ -198,12 +277,13 @@ def _window_attention_bwd_dq_kernel(
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = _in_window(o_n, N, BLOCK_N)
         rows_n = _window_rows(o_n, i_w2, grid, layout)
-        b_kn, b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
+        b_kn, _b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
         b_kn = b_kn.to(DDT)
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
-        b_s = _logits(_dot(b_qs, tl.trans(b_kn), FULL_DOT), b_bias, o_reg_m, rows_n[2], m_n,
-                      mask_value, SHIFTED, MASK_N)
+        b_s = _logits(
+            _dot(b_qs, tl.trans(b_kn), FULL_DOT), b_bias, o_reg_m, rows_n[2], m_n, mask_value, SHIFTED, MASK_N
+        )
         b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -215,13 +295,48 @@ def _window_attention_bwd_dq_kernel(
 
 @triton.jit
 def _window_attention_bwd_dkdv_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DQKV, DPAD,
-    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L, NUM_PAD,
+    QKV,
+    QKV_BIAS,
+    SCALE,
+    POSITION_BIAS,
+    DOUT,
+    STATS,
+    DELTA,
+    DQKV,
+    DPAD,
+    stride_qkv_b,
+    stride_qkv_t,
+    stride_do_b,
+    stride_do_t,
+    stride_dqkv_b,
+    stride_dqkv_t,
+    H,
+    W,
+    HP,
+    WP,
+    NUM_WX,
+    NUM_WINDOWS,
+    SH,
+    SW,
+    RSH,
+    RSW,
+    C,
+    NUM_HEADS,
+    L,
+    NUM_PAD,
     mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr,
+    WW: tl.constexpr,
+    N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SHIFTED: tl.constexpr,
+    PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FULL_DOT: tl.constexpr,
 ):
     """dk and dv for BLOCK_N key rows of one window and head. Every token is a key of exactly one window,
     so rows are stored, not accumulated; with a bias, padded key rows go to their own slot of DPAD
@@ -256,16 +371,18 @@ def _window_attention_bwd_dkdv_kernel(
         m_m = _in_window(o_m, N, BLOCK_M)
         rows_m = _window_rows(o_m, i_w2, grid, layout)
         o_tok_m, m_pad_m, o_reg_m = rows_m
-        b_qn, b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
+        _b_qn, _b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
         m_real_m = m_m & ~m_pad_m
-        b_do, stats_m, b_delta = _load_query_grads(grads, (i_b, i_w, i_h), o_m, m_m, o_tok_m, m_real_m, cols, N,
-                                                   HEAD_DIM)
+        b_do, stats_m, b_delta = _load_query_grads(
+            grads, (i_b, i_w, i_h), o_m, m_m, o_tok_m, m_real_m, cols, N, HEAD_DIM
+        )
         b_rmax, b_logl = stats_m
         b_do = b_do.to(DDT)
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
-        b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
-                      mask_value, SHIFTED, MASK_N)
+        b_s = _logits(
+            _dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n, mask_value, SHIFTED, MASK_N
+        )
         # padded rows have dO = 0 and delta = 0, hence dS = 0; rows beyond the window have no softmax
         b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
         b_dv += _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
@@ -289,13 +406,47 @@ def _window_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _window_attention_bwd_dbias_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, STATS, DELTA, DBIAS, DSCALE,
-    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, L, NUM_BW, WINDOWS_PER_GROUP,
+    QKV,
+    QKV_BIAS,
+    SCALE,
+    POSITION_BIAS,
+    DOUT,
+    STATS,
+    DELTA,
+    DBIAS,
+    DSCALE,
+    stride_qkv_b,
+    stride_qkv_t,
+    stride_do_b,
+    stride_do_t,
+    H,
+    W,
+    HP,
+    WP,
+    NUM_WX,
+    NUM_WINDOWS,
+    SH,
+    SW,
+    RSH,
+    RSW,
+    C,
+    NUM_HEADS,
+    L,
+    NUM_BW,
+    WINDOWS_PER_GROUP,
     mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr,
+    WH: tl.constexpr,
+    WW: tl.constexpr,
+    N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SHIFTED: tl.constexpr,
+    PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FULL_DOT: tl.constexpr,
 ):
     """Partial gradients of the (heads, N, N) bias table and of the scale, summed over one group of
     WINDOWS_PER_GROUP consecutive (image, window) pairs in a fixed order: DBIAS (groups, heads, N, N) and
@@ -329,12 +480,13 @@ def _window_attention_bwd_dbias_kernel(
         proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, p_bias, stride_qkv_t, C)
         rows_m = _window_rows(o_m, i_w2, grid, layout)
         o_tok_m, m_pad_m, o_reg_m = rows_m
-        b_qn, b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
+        _b_qn, _b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
         rows_n = _window_rows(o_n, i_w2, grid, layout)
-        b_kn, b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
+        b_kn, _b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
         m_real_m = m_m & ~m_pad_m
-        b_do, stats_m, b_delta = _load_query_grads(grads, (i_b, i_w, i_h), o_m, m_m, o_tok_m, m_real_m, cols, N,
-                                                   HEAD_DIM)
+        b_do, stats_m, b_delta = _load_query_grads(
+            grads, (i_b, i_w, i_h), o_m, m_m, o_tok_m, m_real_m, cols, N, HEAD_DIM
+        )
         b_rmax, b_logl = stats_m
         b_kn = b_kn.to(DDT)
         # [BLOCK_M, BLOCK_N]
@@ -366,14 +518,53 @@ def _softmax_rows(b_s):
 
 @triton.jit
 def _window_attention_bwd_fused_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, DOUT, DQKV, DPAD, DBIAS, DSCALE,
-    stride_qkv_b, stride_qkv_t, stride_do_b, stride_do_t, stride_dqkv_b, stride_dqkv_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, NUM_PAD, NUM_BW, WINDOWS_PER_GROUP,
+    QKV,
+    QKV_BIAS,
+    SCALE,
+    POSITION_BIAS,
+    DOUT,
+    DQKV,
+    DPAD,
+    DBIAS,
+    DSCALE,
+    stride_qkv_b,
+    stride_qkv_t,
+    stride_do_b,
+    stride_do_t,
+    stride_dqkv_b,
+    stride_dqkv_t,
+    H,
+    W,
+    HP,
+    WP,
+    NUM_WX,
+    NUM_WINDOWS,
+    SH,
+    SW,
+    RSH,
+    RSW,
+    C,
+    NUM_HEADS,
+    NUM_PAD,
+    NUM_BW,
+    WINDOWS_PER_GROUP,
     mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr, NEED_DQ: tl.constexpr,
-    NEED_DKV: tl.constexpr, NEED_PAD: tl.constexpr, NEED_TABLE: tl.constexpr,
+    WH: tl.constexpr,
+    WW: tl.constexpr,
+    N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SHIFTED: tl.constexpr,
+    PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FULL_DOT: tl.constexpr,
+    NEED_DQ: tl.constexpr,
+    NEED_DKV: tl.constexpr,
+    NEED_PAD: tl.constexpr,
+    NEED_TABLE: tl.constexpr,
 ):
     """The whole backward of small windows (N <= BLOCK = BLOCK_M = BLOCK_N: one block holds a window): program
     (group of WINDOWS_PER_GROUP consecutive (image, window) pairs, head) runs its windows in a fixed order.
@@ -411,7 +602,7 @@ def _window_attention_bwd_fused_kernel(
     # [BLOCK]: per-row partial sums of the scale's gradient
     b_dscale = tl.zeros([BLOCK], dtype=CDT)
     for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
-        i_b, i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
+        i_b, _i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
         proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, p_bias, stride_qkv_t, C)
         rows = _window_rows(o_n, i_w2, grid, layout)  # the window's positions, as query rows and as keys
         o_tok, m_pad, o_reg = rows  # [BLOCK] token, padding flag, shift region
@@ -425,8 +616,7 @@ def _window_attention_bwd_fused_kernel(
         b_do = _load_do(DOUT, stride_do_b, stride_do_t, i_b, i_h, o_tok, m_real, cols, HEAD_DIM).to(DDT)
         # [BLOCK, BLOCK]; rows beyond the window (N < BLOCK) have dO = 0, hence dS = 0 and no dv share
         b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_n, o_n, m_n, m_n, N, EVEN)
-        b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg, o_reg, m_n, mask_value, SHIFTED,
-                      MASK_N)
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg, o_reg, m_n, mask_value, SHIFTED, MASK_N)
         b_p = _softmax_rows(b_s)
         o_dst = i_b * stride_dqkv_b + o_tok[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
         PAD_GRADS: tl.constexpr = NEED_PAD and HAS_BIAS and PADDED  # the padded keys' rows, for the k/v bias
@@ -467,8 +657,9 @@ def _window_attention_bwd_fused_kernel(
         tl.store(DSCALE + i_g * NUM_HEADS + i_h, tl.sum(b_dscale, axis=0))
 
 
-def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims: LaunchDims, pad_order: str,
-                         mask_value: float):
+def _backward_statistics(
+    grad_out, qkv, qkv_bias, logit_scale, position_bias, dims: LaunchDims, pad_order: str, mask_value: float
+):
     """Run the first backward kernel. Returns the backward's tile flags, the clamped scale and the launch
     arguments every backward kernel shares, whose STATS (B, heads, nW * N * 2: (row max, log row sum) pairs)
     and DELTA (B, H*W, heads) it has filled."""
@@ -480,22 +671,47 @@ def _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, di
     flags = launch_flags(qkv, qkv_bias, pad_order, C3 // 3 // num_heads, dims, backward=True)
     stats = torch.empty((B, num_heads, dims.NUM_WINDOWS * dims.N * 2), device=qkv.device, dtype=scale.dtype)
     delta = torch.empty((B, L, num_heads), device=qkv.device, dtype=scale.dtype)
-    common = dict(QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, STATS=stats,
-                  DELTA=delta, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
-                  stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), L=L,
-                  mask_value=mask_value, **dims._asdict(), **flags)
+    common = dict(
+        QKV=qkv,
+        QKV_BIAS=bias,
+        SCALE=scale,
+        POSITION_BIAS=table,
+        DOUT=grad_out,
+        STATS=stats,
+        DELTA=delta,
+        stride_qkv_b=qkv.stride(0),
+        stride_qkv_t=qkv.stride(1),
+        stride_do_b=grad_out.stride(0),
+        stride_do_t=grad_out.stride(1),
+        L=L,
+        mask_value=mask_value,
+        **dims._asdict(),
+        **flags,
+    )
     if B > 0:
         # every token is the query of exactly one window row: each delta is written once
-        _window_attention_bwd_stats_kernel[(B * dims.NUM_WINDOWS * triton.cdiv(dims.N, flags["BLOCK_M"]),
-                                            num_heads)](**common)
+        _window_attention_bwd_stats_kernel[(B * dims.NUM_WINDOWS * triton.cdiv(dims.N, flags["BLOCK_M"]), num_heads)](
+            **common
+        )
     return flags, scale, common
 
 
-def _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims: LaunchDims, pad_order: str,
-                    mask_value: float, need_qkv, need_bias, need_table_grads):
+def _fused_backward(
+    grad_out,
+    qkv,
+    qkv_bias,
+    logit_scale,
+    position_bias,
+    dims: LaunchDims,
+    pad_order: str,
+    mask_value: float,
+    need_qkv,
+    need_bias,
+    need_table_grads,
+):
     """Launch the fused kernel. Returns (dqkv or None, dpad, d_table or None, d_scale or None) in the compute
     dtype (dqkv in the projection's)."""
-    B, L, C3 = qkv.shape
+    B, _L, C3 = qkv.shape
     num_heads = dims.NUM_HEADS
     head_dim = C3 // 3 // num_heads
     scale, table, bias = small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
@@ -515,8 +731,9 @@ def _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims: L
     num_bw = B * dims.NUM_WINDOWS
     per_group = triton.cdiv(num_bw, max(1, FUSED_PROGRAMS // num_heads)) if num_bw else 1
     groups = triton.cdiv(num_bw, per_group)
-    d_table_parts = torch.empty((groups, num_heads, dims.N, dims.N) if need_table_grads else (1,),
-                                device=qkv.device, dtype=cdt)
+    d_table_parts = torch.empty(
+        (groups, num_heads, dims.N, dims.N) if need_table_grads else (1,), device=qkv.device, dtype=cdt
+    )
     d_scale_parts = torch.empty((groups, num_heads) if need_table_grads else (1,), device=qkv.device, dtype=cdt)
     if B == 0:
         if dqkv is not None:
@@ -525,13 +742,32 @@ def _fused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims: L
         return dqkv, dpad, d_table, (torch.zeros_like(scale) if need_table_grads else None)
     out = dqkv if dqkv is not None else qkv  # never written without NEED_DQ / NEED_DKV
     _window_attention_bwd_fused_kernel[(groups, num_heads)](
-        QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, DOUT=grad_out, DQKV=out, DPAD=dpad,
-        DBIAS=d_table_parts, DSCALE=d_scale_parts, stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1),
-        stride_do_b=grad_out.stride(0), stride_do_t=grad_out.stride(1), stride_dqkv_b=out.stride(0),
-        stride_dqkv_t=out.stride(1), NUM_PAD=num_pad, NUM_BW=num_bw, WINDOWS_PER_GROUP=per_group,
-        mask_value=mask_value, NEED_DQ=need_qkv, NEED_DKV=need_dkv, NEED_PAD=pad_grads,
+        QKV=qkv,
+        QKV_BIAS=bias,
+        SCALE=scale,
+        POSITION_BIAS=table,
+        DOUT=grad_out,
+        DQKV=out,
+        DPAD=dpad,
+        DBIAS=d_table_parts,
+        DSCALE=d_scale_parts,
+        stride_qkv_b=qkv.stride(0),
+        stride_qkv_t=qkv.stride(1),
+        stride_do_b=grad_out.stride(0),
+        stride_do_t=grad_out.stride(1),
+        stride_dqkv_b=out.stride(0),
+        stride_dqkv_t=out.stride(1),
+        NUM_PAD=num_pad,
+        NUM_BW=num_bw,
+        WINDOWS_PER_GROUP=per_group,
+        mask_value=mask_value,
+        NEED_DQ=need_qkv,
+        NEED_DKV=need_dkv,
+        NEED_PAD=pad_grads,
         NEED_TABLE=need_table_grads,
-        **dims._asdict(), **flags)
+        **dims._asdict(),
+        **flags,
+    )
     if not need_table_grads:
         return dqkv, dpad, None, None
     # the groups summed in a fixed order (no atomics): deterministic
@@ -569,12 +805,23 @@ def window_attention_triton_backward(
     `need_table_grads` not run). Partial sums over groups of windows are summed on the host in a fixed order:
     no atomics, every reduction deterministic.
     """
-    B, L, C3 = qkv.shape
+    B, _L, C3 = qkv.shape
     dims = launch_dims(qkv, grid_size, num_heads, window_size, shift_size, pad_order)
     need_bias = need_bias and qkv_bias is not None
     run = _fused_backward if fused_backward_applies(dims.N, C3 // 3 // num_heads, qkv.dtype) else _unfused_backward
-    dqkv, dpad, d_table, d_scale = run(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims, pad_order,
-                                       mask_value, need_qkv, need_bias, need_table_grads)
+    dqkv, dpad, d_table, d_scale = run(
+        grad_out,
+        qkv,
+        qkv_bias,
+        logit_scale,
+        position_bias,
+        dims,
+        pad_order,
+        mask_value,
+        need_qkv,
+        need_bias,
+        need_table_grads,
+    )
     cdt = dpad.dtype
     num_pad = dims.num_pad
     d_logit_scale = None
@@ -592,19 +839,31 @@ def window_attention_triton_backward(
     if need_bias:
         d_bias = torch.zeros(C3, device=qkv.device, dtype=cdt)  # the q part: padded queries have no output
         if num_pad > 0 and B > 0:
-            d_bias[C3 // 3:] = dpad.sum((0, 1))
+            d_bias[C3 // 3 :] = dpad.sum((0, 1))
         d_bias = d_bias.to(qkv_bias.dtype)
     return (dqkv if need_qkv else None), d_bias, d_logit_scale, (d_table if need_table_grads else None)
 
 
-def _unfused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims: LaunchDims, pad_order: str,
-                      mask_value: float, need_qkv, need_bias, need_table_grads):
+def _unfused_backward(
+    grad_out,
+    qkv,
+    qkv_bias,
+    logit_scale,
+    position_bias,
+    dims: LaunchDims,
+    pad_order: str,
+    mask_value: float,
+    need_qkv,
+    need_bias,
+    need_table_grads,
+):
     """The four kernels (windows beyond the fused kernel's). Returns (dqkv or None, dpad, d_table or None,
     d_scale or None) as `_fused_backward`."""
-    B, L, C3 = qkv.shape
+    B, _L, C3 = qkv.shape
     num_heads = dims.NUM_HEADS
-    flags, scale, common = _backward_statistics(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims,
-                                                pad_order, mask_value)
+    flags, scale, common = _backward_statistics(
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, dims, pad_order, mask_value
+    )
     cdt = scale.dtype
     num_pad = dims.num_pad
     # dk/dv also carry the k/v bias gradient (padded keys); dqkv is then scratch if the activation's is not asked
@@ -620,9 +879,11 @@ def _unfused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims:
             strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
             if need_qkv:
                 _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(dims.N, flags["BLOCK_M"]), num_heads)](
-                    DQKV=dqkv, **strides, **common)
+                    DQKV=dqkv, **strides, **common
+                )
             _window_attention_bwd_dkdv_kernel[(num_bw * triton.cdiv(dims.N, flags["BLOCK_N"]), num_heads)](
-                DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, **strides, **common)
+                DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, **strides, **common
+            )
         if need_table_grads:
             num_tiles = triton.cdiv(dims.N, flags["BLOCK_M"]) * triton.cdiv(dims.N, flags["BLOCK_N"])
             # Enough groups of windows to fill a GPU (about 1024 programs), each group a fixed range.
@@ -632,7 +893,8 @@ def _unfused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims:
             d_table_parts = torch.empty((groups, num_heads, dims.N, dims.N), device=qkv.device, dtype=cdt)
             d_scale_parts = torch.empty((groups, num_heads, num_tiles), device=qkv.device, dtype=cdt)
             _window_attention_bwd_dbias_kernel[(num_tiles, num_heads, groups)](
-                DBIAS=d_table_parts, DSCALE=d_scale_parts, NUM_BW=num_bw, WINDOWS_PER_GROUP=per_group, **common)
+                DBIAS=d_table_parts, DSCALE=d_scale_parts, NUM_BW=num_bw, WINDOWS_PER_GROUP=per_group, **common
+            )
             d_table = d_table_parts.sum(0)
             d_scale = d_scale_parts.sum((0, 2))
     elif dqkv is not None:
@@ -643,7 +905,7 @@ def _unfused_backward(grad_out, qkv, qkv_bias, logit_scale, position_bias, dims:
     return dqkv, dpad, d_table, d_scale
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def clamp_passes_gradient_at_bound() -> bool:
     """Whether torch.clamp(x, max=b) passes the gradient at x == b. Both rules exist in released torch
     (2.11 and 2.13 pass it, 2.14 does not); the fused backward follows the installed one, as the reference

@@ -10,6 +10,7 @@ helper as runtime values: the window shape's `//` and `%` become divisions and t
 (token, padding flag, shift region) from `_window_rows`. tests/test_kernel_source.py holds the helpers to at
 most 10 arguments and 3 returned values.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,11 @@ from .tiles import INTERPRETED
 # Triton decides at decoration (the import of the Triton files) whether a kernel runs under its interpreter;
 # the dispatch decided it from the same variable when swinv2_fast was imported (tiles.INTERPRETED). A value
 # changed in between would send CPU tensors to compiled kernels, or GPU tensors to the interpreter.
-if INTERPRETED != (os.environ.get("TRITON_INTERPRET", "0") == "1"):
+if (os.environ.get("TRITON_INTERPRET", "0") == "1") != INTERPRETED:
     raise RuntimeError(
         "TRITON_INTERPRET changed after swinv2_fast was imported (kernels/tiles.py read it then; Triton reads it "
-        "now, as it decorates the kernels): set it before importing swinv2_fast")
+        "now, as it decorates the kernels): set it before importing swinv2_fast"
+    )
 
 # Compiled kernels take exp in fp32 as a multiply and the hardware's ex2 with subnormal results flushed to
 # zero (inline PTX, which the interpreter cannot run): tl.exp's ex2 keeps subnormals at three more
@@ -84,8 +86,8 @@ def _window_rows(o_pos, i_w2, grid, layout: tl.constexpr, MASKED: tl.constexpr =
 def _padding_index(o_pos, i_w2, grid, layout: tl.constexpr):
     """[ROWS] index of padded window positions among an image's Hp*Wp - H*W padded positions 0, 1, ...
     (arguments as _window_rows')."""
-    H, W, HP, WP, SH, SW, RSH, RSW = grid
-    WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD = layout
+    H, W, HP, WP, _SH, _SW, RSH, RSW = grid
+    WH, WW, SHIFTED, _PADDED, ROLL_THEN_PAD = layout
     i_wy, i_wx = i_w2
     o_ay = i_wy * WH + o_pos // WW
     o_ax = i_wx * WW + o_pos % WW
@@ -199,7 +201,7 @@ def _key_rows(proj, rows, m_n, cols, HAS_BIAS: tl.constexpr, CDT: tl.constexpr):
     [BLOCK_N] each. Returns k normalised (compute dtype) [BLOCK_N, BLOCK_D], its clamped norm [BLOCK_N], and v
     (projection dtype) [BLOCK_N, BLOCK_D]."""
     p_qkv, p_bias, stride_t, C = proj
-    o_tok, m_pad, o_reg = rows
+    o_tok, m_pad, _o_reg = rows
     # [BLOCK_N, BLOCK_D]
     b_k = _load_rows(p_qkv + C, p_bias + C, o_tok, m_n, m_pad, cols, stride_t, HAS_BIAS)
     b_v = _load_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok, m_n, m_pad, cols, stride_t, HAS_BIAS)
@@ -215,12 +217,11 @@ def _window_of(i_bw, NUM_WINDOWS, NUM_WX):
 
 
 @triton.jit
-def _query_rows(proj, rows, m_m, cols, b_scale, HAS_BIAS: tl.constexpr, CDT: tl.constexpr,
-                DDT: tl.constexpr):
+def _query_rows(proj, rows, m_m, cols, b_scale, HAS_BIAS: tl.constexpr, CDT: tl.constexpr, DDT: tl.constexpr):
     """Query rows of a window (`proj`, `rows` as in _key_rows): q normalised (compute dtype) [BLOCK_M,
     BLOCK_D], its clamped norm [BLOCK_M], and q times the clamped logit scale b_scale (dot dtype)."""
-    p_qkv, p_bias, stride_t, C = proj
-    o_tok, m_pad, o_reg = rows
+    p_qkv, p_bias, stride_t, _C = proj
+    o_tok, m_pad, _o_reg = rows
     # [BLOCK_M, BLOCK_D]
     b_q = _load_rows(p_qkv, p_bias, o_tok, m_m, m_pad, cols, stride_t, HAS_BIAS)
     b_qn, b_rq = _l2_normalize(b_q, CDT)
@@ -232,8 +233,9 @@ def _exp2(x):
     """2^x, elementwise; see _FAST_EXP."""
     if _FAST_EXP:
         if x.dtype == tl.float32:
-            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                             is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(
+                "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+            )
     return tl.exp2(x)
 
 
@@ -249,5 +251,3 @@ def _online_softmax_step(b_s, b_m):
     rescaling what was summed under the old max, and exp(S - new max)."""
     b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
     return b_m_new, _exp(b_m - b_m_new), _exp(b_s - b_m_new[:, None])
-
-

@@ -33,6 +33,7 @@ compiled kernels take 2^x as the hardware's ex2.
 The cost of each kernel, counted from its SASS, is `python -m tools.compile_check --cost` (tools/cost.py;
 the committed table: benchmarks/results/cost_report.txt).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -44,12 +45,29 @@ import triton.language as tl
 from .launch import LaunchDims, clamped_scale, compute_dtype, launch_dims, launch_flags, padding_token
 from .tiles import MAX_HEAD_DIM, head_dim_supported
 from .triton_common import (
-    LOG2E, _channels, _dot, _exp2, _in_window, _l2_normalize, _load_rows, _logits, _row_norm, _tile_mask,
-    _window_of, _window_rows,
+    LOG2E,
+    _channels,
+    _dot,
+    _exp2,
+    _in_window,
+    _l2_normalize,
+    _load_rows,
+    _logits,
+    _row_norm,
+    _tile_mask,
+    _window_of,
+    _window_rows,
 )
 
-__all__ = ["window_attention_triton_forward", "window_sets", "windows_per_program", "ALL_WINDOWS",
-           "INTERIOR_WINDOWS", "BORDER_WINDOWS", "FORWARD_WINDOWS_PER_PROGRAM"]
+__all__ = [
+    "ALL_WINDOWS",
+    "BORDER_WINDOWS",
+    "FORWARD_WINDOWS_PER_PROGRAM",
+    "INTERIOR_WINDOWS",
+    "window_attention_triton_forward",
+    "window_sets",
+    "windows_per_program",
+]
 
 
 @triton.jit
@@ -102,19 +120,47 @@ def _fwd_bias_tile(p_bias_m, o_n, m_m, m_n, EVEN: tl.constexpr):
     reads the same tile."""
     if EVEN:
         return tl.load(p_bias_m + o_n[None, :], eviction_policy="evict_last")
-    return tl.load(p_bias_m + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0,
-                   eviction_policy="evict_last")
+    return tl.load(p_bias_m + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0, eviction_policy="evict_last")
 
 
 @triton.jit
 def _window_attention_fwd_kernel(
-    QKV, QKV_BIAS, SCALE, POSITION_BIAS, OUT,
-    stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t,
-    H, W, HP, WP, NUM_WX, NUM_WINDOWS, SH, SW, RSH, RSW, C, NUM_HEADS, NUM_BW,
+    QKV,
+    QKV_BIAS,
+    SCALE,
+    POSITION_BIAS,
+    OUT,
+    stride_qkv_b,
+    stride_qkv_t,
+    stride_out_b,
+    stride_out_t,
+    H,
+    W,
+    HP,
+    WP,
+    NUM_WX,
+    NUM_WINDOWS,
+    SH,
+    SW,
+    RSH,
+    RSW,
+    C,
+    NUM_HEADS,
+    NUM_BW,
     mask_value,
-    WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, PADDED: tl.constexpr,
-    ROLL_THEN_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FULL_DOT: tl.constexpr, WINDOW_SET: tl.constexpr = 0,
+    WH: tl.constexpr,
+    WW: tl.constexpr,
+    N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SHIFTED: tl.constexpr,
+    PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FULL_DOT: tl.constexpr,
+    WINDOW_SET: tl.constexpr = 0,
     WINDOWS_PER_PROGRAM: tl.constexpr = 1,
 ):
     """The output rows of BLOCK_M query rows of one head in WINDOWS_PER_PROGRAM consecutive (image, window)
@@ -164,7 +210,7 @@ def _window_attention_fwd_kernel(
         o_n0 = tl.arange(0, BLOCK_N)
         b_bias_once = _fwd_bias_tile(p_bias_m, o_n0, m_m, _in_window(o_n0, N, BLOCK_N), EVEN)
     for i_bw in range(i_first, tl.minimum(i_first + WINDOWS_PER_PROGRAM, NUM_BW)):
-        i_b, i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
+        i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
         p_qkv = p_qkv_h + i_b * stride_qkv_b
         # [BLOCK_M] token, padding flag, shift region of the query rows
         o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
@@ -186,14 +232,15 @@ def _window_attention_fwd_kernel(
             # [BLOCK_N, BLOCK_D]: normalised k (compute dtype), v (projection dtype)
             b_k = _stream_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
             b_v = _stream_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
-            b_kn, b_rk = _l2_normalize(b_k, CDT)
+            b_kn, _b_rk = _l2_normalize(b_k, CDT)
             # [BLOCK_M, BLOCK_N]
             if ONE_KEY_BLOCK:
                 b_bias = b_bias_once
             else:
                 b_bias = _fwd_bias_tile(p_bias_m, o_n, m_m, m_n, EVEN)
-            b_s = _logits(_dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n,
-                          mask_value, MASKED, MASK_N)
+            b_s = _logits(
+                _dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n, mask_value, MASKED, MASK_N
+            )
             b_m, b_alpha, b_p = _online_softmax_step_scaled(b_s, b_m)
             b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
             # [BLOCK_M, BLOCK_D]
@@ -290,8 +337,20 @@ def window_attention_triton_forward(
         pairs = B * windows  # (image, window) pairs of this launch
         wpp = windows_per_program(pairs, row_blocks, num_heads, _multiprocessors(qkv))
         _window_attention_fwd_kernel[(triton.cdiv(pairs, wpp) * row_blocks, num_heads)](
-            QKV=qkv, QKV_BIAS=bias, SCALE=scale, POSITION_BIAS=table, OUT=out,
-            stride_qkv_b=qkv.stride(0), stride_qkv_t=qkv.stride(1), stride_out_b=out.stride(0),
-            stride_out_t=out.stride(1), NUM_BW=pairs, mask_value=mask_value, WINDOW_SET=window_set,
-            WINDOWS_PER_PROGRAM=wpp, **dims._asdict(), **flags)
+            QKV=qkv,
+            QKV_BIAS=bias,
+            SCALE=scale,
+            POSITION_BIAS=table,
+            OUT=out,
+            stride_qkv_b=qkv.stride(0),
+            stride_qkv_t=qkv.stride(1),
+            stride_out_b=out.stride(0),
+            stride_out_t=out.stride(1),
+            NUM_BW=pairs,
+            mask_value=mask_value,
+            WINDOW_SET=window_set,
+            WINDOWS_PER_PROGRAM=wpp,
+            **dims._asdict(),
+            **flags,
+        )
     return out

@@ -10,38 +10,39 @@ PEFT and accelerate recognise them; see `swinv2_fast.modeling`) and `Swinv2Confi
 SWINV2_FAST_NO_TRANSFORMERS=1), with `nn.Module` and a plain class as their bases. Importing registers
 nothing with transformers: `register_auto_classes()` does, on request.
 """
+
 from .configuration import Swinv2Config
 from .convert import from_official, from_timm, official_config_to_swinv2_config
 from .functional import window_attention
 from .kernels import window_attention_reference
-from .patch import is_patched, patch, unpatch
 from .modeling import (
     Swinv2Backbone,
+    Swinv2FastConfig,
     Swinv2ForImageClassification,
     Swinv2ForMaskedImageModeling,
     Swinv2Model,
     Swinv2PreTrainedModel,
-    Swinv2FastConfig,
     register_auto_classes,
 )
+from .patch import is_patched, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Swinv2Backbone",
     "Swinv2Config",
-    "Swinv2Model",
+    "Swinv2FastConfig",
     "Swinv2ForImageClassification",
     "Swinv2ForMaskedImageModeling",
-    "Swinv2Backbone",
+    "Swinv2Model",
     "Swinv2PreTrainedModel",
-    "Swinv2FastConfig",
-    "register_auto_classes",
-    "window_attention",
-    "window_attention_reference",
-    "from_timm",
     "from_official",
+    "from_timm",
+    "is_patched",
     "official_config_to_swinv2_config",
     "patch",
+    "register_auto_classes",
     "unpatch",
-    "is_patched",
+    "window_attention",
+    "window_attention_reference",
 ]

@@ -5,6 +5,7 @@ the op schema and the attribute names below are the same in both.
 Nothing here runs at import: every function looks its API up when called, so a PyTorch without it (a build
 without oneDNN, a future release) imports the package and answers "not available" instead of failing.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["onednn_linear_available", "onednn_linear", "module_has_hooks"]
+__all__ = ["module_has_hooks", "onednn_linear", "onednn_linear_available"]
 
 
 def onednn_linear_available() -> bool:
@@ -28,8 +29,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     `torch.compile` with freezing; `F.linear` on CPU calls the BLAS the wheel was built with (MKL), and no
     public op applies GELU to a GEMM's output in place.
     """
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
-                                              "none" if gelu else "")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
 
 
 # nn.Module's per-instance hook dicts and the process-wide ones (torch.nn.modules.module._global_<name>).
@@ -46,5 +46,4 @@ def module_has_hooks(module: nn.Module) -> bool:
     """
     from torch.nn.modules import module as module_globals
 
-    return any(getattr(module, name, None) or getattr(module_globals, "_global" + name, None)
-               for name in _HOOK_DICTS)
+    return any(getattr(module, name, None) or getattr(module_globals, "_global" + name, None) for name in _HOOK_DICTS)

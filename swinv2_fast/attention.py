@@ -6,6 +6,7 @@ timm's `SwinTransformerV2Block` and timm's `SwinTransformerV2CrBlock` (`swinv2_f
 between the libraries is a parameter here, passed by each caller; the window rules come from
 `swinv2_fast.windows.SEMANTICS`.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -16,11 +17,17 @@ from torch import nn
 from .linear import project_qkv
 from .windows import grid_is_padded
 
-__all__ = ["continuous_position_bias", "qkv_weight_and_bias", "project_qkv_modules"]
+__all__ = ["continuous_position_bias", "project_qkv_modules", "qkv_weight_and_bias"]
 
 
-def continuous_position_bias(mlp: nn.Module, coords: torch.Tensor, num_heads: int, window_area: int,
-                             index: Optional[torch.Tensor] = None, sigmoid: bool = True) -> torch.Tensor:
+def continuous_position_bias(
+    mlp: nn.Module,
+    coords: torch.Tensor,
+    num_heads: int,
+    window_area: int,
+    index: Optional[torch.Tensor] = None,
+    sigmoid: bool = True,
+) -> torch.Tensor:
     """The (heads, N, N) position bias of an N-token window from the position-bias MLP, computed on every call.
 
     The MLP is called as a module (hooks, swapped layers, autocast and its own dropout apply) on `coords`,
@@ -41,8 +48,9 @@ def continuous_position_bias(mlp: nn.Module, coords: torch.Tensor, num_heads: in
     return table.t().index_select(1, index.view(-1)).view(-1, window_area, window_area)
 
 
-def qkv_weight_and_bias(projections: Sequence[nn.Module],
-                        bias_when_absent: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def qkv_weight_and_bias(
+    projections: Sequence[nn.Module], bias_when_absent: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The weight and bias of one GEMM computing the q/k/v of plain `nn.Linear` projections (`is_plain_linear`),
     concatenated on every call from the layers' parameters: (3C, C) and (3C,) for three layers, the layer's
     own for one fused layer.
@@ -60,8 +68,9 @@ def qkv_weight_and_bias(projections: Sequence[nn.Module],
     return weight, bias
 
 
-def project_qkv_modules(tokens: torch.Tensor, projections: Sequence[nn.Module], grid,
-                        window) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def project_qkv_modules(
+    tokens: torch.Tensor, projections: Sequence[nn.Module], grid, window
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """q/k/v of (B, H*W, C) tokens by calling the projection modules (three, or one fused `qkv`): for
     projections that are not plain (LoRA, quantized, parametrized or hooked layers), whose calls are their
     own. Returns ((B, H*W, 3C), pad), pad being what a padded position holds (the projection of a zero token)

@@ -19,16 +19,17 @@ call when they are constructed. config.json carries `model_type` "swinv2" (trans
 or "swinv2_fast" when saved with `save_pretrained(..., as_swinv2_fast=True)`, which transformers' Auto
 classes map to swinv2_fast's classes after `swinv2_fast.register_auto_classes()`.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional
 
 from .windows import SEMANTICS
 
-__all__ = ["Swinv2Config", "WINDOW_SEMANTICS", "ATTN_IMPLEMENTATIONS", "DEFAULT_CPU_INFERENCE_CHUNK_BYTES"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "DEFAULT_CPU_INFERENCE_CHUNK_BYTES", "WINDOW_SEMANTICS", "Swinv2Config"]
 
 # the names `window_semantics` accepts: the keys of the semantics table
 WINDOW_SEMANTICS = tuple(SEMANTICS)
@@ -88,8 +89,17 @@ _ConfigBase = transformers_class("PreTrainedConfig") or object
 # below), so that a config.json round trip is lossless and transformers' code reads them where it expects.
 _COMMON_SETTINGS = ("transformers_version", "architectures", "dtype", "chunk_size_feed_forward", "is_encoder_decoder")
 # keys of to_dict() that are derived, or transformers' own internal state: never constructor arguments
-_DERIVED_KEYS = ("num_layers", "hidden_size", "stage_names", "_out_features", "_out_indices", "_attn_implementation",
-                 "_attn_implementation_internal", "_experts_implementation_internal", "_commit_hash")
+_DERIVED_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "stage_names",
+    "_out_features",
+    "_out_indices",
+    "_attn_implementation",
+    "_attn_implementation_internal",
+    "_experts_implementation_internal",
+    "_commit_hash",
+)
 
 
 def _as_torch_dtype(value):
@@ -153,7 +163,7 @@ class Swinv2Config(_ConfigBase):
     """
 
     model_type = "swinv2"
-    attribute_map = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
+    attribute_map: ClassVar[Dict[str, str]] = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
     # read by transformers' pipeline() (5.17) from model.config; a local directory has no hub commit
     _commit_hash = None
     # defaults of PreTrainedConfig's common settings (_COMMON_SETTINGS); the same values as its own
@@ -387,9 +397,7 @@ class Swinv2Config(_ConfigBase):
         elif out_features is None:
             out_features = [names[i] for i in out_indices]
         elif out_features != [names[i] for i in out_indices]:
-            raise ValueError(
-                f"out_features {out_features} and out_indices {list(out_indices)} name different stages"
-            )
+            raise ValueError(f"out_features {out_features} and out_indices {list(out_indices)} name different stages")
         self._out_features, self._out_indices = list(out_features), list(out_indices)
 
     # ------------------------------------------------------------------------------------ serialisation
@@ -421,7 +429,7 @@ class Swinv2Config(_ConfigBase):
         return out
 
     @classmethod
-    def from_dict(cls, config_dict: Dict[str, Any], **overrides) -> "Swinv2Config":
+    def from_dict(cls, config_dict: Dict[str, Any], **overrides) -> Swinv2Config:
         data = dict(config_dict)
         # transformers saves both out_features and out_indices; an override of one of them re-derives the
         # other (as transformers' setters do) instead of clashing with the saved value
@@ -436,7 +444,7 @@ class Swinv2Config(_ConfigBase):
         return cls(**data)
 
     @classmethod
-    def from_json_file(cls, json_file) -> "Swinv2Config":
+    def from_json_file(cls, json_file) -> Swinv2Config:
         """The config a JSON file written by `to_json_file` or `save_pretrained` describes."""
         with open(json_file, encoding="utf-8") as fh:
             return cls.from_dict(json.load(fh))
@@ -455,8 +463,10 @@ class Swinv2Config(_ConfigBase):
         `swinv2_fast.register_auto_classes()`). Other keyword arguments of transformers' method
         (push_to_hub, token, ...) are refused: swinv2_fast writes local directories only."""
         if kwargs.pop("push_to_hub", False):
-            raise NotImplementedError("Swinv2Config.save_pretrained(push_to_hub=True): swinv2_fast writes local "
-                                      "directories only; upload the directory with huggingface_hub")
+            raise NotImplementedError(
+                "Swinv2Config.save_pretrained(push_to_hub=True): swinv2_fast writes local "
+                "directories only; upload the directory with huggingface_hub"
+            )
         if kwargs:
             raise TypeError(f"Swinv2Config.save_pretrained got unexpected keyword arguments {sorted(kwargs)}")
         os.makedirs(directory, exist_ok=True)
@@ -464,8 +474,15 @@ class Swinv2Config(_ConfigBase):
             fh.write(self.to_json_string(as_swinv2_fast=as_swinv2_fast))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: Optional[str] = None,
-                        cache_dir: Optional[str] = None, subfolder: str = "", **overrides) -> "Swinv2Config":
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *,
+        revision: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        subfolder: str = "",
+        **overrides,
+    ) -> Swinv2Config:
         """Read config.json from a directory (or a config.json path, or a hub id found in huggingface_hub's
         local cache, see `swinv2_fast.weights.resolve_pretrained_directory`); keyword arguments override
         fields (e.g. num_labels=10)."""
@@ -483,7 +500,7 @@ class Swinv2Config(_ConfigBase):
             return cls.from_dict(json.load(fh), **overrides)
 
     @classmethod
-    def from_transformers(cls, hf_config) -> "Swinv2Config":
+    def from_transformers(cls, hf_config) -> Swinv2Config:
         """The same configuration from a transformers `Swinv2Config` object (model_type "swinv2" or
         "swinv2_fast"). The models accept such a config directly and call this."""
         to_dict = getattr(hf_config, "to_dict", None)
@@ -496,7 +513,7 @@ class Swinv2Config(_ConfigBase):
         with open(json_file_path, "w", encoding="utf-8") as fh:
             fh.write(self.to_json_string(use_diff=use_diff))
 
-    def copy(self) -> "Swinv2Config":
+    def copy(self) -> Swinv2Config:
         return Swinv2Config.from_dict(self.to_dict())
 
     def __eq__(self, other) -> bool:

@@ -5,6 +5,7 @@ Both codebases store q/k/v as one `qkv` weight with separate `q_bias`/`v_bias`, 
 reproduce their source's numbers. timm places patch merging at the start of stage i+1
 (`layers.{i+1}.downsample`), the official code at the end of stage i, like transformers.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,7 +24,7 @@ from .modeling import (
 from .weights import load_state_dict_checked
 from .windows import window_and_shift
 
-__all__ = ["from_timm", "from_official", "official_config_to_swinv2_config", "convert_qkv_state_dict"]
+__all__ = ["convert_qkv_state_dict", "from_official", "from_timm", "official_config_to_swinv2_config"]
 
 _BLOCK_RENAMES = [
     ("attn.logit_scale", "attention.self.logit_scale"),
@@ -41,8 +42,9 @@ _BLOCK_RENAMES = [
 _DERIVED_BUFFERS = re.compile(r"(relative_coords_table|relative_position_index|attn_mask|k_bias)$")
 
 
-def convert_qkv_state_dict(state_dict: Mapping[str, torch.Tensor], downsample_offset: int,
-                           head_prefix: str = "head.") -> Dict[str, torch.Tensor]:
+def convert_qkv_state_dict(
+    state_dict: Mapping[str, torch.Tensor], downsample_offset: int, head_prefix: str = "head."
+) -> Dict[str, torch.Tensor]:
     """timm/official keys -> transformers keys (without the `swinv2.` prefix).
 
     downsample_offset: 1 for timm (`layers.{i}.downsample` belongs after stage i-1), 0 for the official code.
@@ -52,16 +54,16 @@ def convert_qkv_state_dict(state_dict: Mapping[str, torch.Tensor], downsample_of
         if _DERIVED_BUFFERS.search(key):
             continue
         if key.startswith("patch_embed.proj."):
-            out["embeddings.patch_embeddings.projection." + key[len("patch_embed.proj."):]] = value
+            out["embeddings.patch_embeddings.projection." + key[len("patch_embed.proj.") :]] = value
             continue
         if key.startswith("patch_embed.norm."):
-            out["embeddings.norm." + key[len("patch_embed.norm."):]] = value
+            out["embeddings.norm." + key[len("patch_embed.norm.") :]] = value
             continue
         if key.startswith("norm."):
-            out["layernorm." + key[len("norm."):]] = value
+            out["layernorm." + key[len("norm.") :]] = value
             continue
         if key.startswith(head_prefix):
-            out["classifier." + key[len(head_prefix):]] = value
+            out["classifier." + key[len(head_prefix) :]] = value
             continue
         if key == "mask_token":
             out["embeddings.mask_token"] = value
@@ -83,7 +85,7 @@ def convert_qkv_state_dict(state_dict: Mapping[str, torch.Tensor], downsample_of
                 continue
             for old, new in _BLOCK_RENAMES:
                 if rest.startswith(old):
-                    out[prefix + new + rest[len(old):]] = value
+                    out[prefix + new + rest[len(old) :]] = value
                     break
             else:
                 raise ValueError(f"state dict key {key!r} has no swinv2_fast counterpart")
@@ -94,9 +96,7 @@ def convert_qkv_state_dict(state_dict: Mapping[str, torch.Tensor], downsample_of
 
 def _with_prefix(state_dict, model):
     if any(k.startswith("swinv2.") for k in model.state_dict()):
-        return {
-            (k if k.startswith(("classifier.", "decoder.")) else "swinv2." + k): v for k, v in state_dict.items()
-        }
+        return {(k if k.startswith(("classifier.", "decoder.")) else "swinv2." + k): v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -123,8 +123,7 @@ def _check_windows(config: Swinv2Config, blocks_per_stage, source: str, resoluti
     for i, blocks in enumerate(blocks_per_stage):
         for j, (window, shift) in enumerate(blocks):
             target_shift = 0 if j % 2 == 0 else config.window_size // 2
-            source_choice = window_and_shift(resolutions[i], config.window_size, target_shift,
-                                             config.window_semantics)
+            source_choice = window_and_shift(resolutions[i], config.window_size, target_shift, config.window_semantics)
             if source_choice != (tuple(window), tuple(shift)):
                 raise ValueError(
                     f"{source} stage {i} block {j} uses window {tuple(window)} and shift {tuple(shift)}; "
@@ -133,8 +132,10 @@ def _check_windows(config: Swinv2Config, blocks_per_stage, source: str, resoluti
                     "always_partition, per-stage window sizes or set_input_size after construction are not "
                     "supported)"
                 )
-            if window_and_shift(ours_res[i], config.window_size, target_shift, config.window_semantics) != \
-                    source_choice:
+            if (
+                window_and_shift(ours_res[i], config.window_size, target_shift, config.window_semantics)
+                != source_choice
+            ):
                 differing.append((i, j, tuple(window), tuple(shift)))
     return differing
 
@@ -149,8 +150,14 @@ def _use_source_windows(model: nn.Module, config: Swinv2Config, differing) -> No
         layer = encoder.layers[i].blocks[j]
         old = layer.attention.self
         layer.attention.self = Swinv2SelfAttention(
-            config, int(config.embed_dim * 2**i), config.num_heads[i], window, shift, old.pretrained_window_size,
-            config.window_semantics)
+            config,
+            int(config.embed_dim * 2**i),
+            config.num_heads[i],
+            window,
+            shift,
+            old.pretrained_window_size,
+            config.window_semantics,
+        )
         layer.window_size, layer.shift_size = window, shift
 
 
@@ -165,7 +172,8 @@ def from_timm(timm_model: nn.Module, *, attn_implementation: str = "auto") -> nn
         raise TypeError(
             "from_timm cannot represent timm's SwinTransformerV2Cr (swinv2_cr_*) exactly (another position-bias "
             "function, a learnable k bias, another stage layout and extra norms); use swinv2_fast.patch(model), "
-            "which keeps timm's model and runs its window attention on swinv2_fast's op")
+            "which keeps timm's model and runs its window attention on swinv2_fast's op"
+        )
     if type(timm_model).__name__ != "SwinTransformerV2" or not hasattr(timm_model, "layers"):
         raise TypeError(
             "from_timm expects a timm SwinTransformerV2 (timm.create_model('swinv2_...')), got "
@@ -201,8 +209,12 @@ def from_timm(timm_model: nn.Module, *, attn_implementation: str = "auto") -> nn
         window_semantics="timm",
         attn_implementation=attn_implementation,
     )
-    differing = _check_windows(config, [[(b.window_size, b.shift_size) for b in s.blocks] for s in stages],
-                               "timm model", [tuple(s.blocks[0].input_resolution) for s in stages])
+    differing = _check_windows(
+        config,
+        [[(b.window_size, b.shift_size) for b in s.blocks] for s in stages],
+        "timm model",
+        [tuple(s.blocks[0].input_resolution) for s in stages],
+    )
     model_cls = Swinv2ForImageClassification if timm_model.num_classes > 0 else Swinv2Model
     model = model_cls(config)
     _use_source_windows(model, config, differing)
@@ -228,7 +240,9 @@ def official_config_to_swinv2_config(official_config: Mapping, **overrides) -> S
     PATCH_NORM, PRETRAINED_WINDOW_SIZES) with the official defaults.
     """
     if not isinstance(official_config, Mapping) and not hasattr(official_config, "MODEL"):
-        raise TypeError(f"official_config must be a yacs CfgNode or a nested dict, got {type(official_config).__name__}")
+        raise TypeError(
+            f"official_config must be a yacs CfgNode or a nested dict, got {type(official_config).__name__}"
+        )
     swin = lambda name, default: _get(official_config, f"MODEL.SWINV2.{name}", default)  # noqa: E731
     if swin("APE", False):
         raise ValueError("official models with APE=True (absolute position embedding) are not supported")
@@ -255,8 +269,13 @@ def official_config_to_swinv2_config(official_config: Mapping, **overrides) -> S
     return Swinv2Config(**values)
 
 
-def from_official(checkpoint: Mapping[str, Any], official_config: Optional[Mapping] = None, *,
-                  config: Optional[Swinv2Config] = None, attn_implementation: str = "auto") -> nn.Module:
+def from_official(
+    checkpoint: Mapping[str, Any],
+    official_config: Optional[Mapping] = None,
+    *,
+    config: Optional[Swinv2Config] = None,
+    attn_implementation: str = "auto",
+) -> nn.Module:
     """A swinv2_fast model from an official microsoft/Swin-Transformer Swin V2 checkpoint.
 
     checkpoint: what `torch.load` returns for the official .pth (the weights under "model") or the state
@@ -269,7 +288,9 @@ def from_official(checkpoint: Mapping[str, Any], official_config: Optional[Mappi
     """
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"checkpoint must be a state dict or a dict with a 'model' state dict, got {type(checkpoint).__name__}")
+        raise TypeError(
+            f"checkpoint must be a state dict or a dict with a 'model' state dict, got {type(checkpoint).__name__}"
+        )
     if config is None:
         if official_config is None:
             raise ValueError("from_official needs the checkpoint's config: pass official_config or config")
@@ -281,7 +302,7 @@ def from_official(checkpoint: Mapping[str, Any], official_config: Optional[Mappi
     simmim = any(k.startswith("encoder.") for k in state_dict)
     if simmim:
         decoder = {k: v for k, v in state_dict.items() if k.startswith("decoder.")}
-        encoder = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+        encoder = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
         converted = convert_qkv_state_dict(encoder, downsample_offset=0)
         model = Swinv2ForMaskedImageModeling(config)
         converted = {"swinv2." + k: v for k, v in converted.items()}

@@ -2,6 +2,7 @@
 
 The dispatch rules are stated once, in `window_attention`'s docstring.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +13,7 @@ from .kernels import tiles
 from .kernels.geometry import WindowGeometry, takes_geometry
 from .kernels.reference import window_attention_reference
 
-__all__ = ["window_attention", "IMPLEMENTATIONS", "triton_available", "resolve_implementation"]
+__all__ = ["IMPLEMENTATIONS", "resolve_implementation", "triton_available", "window_attention"]
 
 IMPLEMENTATIONS = ("auto", "triton", "eager")
 
@@ -38,8 +39,10 @@ def _unserved_reason(qkv: torch.Tensor, num_heads: int) -> str:
     head_dim = qkv.shape[-1] // 3 // num_heads
     if qkv.dtype == torch.float64:
         return "float64 runs on the eager path (the kernels' fp64 build is for gradcheck under the interpreter)"
-    return (f"the fused backward has no spill-free build for {qkv.dtype} with head_dim {head_dim} (fp32 "
-            "gradients are fused for head_dim up to 32, fp16/bf16 for every head_dim)")
+    return (
+        f"the fused backward has no spill-free build for {qkv.dtype} with head_dim {head_dim} (fp32 "
+        "gradients are fused for head_dim up to 32, fp16/bf16 for every head_dim)"
+    )
 
 
 def _fused_serves(qkv: torch.Tensor, num_heads: int, grad_inputs) -> bool:
@@ -53,10 +56,15 @@ def _fused_serves(qkv: torch.Tensor, num_heads: int, grad_inputs) -> bool:
     return tiles.fused_backward_supported(qkv.shape[-1] // 3 // num_heads, qkv.dtype)
 
 
-def resolve_implementation(implementation: str, qkv: torch.Tensor, num_heads: int,
-                           return_attention_probs: bool = False, dropout_p: float = 0.0,
-                           grad_inputs=()) -> str:
-    """"triton" or "eager" for this call, following the rules in `window_attention`'s docstring; raises where
+def resolve_implementation(
+    implementation: str,
+    qkv: torch.Tensor,
+    num_heads: int,
+    return_attention_probs: bool = False,
+    dropout_p: float = 0.0,
+    grad_inputs=(),
+) -> str:
+    """ "triton" or "eager" for this call, following the rules in `window_attention`'s docstring; raises where
     "triton" was asked for and cannot run."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -109,16 +117,15 @@ def _check_inputs(qkv, qkv_bias, logit_scale, position_bias, geometry: WindowGeo
     _check_dtypes_and_devices(qkv, qkv_bias=qkv_bias, logit_scale=logit_scale, position_bias=position_bias)
     _, tokens, channels3 = qkv.shape
     if tokens != geometry.num_tokens:
-        raise ValueError(f"qkv must have H*W = {geometry.num_tokens} tokens for grid_size {geometry.grid}, "
-                         f"got {tokens}")
+        raise ValueError(
+            f"qkv must have H*W = {geometry.num_tokens} tokens for grid_size {geometry.grid}, got {tokens}"
+        )
     geometry.head_dim(channels3)  # raises unless 3 * num_heads divides the channels
     heads, n = geometry.num_heads, geometry.N
     if qkv_bias is not None and tuple(qkv_bias.shape) != (channels3,):
         raise ValueError(f"qkv_bias must have shape ({channels3},), got {tuple(qkv_bias.shape)}")
     if logit_scale.numel() != heads:
-        raise ValueError(
-            f"logit_scale must have num_heads = {heads} elements, got shape {tuple(logit_scale.shape)}"
-        )
+        raise ValueError(f"logit_scale must have num_heads = {heads} elements, got shape {tuple(logit_scale.shape)}")
     if tuple(position_bias.shape) != (heads, n, n):
         raise ValueError(
             f"position_bias must have shape (num_heads, N, N) = {(heads, n, n)}, got {tuple(position_bias.shape)}"
@@ -141,8 +148,8 @@ def _check_dtypes_and_devices(qkv, **others):
             raise ValueError(f"{name} must be on qkv's device {qkv.device}, got {t.device}")
         if t.dtype not in allowed:
             raise TypeError(
-                f"{name} must have qkv's dtype {qkv.dtype}" + (" or float32 (as under torch.autocast)"
-                                                              if len(allowed) > 1 else "")
+                f"{name} must have qkv's dtype {qkv.dtype}"
+                + (" or float32 (as under torch.autocast)" if len(allowed) > 1 else "")
                 + f", got {t.dtype}"
             )
 
@@ -188,12 +195,21 @@ def window_attention(
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     _check_inputs(qkv, qkv_bias, logit_scale, position_bias, geometry, dropout_p)
     grad_inputs = (qkv, qkv_bias, logit_scale, position_bias)
-    if resolve_implementation(implementation, qkv, geometry.num_heads, return_attention_probs, dropout_p,
-                              grad_inputs) == "triton":
+    if (
+        resolve_implementation(implementation, qkv, geometry.num_heads, return_attention_probs, dropout_p, grad_inputs)
+        == "triton"
+    ):
         if qkv.stride(-1) != 1:  # the kernel reads channel rows; any batch and token strides are read as they are
             qkv = qkv.contiguous()
         from .kernels import op
 
         return op.window_attention_fused(qkv, qkv_bias, logit_scale, position_bias, geometry)
-    return window_attention_reference(qkv, qkv_bias, logit_scale, position_bias, geometry=geometry,
-                                      dropout_p=dropout_p, return_attention_probs=return_attention_probs)
+    return window_attention_reference(
+        qkv,
+        qkv_bias,
+        logit_scale,
+        position_bias,
+        geometry=geometry,
+        dropout_p=dropout_p,
+        return_attention_probs=return_attention_probs,
+    )

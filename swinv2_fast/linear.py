@@ -22,6 +22,7 @@ Under torch.compile the oneDNN call goes through the opaque custom op `swinv2_fa
 in the package's own op namespace when this module is imported), which inductor keeps as it is (it lowers
 oneDNN's op itself only for frozen, constant weights).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -32,7 +33,7 @@ from torch import nn
 
 from . import _torch_private
 
-__all__ = ["linear", "apply_linear", "onednn_linear_available", "is_plain_linear", "project_qkv"]
+__all__ = ["apply_linear", "is_plain_linear", "linear", "onednn_linear_available", "project_qkv"]
 
 
 # Asked once, at import (a query, which changes nothing): torch.compile cannot trace the question itself.
@@ -49,19 +50,26 @@ def _routes_to_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         return False
     if isinstance(x, torch.fx.Proxy):  # torch.fx traces: device and autograd unknown, the graph takes F.linear
         return False
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.device.type == "cpu" and weight.is_contiguous()):
+    if not (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
+    ):
         return False
     if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
         return False
     return _AVAILABLE
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           gelu: bool = False, onednn: bool = True) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, gelu: bool = False, onednn: bool = True
+) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, followed by exact GELU when `gelu`; through oneDNN when `onednn` and the
     call qualifies (see the module docstring), through `F.linear` otherwise."""
     if _routes_to_onednn(x, weight, bias, onednn):
@@ -108,6 +116,7 @@ def project_qkv(x: torch.Tensor, *projections: nn.Module, padded: bool) -> Tuple
     qkv layer), for modules that are not plain (`is_plain_linear`): ((B, L, 3C), pad) where pad (3C,) is what
     a padded position holds, the projection of a zero token (the grid is padded with zeros before the
     projection), or None when `padded` is False (the window-attention op then never reads it)."""
+
     def project(tokens):
         if len(projections) == 1:
             return projections[0](tokens)

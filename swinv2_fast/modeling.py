@@ -21,11 +21,12 @@ CPU switches (config fields, read where they act; defaults in `Swinv2Config`):
   per piece on pieces of the batch (the MLP on 2-D token rows): set 0 on a model whose hooks must see whole
   blocks, as transformers shows them. The switch alone decides; hooks are never looked at for it.
 """
+
 from __future__ import annotations
 
 import collections.abc
 import math
-from typing import Optional, Tuple
+from typing import ClassVar, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ from .configuration import ATTN_IMPLEMENTATIONS, DEFAULT_CPU_INFERENCE_CHUNK_BYT
 from .functional import window_attention
 from .kernels.geometry import WindowGeometry, known_zero
 from .linear import apply_linear, is_plain_linear, linear
-from .modeling_utils import (  # noqa: F401  (Swinv2FastConfig, register_auto_classes: re-exported)
+from .modeling_utils import (
     PreTrainedMixin,
     Swinv2FastConfig,
     _checkpointing_layer_base,
@@ -45,7 +46,6 @@ from .modeling_utils import (  # noqa: F401  (Swinv2FastConfig, register_auto_cl
     _TransformersPreTrainedModel,
     register_auto_classes,
 )
-from .windows import SEMANTICS, window_and_shift
 from .outputs import (
     BackboneOutput,
     Swinv2EncoderOutput,
@@ -53,16 +53,17 @@ from .outputs import (
     Swinv2MaskedImageModelingOutput,
     Swinv2ModelOutput,
 )
+from .windows import SEMANTICS, window_and_shift
 
 __all__ = [
-    "Swinv2PreTrainedModel",
-    "Swinv2Model",
-    "Swinv2ForImageClassification",
-    "Swinv2ForMaskedImageModeling",
+    "DEFAULT_CPU_INFERENCE_CHUNK_BYTES",
     "Swinv2Backbone",
     "Swinv2FastConfig",
+    "Swinv2ForImageClassification",
+    "Swinv2ForMaskedImageModeling",
+    "Swinv2Model",
+    "Swinv2PreTrainedModel",
     "register_auto_classes",
-    "DEFAULT_CPU_INFERENCE_CHUNK_BYTES",
 ]
 
 
@@ -96,10 +97,10 @@ def _activation(name: str):
         ACT2FN = {}
     if name in ACT2FN:
         return ACT2FN[name]
-    raise ValueError(f"hidden_act must be one of {sorted(set(_ACTIVATIONS) | set(ACT2FN))}, got {name!r}"
-                     + ("" if ACT2FN else " (install transformers for its other activation names)"))
-
-
+    raise ValueError(
+        f"hidden_act must be one of {sorted(set(_ACTIVATIONS) | set(ACT2FN))}, got {name!r}"
+        + ("" if ACT2FN else " (install transformers for its other activation names)")
+    )
 
 
 def _pair(value) -> Tuple[int, int]:
@@ -191,8 +192,16 @@ class Swinv2SelfAttention(nn.Module):
     attention output in token layout, before the output projection.
     """
 
-    def __init__(self, config, dim, num_heads, window_size, shift_size=(0, 0), pretrained_window_size=(0, 0),
-                 window_semantics="transformers"):
+    def __init__(
+        self,
+        config,
+        dim,
+        num_heads,
+        window_size,
+        shift_size=(0, 0),
+        pretrained_window_size=(0, 0),
+        window_semantics="transformers",
+    ):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must divide by num_heads ({num_heads})")
@@ -251,8 +260,13 @@ class Swinv2SelfAttention(nn.Module):
         mlp = self.continuous_position_bias_mlp
         # the MLP's floating dtype; fp32 when it has no floating parameters (dynamically quantized layers)
         dtype = next((p.dtype for p in mlp.parameters() if p.is_floating_point()), torch.float32)
-        return continuous_position_bias(mlp, self.relative_coords_table.to(dtype), self.num_attention_heads,
-                                        self.window_size[0] * self.window_size[1], index=self.relative_position_index)
+        return continuous_position_bias(
+            mlp,
+            self.relative_coords_table.to(dtype),
+            self.num_attention_heads,
+            self.window_size[0] * self.window_size[1],
+            index=self.relative_position_index,
+        )
 
     def qkv_parameters(self):
         """The (3C, C) weight and (3C,) bias (None without qkv_bias; k has no bias) of one q/k/v projection,
@@ -271,9 +285,14 @@ class Swinv2SelfAttention(nn.Module):
         heads (fixed at construction) with the grid of this call. Built per call: validating a small frozen
         dataclass costs little next to a block call, and nothing is kept (no state to invalidate, nothing for
         torch.compile to guard on)."""
-        return WindowGeometry(grid=input_dimensions, window=self.window_size, shift=self.shift_size,
-                              pad_order=self.pad_order, mask_value=self.mask_value,
-                              num_heads=self.num_attention_heads)
+        return WindowGeometry(
+            grid=input_dimensions,
+            window=self.window_size,
+            shift=self.shift_size,
+            pad_order=self.pad_order,
+            mask_value=self.mask_value,
+            num_heads=self.num_attention_heads,
+        )
 
     def forward(self, hidden_states, input_dimensions, output_attentions=False, derived_parameters=None):
         """(B, H*W, C) tokens of an (H, W) grid -> ((B, H*W, C) attention output before the output
@@ -284,8 +303,9 @@ class Swinv2SelfAttention(nn.Module):
             weight, bias = qkv_parameters
             qkv = linear(hidden_states, weight, bias, onednn=self.config.cpu_onednn_linear)
         else:  # swapped (LoRA, quantized, parametrized) or hooked projections: called as modules
-            qkv, bias = project_qkv_modules(hidden_states, (self.query, self.key, self.value), input_dimensions,
-                                            self.window_size)
+            qkv, bias = project_qkv_modules(
+                hidden_states, (self.query, self.key, self.value), input_dimensions, self.window_size
+            )
         result = window_attention(
             qkv,
             bias,
@@ -377,13 +397,12 @@ class Swinv2DropPath(nn.Module):
 class Swinv2Layer(nn.Module):
     """One res-post-norm block: x + drop_path(norm1(attn(x))), then x + drop_path(norm2(mlp(x)))."""
 
-    def __init__(self, config, dim, input_resolution, num_heads, drop_path_rate=0.0, shift_size=0,
-                 pretrained_window_size=0):
+    def __init__(
+        self, config, dim, input_resolution, num_heads, drop_path_rate=0.0, shift_size=0, pretrained_window_size=0
+    ):
         super().__init__()
         self.input_resolution = tuple(input_resolution)
-        window, shift = window_and_shift(
-            self.input_resolution, config.window_size, shift_size, config.window_semantics
-        )
+        window, shift = window_and_shift(self.input_resolution, config.window_size, shift_size, config.window_semantics)
         self.window_size = window
         self.shift_size = shift
         self.attention = Swinv2Attention(
@@ -404,8 +423,14 @@ class Swinv2Layer(nn.Module):
         `_forward_in_pieces`); everything else runs the block whole. Same math either way.
         """
         chunk_bytes = self.config.cpu_inference_chunk_bytes
-        if (chunk_bytes > 0 and not self.training and not output_attentions and not torch.is_grad_enabled()
-                and isinstance(hidden_states, torch.Tensor) and hidden_states.device.type == "cpu"):  # not fx
+        if (
+            chunk_bytes > 0
+            and not self.training
+            and not output_attentions
+            and not torch.is_grad_enabled()
+            and isinstance(hidden_states, torch.Tensor)
+            and hidden_states.device.type == "cpu"
+        ):  # not fx
             return (self._forward_in_pieces(hidden_states, input_dimensions, chunk_bytes),)
         attention_output, probs = self.attention(hidden_states, input_dimensions, output_attentions)
         hidden_states = hidden_states + self.drop_path(self.layernorm_before(attention_output))
@@ -467,11 +492,10 @@ class Swinv2PatchMerging(nn.Module):
         return self.norm(apply_linear(self.reduction, x, onednn=onednn))
 
 
-
-
 class Swinv2Stage(_checkpointing_layer_base()):
-    def __init__(self, config, dim, input_resolution, depth, num_heads, drop_path, downsample,
-                 pretrained_window_size=0):
+    def __init__(
+        self, config, dim, input_resolution, depth, num_heads, drop_path, downsample, pretrained_window_size=0
+    ):
         super().__init__()
         self.config = config
         self.dim = dim
@@ -487,8 +511,9 @@ class Swinv2Stage(_checkpointing_layer_base()):
             )
             for i in range(depth)
         )
-        self.downsample = (downsample(input_resolution, dim=dim, norm_layer=nn.LayerNorm, config=config)
-                           if downsample else None)
+        self.downsample = (
+            downsample(input_resolution, dim=dim, norm_layer=nn.LayerNorm, config=config) if downsample else None
+        )
 
     def forward(self, hidden_states, input_dimensions, output_attentions=False):
         height, width = input_dimensions
@@ -530,8 +555,15 @@ class Swinv2Encoder(nn.Module):
         # set with the stages' by gradient_checkpointing_enable/disable; the stages do the checkpointing
         self.gradient_checkpointing = False
 
-    def forward(self, hidden_states, input_dimensions, output_attentions=False, output_hidden_states=False,
-                output_hidden_states_before_downsampling=False, return_dict=True):
+    def forward(
+        self,
+        hidden_states,
+        input_dimensions,
+        output_attentions=False,
+        output_hidden_states=False,
+        output_hidden_states_before_downsampling=False,
+        return_dict=True,
+    ):
         all_hidden_states = () if output_hidden_states else None
         all_reshaped = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -566,8 +598,6 @@ class Swinv2Encoder(nn.Module):
         )
 
 
-
-
 def _check_pixel_values(pixel_values, num_channels: int) -> None:
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
@@ -591,8 +621,6 @@ torch.fx.wrap("WindowGeometry")
 torch.fx.wrap("window_attention")
 
 
-
-
 class Swinv2PreTrainedModel(PreTrainedMixin, _ModelBase):
     """Base of the Swin V2 models: what they declare to transformers, and their weight initialisation.
 
@@ -607,7 +635,7 @@ class Swinv2PreTrainedModel(PreTrainedMixin, _ModelBase):
     main_input_name = "pixel_values"
     input_modalities = "image"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Swinv2Stage"]
+    _no_split_modules: ClassVar[List[str]] = ["Swinv2Stage"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -637,8 +665,11 @@ class Swinv2PreTrainedModel(PreTrainedMixin, _ModelBase):
     def dummy_inputs(self):
         """A batch of 2 random images at config.image_size, as `forward(**model.dummy_inputs)` takes it."""
         height, width = _pair(self.config.image_size)
-        return {"pixel_values": torch.randn(2, self.config.num_channels, height, width,
-                                            dtype=self.dtype, device=self.device)}
+        return {
+            "pixel_values": torch.randn(
+                2, self.config.num_channels, height, width, dtype=self.dtype, device=self.device
+            )
+        }
 
     # -------------------------------------------------------------------------------- accessors
     def get_input_embeddings(self) -> nn.Module:
@@ -686,8 +717,16 @@ class Swinv2Model(Swinv2PreTrainedModel):
     def get_input_embeddings(self):
         return self.embeddings.patch_embeddings
 
-    def forward(self, pixel_values=None, bool_masked_pos=None, output_attentions=None, output_hidden_states=None,
-                interpolate_pos_encoding=False, return_dict=None, **kwargs):
+    def forward(
+        self,
+        pixel_values=None,
+        bool_masked_pos=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        interpolate_pos_encoding=False,
+        return_dict=None,
+        **kwargs,
+    ):
         """Encode a batch of images.
 
         Args:
@@ -712,7 +751,9 @@ class Swinv2Model(Swinv2PreTrainedModel):
             (None unless requested).
         """
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
@@ -735,8 +776,11 @@ class Swinv2Model(Swinv2PreTrainedModel):
             pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
         )
         encoder_outputs = self.encoder(
-            embedding_output, input_dimensions, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=return_dict,
+            embedding_output,
+            input_dimensions,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
         )
         sequence_output = self.layernorm(encoder_outputs[0])
         pooled_output = None
@@ -799,8 +843,16 @@ class Swinv2ForImageClassification(Swinv2PreTrainedModel):
         )
         self.post_init()
 
-    def forward(self, pixel_values=None, labels=None, output_attentions=None, output_hidden_states=None,
-                interpolate_pos_encoding=False, return_dict=None, **kwargs):
+    def forward(
+        self,
+        pixel_values=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        interpolate_pos_encoding=False,
+        return_dict=None,
+        **kwargs,
+    ):
         """Classify a batch of images.
 
         Args:
@@ -816,8 +868,11 @@ class Swinv2ForImageClassification(Swinv2PreTrainedModel):
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.swinv2(
-            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            interpolate_pos_encoding=interpolate_pos_encoding, return_dict=return_dict,
+            pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=return_dict,
         )
         logits = self.classifier(outputs[1])
         loss = _classification_loss(self.config, logits, labels) if labels is not None else None
@@ -854,8 +909,16 @@ class Swinv2ForMaskedImageModeling(Swinv2PreTrainedModel):
         )
         self.post_init()
 
-    def forward(self, pixel_values=None, bool_masked_pos=None, output_attentions=None, output_hidden_states=None,
-                interpolate_pos_encoding=False, return_dict=None, **kwargs):
+    def forward(
+        self,
+        pixel_values=None,
+        bool_masked_pos=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        interpolate_pos_encoding=False,
+        return_dict=None,
+        **kwargs,
+    ):
         """Reconstruct a batch of images from partly masked patches.
 
         Args:
@@ -870,8 +933,11 @@ class Swinv2ForMaskedImageModeling(Swinv2PreTrainedModel):
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.swinv2(
-            pixel_values, bool_masked_pos=bool_masked_pos, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, interpolate_pos_encoding=interpolate_pos_encoding,
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
             return_dict=return_dict,
         )
         sequence_output = outputs[0].transpose(1, 2)
@@ -990,17 +1056,24 @@ class Swinv2Backbone(Swinv2PreTrainedModel):
             entry, hidden_states and attentions (None unless requested).
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         _check_pixel_values(pixel_values, self.config.num_channels)
 
         embedding_output, input_dimensions = self.embeddings(pixel_values)
         outputs = self.encoder(
-            embedding_output, input_dimensions, output_attentions=output_attentions, output_hidden_states=True,
-            output_hidden_states_before_downsampling=True, return_dict=True,
+            embedding_output,
+            input_dimensions,
+            output_attentions=output_attentions,
+            output_hidden_states=True,
+            output_hidden_states_before_downsampling=True,
+            return_dict=True,
         )
         feature_maps = tuple(
-            state for stage, state in zip(self.stage_names, outputs.reshaped_hidden_states)
+            state
+            for stage, state in zip(self.stage_names, outputs.reshaped_hidden_states)
             if stage in self.out_features
         )
         hidden_states = outputs.hidden_states if output_hidden_states else None
@@ -1012,5 +1085,3 @@ class Swinv2Backbone(Swinv2PreTrainedModel):
                 output += (outputs.attentions,)
             return output
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=outputs.attentions)
-
-

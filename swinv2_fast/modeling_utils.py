@@ -8,6 +8,7 @@ with transformers' Auto classes.
 methods are the ones that run on either base. The checkpoint files themselves (formats, key renames,
 the state-dict check) are `swinv2_fast.weights`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -68,11 +69,28 @@ _ModelBase = nn.Module if _TransformersPreTrainedModel is None else _Transformer
 
 # from_pretrained keywords that only steer transformers' downloads: a local directory (or a snapshot in the
 # local hub cache) makes them meaningless, so they are accepted and dropped (never written into config.json)
-_HUB_OPTIONS = frozenset({
-    "revision", "cache_dir", "local_files_only", "trust_remote_code", "force_download", "proxies", "token",
-    "use_auth_token", "resume_download", "low_cpu_mem_usage", "code_revision", "_commit_hash", "_from_auto",
-    "_from_pipeline", "user_agent", "weights_only", "mirror", "offload_state_dict",
-})
+_HUB_OPTIONS = frozenset(
+    {
+        "revision",
+        "cache_dir",
+        "local_files_only",
+        "trust_remote_code",
+        "force_download",
+        "proxies",
+        "token",
+        "use_auth_token",
+        "resume_download",
+        "low_cpu_mem_usage",
+        "code_revision",
+        "_commit_hash",
+        "_from_auto",
+        "_from_pipeline",
+        "user_agent",
+        "weights_only",
+        "mirror",
+        "offload_state_dict",
+    }
+)
 # transformers options that swinv2_fast does not implement: refused by name rather than ignored
 _UNSUPPORTED_OPTIONS = {
     "quantization_config": "quantized loading",
@@ -152,7 +170,6 @@ def _resolve_device_map(device_map) -> Optional[torch.device]:
     return device
 
 
-
 def _config_dtype(config) -> Optional[torch.dtype]:
     """The floating dtype config.json records ("dtype", or "torch_dtype" before transformers 5), if any."""
     name = getattr(config, "dtype", None)
@@ -170,7 +187,6 @@ def _offloaded_checkpoint(checkpoint, function, *args, **kwargs):
     CUDA): gradient_checkpointing_enable(offload=True)."""
     with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
         return checkpoint(function, *args, **kwargs)
-
 
 
 _CheckpointingLayer = _checkpointing_layer_base()
@@ -212,8 +228,9 @@ class PreTrainedMixin:
         self.apply(self._init_weights)
 
     # ------------------------------------------------------------------------- gradient checkpointing
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers: int = 1,
-                                      offload: bool = False):
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ):
         """Recompute stages in the backward instead of keeping their activations (training only).
 
         Args:
@@ -228,8 +245,10 @@ class PreTrainedMixin:
         if gradient_checkpointing_kwargs is None:
             gradient_checkpointing_kwargs = {"use_reentrant": False}
         if not isinstance(gradient_checkpointing_kwargs, dict):
-            raise TypeError("gradient_checkpointing_kwargs must be a dict of torch.utils.checkpoint.checkpoint "
-                            f"arguments, got {type(gradient_checkpointing_kwargs).__name__}")
+            raise TypeError(
+                "gradient_checkpointing_kwargs must be a dict of torch.utils.checkpoint.checkpoint "
+                f"arguments, got {type(gradient_checkpointing_kwargs).__name__}"
+            )
         gradient_checkpointing_kwargs = dict(gradient_checkpointing_kwargs)
         # the Trainer of some versions leaves these two in the dict
         every_n_layers = gradient_checkpointing_kwargs.pop("every_n_layers", every_n_layers)
@@ -278,6 +297,7 @@ class PreTrainedMixin:
     def enable_input_require_grads(self):
         """Make the patch embedding's output require gradients, as transformers' method of this name does:
         with a frozen embedding, reentrant checkpointing and adapters (PEFT) still get gradients."""
+
         def require_grads(module, args, output):
             (output[0] if isinstance(output, tuple) else output).requires_grad_(True)
 
@@ -294,9 +314,11 @@ class PreTrainedMixin:
         """Number of parameters (only those requiring gradients with `only_trainable`); as in transformers,
         `exclude_embeddings` leaves out nn.Embedding weights, of which a Swin V2 model has none."""
         embedding_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        return sum(p.numel() for p in self.parameters()
-                   if (p.requires_grad or not only_trainable)
-                   and not (exclude_embeddings and id(p) in embedding_weights))
+        return sum(
+            p.numel()
+            for p in self.parameters()
+            if (p.requires_grad or not only_trainable) and not (exclude_embeddings and id(p) in embedding_weights)
+        )
 
     def clear_caches(self):
         """Does nothing: the models keep no caches (the position bias and the q/k/v weight are computed in
@@ -314,11 +336,25 @@ class PreTrainedMixin:
 
     # -------------------------------------------------------------------------------- save / load
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, strict: bool = False,
-                        state_dict=None, dtype=None, torch_dtype=None, device_map=None, ignore_mismatched_sizes: bool = False,
-                        output_loading_info: bool = False, subfolder: str = "", use_safetensors=None,
-                        variant: Optional[str] = None, attn_implementation: Optional[str] = None,
-                        adapter_kwargs=None, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *model_args,
+        config=None,
+        strict: bool = False,
+        state_dict=None,
+        dtype=None,
+        torch_dtype=None,
+        device_map=None,
+        ignore_mismatched_sizes: bool = False,
+        output_loading_info: bool = False,
+        subfolder: str = "",
+        use_safetensors=None,
+        variant: Optional[str] = None,
+        attn_implementation: Optional[str] = None,
+        adapter_kwargs=None,
+        **kwargs,
+    ):
         """Load a directory written by transformers' (or our) `save_pretrained`, in eval mode.
 
         Reads config.json and model.safetensors / pytorch_model.bin (also sharded), in the released key
@@ -371,20 +407,27 @@ class PreTrainedMixin:
                 f"{cls.__name__}.from_pretrained: You are using `from_pretrained` with a meta device context manager "
                 "or `torch.set_default_device('meta')`, under which the loaded weights would be placeholders. Build "
                 "the model on the meta device with the class itself (e.g. for its structure), or call "
-                "from_pretrained outside the context and pass device_map for the device.")
+                "from_pretrained outside the context and pass device_map for the device."
+            )
         if model_args:
-            raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model arguments, got {len(model_args)}")
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained takes no positional model arguments, got {len(model_args)}"
+            )
         for option, what in _UNSUPPORTED_OPTIONS.items():
             if kwargs.get(option) is not None:
                 raise NotImplementedError(f"from_pretrained({option}=...): {what} is not supported by swinv2_fast")
             kwargs.pop(option, None)
         if adapter_kwargs and adapter_kwargs.get("_adapter_model_path"):
-            raise NotImplementedError("from_pretrained on a PEFT adapter directory: load the base model with "
-                                      "swinv2_fast, then peft.PeftModel.from_pretrained(model, adapter_directory)")
+            raise NotImplementedError(
+                "from_pretrained on a PEFT adapter directory: load the base model with "
+                "swinv2_fast, then peft.PeftModel.from_pretrained(model, adapter_directory)"
+            )
         if torch_dtype is not None:
             if dtype is not None and dtype != torch_dtype:
-                raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass dtype only "
-                                 "(torch_dtype is its older name)")
+                raise ValueError(
+                    f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass dtype only "
+                    "(torch_dtype is its older name)"
+                )
             dtype = torch_dtype
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_OPTIONS}
         if pretrained_model_name_or_path is None:
@@ -392,11 +435,16 @@ class PreTrainedMixin:
                 raise ValueError(
                     f"{cls.__name__}.from_pretrained(None, ...) needs both config= and state_dict= (got "
                     f"config={'given' if config is not None else None}, "
-                    f"state_dict={'given' if state_dict is not None else None}); otherwise pass a directory")
+                    f"state_dict={'given' if state_dict is not None else None}); otherwise pass a directory"
+                )
             directory = None
         else:
-            directory = resolve_pretrained_directory(pretrained_model_name_or_path, subfolder=subfolder,
-                                                     revision=hub.get("revision"), cache_dir=hub.get("cache_dir"))
+            directory = resolve_pretrained_directory(
+                pretrained_model_name_or_path,
+                subfolder=subfolder,
+                revision=hub.get("revision"),
+                cache_dir=hub.get("cache_dir"),
+            )
         overrides = dict(kwargs)
         if attn_implementation is not None:
             overrides["attn_implementation"] = attn_implementation
@@ -411,8 +459,10 @@ class PreTrainedMixin:
             config = _as_swinv2_config(config)
         stray = sorted(k for k in overrides if k not in known and k not in config._extra)
         if stray:
-            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments {stray}: neither "
-                            "Swinv2Config fields nor loading options")
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained got unexpected keyword arguments {stray}: neither "
+                "Swinv2Config fields nor loading options"
+            )
         if overrides:
             config = Swinv2Config.from_dict(config.to_dict(), **overrides)
         else:
@@ -423,11 +473,19 @@ class PreTrainedMixin:
         model = cls(config, **model_kwargs)
         report = _loading_report_logger()
         if state_dict is not None:
-            info = load_state_dict_checked(model, state_dict, strict=strict,
-                                           ignore_mismatched_sizes=ignore_mismatched_sizes, report_logger=report)
+            info = load_state_dict_checked(
+                model, state_dict, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes, report_logger=report
+            )
         else:
-            info = load_model_weights(model, directory, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                      use_safetensors=use_safetensors, variant=variant, report_logger=report)
+            info = load_model_weights(
+                model,
+                directory,
+                strict=strict,
+                ignore_mismatched_sizes=ignore_mismatched_sizes,
+                use_safetensors=use_safetensors,
+                variant=variant,
+                report_logger=report,
+            )
         if dtype is not None or device is not None:
             model = model.to(device=device, dtype=dtype)
         if device_map is not None:
@@ -440,7 +498,9 @@ class PreTrainedMixin:
     def _from_config(cls, config, dtype=None, torch_dtype=None, attn_implementation=None, **kwargs):
         """A randomly initialised model from a config (what transformers' `AutoModel*.from_config` calls)."""
         if attn_implementation is not None:
-            config = Swinv2Config.from_dict(_as_swinv2_config(config).to_dict(), attn_implementation=attn_implementation)
+            config = Swinv2Config.from_dict(
+                _as_swinv2_config(config).to_dict(), attn_implementation=attn_implementation
+            )
         model = cls(config, **kwargs)
         dtype = dtype if dtype is not None else torch_dtype
         return model if dtype is None else model.to(_resolve_dtype(dtype, model.config))
@@ -450,10 +510,19 @@ class PreTrainedMixin:
         """A randomly initialised model from a swinv2_fast or transformers Swinv2Config."""
         return cls._from_config(config, **kwargs)
 
-    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None,
-                        save_function=torch.save, push_to_hub: bool = False, max_shard_size="50GB",
-                        safe_serialization: bool = True, variant: Optional[str] = None,
-                        as_swinv2_fast: bool = False, **kwargs):
+    def save_pretrained(
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        state_dict=None,
+        save_function=torch.save,
+        push_to_hub: bool = False,
+        max_shard_size="50GB",
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        as_swinv2_fast: bool = False,
+        **kwargs,
+    ):
         """Write config.json and model.safetensors (or pytorch_model.bin) that transformers' `from_pretrained`
         reads, with transformers' arguments (the Trainer's `save_model` calls this).
 
@@ -474,9 +543,17 @@ class PreTrainedMixin:
 
         kwargs.pop("save_peft_format", None)
         kwargs.pop("save_original_format", None)
-        save_model_weights(self, os.fspath(save_directory), safe_serialization=safe_serialization,
-                           state_dict=state_dict, as_swinv2_fast=as_swinv2_fast, max_shard_size=max_shard_size,
-                           variant=variant, is_main_process=is_main_process, save_function=save_function)
+        save_model_weights(
+            self,
+            os.fspath(save_directory),
+            safe_serialization=safe_serialization,
+            state_dict=state_dict,
+            as_swinv2_fast=as_swinv2_fast,
+            max_shard_size=max_shard_size,
+            variant=variant,
+            is_main_process=is_main_process,
+            save_function=save_function,
+        )
         if push_to_hub:
             if _TransformersPreTrainedModel is None:
                 raise NotImplementedError("save_pretrained(push_to_hub=True) needs transformers (its hub upload)")
@@ -484,7 +561,6 @@ class PreTrainedMixin:
             self.push_to_hub(repo_id, **kwargs)
         elif kwargs:
             raise TypeError(f"save_pretrained got unexpected keyword arguments {sorted(kwargs)}")
-
 
 
 def _config_fields():
@@ -504,7 +580,6 @@ def _loading_report_logger():
     if _TransformersPreTrainedModel is None:
         return logger
     return logging.getLogger("transformers.modeling_utils")
-
 
 
 # ------------------------------------------------------------------------------------------ Auto classes
@@ -532,18 +607,28 @@ def register_auto_classes() -> None:
     this again is harmless.
     """
     if _TransformersPreTrainedModel is None:
-        raise ImportError("swinv2_fast.register_auto_classes() needs transformers, which is not importable "
-                          "(or SWINV2_FAST_NO_TRANSFORMERS is set)")
-    from transformers import (AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification,
-                              AutoModelForMaskedImageModeling)
+        raise ImportError(
+            "swinv2_fast.register_auto_classes() needs transformers, which is not importable "
+            "(or SWINV2_FAST_NO_TRANSFORMERS is set)"
+        )
+    from transformers import (
+        AutoBackbone,
+        AutoConfig,
+        AutoModel,
+        AutoModelForImageClassification,
+        AutoModelForMaskedImageModeling,
+    )
 
     from .modeling import Swinv2Backbone, Swinv2ForImageClassification, Swinv2ForMaskedImageModeling, Swinv2Model
 
     AutoConfig.register("swinv2_fast", Swinv2FastConfig, exist_ok=True)
-    pairs = ((AutoModel, Swinv2Model), (AutoModelForImageClassification, Swinv2ForImageClassification),
-             (AutoModelForMaskedImageModeling, Swinv2ForMaskedImageModeling), (AutoBackbone, Swinv2Backbone))
+    pairs = (
+        (AutoModel, Swinv2Model),
+        (AutoModelForImageClassification, Swinv2ForImageClassification),
+        (AutoModelForMaskedImageModeling, Swinv2ForMaskedImageModeling),
+        (AutoBackbone, Swinv2Backbone),
+    )
     for auto_class, model_class in pairs:
         # the mapping's own register: the Auto class's one insists that model_class.config_class is the
         # registered config class, while ours take swinv2_fast.Swinv2Config and convert transformers' configs
         auto_class._model_mapping.register(Swinv2FastConfig, model_class, exist_ok=True)
-

@@ -1,4 +1,5 @@
 """Output containers with the field names, order and tuple behaviour of transformers' Swinv2 outputs."""
+
 from __future__ import annotations
 
 import functools
@@ -9,12 +10,12 @@ import torch
 import torch.utils._pytree as pytree
 
 __all__ = [
+    "BackboneOutput",
     "ModelOutput",
     "Swinv2EncoderOutput",
-    "Swinv2ModelOutput",
     "Swinv2ImageClassifierOutput",
     "Swinv2MaskedImageModelingOutput",
-    "BackboneOutput",
+    "Swinv2ModelOutput",
 ]
 
 
@@ -36,8 +37,12 @@ class ModelOutput:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        pytree.register_pytree_node(cls, _flatten, functools.partial(_unflatten, cls),
-                                    serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+        pytree.register_pytree_node(
+            cls,
+            _flatten,
+            functools.partial(_unflatten, cls),
+            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        )
 
     def keys(self):
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -73,6 +78,7 @@ class Swinv2EncoderOutput(ModelOutput):
     """The encoder's output: last_hidden_state (batch, tokens, channels) of the last stage; hidden_states and
     reshaped_hidden_states (token layout and NCHW) after the embedding and every stage; attentions, one per
     stage (the last block's probabilities, (batch * windows, heads, N, N)). Unrequested fields are None."""
+
     last_hidden_state: Optional[torch.Tensor] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     attentions: Optional[Tuple[torch.Tensor, ...]] = None
@@ -84,6 +90,7 @@ class Swinv2ModelOutput(ModelOutput):
     """`Swinv2Model`'s output: last_hidden_state (batch, tokens, hidden_size) after the final LayerNorm,
     pooler_output (batch, hidden_size), and the encoder's hidden_states / attentions /
     reshaped_hidden_states when requested (None otherwise)."""
+
     last_hidden_state: Optional[torch.Tensor] = None
     pooler_output: Optional[torch.Tensor] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
@@ -95,6 +102,7 @@ class Swinv2ModelOutput(ModelOutput):
 class Swinv2ImageClassifierOutput(ModelOutput):
     """`Swinv2ForImageClassification`'s output: loss (when labels are given), logits (batch, num_labels),
     and hidden_states / attentions / reshaped_hidden_states when requested."""
+
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
@@ -107,6 +115,7 @@ class Swinv2MaskedImageModelingOutput(ModelOutput):
     """`Swinv2ForMaskedImageModeling`'s output: loss (L1 over masked pixels, when bool_masked_pos is given),
     reconstruction (batch, num_channels, height, width), and hidden_states / attentions /
     reshaped_hidden_states when requested."""
+
     loss: Optional[torch.Tensor] = None
     reconstruction: Optional[torch.Tensor] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
@@ -118,6 +127,7 @@ class Swinv2MaskedImageModelingOutput(ModelOutput):
 class BackboneOutput(ModelOutput):
     """`Swinv2Backbone`'s output: feature_maps, one NCHW map per out_features stage, and hidden_states /
     attentions when requested."""
+
     feature_maps: Optional[Tuple[torch.Tensor, ...]] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     attentions: Optional[Tuple[torch.Tensor, ...]] = None

@@ -5,6 +5,7 @@ configured logging (no handler on the root logger), they are printed to stderr p
 "swinv2_fast WARNING:" (never as a bare line, as Python's last-resort handler would), through
 `tqdm.write` while a tqdm progress bar is active, so that the bar is redrawn below the message.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,15 @@ from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["logger", "read_checkpoint", "resolve_pretrained_directory", "load_state_dict_checked",
-           "load_model_weights", "save_model_weights", "rename_legacy_keys"]
+__all__ = [
+    "load_model_weights",
+    "load_state_dict_checked",
+    "logger",
+    "read_checkpoint",
+    "rename_legacy_keys",
+    "resolve_pretrained_directory",
+    "save_model_weights",
+]
 
 
 class _UnconfiguredLoggingHandler(logging.Handler):
@@ -66,12 +74,15 @@ _MISSING_OK = re.compile(r"^(swinv2\.)?(classifier\.|decoder\.|embeddings\.mask_
 # The final LayerNorm is not part of `Swinv2Backbone`: a classification checkpoint loads into it without it.
 _UNEXPECTED_OK = re.compile(r"^(swinv2\.)?(classifier\.|decoder\.|embeddings\.mask_token$|layernorm\.)")
 
-_DIRECTORY_FORM = ("a directory written by save_pretrained: config.json beside model.safetensors or "
-                   "pytorch_model.bin (or their sharded .index.json form)")
+_DIRECTORY_FORM = (
+    "a directory written by save_pretrained: config.json beside model.safetensors or "
+    "pytorch_model.bin (or their sharded .index.json form)"
+)
 
 
-def resolve_pretrained_directory(name_or_path, *, subfolder: str = "", revision: Optional[str] = None,
-                                 cache_dir: Optional[str] = None) -> str:
+def resolve_pretrained_directory(
+    name_or_path, *, subfolder: str = "", revision: Optional[str] = None, cache_dir: Optional[str] = None
+) -> str:
     """The local directory `from_pretrained` reads for `name_or_path`.
 
     A directory is used as it is. A hub id ("org/name") is looked up in huggingface_hub's local cache
@@ -79,8 +90,9 @@ def resolve_pretrained_directory(name_or_path, *, subfolder: str = "", revision:
     the network. Anything else raises FileNotFoundError naming the directory form expected.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"pretrained_model_name_or_path must be a path (str or os.PathLike), got "
-                        f"{type(name_or_path).__name__}")
+        raise TypeError(
+            f"pretrained_model_name_or_path must be a path (str or os.PathLike), got {type(name_or_path).__name__}"
+        )
     name = os.fspath(name_or_path)
     if os.path.isdir(name):
         directory = name
@@ -116,8 +128,11 @@ def _cached_snapshot(repo_id: str, revision: Optional[str], cache_dir: Optional[
     try:
         return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True), None
     except Exception:  # LocalEntryNotFoundError and relatives: not cached (nothing is downloaded here)
-        return None, (f"it holds no snapshot of {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-                      + f" (cache: {cache_dir or 'the default'})")
+        return None, (
+            f"it holds no snapshot of {repo_id!r}"
+            + (f" at revision {revision!r}" if revision else "")
+            + f" (cache: {cache_dir or 'the default'})"
+        )
 
 
 def rename_legacy_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -131,8 +146,9 @@ def rename_legacy_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.T
     return out
 
 
-def read_checkpoint(directory: str, use_safetensors: Optional[bool] = None,
-                    variant: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def read_checkpoint(
+    directory: str, use_safetensors: Optional[bool] = None, variant: Optional[str] = None
+) -> Dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory: safetensors or torch .bin, single file or sharded.
 
     `use_safetensors=True` reads only safetensors files, False only .bin files, None (default) prefers
@@ -164,23 +180,29 @@ def read_checkpoint(directory: str, use_safetensors: Optional[bool] = None,
                 state_dict.update(load_file(os.path.join(directory, shard)))
             return state_dict
     expected = [_variant_name(n, variant) for n in singles + indexes]
-    raise FileNotFoundError(f"no weights in {directory!r}: expected one of {', '.join(expected)}"
-                            + ("" if use_safetensors is None else f" (use_safetensors={use_safetensors})"))
+    raise FileNotFoundError(
+        f"no weights in {directory!r}: expected one of {', '.join(expected)}"
+        + ("" if use_safetensors is None else f" (use_safetensors={use_safetensors})")
+    )
 
 
 def _adapt_prefix(state_dict, model_keys, prefix):
     model_prefixed = any(k.startswith(prefix) for k in model_keys)
     ckpt_prefixed = any(k.startswith(prefix) for k in state_dict)
     if ckpt_prefixed and not model_prefixed:
-        return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+        return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
     if model_prefixed and not ckpt_prefixed:
         return {prefix + k: v for k, v in state_dict.items()}
     return state_dict
 
 
-def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True,
-                            ignore_mismatched_sizes: bool = False,
-                            report_logger: Optional[logging.Logger] = None) -> Dict[str, object]:
+def load_state_dict_checked(
+    model: torch.nn.Module,
+    state_dict: Dict[str, torch.Tensor],
+    strict: bool = True,
+    ignore_mismatched_sizes: bool = False,
+    report_logger: Optional[logging.Logger] = None,
+) -> Dict[str, object]:
     """Load transformers-layout weights into `model`; returns transformers' loading info: {"missing_keys": set,
     "unexpected_keys": set, "mismatched_keys": set of (key, checkpoint shape, model shape), "error_msgs": list}.
 
@@ -207,10 +229,12 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.
     unexpected_heads = [k for k in all_unexpected if _UNEXPECTED_OK.match(k)]
     missing = [k for k in all_missing if k not in missing_heads]
     unexpected = [k for k in all_unexpected if k not in unexpected_heads]
-    mismatched_keys = sorted(k for k, v in state_dict.items()
-                             if k in expected and tuple(v.shape) != tuple(expected[k].shape))
-    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in mismatched_keys]
+    mismatched_keys = sorted(
+        k for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    )
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched_keys
+    ]
     name = type(model).__name__
     problems: List[str] = []
     if missing:
@@ -222,19 +246,26 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.
     if problems and strict:
         hint = []
         if mismatched and not ignore_mismatched_sizes:
-            hint.append("ignore_mismatched_sizes=True leaves the mis-shaped weights at their initialisation "
-                        "(e.g. a new classifier for another num_labels)")
+            hint.append(
+                "ignore_mismatched_sizes=True leaves the mis-shaped weights at their initialisation "
+                "(e.g. a new classifier for another num_labels)"
+            )
         hint.append("strict=False loads what fits and warns about missing and unexpected keys")
         raise ValueError(f"state dict does not fit {name}; " + "; ".join(problems) + ". " + "; ".join(hint))
     if mismatched and not ignore_mismatched_sizes:
-        raise RuntimeError(f"Error(s) in loading state_dict for {name}: shape mismatches: {mismatched}. Pass "
-                           "ignore_mismatched_sizes=True to leave these weights at their initialisation (e.g. a new "
-                           "classifier for another num_labels)")
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {name}: shape mismatches: {mismatched}. Pass "
+            "ignore_mismatched_sizes=True to leave these weights at their initialisation (e.g. a new "
+            "classifier for another num_labels)"
+        )
     for problem in problems:
         report.warning("%s: %s (left at initialisation / not used)", name, problem)
     if mismatched and ignore_mismatched_sizes:
-        report.warning("%s: Reinit due to size mismatch (ignore_mismatched_sizes=True), left at initialisation: %s",
-                       name, mismatched)
+        report.warning(
+            "%s: Reinit due to size mismatch (ignore_mismatched_sizes=True), left at initialisation: %s",
+            name,
+            mismatched,
+        )
     if missing_heads:
         report.warning("%s: not in the checkpoint, left at initialisation: %s", name, missing_heads)
     if unexpected_heads:
@@ -250,12 +281,19 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.
     }
 
 
-def load_model_weights(model: torch.nn.Module, directory: str, strict: bool = True,
-                       ignore_mismatched_sizes: bool = False, use_safetensors: Optional[bool] = None,
-                       variant: Optional[str] = None, report_logger: Optional[logging.Logger] = None):
+def load_model_weights(
+    model: torch.nn.Module,
+    directory: str,
+    strict: bool = True,
+    ignore_mismatched_sizes: bool = False,
+    use_safetensors: Optional[bool] = None,
+    variant: Optional[str] = None,
+    report_logger: Optional[logging.Logger] = None,
+):
     state_dict = read_checkpoint(directory, use_safetensors=use_safetensors, variant=variant)
-    return load_state_dict_checked(model, state_dict, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                   report_logger=report_logger)
+    return load_state_dict_checked(
+        model, state_dict, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes, report_logger=report_logger
+    )
 
 
 def _parse_size(size) -> int:
@@ -279,10 +317,17 @@ def _variant_name(name: str, variant: Optional[str]) -> str:
     return f"{path}.{variant}.{ext}"
 
 
-def save_model_weights(model: torch.nn.Module, directory: str, safe_serialization: bool = True,
-                       state_dict: Optional[Dict[str, torch.Tensor]] = None, as_swinv2_fast: bool = False,
-                       max_shard_size="50GB", variant: Optional[str] = None, is_main_process: bool = True,
-                       save_function=torch.save) -> None:
+def save_model_weights(
+    model: torch.nn.Module,
+    directory: str,
+    safe_serialization: bool = True,
+    state_dict: Optional[Dict[str, torch.Tensor]] = None,
+    as_swinv2_fast: bool = False,
+    max_shard_size="50GB",
+    variant: Optional[str] = None,
+    is_main_process: bool = True,
+    save_function=torch.save,
+) -> None:
     """Write config.json and the weights (model.safetensors, or pytorch_model.bin without safe_serialization;
     sharded with an index beyond `max_shard_size`), as transformers' save_pretrained writes them."""
     if os.path.isfile(directory):
@@ -317,8 +362,10 @@ def save_model_weights(model: torch.nn.Module, directory: str, safe_serializatio
     index_name = _variant_name(SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME, variant)
     # weights of an earlier save in another layout (the other format, sharded or not) would be read before
     # or beside the new ones: remove those of this variant
-    names = [_variant_name(n, variant) for n in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
-                                                  WEIGHTS_INDEX_NAME)]
+    names = [
+        _variant_name(n, variant)
+        for n in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
+    ]
     shard_patterns = [re.escape(n.rsplit(".", 1)[0]) + r"-\d{5}-of-\d{5}\." + n.rsplit(".", 1)[1] for n in names[:2]]
     for stale in os.listdir(directory):
         if stale in names or any(re.fullmatch(p, stale) for p in shard_patterns):
@@ -341,7 +388,7 @@ def save_model_weights(model: torch.nn.Module, directory: str, safe_serializatio
     for i, shard in enumerate(shards, start=1):
         filename = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
         write(shard, filename)
-        weight_map.update({k: filename for k in shard})
+        weight_map.update(dict.fromkeys(shard, filename))
     total = sum(t.numel() * t.element_size() for t in state_dict.values())
     with open(os.path.join(directory, index_name), "w", encoding="utf-8") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2, sort_keys=True)

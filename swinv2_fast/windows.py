@@ -15,13 +15,14 @@ windows over a grid that the window does not divide, or that is shifted:
 `SEMANTICS` holds these rules by semantics name ("transformers", "timm"); `Swinv2Config.window_semantics`
 names one of its keys. The official code never pads, so timm's semantics reproduce it.
 """
+
 from __future__ import annotations
 
 from typing import Dict, NamedTuple, Tuple
 
 from .kernels.geometry import PAD_THEN_ROLL, ROLL_THEN_PAD, known_zero
 
-__all__ = ["WindowSemantics", "SEMANTICS", "window_and_shift", "grid_is_padded"]
+__all__ = ["SEMANTICS", "WindowSemantics", "grid_is_padded", "window_and_shift"]
 
 
 class WindowSemantics(NamedTuple):
@@ -38,8 +39,9 @@ SEMANTICS: Dict[str, WindowSemantics] = {
 }
 
 
-def window_and_shift(resolution, window_size: int, shift_size: int,
-                     semantics: str) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+def window_and_shift(
+    resolution, window_size: int, shift_size: int, semantics: str
+) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """The (window, shift) pairs a block uses at a stage `resolution`, chosen at construction by the window
     choice rule of `semantics` (a key of `SEMANTICS`).
 

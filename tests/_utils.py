@@ -16,6 +16,7 @@ or from another test module. tests/conftest.py holds only pytest's hooks and fix
 - Patched transformers/timm models: `output_tensors`, `count_patched_calls()`, `assert_patch_matches_unpatched`,
   `assert_training_step_matches_unpatched`.
 """
+
 import collections
 import contextlib
 import math
@@ -47,6 +48,7 @@ try:  # the kernel module (None without Triton): imported here, after TRITON_INT
     from swinv2_fast.kernels import op
     from swinv2_fast.kernels import triton_backward as tkb
     from swinv2_fast.kernels import triton_forward as tk
+
     _TRITON_ERROR: Optional[str] = None
 except Exception as error:  # ImportError, or a broken install raising anything at import
     op = tk = tkb = None
@@ -77,8 +79,7 @@ def kernels_unavailable() -> Optional[str]:
 def skip_or_fail(reason: str):
     """Skip, or in CI (CI=true) fail: a CI run must not pass a kernel test it did not run."""
     if CI:
-        pytest.fail(f"CI=true: this kernel test cannot run here and would have been skipped: {reason}",
-                    pytrace=False)
+        pytest.fail(f"CI=true: this kernel test cannot run here and would have been skipped: {reason}", pytrace=False)
     pytest.skip(reason)
 
 
@@ -137,8 +138,12 @@ def count_launches():
         def __getattr__(self, attr):
             return getattr(self._kernel, attr)
 
-    originals = [(module, name, obj) for module in (tk, tkb) for name, obj in vars(module).items()
-                 if name.endswith("_kernel") and hasattr(type(obj), "__getitem__")]
+    originals = [
+        (module, name, obj)
+        for module in (tk, tkb)
+        for name, obj in vars(module).items()
+        if name.endswith("_kernel") and hasattr(type(obj), "__getitem__")
+    ]
     assert originals, "no Triton kernels found in the kernel modules"
     try:
         for module, name, obj in originals:
@@ -155,6 +160,7 @@ def forward_launches(counts) -> int:
 
 def backward_launches(counts) -> int:
     return sum(n for name, n in counts.items() if "bwd" in name)
+
 
 # fp32 parity with transformers and timm on identical weights (the models' contract). Both sides run the
 # same math in fp32; the only differences are summation orders (fused attention, one q/k/v GEMM), which
@@ -187,7 +193,7 @@ SUM_ROUNDING_LAMBDA = 4.0
 
 
 def sum_grad_fp32_rtol(terms: int) -> float:
-    return max(OP_GRAD_FP32_RTOL, SUM_ROUNDING_LAMBDA * terms ** 0.5 * torch.finfo(torch.float32).eps / 2)
+    return max(OP_GRAD_FP32_RTOL, SUM_ROUNDING_LAMBDA * terms**0.5 * torch.finfo(torch.float32).eps / 2)
 
 
 # Parameter gradients of a whole model's training step, fp32, against another implementation on identical
@@ -231,9 +237,15 @@ def rounding_sensitivity(compute, inputs, dtype, error, seed=0):
     exact = compute([t.double() if t is not None else None for t in inputs])
     worst = [0.0] * len(exact)
     for _ in range(ROUNDING_DRAWS):
-        moved = [None if t is None else
-                 t.double() * (1 + unit * (2 * torch.rand(t.shape, generator=gen, dtype=torch.float64) - 1)
-                               .to(t.device)) if t.dtype == dtype else t.double() for t in inputs]
+        moved = [
+            None
+            if t is None
+            else t.double()
+            * (1 + unit * (2 * torch.rand(t.shape, generator=gen, dtype=torch.float64) - 1).to(t.device))
+            if t.dtype == dtype
+            else t.double()
+            for t in inputs
+        ]
         worst = [max(w, error(a, b)) for w, a, b in zip(worst, compute(moved), exact)]
     return worst
 
@@ -288,7 +300,7 @@ def assert_grads_close(actual: dict, expected: dict, prefix=""):
     """Parameter gradients (name -> gradient or None) of a whole model against another implementation's:
     the same names, None where the other has None, and each gradient within assert_grad_close with the
     floor MODEL_GRAD_SUM_FLOOR times the largest expected gradient element."""
-    assert actual.keys() == expected.keys(), (sorted(actual.keys() ^ expected.keys()))
+    assert actual.keys() == expected.keys(), sorted(actual.keys() ^ expected.keys())
     largest = max((g.detach().abs().max().item() for g in expected.values() if g is not None), default=0.0)
     assert largest > 0, "no parameter received a gradient"
     for name, grad in expected.items():
@@ -305,8 +317,19 @@ def pair(x):
     return (x, x) if isinstance(x, int) else tuple(x)
 
 
-def make_inputs(B, grid, heads, head_dim, window, dtype=torch.float32, table_dtype=None, bias=True, seed=0,
-                zero_k_bias=True, device=None):
+def make_inputs(
+    B,
+    grid,
+    heads,
+    head_dim,
+    window,
+    dtype=torch.float32,
+    table_dtype=None,
+    bias=True,
+    seed=0,
+    zero_k_bias=True,
+    device=None,
+):
     """Inputs of the op (qkv, qkv_bias, logit_scale, position_bias) on `device` (default KERNEL_DEVICE);
     `window` an int or a (height, width) pair; the logit scale stays fp32."""
     device = KERNEL_DEVICE if device is None else device
@@ -319,8 +342,7 @@ def make_inputs(B, grid, heads, head_dim, window, dtype=torch.float32, table_dty
     logit_scale = math.log(10) + 0.5 * torch.randn(heads, 1, 1, generator=gen)
     position_bias = 16 * torch.sigmoid(torch.randn(heads, N, N, generator=gen))
     cast = lambda t, d: None if t is None else t.to(device=device, dtype=d)  # noqa: E731
-    return (cast(qkv, dtype), cast(qkv_bias, dtype), logit_scale.to(device),
-            cast(position_bias, table_dtype or dtype))
+    return (cast(qkv, dtype), cast(qkv_bias, dtype), logit_scale.to(device), cast(position_bias, table_dtype or dtype))
 
 
 # (B, grid, heads, head_dim, window, shift): every window size of the published models (N = 49, 64, 144,
@@ -364,8 +386,12 @@ def sum_floors(B, grid, window):
     wh, ww = pair(window)
     nw = -(-grid[0] // wh) * -(-grid[1] // ww)
     n = wh * ww
-    return [OP_GRAD_FP32_RTOL, sum_grad_fp32_rtol(B * nw * n), sum_grad_fp32_rtol(B * nw * n * n),
-            sum_grad_fp32_rtol(B * nw)]
+    return [
+        OP_GRAD_FP32_RTOL,
+        sum_grad_fp32_rtol(B * nw * n),
+        sum_grad_fp32_rtol(B * nw * n * n),
+        sum_grad_fp32_rtol(B * nw),
+    ]
 
 
 def assert_errors_within_pytorch(fused, eager, exact, floor, sensitivity=None):
@@ -394,8 +420,9 @@ TINY = dict(image_size=32, window_size=4, embed_dim=16, depths=[2, 2], num_heads
 CONFIGS = {
     "w7": dict(image_size=56, window_size=7, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 4]),
     "w8": dict(image_size=64, window_size=8, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 4]),
-    "w12-pretrained": dict(image_size=96, window_size=12, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
-                           pretrained_window_sizes=[8, 6]),
+    "w12-pretrained": dict(
+        image_size=96, window_size=12, embed_dim=16, depths=[2, 2], num_heads=[1, 2], pretrained_window_sizes=[8, 6]
+    ),
     "w16": dict(image_size=64, window_size=16, embed_dim=16, depths=[2, 2], num_heads=[2, 2]),
 }
 
@@ -468,6 +495,7 @@ def count_patched_calls(while_compiling: bool = True):
             if while_compiling or not torch.compiler.is_compiling():
                 counts["calls"] += 1
             return entry(*args, **kwargs)
+
         return call
 
     try:
@@ -529,5 +557,6 @@ def assert_training_step_matches_unpatched(model, x, implementation, loss=_squar
     assert_close(got_loss.detach(), expected_loss.detach(), atol=FP32_ATOL, name="training loss")
     expected_loss.backward()
     got_loss.backward()
-    assert_grads_close({name: p.grad for name, p in patched.named_parameters()},
-                       {name: p.grad for name, p in model.named_parameters()})
+    assert_grads_close(
+        {name: p.grad for name, p in patched.named_parameters()}, {name: p.grad for name, p in model.named_parameters()}
+    )

@@ -17,6 +17,7 @@ would silently drop the patch, see swinv2_fast/patch.py) is reported as skipped,
 apply to a patched model, and the caller lists it. With $SWINV2_FAST_PEER_FAILURES set, every failure's
 test id and message are appended to that file.
 """
+
 import os
 
 import pytest
@@ -76,8 +77,10 @@ def pytest_runtest_call(item):
     with count_patched_calls(while_compiling=False) as calls:
         outcome = yield
     if outcome.excinfo is None and _state["blocks_ran"] and not calls["calls"]:
-        pytest.fail(f"swinv2_fast: {_state['blocks_ran']} patched block forward(s) ran but the patched step "
-                    "never did", pytrace=False)
+        pytest.fail(
+            f"swinv2_fast: {_state['blocks_ran']} patched block forward(s) ran but the patched step never did",
+            pytrace=False,
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -94,5 +97,8 @@ def pytest_runtest_makereport(item, call):
 
         if call.excinfo.errisinstance(PatchedModelNotScriptable):
             report.outcome = "skipped"
-            report.longrepr = (str(item.fspath), item.location[1] or 0,
-                               f"Skipped: {CANNOT_APPLY}: {call.excinfo.value}")
+            report.longrepr = (
+                str(item.fspath),
+                item.location[1] or 0,
+                f"Skipped: {CANNOT_APPLY}: {call.excinfo.value}",
+            )

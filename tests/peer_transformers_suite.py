@@ -15,6 +15,7 @@ tests Swin's layout needs written for it: attentions per stage, hidden states pe
 padding to the patch size, initialisation), written here from the mixins' contracts. Everything else comes
 from the mixins unchanged. On CPU our models take the eager window-attention path.
 """
+
 import collections.abc
 import inspect
 import os
@@ -32,7 +33,8 @@ if SIDE not in ("ours", "transformers"):
 
 _tests_dir = os.environ.get("SWINV2_PEER_TESTS")
 modeling_common, configuration_common, backbone_common = _peers.import_transformers_mixins(
-    Path(_tests_dir) if _tests_dir else _peers.peer_tests("transformers"))
+    Path(_tests_dir) if _tests_dir else _peers.peer_tests("transformers")
+)
 ModelTesterMixin = modeling_common.ModelTesterMixin
 ConfigTester = configuration_common.ConfigTester
 BackboneTesterMixin = backbone_common.BackboneTesterMixin
@@ -61,9 +63,23 @@ class FamilyTester:
     blocks with windows of 2, so that every stage shifts (its second block), pads nothing and merges patches.
     Two stages: the mixin's test_num_layers_is_small holds testers to num_hidden_layers <= 2."""
 
-    def __init__(self, parent, batch_size=4, image_size=32, patch_size=2, num_channels=3, embed_dim=16,
-                 depths=(2, 2), num_heads=(2, 4), window_size=2, mlp_ratio=2.0, drop_path_rate=0.1,
-                 num_labels=10, encoder_stride=4, out_features=("stage1", "stage2")):
+    def __init__(
+        self,
+        parent,
+        batch_size=4,
+        image_size=32,
+        patch_size=2,
+        num_channels=3,
+        embed_dim=16,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=2,
+        mlp_ratio=2.0,
+        drop_path_rate=0.1,
+        num_labels=10,
+        encoder_stride=4,
+        out_features=("stage1", "stage2"),
+    ):
         self.parent = parent
         self.batch_size = batch_size
         self.image_size = image_size
@@ -87,11 +103,23 @@ class FamilyTester:
 
     def get_config(self):
         return Swinv2Config(
-            image_size=self.image_size, patch_size=self.patch_size, num_channels=self.num_channels,
-            embed_dim=self.embed_dim, depths=self.depths, num_heads=self.num_heads, window_size=self.window_size,
-            mlp_ratio=self.mlp_ratio, qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            drop_path_rate=self.drop_path_rate, hidden_act="gelu", use_absolute_embeddings=False,
-            layer_norm_eps=1e-5, initializer_range=0.02, encoder_stride=self.encoder_stride,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            num_channels=self.num_channels,
+            embed_dim=self.embed_dim,
+            depths=self.depths,
+            num_heads=self.num_heads,
+            window_size=self.window_size,
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=True,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            drop_path_rate=self.drop_path_rate,
+            hidden_act="gelu",
+            use_absolute_embeddings=False,
+            layer_norm_eps=1e-5,
+            initializer_range=0.02,
+            encoder_stride=self.encoder_stride,
             out_features=self.out_features,
         )
 
@@ -151,8 +179,13 @@ class Swinv2FamilyModelTest(ModelTesterMixin, unittest.TestCase):
 
     def setUp(self):
         self.model_tester = FamilyTester(self)
-        self.config_tester = ConfigTester(self, config_class=Swinv2Config, embed_dim=37, has_text_modality=False,
-                                          common_properties=["image_size", "patch_size", "num_channels"])
+        self.config_tester = ConfigTester(
+            self,
+            config_class=Swinv2Config,
+            embed_dim=37,
+            has_text_modality=False,
+            common_properties=["image_size", "patch_size", "num_channels"],
+        )
 
     def test_config(self):
         self.config_tester.run_common_tests()
@@ -238,7 +271,7 @@ class Swinv2FamilyModelTest(ModelTesterMixin, unittest.TestCase):
         if model_class is not Swinv2Backbone:
             reshaped = outputs.reshaped_hidden_states
             self.assertEqual(len(reshaped), stages)
-            batch, channels, height, width = reshaped[0].shape
+            _batch, channels, height, width = reshaped[0].shape
             self.assertEqual([height * width, channels], [patches, self.model_tester.embed_dim])
 
     def test_hidden_states_output(self):
@@ -271,8 +304,11 @@ class Swinv2FamilyModelTest(ModelTesterMixin, unittest.TestCase):
             for name, param in model.named_parameters():
                 if "embeddings" in name or "logit_scale" in name or not param.requires_grad:
                     continue
-                self.assertIn(((param.data.mean() * 1e9).round() / 1e9).item(), [0.0, 1.0],
-                              msg=f"{model_class.__name__}: {name} is not initialised as transformers does")
+                self.assertIn(
+                    ((param.data.mean() * 1e9).round() / 1e9).item(),
+                    [0.0, 1.0],
+                    msg=f"{model_class.__name__}: {name} is not initialised as transformers does",
+                )
 
 
 class Swinv2FamilyBackboneTest(BackboneTesterMixin, unittest.TestCase):

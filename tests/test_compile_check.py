@@ -1,4 +1,5 @@
 """Every kernel specialization compiles ahead of time for sm_80 and sm_90 without register spills (no GPU)."""
+
 import subprocess
 import sys
 
@@ -6,7 +7,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from _utils import REPO_ROOT, use_tools  # noqa: E402
+from _utils import REPO_ROOT, use_tools
 
 use_tools()
 
@@ -16,8 +17,13 @@ def test_compile_check_passes():
     # --published: Swin V2's head dim 32 over every published window and geometry, Swin2SR's 30 and 10 at its
     # window and geometries; the full gate over every head dim of GATE_HEAD_DIMS is the check to run before
     # changing a kernel, too long for CI
-    result = subprocess.run([sys.executable, "-m", "tools.compile_check", "--published"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.compile_check", "--published"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert "0 failed, 0 with spills" in summary, summary
@@ -32,7 +38,10 @@ def test_compile_check_passes():
                 windows = WINDOW_SIZES if head_dim == 32 else SWIN2SR_WINDOWS
                 found = any(line.split()[:3] == [kernel, dtype, str(head_dim)] for line in result.stdout.splitlines())
                 assert found == any(launches.launched(kernel, w, head_dim, dtype) for w in windows), (
-                    kernel, dtype, head_dim)
+                    kernel,
+                    dtype,
+                    head_dim,
+                )
 
 
 def test_launchable_specs_cover_what_the_host_launches():
@@ -73,7 +82,7 @@ def test_candidates_gate_compiles_each_candidate_where_the_sweep_tries_it(monkey
 
     work = compile_check.candidate_work()
     for shape in sweep.SHAPES:
-        n = shape.window ** 2
+        n = shape.window**2
         for direction, configs in sweep.CANDIDATES.items():
             expected = direction == "fwd" or not fused_backward_applies(n, shape.head_dim, torch.bfloat16)
             assert all(((direction, c, shape) in work) == expected for c in configs), (shape.name, direction)
@@ -85,10 +94,11 @@ def test_candidates_gate_compiles_each_candidate_where_the_sweep_tries_it(monkey
 
     monkeypatch.setattr(compile_check, "compile_launch", fake_compile)
     monkeypatch.setattr(compile_check, "resource_usage", lambda usage, sass: (100, 0))
-    by_n = {s.window ** 2: s for s in sweep.SHAPES}
+    by_n = {s.window**2: s for s in sweep.SHAPES}
     rows = compile_check.compile_candidate("bwd", (32, 32, 4, 255, 2), by_n[256])
     assert sorted({(k, a) for k, a, _, _ in compiled}) == sorted(
-        (k, a) for k in ("bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats") for a in compile_check.ARCHS)
+        (k, a) for k in ("bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats") for a in compile_check.ARCHS
+    )
     assert {(s, m) for _, _, s, m in compiled} == {(2, 32)} and len(rows) == len(compiled)
     for n in (144, 256):
         compiled.clear()

@@ -2,15 +2,17 @@
 ("auto", "triton", "eager"), and where "triton" refuses. The CUDA rules are checked without a GPU on tensors
 that report a CUDA device (a Tensor subclass overriding `is_cuda` and `device`; resolve_implementation reads
 nothing else of the device). No kernel runs here."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from _utils import require_kernels, tk
 from swinv2_fast import functional, window_attention
 from swinv2_fast.kernels import tiles
+
+from _utils import require_kernels, tk
 
 
 class _ReportsCuda(torch.Tensor):
@@ -94,7 +96,7 @@ def test_triton_on_cuda_serves_or_raises(kernel_module):
     assert _resolve("triton", _qkv(64)) == "triton"  # fp32 forward without gradients
     with pytest.raises(ValueError, match="float64 runs on the eager path"):
         _resolve("triton", _qkv(32, dtype=torch.float64))
-    with pytest.raises(ValueError, match="no spill-free build for torch.float32 with head_dim 64"):
+    with pytest.raises(ValueError, match=r"no spill-free build for torch\.float32 with head_dim 64"):
         _resolve("triton", _qkv(64, grad=True))
     with pytest.raises(ValueError, match=r"supports head_dim 1 to 128, got 160"):
         _resolve("triton", _qkv(160, heads=1), heads=1)
@@ -120,7 +122,7 @@ def test_triton_on_cpu_needs_the_interpreter(kernel_module, monkeypatch):
 
 def test_triton_on_another_device_raises(kernel_module):
     qkv = torch.zeros(1, 16, 192, device="meta")
-    with pytest.raises(RuntimeError, match="runs on CUDA .* got meta"):
+    with pytest.raises(RuntimeError, match=r"runs on CUDA .* got meta"):
         _resolve("triton", qkv)
 
 
@@ -139,6 +141,7 @@ def test_unknown_implementation_is_rejected():
 def test_which_calls_the_fused_backward_serves_on_a_gpu(kernel_module):
     """The rule behind "auto" and "triton" on CUDA tensors: fp64 never; fp32 with gradients for head_dim up
     to 32 (channel tiles of 16 and 32); fp16/bf16 always."""
+
     def serves(dtype, head_dim, grad):
         qkv = torch.zeros(1, 4, 3 * head_dim, dtype=dtype, requires_grad=grad)
         return functional._fused_serves(qkv, 1, (qkv,))
@@ -159,8 +162,9 @@ def test_which_calls_the_fused_backward_serves_on_a_gpu(kernel_module):
 # ------------------------------------------------------------------------------------ bounds of the op
 def _op_inputs(heads=2, head_dim=16, grid=(8, 8), window=4):
     C, N = heads * head_dim, window * window
-    return (torch.randn(1, grid[0] * grid[1], 3 * C), None, torch.zeros(heads, 1, 1), torch.zeros(heads, N, N)), \
-        dict(grid_size=grid, num_heads=heads, window_size=window)
+    return (torch.randn(1, grid[0] * grid[1], 3 * C), None, torch.zeros(heads, 1, 1), torch.zeros(heads, N, N)), dict(
+        grid_size=grid, num_heads=heads, window_size=window
+    )
 
 
 @pytest.mark.parametrize("dropout_p,ok", [(0.0, True), (0.999, True), (1.0, False), (-0.1, False)])
@@ -174,24 +178,30 @@ def test_dropout_p_bounds(dropout_p, ok):
             call()
 
 
-@pytest.mark.parametrize("num_heads,error,pattern", [  # the count by WindowGeometry, the division by the tensors
-    (0, ValueError, r"num_heads must be at least 1, got 0"),
-    (-2, ValueError, r"num_heads must be at least 1, got -2"),
-    (3, ValueError, r"got 96 with num_heads=3"),
-    (2.0, TypeError, r"num_heads must be an int, got float"),
-])
+@pytest.mark.parametrize(
+    "num_heads,error,pattern",
+    [  # the count by WindowGeometry, the division by the tensors
+        (0, ValueError, r"num_heads must be at least 1, got 0"),
+        (-2, ValueError, r"num_heads must be at least 1, got -2"),
+        (3, ValueError, r"got 96 with num_heads=3"),
+        (2.0, TypeError, r"num_heads must be an int, got float"),
+    ],
+)
 def test_num_heads_bounds(num_heads, error, pattern):
     tensors, kwargs = _op_inputs()
     with pytest.raises(error, match=pattern):
         window_attention(*tensors, **dict(kwargs, num_heads=num_heads))
 
 
-@pytest.mark.parametrize("grid_size,pattern", [
-    ((8, 0), r"grid_size"),
-    ((0, 0), r"grid_size"),
-    ((8, -8), r"grid_size"),
-    ((8, 8, 1), r"grid_size"),
-])
+@pytest.mark.parametrize(
+    "grid_size,pattern",
+    [
+        ((8, 0), r"grid_size"),
+        ((0, 0), r"grid_size"),
+        ((8, -8), r"grid_size"),
+        ((8, 8, 1), r"grid_size"),
+    ],
+)
 def test_grid_bounds(grid_size, pattern):
     tensors, kwargs = _op_inputs()
     with pytest.raises((ValueError, TypeError), match=pattern):
@@ -225,5 +235,3 @@ def test_package_imports_and_runs_eager_without_triton(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "(1, 64, 16)" in result.stdout
     assert "raised: implementation='triton' needs Triton" in result.stdout
-
-

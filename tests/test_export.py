@@ -20,6 +20,7 @@ SwinTransformerV2 under strict export with dynamic sizes: timm's own patch embed
 patched transformers models: transformers 5 has no fx tracer (transformers.utils.fx is gone) and its
 forwards branch on sizes in Python (transformers' own unpatched Swinv2 does not trace).
 """
+
 import importlib
 
 import pytest
@@ -27,9 +28,10 @@ import torch
 from torch.export import Dim
 
 import swinv2_fast
+
 from _utils import FP32_ATOL, TINY, assert_close, count_patched_calls, make_pair, output_tensors, perturb_
 
-TRACED = (2, 3, 80, 72)             # stage grids 20x18 and 10x9 at window 4: >= 2 windows per axis
+TRACED = (2, 3, 80, 72)  # stage grids 20x18 and 10x9 at window 4: >= 2 windows per axis
 # 18x14 -> 20x16 padded, 9x7 -> 12x8; 26x22, 13x11; 16x16 and 8x8, window multiples at both stages (a guard
 # on the traced example's padding, traced padded or not, would refuse one kind or the other)
 CHECKED = [(3, 3, 72, 56), (2, 3, 104, 88), (2, 3, 64, 64)]
@@ -48,8 +50,9 @@ def _export_matches_eager(model, strict, dynamic_shapes=None, run=None, square=F
     traced, checked = TRACED, CHECKED
     if square:
         traced, checked = TRACED[:3] + TRACED[2:3], [shape[:3] + shape[2:3] for shape in CHECKED]
-    program = torch.export.export(model, (torch.randn(traced),),
-                                  dynamic_shapes=dynamic_shapes or _dynamic(square=square), strict=strict)
+    program = torch.export.export(
+        model, (torch.randn(traced),), dynamic_shapes=dynamic_shapes or _dynamic(square=square), strict=strict
+    )
     exported = program.module()
     for shape in checked:
         x = torch.randn(shape)
@@ -90,14 +93,16 @@ def test_symbolic_grid_accepted_and_symbolic_window_rejected():
             h, w = x.shape[1], x.shape[2]
             g = WindowGeometry.from_args(grid_size=(h, w), num_heads=1, window_size=4)
             seen["symbolic"], seen["padding"] = g.is_symbolic, g.needs_padding
-            with pytest.raises(TypeError, match=r"window_size must be an int or a pair of ints fixed by the "
-                                                r"model \(not a symbolic size.*got \(4, s"):
+            with pytest.raises(
+                TypeError,
+                match=r"window_size must be an int or a pair of ints fixed by the "
+                r"model \(not a symbolic size.*got \(4, s",
+            ):
                 WindowGeometry.from_args(grid_size=(h, w), num_heads=1, window_size=(4, w))
             return x * 2
 
     x = torch.randn(1, 8, 12)
-    torch.export.export(Probe(), (x,), dynamic_shapes={"x": {1: Dim("h", min=2), 2: Dim("w", min=2)}},
-                        strict=False)
+    torch.export.export(Probe(), (x,), dynamic_shapes={"x": {1: Dim("h", min=2), 2: Dim("w", min=2)}}, strict=False)
     assert seen == {"symbolic": True, "padding": True}
     with pytest.raises(ValueError, match=r"grid_size must be positive, got \(0, 3\)"):
         WindowGeometry.from_args(grid_size=(0, 3), num_heads=1, window_size=4)
@@ -119,8 +124,9 @@ def test_known_zero_pads_without_a_guard(strict):
                 x = torch.nn.functional.pad(x, (0, 0, 0, 1))
             return x * 2
 
-    program = torch.export.export(Probe(), (torch.randn(2, 9, 3),), strict=strict,
-                                  dynamic_shapes={"x": {1: Dim("h", min=2, max=64)}})
+    program = torch.export.export(
+        Probe(), (torch.randn(2, 9, 3),), strict=strict, dynamic_shapes={"x": {1: Dim("h", min=2, max=64)}}
+    )
     assert str(program.graph).count("aten.pad") + str(program.graph).count("constant_pad_nd") == 1
     for height in (8, 9, 12, 15):
         assert tuple(program.module()(torch.randn(2, height, 3)).shape) == (2, -(-height // 4) * 4, 3)
@@ -137,14 +143,16 @@ def test_export_model_dynamic_non_strict():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
-@pytest.mark.parametrize("cls_name", ["Swinv2Model", "Swinv2ForImageClassification",
-                                      "Swinv2ForMaskedImageModeling", "Swinv2Backbone"])
+@pytest.mark.parametrize(
+    "cls_name", ["Swinv2Model", "Swinv2ForImageClassification", "Swinv2ForMaskedImageModeling", "Swinv2Backbone"]
+)
 def test_export_our_classes_dynamic(cls_name, strict):
     overrides = dict(out_features=["stage1", "stage2"]) if cls_name == "Swinv2Backbone" else {}
     if cls_name == "Swinv2ForMaskedImageModeling":
         overrides["encoder_stride"] = 8  # two stages: the decoder upsamples by patch 4 * one merging
-    _export_matches_eager(_ours(cls_name, **overrides), strict=strict,
-                          square=cls_name == "Swinv2ForMaskedImageModeling")
+    _export_matches_eager(
+        _ours(cls_name, **overrides), strict=strict, square=cls_name == "Swinv2ForMaskedImageModeling"
+    )
 
 
 @pytest.mark.slow
@@ -168,24 +176,31 @@ def test_export_fused_op_under_the_interpreter():
 @pytest.mark.slow
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 def test_export_patched_transformers_dynamic(strict):
-    hf, _ = make_pair("Swinv2ForImageClassification", num_labels=3,
-                      **{k: v for k, v in TINY.items() if k != "drop_path_rate"})
+    hf, _ = make_pair(
+        "Swinv2ForImageClassification", num_labels=3, **{k: v for k, v in TINY.items() if k != "drop_path_rate"}
+    )
     swinv2_fast.patch(hf)
-    program = _export_matches_eager(hf, strict, run=lambda m, x: output_tensors(m(x).logits if hasattr(m(x), "logits")
-                                                                                else m(x)))
+    program = _export_matches_eager(
+        hf, strict, run=lambda m, x: output_tensors(m(x).logits if hasattr(m(x), "logits") else m(x))
+    )
     assert _runs_patched_step(program)
 
 
-TIMM_SMALL = dict(pretrained=False, img_size=80, embed_dim=16, depths=(2, 2), num_heads=(1, 1), window_size=4,
-                  num_classes=3)
+TIMM_SMALL = dict(
+    pretrained=False, img_size=80, embed_dim=16, depths=(2, 2), num_heads=(1, 1), window_size=4, num_classes=3
+)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,strict", [
-    ("swinv2_tiny_window8_256", False),
-    ("swinv2_cr_tiny_ns_224", False),
-    ("swinv2_cr_tiny_ns_224", True),
-], ids=["v2-non-strict", "cr-non-strict", "cr-strict"])
+@pytest.mark.parametrize(
+    "name,strict",
+    [
+        ("swinv2_tiny_window8_256", False),
+        ("swinv2_cr_tiny_ns_224", False),
+        ("swinv2_cr_tiny_ns_224", True),
+    ],
+    ids=["v2-non-strict", "cr-non-strict", "cr-strict"],
+)
 def test_export_patched_timm_dynamic(name, strict):
     """strict_img_size=False: timm's option for inputs of other sizes than img_size (its blocks then build
     the shift mask per call). v2 with strict=True: the next test."""
@@ -231,8 +246,11 @@ def test_export_patched_timm_v2_strict():
         with pytest.raises(torch._dynamo.exc.UserError) as patched_error:
             export(model)
         for error in (str(plain_error), str(patched_error.value)):
-            assert "specialized it to be a constant" in error and "timm/layers/patch_embed.py" in error \
-                and "should be divisible by patch size" in error, error
+            assert (
+                "specialized it to be a constant" in error
+                and "timm/layers/patch_embed.py" in error
+                and "should be divisible by patch size" in error
+            ), error
     else:  # a timm that exports its own model: the patched model exports whole
         program = _export_matches_eager(model, strict=True, dynamic_shapes=_dynamic("x"))
         assert _runs_patched_step(program)
@@ -241,8 +259,12 @@ def test_export_patched_timm_v2_strict():
 
     def export_past_patch_embed(model):
         with torch.no_grad():
-            return torch.export.export(_PastPatchEmbed(model), (model.patch_embed(torch.randn(TRACED)),),
-                                       dynamic_shapes={"tokens": {0: batch, 1: 2 * k, 2: 2 * j}}, strict=True)
+            return torch.export.export(
+                _PastPatchEmbed(model),
+                (model.patch_embed(torch.randn(TRACED)),),
+                dynamic_shapes={"tokens": {0: batch, 1: 2 * k, 2: 2 * j}},
+                strict=True,
+            )
 
     assert not _runs_patched_step(export_past_patch_embed(plain))  # the test below tells the two apart
     program = export_past_patch_embed(model)
@@ -272,8 +294,11 @@ def test_fx_trace_our_classes(cls_name):
     if cls_name == "Swinv2ForMaskedImageModeling":
         overrides["encoder_stride"] = 8
     model = _ours(cls_name, **overrides)
-    flags = {name: p.default for name, p in inspect.signature(model.forward).parameters.items()
-             if name not in ("pixel_values", "kwargs")}
+    flags = {
+        name: p.default
+        for name, p in inspect.signature(model.forward).parameters.items()
+        if name not in ("pixel_values", "kwargs")
+    }
     with torch.no_grad():
         graph = torch.fx.symbolic_trace(model, concrete_args=flags)
     assert "window_attention" in graph.code and "WindowGeometry" in graph.code
@@ -288,8 +313,11 @@ def test_fx_trace_our_classes(cls_name):
         for i, (a, b) in enumerate(zip(got, expected)):
             assert a.shape == b.shape, (shape, i, a.shape, b.shape)
             assert_close(a, b, atol=FP32_ATOL, name=f"output {i} at {shape}")
-    with pytest.raises(ValueError, match=r"pixel_values must have 3 channels \(config.num_channels\), got shape "
-                                         r"\(2, 4, 40, 40\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"pixel_values must have 3 channels \(config.num_channels\), got shape "
+        r"\(2, 4, 40, 40\)",
+    ):
         graph(torch.randn(2, 4, 40, 40))
     with pytest.raises(TypeError, match=r"pixel_values must be a floating-point tensor, got dtype torch.int64"):
         graph(torch.zeros(2, 3, 40, 40, dtype=torch.long))
@@ -317,8 +345,9 @@ def test_fx_trace_patched_timm(name):
         assert calls["calls"] == 4
         tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
         _, nodes = feature_extraction.get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-        extractor = feature_extraction.create_feature_extractor(model, return_nodes=[nodes[-1]],
-                                                                tracer_kwargs=tracer_kwargs)
+        extractor = feature_extraction.create_feature_extractor(
+            model, return_nodes=[nodes[-1]], tracer_kwargs=tracer_kwargs
+        )
         with count_patched_calls() as calls:
             assert_close(next(iter(extractor(x).values())), expected, atol=FP32_ATOL, name="feature extractor")
         assert calls["calls"] == 4
@@ -329,8 +358,11 @@ def test_jit_script_of_a_patched_model_raises_naming_the_cause():
     model = timm.create_model("swinv2_tiny_window8_256", **{**TIMM_SMALL, "img_size": 32}).eval()
     swinv2_fast.patch(model)
     not_scriptable = importlib.import_module("swinv2_fast.patch").PatchedModelNotScriptable
-    with pytest.raises(not_scriptable, match=r"torch.jit.script cannot compile swinv2_fast's patched .*"
-                                             r"swinv2_fast.unpatch\(model\) first"):
+    with pytest.raises(
+        not_scriptable,
+        match=r"torch.jit.script cannot compile swinv2_fast's patched .*"
+        r"swinv2_fast.unpatch\(model\) first",
+    ):
         torch.jit.script(model)
     swinv2_fast.unpatch(model)
     torch.jit.script(model)  # unpatched: timm's own model scripts

@@ -1,6 +1,7 @@
 """What users do with a drop-in model besides calling it: adapters on its layers, hooks, pickling, tracing
 and exporting, torch.func, fake and meta tensors. Each against transformers' model on identical weights,
 or against the same model run plainly."""
+
 import pickle
 
 import numpy as np
@@ -9,8 +10,9 @@ import torch
 from torch import nn
 
 import swinv2_fast
-from _utils import FP32_ATOL, assert_close, assert_grad_close, assert_grads_close, make_pair
 from swinv2_fast.kernels import reference, window_attention_reference, window_layout
+
+from _utils import FP32_ATOL, assert_close, assert_grad_close, assert_grads_close, make_pair
 
 TINY = dict(image_size=40, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2])
 
@@ -89,7 +91,8 @@ def test_hooks_inside_a_block_see_what_transformers_shows_them():
         record = seen.setdefault(name, [])
         for sub in ("layernorm_before", "intermediate", "output", "layernorm_after"):
             getattr(block, sub).register_forward_hook(
-                lambda module, args, out, sub=sub, record=record: record.append((sub, tuple(out.shape))))
+                lambda module, args, out, sub=sub, record=record: record.append((sub, tuple(out.shape)))
+            )
         with torch.no_grad():
             model(x)
     assert seen["ours"] == seen["transformers"] and len(seen["ours"]) == 4
@@ -106,8 +109,8 @@ def test_backward_hooks_on_layers_fire_like_in_transformers():
         record = seen.setdefault(name, {})
         for sub, layer in (("value", block.attention.self.value), ("intermediate", block.intermediate.dense)):
             layer.register_full_backward_hook(
-                lambda module, grad_in, grad_out, sub=sub, record=record: record.setdefault(sub, []).append(
-                    grad_out[0]))
+                lambda module, grad_in, grad_out, sub=sub, record=record: record.setdefault(sub, []).append(grad_out[0])
+            )
         model.train()
         model(x, labels=labels).loss.backward()
     ours_seen, hf_seen = seen["ours"], seen["transformers"]
@@ -118,8 +121,9 @@ def test_backward_hooks_on_layers_fire_like_in_transformers():
     assert len(hf_seen["value"]) == 1 and len(ours_seen["value"]) == 2
     total = sum(g.sum() for g in ours_seen["value"])
     # a sum with cancellation: its budget is relative to the sum of its terms' magnitudes
-    assert_grad_close(total, hf_seen["value"][0].sum(), name="value grad_output, summed",
-                      floor=hf_seen["value"][0].abs().sum().item())
+    assert_grad_close(
+        total, hf_seen["value"][0].sum(), name="value grad_output, summed", floor=hf_seen["value"][0].abs().sum().item()
+    )
 
 
 def test_models_pickle_with_every_builtin_activation():
@@ -173,7 +177,8 @@ def test_jit_trace_with_tuple_outputs():
     torchscript users do: the trace reproduces transformers' logits, also for another batch size."""
     hf, _ = make_pair("Swinv2ForImageClassification", num_labels=3, **TINY)
     ours = swinv2_fast.Swinv2ForImageClassification(
-        swinv2_fast.Swinv2Config(**TINY, num_labels=3, return_dict=False)).eval()
+        swinv2_fast.Swinv2Config(**TINY, num_labels=3, return_dict=False)
+    ).eval()
     ours.load_state_dict(hf.state_dict())
     x = torch.randn(2, 3, 40, 40)
     with torch.no_grad():
@@ -194,11 +199,20 @@ def test_numpy_integers_are_accepted_as_sizes():
     gen = torch.Generator().manual_seed(0)
     qkv, table = torch.randn(1, 64, 48, generator=gen), torch.rand(2, 16, 16, generator=gen)
     scale = torch.zeros(2, 1, 1)
-    expected = swinv2_fast.window_attention(qkv, None, scale, table, grid_size=(8, 8), num_heads=2, window_size=4,
-                                            shift_size=2, implementation="eager")
-    got = swinv2_fast.window_attention(qkv, None, scale, table, grid_size=(np.int64(8), np.int64(8)),
-                                       num_heads=np.int64(2), window_size=np.int32(4), shift_size=np.int64(2),
-                                       implementation="eager")
+    expected = swinv2_fast.window_attention(
+        qkv, None, scale, table, grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2, implementation="eager"
+    )
+    got = swinv2_fast.window_attention(
+        qkv,
+        None,
+        scale,
+        table,
+        grid_size=(np.int64(8), np.int64(8)),
+        num_heads=np.int64(2),
+        window_size=np.int32(4),
+        shift_size=np.int64(2),
+        implementation="eager",
+    )
     assert torch.equal(got, expected)
     with pytest.raises(TypeError, match="num_heads must be an int, got float"):
         swinv2_fast.window_attention(qkv, None, scale, table, grid_size=8, num_heads=2.0, window_size=4)
@@ -213,8 +227,9 @@ def test_checkpointing_arguments_and_input_gradients_as_in_transformers(monkeypa
     _, ours = make_pair("Swinv2ForImageClassification", num_labels=3, **TINY)
     seen = []
     checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
-                        lambda *args, **kwargs: seen.append(kwargs) or checkpoint(*args, **kwargs))
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *args, **kwargs: seen.append(kwargs) or checkpoint(*args, **kwargs)
+    )
     ours.swinv2.embeddings.requires_grad_(False)
     ours.gradient_checkpointing_enable({"use_reentrant": True, "preserve_rng_state": False})
     x, labels = torch.randn(2, 3, 40, 40), torch.tensor([0, 1])

@@ -1,5 +1,6 @@
 """The static cost report (tools/cost.py, `python -m tools.compile_check --cost`): the SASS walk counts loops at
 their trip counts (checked by hand on a small listing), and the report's lines have the documented form."""
+
 import re
 import shutil
 
@@ -7,13 +8,15 @@ import pytest
 
 pytest.importorskip("triton")  # tools/ records and compiles launches of the Triton files
 
-from _utils import use_tools  # noqa: E402
+from _utils import use_tools
 
 use_tools()
 from tools import cost, launches  # noqa: E402
 
-COST_LINE = re.compile(r"^cost (fwd|bwd_[a-z]+) (bf16|fp16|fp32) hd(\d+) N(\d+) (sm_80|sm_90) regs=(\d+) spill=(\d+) "
-                       r"instr_per_score=(\d+\.\d+)$")
+COST_LINE = re.compile(
+    r"^cost (fwd|bwd_[a-z]+) (bf16|fp16|fp32) hd(\d+) N(\d+) (sm_80|sm_90) regs=(\d+) spill=(\d+) "
+    r"instr_per_score=(\d+\.\d+)$"
+)
 
 # A cuobjdump-style listing: 3 instructions, a guard, a loop of 4 (0x40 .. 0x70, back-edge at 0x70), a
 # forward branch over a 2-instruction block (the zero-trip path), a predicated EXIT, a store, EXIT, trap.
@@ -88,7 +91,7 @@ def test_cost_report_compiles_the_reference_launch():
     assert not c.error, c.error
     match = COST_LINE.match(c.line())
     assert match and match.group(4) == "64" and match.group(5) == "sm_90"
-    assert c.scores == launches.REFERENCE_BATCH * launches.REFERENCE_HEADS * 64 * 64 ** 2  # 64 windows of 64 tokens
+    assert c.scores == launches.REFERENCE_BATCH * launches.REFERENCE_HEADS * 64 * 64**2  # 64 windows of 64 tokens
     assert c.instr_per_score == pytest.approx(c.instr_per_program * c.num_warps * 32 * c.programs / c.scores)
     assert 0 < c.registers <= 255 and c.spill_bytes == 0
 
@@ -109,7 +112,8 @@ def test_spill_gate_geometries_cover_every_flag_combination():
             flags.add((a["SHIFTED"], a["PADDED"], a["ROLL_THEN_PAD"], a["HAS_BIAS"]))
     # without padding the order and the bias are not told apart (nothing reads the bias)
     possible = {(s, False, False, False) for s in (False, True)} | {
-        (s, True, r, b) for s in (False, True) for r in (False, True) for b in (False, True)}
+        (s, True, r, b) for s in (False, True) for r in (False, True) for b in (False, True)
+    }
     assert flags == possible
 
 
@@ -127,8 +131,10 @@ def test_forward_launches_split_the_shifted_grid():
         assert launch.grid[0] == -(-a["NUM_BW"] // a["WINDOWS_PER_PROGRAM"]) * m_blocks
         return a["WINDOW_SET"], a["NUM_BW"]
 
-    assert [covered(a) for a in recorded] == [(tk.INTERIOR_WINDOWS, launches.REFERENCE_BATCH * 49),
-                                              (tk.BORDER_WINDOWS, launches.REFERENCE_BATCH * 15)]
+    assert [covered(a) for a in recorded] == [
+        (tk.INTERIOR_WINDOWS, launches.REFERENCE_BATCH * 49),
+        (tk.BORDER_WINDOWS, launches.REFERENCE_BATCH * 15),
+    ]
     unshifted = dict(grid_size=(64, 64), window_size=(8, 8), shift_size=(0, 0))
     (launch,) = launches.reference_launches(8, "bf16", geometry=unshifted, backward=False)["fwd"]
     assert covered(launch) == (tk.ALL_WINDOWS, launches.REFERENCE_BATCH * 64)
@@ -154,7 +160,11 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
         assert heads == launches.REFERENCE_HEADS and a["NUM_BW"] == num_bw
         assert groups == -(-num_bw // a["WINDOWS_PER_GROUP"]) and groups * heads <= tiles.FUSED_PROGRAMS
         assert a["BLOCK_M"] == a["BLOCK_N"] == 64 and (a["NEED_DQ"], a["NEED_DKV"], a["NEED_PAD"], a["NEED_TABLE"]) == (
-            True, True, False, True)  # the reference grid is not padded
+            True,
+            True,
+            False,
+            True,
+        )  # the reference grid is not padded
         assert cost.LOOP_TRIPS["bwd_fused"](a, launch.grid) == [num_bw / groups]
         hbm, l2, flops = cost.traffic(launch, dtype)
         assert flops == cost.scores_of(launch) * 2 * head_dim * 5 and hbm > 0 and l2 > 0
@@ -169,8 +179,9 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
 def test_fused_backward_meets_the_instruction_budget():
     """Issue 12's budget: the backward at most 150 SASS instructions per score at N = 64 (bf16, head_dim 32,
     sm_90), without spills; compiled in a fresh process without the interpreter."""
-    costs = cost.cost_table(1, kernels=cost.COST_KERNELS[1:], dtypes=("bf16",), windows=(8,), archs=(90,),
-                            head_dims=(32,))
+    costs = cost.cost_table(
+        1, kernels=cost.COST_KERNELS[1:], dtypes=("bf16",), windows=(8,), archs=(90,), head_dims=(32,)
+    )
     assert [c.kernel for c in costs] == ["bwd_fused"] and not costs[0].error, costs
     (total,) = cost.backward_sum(costs)
     assert float(total.split("=")[-1]) <= 150 and costs[0].spill_bytes == 0, (total, costs[0].line())
@@ -201,25 +212,54 @@ def test_estimates_and_model_line_fields():
     assert (t.hbm, t.dot, t.issue, t.mufu) == pytest.approx((1, 1, 2, 1))
     assert t.est == pytest.approx(2) and t.cal_est == pytest.approx(4)
     assert cost.times(48e6, 790e6, "bf16", issue, mufu).cal_est == pytest.approx(10)  # HBM-bound
-    c = cost.Cost("fwd", "bf16", 32, 64, 90, 128, 0, 1024, 4, 2400.0, 2.0, 4800000, 20, 790000000, 16,
-                  int(issue // 2), 512, "", 0.5 * mufu / (issue // 2) * 2, 4800000, 790000000)
+    c = cost.Cost(
+        "fwd",
+        "bf16",
+        32,
+        64,
+        90,
+        128,
+        0,
+        1024,
+        4,
+        2400.0,
+        2.0,
+        4800000,
+        20,
+        790000000,
+        16,
+        int(issue // 2),
+        512,
+        "",
+        0.5 * mufu / (issue // 2) * 2,
+        4800000,
+        790000000,
+    )
     line = c.model_line()
     assert line.startswith("model fwd bf16 hd32 N64 sm_90 hbm_bytes=4800000 l2_sm_bytes=20 ")
     assert " est=2.0 mufu=1.0 cal_est=4.0 floor=1.0 est/floor=2.00 cal_est/floor=4.00" in line
     b = c._replace(kernel="bwd_dq")
     assert " backward_floor=2.5 est/backward_floor=0.80 cal_est/backward_floor=1.60" in b.model_line()
     (total,) = cost.backward_sum([b, b._replace(kernel="bwd_dkdv"), c])
-    assert total == ("backward-total bf16 hd32 N64 sm_90 instr_per_score=4.00 h200_us: est=4.0 cal_est=8.0 "
-                     "floor=2.5 est/floor=1.60 cal_est/floor=3.20")
+    assert total == (
+        "backward-total bf16 hd32 N64 sm_90 instr_per_score=4.00 h200_us: est=4.0 cal_est=8.0 "
+        "floor=2.5 est/floor=1.60 cal_est/floor=3.20"
+    )
 
 
 def test_model_stages_follow_the_window_rules():
     """Stage i at image / 4 / 2^i tokens a side; a stage at most a window across takes the resolution as
     its window and no shift; otherwise half its blocks (the odd ones) shift by window // 2."""
     tiny = cost.model_stages((2, 2, 6, 2), (3, 6, 12, 24), 256, 8)
-    assert [tuple(s) for s in tiny] == [(0, 64, 3, 8, 0, 1), (0, 64, 3, 8, 4, 1), (1, 32, 6, 8, 0, 1),
-                                        (1, 32, 6, 8, 4, 1), (2, 16, 12, 8, 0, 3), (2, 16, 12, 8, 4, 3),
-                                        (3, 8, 24, 8, 0, 2)]
+    assert [tuple(s) for s in tiny] == [
+        (0, 64, 3, 8, 0, 1),
+        (0, 64, 3, 8, 4, 1),
+        (1, 32, 6, 8, 0, 1),
+        (1, 32, 6, 8, 4, 1),
+        (2, 16, 12, 8, 0, 3),
+        (2, 16, 12, 8, 4, 3),
+        (3, 8, 24, 8, 0, 2),
+    ]
     large = cost.model_stages((2, 2, 18, 2), (6, 12, 24, 48), 384, 24)
     assert [tuple(s) for s in large][-2:] == [(2, 24, 24, 24, 0, 18), (3, 12, 48, 12, 0, 2)]
     base192 = cost.model_stages((2, 2, 18, 2), (4, 8, 16, 32), 192, 12)
@@ -230,8 +270,11 @@ def test_model_stages_follow_the_window_rules():
 
 def test_sass_walk_skips_out_of_line_retry_loops():
     """A retry loop after the last EXIT (sm_90 mbarrier waits) is not a loop of the walk."""
-    retry = SASS.replace("        /*00f0*/                   BRA 0xf0;", "        /*00f0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2 ;\n"
-                         "        /*0100*/              @!P0 BRA 0xf0 ;\n        /*0110*/                   BRA 0x110;")
+    retry = SASS.replace(
+        "        /*00f0*/                   BRA 0xf0;",
+        "        /*00f0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2 ;\n"
+        "        /*0100*/              @!P0 BRA 0xf0 ;\n        /*0110*/                   BRA 0x110;",
+    )
     instructions = launches.parse_sass(retry)
     assert cost.back_edges(instructions) == [0x70]
     assert cost.count_executed(instructions, [5]) == 4 + 4 * 5 + 1 + 3

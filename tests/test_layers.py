@@ -1,6 +1,7 @@
 """The package's layers: the dispatch and the kernels' policy import without Triton and without the repository's
 tools, and the modules of swinv2_fast import one another without a cycle (read from the source: module-level
 import statements only, so a function-local import does not count, and none is needed to break a cycle)."""
+
 import ast
 import pathlib
 import subprocess
@@ -33,8 +34,7 @@ def test_the_dispatch_and_the_policy_import_without_triton_or_tools():
     """swinv2_fast, its dispatch (functional.py) and the kernels' policy (kernels/tiles.py) import with Triton
     and tools/ blocked, and load none of the Triton files or the custom op (they are imported when first
     launched)."""
-    result = subprocess.run([sys.executable, "-P", "-c", _WITHOUT_TRITON], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-P", "-c", _WITHOUT_TRITON], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "loaded: []" in result.stdout, result.stdout
 
@@ -51,8 +51,12 @@ def _top_level_statements(body):
     for node in body:
         yield node
         if isinstance(node, (ast.If, ast.Try)):
-            for block in (node.body, node.orelse, getattr(node, "finalbody", []),
-                          *[h.body for h in getattr(node, "handlers", [])]):
+            for block in (
+                node.body,
+                node.orelse,
+                getattr(node, "finalbody", []),
+                *[h.body for h in getattr(node, "handlers", [])],
+            ):
                 yield from _top_level_statements(block)
 
 
@@ -70,11 +74,12 @@ def import_graph():
                 base = node.module or ""
                 if node.level:
                     parts = package.split(".")
-                    parent = ".".join(parts[:len(parts) - node.level + 1])
+                    parent = ".".join(parts[: len(parts) - node.level + 1])
                     base = f"{parent}.{base}" if base else parent
                 # `from package import module` imports that module; `from module import name`, the module
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                           for alias in node.names]
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names
+                ]
             else:
                 continue
             edges.update(t for t in targets if t in modules and t != name)
@@ -91,7 +96,7 @@ def find_cycle(graph):
         stack.append(node)
         for succ in sorted(graph[node]):
             if state.get(succ) == "open":
-                return stack[stack.index(succ):] + [succ]
+                return stack[stack.index(succ) :] + [succ]
             if succ not in state:
                 found = visit(succ, stack)
                 if found:

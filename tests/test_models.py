@@ -1,10 +1,12 @@
 """Every swinv2_fast class against transformers' class on identical random weights."""
+
 import pytest
 import torch
 import transformers
 
 import swinv2_fast
-from _utils import CONFIGS, FP32_ATOL, assert_close, make_pair, perturb_
+
+from _utils import CONFIGS, assert_close, make_pair
 
 INPUTS = {
     "w7": [(2, 56, 56), (1, 61, 45)],
@@ -12,13 +14,16 @@ INPUTS = {
     "w12-pretrained": [(1, 96, 96), (2, 100, 90)],
     "w16": [(1, 64, 64), (2, 66, 71)],
 }
-CASES = [pytest.param(name, shape, id=f"{name}-B{shape[0]}-{shape[1]}x{shape[2]}")
-         for name in CONFIGS for shape in INPUTS[name]]
+CASES = [
+    pytest.param(name, shape, id=f"{name}-B{shape[0]}-{shape[1]}x{shape[2]}")
+    for name in CONFIGS
+    for shape in INPUTS[name]
+]
 
 
 def compare_outputs(ours, theirs, prefix=""):
     assert list(ours.keys()) == list(theirs.keys()), f"{prefix}fields {list(ours.keys())} != {list(theirs.keys())}"
-    for key in theirs.keys():
+    for key in theirs:
         a, b = ours[key], theirs[key]
         if isinstance(b, torch.Tensor):
             assert_close(a, b, name=prefix + key)
@@ -141,8 +146,9 @@ def test_meta_device_then_init_weights_equals_a_cpu_build(cls_name):
     config = swinv2_fast.Swinv2Config(**CONFIGS["w8"], out_features=["stage1", "stage2"])
     reference = getattr(swinv2_fast, cls_name)(config).eval()
     with torch.device("meta"):
-        model = getattr(swinv2_fast, cls_name)(swinv2_fast.Swinv2Config(**CONFIGS["w8"],
-                                                                         out_features=["stage1", "stage2"]))
+        model = getattr(swinv2_fast, cls_name)(
+            swinv2_fast.Swinv2Config(**CONFIGS["w8"], out_features=["stage1", "stage2"])
+        )
     assert all(b.device.type == "meta" for b in model.buffers())
     model.to_empty(device="cpu")
     model.init_weights()
@@ -155,8 +161,10 @@ def test_meta_device_then_init_weights_equals_a_cpu_build(cls_name):
     model.load_state_dict(reference.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert_close(model(x)[0] if cls_name != "Swinv2Backbone" else model(x).feature_maps[-1],
-                     reference(x)[0] if cls_name != "Swinv2Backbone" else reference(x).feature_maps[-1])
+        assert_close(
+            model(x)[0] if cls_name != "Swinv2Backbone" else model(x).feature_maps[-1],
+            reference(x)[0] if cls_name != "Swinv2Backbone" else reference(x).feature_maps[-1],
+        )
 
 
 def test_returned_attentions_receive_gradients():
@@ -192,8 +200,15 @@ def test_backbone_has_transformers_backbone_attributes():
     config = swinv2_fast.Swinv2Config(**CONFIGS["w8"], out_features=["stage1", "stage3"])
     ours = swinv2_fast.Swinv2Backbone(config)
     theirs = transformers.Swinv2Backbone(transformers.Swinv2Config(**CONFIGS["w8"], out_features=["stage1", "stage3"]))
-    for name in ("backbone_type", "stage_names", "num_features", "out_features", "out_indices", "out_feature_channels",
-                 "channels"):
+    for name in (
+        "backbone_type",
+        "stage_names",
+        "num_features",
+        "out_features",
+        "out_indices",
+        "out_feature_channels",
+        "channels",
+    ):
         assert getattr(ours, name) == getattr(theirs, name), name
     ours.out_indices = [-2, -1]
     assert ours.out_features == ["stage2", "stage3"] and ours.channels == ours.num_features[-2:]

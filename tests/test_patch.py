@@ -1,20 +1,43 @@
 """swinv2_fast.patch / unpatch on transformers and timm models: same outputs, gradients and state dicts."""
+
 import pytest
 import torch
 
 import swinv2_fast
 from swinv2_fast.kernels import tiles
-from _utils import (KERNEL_DEVICE, assert_patch_matches_unpatched, assert_training_step_matches_unpatched,
-                    output_tensors, perturb_, tk)
+
+from _utils import (
+    KERNEL_DEVICE,
+    assert_patch_matches_unpatched,
+    assert_training_step_matches_unpatched,
+    output_tensors,
+    perturb_,
+)
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 from timm.models import swin_transformer_v2 as timm_swin  # noqa: E402
 
-HF_CONFIG = dict(image_size=36, patch_size=4, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
-                 drop_path_rate=0.0, num_labels=3)
-TIMM_CONFIG = dict(img_size=(36, 28), strict_img_size=False, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
-                   drop_path_rate=0.0)
+HF_CONFIG = dict(
+    image_size=36,
+    patch_size=4,
+    window_size=4,
+    embed_dim=16,
+    depths=[2, 2],
+    num_heads=[1, 2],
+    drop_path_rate=0.0,
+    num_labels=3,
+)
+TIMM_CONFIG = dict(
+    img_size=(36, 28),
+    strict_img_size=False,
+    patch_size=4,
+    window_size=4,
+    embed_dim=16,
+    depths=(2, 2),
+    num_heads=(1, 2),
+    drop_path_rate=0.0,
+)
 SIZE = (36, 28)  # a 9x7 token grid: every window layout needs padding, and odd blocks shift
 
 
@@ -35,8 +58,10 @@ def _timm(kind):
     return perturb_(model)
 
 
-MODELS = [pytest.param(lambda n=n: _hf(n), id=n) for n in
-          ("Swinv2Model", "Swinv2ForImageClassification", "Swinv2ForMaskedImageModeling", "Swinv2Backbone")]
+MODELS = [
+    pytest.param(lambda n=n: _hf(n), id=n)
+    for n in ("Swinv2Model", "Swinv2ForImageClassification", "Swinv2ForMaskedImageModeling", "Swinv2Backbone")
+]
 MODELS += [pytest.param(lambda k=k: _timm(k), id=f"timm-{k}") for k in ("head", "headless", "features_only")]
 
 
@@ -70,8 +95,9 @@ def _loss(model, x):
 @pytest.mark.parametrize("make", MODELS)
 def test_training_step_gradients_match(make, implementation):
     model = make().train().to(KERNEL_DEVICE)
-    assert_training_step_matches_unpatched(model, torch.randn(2, 3, *SIZE, device=KERNEL_DEVICE), implementation,
-                                           loss=_loss)
+    assert_training_step_matches_unpatched(
+        model, torch.randn(2, 3, *SIZE, device=KERNEL_DEVICE), implementation, loss=_loss
+    )
 
 
 def test_checkpoints_move_between_patched_and_unpatched(tmp_path):

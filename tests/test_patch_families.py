@@ -6,6 +6,7 @@ chain by design; clear refusals of unknown structures.
 Tiny configs (the kernels run under Triton's interpreter on CPU): head_dim 16 or 32, and Swin2SR's published
 head dims 10 and 30 (which the kernels run in a masked power-of-two channel tile).
 """
+
 import copy
 import re
 
@@ -13,9 +14,19 @@ import pytest
 import torch
 
 import swinv2_fast
-from _utils import (FP32_ATOL, KERNEL_DEVICE, assert_close, assert_patch_matches_unpatched,
-                    assert_training_step_matches_unpatched, count_launches, forward_launches, output_tensors, perturb_)
 from swinv2_fast.patch import TESTED_VERSIONS
+
+from _utils import (
+    FP32_ATOL,
+    KERNEL_DEVICE,
+    assert_close,
+    assert_patch_matches_unpatched,
+    assert_training_step_matches_unpatched,
+    count_launches,
+    forward_launches,
+    output_tensors,
+    perturb_,
+)
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -29,16 +40,31 @@ CR_CONFIGS = {
     "head-nonsquare-padded": (dict(img_size=(36, 28), strict_img_size=False, window_size=4, num_classes=3), (36, 28)),
     # strict size: the precomputed (static) masks; non-square windows 4x3 that divide the 8x6 grid; extra
     # norm after every block (extra_norm_period=1); headless
-    "headless-static-mask-extra-norm": (dict(img_size=(32, 24), window_size=(4, 3), extra_norm_period=1,
-                                             num_classes=0), (32, 24)),
+    "headless-static-mask-extra-norm": (
+        dict(img_size=(32, 24), window_size=(4, 3), extra_norm_period=1, num_classes=0),
+        (32, 24),
+    ),
     # target window 8 on a 9x7 grid: timm takes (8, 7) and shifts only along H (4, 0), padding H to 16;
     # extra norm every second block; head_dim 32
-    "window-ratio-clamped": (dict(img_size=(36, 28), strict_img_size=False, window_size=8, extra_norm_period=2,
-                                  embed_dim=32, num_heads=(1, 2), depths=(2, 2), num_classes=3), (36, 28)),
+    "window-ratio-clamped": (
+        dict(
+            img_size=(36, 28),
+            strict_img_size=False,
+            window_size=8,
+            extra_norm_period=2,
+            embed_dim=32,
+            num_heads=(1, 2),
+            depths=(2, 2),
+            num_classes=3,
+        ),
+        (36, 28),
+    ),
     # always_partition: 5x5 windows with shift (2, 2) on a 3x4 grid (stage 1) and 2x2 (stage 2): everything
     # padded, windows larger than the grid
-    "always-partition": (dict(img_size=(12, 16), strict_img_size=False, window_size=5, always_partition=True,
-                              num_classes=3), (12, 16)),
+    "always-partition": (
+        dict(img_size=(12, 16), strict_img_size=False, window_size=5, always_partition=True, num_classes=3),
+        (12, 16),
+    ),
 }
 CR_BASE = dict(patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 1), drop_path_rate=0.0)
 
@@ -49,15 +75,33 @@ def _cr(name):
 
 
 def _cr_features_only():
-    return perturb_(timm.create_model("swinv2_cr_tiny_224", pretrained=False, features_only=True,
-                                      img_size=(36, 28), strict_img_size=False, **{**CR_BASE, "window_size": 4}))
+    return perturb_(
+        timm.create_model(
+            "swinv2_cr_tiny_224",
+            pretrained=False,
+            features_only=True,
+            img_size=(36, 28),
+            strict_img_size=False,
+            **{**CR_BASE, "window_size": 4},
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------- Swin2SR
 # Swin2SRModel pads the image to window multiples (reflect) and every block runs at the full resolution;
 # transformers builds the windows from config.image_size. Input 8x12: a non-square 8x12 grid of 4x4 windows.
-SR_BASE = dict(image_size=8, patch_size=1, num_channels=3, embed_dim=16, depths=[2], num_heads=[1],
-               window_size=4, mlp_ratio=2.0, drop_path_rate=0.0, upscale=2)
+SR_BASE = dict(
+    image_size=8,
+    patch_size=1,
+    num_channels=3,
+    embed_dim=16,
+    depths=[2],
+    num_heads=[1],
+    window_size=4,
+    mlp_ratio=2.0,
+    drop_path_rate=0.0,
+    upscale=2,
+)
 SR_CONFIGS = {
     "pixelshuffle": dict(upsampler="pixelshuffle"),
     "pixelshuffle_aux": dict(upsampler="pixelshuffle_aux"),
@@ -114,8 +158,13 @@ def test_patched_matches_unpatched(make, size, implementation, request):
 # (conftest's SLOW_TESTS marks every triton case here slow): the eager cases of two configs run in the quick
 # part (Cr: padding, shifts, its bias MLP's dropout; Swin2SR at head_dim 10), the other configs are slow.
 _TRAINING_FAST = ("cr-head-nonsquare-padded", "sr-head-dim-10-lightweight")
-_TRAINING_SLOW = ("cr-window-ratio-clamped", "cr-headless-static-mask-extra-norm", "sr-pixelshuffle",
-                  "sr-windows-not-dividing", "sr-head-dim-30")
+_TRAINING_SLOW = (
+    "cr-window-ratio-clamped",
+    "cr-headless-static-mask-extra-norm",
+    "sr-pixelshuffle",
+    "sr-windows-not-dividing",
+    "sr-head-dim-30",
+)
 TRAINING_MODELS = [m for m in MODELS if m.id in _TRAINING_FAST]
 TRAINING_MODELS += [pytest.param(*m.values, id=m.id, marks=pytest.mark.slow) for m in MODELS if m.id in _TRAINING_SLOW]
 
@@ -144,8 +193,11 @@ def test_cr_bias_mlp_dropout_runs_in_training():
 def test_cr_attention_dropout_in_training_runs_timms_chain():
     """drop_attn / proj_drop active in training: timm's own _shifted_window_attn (its masks on its window
     layout), so the patched model draws exactly what timm draws, and the kernels do not run."""
-    model = perturb_(timm_cr.SwinTransformerV2Cr(**{**CR_BASE, **CR_CONFIGS["head-nonsquare-padded"][0]},
-                                                 attn_drop_rate=0.1, proj_drop_rate=0.1)).train()
+    model = perturb_(
+        timm_cr.SwinTransformerV2Cr(
+            **{**CR_BASE, **CR_CONFIGS["head-nonsquare-padded"][0]}, attn_drop_rate=0.1, proj_drop_rate=0.1
+        )
+    ).train()
     patched = swinv2_fast.patch(copy.deepcopy(model), "triton")
     x = torch.randn(2, 3, 36, 28)
     torch.manual_seed(3)
@@ -197,8 +249,7 @@ def test_swin2sr_output_attentions_runs_the_original_chain():
     assert len(got) == len(expected) >= 1 and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
-@pytest.mark.parametrize("make", [lambda: _cr("head-nonsquare-padded"), lambda: _sr("pixelshuffle")],
-                         ids=["cr", "sr"])
+@pytest.mark.parametrize("make", [lambda: _cr("head-nonsquare-padded"), lambda: _sr("pixelshuffle")], ids=["cr", "sr"])
 def test_hooks_on_blocks_and_projections_still_fire(make):
     model = swinv2_fast.patch(make().eval(), "eager")
     calls = []
@@ -232,8 +283,10 @@ def test_cr_hooked_qkv_is_called_as_a_module():
 
 
 def test_checkpoints_move_between_patched_and_unpatched(tmp_path):
-    for make, x in ((lambda: _cr("head-nonsquare-padded"), torch.randn(1, 3, 36, 28)),
-                    (lambda: _sr("pixelshuffle"), torch.randn(1, 3, 8, 12))):
+    for make, x in (
+        (lambda: _cr("head-nonsquare-padded"), torch.randn(1, 3, 36, 28)),
+        (lambda: _sr("pixelshuffle"), torch.randn(1, 3, 8, 12)),
+    ):
         model = make().eval()
         patched = swinv2_fast.patch(make(), "eager").eval()
         assert patched.state_dict().keys() == model.state_dict().keys()
@@ -250,7 +303,7 @@ def _versions(library):
 
 
 def test_rejects_unknown_structures_naming_the_tested_versions():
-    with pytest.raises(TypeError, match="Swin2SRModel.*SwinTransformerV2Cr"):
+    with pytest.raises(TypeError, match=r"Swin2SRModel.*SwinTransformerV2Cr"):
         swinv2_fast.patch(torch.nn.Conv2d(3, 3, 1))
     model = _cr("head-nonsquare-padded")
     del model.stages[1].blocks[0].attn.meta_mlp  # a structure the patch does not know
@@ -263,8 +316,7 @@ def test_rejects_unknown_structures_naming_the_tested_versions():
         swinv2_fast.patch(model)
     model = _sr("pixelshuffle", "Swin2SRModel")
     del model.encoder.stages[0].layers[1].attention.self.continuous_position_bias_mlp
-    with pytest.raises(RuntimeError, match=r"Swin2SRLayer.*continuous_position_bias_mlp.*"
-                                           + _versions("transformers")):
+    with pytest.raises(RuntimeError, match=r"Swin2SRLayer.*continuous_position_bias_mlp.*" + _versions("transformers")):
         swinv2_fast.patch(model)
     assert not swinv2_fast.is_patched(model)
 

@@ -4,6 +4,7 @@ Downloads are replaced by files written here with random weights under the names
 transformers-saved classifier directory "swinv2-tiny-patch4-window8-256" (a small model at the published
 input size, 256, window 8 and 1000 classes) and an official-layout checkpoint of timm's SwinV2-T.
 """
+
 import os
 import re
 
@@ -12,14 +13,16 @@ import torch
 import transformers
 
 import swinv2_fast
+
 from _utils import official_checkpoint_from_timm
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
 def use_section_snippets():
-    text = open(README, encoding="utf-8").read()
-    section = text[text.index("\n## Use\n"):text.index("\n### Choosing the implementation")]
+    with open(README, encoding="utf-8") as fh:
+        text = fh.read()
+    section = text[text.index("\n## Use\n") : text.index("\n### Choosing the implementation")]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
@@ -34,11 +37,21 @@ def downloads(tmp_path, monkeypatch):
     """The files the snippets name, written with random weights, and the working directory they live in."""
     timm = pytest.importorskip("timm")
 
-    config = transformers.Swinv2Config(image_size=256, patch_size=4, window_size=8, embed_dim=16, depths=[1, 1],
-                                       num_heads=[1, 2], num_labels=1000, drop_path_rate=0.0)
+    config = transformers.Swinv2Config(
+        image_size=256,
+        patch_size=4,
+        window_size=8,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        num_labels=1000,
+        drop_path_rate=0.0,
+    )
     transformers.Swinv2ForImageClassification(config).save_pretrained(tmp_path / "swinv2-tiny-patch4-window8-256")
-    torch.save(official_checkpoint_from_timm(timm.create_model("swinv2_tiny_window8_256")),
-               tmp_path / "swinv2_tiny_patch4_window8_256.pth")
+    torch.save(
+        official_checkpoint_from_timm(timm.create_model("swinv2_tiny_window8_256")),
+        tmp_path / "swinv2_tiny_patch4_window8_256.pth",
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -46,7 +59,7 @@ def downloads(tmp_path, monkeypatch):
 def test_use_section_runs_as_written(downloads):
     namespace = {"__name__": "readme"}
     for i, snippet in enumerate(use_section_snippets()):
-        exec(compile(snippet, f"README.md 'Use' snippet {i}", "exec"), namespace)  # noqa: S102
+        exec(compile(snippet, f"README.md 'Use' snippet {i}", "exec"), namespace)
     # what the snippets promise
     assert namespace["logits"].shape == (2, 1000)
     for name in ("out", "out-bf16", "run/final", "fast"):

@@ -12,20 +12,30 @@ on a GPU):
 
 and with other draws: SWINV2_FUZZ_SEED=<n> (derandomize off, hypothesis seeded with n).
 """
+
 import math
 import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, seed, settings
+from hypothesis import strategies as st
 
-from _utils import (INTERPRETER, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL,
-                      OP_FP32_ATOL_AT_CLAMP, assert_close, outputs_and_grads, rounding_sensitivity,
-                      sum_grad_fp32_rtol)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_ORDERS, PAD_THEN_ROLL, ROLL_THEN_PAD, window_attention_reference, window_layout
 
-from hypothesis import HealthCheck, example, given, seed, settings  # noqa: E402  (a test requirement)
-from hypothesis import strategies as st  # noqa: E402
+from _utils import (
+    INTERPRETER,
+    KERNEL_DEVICE,
+    LOW_PRECISION_FACTOR,
+    LOW_PRECISION_FLOOR,
+    OP_FP32_ATOL,
+    OP_FP32_ATOL_AT_CLAMP,
+    assert_close,
+    outputs_and_grads,
+    rounding_sensitivity,
+    sum_grad_fp32_rtol,
+)
 
 DEVICE = KERNEL_DEVICE
 FUZZ_EXAMPLES = int(os.environ.get("SWINV2_FUZZ_EXAMPLES", "30"))
@@ -33,8 +43,13 @@ FUZZ_EXAMPLES = int(os.environ.get("SWINV2_FUZZ_EXAMPLES", "30"))
 # examples below add a 12x12 window); the larger run draws up to 12: SWINV2_FUZZ_MAX_WINDOW=12.
 FUZZ_MAX_WINDOW = int(os.environ.get("SWINV2_FUZZ_MAX_WINDOW", "8"))
 _FUZZ_SEED = os.environ.get("SWINV2_FUZZ_SEED")
-FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=_FUZZ_SEED is None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=_FUZZ_SEED is None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 # Where the kernels run compiled (a GPU), fp32 gradients are fused for head_dim 16/32 only ("triton" refuses
 # the others by design) and bf16 runs; under the interpreter every head dim runs and bf16 is refused.
 FP32_HEAD_DIMS = (16, 32, 64, 128) if INTERPRETER else (16, 32)
@@ -67,16 +82,66 @@ def cases(draw):
 # padded non-square grid, timm's order likewise, the largest window drawn (12x12) shifted and padded, the
 # widest head dim in fp16, and a per-axis window whose shift is zero on one axis.
 EXAMPLES = [
-    dict(batch=2, grid=(7, 10), window=(4, 4), shift=(2, 2), heads=2, head_dim=16, pad_order=PAD_THEN_ROLL,
-         bias=True, dtype=torch.float32, seed=1),
-    dict(batch=1, grid=(9, 6), window=(4, 5), shift=(2, 1), heads=1, head_dim=32, pad_order=ROLL_THEN_PAD,
-         bias=True, dtype=torch.float32, seed=2),
-    dict(batch=1, grid=(12, 13), window=(12, 12), shift=(6, 6), heads=1, head_dim=32, pad_order=PAD_THEN_ROLL,
-         bias=True, dtype=torch.float32, seed=3),
-    dict(batch=1, grid=(9, 9), window=(8, 8), shift=(4, 4), heads=1, head_dim=128, pad_order=PAD_THEN_ROLL,
-         bias=True, dtype=torch.float16, seed=4),
-    dict(batch=1, grid=(5, 11), window=(3, 6), shift=(0, 3), heads=2, head_dim=64, pad_order=ROLL_THEN_PAD,
-         bias=False, dtype=torch.float16, seed=5),
+    dict(
+        batch=2,
+        grid=(7, 10),
+        window=(4, 4),
+        shift=(2, 2),
+        heads=2,
+        head_dim=16,
+        pad_order=PAD_THEN_ROLL,
+        bias=True,
+        dtype=torch.float32,
+        seed=1,
+    ),
+    dict(
+        batch=1,
+        grid=(9, 6),
+        window=(4, 5),
+        shift=(2, 1),
+        heads=1,
+        head_dim=32,
+        pad_order=ROLL_THEN_PAD,
+        bias=True,
+        dtype=torch.float32,
+        seed=2,
+    ),
+    dict(
+        batch=1,
+        grid=(12, 13),
+        window=(12, 12),
+        shift=(6, 6),
+        heads=1,
+        head_dim=32,
+        pad_order=PAD_THEN_ROLL,
+        bias=True,
+        dtype=torch.float32,
+        seed=3,
+    ),
+    dict(
+        batch=1,
+        grid=(9, 9),
+        window=(8, 8),
+        shift=(4, 4),
+        heads=1,
+        head_dim=128,
+        pad_order=PAD_THEN_ROLL,
+        bias=True,
+        dtype=torch.float16,
+        seed=4,
+    ),
+    dict(
+        batch=1,
+        grid=(5, 11),
+        window=(3, 6),
+        shift=(0, 3),
+        heads=2,
+        head_dim=64,
+        pad_order=ROLL_THEN_PAD,
+        bias=False,
+        dtype=torch.float16,
+        seed=5,
+    ),
 ]
 
 
@@ -102,8 +167,13 @@ def _inputs(case, requires_grad=False):
 
 
 def _kwargs(case):
-    return dict(grid_size=case["grid"], num_heads=case["heads"], window_size=case["window"],
-                shift_size=case["shift"], pad_order=case["pad_order"])
+    return dict(
+        grid_size=case["grid"],
+        num_heads=case["heads"],
+        window_size=case["window"],
+        shift_size=case["shift"],
+        pad_order=case["pad_order"],
+    )
 
 
 def _error(a, exact):
@@ -138,22 +208,31 @@ def test_fuzz_forward_and_backward_match_the_reference(case):
     if case["dtype"] == torch.float32:  # output and q/k/v gradient elementwise; the rest are sums
         wh, ww = case["window"]
         windows = case["batch"] * -(-case["grid"][0] // wh) * -(-case["grid"][1] // ww)
-        floors = [sum_grad_fp32_rtol(1), sum_grad_fp32_rtol(1), sum_grad_fp32_rtol(windows * wh * ww),
-                  sum_grad_fp32_rtol(windows * (wh * ww) ** 2), sum_grad_fp32_rtol(windows)]
+        floors = [
+            sum_grad_fp32_rtol(1),
+            sum_grad_fp32_rtol(1),
+            sum_grad_fp32_rtol(windows * wh * ww),
+            sum_grad_fp32_rtol(windows * (wh * ww) ** 2),
+            sum_grad_fp32_rtol(windows),
+        ]
     else:
         floors = [LOW_PRECISION_FLOOR] * 5
     kwargs = _kwargs(case)
     inputs = _inputs(case)
-    grad_out = torch.randn(case["batch"], case["grid"][0] * case["grid"][1], case["heads"] * case["head_dim"],
-                           generator=torch.Generator().manual_seed(case["seed"] + 1)).to(DEVICE)
+    grad_out = torch.randn(
+        case["batch"],
+        case["grid"][0] * case["grid"][1],
+        case["heads"] * case["head_dim"],
+        generator=torch.Generator().manual_seed(case["seed"] + 1),
+    ).to(DEVICE)
     g = grad_out.to(case["dtype"])
-    exact = _outputs_and_grads([t.double() if t is not None else None for t in inputs], g.double(), "eager",
-                               kwargs)
+    exact = _outputs_and_grads([t.double() if t is not None else None for t in inputs], g.double(), "eager", kwargs)
     eager = _outputs_and_grads(inputs, g, "eager", kwargs)
     fused = _outputs_and_grads(inputs, g, "triton", kwargs)
     own = [_error(e, x) for e, x in zip(eager, exact)]
-    sensitivity = rounding_sensitivity(lambda ts: _outputs_and_grads(ts, g.double(), "eager", kwargs), inputs,
-                                       case["dtype"], _error, seed=case["seed"])
+    sensitivity = rounding_sensitivity(
+        lambda ts: _outputs_and_grads(ts, g.double(), "eager", kwargs), inputs, case["dtype"], _error, seed=case["seed"]
+    )
     own = [max(o, s) for o, s in zip(own, sensitivity)]
     # (the bias here has a non-zero k part: see test_triton_backward on the 1e12 slope of a zero k bias)
     if not case["bias"]:
@@ -169,8 +248,18 @@ def test_fuzz_found_case_fp16_lone_token_among_padding():
     eager reference's q/k/v gradient error was a lucky 1.0e-3 where the problem's sensitivity to rounding
     its fp16 inputs is 4.0e-3 (over 40 seeds of this shape the fused and eager errors have the same median,
     4e-4); the fused op's 5.4e-3 is within twice that."""
-    case = dict(batch=1, grid=(1, 1), window=(1, 3), shift=(0, 0), heads=2, head_dim=32, pad_order=PAD_THEN_ROLL,
-                bias=True, dtype=torch.float16, seed=6615)
+    case = dict(
+        batch=1,
+        grid=(1, 1),
+        window=(1, 3),
+        shift=(0, 0),
+        heads=2,
+        head_dim=32,
+        pad_order=PAD_THEN_ROLL,
+        bias=True,
+        dtype=torch.float16,
+        seed=6615,
+    )
     test_fuzz_forward_and_backward_match_the_reference.hypothesis.inner_test(case=case)
 
 
@@ -182,28 +271,48 @@ def test_fuzz_found_case_fp32_saturated_rows():
     the forward's row statistics, scores recomputed in the backward's tile shape differed from the forward's
     in the last bit, P was 1 - 1e-5, and the q gradient was off by 7e-4 there; the backward now computes its
     own statistics."""
-    case = dict(batch=1, grid=(10, 1), window=(3, 4), shift=(0, 0), heads=1, head_dim=16, pad_order=PAD_THEN_ROLL,
-                bias=False, dtype=torch.float32, seed=4)
+    case = dict(
+        batch=1,
+        grid=(10, 1),
+        window=(3, 4),
+        shift=(0, 0),
+        heads=1,
+        head_dim=16,
+        pad_order=PAD_THEN_ROLL,
+        bias=False,
+        dtype=torch.float32,
+        seed=4,
+    )
     test_fuzz_forward_and_backward_match_the_reference.hypothesis.inner_test(case=case)
+
 
 # ------------------------------------------------------------------------------------- numerical edge cases
 def _case(**overrides):
-    case = dict(batch=1, grid=(6, 7), window=(4, 4), shift=(2, 2), heads=2, head_dim=16, pad_order=PAD_THEN_ROLL,
-                bias=True, dtype=torch.float32, seed=0)
+    case = dict(
+        batch=1,
+        grid=(6, 7),
+        window=(4, 4),
+        shift=(2, 2),
+        heads=2,
+        head_dim=16,
+        pad_order=PAD_THEN_ROLL,
+        bias=True,
+        dtype=torch.float32,
+        seed=0,
+    )
     case.update(overrides)
     return case
 
 
 def _both(inputs, case):
     kwargs = _kwargs(case)
-    return (window_attention(*inputs, implementation="triton", **kwargs),
-            window_attention_reference(*inputs, **kwargs))
+    return (window_attention(*inputs, implementation="triton", **kwargs), window_attention_reference(*inputs, **kwargs))
 
 
 @pytest.mark.kernels
 def test_zero_q_and_k_rows_give_no_nan():
     case = _case(bias=False)
-    qkv, bias, scale, table = _inputs(case)
+    qkv, _bias, scale, table = _inputs(case)
     qkv[:, :10] = 0  # q, k and v of ten tokens are exactly zero: x / max(||x||, 1e-12) = 0, no 0/0
     fused, ref = _both([qkv, None, scale, table], case)
     assert torch.isfinite(fused).all()
@@ -316,25 +425,43 @@ def _valid():
     return dict(qkv=qkv, qkv_bias=bias, logit_scale=scale, position_bias=table), _kwargs(_case())
 
 
-@pytest.mark.parametrize("change,error,pattern", [
-    (lambda t: t.update(position_bias=t["position_bias"].half()), TypeError,
-     r"position_bias must have qkv's dtype torch.float32, got torch.float16"),
-    (lambda t: t.update(logit_scale=t["logit_scale"].double()), TypeError,
-     r"logit_scale must have qkv's dtype torch.float32, got torch.float64"),
-    (lambda t: t.update(qkv_bias=t["qkv_bias"].long()), TypeError, r"qkv_bias must have qkv's dtype"),
-    (lambda t: t.update(qkv=t["qkv"].half(), position_bias=t["position_bias"].double()), TypeError,
-     r"position_bias must have qkv's dtype torch.float16 or float32 \(as under torch.autocast\), got torch.float64"),
-    (lambda t: t.update(position_bias=t["position_bias"].to("meta")), ValueError,
-     r"position_bias must be on qkv's device (cpu|cuda:0), got meta"),
-    (lambda t: t.update(logit_scale=[1.0, 2.0]), TypeError, r"logit_scale must be a tensor, got list"),
-    (lambda t: t.update(position_bias=None), TypeError, r"position_bias are required tensors"),
-], ids=["table-fp16", "scale-fp64", "bias-int", "fp16-with-fp64-table", "device", "scale-list", "table-none"])
+@pytest.mark.parametrize(
+    "change,error,pattern",
+    [
+        (
+            lambda t: t.update(position_bias=t["position_bias"].half()),
+            TypeError,
+            r"position_bias must have qkv's dtype torch.float32, got torch.float16",
+        ),
+        (
+            lambda t: t.update(logit_scale=t["logit_scale"].double()),
+            TypeError,
+            r"logit_scale must have qkv's dtype torch.float32, got torch.float64",
+        ),
+        (lambda t: t.update(qkv_bias=t["qkv_bias"].long()), TypeError, r"qkv_bias must have qkv's dtype"),
+        (
+            lambda t: t.update(qkv=t["qkv"].half(), position_bias=t["position_bias"].double()),
+            TypeError,
+            r"position_bias must have qkv's dtype torch.float16 or float32 \(as under torch.autocast\), "
+            r"got torch.float64",
+        ),
+        (
+            lambda t: t.update(position_bias=t["position_bias"].to("meta")),
+            ValueError,
+            r"position_bias must be on qkv's device (cpu|cuda:0), got meta",
+        ),
+        (lambda t: t.update(logit_scale=[1.0, 2.0]), TypeError, r"logit_scale must be a tensor, got list"),
+        (lambda t: t.update(position_bias=None), TypeError, r"position_bias are required tensors"),
+    ],
+    ids=["table-fp16", "scale-fp64", "bias-int", "fp16-with-fp64-table", "device", "scale-list", "table-none"],
+)
 def test_mixed_dtypes_and_devices_are_rejected(change, error, pattern):
     tensors, kwargs = _valid()
     change(tensors)
     with pytest.raises(error, match=pattern):
-        window_attention(tensors["qkv"], tensors["qkv_bias"], tensors["logit_scale"], tensors["position_bias"],
-                         **kwargs)
+        window_attention(
+            tensors["qkv"], tensors["qkv_bias"], tensors["logit_scale"], tensors["position_bias"], **kwargs
+        )
 
 
 @pytest.mark.parametrize("implementation", ["eager", pytest.param("triton", marks=pytest.mark.kernels)])
@@ -351,7 +478,8 @@ def test_autocast_dtypes_are_accepted(implementation):
     all_fp16 = window_attention_reference(qkv, bias.half(), scale.half(), table.half(), **kwargs)
     assert _error(all_fp16, exact) > 0, "fp16 rounding left no error: the comparison would be empty"
     assert _error(out, exact) <= LOW_PRECISION_FACTOR * _error(all_fp16, exact) + LOW_PRECISION_FLOOR, (
-        _error(out, exact), _error(all_fp16, exact))
+        _error(out, exact),
+        _error(all_fp16, exact),
+    )
     # and it is the op's value, not just some finite fp16 tensor: the fp32 inputs' result to fp16 precision
-    assert_close(out, exact, atol=8 * torch.finfo(torch.float16).eps * exact.abs().max().item(),
-                 name="output vs exact")
+    assert_close(out, exact, atol=8 * torch.finfo(torch.float16).eps * exact.abs().max().item(), name="output vs exact")

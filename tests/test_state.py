@@ -2,6 +2,7 @@
 no optimizer (fused or not), `.data` write, `load_state_dict` or `.to()` can leave a stale value; what the
 package caches process-wide stays small after a model has seen many input sizes; the CPU switches are config
 fields that decide alone."""
+
 import gc
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import swinv2_fast
+
 from _utils import assert_close, perturb_
 
 TINY = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4, num_labels=3)
@@ -48,13 +50,17 @@ def test_import_leaves_torch_registries_as_they_were():
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout)
     before, after = data["before"], data["after"]
-    assert set(before["registries"]) >= {"_global_forward_hooks", "_global_backward_hooks",
-                                         "optimizer._global_optimizer_post_hooks"}, "the snapshot read nothing"
+    assert set(before["registries"]) >= {
+        "_global_forward_hooks",
+        "_global_backward_hooks",
+        "optimizer._global_optimizer_post_hooks",
+    }, "the snapshot read nothing"
     for name, entries in before["registries"].items():
         assert after["registries"][name] == entries, f"import swinv2_fast changed torch's {name}"
     for cls, attributes in before["classes"].items():
-        changed = sorted(k for k in set(attributes) | set(after["classes"][cls])
-                         if attributes.get(k) != after["classes"][cls].get(k))
+        changed = sorted(
+            k for k in set(attributes) | set(after["classes"][cls]) if attributes.get(k) != after["classes"][cls].get(k)
+        )
         assert not changed, f"import swinv2_fast changed torch {cls} attributes {changed}"
 
 
@@ -63,8 +69,11 @@ def test_no_hook_of_the_package_is_registered_in_this_process():
     import torch.nn.modules.module as module_globals
     import torch.optim.optimizer as optimizer_globals
 
-    dicts = [getattr(module_globals, n) for n in dir(module_globals) if n.startswith("_global_")
-             and isinstance(getattr(module_globals, n), dict)]
+    dicts = [
+        getattr(module_globals, n)
+        for n in dir(module_globals)
+        if n.startswith("_global_") and isinstance(getattr(module_globals, n), dict)
+    ]
     dicts += [optimizer_globals._global_optimizer_pre_hooks, optimizer_globals._global_optimizer_post_hooks]
     owners = [getattr(hook, "__module__", "") or "" for d in dicts for hook in d.values() if callable(hook)]
     assert not [o for o in owners if o.startswith("swinv2_fast")], owners

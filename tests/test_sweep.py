@@ -1,5 +1,6 @@
 """The GPU tile sweep's table, its record format and its selection logic, on CPU: a stand-in timer and spill
 reader (nothing is compiled or run), and launches recorded on meta tensors (launches.recording_launches)."""
+
 import json
 
 import pytest
@@ -7,9 +8,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from _utils import use_tools  # noqa: E402
-from swinv2_fast.kernels import tiles  # noqa: E402
-from swinv2_fast.kernels.tiles import fused_backward_applies  # noqa: E402
+from swinv2_fast.kernels import tiles
+from swinv2_fast.kernels.tiles import fused_backward_applies
+
+from _utils import use_tools
 
 use_tools()
 from tools import launches, sweep  # noqa: E402
@@ -25,13 +27,15 @@ def test_candidates_are_five_values_and_hold_todays_launches():
             assert tiles.tuned_entry(config, direction) == tuple(config)
         assert {c[4] for c in configs} >= {1, 2, 3} if direction == "fwd" else {2, 3} <= {c[4] for c in configs}
     for shape in sweep.SHAPES:
-        n = shape.window ** 2
+        n = shape.window**2
         for direction in ("fwd", "bwd"):
             backward = direction == "bwd"
             if backward and fused_backward_applies(n, shape.head_dim, torch.bfloat16):
                 continue
             today = tiles.block_config(n, shape.head_dim, torch.bfloat16, backward) + (
-                tiles.register_cap(n, shape.head_dim, torch.bfloat16, backward, 90), 3)
+                tiles.register_cap(n, shape.head_dim, torch.bfloat16, backward, 90),
+                3,
+            )
             assert today in sweep.CANDIDATES[direction], (shape.name, direction, today)
 
 
@@ -96,20 +100,26 @@ def test_sweep_rejects_spilling_candidates_and_skips_bwd_where_the_fused_kernel_
     spill is recorded; a spilling candidate is never timed; at a shape where the fused backward runs no bwd
     candidate is tried and nothing is recorded, and the log says so."""
     fp32 = sweep.SweepShape("fp32-toy", 1, 8, 1, 16, 4)  # N = 16, fp32: the four backward kernels
-    candidates = {"fwd": [(16, 16, 4, 255, 3), (32, 16, 4, 255, 3), (32, 16, 4, 255, 1)],
-                  "bwd": [(16, 16, 4, 255, 3), (16, 16, 4, 255, 2)]}
-    fast = {(16, 16, 4, 255, 3): 3.0, (32, 16, 4, 255, 3): 2.0, (32, 16, 4, 255, 1): 1.0,  # the fastest spills
-            (16, 16, 4, 255, 2): 0.5}
+    candidates = {
+        "fwd": [(16, 16, 4, 255, 3), (32, 16, 4, 255, 3), (32, 16, 4, 255, 1)],
+        "bwd": [(16, 16, 4, 255, 3), (16, 16, 4, 255, 2)],
+    }
+    fast = {
+        (16, 16, 4, 255, 3): 3.0,
+        (32, 16, 4, 255, 3): 2.0,
+        (32, 16, 4, 255, 1): 1.0,  # the fastest spills
+        (16, 16, 4, 255, 2): 0.5,
+    }
     spilling = {(32, 16, 4, 255, 1), (16, 16, 4, 255, 2)}
     read, timed, logs = [], [], []
 
     def spill_reader(fn):
-        (key, config), = tiles.TILE_OVERRIDES.items()
+        ((key, config),) = tiles.TILE_OVERRIDES.items()
         read.append((key, config))
         return {"fwd" if key.endswith("fwd") else "bwd_dq": 48 if config in spilling else 0}
 
     def timer(fn):
-        (key, config), = tiles.TILE_OVERRIDES.items()
+        ((key, config),) = tiles.TILE_OVERRIDES.items()
         timed.append((key, config))
         return fast[config]
 
@@ -123,8 +133,9 @@ def test_sweep_rejects_spilling_candidates_and_skips_bwd_where_the_fused_kernel_
     bf16 = sweep.SweepShape("bf16-toy", 1, 8, 1, 16, 8)  # N = 64 in bf16: the fused backward kernel
     assert fused_backward_applies(64, 16, torch.bfloat16)
     read.clear(), logs.clear()
-    entries = sweep.sweep(60.0, [bf16], "bf16", "cpu", timer, {**candidates, "fwd": candidates["fwd"][:2]},
-                          logs.append, spill_reader)
+    entries = sweep.sweep(
+        60.0, [bf16], "bf16", "cpu", timer, {**candidates, "fwd": candidates["fwd"][:2]}, logs.append, spill_reader
+    )
     assert entries == {"bf16/hd16/N64/fwd": [32, 16, 4, 255, 3]}
     assert all(key.endswith("fwd") for key, _ in read)
     assert any("bf16/hd16/N64/bwd" in line and "fused backward" in line and "nothing" in line for line in logs)
@@ -134,9 +145,11 @@ def test_sweep_rejects_spilling_candidates_and_skips_bwd_where_the_fused_kernel_
     # a record applies on the architecture and Triton it was swept with only
     assert tiles.load_tuned_tiles(record, 90) == {"bf16/hd16/N64/fwd": (32, 16, 4, 255, 3)}
     assert tiles.load_tuned_tiles(record, 80) == {}
-    data = json.loads(open(record).read())
+    with open(record) as fh:
+        data = json.load(fh)
     data["triton"] = "0.0.0"
-    open(record, "w").write(json.dumps(data))
+    with open(record, "w") as fh:
+        json.dump(data, fh)
     assert tiles.load_tuned_tiles(record, 90) == {}
 
 
@@ -157,7 +170,7 @@ def test_sweep_launches_each_candidate_under_the_interpreter(tmp_path):
     seen = []
 
     def timer(fn):
-        (key, config), = tiles.TILE_OVERRIDES.items()
+        ((key, config),) = tiles.TILE_OVERRIDES.items()
         backward = key.endswith("bwd")
         assert tiles.block_config(16, 16, torch.float32, backward) == config[:3]
         assert tiles.register_cap(16, 16, torch.float32, backward) == config[3]
@@ -189,12 +202,21 @@ def test_register_capped_candidates_are_tried_only_where_register_cap_caps():
         for arch in (80, 90):
             assert sweep.candidate_applies(uncapped, n, 32, bf16, False, arch)
             assert sweep.candidate_applies(capped, n, 32, bf16, False, arch) == (
-                tiles.register_cap(n, 32, bf16, False, arch) == 128)
+                tiles.register_cap(n, 32, bf16, False, arch) == 128
+            )
     assert not sweep.candidate_applies(capped, 144, 32, bf16, False, 90)
     assert not sweep.candidate_applies(capped, 256, 32, bf16, False, 80)
     logs, timed = [], []
     shape = sweep.SweepShape("capped-toy", 1, 12, 1, 16, 12)  # N = 144: no cap
-    entries = sweep.sweep(60.0, [shape], "bf16", "cpu", lambda fn: timed.append(1) or 1.0,
-                          {"fwd": [capped, uncapped], "bwd": []}, logs.append, lambda fn: {})
+    entries = sweep.sweep(
+        60.0,
+        [shape],
+        "bf16",
+        "cpu",
+        lambda fn: timed.append(1) or 1.0,
+        {"fwd": [capped, uncapped], "bwd": []},
+        logs.append,
+        lambda fn: {},
+    )
     assert entries == {"bf16/hd16/N144/fwd": list(uncapped)} and len(timed) == 1
     assert any("(128, 64, 8, 128, 3) not tried" in line for line in logs)

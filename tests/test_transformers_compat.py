@@ -4,12 +4,14 @@ Auto classes, and the behaviours transformers' own tests check on its Swinv2 cla
 (tests/models/swinv2/test_modeling_swinv2.py and tests/test_modeling_common.py in transformers' repository),
 ported here and run on swinv2_fast's classes. No hub: every directory is written here from random weights.
 """
+
 import contextlib
 import copy
 import inspect
 import json
 import logging
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -19,6 +21,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import swinv2_fast
+
 from _utils import assert_close, perturb_
 
 # A saved and reloaded model gives the same logits: within 1e-5 in fp32 between transformers and swinv2_fast
@@ -26,16 +29,39 @@ from _utils import assert_close, perturb_
 RELOAD_FP32_ATOL = 1e-5
 
 # transformers' Swinv2ModelTester (tests/models/swinv2/test_modeling_swinv2.py), batch 2 instead of 13
-TESTER = dict(image_size=32, patch_size=2, num_channels=3, embed_dim=16, depths=[1, 2, 1], num_heads=[2, 2, 4],
-              window_size=2, mlp_ratio=2.0, qkv_bias=True, hidden_dropout_prob=0.0,
-              attention_probs_dropout_prob=0.0, drop_path_rate=0.1, hidden_act="gelu",
-              use_absolute_embeddings=False, layer_norm_eps=1e-5, initializer_range=0.02, encoder_stride=8)
+TESTER = dict(
+    image_size=32,
+    patch_size=2,
+    num_channels=3,
+    embed_dim=16,
+    depths=[1, 2, 1],
+    num_heads=[2, 2, 4],
+    window_size=2,
+    mlp_ratio=2.0,
+    qkv_bias=True,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    drop_path_rate=0.1,
+    hidden_act="gelu",
+    use_absolute_embeddings=False,
+    layer_norm_eps=1e-5,
+    initializer_range=0.02,
+    encoder_stride=8,
+)
 BATCH = 2
 NUM_LABELS = 10  # the tester's type_sequence_label_size
 ALL_MODEL_CLASSES = ("Swinv2Model", "Swinv2ForImageClassification", "Swinv2ForMaskedImageModeling")
 # a small classifier for the loading and Trainer tests
-SMALL = dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4,
-             drop_path_rate=0.0, num_labels=3)
+SMALL = dict(
+    image_size=32,
+    patch_size=4,
+    embed_dim=16,
+    depths=[1, 1],
+    num_heads=[1, 2],
+    window_size=4,
+    drop_path_rate=0.0,
+    num_labels=3,
+)
 
 
 def make_tester_config(kind):
@@ -105,9 +131,10 @@ def test_bad_dtype_is_named(hf_directory):
     directory, _ = hf_directory
     with pytest.raises(ValueError, match=r"dtype must be a floating torch.dtype.* got torch.int64"):
         swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, dtype=torch.int64)
-    with pytest.raises(ValueError, match="dtype=torch.float16 and torch_dtype=torch.bfloat16 disagree"):
-        swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, dtype=torch.float16,
-                                                                 torch_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"dtype=torch\.float16 and torch_dtype=torch\.bfloat16 disagree"):
+        swinv2_fast.Swinv2ForImageClassification.from_pretrained(
+            directory, dtype=torch.float16, torch_dtype=torch.bfloat16
+        )
 
 
 def _device_maps():
@@ -119,10 +146,12 @@ def _device_maps():
 
 @pytest.mark.parametrize("device_map", _device_maps(), ids=str)
 def test_device_map_puts_every_tensor_on_the_device(hf_directory, device_map):
-    directory, hf = hf_directory
+    directory, _hf = hf_directory
     model = swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, device_map=device_map)
     if device_map == "auto":
-        expected = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        expected = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
     else:
         value = device_map[""] if isinstance(device_map, dict) else device_map
         expected = torch.device(f"cuda:{value}" if isinstance(value, int) else value)
@@ -142,7 +171,8 @@ def test_device_map_refusals_are_named(hf_directory):
     directory, _ = hf_directory
     with pytest.raises(ValueError, match="device_map over several devices"):
         swinv2_fast.Swinv2ForImageClassification.from_pretrained(
-            directory, device_map={"swinv2.embeddings": "cpu", "swinv2.encoder": "meta"})
+            directory, device_map={"swinv2.embeddings": "cpu", "swinv2.encoder": "meta"}
+        )
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"device_map='cuda' asks for a CUDA device"):
             swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, device_map="cuda")
@@ -173,17 +203,22 @@ def test_ignore_mismatched_sizes(hf_directory):
     """A shape mismatch raises RuntimeError (transformers' error) naming the weights and the way out;
     ignore_mismatched_sizes=True reinitialises them with a report, as transformers does."""
     directory, hf = hf_directory
-    with pytest.raises(RuntimeError, match=r"shape mismatches: .*classifier.weight: checkpoint \(3, \d+\) vs model "
-                                           r"\(7, \d+\).*ignore_mismatched_sizes=True"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"shape mismatches: .*classifier.weight: checkpoint \(3, \d+\) vs model "
+        r"\(7, \d+\).*ignore_mismatched_sizes=True",
+    ):
         swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, num_labels=7)
     with pytest.raises(RuntimeError):
         transformers.Swinv2ForImageClassification.from_pretrained(directory, num_labels=7)
     with loading_report() as records:
         ours, info = swinv2_fast.Swinv2ForImageClassification.from_pretrained(
-            directory, num_labels=7, ignore_mismatched_sizes=True, output_loading_info=True)
+            directory, num_labels=7, ignore_mismatched_sizes=True, output_loading_info=True
+        )
     assert "Reinit due to size mismatch" in report_text(records) and "classifier.weight" in report_text(records)
     theirs, their_info = transformers.Swinv2ForImageClassification.from_pretrained(
-        directory, num_labels=7, ignore_mismatched_sizes=True, output_loading_info=True)
+        directory, num_labels=7, ignore_mismatched_sizes=True, output_loading_info=True
+    )
     assert info["mismatched_keys"] == their_info["mismatched_keys"]
     assert ours.classifier.weight.shape == theirs.classifier.weight.shape == (7, hf.classifier.in_features)
     for name, tensor in hf.state_dict().items():
@@ -201,8 +236,10 @@ def test_missing_and_unexpected_keys_warn_and_load_what_is_there(hf_directory):
     del state[dropped]
     state["swinv2.stray.weight"] = torch.zeros(2)
     save_file(state, weights, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing keys: \['" + dropped.replace(".", r"\.")
-                       + r"'\]; unexpected keys: \['swinv2\.stray\.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing keys: \['" + dropped.replace(".", r"\.") + r"'\]; unexpected keys: \['swinv2\.stray\.weight'\]",
+    ):
         swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, strict=True)
     with loading_report() as records:
         model, info = swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, output_loading_info=True)
@@ -237,14 +274,22 @@ def test_from_pretrained_refuses_the_meta_device_context(hf_directory):
             swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory)
 
 
-HUB_OPTIONS = dict(revision="main", low_cpu_mem_usage=True, local_files_only=True, trust_remote_code=False,
-                   force_download=False, token=None, proxies=None)
+HUB_OPTIONS = dict(
+    revision="main",
+    low_cpu_mem_usage=True,
+    local_files_only=True,
+    trust_remote_code=False,
+    force_download=False,
+    token=None,
+    proxies=None,
+)
 
 
 def test_hub_options_are_accepted_and_never_saved(hf_directory, tmp_path):
-    directory, hf = hf_directory
-    model = swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, cache_dir=str(tmp_path / "cache"),
-                                                                    **HUB_OPTIONS)
+    directory, _hf = hf_directory
+    model = swinv2_fast.Swinv2ForImageClassification.from_pretrained(
+        directory, cache_dir=str(tmp_path / "cache"), **HUB_OPTIONS
+    )
     plain = swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory)
     model.save_pretrained(tmp_path / "with")
     plain.save_pretrained(tmp_path / "without")
@@ -260,18 +305,27 @@ def test_unknown_and_unsupported_keywords_are_refused(hf_directory):
     directory, _ = hf_directory
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['num_lables'\]"):
         swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, num_lables=4)
-    with pytest.raises(NotImplementedError, match=r"from_pretrained\(quantization_config=\.\.\.\): quantized loading is not supported"):
+    with pytest.raises(
+        NotImplementedError, match=r"from_pretrained\(quantization_config=\.\.\.\): quantized loading is not supported"
+    ):
         swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, quantization_config={"bits": 4})
 
 
 def test_hub_id_outside_the_cache_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"'microsoft/swinv2-tiny-patch4-window8-256' is not a directory\. "
-                                                r"swinv2_fast loads local directories only \(a directory written by "
-                                                r"save_pretrained: config\.json beside model\.safetensors"):
-        swinv2_fast.Swinv2ForImageClassification.from_pretrained("microsoft/swinv2-tiny-patch4-window8-256",
-                                                                 cache_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"'no/such/directory' is not a directory.* huggingface_hub's local cache: "
-                                                r"'no/such/directory' is not a hub id either"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'microsoft/swinv2-tiny-patch4-window8-256' is not a directory\. "
+        r"swinv2_fast loads local directories only \(a directory written by "
+        r"save_pretrained: config\.json beside model\.safetensors",
+    ):
+        swinv2_fast.Swinv2ForImageClassification.from_pretrained(
+            "microsoft/swinv2-tiny-patch4-window8-256", cache_dir=str(tmp_path)
+        )
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'no/such/directory' is not a directory.* huggingface_hub's local cache: "
+        r"'no/such/directory' is not a hub id either",
+    ):
         swinv2_fast.Swinv2ForImageClassification.from_pretrained("no/such/directory")
 
 
@@ -284,16 +338,18 @@ def test_hub_id_in_the_local_cache_loads(hf_directory, tmp_path):
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     for name in os.listdir(directory):
-        (snapshot / name).write_bytes(open(os.path.join(directory, name), "rb").read())
+        (snapshot / name).write_bytes(pathlib.Path(directory, name).read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    model = swinv2_fast.Swinv2ForImageClassification.from_pretrained("someone/tiny-swinv2",
-                                                                    cache_dir=str(tmp_path / "cache"))
+    model = swinv2_fast.Swinv2ForImageClassification.from_pretrained(
+        "someone/tiny-swinv2", cache_dir=str(tmp_path / "cache")
+    )
     for name, tensor in hf.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
     with pytest.raises(FileNotFoundError, match="at revision 'v2'"):
-        swinv2_fast.Swinv2ForImageClassification.from_pretrained("someone/tiny-swinv2", revision="v2",
-                                                                 cache_dir=str(tmp_path / "cache"))
+        swinv2_fast.Swinv2ForImageClassification.from_pretrained(
+            "someone/tiny-swinv2", revision="v2", cache_dir=str(tmp_path / "cache")
+        )
 
 
 def test_subfolder_variant_sharding_and_bin(hf_directory, tmp_path):
@@ -321,9 +377,12 @@ def test_transformers_config_accepted_directly(hf_directory):
     assert list(model.state_dict()) == list(hf.state_dict())
     loaded = swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, config=hf.config)
     assert torch.equal(loaded.classifier.weight, hf.classifier.weight)
-    with pytest.raises(TypeError, match=r"config must be a swinv2_fast\.Swinv2Config or a transformers Swinv2Config "
-                                        r"\(converted with swinv2_fast\.Swinv2Config\.from_transformers\), got "
-                                        r"ViTConfig with model_type 'vit'"):
+    with pytest.raises(
+        TypeError,
+        match=r"config must be a swinv2_fast\.Swinv2Config or a transformers Swinv2Config "
+        r"\(converted with swinv2_fast\.Swinv2Config\.from_transformers\), got "
+        r"ViTConfig with model_type 'vit'",
+    ):
         swinv2_fast.Swinv2Model(transformers.ViTConfig())
 
 
@@ -347,8 +406,11 @@ def _accuracy(eval_prediction):
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
-@pytest.mark.parametrize("gc_kwargs", [None, {"use_reentrant": True, "every_n_layers": 2, "offload": True}],
-                         ids=["default", "reentrant-every2-offload"])
+@pytest.mark.parametrize(
+    "gc_kwargs",
+    [None, {"use_reentrant": True, "every_n_layers": 2, "offload": True}],
+    ids=["default", "reentrant-every2-offload"],
+)
 def test_trainer_checkpointed_training_save_model_and_reload(tmp_path, monkeypatch, gc_kwargs):
     model = swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config(**SMALL))
     perturb_(model)
@@ -370,14 +432,25 @@ def test_trainer_checkpointed_training_save_model_and_reload(tmp_path, monkeypat
 
     monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", offload_spy)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,
-        learning_rate=1e-3, gradient_checkpointing=True, gradient_checkpointing_kwargs=gc_kwargs,
-        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        label_names=["labels"], seed=0,
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-3,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs=gc_kwargs,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        label_names=["labels"],
+        seed=0,
     )
     train, evaluation = _ImageDataset(8, 32, 3, seed=1), _ImageDataset(6, 32, 3, seed=2)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                                   compute_metrics=_accuracy)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=train, eval_dataset=evaluation, compute_metrics=_accuracy
+    )
     trainer.train()
     assert model.is_gradient_checkpointing
     # two stages, every_n_layers=2 checkpoints stage 0 only; each checkpointed forward once per step
@@ -413,8 +486,9 @@ def test_trainer_checkpointed_training_save_model_and_reload(tmp_path, monkeypat
 
 def test_gradient_checkpointing_enable_accepts_transformers_arguments():
     model = swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config(**SMALL))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=1,
-                                       offload=False)
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=1, offload=False
+    )
     assert model.is_gradient_checkpointing
     model.gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing
@@ -424,11 +498,13 @@ def test_gradient_checkpointing_enable_accepts_transformers_arguments():
 
 # ---------------------------------------------------------------------------------------- AutoClass
 def test_importing_registers_nothing():
-    code = ("import swinv2_fast, transformers\n"
-            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
-            "assert 'swinv2_fast' not in CONFIG_MAPPING, 'registered on import'\n"
-            "swinv2_fast.register_auto_classes()\n"
-            "assert CONFIG_MAPPING['swinv2_fast'] is swinv2_fast.Swinv2FastConfig\n")
+    code = (
+        "import swinv2_fast, transformers\n"
+        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+        "assert 'swinv2_fast' not in CONFIG_MAPPING, 'registered on import'\n"
+        "swinv2_fast.register_auto_classes()\n"
+        "assert CONFIG_MAPPING['swinv2_fast'] is swinv2_fast.Swinv2FastConfig\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
 
 
@@ -450,22 +526,27 @@ def test_auto_classes_return_ours_for_as_swinv2_fast(tmp_path):
         default = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "default").eval()
         assert type(default) is transformers.Swinv2ForImageClassification
         assert_close(default(x).logits, expected, atol=RELOAD_FP32_ATOL, name="transformers' class")
-    for auto_class, ours in ((transformers.AutoModel, swinv2_fast.Swinv2Model),
-                             (transformers.AutoModelForMaskedImageModeling, swinv2_fast.Swinv2ForMaskedImageModeling)):
+    for auto_class, ours in (
+        (transformers.AutoModel, swinv2_fast.Swinv2Model),
+        (transformers.AutoModelForMaskedImageModeling, swinv2_fast.Swinv2ForMaskedImageModeling),
+    ):
         assert type(auto_class.from_pretrained(tmp_path / "fast")) is ours, auto_class
     # (transformers' AutoBackbone.from_pretrained asks the hub whether the name is a repo, even for a local
     # directory: without network only from_config can be checked here)
     config = swinv2_fast.Swinv2FastConfig(**TESTER)
-    for auto_class, ours in ((transformers.AutoModel, swinv2_fast.Swinv2Model),
-                             (transformers.AutoBackbone, swinv2_fast.Swinv2Backbone)):
+    for auto_class, ours in (
+        (transformers.AutoModel, swinv2_fast.Swinv2Model),
+        (transformers.AutoBackbone, swinv2_fast.Swinv2Backbone),
+    ):
         assert type(auto_class.from_config(config)) is ours, auto_class
 
 
 def test_trainer_saves_the_model_type_it_was_given(tmp_path):
     """save_model writes model_type "swinv2" by default: transformers' Auto classes load their own class."""
     model = swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config(**SMALL))
-    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(
-        output_dir=str(tmp_path), report_to="none", disable_tqdm=True))
+    trainer = transformers.Trainer(
+        model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", disable_tqdm=True)
+    )
     trainer.save_model(str(tmp_path / "saved"))
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert config["model_type"] == "swinv2" and config["architectures"] == ["Swinv2ForImageClassification"]
@@ -487,7 +568,8 @@ model.save_pretrained({str(tmp_path / "m")!r})
 again = swinv2_fast.Swinv2ForImageClassification.from_pretrained({str(tmp_path / "m")!r})
 with torch.no_grad():
     assert torch.equal(again(x).logits, model(x).logits)
-assert swinv2_fast.Swinv2ForImageClassification.from_pretrained({str(tmp_path / "m")!r}, dtype="bfloat16").dtype == torch.bfloat16
+in_bf16 = swinv2_fast.Swinv2ForImageClassification.from_pretrained({str(tmp_path / "m")!r}, dtype="bfloat16")
+assert in_bf16.dtype == torch.bfloat16
 assert swinv2_fast.Swinv2Config.__mro__[1:] == (object,), swinv2_fast.Swinv2Config.__mro__
 # gradient checkpointing through the stand-in checkpointing layer: each stage recomputed in the backward
 model.train()
@@ -534,9 +616,19 @@ def test_config_like_transformers_config_tester(tmp_path):
     config.num_labels = 3
     assert len(config.id2label) == len(config.label2id) == 3
     # a part of transformers' config_common_kwargs: the fields the models read, and others kept verbatim
-    common = dict(return_dict=False, output_hidden_states=True, output_attentions=True, problem_type="regression",
-                  id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1}, torchscript=True, finetuning_task="NER",
-                  architectures=["BertModel"], tokenizer_class="BertTokenizerFast", chunk_size_feed_forward=5)
+    common = dict(
+        return_dict=False,
+        output_hidden_states=True,
+        output_attentions=True,
+        problem_type="regression",
+        id2label={0: "a", 1: "b"},
+        label2id={"a": 0, "b": 1},
+        torchscript=True,
+        finetuning_task="NER",
+        architectures=["BertModel"],
+        tokenizer_class="BertTokenizerFast",
+        chunk_size_feed_forward=5,
+    )
     config = swinv2_fast.Swinv2Config(**common)
     assert {k: getattr(config, k) for k in common} == common
     config.save_pretrained(tmp_path / "common")
@@ -544,8 +636,20 @@ def test_config_like_transformers_config_tester(tmp_path):
     assert {k: getattr(again, k) for k in common} == common
     ours = swinv2_fast.Swinv2Config()
     theirs = transformers.Swinv2Config()
-    for key in ("image_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio",
-                "drop_path_rate", "hidden_size", "num_layers", "encoder_stride", "initializer_range"):
+    for key in (
+        "image_size",
+        "patch_size",
+        "embed_dim",
+        "depths",
+        "num_heads",
+        "window_size",
+        "mlp_ratio",
+        "drop_path_rate",
+        "hidden_size",
+        "num_layers",
+        "encoder_stride",
+        "initializer_range",
+    ):
         a, b = getattr(ours, key), getattr(theirs, key)
         assert (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b), key
 
@@ -617,7 +721,7 @@ def _check_hidden_states(cls, config, kwargs, image_size):
     assert len(outputs.hidden_states) == len(config.depths) + 1
     assert list(outputs.hidden_states[0].shape[-2:]) == [num_patches, config.embed_dim]
     assert len(outputs.reshaped_hidden_states) == len(config.depths) + 1
-    b, c, h, w = outputs.reshaped_hidden_states[0].shape
+    _b, c, h, w = outputs.reshaped_hidden_states[0].shape
     assert [h * w, c] == [num_patches, config.embed_dim]
 
 
@@ -683,15 +787,19 @@ def test_save_load_determinism_and_tuple_outputs(cls_name, tmp_path):
         assert torch.equal(fresh(x)[0], first[0])
 
 
-@pytest.mark.parametrize("problem_type,labels", [
-    ("regression", lambda: torch.randn(BATCH, NUM_LABELS)),
-    ("single_label_classification", lambda: torch.arange(BATCH) % NUM_LABELS),
-    ("multi_label_classification", lambda: (torch.rand(BATCH, NUM_LABELS) > 0.5).float()),
-])
+@pytest.mark.parametrize(
+    "problem_type,labels",
+    [
+        ("regression", lambda: torch.randn(BATCH, NUM_LABELS)),
+        ("single_label_classification", lambda: torch.arange(BATCH) % NUM_LABELS),
+        ("multi_label_classification", lambda: (torch.rand(BATCH, NUM_LABELS) > 0.5).float()),
+    ],
+)
 def test_problem_types_match_transformers(problem_type, labels):
     """test_problem_types: each problem type's loss, equal to transformers' on the same weights."""
-    config = transformers.Swinv2Config(**dict(TESTER, drop_path_rate=0.0), num_labels=NUM_LABELS,
-                                       problem_type=problem_type)
+    config = transformers.Swinv2Config(
+        **dict(TESTER, drop_path_rate=0.0), num_labels=NUM_LABELS, problem_type=problem_type
+    )
     theirs = perturb_(transformers.Swinv2ForImageClassification(config)).eval()
     ours = swinv2_fast.Swinv2ForImageClassification(config).eval()
     ours.load_state_dict(theirs.state_dict())
@@ -707,8 +815,11 @@ def test_training_and_gradient_checkpointing(cls_name):
     model = perturb_(getattr(swinv2_fast, cls_name)(swinv2_fast.Swinv2Config(**config, num_labels=NUM_LABELS)))
     model.train()
     x = pixel_values()
-    inputs = ({"labels": torch.arange(BATCH) % NUM_LABELS} if cls_name.endswith("Classification")
-              else {"bool_masked_pos": torch.rand(BATCH, 256, generator=torch.Generator().manual_seed(3)) > 0.5})
+    inputs = (
+        {"labels": torch.arange(BATCH) % NUM_LABELS}
+        if cls_name.endswith("Classification")
+        else {"bool_masked_pos": torch.rand(BATCH, 256, generator=torch.Generator().manual_seed(3)) > 0.5}
+    )
     grads = []
     for checkpointing in (False, True):
         model.zero_grad()
@@ -768,8 +879,9 @@ bar.close()
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if "window_semantics" in line]
-    assert lines and all(line.startswith("swinv2_fast WARNING: saving a model with window_semantics='timm'")
-                         for line in lines), result.stderr
+    assert lines and all(
+        line.startswith("swinv2_fast WARNING: saving a model with window_semantics='timm'") for line in lines
+    ), result.stderr
 
 
 def test_push_to_hub_uploads_a_directory_transformers_reads(tmp_path, monkeypatch):
@@ -779,10 +891,16 @@ def test_push_to_hub_uploads_a_directory_transformers_reads(tmp_path, monkeypatc
 
     import transformers.utils.hub as hub
 
-    monkeypatch.setattr(hub, "hf_api", lambda: types.SimpleNamespace(
-        create_repo=lambda repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id)))
-    monkeypatch.setattr(hub, "create_and_tag_model_card",
-                        lambda *args, **kwargs: types.SimpleNamespace(save=lambda path: open(path, "w").close()))
+    monkeypatch.setattr(
+        hub,
+        "hf_api",
+        lambda: types.SimpleNamespace(create_repo=lambda repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id)),
+    )
+    monkeypatch.setattr(
+        hub,
+        "create_and_tag_model_card",
+        lambda *args, **kwargs: types.SimpleNamespace(save=lambda path: open(path, "w").close()),
+    )
     model = perturb_(swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config(**SMALL))).eval()
     uploaded = {}
 

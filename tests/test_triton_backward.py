@@ -1,5 +1,6 @@
 """The fused backward against the reference's autograd: compiled on CUDA tensors where a GPU runs the kernels,
 under Triton's interpreter on CPU tensors elsewhere (tests/conftest.py: KERNEL_DEVICE)."""
+
 import copy
 import math
 
@@ -7,17 +8,36 @@ import pytest
 import torch
 
 import swinv2_fast
-from _utils import (FP32_ATOL, LOW_PRECISION_FLOOR, MODEL_GRAD_FP32_ATOL, MODEL_GRAD_FP32_RTOL, OP_FP32_ATOL,
-                      OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, outputs_and_grads, perturb_,
-                      rounding_sensitivity, op, tkb)
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, window_attention_naive
 from swinv2_fast.kernels.launch import launch_dims
 from swinv2_fast.kernels.naive import window_log_sum_exp
+
+from _utils import (
+    FP32_ATOL,
+    LOW_PRECISION_FLOOR,
+    MODEL_GRAD_FP32_ATOL,
+    MODEL_GRAD_FP32_RTOL,
+    NON_SQUARE,
+    ODD_HEAD_DIMS,
+    OP_FP32_ATOL,
+    OP_GRAD_FP32_ATOL,
+    OP_GRAD_FP32_RTOL,
+    SHAPES,
+    TINY,
+    assert_close,
+    assert_errors_within_pytorch,
+    make_inputs,
+    op,
+    outputs_and_grads,
+    perturb_,
+    rounding_sensitivity,
+    sum_floors,
+    tkb,
+)
 from _utils import GRAD_NAMES as NAMES
-from _utils import NON_SQUARE, ODD_HEAD_DIMS, SHAPES, TINY, assert_errors_within_pytorch, make_inputs, sum_floors
-from _utils import pair as _pair
 from _utils import KERNEL_DEVICE as DEVICE
+from _utils import pair as _pair
 
 # Every test here runs the forward and backward kernels unless marked otherwise (conftest: launch proof).
 pytestmark = pytest.mark.kernels(backward=True)
@@ -25,8 +45,11 @@ pytestmark = pytest.mark.kernels(backward=True)
 
 @pytest.mark.interpreter  # fp64 runs the kernels only under the interpreter; on a GPU "triton" refuses it
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
-@pytest.mark.parametrize("grid,window,shift", [((6, 7), 4, 2), ((8, 8), 4, 0), ((5, 3), 4, 0)],
-                         ids=["6x7-w4s2-padded", "8x8-w4s0", "5x3-w4-below-window"])
+@pytest.mark.parametrize(
+    "grid,window,shift",
+    [((6, 7), 4, 2), ((8, 8), 4, 0), ((5, 3), 4, 0)],
+    ids=["6x7-w4s2-padded", "8x8-w4s0", "5x3-w4-below-window"],
+)
 def test_gradcheck_fp64(grid, window, shift, pad_order):
     """torch.autograd.gradcheck of the fused op in fp64, every differentiable input. The k bias is made
     non-zero: with k = 0 on padded rows, x / max(||x||, eps) has slope 1 / eps there, and finite differences
@@ -34,10 +57,12 @@ def test_gradcheck_fp64(grid, window, shift, pad_order):
     inputs = [t.double() for t in make_inputs(1, grid, 1, 16, window, seed=3)]
     inputs[1][16:32] = torch.linspace(-0.5, 0.5, 16, dtype=torch.float64)
     inputs = [t.requires_grad_() for t in inputs]
-    kwargs = dict(grid_size=grid, num_heads=1, window_size=window, shift_size=shift, pad_order=pad_order,
-                  implementation="triton")
-    assert torch.autograd.gradcheck(lambda *xs: window_attention(*xs, **kwargs), inputs, eps=1e-6, atol=1e-5,
-                                    rtol=1e-4, fast_mode=True)
+    kwargs = dict(
+        grid_size=grid, num_heads=1, window_size=window, shift_size=shift, pad_order=pad_order, implementation="triton"
+    )
+    assert torch.autograd.gradcheck(
+        lambda *xs: window_attention(*xs, **kwargs), inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True
+    )
 
 
 def needs_padding(grid, window):
@@ -52,8 +77,9 @@ def _relative_error(a, exact):
 def gradient_sensitivity(inputs, grad_out, kwargs, dtype):
     """Each gradient's sensitivity to rounding the inputs in `dtype` (conftest.rounding_sensitivity)."""
     g = grad_out.double()
-    return rounding_sensitivity(lambda ts: list(outputs_and_grads("eager", ts, g, **kwargs)[1]), list(inputs),
-                                dtype, _relative_error)
+    return rounding_sensitivity(
+        lambda ts: list(outputs_and_grads("eager", ts, g, **kwargs)[1]), list(inputs), dtype, _relative_error
+    )
 
 
 def _three_ways(B, grid, heads, head_dim, inputs, kwargs, seed, dtype, with_sensitivity=False):
@@ -73,14 +99,15 @@ def _three_ways(B, grid, heads, head_dim, inputs, kwargs, seed, dtype, with_sens
 def test_fp32_gradients_match_reference(B, grid, heads, head_dim, window, shift, pad_order):
     inputs = make_inputs(B, grid, heads, head_dim, window, seed=1)
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
-    fused, eager, exact, sensitivity = _three_ways(B, grid, heads, head_dim, inputs, kwargs, 2, torch.float32,
-                                                   with_sensitivity=True)
+    fused, eager, exact, sensitivity = _three_ways(
+        B, grid, heads, head_dim, inputs, kwargs, 2, torch.float32, with_sensitivity=True
+    )
     assert_errors_within_pytorch(fused, eager, exact, sum_floors(B, grid, window), sensitivity)
     # the bias gradient: only padded positions read the bias, so it is exactly zero without padding and
     # non-zero in its v part with it (the comparison above is then not one of zeros)
     C = heads * head_dim
     if needs_padding(grid, window):
-        assert exact[1][2 * C:].abs().max() > 0 and fused[1][2 * C:].abs().max() > 0
+        assert exact[1][2 * C :].abs().max() > 0 and fused[1][2 * C :].abs().max() > 0
     else:
         assert torch.count_nonzero(fused[1]) == 0
 
@@ -92,11 +119,13 @@ def test_gradients_any_head_dim(B, grid, heads, head_dim, window, shift, pad_ord
     autocast's fp32 table and a non-zero k bias, as below) within PyTorch's own fp16 error."""
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
     inputs = make_inputs(B, grid, heads, head_dim, window, seed=1)
-    fused, eager, exact, sensitivity = _three_ways(B, grid, heads, head_dim, inputs, kwargs, 2, torch.float32,
-                                                   with_sensitivity=True)
+    fused, eager, exact, sensitivity = _three_ways(
+        B, grid, heads, head_dim, inputs, kwargs, 2, torch.float32, with_sensitivity=True
+    )
     assert_errors_within_pytorch(fused, eager, exact, sum_floors(B, grid, window), sensitivity)
-    inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=4,
-                         zero_k_bias=False)
+    inputs = make_inputs(
+        B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=4, zero_k_bias=False
+    )
     fused, eager, exact = _three_ways(B, grid, heads, head_dim, inputs, kwargs, 5, torch.float16)
     assert_errors_within_pytorch(fused, eager, exact, LOW_PRECISION_FLOOR)
 
@@ -106,8 +135,9 @@ def test_gradients_any_head_dim(B, grid, heads, head_dim, window, shift, pad_ord
 def test_fp16_gradient_error_is_that_of_pytorch(B, grid, heads, head_dim, window, shift, pad_order):
     """fp16 projection with the fp32 table and scale of autocast. The k bias is non-zero: with a zero one the
     k part of the bias gradient has size 1e12 (see above), beyond fp16, and is inf in both implementations."""
-    inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=4,
-                         zero_k_bias=False)
+    inputs = make_inputs(
+        B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=4, zero_k_bias=False
+    )
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
     fused, eager, exact = _three_ways(B, grid, heads, head_dim, inputs, kwargs, 5, torch.float16)
     assert_errors_within_pytorch(fused, eager, exact, LOW_PRECISION_FLOOR)
@@ -120,8 +150,9 @@ def test_backward_statistics_and_delta(B, grid, heads, head_dim, window, shift, 
     """The first backward kernel's softmax statistics give the reference's log-sum-exp of every window row,
     and its delta = sum_j P_ij dP_ij equals rowsum(dO * O), the same quantity, computed in fp64."""
     inputs = make_inputs(B, grid, heads, head_dim, window, zero_k_bias=False)
-    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
-                  mask_value=-100.0)
+    kwargs = dict(
+        grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order, mask_value=-100.0
+    )
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE)
     geometry = WindowGeometry.from_args(**kwargs)
     dims = launch_dims(inputs[0], *geometry.as_op_args()[:5])
@@ -138,13 +169,13 @@ def test_double_backward_differentiates_the_reference():
     """A backward that records a graph (a gradient penalty) goes through the reference by design; the
     second-order gradients are the eager path's."""
     inputs = make_inputs(1, (6, 7), 2, 16, 4, seed=9)
-    inputs[1][16 * 2:16 * 4] = 0.1  # a non-zero k bias: padded keys then depend on it
+    inputs[1][16 * 2 : 16 * 4] = 0.1  # a non-zero k bias: padded keys then depend on it
     kwargs = dict(grid_size=(6, 7), num_heads=2, window_size=4, shift_size=2)
     found = {}
     for implementation in ("triton", "eager"):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
         out = window_attention(*leaves, implementation=implementation, **kwargs)
-        first, = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+        (first,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
         first.square().sum().backward()
         found[implementation] = [t.grad for t in leaves]
     for name, fused, eager in zip(NAMES, found["triton"], found["eager"]):
@@ -152,8 +183,7 @@ def test_double_backward_differentiates_the_reference():
         # the same reference graph on both sides, fed the fused and the eager forward's outputs, which differ
         # in fp32 rounding: agreement to OP_GRAD_FP32_RTOL of the gradient's largest element
         scale = eager.abs().max().item()
-        assert_close(fused, eager, atol=OP_GRAD_FP32_RTOL * scale, rtol=OP_GRAD_FP32_RTOL,
-                     name=f"second-order {name}")
+        assert_close(fused, eager, atol=OP_GRAD_FP32_RTOL * scale, rtol=OP_GRAD_FP32_RTOL, name=f"second-order {name}")
 
 
 @pytest.mark.parametrize("checkpointing", [None, True, False], ids=["plain", "reentrant", "non-reentrant"])
@@ -163,8 +193,9 @@ def test_ordinary_backward_runs_the_fused_kernels(monkeypatch, checkpointing):
     used = []
     monkeypatch.setattr(op, "_reference_backward", lambda *args, **kwargs: used.append("reference"))
     fused = op.window_attention_triton_backward
-    monkeypatch.setattr(op, "window_attention_triton_backward",
-                        lambda *args, **kwargs: used.append("fused") or fused(*args, **kwargs))
+    monkeypatch.setattr(
+        op, "window_attention_triton_backward", lambda *args, **kwargs: used.append("fused") or fused(*args, **kwargs)
+    )
     config = swinv2_fast.Swinv2Config(**TINY, attn_implementation="triton")
     model = swinv2_fast.Swinv2Model(config).train().to(DEVICE)
     if checkpointing is not None:
@@ -238,8 +269,20 @@ def test_training_step_triton_matches_eager_and_transformers(size):
     assert_close(loss, hf_loss, atol=FP32_ATOL, name="loss vs transformers")
     assert fused_grads.keys() == eager_grads.keys() == hf_grads.keys()
     for key in fused_grads:
-        assert_close(fused_grads[key], eager_grads[key], atol=MODEL_GRAD_FP32_ATOL, rtol=MODEL_GRAD_FP32_RTOL, name=f"{key} vs eager")
-        assert_close(fused_grads[key], hf_grads[key], atol=MODEL_GRAD_FP32_ATOL, rtol=MODEL_GRAD_FP32_RTOL, name=f"{key} vs transformers")
+        assert_close(
+            fused_grads[key],
+            eager_grads[key],
+            atol=MODEL_GRAD_FP32_ATOL,
+            rtol=MODEL_GRAD_FP32_RTOL,
+            name=f"{key} vs eager",
+        )
+        assert_close(
+            fused_grads[key],
+            hf_grads[key],
+            atol=MODEL_GRAD_FP32_ATOL,
+            rtol=MODEL_GRAD_FP32_RTOL,
+            name=f"{key} vs transformers",
+        )
 
 
 def test_gradient_checkpointing_with_the_fused_path():

@@ -4,22 +4,38 @@ fp16/bf16, N = 64 or N <= 32, head dims up to 32) against the reference's autogr
 windows that do not divide the batch's windows. fp32 and fp64 run the four kernels on a GPU (the fused
 kernel spills there); the tests that check its arithmetic at fp32's tolerances (and gradcheck in fp64) route
 those dtypes to it (`FUSED_DTYPES`), which is where it would run them."""
+
 import math
 
 import pytest
 import torch
 
-from _utils import (LOW_PRECISION_FLOOR, OP_GRAD_FP32_ATOL, assert_close, assert_errors_within_pytorch,
-                    count_launches, make_inputs, outputs_and_grads, rounding_sensitivity, sum_floors, tkb)
-from _utils import KERNEL_DEVICE as DEVICE
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, tiles
+
+from _utils import KERNEL_DEVICE as DEVICE
+from _utils import (
+    LOW_PRECISION_FLOOR,
+    OP_GRAD_FP32_ATOL,
+    assert_close,
+    assert_errors_within_pytorch,
+    count_launches,
+    make_inputs,
+    outputs_and_grads,
+    rounding_sensitivity,
+    sum_floors,
+    tkb,
+)
 
 pytestmark = pytest.mark.kernels(backward=True)
 
 FUSED = "_window_attention_bwd_fused_kernel"
-FOUR = ("_window_attention_bwd_stats_kernel", "_window_attention_bwd_dq_kernel", "_window_attention_bwd_dkdv_kernel",
-        "_window_attention_bwd_dbias_kernel")
+FOUR = (
+    "_window_attention_bwd_stats_kernel",
+    "_window_attention_bwd_dq_kernel",
+    "_window_attention_bwd_dkdv_kernel",
+    "_window_attention_bwd_dbias_kernel",
+)
 
 # (B, grid, heads, head_dim, window, shift): windows of 2 to 5 and 8 tokens a side (N = 4 to 25 in masked tiles
 # of 16 and 32, N = 64), shifted and not, padded, per-axis windows, odd head dims (masked channel tiles)
@@ -41,8 +57,10 @@ FUSED_SHAPES = [
 @pytest.fixture
 def fused_in(monkeypatch):
     """Route the given dtypes to the fused kernel too (fp32/fp64 go to the four kernels on a GPU)."""
+
     def route(*dtypes):
         monkeypatch.setattr(tiles, "FUSED_DTYPES", tiles.FUSED_DTYPES + tuple(dtypes))
+
     return route
 
 
@@ -53,8 +71,9 @@ def _relative_error(a, exact):
 def _gradients(B, grid, heads, head_dim, inputs, kwargs, dtype, seed=2, sensitivity=False):
     """(fused, eager in dtype, exact in fp64[, sensitivity]) gradients; the fused ones with the launch proof."""
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, generator=torch.Generator().manual_seed(seed))
-    _, exact = outputs_and_grads("eager", [None if t is None else t.double() for t in inputs],
-                                 grad_out.double().to(DEVICE), **kwargs)
+    _, exact = outputs_and_grads(
+        "eager", [None if t is None else t.double() for t in inputs], grad_out.double().to(DEVICE), **kwargs
+    )
     _, eager = outputs_and_grads("eager", inputs, grad_out.to(DEVICE, dtype), **kwargs)
     with count_launches() as launches:
         _, fused = outputs_and_grads("triton", inputs, grad_out.to(DEVICE, dtype), **kwargs)
@@ -62,8 +81,12 @@ def _gradients(B, grid, heads, head_dim, inputs, kwargs, dtype, seed=2, sensitiv
     if not sensitivity:
         return fused, eager, exact
     g = grad_out.to(DEVICE, dtype).double()
-    sens = rounding_sensitivity(lambda ts: list(outputs_and_grads("eager", ts, g, **kwargs)[1]),
-                                [t for t in inputs if t is not None], dtype, _relative_error)
+    sens = rounding_sensitivity(
+        lambda ts: list(outputs_and_grads("eager", ts, g, **kwargs)[1]),
+        [t for t in inputs if t is not None],
+        dtype,
+        _relative_error,
+    )
     return fused, eager, exact, sens
 
 
@@ -72,8 +95,9 @@ def _gradients(B, grid, heads, head_dim, inputs, kwargs, dtype, seed=2, sensitiv
 def test_fused_backward_fp16_error_is_that_of_pytorch(B, grid, heads, head_dim, window, shift, pad_order):
     """fp16 projection with autocast's fp32 table and a non-zero k bias: every gradient within PyTorch's own
     fp16 error (tests/_utils.py), the fused kernel alone launched for the backward."""
-    inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=4,
-                         zero_k_bias=False)
+    inputs = make_inputs(
+        B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=4, zero_k_bias=False
+    )
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
     fused, eager, exact = _gradients(B, grid, heads, head_dim, inputs, kwargs, torch.float16, seed=5)
     assert_errors_within_pytorch(fused, eager, exact, LOW_PRECISION_FLOOR)
@@ -87,8 +111,7 @@ def test_fused_backward_arithmetic_at_fp32_tolerance(B, grid, heads, head_dim, w
     fused_in(torch.float32)
     inputs = make_inputs(B, grid, heads, head_dim, window, seed=1)
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
-    fused, eager, exact, sens = _gradients(B, grid, heads, head_dim, inputs, kwargs, torch.float32,
-                                           sensitivity=True)
+    fused, eager, exact, sens = _gradients(B, grid, heads, head_dim, inputs, kwargs, torch.float32, sensitivity=True)
     assert_errors_within_pytorch(fused, eager, exact, sum_floors(B, grid, window), sens)
 
 
@@ -113,16 +136,24 @@ def test_fused_gradcheck_fp64(pad_order, fused_in):
     inputs = [t.double() for t in make_inputs(1, (6, 7), 1, 16, 4, seed=3)]
     inputs[1][16:32] = torch.linspace(-0.5, 0.5, 16, dtype=torch.float64)
     inputs = [t.requires_grad_() for t in inputs]
-    kwargs = dict(grid_size=(6, 7), num_heads=1, window_size=4, shift_size=2, pad_order=pad_order,
-                  implementation="triton")
+    kwargs = dict(
+        grid_size=(6, 7), num_heads=1, window_size=4, shift_size=2, pad_order=pad_order, implementation="triton"
+    )
     with count_launches() as launches:
-        assert torch.autograd.gradcheck(lambda *xs: window_attention(*xs, **kwargs), inputs, eps=1e-6, atol=1e-5,
-                                        rtol=1e-4, fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda *xs: window_attention(*xs, **kwargs), inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True
+        )
     assert launches[FUSED] > 0 and not any(launches[name] for name in FOUR), dict(launches)
 
 
-NEEDS = [(True, False, False), (False, True, False), (False, False, True), (True, True, False),
-         (False, True, True), (True, False, True)]
+NEEDS = [
+    (True, False, False),
+    (False, True, False),
+    (False, False, True),
+    (True, True, False),
+    (False, True, True),
+    (True, False, True),
+]
 
 
 @pytest.mark.kernels(forward=False, backward=True)  # the backward launcher alone
@@ -137,9 +168,17 @@ def test_fused_backward_computes_what_is_asked(needs, fused_in):
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE)
     full = tkb.window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, *geometry.as_op_args())
     with count_launches() as launches:
-        part = tkb.window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, *geometry.as_op_args(),
-                                                    need_qkv=needs[0], need_bias=needs[1],
-                                                    need_table_grads=needs[2])
+        part = tkb.window_attention_triton_backward(
+            grad_out,
+            qkv,
+            bias,
+            logit_scale,
+            table,
+            *geometry.as_op_args(),
+            need_qkv=needs[0],
+            need_bias=needs[1],
+            need_table_grads=needs[2],
+        )
     assert launches[FUSED] == 1 and sum(launches.values()) == 1, dict(launches)
     asked = (needs[0], needs[1], needs[2], needs[2])
     for name, want, p, f in zip(("qkv", "qkv_bias", "logit_scale", "position_bias"), asked, part, full):
@@ -207,10 +246,17 @@ def test_fused_backward_one_hot_rows_cancel_exactly(fused_in):
 def test_which_windows_take_the_fused_backward():
     """N = 64 and N <= 32 in fp16/bf16 with head dims up to 32; window 7 (N = 49, a masked 64-token block that
     spills with triton 3.6), larger windows and head dims, fp32 and fp64: the four kernels."""
-    for n, head_dim, dtype, fused in ((64, 32, torch.bfloat16, True), (16, 10, torch.float16, True),
-                                      (25, 30, torch.float16, True), (4, 16, torch.bfloat16, True),
-                                      (49, 32, torch.bfloat16, False), (36, 32, torch.float16, False),
-                                      (144, 32, torch.bfloat16, False), (64, 64, torch.float16, False),
-                                      (64, 32, torch.float32, False), (16, 16, torch.float64, False)):
+    for n, head_dim, dtype, fused in (
+        (64, 32, torch.bfloat16, True),
+        (16, 10, torch.float16, True),
+        (25, 30, torch.float16, True),
+        (4, 16, torch.bfloat16, True),
+        (49, 32, torch.bfloat16, False),
+        (36, 32, torch.float16, False),
+        (144, 32, torch.bfloat16, False),
+        (64, 64, torch.float16, False),
+        (64, 32, torch.float32, False),
+        (16, 16, torch.float64, False),
+    ):
         assert tiles.fused_backward_applies(n, head_dim, dtype) == fused, (n, head_dim, dtype)
         assert (tiles.backward_kernels(n, head_dim, dtype) == ("bwd_fused",)) == fused

@@ -1,18 +1,33 @@
 """The fused Triton forward against the reference: compiled on CUDA tensors where a GPU runs the kernels,
 under Triton's interpreter on CPU tensors elsewhere (tests/conftest.py: KERNEL_DEVICE)."""
+
 import math
 
 import pytest
 import torch
 
 import swinv2_fast
-from _utils import (FP32_ATOL, KERNEL_DEVICE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, OP_FP32_ATOL,
-                      OP_FP32_ATOL_AT_CLAMP, OP_GRAD_FP32_ATOL, OP_GRAD_FP32_RTOL, assert_close, perturb_, tk)
-from _utils import ODD_HEAD_DIMS, SHAPES, TINY, make_inputs
 from swinv2_fast import window_attention
-from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, window_attention_reference
-from swinv2_fast.kernels import tiles
+from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, tiles, window_attention_reference
 from swinv2_fast.kernels.naive import window_attention_naive  # the oracle
+
+from _utils import (
+    FP32_ATOL,
+    KERNEL_DEVICE,
+    LOW_PRECISION_FACTOR,
+    LOW_PRECISION_FLOOR,
+    ODD_HEAD_DIMS,
+    OP_FP32_ATOL,
+    OP_FP32_ATOL_AT_CLAMP,
+    OP_GRAD_FP32_ATOL,
+    OP_GRAD_FP32_RTOL,
+    SHAPES,
+    TINY,
+    assert_close,
+    make_inputs,
+    perturb_,
+    tk,
+)
 
 # Every test here runs the forward kernel unless marked otherwise (conftest: launch proof, honest skips).
 pytestmark = pytest.mark.kernels
@@ -23,8 +38,9 @@ DEVICE = KERNEL_DEVICE
 @pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", SHAPES)
 def test_forward_matches_reference_fp32(B, grid, heads, head_dim, window, shift, pad_order):
     inputs = make_inputs(B, grid, heads, head_dim, window)
-    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
-                  mask_value=-100.0)
+    kwargs = dict(
+        grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order, mask_value=-100.0
+    )
     out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
     expected = window_attention_naive(*inputs, **kwargs)
     assert_close(out, expected, atol=OP_FP32_ATOL, name="output")
@@ -45,7 +61,8 @@ def test_forward_fp16_error_is_that_of_pytorch(B, grid, heads, head_dim, window,
     eager_error = (eager.double() - exact).abs().max().item()
     kernel_error = (out.double() - exact).abs().max().item()
     assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
-        f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}")
+        f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}"
+    )
 
 
 # Several windows per program (WINDOWS_PER_PROGRAM): pair counts the group size does not divide, both window
@@ -70,14 +87,14 @@ class _LaunchRecorder:
         def launch(**kwargs):
             self.launches.append((grid, kwargs))
             return self.kernel[grid](**kwargs)
+
         return launch
 
 
 @pytest.mark.parametrize("per_program", [2, 4])
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
 @pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", SEVERAL_WINDOWS)
-def test_several_windows_per_program(B, grid, heads, head_dim, window, shift, pad_order, per_program,
-                                     monkeypatch):
+def test_several_windows_per_program(B, grid, heads, head_dim, window, shift, pad_order, per_program, monkeypatch):
     """Programs that run `per_program` windows each (the last fewer) match the oracle in fp32: every window
     computed once, with its own q/k/v and the program's rows of the table."""
     monkeypatch.setattr(tk, "FORWARD_WINDOWS_PER_PROGRAM", per_program)
@@ -85,8 +102,9 @@ def test_several_windows_per_program(B, grid, heads, head_dim, window, shift, pa
     recorder = _LaunchRecorder(tk._window_attention_fwd_kernel)
     monkeypatch.setattr(tk, "_window_attention_fwd_kernel", recorder)
     inputs = make_inputs(B, grid, heads, head_dim, window)
-    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order,
-                  mask_value=-100.0)
+    kwargs = dict(
+        grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order, mask_value=-100.0
+    )
     out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
     assert_close(out, window_attention_naive(*inputs, **kwargs), atol=OP_FP32_ATOL, name="output")
     sets = {launch["WINDOW_SET"] for _, launch in recorder.launches}
@@ -112,7 +130,8 @@ def test_several_windows_per_program_fp16(B, grid, heads, head_dim, window, shif
     out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
     kernel_error = (out.double() - exact).abs().max().item()
     assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
-        f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}")
+        f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}"
+    )
 
 
 @pytest.mark.kernels(forward=False)  # host-side: the launch's group size
@@ -130,8 +149,10 @@ def test_table_is_read_in_the_dtype_it_arrives_in():
     """The forward reads a 16-bit model's table as it is (no per-call fp32 copy), and autocast's fp32 table
     as it is (fp32: the logits keep its precision); another dtype is converted to the compute dtype."""
     qkv16 = torch.zeros(1, 4, 6, dtype=torch.float16, device=DEVICE)
-    for table in (torch.rand(1, 4, 4, dtype=torch.float16, device=DEVICE),
-                  torch.rand(1, 4, 4, dtype=torch.float32, device=DEVICE)):
+    for table in (
+        torch.rand(1, 4, 4, dtype=torch.float16, device=DEVICE),
+        torch.rand(1, 4, 4, dtype=torch.float32, device=DEVICE),
+    ):
         read = tk._forward_table(qkv16, table)
         assert read.dtype == table.dtype and read.data_ptr() == table.data_ptr()
     read = tk._forward_table(qkv16, torch.rand(1, 4, 4, dtype=torch.bfloat16, device=DEVICE))
@@ -154,9 +175,15 @@ def test_forward_any_head_dim(B, grid, heads, head_dim, window, shift, pad_order
     inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32)
     exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
     eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
-    kernel_error = (tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args()).double() - exact).abs().max().item()
+    kernel_error = (
+        (tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args()).double() - exact)
+        .abs()
+        .max()
+        .item()
+    )
     assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
-        f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}")
+        f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}"
+    )
 
 
 @pytest.mark.gpu  # the interpreter computes bf16 wrongly; bf16 runs on a GPU
@@ -178,8 +205,10 @@ def test_bf16_is_refused_under_the_interpreter():
     kwargs = dict(grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2)
     with pytest.raises(ValueError, match="bfloat16 CPU tensors"):
         swinv2_fast.window_attention(*inputs, implementation="triton", **kwargs)
-    assert torch.equal(swinv2_fast.window_attention(*inputs, implementation="auto", **kwargs),
-                       window_attention_reference(*inputs, **kwargs))
+    assert torch.equal(
+        swinv2_fast.window_attention(*inputs, implementation="auto", **kwargs),
+        window_attention_reference(*inputs, **kwargs),
+    )
 
 
 def test_strided_qkv_and_no_bias():
@@ -189,27 +218,30 @@ def test_strided_qkv_and_no_bias():
     strided = wide[..., : qkv.shape[-1]]
     assert not strided.is_contiguous()
     kwargs = dict(grid_size=(7 + 1, 8), num_heads=2, window_size=4, shift_size=2)
-    out = tk.window_attention_triton_forward(strided, None, logit_scale, position_bias,
-                                         *WindowGeometry.from_args(**kwargs).as_op_args())
-    assert_close(out, window_attention_naive(qkv, None, logit_scale, position_bias, **kwargs),
-                 atol=OP_FP32_ATOL)
+    out = tk.window_attention_triton_forward(
+        strided, None, logit_scale, position_bias, *WindowGeometry.from_args(**kwargs).as_op_args()
+    )
+    assert_close(out, window_attention_naive(qkv, None, logit_scale, position_bias, **kwargs), atol=OP_FP32_ATOL)
 
 
 def test_logit_scale_above_the_clamp():
     qkv, qkv_bias, logit_scale, position_bias = make_inputs(1, (8, 8), 2, 16, 4)
     logit_scale = torch.full_like(logit_scale, 7.0)  # exp(7) > 100: clamped
     kwargs = dict(grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2)
-    out = tk.window_attention_triton_forward(qkv, qkv_bias, logit_scale, position_bias,
-                                         *WindowGeometry.from_args(**kwargs).as_op_args())
-    assert_close(out, window_attention_naive(qkv, qkv_bias, logit_scale, position_bias, **kwargs),
-                 atol=OP_FP32_ATOL_AT_CLAMP)
+    out = tk.window_attention_triton_forward(
+        qkv, qkv_bias, logit_scale, position_bias, *WindowGeometry.from_args(**kwargs).as_op_args()
+    )
+    assert_close(
+        out, window_attention_naive(qkv, qkv_bias, logit_scale, position_bias, **kwargs), atol=OP_FP32_ATOL_AT_CLAMP
+    )
 
 
 @pytest.mark.kernels(forward=False)  # nothing to launch for an empty batch
 def test_empty_batch():
     qkv, qkv_bias, logit_scale, position_bias = make_inputs(1, (8, 8), 2, 16, 4)
-    out = tk.window_attention_triton_forward(qkv[:0], qkv_bias, logit_scale, position_bias,
-                                             *WindowGeometry.from_args((8, 8), 2, 4).as_op_args())
+    out = tk.window_attention_triton_forward(
+        qkv[:0], qkv_bias, logit_scale, position_bias, *WindowGeometry.from_args((8, 8), 2, 4).as_op_args()
+    )
     assert out.shape == (0, 64, 32)
 
 
@@ -278,8 +310,15 @@ def test_attention_probabilities_come_from_the_eager_path():
 MODEL_WINDOWS = {  # (window 12: one stage, decided at 96x96, run on a smaller padded input)
     7: dict(image_size=56, window_size=7, embed_dim=16, depths=[2, 2], num_heads=[1, 1], drop_path_rate=0.0),
     8: dict(image_size=64, window_size=8, embed_dim=32, depths=[2, 2], num_heads=[1, 2], drop_path_rate=0.0),
-    12: dict(image_size=96, window_size=12, embed_dim=16, depths=[2], num_heads=[1], drop_path_rate=0.0,
-             pretrained_window_sizes=[8]),
+    12: dict(
+        image_size=96,
+        window_size=12,
+        embed_dim=16,
+        depths=[2],
+        num_heads=[1],
+        drop_path_rate=0.0,
+        pretrained_window_sizes=[8],
+    ),
 }
 
 
@@ -308,8 +347,11 @@ def test_model_with_triton_matches_transformers(size):
     assert_close(actual.logits, eager, atol=FP32_ATOL, name="triton vs eager")
 
 
-@pytest.mark.parametrize("window,size", [(7, (56, 56)), (7, (60, 45)), (8, (64, 64)), (12, (60, 52))],
-                         ids=["w7-56x56", "w7-60x45-padded", "w8-64x64", "w12-60x52-padded"])
+@pytest.mark.parametrize(
+    "window,size",
+    [(7, (56, 56)), (7, (60, 45)), (8, (64, 64)), (12, (60, 52))],
+    ids=["w7-56x56", "w7-60x45-padded", "w8-64x64", "w12-60x52-padded"],
+)
 def test_model_with_published_windows_matches_transformers(window, size):
     """Fused model, windows 7, 8 and 12 (several key blocks per window), against transformers' eager model."""
     hf, ours = _transformers_pair(MODEL_WINDOWS[window])
@@ -326,8 +368,13 @@ def test_model_with_published_windows_matches_transformers(window, size):
 def test_timm_model_with_triton_matches_timm():
     from timm.models.swin_transformer_v2 import SwinTransformerV2
 
-    timm_model = perturb_(SwinTransformerV2(img_size=32, window_size=4, embed_dim=16, depths=(2, 2),
-                                            num_heads=(1, 1), num_classes=3)).eval().to(DEVICE)
+    timm_model = (
+        perturb_(
+            SwinTransformerV2(img_size=32, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 1), num_classes=3)
+        )
+        .eval()
+        .to(DEVICE)
+    )
     ours = swinv2_fast.from_timm(timm_model, attn_implementation="triton")
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """Checkpoint directories: transformers -> swinv2_fast, swinv2_fast -> transformers, key layouts, errors."""
+
 import json
 import logging
-import os
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import swinv2_fast
+
 from _utils import CONFIGS, assert_close, make_pair
 
 CLASSES = ["Swinv2Model", "Swinv2ForImageClassification", "Swinv2ForMaskedImageModeling", "Swinv2Backbone"]
@@ -63,7 +64,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path, cls_name):
 
 
 def test_renamed_projection_keys_load(tmp_path):
-    hf, ours = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
+    hf, _ours = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
     hf.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     renamed = {}
@@ -138,12 +139,12 @@ def test_num_labels_mismatch_raises(tmp_path):
     """transformers' contract: a mis-shaped weight raises RuntimeError (ignore_mismatched_sizes=True to reinit)."""
     hf, _ = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
     hf.save_pretrained(tmp_path)
-    with pytest.raises(RuntimeError, match="shape mismatches: .*classifier.weight"):
+    with pytest.raises(RuntimeError, match=r"shape mismatches: .*classifier\.weight"):
         swinv2_fast.Swinv2ForImageClassification.from_pretrained(str(tmp_path), num_labels=7)
 
 
 def test_missing_directory_and_weights(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         swinv2_fast.Swinv2Model.from_pretrained(str(tmp_path))
     swinv2_fast.Swinv2Config(**CONFIGS["w8"]).save_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no weights"):

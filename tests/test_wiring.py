@@ -1,6 +1,7 @@
 """Wiring: every config field the models read reaches its place (and not a neighbour's), the mask value each
 library's semantics asks for reaches the op, and patch() routes through the implementation it was given,
 also when patched again with another one."""
+
 import math
 
 import pytest
@@ -10,15 +11,30 @@ import transformers
 
 import swinv2_fast
 import swinv2_fast.modeling as modeling
-from _utils import FP32_ATOL, KERNEL_DEVICE, assert_close, count_launches, forward_launches, perturb_
 from swinv2_fast.attention import continuous_position_bias
+
+from _utils import FP32_ATOL, KERNEL_DEVICE, assert_close, count_launches, forward_launches, perturb_
 
 # Every neighbour differs from every other, so a field read from a neighbour shows: the two dropout
 # probabilities, the stochastic-depth rate, and the norm epsilon all have distinct, non-default values.
-BASE = dict(image_size=32, patch_size=4, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
-            hidden_dropout_prob=0.0625, attention_probs_dropout_prob=0.125, drop_path_rate=0.1875,
-            layer_norm_eps=2e-5, mlp_ratio=4.0, qkv_bias=True, hidden_act="gelu", use_absolute_embeddings=False,
-            pretrained_window_sizes=[0, 0], num_labels=3)
+BASE = dict(
+    image_size=32,
+    patch_size=4,
+    window_size=4,
+    embed_dim=16,
+    depths=[2, 2],
+    num_heads=[1, 2],
+    hidden_dropout_prob=0.0625,
+    attention_probs_dropout_prob=0.125,
+    drop_path_rate=0.1875,
+    layer_norm_eps=2e-5,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    hidden_act="gelu",
+    use_absolute_embeddings=False,
+    pretrained_window_sizes=[0, 0],
+    num_labels=3,
+)
 FIELDS = {
     "attention_probs_dropout_prob": 0.375,
     "hidden_dropout_prob": 0.25,
@@ -97,8 +113,11 @@ def test_dropout_probabilities_reach_the_op_and_the_layers(field, monkeypatch):
     _, ours = _pair(**{field: FIELDS[field]})
     seen = []
     original = modeling.window_attention
-    monkeypatch.setattr(modeling, "window_attention",
-                        lambda *args, **kwargs: seen.append(kwargs["dropout_p"]) or original(*args, **kwargs))
+    monkeypatch.setattr(
+        modeling,
+        "window_attention",
+        lambda *args, **kwargs: seen.append(kwargs["dropout_p"]) or original(*args, **kwargs),
+    )
     x = torch.randn(1, 3, 32, 32)
     ours.train()(x)
     expected = dict(BASE, **{field: FIELDS[field]})["attention_probs_dropout_prob"]
@@ -112,8 +131,11 @@ def test_dropout_probabilities_reach_the_op_and_the_layers(field, monkeypatch):
 def test_drop_path_rates_follow_the_depth():
     """Stochastic depth grows linearly over all blocks to drop_path_rate, as in transformers."""
     _, ours = _pair(drop_path_rate=0.3)
-    rates = [float(getattr(block.drop_path, "drop_prob", 0.0))
-             for layer in ours.swinv2.encoder.layers for block in layer.blocks]
+    rates = [
+        float(getattr(block.drop_path, "drop_prob", 0.0))
+        for layer in ours.swinv2.encoder.layers
+        for block in layer.blocks
+    ]
     expected = torch.linspace(0, 0.3, sum(BASE["depths"])).tolist()
     assert rates == pytest.approx(expected, abs=1e-7)
     assert isinstance(ours.swinv2.encoder.layers[0].blocks[0].drop_path, torch.nn.Identity)  # rate 0
@@ -127,8 +149,16 @@ def _adversarial_block(model_cls=transformers.Swinv2Model):
     A query of region (1, 1) sees its own region at logit -100 + bias and masked keys at bias + 0 with a
     -100 mask, bias - 100 with -200: the masked keys dominate in one case and not in the other.
     Returns (model, block, hidden_states)."""
-    config = transformers.Swinv2Config(**dict(BASE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                              drop_path_rate=0.0, num_heads=[2, 2], embed_dim=32))
+    config = transformers.Swinv2Config(
+        **dict(
+            BASE,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            drop_path_rate=0.0,
+            num_heads=[2, 2],
+            embed_dim=32,
+        )
+    )
     model = perturb_(model_cls(config)).eval()
     block = model.encoder.layers[0].blocks[1]
     assert (block.window_size, block.shift_size) == (4, 2)
@@ -158,11 +188,24 @@ def test_the_adversarial_block_tells_the_two_mask_values_apart():
     bias = torch.cat([attn.query.bias, torch.zeros_like(attn.query.bias), attn.value.bias])
     qkv = F.linear(hidden, weight, bias)
     with torch.no_grad():
-        table = continuous_position_bias(attn.continuous_position_bias_mlp, attn.relative_coords_table, 2, 16,
-                                         index=attn.relative_position_index)
-        outs = [swinv2_fast.window_attention(qkv, bias, attn.logit_scale, table, grid_size=(8, 8), num_heads=2,
-                                             window_size=4, shift_size=2, mask_value=m, implementation="eager")
-                for m in (-100.0, -200.0)]
+        table = continuous_position_bias(
+            attn.continuous_position_bias_mlp, attn.relative_coords_table, 2, 16, index=attn.relative_position_index
+        )
+        outs = [
+            swinv2_fast.window_attention(
+                qkv,
+                bias,
+                attn.logit_scale,
+                table,
+                grid_size=(8, 8),
+                num_heads=2,
+                window_size=4,
+                shift_size=2,
+                mask_value=m,
+                implementation="eager",
+            )
+            for m in (-100.0, -200.0)
+        ]
     assert (outs[0] - outs[1]).abs().max() > 100 * FP32_ATOL  # far beyond the parity tolerance below
 
 
@@ -192,16 +235,26 @@ def test_patched_transformers_block_adds_the_doubled_mask(implementation):
 
 # ------------------------------------------------------------------------------------ patch and re-patch
 def _transformers_model():
-    config = transformers.Swinv2Config(**dict(BASE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                              drop_path_rate=0.0))
+    config = transformers.Swinv2Config(
+        **dict(BASE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    )
     return perturb_(transformers.Swinv2ForImageClassification(config)).eval()
 
 
 def _timm_model():
     from timm.models.swin_transformer_v2 import SwinTransformerV2
 
-    return perturb_(SwinTransformerV2(img_size=(36, 28), strict_img_size=False, window_size=4, embed_dim=16,
-                                      depths=(2, 2), num_heads=(1, 2), num_classes=3)).eval()
+    return perturb_(
+        SwinTransformerV2(
+            img_size=(36, 28),
+            strict_img_size=False,
+            window_size=4,
+            embed_dim=16,
+            depths=(2, 2),
+            num_heads=(1, 2),
+            num_classes=3,
+        )
+    ).eval()
 
 
 def _logits(model, x):
@@ -252,8 +305,23 @@ def test_a_built_wheel_holds_the_tree_as_swinv2_fast(tmp_path):
     shutil.copytree(os.path.join(root, "swinv2_fast"), source / "swinv2_fast", ignore=ignore)
     shutil.copytree(os.path.join(root, "kernels"), source / "kernels", ignore=ignore)
     (source / "kernels" / "tuned_tiles.json").write_text("{}")  # as a GPU tile sweep leaves it
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
 
@@ -289,7 +357,8 @@ def test_the_top_level_name_kernels_never_loads_our_folder():
         "import sys, kernels, transformers\n"
         f"assert sys.path[0] in ('', {str(root)!r}), sys.path[:2]\n"
         "assert not hasattr(kernels, 'WindowGeometry'), 'our kernels/ folder loaded as kernels'\n"
-        f"assert kernels.__file__ is None or not kernels.__file__.startswith({str(root / 'kernels')!r}), kernels.__file__\n"
+        f"assert kernels.__file__ is None or not kernels.__file__.startswith({str(root / 'kernels')!r}), "
+        "kernels.__file__\n"
         "transformers.Swinv2Model(transformers.Swinv2Config(image_size=32, embed_dim=16, depths=[1], num_heads=[1],"
         " window_size=4))\n"
         "import swinv2_fast.kernels\n"
@@ -297,6 +366,5 @@ def test_the_top_level_name_kernels_never_loads_our_folder():
         "print(kernels.__file__)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -32,6 +32,7 @@ shape, kernel, arch); the committed table is benchmarks/results/compile_check_ca
 every candidate at every shape for two archs, minutes on a few cores: a check to run before changing
 sweep.CANDIDATES, too long for CI.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,26 @@ from swinv2_fast.kernels.tiles import fused_backward_applies, fused_backward_sup
 
 from . import cost, sweep
 from .launches import (
-    ARCHS, DTYPES, GATE_HEAD_DIMS, GEOMETRIES, KERNELS, PUBLISHED_GEOMETRIES, PUBLISHED_HEAD_DIM, SWIN2SR_GEOMETRIES,
-    SWIN2SR_HEAD_DIMS, SWIN2SR_WINDOWS, WINDOW_SIZES, Spec, _grid, _torch_dtype, compile_launch, launched,
-    reference_launches, resource_usage, run_spawned,
+    ARCHS,
+    DTYPES,
+    GATE_HEAD_DIMS,
+    GEOMETRIES,
+    KERNELS,
+    PUBLISHED_GEOMETRIES,
+    PUBLISHED_HEAD_DIM,
+    SWIN2SR_GEOMETRIES,
+    SWIN2SR_HEAD_DIMS,
+    SWIN2SR_WINDOWS,
+    WINDOW_SIZES,
+    Spec,
+    _grid,
+    _torch_dtype,
+    compile_launch,
+    launched,
+    reference_launches,
+    resource_usage,
+    run_spawned,
 )
-
 
 
 class Result(NamedTuple):
@@ -63,8 +79,6 @@ class Result(NamedTuple):
     error: str
 
 
-
-
 def launchable_specs(head_dims=None, geometries=None, windows=None) -> List[Spec]:
     """The (kernel, dtype, head_dim, window, geometry) the gate compiles: the backward kernels where the fused
     backward serves the dtype and head dim on a GPU."""
@@ -75,8 +89,11 @@ def launchable_specs(head_dims=None, geometries=None, windows=None) -> List[Spec
             backward = fused_backward_supported(head_dim, _torch_dtype(dtype))
             for window in windows or WINDOW_SIZES:
                 for geometry in geometries or GEOMETRIES:
-                    specs += [Spec(k, dtype, head_dim, window, geometry) for k in KERNELS
-                              if (backward or k == "fwd") and launched(k, window, head_dim, dtype)]
+                    specs += [
+                        Spec(k, dtype, head_dim, window, geometry)
+                        for k in KERNELS
+                        if (backward or k == "fwd") and launched(k, window, head_dim, dtype)
+                    ]
     return specs
 
 
@@ -85,8 +102,9 @@ def published_specs(head_dims=None) -> List[Spec]:
     dims at its window and geometries (`head_dims` replaces both sets of head dims, over Swin V2's windows)."""
     if head_dims:
         return launchable_specs(head_dims, PUBLISHED_GEOMETRIES)
-    return (launchable_specs((PUBLISHED_HEAD_DIM,), PUBLISHED_GEOMETRIES)
-            + launchable_specs(SWIN2SR_HEAD_DIMS, SWIN2SR_GEOMETRIES, SWIN2SR_WINDOWS))
+    return launchable_specs((PUBLISHED_HEAD_DIM,), PUBLISHED_GEOMETRIES) + launchable_specs(
+        SWIN2SR_HEAD_DIMS, SWIN2SR_GEOMETRIES, SWIN2SR_WINDOWS
+    )
 
 
 def spec_launches(spec: Spec):
@@ -95,14 +113,26 @@ def spec_launches(spec: Spec):
 
     padded, shifted, bias, order = GEOMETRIES[spec.geometry]
     grid = _grid(spec.window, padded)
-    geometry = dict(grid_size=(grid, grid), window_size=(spec.window, spec.window),
-                    shift_size=(spec.window // 2 if shifted else 0,) * 2)
-    launches = reference_launches(spec.window, spec.dtype, spec.head_dim, geometry, bias=bias, pad_order=order,
-                                       backward=spec.kernel != "fwd")[spec.kernel]
+    geometry = dict(
+        grid_size=(grid, grid),
+        window_size=(spec.window, spec.window),
+        shift_size=(spec.window // 2 if shifted else 0,) * 2,
+    )
+    launches = reference_launches(
+        spec.window, spec.dtype, spec.head_dim, geometry, bias=bias, pad_order=order, backward=spec.kernel != "fwd"
+    )[spec.kernel]
     if spec.kernel == "fwd" and spec.dtype != "fp32":  # the forward reads the table as it arrives: the table of a
         # 16-bit model (above) and the fp32 table torch.autocast passes are two specialisations
-        launches += reference_launches(spec.window, spec.dtype, spec.head_dim, geometry, bias=bias,
-                                            pad_order=order, backward=False, table_dtype="fp32")["fwd"]
+        launches += reference_launches(
+            spec.window,
+            spec.dtype,
+            spec.head_dim,
+            geometry,
+            bias=bias,
+            pad_order=order,
+            backward=False,
+            table_dtype="fp32",
+        )["fwd"]
     return launches
 
 
@@ -134,11 +164,11 @@ def run(specs: List[Spec], jobs: int) -> List[Result]:
     return run_spawned(_compile_star, [(spec, arch) for spec in specs for arch in ARCHS], jobs)
 
 
-
-
 def format_table(results: List[Result]) -> str:
-    lines = [f"{'kernel':<10} {'dtype':<5} {'head_dim':>8} {'window':>6} {'geometry':<28} {'tiles (M,N,warps)':>17} "
-             f"{'arch':<6} {'regs':>5} {'spill B':>8} {'smem B':>7}"]
+    lines = [
+        f"{'kernel':<10} {'dtype':<5} {'head_dim':>8} {'window':>6} {'geometry':<28} {'tiles (M,N,warps)':>17} "
+        f"{'arch':<6} {'regs':>5} {'spill B':>8} {'smem B':>7}"
+    ]
     for r in results:
         s = r.spec
         row = f"{s.kernel:<10} {s.dtype:<5} {s.head_dim:>8} {s.window:>6} {s.geometry:<28} {r.tiles:>17} sm_{r.arch:<3}"
@@ -164,50 +194,81 @@ class CandidateResult(NamedTuple):
 def candidate_work():
     """(direction, candidate, shape) the --candidates gate compiles: every candidate at every sweep shape, the
     backward's only where its four kernels run."""
-    return [(direction, tuple(config), shape) for shape in sweep.SHAPES
-            for direction, configs in sweep.CANDIDATES.items()
-            for config in configs
-            if direction == "fwd" or not fused_backward_applies(shape.window ** 2, shape.head_dim, torch.bfloat16)]
+    return [
+        (direction, tuple(config), shape)
+        for shape in sweep.SHAPES
+        for direction, configs in sweep.CANDIDATES.items()
+        for config in configs
+        if direction == "fwd" or not fused_backward_applies(shape.window**2, shape.head_dim, torch.bfloat16)
+    ]
 
 
 def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateResult]:
     """Compile a candidate's launches at a sweep shape for every arch (the candidate set as the override)."""
 
-    n = shape.window ** 2
+    n = shape.window**2
     key = sweep.entry_key("bf16", shape.head_dim, n, direction)
-    geometry = dict(grid_size=(shape.grid, shape.grid), num_heads=shape.heads,
-                    window_size=(shape.window, shape.window), shift_size=(shape.window // 2,) * 2)
+    geometry = dict(
+        grid_size=(shape.grid, shape.grid),
+        num_heads=shape.heads,
+        window_size=(shape.window, shape.window),
+        shift_size=(shape.window // 2,) * 2,
+    )
     # where the sweep tries it (decided from register_cap before the candidate is set as the override)
-    archs = [arch for arch in ARCHS
-             if sweep.candidate_applies(config, n, shape.head_dim, _torch_dtype("bf16"), direction == "bwd", arch)]
+    archs = [
+        arch
+        for arch in ARCHS
+        if sweep.candidate_applies(config, n, shape.head_dim, _torch_dtype("bf16"), direction == "bwd", arch)
+    ]
     if not archs:
         return []
     results = []
     tiles.TILE_OVERRIDES[key] = config
     try:
         try:
-            found = reference_launches(shape.window, "bf16", shape.head_dim, geometry, bias=True,
-                                            backward=direction == "bwd")
+            found = reference_launches(
+                shape.window, "bf16", shape.head_dim, geometry, bias=True, backward=direction == "bwd"
+            )
         except Exception as exc:
-            return [CandidateResult(direction, config, shape.name, n, "-", 0, -1, -1,
-                                    f"{type(exc).__name__}: {str(exc)[:200]}")]
-        launches = [launch for kernel, ls in found.items() for launch in ls
-                    if (kernel == "fwd") == (direction == "fwd")]
+            return [
+                CandidateResult(
+                    direction, config, shape.name, n, "-", 0, -1, -1, f"{type(exc).__name__}: {str(exc)[:200]}"
+                )
+            ]
+        launches = [
+            launch for kernel, ls in found.items() for launch in ls if (kernel == "fwd") == (direction == "fwd")
+        ]
         for arch in archs:
             for launch in launches:
                 a = launch.kwargs
-                if (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], a.get("num_stages")) != \
-                        (config[0], config[1], config[2], config[4]):
+                if (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], a.get("num_stages")) != (
+                    config[0],
+                    config[1],
+                    config[2],
+                    config[4],
+                ):
                     raise RuntimeError(f"{key}: the launch of {launch.kernel} did not take the candidate {config}")
                 try:
                     _, usage, sass = compile_launch(launch, arch)
                     regs, spill = resource_usage(usage, sass)
-                    results.append(CandidateResult(direction, config, shape.name, n, launch.kernel, arch, regs,
-                                                   spill, ""))
+                    results.append(
+                        CandidateResult(direction, config, shape.name, n, launch.kernel, arch, regs, spill, "")
+                    )
                 except Exception as exc:
                     lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
-                    results.append(CandidateResult(direction, config, shape.name, n, launch.kernel, arch, -1, -1,
-                                                   f"{type(exc).__name__}: {lines[-1][:200]}"))
+                    results.append(
+                        CandidateResult(
+                            direction,
+                            config,
+                            shape.name,
+                            n,
+                            launch.kernel,
+                            arch,
+                            -1,
+                            -1,
+                            f"{type(exc).__name__}: {lines[-1][:200]}",
+                        )
+                    )
     finally:
         del tiles.TILE_OVERRIDES[key]
     return results
@@ -219,10 +280,12 @@ def _compile_candidate_star(args):
 
 def candidates_report(jobs: int) -> int:
     results = [r for rs in run_spawned(_compile_candidate_star, candidate_work(), jobs) for r in rs]
-    print(f"{'dir':<4} {'candidate (M,N,warps,maxnreg,stages)':<38} {'shape':<14} {'N':>4} {'kernel':<10} "
-          f"{'arch':<6} {'regs':>5} {'spill B':>8}")
+    print(
+        f"{'dir':<4} {'candidate (M,N,warps,maxnreg,stages)':<38} {'shape':<14} {'N':>4} {'kernel':<10} "
+        f"{'arch':<6} {'regs':>5} {'spill B':>8}"
+    )
     for r in results:
-        row = (f"{r.direction:<4} {str(r.config):<38} {r.shape:<14} {r.n:>4} {r.kernel:<10} sm_{r.arch:<3}")
+        row = f"{r.direction:<4} {r.config!s:<38} {r.shape:<14} {r.n:>4} {r.kernel:<10} sm_{r.arch:<3}"
         print(f"{row} FAILED {r.error}" if r.error else f"{row} {r.registers:>5} {r.spill_bytes:>8}")
     failed = [r for r in results if r.error]
     spilled = [r for r in results if not r.error and r.spill_bytes > 0]
@@ -257,10 +320,14 @@ def calibration_report(path: str) -> int:
 def models_report(jobs: int) -> int:
     """The window-attention op over whole models (cost.model_summary)."""
 
-    print(f"# Window attention over whole models: python -m tools.compile_check --models "
-          f"(batch {cost.SUMMARY_BATCH}, {cost.SUMMARY_DTYPE}, sm_{cost.SUMMARY_ARCH}, head_dim 32; H200 estimates)")
-    print("# each stage shape's launches recorded from the host functions and compiled (not scaled from the "
-          "reference launch); totals = per-block costs x blocks")
+    print(
+        f"# Window attention over whole models: python -m tools.compile_check --models "
+        f"(batch {cost.SUMMARY_BATCH}, {cost.SUMMARY_DTYPE}, sm_{cost.SUMMARY_ARCH}, head_dim 32; H200 estimates)"
+    )
+    print(
+        "# each stage shape's launches recorded from the host functions and compiled (not scaled from the "
+        "reference launch); totals = per-block costs x blocks"
+    )
     print("\n".join(cost.model_summary(jobs)))
     return 0
 
@@ -268,26 +335,47 @@ def models_report(jobs: int) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--published", action="store_true",
-                        help=f"the gate over the published models: Swin V2's head_dim {PUBLISHED_HEAD_DIM}, geometries "
-                             f"{', '.join(PUBLISHED_GEOMETRIES)}; Swin2SR's head dims {SWIN2SR_HEAD_DIMS} at window "
-                             f"{SWIN2SR_WINDOWS[0]}, geometries {', '.join(SWIN2SR_GEOMETRIES)}")
-    parser.add_argument("--head-dims", default="",
-                        help=f"comma-separated head dims for the gate (default: {GATE_HEAD_DIMS}; with --published, "
-                             "replaces its head dims)")
-    parser.add_argument("--cost", action="store_true",
-                        help="the static cost report (instructions per score, traffic model; see tools/cost.py)")
-    parser.add_argument("--only", default="",
-                        help="with --cost: comma-separated filters kernel=,dtype=,head_dim=,window=,arch= (values "
-                             "joined by +)")
-    parser.add_argument("--candidates", action="store_true",
-                        help="the GPU tile sweep's candidates (tools/sweep.py CANDIDATES) at its shapes")
-    parser.add_argument("--calibrate", metavar="TUTORIAL", default="",
-                        help="the cost model on Triton's fused-attention tutorial (the path of its "
-                             "python/tutorials/06-fused-attention.py) against published H100 throughput")
-    parser.add_argument("--models", action="store_true",
-                        help="the window-attention op over whole SwinV2-T/B/L forwards and training steps "
-                             "(estimates and floors; see tools/cost.py model_summary)")
+    parser.add_argument(
+        "--published",
+        action="store_true",
+        help=f"the gate over the published models: Swin V2's head_dim {PUBLISHED_HEAD_DIM}, geometries "
+        f"{', '.join(PUBLISHED_GEOMETRIES)}; Swin2SR's head dims {SWIN2SR_HEAD_DIMS} at window "
+        f"{SWIN2SR_WINDOWS[0]}, geometries {', '.join(SWIN2SR_GEOMETRIES)}",
+    )
+    parser.add_argument(
+        "--head-dims",
+        default="",
+        help=f"comma-separated head dims for the gate (default: {GATE_HEAD_DIMS}; with --published, "
+        "replaces its head dims)",
+    )
+    parser.add_argument(
+        "--cost",
+        action="store_true",
+        help="the static cost report (instructions per score, traffic model; see tools/cost.py)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="with --cost: comma-separated filters kernel=,dtype=,head_dim=,window=,arch= (values joined by +)",
+    )
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="the GPU tile sweep's candidates (tools/sweep.py CANDIDATES) at its shapes",
+    )
+    parser.add_argument(
+        "--calibrate",
+        metavar="TUTORIAL",
+        default="",
+        help="the cost model on Triton's fused-attention tutorial (the path of its "
+        "python/tutorials/06-fused-attention.py) against published H100 throughput",
+    )
+    parser.add_argument(
+        "--models",
+        action="store_true",
+        help="the window-attention op over whole SwinV2-T/B/L forwards and training steps "
+        "(estimates and floors; see tools/cost.py model_summary)",
+    )
     args = parser.parse_args(argv)
     if args.models:
         return models_report(args.jobs)
@@ -306,10 +394,12 @@ def main(argv=None) -> int:
     print(format_table(results))
     failed = [r for r in results if r.error]
     spilled = [r for r in results if not r.error and r.spill_bytes > 0]
-    print(f"\n{len(results)} compilations ({len(specs)} specializations x {len(ARCHS)} archs): "
-          f"{len(failed)} failed, {len(spilled)} with spills; max registers "
-          f"{max((r.registers for r in results if not r.error), default=0)}, max shared memory "
-          f"{max((r.shared_bytes for r in results if not r.error), default=0)} B")
+    print(
+        f"\n{len(results)} compilations ({len(specs)} specializations x {len(ARCHS)} archs): "
+        f"{len(failed)} failed, {len(spilled)} with spills; max registers "
+        f"{max((r.registers for r in results if not r.error), default=0)}, max shared memory "
+        f"{max((r.shared_bytes for r in results if not r.error), default=0)} B"
+    )
     return 1 if failed or spilled else 0
 
 

@@ -51,6 +51,7 @@ The traffic model (per launch, from the recorded arguments and the tiles):
 Resident warps per SM: from the registers (64K per SM, allocated per warp in units of 256), the shared
 memory (228 KB per SM on sm_90, 164 KB on sm_80, 1 KB reserved per CTA) and the 64-warp limit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,16 @@ import re
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .launches import (
-    REFERENCE_HEAD_DIM, Instruction, Launch, compile_launch, cubin_listings, launched, parse_sass, reference_launches,
-    resource_usage, run_spawned,
+    REFERENCE_HEAD_DIM,
+    Instruction,
+    Launch,
+    compile_launch,
+    cubin_listings,
+    launched,
+    parse_sass,
+    reference_launches,
+    resource_usage,
+    run_spawned,
 )
 
 COST_DTYPES = ("bf16", "fp16", "fp32")
@@ -129,12 +138,15 @@ class Times(NamedTuple):
         return max(self.hbm, self.dot + self.issue + self.mufu)
 
 
-def times(hbm_bytes: float, flops: float, dtype: str, instructions: float, mufu: float,
-          hw: Hardware = H200) -> Times:
+def times(hbm_bytes: float, flops: float, dtype: str, instructions: float, mufu: float, hw: Hardware = H200) -> Times:
     """The estimate's terms for a launch: bytes from HBM, dot FLOPs (operands in `dtype`), thread
     instructions executed and MUFU thread instructions among them."""
-    return Times(hbm_bytes / hw.hbm_bytes_per_s * 1e6, flops / hw.dot_flops_per_s[dtype] * 1e6,
-                 instructions / hw.issue_per_s * 1e6, mufu / hw.mufu_per_s * 1e6)
+    return Times(
+        hbm_bytes / hw.hbm_bytes_per_s * 1e6,
+        flops / hw.dot_flops_per_s[dtype] * 1e6,
+        instructions / hw.issue_per_s * 1e6,
+        mufu / hw.mufu_per_s * 1e6,
+    )
 
 
 def floor_us(fwd_hbm_bytes: float, fwd_flops: float, dtype: str, backward: bool, hw: Hardware = H200) -> float:
@@ -150,8 +162,6 @@ def floor_us(fwd_hbm_bytes: float, fwd_flops: float, dtype: str, backward: bool,
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
 
 
 def _ratio(a: float, b: float) -> str:
@@ -186,16 +196,24 @@ class Cost(NamedTuple):
         return self.kernel.startswith("bwd")
 
     def times(self, hw: Hardware = H200) -> Times:
-        return times(self.hbm_bytes, self.flops, self.dtype, self.instr_per_score * self.scores,
-                     self.mufu_per_score * self.scores, hw)
+        return times(
+            self.hbm_bytes,
+            self.flops,
+            self.dtype,
+            self.instr_per_score * self.scores,
+            self.mufu_per_score * self.scores,
+            hw,
+        )
 
     def floor(self, hw: Hardware = H200) -> float:
         """The forward's floor for the forward kernel; the whole backward's floor for a backward kernel."""
         return floor_us(self.fwd_hbm_bytes, self.fwd_flops, self.dtype, self.backward, hw)
 
     def line(self) -> str:
-        return (f"cost {self.kernel} {self.dtype} hd{self.head_dim} N{self.n} sm_{self.arch} regs={self.registers} "
-                f"spill={self.spill_bytes} instr_per_score={self.instr_per_score:.2f}")
+        return (
+            f"cost {self.kernel} {self.dtype} hd{self.head_dim} N{self.n} sm_{self.arch} regs={self.registers} "
+            f"spill={self.spill_bytes} instr_per_score={self.instr_per_score:.2f}"
+        )
 
     def model_line(self) -> str:
         t_hbm = self.hbm_bytes / HBM_BYTES_PER_S * 1e6
@@ -207,13 +225,14 @@ class Cost(NamedTuple):
         # a backward kernel is compared with the floor of the whole backward (the sum of its kernels is, on
         # the backward-total line)
         name = "backward_floor" if self.backward else "floor"
-        return (f"model {self.kernel} {self.dtype} hd{self.head_dim} N{self.n} sm_{self.arch} "
-                f"hbm_bytes={self.hbm_bytes} l2_sm_bytes={self.l2_bytes} l2_over_hbm={ratio:.2f} "
-                f"flops={self.flops} warps_per_sm={self.warps_per_sm} h200_us: hbm={t_hbm:.1f} dot={t_dot:.1f} "
-                f"issue={t_issue:.1f} est={max(t_hbm, t_dot, t_issue):.1f} mufu={t.mufu:.1f} "
-                f"cal_est={t.cal_est:.1f} {name}={floor:.1f} est/{name}={_ratio(t.est, floor)} "
-                f"cal_est/{name}={_ratio(t.cal_est, floor)}")
-
+        return (
+            f"model {self.kernel} {self.dtype} hd{self.head_dim} N{self.n} sm_{self.arch} "
+            f"hbm_bytes={self.hbm_bytes} l2_sm_bytes={self.l2_bytes} l2_over_hbm={ratio:.2f} "
+            f"flops={self.flops} warps_per_sm={self.warps_per_sm} h200_us: hbm={t_hbm:.1f} dot={t_dot:.1f} "
+            f"issue={t_issue:.1f} est={max(t_hbm, t_dot, t_issue):.1f} mufu={t.mufu:.1f} "
+            f"cal_est={t.cal_est:.1f} {name}={floor:.1f} est/{name}={_ratio(t.est, floor)} "
+            f"cal_est/{name}={_ratio(t.cal_est, floor)}"
+        )
 
 
 # Trip counts of each kernel's source loops, in source order, from its launch arguments (and grid).
@@ -241,10 +260,14 @@ def _windows_per_group(a, grid):
     return [a["NUM_BW"] / grid[0]]  # the fused backward's groups of windows (grid (groups, heads))
 
 
-LOOP_TRIPS: Dict[str, Callable] = {"fwd": _fwd_loops, "bwd_fused": _windows_per_group, "bwd_stats": _kv_blocks,
-                                   "bwd_dq": _kv_blocks, "bwd_dkdv": _q_blocks, "bwd_dbias": _windows_per_program}
-
-
+LOOP_TRIPS: Dict[str, Callable] = {
+    "fwd": _fwd_loops,
+    "bwd_fused": _windows_per_group,
+    "bwd_stats": _kv_blocks,
+    "bwd_dq": _kv_blocks,
+    "bwd_dkdv": _q_blocks,
+    "bwd_dbias": _windows_per_program,
+}
 
 
 def _branch_target(ins: Instruction) -> Optional[int]:
@@ -278,8 +301,9 @@ def is_mufu(ins: Instruction) -> bool:
     return ins.opcode.split(".")[0] == "MUFU"
 
 
-def count_executed(instructions: Sequence[Instruction], trips: Sequence[float],
-                   select: Optional[Callable[[Instruction], bool]] = None) -> float:
+def count_executed(
+    instructions: Sequence[Instruction], trips: Sequence[float], select: Optional[Callable[[Instruction], bool]] = None
+) -> float:
     """Instructions one thread executes (those `select` accepts, if given), with loop i (back-edges in
     address order) at trip count trips[i]; see the module docstring. Fractional trip counts (a mean over
     programs) are exact for non-nested loops: the count is linear in each trip count, so it is evaluated at
@@ -288,8 +312,10 @@ def count_executed(instructions: Sequence[Instruction], trips: Sequence[float],
     if not edges:
         trips = []  # the loops were unrolled: straight-line code
     if len(edges) != len(trips):
-        raise ValueError(f"{len(edges)} loop back-edges in the SASS ({[hex(e) for e in edges]}), but {len(trips)} "
-                         f"source loops with trip counts {list(trips)}")
+        raise ValueError(
+            f"{len(edges)} loop back-edges in the SASS ({[hex(e) for e in edges]}), but {len(trips)} "
+            f"source loops with trip counts {list(trips)}"
+        )
     whole = [int(t) for t in trips]
     base = _walk(instructions, dict(zip(edges, whole)), select)
     total = base
@@ -301,10 +327,11 @@ def count_executed(instructions: Sequence[Instruction], trips: Sequence[float],
     return total
 
 
-def _walk(instructions: Sequence[Instruction], trips: Dict[int, int],
-          select: Optional[Callable[[Instruction], bool]] = None) -> int:
+def _walk(
+    instructions: Sequence[Instruction], trips: Dict[int, int], select: Optional[Callable[[Instruction], bool]] = None
+) -> int:
     index = {ins.address: i for i, ins in enumerate(instructions)}
-    taken = {edge: 0 for edge in trips}
+    taken = dict.fromkeys(trips, 0)
     for trip in trips.values():
         if trip < 1:
             raise ValueError("a loop counted here runs at least once (its guard is taken as passing)")
@@ -447,16 +474,53 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
         per_program = total / (warps * 32 * programs)
         per_score = total / scores_of(launch)
         fwd_bytes, fwd_flops = forward_minimum(launch, dtype)
-        return Cost(launch.kernel, dtype, hd, n, arch, registers, spills, shared, warps, per_program, per_score,
-                    hbm, l2, flops, resident_warps(registers, shared, warps, arch), scores_of(launch), programs, "",
-                    mufu / scores_of(launch), fwd_bytes, fwd_flops)
+        return Cost(
+            launch.kernel,
+            dtype,
+            hd,
+            n,
+            arch,
+            registers,
+            spills,
+            shared,
+            warps,
+            per_program,
+            per_score,
+            hbm,
+            l2,
+            flops,
+            resident_warps(registers, shared, warps, arch),
+            scores_of(launch),
+            programs,
+            "",
+            mufu / scores_of(launch),
+            fwd_bytes,
+            fwd_flops,
+        )
     except Exception as exc:  # reported in the table and in the exit status
         lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
-        return Cost(launch.kernel, dtype, hd, n, arch, -1, -1, -1, 0, 0.0, 0.0, hbm, l2, flops, 0,
-                    scores_of(launch), programs, f"{type(exc).__name__}: {lines[-1][:200]}", 0.0,
-                    *forward_minimum(launch, dtype))
-
-
+        return Cost(
+            launch.kernel,
+            dtype,
+            hd,
+            n,
+            arch,
+            -1,
+            -1,
+            -1,
+            0,
+            0.0,
+            0.0,
+            hbm,
+            l2,
+            flops,
+            0,
+            scores_of(launch),
+            programs,
+            f"{type(exc).__name__}: {lines[-1][:200]}",
+            0.0,
+            *forward_minimum(launch, dtype),
+        )
 
 
 def _cost_job(args):
@@ -464,13 +528,20 @@ def _cost_job(args):
     return cost_of(reference_launches(window, dtype, head_dim)[kernel], dtype, arch)
 
 
-def cost_table(jobs: int, kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=None, archs=(80, 90),
-               head_dims=COST_HEAD_DIMS):
+def cost_table(
+    jobs: int, kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=None, archs=(80, 90), head_dims=COST_HEAD_DIMS
+):
     """Every (kernel, dtype, head_dim, window, arch) of the report, compiled in `jobs` fresh processes; the
     windows of each head dim by default, or `windows` for all."""
-    work = [(k, d, h, w, a) for h in head_dims for k in kernels for d in dtypes
-            for w in (windows or COST_WINDOWS_BY_HEAD_DIM.get(h, COST_WINDOWS)) for a in archs
-            if launched(k, w, h, d)]
+    work = [
+        (k, d, h, w, a)
+        for h in head_dims
+        for k in kernels
+        for d in dtypes
+        for w in (windows or COST_WINDOWS_BY_HEAD_DIM.get(h, COST_WINDOWS))
+        for a in archs
+        if launched(k, w, h, d)
+    ]
     return run_spawned(_cost_job, work, jobs)
 
 
@@ -498,8 +569,10 @@ def backward_sum(costs: List[Cost]) -> List[str]:
         est = sum(c.times().est for c in group)
         cal = sum(c.times().cal_est for c in group)
         floor = group[0].floor()
-        lines.append(f"backward-total {d} hd{h} N{n} sm_{a} instr_per_score={instr:.2f} h200_us: est={est:.1f} "
-                     f"cal_est={cal:.1f} floor={floor:.1f} est/floor={est / floor:.2f} cal_est/floor={cal / floor:.2f}")
+        lines.append(
+            f"backward-total {d} hd{h} N{n} sm_{a} instr_per_score={instr:.2f} h200_us: est={est:.1f} "
+            f"cal_est={cal:.1f} floor={floor:.1f} est/floor={est / floor:.2f} cal_est/floor={cal / floor:.2f}"
+        )
     return lines
 
 
@@ -508,14 +581,34 @@ def backward_sum(costs: List[Cost]) -> List[str]:
 # fp16, TFLOP/s as the tutorial counts them (4 * batch * heads * N_CTX^2 * head_dim, halved when causal), by
 # N_CTX: (source URL, hardware, head_dim, causal, batch, heads, {N_CTX: TFLOP/s}).
 PUBLISHED_TUTORIAL = (
-    ("https://github.com/facebookexperimental/triton/pull/205", H100_SXM, 128, False, 4, 32,
-     {1024: 406.8, 2048: 427.8, 4096: 459.6, 8192: 464.4, 16384: 487.0}),
-    ("https://github.com/triton-lang/triton/pull/4552", H100_SXM, 128, False, 4, 32,
-     {1024: 356.4, 2048: 387.5, 4096: 406.5, 8192: 413.2, 16384: 418.7}),
-    ("https://github.com/triton-lang/triton/issues/2367", H100_SXM, 64, True, 4, 48,
-     {1024: 169.0, 2048: 211.9, 4096: 239.1, 8192: 254.7, 16384: 265.1}),
-    ("https://github.com/Dao-AILab/flash-attention/issues/1777", H100_PCIE, 64, False, 16, 32,
-     {1024: 230.0}),
+    (
+        "https://github.com/facebookexperimental/triton/pull/205",
+        H100_SXM,
+        128,
+        False,
+        4,
+        32,
+        {1024: 406.8, 2048: 427.8, 4096: 459.6, 8192: 464.4, 16384: 487.0},
+    ),
+    (
+        "https://github.com/triton-lang/triton/pull/4552",
+        H100_SXM,
+        128,
+        False,
+        4,
+        32,
+        {1024: 356.4, 2048: 387.5, 4096: 406.5, 8192: 413.2, 16384: 418.7},
+    ),
+    (
+        "https://github.com/triton-lang/triton/issues/2367",
+        H100_SXM,
+        64,
+        True,
+        4,
+        48,
+        {1024: 169.0, 2048: 211.9, 4096: 239.1, 8192: 254.7, 16384: 265.1},
+    ),
+    ("https://github.com/Dao-AILab/flash-attention/issues/1777", H100_PCIE, 64, False, 16, 32, {1024: 230.0}),
 )
 
 
@@ -559,8 +652,7 @@ def load_tutorial(path: str):
     return module
 
 
-def tutorial_forward_launches(module, batch: int, heads: int, n_ctx: int, head_dim: int,
-                              causal: bool) -> List[Launch]:
+def tutorial_forward_launches(module, batch: int, heads: int, n_ctx: int, head_dim: int, causal: bool) -> List[Launch]:
     """The tutorial's forward (`module.attention`) run on fp16 meta tensors with its autotuned kernels
     replaced by a recorder; one Launch per autotuner configuration that compiles at this head_dim (the
     kernel asserts BLOCK_N <= HEAD_DIM), with the configuration's pre-hook applied and the grid evaluated."""
@@ -576,6 +668,7 @@ def tutorial_forward_launches(module, batch: int, heads: int, n_ctx: int, head_d
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 recorded.append((self.tuner, grid, args, kwargs))
+
             return launch
 
     tuners = {name: obj for name, obj in vars(module).items() if isinstance(obj, Autotuner)}
@@ -616,8 +709,9 @@ def _tutorial_trips(a: dict, grid, n_ctx: int, causal: bool) -> List[float]:
     return [(grid[0] - 1) / 2 * bm / bn] + ([bm / bn] if bm > bn else [])
 
 
-def calibrate_launch(launch: Launch, n_ctx: int, head_dim: int, causal: bool, hw: Hardware,
-                     arch: int = 90) -> Tuple[Times, float, float]:
+def calibrate_launch(
+    launch: Launch, n_ctx: int, head_dim: int, causal: bool, hw: Hardware, arch: int = 90
+) -> Tuple[Times, float, float]:
     """(Times, thread instructions per score, MUFU per score) of one tutorial configuration on `hw`: the
     same compilation, SASS walk and estimate as the window-attention kernels'."""
     import triton
@@ -630,9 +724,11 @@ def calibrate_launch(launch: Launch, n_ctx: int, head_dim: int, causal: bool, hw
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(**a)
     options, signature, constexprs, attrs = fn._pack_args(backend, options, bound, specialization, options)
-    compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                                                        attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+    compiled = triton.compile(
+        triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options=options.__dict__,
+    )
     _, sass = cubin_listings(compiled.asm["cubin"])
     instructions = parse_sass(sass)
     trips = _tutorial_trips(a, launch.grid, n_ctx, causal)
@@ -654,19 +750,24 @@ def calibration_table(path: str) -> List[str]:
     (est) and the calibrated estimate (cal_est)."""
     module = load_tutorial(path)
     failed: Dict[tuple, str] = {}
-    lines = [f"{'source':<58} {'hw':<9} {'hd':>3} {'causal':<6} {'B':>2} {'H':>2} {'N_CTX':>5} {'published':>9} "
-             f"{'est_TF':>6} {'est/pub':>7} {'cal_TF':>6} {'cal/pub':>7} {'config (M,N,warps,stages)':<26} "
-             f"{'instr/score':>11} {'mufu/score':>10}"]
+    lines = [
+        f"{'source':<58} {'hw':<9} {'hd':>3} {'causal':<6} {'B':>2} {'H':>2} {'N_CTX':>5} {'published':>9} "
+        f"{'est_TF':>6} {'est/pub':>7} {'cal_TF':>6} {'cal/pub':>7} {'config (M,N,warps,stages)':<26} "
+        f"{'instr/score':>11} {'mufu/score':>10}"
+    ]
     for url, hw, head_dim, causal, batch, heads, published in PUBLISHED_TUTORIAL:
         for n_ctx, tflops in published.items():
-            counted = 4 * batch * heads * n_ctx ** 2 * head_dim * (0.5 if causal else 1.0)
+            counted = 4 * batch * heads * n_ctx**2 * head_dim * (0.5 if causal else 1.0)
             best, est_best = None, float("inf")
             for launch in tutorial_forward_launches(module, batch, heads, n_ctx, head_dim, causal):
                 try:
                     t, instr, mufu = calibrate_launch(launch, n_ctx, head_dim, causal, hw)
                 except Exception as exc:  # reported below the table (the autotuner drops one that fails)
-                    key = (head_dim, causal, tuple(launch.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps",
-                                                                             "num_stages")))
+                    key = (
+                        head_dim,
+                        causal,
+                        tuple(launch.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")),
+                    )
                     if key not in failed:
                         failed[key] = str(exc).strip().splitlines()[-1][:120]
                     continue
@@ -677,11 +778,12 @@ def calibration_table(path: str) -> List[str]:
             t, instr, mufu, config = best
             est_tf = counted / (est_best * 1e-6) / 1e12
             cal_tf = counted / (t.cal_est * 1e-6) / 1e12
-            lines.append(f"{url:<58} {hw.name:<9} {head_dim:>3} {str(causal):<6} {batch:>2} {heads:>2} {n_ctx:>5} "
-                         f"{tflops:>9.1f} {est_tf:>6.1f} {est_tf / tflops:>7.2f} {cal_tf:>6.1f} "
-                         f"{cal_tf / tflops:>7.2f} {str(config):<26} {instr:>11.2f} {mufu:>10.2f}")
-    lines += [f"not counted: hd{h} causal={c} {config}: {why}"
-              for (h, c, config), why in sorted(failed.items())]
+            lines.append(
+                f"{url:<58} {hw.name:<9} {head_dim:>3} {causal!s:<6} {batch:>2} {heads:>2} {n_ctx:>5} "
+                f"{tflops:>9.1f} {est_tf:>6.1f} {est_tf / tflops:>7.2f} {cal_tf:>6.1f} "
+                f"{cal_tf / tflops:>7.2f} {config!s:<26} {instr:>11.2f} {mufu:>10.2f}"
+            )
+    lines += [f"not counted: hd{h} causal={c} {config}: {why}" for (h, c, config), why in sorted(failed.items())]
     return lines
 
 
@@ -697,8 +799,12 @@ SUMMARY_MODELS = (
     ("SwinV2-L 384 w24", 192, (2, 2, 18, 2), (6, 12, 24, 48), 384, 24),
 )
 # the benchmark's op cases (benchmarks/cases.py OP_SHAPES) that time a model's first stage, shifted
-SUMMARY_OP_CASES = {"SwinV2-T 256 w8": "tiny-w8-256", "SwinV2-B 256 w16": "base-w16-256",
-                    "SwinV2-B 192 w12": "base-w12-192", "SwinV2-L 384 w24": "large-w24-384"}
+SUMMARY_OP_CASES = {
+    "SwinV2-T 256 w8": "tiny-w8-256",
+    "SwinV2-B 256 w16": "base-w16-256",
+    "SwinV2-B 192 w12": "base-w12-192",
+    "SwinV2-L 384 w24": "large-w24-384",
+}
 
 
 class StageShape(NamedTuple):
@@ -718,7 +824,7 @@ def model_stages(depths, heads, image_size: int, window: int) -> List[StageShape
 
     shapes = []
     for i, (depth, h) in enumerate(zip(depths, heads)):
-        res = image_size // 4 // 2 ** i
+        res = image_size // 4 // 2**i
         (w, _), (s, _) = window_and_shift((res, res), window, window // 2, "timm")
         if s:
             shapes += [StageShape(i, res, h, w, 0, depth - depth // 2), StageShape(i, res, h, w, s, depth // 2)]
@@ -730,8 +836,12 @@ def model_stages(depths, heads, image_size: int, window: int) -> List[StageShape
 def _stage_job(shape: StageShape) -> List[Cost]:
     """Every kernel of one forward and one backward at a stage shape, batch SUMMARY_BATCH: the launches the
     host functions make for that shape, recorded and compiled (not scaled from the reference launch)."""
-    geometry = dict(grid_size=(shape.grid, shape.grid), num_heads=shape.heads,
-                    window_size=(shape.window, shape.window), shift_size=(shape.shift, shape.shift))
+    geometry = dict(
+        grid_size=(shape.grid, shape.grid),
+        num_heads=shape.heads,
+        window_size=(shape.window, shape.window),
+        shift_size=(shape.shift, shape.shift),
+    )
     found = reference_launches(shape.window, SUMMARY_DTYPE, COST_HEAD_DIM, geometry, batch=SUMMARY_BATCH)
     return [cost_of(launches, SUMMARY_DTYPE, SUMMARY_ARCH) for launches in found.values()]
 
@@ -751,8 +861,10 @@ def model_summary(jobs: int) -> List[str]:
             if failed:
                 raise RuntimeError(f"{name} {shape}: {failed[0].error}")
             parts = {}
-            for kind, group in (("forward", [c for c in costs if not c.backward]),
-                                ("backward", [c for c in costs if c.backward])):
+            for kind, group in (
+                ("forward", [c for c in costs if not c.backward]),
+                ("backward", [c for c in costs if c.backward]),
+            ):
                 est = sum(c.times().est for c in group)
                 cal = sum(c.times().cal_est for c in group)
                 floor = group[0].floor()
@@ -764,11 +876,15 @@ def model_summary(jobs: int) -> List[str]:
                 f"stage {name} s{shape.stage} grid{shape.grid} heads{shape.heads} window{shape.window} "
                 f"shift{shape.shift} blocks={shape.blocks} per block h200_us: "
                 + " ".join(f"{k}: est={e:.1f} cal_est={c:.1f} floor={f:.1f}" for k, (e, c, f) in parts.items())
-                + (f"  (op case {case})" if case else ""))
+                + (f"  (op case {case})" if case else "")
+            )
         fwd, bwd = total["forward"], total["backward"]
         step = [f + b for f, b in zip(fwd, bwd)]
         lines.append(
             f"model-summary {name} batch{SUMMARY_BATCH} {SUMMARY_DTYPE} sm_{SUMMARY_ARCH} h200_us: "
-            + " ".join(f"{k}: est={e:.0f} cal_est={c:.0f} floor={f:.0f} est/floor={e / f:.2f} "
-                       f"cal_est/floor={c / f:.2f}" for k, (e, c, f) in (("forward", fwd), ("train_step", step))))
+            + " ".join(
+                f"{k}: est={e:.0f} cal_est={c:.0f} floor={f:.0f} est/floor={e / f:.2f} cal_est/floor={c / f:.2f}"
+                for k, (e, c, f) in (("forward", fwd), ("train_step", step))
+            )
+        )
     return lines

@@ -17,6 +17,7 @@ tile sweep share (tools/compile_check.py, tools/cost.py, tools/sweep.py).
 It imports the Triton files (the launchers it records); Triton's compiler internals are imported where a
 launch is specialised or compiled.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,6 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 from swinv2_fast.kernels import triton_backward, triton_forward
 from swinv2_fast.kernels.geometry import PAD_THEN_ROLL, WindowGeometry
 from swinv2_fast.kernels.tiles import backward_kernels, register_cap
-
 
 # ------------------------------------------------------------------------------------------- the cases
 ARCHS = (80, 90)
@@ -104,18 +104,21 @@ class Launch(NamedTuple):
     kwargs: dict
 
 
-
 # ------------------------------------------------------------------------------------ the reference launch
 def _short(name: str) -> str:
-    return name[len("_window_attention_"):-len("_kernel")]
+    return name[len("_window_attention_") : -len("_kernel")]
 
 
 @contextlib.contextmanager
 def replaced_kernels(wrap: Callable):
     """Replace every `*_kernel` global of the kernel modules by wrap(name, kernel), an object launched as the
     kernel is (`kernel[grid](**kwargs)`); restored after."""
-    saved = {(module, name): fn for module in (triton_forward, triton_backward) for name, fn in vars(module).items()
-             if name.endswith("_kernel")}
+    saved = {
+        (module, name): fn
+        for module in (triton_forward, triton_backward)
+        for name, fn in vars(module).items()
+        if name.endswith("_kernel")
+    }
     try:
         for (module, name), fn in saved.items():
             setattr(module, name, wrap(name, fn))
@@ -139,6 +142,7 @@ def recording_launches():
                 if args:
                     raise TypeError("the cost model records keyword launches only")
                 launches.append(Launch(_short(self.name), self.fn, tuple(grid), kwargs))
+
             return launch
 
     with replaced_kernels(_Recorder):
@@ -147,13 +151,25 @@ def recording_launches():
 
 def reference_geometry(window: int):
     grid = 56 if window == 7 else 64
-    return dict(grid_size=(grid, grid), num_heads=REFERENCE_HEADS, window_size=(window, window),
-                shift_size=(window // 2, window // 2))
+    return dict(
+        grid_size=(grid, grid),
+        num_heads=REFERENCE_HEADS,
+        window_size=(window, window),
+        shift_size=(window // 2, window // 2),
+    )
 
 
-def reference_launches(window: int, dtype: str, head_dim: int = REFERENCE_HEAD_DIM, geometry: Optional[dict] = None,
-                       bias: bool = True, pad_order: Optional[str] = None, backward: bool = True,
-                       table_dtype: Optional[str] = None, batch: int = REFERENCE_BATCH) -> Dict[str, List[Launch]]:
+def reference_launches(
+    window: int,
+    dtype: str,
+    head_dim: int = REFERENCE_HEAD_DIM,
+    geometry: Optional[dict] = None,
+    bias: bool = True,
+    pad_order: Optional[str] = None,
+    backward: bool = True,
+    table_dtype: Optional[str] = None,
+    batch: int = REFERENCE_BATCH,
+) -> Dict[str, List[Launch]]:
     """The kernels' launches of one forward and (with `backward`) one full backward, on meta tensors: by
     default at the reference shape of the window (batch 8, 4 heads, a q/k/v bias, transformers' order), with
     the position-bias table in the projection's dtype (what a model in that dtype passes; "fp32" for the
@@ -177,8 +193,9 @@ def reference_launches(window: int, dtype: str, head_dim: int = REFERENCE_HEAD_D
     with recording_launches() as launches:
         out = triton_forward.window_attention_triton_forward(qkv, qkv_bias, logit_scale, table, *g.as_op_args())
         if backward:
-            triton_backward.window_attention_triton_backward(torch.empty_like(out), qkv, qkv_bias, logit_scale, table,
-                                                             *g.as_op_args())
+            triton_backward.window_attention_triton_backward(
+                torch.empty_like(out), qkv, qkv_bias, logit_scale, table, *g.as_op_args()
+            )
     found: Dict[str, List[Launch]] = {}
     for launch in launches:
         found.setdefault(launch.kernel, []).append(launch)
@@ -187,10 +204,11 @@ def reference_launches(window: int, dtype: str, head_dim: int = REFERENCE_HEAD_D
     expected = ("fwd",) + (backward_kernels(window * window, head_dim, tdt) if backward else ())
     counts = {k: len(v) for k, v in found.items()}
     if sorted(found) != sorted(expected) or counts["fwd"] > 2 or any(c != 1 for k, c in counts.items() if k != "fwd"):
-        raise RuntimeError(f"expected one launch of each of {expected} (two of fwd on a shifted grid), recorded "
-                           f"{[l.kernel for l in launches]}")
+        raise RuntimeError(
+            f"expected one launch of each of {expected} (two of fwd on a shifted grid), recorded "
+            f"{[launch.kernel for launch in launches]}"
+        )
     return found
-
 
 
 # ----------------------------------------------------------------------------------------- compiling
@@ -224,8 +242,10 @@ def cubin_listings(cubin: bytes) -> Tuple[str, str]:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as fh:
             fh.write(cubin)
-        return tuple(subprocess.run([_nvidia_bin("cuobjdump"), flag, path], capture_output=True, text=True,
-                                    check=True).stdout for flag in ("-res-usage", "-sass"))
+        return tuple(
+            subprocess.run([_nvidia_bin("cuobjdump"), flag, path], capture_output=True, text=True, check=True).stdout
+            for flag in ("-res-usage", "-sass")
+        )
 
 
 def compile_launch(launch: Launch, arch: int):
@@ -236,7 +256,9 @@ def compile_launch(launch: Launch, arch: int):
     signature, constexprs, attrs, options = specialise(launch, arch)
     compiled = triton.compile(
         triton.compiler.ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs),
-        target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+        target=GPUTarget("cuda", arch, 32),
+        options=options.__dict__,
+    )
     usage, sass = cubin_listings(compiled.asm["cubin"])
     return compiled, usage, sass
 
@@ -252,7 +274,6 @@ def resource_usage(usage: str, sass: str) -> Tuple[int, int]:
             width = re.search(r"\.(64|128|U8|S8|U16|S16)\b", ins.opcode)
             spills += {"64": 8, "128": 16, "U8": 1, "S8": 1, "U16": 2, "S16": 2}[width.group(1)] if width else 4
     return registers, spills
-
 
 
 # ----------------------------------------------------------------------------------- counting the SASS

@@ -23,6 +23,7 @@ and a last line `mutants: <killed> killed of <total>`. Exit status 0 only if eve
 Run it from the repository root before resolving a kernel or model change (minutes; --jobs runs mutants
 side by side).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,20 +47,25 @@ def _files():
     """The repository's files as git sees them (tracked, and untracked but not ignored); a plain walk when git
     is unavailable."""
     try:
-        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                             capture_output=True).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
+        ).stdout
         return [p for p in out.decode().split("\0") if p and (ROOT / p).is_file()]
     except (OSError, subprocess.CalledProcessError):
-        return [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
-                if p.is_file() and not SKIP_DIRS.intersection(p.relative_to(ROOT).parts)]
+        return [
+            str(p.relative_to(ROOT))
+            for p in ROOT.rglob("*")
+            if p.is_file() and not SKIP_DIRS.intersection(p.relative_to(ROOT).parts)
+        ]
 
 
 def make_copy(files, dest: Path, rev: str | None = None) -> Path:
     """The working tree's files (or, with rev, that git revision's) in dest, importable from there."""
     dest.mkdir(parents=True, exist_ok=True)
     if rev is not None:
-        archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, check=True,
-                                 capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", rev], cwd=ROOT, check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     else:
         for rel in files:
@@ -82,12 +88,17 @@ def _env(copy: Path):
 
 def check_imports_from(copy: Path) -> None:
     """The copy's package and kernels are the ones imported (not the editable install's original)."""
-    probe = ("import swinv2_fast, swinv2_fast.functional, swinv2_fast.kernels.reference as r; "
-             "print(swinv2_fast.functional.__file__); print(r.__file__)")
+    probe = (
+        "import swinv2_fast, swinv2_fast.functional, swinv2_fast.kernels.reference as r; "
+        "print(swinv2_fast.functional.__file__); print(r.__file__)"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=copy, env=_env(copy), capture_output=True, text=True)
     paths = out.stdout.split()
-    if out.returncode != 0 or len(paths) != 2 or not all(Path(p).resolve().is_relative_to(copy.resolve())
-                                                         for p in paths):
+    if (
+        out.returncode != 0
+        or len(paths) != 2
+        or not all(Path(p).resolve().is_relative_to(copy.resolve()) for p in paths)
+    ):
         raise SystemExit(f"mutation: the copy's package is not what Python imports there: {out.stdout}{out.stderr}")
 
 
@@ -108,8 +119,9 @@ def locate(mutant: Mutant, text: str):
     if len(once) == 1 and all(n == 0 for n, old, _ in counts if old != once[0][0]):
         return once[0]
     found = ", ".join(str(n) for n, _, _ in counts)
-    return None, (f"snippet found {found} times in {mutant.path} (expected one variant exactly once): "
-                  f"{counts[0][1][:60]!r}")
+    return None, (
+        f"snippet found {found} times in {mutant.path} (expected one variant exactly once): {counts[0][1][:60]!r}"
+    )
 
 
 def apply(mutant: Mutant, copy: Path) -> str | None:
@@ -166,16 +178,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.mutation", description=__doc__.split("\n\n")[0])
     parser.add_argument("-k", dest="select", default="", help="run the mutants whose name contains this")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
-    parser.add_argument("--jobs", type=int, default=int(os.environ.get("MUTATION_JOBS", "1")),
-                        help="mutants run at the same time (default 1, or $MUTATION_JOBS)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=int(os.environ.get("MUTATION_JOBS", "1")),
+        help="mutants run at the same time (default 1, or $MUTATION_JOBS)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run (300)")
-    parser.add_argument("--rev", default=None,
-                        help="mutate this git revision (e.g. HEAD) instead of the working tree: a stable base "
-                             "while files are being edited")
-    parser.add_argument("--check", action="store_true",
-                        help="only check that every snippet occurs exactly once in the working tree, run nothing")
-    parser.add_argument("--baseline", action="store_true",
-                        help="first run each selected mutant's tests unmutated; stop if any fails")
+    parser.add_argument(
+        "--rev",
+        default=None,
+        help="mutate this git revision (e.g. HEAD) instead of the working tree: a stable base "
+        "while files are being edited",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check that every snippet occurs exactly once in the working tree, run nothing",
+    )
+    parser.add_argument(
+        "--baseline", action="store_true", help="first run each selected mutant's tests unmutated; stop if any fails"
+    )
     args = parser.parse_args(argv)
     mutants = [m for m in MUTANTS if args.select in m.name]
     names = [m.name for m in MUTANTS]
@@ -191,8 +214,9 @@ def main(argv=None) -> int:
         bad = 0
         for m in mutants:
             if args.rev:
-                shown = subprocess.run(["git", "show", f"{args.rev}:{m.path}"], cwd=ROOT, capture_output=True,
-                                       text=True)
+                shown = subprocess.run(
+                    ["git", "show", f"{args.rev}:{m.path}"], cwd=ROOT, capture_output=True, text=True
+                )
                 text = shown.stdout if shown.returncode == 0 else ""
             else:
                 text = (ROOT / m.path).read_text() if (ROOT / m.path).is_file() else ""

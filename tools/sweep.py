@@ -29,10 +29,12 @@ Every candidate compiles without spills at SHAPES for sm_80 and sm_90 where the 
 (`python -m tools.compile_check --candidates`; a register-capped candidate is tried only where `register_cap`
 caps at its budget: `candidate_applies`).
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -58,14 +60,19 @@ from .launches import _short, _torch_dtype, cubin_listings, replaced_kernels, re
 # (`python -m tools.compile_check --candidates`; the committed rows: benchmarks/results/
 # compile_check_candidates.txt): e.g. 128 query rows over 4 warps at 255 registers hold too many live values.
 CANDIDATES: Dict[str, List[Tuple[int, int, int, int, int]]] = {
-    "fwd": [(64, 64, 4, 255, 3), (128, 64, 8, 128, 3), (64, 32, 4, 255, 3), (128, 64, 8, 255, 3),
-            (64, 64, 8, 255, 3),
-            (64, 64, 4, 128, 3), (64, 64, 4, 255, 2), (128, 64, 8, 128, 2), (64, 64, 4, 255, 1)],
-    "bwd": [(64, 32, 8, 255, 3), (64, 32, 4, 255, 3), (32, 32, 4, 255, 3),
-            (64, 32, 8, 255, 2), (64, 32, 8, 255, 1)],
+    "fwd": [
+        (64, 64, 4, 255, 3),
+        (128, 64, 8, 128, 3),
+        (64, 32, 4, 255, 3),
+        (128, 64, 8, 255, 3),
+        (64, 64, 8, 255, 3),
+        (64, 64, 4, 128, 3),
+        (64, 64, 4, 255, 2),
+        (128, 64, 8, 128, 2),
+        (64, 64, 4, 255, 1),
+    ],
+    "bwd": [(64, 32, 8, 255, 3), (64, 32, 4, 255, 3), (32, 32, 4, 255, 3), (64, 32, 8, 255, 2), (64, 32, 8, 255, 1)],
 }
-
-
 
 
 def candidate_applies(config, n: int, head_dim: int, dtype, backward: bool, arch: int) -> bool:
@@ -135,6 +142,7 @@ def capturing_launches():
                 result = self.fn[grid](*args, **kwargs)
                 captured.append((_short(self.name), result))
                 return result
+
             return launch
 
     with replaced_kernels(_Capture):
@@ -153,15 +161,24 @@ def launch_spills(fn) -> Dict[str, int]:
     spills: Dict[str, int] = {}
     for name, compiled in captured:
         if compiled is None or not hasattr(compiled, "asm"):
-            raise RuntimeError(f"the launch of {name} returned {compiled!r}, not a CompiledKernel: the sweep needs "
-                               "compiled kernels on a CUDA device")
+            raise RuntimeError(
+                f"the launch of {name} returned {compiled!r}, not a CompiledKernel: the sweep needs "
+                "compiled kernels on a CUDA device"
+            )
         spills[name] = max(spills.get(name, 0), compiled_spill_bytes(compiled))
     return spills
 
 
-def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_name: str = "bf16",
-          device: str = "cuda", timer: Callable = _do_bench, candidates=None, log=print,
-          spill_reader: Callable = launch_spills) -> Dict[str, list]:
+def sweep(
+    budget_s: float = 50.0,
+    shapes: Sequence[SweepShape] = SHAPES,
+    dtype_name: str = "bf16",
+    device: str = "cuda",
+    timer: Callable = _do_bench,
+    candidates=None,
+    log=print,
+    spill_reader: Callable = launch_spills,
+) -> Dict[str, list]:
     """Time every candidate of each direction at each shape until the budget is spent; the fastest per
     (shape, direction) among those that do not spill, as entries for tuned_tiles.json. `spill_reader(fn)`
     runs the warm-up launch fn and returns {kernel: spill bytes}; a candidate with spills is not timed."""
@@ -174,17 +191,21 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
     entries: Dict[str, list] = {}
     for shape in shapes:
         qkv, bias, logit_scale, table, grad_out, geometry = _inputs(shape, dtype, device)
+        op_args = geometry.as_op_args()
         n = shape.window * shape.window
         runs = {
-            "fwd": lambda: window_attention_triton_forward(qkv, bias, logit_scale, table, *geometry.as_op_args()),
-            "bwd": lambda: window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table,
-                                                            *geometry.as_op_args()),
+            "fwd": functools.partial(window_attention_triton_forward, qkv, bias, logit_scale, table, *op_args),
+            "bwd": functools.partial(
+                window_attention_triton_backward, grad_out, qkv, bias, logit_scale, table, *op_args
+            ),
         }
         for direction, fn in runs.items():
             key = entry_key(dtype_name, shape.head_dim, n, direction)
             if direction == "bwd" and fused_backward_applies(n, shape.head_dim, dtype):
-                log(f"sweep: {shape.name} {key}: the fused backward kernel runs at this shape (its own tiles, "
-                    f"warps and num_stages=1): no bwd candidate has an effect; nothing timed or recorded")
+                log(
+                    f"sweep: {shape.name} {key}: the fused backward kernel runs at this shape (its own tiles, "
+                    f"warps and num_stages=1): no bwd candidate has an effect; nothing timed or recorded"
+                )
                 continue
             times = {}
             for config in candidates[direction]:
@@ -192,8 +213,10 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
                     log(f"sweep: budget of {budget_s:.0f} s spent; {key} and later shapes not recorded")
                     return entries
                 if not candidate_applies(config, n, shape.head_dim, dtype, direction == "bwd", arch):
-                    log(f"sweep: {key} {tuple(config)} not tried: its register cap spills at this shape on "
-                        f"sm_{arch} (register_cap)")
+                    log(
+                        f"sweep: {key} {tuple(config)} not tried: its register cap spills at this shape on "
+                        f"sm_{arch} (register_cap)"
+                    )
                     continue
                 tiles.TILE_OVERRIDES[key] = tuple(config)
                 try:
@@ -201,8 +224,10 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
                     torch.cuda.synchronize() if device == "cuda" else None
                     spilled = {k: b for k, b in spills.items() if b > 0}
                     if spilled:
-                        log(f"sweep: {key} {tuple(config)} rejected: spills "
-                            + ", ".join(f"{k} {b} B" for k, b in sorted(spilled.items())))
+                        log(
+                            f"sweep: {key} {tuple(config)} rejected: spills "
+                            + ", ".join(f"{k} {b} B" for k, b in sorted(spilled.items()))
+                        )
                         continue
                     times[tuple(config)] = timer(fn)
                 except Exception as exc:  # a candidate that does not compile or launch is not a pick
@@ -214,8 +239,11 @@ def sweep(budget_s: float = 50.0, shapes: Sequence[SweepShape] = SHAPES, dtype_n
                 continue
             best = min(times, key=times.get)
             entries[key] = list(best)
-            log(f"sweep: {shape.name} {key}: " + ", ".join(f"{c}={t * 1000:.1f}us" for c, t in times.items())
-                + f" -> {best}")
+            log(
+                f"sweep: {shape.name} {key}: "
+                + ", ".join(f"{c}={t * 1000:.1f}us" for c, t in times.items())
+                + f" -> {best}"
+            )
     return entries
 
 
@@ -225,8 +253,12 @@ def write(entries: Dict[str, list], path: str, device_name: str, arch: int) -> N
     import triton
 
     with open(path, "w") as fh:
-        json.dump({"device": device_name, "arch": f"sm_{arch}", "triton": triton.__version__, "entries": entries},
-                  fh, indent=1, sort_keys=True)
+        json.dump(
+            {"device": device_name, "arch": f"sm_{arch}", "triton": triton.__version__, "entries": entries},
+            fh,
+            indent=1,
+            sort_keys=True,
+        )
         fh.write("\n")
 
 
@@ -238,8 +270,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     if INTERPRETED or not torch.cuda.is_available():
-        print("tools.sweep: needs a CUDA device and compiled kernels (TRITON_INTERPRET unset); "
-              "nothing written", file=sys.stderr)
+        print(
+            "tools.sweep: needs a CUDA device and compiled kernels (TRITON_INTERPRET unset); nothing written",
+            file=sys.stderr,
+        )
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
     entries = sweep(args.budget)

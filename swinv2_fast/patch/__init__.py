@@ -44,6 +44,7 @@ One module per library holds its patched method: `transformers.py` (`Swinv2Layer
 of `step.py`, and compute the position bias and the q/k/v projection with `swinv2_fast.attention`. This
 module finds the blocks and binds the methods.
 """
+
 from __future__ import annotations
 
 import types
@@ -61,7 +62,7 @@ from .transformers import LAYER_ATTRS as _HF_LAYER_ATTRS
 from .transformers import SELF_ATTRS as _HF_SELF_ATTRS
 from .transformers import transformers_layer_forward
 
-__all__ = ["patch", "unpatch", "is_patched", "TESTED_VERSIONS", "PatchedModelNotScriptable"]
+__all__ = ["TESTED_VERSIONS", "PatchedModelNotScriptable", "is_patched", "patch", "unpatch"]
 
 # The library versions whose module structure the patch was tested with (the pinned stack, the GPU machine's
 # stack, and the newest releases CI has run); other versions are patched when their modules carry the
@@ -71,13 +72,15 @@ TESTED_VERSIONS = {"transformers": ("5.17.0", "5.18.0", "5.25.0"), "timm": ("1.0
 
 # ------------------------------------------------------------------------------------------------- discovery
 def _tested(library: str) -> str:
-    """"timm 1.0.29 and 1.0.31": the versions named in errors."""
+    """ "timm 1.0.29 and 1.0.31": the versions named in errors."""
     return f"{library} {' and '.join(TESTED_VERSIONS[library])}"
 
 
-_ACCEPTED = ("a transformers Swinv2 model (Swinv2Model, Swinv2ForImageClassification, Swinv2ForMaskedImageModeling, "
-             "Swinv2Backbone), a transformers Swin2SR model (Swin2SRModel, Swin2SRForImageSuperResolution), or a "
-             "timm SwinTransformerV2 or SwinTransformerV2Cr (also features_only, every feature_cls holding the blocks)")
+_ACCEPTED = (
+    "a transformers Swinv2 model (Swinv2Model, Swinv2ForImageClassification, Swinv2ForMaskedImageModeling, "
+    "Swinv2Backbone), a transformers Swin2SR model (Swin2SRModel, Swin2SRForImageSuperResolution), or a "
+    "timm SwinTransformerV2 or SwinTransformerV2Cr (also features_only, every feature_cls holding the blocks)"
+)
 
 
 def _library_blocks(model: nn.Module):
@@ -85,8 +88,10 @@ def _library_blocks(model: nn.Module):
     from ..modeling import Swinv2PreTrainedModel as OurModel
 
     if isinstance(model, OurModel):
-        raise TypeError("patch() takes transformers or timm models; a swinv2_fast model chooses its path with "
-                        "model.set_attn_implementation(name)")
+        raise TypeError(
+            "patch() takes transformers or timm models; a swinv2_fast model chooses its path with "
+            "model.set_attn_implementation(name)"
+        )
     for models, layer in _transformers_families():
         if isinstance(model, models):
             return "transformers", [m for m in model.modules() if isinstance(m, layer)]
@@ -122,14 +127,22 @@ def _families(classes):
 
 def _transformers_families():
     """(model base class, block class) of each transformers family this transformers has."""
-    return _families((("transformers.models.swinv2.modeling_swinv2", "Swinv2PreTrainedModel", "Swinv2Layer"),
-                      ("transformers.models.swin2sr.modeling_swin2sr", "Swin2SRPreTrainedModel", "Swin2SRLayer")))
+    return _families(
+        (
+            ("transformers.models.swinv2.modeling_swinv2", "Swinv2PreTrainedModel", "Swinv2Layer"),
+            ("transformers.models.swin2sr.modeling_swin2sr", "Swin2SRPreTrainedModel", "Swin2SRLayer"),
+        )
+    )
 
 
 def _timm_families():
     """(model class, block class) of each timm family this timm has."""
-    return _families((("timm.models.swin_transformer_v2", "SwinTransformerV2", "SwinTransformerV2Block"),
-                      ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2Cr", "SwinTransformerV2CrBlock")))
+    return _families(
+        (
+            ("timm.models.swin_transformer_v2", "SwinTransformerV2", "SwinTransformerV2Block"),
+            ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2Cr", "SwinTransformerV2CrBlock"),
+        )
+    )
 
 
 def _is_cr_block(block: nn.Module) -> bool:
@@ -155,8 +168,10 @@ def _check_structure(library: str, blocks) -> None:
 
     version = importlib.import_module(library).__version__
     if not blocks:
-        raise RuntimeError(f"found no Swin V2 blocks in this {library} {version} model; swinv2_fast.patch was "
-                           f"tested with {_tested(library)}")
+        raise RuntimeError(
+            f"found no Swin V2 blocks in this {library} {version} model; swinv2_fast.patch was "
+            f"tested with {_tested(library)}"
+        )
     for block in blocks:
         _, _, (block_attrs, inner_path, inner_attrs) = _binding(library, block)
         inner = block
@@ -209,7 +224,8 @@ def _refuse_scripting(self):
         f"{type(self).__name__}: scripting compiles the class's own methods and would silently drop the patch. "
         "Script the unpatched model (swinv2_fast.unpatch(model) first), or capture the patched model with "
         "torch.export, torch.compile, torch.jit.trace or torch.fx (an fx graph of a patched model can be "
-        "scripted: its step compiles to the fused custom op)")
+        "scripted: its step compiles to the fused custom op)"
+    )
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -28,6 +28,7 @@ By design, two cases run timm's own `_shifted_window_attn` (the original chain, 
   `strict_img_size=True` called on a block directly with another size, or a mask that is missing): timm
   adds whatever mask it holds; the op derives the mask from the grid.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -45,14 +46,22 @@ from .step import MARK, patched_window_step
 
 torch.fx.wrap("patched_window_step")  # a leaf of fx traces here too (torch.fx.wrap acts per calling module)
 
-__all__ = ["CR_BLOCK_ATTRS", "CR_ATTN_ATTRS", "cr_geometry_problems", "timm_cr_shifted_window_attn"]
+__all__ = ["CR_ATTN_ATTRS", "CR_BLOCK_ATTRS", "cr_geometry_problems", "timm_cr_shifted_window_attn"]
 
 _RULES = SEMANTICS["timm"]
 
 # What the patched step reads; a block without them is a structure the patch does not know.
 CR_BLOCK_ATTRS = ("_shifted_window_attn", "attn", "window_size", "shift_size", "feat_size", "attn_mask")
-CR_ATTN_ATTRS = ("qkv", "proj", "proj_drop", "attn_drop", "logit_scale", "meta_mlp", "relative_coordinates_log",
-                 "num_heads")
+CR_ATTN_ATTRS = (
+    "qkv",
+    "proj",
+    "proj_drop",
+    "attn_drop",
+    "logit_scale",
+    "meta_mlp",
+    "relative_coordinates_log",
+    "num_heads",
+)
 
 
 def _is_pair(value) -> bool:
@@ -61,10 +70,15 @@ def _is_pair(value) -> bool:
 
 def cr_geometry_problems(block: nn.Module) -> List[str]:
     """What is not as the patch expects in a SwinTransformerV2CrBlock's geometry (empty when all is)."""
-    problems = [f"{name} (a pair of ints)" for name in ("window_size", "shift_size", "feat_size")
-                if not _is_pair(getattr(block, name))]
+    problems = [
+        f"{name} (a pair of ints)"
+        for name in ("window_size", "shift_size", "feat_size")
+        if not _is_pair(getattr(block, name))
+    ]
     if not problems and tuple(block.attn.relative_coordinates_log.shape) != (
-            (block.window_size[0] * block.window_size[1]) ** 2, 2):
+        (block.window_size[0] * block.window_size[1]) ** 2,
+        2,
+    ):
         problems.append("attn.relative_coordinates_log of shape (N * N, 2) for the block's window")
     return problems
 
@@ -79,8 +93,7 @@ def _static_mask_fits(block: nn.Module, height: int, width: int) -> bool:
     (wh, ww), (fh, fw) = block.window_size, block.feat_size
     padded = (-(-height // wh) * wh, -(-width // ww) * ww)
     windows = (padded[0] // wh) * (padded[1] // ww)
-    return (padded == (-(-fh // wh) * wh, -(-fw // ww) * ww)
-            and tuple(mask.shape) == (windows, wh * ww, wh * ww))
+    return padded == (-(-fh // wh) * wh, -(-fw // ww) * ww) and tuple(mask.shape) == (windows, wh * ww, wh * ww)
 
 
 def _concrete(*sizes) -> bool:
@@ -101,8 +114,12 @@ def timm_cr_shifted_window_attn(self, x: torch.Tensor) -> torch.Tensor:
     (wh, ww), (sh, sw) = self.window_size, self.shift_size
     shifted = sh > 0 or sw > 0
     dropout_active = self.training and (attn.attn_drop.p > 0.0 or attn.proj_drop.p > 0.0)
-    static_mismatch = shifted and not getattr(self, "dynamic_mask", False) and _concrete(height, width) \
+    static_mismatch = (
+        shifted
+        and not getattr(self, "dynamic_mask", False)
+        and _concrete(height, width)
         and not _static_mask_fits(self, height, width)
+    )
     if dropout_active or static_mismatch:  # timm's own chain, by design (module docstring)
         return type(self)._shifted_window_attn(self, x)
 
@@ -114,8 +131,22 @@ def timm_cr_shifted_window_attn(self, x: torch.Tensor) -> torch.Tensor:
         qkv, pad = project_qkv_modules(tokens, (attn.qkv,), (height, width), (wh, ww))
     # timm's _relative_positional_encodings: the MLP called as a module (its dropout, its hooks) on one
     # coordinate row per query/key pair, no sigmoid
-    position_bias = continuous_position_bias(attn.meta_mlp, attn.relative_coordinates_log, attn.num_heads, wh * ww,
-                                             sigmoid=False)
-    context = patched_window_step(qkv, pad, attn.logit_scale, position_bias, height, width, attn.num_heads,
-                                  [wh, ww], [sh, sw], _RULES.pad_order, _RULES.mask_value, 0.0, implementation)
+    position_bias = continuous_position_bias(
+        attn.meta_mlp, attn.relative_coordinates_log, attn.num_heads, wh * ww, sigmoid=False
+    )
+    context = patched_window_step(
+        qkv,
+        pad,
+        attn.logit_scale,
+        position_bias,
+        height,
+        width,
+        attn.num_heads,
+        [wh, ww],
+        [sh, sw],
+        _RULES.pad_order,
+        _RULES.mask_value,
+        0.0,
+        implementation,
+    )
     return attn.proj_drop(attn.proj(context)).reshape(x.shape)

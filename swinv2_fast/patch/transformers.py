@@ -5,6 +5,7 @@ transformers' window rules are `swinv2_fast.windows.SEMANTICS["transformers"]`. 
 `value` are read as one GEMM while they are plain `nn.Linear` layers without hooks; swapped or hooked ones
 are called as modules (`swinv2_fast.attention`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,10 +22,27 @@ torch.fx.wrap("patched_window_step")  # a leaf of fx traces here too (torch.fx.w
 __all__ = ["LAYER_ATTRS", "SELF_ATTRS", "transformers_layer_forward"]
 
 # What the patched forward reads; a layer without them is a structure the patch does not know.
-LAYER_ATTRS = ("attention", "layernorm_before", "layernorm_after", "drop_path", "intermediate", "output",
-               "window_size", "shift_size")
-SELF_ATTRS = ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp", "relative_coords_table",
-              "relative_position_index", "num_attention_heads", "dropout")
+LAYER_ATTRS = (
+    "attention",
+    "layernorm_before",
+    "layernorm_after",
+    "drop_path",
+    "intermediate",
+    "output",
+    "window_size",
+    "shift_size",
+)
+SELF_ATTRS = (
+    "query",
+    "key",
+    "value",
+    "logit_scale",
+    "continuous_position_bias_mlp",
+    "relative_coords_table",
+    "relative_position_index",
+    "num_attention_heads",
+    "dropout",
+)
 
 _RULES = SEMANTICS["transformers"]
 
@@ -46,12 +64,28 @@ def transformers_layer_forward(self, hidden_states, input_dimensions, output_att
     else:  # swapped (LoRA, quantized, parametrized) or hooked projections: called as modules
         qkv, bias = project_qkv_modules(hidden_states, projections, (height, width), window)
     # the MLP on the coordinate table as the buffer holds it, as transformers calls it (no cast)
-    position_bias = continuous_position_bias(attn.continuous_position_bias_mlp, attn.relative_coords_table,
-                                             attn.num_attention_heads, attn.relative_position_index.shape[0],
-                                             index=attn.relative_position_index)
+    position_bias = continuous_position_bias(
+        attn.continuous_position_bias_mlp,
+        attn.relative_coords_table,
+        attn.num_attention_heads,
+        attn.relative_position_index.shape[0],
+        index=attn.relative_position_index,
+    )
     context = patched_window_step(
-        qkv, bias, attn.logit_scale, position_bias, height, width, attn.num_attention_heads, window, shift,
-        _RULES.pad_order, _RULES.mask_value, attn.dropout.p if self.training else 0.0, implementation)
+        qkv,
+        bias,
+        attn.logit_scale,
+        position_bias,
+        height,
+        width,
+        attn.num_attention_heads,
+        window,
+        shift,
+        _RULES.pad_order,
+        _RULES.mask_value,
+        attn.dropout.p if self.training else 0.0,
+        implementation,
+    )
     attention_output = self.attention.output(context, hidden_states).view(batch, height * width, channels)
     hidden_states = hidden_states + self.drop_path(self.layernorm_before(attention_output))
     layer_output = self.output(self.intermediate(hidden_states))
