@@ -365,6 +365,17 @@ SHAPES = [
     pytest.param(1, (8, 15), 1, 16, (4, 5), 0, id="B1-8x15-h1d16-w4x5s0"),
 ]
 NON_SQUARE = SHAPES[10:]
+
+
+def slow_where(params, *id_parts):
+    """`params` with those whose id contains one of `id_parts` marked slow: the larger cases of a family, which
+    take 15 s and more each under the interpreter on 2 CPU cores (the quick run keeps the smaller ones)."""
+    return [
+        pytest.param(*p.values, id=p.id, marks=(*p.marks, pytest.mark.slow)) if any(s in p.id for s in id_parts) else p
+        for p in params
+    ]
+
+
 # head dims that are not a power of two of at least 16 (Swin2SR's 30 and 10, 24 from a custom config): the
 # kernels run them masked in a channel tile of 16 or 32. Two heads where the head dim is below its tile: a
 # padded channel read or stored would reach the other head's channels (or the next token's) and show.

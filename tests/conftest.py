@@ -1,4 +1,4 @@
-"""pytest's hooks and fixtures for the suite: honest skips, launch proof, the slow marks, a seeded RNG.
+"""pytest's hooks and fixtures for the suite: honest skips, launch proof, a seeded RNG.
 The helpers the tests use live in tests/_utils.py (import them from there).
 
 Markers (pytest.ini) and what this file does with them:
@@ -11,13 +11,10 @@ Markers (pytest.ini) and what this file does with them:
   kernels, and is handled like `kernels` where neither runs.
 - `gpu`: needs a CUDA device running the compiled kernels; skips elsewhere (also in CI, which has no GPU).
 - `slow`: long-running; `pytest -m "not slow"` deselects it (scripts/test.sh runs the quick part, then the
-  slow part). Marked in the test files, and for the tests listed in SLOW_TESTS below by
-  pytest_collection_modifyitems.
+  slow part). Marked in the test files (`_utils.slow_where` marks the larger cases of a parametrized family).
 Every test, marked or not: if `window_attention` took the fused path on real, non-empty tensors while the test
 ran, a forward kernel must have launched (a fused path that silently computes something else fails).
 """
-
-import fnmatch
 
 import pytest
 import torch
@@ -34,39 +31,6 @@ from _utils import (
     skip_or_fail,
     tk,
 )
-
-# Tests marked slow here rather than in their files, as node-id patterns (fnmatch) relative to tests/, with
-# the reason. Chosen from per-test durations under the interpreter on 2 CPU cores: each takes 15 s to 70 s,
-# and together with the tests marked in their files they are about half the suite's time. The quick run
-# (-m "not slow") keeps the smaller cases of each family.
-SLOW_TESTS = (
-    # training steps of patched transformers/timm models through the fused backward (the eager ones stay)
-    "test_patch.py::test_training_step_gradients_match[[]*triton*",
-    "test_patch_families.py::test_training_step_gradients_match[[]*triton*",
-    # the fused backward at windows of 12 and more, and head dims 64/128 (windows 4-8 at head dims 16/32 stay)
-    "test_triton_backward.py::test_fp32_gradients_match_reference[[]*-w12*",
-    "test_triton_backward.py::test_fp32_gradients_match_reference[[]*-w16*",
-    "test_triton_backward.py::test_fp32_gradients_match_reference[[]*-w24*",
-    "test_triton_backward.py::test_fp32_gradients_match_reference[[]*-h1d64-*",
-    "test_triton_backward.py::test_backward_statistics_and_delta[[]*-w24*",
-    "test_triton_backward.py::test_gradients_are_deterministic",
-    "test_triton_backward.py::test_gradient_checkpointing_with_the_fused_path",
-    "test_triton_backward.py::test_training_step_triton_matches_eager_and_transformers*",
-    "test_triton_backward.py::test_ordinary_backward_runs_the_fused_kernels[[]*reentrant*",
-    # the forward at window 24 and whole models at window 12 (the other windows stay)
-    "test_triton_forward.py::test_forward_matches_reference_fp32[[]*-w24*",
-    "test_triton_forward.py::test_model_with_published_windows_matches_transformers[[]w12*",
-    # determinism (two full forward+backward passes) and the almost-all-padding windows
-    "test_robustness.py::test_forward_and_backward_are_bitwise_deterministic",
-    "test_robustness.py::test_windows_that_are_almost_all_padding",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        nodeid = item.nodeid.split("tests/", 1)[-1]
-        if any(fnmatch.fnmatchcase(nodeid, pattern) for pattern in SLOW_TESTS):
-            item.add_marker(pytest.mark.slow)
 
 
 def pytest_runtest_setup(item):

@@ -77,7 +77,8 @@ def _run(model, x):
 
 # "triton" runs the kernels: the launch proof (conftest) fails the test if a patched model took another path
 TRITON = pytest.param("triton", marks=pytest.mark.kernels)
-TRITON_TRAINING = pytest.param("triton", marks=pytest.mark.kernels(backward=True))
+# training through the fused backward under the interpreter is slow; the eager case stays in the quick run
+TRITON_TRAINING = pytest.param("triton", marks=(pytest.mark.kernels(backward=True), pytest.mark.slow))
 
 
 @pytest.mark.parametrize("implementation", [TRITON, "eager"])

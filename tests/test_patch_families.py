@@ -134,7 +134,8 @@ MODELS += [pytest.param(lambda n=n: _sr(n), SR_SIZE.get(n, (8, 12)), id=f"sr-{n}
 MODELS.append(pytest.param(lambda: _sr("pixelshuffle", "Swin2SRModel"), (8, 12), id="sr-Swin2SRModel"))
 
 TRITON = pytest.param("triton", marks=pytest.mark.kernels)
-TRITON_TRAINING = pytest.param("triton", marks=pytest.mark.kernels(backward=True))
+# training through the fused backward under the interpreter is slow; the eager case stays in the quick run
+TRITON_TRAINING = pytest.param("triton", marks=(pytest.mark.kernels(backward=True), pytest.mark.slow))
 
 
 def _run(model, x):

@@ -364,6 +364,7 @@ def test_nan_and_inf_propagate_where_the_reference_propagates_them(where, value)
     assert_close(fused[finite], ref[finite], atol=OP_FP32_ATOL, name="finite part")
 
 
+@pytest.mark.slow
 @pytest.mark.kernels(backward=True)
 def test_windows_that_are_almost_all_padding():
     """A window made only of padding cannot occur: the padding is fewer than a window's rows (and columns),
@@ -384,6 +385,7 @@ def test_windows_that_are_almost_all_padding():
             assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.slow
 @pytest.mark.kernels(backward=True)
 def test_forward_and_backward_are_bitwise_deterministic():
     case = _case(batch=2, grid=(9, 10))

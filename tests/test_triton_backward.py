@@ -32,6 +32,7 @@ from _utils import (
     outputs_and_grads,
     perturb_,
     rounding_sensitivity,
+    slow_where,
     sum_floors,
     tkb,
 )
@@ -95,7 +96,9 @@ def _three_ways(B, grid, heads, head_dim, inputs, kwargs, seed, dtype, with_sens
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
-@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", SHAPES[:8] + NON_SQUARE)
+@pytest.mark.parametrize(
+    "B,grid,heads,head_dim,window,shift", slow_where(SHAPES[:8] + NON_SQUARE, "-w12", "-w16", "-w24", "-h1d64-")
+)
 def test_fp32_gradients_match_reference(B, grid, heads, head_dim, window, shift, pad_order):
     inputs = make_inputs(B, grid, heads, head_dim, window, seed=1)
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
@@ -144,7 +147,9 @@ def test_fp16_gradient_error_is_that_of_pytorch(B, grid, heads, head_dim, window
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
-@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", [SHAPES[0], SHAPES[2], SHAPES[9], NON_SQUARE[0]])
+@pytest.mark.parametrize(
+    "B,grid,heads,head_dim,window,shift", slow_where([SHAPES[0], SHAPES[2], SHAPES[9], NON_SQUARE[0]], "-w24")
+)
 @pytest.mark.kernels(forward=False, backward=True)  # the first backward kernel alone
 def test_backward_statistics_and_delta(B, grid, heads, head_dim, window, shift, pad_order):
     """The first backward kernel's softmax statistics give the reference's log-sum-exp of every window row,
@@ -186,7 +191,14 @@ def test_double_backward_differentiates_the_reference():
         assert_close(fused, eager, atol=OP_GRAD_FP32_RTOL * scale, rtol=OP_GRAD_FP32_RTOL, name=f"second-order {name}")
 
 
-@pytest.mark.parametrize("checkpointing", [None, True, False], ids=["plain", "reentrant", "non-reentrant"])
+@pytest.mark.parametrize(
+    "checkpointing",
+    [
+        pytest.param(None, id="plain"),
+        pytest.param(True, id="reentrant", marks=pytest.mark.slow),
+        pytest.param(False, id="non-reentrant", marks=pytest.mark.slow),
+    ],
+)
 def test_ordinary_backward_runs_the_fused_kernels(monkeypatch, checkpointing):
     """Only a backward that records a graph goes to the reference: a training step, checkpointed or not,
     runs the fused backward kernels."""
@@ -205,6 +217,7 @@ def test_ordinary_backward_runs_the_fused_kernels(monkeypatch, checkpointing):
     assert used and set(used) == {"fused"}
 
 
+@pytest.mark.slow
 def test_gradients_are_deterministic():
     inputs = make_inputs(2, (10, 13), 2, 16, 4, seed=6)
     kwargs = dict(grid_size=(10, 13), num_heads=2, window_size=4, shift_size=2)
@@ -252,6 +265,7 @@ def _train_step(model, x, labels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(32, 32), (36, 28)], ids=["32x32", "36x28-padded"])
 def test_training_step_triton_matches_eager_and_transformers(size):
     import transformers
@@ -285,6 +299,7 @@ def test_training_step_triton_matches_eager_and_transformers(size):
         )
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_with_the_fused_path():
     config = swinv2_fast.Swinv2Config(**TINY, num_labels=3)
     model = perturb_(swinv2_fast.Swinv2ForImageClassification(config)).train().set_attn_implementation("triton")
