@@ -1,6 +1,6 @@
 """Compatibility shims for running the kernel tests on other package stacks (see install()).
 
-The one shim today: Triton's interpreter before 3.8 converts a scalar kernel argument to a Python int with
+The shim: Triton's interpreter before 3.8 converts a scalar kernel argument to a Python int with
 `int(self.handle.data)` (`tl.tensor.__index__`, patched in by `triton.runtime.interpreter._patch_lang_tensor`
 while a kernel is interpreted), and the data is a 1-element numpy array. numpy 2.4 turned the deprecation of
 `int()` on such arrays into `TypeError: only 0-dimensional arrays can be converted to Python scalars`, so the

@@ -177,7 +177,7 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
 
 @pytest.mark.slow
 def test_fused_backward_meets_the_instruction_budget():
-    """Issue 12's budget: the backward at most 150 SASS instructions per score at N = 64 (bf16, head_dim 32,
+    """The fused backward's instruction budget: at most 150 SASS instructions per score at N = 64 (bf16, head_dim 32,
     sm_90), without spills; compiled in a fresh process without the interpreter."""
     costs = cost.cost_table(
         1, kernels=cost.COST_KERNELS[1:], dtypes=("bf16",), windows=(8,), archs=(90,), head_dims=(32,)

@@ -1,4 +1,4 @@
-"""The kernel files' readability contract (issue: kernels at the hardware's pace, item 7), read from the source:
+"""The kernel files' readability contract, read from the source:
 no Triton jit helper takes more than MAX_HELPER_ARGS arguments or returns more than MAX_HELPER_RETURNS values
 (the geometry travels as tuples: `grid`, `layout`, `proj`, `rows`, `grads`), and every window layout that
 helpers unpack is a compile-time constant where the kernels build it (a tuple built without `tl.constexpr`

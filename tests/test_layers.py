@@ -40,9 +40,12 @@ def test_the_dispatch_and_the_policy_import_without_triton_or_tools():
 
 
 def _module_name(path: pathlib.Path) -> str:
+    """The installed name of a source file of the package, subpackages included (swinv2_fast/patch/step.py:
+    swinv2_fast.patch.step)."""
     for package, folder in PACKAGE_DIRS.items():
-        if path.parent == folder:
-            return package if path.stem == "__init__" else f"{package}.{path.stem}"
+        if path.is_relative_to(folder):
+            parts = [package, *path.relative_to(folder).with_suffix("").parts]
+            return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
     raise AssertionError(path)
 
 
@@ -62,7 +65,7 @@ def _top_level_statements(body):
 
 def import_graph():
     """{module: the swinv2_fast modules it imports at module level}."""
-    modules = {_module_name(p): p for folder in PACKAGE_DIRS.values() for p in folder.glob("*.py")}
+    modules = {_module_name(p): p for folder in PACKAGE_DIRS.values() for p in folder.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         package = name if path.stem == "__init__" else name.rpartition(".")[0]
@@ -117,6 +120,7 @@ def test_the_package_imports_without_a_cycle():
     graph = import_graph()
     assert "swinv2_fast.kernels.tiles" in graph and "swinv2_fast.functional" in graph, sorted(graph)
     assert "swinv2_fast.kernels.tiles" in graph["swinv2_fast.functional"]
+    assert "swinv2_fast.patch.step" in graph["swinv2_fast.patch.timm"]  # subpackages are read too
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 

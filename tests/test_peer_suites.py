@@ -53,7 +53,7 @@ def skipped_only_on_ours(theirs: Mapping[str, str], ours: Mapping[str, str]) -> 
 
 # ------------------------------------------------------------------------------------------ transformers
 # transformers' common mixin tests that pass on transformers' classes and skip on ours, each with why it
-# cannot apply to swinv2_fast. Anything else that skips only on ours fails. None today.
+# cannot apply to swinv2_fast. Anything else that skips only on ours fails.
 #
 # Not applicable on either side (they skip for transformers' Swinv2 too, transformers 5.18): SDPA, flash
 # attention 2/3/4, hub kernels and grouped_mm dispatch (Swin V2's attention is transformers' eager one;

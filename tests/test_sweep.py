@@ -17,8 +17,8 @@ use_tools()
 from tools import launches, sweep  # noqa: E402
 
 
-def test_candidates_are_five_values_and_hold_todays_launches():
-    """(BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages) each; at every sweep shape today's launch (the tables'
+def test_candidates_are_five_values_and_hold_the_default_launches():
+    """(BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages) each; at every sweep shape the default launch (the tables'
     tiles, register_cap's sm_90 budget, Triton's default num_stages 3) is a candidate, so a pick is never
     slower than it; num_stages variants are in the table."""
     for direction, configs in sweep.CANDIDATES.items():
@@ -32,11 +32,11 @@ def test_candidates_are_five_values_and_hold_todays_launches():
             backward = direction == "bwd"
             if backward and fused_backward_applies(n, shape.head_dim, torch.bfloat16):
                 continue
-            today = tiles.block_config(n, shape.head_dim, torch.bfloat16, backward) + (
+            default = tiles.block_config(n, shape.head_dim, torch.bfloat16, backward) + (
                 tiles.register_cap(n, shape.head_dim, torch.bfloat16, backward, 90),
                 3,
             )
-            assert today in sweep.CANDIDATES[direction], (shape.name, direction, today)
+            assert default in sweep.CANDIDATES[direction], (shape.name, direction, default)
 
 
 def _launch_options(window, backward, head_dim=32, dtype="bf16"):
@@ -47,7 +47,7 @@ def _launch_options(window, backward, head_dim=32, dtype="bf16"):
 def test_num_stages_reaches_the_launch_only_when_recorded():
     key_fwd = sweep.entry_key("bf16", 32, 256, "fwd")
     key_bwd = sweep.entry_key("bf16", 32, 256, "bwd")
-    # nothing recorded: the launch options are today's (no num_stages: Triton's default)
+    # nothing recorded: the default launch options (no num_stages: Triton's default)
     for kernel, options in _launch_options(16, True).items():
         for kwargs in options:
             assert "num_stages" not in kwargs, kernel

@@ -104,7 +104,7 @@ def test_dtype_loads_every_tensor_in_that_dtype(hf_directory, keyword, dtype):
 def test_bf16_model_saves_and_reloads(hf_directory, tmp_path):
     directory, _ = hf_directory
     model = swinv2_fast.Swinv2ForImageClassification.from_pretrained(directory, torch_dtype=torch.bfloat16)
-    model.save_pretrained(tmp_path / "bf16")  # used to fail: "dtype is not JSON serializable"
+    model.save_pretrained(tmp_path / "bf16")  # a torch.dtype in the config must be written as its name
     saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert saved["dtype"] == "bfloat16" and "torch_dtype" not in saved
     for loader in (swinv2_fast.Swinv2ForImageClassification, transformers.Swinv2ForImageClassification):
