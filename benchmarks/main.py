@@ -297,9 +297,6 @@ def sweep_plan(args) -> List[dict]:
     return items
 
 
-plan = sweep_plan  # the name earlier versions exported
-
-
 def op_shape(args, name: str) -> cases.OpShape:
     return SMOKE_OP_SHAPES[name] if args.preset == "smoke" else cases.OP_SHAPES[name]
 
