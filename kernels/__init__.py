@@ -36,7 +36,7 @@ if __name__ == "kernels":
         _spec.loader.exec_module(_module)
     else:  # none installed: an empty module without a file, which transformers' probe reads as "not installed"
         __file__ = None  # type: ignore[assignment]
-        __path__ = []  # type: ignore[var-annotated]
+        __path__ = []
 else:
     from .geometry import LOGIT_SCALE_MAX, PAD_ORDERS, PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry
     from .naive import window_attention_naive, window_log_sum_exp

@@ -34,7 +34,7 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, TypeVar, Union, cast
 
 import torch
 
@@ -232,10 +232,11 @@ class WindowGeometry:
     ) -> WindowGeometry:
         """From the keyword block (also the custom op's schema order: `from_args(*geometry.as_op_args())`
         gives the geometry back)."""
+        # ints or pairs: __post_init__ validates them and stores pairs of ints, the fields' declared type
         return cls(
-            grid=grid_size,
-            window=window_size,
-            shift=shift_size,
+            grid=cast(Tuple[int, int], grid_size),
+            window=cast(Tuple[int, int], window_size),
+            shift=cast(Tuple[int, int], shift_size),
             pad_order=pad_order,
             mask_value=mask_value,
             num_heads=num_heads,
@@ -372,5 +373,7 @@ def takes_geometry(function: _F) -> _F:
     at = [p.name for p in params].index("geometry")
     params[at] = params[at].replace(default=None)
     at += 1
-    call.__signature__ = signature.replace(parameters=params[:at] + block_params + params[at:])
-    return call  # type: ignore[return-value]
+    # Any: functools.wraps' wrapper type declares no __signature__ (which inspect.signature reads), nor is it _F
+    wrapper: Any = call
+    wrapper.__signature__ = signature.replace(parameters=params[:at] + block_params + params[at:])
+    return wrapper

@@ -114,7 +114,8 @@ def fused_backward_op(
         need_bias=need_bias,
         need_table_grads=need_table_grads,
     )
-    return tuple(qkv.new_empty((0,)) if g is None else g for g in grads)
+    d_qkv, d_bias, d_scale, d_table = (qkv.new_empty((0,)) if g is None else g for g in grads)
+    return d_qkv, d_bias, d_scale, d_table
 
 
 @fused_backward_op.register_fake

@@ -337,8 +337,13 @@ def window_layout(
 ) -> WindowLayout:
     """`layout_of` for a grid, window, shift and padding order given as ints or pairs (validated by
     `WindowGeometry`; the layout does not depend on heads or mask value)."""
-    geometry = WindowGeometry(
-        grid=grid_size, window=window_size, shift=shift_size, pad_order=pad_order, mask_value=0.0, num_heads=1
+    geometry = WindowGeometry.from_args(
+        grid_size=grid_size,
+        num_heads=1,
+        window_size=window_size,
+        shift_size=shift_size,
+        pad_order=pad_order,
+        mask_value=0.0,
     )
     return layout_of(geometry, device)
 
@@ -392,9 +397,11 @@ def _sdpa_mask(position_bias, layout, mask_value, dtype):
     def build_entry() -> _MaskEntry:
         with torch.inference_mode(False), torch.no_grad():
             mask = build()
-        return _MaskEntry(
-            weakref.ref(position_bias, lambda _, key=key: _sdpa_masks.discard(key)), version, data_ptr, mask
-        )
+
+        def forget(_: object, key: Hashable = key) -> None:  # the weakref's callback: the table is gone
+            _sdpa_masks.discard(key)
+
+        return _MaskEntry(weakref.ref(position_bias, forget), version, data_ptr, mask)
 
     return _sdpa_masks.get_or_build(key, build_entry, valid).mask
 

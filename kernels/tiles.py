@@ -107,7 +107,8 @@ def triton_version() -> str:
 
 def _triton_release() -> Tuple[int, int]:
     """(major, minor) of the installed Triton."""
-    return tuple(int(part) for part in triton_version().split(".")[:2])
+    major, minor = triton_version().split(".")[:2]
+    return int(major), int(minor)
 
 
 def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:

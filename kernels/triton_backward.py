@@ -836,7 +836,7 @@ def window_attention_triton_backward(
         d_logit_scale = (d_scale * scale * inside).reshape(logit_scale.shape).to(logit_scale.dtype)
         d_table = d_table.to(position_bias.dtype)
     d_bias = None
-    if need_bias:
+    if need_bias and qkv_bias is not None:  # need_bias implies a bias (set above); the test narrows its type
         d_bias = torch.zeros(C3, device=qkv.device, dtype=cdt)  # the q part: padded queries have no output
         if num_pad > 0 and B > 0:
             d_bias[C3 // 3 :] = dpad.sum((0, 1))
@@ -875,7 +875,7 @@ def _unfused_backward(
     d_table = d_scale = None
     if B > 0:
         num_bw = B * dims.NUM_WINDOWS
-        if run_dkdv:
+        if dqkv is not None:  # run_dkdv: dqkv is allocated exactly then
             strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
             if need_qkv:
                 _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(dims.N, flags["BLOCK_M"]), num_heads)](

@@ -9,7 +9,7 @@ between the libraries is a parameter here, passed by each caller; the window rul
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
@@ -59,12 +59,13 @@ def qkv_weight_and_bias(
     `bias_when_absent` (then zeros): swinv2_fast's models pass None (the op reads None as zeros), transformers'
     patched layers the zeros transformers' own layout holds.
     """
-    if len(projections) == 1:
-        return projections[0].weight, projections[0].bias
-    weight = torch.cat([m.weight for m in projections], dim=0)
-    if not bias_when_absent and all(m.bias is None for m in projections):
+    linears = cast(Sequence[nn.Linear], projections)  # plain nn.Linear layers: the callers check is_plain_linear
+    if len(linears) == 1:
+        return linears[0].weight, linears[0].bias
+    weight = torch.cat([m.weight for m in linears], dim=0)
+    if not bias_when_absent and all(m.bias is None for m in linears):
         return weight, None
-    bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in projections])
+    bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
     return weight, bias
 
 

@@ -25,9 +25,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Union
 
 from .windows import SEMANTICS
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ATTN_IMPLEMENTATIONS", "DEFAULT_CPU_INFERENCE_CHUNK_BYTES", "WINDOW_SEMANTICS", "Swinv2Config"]
 
@@ -115,7 +118,8 @@ def _as_torch_dtype(value):
     return value
 
 
-class Swinv2Config(_ConfigBase):
+# (a base chosen at import time, transformers' PreTrainedConfig or object: mypy cannot see it)
+class Swinv2Config(_ConfigBase):  # type: ignore[misc, valid-type]
     """Configuration of a Swin Transformer V2 (same fields and defaults as transformers' `Swinv2Config`).
 
     Args:
@@ -167,13 +171,17 @@ class Swinv2Config(_ConfigBase):
     # read by transformers' pipeline() (5.17) from model.config; a local directory has no hub commit
     _commit_hash = None
     # defaults of PreTrainedConfig's common settings (_COMMON_SETTINGS); the same values as its own
+    if TYPE_CHECKING:  # their types, for the type checker only: on transformers' base an annotation is a field
+        transformers_version: Optional[str]
+        architectures: Optional[List[str]]
+        dtype: Union[str, torch.dtype, None]
     transformers_version = None
     architectures = None
     dtype = None
     chunk_size_feed_forward = 0
     is_encoder_decoder = False
     has_no_defaults_at_init = False
-    sub_configs = {}  # noqa: RUF012  (PreTrainedConfig's ClassVar: no nested configs)
+    sub_configs: ClassVar[Dict[str, type]] = {}  # PreTrainedConfig's ClassVar: no nested configs
 
     def __init__(
         self,

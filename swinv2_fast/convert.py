@@ -145,7 +145,9 @@ def _use_source_windows(model: nn.Module, config: Swinv2Config, differing) -> No
     (same parameters, so the state dict loads as usual; only the derived coordinate tables differ)."""
     from .modeling import Swinv2SelfAttention
 
-    encoder = model.swinv2.encoder if hasattr(model, "swinv2") else model.encoder
+    # Any: the model's layer tree, read by attribute (nn.Module.__getattr__ is typed Tensor | Module)
+    tree: Any = model
+    encoder = tree.swinv2.encoder if hasattr(tree, "swinv2") else tree.encoder
     for i, j, window, shift in differing:
         layer = encoder.layers[i].blocks[j]
         old = layer.attention.self
@@ -179,7 +181,9 @@ def from_timm(timm_model: nn.Module, *, attn_implementation: str = "auto") -> nn
             "from_timm expects a timm SwinTransformerV2 (timm.create_model('swinv2_...')), got "
             f"{type(timm_model).__name__}; features_only wrappers are not supported, convert the plain model"
         )
-    patch_embed = timm_model.patch_embed
+    # Any: timm's module tree, read by attribute (nn.Module.__getattr__ is typed Tensor | Module)
+    source: Any = timm_model
+    patch_embed = source.patch_embed
     if not isinstance(patch_embed.norm, nn.LayerNorm):
         raise ValueError("timm model without patch_norm cannot be expressed: transformers' layout always has it")
     if getattr(timm_model, "global_pool", "avg") != "avg":
@@ -187,7 +191,7 @@ def from_timm(timm_model: nn.Module, *, attn_implementation: str = "auto") -> nn
     patch_size = tuple(patch_embed.patch_size)
     if patch_size[0] != patch_size[1]:
         raise ValueError(f"only square patches are supported, got patch_size={patch_size}")
-    stages = list(timm_model.layers)
+    stages = list(source.layers)
     blocks0 = stages[0].blocks[0]
     embed_dim = patch_embed.proj.out_channels
     config = Swinv2Config(
@@ -205,7 +209,7 @@ def from_timm(timm_model: nn.Module, *, attn_implementation: str = "auto") -> nn
         attention_probs_dropout_prob=blocks0.attn.attn_drop.p,
         drop_path_rate=getattr(stages[-1].blocks[-1].drop_path1, "drop_prob", 0.0),
         layer_norm_eps=blocks0.norm1.eps,
-        num_labels=max(timm_model.num_classes, 1),
+        num_labels=max(source.num_classes, 1),
         window_semantics="timm",
         attn_implementation=attn_implementation,
     )
@@ -215,7 +219,7 @@ def from_timm(timm_model: nn.Module, *, attn_implementation: str = "auto") -> nn
         "timm model",
         [tuple(s.blocks[0].input_resolution) for s in stages],
     )
-    model_cls = Swinv2ForImageClassification if timm_model.num_classes > 0 else Swinv2Model
+    model_cls = Swinv2ForImageClassification if source.num_classes > 0 else Swinv2Model
     model = model_cls(config)
     _use_source_windows(model, config, differing)
     state_dict = convert_qkv_state_dict(timm_model.state_dict(), downsample_offset=1, head_prefix="head.fc.")

@@ -25,7 +25,7 @@ oneDNN's op itself only for frozen, constant weights).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,7 @@ def _(x, weight, bias, gelu):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def is_plain_linear(module: nn.Module) -> bool:
+def is_plain_linear(module: nn.Module) -> TypeGuard[nn.Linear]:
     """Whether `module` is exactly an `nn.Linear` that no hook observes.
 
     Only then may a caller use its weight and bias itself (one GEMM for q, k and v; GELU fused into the

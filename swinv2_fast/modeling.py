@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections.abc
 import math
-from typing import ClassVar, List, Optional, Tuple
+from typing import Any, ClassVar, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,15 +91,18 @@ def _activation(name: str):
     through transformers when it is installed."""
     if name in _ACTIVATIONS:
         return _ACTIVATIONS[name]
+    act2fn: Mapping[str, Any]  # transformers' ACT2FN (a dict that instantiates its classes), or none
     try:
         from transformers.activations import ACT2FN
     except ImportError:
-        ACT2FN = {}
-    if name in ACT2FN:
-        return ACT2FN[name]
+        act2fn = {}
+    else:
+        act2fn = ACT2FN
+    if name in act2fn:
+        return act2fn[name]
     raise ValueError(
-        f"hidden_act must be one of {sorted(set(_ACTIVATIONS) | set(ACT2FN))}, got {name!r}"
-        + ("" if ACT2FN else " (install transformers for its other activation names)")
+        f"hidden_act must be one of {sorted(set(_ACTIVATIONS) | set(act2fn))}, got {name!r}"
+        + ("" if act2fn else " (install transformers for its other activation names)")
     )
 
 
@@ -142,6 +145,7 @@ class Swinv2Embeddings(nn.Module):
         self.patch_grid = self.patch_embeddings.grid_size
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim)) if use_mask_token else None
         num_patches = self.patch_embeddings.num_patches
+        self.position_embeddings: Optional[nn.Parameter]
         if config.use_absolute_embeddings:
             self.position_embeddings = nn.Parameter(torch.zeros(1, num_patches + 1, config.embed_dim))
         else:
@@ -151,12 +155,14 @@ class Swinv2Embeddings(nn.Module):
         self.patch_size = config.patch_size
 
     def interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        position_embeddings = self.position_embeddings
+        assert position_embeddings is not None  # called only with absolute embeddings (see forward)
         num_patches = embeddings.shape[1] - 1
-        num_positions = self.position_embeddings.shape[1] - 1
+        num_positions = position_embeddings.shape[1] - 1
         if num_patches == num_positions and height == width:
-            return self.position_embeddings
-        class_pos_embed = self.position_embeddings[:, :1]
-        patch_pos_embed = self.position_embeddings[:, 1:]
+            return position_embeddings
+        class_pos_embed = position_embeddings[:, :1]
+        patch_pos_embed = position_embeddings[:, 1:]
         dim = embeddings.shape[-1]
         ph, pw = _pair(self.patch_size)
         side = int(num_positions**0.5)
@@ -191,6 +197,10 @@ class Swinv2SelfAttention(nn.Module):
     `forward` takes the block input in token layout (B, H*W, C) with its grid size and returns the
     attention output in token layout, before the output projection.
     """
+
+    # buffers (register_buffer in __init__)
+    relative_coords_table: torch.Tensor
+    relative_position_index: torch.Tensor
 
     def __init__(
         self,
@@ -492,7 +502,8 @@ class Swinv2PatchMerging(nn.Module):
         return self.norm(apply_linear(self.reduction, x, onednn=onednn))
 
 
-class Swinv2Stage(_checkpointing_layer_base()):
+# (a base chosen at import time, transformers' GradientCheckpointingLayer or our own: mypy cannot see it)
+class Swinv2Stage(_checkpointing_layer_base()):  # type: ignore[misc]
     def __init__(
         self, config, dim, input_resolution, depth, num_heads, drop_path, downsample, pretrained_window_size=0
     ):
@@ -621,7 +632,8 @@ torch.fx.wrap("WindowGeometry")
 torch.fx.wrap("window_attention")
 
 
-class Swinv2PreTrainedModel(PreTrainedMixin, _ModelBase):
+# (a base chosen at import time, transformers' PreTrainedModel or nn.Module: mypy cannot see it)
+class Swinv2PreTrainedModel(PreTrainedMixin, _ModelBase):  # type: ignore[misc, valid-type]
     """Base of the Swin V2 models: what they declare to transformers, and their weight initialisation.
 
     Loading, saving, gradient checkpointing and the accessors are `swinv2_fast.modeling_utils.PreTrainedMixin`;

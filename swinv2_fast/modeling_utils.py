@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import torch
 import torch.utils.checkpoint
@@ -191,14 +191,26 @@ def _offloaded_checkpoint(checkpoint, function, *args, **kwargs):
 
 _CheckpointingLayer = _checkpointing_layer_base()
 
+if TYPE_CHECKING:
+    # the mixin only ever runs as part of a model, whose base (`_ModelBase`) is an nn.Module: its methods
+    # call nn.Module's (modules, parameters, to, eval)
+    _MixinBase = nn.Module
+else:
+    _MixinBase = object
 
-class PreTrainedMixin:
+
+class PreTrainedMixin(_MixinBase):
     """Loading, saving, gradient checkpointing and the accessors of a Swin V2 model (see the module docstring).
 
     The model class lists it before its base: `class Swinv2PreTrainedModel(PreTrainedMixin, _ModelBase)`.
     The constructor takes a `swinv2_fast.Swinv2Config` or a transformers `Swinv2Config` and checks that the
     structure can be built (`Swinv2Config.validate`); the class supplies `_init_weights`.
     """
+
+    if TYPE_CHECKING:  # declared for the type checker only: transformers' get_type_hints reads annotations
+        base_model_prefix: str  # the model class's
+        hf_device_map: Dict[str, str]  # set by from_pretrained(device_map=...), as transformers does
+        push_to_hub: Callable[..., Any]  # transformers' PreTrainedModel's, when it is the base
 
     def __init__(self, config: Swinv2Config):
         # nn.Module's constructor, not transformers': that one requires its own config class and checks
@@ -267,6 +279,8 @@ class PreTrainedMixin:
         """Set `gradient_checkpointing` on every module that has the flag, as transformers does: the
         checkpointing layers (the stages) 0, n, 2n, ... when enabling, every other flag to `enable`."""
         stage_index = 0
+        # Any: the flags are set by attribute on whichever layer classes have them (ours, transformers')
+        module: Any
         for module in self.modules():
             if not hasattr(module, "gradient_checkpointing"):
                 continue
@@ -477,6 +491,7 @@ class PreTrainedMixin:
                 model, state_dict, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes, report_logger=report
             )
         else:
+            assert directory is not None  # without a name or path, state_dict= is required (checked above)
             info = load_model_weights(
                 model,
                 directory,
@@ -593,7 +608,8 @@ if _TransformersPreTrainedModel is not None:
 
         model_type = "swinv2_fast"
 else:
-    Swinv2FastConfig = None
+    # the class exists only when transformers imports; None otherwise (mypy sees only the class)
+    Swinv2FastConfig = None  # type: ignore[misc, assignment]
 
 
 def register_auto_classes() -> None:
@@ -631,4 +647,6 @@ def register_auto_classes() -> None:
     for auto_class, model_class in pairs:
         # the mapping's own register: the Auto class's one insists that model_class.config_class is the
         # registered config class, while ours take swinv2_fast.Swinv2Config and convert transformers' configs
-        auto_class._model_mapping.register(Swinv2FastConfig, model_class, exist_ok=True)
+        # (transformers annotates the value as the tokenizer mappings' (slow, fast) pair; a model mapping's is
+        # the class, what AutoModel.register itself passes)
+        auto_class._model_mapping.register(Swinv2FastConfig, model_class, exist_ok=True)  # type: ignore[arg-type]

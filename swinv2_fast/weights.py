@@ -13,9 +13,12 @@ import logging
 import os
 import re
 import sys
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from .modeling_utils import PreTrainedMixin
 
 __all__ = [
     "load_model_weights",
@@ -197,7 +200,7 @@ def _adapt_prefix(state_dict, model_keys, prefix):
 
 
 def load_state_dict_checked(
-    model: torch.nn.Module,
+    model: PreTrainedMixin,
     state_dict: Dict[str, torch.Tensor],
     strict: bool = True,
     ignore_mismatched_sizes: bool = False,
@@ -282,7 +285,7 @@ def load_state_dict_checked(
 
 
 def load_model_weights(
-    model: torch.nn.Module,
+    model: PreTrainedMixin,
     directory: str,
     strict: bool = True,
     ignore_mismatched_sizes: bool = False,
@@ -318,7 +321,7 @@ def _variant_name(name: str, variant: Optional[str]) -> str:
 
 
 def save_model_weights(
-    model: torch.nn.Module,
+    model: PreTrainedMixin,
     directory: str,
     safe_serialization: bool = True,
     state_dict: Optional[Dict[str, torch.Tensor]] = None,

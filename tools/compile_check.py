@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, NamedTuple
+from typing import Any, Dict, List, NamedTuple
 
 import torch
 
@@ -295,7 +295,8 @@ def candidates_report(jobs: int) -> int:
 
 def cost_report(jobs: int, only: str = "") -> int:
 
-    chosen = dict(kernels=cost.COST_KERNELS, dtypes=cost.COST_DTYPES, windows=None, archs=(80, 90))
+    # keyword arguments of cost.cost_table, each a tuple of what one --only filter names
+    chosen: Dict[str, Any] = dict(kernels=cost.COST_KERNELS, dtypes=cost.COST_DTYPES, windows=None, archs=(80, 90))
     for item in filter(None, only.split(",")):
         key, value = item.split("=")
         chosen[key + "s"] = tuple(int(v) if key in ("window", "arch", "head_dim") else v for v in value.split("+"))

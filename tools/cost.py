@@ -318,7 +318,7 @@ def count_executed(
         )
     whole = [int(t) for t in trips]
     base = _walk(instructions, dict(zip(edges, whole)), select)
-    total = base
+    total: float = base
     for i, t in enumerate(trips):
         if t != whole[i]:
             bumped = list(whole)
@@ -647,6 +647,8 @@ def load_tutorial(path: str):
 
     with _as_hopper():
         spec = importlib.util.spec_from_file_location("fused_attention_tutorial", path)
+        # a path to a .py file always has a spec with a source loader
+        assert spec is not None and spec.loader is not None, path
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return module
@@ -758,7 +760,8 @@ def calibration_table(path: str) -> List[str]:
     for url, hw, head_dim, causal, batch, heads, published in PUBLISHED_TUTORIAL:
         for n_ctx, tflops in published.items():
             counted = 4 * batch * heads * n_ctx**2 * head_dim * (0.5 if causal else 1.0)
-            best, est_best = None, float("inf")
+            best: Optional[Tuple[Times, float, float, Tuple[int, int, int, int]]] = None
+            est_best = float("inf")
             for launch in tutorial_forward_launches(module, batch, heads, n_ctx, head_dim, causal):
                 try:
                     t, instr, mufu = calibrate_launch(launch, n_ctx, head_dim, causal, hw)
@@ -775,6 +778,7 @@ def calibration_table(path: str) -> List[str]:
                 if best is None or t.cal_est < best[0].cal_est:
                     best = (t, instr, mufu, (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], a["num_stages"]))
                 est_best = min(est_best, t.est)
+            assert best is not None, f"no configuration compiled: {failed}"
             t, instr, mufu, config = best
             est_tf = counted / (est_best * 1e-6) / 1e12
             cal_tf = counted / (t.cal_est * 1e-6) / 1e12

@@ -27,7 +27,7 @@ import re
 import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from swinv2_fast.kernels import triton_backward, triton_forward
 from swinv2_fast.kernels.geometry import PAD_THEN_ROLL, WindowGeometry
@@ -99,7 +99,7 @@ REFERENCE_HEAD_DIM = 32  # the published Swin V2 models'
 
 class Launch(NamedTuple):
     kernel: str  # short name: fwd, bwd_stats, ...
-    fn: object  # the JITFunction
+    fn: Any  # the JITFunction (Triton's internals, read by attribute: signature, params, _pack_args)
     grid: Tuple[int, ...]
     kwargs: dict
 
@@ -184,7 +184,7 @@ def reference_launches(
     tdt = _torch_dtype(dtype)
     B, heads, (gh, gw) = batch, geometry["num_heads"], geometry["grid_size"]
     C = heads * head_dim
-    meta = dict(device="meta")
+    meta: Dict[str, Any] = dict(device="meta")
     qkv = torch.empty(B, gh * gw, 3 * C, dtype=tdt, **meta)
     qkv_bias = torch.empty(3 * C, dtype=tdt, **meta) if bias else None
     logit_scale = torch.empty(heads, 1, 1, **meta)
@@ -242,10 +242,11 @@ def cubin_listings(cubin: bytes) -> Tuple[str, str]:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as fh:
             fh.write(cubin)
-        return tuple(
+        usage, sass = (
             subprocess.run([_nvidia_bin("cuobjdump"), flag, path], capture_output=True, text=True, check=True).stdout
             for flag in ("-res-usage", "-sass")
         )
+        return usage, sass
 
 
 def compile_launch(launch: Launch, arch: int):
@@ -267,7 +268,9 @@ def resource_usage(usage: str, sass: str) -> Tuple[int, int]:
     """(registers, spill bytes): registers from `cuobjdump -res-usage`; spills are the bytes the SASS moves
     to and from local memory (STL and LDL, per thread, each instruction once), where spilled registers
     live. A stack frame the SASS never touches (ptxas sometimes reserves one) is not a spill."""
-    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    reg = re.search(r"REG:(\d+)", usage)
+    assert reg is not None, "no REG: in the cuobjdump -res-usage listing"  # cuobjdump always lists it
+    registers = int(reg.group(1))
     spills = 0
     for ins in parse_sass(sass):
         if ins.opcode.split(".")[0] in ("STL", "LDL"):

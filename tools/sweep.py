@@ -237,7 +237,7 @@ def sweep(
             if not times:
                 log(f"sweep: {shape.name} {key}: no candidate timed; nothing recorded")
                 continue
-            best = min(times, key=times.get)
+            best = min(times, key=times.__getitem__)
             entries[key] = list(best)
             log(
                 f"sweep: {shape.name} {key}: "

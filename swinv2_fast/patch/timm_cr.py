@@ -31,11 +31,10 @@ By design, two cases run timm's own `_shifted_window_attn` (the original chain, 
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, List
 
 import torch
 import torch.fx
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import continuous_position_bias, project_qkv_modules, qkv_weight_and_bias
@@ -68,7 +67,8 @@ def _is_pair(value) -> bool:
     return isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value)
 
 
-def cr_geometry_problems(block: nn.Module) -> List[str]:
+# block: Any, a timm SwinTransformerV2CrBlock read by attribute (nn.Module.__getattr__ is typed Tensor | Module)
+def cr_geometry_problems(block: Any) -> List[str]:
     """What is not as the patch expects in a SwinTransformerV2CrBlock's geometry (empty when all is)."""
     problems = [
         f"{name} (a pair of ints)"
@@ -83,7 +83,8 @@ def cr_geometry_problems(block: nn.Module) -> List[str]:
     return problems
 
 
-def _static_mask_fits(block: nn.Module, height: int, width: int) -> bool:
+# block: Any, as in cr_geometry_problems (timm's block, read by attribute)
+def _static_mask_fits(block: Any, height: int, width: int) -> bool:
     """Whether a shifted block's precomputed mask is the mask of this grid: it covers the block's feature size
     padded to window multiples (timm 1.0.31; timm 1.0.29 builds it only where the feature size divides), so
     it is this grid's mask exactly when the padded sizes agree."""
