@@ -378,7 +378,7 @@ def _sdpa_mask(position_bias, layout, mask_value, dtype):
     table's identity, the layout, the mask value and the dtype, and checked against the table's version
     counter and storage (an in-place change or a new storage rebuilds it); the entry goes when the table is
     freed. In eval mode the models pass the same cached table every call, and building this costs a copy of
-    heads * nW * N * N values per call (measured 8-12% of a batch-1 shifted attention call on a CPU).
+    heads * nW * N * N values per call, a large share of a small call's time on a CPU.
     """
     heads, n, _ = position_bias.shape
 

@@ -41,11 +41,9 @@ WINDOW_SEMANTICS = tuple(SEMANTICS)
 MODEL_TYPES = ("swinv2", "swinv2_fast")
 ATTN_IMPLEMENTATIONS = ("auto", "triton", "eager")
 # Size of the pieces CPU inference runs a block in (Swinv2Layer._forward_in_pieces) when
-# config.cpu_inference_chunk_bytes is left at its default. Measured on an AMD EPYC reported as family 25
-# model 1 (Zen 3), SwinV2-T 256 w8 fp32 batch 8, inference_mode, 6 interleaved rounds: with one thread, whole
-# blocks took 1.08x the time of 8 MiB pieces (p20-p80 1.03-1.22); with two threads on the same machine
-# under a load of ~10 from other processes, whole blocks were faster (0.57x): pieces multiply the number of
-# parallel regions, which oversubscribed cores make costly.
+# config.cpu_inference_chunk_bytes is left at its default: a piece's largest intermediate stays in cache; more
+# pieces mean more parallel regions, which cost more on oversubscribed cores (the README's "CPU switches"
+# gives the measurements).
 DEFAULT_CPU_INFERENCE_CHUNK_BYTES = 8 << 20
 
 CONFIG_NAME = "config.json"
