@@ -83,6 +83,14 @@ _DIRECTORY_FORM = (
 )
 
 
+_LOCAL_MODEL_HINT = (
+    "To make a local model without the hub: build one from a config, "
+    "swinv2_fast.Swinv2ForImageClassification(swinv2_fast.Swinv2Config(...)), save it with "
+    "model.save_pretrained(directory), then load it with from_pretrained(directory); or convert a timm model "
+    "with swinv2_fast.from_timm(timm.create_model(...)) (see docs/models.md, 'Making a local model')."
+)
+
+
 def resolve_pretrained_directory(
     name_or_path, *, subfolder: str = "", revision: Optional[str] = None, cache_dir: Optional[str] = None
 ) -> str:
@@ -108,7 +116,8 @@ def resolve_pretrained_directory(
                 f"{name!r} is not a directory. swinv2_fast loads local directories only ({_DIRECTORY_FORM}) "
                 f"and never downloads; a hub id is read only from huggingface_hub's local cache: {why}. "
                 "Download it first (huggingface_hub.snapshot_download(repo_id) or transformers' "
-                "from_pretrained), or pass the directory."
+                "from_pretrained), or pass the directory. "
+                f"{_LOCAL_MODEL_HINT}"
             )
     if subfolder:
         directory = os.path.join(directory, subfolder)
