@@ -54,7 +54,7 @@ COLUMNS = [f.name for f in fields(Row)]
 
 
 # AMD's microarchitectures by (family, model range) as /proc/cpuinfo gives them (decimal), from AMD's
-# processor programming references; the oneDNN route's gain on CPU depends on it (see the README's CPU speed).
+# processor programming references; the oneDNN route's gain on CPU depends on it (see docs/benchmarks.md, "CPU speed").
 _AMD_MICROARCHITECTURES = (
     (23, range(0x30), "Zen/Zen+"),
     (23, range(0x30, 0x100), "Zen 2"),

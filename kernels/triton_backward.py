@@ -7,6 +7,19 @@ statistics and delta = rowsum(P * dP) per query row; dq runs per query block, dk
 to a per-position buffer, summed into the bias gradient), the table and logit-scale gradients per bias tile over
 fixed groups of windows, summed on the host in a fixed order. No atomics: every reduction is deterministic.
 The four kernels share one tile shape, so the probabilities they recompute are bitwise the same.
+
+delta is rowsum(P * dP), computed in one online pass, not rowsum(dO * O): a 16-bit output's rounding would
+enter every gradient through dS = P (dP - delta). The statistics are the backward's own, not the forward's:
+the forward's tiles differ, and a last-bit difference in a large score leaves a row whose softmax is one-hot
+with a small non-zero gradient, where shared tiles cancel it to the reference's exact zero. The dq and dk/dv
+kernels store at the un-shifted tokens; the table kernel computes q.k once per tile for both dS and the
+logit-scale gradient and loads its bias tile once for all the windows it sums over.
+
+The one fused kernel (where `tiles.fused_backward_applies`: a window that fits one block without spills)
+takes a group of windows of one head and, per window, recomputes the scores and the softmax in one block (P
+and its row statistics from the same scores), then dP, dv, dq, dk and the normalisation backward; the table
+gradient is summed in registers over the group and the logit-scale gradient comes from the dq rows (the sum
+of qn . dqs), each group's partial sums reduced on the host in a fixed order.
 """
 
 from __future__ import annotations

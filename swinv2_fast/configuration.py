@@ -42,7 +42,7 @@ MODEL_TYPES = ("swinv2", "swinv2_fast")
 ATTN_IMPLEMENTATIONS = ("auto", "triton", "eager")
 # Size of the pieces CPU inference runs a block in (Swinv2Layer._forward_in_pieces) when
 # config.cpu_inference_chunk_bytes is left at its default: a piece's largest intermediate stays in cache; more
-# pieces mean more parallel regions, which cost more on oversubscribed cores (the README's "CPU switches"
+# pieces mean more parallel regions, which cost more on oversubscribed cores (docs/benchmarks.md, "CPU switches",
 # gives the measurements).
 DEFAULT_CPU_INFERENCE_CHUNK_BYTES = 8 << 20
 

@@ -83,7 +83,8 @@ def test_hooks_inside_a_block_see_what_transformers_shows_them():
     """CPU inference without autograd runs blocks in pieces unless config.cpu_inference_chunk_bytes is 0;
     with 0, each hooked module fires once per block call on (B, L, C), as in transformers."""
     hf, ours = make_pair("Swinv2Model", **TINY)
-    ours.config.cpu_inference_chunk_bytes = 0  # whole blocks, as the README says to set for such hooks
+    # whole blocks, as docs/benchmarks.md ("CPU switches") says to set for such hooks
+    ours.config.cpu_inference_chunk_bytes = 0
     x = torch.randn(3, 3, 40, 40)
     seen = {}
     for name, model in (("transformers", hf), ("ours", ours)):
