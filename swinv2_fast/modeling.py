@@ -609,7 +609,16 @@ class Swinv2Encoder(nn.Module):
         )
 
 
-def _check_pixel_values(pixel_values, num_channels: int) -> None:
+def _autocast_casts(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device and casts x (it leaves float64 alone)."""
+    device = x.device.type
+    return x.dtype != torch.float64 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
+def _check_pixel_values(pixel_values, num_channels: int, weight_dtype: torch.dtype) -> None:
+    """pixel_values as the patch embedding takes them: a 4-D (batch, channels, height, width) floating tensor
+    in the dtype of the model's weights (`weight_dtype`), or under autocast in any floating dtype it casts
+    (all but float64). Each refusal names the fix."""
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
     if pixel_values.dim() != 4:
@@ -617,12 +626,23 @@ def _check_pixel_values(pixel_values, num_channels: int) -> None:
             f"pixel_values must be 4-D (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
         )
     if pixel_values.shape[1] != num_channels:
+        hint = ""
+        if pixel_values.shape[3] == num_channels:  # (batch, height, width, channels), as images are often stored
+            hint = "; it looks channels-last (batch, height, width, channels): pass pixel_values.permute(0, 3, 1, 2)"
         raise ValueError(
             f"pixel_values must have {num_channels} channels (config.num_channels), got shape "
-            f"{tuple(pixel_values.shape)}"
+            f"{tuple(pixel_values.shape)}{hint}"
         )
     if not pixel_values.is_floating_point():
-        raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
+        raise TypeError(
+            f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}: convert the images "
+            "first, e.g. pixel_values.float() / 255 then the model's normalisation (an image processor does this)"
+        )
+    if pixel_values.dtype != weight_dtype and not _autocast_casts(pixel_values):
+        raise TypeError(
+            f"pixel_values has dtype {pixel_values.dtype} but the model's weights are {weight_dtype}: pass "
+            f"pixel_values.to({weight_dtype}) or convert the model (model.to({pixel_values.dtype}))"
+        )
 
 
 # torch.fx.symbolic_trace records these calls instead of running them on its proxies: the graph checks its
@@ -769,7 +789,9 @@ class Swinv2Model(Swinv2PreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
-        _check_pixel_values(pixel_values, self.config.num_channels)
+        _check_pixel_values(
+            pixel_values, self.config.num_channels, self.embeddings.patch_embeddings.projection.weight.dtype
+        )
         if bool_masked_pos is not None:
             ph, pw = _pair(self.config.patch_size)
             grid = (-(-pixel_values.shape[2] // ph), -(-pixel_values.shape[3] // pw))
@@ -1072,7 +1094,9 @@ class Swinv2Backbone(Swinv2PreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        _check_pixel_values(pixel_values, self.config.num_channels)
+        _check_pixel_values(
+            pixel_values, self.config.num_channels, self.embeddings.patch_embeddings.projection.weight.dtype
+        )
 
         embedding_output, input_dimensions = self.embeddings(pixel_values)
         outputs = self.encoder(

@@ -26,12 +26,38 @@ def model():
             r"pixel_values must be a floating-point .* torch.uint8",
         ),
         ([[1.0]], TypeError, r"pixel_values must be a torch.Tensor, got list"),
+        (
+            torch.randn(1, 64, 64, 3),
+            ValueError,
+            r"got shape \(1, 64, 64, 3\); it looks channels-last .* pixel_values\.permute\(0, 3, 1, 2\)",
+        ),
+        (
+            torch.randn(1, 3, 64, 64, dtype=torch.float64),
+            TypeError,
+            r"pixel_values has dtype torch\.float64 but the model's weights are torch\.float32: pass "
+            r"pixel_values\.to\(torch\.float32\)",
+        ),
     ],
-    ids=["3-D", "channels", "uint8", "list"],
+    ids=["3-D", "channels", "uint8", "list", "channels-last", "float64"],
 )
 def test_bad_pixel_values(model, pixel_values, error, pattern):
     with pytest.raises(error, match=pattern):
         model(pixel_values)
+
+
+def test_pixel_values_in_another_dtype_run_under_autocast_and_in_a_converted_model(model):
+    """What the dtype check lets through works: a float64 model takes float64, and under autocast a float32
+    input reaches a bfloat16 model (autocast casts it; without autocast the check refuses it)."""
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    double = swinv2_fast.Swinv2ForMaskedImageModeling(model.config).double().eval()
+    with torch.no_grad():
+        assert double(x).reconstruction.dtype == torch.float64
+    bf16 = swinv2_fast.Swinv2ForMaskedImageModeling(model.config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        with pytest.raises(TypeError, match=r"pixel_values\.to\(torch\.bfloat16\)"):
+            bf16(x.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert bf16(x.float()).reconstruction.shape == (1, 3, 64, 64)
 
 
 def test_bad_bool_masked_pos(model):
