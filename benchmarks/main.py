@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import math
 import os
 import sys
 import time
-import warnings
 from typing import Dict, List
 
 import torch
@@ -549,19 +549,36 @@ def build_models_for(args, variant: str) -> Dict[str, torch.nn.Module]:
     return cases.build_models(cases.MODEL_SPECS[variant])
 
 
+class _AboveTheBar(io.TextIOBase):
+    """A stand-in for sys.stderr while the bar is drawn: each complete line goes through tqdm.write, which
+    prints it above the bar (on the bar's stream) instead of into its line."""
+
+    def __init__(self, bar):
+        self.bar, self.pending = bar, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.bar.write(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.bar.write(self.pending)
+            self.pending = ""
+
+
 @contextlib.contextmanager
 def warnings_above(bar):
-    """Python warnings raised while the bar is drawn print above it (tqdm.write), not into its line."""
-    shown = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        bar.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"))
-
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        warnings.showwarning = shown
+    """Python warnings and log records (torch logs some, e.g. "No CUDA runtime is found" when inductor first
+    compiles) print above the bar, not into its line: what goes to sys.stderr while it is drawn goes through
+    tqdm.write. Output of native code to file descriptor 2 is not caught."""
+    above = _AboveTheBar(bar)
+    with contextlib.redirect_stderr(above):
+        try:
+            yield
+        finally:
+            above.flush()
 
 
 def run_sweep(args, items, run_id: str, models_by_variant=None, progress=True):

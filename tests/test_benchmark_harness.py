@@ -371,3 +371,27 @@ def test_cpu_plans_by_length(monkeypatch, bf16):
     assert not any(i["level"] == "op" and i["compiled"] for i in default)
     assert any(i["level"] == "op" and i["compiled"] for i in full)
     assert any(i["mode"] == "train step" and i["compiled"] for i in full)
+
+
+def test_messages_print_above_the_bar(capsys):
+    """What goes to stderr while the bar is drawn (Python's warnings and torch's log records write there) is
+    written above the bar, whole lines at a time, on the bar's stream."""
+    import logging
+    import sys
+
+    from tqdm import tqdm
+
+    logger = logging.getLogger("swinv2_fast.test_above_the_bar")
+    handler = logging.StreamHandler()  # as torch's handlers: a stream handler that writes to sys.stderr
+    logger.addHandler(handler)
+    try:
+        with tqdm(total=2, file=sys.stdout) as bar, main.warnings_above(bar):
+            handler.setStream(sys.stderr)
+            logger.warning("a log record")
+            sys.stderr.write("half a line")
+    finally:
+        logger.removeHandler(handler)
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert "\ra log record\n" in captured.out  # the bar's line cleared first (\r), then the record
+    assert "half a line" in captured.out  # flushed when the bar closes
