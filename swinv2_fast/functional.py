@@ -212,15 +212,4 @@ def window_attention(
         geometry=geometry,
         dropout_p=dropout_p,
         return_attention_probs=return_attention_probs,
-        fused_softmax=_sdpa_serves(qkv, grad_inputs),
     )
-
-
-def _sdpa_serves(qkv: torch.Tensor, grad_inputs) -> bool:
-    """Whether the eager path takes PyTorch's fused attention (SDPA) or forms S and P itself. On a CPU, a call
-    autograd differentiates gets the explicit chain: SDPA's CPU backward with a mask that needs gradients runs
-    its math fallback, which upcasts bf16/fp16 to fp32 and checks the mask on every call (the bf16 autocast
-    training step in docs/benchmarks.md). Same math either way."""
-    if qkv.device.type != "cpu":
-        return True
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs))
