@@ -63,6 +63,7 @@ OP_SHAPES: Dict[str, OpShape] = {
 # the transformers chain. triton: the fused op (CUDA only; the interpreter is never timed).
 OP_PROVIDERS = ("transformers-chain", "sdpa", "compile", "triton")
 OP_BASELINE = "transformers-chain"
+MODEL_BASELINE = "transformers"  # eager: the model rows' ratios are to it
 OP_MODES = ("forward", "forward+backward")
 # transformers adds the shift mask twice (-100 each): every provider uses the same finite value
 OP_MASK_VALUE = -200.0

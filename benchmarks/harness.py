@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -67,23 +67,32 @@ _AMD_MICROARCHITECTURES = (
 )
 
 
-def cpu_identity(cpuinfo: Optional[str] = None) -> str:
-    """The CPU as /proc/cpuinfo names it, with what its speed depends on: model name, vendor, family and model
-    (decimal), and the microarchitecture where known (AMD), e.g. "AMD EPYC 9B14 (AuthenticAMD family 25
-    model 17, Zen 4)". Under a hypervisor these are the values the virtual CPU reports. Falls back to
-    `platform.processor()` where /proc/cpuinfo is absent."""
+def first_processor(cpuinfo: Optional[str] = None) -> Optional[Dict[str, str]]:
+    """The fields of the first processor's block of /proc/cpuinfo (or of `cpuinfo`), None where it cannot be
+    read."""
     if cpuinfo is None:
         try:
-            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
                 cpuinfo = fh.read()
         except OSError:
-            return platform.processor() or platform.machine()
-    fields_ = {}
+            return None
+    fields_: Dict[str, str] = {}
     for line in cpuinfo.splitlines():
         if not line.strip():
             break  # the first processor's block is enough
         key, _, value = line.partition(":")
         fields_.setdefault(key.strip(), value.strip())
+    return fields_
+
+
+def cpu_identity(cpuinfo: Optional[str] = None) -> str:
+    """The CPU as /proc/cpuinfo names it, with what its speed depends on: model name, vendor, family and model
+    (decimal), and the microarchitecture where known (AMD), e.g. "AMD EPYC 9B14 (AuthenticAMD family 25
+    model 17, Zen 4)". Under a hypervisor these are the values the virtual CPU reports. Falls back to
+    `platform.processor()` where /proc/cpuinfo is absent."""
+    fields_ = first_processor(cpuinfo)
+    if fields_ is None:
+        return platform.processor() or platform.machine()
     name = fields_.get("model name") or platform.processor() or platform.machine()
     vendor, family, model = fields_.get("vendor_id"), fields_.get("cpu family"), fields_.get("model")
     if not (vendor and family and model and family.isdigit() and model.isdigit()):
@@ -100,17 +109,7 @@ def cpu_identity(cpuinfo: Optional[str] = None) -> str:
 def cpu_bf16_support(cpuinfo: Optional[str] = None) -> str:
     """The CPU's native bf16 matrix support as /proc/cpuinfo's flags give it: "AMX" (amx_bf16), "AVX-512 BF16"
     (avx512_bf16), or "" (none, or not Linux): where bf16 autocast is worth timing on a CPU."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-                cpuinfo = fh.read()
-        except OSError:
-            return ""
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[-1].split())
-            break
+    flags = set((first_processor(cpuinfo) or {}).get("flags", "").split())
     if "amx_bf16" in flags:
         return "AMX"
     if "avx512_bf16" in flags:

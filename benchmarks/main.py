@@ -334,7 +334,7 @@ GPU_SECONDS = dict(
     build_tiny=4.0,
     build_base=10.0,
 )
-# On this repository's 2-core CPU machine (Intel Xeon, 2 threads), the published shapes at the default rounds
+# On this repository's 2-core CPU machine (AMD EPYC Zen 5, 2 threads), the published shapes at the default rounds
 # (5 timed calls, a warm-up and the memory call): SwinV2-T inference at batch 8 and a training step at batch
 # 2; a torch.compile build of SwinV2-T (inductor, 2 workers) without inductor's on-disk cache; the op at batch 2.
 CPU_SECONDS = dict(
@@ -658,7 +658,7 @@ def ratio_table(rows: List[harness.Row], peak_gbps: float = float("nan")) -> Lis
     for row in rows:
         groups.setdefault((row.level, row.case, row.mode, row.dtype, row.batch), []).append(row)
     for (level, case, mode, dtype, batch), members in groups.items():
-        base_name = cases.OP_BASELINE if level == "op" else "transformers"
+        base_name = cases.OP_BASELINE if level == "op" else cases.MODEL_BASELINE
         base = next((r for r in members if r.provider == base_name and _finite(r.median_ms)), None)
         lines.append(f"{level} | {case} | {mode} | {dtype} | batch {batch}")
         for r in members:

@@ -20,7 +20,7 @@ import re
 import sys
 from typing import Dict, List, Optional
 
-from benchmarks import harness
+from benchmarks import cases, harness
 
 
 def slug(device: str) -> str:
@@ -54,7 +54,7 @@ def _timed(row: dict) -> bool:
 
 OURS_COLOUR = "#d62728"
 PEER_COLOUR = "#7f7f7f"
-BASELINES = {"op": "transformers-chain", "model": "transformers"}
+BASELINES = {"op": cases.OP_BASELINE, "model": cases.MODEL_BASELINE}  # the ratio tables' baselines
 
 
 def is_ours(provider: str) -> bool:
