@@ -1,10 +1,12 @@
 """F.linear against oneDNN's linear (swinv2_fast.linear) on this CPU, for SwinV2-T's GEMMs at 256x256, batch 8.
 
-    python -m benchmarks.cpu_linear [--batch 8] [--rounds 10]
+    python -m benchmarks.cpu_linear [--batch 8] [--rounds 10] [--autocast]
 
 Prints, per GEMM shape (tokens x in -> out), the median ms of F.linear, of the oneDNN call, and their ratio,
-measured in one run; with --gelu the MLP's first GEMM is also timed with exact GELU (F.gelu after F.linear
-against GELU applied by oneDNN). Inference only, fp32: the shapes and route the models' eval path uses.
+measured in one run; the MLP's first GEMM is timed with exact GELU (F.gelu after F.linear against GELU
+applied by oneDNN). Inference only: the shapes and route the models' eval path uses, in fp32, or with
+--autocast under CPU autocast to bf16 (fp32 weights, cast per call as autocast casts them; needs a CPU with
+native bf16).
 """
 
 from __future__ import annotations
@@ -36,16 +38,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--autocast", action="store_true", help="under CPU autocast to bf16")
     args = parser.parse_args(argv)
     if not L.onednn_linear_available():
         print("this PyTorch has no oneDNN linear op: nothing to compare", file=sys.stderr)
         return 1
+    if args.autocast and not L.onednn_bf16_supported():
+        print("this CPU has no native bf16 for oneDNN: the route serves fp32 only here", file=sys.stderr)
+        return 1
     device = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
-    print(f"{harness.device_name(device)}; torch {torch.__version__}; batch {args.batch}, fp32, no autograd")
+    precision = "bf16 autocast" if args.autocast else "fp32"
+    print(f"{harness.device_name(device)}; torch {torch.__version__}; batch {args.batch}, {precision}, no autograd")
     print(f"{'GEMM':<22} {'tokens x in -> out':>22} {'F.linear':>10} {'oneDNN':>10}  ratio")
     total_plain = total_fast = 0.0
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast):
         for name, m, k, n, gelu in shapes(args.batch):
             x = torch.randn(m, k, generator=gen)
             w, b = torch.randn(n, k, generator=gen) / k**0.5, torch.randn(n, generator=gen)

@@ -60,6 +60,7 @@ __all__ = [
     "caching_allowed",
     "clear_caches",
     "layout_of",
+    "sdpa_serves",
     "shift_mask",
     "window_attention_reference",
     "window_layout",
@@ -406,7 +407,69 @@ def _sdpa_mask(position_bias, layout, mask_value, dtype):
     return _sdpa_masks.get_or_build(key, build_entry, valid).mask
 
 
+def sdpa_serves(device: torch.device, dtype: torch.dtype, differentiated: bool) -> bool:
+    """Whether softmax(S) @ v goes through PyTorch's fused attention (SDPA) or is formed explicitly (S, then
+    P, then P @ v: the chain transformers and timm run; the same math), for a call autograd differentiates
+    (`differentiated`) or not. Chosen by speed and accuracy, measured per stage, dtype and mode with
+    `python -m benchmarks.cpu_attention` (docs/benchmarks.md has its figures):
+
+    - on a GPU, SDPA;
+    - on a CPU in bfloat16 where autograd differentiates the call, explicit: with a position bias that needs
+      gradients SDPA's CPU backward is its math fallback, which upcasts to fp32, and a training step's
+      attention took 1.3-1.5x the explicit chain's time (whose S is fp32 once the fp32 logit scale
+      multiplies it, as in transformers and timm under autocast);
+    - everywhere else on a CPU, SDPA: in bf16 inference its kernel keeps S in fp32, and an explicit chain
+      fast enough to beat it (S in bf16) had 2-3x the output error of the peers' chain; in fp32 inference it is
+      1.0-1.2x faster than the explicit chain, in fp32 training within 15% either way; in float16 x86 CPUs
+      without AVX512-FP16 or AMX-FP16 have no fp16 GEMM and the explicit chain took 3-6x SDPA's time. Under
+      torch.compile too (inductor fusing the explicit chain was slower in bf16 and fp32 inference).
+    """
+    return device.type != "cpu" or dtype != torch.bfloat16 or not differentiated
+
+
 # ------------------------------------------------------------------------------------------ the attention
+class _PermuteRows(torch.autograd.Function):
+    """`x.index_select(dim, index)` for an `index` that is a permutation, `inverse` its inverse: the backward
+    is the inverse gather, where autograd's backward of index_select scatters with index_add_ into zeros
+    (on a CPU several times the time of a gather; a bf16 training step spent ~4% of its time there)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, dim: int, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        return x.index_select(dim, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dim, ctx.inverse = inputs[1], inputs[3]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.index_select(ctx.dim, ctx.inverse), None, None, None
+
+
+def _move_rows(x: torch.Tensor, dim: int, index: torch.Tensor, inverse: Optional[torch.Tensor]) -> torch.Tensor:
+    """x.index_select(dim, index); through `_PermuteRows` where autograd records the call, `index` is a
+    permutation (`inverse` given: a grid without padding) and nothing traces it (torch.compile, export and
+    torch.jit.trace differentiate index_select themselves)."""
+    if (
+        inverse is not None
+        and x.requires_grad
+        and torch.is_grad_enabled()
+        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    ):
+        return _PermuteRows.apply(x, dim, index, inverse)
+    return x.index_select(dim, index)
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, 1e-12) along the last axis, in x's dtype: F.normalize, as transformers and timm call it,
+    but in fp16, where the epsilon underflows to 0 and a zero row (k of a padded token without k bias) would
+    give 0/0: there in fp32, rounded once. bf16 has fp32's exponent range and stays bf16 (a round trip through
+    fp32 took 8x the time of the normalisation itself on a CPU)."""
+    if x.dtype == torch.float16:
+        return F.normalize(x.float(), dim=-1).to(x.dtype)
+    return F.normalize(x, dim=-1)
+
+
 @takes_geometry
 def window_attention_reference(
     qkv: torch.Tensor,
@@ -417,7 +480,7 @@ def window_attention_reference(
     geometry: WindowGeometry,
     dropout_p: float = 0.0,
     return_attention_probs: bool = False,
-    fused_softmax: bool = True,
+    fused_softmax: Optional[bool] = None,
 ):
     """Swin V2 window attention from the q/k/v projection to the attention output, both in token layout.
 
@@ -437,8 +500,9 @@ def window_attention_reference(
         dropout_p: attention dropout on P; pass 0.0 outside training.
         return_attention_probs: also return P as (B * nW, num_heads, N, N): the tensor the output is computed
             from (a gradient reaches it; P after dropout, as transformers returns it).
-        fused_softmax: softmax(S) @ v through `scaled_dot_product_attention` (the default); False forms S and
-            P explicitly, the chain transformers and timm run (always so when P is returned). Same math.
+        fused_softmax: True: softmax(S) @ v through `scaled_dot_product_attention`; False: S and P formed
+            explicitly, the chain transformers and timm run (always so when P is returned); None (the
+            default): as `sdpa_serves` decides for the device, dtype and autograd. Same math.
 
     Returns:
         (B, H*W, C) attention output (before the output projection), and P if asked for.
@@ -461,16 +525,19 @@ def window_attention_reference(
     # One gather straight into head-major windows (3, B, heads, nW*N, head_dim), so that every later
     # reshape is a view.
     per_head = qkv.view(B, qkv.shape[1], 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    windows = per_head.index_select(3, layout.gather_index).view(3, B, num_heads, nW, N, head_dim)
+    # Without padding the gather is a permutation of the tokens and the scatter below its inverse.
+    inverse = None if layout.needs_padding else layout.scatter_index
+    windows = _move_rows(per_head, 3, layout.gather_index, inverse).view(3, B, num_heads, nW, N, head_dim)
     q, k, v = windows.unbind(0)  # each (B, heads, nW, N, head_dim)
 
     # Cosine attention with the clamped learnable scale, then position bias and shift mask.
     scale = torch.clamp(logit_scale.reshape(num_heads, 1, 1, 1), max=LOGIT_SCALE_MAX).exp()
-    # Normalised in fp32 at least (fp64 stays fp64): in fp16 the epsilon 1e-12 underflows to 0 and a zero
-    # row (k of a padded token without k bias) would give 0/0.
-    norm_dtype = torch.promote_types(q.dtype, torch.float32)
-    q = F.normalize(q.to(norm_dtype), dim=-1).to(q.dtype)
-    k = F.normalize(k.to(norm_dtype), dim=-1).to(k.dtype)
+    q, k = _unit_rows(q), _unit_rows(k)
+    if fused_softmax is None:
+        differentiated = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (qkv, qkv_bias, logit_scale, position_bias)
+        )
+        fused_softmax = sdpa_serves(q.device, q.dtype, differentiated)
     if return_attention_probs or not fused_softmax:
         bias = _combined_bias(position_bias, layout, g.mask_value)  # (heads, nW or 1, N, N)
         scores = (q @ k.transpose(-2, -1)) * scale + bias  # (B, heads, nW, N, N)
@@ -497,7 +564,7 @@ def window_attention_reference(
 
     # Windows -> tokens: rows of padded positions are dropped, every real token is picked once.
     out = out.reshape(B, num_heads, nW * N, head_dim).permute(0, 2, 1, 3)  # (B, nW*N, heads, head_dim)
-    out = out.index_select(1, layout.scatter_index).view(B, L, C)
+    out = _move_rows(out, 1, layout.scatter_index, None if inverse is None else layout.gather_index).view(B, L, C)
     if return_attention_probs:
         return out, returned_probs
     return out

@@ -13,12 +13,19 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["module_has_hooks", "onednn_linear", "onednn_linear_available"]
+__all__ = ["module_has_hooks", "onednn_bf16_supported", "onednn_linear", "onednn_linear_available"]
 
 
 def onednn_linear_available() -> bool:
     """Whether this PyTorch has oneDNN's linear op (the x86-64 and aarch64 wheels do)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_bf16_supported() -> bool:
+    """Whether oneDNN computes bf16 natively on this CPU (AVX-512 BF16, AMX or AVX-512 with bf16 conversions:
+    oneDNN's own answer). Private: `torch.ops.mkldnn._is_mkldnn_bf16_supported()`."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe is not None and probe())
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool) -> torch.Tensor:

@@ -1,14 +1,19 @@
-"""The models' linear layers: oneDNN's matmul for CPU inference in fp32, `F.linear` everywhere else.
+"""The models' linear layers: oneDNN's matmul for CPU inference in fp32 and bf16, `F.linear` everywhere else.
 
-On CPU, `F.linear` calls the BLAS PyTorch was built with: MKL in the x86-64 wheels. For the shapes of
-SwinV2-T, oneDNN's matmul, which ships in the same wheel, is faster on the AMD EPYC CPUs this project is
-measured on (benchmarks/cpu_linear.py compares the two per GEMM; the gain depends on the CPU), and it can
-apply exact GELU to the GEMM's output in place. So `linear` sends a call to oneDNN when all of these hold,
-and to `F.linear` otherwise (by design, not as an error path):
+On CPU, `F.linear` calls the BLAS PyTorch was built with: MKL in the x86-64 wheels for fp32, oneDNN for bf16
+(after copying the bias into the output). For the shapes of SwinV2-T, oneDNN's own linear, which ships in
+the same wheel, is faster on the AMD EPYC CPUs this project is measured on (benchmarks/cpu_linear.py compares
+the two per GEMM; the gain depends on the CPU): it adds the bias and can apply exact GELU to the GEMM's output
+in place. So `linear` sends a call to oneDNN when all of these hold, and to `F.linear` otherwise (by design,
+not as an error path):
 
 - the caller asks for it (`onednn=True`; the models pass their `config.cpu_onednn_linear`, default True);
 - oneDNN's op is in this PyTorch (`onednn_linear_available()`);
-- input, weight and bias are fp32 CPU tensors and the weight is contiguous;
+- the call computes in fp32 (input, weight and bias fp32, no CPU autocast), or in bf16 where oneDNN computes
+  bf16 natively (`onednn_bf16_supported()`): a bf16 input and a bf16 weight, or the call under CPU autocast
+  to bf16 with fp32 or bf16 operands, which are then cast to bf16 as autocast would cast them (a fp32 bias is
+  added in fp32, one rounding fewer than autocast's);
+- all on the CPU, the weight contiguous;
 - autograd is not recording the call: the op has no backward, so training keeps `F.linear`;
 - `torch.jit.trace` is not recording (its tracer cannot record the op).
 
@@ -17,10 +22,10 @@ The switch is an argument, not a process-wide setting: this module keeps no stat
 The models' layers are `nn.Linear` modules, as in transformers; `apply_linear` sends a plain one (no
 subclass, wrapper or hook: `is_plain_linear`) through `linear` and calls any other as a module.
 
-Either way the math is the same; only the GEMM's summation order differs (fp32 rounding, ~1e-6 relative).
-Under torch.compile the oneDNN call goes through the opaque custom op `swinv2_fast::onednn_linear` (registered
-in the package's own op namespace when this module is imported), which inductor keeps as it is (it lowers
-oneDNN's op itself only for frozen, constant weights).
+Either way the math is the same; only the GEMM's summation order differs (fp32 rounding, ~1e-6 relative; in
+bf16, the output's rounding). Under torch.compile the oneDNN call goes through the opaque custom op
+`swinv2_fast::onednn_linear` (registered in the package's own op namespace when this module is imported),
+which inductor keeps as it is (it lowers oneDNN's op itself only for frozen, constant weights).
 """
 
 from __future__ import annotations
@@ -33,11 +38,19 @@ from torch import nn
 
 from . import _torch_private
 
-__all__ = ["apply_linear", "is_plain_linear", "linear", "onednn_linear_available", "project_qkv"]
+__all__ = [
+    "apply_linear",
+    "is_plain_linear",
+    "linear",
+    "onednn_bf16_supported",
+    "onednn_linear_available",
+    "project_qkv",
+]
 
 
-# Asked once, at import (a query, which changes nothing): torch.compile cannot trace the question itself.
+# Asked once, at import (queries, which change nothing): torch.compile cannot trace the questions themselves.
 _AVAILABLE = _torch_private.onednn_linear_available()
+_BF16 = _AVAILABLE and _torch_private.onednn_bf16_supported()
 
 
 def onednn_linear_available() -> bool:
@@ -45,26 +58,42 @@ def onednn_linear_available() -> bool:
     return _AVAILABLE
 
 
-def _routes_to_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], onednn: bool) -> bool:
-    if not onednn or torch.jit.is_tracing():  # TorchScript's tracer cannot record the op's optional-scalar list
-        return False
+def onednn_bf16_supported() -> bool:
+    """Whether the oneDNN route also serves bf16 calls here (the op exists and this CPU computes bf16)."""
+    return _BF16
+
+
+def _onednn_dtype(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], onednn: bool
+) -> Optional[torch.dtype]:
+    """The dtype the oneDNN call computes in (float32 or bfloat16), or None: `F.linear` (see the module
+    docstring for the rules)."""
+    if not onednn or not _AVAILABLE or torch.jit.is_tracing():  # the tracer cannot record the op's scalar list
+        return None
     if isinstance(x, torch.fx.Proxy):  # torch.fx traces: device and autograd unknown, the graph takes F.linear
-        return False
-    if not (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and weight.device.type == "cpu"
-        and weight.is_contiguous()
-    ):
-        return False
-    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
-        return False
+        return None
+    if not (x.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()):
+        return None
+    if bias is not None and bias.device.type != "cpu":
+        return None
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
-        return False
-    return _AVAILABLE
+        return None
+    operands = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _BF16:
+            return None  # autocast to fp16: F.linear, which autocast casts
+        return torch.bfloat16 if operands <= {torch.float32, torch.bfloat16} else None
+    if operands == {torch.float32}:
+        return torch.float32
+    if _BF16 and x.dtype == weight.dtype == torch.bfloat16 and operands <= {torch.float32, torch.bfloat16}:
+        return torch.bfloat16
+    return None
+
+
+def _routes_to_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], onednn: bool) -> bool:
+    return _onednn_dtype(x, weight, bias, onednn) is not None
 
 
 def linear(
@@ -72,7 +101,9 @@ def linear(
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, followed by exact GELU when `gelu`; through oneDNN when `onednn` and the
     call qualifies (see the module docstring), through `F.linear` otherwise."""
-    if _routes_to_onednn(x, weight, bias, onednn):
+    dtype = _onednn_dtype(x, weight, bias, onednn)
+    if dtype is not None:
+        x, weight = x.to(dtype), weight.to(dtype)  # no-ops but under autocast (what autocast would cast)
         if torch.compiler.is_compiling():
             return torch.ops.swinv2_fast.onednn_linear(x, weight, bias, gelu)
         return _torch_private.onednn_linear(x, weight, bias, gelu)

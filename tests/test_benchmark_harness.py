@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from benchmarks import cases, cpu_linear, harness, main, plot
+from benchmarks import cases, cpu_attention, cpu_linear, harness, main, plot
 from swinv2_fast import linear as L
 
 CPU = torch.device("cpu")
@@ -154,6 +154,23 @@ def test_cpu_linear_comparison_runs(capsys):
     assert cpu_linear.main(["--batch", "1", "--rounds", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 16 + 1 and all(" x" in line for line in lines[2:])
+
+
+@pytest.mark.skipif(not L.onednn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
+def test_cpu_linear_comparison_runs_under_autocast(capsys):
+    assert cpu_linear.main(["--batch", "1", "--rounds", "1", "--autocast"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "bf16 autocast" in lines[0] and len(lines) == 2 + 16 + 1
+
+
+def test_cpu_attention_comparison_runs(capsys):
+    """One row per stage, dtype and mode, naming the chain `sdpa_serves` picks."""
+    assert cpu_attention.main(["--batch", "1", "--rounds", "1", "--dtypes", "float32", "bfloat16"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 4 * 2 * 2 and all(" x" in row for row in rows)
+    picks = {(row.split()[1], row.split()[2]): row.split()[-1] for row in rows}
+    assert picks[("bfloat16", "training")] == "explicit" and picks[("bfloat16", "inference")] == "SDPA"
+    assert picks[("float32", "training")] == picks[("float32", "inference")] == "SDPA"
 
 
 def test_rows_csv_and_chart(tmp_path):

@@ -8,9 +8,12 @@ import torch.nn.functional as F
 import swinv2_fast
 from swinv2_fast import linear as L
 
-from _utils import FP32_ATOL, assert_close, perturb_
+from _utils import FP32_ATOL, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, assert_close, perturb_
 
 needs_onednn = pytest.mark.skipif(not L.onednn_linear_available(), reason="this PyTorch has no oneDNN linear op")
+needs_onednn_bf16 = pytest.mark.skipif(
+    not L.onednn_bf16_supported(), reason="this PyTorch has no oneDNN linear op or this CPU no native bf16"
+)
 
 
 def _operands(seed=0, m=37, k=24, n=40):
@@ -32,6 +35,45 @@ def test_which_calls_go_to_onednn():
     assert L._routes_to_onednn(x, w, b, True)  # grad mode on, but nothing requires grad: nothing to record
     with torch.inference_mode():
         assert L._routes_to_onednn(x, w, b, True)
+
+
+@needs_onednn_bf16
+def test_which_bf16_calls_go_to_onednn():
+    """bf16 where oneDNN computes it natively: a bf16 input and weight, or any fp32/bf16 operands under CPU
+    autocast to bf16 (cast as autocast casts them, so an fp32 input under autocast no longer takes the fp32
+    route); never under autocast to fp16 or for a bf16 input with an fp32 weight outside autocast."""
+    x, w, b = _operands()
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    with torch.no_grad():
+        assert L._onednn_dtype(xb, wb, bb, True) == torch.bfloat16
+        assert L._onednn_dtype(xb, wb, b, True) == torch.bfloat16  # an fp32 bias is added in fp32
+        assert L._onednn_dtype(xb, w, b, True) is None  # F.linear, which raises on the mixed dtypes
+        assert L._onednn_dtype(xb, wb, bb.half(), True) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert L._onednn_dtype(x, w, b, True) == torch.bfloat16
+            assert L._onednn_dtype(xb, w, b, True) == torch.bfloat16
+            assert L._onednn_dtype(x.double(), w.double(), None, True) is None
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert L._onednn_dtype(x, w, b, True) is None
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("gelu", [False, True])
+def test_onednn_bf16_under_autocast_is_as_accurate_as_autocasts_linear(gelu):
+    """Under CPU autocast to bf16, against fp64: the oneDNN call's error (relative to the largest element)
+    within LOW_PRECISION_FACTOR times that of F.linear under autocast (PyTorch's own bf16 error) plus the
+    floor; bf16 out, as autocast gives."""
+    x, w, b = _operands(seed=6, m=64, k=96, n=80)
+    exact = F.linear(x.double(), w.double(), b.double())
+    exact = F.gelu(exact) if gelu else exact
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = L.linear(x, w, b, gelu=gelu, onednn=True)
+        plain = L.linear(x, w, b, gelu=gelu, onednn=False)
+    assert fast.dtype == plain.dtype == torch.bfloat16
+    scale = exact.abs().max().item()
+    fast_error = (fast.double() - exact).abs().max().item() / scale
+    plain_error = (plain.double() - exact).abs().max().item() / scale
+    assert fast_error <= LOW_PRECISION_FACTOR * plain_error + LOW_PRECISION_FLOOR, (fast_error, plain_error)
 
 
 @needs_onednn

@@ -6,7 +6,7 @@ import transformers
 
 import swinv2_fast
 
-from _utils import CONFIGS, assert_close, make_pair
+from _utils import CONFIGS, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, assert_close, make_pair
 
 INPUTS = {
     "w7": [(2, 56, 56), (1, 61, 45)],
@@ -133,6 +133,34 @@ def test_low_precision_error_is_that_of_transformers(dtype):
     hf_error = (hf_low - reference).abs().max().item()
     ours_error = (ours_low - reference).abs().max().item()
     assert ours_error <= 2 * hf_error + 1e-6, f"{dtype}: ours {ours_error:.3e} vs transformers {hf_error:.3e}"
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_cpu_bf16_autocast_error_is_that_of_transformers(train):
+    """Under CPU autocast to bf16 (fp32 weights: oneDNN's bf16 linears in inference, the explicit attention
+    chain in training; see swinv2_fast/linear.py and kernels/reference.py `sdpa_serves`), the logits and, for
+    a training step, all parameter gradients against the fp32 model within LOW_PRECISION_FACTOR times
+    transformers' own autocast error, plus the floor; errors relative to the largest element."""
+    hf, ours = make_pair("Swinv2ForImageClassification", **CONFIGS["w8"])
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+
+    def run(model, autocast):
+        model.train(train)  # drop path and dropouts are 0: train mode changes only the autograd paths
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(train), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x).logits
+        result = [logits.double()]
+        if train:
+            logits.float().square().mean().backward()
+            result.append(torch.cat([p.grad.double().flatten() for p in model.parameters()]))
+        return result
+
+    reference = run(hf, autocast=False)
+    hf_low, ours_low = run(hf, autocast=True), run(ours, autocast=True)
+    for name, r, h, o in zip(["logits", "gradients"], reference, hf_low, ours_low):
+        scale = r.abs().max().item()
+        hf_error, ours_error = (h - r).abs().max().item() / scale, (o - r).abs().max().item() / scale
+        assert ours_error <= LOW_PRECISION_FACTOR * hf_error + LOW_PRECISION_FLOOR, (name, ours_error, hf_error)
 
 
 MODEL_CLASSES = ["Swinv2Model", "Swinv2ForImageClassification", "Swinv2ForMaskedImageModeling", "Swinv2Backbone"]
