@@ -416,7 +416,7 @@ def sdpa_serves(device: torch.device, dtype: torch.dtype, differentiated: bool) 
     - on a GPU, SDPA;
     - on a CPU in bfloat16 where autograd differentiates the call, explicit: with a position bias that needs
       gradients SDPA's CPU backward is its math fallback, which upcasts to fp32, and a training step's
-      attention took 1.3-1.5x the explicit chain's time (whose S is fp32 once the fp32 logit scale
+      attention took 1.2-1.5x the explicit chain's time (whose S is fp32 once the fp32 logit scale
       multiplies it, as in transformers and timm under autocast);
     - everywhere else on a CPU, SDPA: in bf16 inference its kernel keeps S in fp32, and an explicit chain
       fast enough to beat it (S in bf16) had 2-3x the output error of the peers' chain; in fp32 inference it is
