@@ -417,6 +417,31 @@ MUTANTS = [
         ("tests/test_dispatch.py",),
         "fp64 runs eager on a GPU (no fp64 build)",
     ),
+    # ------------------------------------------------------------------------------------ CPU eager path
+    Mutant(
+        "cpu-permutation-backward-forward-index",
+        "kernels/reference.py",
+        "        return grad.index_select(ctx.dim, ctx.inverse), None, None, None",
+        "        return grad.index_select(ctx.dim, ctx.inverse.flip(0)), None, None, None",
+        ("tests/test_reference.py", "-k", "test_the_permutation_backward_equals_autograds"),
+        "the gather's gradient lands on the wrong tokens in every training step on an unpadded grid",
+    ),
+    Mutant(
+        "cpu-bf16-inference-leaves-sdpa",
+        "kernels/reference.py",
+        '    return device.type != "cpu" or dtype != torch.bfloat16 or not differentiated',
+        '    return device.type != "cpu" or dtype != torch.bfloat16',
+        ("tests/test_reference.py", "-k", "test_the_cpu_eager_path_takes_sdpa_but_in_bf16_training"),
+        "bf16 inference on a CPU leaves SDPA for the explicit chain (measured slower there)",
+    ),
+    Mutant(
+        "cpu-autocast-linear-in-fp32",
+        "swinv2_fast/linear.py",
+        "        return torch.bfloat16 if operands <= {torch.float32, torch.bfloat16} else None",
+        "        return torch.float32 if operands <= {torch.float32, torch.bfloat16} else None",
+        ("tests/test_linear.py", "-k", "test_which_bf16_calls_go_to_onednn"),
+        "linears under CPU autocast computed in fp32, ignoring autocast",
+    ),
     # ----------------------------------------------------------------------------------------- timm Cr patch
     Mutant(
         "patch-cr-pad-then-roll",
