@@ -5,8 +5,8 @@
 Prints, per GEMM shape (tokens x in -> out), the median ms of F.linear, of the oneDNN call, and their ratio,
 measured in one run; the MLP's first GEMM is timed with exact GELU (F.gelu after F.linear against GELU
 applied by oneDNN). Inference only: the shapes and route the models' eval path uses, in fp32, or with
---autocast under CPU autocast to bf16 (fp32 weights, cast per call as autocast casts them; needs a CPU with
-native bf16).
+--autocast under CPU autocast to bf16 (fp32 weights, cast per call as autocast casts them; needs a CPU for
+which oneDNN reports bf16 support).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         print("this PyTorch has no oneDNN linear op: nothing to compare", file=sys.stderr)
         return 1
     if args.autocast and not L.onednn_bf16_supported():
-        print("this CPU has no native bf16 for oneDNN: the route serves fp32 only here", file=sys.stderr)
+        print("oneDNN reports no bf16 support on this CPU: the route serves fp32 only here", file=sys.stderr)
         return 1
     device = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from .geometry import GEOMETRY_ARGS, OP_SCHEMA_GEOMETRY, WindowGeometry
-from .reference import window_attention_reference
+from .reference import sdpa_serves, window_attention_reference
 from .tiles import INTERPRETED
 from .triton_backward import window_attention_triton_backward
 from .triton_forward import window_attention_triton_forward
@@ -150,7 +150,12 @@ def _reference_backward(grad_out, inputs, needs, geometry_args, create_graph=Fal
             if create_graph
             else [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
         )
-        out = window_attention_reference(*leaves, geometry=WindowGeometry.from_args(*geometry_args))
+        # the chain the op's eager forward ran (it runs without autograd recording): the gradients are of the
+        # function whose output the forward returned
+        fused_softmax = sdpa_serves(leaves[0].device, leaves[0].dtype, differentiated=False)
+        out = window_attention_reference(
+            *leaves, geometry=WindowGeometry.from_args(*geometry_args), fused_softmax=fused_softmax
+        )
         wanted = [t for t, need in zip(leaves, needs) if t is not None and need]
         found = iter(
             torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph, allow_unused=True) if wanted else ()

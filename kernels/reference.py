@@ -407,22 +407,32 @@ def _sdpa_mask(position_bias, layout, mask_value, dtype):
     return _sdpa_masks.get_or_build(key, build_entry, valid).mask
 
 
+def _sdpa_mask_dtype(q: torch.Tensor, position_bias: torch.Tensor) -> torch.dtype:
+    """The dtype of SDPA's mask: on a CPU the table's precision where it is higher than q's (autocast's fp32
+    table beside bf16 q: bias and shift mask are not rounded to bf16; the CPU kernel takes an fp32 mask with
+    16-bit q); elsewhere q's dtype, which the GPU kernels require."""
+    if q.device.type == "cpu":
+        return torch.promote_types(q.dtype, position_bias.dtype)
+    return q.dtype
+
+
 def sdpa_serves(device: torch.device, dtype: torch.dtype, differentiated: bool) -> bool:
     """Whether softmax(S) @ v goes through PyTorch's fused attention (SDPA) or is formed explicitly (S, then
-    P, then P @ v: the chain transformers and timm run; the same math), for a call autograd differentiates
-    (`differentiated`) or not. Chosen by speed and accuracy, measured per stage, dtype and mode with
-    `python -m benchmarks.cpu_attention` (docs/benchmarks.md has its figures):
+    P, then P @ v: the chain transformers and timm run, with S and the softmax in fp32 at least; the same
+    math), for a call autograd differentiates (`differentiated`) or not. Measured per stage, dtype and mode
+    with `python -m benchmarks.cpu_attention` (docs/benchmarks.md has its figures; a shared CPU moves them
+    by 10-30% between runs):
 
     - on a GPU, SDPA;
-    - on a CPU in bfloat16 where autograd differentiates the call, explicit: with a position bias that needs
-      gradients SDPA's CPU backward is its math fallback, which upcasts to fp32, and a training step's
-      attention took 1.2-1.5x the explicit chain's time (whose S is fp32 once the fp32 logit scale
-      multiplies it, as in transformers and timm under autocast);
-    - everywhere else on a CPU, SDPA: in bf16 inference its kernel keeps S in fp32, and an explicit chain
-      fast enough to beat it (S in bf16) had 2-3x the output error of the peers' chain; in fp32 inference it is
-      1.0-1.2x faster than the explicit chain, in fp32 training within 15% either way; in float16 x86 CPUs
-      without AVX512-FP16 or AMX-FP16 have no fp16 GEMM and the explicit chain took 3-6x SDPA's time. Under
-      torch.compile too (inductor fusing the explicit chain was slower in bf16 and fp32 inference).
+    - on a CPU in bfloat16 where autograd differentiates the call, explicit: SDPA's CPU backward took
+      1.2-1.6x the explicit chain's time per stage of SwinV2-T with a position bias that needs gradients (its
+      math fallback) and 2.1-2.4x with a frozen one;
+    - everywhere else on a CPU, SDPA: in bf16 inference, with the table's fp32 mask (`_sdpa_mask_dtype`),
+      it was the more accurate of the two against the peers' chain, at 0.8-1.4x the explicit chain's speed
+      per stage; in fp32 it keeps the fp32 tests' yardsticks (0.8-1.2x in inference, 0.9-1.3x in
+      training); in float16 x86 CPUs without AVX512-FP16 or AMX-FP16 have no fp16 GEMM and the explicit
+      chain took 3-6x SDPA's time. Under torch.compile too (inductor fusing the explicit chain was slower in
+      bf16 and fp32 inference).
     """
     return device.type != "cpu" or dtype != torch.bfloat16 or not differentiated
 
@@ -431,7 +441,10 @@ def sdpa_serves(device: torch.device, dtype: torch.dtype, differentiated: bool) 
 class _PermuteRows(torch.autograd.Function):
     """`x.index_select(dim, index)` for an `index` that is a permutation, `inverse` its inverse: the backward
     is the inverse gather, where autograd's backward of index_select scatters with index_add_ into zeros
-    (on a CPU several times the time of a gather; a bf16 training step spent ~4% of its time there)."""
+    (on a CPU several times the time of a gather; a bf16 training step spent ~4% of its time there). Forward
+    mode (jvp) gathers the tangent; torch.func.vmap batches it by its generated rule (per-sample gradients)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor, dim: int, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -439,11 +452,15 @@ class _PermuteRows(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.dim, ctx.inverse = inputs[1], inputs[3]
+        ctx.dim, ctx.index, ctx.inverse = inputs[1], inputs[2], inputs[3]
 
     @staticmethod
     def backward(ctx, grad):
         return grad.index_select(ctx.dim, ctx.inverse), None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        return x_t.index_select(ctx.dim, ctx.index)
 
 
 def _move_rows(x: torch.Tensor, dim: int, index: torch.Tensor, inverse: Optional[torch.Tensor]) -> torch.Tensor:
@@ -461,13 +478,11 @@ def _move_rows(x: torch.Tensor, dim: int, index: torch.Tensor, inverse: Optional
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """x / max(||x||, 1e-12) along the last axis, in x's dtype: F.normalize, as transformers and timm call it,
-    but in fp16, where the epsilon underflows to 0 and a zero row (k of a padded token without k bias) would
-    give 0/0: there in fp32, rounded once. bf16 has fp32's exponent range and stays bf16 (a round trip through
-    fp32 took 8x the time of the normalisation itself on a CPU)."""
-    if x.dtype == torch.float16:
-        return F.normalize(x.float(), dim=-1).to(x.dtype)
-    return F.normalize(x, dim=-1)
+    """x / max(||x||, 1e-12) along the last axis, computed in fp32 at least (fp64 stays fp64) and rounded
+    once to x's dtype: in fp16 the epsilon underflows to 0 and a zero row (k of a padded token without k bias)
+    would give 0/0, and in bf16 normalising in bf16 doubled the rounding error of q and k (the gradients of
+    the logit scale most), for a few ms of a CPU forward."""
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1).to(x.dtype)
 
 
 @takes_geometry
@@ -540,6 +555,9 @@ def window_attention_reference(
         fused_softmax = sdpa_serves(q.device, q.dtype, differentiated)
     if return_attention_probs or not fused_softmax:
         bias = _combined_bias(position_bias, layout, g.mask_value)  # (heads, nW or 1, N, N)
+        if not return_attention_probs:  # S and the softmax in fp32 at least (a 16-bit model's scale is 16-bit);
+            # returned probabilities keep the dtype transformers returns them in
+            scale = scale.to(torch.promote_types(q.dtype, torch.float32))
         scores = (q @ k.transpose(-2, -1)) * scale + bias  # (B, heads, nW, N, N)
         probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
@@ -557,7 +575,7 @@ def window_attention_reference(
             (q * scale.to(q.dtype)).view(shape),
             k.view(shape),
             v.view(shape),
-            attn_mask=_sdpa_mask(position_bias, layout, g.mask_value, q.dtype),
+            attn_mask=_sdpa_mask(position_bias, layout, g.mask_value, _sdpa_mask_dtype(q, position_bias)),
             dropout_p=dropout_p,
             scale=1.0,
         )

@@ -10,9 +10,10 @@ not as an error path):
 - the caller asks for it (`onednn=True`; the models pass their `config.cpu_onednn_linear`, default True);
 - oneDNN's op is in this PyTorch (`onednn_linear_available()`);
 - the call computes in fp32 (input, weight and bias fp32, no CPU autocast), or in bf16 where oneDNN computes
-  bf16 natively (`onednn_bf16_supported()`): a bf16 input and a bf16 weight, or the call under CPU autocast
-  to bf16 with fp32 or bf16 operands, which are then cast to bf16 as autocast would cast them (a fp32 bias is
-  added in fp32, one rounding fewer than autocast's);
+  bf16 (`onednn_bf16_supported()`: oneDNN's own answer, natively with AVX-512 BF16 or AMX, by conversion
+  on plain AVX-512): bf16 input, weight and bias, or the call under CPU autocast to bf16 with fp32 or bf16
+  operands, input and weight then cast to bf16 as autocast would cast them (an fp32 bias is added in fp32,
+  one rounding fewer than autocast's);
 - all on the CPU, the weight contiguous;
 - autograd is not recording the call: the op has no backward, so training keeps `F.linear`;
 - `torch.jit.trace` is not recording (its tracer cannot record the op).
@@ -87,7 +88,7 @@ def _onednn_dtype(
         return torch.bfloat16 if operands <= {torch.float32, torch.bfloat16} else None
     if operands == {torch.float32}:
         return torch.float32
-    if _BF16 and x.dtype == weight.dtype == torch.bfloat16 and operands <= {torch.float32, torch.bfloat16}:
+    if _BF16 and operands == {torch.bfloat16}:  # outside autocast F.linear refuses mixed dtypes: so does this
         return torch.bfloat16
     return None
 

@@ -288,8 +288,10 @@ def test_gpu_preset_plan(capsys):
         for mode in cases.OP_MODES:
             assert {(shape, provider, mode, "torch.float32") for shape in main.GPU_OP_SHAPES} <= ops
             assert {(shape, provider, mode, "torch.bfloat16") for shape in main.GPU_BF16_OP_SHAPES} <= ops
-    # the cost model's per-model summary (tools/compile_check --models): SwinV2-T w8, B w16, B w12, L w24
-    assert {"tiny-w8-256", "base-w16-256", "base-w12-192", "large-w24-384"} <= set(main.GPU_BF16_OP_SHAPES)
+    # the op cases of the cost model's per-model summary (tools/compile_check --models)
+    from tools import cost
+
+    assert set(cost.SUMMARY_OP_CASES.values()) <= set(main.GPU_BF16_OP_SHAPES)
     assert {(i["shape"], i["mode"]) for i in items if i["provider"] == "compile"} == {
         ("tiny-w8-256", "forward"),
         ("tiny-w8-256", "forward+backward"),

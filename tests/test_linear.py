@@ -39,15 +39,15 @@ def test_which_calls_go_to_onednn():
 
 @needs_onednn_bf16
 def test_which_bf16_calls_go_to_onednn():
-    """bf16 where oneDNN computes it natively: a bf16 input and weight, or any fp32/bf16 operands under CPU
-    autocast to bf16 (cast as autocast casts them, so an fp32 input under autocast no longer takes the fp32
-    route); never under autocast to fp16 or for a bf16 input with an fp32 weight outside autocast."""
+    """bf16 where oneDNN computes it: bf16 input, weight and bias, or any fp32/bf16 operands under CPU autocast
+    to bf16 (cast as autocast casts them, so an fp32 input under autocast no longer takes the fp32 route);
+    never under autocast to fp16, nor for mixed dtypes outside autocast (which F.linear refuses)."""
     x, w, b = _operands()
     xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
     with torch.no_grad():
         assert L._onednn_dtype(xb, wb, bb, True) == torch.bfloat16
-        assert L._onednn_dtype(xb, wb, b, True) == torch.bfloat16  # an fp32 bias is added in fp32
-        assert L._onednn_dtype(xb, w, b, True) is None  # F.linear, which raises on the mixed dtypes
+        # outside autocast mixed dtypes go to F.linear, which raises on them
+        assert L._onednn_dtype(xb, wb, b, True) is None and L._onednn_dtype(xb, w, b, True) is None
         assert L._onednn_dtype(xb, wb, bb.half(), True) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert L._onednn_dtype(x, w, b, True) == torch.bfloat16

@@ -518,19 +518,29 @@ def test_the_cpu_eager_path_takes_sdpa_but_in_bf16_training(monkeypatch, dtype, 
     assert len(calls) == int(expect_sdpa) and out.dtype == dtype
 
 
+BF16_CASES = [CASES[1], CASES[3], CASES[6], pytest.param(2, (16, 16), 3, 32, 8, 4, id="B2-16x16-h3d32-w8s4")]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16], ids=["table-fp32", "table-bf16"])
 @pytest.mark.parametrize("pad_order", PAD_ORDERS)
-@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", [CASES[1], CASES[3], CASES[6]])
-def test_bf16_on_a_cpu_is_as_accurate_as_the_peers_chain(B, grid, heads, head_dim, window, shift, pad_order):
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", BF16_CASES)
+def test_bf16_on_a_cpu_is_as_accurate_as_the_peers_chain(
+    B, grid, heads, head_dim, window, shift, pad_order, table_dtype, seed
+):
     """bf16 on a CPU (SDPA in inference, the explicit chain in training): the output and every gradient,
     measured against fp64, within LOW_PRECISION_FACTOR times PyTorch's own bf16 error plus the floor.
-    PyTorch's own error here is that of the chain transformers and timm run in bf16 (kernels/naive.py, their
-    steps literally): the error a user of either gets under autocast. The position bias and logit scale in
-    fp32, as under autocast."""
+    PyTorch's own error is that of the chain transformers and timm run (kernels/naive.py, their steps
+    literally) in bf16, or the problem's sensitivity to rounding its bf16 inputs where that is larger (one
+    sample of rounding can be lucky: tests/_utils.py, ROUNDING_DRAWS). The table in fp32 (as under
+    autocast, with an fp32 logit scale) or bf16 (a bf16 model's, scale included)."""
     qkv, qkv_bias, logit_scale, position_bias = make_inputs(
-        B, grid, heads, head_dim, window, dtype=torch.bfloat16, table_dtype=torch.float32, device="cpu"
+        B, grid, heads, head_dim, window, dtype=torch.bfloat16, table_dtype=table_dtype, device="cpu", seed=seed
     )
-    inputs = [qkv, qkv_bias, logit_scale, position_bias]
+    inputs = [qkv, qkv_bias, logit_scale.to(table_dtype), position_bias]
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    gen = torch.Generator().manual_seed(seed + 7)
+    grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, generator=gen)
 
     def run(function, tensors, grad=None):
         leaves = [t.detach().clone().requires_grad_(grad is not None) for t in tensors]
@@ -538,24 +548,62 @@ def test_bf16_on_a_cpu_is_as_accurate_as_the_peers_chain(B, grid, heads, head_di
         if grad is None:
             return [out]
         out.backward(grad.to(out.dtype))
-        return [out] + [t.grad for t in leaves]
+        return [out] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
 
-    grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, generator=torch.Generator().manual_seed(7))
+    def relative(a, x):
+        return (a.double() - x).abs().max().item() / max(x.abs().max().item(), 1e-30)
+
     for grad in (None, grad_out):
         exact = run(window_attention_naive, [t.double() for t in inputs], grad)
         peers, ours = run(window_attention_naive, inputs, grad), run(window_attention_reference, inputs, grad)
-        for name, o, p, x in zip(["output", "qkv", "qkv_bias", "logit_scale", "table"], ours, peers, exact):
-            if o is None or x is None:  # the reference reads the bias only where the grid is padded
+        sensitivity = rounding_sensitivity(
+            lambda ts, grad=grad: run(window_attention_naive, ts, grad), inputs, torch.bfloat16, relative, seed=seed
+        )
+        for name, o, p, x, sens in zip(
+            ["output", "qkv", "qkv_bias", "logit_scale", "table"], ours, peers, exact, sensitivity
+        ):
+            if not x.abs().max().item():  # the bias is read only where the grid is padded
                 continue
-            scale = x.abs().max().item()
-            peers_error = (p.double() - x).abs().max().item() / scale
-            our_error = (o.double() - x).abs().max().item() / scale
-            assert our_error <= LOW_PRECISION_FACTOR * peers_error + LOW_PRECISION_FLOOR, (
+            own = max(relative(p, x), sens)
+            assert relative(o, x) <= LOW_PRECISION_FACTOR * own + LOW_PRECISION_FLOOR, (
                 name,
                 grad is not None,
-                our_error,
-                peers_error,
+                relative(o, x),
+                relative(p, x),
+                sens,
             )
+
+
+def test_per_sample_gradients_and_forward_mode_through_the_eager_path():
+    """torch.func over the eager path with the permutation gather (an unpadded grid): per-sample gradients
+    (vmap of grad) equal each sample's own gradient, and forward-mode AD (jvp) equals autograd's
+    directional derivative."""
+    from torch import func
+
+    inputs = random_inputs(3, (8, 8), 2, 16, 4)
+    qkv, rest = inputs[0], inputs[1:]
+    kwargs = dict(grid_size=(8, 8), num_heads=2, window_size=4, shift_size=2)
+
+    def loss(x):
+        return window_attention_reference(x.unsqueeze(0), *rest, **kwargs).square().sum()
+
+    per_sample = func.vmap(func.grad(loss))(qkv)
+    for i in range(qkv.shape[0]):
+        x = qkv[i : i + 1].clone().requires_grad_()
+        (expected,) = torch.autograd.grad(window_attention_reference(x, *rest, **kwargs).square().sum(), x)
+        assert_close(per_sample[i], expected[0], atol=FP32_ATOL, name=f"sample {i}")
+    # forward mode through the explicit chain (SDPA's CPU kernel has no forward-mode formula of its own)
+    kwargs["fused_softmax"] = False
+    # on a tensor that also requires grad, as in a training step (the permutation's own jvp then runs)
+    import torch.autograd.forward_ad as fwAD
+
+    tangent = torch.randn_like(qkv)
+    x = qkv.clone().requires_grad_()
+    with fwAD.dual_level():
+        forward_mode = fwAD.unpack_dual(window_attention_reference(fwAD.make_dual(x, tangent), *rest, **kwargs)).tangent
+    out = window_attention_reference(x, *rest, **kwargs)
+    (reverse,) = torch.autograd.grad(out, x, torch.ones_like(out), create_graph=False)
+    assert_close((forward_mode).sum(), (reverse * tangent).sum(), atol=1e-3, name="jvp against vjp")
 
 
 def test_the_permutation_backward_equals_autograds(monkeypatch):

@@ -435,6 +435,14 @@ MUTANTS = [
         "bf16 inference on a CPU leaves SDPA for the explicit chain (measured slower there)",
     ),
     Mutant(
+        "cpu-sdpa-mask-rounded-to-bf16",
+        "kernels/reference.py",
+        "        return torch.promote_types(q.dtype, position_bias.dtype)\n",
+        "        return q.dtype\n",
+        ("tests/test_reference.py", "-k", "test_bf16_on_a_cpu_is_as_accurate_as_the_peers_chain and table-fp32"),
+        "bf16 inference on a CPU rounds autocast's fp32 bias and shift mask to bf16 (2-4x the peers' error)",
+    ),
+    Mutant(
         "cpu-autocast-linear-in-fp32",
         "swinv2_fast/linear.py",
         "        return torch.bfloat16 if operands <= {torch.float32, torch.bfloat16} else None",
