@@ -56,6 +56,7 @@ __all__ = [
     "ROLL_THEN_PAD",
     "WindowGeometry",
     "WindowLayout",
+    "autograd_records",
     "cached_tensors",
     "caching_allowed",
     "clear_caches",
@@ -416,6 +417,12 @@ def _sdpa_mask_dtype(q: torch.Tensor, position_bias: torch.Tensor) -> torch.dtyp
     return q.dtype
 
 
+def autograd_records(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records a call on these tensors (None allowed): grad mode on and one of them requires
+    grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def sdpa_serves(device: torch.device, dtype: torch.dtype, differentiated: bool) -> bool:
     """Whether softmax(S) @ v goes through PyTorch's fused attention (SDPA) or is formed explicitly (S, then
     P, then P @ v: the chain transformers and timm run, with S and the softmax in fp32 at least; the same
@@ -467,12 +474,7 @@ def _move_rows(x: torch.Tensor, dim: int, index: torch.Tensor, inverse: Optional
     """x.index_select(dim, index); through `_PermuteRows` where autograd records the call, `index` is a
     permutation (`inverse` given: a grid without padding) and nothing traces it (torch.compile, export and
     torch.jit.trace differentiate index_select themselves)."""
-    if (
-        inverse is not None
-        and x.requires_grad
-        and torch.is_grad_enabled()
-        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-    ):
+    if inverse is not None and autograd_records(x) and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
         return _PermuteRows.apply(x, dim, index, inverse)
     return x.index_select(dim, index)
 
@@ -549,9 +551,7 @@ def window_attention_reference(
     scale = torch.clamp(logit_scale.reshape(num_heads, 1, 1, 1), max=LOGIT_SCALE_MAX).exp()
     q, k = _unit_rows(q), _unit_rows(k)
     if fused_softmax is None:
-        differentiated = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (qkv, qkv_bias, logit_scale, position_bias)
-        )
+        differentiated = autograd_records(qkv, qkv_bias, logit_scale, position_bias)
         fused_softmax = sdpa_serves(q.device, q.dtype, differentiated)
     if return_attention_probs or not fused_softmax:
         bias = _combined_bias(position_bias, layout, g.mask_value)  # (heads, nW or 1, N, N)

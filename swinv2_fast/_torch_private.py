@@ -22,8 +22,8 @@ def onednn_linear_available() -> bool:
 
 
 def onednn_bf16_supported() -> bool:
-    """Whether oneDNN computes bf16 natively on this CPU (AVX-512 BF16, AMX or AVX-512 with bf16 conversions:
-    oneDNN's own answer). Private: `torch.ops.mkldnn._is_mkldnn_bf16_supported()`."""
+    """Whether oneDNN reports bf16 support on this CPU (natively with AVX-512 BF16 or AMX, by conversion on
+    plain AVX-512: oneDNN's own answer). Private: `torch.ops.mkldnn._is_mkldnn_bf16_supported()`."""
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(probe is not None and probe())
 

@@ -11,7 +11,7 @@ import torch
 
 from .kernels import tiles
 from .kernels.geometry import WindowGeometry, takes_geometry
-from .kernels.reference import window_attention_reference
+from .kernels.reference import autograd_records, window_attention_reference
 
 __all__ = ["IMPLEMENTATIONS", "resolve_implementation", "triton_available", "window_attention"]
 
@@ -50,8 +50,7 @@ def _fused_serves(qkv: torch.Tensor, num_heads: int, grad_inputs) -> bool:
     kernels/tiles.py); everything else yes."""
     if qkv.dtype == torch.float64:
         return False
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
-    if not needs_grad:
+    if not autograd_records(*grad_inputs):
         return True
     return tiles.fused_backward_supported(qkv.shape[-1] // 3 // num_heads, qkv.dtype)
 

@@ -93,10 +93,6 @@ def _onednn_dtype(
     return None
 
 
-def _routes_to_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], onednn: bool) -> bool:
-    return _onednn_dtype(x, weight, bias, onednn) is not None
-
-
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, gelu: bool = False, onednn: bool = True
 ) -> torch.Tensor:

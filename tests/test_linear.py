@@ -25,16 +25,16 @@ def _operands(seed=0, m=37, k=24, n=40):
 def test_which_calls_go_to_onednn():
     x, w, b = _operands()
     with torch.no_grad():
-        assert L._routes_to_onednn(x, w, b, True) and L._routes_to_onednn(x, w, None, True)
-        assert not L._routes_to_onednn(x.double(), w.double(), b.double(), True)  # fp32 only
-        assert not L._routes_to_onednn(x, w.t().contiguous().t(), b, True)  # the op needs a contiguous weight
-        assert not L._routes_to_onednn(x, w, b.half(), True)
-        assert not L._routes_to_onednn(x, w, b, False)  # the caller's switch
+        assert L._onednn_dtype(x, w, b, True) == L._onednn_dtype(x, w, None, True) == torch.float32
+        assert L._onednn_dtype(x.double(), w.double(), b.double(), True) is None  # fp32 or bf16 only
+        assert L._onednn_dtype(x, w.t().contiguous().t(), b, True) is None  # the op needs a contiguous weight
+        assert L._onednn_dtype(x, w, b.half(), True) is None
+        assert L._onednn_dtype(x, w, b, False) is None  # the caller's switch
     w_leaf = w.clone().requires_grad_()
-    assert not L._routes_to_onednn(x, w_leaf, b, True)  # autograd records the call: F.linear
-    assert L._routes_to_onednn(x, w, b, True)  # grad mode on, but nothing requires grad: nothing to record
+    assert L._onednn_dtype(x, w_leaf, b, True) is None  # autograd records the call: F.linear
+    assert L._onednn_dtype(x, w, b, True) == torch.float32  # grad on, nothing requires grad: nothing to record
     with torch.inference_mode():
-        assert L._routes_to_onednn(x, w, b, True)
+        assert L._onednn_dtype(x, w, b, True) == torch.float32
 
 
 @needs_onednn_bf16
