@@ -48,6 +48,7 @@ __all__ = [
     "launch_stages",
     "load_tuned_tiles",
     "register_cap",
+    "table_kernel_warps",
     "tuned_entry",
 ]
 
@@ -89,6 +90,15 @@ _TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 
 # kernels share one tile shape: the probabilities they recompute are then bitwise the same.
 _BWD_TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 8), 64: (32, 16, 8), 128: (16, 32, 8)}
 _BWD_TILES_FP32 = {16: (32, 16, 8), 32: (16, 32, 8)}
+# The 16-bit backward at head_dim 17 to 32 on windows of 64 tokens or more (those the fused kernel does not
+# serve: N = 144, 256, 576) runs (64, 64, 4) tiles with num_stages 1, no software pipelining of the block
+# loops (`_backward_tiles_16bit`, `launch_stages`). By the static cost report (bf16, head_dim 32, sm_90, the
+# four kernels together, H200 estimate over the backward floor) they took the backward at N = 144, 256 and 576
+# from 24.0, 16.3 and 18.6 to 13.9, 7.7 and 9.1 (from (64, 32, 8) with Triton's 3 stages); 3 stages were 2-7%
+# above 1. At N = 49 they would halve it too, but the table kernel spills 56 B on sm_80 with Triton 3.6
+# (unshifted): N = 49 keeps (64, 32, 8).
+_BWD_WIDE_TILES = (64, 64, 4)
+_BWD_WIDE_STAGES = 1
 # Register budget per thread handed to ptxas (.maxnreg). Without it ptxas may cap 8-warp kernels at 128
 # registers and spill; 255 x 256 threads still fits one SM's 64K registers. Kernels that fit in 128
 # without spilling are capped there (twice the resident warps of 255): `register_cap`.
@@ -109,6 +119,11 @@ def _triton_release() -> Tuple[int, int]:
     """(major, minor) of the installed Triton."""
     major, minor = triton_version().split(".")[:2]
     return int(major), int(minor)
+
+
+def _backward_tiles_16bit(n: int, block_d: int) -> Tuple[int, int, int]:
+    """The 16-bit backward's tiles: `_BWD_WIDE_TILES` at channel tiles of 32 and N >= 64, the table elsewhere."""
+    return _BWD_WIDE_TILES if block_d == 32 and n >= 64 else _BWD_TILES_16BIT[block_d]
 
 
 def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
@@ -197,7 +212,7 @@ def block_config(
     if backward and dtype == torch.float32:
         return _BWD_TILES_FP32.get(block_d, _TILES_FP32[block_d])  # beyond the table: interpreter only
     if backward:
-        return _BWD_TILES_16BIT[block_d]
+        return _backward_tiles_16bit(n, block_d)
     if dtype != torch.float32 and block_d <= 32:
         return _forward_tiles_16bit(n)
     return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[block_d]
@@ -207,9 +222,18 @@ def launch_stages(
     n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: Optional[int] = None
 ) -> Optional[int]:
     """num_stages for the launch: a tile sweep's record (as block_config's) or override where there is one,
-    else None (the launch passes none: Triton's default, 3 on CUDA)."""
+    else the 16-bit backward's on wide tiles (`_BWD_WIDE_STAGES`), else None (the launch passes none: Triton's
+    default, 3 on CUDA)."""
     tuned = _tuned(n, head_dim, dtype, backward, arch)
-    return None if tuned is None else tuned[4]
+    if tuned is not None:
+        return tuned[4]
+    if (
+        backward
+        and dtype in (torch.float16, torch.bfloat16)
+        and _backward_tiles_16bit(n, channel_block(head_dim)) == _BWD_WIDE_TILES
+    ):
+        return _BWD_WIDE_STAGES
+    return None
 
 
 def register_cap(
@@ -237,6 +261,15 @@ def register_cap(
     ):
         return 128
     return MAXNREG
+
+
+def table_kernel_warps(num_warps: int, block_m: int, block_n: int) -> int:
+    """Warps of the table-gradient kernel (bwd_dbias) for the backward's tiles and warps: at least 8 from
+    (64, 64) tiles up. It holds two [BLOCK_M, BLOCK_N] fp32 tiles more than the other three kernels (the bias
+    tile, loaded once for its group of windows, and the table gradient's running sum): over 4 warps, (64, 64)
+    spills 8 B on sm_80 at N = 144 unshifted. More warps keep the tiles, so the scores it recomputes stay
+    bitwise those of the other kernels: warps split a dot's rows and columns, never its sum over channels."""
+    return max(num_warps, 8) if block_m * block_n >= 64 * 64 else num_warps
 
 
 def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:

@@ -32,9 +32,10 @@ def test_candidates_are_five_values_and_hold_the_default_launches():
             backward = direction == "bwd"
             if backward and fused_backward_applies(n, shape.head_dim, torch.bfloat16):
                 continue
+            stages = tiles.launch_stages(n, shape.head_dim, torch.bfloat16, backward, 90)
             default = tiles.block_config(n, shape.head_dim, torch.bfloat16, backward) + (
                 tiles.register_cap(n, shape.head_dim, torch.bfloat16, backward, 90),
-                3,
+                3 if stages is None else stages,  # none passed: Triton's default
             )
             assert default in sweep.CANDIDATES[direction], (shape.name, direction, default)
 
@@ -47,10 +48,14 @@ def _launch_options(window, backward, head_dim=32, dtype="bf16"):
 def test_num_stages_reaches_the_launch_only_when_recorded():
     key_fwd = sweep.entry_key("bf16", 32, 256, "fwd")
     key_bwd = sweep.entry_key("bf16", 32, 256, "bwd")
-    # nothing recorded: the default launch options (no num_stages: Triton's default)
+    # nothing recorded: the default launch options (the forward passes no num_stages: Triton's default; the
+    # 16-bit backward at head_dim 32 its table's, launch_stages)
     for kernel, options in _launch_options(16, True).items():
         for kwargs in options:
-            assert "num_stages" not in kwargs, kernel
+            if kernel == "fwd":
+                assert "num_stages" not in kwargs, kernel
+            else:
+                assert kwargs["num_stages"] == tiles.launch_stages(256, 32, torch.bfloat16, True) == 1, kernel
     try:
         tiles.TILE_OVERRIDES[key_fwd] = (64, 64, 4, 255, 2)
         tiles.TILE_OVERRIDES[key_bwd] = (32, 32, 4, 255, 1)

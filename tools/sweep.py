@@ -50,12 +50,13 @@ from swinv2_fast.kernels.triton_forward import window_attention_triton_forward
 
 from .launches import _short, _torch_dtype, cubin_listings, replaced_kernels, resource_usage
 
-# (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages). The defaults of block_config/register_cap are among them
-# with num_stages 3, what the launches get without passing any (Triton's default on CUDA): the forward's
-# (64, 64, 4, 255), (64, 64, 4, 128) (N = 64 on sm_90) and (128, 64, 8, 128) (N % 128 == 0 on sm_90), the
-# backward's (64, 32, 8, 255). num_stages variants of those: 2 and 1 (no software pipelining: fewer live
-# registers) of the forward, whose key-block loop at N >= 144 streams several blocks (at N <= 64 one block:
-# the variants then pipeline only the loop over the program's windows), and of the backward's shared tiles.
+# (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages). The defaults of block_config/register_cap/launch_stages
+# are among them: the forward's (64, 64, 4, 255), (64, 64, 4, 128) (N = 64 on sm_90) and (128, 64, 8, 128)
+# (N % 128 == 0 on sm_90) with num_stages 3, what the launches get without passing any (Triton's default on
+# CUDA); the 16-bit backward's (64, 64, 4, 255) at head_dim 32 with num_stages 1 (launch_stages). num_stages
+# variants of those: 2 and 1 (no software pipelining: fewer live registers) of the forward, whose key-block
+# loop at N >= 144 streams several blocks (at N <= 64 one block: the variants then pipeline only the loop over
+# the program's windows), 3 and 2 of the backward's shared tiles; and the backward's earlier (64, 32, 8, 255).
 # A candidate that spills at a sweep shape on sm_80 or sm_90 with a supported Triton is not in the table
 # (`python -m tools.compile_check --candidates`; the committed rows: benchmarks/results/
 # compile_check_candidates.txt): e.g. 128 query rows over 4 warps at 255 registers hold too many live values.
@@ -71,7 +72,7 @@ CANDIDATES: Dict[str, List[Tuple[int, int, int, int, int]]] = {
         (128, 64, 8, 128, 2),
         (64, 64, 4, 255, 1),
     ],
-    "bwd": [(64, 32, 8, 255, 3), (64, 32, 4, 255, 3), (32, 32, 4, 255, 3), (64, 32, 8, 255, 2), (64, 32, 8, 255, 1)],
+    "bwd": [(64, 64, 4, 255, 1), (64, 64, 4, 255, 2), (64, 64, 4, 255, 3), (64, 32, 8, 255, 3), (32, 32, 4, 255, 3)],
 }
 
 
