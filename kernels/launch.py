@@ -138,7 +138,7 @@ def launch_flags(qkv, qkv_bias, pad_order: str, head_dim: int, dims: LaunchDims,
         maxnreg=register_cap(dims.N, head_dim, qkv.dtype, backward, arch, padded),
     )
     stages = launch_stages(dims.N, head_dim, qkv.dtype, backward, arch)
-    if stages is not None:  # a sweep's record or override, the 16-bit backward's default; else Triton's default
+    if stages is not None:  # a sweep's record or override, or the 16-bit tables' (tiles.launch_stages)
         flags["num_stages"] = stages
     return flags
 

@@ -128,9 +128,23 @@ def _backward_tiles_16bit(n: int, block_d: int) -> Tuple[int, int, int]:
 
 def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
     """The 16-bit forward at head_dim <= 32, by the static cost report (benchmarks/results/cost_report.txt):
-    64-wide key tiles everywhere (one key block at N <= 64); 128 query rows where they divide N (fewer
-    instructions per score at N = 256), 64 elsewhere (less padding waste at N = 49, 144, 576)."""
-    return (128, 64, 8) if n % 128 == 0 else (64, 64, 4)
+    128 query rows over 8 warps where they divide N (fewer instructions per score at N = 256); 64 rows over 4
+    warps with 64-wide key tiles where 64 divides N or one key block holds the window (N = 49, 64, 576);
+    elsewhere 32-wide key tiles (N = 144 = 2 x 64 + 16: the last key tile pads 16 keys instead of 48;
+    est/floor 4.43 -> 3.90 on sm_90, under `register_cap`'s 128 registers: 16 resident warps per SM. Over 2
+    warps it was 3.47 by the model, but 201 registers: 8 resident warps, too few to hide latency)."""
+    if n % 128 == 0:
+        return (128, 64, 8)
+    if n <= 64 or n % 64 == 0:
+        return (64, 64, 4)
+    return (64, 32, 4)
+
+
+def _forward_stages_16bit(n: int) -> Optional[int]:
+    """num_stages of the 16-bit forward at head_dim <= 32 without a record: 1 (no software pipelining: fewer
+    instructions and registers; by the cost report est/floor 1.27 -> 1.15 at N = 49, 4.08 -> 3.84 at N = 576)
+    but at N = 64 (at its floor) and where 128 rows divide N, which keep Triton's default (None)."""
+    return None if n == 64 or n % 128 == 0 else 1
 
 
 # Tiles set by the GPU tile sweep while it times a candidate (tools/sweep.py), then those it recorded
@@ -222,18 +236,16 @@ def launch_stages(
     n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: Optional[int] = None
 ) -> Optional[int]:
     """num_stages for the launch: a tile sweep's record (as block_config's) or override where there is one,
-    else the 16-bit backward's on wide tiles (`_BWD_WIDE_STAGES`), else None (the launch passes none: Triton's
-    default, 3 on CUDA)."""
+    else the 16-bit forward's at head_dim <= 32 (`_forward_stages_16bit`) and the 16-bit backward's on wide
+    tiles (`_BWD_WIDE_STAGES`), else None (the launch passes none: Triton's default, 3 on CUDA)."""
     tuned = _tuned(n, head_dim, dtype, backward, arch)
     if tuned is not None:
         return tuned[4]
-    if (
-        backward
-        and dtype in (torch.float16, torch.bfloat16)
-        and _backward_tiles_16bit(n, channel_block(head_dim)) == _BWD_WIDE_TILES
-    ):
-        return _BWD_WIDE_STAGES
-    return None
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if backward:
+        return _BWD_WIDE_STAGES if _backward_tiles_16bit(n, channel_block(head_dim)) == _BWD_WIDE_TILES else None
+    return _forward_stages_16bit(n) if channel_block(head_dim) <= 32 else None
 
 
 def register_cap(
@@ -241,12 +253,13 @@ def register_cap(
 ) -> int:
     """ptxas's register budget per thread for the kernels of this configuration on sm_<arch>: 128 where that
     compiles without spills, MAXNREG elsewhere. 128 for the 16-bit forward at head_dim 16 or 32 (channel
-    tiles without a mask) on sm_90 and later without padding, with Triton 3.8 or later, where its tiles divide
-    the window (n % 128 == 0, or n == 64: one key block, the bias tile held in registers across the program's
-    windows). Uncapped: sm_80, masked channel tiles, n = 49 (a masked tile), a padded grid and Triton before
-    3.8, whose builds spill at 128 (the spill bytes are in the compile check's candidate table,
-    benchmarks/results/compile_check_candidates.txt). A tile sweep's record for sm_<arch> or an override sets
-    its own."""
+    tiles without a mask) on sm_90 and later without padding, with Triton 3.8 or later: at n == 64 (one key
+    block, the bias tile held in registers across the program's windows) and on `_forward_tiles_16bit`'s tiles
+    other than (64, 64, 4), i.e. (128, 64, 8) where 128 divides n and (64, 32, 4) (n = 144). Uncapped: sm_80,
+    masked channel tiles, n = 49 and 576 ((64, 64, 4): a masked tile, or too many live values), a padded grid
+    and Triton before 3.8, whose builds spill at 128 (the spill bytes are in the compile check's candidate
+    table, benchmarks/results/compile_check_candidates.txt). A tile sweep's record for sm_<arch> or an
+    override sets its own."""
     tuned = _tuned(n, head_dim, dtype, backward, arch)
     if tuned is not None:
         return tuned[3]
@@ -254,7 +267,7 @@ def register_cap(
         not backward
         and dtype in (torch.float16, torch.bfloat16)
         and head_dim in (16, 32)
-        and (n % 128 == 0 or n == 64)
+        and (n == 64 or _forward_tiles_16bit(n) != (64, 64, 4))
         and arch >= 90
         and not padded
         and _triton_release() >= (3, 8)

@@ -199,8 +199,9 @@ def test_sweep_launches_each_candidate_under_the_interpreter(tmp_path):
 
 
 def test_register_capped_candidates_are_tried_only_where_register_cap_caps():
-    """A 128-register candidate spills where register_cap leaves the budget uncapped (sm_80, N = 49, 144, 576,
-    triton 3.6): the sweep and `compile_check --candidates` try it only where register_cap caps at 128."""
+    """A 128-register candidate spills where register_cap leaves the budget uncapped (sm_80, N = 49, 576,
+    triton 3.6) and may on other tiles than those the cap was checked with: the sweep and `compile_check
+    --candidates` try it only where register_cap caps at 128, on block_config's tiles."""
     capped, uncapped = (128, 64, 8, 128, 3), (128, 64, 8, 255, 3)
     bf16 = torch.bfloat16
     for n in (49, 64, 144, 256, 576):
@@ -208,11 +209,12 @@ def test_register_capped_candidates_are_tried_only_where_register_cap_caps():
             assert sweep.candidate_applies(uncapped, n, 32, bf16, False, arch)
             assert sweep.candidate_applies(capped, n, 32, bf16, False, arch) == (
                 tiles.register_cap(n, 32, bf16, False, arch) == 128
+                and tiles.block_config(n, 32, bf16, False, arch) == capped[:3]
             )
     assert not sweep.candidate_applies(capped, 144, 32, bf16, False, 90)
     assert not sweep.candidate_applies(capped, 256, 32, bf16, False, 80)
     logs, timed = [], []
-    shape = sweep.SweepShape("capped-toy", 1, 12, 1, 16, 12)  # N = 144: no cap
+    shape = sweep.SweepShape("capped-toy", 1, 12, 1, 16, 12)  # N = 144: capped on other tiles
     entries = sweep.sweep(
         60.0,
         [shape],

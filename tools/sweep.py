@@ -44,19 +44,19 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 from swinv2_fast.kernels import tiles
 from swinv2_fast.kernels.geometry import WindowGeometry
 from swinv2_fast.kernels.launch import device_arch
-from swinv2_fast.kernels.tiles import INTERPRETED, MAXNREG, fused_backward_applies, register_cap
+from swinv2_fast.kernels.tiles import INTERPRETED, MAXNREG, block_config, fused_backward_applies, register_cap
 from swinv2_fast.kernels.triton_backward import window_attention_triton_backward
 from swinv2_fast.kernels.triton_forward import window_attention_triton_forward
 
 from .launches import _short, _torch_dtype, cubin_listings, replaced_kernels, resource_usage
 
 # (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages). The defaults of block_config/register_cap/launch_stages
-# are among them: the forward's (64, 64, 4, 255), (64, 64, 4, 128) (N = 64 on sm_90) and (128, 64, 8, 128)
-# (N % 128 == 0 on sm_90) with num_stages 3, what the launches get without passing any (Triton's default on
-# CUDA); the 16-bit backward's (64, 64, 4, 255) at head_dim 32 with num_stages 1 (launch_stages). num_stages
-# variants of those: 2 and 1 (no software pipelining: fewer live registers) of the forward, whose key-block
-# loop at N >= 144 streams several blocks (at N <= 64 one block: the variants then pipeline only the loop over
-# the program's windows), 3 and 2 of the backward's shared tiles; and the backward's earlier (64, 32, 8, 255).
+# are among them: the forward's (64, 64, 4, 128, 3) at N = 64 on sm_90 and (128, 64, 8, 128, 3) where 128
+# divides N on sm_90 (3: what the launches get without passing any, Triton's default on CUDA), its
+# (64, 64, 4, 255, 1) (N = 49, 576) and (64, 32, 4, 128, 1) (N = 144 on sm_90); the 16-bit backward's
+# (64, 64, 4, 255, 1) at head_dim 32 beyond N = 64. Variants of those: other num_stages (1: no software
+# pipelining, fewer live registers), register caps and warps, and the earlier defaults (the forward's
+# (64, 64, 4, 255, 3), the backward's (64, 32, 8, 255, 3)).
 # A candidate that spills at a sweep shape on sm_80 or sm_90 with a supported Triton is not in the table
 # (`python -m tools.compile_check --candidates`; the committed rows: benchmarks/results/
 # compile_check_candidates.txt): e.g. 128 query rows over 4 warps at 255 registers hold too many live values.
@@ -71,6 +71,9 @@ CANDIDATES: Dict[str, List[Tuple[int, int, int, int, int]]] = {
         (64, 64, 4, 255, 2),
         (128, 64, 8, 128, 2),
         (64, 64, 4, 255, 1),
+        (64, 32, 4, 128, 1),
+        (64, 32, 4, 255, 1),
+        (64, 32, 2, 255, 1),
     ],
     "bwd": [(64, 64, 4, 255, 1), (64, 64, 4, 255, 2), (64, 64, 4, 255, 3), (64, 32, 8, 255, 3), (32, 32, 4, 255, 3)],
 }
@@ -78,10 +81,15 @@ CANDIDATES: Dict[str, List[Tuple[int, int, int, int, int]]] = {
 
 def candidate_applies(config, n: int, head_dim: int, dtype, backward: bool, arch: int) -> bool:
     """Whether a candidate is tried at a shape on sm_<arch>: uncapped ones (maxnreg MAXNREG) everywhere; a
-    register-capped one only where `register_cap` itself caps at that budget (the 16-bit forward at N = 64 or
-    N % 128 == 0 on sm_90 with triton 3.8; elsewhere a 128-register cap spills: see register_cap). Asked with no
-    override set for that shape (register_cap would return the override's budget)."""
-    return config[3] >= MAXNREG or register_cap(n, head_dim, dtype, backward, arch) == config[3]
+    register-capped one only where `register_cap` itself caps at that budget, on the tiles the cap was checked
+    with there (block_config's: the 16-bit forward's (64, 64, 4) at N = 64, (128, 64, 8) where 128 divides N,
+    (64, 32, 4) at N = 144, on sm_90 with triton 3.8; elsewhere a 128-register cap spills: see register_cap).
+    Asked with no override set for that shape (register_cap and block_config would return the override's)."""
+    if config[3] >= MAXNREG:
+        return True
+    return register_cap(n, head_dim, dtype, backward, arch) == config[3] and tuple(config[:3]) == block_config(
+        n, head_dim, dtype, backward, arch
+    )
 
 
 class SweepShape(NamedTuple):
