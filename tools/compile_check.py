@@ -241,10 +241,16 @@ def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateRes
         for arch in archs:
             for launch in launches:
                 a = launch.kwargs
+                # the table kernel runs the candidate's tiles over at least 8 warps from (64, 64) up
+                warps = (
+                    tiles.table_kernel_warps(config[2], config[0], config[1])
+                    if launch.kernel == "bwd_dbias"
+                    else config[2]
+                )
                 if (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], a.get("num_stages")) != (
                     config[0],
                     config[1],
-                    config[2],
+                    warps,
                     config[4],
                 ):
                     raise RuntimeError(f"{key}: the launch of {launch.kernel} did not take the candidate {config}")
