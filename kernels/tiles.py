@@ -90,15 +90,17 @@ _TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 
 # kernels share one tile shape: the probabilities they recompute are then bitwise the same.
 _BWD_TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 8), 64: (32, 16, 8), 128: (16, 32, 8)}
 _BWD_TILES_FP32 = {16: (32, 16, 8), 32: (16, 32, 8)}
-# The 16-bit backward at head_dim 17 to 32 on windows of 64 tokens or more (those the fused kernel does not
-# serve: N = 144, 256, 576) runs (64, 64, 4) tiles with num_stages 1, no software pipelining of the block
+# The 16-bit backward at head_dim 17 to 32 on the published windows beyond the fused kernel's (N = 144, 256,
+# 576) runs (64, 64, 4) tiles with num_stages 1, no software pipelining of the block
 # loops (`_backward_tiles_16bit`, `launch_stages`). By the static cost report (bf16, head_dim 32, sm_90, the
 # four kernels together, H200 estimate over the backward floor) they took the backward at N = 144, 256 and 576
-# from 24.0, 16.3 and 18.6 to 13.9, 7.7 and 9.1 (from (64, 32, 8) with Triton's 3 stages); 3 stages were 2-7%
+# from 24.0, 16.3 and 18.6 to 13.2, 7.1 and 8.6 (from (64, 32, 8) with Triton's 3 stages); 3 stages were 2-7%
 # above 1. At N = 49 they would halve it too, but the table kernel spills 56 B on sm_80 with Triton 3.6
 # (unshifted): N = 49 keeps (64, 32, 8).
+# Only at the windows the spill gate compiles (python -m tools.compile_check --published: 12, 16, 24).
 _BWD_WIDE_TILES = (64, 64, 4)
 _BWD_WIDE_STAGES = 1
+_BWD_WIDE_N = (144, 256, 576)
 # Register budget per thread handed to ptxas (.maxnreg). Without it ptxas may cap 8-warp kernels at 128
 # registers and spill; 255 x 256 threads still fits one SM's 64K registers. Kernels that fit in 128
 # without spilling are capped there (twice the resident warps of 255): `register_cap`.
@@ -122,8 +124,9 @@ def _triton_release() -> Tuple[int, int]:
 
 
 def _backward_tiles_16bit(n: int, block_d: int) -> Tuple[int, int, int]:
-    """The 16-bit backward's tiles: `_BWD_WIDE_TILES` at channel tiles of 32 and N >= 64, the table elsewhere."""
-    return _BWD_WIDE_TILES if block_d == 32 and n >= 64 else _BWD_TILES_16BIT[block_d]
+    """The 16-bit backward's tiles: `_BWD_WIDE_TILES` at channel tiles of 32 and N in `_BWD_WIDE_N`, the table
+    elsewhere."""
+    return _BWD_WIDE_TILES if block_d == 32 and n in _BWD_WIDE_N else _BWD_TILES_16BIT[block_d]
 
 
 def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
@@ -142,16 +145,19 @@ def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
 
 def _forward_stages_16bit(n: int) -> Optional[int]:
     """num_stages of the 16-bit forward at head_dim <= 32 without a record: 1 (no software pipelining: fewer
-    instructions and registers; by the cost report est/floor 1.27 -> 1.15 at N = 49, 4.08 -> 3.84 at N = 576)
-    but at N = 64 (at its floor) and where 128 rows divide N, which keep Triton's default (None)."""
-    return None if n == 64 or n % 128 == 0 else 1
+    instructions and registers; by the cost report est/floor 1.27 -> 1.15 at N = 49, 4.43 -> 3.90 at N = 144
+    with its (64, 32, 4) tiles, 4.08 -> 3.84 at N = 576) from N = 49 up, but at N = 64 (at its floor) and
+    where 128 rows divide N; None (Triton's default) there and below N = 49 (not measured)."""
+    return None if n < 49 or n == 64 or n % 128 == 0 else 1
 
 
 # Tiles set by the GPU tile sweep while it times a candidate (tools/sweep.py), then those it recorded
 # (kernels/tuned_tiles.json, read on a CUDA machine with compiled kernels only, of the architecture and Triton
 # version the sweep ran on: the current device's): "<dtype>/hd<head_dim>/N<n>/
-# <fwd|bwd>" -> (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages). Without a record or override the launch
-# gets the tables' tiles, `register_cap`'s budget and no num_stages (Triton's default, 3 on CUDA).
+# <fwd|bwd>" -> (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages), for all four backward kernels at once (on
+# sm_80 the table kernel then runs at least 8 warps from (64, 64) tiles up: `table_kernel_warps`). Without a
+# record or override the launch gets the tables' tiles, `register_cap`'s budget and `launch_stages`'s
+# num_stages (None for most: Triton's default, 3 on CUDA).
 TUNED_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "maxnreg", "num_stages")
 TILE_OVERRIDES: Dict[str, Tuple[int, int, int, int, int]] = {}
 TUNED_TILES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_tiles.json")
@@ -254,8 +260,8 @@ def register_cap(
     """ptxas's register budget per thread for the kernels of this configuration on sm_<arch>: 128 where that
     compiles without spills, MAXNREG elsewhere. 128 for the 16-bit forward at head_dim 16 or 32 (channel
     tiles without a mask) on sm_90 and later without padding, with Triton 3.8 or later: at n == 64 (one key
-    block, the bias tile held in registers across the program's windows) and on `_forward_tiles_16bit`'s tiles
-    other than (64, 64, 4), i.e. (128, 64, 8) where 128 divides n and (64, 32, 4) (n = 144). Uncapped: sm_80,
+    block, the bias tile held in registers across the program's windows), where 128 divides n ((128, 64, 8)
+    tiles) and at n = 144 ((64, 32, 4); other n on those tiles are not in the spill gate). Uncapped: sm_80,
     masked channel tiles, n = 49 and 576 ((64, 64, 4): a masked tile, or too many live values), a padded grid
     and Triton before 3.8, whose builds spill at 128 (the spill bytes are in the compile check's candidate
     table, benchmarks/results/compile_check_candidates.txt). A tile sweep's record for sm_<arch> or an
@@ -267,7 +273,7 @@ def register_cap(
         not backward
         and dtype in (torch.float16, torch.bfloat16)
         and head_dim in (16, 32)
-        and (n == 64 or _forward_tiles_16bit(n) != (64, 64, 4))
+        and (n == 64 or n % 128 == 0 or n == 144)
         and arch >= 90
         and not padded
         and _triton_release() >= (3, 8)
@@ -276,13 +282,15 @@ def register_cap(
     return MAXNREG
 
 
-def table_kernel_warps(num_warps: int, block_m: int, block_n: int) -> int:
-    """Warps of the table-gradient kernel (bwd_dbias) for the backward's tiles and warps: at least 8 from
-    (64, 64) tiles up. It holds two [BLOCK_M, BLOCK_N] fp32 tiles more than the other three kernels (the bias
-    tile, loaded once for its group of windows, and the table gradient's running sum): over 4 warps, (64, 64)
-    spills 8 B on sm_80 at N = 144 unshifted. More warps keep the tiles, so the scores it recomputes stay
-    bitwise those of the other kernels: warps split a dot's rows and columns, never its sum over channels."""
-    return max(num_warps, 8) if block_m * block_n >= 64 * 64 else num_warps
+def table_kernel_warps(num_warps: int, block_m: int, block_n: int, arch: int) -> int:
+    """Warps of the table-gradient kernel (bwd_dbias) for the backward's tiles and warps on sm_<arch>: at least
+    8 on sm_80 from (64, 64) tiles up, as given elsewhere. It holds two [BLOCK_M, BLOCK_N] fp32 tiles more than
+    the other three kernels (the bias tile, loaded once for its group of windows, and the table gradient's
+    running sum): over 4 warps, (64, 64) spills 8 B on sm_80 at N = 144 unshifted. On sm_80 more warps keep
+    the dot's instruction (mma m16n8k16) and split only its rows and columns between warps, never its sum over
+    channels: the scores it recomputes are those of the other kernels. On sm_90 the instruction's width
+    would change with the warps (wgmma 64x64 -> 64x32), so it keeps the warps given (no spill there)."""
+    return max(num_warps, 8) if arch < 90 and block_m * block_n >= 64 * 64 else num_warps
 
 
 def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:

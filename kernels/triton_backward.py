@@ -6,8 +6,8 @@ P is recomputed (the forward stores nothing N x N): the statistics kernel writes
 statistics and delta = rowsum(P * dP) per query row; dq runs per query block, dk/dv per key block (padded keys
 to a per-position buffer, summed into the bias gradient), the table and logit-scale gradients per bias tile over
 fixed groups of windows, summed on the host in a fixed order. No atomics: every reduction is deterministic.
-The four kernels share one tile shape, so the probabilities they recompute are bitwise the same (the table
-kernel may run it over more warps: `tiles.table_kernel_warps`).
+The four kernels share one tile shape, so the probabilities they recompute are bitwise the same (on sm_80 the
+table kernel may run it over more warps, the same dot instruction: `tiles.table_kernel_warps`).
 
 delta is rowsum(P * dP), computed in one online pass, not rowsum(dO * O): a 16-bit output's rounding would
 enter every gradient through dS = P (dP - delta). The statistics are the backward's own, not the forward's:
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .geometry import LOGIT_SCALE_MAX
-from .launch import LaunchDims, launch_dims, launch_flags, small_operands
+from .launch import LaunchDims, device_arch, launch_dims, launch_flags, small_operands
 from .tiles import FUSED_PROGRAMS, fused_backward_applies, fused_block, fused_num_warps, table_kernel_warps
 from .triton_common import (
     _bias_tile,
@@ -906,12 +906,13 @@ def _unfused_backward(
             groups = triton.cdiv(num_bw, per_group)
             d_table_parts = torch.empty((groups, num_heads, dims.N, dims.N), device=qkv.device, dtype=cdt)
             d_scale_parts = torch.empty((groups, num_heads, num_tiles), device=qkv.device, dtype=cdt)
+            table_warps = table_kernel_warps(common["num_warps"], flags["BLOCK_M"], flags["BLOCK_N"], device_arch(qkv))
             _window_attention_bwd_dbias_kernel[(num_tiles, num_heads, groups)](
                 DBIAS=d_table_parts,
                 DSCALE=d_scale_parts,
                 NUM_BW=num_bw,
                 WINDOWS_PER_GROUP=per_group,
-                **{**common, "num_warps": table_kernel_warps(common["num_warps"], flags["BLOCK_M"], flags["BLOCK_N"])},
+                **{**common, "num_warps": table_warps},
             )
             d_table = d_table_parts.sum(0)
             d_scale = d_scale_parts.sum((0, 2))

@@ -77,7 +77,7 @@ def test_candidates_gate_compiles_each_candidate_where_the_sweep_tries_it(monkey
     archs where register_cap caps at its budget. Compiling is replaced by a stand-in (nothing compiled)."""
     import torch
 
-    from swinv2_fast.kernels.tiles import TILE_OVERRIDES, fused_backward_applies, register_cap
+    from swinv2_fast.kernels.tiles import TILE_OVERRIDES, block_config, fused_backward_applies, register_cap
     from tools import compile_check, sweep
 
     work = compile_check.candidate_work()
@@ -103,7 +103,12 @@ def test_candidates_gate_compiles_each_candidate_where_the_sweep_tries_it(monkey
     for n in (144, 256):
         compiled.clear()
         rows = compile_check.compile_candidate("fwd", (128, 64, 8, 128, 1), by_n[n])
-        archs = [a for a in compile_check.ARCHS if register_cap(n, 32, torch.bfloat16, False, a) == 128]
+        archs = [
+            a
+            for a in compile_check.ARCHS
+            if register_cap(n, 32, torch.bfloat16, False, a) == 128
+            and block_config(n, 32, torch.bfloat16, False, a) == (128, 64, 8)
+        ]
         assert sorted({a for _, a, _, _ in compiled}) == archs and all(s == 1 for _, _, s, _ in compiled)
         assert 80 not in archs and (n == 256 or not archs)
     assert TILE_OVERRIDES == {}

@@ -19,8 +19,8 @@ from tools import launches, sweep  # noqa: E402
 
 def test_candidates_are_five_values_and_hold_the_default_launches():
     """(BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages) each; at every sweep shape the default launch (the tables'
-    tiles, register_cap's sm_90 budget, Triton's default num_stages 3) is a candidate, so a pick is never
-    slower than it; num_stages variants are in the table."""
+    tiles, register_cap's sm_90 budget, launch_stages's num_stages or Triton's default 3) is a candidate, so a
+    pick is never slower than it; num_stages variants are in the table."""
     for direction, configs in sweep.CANDIDATES.items():
         assert configs and len(set(configs)) == len(configs), direction
         for config in configs:
@@ -45,7 +45,7 @@ def _launch_options(window, backward, head_dim=32, dtype="bf16"):
     return {kernel: [launch.kwargs for launch in launches] for kernel, launches in found.items()}
 
 
-def test_num_stages_reaches_the_launch_only_when_recorded():
+def test_num_stages_reaches_the_launch_from_a_record_or_the_tables():
     key_fwd = sweep.entry_key("bf16", 32, 256, "fwd")
     key_bwd = sweep.entry_key("bf16", 32, 256, "bwd")
     # nothing recorded: the default launch options (the forward passes no num_stages: Triton's default; the
@@ -227,3 +227,17 @@ def test_register_capped_candidates_are_tried_only_where_register_cap_caps():
     )
     assert entries == {"bf16/hd16/N144/fwd": list(uncapped)} and len(timed) == 1
     assert any("(128, 64, 8, 128, 3) not tried" in line for line in logs)
+
+
+def test_table_kernel_runs_8_warps_on_sm80_only_from_64x64_tiles():
+    """sm_80's table kernel runs (64, 64) tiles over at least 8 warps (over 4 it spills at N = 144 unshifted,
+    and the dot keeps its mma instruction); sm_90's keeps the other kernels' warps (more would narrow its wgmma);
+    smaller tiles keep theirs. The launches are recorded for sm_90 (`launches.specialise` gives sm_80 its warps;
+    the committed gate table, benchmarks/results/compile_check.txt, lists them per arch)."""
+    assert tiles.table_kernel_warps(4, 64, 64, 80) == 8
+    assert tiles.table_kernel_warps(4, 64, 64, 90) == 4
+    assert tiles.table_kernel_warps(4, 32, 32, 80) == 4
+    assert tiles.table_kernel_warps(8, 64, 32, 80) == 8
+    found = launches.reference_launches(12, "bf16", 32)
+    for kernel in ("bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
+        assert found[kernel][0].kwargs["num_warps"] == 4, kernel

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from swinv2_fast.kernels import triton_backward, triton_forward
 from swinv2_fast.kernels.geometry import PAD_THEN_ROLL, WindowGeometry
-from swinv2_fast.kernels.tiles import backward_kernels, register_cap
+from swinv2_fast.kernels.tiles import backward_kernels, register_cap, table_kernel_warps
 
 # ------------------------------------------------------------------------------------------- the cases
 ARCHS = (80, 90)
@@ -220,8 +220,11 @@ def specialise(launch: Launch, arch: int):
 
     fn = launch.fn
     a = dict(launch.kwargs)
-    # the register cap depends on the target: the recorded launch (meta tensors) was capped for sm_90
+    # the register cap (and the table kernel's warps) depend on the target: the recorded launch (meta tensors)
+    # was made for sm_90
     a["maxnreg"] = register_cap(a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch, a["PADDED"])
+    if launch.kernel == "bwd_dbias":  # recorded with sm_90's warps (off CUDA the launch's arch is 90)
+        a["num_warps"] = table_kernel_warps(a["num_warps"], a["BLOCK_M"], a["BLOCK_N"], arch)
     launch = launch._replace(kwargs=a)
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)

@@ -12,10 +12,10 @@ budget (default 50 s) is spent; a shape is recorded only if all its candidates w
 The result, committed as `kernels/tuned_tiles.json` (package data of swinv2_fast.kernels), is read by `block_config` and
 `register_cap` on a CUDA device (never under the interpreter, whose tests keep one fixed configuration):
 entries keyed "<dtype>/hd<head_dim>/N<n>/<fwd|bwd>" -> [BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages]
-(a malformed entry raises, naming the file and the key). A recorded entry passes num_stages to the launch;
-without a record the launch passes none (Triton's default, 3 on CUDA) and the tiles and register cap are
-the tables' (the defaults: the best-scoring candidates of the static cost report,
-`python -m tools.compile_check --cost`).
+(a malformed entry raises, naming the file and the key). A recorded entry passes its num_stages to the
+launch; without a record the tiles, register cap and num_stages are the tables' (`block_config`,
+`register_cap`, `launch_stages`: the best-scoring candidates of the static cost report, `python -m
+tools.compile_check --cost`; a num_stages of None passes none, Triton's default, 3 on CUDA).
 
 Spills: the warm-up launch returns each kernel's CompiledKernel (JITFunction.run returns it in triton 3.6
 and 3.8); the sweep reads the spill bytes of its cubin as the spill gate does (`launches.resource_usage`:
@@ -224,8 +224,8 @@ def sweep(
                     return entries
                 if not candidate_applies(config, n, shape.head_dim, dtype, direction == "bwd", arch):
                     log(
-                        f"sweep: {key} {tuple(config)} not tried: its register cap spills at this shape on "
-                        f"sm_{arch} (register_cap)"
+                        f"sweep: {key} {tuple(config)} not tried: its register cap is not checked for spills "
+                        f"with these tiles at this shape on sm_{arch} (register_cap, block_config)"
                     )
                     continue
                 tiles.TILE_OVERRIDES[key] = tuple(config)
