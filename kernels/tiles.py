@@ -123,10 +123,15 @@ def _triton_release() -> Tuple[int, int]:
     return int(major), int(minor)
 
 
+def _wide_backward(n: int, block_d: int) -> bool:
+    """Whether the 16-bit backward runs `_BWD_WIDE_TILES` with `_BWD_WIDE_STAGES`: channel tiles of 32 and N in
+    `_BWD_WIDE_N`."""
+    return block_d == 32 and n in _BWD_WIDE_N
+
+
 def _backward_tiles_16bit(n: int, block_d: int) -> Tuple[int, int, int]:
-    """The 16-bit backward's tiles: `_BWD_WIDE_TILES` at channel tiles of 32 and N in `_BWD_WIDE_N`, the table
-    elsewhere."""
-    return _BWD_WIDE_TILES if block_d == 32 and n in _BWD_WIDE_N else _BWD_TILES_16BIT[block_d]
+    """The 16-bit backward's tiles: `_BWD_WIDE_TILES` where `_wide_backward`, the table elsewhere."""
+    return _BWD_WIDE_TILES if _wide_backward(n, block_d) else _BWD_TILES_16BIT[block_d]
 
 
 def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
@@ -250,7 +255,7 @@ def launch_stages(
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     if backward:
-        return _BWD_WIDE_STAGES if _backward_tiles_16bit(n, channel_block(head_dim)) == _BWD_WIDE_TILES else None
+        return _BWD_WIDE_STAGES if _wide_backward(n, channel_block(head_dim)) else None
     return _forward_stages_16bit(n) if channel_block(head_dim) <= 32 else None
 
 
