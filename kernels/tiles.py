@@ -34,6 +34,7 @@ __all__ = [
     "INTERPRETED",
     "MAXNREG",
     "MAX_HEAD_DIM",
+    "ROWS_TILES",
     "TILE_OVERRIDES",
     "TUNED_FIELDS",
     "TUNED_TILES_PATH",
@@ -48,6 +49,7 @@ __all__ = [
     "launch_stages",
     "load_tuned_tiles",
     "register_cap",
+    "rows_backward_applies",
     "table_kernel_warps",
     "tuned_entry",
 ]
@@ -95,8 +97,9 @@ _BWD_TILES_FP32 = {16: (32, 16, 8), 32: (16, 32, 8)}
 # loops (`_backward_tiles_16bit`, `launch_stages`). By the static cost report (bf16, head_dim 32, sm_90, the
 # four kernels together, H200 estimate over the backward floor) they took the backward at N = 144, 256 and 576
 # from 24.0, 16.3 and 18.6 to 13.2, 7.1 and 8.6 (from (64, 32, 8) with Triton's 3 stages); 3 stages were 2-7%
-# above 1. At N = 49 they would halve it too, but the table kernel spills 56 B on sm_80 with Triton 3.6
-# (unshifted): N = 49 keeps (64, 32, 8).
+# above 1. At N = 144 and 256 only the dk/dv kernel runs them now (the rows kernel does the rest:
+# `rows_backward_applies`). At N = 49 they would halve it too, but the table kernel spills 56 B on sm_80 with
+# Triton 3.6 (unshifted): N = 49 keeps (64, 32, 8).
 # Only at the windows the spill gate compiles (python -m tools.compile_check --published: 12, 16, 24).
 _BWD_WIDE_TILES = (64, 64, 4)
 _BWD_WIDE_STAGES = 1
@@ -159,7 +162,8 @@ def _forward_stages_16bit(n: int) -> Optional[int]:
 # Tiles set by the GPU tile sweep while it times a candidate (tools/sweep.py), then those it recorded
 # (kernels/tuned_tiles.json, read on a CUDA machine with compiled kernels only, of the architecture and Triton
 # version the sweep ran on: the current device's): "<dtype>/hd<head_dim>/N<n>/
-# <fwd|bwd>" -> (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages), for all four backward kernels at once (on
+# <fwd|bwd>" -> (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages), for all four backward kernels at once, or the
+# dk/dv kernel where the rows kernel runs with its own tiles (`ROWS_TILES`) (on
 # sm_80 the table kernel then runs at least 8 warps from (64, 64) tiles up: `table_kernel_warps`). Without a
 # record or override the launch gets the tables' tiles, `register_cap`'s budget and `launch_stages`'s
 # num_stages (None for most: Triton's default, 3 on CUDA).
@@ -344,9 +348,32 @@ def fused_num_warps(n: int, dtype: torch.dtype) -> int:
     return 8 if fused_block(n) >= 64 else 4
 
 
+# The rows backward serves the fp16/bf16 windows of 129 to 256 tokens (windows 12 and 16 among the published),
+# head dims up to 32: two kernels instead of four. The first (`_window_attention_bwd_rows_kernel`) holds whole
+# rows of scores, ROWS_TILES = (16 query rows, 256 keys, 8 warps), the window's keys in one tile: one pass over
+# the scores gives the softmax statistics, dq and the table and scale gradients (the work of three of the four
+# kernels, the scores computed once instead of three times); the second is the four kernels' dk/dv kernel, on
+# their tiles, from those statistics. By the static cost report (bf16, head_dim 32, sm_90, the backward's
+# kernels together, H200 estimate over the backward floor) N = 144 and 256 went from 13.2 and 7.1 to 9.5 and 6.4
+# (with the dk/dv kernel's windows off the shifted border run without the mask, as the forward's).
+# Not served, by the spill gate: 32 query rows spilled 3-5 KB; 64-key tiles (N = 33 to 63: window 7) spilled
+# 28-400 B on sm_80 with Triton 3.6 at every row block (32, 64) and warp count (4, 8, 16) tried; 1024-key tiles
+# (N = 576) would be 44% padding around row blocks of 4 queries. 128-key tiles (N = 65 to 128) are not in the gate
+# (no published window). All N of 129 to 256 compile the code the gate compiles at N = 144 (masked keys) and 256.
+ROWS_TILES = (16, 256, 8)
+
+
+def rows_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the backward of windows of n tokens, heads of head_dim channels and a projection in `dtype` runs
+    the rows kernel and the dk/dv kernel (see ROWS_TILES)."""
+    return dtype in FUSED_DTYPES and channel_block(head_dim) <= FUSED_MAX_BLOCK_D and fused_block(n) == ROWS_TILES[1]
+
+
 def backward_kernels(n: int, head_dim: int, dtype: torch.dtype):
     """The short names of the kernels the backward launches for this window, head dim and projection dtype,
     every gradient asked for."""
     if fused_backward_applies(n, head_dim, dtype):
         return ("bwd_fused",)
+    if rows_backward_applies(n, head_dim, dtype):
+        return ("bwd_rows", "bwd_dkdv")
     return ("bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")

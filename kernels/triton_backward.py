@@ -1,6 +1,7 @@
 """The backward kernels of the fused Swin V2 window attention and their launcher (triton_forward.py holds the
 forward, triton_common.py the helpers both share, tiles.py the tiles and the rule choosing between the one
-fused kernel and the four below, launch.py the launch integers and flags).
+fused kernel, the rows kernel with the dk/dv kernel, and the four below, launch.py the launch integers and
+flags).
 
 P is recomputed (the forward stores nothing N x N): the statistics kernel writes each window row's softmax
 statistics and delta = rowsum(P * dP) per query row; dq runs per query block, dk/dv per key block (padded keys
@@ -21,6 +22,13 @@ takes a group of windows of one head and, per window, recomputes the scores and 
 and its row statistics from the same scores), then dP, dv, dq, dk and the normalisation backward; the table
 gradient is summed in registers over the group and the logit-scale gradient comes from the dq rows (the sum
 of qn . dqs), each group's partial sums reduced on the host in a fixed order.
+
+The rows kernel (where `tiles.rows_backward_applies`: windows up to 256 tokens beyond the fused kernel's) holds
+whole rows of scores, a row block against every key of the window, and does in one pass what the statistics,
+dq and table kernels do in three: the softmax of whole rows (statistics stored for the dk/dv kernel), dq, and
+the table and scale gradients summed over a group of windows; the dk/dv kernel then runs from its statistics.
+dk and dv are sums over every query of the window, which spans the row blocks' programs: one kernel cannot
+serve them without partial sums per row block in memory, or float atomics.
 """
 
 from __future__ import annotations
@@ -35,7 +43,15 @@ import triton.language as tl
 
 from .geometry import LOGIT_SCALE_MAX
 from .launch import LaunchDims, device_arch, launch_dims, launch_flags, small_operands
-from .tiles import FUSED_PROGRAMS, fused_backward_applies, fused_block, fused_num_warps, table_kernel_warps
+from .tiles import (
+    FUSED_PROGRAMS,
+    ROWS_TILES,
+    fused_backward_applies,
+    fused_block,
+    fused_num_warps,
+    rows_backward_applies,
+    table_kernel_warps,
+)
 from .triton_common import (
     _bias_tile,
     _channels,
@@ -43,7 +59,9 @@ from .triton_common import (
     _exp,
     _in_window,
     _key_rows,
+    _l2_normalize,
     _l2_normalize_backward,
+    _load_rows,
     _logits,
     _online_softmax_step,
     _padding_index,
@@ -52,6 +70,7 @@ from .triton_common import (
     _window_of,
     _window_rows,
 )
+from .triton_forward import _window_in_set, window_sets
 
 __all__ = ["clamp_passes_gradient_at_bound", "window_attention_triton_backward"]
 
@@ -69,11 +88,20 @@ def _bwd_prologue(WH: tl.constexpr, WW: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _block_of(i_pid, NUM_BLOCKS: tl.constexpr, BLOCK: tl.constexpr, N: tl.constexpr, NUM_WINDOWS, NUM_WX):
+def _block_of(
+    i_pid,
+    NUM_BLOCKS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    N: tl.constexpr,
+    NUM_WINDOWS,
+    NUM_WX,
+    WINDOW_SET: tl.constexpr = 0,
+):
     """Program i_pid of a launch over every block of BLOCK rows (NUM_BLOCKS per window) of every (image,
-    window) pair: the pair (image (int64), window, (window row, column)), the block's window positions
+    window) pair of WINDOW_SET (every window, or those off the shifted border, or the border: the forward's
+    `_window_in_set`): the pair (image (int64), window, (window row, column)), the block's window positions
     [BLOCK] and their in-window mask [BLOCK]."""
-    i_b, i_w, i_w2 = _window_of(i_pid // NUM_BLOCKS, NUM_WINDOWS, NUM_WX)
+    i_b, i_w, i_w2 = _window_in_set(i_pid // NUM_BLOCKS, NUM_WINDOWS, NUM_WX, WINDOW_SET)
     o = (i_pid % NUM_BLOCKS) * BLOCK + tl.arange(0, BLOCK)
     return (i_b, i_w, i_w2), o, _in_window(o, N, BLOCK)
 
@@ -351,10 +379,13 @@ def _window_attention_bwd_dkdv_kernel(
     ROLL_THEN_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     FULL_DOT: tl.constexpr,
+    WINDOW_SET: tl.constexpr = 0,
 ):
     """dk and dv for BLOCK_N key rows of one window and head. Every token is a key of exactly one window,
     so rows are stored, not accumulated; with a bias, padded key rows go to their own slot of DPAD
-    (B, NUM_PAD, 2C: dk then dv), which the host sums into the k/v bias gradients."""
+    (B, NUM_PAD, 2C: dk then dv), which the host sums into the k/v bias gradients. The (image, window) pairs are
+    those of WINDOW_SET, as in the forward: on a shifted grid the windows off its border run without the shift
+    mask, which adds 0 there (the scores are bitwise those of the kernels that add it)."""
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     i_pid, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
@@ -364,13 +395,16 @@ def _window_attention_bwd_dkdv_kernel(
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     MASK_M: tl.constexpr = N % BLOCK_M != 0
-    pair, o_n, m_n = _block_of(i_pid, NUM_N, BLOCK_N, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_N] key rows
+    tl.static_assert((WINDOW_SET == 0) | SHIFTED)
+    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
+    # [BLOCK_N] key rows
+    pair, o_n, m_n = _block_of(i_pid, NUM_N, BLOCK_N, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)
     i_b, i_w, i_w2 = pair
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
     proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
     grads = (DOUT, stride_do_b, stride_do_t, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS)
-    rows_n = _window_rows(o_n, i_w2, grid, layout)
+    rows_n = _window_rows(o_n, i_w2, grid, layout, MASKED)
     o_tok_n, m_pad_n, o_reg_n = rows_n
     b_scale = tl.load(SCALE + i_h)
     # [BLOCK_N, BLOCK_D]
@@ -383,7 +417,7 @@ def _window_attention_bwd_dkdv_kernel(
     for start_m in range(0, N, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = _in_window(o_m, N, BLOCK_M)
-        rows_m = _window_rows(o_m, i_w2, grid, layout)
+        rows_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
         o_tok_m, m_pad_m, o_reg_m = rows_m
         _b_qn, _b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
         m_real_m = m_m & ~m_pad_m
@@ -394,9 +428,7 @@ def _window_attention_bwd_dkdv_kernel(
         b_do = b_do.to(DDT)
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
-        b_s = _logits(
-            _dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n, mask_value, SHIFTED, MASK_N
-        )
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n, mask_value, MASKED, MASK_N)
         # padded rows have dO = 0 and delta = 0, hence dS = 0; rows beyond the window have no softmax
         b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
         b_dv += _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
@@ -671,12 +703,167 @@ def _window_attention_bwd_fused_kernel(
         tl.store(DSCALE + i_g * NUM_HEADS + i_h, tl.sum(b_dscale, axis=0))
 
 
-def _backward_statistics(
+@triton.jit
+def _window_attention_bwd_rows_kernel(
+    QKV,
+    QKV_BIAS,
+    SCALE,
+    POSITION_BIAS,
+    DOUT,
+    STATS,
+    DELTA,
+    DQKV,
+    DBIAS,
+    DSCALE,
+    stride_qkv_b,
+    stride_qkv_t,
+    stride_do_b,
+    stride_do_t,
+    stride_dqkv_b,
+    stride_dqkv_t,
+    H,
+    W,
+    HP,
+    WP,
+    NUM_WX,
+    NUM_WINDOWS,
+    SH,
+    SW,
+    RSH,
+    RSW,
+    C,
+    NUM_HEADS,
+    L,
+    NUM_BW,
+    WINDOWS_PER_GROUP,
+    mask_value,
+    WH: tl.constexpr,
+    WW: tl.constexpr,
+    N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SHIFTED: tl.constexpr,
+    PADDED: tl.constexpr,
+    ROLL_THEN_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FULL_DOT: tl.constexpr,
+    NEED_DQ: tl.constexpr,
+    NEED_TABLE: tl.constexpr,
+    WINDOW_SET: tl.constexpr = 0,
+):
+    """The query side of the backward of windows whose whole key axis fits one tile (N <= BLOCK_N): program
+    (row block of BLOCK_M query rows, head, group of WINDOWS_PER_GROUP consecutive (image, window) pairs) holds
+    its rows' scores against every key of the window, [BLOCK_M, BLOCK_N], and per window computes the softmax
+    of whole rows (P and its statistics from the same scores, as the fused kernel: no statistics pass),
+    dP = dO v^T, delta = rowsum(P * dP), dS = P (dP - delta) and from them, in one pass over the scores:
+    - the softmax statistics (row max, log row sum) to STATS and delta to DELTA, for the dk/dv kernel;
+    - dq (NEED_DQ), complete: its sum over keys is in the program;
+    - (NEED_TABLE) the table gradient, dS summed over the group's windows in registers and stored once per
+      group to DBIAS (groups, heads, N, N), and the clamped scale's, sum_ij dS_ij cos_ij, to DSCALE (groups,
+      heads, row blocks); the host sums the groups in a fixed order: no atomics, deterministic.
+    The bias tile is loaded once for the group (reloaded per window it cost 1-2% fewer instructions and assumed
+    L1 hits). The (image, window) pairs are those of WINDOW_SET, as in the forward: a shifted grid takes two
+    launches, the windows off the shifted border without the shift mask (INTERIOR_WINDOWS) and the border
+    (BORDER_WINDOWS); the mask adds 0 off the border, so the scores are bitwise those of the kernels that add it.
+    dk and dv need every query of the window, hence the second kernel (`_window_attention_bwd_dkdv_kernel`, per
+    key block, from these statistics): their sums over query rows span the programs of a window, and partial sums
+    per row block would write them once per row block."""
+    layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
+    i_blk, i_h = _bwd_prologue(WH, WW, N)  # the program's row block, its head
+    i_g = tl.program_id(2)
+    grid = (H, W, HP, WP, SH, SW, RSH, RSW)
+    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
+    o_d, m_d = cols
+    tl.static_assert(N <= BLOCK_N)  # one key tile holds the window
+    tl.static_assert((WINDOW_SET == 0) | SHIFTED)
+    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
+    CDT: tl.constexpr = SCALE.dtype.element_ty
+    DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    MASK_N: tl.constexpr = N != BLOCK_N
+    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    # [BLOCK_M] query rows; [BLOCK_N] every key of the window
+    o_m = i_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = _in_window(o_m, N, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = _in_window(o_n, N, BLOCK_N)
+    b_scale = tl.load(SCALE + i_h)
+    p_bias = QKV_BIAS + i_h * HEAD_DIM
+    # [BLOCK_M, BLOCK_N]: the bias tile, the same for every window: loaded once for the group
+    b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_m, o_n, m_m, m_n, N, EVEN)
+    b_dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT)
+    b_dscale = tl.zeros([BLOCK_M], dtype=CDT)
+    for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
+        i_b, i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
+        proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, p_bias, stride_qkv_t, C)
+        rows_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
+        o_tok_m, m_pad_m, o_reg_m = rows_m
+        b_qn, b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
+        rows_n = _window_rows(o_n, i_w2, grid, layout, MASKED)
+        # [BLOCK_N, BLOCK_D]: k normalised (dot dtype); v loaded where it is used (fewer live registers)
+        o_tok_n, m_pad_n, o_reg_n = rows_n
+        b_k = _load_rows(proj[0] + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
+        b_kn, _b_rk = _l2_normalize(b_k, CDT)
+        b_kn_d = b_kn.to(DDT)
+        m_real_m = m_m & ~m_pad_m  # rows with an output (and a gradient)
+        # [BLOCK_M, BLOCK_D]; zero for rows without an output: their dS is zero
+        b_do = _load_do(DOUT, stride_do_b, stride_do_t, i_b, i_h, o_tok_m, m_real_m, cols, HEAD_DIM).to(DDT)
+        b_qk = _dot(b_qs, tl.trans(b_kn_d), FULL_DOT)  # scale * cos
+        b_s = _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, MASKED, MASK_N)
+        b_rmax = tl.max(b_s, axis=1)
+        b_e = _exp(b_s - b_rmax[:, None])
+        b_l = tl.sum(b_e, axis=1)
+        # the statistics as the statistics kernel stores them: (row max, log row sum), delta per token (stored
+        # as soon as known: fewer live registers)
+        p_stats = STATS + _stats_offsets((i_b, i_w, i_h), o_m, N, NUM_WINDOWS, NUM_HEADS)
+        tl.store(p_stats, b_rmax, mask=m_m)
+        tl.store(p_stats + 1, tl.log(b_l), mask=m_m)
+        b_p = b_e * (1.0 / b_l)[:, None]
+        b_v = _load_rows(proj[0] + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
+        b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
+        b_delta = tl.sum(b_p * b_dp, axis=1)
+        tl.store(DELTA + i_b * L * NUM_HEADS + o_tok_m * NUM_HEADS + i_h, b_delta, mask=m_real_m)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        if NEED_TABLE:
+            b_dbias += b_ds
+            # d scale = sum_ij dS_ij cos_ij, from dS and the scores in the compute dtype, as the table kernel (from
+            # the dq rows, sum_i qn_i . dqs_i, dS enters rounded to the dot dtype, and the sum cancels:
+            # sum_j dS_ij = 0; in fp16 that left up to 3x eager's error)
+            b_dscale += tl.sum(b_ds * b_qk, axis=1)
+        if NEED_DQ:
+            # [BLOCK_M, BLOCK_D]: the gradient of q * scale
+            b_dqs = _dot(b_ds.to(DDT), b_kn_d, FULL_DOT)
+            b_dq = _l2_normalize_backward(b_qn, b_rq, b_scale * b_dqs)
+            p_dq = DQKV + i_b * stride_dqkv_b + o_tok_m[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
+            tl.store(p_dq, b_dq.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_m, m_d))
+    if NEED_TABLE:
+        p_dbias = DBIAS + (i_g * NUM_HEADS + i_h) * N * N + o_m[:, None] * N + o_n[None, :]
+        if EVEN:
+            tl.store(p_dbias, b_dbias)
+        else:
+            tl.store(p_dbias, b_dbias, mask=m_m[:, None] & m_n[None, :])
+        # qk = scale * cos
+        tl.store(DSCALE + (i_g * NUM_HEADS + i_h) * NUM_M + i_blk, tl.sum(b_dscale, axis=0) / b_scale)
+
+
+def _dkdv(dqkv, dpad, num_pad, strides, common, dims: LaunchDims, batch: int):
+    """Launch the dk/dv kernel, one program per (key block of a window, head): on a shifted grid the windows off
+    its border (no shift mask) and the border apart, as the forward."""
+    blocks = triton.cdiv(dims.N, common["BLOCK_N"])
+    for window_set, windows in window_sets(dims):
+        _window_attention_bwd_dkdv_kernel[(batch * windows * blocks, dims.NUM_HEADS)](
+            DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, WINDOW_SET=window_set, **strides, **common
+        )
+
+
+def _backward_common(
     grad_out, qkv, qkv_bias, logit_scale, position_bias, dims: LaunchDims, pad_order: str, mask_value: float
 ):
-    """Run the first backward kernel. Returns the backward's tile flags, the clamped scale and the launch
-    arguments every backward kernel shares, whose STATS (B, heads, nW * N * 2: (row max, log row sum) pairs)
-    and DELTA (B, H*W, heads) it has filled."""
+    """The backward's tile flags, the clamped scale and the launch arguments every unfused backward kernel
+    shares, with STATS (B, heads, nW * N * 2: (row max, log row sum) pairs) and DELTA (B, H*W, heads)
+    allocated for the first kernel to fill."""
     B, L, C3 = qkv.shape
     num_heads = dims.NUM_HEADS
     scale, table, bias = small_operands(qkv, qkv_bias, logit_scale, position_bias, num_heads)
@@ -702,11 +889,21 @@ def _backward_statistics(
         **dims._asdict(),
         **flags,
     )
-    if B > 0:
+    return flags, scale, common
+
+
+def _backward_statistics(
+    grad_out, qkv, qkv_bias, logit_scale, position_bias, dims: LaunchDims, pad_order: str, mask_value: float
+):
+    """Run the first of the four backward kernels. Returns `_backward_common`'s flags, scale and arguments,
+    STATS and DELTA filled."""
+    flags, scale, common = _backward_common(
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, dims, pad_order, mask_value
+    )
+    if qkv.shape[0] > 0:
         # every token is the query of exactly one window row: each delta is written once
-        _window_attention_bwd_stats_kernel[(B * dims.NUM_WINDOWS * triton.cdiv(dims.N, flags["BLOCK_M"]), num_heads)](
-            **common
-        )
+        grid = (qkv.shape[0] * dims.NUM_WINDOWS * triton.cdiv(dims.N, flags["BLOCK_M"]), dims.NUM_HEADS)
+        _window_attention_bwd_stats_kernel[grid](**common)
     return flags, scale, common
 
 
@@ -822,7 +1019,13 @@ def window_attention_triton_backward(
     B, _L, C3 = qkv.shape
     dims = launch_dims(qkv, grid_size, num_heads, window_size, shift_size, pad_order)
     need_bias = need_bias and qkv_bias is not None
-    run = _fused_backward if fused_backward_applies(dims.N, C3 // 3 // num_heads, qkv.dtype) else _unfused_backward
+    head_dim = C3 // 3 // num_heads
+    if fused_backward_applies(dims.N, head_dim, qkv.dtype):
+        run = _fused_backward
+    elif rows_backward_applies(dims.N, head_dim, qkv.dtype):
+        run = _rows_backward
+    else:
+        run = _unfused_backward
     dqkv, dpad, d_table, d_scale = run(
         grad_out,
         qkv,
@@ -871,7 +1074,7 @@ def _unfused_backward(
     need_bias,
     need_table_grads,
 ):
-    """The four kernels (windows beyond the fused kernel's). Returns (dqkv or None, dpad, d_table or None,
+    """The four kernels (windows beyond the fused and the rows kernels'). Returns (dqkv or None, dpad, d_table or None,
     d_scale or None) as `_fused_backward`."""
     B, _L, C3 = qkv.shape
     num_heads = dims.NUM_HEADS
@@ -895,9 +1098,7 @@ def _unfused_backward(
                 _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(dims.N, flags["BLOCK_M"]), num_heads)](
                     DQKV=dqkv, **strides, **common
                 )
-            _window_attention_bwd_dkdv_kernel[(num_bw * triton.cdiv(dims.N, flags["BLOCK_N"]), num_heads)](
-                DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, **strides, **common
-            )
+            _dkdv(dqkv, dpad, num_pad, strides, common, dims, B)
         if need_table_grads:
             num_tiles = triton.cdiv(dims.N, flags["BLOCK_M"]) * triton.cdiv(dims.N, flags["BLOCK_N"])
             # Enough groups of windows to fill a GPU (about 1024 programs), each group a fixed range.
@@ -921,6 +1122,78 @@ def _unfused_backward(
     if need_table_grads and d_table is None:  # empty batch
         d_table = torch.zeros_like(position_bias, dtype=cdt)
         d_scale = torch.zeros_like(scale)
+    return dqkv, dpad, d_table, d_scale
+
+
+def _rows_backward(
+    grad_out,
+    qkv,
+    qkv_bias,
+    logit_scale,
+    position_bias,
+    dims: LaunchDims,
+    pad_order: str,
+    mask_value: float,
+    need_qkv,
+    need_bias,
+    need_table_grads,
+):
+    """The rows kernel then the dk/dv kernel (`tiles.rows_backward_applies`). Returns (dqkv or None, dpad,
+    d_table or None, d_scale or None) as `_fused_backward`."""
+    B, _L, C3 = qkv.shape
+    num_heads = dims.NUM_HEADS
+    _flags, scale, common = _backward_common(
+        grad_out, qkv, qkv_bias, logit_scale, position_bias, dims, pad_order, mask_value
+    )
+    cdt = scale.dtype
+    num_pad = dims.num_pad
+    run_dkdv = need_qkv or (need_bias and num_pad > 0)
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format) if run_dkdv else None
+    pad_grads = qkv_bias is not None and num_pad > 0
+    dpad = torch.empty((B, num_pad, 2 * (C3 // 3)) if pad_grads else (1,), device=qkv.device, dtype=cdt)
+    if B == 0:
+        if dqkv is not None:
+            dqkv.zero_()
+        if not need_table_grads:
+            return dqkv, dpad, None, None
+        return dqkv, dpad, torch.zeros_like(position_bias, dtype=cdt), torch.zeros_like(scale)
+    block_m, block_n, num_warps = ROWS_TILES
+    num_m = triton.cdiv(dims.N, block_m)
+    out = dqkv if dqkv is not None else qkv  # never written without NEED_DQ
+    strides = dict(stride_dqkv_b=out.stride(0), stride_dqkv_t=out.stride(1))
+    # one stage: the window loop is not software-pipelined (prefetching the next window's rows costs registers)
+    rows_launch = {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": 1}
+    d_table = d_scale = None
+    # a shifted grid: the windows off its border (no shift mask) and the border apart, as the forward
+    for window_set, windows in window_sets(dims):
+        pairs = B * windows
+        # groups of windows per (row block, head): about FUSED_PROGRAMS programs, each group a fixed range
+        per_group = triton.cdiv(pairs, max(1, FUSED_PROGRAMS // (num_m * num_heads)))
+        groups = triton.cdiv(pairs, per_group)
+        shape = (groups, num_heads, dims.N, dims.N) if need_table_grads else (1,)
+        d_table_parts = torch.empty(shape, device=qkv.device, dtype=cdt)
+        d_scale_parts = torch.empty(
+            (groups, num_heads, num_m) if need_table_grads else (1,), device=qkv.device, dtype=cdt
+        )
+        _window_attention_bwd_rows_kernel[(num_m, num_heads, groups)](
+            DQKV=out,
+            DBIAS=d_table_parts,
+            DSCALE=d_scale_parts,
+            NUM_BW=pairs,
+            WINDOWS_PER_GROUP=per_group,
+            NEED_DQ=need_qkv,
+            NEED_TABLE=need_table_grads,
+            WINDOW_SET=window_set,
+            **strides,
+            **rows_launch,
+        )
+        if need_table_grads:
+            # the groups, then the launches, summed in a fixed order (no atomics): deterministic
+            part_table, part_scale = d_table_parts.sum(0), d_scale_parts.sum((0, 2))
+            d_table = part_table if d_table is None else d_table + part_table
+            d_scale = part_scale if d_scale is None else d_scale + part_scale
+    if dqkv is not None:
+        _dkdv(dqkv, dpad, num_pad, strides, common, dims, B)
     return dqkv, dpad, d_table, d_scale
 
 

@@ -72,7 +72,7 @@ def test_launchable_specs_cover_what_the_host_launches():
 
 
 def test_candidates_gate_compiles_each_candidate_where_the_sweep_tries_it(monkeypatch):
-    """compile_check --candidates: every candidate at every sweep shape (bwd only where the four kernels run),
+    """compile_check --candidates: every candidate at every sweep shape (bwd only where the fused kernel does not),
     each launch recorded with the candidate's tiles and num_stages; a register-capped candidate only on the
     archs where register_cap caps at its budget. Compiling is replaced by a stand-in (nothing compiled)."""
     import torch
@@ -95,7 +95,13 @@ def test_candidates_gate_compiles_each_candidate_where_the_sweep_tries_it(monkey
     monkeypatch.setattr(compile_check, "compile_launch", fake_compile)
     monkeypatch.setattr(compile_check, "resource_usage", lambda usage, sass: (100, 0))
     by_n = {s.window**2: s for s in sweep.SHAPES}
+    # N = 256: the rows kernel keeps its own tiles, a candidate sets the dk/dv kernel's (two launches on the
+    # shifted grid: the windows off its border, then the border); N = 576: the four kernels'
     rows = compile_check.compile_candidate("bwd", (32, 32, 4, 255, 2), by_n[256])
+    assert sorted(k for k, a, _, _ in compiled) == ["bwd_dkdv"] * 2 * len(compile_check.ARCHS)
+    assert {(s, m) for _, _, s, m in compiled} == {(2, 32)} and len(rows) == len(compiled)
+    compiled.clear()
+    rows = compile_check.compile_candidate("bwd", (32, 32, 4, 255, 2), by_n[576])
     assert sorted({(k, a) for k, a, _, _ in compiled}) == sorted(
         (k, a) for k in ("bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats") for a in compile_check.ARCHS
     )

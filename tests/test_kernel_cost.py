@@ -105,7 +105,7 @@ def test_spill_gate_geometries_cover_every_flag_combination():
     flags = set()
     for window in compile_check.WINDOW_SIZES:
         for geometry in compile_check.GEOMETRIES:
-            spec = compile_check.Spec("bwd_dkdv", "fp32", 32, window, geometry)
+            spec = compile_check.Spec("bwd_dq", "fp32", 32, window, geometry)
             (launch,) = compile_check.spec_launches(spec)
             a = launch.kwargs
             assert (a["WH"], a["WW"], a["N"]) == (window, window, window * window)
@@ -146,9 +146,11 @@ def test_forward_launches_split_the_shifted_grid():
 
 def test_reference_launches_record_the_backward_the_launcher_runs():
     """fp16/bf16 windows of 64 tokens (head dims up to 32): the fused backward alone, one program per
-    (group of windows, head), its loop counted at the windows per group; larger windows and fp32: the four
-    kernels (window 7's 49 tokens too: see FUSED_MAX_N). Recorded on meta tensors (nothing is compiled or run)."""
+    (group of windows, head), its loop counted at the windows per group; windows 12 and 16 (N = 129 to 256): the
+    rows kernel, one program per (row block, head, group of windows), and the dk/dv kernel; windows 7 and 24 and
+    fp32: the four kernels. Recorded on meta tensors (nothing is compiled or run)."""
     from swinv2_fast.kernels import tiles
+    from swinv2_fast.kernels import triton_forward as tk
 
     for window, dtype, head_dim in ((8, "bf16", 32), (8, "fp16", 32), (8, "bf16", 30), (8, "fp16", 10)):
         recorded = launches.reference_launches(window, dtype, head_dim)
@@ -168,11 +170,32 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
         assert cost.LOOP_TRIPS["bwd_fused"](a, launch.grid) == [num_bw / groups]
         hbm, l2, flops = cost.traffic(launch, dtype)
         assert flops == cost.scores_of(launch) * 2 * head_dim * 5 and hbm > 0 and l2 > 0
-    for window, dtype in ((7, "bf16"), (12, "bf16"), (8, "fp32")):
+    for window, dtype in ((12, "fp16"), (16, "bf16")):
+        recorded = launches.reference_launches(window, dtype)
+        assert sorted(recorded) == ["bwd_dkdv", "bwd_rows", "fwd"], (window, dtype)
+        # the reference grid is shifted: the windows off its border (no shift mask), then the border
+        interior, border = recorded["bwd_rows"]
+        assert [lch.kwargs["WINDOW_SET"] for lch in (interior, border)] == [tk.INTERIOR_WINDOWS, tk.BORDER_WINDOWS]
+        num_bw = launches.REFERENCE_BATCH * interior.kwargs["NUM_WINDOWS"]
+        assert interior.kwargs["NUM_BW"] + border.kwargs["NUM_BW"] == num_bw
+        for launch in (interior, border):
+            a = launch.kwargs
+            row_blocks, heads, groups = launch.grid
+            assert (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"]) == tiles.ROWS_TILES
+            assert row_blocks == -(-a["N"] // a["BLOCK_M"]) and a["BLOCK_N"] >= a["N"]
+            assert heads == launches.REFERENCE_HEADS and a["NEED_DQ"] and a["NEED_TABLE"]
+            assert groups == -(-a["NUM_BW"] // a["WINDOWS_PER_GROUP"])
+            assert row_blocks * heads * groups <= tiles.FUSED_PROGRAMS
+            assert cost.LOOP_TRIPS["bwd_rows"](a, launch.grid) == [a["NUM_BW"] / groups]
+        hbm, l2, flops = cost.traffic(interior, dtype)
+        assert flops == cost.scores_of(interior) * 2 * 32 * 3 and hbm > 0 and l2 > 0
+    for window, dtype in ((24, "bf16"), (7, "bf16"), (8, "fp32"), (12, "fp32")):
         recorded = launches.reference_launches(window, dtype)
         assert sorted(recorded) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"], (window, dtype)
     assert launches.launched("bwd_fused", 8, 32, "bf16") and not launches.launched("bwd_stats", 8, 32, "bf16")
     assert launches.launched("bwd_stats", 8, 32, "fp32") and not launches.launched("bwd_fused", 16, 32, "bf16")
+    assert launches.launched("bwd_rows", 12, 32, "bf16") and not launches.launched("bwd_rows", 24, 32, "bf16")
+    assert not launches.launched("bwd_rows", 7, 32, "bf16")
 
 
 @pytest.mark.slow

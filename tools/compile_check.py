@@ -25,8 +25,9 @@ The exit status is non-zero on a compile failure or on any spill.
 --candidates compiles every configuration of the tile sweep's table (sweep.CANDIDATES, num_stages included)
 at the sweep's shapes (sweep.SHAPES: bf16, head_dim 32, their windows and heads on their shifted unpadded
 grids, a bf16 table) with the candidate set as `TILE_OVERRIDES` and recorded by the same launch path: the
-forward's two launches, and the four backward kernels where they run (not at N = 64, where the fused
-backward kernel runs with its own tiles); a register-capped candidate only where the sweep tries it
+forward's two launches, and the backward's kernels where they are not the fused one (not at N = 64, where the
+fused backward kernel runs with its own tiles; the rows kernel keeps its own too); a register-capped candidate
+only where the sweep tries it
 (`sweep.candidate_applies`: where register_cap caps at that budget). One row per (direction, candidate,
 shape, kernel, arch); the committed table is benchmarks/results/compile_check_candidates.txt. It compiles
 every candidate at every shape for two archs, minutes on a few cores: a check to run before changing
@@ -108,8 +109,9 @@ def published_specs(head_dims=None) -> List[Spec]:
 
 
 def spec_launches(spec: Spec):
-    """The recorded launches of the spec's kernel (see launches.reference_launches): one, or the forward's two on a
-    shifted grid (windows off the shifted border, border windows), each its own specialisation."""
+    """The recorded launches of the spec's kernel (see launches.reference_launches): one, or two on a shifted grid
+    for the forward, the rows and the dk/dv kernels (windows off the shifted border, border windows), each its own
+    specialisation."""
 
     padded, shifted, bias, order = GEOMETRIES[spec.geometry]
     grid = _grid(spec.window, padded)
@@ -195,7 +197,8 @@ class CandidateResult(NamedTuple):
 
 def candidate_work():
     """(direction, candidate, shape) the --candidates gate compiles: every candidate at every sweep shape, the
-    backward's only where its four kernels run."""
+    backward's where the fused kernel does not run (a candidate sets the four kernels' tiles or the dk/dv
+    kernel's)."""
     return [
         (direction, tuple(config), shape)
         for shape in sweep.SHAPES
@@ -237,8 +240,12 @@ def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateRes
                     direction, config, shape.name, n, "-", 0, -1, -1, f"{type(exc).__name__}: {str(exc)[:200]}"
                 )
             ]
+        # the rows kernel keeps its own tiles (tiles.ROWS_TILES): a backward candidate sets the dk/dv kernel's
         launches = [
-            launch for kernel, ls in found.items() for launch in ls if (kernel == "fwd") == (direction == "fwd")
+            launch
+            for kernel, ls in found.items()
+            for launch in ls
+            if (kernel == "fwd") == (direction == "fwd") and kernel != "bwd_rows"
         ]
         for arch in archs:
             for launch in launches:

@@ -78,8 +78,9 @@ COST_HEAD_DIM = REFERENCE_HEAD_DIM
 COST_HEAD_DIMS = (32, 30, 10)  # Swin V2's; Swin2SR's (masked channel tiles)
 COST_WINDOWS_BY_HEAD_DIM = {30: (8,), 10: (8,)}  # Swin2SR's window; other head dims: COST_WINDOWS
 # bwd_fused runs the backward of fp16/bf16 windows of 64 (or at most 32) tokens, head dims up to 32, alone; the other
-# four backward kernels run beyond and in fp32 (`swinv2_fast.kernels.tiles.backward_kernels`)
-COST_KERNELS = ("fwd", "bwd_fused", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
+# fp16/bf16 windows up to 256 tokens run bwd_rows and bwd_dkdv; the four backward kernels run beyond and in fp32
+# (`swinv2_fast.kernels.tiles.backward_kernels`)
+COST_KERNELS = ("fwd", "bwd_fused", "bwd_rows", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 
 HBM_BYTES_PER_S = 4.8e12
 DOT_FLOPS_PER_S = {"bf16": 790e12, "fp16": 790e12, "fp32": 67e12}
@@ -263,6 +264,7 @@ def _windows_per_group(a, grid):
 LOOP_TRIPS: Dict[str, Callable] = {
     "fwd": _fwd_loops,
     "bwd_fused": _windows_per_group,
+    "bwd_rows": _windows_per_program,
     "bwd_stats": _kv_blocks,
     "bwd_dq": _kv_blocks,
     "bwd_dkdv": _q_blocks,
@@ -397,6 +399,14 @@ def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
         hbm = tokens * rows * 7 + table + groups * table // t * 4
         l2 = wh * (4 * N * rows + N * N * t)
         flops = scores * 2 * hd * 5  # q.k, dO.v, dS k, dS^T q, P^T dO
+    elif k == "bwd_rows":
+        groups = launch.grid[2]
+        # q and dO read once, k and v once per row block (BLOCK_N covers the window); dq written once per
+        # (token, head), the statistics written; each (row block, head, group) program loads its bias tile once
+        # and stores its table partial sum (fp32)
+        hbm = tokens * rows * 5 + table + stats + groups * table // t * 4
+        l2 = wh * (2 * N * rows + nm * N * 2 * rows) + groups * table
+        flops = scores * 2 * hd * 3  # q.k, dO.v, dS k
     elif k == "bwd_stats":
         hbm = tokens * rows * 4 + table + stats
         l2 = wh * (2 * N * rows + nm * N * 2 * rows + N * N * t)

@@ -26,6 +26,7 @@ KERNEL_LAUNCH = "kernels/launch.py"
 KERNEL_BACKWARD = "kernels/triton_backward.py"
 FWD = "tests/test_triton_forward.py"
 BWD = "tests/test_triton_backward.py"
+ROWS = "tests/test_triton_backward_rows.py"
 
 MUTANTS = [
     # ------------------------------------------------------------------------------------------ wiring
@@ -295,16 +296,16 @@ MUTANTS = [
     Mutant(
         "kernel-table-gradient-from-p",
         KERNEL_BACKWARD,
-        "b_dbias += b_ds\n",
-        "b_dbias += b_p\n",
+        "b_dbias += b_ds\n        # d scale = sum dS * cos(q, k)",
+        "b_dbias += b_p\n        # d scale = sum dS * cos(q, k)",
         (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
         "the bias table's gradient is dS, summed over windows",
     ),
     Mutant(
         "kernel-scale-gradient-not-divided",
         KERNEL_BACKWARD,
-        "tl.sum(b_dscale, axis=0) / b_scale)",
-        "tl.sum(b_dscale, axis=0))",
+        "NUM_TILES + i_tile, tl.sum(b_dscale, axis=0) / b_scale)",
+        "NUM_TILES + i_tile, tl.sum(b_dscale, axis=0))",
         (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
         "d scale = sum dS * cos(q, k) = sum dS * (qs . kn) / scale",
     ),
@@ -379,8 +380,8 @@ MUTANTS = [
     Mutant(
         "kernel-fused-dq-without-scale",
         KERNEL_BACKWARD,
-        "b_dq = _l2_normalize_backward(b_qn, b_rq, b_scale * b_dqs)",
-        "b_dq = _l2_normalize_backward(b_qn, b_rq, b_dqs)",
+        "b_scale * b_dqs)\n                tl.store(DQKV + o_dst",
+        "b_dqs)\n                tl.store(DQKV + o_dst",
         (
             "tests/test_triton_backward_fused.py::test_fused_backward_arithmetic_at_fp32_tolerance",
             "-k",
@@ -479,5 +480,78 @@ MUTANTS = [
             "test_patched_matches_unpatched and triton and cr-head-nonsquare-padded",
         ),
         "patch(model, 'triton') on a timm Cr model runs eager",
+    ),
+    # the rows backward (N = 129 to 256: the rows kernel, then the dk/dv kernel)
+    Mutant(
+        "kernel-rows-table-gradient-from-p",
+        KERNEL_BACKWARD,
+        "b_dbias += b_ds\n            # d scale = sum_ij dS_ij cos_ij",
+        "b_dbias += b_p\n            # d scale = sum_ij dS_ij cos_ij",
+        (
+            f"{ROWS}::test_rows_backward_arithmetic_at_fp32_tolerance",
+            "-k",
+            "B1-13x14-h2d24-w12s6-padded and pad_then_roll",
+        ),
+        "the table gradient sums dS, not P",
+    ),
+    Mutant(
+        "kernel-rows-scale-gradient-not-divided",
+        KERNEL_BACKWARD,
+        "NUM_M + i_blk, tl.sum(b_dscale, axis=0) / b_scale)",
+        "NUM_M + i_blk, tl.sum(b_dscale, axis=0))",
+        (
+            f"{ROWS}::test_rows_backward_arithmetic_at_fp32_tolerance",
+            "-k",
+            "B1-13x14-h2d24-w12s6-padded and pad_then_roll",
+        ),
+        "d scale = sum dS * cos(q, k) = sum dS * (qs . kn) / scale",
+    ),
+    Mutant(
+        "kernel-rows-dq-without-scale",
+        KERNEL_BACKWARD,
+        "b_scale * b_dqs)\n            p_dq = DQKV",
+        "b_dqs)\n            p_dq = DQKV",
+        (
+            f"{ROWS}::test_rows_backward_arithmetic_at_fp32_tolerance",
+            "-k",
+            "B1-13x14-h2d24-w12s6-padded and pad_then_roll",
+        ),
+        "dq carries the logit scale",
+    ),
+    Mutant(
+        "kernel-rows-log-sum-not-stored",
+        KERNEL_BACKWARD,
+        "tl.store(p_stats + 1, tl.log(b_l), mask=m_m)\n        b_p = b_e",
+        "tl.store(p_stats + 1, b_l, mask=m_m)\n        b_p = b_e",
+        (
+            f"{ROWS}::test_rows_backward_arithmetic_at_fp32_tolerance",
+            "-k",
+            "B1-13x14-h2d24-w12s6-padded and pad_then_roll",
+        ),
+        "the dk/dv kernel recomputes P from the log of the row sum the rows kernel stores",
+    ),
+    Mutant(
+        "kernel-rows-border-unmasked",
+        KERNEL_BACKWARD,
+        "# one key tile holds the window\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1",
+        "# one key tile holds the window\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0",
+        (
+            f"{ROWS}::test_rows_backward_arithmetic_at_fp32_tolerance",
+            "-k",
+            "B1-13x14-h2d24-w12s6-padded and pad_then_roll",
+        ),
+        "the border windows of a shifted grid carry the shift mask (only the interior launch drops it)",
+    ),
+    Mutant(
+        "kernel-dkdv-border-unmasked",
+        KERNEL_BACKWARD,
+        "N % BLOCK_M != 0\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1",
+        "N % BLOCK_M != 0\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0",
+        (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
+        "the dk/dv kernel's border windows of a shifted grid carry the shift mask",
     ),
 ]
