@@ -328,7 +328,8 @@ FUSED_PROGRAMS = 512
 
 def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the backward of windows of n tokens, heads of head_dim channels and a projection in `dtype` runs
-    as the one fused kernel (else the statistics, dq, dk/dv and table kernels)."""
+    as the one fused kernel (else the rows and dk/dv kernels, `rows_backward_applies`, or the statistics, dq,
+    dk/dv and table kernels)."""
     return (
         dtype in FUSED_DTYPES
         and n <= FUSED_MAX_N
@@ -354,8 +355,9 @@ def fused_num_warps(n: int, dtype: torch.dtype) -> int:
 # the scores gives the softmax statistics, dq and the table and scale gradients (the work of three of the four
 # kernels, the scores computed once instead of three times); the second is the four kernels' dk/dv kernel, on
 # their tiles, from those statistics. By the static cost report (bf16, head_dim 32, sm_90, the backward's
-# kernels together, H200 estimate over the backward floor) N = 144 and 256 went from 13.2 and 7.1 to 9.5 and 6.4
-# (with the dk/dv kernel's windows off the shifted border run without the mask, as the forward's).
+# kernels together, H200 estimate over the backward floor) N = 144 and 256 went from 13.2 and 7.1 to 9.1 and 6.4
+# (with both kernels' windows off the shifted border run without the mask, as the forward's). On unshifted
+# windows of 256 tokens it is about 6% above the four kernels by the same model (SwinV2-B 256 w16's stage 2).
 # Not served, by the spill gate: 32 query rows spilled 3-5 KB; 64-key tiles (N = 33 to 63: window 7) spilled
 # 28-400 B on sm_80 with Triton 3.6 at every row block (32, 64) and warp count (4, 8, 16) tried; 1024-key tiles
 # (N = 576) would be 44% padding around row blocks of 4 queries. 128-key tiles (N = 65 to 128) are not in the gate

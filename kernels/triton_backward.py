@@ -23,12 +23,17 @@ and its row statistics from the same scores), then dP, dv, dq, dk and the normal
 gradient is summed in registers over the group and the logit-scale gradient comes from the dq rows (the sum
 of qn . dqs), each group's partial sums reduced on the host in a fixed order.
 
-The rows kernel (where `tiles.rows_backward_applies`: windows up to 256 tokens beyond the fused kernel's) holds
-whole rows of scores, a row block against every key of the window, and does in one pass what the statistics,
-dq and table kernels do in three: the softmax of whole rows (statistics stored for the dk/dv kernel), dq, and
-the table and scale gradients summed over a group of windows; the dk/dv kernel then runs from its statistics.
-dk and dv are sums over every query of the window, which spans the row blocks' programs: one kernel cannot
-serve them without partial sums per row block in memory, or float atomics.
+The rows kernel (where `tiles.rows_backward_applies`: windows of 129 to 256 tokens) holds whole rows of scores,
+a row block against every key of the window, and does in one pass what the statistics, dq and table kernels do
+in three: the softmax of whole rows (statistics stored for the dk/dv kernel), dq, and the table and scale
+gradients summed over a group of windows; the dk/dv kernel then runs from its statistics. dk and dv are sums
+over every query of the window, which spans the row blocks' programs: one kernel cannot serve them without
+partial sums per row block in memory, or float atomics. Here the two kernels' tiles differ (16 x 256 against
+the dk/dv kernel's), so the one-hot argument above holds for dq (computed in the rows kernel from the same
+scores as its statistics) but not bitwise for dk/dv: where a score's last bit differs between the tile shapes
+(a different dot instruction: sm_90 runs 16-row tiles on mma, 64-row ones on wgmma), a saturated row's P in
+the dk/dv kernel is off 1 by up to ~1e-5 and its dS by an ulp of dP, not exactly 0. That is far inside the
+16-bit gradient's rounding; whether the bits differ at all is for a GPU to show.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from .geometry import LOGIT_SCALE_MAX
 from .launch import LaunchDims, device_arch, launch_dims, launch_flags, small_operands
 from .tiles import (
     FUSED_PROGRAMS,
+    MAXNREG,
     ROWS_TILES,
     fused_backward_applies,
     fused_block,
@@ -1009,7 +1015,9 @@ def window_attention_triton_backward(
 
     P is recomputed (nothing N x N was stored). fp16/bf16 windows of 64 tokens or at most 32 (heads of at most
     FUSED_MAX_BLOCK_D channels; see tiles.fused_backward_applies): one kernel per (group of windows, head)
-    computes everything of a window in one block (`_window_attention_bwd_fused_kernel`). Otherwise: the softmax
+    computes everything of a window in one block (`_window_attention_bwd_fused_kernel`). fp16/bf16 windows of 129
+    to 256 tokens (tiles.rows_backward_applies): the rows kernel (statistics, dq, the table and scale gradients)
+    then the dk/dv kernel. Otherwise: the softmax
     statistics of every window row and delta = rowsum(P * dP) per query row, in token layout; dq per query
     block (without `need_qkv` not run); dk/dv per key block (padded keys to a per-position buffer, summed into
     the bias gradient); the table and scale gradients per bias tile over groups of windows (without
@@ -1162,7 +1170,15 @@ def _rows_backward(
     out = dqkv if dqkv is not None else qkv  # never written without NEED_DQ
     strides = dict(stride_dqkv_b=out.stride(0), stride_dqkv_t=out.stride(1))
     # one stage: the window loop is not software-pipelined (prefetching the next window's rows costs registers)
-    rows_launch = {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": 1}
+    # its own register budget too: not the dk/dv tiles' cap or a tuned record's
+    rows_launch = {
+        **common,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "num_warps": num_warps,
+        "num_stages": 1,
+        "maxnreg": MAXNREG,
+    }
     d_table = d_scale = None
     # a shifted grid: the windows off its border (no shift mask) and the border apart, as the forward
     for window_set, windows in window_sets(dims):

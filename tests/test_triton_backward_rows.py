@@ -142,7 +142,8 @@ def test_rows_backward_computes_what_is_asked(needs, rows_in):
     """Frozen inputs: the launcher's need_* flags. A gradient not asked for is None; those asked for are those
     of the full backward. The dk/dv kernel runs only for the q/k/v gradient or the padded keys' bias gradient."""
     rows_in(torch.float32)
-    B, grid, heads, head_dim, window, shift = 2, (13, 12), 2, 16, 12, 6  # padding: the k/v bias is read
+    # padding (the k/v bias is read) and 2 x 2 windows: the interior and border launches
+    B, grid, heads, head_dim, window, shift = 2, (24, 23), 2, 16, 12, 6
     qkv, bias, logit_scale, table = make_inputs(B, grid, heads, head_dim, window, seed=7, zero_k_bias=False)
     geometry = WindowGeometry.from_args(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE)
@@ -175,14 +176,14 @@ def test_rows_backward_computes_what_is_asked(needs, rows_in):
 def test_rows_backward_groups_windows_deterministically(monkeypatch):
     """Groups of windows that do not divide the batch's windows (the last group shorter): the table and scale
     gradients are those of one window per group, and two runs agree bitwise (no atomics)."""
-    B, grid, heads, head_dim, window, shift = 3, (24, 36), 1, 16, 12, 6  # 3 x 6 = 18 (image, window) pairs
+    B, grid, heads, head_dim, window, shift = 5, (24, 36), 1, 16, 12, 6  # 5 x 6 = 30 (image, window) pairs
     inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=9)
     geometry = WindowGeometry.from_args(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE).half()
     results = {}
-    # 9 row blocks of 16 rows; the interior launch has 6 pairs, the border 12: groups of 1 each; groups of 2, 2, 2
-    # and of 5, 5, 2 (twice)
-    for programs in (9 * 18, 9 * 3, 9 * 3):
+    # 9 row blocks of 16 rows; the interior launch has 10 pairs, the border 20: groups of 1 each; groups of 4, 4, 2
+    # and of 7, 7, 6 (twice)
+    for programs in (9 * 20, 9 * 3, 9 * 3):
         monkeypatch.setattr(tkb, "FUSED_PROGRAMS", programs)
         with count_launches() as launches:
             got = tkb.window_attention_triton_backward(grad_out, *inputs, *geometry.as_op_args())
@@ -191,7 +192,7 @@ def test_rows_backward_groups_windows_deterministically(monkeypatch):
     first, second = results[27]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    one = results[9 * 18][0]
+    one = results[9 * 20][0]
     assert torch.equal(first[0], one[0])  # q/k/v: per window, whatever the grouping
     for a, b, name in zip(first[2:], one[2:], ("logit_scale", "position_bias")):
         assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-5, name=name)
@@ -202,7 +203,8 @@ def test_rows_backward_one_hot_rows_cancel_exactly(rows_in):
     other keys zero: scores +100, -100 and 0 with the clamped logit scale): the reference's P is 1 and at most
     4e-44 and dS = P (dP - delta) cancels, so the exact q gradient is ~1e-40. The rows kernel computes P, its row
     statistics and dq from the same scores in one program, so delta is exactly dP at the 1 and the q gradient of
-    those rows is as small."""
+    those rows is as small. (dk and dv come from the dk/dv kernel, on other tiles: see triton_backward's
+    docstring.)"""
     rows_in(torch.float32)
     grid, window, head_dim = (12, 12), 12, 32
     n = window * window
@@ -221,6 +223,24 @@ def test_rows_backward_one_hot_rows_cancel_exactly(rows_in):
     _assert_rows_launched(launches, grid, window, 0)
     dq = rows[0][..., :head_dim]
     assert dq.abs().max().item() < 1e-30, dq.abs().max().item()
+
+
+@pytest.mark.kernels(forward=False, backward=False)  # the backward launcher alone, which launches nothing here
+def test_rows_backward_of_an_empty_batch():
+    """B = 0: nothing is launched; the q/k/v gradient is empty, the bias, table and scale gradients zero."""
+    grid, heads, head_dim, window, shift = (24, 23), 1, 16, 12, 6
+    qkv, bias, logit_scale, table = make_inputs(1, grid, heads, head_dim, window, dtype=torch.float16, seed=3)
+    qkv = qkv[:0]
+    geometry = WindowGeometry.from_args(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
+    grad_out = torch.zeros(0, grid[0] * grid[1], heads * head_dim, device=DEVICE, dtype=torch.float16)
+    with count_launches() as launches:
+        d_qkv, d_bias, d_scale, d_table = tkb.window_attention_triton_backward(
+            grad_out, qkv, bias, logit_scale, table, *geometry.as_op_args()
+        )
+    assert not any(launches.values()), dict(launches)
+    assert d_qkv.shape == qkv.shape and d_bias.abs().sum() == 0
+    assert d_scale.shape == logit_scale.shape and d_scale.abs().sum() == 0
+    assert d_table.shape == table.shape and d_table.abs().sum() == 0
 
 
 @pytest.mark.kernels(forward=False, backward=False)  # nothing runs: the launcher's rule

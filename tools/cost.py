@@ -403,7 +403,8 @@ def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
         groups = launch.grid[2]
         # q and dO read once, k and v once per row block (BLOCK_N covers the window); dq written once per
         # (token, head), the statistics written; each (row block, head, group) program loads its bias tile once
-        # and stores its table partial sum (fp32)
+        # and stores its table partial sum (fp32): the first launch's groups (on a shifted grid the border
+        # launch's partial sums are left out: HBM is not this kernel's bound)
         hbm = tokens * rows * 5 + table + stats + groups * table // t * 4
         l2 = wh * (2 * N * rows + nm * N * 2 * rows) + groups * table
         flops = scores * 2 * hd * 3  # q.k, dO.v, dS k

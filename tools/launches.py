@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from swinv2_fast.kernels import triton_backward, triton_forward
 from swinv2_fast.kernels.geometry import PAD_THEN_ROLL, WindowGeometry
-from swinv2_fast.kernels.tiles import backward_kernels, register_cap, table_kernel_warps
+from swinv2_fast.kernels.tiles import MAXNREG, backward_kernels, register_cap, table_kernel_warps
 
 # ------------------------------------------------------------------------------------------- the cases
 ARCHS = (80, 90)
@@ -224,6 +224,8 @@ def specialise(launch: Launch, arch: int):
     # the register cap (and the table kernel's warps) depend on the target: the recorded launch (meta tensors)
     # was made for sm_90
     a["maxnreg"] = register_cap(a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch, a["PADDED"])
+    if launch.kernel == "bwd_rows":  # its own budget, whatever caps the other backward kernels
+        a["maxnreg"] = MAXNREG
     if launch.kernel == "bwd_dbias":  # recorded with sm_90's warps (off CUDA the launch's arch is 90)
         a["num_warps"] = table_kernel_warps(a["num_warps"], a["BLOCK_M"], a["BLOCK_N"], arch)
     launch = launch._replace(kwargs=a)

@@ -22,7 +22,8 @@ Spills: the warm-up launch returns each kernel's CompiledKernel (JITFunction.run
 and 3.8); the sweep reads the spill bytes of its cubin as the spill gate does (`launches.resource_usage`:
 local-memory stores and loads in the SASS) and rejects a candidate that spills at that shape (logged).
 
-The backward candidates set the four-kernel backward's tiles. Where the one fused backward kernel runs
+The backward candidates set the four-kernel backward's tiles (the dk/dv kernel's where the rows kernel runs).
+Where the one fused backward kernel runs
 (`fused_backward_applies`: fp16/bf16 windows of 64 tokens or at most 32, head dims up to 32) it fixes its own
 tiles, warps and num_stages=1, so a "bwd" candidate changes nothing there: the sweep times no "bwd" candidate
 at such a shape, says so in its log and records nothing for it (SHAPES' N = 64 rows record "fwd" only).
