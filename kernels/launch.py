@@ -110,7 +110,7 @@ def launch_dims(
 
 def device_arch(t: torch.Tensor) -> int:
     """The compute capability the launch compiles for (90 off CUDA: the interpreter ignores the register
-    cap, and the cost report re-caps its recorded launches per target)."""
+    cap, and the cost report and the spill gate redo what depends on the target for each, `tools.launches.for_arch`)."""
     if t.is_cuda:
         major, minor = torch.cuda.get_device_capability(t.device)
         return 10 * major + minor

@@ -35,6 +35,7 @@ __all__ = [
     "MAXNREG",
     "MAX_HEAD_DIM",
     "ROWS_TILES",
+    "TABLE_PROGRAMS",
     "TILE_OVERRIDES",
     "TUNED_FIELDS",
     "TUNED_TILES_PATH",
@@ -50,8 +51,9 @@ __all__ = [
     "load_tuned_tiles",
     "register_cap",
     "rows_backward_applies",
-    "table_kernel_warps",
+    "table_kernel_tiles",
     "tuned_entry",
+    "window_groups",
 ]
 
 # The head dims the kernels serve: every one from 1 to MAX_HEAD_DIM. The kernels' channel tiles are BLOCK_D =
@@ -92,18 +94,21 @@ _TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 
 # kernels share one tile shape: the probabilities they recompute are then bitwise the same.
 _BWD_TILES_16BIT = {16: (64, 32, 4), 32: (64, 32, 8), 64: (32, 16, 8), 128: (16, 32, 8)}
 _BWD_TILES_FP32 = {16: (32, 16, 8), 32: (16, 32, 8)}
-# The 16-bit backward at head_dim 17 to 32 on the published windows beyond the fused kernel's (N = 144, 256,
-# 576) runs (64, 64, 4) tiles with num_stages 1, no software pipelining of the block
-# loops (`_backward_tiles_16bit`, `launch_stages`). By the static cost report (bf16, head_dim 32, sm_90, the
-# four kernels together, H200 estimate over the backward floor) they took the backward at N = 144, 256 and 576
-# from 24.0, 16.3 and 18.6 to 13.2, 7.1 and 8.6 (from (64, 32, 8) with Triton's 3 stages); 3 stages were 2-7%
-# above 1. At N = 144 and 256 only the dk/dv kernel runs them now (the rows kernel does the rest:
-# `rows_backward_applies`). At N = 49 they would halve it too, but the table kernel spills 56 B on sm_80 with
-# Triton 3.6 (unshifted): N = 49 keeps (64, 32, 8).
-# Only at the windows the spill gate compiles (python -m tools.compile_check --published: 12, 16, 24).
+# The 16-bit backward at head_dim 17 to 32 (at N = 49: 32 only) on the published windows but window 8's (N = 49,
+# 144, 256, 576) runs (64, 64, 4) tiles with num_stages 1, no software pipelining of the block loops
+# (`_backward_tiles_16bit`, `launch_stages`). By the static cost report (bf16, head_dim 32, sm_90, the four
+# kernels together, H200 estimate over the backward floor) they took the backward at N = 144, 256 and 576 from
+# 24.0, 16.3 and 18.6 to 13.2, 7.1 and 8.6 (from (64, 32, 8) with Triton's 3 stages; 3 stages were 2-7% above 1),
+# and at N = 49 from 9.7 to 4.3 (from (64, 32, 8): half the warps, and one key tile per window instead of two).
+# At N = 144 and 256 only the dk/dv kernel runs them (the rows kernel does the rest: `rows_backward_applies`). On
+# sm_80 the table kernel runs its own (`table_kernel_tiles`). Only at the windows the spill gate compiles
+# (python -m tools.compile_check --published).
 _BWD_WIDE_TILES = (64, 64, 4)
 _BWD_WIDE_STAGES = 1
-_BWD_WIDE_N = (144, 256, 576)
+_BWD_WIDE_N = (49, 144, 256, 576)
+# N = 49 with a masked channel tile (head_dim 30 in 32; no published model) spills 80-400 B in the table kernel on
+# sm_90 with Triton 3.6: there the wide tiles serve whole channel tiles only.
+_BWD_WIDE_WHOLE_CHANNELS_N = (49,)
 # Register budget per thread handed to ptxas (.maxnreg). Without it ptxas may cap 8-warp kernels at 128
 # registers and spill; 255 x 256 threads still fits one SM's 64K registers. Kernels that fit in 128
 # without spilling are capped there (twice the resident warps of 255): `register_cap`.
@@ -126,15 +131,17 @@ def _triton_release() -> Tuple[int, int]:
     return int(major), int(minor)
 
 
-def _wide_backward(n: int, block_d: int) -> bool:
+def _wide_backward(n: int, head_dim: int) -> bool:
     """Whether the 16-bit backward runs `_BWD_WIDE_TILES` with `_BWD_WIDE_STAGES`: channel tiles of 32 and N in
-    `_BWD_WIDE_N`."""
-    return block_d == 32 and n in _BWD_WIDE_N
+    `_BWD_WIDE_N`, at N = 49 whole ones only (head_dim 32)."""
+    return (
+        channel_block(head_dim) == 32 and n in _BWD_WIDE_N and (n not in _BWD_WIDE_WHOLE_CHANNELS_N or head_dim == 32)
+    )
 
 
-def _backward_tiles_16bit(n: int, block_d: int) -> Tuple[int, int, int]:
+def _backward_tiles_16bit(n: int, head_dim: int) -> Tuple[int, int, int]:
     """The 16-bit backward's tiles: `_BWD_WIDE_TILES` where `_wide_backward`, the table elsewhere."""
-    return _BWD_WIDE_TILES if _wide_backward(n, block_d) else _BWD_TILES_16BIT[block_d]
+    return _BWD_WIDE_TILES if _wide_backward(n, head_dim) else _BWD_TILES_16BIT[channel_block(head_dim)]
 
 
 def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
@@ -164,7 +171,7 @@ def _forward_stages_16bit(n: int) -> Optional[int]:
 # version the sweep ran on: the current device's): "<dtype>/hd<head_dim>/N<n>/
 # <fwd|bwd>" -> (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages), for all four backward kernels at once, or the
 # dk/dv kernel where the rows kernel runs with its own tiles (`ROWS_TILES`) (on
-# sm_80 the table kernel then runs at least 8 warps from (64, 64) tiles up: `table_kernel_warps`). Without a
+# sm_80 the table kernel may run its own tiles and warps: `table_kernel_tiles`). Without a
 # record or override the launch gets the tables' tiles, `register_cap`'s budget and `launch_stages`'s
 # num_stages (None for most: Triton's default, 3 on CUDA).
 TUNED_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "maxnreg", "num_stages")
@@ -241,7 +248,7 @@ def block_config(
     if backward and dtype == torch.float32:
         return _BWD_TILES_FP32.get(block_d, _TILES_FP32[block_d])  # beyond the table: interpreter only
     if backward:
-        return _backward_tiles_16bit(n, block_d)
+        return _backward_tiles_16bit(n, head_dim)
     if dtype != torch.float32 and block_d <= 32:
         return _forward_tiles_16bit(n)
     return (_TILES_FP32 if dtype == torch.float32 else _TILES_16BIT)[block_d]
@@ -259,7 +266,7 @@ def launch_stages(
     if dtype not in (torch.float16, torch.bfloat16):
         return None
     if backward:
-        return _BWD_WIDE_STAGES if _wide_backward(n, channel_block(head_dim)) else None
+        return _BWD_WIDE_STAGES if _wide_backward(n, head_dim) else None
     return _forward_stages_16bit(n) if channel_block(head_dim) <= 32 else None
 
 
@@ -291,15 +298,22 @@ def register_cap(
     return MAXNREG
 
 
-def table_kernel_warps(num_warps: int, block_m: int, block_n: int, arch: int) -> int:
-    """Warps of the table-gradient kernel (bwd_dbias) for the backward's tiles and warps on sm_<arch>: at least
-    8 on sm_80 from (64, 64) tiles up, as given elsewhere. It holds two [BLOCK_M, BLOCK_N] fp32 tiles more than
-    the other three kernels (the bias tile, loaded once for its group of windows, and the table gradient's
-    running sum): over 4 warps, (64, 64) spills 8 B on sm_80 at N = 144 unshifted. On sm_80 more warps keep
-    the dot's instruction (mma m16n8k16) and split only its rows and columns between warps, never its sum over
-    channels: the scores it recomputes are those of the other kernels. On sm_90 the instruction's width
-    would change with the warps (wgmma 64x64 -> 64x32), so it keeps the warps given (no spill there)."""
-    return max(num_warps, 8) if arch < 90 and block_m * block_n >= 64 * 64 else num_warps
+def table_kernel_tiles(n: int, block_m: int, block_n: int, num_warps: int, arch: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the table-gradient kernel (bwd_dbias) for windows of n tokens, the
+    backward's tiles and warps and sm_<arch>. It holds two [BLOCK_M, BLOCK_N] fp32 tiles more than the other
+    three kernels (the bias tile, loaded once for its group of windows, and the table gradient's running sum).
+    On sm_80 from (64, 64) tiles up it runs at least 8 warps: over 4, (64, 64) spills 8 B at N = 144 unshifted.
+    Where one key tile holds a smaller window there (N = 49 in (64, 64)), it runs key tiles of the largest power
+    of two below N (32): at full width it spills 56 B with Triton 3.6 unshifted, over 8 warps or 16 (its
+    registers stay at 255 either way).
+    Neither changes the scores it recomputes: on sm_80 every tile shape and warp count runs the same dot
+    instruction (mma m16n8k16), tiles and warps split only its rows and columns, never its sum over channels. On
+    sm_90 the instruction's width would change with either (wgmma 64x64 -> 64x32), so the tiles and warps are
+    those given (no spill there)."""
+    if arch < 90 and block_m * block_n >= 64 * 64:
+        # the largest power of two below n where one key tile holds the window: the same tiles if asked again
+        return block_m, block_n if n >= block_n else 1 << (n - 1).bit_length() - 1, max(num_warps, 8)
+    return block_m, block_n, num_warps
 
 
 def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:
@@ -324,6 +338,20 @@ FUSED_DTYPES = (torch.float16, torch.bfloat16)
 # head so that the launch has about this many programs; more windows per group store the table's partial sum
 # fewer times.
 FUSED_PROGRAMS = 512
+
+
+# Programs the table-gradient kernel aims at (about 8 per SM of an H200's 132): see `window_groups`.
+TABLE_PROGRAMS = 1024
+
+
+def window_groups(all_pairs: int, pairs: int, units: int, budget: int) -> Tuple[int, int]:
+    """(windows per group, groups) of a launch over `pairs` (image, window) pairs whose programs each take a
+    group of consecutive pairs, times `units` (heads, times row blocks or tiles), for about `budget` programs
+    over the grid's `all_pairs`: on a shifted grid the two launches (windows off the border, the border) share
+    one budget and one group size, as one launch of every window would. Each group stores one partial sum (the
+    table's gradient), which the host reduces in a fixed order."""
+    per_group = max(1, -(-all_pairs // max(1, budget // max(1, units))))
+    return per_group, -(-pairs // per_group)
 
 
 def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:

@@ -8,7 +8,7 @@ statistics and delta = rowsum(P * dP) per query row; dq runs per query block, dk
 to a per-position buffer, summed into the bias gradient), the table and logit-scale gradients per bias tile over
 fixed groups of windows, summed on the host in a fixed order. No atomics: every reduction is deterministic.
 The four kernels share one tile shape, so the probabilities they recompute are bitwise the same (on sm_80 the
-table kernel may run it over more warps, the same dot instruction: `tiles.table_kernel_warps`).
+table kernel may run more warps or narrower key tiles, the same dot instruction: `tiles.table_kernel_tiles`).
 
 delta is rowsum(P * dP), computed in one online pass, not rowsum(dO * O): a 16-bit output's rounding would
 enter every gradient through dS = P (dP - delta). The statistics are the backward's own, not the forward's:
@@ -34,6 +34,11 @@ scores as its statistics) but not bitwise for dk/dv: where a score's last bit di
 (a different dot instruction: sm_90 runs 16-row tiles on mma, 64-row ones on wgmma), a saturated row's P in
 the dk/dv kernel is off 1 by up to ~1e-5 and its dS by an ulp of dP, not exactly 0. That is far inside the
 16-bit gradient's rounding; whether the bits differ at all is for a GPU to show.
+
+On a shifted grid every backward kernel launches twice, as the forward: the windows off the shifted border (no
+shift mask to build or add: most windows) and the border windows (`WINDOW_SET`); the fused kernel on a padded
+grid once. The mask adds 0 off
+the border, so the scores are bitwise those a masked launch computes.
 """
 
 from __future__ import annotations
@@ -52,11 +57,13 @@ from .tiles import (
     FUSED_PROGRAMS,
     MAXNREG,
     ROWS_TILES,
+    TABLE_PROGRAMS,
     fused_backward_applies,
     fused_block,
     fused_num_warps,
     rows_backward_applies,
-    table_kernel_warps,
+    table_kernel_tiles,
+    window_groups,
 )
 from .triton_common import (
     _bias_tile,
@@ -73,10 +80,9 @@ from .triton_common import (
     _padding_index,
     _query_rows,
     _tile_mask,
-    _window_of,
     _window_rows,
 )
-from .triton_forward import _window_in_set, window_sets
+from .triton_forward import ALL_WINDOWS, _window_in_set, window_sets
 
 __all__ = ["clamp_passes_gradient_at_bound", "window_attention_triton_backward"]
 
@@ -185,6 +191,7 @@ def _window_attention_bwd_stats_kernel(
     ROLL_THEN_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     FULL_DOT: tl.constexpr,
+    WINDOW_SET: tl.constexpr = 0,
 ):
     """The first backward kernel, for the query rows of one window block: the softmax statistics (row max,
     log row sum) into STATS, and delta[b, t, h] = sum_j P_ij dP_ij in token layout, the softmax backward's
@@ -196,7 +203,10 @@ def _window_attention_bwd_stats_kernel(
     a saturated row's P off 1 by ~1e-5, and dS = P (dP - delta), exactly zero there in the reference (and in
     the exact gradient), would not cancel. delta is summed over the row of P * dP rather than taken as
     rowsum(dO * O): O was rounded to the projection's dtype when stored, so an fp16 O would put its rounding
-    into every gradient."""
+    into every gradient.
+
+    The (image, window) pairs are those of WINDOW_SET, as in the forward and in every backward kernel: on a
+    shifted grid the windows off its border run without the shift mask, which adds 0 there."""
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     i_pid, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
@@ -205,11 +215,14 @@ def _window_attention_bwd_stats_kernel(
     NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
-    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_M] query rows
+    tl.static_assert((WINDOW_SET == 0) | SHIFTED)
+    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
+    # [BLOCK_M] query rows
+    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)
     i_b, i_w, i_w2 = pair
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
-    rows_m = _window_rows(o_m, i_w2, grid, layout)
+    rows_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
     o_tok_m, m_pad_m, o_reg_m = rows_m
     _b_qn, _b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, tl.load(SCALE + i_h), HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
@@ -223,12 +236,12 @@ def _window_attention_bwd_stats_kernel(
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = _in_window(o_n, N, BLOCK_N)
-        rows_n = _window_rows(o_n, i_w2, grid, layout)
+        rows_n = _window_rows(o_n, i_w2, grid, layout, MASKED)
         b_kn, _b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
         b_s = _logits(
-            _dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, rows_n[2], m_n, mask_value, SHIFTED, MASK_N
+            _dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, rows_n[2], m_n, mask_value, MASKED, MASK_N
         )
         b_m, b_alpha, b_e = _online_softmax_step(b_s, b_m)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
@@ -293,8 +306,10 @@ def _window_attention_bwd_dq_kernel(
     ROLL_THEN_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     FULL_DOT: tl.constexpr,
+    WINDOW_SET: tl.constexpr = 0,
 ):
-    """dq for BLOCK_M query rows of one window and head; padded query rows have no output, hence no dq."""
+    """dq for BLOCK_M query rows of one window and head; padded query rows have no output, hence no dq. The
+    (image, window) pairs are those of WINDOW_SET, as in the statistics kernel."""
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     i_pid, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
@@ -304,14 +319,17 @@ def _window_attention_bwd_dq_kernel(
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     MASK_M: tl.constexpr = N % BLOCK_M != 0
-    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX)  # [BLOCK_M] query rows
+    tl.static_assert((WINDOW_SET == 0) | SHIFTED)
+    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
+    # [BLOCK_M] query rows
+    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)
     i_b, i_w, i_w2 = pair
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
     proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, QKV_BIAS + i_h * HEAD_DIM, stride_qkv_t, C)
     grads = (DOUT, stride_do_b, stride_do_t, STATS, DELTA, L, NUM_WINDOWS, NUM_HEADS)
     b_scale = tl.load(SCALE + i_h)
-    rows_m = _window_rows(o_m, i_w2, grid, layout)
+    rows_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
     o_tok_m, m_pad_m, o_reg_m = rows_m
     b_qn, b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
     m_real_m = m_m & ~m_pad_m
@@ -324,14 +342,12 @@ def _window_attention_bwd_dq_kernel(
     for start_n in range(0, N, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = _in_window(o_n, N, BLOCK_N)
-        rows_n = _window_rows(o_n, i_w2, grid, layout)
+        rows_n = _window_rows(o_n, i_w2, grid, layout, MASKED)
         b_kn, _b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
         b_kn = b_kn.to(DDT)
         # [BLOCK_M, BLOCK_N]
         b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
-        b_s = _logits(
-            _dot(b_qs, tl.trans(b_kn), FULL_DOT), b_bias, o_reg_m, rows_n[2], m_n, mask_value, SHIFTED, MASK_N
-        )
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn), FULL_DOT), b_bias, o_reg_m, rows_n[2], m_n, mask_value, MASKED, MASK_N)
         b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -499,10 +515,14 @@ def _window_attention_bwd_dbias_kernel(
     ROLL_THEN_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     FULL_DOT: tl.constexpr,
+    WINDOW_SET: tl.constexpr = 0,
 ):
     """Partial gradients of the (heads, N, N) bias table and of the scale, summed over one group of
-    WINDOWS_PER_GROUP consecutive (image, window) pairs in a fixed order: DBIAS (groups, heads, N, N) and
-    DSCALE (groups, heads, tiles). The host sums the groups, so the reduction is deterministic."""
+    WINDOWS_PER_GROUP consecutive (image, window) pairs of WINDOW_SET (as in the statistics kernel) in a fixed
+    order: DBIAS (groups, heads, N, N) and DSCALE (groups, heads, tiles). The host sums the groups, then the
+    launches, so the reduction is deterministic."""
+    tl.static_assert((WINDOW_SET == 0) | SHIFTED)
+    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     i_tile, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
     i_g = tl.program_id(2)
@@ -528,12 +548,12 @@ def _window_attention_bwd_dbias_kernel(
     b_dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT)
     b_dscale = tl.zeros([BLOCK_M], dtype=CDT)
     for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
-        i_b, i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
+        i_b, i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
         proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, p_bias, stride_qkv_t, C)
-        rows_m = _window_rows(o_m, i_w2, grid, layout)
+        rows_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
         o_tok_m, m_pad_m, o_reg_m = rows_m
         _b_qn, _b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
-        rows_n = _window_rows(o_n, i_w2, grid, layout)
+        rows_n = _window_rows(o_n, i_w2, grid, layout, MASKED)
         b_kn, _b_rk, b_v = _key_rows(proj, rows_n, m_n, cols, HAS_BIAS, CDT)  # [BLOCK_N, BLOCK_D]
         m_real_m = m_m & ~m_pad_m
         b_do, stats_m, b_delta = _load_query_grads(
@@ -543,7 +563,7 @@ def _window_attention_bwd_dbias_kernel(
         b_kn = b_kn.to(DDT)
         # [BLOCK_M, BLOCK_N]
         b_qk = _dot(b_qs, tl.trans(b_kn), FULL_DOT)  # the q.k the other backward kernels compute, bitwise
-        b_s = _logits(b_qk, b_bias, o_reg_m, rows_n[2], m_n, mask_value, SHIFTED, MASK_N)
+        b_s = _logits(b_qk, b_bias, o_reg_m, rows_n[2], m_n, mask_value, MASKED, MASK_N)
         b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
         b_dp = _dot(b_do.to(DDT), tl.trans(b_v.to(DDT)), FULL_DOT)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -617,6 +637,7 @@ def _window_attention_bwd_fused_kernel(
     NEED_DKV: tl.constexpr,
     NEED_PAD: tl.constexpr,
     NEED_TABLE: tl.constexpr,
+    WINDOW_SET: tl.constexpr = 0,
 ):
     """The whole backward of small windows (N <= BLOCK = BLOCK_M = BLOCK_N: one block holds a window): program
     (group of WINDOWS_PER_GROUP consecutive (image, window) pairs, head) runs its windows in a fixed order.
@@ -629,7 +650,10 @@ def _window_attention_bwd_fused_kernel(
     sum_i qn_i . dqs_i (= sum_ij dS_ij cos_ij, from the dq rows: no extra q.k product), to DSCALE
     (groups, heads). The host sums the groups in a fixed order: no atomics, deterministic.
     The bias tile is the same for every window of the program; it is loaded per window, expected to hit
-    L1/L2 after the first (an estimate until a GPU measures it)."""
+    L1/L2 after the first (an estimate until a GPU measures it). The (image, window) pairs are those of
+    WINDOW_SET, as in the other backward kernels (the host splits unpadded grids only: `_fused_backward`)."""
+    tl.static_assert((WINDOW_SET == 0) | SHIFTED)
+    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     i_g, i_h = _bwd_prologue(WH, WW, N)  # the program's index on axis 0, its head
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
@@ -654,9 +678,9 @@ def _window_attention_bwd_fused_kernel(
     # [BLOCK]: per-row partial sums of the scale's gradient
     b_dscale = tl.zeros([BLOCK], dtype=CDT)
     for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
-        i_b, _i_w, i_w2 = _window_of(i_bw, NUM_WINDOWS, NUM_WX)
+        i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
         proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, p_bias, stride_qkv_t, C)
-        rows = _window_rows(o_n, i_w2, grid, layout)  # the window's positions, as query rows and as keys
+        rows = _window_rows(o_n, i_w2, grid, layout, MASKED)  # the window's positions, as query rows and keys
         o_tok, m_pad, o_reg = rows  # [BLOCK] token, padding flag, shift region
         # [BLOCK, BLOCK_D] normalised q (compute dtype); [BLOCK] norms; q * scale (DDT)
         b_qn, b_rq, b_qs = _query_rows(proj, rows, m_n, cols, b_scale, HAS_BIAS, CDT, DDT)
@@ -668,7 +692,7 @@ def _window_attention_bwd_fused_kernel(
         b_do = _load_do(DOUT, stride_do_b, stride_do_t, i_b, i_h, o_tok, m_real, cols, HEAD_DIM).to(DDT)
         # [BLOCK, BLOCK]; rows beyond the window (N < BLOCK) have dO = 0, hence dS = 0 and no dv share
         b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_n, o_n, m_n, m_n, N, EVEN)
-        b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg, o_reg, m_n, mask_value, SHIFTED, MASK_N)
+        b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg, o_reg, m_n, mask_value, MASKED, MASK_N)
         b_p = _softmax_rows(b_s)
         o_dst = i_b * stride_dqkv_b + o_tok[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
         PAD_GRADS: tl.constexpr = NEED_PAD and HAS_BIAS and PADDED  # the padded keys' rows, for the k/v bias
@@ -907,9 +931,12 @@ def _backward_statistics(
         grad_out, qkv, qkv_bias, logit_scale, position_bias, dims, pad_order, mask_value
     )
     if qkv.shape[0] > 0:
-        # every token is the query of exactly one window row: each delta is written once
-        grid = (qkv.shape[0] * dims.NUM_WINDOWS * triton.cdiv(dims.N, flags["BLOCK_M"]), dims.NUM_HEADS)
-        _window_attention_bwd_stats_kernel[grid](**common)
+        # every token is the query of exactly one window row: each delta is written once; on a shifted grid the
+        # windows off its border (no shift mask) and the border apart, as the forward
+        blocks = triton.cdiv(dims.N, flags["BLOCK_M"])
+        for window_set, windows in window_sets(dims):
+            grid = (qkv.shape[0] * windows * blocks, dims.NUM_HEADS)
+            _window_attention_bwd_stats_kernel[grid](WINDOW_SET=window_set, **common)
     return flags, scale, common
 
 
@@ -945,50 +972,57 @@ def _fused_backward(
     need_dkv = need_qkv or pad_grads
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format) if need_dkv else None
     dpad = torch.empty((B, num_pad, 2 * (C3 // 3)) if pad_grads else (1,), device=qkv.device, dtype=cdt)
-    num_bw = B * dims.NUM_WINDOWS
-    per_group = triton.cdiv(num_bw, max(1, FUSED_PROGRAMS // num_heads)) if num_bw else 1
-    groups = triton.cdiv(num_bw, per_group)
-    d_table_parts = torch.empty(
-        (groups, num_heads, dims.N, dims.N) if need_table_grads else (1,), device=qkv.device, dtype=cdt
-    )
-    d_scale_parts = torch.empty((groups, num_heads) if need_table_grads else (1,), device=qkv.device, dtype=cdt)
     if B == 0:
         if dqkv is not None:
             dqkv.zero_()
         d_table = torch.zeros_like(position_bias, dtype=cdt) if need_table_grads else None
         return dqkv, dpad, d_table, (torch.zeros_like(scale) if need_table_grads else None)
     out = dqkv if dqkv is not None else qkv  # never written without NEED_DQ / NEED_DKV
-    _window_attention_bwd_fused_kernel[(groups, num_heads)](
-        QKV=qkv,
-        QKV_BIAS=bias,
-        SCALE=scale,
-        POSITION_BIAS=table,
-        DOUT=grad_out,
-        DQKV=out,
-        DPAD=dpad,
-        DBIAS=d_table_parts,
-        DSCALE=d_scale_parts,
-        stride_qkv_b=qkv.stride(0),
-        stride_qkv_t=qkv.stride(1),
-        stride_do_b=grad_out.stride(0),
-        stride_do_t=grad_out.stride(1),
-        stride_dqkv_b=out.stride(0),
-        stride_dqkv_t=out.stride(1),
-        NUM_PAD=num_pad,
-        NUM_BW=num_bw,
-        WINDOWS_PER_GROUP=per_group,
-        mask_value=mask_value,
-        NEED_DQ=need_qkv,
-        NEED_DKV=need_dkv,
-        NEED_PAD=pad_grads,
-        NEED_TABLE=need_table_grads,
-        **dims._asdict(),
-        **flags,
-    )
-    if not need_table_grads:
-        return dqkv, dpad, None, None
-    # the groups summed in a fixed order (no atomics): deterministic
-    return dqkv, dpad, d_table_parts.sum(0), d_scale_parts.sum(0)
+    d_table = d_scale = None
+    # a shifted grid: the windows off its border (no shift mask) and the border apart, as the forward; a padded
+    # one in one launch (its launch off the border spills 48 B on sm_80 with Triton 3.6; the border's does not)
+    sets = [(ALL_WINDOWS, dims.NUM_WINDOWS)] if flags["PADDED"] else window_sets(dims)
+    for window_set, windows in sets:
+        pairs = B * windows
+        per_group, groups = window_groups(B * dims.NUM_WINDOWS, pairs, num_heads, FUSED_PROGRAMS)
+        d_table_parts = torch.empty(
+            (groups, num_heads, dims.N, dims.N) if need_table_grads else (1,), device=qkv.device, dtype=cdt
+        )
+        d_scale_parts = torch.empty((groups, num_heads) if need_table_grads else (1,), device=qkv.device, dtype=cdt)
+        _window_attention_bwd_fused_kernel[(groups, num_heads)](
+            QKV=qkv,
+            QKV_BIAS=bias,
+            SCALE=scale,
+            POSITION_BIAS=table,
+            DOUT=grad_out,
+            DQKV=out,
+            DPAD=dpad,
+            DBIAS=d_table_parts,
+            DSCALE=d_scale_parts,
+            stride_qkv_b=qkv.stride(0),
+            stride_qkv_t=qkv.stride(1),
+            stride_do_b=grad_out.stride(0),
+            stride_do_t=grad_out.stride(1),
+            stride_dqkv_b=out.stride(0),
+            stride_dqkv_t=out.stride(1),
+            NUM_PAD=num_pad,
+            NUM_BW=pairs,
+            WINDOWS_PER_GROUP=per_group,
+            mask_value=mask_value,
+            NEED_DQ=need_qkv,
+            NEED_DKV=need_dkv,
+            NEED_PAD=pad_grads,
+            NEED_TABLE=need_table_grads,
+            WINDOW_SET=window_set,
+            **dims._asdict(),
+            **flags,
+        )
+        if need_table_grads:
+            # the groups, then the launches, summed in a fixed order (no atomics): deterministic
+            part_table, part_scale = d_table_parts.sum(0), d_scale_parts.sum(0)
+            d_table = part_table if d_table is None else d_table + part_table
+            d_scale = part_scale if d_scale is None else d_scale + part_scale
+    return dqkv, dpad, d_table, d_scale
 
 
 def window_attention_triton_backward(
@@ -1099,32 +1133,39 @@ def _unfused_backward(
     dpad = torch.empty((B, num_pad, 2 * (C3 // 3)) if pad_grads else (1,), device=qkv.device, dtype=cdt)
     d_table = d_scale = None
     if B > 0:
-        num_bw = B * dims.NUM_WINDOWS
         if dqkv is not None:  # run_dkdv: dqkv is allocated exactly then
             strides = dict(stride_dqkv_b=dqkv.stride(0), stride_dqkv_t=dqkv.stride(1))
             if need_qkv:
-                _window_attention_bwd_dq_kernel[(num_bw * triton.cdiv(dims.N, flags["BLOCK_M"]), num_heads)](
-                    DQKV=dqkv, **strides, **common
-                )
+                blocks = triton.cdiv(dims.N, flags["BLOCK_M"])
+                for window_set, windows in window_sets(dims):
+                    _window_attention_bwd_dq_kernel[(B * windows * blocks, num_heads)](
+                        DQKV=dqkv, WINDOW_SET=window_set, **strides, **common
+                    )
             _dkdv(dqkv, dpad, num_pad, strides, common, dims, B)
         if need_table_grads:
-            num_tiles = triton.cdiv(dims.N, flags["BLOCK_M"]) * triton.cdiv(dims.N, flags["BLOCK_N"])
-            # Enough groups of windows to fill a GPU (about 1024 programs), each group a fixed range.
-            groups = max(1, min(num_bw, 1024 // max(1, num_tiles * num_heads)))
-            per_group = triton.cdiv(num_bw, groups)
-            groups = triton.cdiv(num_bw, per_group)
-            d_table_parts = torch.empty((groups, num_heads, dims.N, dims.N), device=qkv.device, dtype=cdt)
-            d_scale_parts = torch.empty((groups, num_heads, num_tiles), device=qkv.device, dtype=cdt)
-            table_warps = table_kernel_warps(common["num_warps"], flags["BLOCK_M"], flags["BLOCK_N"], device_arch(qkv))
-            _window_attention_bwd_dbias_kernel[(num_tiles, num_heads, groups)](
-                DBIAS=d_table_parts,
-                DSCALE=d_scale_parts,
-                NUM_BW=num_bw,
-                WINDOWS_PER_GROUP=per_group,
-                **{**common, "num_warps": table_warps},
+            block_m, block_n, table_warps = table_kernel_tiles(
+                dims.N, flags["BLOCK_M"], flags["BLOCK_N"], common["num_warps"], device_arch(qkv)
             )
-            d_table = d_table_parts.sum(0)
-            d_scale = d_scale_parts.sum((0, 2))
+            num_tiles = triton.cdiv(dims.N, block_m) * triton.cdiv(dims.N, block_n)
+            table_launch = {**common, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": table_warps}
+            for window_set, windows in window_sets(dims):  # as the statistics kernel
+                pairs = B * windows
+                # enough groups of windows to fill a GPU, each group a fixed range
+                per_group, groups = window_groups(B * dims.NUM_WINDOWS, pairs, num_tiles * num_heads, TABLE_PROGRAMS)
+                d_table_parts = torch.empty((groups, num_heads, dims.N, dims.N), device=qkv.device, dtype=cdt)
+                d_scale_parts = torch.empty((groups, num_heads, num_tiles), device=qkv.device, dtype=cdt)
+                _window_attention_bwd_dbias_kernel[(num_tiles, num_heads, groups)](
+                    DBIAS=d_table_parts,
+                    DSCALE=d_scale_parts,
+                    NUM_BW=pairs,
+                    WINDOWS_PER_GROUP=per_group,
+                    WINDOW_SET=window_set,
+                    **table_launch,
+                )
+                # the groups, then the launches, summed in a fixed order (no atomics): deterministic
+                part_table, part_scale = d_table_parts.sum(0), d_scale_parts.sum((0, 2))
+                d_table = part_table if d_table is None else d_table + part_table
+                d_scale = part_scale if d_scale is None else d_scale + part_scale
     elif dqkv is not None:
         dqkv.zero_()
     if need_table_grads and d_table is None:  # empty batch
@@ -1184,8 +1225,7 @@ def _rows_backward(
     for window_set, windows in window_sets(dims):
         pairs = B * windows
         # groups of windows per (row block, head): about FUSED_PROGRAMS programs, each group a fixed range
-        per_group = triton.cdiv(pairs, max(1, FUSED_PROGRAMS // (num_m * num_heads)))
-        groups = triton.cdiv(pairs, per_group)
+        per_group, groups = window_groups(B * dims.NUM_WINDOWS, pairs, num_m * num_heads, FUSED_PROGRAMS)
         shape = (groups, num_heads, dims.N, dims.N) if need_table_grads else (1,)
         d_table_parts = torch.empty(shape, device=qkv.device, dtype=cdt)
         d_scale_parts = torch.empty(

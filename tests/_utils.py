@@ -317,6 +317,13 @@ def pair(x):
     return (x, x) if isinstance(x, int) else tuple(x)
 
 
+def split_launches(grid, window, shift) -> int:
+    """Launches of each kernel that splits a grid's windows (the forward, every backward kernel): two on a
+    shifted grid with windows off its border (those, without the shift mask, and the border), else one."""
+    windows = [-(-g // w) for g, w in zip(grid, pair(window))]
+    return 2 if any(pair(shift)) and min(windows) > 1 else 1
+
+
 def make_inputs(
     B,
     grid,

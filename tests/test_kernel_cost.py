@@ -106,7 +106,7 @@ def test_spill_gate_geometries_cover_every_flag_combination():
     for window in compile_check.WINDOW_SIZES:
         for geometry in compile_check.GEOMETRIES:
             spec = compile_check.Spec("bwd_dq", "fp32", 32, window, geometry)
-            (launch,) = compile_check.spec_launches(spec)
+            launch = compile_check.spec_launches(spec)[0]  # on a shifted grid the first of two
             a = launch.kwargs
             assert (a["WH"], a["WW"], a["N"]) == (window, window, window * window)
             flags.add((a["SHIFTED"], a["PADDED"], a["ROLL_THEN_PAD"], a["HAS_BIAS"]))
@@ -155,21 +155,22 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
     for window, dtype, head_dim in ((8, "bf16", 32), (8, "fp16", 32), (8, "bf16", 30), (8, "fp16", 10)):
         recorded = launches.reference_launches(window, dtype, head_dim)
         assert sorted(recorded) == ["bwd_fused", "fwd"], (window, dtype, head_dim)
-        (launch,) = recorded["bwd_fused"]
-        a = launch.kwargs
-        num_bw = launches.REFERENCE_BATCH * a["NUM_WINDOWS"]
-        groups, heads = launch.grid
-        assert heads == launches.REFERENCE_HEADS and a["NUM_BW"] == num_bw
-        assert groups == -(-num_bw // a["WINDOWS_PER_GROUP"]) and groups * heads <= tiles.FUSED_PROGRAMS
-        assert a["BLOCK_M"] == a["BLOCK_N"] == 64 and (a["NEED_DQ"], a["NEED_DKV"], a["NEED_PAD"], a["NEED_TABLE"]) == (
-            True,
-            True,
-            False,
-            True,
-        )  # the reference grid is not padded
-        assert cost.LOOP_TRIPS["bwd_fused"](a, launch.grid) == [num_bw / groups]
-        hbm, l2, flops = cost.traffic(launch, dtype)
-        assert flops == cost.scores_of(launch) * 2 * head_dim * 5 and hbm > 0 and l2 > 0
+        # the reference grid is shifted: the windows off its border (no shift mask), then the border
+        interior, border = recorded["bwd_fused"]
+        assert [lch.kwargs["WINDOW_SET"] for lch in (interior, border)] == [tk.INTERIOR_WINDOWS, tk.BORDER_WINDOWS]
+        num_bw = launches.REFERENCE_BATCH * interior.kwargs["NUM_WINDOWS"]
+        assert interior.kwargs["NUM_BW"] + border.kwargs["NUM_BW"] == num_bw
+        for launch in (interior, border):
+            a = launch.kwargs
+            groups, heads = launch.grid
+            assert heads == launches.REFERENCE_HEADS
+            assert groups == -(-a["NUM_BW"] // a["WINDOWS_PER_GROUP"]) and groups * heads <= tiles.FUSED_PROGRAMS
+            assert a["BLOCK_M"] == a["BLOCK_N"] == 64
+            # the reference grid is not padded
+            assert (a["NEED_DQ"], a["NEED_DKV"], a["NEED_PAD"], a["NEED_TABLE"]) == (True, True, False, True)
+            assert cost.LOOP_TRIPS["bwd_fused"](a, launch.grid) == [a["NUM_BW"] / groups]
+        hbm, l2, flops = cost.traffic(interior, dtype)
+        assert flops == cost.scores_of(interior) * 2 * head_dim * 5 and hbm > 0 and l2 > 0
     for window, dtype in ((12, "fp16"), (16, "bf16")):
         recorded = launches.reference_launches(window, dtype)
         assert sorted(recorded) == ["bwd_dkdv", "bwd_rows", "fwd"], (window, dtype)
@@ -192,6 +193,20 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
     for window, dtype in ((24, "bf16"), (7, "bf16"), (8, "fp32"), (12, "fp32")):
         recorded = launches.reference_launches(window, dtype)
         assert sorted(recorded) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"], (window, dtype)
+        # each kernel: the windows off the shifted border (no shift mask), then the border, every window once
+        for kernel in ("bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
+            interior, border = recorded[kernel]
+            assert [lch.kwargs["WINDOW_SET"] for lch in (interior, border)] == [tk.INTERIOR_WINDOWS, tk.BORDER_WINDOWS]
+            a = interior.kwargs
+            num_bw = launches.REFERENCE_BATCH * a["NUM_WINDOWS"]
+            if kernel == "bwd_dbias":  # (tiles, heads, groups of windows)
+                assert interior.kwargs["NUM_BW"] + border.kwargs["NUM_BW"] == num_bw
+                for launch in (interior, border):
+                    groups = launch.grid[2]
+                    assert groups == -(-launch.kwargs["NUM_BW"] // launch.kwargs["WINDOWS_PER_GROUP"])
+            else:  # (blocks of every window of the set, heads)
+                block = a["BLOCK_N"] if kernel == "bwd_dkdv" else a["BLOCK_M"]
+                assert interior.grid[0] + border.grid[0] == num_bw * -(-a["N"] // block), kernel
     assert launches.launched("bwd_fused", 8, 32, "bf16") and not launches.launched("bwd_stats", 8, 32, "bf16")
     assert launches.launched("bwd_stats", 8, 32, "fp32") and not launches.launched("bwd_fused", 16, 32, "bf16")
     assert launches.launched("bwd_rows", 12, 32, "bf16") and not launches.launched("bwd_rows", 24, 32, "bf16")

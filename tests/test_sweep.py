@@ -232,15 +232,37 @@ def test_register_capped_candidates_are_tried_only_where_register_cap_caps():
     assert any("(128, 64, 8, 128, 3) not tried" in line for line in logs)
 
 
-def test_table_kernel_runs_8_warps_on_sm80_only_from_64x64_tiles():
+def test_table_kernel_tiles_on_sm80_only_from_64x64_tiles(monkeypatch):
     """sm_80's table kernel runs (64, 64) tiles over at least 8 warps (over 4 it spills at N = 144 unshifted,
-    and the dot keeps its mma instruction); sm_90's keeps the other kernels' warps (more would narrow its wgmma);
-    smaller tiles keep theirs. The launches are recorded for sm_90 (`launches.specialise` gives sm_80 its warps;
-    the committed gate table, benchmarks/results/compile_check.txt, lists them per arch)."""
-    assert tiles.table_kernel_warps(4, 64, 64, 80) == 8
-    assert tiles.table_kernel_warps(4, 64, 64, 90) == 4
-    assert tiles.table_kernel_warps(4, 32, 32, 80) == 4
-    assert tiles.table_kernel_warps(8, 64, 32, 80) == 8
-    found = launches.reference_launches(24, "bf16", 32)
-    for kernel in ("bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
-        assert found[kernel][0].kwargs["num_warps"] == 4, kernel
+    and the dot keeps its mma instruction), and half-width key tiles where one key tile would hold a smaller
+    window (N = 49: at full width it spills with Triton 3.6); sm_90's keeps the other kernels' tiles and warps
+    (either would change its wgmma); smaller tiles keep theirs. The launches are recorded for sm_90
+    (`launches.for_arch` gives sm_80 its tiles, warps and grid; the committed gate table,
+    benchmarks/results/compile_check.txt, lists them per arch)."""
+    assert tiles.table_kernel_tiles(144, 64, 64, 4, 80) == (64, 64, 8)
+    assert tiles.table_kernel_tiles(49, 64, 64, 4, 80) == (64, 32, 8)
+    assert tiles.table_kernel_tiles(49, 64, 64, 4, 90) == (64, 64, 4)
+    assert tiles.table_kernel_tiles(144, 64, 64, 4, 90) == (64, 64, 4)
+    assert tiles.table_kernel_tiles(144, 32, 32, 4, 80) == (32, 32, 4)
+    assert tiles.table_kernel_tiles(49, 64, 32, 8, 80) == (64, 32, 8)
+    for window in (7, 24):
+        found = launches.reference_launches(window, "bf16", 32)
+        for kernel in ("bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
+            a = found[kernel][0].kwargs
+            assert (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"]) == (64, 64, 4), (window, kernel)
+        table = found["bwd_dbias"][0]
+        n = window * window
+        assert table.grid[0] == launches.cdiv(n, 64) ** 2
+        block_n = 32 if window == 7 else 64
+        # for_arch(sm_90's launches, 80) is what the host launches on sm_80: tiles, warps, grid, groups of windows
+        with monkeypatch.context() as m:
+            m.setattr(launches.triton_backward, "device_arch", lambda t: 80)
+            made_on_sm80 = launches.reference_launches(window, "bf16", 32)["bwd_dbias"]
+        fields = ("BLOCK_M", "BLOCK_N", "num_warps", "WINDOWS_PER_GROUP", "NUM_BW")
+        for recorded, made in zip(found["bwd_dbias"], made_on_sm80):
+            on_sm80 = launches.for_arch(recorded, 80)
+            assert on_sm80.kwargs["BLOCK_N"] == block_n and on_sm80.kwargs["num_warps"] == 8
+            assert on_sm80.grid == made.grid and [on_sm80.kwargs[f] for f in fields] == [made.kwargs[f] for f in fields]
+            assert on_sm80.grid[0] == launches.cdiv(n, 64) * launches.cdiv(n, block_n)
+            assert launches.for_arch(on_sm80, 80).grid == on_sm80.grid  # asked again: the same
+            assert launches.for_arch(recorded, 90).grid == recorded.grid

@@ -312,3 +312,37 @@ def test_gradient_checkpointing_with_the_fused_path():
     assert torch.equal(loss, loss_ckpt)
     for key in g:
         assert torch.equal(g[key], g_ckpt[key]), key
+
+
+def test_sm80_table_tiles_give_the_same_gradients(monkeypatch):
+    """Window 7 on sm_80: the table kernel runs half-width key tiles (tiles.table_kernel_tiles) beside the other
+    three kernels' (64, 64). Its grid, tile offsets and per-tile scale sums then follow its own tiles: the table and
+    scale gradients are those of the shared tiles up to the order of their fp32 sums, the other kernels' bitwise."""
+    inputs = make_inputs(1, (14, 14), 2, 32, 7, dtype=torch.float16, table_dtype=torch.float16, seed=11)
+    kwargs = dict(grid_size=(14, 14), num_heads=2, window_size=7, shift_size=3)
+    grad_out = torch.randn(1, 196, 64, generator=torch.Generator().manual_seed(12)).to(DEVICE, torch.float16)
+    shared = outputs_and_grads("triton", inputs, grad_out, **kwargs)[1]
+    launched = []
+    table_kernel = tkb._window_attention_bwd_dbias_kernel
+
+    class _Recorded:  # the table kernel's launches as made: grid, tiles, warps
+        def __getitem__(self, grid):
+            def launch(**kw):
+                launched.append((tuple(grid), kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"]))
+                # the grid's tiles are the launched tiles' (checked before the kernel would write past its buffers)
+                assert grid[0] == -(-49 // kw["BLOCK_M"]) * -(-49 // kw["BLOCK_N"]), launched
+                return table_kernel[grid](**kw)
+
+            return launch
+
+    monkeypatch.setattr(tkb, "device_arch", lambda t: 80)
+    monkeypatch.setattr(tkb, "_window_attention_bwd_dbias_kernel", _Recorded())
+    own = outputs_and_grads("triton", inputs, grad_out, **kwargs)[1]
+    # 2 x 2 windows, shifted: the one off the border, then three on it; 49 tokens in (64, 32) tiles: 2 tiles
+    assert [(grid[:2], tile) for grid, *tile in launched] == [((2, 2), [64, 32, 8])] * 2, launched
+    for name, a, b in zip(NAMES, own, shared):
+        if name in ("logit_scale", "position_bias"):
+            assert_close(a, b, atol=1e-5 * b.abs().max().item(), name=name)
+            assert b.abs().max() > 0, name
+        else:
+            assert torch.equal(a, b), name

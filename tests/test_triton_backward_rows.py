@@ -22,6 +22,7 @@ from _utils import (
     make_inputs,
     outputs_and_grads,
     rounding_sensitivity,
+    split_launches,
     sum_floors,
     tkb,
 )
@@ -62,19 +63,8 @@ def _relative_error(a, exact):
     return (a.double() - exact).abs().max().item() / max(exact.abs().max().item(), 1e-30)
 
 
-def _rows_launches(grid, window, shift):
-    """The rows kernel's launches (and the dk/dv kernel's): two on a shifted grid with windows off its border
-    (those, without the shift mask, and the border), else one."""
-    window, shift = (
-        (window, window) if isinstance(window, int) else window,
-        (shift, shift) if isinstance(shift, int) else shift,
-    )
-    windows = [-(-g // w) for g, w in zip(grid, window)]
-    return 2 if any(shift) and min(windows) > 1 else 1
-
-
 def _assert_rows_launched(launches, grid, window, shift):
-    expected = _rows_launches(grid, window, shift)  # the dk/dv kernel's windows are split as the rows kernel's
+    expected = split_launches(grid, window, shift)  # the dk/dv kernel's windows are split as the rows kernel's
     assert launches[ROWS] == expected and launches[DKDV] == expected, dict(launches)
     assert not any(launches[name] for name in OTHERS), dict(launches)
 
@@ -160,7 +150,7 @@ def test_rows_backward_computes_what_is_asked(needs, rows_in):
             need_bias=needs[1],
             need_table_grads=needs[2],
         )
-    expected = _rows_launches(grid, window, shift)
+    expected = split_launches(grid, window, shift)
     assert launches[ROWS] == expected and launches[DKDV] == expected * int(needs[0] or needs[1]), dict(launches)
     assert not any(launches[name] for name in OTHERS), dict(launches)
     asked = (needs[0], needs[1], needs[2], needs[2])
@@ -181,18 +171,18 @@ def test_rows_backward_groups_windows_deterministically(monkeypatch):
     geometry = WindowGeometry.from_args(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE).half()
     results = {}
-    # 9 row blocks of 16 rows; the interior launch has 10 pairs, the border 20: groups of 1 each; groups of 4, 4, 2
-    # and of 7, 7, 6 (twice)
-    for programs in (9 * 20, 9 * 3, 9 * 3):
+    # 9 row blocks of 16 rows; the interior launch has 10 pairs, the border 20, one group size for both (from the
+    # 30): groups of 1 each; groups of 8, 2 and of 8, 8, 4 (twice)
+    for programs in (9 * 30, 9 * 4, 9 * 4):
         monkeypatch.setattr(tkb, "FUSED_PROGRAMS", programs)
         with count_launches() as launches:
             got = tkb.window_attention_triton_backward(grad_out, *inputs, *geometry.as_op_args())
         _assert_rows_launched(launches, grid, window, shift)
         results.setdefault(programs, []).append(got)
-    first, second = results[27]
+    first, second = results[36]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    one = results[9 * 20][0]
+    one = results[9 * 30][0]
     assert torch.equal(first[0], one[0])  # q/k/v: per window, whatever the grouping
     for a, b, name in zip(first[2:], one[2:], ("logit_scale", "position_bias")):
         assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-5, name=name)

@@ -63,6 +63,7 @@ from .launches import (
     _grid,
     _torch_dtype,
     compile_launch,
+    for_arch,
     launched,
     reference_launches,
     resource_usage,
@@ -110,8 +111,7 @@ def published_specs(head_dims=None) -> List[Spec]:
 
 def spec_launches(spec: Spec):
     """The recorded launches of the spec's kernel (see launches.reference_launches): one, or two on a shifted grid
-    for the forward, the rows and the dk/dv kernels (windows off the shifted border, border windows), each its own
-    specialisation."""
+    (windows off the shifted border, border windows), each its own specialisation."""
 
     padded, shifted, bias, order = GEOMETRIES[spec.geometry]
     grid = _grid(spec.window, padded)
@@ -142,14 +142,13 @@ def compile_spec(spec: Spec, arch: int) -> Result:
 
     tiles = ""
     try:
-        launches = spec_launches(spec)
+        # as sm_<arch> runs them: sm_80's table kernel may take other tiles and warps than recorded (`for_arch`)
+        launches = [for_arch(launch, arch) for launch in spec_launches(spec)]
         a = launches[0].kwargs
         tiles = f"{a['BLOCK_M']},{a['BLOCK_N']},{a['num_warps']}"
         registers = spills = shared = 0
         for launch in launches:  # the largest figures of the spec's specialisations
             compiled, usage, sass = compile_launch(launch, arch)
-            # the warps it compiled with (sm_80's table kernel may take more than recorded: `specialise`)
-            tiles = f"{a['BLOCK_M']},{a['BLOCK_N']},{compiled.metadata.num_warps}"
             regs, spill = resource_usage(usage, sass)
             registers, spills = max(registers, regs), max(spills, spill)
             shared = max(shared, int(compiled.metadata.shared))
@@ -253,7 +252,7 @@ def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateRes
                 if (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], a.get("num_stages")) != (
                     config[0],
                     config[1],
-                    config[2],  # recorded for sm_90 (`specialise` gives sm_80's table kernel its own warps)
+                    config[2],  # recorded for sm_90 (`for_arch` gives sm_80's table kernel its own tiles)
                     config[4],
                 ):
                     raise RuntimeError(f"{key}: the launch of {launch.kernel} did not take the candidate {config}")

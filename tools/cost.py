@@ -15,8 +15,9 @@ The reference launch (one per N). The position-bias table in the projection's dt
 cut into windows of that N, shift = window // 2, with a q/k/v bias, transformers' padding order. The host
 functions themselves (`window_attention_triton_forward` / `_backward` with every gradient asked for) are
 run on meta tensors with each `*_kernel` module global replaced by a recorder, so the grid, the launch
-arguments and the options are exactly those a GPU launch would get (the register cap, which depends on
-the target, is recomputed for each arch with `register_cap`). Each recorded launch is specialised
+arguments and the options are exactly those a GPU launch would get (what depends on the target is
+recomputed for each arch, `launches.for_arch`: the register cap, and sm_80's table-kernel tiles, warps and
+groups). Each recorded launch is specialised
 by Triton's own binder (`create_function_from_signature` with the target's backend: integers divisible by
 16 and integers equal to 1 specialised, pointers 16-byte aligned, as the JIT does at run time) and
 compiled with `triton.compile` for the target down to the cubin the runtime would load.
@@ -38,7 +39,8 @@ count times the program's threads (num_warps x 32) times the programs, over the 
 (batch x heads x windows x N^2), is instr_per_score. A program whose loop runs over a range of windows
 (the bias-table kernel) is counted at the mean trip count of the launch, exact for a single loop.
 
-The traffic model (per launch, from the recorded arguments and the tiles):
+The traffic model (per kernel, over every window: a shifted grid's two launches split the windows; from the
+recorded arguments and the tiles, with the partial sums of every launch's groups):
   * HBM bytes: every tensor the kernel reads or writes, once (q/k/v, dO, statistics, the table, outputs);
   * L2-to-SM bytes: what the programs load, summed (a key block read by every query block counts once per
     query block, the bias tile once per program that reads it: per window, except where a program runs
@@ -63,8 +65,10 @@ from .launches import (
     REFERENCE_HEAD_DIM,
     Instruction,
     Launch,
+    cdiv,
     compile_launch,
     cubin_listings,
+    for_arch,
     launched,
     parse_sass,
     reference_launches,
@@ -159,10 +163,6 @@ def floor_us(fwd_hbm_bytes: float, fwd_flops: float, dtype: str, backward: bool,
     if backward:
         return max(BACKWARD_FLOOR_HBM * hbm, BACKWARD_FLOOR_DOT * dot)
     return max(hbm, dot)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _ratio(a: float, b: float) -> str:
@@ -371,9 +371,17 @@ def _elem(dtype_name: str) -> int:
     return {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[dtype_name]
 
 
-def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
-    """(HBM bytes, L2-to-SM bytes, FLOPs) of the launch; see the module docstring."""
+# The grid axis of the kernels that store a table partial sum per group of windows
+_GROUP_AXIS = {"bwd_fused": 0, "bwd_rows": 2, "bwd_dbias": 2}
+
+
+def traffic(launch: Launch, dtype: str, groups: Optional[int] = None) -> Tuple[int, int, int]:
+    """(HBM bytes, L2-to-SM bytes, FLOPs) over every window of the launch's geometry (see the module docstring);
+    `groups`: the groups of windows storing a table partial sum, over all the kernel's launches (default: the
+    launch's own)."""
     a = launch.kwargs
+    if groups is None and launch.kernel in _GROUP_AXIS:
+        groups = launch.grid[_GROUP_AXIS[launch.kernel]]
     e = _elem(dtype)
     t = a["POSITION_BIAS"].element_size()  # the table's dtype as launched
     B = a["QKV"].shape[0]
@@ -393,18 +401,15 @@ def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
         l2 = wh * (N * rows + nm * N * 2 * rows) + wh * N * N * t // a.get("WINDOWS_PER_PROGRAM", 1)
         flops = scores * 2 * hd * 2
     elif k == "bwd_fused":
-        groups = launch.grid[0]
         # q, k, v, dO read once and dq, dk, dv written once per (token, head); the table read once; each
         # (group, head) program stores its table partial sum (fp32) and loads the bias tile per window
         hbm = tokens * rows * 7 + table + groups * table // t * 4
         l2 = wh * (4 * N * rows + N * N * t)
         flops = scores * 2 * hd * 5  # q.k, dO.v, dS k, dS^T q, P^T dO
     elif k == "bwd_rows":
-        groups = launch.grid[2]
         # q and dO read once, k and v once per row block (BLOCK_N covers the window); dq written once per
         # (token, head), the statistics written; each (row block, head, group) program loads its bias tile once
-        # and stores its table partial sum (fp32): the first launch's groups (on a shifted grid the border
-        # launch's partial sums are left out: HBM is not this kernel's bound)
+        # and stores its table partial sum (fp32)
         hbm = tokens * rows * 5 + table + stats + groups * table // t * 4
         l2 = wh * (2 * N * rows + nm * N * 2 * rows) + groups * table
         flops = scores * 2 * hd * 3  # q.k, dO.v, dS k
@@ -421,7 +426,6 @@ def traffic(launch: Launch, dtype: str) -> Tuple[int, int, int]:
         l2 = wh * (2 * N * rows + nn * N * (2 * rows + 12) + N * N * t)
         flops = scores * 2 * hd * 4
     elif k == "bwd_dbias":
-        groups = launch.grid[2]
         hbm = tokens * rows * 4 + table + stats + groups * table // t * 4
         # each program loads its bias tile once for all the windows of its group
         l2 = wh * (nn * N * (2 * rows + 12) + nm * N * 2 * rows) + groups * table
@@ -464,10 +468,13 @@ def _programs(launch: Launch) -> int:
 def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
     """The cost of one kernel's launches (each launch's specialisation compiled and counted; registers, spills
     and shared memory the largest of them, instructions summed over their programs)."""
+    launches = [for_arch(lch, arch) for lch in launches]  # as sm_<arch> runs them (sm_80's table kernel's tiles)
     launch = launches[0]
     n, hd = launch.kwargs["N"], launch.kwargs["HEAD_DIM"]
     programs = sum(_programs(lch) for lch in launches)
-    hbm, l2, flops = traffic(launch, dtype)  # the traffic of every window: the launches split the windows
+    # the traffic of every window (the launches split the windows), every launch's groups' partial sums
+    groups = sum(lch.grid[_GROUP_AXIS[lch.kernel]] for lch in launches) if launch.kernel in _GROUP_AXIS else None
+    hbm, l2, flops = traffic(launch, dtype, groups)
     table = launch.kwargs["POSITION_BIAS"]
     hbm += (len(launches) - 1) * table.numel() * table.element_size()  # each launch reads the table
     try:

@@ -31,7 +31,14 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from swinv2_fast.kernels import triton_backward, triton_forward
 from swinv2_fast.kernels.geometry import PAD_THEN_ROLL, WindowGeometry
-from swinv2_fast.kernels.tiles import MAXNREG, backward_kernels, register_cap, table_kernel_warps
+from swinv2_fast.kernels.tiles import (
+    MAXNREG,
+    TABLE_PROGRAMS,
+    backward_kernels,
+    register_cap,
+    table_kernel_tiles,
+    window_groups,
+)
 
 # ------------------------------------------------------------------------------------------- the cases
 ARCHS = (80, 90)
@@ -174,8 +181,8 @@ def reference_launches(
     default at the reference shape of the window (batch 8, 4 heads, a q/k/v bias, transformers' order), with
     the position-bias table in the projection's dtype (what a model in that dtype passes; "fp32" for the
     table torch.autocast passes beside a 16-bit projection). Each
-    kernel is launched once, but the forward on a shifted grid twice (the windows off the shifted border,
-    without the shift mask, and the border: `window_sets`); a kernel's cost is that of its launches."""
+    kernel is launched once, but twice on a shifted grid (the windows off the shifted border, without the shift
+    mask, and the border: `window_sets`); a kernel's cost is that of its launches."""
     import torch
 
     geometry = dict(geometry or reference_geometry(window))
@@ -199,36 +206,54 @@ def reference_launches(
     found: Dict[str, List[Launch]] = {}
     for launch in launches:
         found.setdefault(launch.kernel, []).append(launch)
-    # one launch of each kernel the launchers launch for this window; the forward's, the rows kernel's and the
-    # dk/dv kernel's windows off the shifted border and the border apart
+    # one launch of each kernel the launchers launch for this window; on a shifted grid the windows off its
+    # border and the border apart
     expected = ("fwd",) + (backward_kernels(window * window, head_dim, tdt) if backward else ())
     counts = {k: len(v) for k, v in found.items()}
-    split = ("fwd", "bwd_rows", "bwd_dkdv")
+    split = ("fwd", "bwd_fused", "bwd_rows", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
     if sorted(found) != sorted(expected) or any(c > (2 if k in split else 1) for k, c in counts.items()):
         raise RuntimeError(
-            f"expected one launch of each of {expected} (two of fwd, bwd_rows and bwd_dkdv on a shifted grid), "
+            f"expected one launch of each of {expected} (two on a shifted grid), "
             f"recorded {[launch.kernel for launch in launches]}"
         )
     return found
 
 
 # ----------------------------------------------------------------------------------------- compiling
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def for_arch(launch: Launch, arch: int) -> Launch:
+    """The launch as the host makes it on sm_<arch>: recorded on meta tensors, it was made for sm_90 (off CUDA
+    the launch's arch is 90). The register cap depends on the target, and so do the table kernel's tiles and
+    warps on sm_80 (`table_kernel_tiles`), with its grid and groups of windows. Asked again of its result, it
+    returns the same launch."""
+    a = dict(launch.kwargs)
+    grid = launch.grid
+    a["maxnreg"] = register_cap(a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch, a["PADDED"])
+    if launch.kernel == "bwd_rows":  # its own budget, whatever caps the other backward kernels
+        a["maxnreg"] = MAXNREG
+    if launch.kernel == "bwd_dbias":  # its tiles, then its groups of windows, as the host sizes them
+        a["BLOCK_M"], a["BLOCK_N"], a["num_warps"] = table_kernel_tiles(
+            a["N"], a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], arch
+        )
+        num_tiles, heads = cdiv(a["N"], a["BLOCK_M"]) * cdiv(a["N"], a["BLOCK_N"]), grid[1]
+        all_pairs = a["QKV"].shape[0] * a["NUM_WINDOWS"]
+        a["WINDOWS_PER_GROUP"], groups = window_groups(all_pairs, a["NUM_BW"], num_tiles * heads, TABLE_PROGRAMS)
+        grid = (num_tiles, heads, groups)
+    return launch._replace(kwargs=a, grid=grid)
+
+
 def specialise(launch: Launch, arch: int):
-    """(signature, constexprs, attrs, options) exactly as the JIT builds them for this launch on `arch`."""
+    """(signature, constexprs, attrs, options) exactly as the JIT builds them for this launch on `arch`
+    (`for_arch`)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    launch = for_arch(launch, arch)
     fn = launch.fn
-    a = dict(launch.kwargs)
-    # the register cap (and the table kernel's warps) depend on the target: the recorded launch (meta tensors)
-    # was made for sm_90
-    a["maxnreg"] = register_cap(a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch, a["PADDED"])
-    if launch.kernel == "bwd_rows":  # its own budget, whatever caps the other backward kernels
-        a["maxnreg"] = MAXNREG
-    if launch.kernel == "bwd_dbias":  # recorded with sm_90's warps (off CUDA the launch's arch is 90)
-        a["num_warps"] = table_kernel_warps(a["num_warps"], a["BLOCK_M"], a["BLOCK_N"], arch)
-    launch = launch._replace(kwargs=a)
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(**launch.kwargs)

@@ -27,6 +27,7 @@ KERNEL_BACKWARD = "kernels/triton_backward.py"
 FWD = "tests/test_triton_forward.py"
 BWD = "tests/test_triton_backward.py"
 ROWS = "tests/test_triton_backward_rows.py"
+FUSED_BWD = "tests/test_triton_backward_fused.py"
 
 MUTANTS = [
     # ------------------------------------------------------------------------------------------ wiring
@@ -547,11 +548,94 @@ MUTANTS = [
     Mutant(
         "kernel-dkdv-border-unmasked",
         KERNEL_BACKWARD,
-        "N % BLOCK_M != 0\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1",
-        "N % BLOCK_M != 0\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0",
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border\n"
+        "    # [BLOCK_N] key rows",
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0  # the shift mask: in shifted windows on the border\n"
+        "    # [BLOCK_N] key rows",
         (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
         "the dk/dv kernel's border windows of a shifted grid carry the shift mask",
+    ),
+    Mutant(
+        "host-table-grid-of-shared-tiles",
+        KERNEL_BACKWARD,
+        "            num_tiles = triton.cdiv(dims.N, block_m) * triton.cdiv(dims.N, block_n)",
+        '            num_tiles = triton.cdiv(dims.N, flags["BLOCK_M"]) * triton.cdiv(dims.N, flags["BLOCK_N"])',
+        (f"{BWD}::test_sm80_table_tiles_give_the_same_gradients",),
+        "sm_80's table kernel at window 7 runs half-width key tiles: a grid of the shared tiles leaves half the "
+        "table gradient unwritten",
+    ),
+    Mutant(
+        "kernel-stats-border-unmasked",
+        KERNEL_BACKWARD,
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border\n"
+        "    # [BLOCK_M] query rows\n"
+        "    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
+        "    i_b, i_w, i_w2 = pair\n"
+        "    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask\n"
+        "    proj = (",
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0  # the shift mask: in shifted windows on the border\n"
+        "    # [BLOCK_M] query rows\n"
+        "    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
+        "    i_b, i_w, i_w2 = pair\n"
+        "    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask\n"
+        "    proj = (",
+        (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
+        "the statistics kernel's border windows of a shifted grid carry the shift mask",
+    ),
+    Mutant(
+        "kernel-table-border-unmasked",
+        KERNEL_BACKWARD,
+        '    launches, so the reduction is deterministic."""\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n'
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1",
+        '    launches, so the reduction is deterministic."""\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n'
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0",
+        (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
+        "the table kernel's border windows of a shifted grid carry the shift mask",
+    ),
+    Mutant(
+        "kernel-dq-border-unmasked",
+        KERNEL_BACKWARD,
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border\n"
+        "    # [BLOCK_M] query rows\n"
+        "    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
+        "    i_b, i_w, i_w2 = pair\n"
+        "    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask\n"
+        "    o_d, m_d = cols",
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0  # the shift mask: in shifted windows on the border\n"
+        "    # [BLOCK_M] query rows\n"
+        "    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
+        "    i_b, i_w, i_w2 = pair\n"
+        "    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask\n"
+        "    o_d, m_d = cols",
+        (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
+        "the dq kernel's border windows of a shifted grid carry the shift mask",
+    ),
+    Mutant(
+        "kernel-fused-border-unmasked",
+        KERNEL_BACKWARD,
+        '(the host splits unpadded grids only: `_fused_backward`)."""\n'
+        "    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1",
+        '(the host splits unpadded grids only: `_fused_backward`)."""\n'
+        "    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
+        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0",
+        (f"{FUSED_BWD}::test_fused_backward_arithmetic_at_fp32_tolerance", "-k", "B2-8x8-h2d16-w4s2"),
+        "the fused backward's border windows of a shifted grid carry the shift mask",
+    ),
+    Mutant(
+        "kernel-table-every-window",
+        KERNEL_BACKWARD,
+        "        i_b, i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
+        "        proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, p_bias, stride_qkv_t, C)\n"
+        "        rows_m = _window_rows(o_m, i_w2, grid, layout, MASKED)\n"
+        "        o_tok_m, m_pad_m, o_reg_m = rows_m\n"
+        "        _b_qn, _b_rq, b_qs = _query_rows(",
+        "        i_b, i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, 0)\n"
+        "        proj = (QKV + i_b * stride_qkv_b + i_h * HEAD_DIM, p_bias, stride_qkv_t, C)\n"
+        "        rows_m = _window_rows(o_m, i_w2, grid, layout, MASKED)\n"
+        "        o_tok_m, m_pad_m, o_reg_m = rows_m\n"
+        "        _b_qn, _b_rq, b_qs = _query_rows(",
+        (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
+        "the table kernel's launches each take the first windows of the grid, not their set's",
     ),
 ]

@@ -56,7 +56,7 @@ from .launches import _short, _torch_dtype, cubin_listings, replaced_kernels, re
 # are among them: the forward's (64, 64, 4, 128, 3) at N = 64 on sm_90 and (128, 64, 8, 128, 3) where 128
 # divides N on sm_90 (3: what the launches get without passing any, Triton's default on CUDA), its
 # (64, 64, 4, 255, 1) (N = 49, 576) and (64, 32, 4, 128, 1) (N = 144 on sm_90); the 16-bit backward's
-# (64, 64, 4, 255, 1) at head_dim 32 beyond N = 64. Variants of those: other num_stages (1: no software
+# (64, 64, 4, 255, 1) at head_dim 32 at N = 49 and beyond N = 64. Variants of those: other num_stages (1: no software
 # pipelining, fewer live registers), register caps and warps, and the earlier defaults (the forward's
 # (64, 64, 4, 255, 3), the backward's (64, 32, 8, 255, 3)). (The backward's (64, 64, 4) tiles with 3 stages spill on
 # sm_80 at N = 144 and 576.)
