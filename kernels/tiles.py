@@ -99,7 +99,8 @@ _BWD_TILES_FP32 = {16: (32, 16, 8), 32: (16, 32, 8)}
 # (`_backward_tiles_16bit`, `launch_stages`). By the static cost report (bf16, head_dim 32, sm_90, the four
 # kernels together, H200 estimate over the backward floor) they took the backward at N = 144, 256 and 576 from
 # 24.0, 16.3 and 18.6 to 13.2, 7.1 and 8.6 (from (64, 32, 8) with Triton's 3 stages; 3 stages were 2-7% above 1),
-# and at N = 49 from 9.7 to 4.3 (from (64, 32, 8): half the warps, and one key tile per window instead of two).
+# and at N = 49 from 9.7 to 4.3 (from (64, 32, 8): half the warps, and one key tile per window instead of two;
+# 3.65 with every backward kernel's launches split at the shifted border).
 # At N = 144 and 256 only the dk/dv kernel runs them (the rows kernel does the rest: `rows_backward_applies`). On
 # sm_80 the table kernel runs its own (`table_kernel_tiles`). Only at the windows the spill gate compiles
 # (python -m tools.compile_check --published).
@@ -312,7 +313,8 @@ def table_kernel_tiles(n: int, block_m: int, block_n: int, num_warps: int, arch:
     those given (no spill there)."""
     if arch < 90 and block_m * block_n >= 64 * 64:
         # the largest power of two below n where one key tile holds the window: the same tiles if asked again
-        return block_m, block_n if n >= block_n else 1 << (n - 1).bit_length() - 1, max(num_warps, 8)
+        narrow = max(16, 1 << max(0, (n - 1).bit_length() - 1))  # tl.dot takes 16 and up
+        return block_m, block_n if n >= block_n else narrow, max(num_warps, 8)
     return block_m, block_n, num_warps
 
 
@@ -334,9 +336,9 @@ def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:
 FUSED_MAX_N = 64
 FUSED_MAX_BLOCK_D = 32
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
-# Programs the fused backward aims at (about 4 per SM of an H200's 132): (image, window) pairs are grouped per
-# head so that the launch has about this many programs; more windows per group store the table's partial sum
-# fewer times.
+# Programs the fused backward and the rows kernel aim at (about 4 per SM of an H200's 132): (image, window) pairs
+# are grouped per head (and row block) so that the grid's launches together have about this many programs
+# (`window_groups`); more windows per group store the table's partial sum fewer times.
 FUSED_PROGRAMS = 512
 
 

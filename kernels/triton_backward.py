@@ -35,10 +35,11 @@ scores as its statistics) but not bitwise for dk/dv: where a score's last bit di
 the dk/dv kernel is off 1 by up to ~1e-5 and its dS by an ulp of dP, not exactly 0. That is far inside the
 16-bit gradient's rounding; whether the bits differ at all is for a GPU to show.
 
-On a shifted grid every backward kernel launches twice, as the forward: the windows off the shifted border (no
-shift mask to build or add: most windows) and the border windows (`WINDOW_SET`); the fused kernel on a padded
-grid once. The mask adds 0 off
-the border, so the scores are bitwise those a masked launch computes.
+On a shifted grid with windows off its border (`window_sets`) every backward kernel launches twice, as the
+forward: those windows (no shift mask to build or add: most windows) and the border windows (`WINDOW_SET`); the
+fused kernel on a padded grid once. The mask adds 0 off the border, so the scores are bitwise those a masked
+launch computes. The two launches of a kernel that sums the table gradient over groups of windows share one
+group size (`tiles.window_groups`).
 """
 
 from __future__ import annotations

@@ -160,6 +160,9 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
         assert [lch.kwargs["WINDOW_SET"] for lch in (interior, border)] == [tk.INTERIOR_WINDOWS, tk.BORDER_WINDOWS]
         num_bw = launches.REFERENCE_BATCH * interior.kwargs["NUM_WINDOWS"]
         assert interior.kwargs["NUM_BW"] + border.kwargs["NUM_BW"] == num_bw
+        # one group size for both launches, from every window of the grid (as one launch would have)
+        per_group = -(-num_bw // (tiles.FUSED_PROGRAMS // launches.REFERENCE_HEADS))
+        assert interior.kwargs["WINDOWS_PER_GROUP"] == border.kwargs["WINDOWS_PER_GROUP"] == per_group
         for launch in (interior, border):
             a = launch.kwargs
             groups, heads = launch.grid
@@ -199,8 +202,11 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
             assert [lch.kwargs["WINDOW_SET"] for lch in (interior, border)] == [tk.INTERIOR_WINDOWS, tk.BORDER_WINDOWS]
             a = interior.kwargs
             num_bw = launches.REFERENCE_BATCH * a["NUM_WINDOWS"]
-            if kernel == "bwd_dbias":  # (tiles, heads, groups of windows)
+            if kernel == "bwd_dbias":  # (tiles, heads, groups of windows): one group size for both launches
                 assert interior.kwargs["NUM_BW"] + border.kwargs["NUM_BW"] == num_bw
+                units = interior.grid[0] * interior.grid[1]
+                per_group = -(-num_bw // (tiles.TABLE_PROGRAMS // units))
+                assert interior.kwargs["WINDOWS_PER_GROUP"] == border.kwargs["WINDOWS_PER_GROUP"] == per_group
                 for launch in (interior, border):
                     groups = launch.grid[2]
                     assert groups == -(-launch.kwargs["NUM_BW"] // launch.kwargs["WINDOWS_PER_GROUP"])

@@ -298,6 +298,7 @@ def candidates_report(jobs: int) -> int:
     failed = [r for r in results if r.error]
     spilled = [r for r in results if not r.error and r.spill_bytes > 0]
     print(f"\n{len(results)} compilations: {len(failed)} failed, {len(spilled)} with spills")
+    print("(on sm_80 the table kernel compiles its own tiles and warps: tiles.table_kernel_tiles, launches.for_arch)")
     return 1 if failed or spilled else 0
 
 

@@ -7,7 +7,8 @@ tile sweep share (tools/compile_check.py, tools/cost.py, tools/sweep.py).
   on meta tensors, with each `*_kernel` global of the Triton files replaced by a recorder
   (`recording_launches`, `replaced_kernels`), so the grid, the arguments and the options are exactly a real
   launch's.
-- Compiling: each recorded launch specialised by Triton's own binder for a target (`specialise`: integers
+- Compiling: each recorded launch made what the host makes on the target (`for_arch`: the register cap, sm_80's
+  table-kernel tiles), specialised by Triton's own binder for it (`specialise`: integers
   divisible by 16 or equal to 1, 16-byte aligned pointers, as the JIT does at run time) and compiled with
   `triton.compile` down to the cubin the runtime would load (`compile_launch`); `cuobjdump` (shipped in the
   Triton wheel) lists its resource usage and SASS (`cubin_listings`), read by `resource_usage` (registers,
@@ -182,7 +183,8 @@ def reference_launches(
     the position-bias table in the projection's dtype (what a model in that dtype passes; "fp32" for the
     table torch.autocast passes beside a 16-bit projection). Each
     kernel is launched once, but twice on a shifted grid (the windows off the shifted border, without the shift
-    mask, and the border: `window_sets`); a kernel's cost is that of its launches."""
+    mask, and the border: `window_sets`; the fused backward once on a padded grid); a kernel's cost is that of
+    its launches."""
     import torch
 
     geometry = dict(geometry or reference_geometry(window))

@@ -638,4 +638,12 @@ MUTANTS = [
         (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
         "the table kernel's launches each take the first windows of the grid, not their set's",
     ),
+    Mutant(
+        "host-fused-groups-per-launch",
+        KERNEL_BACKWARD,
+        "        per_group, groups = window_groups(B * dims.NUM_WINDOWS, pairs, num_heads, FUSED_PROGRAMS)",
+        "        per_group, groups = window_groups(pairs, pairs, num_heads, FUSED_PROGRAMS)",
+        ("tests/test_kernel_cost.py::test_reference_launches_record_the_backward_the_launcher_runs",),
+        "each launch of a shifted grid sized its own groups: the border's store twice the partial sums",
+    ),
 ]
