@@ -879,6 +879,11 @@ def _window_attention_bwd_rows_kernel(
         tl.store(DSCALE + (i_g * NUM_HEADS + i_h) * NUM_M + i_blk, tl.sum(b_dscale, axis=0) / b_scale)
 
 
+def _plus(total: Optional[torch.Tensor], part: torch.Tensor) -> torch.Tensor:
+    """A launch's sum added to those of the launches before it (None before the first), in launch order."""
+    return part if total is None else total + part
+
+
 def _dkdv(dqkv, dpad, num_pad, strides, common, dims: LaunchDims, batch: int):
     """Launch the dk/dv kernel, one program per (key block of a window, head): on a shifted grid the windows off
     its border (no shift mask) and the border apart, as the forward."""
@@ -1020,9 +1025,8 @@ def _fused_backward(
         )
         if need_table_grads:
             # the groups, then the launches, summed in a fixed order (no atomics): deterministic
-            part_table, part_scale = d_table_parts.sum(0), d_scale_parts.sum(0)
-            d_table = part_table if d_table is None else d_table + part_table
-            d_scale = part_scale if d_scale is None else d_scale + part_scale
+            d_table = _plus(d_table, d_table_parts.sum(0))
+            d_scale = _plus(d_scale, d_scale_parts.sum(0))
     return dqkv, dpad, d_table, d_scale
 
 
@@ -1164,9 +1168,8 @@ def _unfused_backward(
                     **table_launch,
                 )
                 # the groups, then the launches, summed in a fixed order (no atomics): deterministic
-                part_table, part_scale = d_table_parts.sum(0), d_scale_parts.sum((0, 2))
-                d_table = part_table if d_table is None else d_table + part_table
-                d_scale = part_scale if d_scale is None else d_scale + part_scale
+                d_table = _plus(d_table, d_table_parts.sum(0))
+                d_scale = _plus(d_scale, d_scale_parts.sum((0, 2)))
     elif dqkv is not None:
         dqkv.zero_()
     if need_table_grads and d_table is None:  # empty batch
@@ -1246,9 +1249,8 @@ def _rows_backward(
         )
         if need_table_grads:
             # the groups, then the launches, summed in a fixed order (no atomics): deterministic
-            part_table, part_scale = d_table_parts.sum(0), d_scale_parts.sum((0, 2))
-            d_table = part_table if d_table is None else d_table + part_table
-            d_scale = part_scale if d_scale is None else d_scale + part_scale
+            d_table = _plus(d_table, d_table_parts.sum(0))
+            d_scale = _plus(d_scale, d_scale_parts.sum((0, 2)))
     if dqkv is not None:
         _dkdv(dqkv, dpad, num_pad, strides, common, dims, B)
     return dqkv, dpad, d_table, d_scale

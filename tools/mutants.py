@@ -29,6 +29,24 @@ BWD = "tests/test_triton_backward.py"
 ROWS = "tests/test_triton_backward_rows.py"
 FUSED_BWD = "tests/test_triton_backward_fused.py"
 
+
+# what follows the MASKED line in the statistics and dq kernels, which open alike on a block of query rows
+QUERY_BLOCK_OPENING = (
+    "  # the shift mask: in shifted windows on the border\n"
+    "    # [BLOCK_M] query rows\n"
+    "    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
+    "    i_b, i_w, i_w2 = pair\n"
+    "    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask\n"
+)
+
+
+def _border_unmasked(name: str, before: str, after: str, tests: Tuple[str, ...], reason: str) -> Mutant:
+    """A kernel whose border windows of a shifted grid lose the shift mask: its MASKED line (between `before` and
+    `after`) true for window set 0 (every window) only."""
+    line = "MASKED: tl.constexpr = SHIFTED and WINDOW_SET "
+    return Mutant(name, KERNEL_BACKWARD, before + line + "!= 1" + after, before + line + "== 0" + after, tests, reason)
+
+
 MUTANTS = [
     # ------------------------------------------------------------------------------------------ wiring
     Mutant(
@@ -531,13 +549,10 @@ MUTANTS = [
         ),
         "the dk/dv kernel recomputes P from the log of the row sum the rows kernel stores",
     ),
-    Mutant(
+    _border_unmasked(
         "kernel-rows-border-unmasked",
-        KERNEL_BACKWARD,
-        "# one key tile holds the window\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1",
-        "# one key tile holds the window\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0",
+        "# one key tile holds the window\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n    ",
+        "",
         (
             f"{ROWS}::test_rows_backward_arithmetic_at_fp32_tolerance",
             "-k",
@@ -545,13 +560,10 @@ MUTANTS = [
         ),
         "the border windows of a shifted grid carry the shift mask (only the interior launch drops it)",
     ),
-    Mutant(
+    _border_unmasked(
         "kernel-dkdv-border-unmasked",
-        KERNEL_BACKWARD,
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border\n"
-        "    # [BLOCK_N] key rows",
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0  # the shift mask: in shifted windows on the border\n"
-        "    # [BLOCK_N] key rows",
+        "    ",
+        "  # the shift mask: in shifted windows on the border\n    # [BLOCK_N] key rows",
         (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
         "the dk/dv kernel's border windows of a shifted grid carry the shift mask",
     ),
@@ -564,61 +576,32 @@ MUTANTS = [
         "sm_80's table kernel at window 7 runs half-width key tiles: a grid of the shared tiles leaves half the "
         "table gradient unwritten",
     ),
-    Mutant(
+    _border_unmasked(
         "kernel-stats-border-unmasked",
-        KERNEL_BACKWARD,
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border\n"
-        "    # [BLOCK_M] query rows\n"
-        "    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
-        "    i_b, i_w, i_w2 = pair\n"
-        "    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask\n"
-        "    proj = (",
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0  # the shift mask: in shifted windows on the border\n"
-        "    # [BLOCK_M] query rows\n"
-        "    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
-        "    i_b, i_w, i_w2 = pair\n"
-        "    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask\n"
-        "    proj = (",
+        "    ",
+        QUERY_BLOCK_OPENING + "    proj = (",
         (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
         "the statistics kernel's border windows of a shifted grid carry the shift mask",
     ),
-    Mutant(
+    _border_unmasked(
         "kernel-table-border-unmasked",
-        KERNEL_BACKWARD,
-        '    launches, so the reduction is deterministic."""\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n'
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1",
-        '    launches, so the reduction is deterministic."""\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n'
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0",
+        '    launches, so the reduction is deterministic."""\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n    ',
+        "",
         (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
         "the table kernel's border windows of a shifted grid carry the shift mask",
     ),
-    Mutant(
+    _border_unmasked(
         "kernel-dq-border-unmasked",
-        KERNEL_BACKWARD,
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border\n"
-        "    # [BLOCK_M] query rows\n"
-        "    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
-        "    i_b, i_w, i_w2 = pair\n"
-        "    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask\n"
-        "    o_d, m_d = cols",
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0  # the shift mask: in shifted windows on the border\n"
-        "    # [BLOCK_M] query rows\n"
-        "    pair, o_m, m_m = _block_of(i_pid, NUM_M, BLOCK_M, N, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
-        "    i_b, i_w, i_w2 = pair\n"
-        "    cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask\n"
-        "    o_d, m_d = cols",
+        "    ",
+        QUERY_BLOCK_OPENING + "    o_d, m_d = cols",
         (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
         "the dq kernel's border windows of a shifted grid carry the shift mask",
     ),
-    Mutant(
+    _border_unmasked(
         "kernel-fused-border-unmasked",
-        KERNEL_BACKWARD,
         '(the host splits unpadded grids only: `_fused_backward`)."""\n'
-        "    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1",
-        '(the host splits unpadded grids only: `_fused_backward`)."""\n'
-        "    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n"
-        "    MASKED: tl.constexpr = SHIFTED and WINDOW_SET == 0",
+        "    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n    ",
+        "",
         (f"{FUSED_BWD}::test_fused_backward_arithmetic_at_fp32_tolerance", "-k", "B2-8x8-h2d16-w4s2"),
         "the fused backward's border windows of a shifted grid carry the shift mask",
     ),
