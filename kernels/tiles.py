@@ -101,8 +101,9 @@ _BWD_TILES_FP32 = {16: (32, 16, 8), 32: (16, 32, 8)}
 # 24.0, 16.3 and 18.6 to 13.2, 7.1 and 8.6 (from (64, 32, 8) with Triton's 3 stages; 3 stages were 2-7% above 1),
 # and at N = 49 from 9.7 to 4.3 (from (64, 32, 8): half the warps, and one key tile per window instead of two;
 # 3.65 with every backward kernel's launches split at the shifted border).
-# At N = 144 and 256 only the dk/dv kernel runs them (the rows kernel does the rest: `rows_backward_applies`). On
-# sm_80 the table kernel runs its own (`table_kernel_tiles`). Only at the windows the spill gate compiles
+# At N = 144 and 256 only the dk/dv kernel runs them (the rows kernel does the rest: `rows_backward_applies`); at
+# N = 49 with Triton 3.8 or later the fused kernel runs instead (`fused_backward_applies`). On sm_80 the table
+# kernel runs its own (`table_kernel_tiles`). Only at the windows the spill gate compiles
 # (python -m tools.compile_check --published).
 _BWD_WIDE_TILES = (64, 64, 4)
 _BWD_WIDE_STAGES = 1
@@ -331,11 +332,18 @@ def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:
 # FUSED_MAX_N tokens with channel tiles of at most FUSED_MAX_BLOCK_D: one program holds a whole window's
 # [BLOCK, BLOCK] score tiles. Not served (the four kernels run): larger windows and head dims; fp32/fp64 (IEEE
 # fp32 dots keep their operands in registers: the 64-token block spills on sm_80 and sm_90); windows of 33 to
-# 63 tokens (window 7's N = 49 in a masked 64-token block spills on shifted and padded grids with some Triton
-# releases). Served: the published window 8 (N = 64), the tiny windows (N <= 32, 16- or 32-token blocks).
+# 63 tokens but window 7's at head_dim 32 with Triton 3.8 or later (`_FUSED_MASKED_N`). Served: the published
+# window 8 (N = 64), the tiny windows (N <= 32, 16- or 32-token blocks), and window 7 (N = 49 in a 64-token
+# block, its last 15 rows and columns masked): by the static cost report (bf16, head_dim 32, sm_90, H200
+# estimate over the backward floor) 3.65 with the four kernels, 1.73 fused. By the spill gate, its 64-token
+# block spills with Triton 3.6 (sm_80: 24-140 B on shifted grids, from the border launch's shift mask; sm_90:
+# 12-48 B on padded shifted grids; 16 warps spill more) and, with Triton 3.8, at masked channel tiles (head_dim
+# 24: 48 B on sm_80 on padded shifted grids; 30: up to 540 B); with Triton 3.8 at head_dim 32 it compiles
+# without spills on sm_80 and sm_90 on every geometry.
 FUSED_MAX_N = 64
 FUSED_MAX_BLOCK_D = 32
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
+_FUSED_MASKED_N = (49,)
 # Programs the fused backward and the rows kernel aim at (about 4 per SM of an H200's 132): (image, window) pairs
 # are grouped per head (and row block) so that the grid's launches together have about this many programs
 # (`window_groups`); more windows per group store the table's partial sum fewer times.
@@ -364,8 +372,14 @@ def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
         dtype in FUSED_DTYPES
         and n <= FUSED_MAX_N
         and channel_block(head_dim) <= FUSED_MAX_BLOCK_D
-        and (n <= 32 or n == fused_block(n))
+        and (n <= 32 or n == fused_block(n) or _fused_masked_window(n, head_dim))
     )
+
+
+def _fused_masked_window(n: int, head_dim: int) -> bool:
+    """Whether a window of n tokens that leaves its block partly empty (33 to 63 tokens in 64) runs the fused
+    backward: window 7's N = 49 (`_FUSED_MASKED_N`) at head_dim 32 with Triton 3.8 or later (see FUSED_MAX_N)."""
+    return n in _FUSED_MASKED_N and head_dim == 32 and _triton_release() >= (3, 8)
 
 
 def fused_block(n: int) -> int:

@@ -144,15 +144,18 @@ def test_forward_launches_split_the_shifted_grid():
     assert launch.kwargs["WINDOW_SET"] == tk.ALL_WINDOWS and launch.kwargs["SHIFTED"]
 
 
-def test_reference_launches_record_the_backward_the_launcher_runs():
-    """fp16/bf16 windows of 64 tokens (head dims up to 32): the fused backward alone, one program per
-    (group of windows, head), its loop counted at the windows per group; windows 12 and 16 (N = 129 to 256): the
-    rows kernel, one program per (row block, head, group of windows), and the dk/dv kernel; windows 7 and 24 and
-    fp32: the four kernels. Recorded on meta tensors (nothing is compiled or run)."""
+def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
+    """fp16/bf16 windows of 64 tokens (head dims up to 32), and of 49 at head_dim 32 with Triton 3.8 or later: the
+    fused backward alone, one program per (group of windows, head), its loop counted at the windows per group;
+    windows 12 and 16 (N = 129 to 256): the rows kernel, one program per (row block, head, group of windows), and
+    the dk/dv kernel; window 24, window 7 with Triton 3.6, and fp32: the four kernels. Recorded on meta tensors
+    (nothing is compiled or run)."""
     from swinv2_fast.kernels import tiles
     from swinv2_fast.kernels import triton_forward as tk
 
-    for window, dtype, head_dim in ((8, "bf16", 32), (8, "fp16", 32), (8, "bf16", 30), (8, "fp16", 10)):
+    monkeypatch.setattr(tiles, "_triton_release", lambda: (3, 8))
+    fused_cases = ((8, "bf16", 32), (8, "fp16", 32), (8, "bf16", 30), (8, "fp16", 10), (7, "bf16", 32), (7, "fp16", 32))
+    for window, dtype, head_dim in fused_cases:
         recorded = launches.reference_launches(window, dtype, head_dim)
         assert sorted(recorded) == ["bwd_fused", "fwd"], (window, dtype, head_dim)
         # the reference grid is shifted: the windows off its border (no shift mask), then the border
@@ -193,6 +196,7 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
             assert cost.LOOP_TRIPS["bwd_rows"](a, launch.grid) == [a["NUM_BW"] / groups]
         hbm, l2, flops = cost.traffic(interior, dtype)
         assert flops == cost.scores_of(interior) * 2 * 32 * 3 and hbm > 0 and l2 > 0
+    monkeypatch.setattr(tiles, "_triton_release", lambda: (3, 6))
     for window, dtype in ((24, "bf16"), (7, "bf16"), (8, "fp32"), (12, "fp32")):
         recorded = launches.reference_launches(window, dtype)
         assert sorted(recorded) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"], (window, dtype)
@@ -216,7 +220,9 @@ def test_reference_launches_record_the_backward_the_launcher_runs():
     assert launches.launched("bwd_fused", 8, 32, "bf16") and not launches.launched("bwd_stats", 8, 32, "bf16")
     assert launches.launched("bwd_stats", 8, 32, "fp32") and not launches.launched("bwd_fused", 16, 32, "bf16")
     assert launches.launched("bwd_rows", 12, 32, "bf16") and not launches.launched("bwd_rows", 24, 32, "bf16")
-    assert not launches.launched("bwd_rows", 7, 32, "bf16")
+    assert not launches.launched("bwd_rows", 7, 32, "bf16") and launches.launched("bwd_stats", 7, 32, "bf16")
+    monkeypatch.setattr(tiles, "_triton_release", lambda: (3, 8))
+    assert launches.launched("bwd_fused", 7, 32, "bf16") and not launches.launched("bwd_fused", 7, 30, "bf16")
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """The fused backward of small windows (triton_backward._window_attention_bwd_fused_kernel:
-fp16/bf16, N = 64 or N <= 32, head dims up to 32) against the reference's autograd, with the launch proven: windows 2 to
-8, shifted, padded in both orders, per-axis windows, odd head dims, no q/k/v bias, frozen inputs, groups of
-windows that do not divide the batch's windows. fp32 and fp64 run the four kernels on a GPU (the fused
-kernel spills there); the tests that check its arithmetic at fp32's tolerances (and gradcheck in fp64) route
-those dtypes to it (`FUSED_DTYPES`), which is where it would run them."""
+fp16/bf16, N = 64 or N <= 32, head dims up to 32, and N = 49 at head dim 32 with Triton 3.8 or later) against
+the reference's autograd, with the launch proven: windows 2 to 8, shifted, padded in both orders, per-axis
+windows, odd head dims, no q/k/v bias, frozen inputs, groups of windows that do not divide the batch's windows.
+fp32 and fp64 run the four kernels on a GPU (the fused kernel spills there); the tests that check its
+arithmetic at fp32's tolerances (and gradcheck in fp64) route those dtypes to it (`FUSED_DTYPES`), which is
+where it would run them."""
 
 import math
 
@@ -39,8 +40,13 @@ FOUR = (
     "_window_attention_bwd_dbias_kernel",
 )
 
-# (B, grid, heads, head_dim, window, shift): windows of 2 to 5 and 8 tokens a side (N = 4 to 25 in masked tiles
-# of 16 and 32, N = 64), shifted and not, padded, per-axis windows, odd head dims (masked channel tiles)
+_WINDOW7 = pytest.mark.skipif(
+    not tiles.fused_backward_applies(49, 32, torch.float16),
+    reason="window 7 runs the four kernels with this Triton (tiles._fused_masked_window)",
+)
+
+# (B, grid, heads, head_dim, window, shift): windows of 2 to 5, 7 and 8 tokens a side (N = 4 to 25 in masked tiles
+# of 16 and 32, N = 49 in 64, N = 64), shifted and not, padded, per-axis windows, odd head dims (masked channel tiles)
 FUSED_SHAPES = [
     pytest.param(2, (4, 6), 2, 16, 2, 1, id="B2-4x6-h2d16-w2s1"),
     pytest.param(1, (7, 8), 1, 32, 3, 1, id="B1-7x8-h1d32-w3s1-padded"),
@@ -53,6 +59,9 @@ FUSED_SHAPES = [
     pytest.param(1, (6, 7), 2, 10, 4, 2, id="B1-6x7-h2d10-w4s2-padded"),
     pytest.param(1, (5, 6), 2, 24, (3, 4), (1, 2), id="B1-5x6-h2d24-w3x4s1x2-padded"),
     pytest.param(2, (8, 8), 2, 30, 4, 0, id="B2-8x8-h2d30-w4s0"),
+    # window 7 (N = 49 in a 64-token block, its last 15 rows and columns masked): with Triton 3.8 or later
+    pytest.param(1, (14, 14), 2, 32, 7, 3, id="B1-14x14-h2d32-w7s3", marks=_WINDOW7),
+    pytest.param(1, (10, 13), 1, 32, 7, 3, id="B1-10x13-h1d32-w7s3-padded", marks=_WINDOW7),
 ]
 
 
@@ -252,15 +261,22 @@ def test_fused_backward_one_hot_rows_cancel_exactly(fused_in):
 
 
 @pytest.mark.kernels(forward=False, backward=False)  # nothing runs: the launcher's rule
-def test_which_windows_take_the_fused_backward():
-    """N = 64 and N <= 32 in fp16/bf16 with head dims up to 32; window 7 (N = 49, a masked 64-token block that
-    spills with triton 3.6), larger windows and head dims, fp32 and fp64: the four kernels."""
+@pytest.mark.parametrize("release", [(3, 6), (3, 8), (3, 9)])
+def test_which_windows_take_the_fused_backward(release, monkeypatch):
+    """N = 64 and N <= 32 in fp16/bf16 with head dims up to 32; window 7 (N = 49, a masked 64-token block) at head
+    dim 32 with Triton 3.8 or later (with 3.6 it spills, as at masked channel tiles); other windows of 33 to 63
+    tokens, larger windows and head dims, fp32 and fp64: the four kernels."""
+    monkeypatch.setattr(tiles, "_triton_release", lambda: release)
     for n, head_dim, dtype, fused in (
         (64, 32, torch.bfloat16, True),
         (16, 10, torch.float16, True),
         (25, 30, torch.float16, True),
         (4, 16, torch.bfloat16, True),
-        (49, 32, torch.bfloat16, False),
+        (49, 32, torch.bfloat16, release >= (3, 8)),
+        (49, 32, torch.float16, release >= (3, 8)),
+        (49, 30, torch.bfloat16, False),
+        (49, 24, torch.float16, False),
+        (49, 32, torch.float32, False),
         (36, 32, torch.float16, False),
         (144, 32, torch.bfloat16, False),
         (64, 64, torch.float16, False),

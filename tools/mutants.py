@@ -629,4 +629,20 @@ MUTANTS = [
         ("tests/test_kernel_cost.py::test_reference_launches_record_the_backward_the_launcher_runs",),
         "each launch of a shifted grid sized its own groups: the border's store twice the partial sums",
     ),
+    Mutant(
+        "tiles-fused-window7-any-head-dim",
+        "kernels/tiles.py",
+        "    return n in _FUSED_MASKED_N and head_dim == 32 and _triton_release() >= (3, 8)",
+        "    return n in _FUSED_MASKED_N and _triton_release() >= (3, 8)",
+        (f"{FUSED_BWD}::test_which_windows_take_the_fused_backward",),
+        "window 7 at masked channel tiles (head_dim 24, 30) takes the fused backward, whose build spills there",
+    ),
+    Mutant(
+        "kernel-fused-keys-beyond-window",
+        KERNEL_BACKWARD,
+        "    MASK_N: tl.constexpr = N != BLOCK\n    DQS: tl.constexpr",
+        "    MASK_N: tl.constexpr = False\n    DQS: tl.constexpr",
+        (f"{FUSED_BWD}::test_fused_backward_arithmetic_at_fp32_tolerance", "-k", "w7s3"),
+        "window 7's 15 empty key columns of its 64-token block take part in the fused backward's softmax",
+    ),
 ]
