@@ -28,9 +28,12 @@ Where the one fused backward kernel runs
 at head_dim 32 with Triton 3.8 or later) it fixes its own
 tiles, warps and num_stages=1, so a "bwd" candidate changes nothing there: the sweep times no "bwd" candidate
 at such a shape, says so in its log and records nothing for it (SHAPES' N = 64 rows record "fwd" only).
-Every candidate compiles without spills at SHAPES for sm_80 and sm_90 where the sweep tries it
+Every candidate compiles without spills at SHAPES for sm_80 and sm_90 where the sweep tries it, with Triton 3.8
 (`python -m tools.compile_check --candidates`; a register-capped candidate is tried only where `register_cap`
-caps at its budget: `candidate_applies`).
+caps at its budget: `candidate_applies`). With Triton 3.6 (the GPU machine's) two of 360 spill, both of the
+four-kernel backward's (64, 64, 4, 255, 2): the table kernel at N = 49 on sm_90 (104 B; with 3.8 window 7 runs
+the fused backward instead) and the dk/dv kernel at N = 576 on sm_80 (16 B); the sweep rejects them where it
+runs, as it rejects any candidate that spills.
 """
 
 from __future__ import annotations
