@@ -51,6 +51,7 @@ __all__ = [
     "load_tuned_tiles",
     "register_cap",
     "rows_backward_applies",
+    "rows_tiles",
     "table_kernel_tiles",
     "tuned_entry",
     "window_groups",
@@ -128,8 +129,13 @@ def triton_version() -> str:
 
 
 def _triton_release() -> Tuple[int, int]:
-    """(major, minor) of the installed Triton."""
-    major, minor = triton_version().split(".")[:2]
+    """(major, minor) of the installed Triton; (0, 0) where Triton does not import (the rules that ask then answer
+    as for an old release: nothing runs the kernels there anyway)."""
+    try:
+        version = triton_version()
+    except ImportError:
+        return 0, 0
+    major, minor = version.split(".")[:2]
     return int(major), int(minor)
 
 
@@ -400,13 +406,38 @@ def fused_num_warps(n: int, dtype: torch.dtype) -> int:
 # kernels, the scores computed once instead of three times); the second is the four kernels' dk/dv kernel, on
 # their tiles, from those statistics. By the static cost report (bf16, head_dim 32, sm_90, the backward's
 # kernels together, H200 estimate over the backward floor) N = 144 and 256 went from 13.2 and 7.1 to 9.1 and 6.4
-# (with both kernels' windows off the shifted border run without the mask, as the forward's). On unshifted
-# windows of 256 tokens it is about 6% above the four kernels by the same model (SwinV2-B 256 w16's stage 2).
-# Not served, by the spill gate: 32 query rows spilled 3-5 KB; 64-key tiles (N = 33 to 63: window 7) spilled
-# 28-400 B on sm_80 with Triton 3.6 at every row block (32, 64) and warp count (4, 8, 16) tried; 1024-key tiles
-# (N = 576) would be 44% padding around row blocks of 4 queries. 128-key tiles (N = 65 to 128) are not in the gate
-# (no published window). All N of 129 to 256 compile the code the gate compiles at N = 144 (masked keys) and 256.
+# (with both kernels' windows off the shifted border run without the mask, as the forward's), over 8 warps.
+# At head_dim 32, over 4 warps the row reductions (max, sum, delta, the scale's sum) span half the warps: the rows
+# kernel went from 67.6 to 51.4 instructions per score at N = 256 (250 registers); on padded grids it keeps 8 warps
+# (over 4 it spills 8-16 B on padded shifted grids with Triton 3.6, sm_80 and sm_90; every published model's grids
+# are unpadded at its own resolution). N = 144 (window 12) at head_dim 32 runs its keys as two tiles, 128 and a
+# tail of 16 (`rows_tiles`, the kernel's BLOCK_T), over 4 warps on every grid: 144 keys a row instead of 256, none
+# of them masked; from 119.2 instructions per score (one 256-key tile, 8 warps) to 111.9 with the tail over 8
+# warps, 73.9 over 4 (255 registers). Other head dims keep ROWS_TILES (`rows_tiles`).
+# Not served, by the spill gate: 32 query rows spilled 3-5 KB at 256 keys over 8 warps and about 2 KB at 144
+# (128 + 16) over 4; 64-key tiles (N = 33 to 63: window 7) spilled 28-400 B on sm_80 with Triton 3.6 at every
+# row block (32, 64) and warp count (4, 8, 16) tried; 1024-key tiles (N = 576) would be 44% padding around row
+# blocks of 4 queries. 128-key tiles (N = 65 to 128) are not in the gate (no published window). The other N of
+# 129 to 256 (no published window) run the 256-key tile with masked keys, over 4 warps at head_dim 32 (not in the
+# gate; N = 144 was, over 8 warps, before its tail tile).
 ROWS_TILES = (16, 256, 8)
+_ROWS_TAIL = {144: (128, 16)}  # N -> (BLOCK_N, BLOCK_T), BLOCK_N + BLOCK_T == N
+_ROWS_WARPS = 4  # head_dim 32 on unpadded grids, and at N = 144 on every grid
+
+
+def rows_tiles(n: int, head_dim: int, padded: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, BLOCK_T) of the rows kernel for windows of n tokens and heads of head_dim
+    channels on a padded grid or not. At head_dim 32 (whole 32-channel tiles): at N = 144 a 128-key tile and a
+    tail of 16 keys (`_ROWS_TAIL`), elsewhere ROWS_TILES and no tail (BLOCK_T 0), over _ROWS_WARPS warps but on
+    a padded grid there. Other head dims: ROWS_TILES (over 4 warps, or with the tail, masked channel tiles of 24
+    and 30 spill 72 B to 2 KB; head_dim 16 spills 6 KB on every one of these, ROWS_TILES included)."""
+    block_m, block_n, num_warps = ROWS_TILES
+    if head_dim != 32:
+        return block_m, block_n, num_warps, 0
+    if n in _ROWS_TAIL:
+        block_n, block_t = _ROWS_TAIL[n]
+        return block_m, block_n, _ROWS_WARPS, block_t
+    return block_m, block_n, num_warps if padded else _ROWS_WARPS, 0
 
 
 def rows_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:

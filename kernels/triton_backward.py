@@ -57,12 +57,12 @@ from .launch import LaunchDims, device_arch, launch_dims, launch_flags, small_op
 from .tiles import (
     FUSED_PROGRAMS,
     MAXNREG,
-    ROWS_TILES,
     TABLE_PROGRAMS,
     fused_backward_applies,
     fused_block,
     fused_num_warps,
     rows_backward_applies,
+    rows_tiles,
     table_kernel_tiles,
     window_groups,
 )
@@ -783,8 +783,10 @@ def _window_attention_bwd_rows_kernel(
     NEED_DQ: tl.constexpr,
     NEED_TABLE: tl.constexpr,
     WINDOW_SET: tl.constexpr = 0,
+    BLOCK_T: tl.constexpr = 0,
 ):
-    """The query side of the backward of windows whose whole key axis fits one tile (N <= BLOCK_N): program
+    """The query side of the backward of windows whose whole key axis fits one tile (N <= BLOCK_N), or two
+    (BLOCK_T > 0: keys BLOCK_N to N in a tail tile of BLOCK_T = N - BLOCK_N, N = 144 as 128 + 16): program
     (row block of BLOCK_M query rows, head, group of WINDOWS_PER_GROUP consecutive (image, window) pairs) holds
     its rows' scores against every key of the window, [BLOCK_M, BLOCK_N], and per window computes the softmax
     of whole rows (P and its statistics from the same scores, as the fused kernel: no statistics pass),
@@ -798,6 +800,8 @@ def _window_attention_bwd_rows_kernel(
     L1 hits). The (image, window) pairs are those of WINDOW_SET, as in the forward: a shifted grid takes two
     launches, the windows off the shifted border without the shift mask (INTERIOR_WINDOWS) and the border
     (BORDER_WINDOWS); the mask adds 0 off the border, so the scores are bitwise those of the kernels that add it.
+    With a tail tile every step runs on both tiles: the row statistics and delta are sums (and a maximum) over
+    the two, dq adds the tail's dS kn, the table gradient keeps a running sum per tile.
     dk and dv need every query of the window, hence the second kernel (`_window_attention_bwd_dkdv_kernel`, per
     key block, from these statistics): their sums over query rows span the programs of a window, and partial sums
     per row block would write them once per row block."""
@@ -807,24 +811,32 @@ def _window_attention_bwd_rows_kernel(
     grid = (H, W, HP, WP, SH, SW, RSH, RSW)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
-    tl.static_assert(N <= BLOCK_N)  # one key tile holds the window
+    TAIL: tl.constexpr = BLOCK_T > 0  # keys BLOCK_N to N in a second tile
+    # one key tile holds the window, or the two hold it exactly (no masked key in either)
+    tl.static_assert((N <= BLOCK_N) if not TAIL else (N == BLOCK_N + BLOCK_T))
     tl.static_assert((WINDOW_SET == 0) | SHIFTED)
     MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
-    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
-    MASK_N: tl.constexpr = N != BLOCK_N
+    EVEN: tl.constexpr = (N % BLOCK_M) + (N % (BLOCK_N + BLOCK_T)) == 0
+    MASK_N: tl.constexpr = N != BLOCK_N + BLOCK_T
     NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
     # [BLOCK_M] query rows; [BLOCK_N] every key of the window
     o_m = i_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = _in_window(o_m, N, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
-    m_n = _in_window(o_n, N, BLOCK_N)
+    KEYS: tl.constexpr = BLOCK_N if TAIL else N  # the window's keys in this tile
+    m_n = _in_window(o_n, KEYS, BLOCK_N)
     b_scale = tl.load(SCALE + i_h)
     p_bias = QKV_BIAS + i_h * HEAD_DIM
     # [BLOCK_M, BLOCK_N]: the bias tile, the same for every window: loaded once for the group
     b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_m, o_n, m_m, m_n, N, EVEN)
     b_dbias = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT)
+    if TAIL:  # [BLOCK_T] the tail's keys, every one in the window; its bias tile and table-gradient sum
+        o_t = BLOCK_N + tl.arange(0, BLOCK_T)
+        m_t = _in_window(o_t, BLOCK_T, BLOCK_T)  # all true (a constant): N == BLOCK_N + BLOCK_T
+        b_bias_t = _bias_tile(POSITION_BIAS + i_h * N * N, o_m, o_t, m_m, m_t, N, EVEN)
+        b_dbias_t = tl.zeros([BLOCK_M, BLOCK_T], dtype=CDT)
     b_dscale = tl.zeros([BLOCK_M], dtype=CDT)
     for i_bw in range(i_g * WINDOWS_PER_GROUP, tl.minimum((i_g + 1) * WINDOWS_PER_GROUP, NUM_BW)):
         i_b, i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
@@ -844,8 +856,20 @@ def _window_attention_bwd_rows_kernel(
         b_qk = _dot(b_qs, tl.trans(b_kn_d), FULL_DOT)  # scale * cos
         b_s = _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, MASKED, MASK_N)
         b_rmax = tl.max(b_s, axis=1)
+        if TAIL:  # the tail's keys: normalised k, scores; the row maximum over both tiles
+            rows_t = _window_rows(o_t, i_w2, grid, layout, MASKED)
+            o_tok_t, m_pad_t, o_reg_t = rows_t
+            b_kt = _load_rows(proj[0] + C, p_bias + C, o_tok_t, m_t, m_pad_t, cols, stride_qkv_t, HAS_BIAS)
+            b_kn_t, _b_rk_t = _l2_normalize(b_kt, CDT)
+            b_kn_t_d = b_kn_t.to(DDT)
+            b_qk_t = _dot(b_qs, tl.trans(b_kn_t_d), FULL_DOT)
+            b_s_t = _logits(b_qk_t, b_bias_t, o_reg_m, o_reg_t, m_t, mask_value, MASKED, False)
+            b_rmax = tl.maximum(b_rmax, tl.max(b_s_t, axis=1))
         b_e = _exp(b_s - b_rmax[:, None])
         b_l = tl.sum(b_e, axis=1)
+        if TAIL:
+            b_e_t = _exp(b_s_t - b_rmax[:, None])
+            b_l += tl.sum(b_e_t, axis=1)
         # the statistics as the statistics kernel stores them: (row max, log row sum), delta per token (stored
         # as soon as known: fewer live registers)
         p_stats = STATS + _stats_offsets((i_b, i_w, i_h), o_m, N, NUM_WINDOWS, NUM_HEADS)
@@ -855,17 +879,29 @@ def _window_attention_bwd_rows_kernel(
         b_v = _load_rows(proj[0] + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
         b_dp = _dot(b_do, tl.trans(b_v.to(DDT)), FULL_DOT)
         b_delta = tl.sum(b_p * b_dp, axis=1)
+        if TAIL:
+            b_p_t = b_e_t * (1.0 / b_l)[:, None]
+            b_vt = _load_rows(proj[0] + 2 * C, p_bias + 2 * C, o_tok_t, m_t, m_pad_t, cols, stride_qkv_t, HAS_BIAS)
+            b_dp_t = _dot(b_do, tl.trans(b_vt.to(DDT)), FULL_DOT)
+            b_delta += tl.sum(b_p_t * b_dp_t, axis=1)
         tl.store(DELTA + i_b * L * NUM_HEADS + o_tok_m * NUM_HEADS + i_h, b_delta, mask=m_real_m)
         b_ds = b_p * (b_dp - b_delta[:, None])
+        if TAIL:
+            b_ds_t = b_p_t * (b_dp_t - b_delta[:, None])
         if NEED_TABLE:
             b_dbias += b_ds
             # d scale = sum_ij dS_ij cos_ij, from dS and the scores in the compute dtype, as the table kernel (from
             # the dq rows, sum_i qn_i . dqs_i, dS enters rounded to the dot dtype, and the sum cancels:
             # sum_j dS_ij = 0; in fp16 that left up to 3x eager's error)
             b_dscale += tl.sum(b_ds * b_qk, axis=1)
+            if TAIL:
+                b_dbias_t += b_ds_t
+                b_dscale += tl.sum(b_ds_t * b_qk_t, axis=1)
         if NEED_DQ:
             # [BLOCK_M, BLOCK_D]: the gradient of q * scale
             b_dqs = _dot(b_ds.to(DDT), b_kn_d, FULL_DOT)
+            if TAIL:
+                b_dqs += _dot(b_ds_t.to(DDT), b_kn_t_d, FULL_DOT)
             b_dq = _l2_normalize_backward(b_qn, b_rq, b_scale * b_dqs)
             p_dq = DQKV + i_b * stride_dqkv_b + o_tok_m[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
             tl.store(p_dq, b_dq.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_m, m_d))
@@ -875,6 +911,9 @@ def _window_attention_bwd_rows_kernel(
             tl.store(p_dbias, b_dbias)
         else:
             tl.store(p_dbias, b_dbias, mask=m_m[:, None] & m_n[None, :])
+        if TAIL:
+            # every tail key is in the window, and (EVEN) every row
+            tl.store(DBIAS + (i_g * NUM_HEADS + i_h) * N * N + o_m[:, None] * N + o_t[None, :], b_dbias_t)
         # qk = scale * cos
         tl.store(DSCALE + (i_g * NUM_HEADS + i_h) * NUM_M + i_blk, tl.sum(b_dscale, axis=0) / b_scale)
 
@@ -1053,10 +1092,10 @@ def window_attention_triton_backward(
     custom op's plain values, as `window_attention_triton_forward` takes them.
 
     P is recomputed (nothing N x N was stored). fp16/bf16 windows of 64 tokens or at most 32 (heads of at most
-    FUSED_MAX_BLOCK_D channels; see tiles.fused_backward_applies): one kernel per (group of windows, head)
-    computes everything of a window in one block (`_window_attention_bwd_fused_kernel`). fp16/bf16 windows of 129
-    to 256 tokens (tiles.rows_backward_applies): the rows kernel (statistics, dq, the table and scale gradients)
-    then the dk/dv kernel. Otherwise: the softmax
+    FUSED_MAX_BLOCK_D channels), and of 49 at head_dim 32 with Triton 3.8 or later (tiles.fused_backward_applies):
+    one kernel per (group of windows, head) computes everything of a window in one block
+    (`_window_attention_bwd_fused_kernel`). fp16/bf16 windows of 129 to 256 tokens (tiles.rows_backward_applies):
+    the rows kernel (statistics, dq, the table and scale gradients) then the dk/dv kernel. Otherwise: the softmax
     statistics of every window row and delta = rowsum(P * dP) per query row, in token layout; dq per query
     block (without `need_qkv` not run); dk/dv per key block (padded keys to a per-position buffer, summed into
     the bias gradient); the table and scale gradients per bias tile over groups of windows (without
@@ -1195,7 +1234,7 @@ def _rows_backward(
     d_table or None, d_scale or None) as `_fused_backward`."""
     B, _L, C3 = qkv.shape
     num_heads = dims.NUM_HEADS
-    _flags, scale, common = _backward_common(
+    flags, scale, common = _backward_common(
         grad_out, qkv, qkv_bias, logit_scale, position_bias, dims, pad_order, mask_value
     )
     cdt = scale.dtype
@@ -1210,7 +1249,7 @@ def _rows_backward(
         if not need_table_grads:
             return dqkv, dpad, None, None
         return dqkv, dpad, torch.zeros_like(position_bias, dtype=cdt), torch.zeros_like(scale)
-    block_m, block_n, num_warps = ROWS_TILES
+    block_m, block_n, num_warps, block_t = rows_tiles(dims.N, C3 // 3 // num_heads, flags["PADDED"])
     num_m = triton.cdiv(dims.N, block_m)
     out = dqkv if dqkv is not None else qkv  # never written without NEED_DQ
     strides = dict(stride_dqkv_b=out.stride(0), stride_dqkv_t=out.stride(1))
@@ -1220,6 +1259,7 @@ def _rows_backward(
         **common,
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
+        "BLOCK_T": block_t,
         "num_warps": num_warps,
         "num_stages": 1,
         "maxnreg": MAXNREG,

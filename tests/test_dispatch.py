@@ -230,8 +230,11 @@ def test_package_imports_and_runs_eager_without_triton(tmp_path):
         "    m(torch.randn(1, 3, 32, 32))\n"
         "except RuntimeError as e:\n"
         "    print('raised:', e)\n"
+        "from swinv2_fast.kernels import tiles  # the kernels' policy answers too (the Triton-dependent rules: no)\n"
+        "print('window 7 fused:', tiles.fused_backward_applies(49, 32, torch.bfloat16))\n"
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "(1, 64, 16)" in result.stdout
     assert "raised: implementation='triton' needs Triton" in result.stdout
+    assert "window 7 fused: False" in result.stdout

@@ -188,8 +188,13 @@ def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
         for launch in (interior, border):
             a = launch.kwargs
             row_blocks, heads, groups = launch.grid
-            assert (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"]) == tiles.ROWS_TILES
-            assert row_blocks == -(-a["N"] // a["BLOCK_M"]) and a["BLOCK_N"] >= a["N"]
+            # the reference grid is not padded: 4 warps; window 12's keys in a 128-key tile and a tail of 16
+            tail = {12: (128, 16)}.get(window, (256, 0))
+            assert (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], a["BLOCK_T"]) == (16, tail[0], 4, tail[1])
+            assert (a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], a["BLOCK_T"]) == tiles.rows_tiles(
+                a["N"], a["HEAD_DIM"], False
+            )
+            assert row_blocks == -(-a["N"] // a["BLOCK_M"]) and a["BLOCK_N"] + a["BLOCK_T"] >= a["N"]
             assert heads == launches.REFERENCE_HEADS and a["NEED_DQ"] and a["NEED_TABLE"]
             assert groups == -(-a["NUM_BW"] // a["WINDOWS_PER_GROUP"])
             assert row_blocks * heads * groups <= tiles.FUSED_PROGRAMS

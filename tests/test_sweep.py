@@ -60,13 +60,14 @@ def test_num_stages_reaches_the_launch_from_a_record_or_the_tables():
         tiles.TILE_OVERRIDES[key_fwd] = (64, 64, 4, 255, 2)
         tiles.TILE_OVERRIDES[key_bwd] = (32, 32, 4, 255, 1)
         found = _launch_options(16, True)
-        # the record's backward tiles are the dk/dv kernel's; the rows kernel keeps its own (tiles.ROWS_TILES)
+        # the record's backward tiles are the dk/dv kernel's; the rows kernel keeps its own (tiles.rows_tiles)
         assert sorted(found) == ["bwd_dkdv", "bwd_rows", "fwd"]
         for kernel, options in found.items():
             for kwargs in options:
-                expected = {"fwd": (64, 64, 4, 255, 2), "bwd_rows": (*tiles.ROWS_TILES, 255, 1)}.get(
-                    kernel, (32, 32, 4, 255, 1)
-                )
+                expected = {
+                    "fwd": (64, 64, 4, 255, 2),
+                    "bwd_rows": (*tiles.rows_tiles(256, 32, False)[:3], 255, 1),
+                }.get(kernel, (32, 32, 4, 255, 1))
                 assert tuple(kwargs[f] for f in tiles.TUNED_FIELDS) == expected, kernel
     finally:
         tiles.TILE_OVERRIDES.clear()

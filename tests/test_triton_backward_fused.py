@@ -40,10 +40,17 @@ FOUR = (
     "_window_attention_bwd_dbias_kernel",
 )
 
-_WINDOW7 = pytest.mark.skipif(
-    not tiles.fused_backward_applies(49, 32, torch.float16),
-    reason="window 7 runs the four kernels with this Triton (tiles._fused_masked_window)",
-)
+
+@pytest.fixture(autouse=True)
+def window7_fused_on_every_triton(request, monkeypatch):
+    """Window 7 (N = 49) at head_dim 32 takes the fused backward here whatever Triton is installed: with 3.6 its
+    build spills (slower, not wrong; tiles._fused_masked_window), so the kernel is checked on both package stacks
+    (and compiled on a GPU with 3.6). The rule itself is tested as it stands."""
+    if "which_windows" not in request.node.name:
+        monkeypatch.setattr(
+            tiles, "_fused_masked_window", lambda n, head_dim: n in tiles._FUSED_MASKED_N and head_dim == 32
+        )
+
 
 # (B, grid, heads, head_dim, window, shift): windows of 2 to 5, 7 and 8 tokens a side (N = 4 to 25 in masked tiles
 # of 16 and 32, N = 49 in 64, N = 64), shifted and not, padded, per-axis windows, odd head dims (masked channel tiles)
@@ -59,9 +66,10 @@ FUSED_SHAPES = [
     pytest.param(1, (6, 7), 2, 10, 4, 2, id="B1-6x7-h2d10-w4s2-padded"),
     pytest.param(1, (5, 6), 2, 24, (3, 4), (1, 2), id="B1-5x6-h2d24-w3x4s1x2-padded"),
     pytest.param(2, (8, 8), 2, 30, 4, 0, id="B2-8x8-h2d30-w4s0"),
-    # window 7 (N = 49 in a 64-token block, its last 15 rows and columns masked): with Triton 3.8 or later
-    pytest.param(1, (14, 14), 2, 32, 7, 3, id="B1-14x14-h2d32-w7s3", marks=_WINDOW7),
-    pytest.param(1, (10, 13), 1, 32, 7, 3, id="B1-10x13-h1d32-w7s3-padded", marks=_WINDOW7),
+    # window 7 (N = 49 in a 64-token block, its last 15 rows and columns masked; on every
+    # Triton: window7_fused_on_every_triton)
+    pytest.param(1, (14, 14), 2, 32, 7, 3, id="B1-14x14-h2d32-w7s3"),
+    pytest.param(1, (10, 13), 1, 32, 7, 3, id="B1-10x13-h1d32-w7s3-padded"),
 ]
 
 

@@ -254,3 +254,25 @@ def test_which_windows_take_the_rows_backward():
         assert tiles.rows_backward_applies(n, head_dim, dtype) == rows, (n, head_dim, dtype)
         assert (tiles.backward_kernels(n, head_dim, dtype) == ("bwd_rows", "bwd_dkdv")) == rows
         assert not rows or tiles.ROWS_TILES[1] >= n > tiles.ROWS_TILES[1] // 2
+
+
+@pytest.mark.kernels(forward=False, backward=False)  # nothing runs: the launcher's rule
+def test_rows_kernel_tiles():
+    """(BLOCK_M, BLOCK_N, num_warps, BLOCK_T) by window, head dim and padding: at head_dim 32 window 12's keys in a
+    128-key tile and a tail of 16 over 4 warps on every grid, the other windows' in one 256-key tile over 4 warps
+    (8 on a padded grid: over 4 they spill there with Triton 3.6); other head dims one 256-key tile over 8 warps
+    (over 4, or with the tail, masked channel tiles and head_dim 16 spill)."""
+    for n, head_dim, padded, expected in (
+        (144, 32, False, (16, 128, 4, 16)),
+        (144, 32, True, (16, 128, 4, 16)),
+        (256, 32, False, (16, 256, 4, 0)),
+        (256, 32, True, (16, 256, 8, 0)),
+        (196, 32, False, (16, 256, 4, 0)),
+        (144, 24, False, (16, 256, 8, 0)),
+        (144, 16, False, (16, 256, 8, 0)),
+        (256, 30, False, (16, 256, 8, 0)),
+    ):
+        _block_m, block_n, _warps, block_t = got = tiles.rows_tiles(n, head_dim, padded)
+        assert got == expected, (n, head_dim, padded, got)
+        # the tiles hold the window's keys; a tail tile exactly (no masked key in either)
+        assert block_n + block_t >= n and (block_t == 0 or block_n + block_t == n)

@@ -25,9 +25,9 @@ The exit status is non-zero on a compile failure or on any spill.
 --candidates compiles every configuration of the tile sweep's table (sweep.CANDIDATES, num_stages included)
 at the sweep's shapes (sweep.SHAPES: bf16, head_dim 32, their windows and heads on their shifted unpadded
 grids, a bf16 table) with the candidate set as `TILE_OVERRIDES` and recorded by the same launch path: the
-forward's two launches, and the backward's kernels where they are not the fused one (not at N = 64, where the
-fused backward kernel runs with its own tiles; the rows kernel keeps its own too); a register-capped candidate
-only where the sweep tries it
+forward's two launches, and the backward's kernels where they are not the fused one (not at N = 64, nor at N = 49
+with Triton 3.8 or later, where the fused backward kernel runs with its own tiles; the rows kernel keeps its own
+too); a register-capped candidate only where the sweep tries it
 (`sweep.candidate_applies`: where register_cap caps at that budget). One row per (direction, candidate,
 shape, kernel, arch); the committed table is benchmarks/results/compile_check_candidates.txt. It compiles
 every candidate at every shape for two archs, minutes on a few cores: a check to run before changing
@@ -405,8 +405,8 @@ def main(argv=None) -> int:
     failed = [r for r in results if r.error]
     spilled = [r for r in results if not r.error and r.spill_bytes > 0]
     print(
-        f"\n{len(results)} compilations ({len(specs)} specializations x {len(ARCHS)} archs): "
-        f"{len(failed)} failed, {len(spilled)} with spills; max registers "
+        f"\n{len(results)} compilations ({len(specs)} specializations x {len(ARCHS)} archs, Triton "
+        f"{tiles.triton_version()}): {len(failed)} failed, {len(spilled)} with spills; max registers "
         f"{max((r.registers for r in results if not r.error), default=0)}, max shared memory "
         f"{max((r.shared_bytes for r in results if not r.error), default=0)} B"
     )

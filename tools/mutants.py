@@ -502,6 +502,38 @@ MUTANTS = [
     ),
     # the rows backward (N = 129 to 256: the rows kernel, then the dk/dv kernel)
     Mutant(
+        "tiles-rows-four-warps-on-padded-grids",
+        "kernels/tiles.py",
+        "    return block_m, block_n, num_warps if padded else _ROWS_WARPS, 0",
+        "    return block_m, block_n, _ROWS_WARPS, 0",
+        (f"{ROWS}::test_rows_kernel_tiles",),
+        "the rows kernel over 4 warps on padded grids at N = 256, where its build spills with Triton 3.6",
+    ),
+    Mutant(
+        "kernel-rows-tail-delta-dropped",
+        KERNEL_BACKWARD,
+        "            b_delta += tl.sum(b_p_t * b_dp_t, axis=1)\n",
+        "            b_delta += 0.0 * tl.sum(b_p_t * b_dp_t, axis=1)\n",
+        (f"{ROWS}::test_rows_backward_arithmetic_at_fp32_tolerance", "-k", "B1-12x12-h1d32-w12s6 and pad_then_roll"),
+        "window 12's delta = rowsum(P dP) leaves out its last 16 keys (the tail tile)",
+    ),
+    Mutant(
+        "kernel-rows-tail-dq-dropped",
+        KERNEL_BACKWARD,
+        "            if TAIL:\n                b_dqs += _dot(b_ds_t.to(DDT), b_kn_t_d, FULL_DOT)\n",
+        "",
+        (f"{ROWS}::test_rows_backward_arithmetic_at_fp32_tolerance", "-k", "B1-12x12-h1d32-w12s6 and pad_then_roll"),
+        "window 12's dq leaves out the tail tile's keys",
+    ),
+    Mutant(
+        "kernel-rows-tail-table-gradient-dropped",
+        KERNEL_BACKWARD,
+        "                b_dbias_t += b_ds_t\n",
+        "",
+        (f"{ROWS}::test_rows_backward_arithmetic_at_fp32_tolerance", "-k", "B1-12x12-h1d32-w12s6 and pad_then_roll"),
+        "window 12's table gradient of its last 16 keys stays zero",
+    ),
+    Mutant(
         "kernel-rows-table-gradient-from-p",
         KERNEL_BACKWARD,
         "b_dbias += b_ds\n            # d scale = sum_ij dS_ij cos_ij",
@@ -551,7 +583,8 @@ MUTANTS = [
     ),
     _border_unmasked(
         "kernel-rows-border-unmasked",
-        "# one key tile holds the window\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n    ",
+        "(no masked key in either)\n    tl.static_assert((N <= BLOCK_N) if not TAIL else (N == BLOCK_N + BLOCK_T))\n"
+        "    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n    ",
         "",
         (
             f"{ROWS}::test_rows_backward_arithmetic_at_fp32_tolerance",

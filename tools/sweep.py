@@ -27,7 +27,8 @@ Where the one fused backward kernel runs
 (`fused_backward_applies`: fp16/bf16 windows of 64 tokens or at most 32, head dims up to 32, and of 49 tokens
 at head_dim 32 with Triton 3.8 or later) it fixes its own
 tiles, warps and num_stages=1, so a "bwd" candidate changes nothing there: the sweep times no "bwd" candidate
-at such a shape, says so in its log and records nothing for it (SHAPES' N = 64 rows record "fwd" only).
+at such a shape, says so in its log and records nothing for it (SHAPES' N = 64 rows record "fwd" only, and with
+Triton 3.8 or later the N = 49 row).
 Every candidate compiles without spills at SHAPES for sm_80 and sm_90 where the sweep tries it, with Triton 3.8
 (`python -m tools.compile_check --candidates`; a register-capped candidate is tried only where `register_cap`
 caps at its budget: `candidate_applies`). With Triton 3.6 (the GPU machine's) two of 360 spill, both of the
