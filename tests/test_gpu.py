@@ -226,13 +226,9 @@ def backward_floors(name, dtype):
     ]
 
 
-@pytest.mark.parametrize("dtype", [dtype_param(d) for d in DTYPES])
-@pytest.mark.parametrize(
-    "name,pad_order", [(FIRST[0], PAD_THEN_ROLL), (FIRST[1], ROLL_THEN_PAD), (REST[1], PAD_THEN_ROLL)]
-)
-def test_backward_against_reference(name, pad_order, dtype):
-    """Gradients of every input at head_dim 32; a non-zero k bias (with the published zero one, padded k rows
-    are zero vectors where x / max(||x||, 1e-12) has slope 1e12, beyond fp16 in both implementations)."""
+def backward_gradients(name, pad_order, dtype):
+    """(kernel launches, fused, eager in dtype, exact in fp64) gradients of every input at the shape `name`; a
+    non-zero k bias."""
     inputs = make_inputs(name, dtype, seed=1, zero_k_bias=False)
     kwargs = op_kwargs(name, pad_order)
     grid = SHAPES[name][0]
@@ -241,6 +237,17 @@ def test_backward_against_reference(name, pad_order, dtype):
     _, eager = outputs_and_grads("eager", inputs, grad_out.to(DEVICE, dtype), **kwargs)
     with count_launches() as launches:
         _, fused = outputs_and_grads("triton", inputs, grad_out.to(DEVICE, dtype), **kwargs)
+    return launches, fused, eager, exact
+
+
+@pytest.mark.parametrize("dtype", [dtype_param(d) for d in DTYPES])
+@pytest.mark.parametrize(
+    "name,pad_order", [(FIRST[0], PAD_THEN_ROLL), (FIRST[1], ROLL_THEN_PAD), (REST[1], PAD_THEN_ROLL)]
+)
+def test_backward_against_reference(name, pad_order, dtype):
+    """Gradients of every input at head_dim 32; a non-zero k bias (with the published zero one, padded k rows
+    are zero vectors where x / max(||x||, 1e-12) has slope 1e12, beyond fp16 in both implementations)."""
+    launches, fused, eager, exact = backward_gradients(name, pad_order, dtype)
     assert forward_launches(launches) >= 1 and backward_launches(launches) >= 1, dict(launches)
     grad_errors_ok(fused, eager, exact, backward_floors(name, dtype))
 
@@ -252,14 +259,7 @@ def test_window7_fused_backward_whatever_the_triton(dtype, monkeypatch):
     on this one. Its gradients within PyTorch's own error, as test_backward_against_reference's."""
     monkeypatch.setattr(tiles, "_fused_masked_window", lambda n, head_dim: n == 49 and head_dim == 32)
     name = next(n for n in SHAPES if n.startswith("w7-"))
-    inputs = make_inputs(name, dtype, seed=1, zero_k_bias=False)
-    kwargs = op_kwargs(name, PAD_THEN_ROLL)
-    grid = SHAPES[name][0]
-    grad_out = torch.randn(BATCH, grid[0] * grid[1], HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(2))
-    _, exact = outputs_and_grads("eager", fp64(inputs), grad_out.double().to(DEVICE), **kwargs)
-    _, eager = outputs_and_grads("eager", inputs, grad_out.to(DEVICE, dtype), **kwargs)
-    with count_launches() as launches:
-        _, fused = outputs_and_grads("triton", inputs, grad_out.to(DEVICE, dtype), **kwargs)
+    launches, fused, eager, exact = backward_gradients(name, PAD_THEN_ROLL, dtype)
     assert launches["_window_attention_bwd_fused_kernel"] >= 1, dict(launches)
     grad_errors_ok(fused, eager, exact, backward_floors(name, dtype))
 
