@@ -178,7 +178,7 @@ def _forward_stages_16bit(n: int) -> Optional[int]:
 # (kernels/tuned_tiles.json, read on a CUDA machine with compiled kernels only, of the architecture and Triton
 # version the sweep ran on: the current device's): "<dtype>/hd<head_dim>/N<n>/
 # <fwd|bwd>" -> (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages), for all four backward kernels at once, or the
-# dk/dv kernel where the rows kernel runs with its own tiles (`ROWS_TILES`) (on
+# dk/dv kernel where the rows kernel runs with its own tiles (`rows_tiles`) (on
 # sm_80 the table kernel may run its own tiles and warps: `table_kernel_tiles`). Without a
 # record or override the launch gets the tables' tiles, `register_cap`'s budget and `launch_stages`'s
 # num_stages (None for most: Triton's default, 3 on CUDA).
@@ -401,7 +401,8 @@ def fused_num_warps(n: int, dtype: torch.dtype) -> int:
 
 # The rows backward serves the fp16/bf16 windows of 129 to 256 tokens (windows 12 and 16 among the published),
 # head dims up to 32: two kernels instead of four. The first (`_window_attention_bwd_rows_kernel`) holds whole
-# rows of scores, ROWS_TILES = (16 query rows, 256 keys, 8 warps), the window's keys in one tile: one pass over
+# rows of scores, ROWS_TILES = (16 query rows, 256 keys, 8 warps), the window's keys in one tile (or two:
+# `rows_tiles`): one pass over
 # the scores gives the softmax statistics, dq and the table and scale gradients (the work of three of the four
 # kernels, the scores computed once instead of three times); the second is the four kernels' dk/dv kernel, on
 # their tiles, from those statistics. By the static cost report (bf16, head_dim 32, sm_90, the backward's
@@ -418,31 +419,33 @@ def fused_num_warps(n: int, dtype: torch.dtype) -> int:
 # (128 + 16) over 4; 64-key tiles (N = 33 to 63: window 7) spilled 28-400 B on sm_80 with Triton 3.6 at every
 # row block (32, 64) and warp count (4, 8, 16) tried; 1024-key tiles (N = 576) would be 44% padding around row
 # blocks of 4 queries. 128-key tiles (N = 65 to 128) are not in the gate (no published window). The other N of
-# 129 to 256 (no published window) run the 256-key tile with masked keys, over 4 warps at head_dim 32 (not in the
-# gate; N = 144 was, over 8 warps, before its tail tile).
+# 129 to 256 (no published window) run the 256-key tile with masked keys over 8 warps, as N = 144 did in the gate
+# before its tail tile.
 ROWS_TILES = (16, 256, 8)
 _ROWS_TAIL = {144: (128, 16)}  # N -> (BLOCK_N, BLOCK_T), BLOCK_N + BLOCK_T == N
-_ROWS_WARPS = 4  # head_dim 32 on unpadded grids, and at N = 144 on every grid
+_ROWS_WARPS = 4  # head_dim 32: N = 256 on unpadded grids, N = 144 on every grid
 
 
 def rows_tiles(n: int, head_dim: int, padded: bool) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, BLOCK_T) of the rows kernel for windows of n tokens and heads of head_dim
-    channels on a padded grid or not. At head_dim 32 (whole 32-channel tiles): at N = 144 a 128-key tile and a
-    tail of 16 keys (`_ROWS_TAIL`), elsewhere ROWS_TILES and no tail (BLOCK_T 0), over _ROWS_WARPS warps but on
-    a padded grid there. Other head dims: ROWS_TILES (over 4 warps, or with the tail, masked channel tiles of 24
-    and 30 spill 72 B to 2 KB; head_dim 16 spills 6 KB on every one of these, ROWS_TILES included)."""
+    channels, on a padded grid or not. At head_dim 32 (whole 32-channel tiles): N = 144 runs a 128-key tile and a
+    tail of 16 keys (`_ROWS_TAIL`) over _ROWS_WARPS warps; N = 256 runs ROWS_TILES over _ROWS_WARPS warps on an
+    unpadded grid. Everything else runs ROWS_TILES (8 warps) and no tail (BLOCK_T 0): padded grids at N = 256,
+    the other N (not in the spill gate over 4 warps) and the other head dims (over 4 warps, or with the tail,
+    masked channel tiles of 24 and 30 spill 72 B to 2 KB; head_dim 16 spills 6 KB on every one of these, ROWS_TILES
+    included)."""
     block_m, block_n, num_warps = ROWS_TILES
-    if head_dim != 32:
-        return block_m, block_n, num_warps, 0
-    if n in _ROWS_TAIL:
+    if head_dim == 32 and n in _ROWS_TAIL:
         block_n, block_t = _ROWS_TAIL[n]
         return block_m, block_n, _ROWS_WARPS, block_t
-    return block_m, block_n, num_warps if padded else _ROWS_WARPS, 0
+    if head_dim == 32 and n == block_n and not padded:
+        return block_m, block_n, _ROWS_WARPS, 0
+    return block_m, block_n, num_warps, 0
 
 
 def rows_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the backward of windows of n tokens, heads of head_dim channels and a projection in `dtype` runs
-    the rows kernel and the dk/dv kernel (see ROWS_TILES)."""
+    the rows kernel and the dk/dv kernel (see ROWS_TILES and `rows_tiles`)."""
     return dtype in FUSED_DTYPES and channel_block(head_dim) <= FUSED_MAX_BLOCK_D and fused_block(n) == ROWS_TILES[1]
 
 

@@ -820,8 +820,9 @@ def _window_attention_bwd_rows_kernel(
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % (BLOCK_N + BLOCK_T)) == 0
     MASK_N: tl.constexpr = N != BLOCK_N + BLOCK_T
+    tl.static_assert(EVEN or not TAIL)  # the tail's bias tile and table gradient are loaded and stored unmasked
     NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
-    # [BLOCK_M] query rows; [BLOCK_N] every key of the window
+    # [BLOCK_M] query rows; [BLOCK_N] every key of the window, or with a tail tile the first BLOCK_N
     o_m = i_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = _in_window(o_m, N, BLOCK_M)
     o_n = tl.arange(0, BLOCK_N)
@@ -912,7 +913,7 @@ def _window_attention_bwd_rows_kernel(
         else:
             tl.store(p_dbias, b_dbias, mask=m_m[:, None] & m_n[None, :])
         if TAIL:
-            # every tail key is in the window, and (EVEN) every row
+            # every tail key is in the window, and every row (EVEN: asserted above)
             tl.store(DBIAS + (i_g * NUM_HEADS + i_h) * N * N + o_m[:, None] * N + o_t[None, :], b_dbias_t)
         # qk = scale * cos
         tl.store(DSCALE + (i_g * NUM_HEADS + i_h) * NUM_M + i_blk, tl.sum(b_dscale, axis=0) / b_scale)

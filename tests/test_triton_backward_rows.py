@@ -38,9 +38,12 @@ OTHERS = (
     "_window_attention_bwd_dbias_kernel",
 )
 
-# (B, grid, heads, head_dim, window, shift): windows of 129 to 256 tokens (a 256-key tile, masked below 256)
+# (B, grid, heads, head_dim, window, shift): windows of 129 to 256 tokens (a 256-key tile, masked below 256; at
+# head_dim 32 window 12 in a 128-key tile and a tail of 16: several windows to a group, shifted, padded)
 ROWS_SHAPES = [
     pytest.param(1, (12, 12), 1, 32, 12, 6, id="B1-12x12-h1d32-w12s6"),
+    pytest.param(2, (24, 24), 2, 32, 12, 6, id="B2-24x24-h2d32-w12s6"),
+    pytest.param(1, (13, 14), 1, 32, 12, 6, id="B1-13x14-h1d32-w12s6-padded"),
     pytest.param(1, (13, 14), 2, 24, 12, 6, id="B1-13x14-h2d24-w12s6-padded"),
     pytest.param(1, (13, 12), 1, 16, (12, 11), (6, 5), id="B1-13x12-h1d16-w12x11s6x5-padded"),
     pytest.param(1, (12, 12), 2, 32, 12, 0, id="B1-12x12-h2d32-w12s0"),
@@ -163,10 +166,11 @@ def test_rows_backward_computes_what_is_asked(needs, rows_in):
 
 
 @pytest.mark.kernels(forward=False, backward=True)  # the backward launcher alone
-def test_rows_backward_groups_windows_deterministically(monkeypatch):
+@pytest.mark.parametrize("head_dim", [16, 32])  # one 256-key tile; at 32, a 128-key tile and a tail of 16
+def test_rows_backward_groups_windows_deterministically(monkeypatch, head_dim):
     """Groups of windows that do not divide the batch's windows (the last group shorter): the table and scale
     gradients are those of one window per group, and two runs agree bitwise (no atomics)."""
-    B, grid, heads, head_dim, window, shift = 5, (24, 36), 1, 16, 12, 6  # 5 x 6 = 30 (image, window) pairs
+    B, grid, heads, window, shift = 5, (24, 36), 1, 12, 6  # 5 x 6 = 30 (image, window) pairs
     inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=torch.float32, seed=9)
     geometry = WindowGeometry.from_args(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
     grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE).half()
@@ -188,19 +192,24 @@ def test_rows_backward_groups_windows_deterministically(monkeypatch):
         assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-5, name=name)
 
 
-def test_rows_backward_one_hot_rows_cancel_exactly(rows_in):
+@pytest.mark.parametrize("ones_at", [0, 112])
+def test_rows_backward_one_hot_rows_cancel_exactly(rows_in, ones_at):
     """Rows whose softmax is one-hot in fp32 (each query along one key's direction and against another's, the
     other keys zero: scores +100, -100 and 0 with the clamped logit scale): the reference's P is 1 and at most
     4e-44 and dS = P (dP - delta) cancels, so the exact q gradient is ~1e-40. The rows kernel computes P, its row
     statistics and dq from the same scores in one program, so delta is exactly dP at the 1 and the q gradient of
     those rows is as small. (dk and dv come from the dk/dv kernel, on other tiles: see triton_backward's
-    docstring.)"""
+    docstring.) The +1 keys at positions 0 to 31, or 112 to 143: half of them in window 12's 16-key tail tile,
+    whose scores must enter the row maximum (exp(100) overflows fp32)."""
     rows_in(torch.float32)
     grid, window, head_dim = (12, 12), 12, 32
     n = window * window
     gen = torch.Generator().manual_seed(0)
     eye = torch.eye(head_dim)
-    k = torch.cat([eye, -eye, torch.zeros(n - 2 * head_dim, head_dim)]) * (0.5 + torch.rand(n, 1, generator=gen))
+    k = torch.zeros(n, head_dim)
+    minus_at = 32 if ones_at == 0 else 48
+    k[ones_at : ones_at + head_dim], k[minus_at : minus_at + head_dim] = eye, -eye
+    k = k * (0.5 + torch.rand(n, 1, generator=gen))
     q = eye[torch.randint(0, head_dim, (n,), generator=gen)] * (0.5 + torch.rand(n, 1, generator=gen))
     v = torch.randn(n, head_dim, generator=gen)
     qkv = torch.cat([q, k, v], dim=1)[None].to(DEVICE)  # one window of 144 tokens, one head
@@ -235,9 +244,9 @@ def test_rows_backward_of_an_empty_batch():
 
 @pytest.mark.kernels(forward=False, backward=False)  # nothing runs: the launcher's rule
 def test_which_windows_take_the_rows_backward():
-    """fp16/bf16, head dims up to 32, windows of 129 to 256 tokens: the rows kernel (ROWS_TILES: the window's keys
-    in one tile) and the dk/dv kernel; smaller windows (the fused kernel, or the four kernels: window 7's 64-key
-    tile spilled), N = 576, larger head dims and fp32: the four kernels or the fused one."""
+    """fp16/bf16, head dims up to 32, windows of 129 to 256 tokens: the rows kernel (the window's keys in one tile,
+    or two: tiles.rows_tiles) and the dk/dv kernel; smaller windows (the fused kernel, or the four kernels: window
+    7's 64-key tile spilled), N = 576, larger head dims and fp32: the four kernels or the fused one."""
     for n, head_dim, dtype, rows in (
         (144, 32, torch.bfloat16, True),
         (256, 32, torch.float16, True),
@@ -259,15 +268,16 @@ def test_which_windows_take_the_rows_backward():
 @pytest.mark.kernels(forward=False, backward=False)  # nothing runs: the launcher's rule
 def test_rows_kernel_tiles():
     """(BLOCK_M, BLOCK_N, num_warps, BLOCK_T) by window, head dim and padding: at head_dim 32 window 12's keys in a
-    128-key tile and a tail of 16 over 4 warps on every grid, the other windows' in one 256-key tile over 4 warps
-    (8 on a padded grid: over 4 they spill there with Triton 3.6); other head dims one 256-key tile over 8 warps
-    (over 4, or with the tail, masked channel tiles and head_dim 16 spill)."""
+    128-key tile and a tail of 16 over 4 warps on every grid, window 16's in one 256-key tile over 4 warps (8 on a
+    padded grid: over 4 they spill there with Triton 3.6); the other windows and head dims one 256-key tile over 8
+    warps (over 4, or with the tail, masked channel tiles and head_dim 16 spill; the other windows are not in the
+    spill gate over 4)."""
     for n, head_dim, padded, expected in (
         (144, 32, False, (16, 128, 4, 16)),
         (144, 32, True, (16, 128, 4, 16)),
         (256, 32, False, (16, 256, 4, 0)),
         (256, 32, True, (16, 256, 8, 0)),
-        (196, 32, False, (16, 256, 4, 0)),
+        (196, 32, False, (16, 256, 8, 0)),
         (144, 24, False, (16, 256, 8, 0)),
         (144, 16, False, (16, 256, 8, 0)),
         (256, 30, False, (16, 256, 8, 0)),

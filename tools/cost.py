@@ -408,7 +408,8 @@ def traffic(launch: Launch, dtype: str, groups: Optional[int] = None) -> Tuple[i
         l2 = wh * (4 * N * rows + N * N * t)
         flops = scores * 2 * hd * 5  # q.k, dO.v, dS k, dS^T q, P^T dO
     elif k == "bwd_rows":
-        # q and dO read once, k and v once per row block (BLOCK_N covers the window); dq written once per
+        # q and dO read once, k and v once per row block (BLOCK_N, with a tail BLOCK_N + BLOCK_T, covers
+        # the window); dq written once per
         # (token, head), the statistics written; each (row block, head, group) program loads its bias tile once
         # and stores its table partial sum (fp32)
         hbm = tokens * rows * 5 + table + stats + groups * table // t * 4

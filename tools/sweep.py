@@ -6,7 +6,7 @@ The candidates live in one table (CANDIDATES), the launches' defaults among them
 the default at the shape it was timed on. The forward and the backward are swept separately; a backward
 candidate sets the tiles of all four backward kernels together (they share one tile shape: the
 probabilities they recompute are then bitwise the same), or of the dk/dv kernel where the rows kernel runs
-(`rows_backward_applies`: it keeps its own tiles, `ROWS_TILES`). Each configuration is timed with
+(`rows_backward_applies`: it keeps its own tiles, `rows_tiles`). Each configuration is timed with
 `triton.testing.do_bench` after a warm-up launch that compiles it. Shapes are swept in order until the
 budget (default 50 s) is spent; a shape is recorded only if all its candidates were timed.
 
