@@ -350,6 +350,7 @@ FUSED_MAX_N = 64
 FUSED_MAX_BLOCK_D = 32
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 _FUSED_MASKED_N = (49,)
+_FUSED_MASKED_TRITON = (3, 8)  # the first Triton release whose build of it does not spill
 # Programs the fused backward and the rows kernel aim at (about 4 per SM of an H200's 132): (image, window) pairs
 # are grouped per head (and row block) so that the grid's launches together have about this many programs
 # (`window_groups`); more windows per group store the table's partial sum fewer times.
@@ -385,7 +386,7 @@ def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
 def _fused_masked_window(n: int, head_dim: int) -> bool:
     """Whether a window of n tokens that leaves its block partly empty (33 to 63 tokens in 64) runs the fused
     backward: window 7's N = 49 (`_FUSED_MASKED_N`) at head_dim 32 with Triton 3.8 or later (see FUSED_MAX_N)."""
-    return n in _FUSED_MASKED_N and head_dim == 32 and _triton_release() >= (3, 8)
+    return n in _FUSED_MASKED_N and head_dim == 32 and _triton_release() >= _FUSED_MASKED_TRITON
 
 
 def fused_block(n: int) -> int:

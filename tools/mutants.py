@@ -697,8 +697,8 @@ MUTANTS = [
     Mutant(
         "tiles-fused-window7-any-head-dim",
         "kernels/tiles.py",
-        "    return n in _FUSED_MASKED_N and head_dim == 32 and _triton_release() >= (3, 8)",
-        "    return n in _FUSED_MASKED_N and _triton_release() >= (3, 8)",
+        "    return n in _FUSED_MASKED_N and head_dim == 32 and _triton_release() >= _FUSED_MASKED_TRITON",
+        "    return n in _FUSED_MASKED_N and _triton_release() >= _FUSED_MASKED_TRITON",
         (f"{FUSED_BWD}::test_which_windows_take_the_fused_backward",),
         "window 7 at masked channel tiles (head_dim 24, 30) takes the fused backward, whose build spills there",
     ),
