@@ -34,6 +34,7 @@ __all__ = [
     "INTERPRETED",
     "MAXNREG",
     "MAX_HEAD_DIM",
+    "REGISTER_FILE",
     "ROWS_TILES",
     "TABLE_PROGRAMS",
     "TILE_OVERRIDES",
@@ -49,8 +50,10 @@ __all__ = [
     "head_dim_supported",
     "launch_stages",
     "load_tuned_tiles",
+    "program_register_budget",
     "register_cap",
     "rows_backward_applies",
+    "rows_channel_block",
     "rows_tiles",
     "table_kernel_tiles",
     "tuned_entry",
@@ -116,6 +119,13 @@ _BWD_WIDE_WHOLE_CHANNELS_N = (49,)
 # registers and spill; 255 x 256 threads still fits one SM's 64K registers. Kernels that fit in 128
 # without spilling are capped there (twice the resident warps of 255): `register_cap`.
 MAXNREG = 255
+REGISTER_FILE = 65536  # 32-bit registers per SM (sm_80, sm_90): a program's threads share them
+
+
+def program_register_budget(num_warps: int, cap: int = MAXNREG) -> int:
+    """`cap`, lowered to what a program of num_warps warps can hold on one SM: 128 registers per thread over 16
+    warps (a build over that would not launch)."""
+    return min(cap, REGISTER_FILE // (32 * num_warps))
 
 
 @functools.cache
@@ -335,22 +345,30 @@ def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:
 
 
 # The fused backward (one kernel, `_window_attention_bwd_fused_kernel`) serves fp16/bf16 windows of at most
-# FUSED_MAX_N tokens with channel tiles of at most FUSED_MAX_BLOCK_D: one program holds a whole window's
-# [BLOCK, BLOCK] score tiles. Not served (the four kernels run): larger windows and head dims; fp32/fp64 (IEEE
-# fp32 dots keep their operands in registers: the 64-token block spills on sm_80 and sm_90); windows of 33 to
-# 63 tokens but window 7's at head_dim 32 with Triton 3.8 or later (`_FUSED_MASKED_N`). Served: the published
-# window 8 (N = 64), the tiny windows (N <= 32, 16- or 32-token blocks), and window 7 (N = 49 in a 64-token
-# block, its last 15 rows and columns masked): by the static cost report (bf16, head_dim 32, sm_90, H200
-# estimate over the backward floor) 3.65 with the four kernels, 1.73 fused. By the spill gate, its 64-token
-# block spills with Triton 3.6 (sm_80: 24-140 B on shifted grids, from the border launch's shift mask; sm_90:
-# 12-48 B on padded shifted grids; 16 warps spill more) and, with Triton 3.8, at masked channel tiles (head_dim
-# 24: 48 B on sm_80 on padded shifted grids; 30: up to 540 B); with Triton 3.8 at head_dim 32 it compiles
-# without spills on sm_80 and sm_90 on every geometry.
+# FUSED_MAX_N tokens with channel tiles of at most FUSED_MAX_BLOCK_D: one program holds a whole window's [BLOCK,
+# BLOCK] score tiles. fp32 (IEEE dots keep their operands in registers) at window 8 only, over 16 warps, at head_dim
+# 32 and 16 (`_FUSED_FP32_N`): by the static cost report (head_dim 32, sm_90) its backward went from 7.01 (four
+# kernels) to 1.90 of the floor. Not served (the four kernels run): larger windows and head dims; the other fp32
+# windows (window 7's masked 64-token block spilled over 16 warps even at 255 registers) and fp64; windows of 33 to 63
+# tokens but window 7's at head_dim 32 with Triton 3.8 or later (`_FUSED_MASKED_N`). Served in fp16/bf16: the
+# published window 8 (N = 64), the tiny windows (N <= 32, 16- or 32-token blocks), and window 7 (N = 49 in a 64-token
+# block, its last 15 rows and columns masked): by the static cost report (bf16, head_dim 32, sm_90, H200 estimate over
+# the backward floor) 3.65 with the four kernels, 1.73 fused. By the spill gate, its 64-token block spills with Triton
+# 3.6 (sm_80: 24-140 B on shifted grids, from the border launch's shift mask; sm_90: 12-48 B on padded shifted grids;
+# 16 warps spill more) and, with Triton 3.8, at masked channel tiles (head_dim 24: 48 B on sm_80 on padded shifted
+# grids; 30: up to 540 B); with Triton 3.8 at head_dim 32 it compiles without spills on sm_80 and sm_90 on every
+# geometry.
 FUSED_MAX_N = 64
 FUSED_MAX_BLOCK_D = 32
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 _FUSED_MASKED_N = (49,)
 _FUSED_MASKED_TRITON = (3, 8)  # the first Triton release whose build of it does not spill
+# fp32 (IEEE dots, operands in registers): window 8's whole 64-token block over 16 warps (over 8 it spilled about
+# 1 KB on sm_80 and sm_90), at 128 registers a thread (`program_register_budget`), in whole channel tiles: masked
+# ones spilled (head_dim 10: 12 B to 1.1 KB on sm_90; 30: about 300 B at 255 registers, which 16 warps cannot hold)
+_FUSED_FP32_N = (64,)
+_FUSED_FP32_HEAD_DIMS = (16, 32)
+_FUSED_FP32_WARPS = 16
 # Programs the fused backward and the rows kernel aim at (about 4 per SM of an H200's 132): (image, window) pairs
 # are grouped per head (and row block) so that the grid's launches together have about this many programs
 # (`window_groups`); more windows per group store the table's partial sum fewer times.
@@ -375,12 +393,11 @@ def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the backward of windows of n tokens, heads of head_dim channels and a projection in `dtype` runs
     as the one fused kernel (else the rows and dk/dv kernels, `rows_backward_applies`, or the statistics, dq,
     dk/dv and table kernels)."""
-    return (
-        dtype in FUSED_DTYPES
-        and n <= FUSED_MAX_N
-        and channel_block(head_dim) <= FUSED_MAX_BLOCK_D
-        and (n <= 32 or n == fused_block(n) or _fused_masked_window(n, head_dim))
-    )
+    if n > FUSED_MAX_N or channel_block(head_dim) > FUSED_MAX_BLOCK_D:
+        return False
+    if dtype == torch.float32 and dtype not in FUSED_DTYPES:
+        return n in _FUSED_FP32_N and head_dim in _FUSED_FP32_HEAD_DIMS
+    return dtype in FUSED_DTYPES and (n <= 32 or n == fused_block(n) or _fused_masked_window(n, head_dim))
 
 
 def _fused_masked_window(n: int, head_dim: int) -> bool:
@@ -396,8 +413,10 @@ def fused_block(n: int) -> int:
 
 def fused_num_warps(n: int, dtype: torch.dtype) -> int:
     """Warps per program of the fused kernel (compile_check: the registers without spills for sm_80 and
-    sm_90): 8 for the 64-token tile, 4 below."""
-    return 8 if fused_block(n) >= 64 else 4
+    sm_90): 8 for the 64-token tile, 4 below; fp32's (and fp64's, interpreter only) over _FUSED_FP32_WARPS."""
+    if fused_block(n) < 64:
+        return 4
+    return _FUSED_FP32_WARPS if dtype in (torch.float32, torch.float64) else 8
 
 
 # The rows backward serves the fp16/bf16 windows of 129 to 256 tokens (windows 12 and 16 among the published),
@@ -433,8 +452,8 @@ def rows_tiles(n: int, head_dim: int, padded: bool) -> Tuple[int, int, int, int]
     tail of 16 keys (`_ROWS_TAIL`) over _ROWS_WARPS warps; N = 256 runs ROWS_TILES over _ROWS_WARPS warps on an
     unpadded grid. Everything else runs ROWS_TILES (8 warps) and no tail (BLOCK_T 0): padded grids at N = 256,
     the other N (not in the spill gate over 4 warps) and the other head dims (over 4 warps, or with the tail,
-    masked channel tiles of 24 and 30 spill 72 B to 2 KB; head_dim 16 spills 6 KB on every one of these, ROWS_TILES
-    included)."""
+    masked channel tiles of 24 and 30 spill 72 B to 2 KB). Head dims up to 16 run 32-channel tiles
+    (`rows_channel_block`)."""
     block_m, block_n, num_warps = ROWS_TILES
     if head_dim == 32 and n in _ROWS_TAIL:
         block_n, block_t = _ROWS_TAIL[n]
@@ -442,6 +461,18 @@ def rows_tiles(n: int, head_dim: int, padded: bool) -> Tuple[int, int, int, int]
     if head_dim == 32 and n == block_n and not padded:
         return block_m, block_n, _ROWS_WARPS, 0
     return block_m, block_n, num_warps, 0
+
+
+_ROWS_MIN_BLOCK_D = 32
+
+
+def rows_channel_block(head_dim: int) -> int:
+    """BLOCK_D of the rows kernel: `channel_block`, at least _ROWS_MIN_BLOCK_D. With 16-channel tiles (head dims up
+    to 16) the kernel spilled 4.4-8.1 KB on sm_80 and sm_90 at N = 144 and 256 (bf16, 8 warps, Triton 3.8): the
+    [BLOCK_M, BLOCK_D] products (dq, the rows of q) are too narrow to spread over the warps, so each warp holds
+    copies of their whole [BLOCK_M, BLOCK_N] and [BLOCK_N, BLOCK_D] operands. Masked 32-channel tiles, as head dims
+    17 to 31 run, compile without spills."""
+    return max(channel_block(head_dim), _ROWS_MIN_BLOCK_D)
 
 
 def rows_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:

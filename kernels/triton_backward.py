@@ -61,7 +61,9 @@ from .tiles import (
     fused_backward_applies,
     fused_block,
     fused_num_warps,
+    program_register_budget,
     rows_backward_applies,
+    rows_channel_block,
     rows_tiles,
     table_kernel_tiles,
     window_groups,
@@ -1012,7 +1014,14 @@ def _fused_backward(
     # one block per window; num_stages 1: no software pipelining of the window loop (prefetching the next
     # window's rows costs registers: spills on sm_80)
     block = fused_block(dims.N)
-    flags.update(BLOCK_M=block, BLOCK_N=block, num_warps=fused_num_warps(dims.N, qkv.dtype), num_stages=1)
+    num_warps = fused_num_warps(dims.N, qkv.dtype)
+    flags.update(
+        BLOCK_M=block,
+        BLOCK_N=block,
+        num_warps=num_warps,
+        num_stages=1,
+        maxnreg=program_register_budget(num_warps, flags["maxnreg"]),
+    )
     num_pad = dims.num_pad
     pad_grads = need_bias and qkv_bias is not None and num_pad > 0
     need_dkv = need_qkv or pad_grads
@@ -1093,7 +1102,8 @@ def window_attention_triton_backward(
     custom op's plain values, as `window_attention_triton_forward` takes them.
 
     P is recomputed (nothing N x N was stored). fp16/bf16 windows of 64 tokens or at most 32 (heads of at most
-    FUSED_MAX_BLOCK_D channels), and of 49 at head_dim 32 with Triton 3.8 or later (tiles.fused_backward_applies):
+    FUSED_MAX_BLOCK_D channels), of 49 at head_dim 32 with Triton 3.8 or later, and fp32 windows of 64 tokens at
+    head_dim 32 and 16 (tiles.fused_backward_applies):
     one kernel per (group of windows, head) computes everything of a window in one block
     (`_window_attention_bwd_fused_kernel`). fp16/bf16 windows of 129 to 256 tokens (tiles.rows_backward_applies):
     the rows kernel (statistics, dq, the table and scale gradients) then the dk/dv kernel. Otherwise: the softmax
@@ -1261,6 +1271,7 @@ def _rows_backward(
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
         "BLOCK_T": block_t,
+        "BLOCK_D": rows_channel_block(C3 // 3 // num_heads),
         "num_warps": num_warps,
         "num_stages": 1,
         "maxnreg": MAXNREG,

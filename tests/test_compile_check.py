@@ -44,6 +44,20 @@ def test_compile_check_passes():
                 )
 
 
+@pytest.mark.slow  # four compilations (about a minute on two cores)
+def test_rows_kernel_compiles_without_spills_at_16_channel_heads():
+    """The rows kernel at head dims up to 16, which no published model has and --published does not compile: it
+    runs them in masked 32-channel tiles (tiles.rows_channel_block); in 16-channel tiles it spilled 4-8 KB."""
+    from tools.compile_check import launchable_specs, run
+
+    specs = [s for s in launchable_specs((16, 10), ("shift+bias",), (12,)) if s.kernel == "bwd_rows"]
+    specs = [s for s in specs if s.dtype == "bf16"]
+    assert len(specs) == 2
+    results = run(specs, 2)
+    assert len(results) == 4 and not any(r.error for r in results), [r.error for r in results]
+    assert all(r.spill_bytes == 0 for r in results), [(r.spec, r.arch, r.spill_bytes) for r in results]
+
+
 def test_launchable_specs_cover_what_the_host_launches():
     """The spill gate's specialisations: for every head dim, dtype, published window and geometry (every flag
     combination the host can launch), the forward, and the backward kernels where the fused backward serves."""

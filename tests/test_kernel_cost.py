@@ -105,7 +105,7 @@ def test_spill_gate_geometries_cover_every_flag_combination():
     flags = set()
     for window in compile_check.WINDOW_SIZES:
         for geometry in compile_check.GEOMETRIES:
-            spec = compile_check.Spec("bwd_dq", "fp32", 32, window, geometry)
+            spec = compile_check.Spec("bwd_dq", "fp32", 30, window, geometry)
             launch = compile_check.spec_launches(spec)[0]  # on a shifted grid the first of two
             a = launch.kwargs
             assert (a["WH"], a["WW"], a["N"]) == (window, window, window * window)
@@ -148,13 +148,23 @@ def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
     """fp16/bf16 windows of 64 tokens (head dims up to 32), and of 49 at head_dim 32 with Triton 3.8 or later: the
     fused backward alone, one program per (group of windows, head), its loop counted at the windows per group;
     windows 12 and 16 (N = 129 to 256): the rows kernel, one program per (row block, head, group of windows), and
-    the dk/dv kernel; window 24, window 7 with Triton 3.6, and fp32: the four kernels. Recorded on meta tensors
+    the dk/dv kernel; window 24, window 7 with Triton 3.6, and fp32 but window 8's at head_dim 32 and 16: the
+    four kernels. Recorded on meta tensors
     (nothing is compiled or run)."""
     from swinv2_fast.kernels import tiles
     from swinv2_fast.kernels import triton_forward as tk
 
     monkeypatch.setattr(tiles, "_triton_release", lambda: (3, 8))
-    fused_cases = ((8, "bf16", 32), (8, "fp16", 32), (8, "bf16", 30), (8, "fp16", 10), (7, "bf16", 32), (7, "fp16", 32))
+    fused_cases = (
+        (8, "bf16", 32),
+        (8, "fp16", 32),
+        (8, "bf16", 30),
+        (8, "fp16", 10),
+        (7, "bf16", 32),
+        (7, "fp16", 32),
+        (8, "fp32", 32),
+        (8, "fp32", 16),
+    )
     for window, dtype, head_dim in fused_cases:
         recorded = launches.reference_launches(window, dtype, head_dim)
         assert sorted(recorded) == ["bwd_fused", "fwd"], (window, dtype, head_dim)
@@ -202,7 +212,7 @@ def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
         hbm, l2, flops = cost.traffic(interior, dtype)
         assert flops == cost.scores_of(interior) * 2 * 32 * 3 and hbm > 0 and l2 > 0
     monkeypatch.setattr(tiles, "_triton_release", lambda: (3, 6))
-    for window, dtype in ((24, "bf16"), (7, "bf16"), (8, "fp32"), (12, "fp32")):
+    for window, dtype in ((24, "bf16"), (7, "bf16"), (7, "fp32"), (12, "fp32")):
         recorded = launches.reference_launches(window, dtype)
         assert sorted(recorded) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"], (window, dtype)
         # each kernel: the windows off the shifted border (no shift mask), then the border, every window once
@@ -223,7 +233,9 @@ def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
                 block = a["BLOCK_N"] if kernel == "bwd_dkdv" else a["BLOCK_M"]
                 assert interior.grid[0] + border.grid[0] == num_bw * -(-a["N"] // block), kernel
     assert launches.launched("bwd_fused", 8, 32, "bf16") and not launches.launched("bwd_stats", 8, 32, "bf16")
-    assert launches.launched("bwd_stats", 8, 32, "fp32") and not launches.launched("bwd_fused", 16, 32, "bf16")
+    assert launches.launched("bwd_fused", 8, 32, "fp32") and not launches.launched("bwd_fused", 16, 32, "bf16")
+    assert launches.launched("bwd_stats", 8, 30, "fp32") and not launches.launched("bwd_fused", 7, 32, "fp32")
+    assert launches.launched("bwd_stats", 8, 10, "fp32")
     assert launches.launched("bwd_rows", 12, 32, "bf16") and not launches.launched("bwd_rows", 24, 32, "bf16")
     assert not launches.launched("bwd_rows", 7, 32, "bf16") and launches.launched("bwd_stats", 7, 32, "bf16")
     monkeypatch.setattr(tiles, "_triton_release", lambda: (3, 8))

@@ -2,9 +2,9 @@
 fp16/bf16, N = 64 or N <= 32, head dims up to 32, and N = 49 at head dim 32 with Triton 3.8 or later) against
 the reference's autograd, with the launch proven: windows 2 to 8, shifted, padded in both orders, per-axis
 windows, odd head dims, no q/k/v bias, frozen inputs, groups of windows that do not divide the batch's windows.
-fp32 and fp64 run the four kernels on a GPU (the fused kernel spills there); the tests that check its
-arithmetic at fp32's tolerances (and gradcheck in fp64) route those dtypes to it (`FUSED_DTYPES`), which is
-where it would run them."""
+fp32 runs it at N = 64 only (over 16 warps) and fp64 never on a GPU; the tests that check its arithmetic at fp32's
+tolerances (and gradcheck in fp64) route those dtypes to it at every N (`FUSED_DTYPES`), which is where it would
+run them."""
 
 import math
 
@@ -271,7 +271,8 @@ def test_fused_backward_one_hot_rows_cancel_exactly(fused_in):
 def test_which_windows_take_the_fused_backward(release, monkeypatch):
     """N = 64 and N <= 32 in fp16/bf16 with head dims up to 32; window 7 (N = 49, a masked 64-token block) at head
     dim 32 with Triton 3.8 or later (with 3.6 it spills, as at masked channel tiles); other windows of 33 to 63
-    tokens, larger windows and head dims, fp32 and fp64: the four kernels."""
+    tokens, larger windows and head dims, fp64: the four kernels. fp32: N = 64 at head_dim 32 and 16 (over 16
+    warps), the four kernels elsewhere."""
     monkeypatch.setattr(tiles, "_triton_release", lambda: release)
     for n, head_dim, dtype, fused in (
         (64, 32, torch.bfloat16, True),
@@ -286,8 +287,22 @@ def test_which_windows_take_the_fused_backward(release, monkeypatch):
         (36, 32, torch.float16, False),
         (144, 32, torch.bfloat16, False),
         (64, 64, torch.float16, False),
-        (64, 32, torch.float32, False),
+        (64, 32, torch.float32, True),
+        (64, 16, torch.float32, True),
+        (64, 10, torch.float32, False),
+        (64, 30, torch.float32, False),
+        (64, 24, torch.float32, False),
+        (16, 16, torch.float32, False),
+        (144, 32, torch.float32, False),
         (16, 16, torch.float64, False),
     ):
         assert tiles.fused_backward_applies(n, head_dim, dtype) == fused, (n, head_dim, dtype)
         assert (tiles.backward_kernels(n, head_dim, dtype) == ("bwd_fused",)) == fused
+    # the 64-token block over 8 warps, 16 in fp32 (over 8 its IEEE dots' operands spill); smaller blocks over 4
+    assert [
+        tiles.fused_num_warps(n, d) for n, d in ((64, torch.bfloat16), (64, torch.float32), (32, torch.float32))
+    ] == [
+        8,
+        16,
+        4,
+    ]

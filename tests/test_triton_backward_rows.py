@@ -270,7 +270,7 @@ def test_rows_kernel_tiles():
     """(BLOCK_M, BLOCK_N, num_warps, BLOCK_T) by window, head dim and padding: at head_dim 32 window 12's keys in a
     128-key tile and a tail of 16 over 4 warps on every grid, window 16's in one 256-key tile over 4 warps (8 on a
     padded grid: over 4 they spill there with Triton 3.6); the other windows and head dims one 256-key tile over 8
-    warps (over 4, or with the tail, masked channel tiles and head_dim 16 spill; the other windows are not in the
+    warps (over 4, or with the tail, masked channel tiles spill; the other windows are not in the
     spill gate over 4)."""
     for n, head_dim, padded, expected in (
         (144, 32, False, (16, 128, 4, 16)),
@@ -286,3 +286,7 @@ def test_rows_kernel_tiles():
         assert got == expected, (n, head_dim, padded, got)
         # the tiles hold the window's keys; a tail tile exactly (no masked key in either)
         assert block_n + block_t >= n and (block_t == 0 or block_n + block_t == n)
+    # heads of up to 16 channels in masked 32-channel tiles (in 16-channel ones the kernel spills); wider as every
+    # kernel's
+    for head_dim, block_d in ((10, 32), (16, 32), (24, 32), (32, 32)):
+        assert tiles.rows_channel_block(head_dim) == block_d, head_dim

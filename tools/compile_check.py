@@ -44,7 +44,7 @@ from typing import Any, Dict, List, NamedTuple
 import torch
 
 from swinv2_fast.kernels import tiles
-from swinv2_fast.kernels.tiles import fused_backward_applies, fused_backward_supported
+from swinv2_fast.kernels.tiles import REGISTER_FILE, fused_backward_applies, fused_backward_supported
 
 from . import cost, sweep
 from .launches import (
@@ -150,6 +150,9 @@ def compile_spec(spec: Spec, arch: int) -> Result:
         for launch in launches:  # the largest figures of the spec's specialisations
             compiled, usage, sass = compile_launch(launch, arch)
             regs, spill = resource_usage(usage, sass)
+            threads = 32 * launch.kwargs["num_warps"]
+            if regs * threads > REGISTER_FILE:  # the driver refuses the launch
+                raise RuntimeError(f"{regs} registers x {threads} threads: more than an SM's {REGISTER_FILE}")
             registers, spills = max(registers, regs), max(spills, spill)
             shared = max(shared, int(compiled.metadata.shared))
         return Result(spec, arch, tiles, registers, spills, shared, "")

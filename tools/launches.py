@@ -36,6 +36,7 @@ from swinv2_fast.kernels.tiles import (
     MAXNREG,
     TABLE_PROGRAMS,
     backward_kernels,
+    program_register_budget,
     register_cap,
     table_kernel_tiles,
     window_groups,
@@ -236,6 +237,8 @@ def for_arch(launch: Launch, arch: int) -> Launch:
     a["maxnreg"] = register_cap(a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch, a["PADDED"])
     if launch.kernel == "bwd_rows":  # its own budget, whatever caps the other backward kernels
         a["maxnreg"] = MAXNREG
+    if launch.kernel == "bwd_fused":  # over 16 warps (fp32), what one SM holds
+        a["maxnreg"] = program_register_budget(a["num_warps"], a["maxnreg"])
     if launch.kernel == "bwd_dbias":  # its tiles, then its groups of windows, as the host sizes them
         a["BLOCK_M"], a["BLOCK_N"], a["num_warps"] = table_kernel_tiles(
             a["N"], a["BLOCK_M"], a["BLOCK_N"], a["num_warps"], arch
