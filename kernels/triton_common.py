@@ -108,7 +108,8 @@ def _in_window(o, N: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def _channels(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """The channel axis of a head's tiles: [BLOCK_D] offsets and the mask of the HEAD_DIM real channels.
-    BLOCK_D is HEAD_DIM rounded up to a power of two of at least 16 (what tl.arange and tl.dot take); the
+    BLOCK_D is HEAD_DIM rounded up to a power of two of at least 16 (what tl.arange and tl.dot take; the rows
+    kernel's at least 32: `tiles.rows_channel_block`); the
     channels beyond HEAD_DIM load as zeros and are never stored, so every norm and every dot over the
     channel axis is that of the real channels. Without padding the mask is a constant (nothing is masked)."""
     tl.static_assert(BLOCK_D >= 16)

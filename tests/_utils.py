@@ -390,6 +390,8 @@ ODD_HEAD_DIMS = [
     pytest.param(1, (6, 7), 2, 10, 4, 2, id="B1-6x7-h2d10-w4s2-padded"),
     pytest.param(2, (8, 8), 2, 30, 4, 0, id="B2-8x8-h2d30-w4s0"),
     pytest.param(1, (5, 6), 2, 24, (3, 4), (1, 2), id="B1-5x6-h2d24-w3x4s1x2-padded"),
+    # window 8 at Swin2SR's head_dim 10: in fp32 the four kernels (the fused one takes whole channel tiles there)
+    pytest.param(1, (16, 8), 2, 10, 8, 4, id="B1-16x8-h2d10-w8s4"),
 ]
 
 

@@ -44,18 +44,44 @@ def test_compile_check_passes():
                 )
 
 
-@pytest.mark.slow  # four compilations (about a minute on two cores)
+@pytest.mark.slow  # 16 compilations: a spec's two launches on the shifted grid, two archs (a minute or two)
 def test_rows_kernel_compiles_without_spills_at_16_channel_heads():
     """The rows kernel at head dims up to 16, which no published model has and --published does not compile: it
-    runs them in masked 32-channel tiles (tiles.rows_channel_block); in 16-channel tiles it spilled 4-8 KB."""
+    runs them in masked 32-channel tiles (tiles.rows_channel_block); in 16-channel tiles it spilled 4-8 KB at
+    windows 12 and 16."""
     from tools.compile_check import launchable_specs, run
 
-    specs = [s for s in launchable_specs((16, 10), ("shift+bias",), (12,)) if s.kernel == "bwd_rows"]
+    specs = [s for s in launchable_specs((16, 10), ("shift+bias",), (12, 16)) if s.kernel == "bwd_rows"]
     specs = [s for s in specs if s.dtype == "bf16"]
-    assert len(specs) == 2
+    assert len(specs) == 4
     results = run(specs, 2)
-    assert len(results) == 4 and not any(r.error for r in results), [r.error for r in results]
+    assert len(results) == 8 and not any(r.error for r in results), [r.error for r in results]
     assert all(r.spill_bytes == 0 for r in results), [(r.spec, r.arch, r.spill_bytes) for r in results]
+
+
+def test_gate_fails_a_build_the_register_file_cannot_hold(monkeypatch):
+    """A program's registers, allocated per warp in units of 256, must fit an SM's 65536: fp32 window 8's fused
+    backward over 16 warps is built at 128 registers a thread (tiles.program_register_budget); at 129 the gate
+    reports it failed, as the driver would refuse the launch. Nothing is compiled (the compiler is replaced)."""
+    from swinv2_fast.kernels import tiles
+    from tools import compile_check
+
+    assert [tiles.program_register_budget(w) for w in (4, 8, 16)] == [255, 255, 128]
+    compile_check.check_register_file(255, 8)
+    compile_check.check_register_file(128, 16)
+    with pytest.raises(RuntimeError, match="register file|65536"):
+        compile_check.check_register_file(129, 16)
+
+    class Compiled:
+        class metadata:
+            shared = 0
+
+    monkeypatch.setattr(compile_check, "compile_launch", lambda launch, arch: (Compiled, "", ""))
+    spec = compile_check.Spec("bwd_fused", "fp32", 32, 8, "shift+bias")
+    for registers, failed in ((128, False), (129, True)):
+        monkeypatch.setattr(compile_check, "resource_usage", lambda usage, sass, r=registers: (r, 0))
+        result = compile_check.compile_spec(spec, 90)
+        assert result.tiles == "64,64,16" and bool(result.error) == failed, (registers, result)
 
 
 def test_launchable_specs_cover_what_the_host_launches():

@@ -145,12 +145,11 @@ def test_forward_launches_split_the_shifted_grid():
 
 
 def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
-    """fp16/bf16 windows of 64 tokens (head dims up to 32), and of 49 at head_dim 32 with Triton 3.8 or later: the
-    fused backward alone, one program per (group of windows, head), its loop counted at the windows per group;
-    windows 12 and 16 (N = 129 to 256): the rows kernel, one program per (row block, head, group of windows), and
-    the dk/dv kernel; window 24, window 7 with Triton 3.6, and fp32 but window 8's at head_dim 32 and 16: the
-    four kernels. Recorded on meta tensors
-    (nothing is compiled or run)."""
+    """fp16/bf16 windows of 64 tokens (head dims up to 32), of 49 at head_dim 32 with Triton 3.8 or later, and fp32
+    windows of 64 at head_dim 32 and 16: the fused backward alone, one program per (group of windows, head), its
+    loop counted at the windows per group; windows 12 and 16 (N = 129 to 256): the rows kernel, one program per
+    (row block, head, group of windows), and the dk/dv kernel; window 24, window 7 with Triton 3.6, and the other
+    fp32 windows: the four kernels. Recorded on meta tensors (nothing is compiled or run)."""
     from swinv2_fast.kernels import tiles
     from swinv2_fast.kernels import triton_forward as tk
 
@@ -182,6 +181,10 @@ def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
             assert heads == launches.REFERENCE_HEADS
             assert groups == -(-a["NUM_BW"] // a["WINDOWS_PER_GROUP"]) and groups * heads <= tiles.FUSED_PROGRAMS
             assert a["BLOCK_M"] == a["BLOCK_N"] == 64
+            # 8 warps, 16 in fp32, at a register budget one SM holds; the spill gate compiles what the host launches
+            assert a["num_warps"] == tiles.fused_num_warps(a["N"], a["QKV"].dtype) == (16 if dtype == "fp32" else 8)
+            assert a["maxnreg"] * 32 * a["num_warps"] <= tiles.REGISTER_FILE
+            assert launches.for_arch(launch, 90).kwargs["maxnreg"] == a["maxnreg"]
             # the reference grid is not padded
             assert (a["NEED_DQ"], a["NEED_DKV"], a["NEED_PAD"], a["NEED_TABLE"]) == (True, True, False, True)
             assert cost.LOOP_TRIPS["bwd_fused"](a, launch.grid) == [a["NUM_BW"] / groups]
@@ -211,6 +214,13 @@ def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
             assert cost.LOOP_TRIPS["bwd_rows"](a, launch.grid) == [a["NUM_BW"] / groups]
         hbm, l2, flops = cost.traffic(interior, dtype)
         assert flops == cost.scores_of(interior) * 2 * 32 * 3 and hbm > 0 and l2 > 0
+    # heads of up to 16 channels: the rows kernel in 32-channel tiles (tiles.rows_channel_block), the dk/dv kernel in 16
+    for head_dim in (16, 10):
+        recorded = launches.reference_launches(12, "bf16", head_dim)
+        assert {k: recorded[k][0].kwargs["BLOCK_D"] for k in ("bwd_rows", "bwd_dkdv")} == {
+            "bwd_rows": 32,
+            "bwd_dkdv": 16,
+        }
     monkeypatch.setattr(tiles, "_triton_release", lambda: (3, 6))
     for window, dtype in ((24, "bf16"), (7, "bf16"), (7, "fp32"), (12, "fp32")):
         recorded = launches.reference_launches(window, dtype)

@@ -2,9 +2,9 @@
 fp16/bf16, N = 64 or N <= 32, head dims up to 32, and N = 49 at head dim 32 with Triton 3.8 or later) against
 the reference's autograd, with the launch proven: windows 2 to 8, shifted, padded in both orders, per-axis
 windows, odd head dims, no q/k/v bias, frozen inputs, groups of windows that do not divide the batch's windows.
-fp32 runs it at N = 64 only (over 16 warps) and fp64 never on a GPU; the tests that check its arithmetic at fp32's
-tolerances (and gradcheck in fp64) route those dtypes to it at every N (`FUSED_DTYPES`), which is where it would
-run them."""
+On a GPU fp32 runs it at N = 64 only, head_dim 32 and 16 (over 16 warps), and fp64 never; the tests that check
+its arithmetic at fp32's tolerances (and gradcheck in fp64) route those dtypes to it at every N (`FUSED_DTYPES`),
+which is where it would run them."""
 
 import math
 
@@ -73,7 +73,8 @@ FUSED_SHAPES = [
 
 @pytest.fixture
 def fused_in(monkeypatch):
-    """Route the given dtypes to the fused kernel too (fp32/fp64 go to the four kernels on a GPU)."""
+    """Route the given dtypes to the fused kernel at every window it serves in fp16/bf16 (on a GPU fp32 takes it
+    at N = 64 only, fp64 never)."""
 
     def route(*dtypes):
         monkeypatch.setattr(tiles, "FUSED_DTYPES", tiles.FUSED_DTYPES + tuple(dtypes))

@@ -224,6 +224,33 @@ def test_rows_backward_one_hot_rows_cancel_exactly(rows_in, ones_at):
     assert dq.abs().max().item() < 1e-30, dq.abs().max().item()
 
 
+@pytest.mark.kernels(forward=False, backward=True)  # the rows kernel alone (the dk/dv kernel skipped)
+def test_rows_kernel_stores_only_the_real_channels(monkeypatch):
+    """Heads of 16 channels run in 32-channel tiles (tiles.rows_channel_block): the 16 beyond each head are masked
+    on every store. The q/k/v gradient starts as NaN and the dk/dv kernel is skipped: the rows kernel must write
+    every dq channel and nothing of k and v (the last head's masked channels would land on k's first ones)."""
+    B, grid, heads, head_dim, window, shift = 1, (12, 12), 2, 16, 12, 6
+    assert tiles.rows_channel_block(head_dim) == 2 * head_dim
+    qkv, bias, logit_scale, table = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, seed=6)
+    geometry = WindowGeometry.from_args(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
+    grad_out = torch.randn(B, grid[0] * grid[1], heads * head_dim, device=DEVICE).half()
+
+    class Torch:  # torch, as the launcher sees it, with a NaN-filled empty_like
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty_like(t, **kwargs):
+            return torch.full_like(t, float("nan"), **kwargs)
+
+    monkeypatch.setattr(tkb, "torch", Torch())
+    monkeypatch.setattr(tkb, "_dkdv", lambda *args: None)
+    d_qkv = tkb.window_attention_triton_backward(grad_out, qkv, bias, logit_scale, table, *geometry.as_op_args())[0]
+    c = heads * head_dim
+    assert d_qkv[..., :c].isfinite().all(), "dq has channels the rows kernel did not write"
+    assert d_qkv[..., c:].isnan().all(), "the rows kernel wrote into k or v"
+
+
 @pytest.mark.kernels(forward=False, backward=False)  # the backward launcher alone, which launches nothing here
 def test_rows_backward_of_an_empty_batch():
     """B = 0: nothing is launched; the q/k/v gradient is empty, the bias, table and scale gradients zero."""

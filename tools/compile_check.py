@@ -62,6 +62,7 @@ from .launches import (
     Spec,
     _grid,
     _torch_dtype,
+    cdiv,
     compile_launch,
     for_arch,
     launched,
@@ -138,6 +139,17 @@ def spec_launches(spec: Spec):
     return launches
 
 
+def check_register_file(registers: int, num_warps: int) -> None:
+    """Raise where a program of num_warps warps at `registers` per thread needs more than an SM's register file
+    (allocated per warp in units of 256): the driver would refuse the launch."""
+    needed = cdiv(registers * 32, 256) * 256 * num_warps
+    if needed > REGISTER_FILE:
+        raise RuntimeError(
+            f"{registers} registers x {num_warps} warps need {needed}, more than an SM's {REGISTER_FILE}: "
+            "the launch would fail"
+        )
+
+
 def compile_spec(spec: Spec, arch: int) -> Result:
 
     tiles = ""
@@ -150,9 +162,7 @@ def compile_spec(spec: Spec, arch: int) -> Result:
         for launch in launches:  # the largest figures of the spec's specialisations
             compiled, usage, sass = compile_launch(launch, arch)
             regs, spill = resource_usage(usage, sass)
-            threads = 32 * launch.kwargs["num_warps"]
-            if regs * threads > REGISTER_FILE:  # the driver refuses the launch
-                raise RuntimeError(f"{regs} registers x {threads} threads: more than an SM's {REGISTER_FILE}")
+            check_register_file(regs, launch.kwargs["num_warps"])
             registers, spills = max(registers, regs), max(spills, spill)
             shared = max(shared, int(compiled.metadata.shared))
         return Result(spec, arch, tiles, registers, spills, shared, "")
@@ -262,6 +272,7 @@ def compile_candidate(direction: str, config: tuple, shape) -> List[CandidateRes
                 try:
                     _, usage, sass = compile_launch(launch, arch)
                     regs, spill = resource_usage(usage, sass)
+                    check_register_file(regs, for_arch(launch, arch).kwargs["num_warps"])
                     results.append(
                         CandidateResult(direction, config, shape.name, n, launch.kernel, arch, regs, spill, "")
                     )

@@ -82,8 +82,8 @@ COST_HEAD_DIM = REFERENCE_HEAD_DIM
 COST_HEAD_DIMS = (32, 30, 10)  # Swin V2's; Swin2SR's (masked channel tiles)
 COST_WINDOWS_BY_HEAD_DIM = {30: (8,), 10: (8,)}  # Swin2SR's window; other head dims: COST_WINDOWS
 # bwd_fused runs the backward of fp16/bf16 windows of 64 (or at most 32) tokens, head dims up to 32, alone (and of 49
-# at head_dim 32 with Triton 3.8 or later); the other
-# fp16/bf16 windows up to 256 tokens run bwd_rows and bwd_dkdv; the four backward kernels run beyond and in fp32
+# at head_dim 32 with Triton 3.8 or later; fp32's of 64 tokens at head_dim 32 and 16); the other fp16/bf16 windows up
+# to 256 tokens run bwd_rows and bwd_dkdv; the four backward kernels run beyond and at the other fp32 windows
 # (`swinv2_fast.kernels.tiles.backward_kernels`)
 COST_KERNELS = ("fwd", "bwd_fused", "bwd_rows", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 

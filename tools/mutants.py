@@ -727,6 +727,14 @@ MUTANTS = [
         "the rows kernel runs head dims up to 16 in 16-channel tiles, where it spills 4-8 KB",
     ),
     Mutant(
+        "kernel-rows-dq-store-every-channel",
+        KERNEL_BACKWARD,
+        "            tl.store(p_dq, b_dq.to(DQKV.dtype.element_ty), mask=_tile_mask(m_real_m, m_d))",
+        "            tl.store(p_dq, b_dq.to(DQKV.dtype.element_ty), mask=m_real_m[:, None])",
+        (f"{ROWS}::test_rows_kernel_stores_only_the_real_channels",),
+        "the rows kernel stores dq's masked channels too: zeros over the next head's dq, the last head's over k",
+    ),
+    Mutant(
         "kernel-fused-keys-beyond-window",
         KERNEL_BACKWARD,
         "    MASK_N: tl.constexpr = N != BLOCK\n    DQS: tl.constexpr",

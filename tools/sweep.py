@@ -25,7 +25,7 @@ local-memory stores and loads in the SASS) and rejects a candidate that spills a
 The backward candidates set the four-kernel backward's tiles (the dk/dv kernel's where the rows kernel runs).
 Where the one fused backward kernel runs
 (`fused_backward_applies`: fp16/bf16 windows of 64 tokens or at most 32, head dims up to 32, and of 49 tokens
-at head_dim 32 with Triton 3.8 or later) it fixes its own
+at head_dim 32 with Triton 3.8 or later; fp32 windows of 64 tokens at head_dim 32 and 16) it fixes its own
 tiles, warps and num_stages=1, so a "bwd" candidate changes nothing there: the sweep times no "bwd" candidate
 at such a shape, says so in its log and records nothing for it (SHAPES' N = 64 rows record "fwd" only, and with
 Triton 3.8 or later the N = 49 row).
