@@ -43,6 +43,7 @@ __all__ = [
     "backward_kernels",
     "block_config",
     "channel_block",
+    "dkdv_query_tail",
     "fused_backward_applies",
     "fused_backward_supported",
     "fused_block",
@@ -473,6 +474,19 @@ def rows_channel_block(head_dim: int) -> int:
     copies of their whole [BLOCK_M, BLOCK_N] and [BLOCK_N, BLOCK_D] operands. Masked 32-channel tiles, as head dims
     17 to 31 run, compile without spills."""
     return max(channel_block(head_dim), _ROWS_MIN_BLOCK_D)
+
+
+_DKDV_TAIL_N = (144,)
+
+
+def dkdv_query_tail(n: int, head_dim: int, dtype: torch.dtype, block_m: int) -> int:
+    """M_TAIL of the dk/dv kernel: the rows of its last query block when they run as a block of their own (a power
+    of two of at least 16, below block_m), else 0 (the last block masks its rows beyond the window). Where the rows
+    kernel runs window 12 as 128 + 16 keys (`rows_tiles`: N = 144, head_dim 32, fp16/bf16): with 64-row blocks the
+    window's 144 rows run as 64 + 64 + 16 instead of 3 x 64 with 48 masked."""
+    tail = n % block_m
+    served = n in _DKDV_TAIL_N and head_dim == 32 and dtype in FUSED_DTYPES
+    return tail if served and tail >= 16 and tail & (tail - 1) == 0 else 0
 
 
 def rows_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:

@@ -58,6 +58,7 @@ from .tiles import (
     FUSED_PROGRAMS,
     MAXNREG,
     TABLE_PROGRAMS,
+    dkdv_query_tail,
     fused_backward_applies,
     fused_block,
     fused_num_warps,
@@ -361,6 +362,56 @@ def _window_attention_bwd_dq_kernel(
 
 
 @triton.jit
+def _dkdv_query_block(
+    start_m,
+    N_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    keys,
+    ids,
+    i_w2,
+    grid,
+    layout: tl.constexpr,
+    proj,
+    grads,
+    cols,
+    b_scale,
+    p_bias_h,
+    mask_value,
+    N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    MASKED: tl.constexpr,
+    MASK_N: tl.constexpr,
+    EVEN: tl.constexpr,
+    FULL_DOT: tl.constexpr,
+    CDT: tl.constexpr,
+    DDT: tl.constexpr,
+):
+    """The dk/dv kernel's step over window rows start_m to start_m + BLOCK_M (rows from N_ROWS on masked out):
+    ([BLOCK_N, BLOCK_D] P^T dO, [BLOCK_N, BLOCK_D] dS^T (q * scale)) for the program's keys
+    `keys` = (normalised k and v in the dot dtype, their window positions, in-window mask, region ids)."""
+    b_kn_d, b_v, o_n, m_n, o_reg_n = keys
+    o_m = start_m + tl.arange(0, BLOCK_M)
+    m_m = _in_window(o_m, N_ROWS, BLOCK_M)
+    rows_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
+    o_tok_m, m_pad_m, o_reg_m = rows_m
+    _b_qn, _b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
+    m_real_m = m_m & ~m_pad_m
+    b_do, stats_m, b_delta = _load_query_grads(grads, ids, o_m, m_m, o_tok_m, m_real_m, cols, N, HEAD_DIM)
+    b_rmax, b_logl = stats_m
+    b_do = b_do.to(DDT)
+    # [BLOCK_M, BLOCK_N]
+    b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
+    b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n, mask_value, MASKED, MASK_N)
+    # padded rows have dO = 0 and delta = 0, hence dS = 0; rows beyond the window have no softmax
+    b_p = _probs(b_s, b_rmax, b_logl, m_m, N_ROWS % BLOCK_M != 0)
+    b_dv = _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
+    b_dp = _dot(b_do, tl.trans(b_v), FULL_DOT)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_dv, _dot(tl.trans(b_ds.to(DDT)), b_qs, FULL_DOT)
+
+
+@triton.jit
 def _window_attention_bwd_dkdv_kernel(
     QKV,
     QKV_BIAS,
@@ -405,8 +456,11 @@ def _window_attention_bwd_dkdv_kernel(
     HAS_BIAS: tl.constexpr,
     FULL_DOT: tl.constexpr,
     WINDOW_SET: tl.constexpr = 0,
+    M_TAIL: tl.constexpr = 0,
 ):
-    """dk and dv for BLOCK_N key rows of one window and head. Every token is a key of exactly one window,
+    """dk and dv for BLOCK_N key rows of one window and head, over the window's query rows in blocks of BLOCK_M
+    (with M_TAIL > 0, a power of two, the last M_TAIL rows as a block of their own: `tiles.dkdv_query_tail`; no
+    row masked). Every token is a key of exactly one window,
     so rows are stored, not accumulated; with a bias, padded key rows go to their own slot of DPAD
     (B, NUM_PAD, 2C: dk then dv), which the host sums into the k/v bias gradients. The (image, window) pairs are
     those of WINDOW_SET, as in the forward: on a shifted grid the windows off its border run without the shift
@@ -417,9 +471,10 @@ def _window_attention_bwd_dkdv_kernel(
     CDT: tl.constexpr = SCALE.dtype.element_ty
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty
     NUM_N: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
+    N_MAIN: tl.constexpr = N - M_TAIL  # the rows of the BLOCK_M blocks
+    tl.static_assert((M_TAIL == 0) or (N_MAIN % BLOCK_M == 0 and M_TAIL < BLOCK_M))
+    EVEN: tl.constexpr = (N_MAIN % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
-    MASK_M: tl.constexpr = N % BLOCK_M != 0
     tl.static_assert((WINDOW_SET == 0) | SHIFTED)
     MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
     # [BLOCK_N] key rows
@@ -439,27 +494,22 @@ def _window_attention_bwd_dkdv_kernel(
     b_dkn = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
-    for start_m in range(0, N, BLOCK_M):
-        o_m = start_m + tl.arange(0, BLOCK_M)
-        m_m = _in_window(o_m, N, BLOCK_M)
-        rows_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
-        o_tok_m, m_pad_m, o_reg_m = rows_m
-        _b_qn, _b_rq, b_qs = _query_rows(proj, rows_m, m_m, cols, b_scale, HAS_BIAS, CDT, DDT)
-        m_real_m = m_m & ~m_pad_m
-        b_do, stats_m, b_delta = _load_query_grads(
-            grads, (i_b, i_w, i_h), o_m, m_m, o_tok_m, m_real_m, cols, N, HEAD_DIM
-        )
-        b_rmax, b_logl = stats_m
-        b_do = b_do.to(DDT)
-        # [BLOCK_M, BLOCK_N]
-        b_bias = _bias_tile(p_bias_h, o_m, o_n, m_m, m_n, N, EVEN)
-        b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n, mask_value, MASKED, MASK_N)
-        # padded rows have dO = 0 and delta = 0, hence dS = 0; rows beyond the window have no softmax
-        b_p = _probs(b_s, b_rmax, b_logl, m_m, MASK_M)
-        b_dv += _dot(tl.trans(b_p.to(DDT)), b_do, FULL_DOT)
-        b_dp = _dot(b_do, tl.trans(b_v), FULL_DOT)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dkn += _dot(tl.trans(b_ds.to(DDT)), b_qs, FULL_DOT)
+    keys = (b_kn_d, b_v, o_n, m_n, o_reg_n)
+    ids = (i_b, i_w, i_h)
+    for start_m in range(0, N_MAIN, BLOCK_M):
+        b_dv_m, b_dkn_m = _dkdv_query_block(
+            start_m, N_MAIN, BLOCK_M, keys, ids, i_w2, grid, layout, proj, grads, cols, b_scale, p_bias_h,
+            mask_value, N, HEAD_DIM, HAS_BIAS, MASKED, MASK_N, EVEN, FULL_DOT, CDT, DDT,
+        )  # fmt: skip
+        b_dv += b_dv_m
+        b_dkn += b_dkn_m
+    if M_TAIL > 0:
+        b_dv_t, b_dkn_t = _dkdv_query_block(
+            N_MAIN, N, M_TAIL, keys, ids, i_w2, grid, layout, proj, grads, cols, b_scale, p_bias_h,
+            mask_value, N, HEAD_DIM, HAS_BIAS, MASKED, MASK_N, EVEN, FULL_DOT, CDT, DDT,
+        )  # fmt: skip
+        b_dv += b_dv_t
+        b_dkn += b_dkn_t
     b_dk = _l2_normalize_backward(b_kn, b_rk, b_dkn)
 
     m_real_n = m_n & ~m_pad_n
@@ -930,9 +980,10 @@ def _dkdv(dqkv, dpad, num_pad, strides, common, dims: LaunchDims, batch: int):
     """Launch the dk/dv kernel, one program per (key block of a window, head): on a shifted grid the windows off
     its border (no shift mask) and the border apart, as the forward."""
     blocks = triton.cdiv(dims.N, common["BLOCK_N"])
+    tail = dkdv_query_tail(dims.N, common["HEAD_DIM"], common["QKV"].dtype, common["BLOCK_M"])
     for window_set, windows in window_sets(dims):
         _window_attention_bwd_dkdv_kernel[(batch * windows * blocks, dims.NUM_HEADS)](
-            DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, WINDOW_SET=window_set, **strides, **common
+            DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, WINDOW_SET=window_set, M_TAIL=tail, **strides, **common
         )
 
 

@@ -313,6 +313,19 @@ def test_rows_kernel_tiles():
         assert got == expected, (n, head_dim, padded, got)
         # the tiles hold the window's keys; a tail tile exactly (no masked key in either)
         assert block_n + block_t >= n and (block_t == 0 or block_n + block_t == n)
+    # the dk/dv kernel beside it: window 12's 144 query rows as 64 + 64 + 16 at head_dim 32 (M_TAIL), in fp16/bf16
+    for n, head_dim, dtype, block_m, tail in (
+        (144, 32, torch.bfloat16, 64, 16),
+        (144, 32, torch.float16, 32, 16),
+        (144, 32, torch.bfloat16, 128, 16),
+        (144, 32, torch.bfloat16, 16, 0),
+        (144, 30, torch.bfloat16, 64, 0),
+        (144, 32, torch.float32, 64, 0),
+        (256, 32, torch.bfloat16, 64, 0),
+        (196, 32, torch.bfloat16, 64, 0),
+        (49, 32, torch.bfloat16, 64, 0),
+    ):
+        assert tiles.dkdv_query_tail(n, head_dim, dtype, block_m) == tail, (n, head_dim, dtype, block_m)
     # heads of up to 16 channels in masked 32-channel tiles (in 16-channel ones the kernel spills); wider as every
     # kernel's
     for head_dim, block_d in ((10, 32), (16, 32), (24, 32), (32, 32)):

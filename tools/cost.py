@@ -251,7 +251,8 @@ def _fwd_loops(a, grid):
 
 
 def _q_blocks(a, grid):
-    return [cdiv(a["N"], a["BLOCK_M"])]
+    """The dk/dv kernel's loop over whole query blocks (with a tail block, M_TAIL > 0, run after the loop)."""
+    return [cdiv(a["N"] - a.get("M_TAIL", 0), a["BLOCK_M"])]
 
 
 def _windows_per_program(a, grid):

@@ -291,8 +291,8 @@ MUTANTS = [
     Mutant(
         "kernel-dk-from-unscaled-q",
         KERNEL_BACKWARD,
-        "b_dkn += _dot(tl.trans(b_ds.to(DDT)), b_qs, FULL_DOT)",
-        "b_dkn += _dot(tl.trans(b_ds.to(DDT)), b_qn.to(DDT), FULL_DOT)",
+        "    return b_dv, _dot(tl.trans(b_ds.to(DDT)), b_qs, FULL_DOT)",
+        "    return b_dv, _dot(tl.trans(b_ds.to(DDT)), _b_qn.to(DDT), FULL_DOT)",
         (f"{BWD}::test_fp32_gradients_match_reference", "-k", "B2-8x8-h2d16"),
         "dk is dS^T times the scaled q",
     ),
@@ -733,6 +733,22 @@ MUTANTS = [
         "            tl.store(p_dq, b_dq.to(DQKV.dtype.element_ty), mask=m_real_m[:, None])",
         (f"{ROWS}::test_rows_kernel_stores_only_the_real_channels",),
         "the rows kernel stores dq's masked channels too: zeros over the next head's dq, the last head's over k",
+    ),
+    Mutant(
+        "kernel-dkdv-tail-block-dropped",
+        KERNEL_BACKWARD,
+        "        b_dv += b_dv_t\n        b_dkn += b_dkn_t\n",
+        "        b_dkn += b_dkn_t\n",
+        (f"{ROWS}::test_rows_backward_fp16_error_is_that_of_pytorch", "-k", "h2d32-w12"),
+        "the dk/dv kernel drops the tail rows' P^T dO: dv misses window 12's last 16 queries",
+    ),
+    Mutant(
+        "tiles-dkdv-no-query-tail",
+        "kernels/tiles.py",
+        "    return tail if served and tail >= 16 and tail & (tail - 1) == 0 else 0",
+        "    return 0",
+        (f"{ROWS}::test_rows_kernel_tiles",),
+        "window 12's dk/dv kernel runs 3 x 64 query rows, 48 of them masked",
     ),
     Mutant(
         "kernel-fused-keys-beyond-window",
