@@ -28,10 +28,11 @@ a row block against every key of the window, and does in one pass what the stati
 in three: the softmax of whole rows (statistics stored for the dk/dv kernel), dq, and the table and scale
 gradients summed over a group of windows; the dk/dv kernel then runs from its statistics. dk and dv are sums
 over every query of the window, which spans the row blocks' programs: one kernel cannot serve them without
-partial sums per row block in memory, or float atomics. Here the two kernels' tiles differ (16 x 256 against
-the dk/dv kernel's), so the one-hot argument above holds for dq (computed in the rows kernel from the same
+partial sums per row block in memory, or float atomics. Here the two kernels' tiles differ (16 query rows
+against the whole window's keys, 256 or 128 + 16; the dk/dv kernel's 64 x 64, at N = 144 with a 16-row query
+block last), so the one-hot argument above holds for dq (computed in the rows kernel from the same
 scores as its statistics) but not bitwise for dk/dv: where a score's last bit differs between the tile shapes
-(a different dot instruction: sm_90 runs 16-row tiles on mma, 64-row ones on wgmma), a saturated row's P in
+(a different dot instruction: sm_90 may run 16-row tiles on mma, 64-row ones on wgmma), a saturated row's P in
 the dk/dv kernel is off 1 by up to ~1e-5 and its dS by an ulp of dP, not exactly 0. That is far inside the
 16-bit gradient's rounding; whether the bits differ at all is for a GPU to show.
 
@@ -976,14 +977,14 @@ def _plus(total: Optional[torch.Tensor], part: torch.Tensor) -> torch.Tensor:
     return part if total is None else total + part
 
 
-def _dkdv(dqkv, dpad, num_pad, strides, common, dims: LaunchDims, batch: int):
+def _dkdv(dqkv, dpad, num_pad, strides, common, dims: LaunchDims, batch: int, m_tail: int = 0):
     """Launch the dk/dv kernel, one program per (key block of a window, head): on a shifted grid the windows off
-    its border (no shift mask) and the border apart, as the forward."""
+    its border (no shift mask) and the border apart, as the forward; the last m_tail query rows as a block of
+    their own (the rows path only: `tiles.dkdv_query_tail`)."""
     blocks = triton.cdiv(dims.N, common["BLOCK_N"])
-    tail = dkdv_query_tail(dims.N, common["HEAD_DIM"], common["QKV"].dtype, common["BLOCK_M"])
     for window_set, windows in window_sets(dims):
         _window_attention_bwd_dkdv_kernel[(batch * windows * blocks, dims.NUM_HEADS)](
-            DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, WINDOW_SET=window_set, M_TAIL=tail, **strides, **common
+            DQKV=dqkv, DPAD=dpad, NUM_PAD=num_pad, WINDOW_SET=window_set, M_TAIL=m_tail, **strides, **common
         )
 
 
@@ -1355,7 +1356,10 @@ def _rows_backward(
             d_table = _plus(d_table, d_table_parts.sum(0))
             d_scale = _plus(d_scale, d_scale_parts.sum((0, 2)))
     if dqkv is not None:
-        _dkdv(dqkv, dpad, num_pad, strides, common, dims, B)
+        # its last query rows as a block of their own where they are one (tiles.dkdv_query_tail); the four
+        # kernels share one tile shape instead
+        tail = dkdv_query_tail(dims.N, common["HEAD_DIM"], qkv.dtype, common["BLOCK_M"])
+        _dkdv(dqkv, dpad, num_pad, strides, common, dims, B, tail)
     return dqkv, dpad, d_table, d_scale
 
 

@@ -215,7 +215,10 @@ def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
         hbm, l2, flops = cost.traffic(interior, dtype)
         assert flops == cost.scores_of(interior) * 2 * 32 * 3 and hbm > 0 and l2 > 0
     # window 12's dk/dv kernel runs its last 16 query rows as a block of their own (tiles.dkdv_query_tail)
-    assert [launches.reference_launches(w, "bf16")["bwd_dkdv"][0].kwargs["M_TAIL"] for w in (12, 16)] == [16, 0]
+    dkdv = [launches.reference_launches(w, "bf16")["bwd_dkdv"][0] for w in (12, 16)]
+    assert [launch.kwargs["M_TAIL"] for launch in dkdv] == [16, 0]
+    # its loop runs over the whole blocks (the tail block after it)
+    assert [cost.LOOP_TRIPS["bwd_dkdv"](launch.kwargs, launch.grid) for launch in dkdv] == [[2], [4]]
     # heads of up to 16 channels: the rows kernel in 32-channel tiles (tiles.rows_channel_block), the dk/dv kernel in 16
     for head_dim in (16, 10):
         recorded = launches.reference_launches(12, "bf16", head_dim)

@@ -119,6 +119,20 @@ def test_rows_backward_arithmetic_at_fp32_tolerance(B, grid, heads, head_dim, wi
     assert_errors_within_pytorch(rows, eager, exact, sum_floors(B, grid, window), sens)
 
 
+def test_rows_dkdv_query_tail_at_fp32_tolerance(monkeypatch, rows_in):
+    """The dk/dv kernel's last 16 query rows of window 12 as a block of their own (tiles.dkdv_query_tail), in fp32:
+    routed to the rows kernel, with the 64-row query blocks of the 16-bit build (an override; fp32's own are 16
+    rows, no tail), on a padded shifted grid, held to the fp32 budgets."""
+    rows_in(torch.float32)
+    monkeypatch.setitem(tiles.TILE_OVERRIDES, "fp32/hd32/N144/bwd", (64, 64, 4, 255, 1))
+    B, grid, heads, head_dim, window, shift = 1, (13, 14), 1, 32, 12, 6
+    assert tiles.dkdv_query_tail(window**2, head_dim, torch.float32, 64) == 16
+    inputs = make_inputs(B, grid, heads, head_dim, window, seed=1)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=PAD_THEN_ROLL)
+    rows, eager, exact, sens = _gradients(B, grid, heads, head_dim, inputs, kwargs, torch.float32, sensitivity=True)
+    assert_errors_within_pytorch(rows, eager, exact, sum_floors(B, grid, window), sens)
+
+
 NEEDS = [
     (True, False, False),
     (False, True, False),
