@@ -367,30 +367,21 @@ def _dkdv_query_block(
     start_m,
     N_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    keys,
-    ids,
-    i_w2,
-    grid,
+    step,
     layout: tl.constexpr,
-    proj,
-    grads,
-    cols,
-    b_scale,
-    p_bias_h,
-    mask_value,
-    N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    MASKED: tl.constexpr,
-    MASK_N: tl.constexpr,
-    EVEN: tl.constexpr,
-    FULL_DOT: tl.constexpr,
+    flags: tl.constexpr,
     CDT: tl.constexpr,
     DDT: tl.constexpr,
 ):
     """The dk/dv kernel's step over window rows start_m to start_m + BLOCK_M (rows from N_ROWS on masked out):
-    ([BLOCK_N, BLOCK_D] P^T dO, [BLOCK_N, BLOCK_D] dS^T (q * scale)) for the program's keys
-    `keys` = (normalised k and v in the dot dtype, their window positions, in-window mask, region ids)."""
+    ([BLOCK_N, BLOCK_D] P^T dO, [BLOCK_N, BLOCK_D] dS^T (q * scale)) for the program's keys, CDT the compute
+    dtype, DDT the dots'. `step` = (keys: k normalised and v in the dot dtype, their window positions, in-window
+    mask and shift regions; (image, window, head); the window's (row, column); the grid; the projection; the
+    query-side gradients; the channels; the clamped scale; the head's bias table; the mask value); `flags` = the
+    kernel's compile-time (N, HEAD_DIM, HAS_BIAS, MASKED, MASK_N, EVEN, FULL_DOT) (a constexpr tuple holds no
+    dtype)."""
+    keys, ids, i_w2, grid, proj, grads, cols, b_scale, p_bias_h, mask_value = step
+    N, HEAD_DIM, HAS_BIAS, MASKED, MASK_N, EVEN, FULL_DOT = flags
     b_kn_d, b_v, o_n, m_n, o_reg_n = keys
     o_m = start_m + tl.arange(0, BLOCK_M)
     m_m = _in_window(o_m, N_ROWS, BLOCK_M)
@@ -496,19 +487,14 @@ def _window_attention_bwd_dkdv_kernel(
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=CDT)
     p_bias_h = POSITION_BIAS + i_h * N * N
     keys = (b_kn_d, b_v, o_n, m_n, o_reg_n)
-    ids = (i_b, i_w, i_h)
+    step = (keys, (i_b, i_w, i_h), i_w2, grid, proj, grads, cols, b_scale, p_bias_h, mask_value)
+    flags: tl.constexpr = (N, HEAD_DIM, HAS_BIAS, MASKED, MASK_N, EVEN, FULL_DOT)
     for start_m in range(0, N_MAIN, BLOCK_M):
-        b_dv_m, b_dkn_m = _dkdv_query_block(
-            start_m, N_MAIN, BLOCK_M, keys, ids, i_w2, grid, layout, proj, grads, cols, b_scale, p_bias_h,
-            mask_value, N, HEAD_DIM, HAS_BIAS, MASKED, MASK_N, EVEN, FULL_DOT, CDT, DDT,
-        )  # fmt: skip
+        b_dv_m, b_dkn_m = _dkdv_query_block(start_m, N_MAIN, BLOCK_M, step, layout, flags, CDT, DDT)
         b_dv += b_dv_m
         b_dkn += b_dkn_m
     if M_TAIL > 0:
-        b_dv_t, b_dkn_t = _dkdv_query_block(
-            N_MAIN, N, M_TAIL, keys, ids, i_w2, grid, layout, proj, grads, cols, b_scale, p_bias_h,
-            mask_value, N, HEAD_DIM, HAS_BIAS, MASKED, MASK_N, EVEN, FULL_DOT, CDT, DDT,
-        )  # fmt: skip
+        b_dv_t, b_dkn_t = _dkdv_query_block(N_MAIN, N, M_TAIL, step, layout, flags, CDT, DDT)
         b_dv += b_dv_t
         b_dkn += b_dkn_t
     b_dk = _l2_normalize_backward(b_kn, b_rk, b_dkn)
