@@ -31,10 +31,9 @@ at such a shape, says so in its log and records nothing for it (SHAPES' N = 64 r
 Triton 3.8 or later the N = 49 row).
 Every candidate compiles without spills at SHAPES for sm_80 and sm_90 where the sweep tries it, with Triton 3.8
 (`python -m tools.compile_check --candidates`; a register-capped candidate is tried only where `register_cap`
-caps at its budget: `candidate_applies`). With Triton 3.6 (the GPU machine's) two of 360 spill, both of the
-four-kernel backward's (64, 64, 4, 255, 2): the table kernel at N = 49 on sm_90 (104 B; with 3.8 window 7 runs
-the fused backward instead) and the dk/dv kernel at N = 576 on sm_80 (16 B); the sweep rejects them where it
-runs, as it rejects any candidate that spills.
+caps at its budget: `candidate_applies`). With Triton 3.6 (the GPU machine's) one of 360 spills: the
+four-kernel backward's (64, 64, 4, 255, 2), its table kernel at N = 49 on sm_90 (104 B; with 3.8 window 7 runs
+the fused backward instead); the sweep rejects it where it runs, as it rejects any candidate that spills.
 """
 
 from __future__ import annotations
