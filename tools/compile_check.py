@@ -62,10 +62,10 @@ from .launches import (
     Spec,
     _grid,
     _torch_dtype,
-    cdiv,
     compile_launch,
     for_arch,
     launched,
+    program_registers,
     reference_launches,
     resource_usage,
     run_spawned,
@@ -141,8 +141,8 @@ def spec_launches(spec: Spec):
 
 def check_register_file(registers: int, num_warps: int) -> None:
     """Raise where a program of num_warps warps at `registers` per thread needs more than an SM's register file
-    (allocated per warp in units of 256): the driver would refuse the launch."""
-    needed = cdiv(registers * 32, 256) * 256 * num_warps
+    (`launches.program_registers`): the driver would refuse the launch."""
+    needed = program_registers(registers, num_warps)
     if needed > REGISTER_FILE:
         raise RuntimeError(
             f"{registers} registers x {num_warps} warps need {needed}, more than an SM's {REGISTER_FILE}: "

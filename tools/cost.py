@@ -61,6 +61,8 @@ import copy
 import re
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from swinv2_fast.kernels.tiles import REGISTER_FILE
+
 from .launches import (
     REFERENCE_HEAD_DIM,
     Instruction,
@@ -71,6 +73,7 @@ from .launches import (
     for_arch,
     launched,
     parse_sass,
+    program_registers,
     reference_launches,
     resource_usage,
     run_spawned,
@@ -449,8 +452,7 @@ def forward_minimum(launch: Launch, dtype: str) -> Tuple[int, int]:
 
 
 def resident_warps(registers: int, shared: int, num_warps: int, arch: int) -> int:
-    per_warp = cdiv(max(registers, 1) * 32, 256) * 256
-    by_regs = 65536 // (per_warp * num_warps)
+    by_regs = REGISTER_FILE // program_registers(registers, num_warps)
     by_smem = SM_SHARED[arch] // (shared + 1024)
     ctas = min(by_regs, by_smem, 32, 64 // num_warps)
     return ctas * num_warps

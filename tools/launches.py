@@ -227,6 +227,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def program_registers(registers: int, num_warps: int) -> int:
+    """The registers of its SM's register file a program of num_warps warps takes at `registers` per thread:
+    allocated per warp in units of 256."""
+    return cdiv(max(registers, 1) * 32, 256) * 256 * num_warps
+
+
 def for_arch(launch: Launch, arch: int) -> Launch:
     """The launch as the host makes it on sm_<arch>: recorded on meta tensors, it was made for sm_90 (off CUDA
     the launch's arch is 90). The register cap depends on the target, and so do the table kernel's tiles and
