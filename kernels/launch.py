@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .geometry import LOGIT_SCALE_MAX, PAD_ORDERS, ROLL_THEN_PAD
-from .tiles import block_config, channel_block, launch_stages, register_cap
+from .tiles import block_config, channel_block, forward_window_tiles, launch_stages, register_cap
 
 __all__ = [
     "LaunchDims",
@@ -122,7 +122,11 @@ def launch_flags(qkv, qkv_bias, pad_order: str, head_dim: int, dims: LaunchDims,
     change nothing the kernels compute (no row reads the bias), so they are not told apart: fewer
     specialisations."""
     arch = device_arch(qkv)  # the launch's device: a tile sweep's record applies on its architecture only
-    block_m, block_n, num_warps = block_config(dims.N, head_dim, qkv.dtype, backward, arch)
+    window = None if backward else forward_window_tiles(dims.N, head_dim, qkv.dtype, arch)
+    if window is not None:  # whole-window programs (the forward's WHOLE_WINDOW, BLOCK_T)
+        block_m, block_n, block_t, num_warps = window
+    else:
+        block_m, block_n, num_warps = block_config(dims.N, head_dim, qkv.dtype, backward, arch)
     padded = dims.HP * dims.WP != dims.H * dims.W
     flags = dict(
         HEAD_DIM=head_dim,
@@ -137,6 +141,8 @@ def launch_flags(qkv, qkv_bias, pad_order: str, head_dim: int, dims: LaunchDims,
         num_warps=num_warps,
         maxnreg=register_cap(dims.N, head_dim, qkv.dtype, backward, arch, padded),
     )
+    if window is not None:
+        flags.update(WHOLE_WINDOW=True, BLOCK_T=block_t)
     stages = launch_stages(dims.N, head_dim, qkv.dtype, backward, arch)
     if stages is not None:  # a sweep's record or override, or the 16-bit tables' (tiles.launch_stages)
         flags["num_stages"] = stages

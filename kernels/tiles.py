@@ -44,6 +44,8 @@ __all__ = [
     "block_config",
     "channel_block",
     "dkdv_query_tail",
+    "forward_query_tail",
+    "forward_window_tiles",
     "fused_backward_applies",
     "fused_backward_supported",
     "fused_block",
@@ -170,7 +172,8 @@ def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
     warps with 64-wide key tiles where 64 divides N or one key block holds the window (N = 49, 64, 576);
     elsewhere 32-wide key tiles (N = 144 = 2 x 64 + 16: the last key tile pads 16 keys instead of 48;
     est/floor 4.43 -> 3.90 on sm_90, under `register_cap`'s 128 registers: 16 resident warps per SM. Over 2
-    warps it was 3.47 by the model, but 201 registers: 8 resident warps, too few to hide latency)."""
+    warps it was 3.47 by the model, but 201 registers: 8 resident warps, too few to hide latency). At head_dim
+    32 on sm_90 N = 144 runs whole-window programs instead (`forward_window_tiles`), these tiles on sm_80."""
     if n % 128 == 0:
         return (128, 64, 8)
     if n <= 64 or n % 64 == 0:
@@ -184,6 +187,43 @@ def _forward_stages_16bit(n: int) -> Optional[int]:
     with its (64, 32, 4) tiles, 4.08 -> 3.84 at N = 576) from N = 49 up, but at N = 64 (at its floor) and
     where 128 rows divide N; None (Triton's default) there and below N = 49 (not measured)."""
     return None if n < 49 or n == 64 or n % 128 == 0 else 1
+
+
+# The 16-bit forward at head_dim 32 and N = 144 (window 12) on sm_90 and later runs whole-window programs
+# (`forward_window_tiles`, the kernel's WHOLE_WINDOW): a program loads and normalises a window's k and v once, as a
+# 128-key tile and a tail of 16 (BLOCK_T), and runs the window's query rows in blocks of 64 over them, each row's
+# scores whole (no online softmax); the last 16 rows a block of their own (`forward_query_tail`) in the windows
+# without the shift mask. By the static cost report (bf16, sm_90, H200 estimate over the forward floor): 3.90 ->
+# 1.80 (38.4 -> 17.7 instructions per score, k and v read once per window instead of once per query block). Not
+# on sm_80: there every warp holds the keys for its dots (mma.sync operands in registers; wgmma reads them from
+# shared memory) and the build spills 64-224 B; 8 warps replicate the scores' rows and run twice the exponentials.
+# The border launch (with the shift mask) runs 3 x 64 rows, the last masked: with the 16-row block it spills 16-32 B.
+_FWD_WINDOW = {144: (64, 128, 16)}  # N -> (BLOCK_M, BLOCK_N, BLOCK_T), BLOCK_N + BLOCK_T == N
+_FWD_WINDOW_WARPS = 4
+
+
+def forward_window_tiles(n: int, head_dim: int, dtype: torch.dtype, arch: int) -> Optional[Tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_T, num_warps) of the forward's whole-window programs for windows of n tokens, heads
+    of head_dim channels, the projection's dtype and sm_<arch> (see `_FWD_WINDOW`), or None (the row-block
+    programs of `block_config`'s tiles; also where a tile sweep's record or an override sets the forward's
+    tiles)."""
+    if (
+        n not in _FWD_WINDOW
+        or head_dim != 32
+        or dtype not in FUSED_DTYPES
+        or arch < 90
+        or _tuned(n, head_dim, dtype, False, arch) is not None
+    ):
+        return None
+    return (*_FWD_WINDOW[n], _FWD_WINDOW_WARPS)
+
+
+def forward_query_tail(n: int, block_m: int, masked: bool) -> int:
+    """M_TAIL of a whole-window forward launch: the window's last n % block_m rows as a block of their own (a power
+    of two of at least 16) in windows without the shift mask; 0 (the last block masks its rows beyond the
+    window) in those with it, or where the rest is no such power of two."""
+    tail = n % block_m
+    return tail if not masked and tail >= 16 and tail & (tail - 1) == 0 else 0
 
 
 # Tiles set by the GPU tile sweep while it times a candidate (tools/sweep.py), then those it recorded
@@ -297,7 +337,9 @@ def register_cap(
     compiles without spills, MAXNREG elsewhere. 128 for the 16-bit forward at head_dim 16 or 32 (channel
     tiles without a mask) on sm_90 and later without padding, with Triton 3.8 or later: at n == 64 (one key
     block, the bias tile held in registers across the program's windows), where 128 divides n ((128, 64, 8)
-    tiles) and at n = 144 ((64, 32, 4); other n on those tiles are not in the spill gate). Uncapped: sm_80,
+    tiles) and at n = 144 ((64, 32, 4): head_dim 16, and 32 where a tile sweep's record or an override replaces
+    the whole-window programs; other n on those tiles are not in the spill gate). The whole-window forward
+    (`forward_window_tiles`) is uncapped. Uncapped: sm_80,
     masked channel tiles, n = 49 and 576 ((64, 64, 4): a masked tile, or too many live values), a padded grid
     and Triton before 3.8, whose builds spill at 128 (the spill bytes are in the compile check's candidate
     table, benchmarks/results/compile_check_candidates.txt). A tile sweep's record for sm_<arch> or an
@@ -305,6 +347,8 @@ def register_cap(
     tuned = _tuned(n, head_dim, dtype, backward, arch)
     if tuned is not None:
         return tuned[3]
+    if not backward and forward_window_tiles(n, head_dim, dtype, arch) is not None:
+        return MAXNREG  # its keys, the scores' whole rows: 218-254 registers
     if (
         not backward
         and dtype in (torch.float16, torch.bfloat16)

@@ -11,7 +11,9 @@ of it once for several windows (WINDOWS_PER_PROGRAM; see the kernel for how, and
 writes the output; nothing of size N x N reaches memory. The backward recomputes the softmax from q/k/v.
 
 One program handles BLOCK_M query rows of WINDOWS_PER_PROGRAM consecutive windows (of one image or the next),
-for one head; for each window:
+for one head, or, in whole-window programs (WHOLE_WINDOW: window 12 on sm_90, `tiles.forward_window_tiles`), every
+query row of its windows, with the window's keys loaded and normalised once and each row's scores whole (no
+online softmax); for each window:
   1. Each row's source token comes from index arithmetic on the load: window -> shifted padded grid ->
      reverse shift -> un-padded token, in either padding order (transformers pads then rolls; timm rolls
      then pads). Rows that land on padding read the projection of a zero token: the q/k/v bias.
@@ -43,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .launch import LaunchDims, clamped_scale, compute_dtype, launch_dims, launch_flags, padding_token
-from .tiles import MAX_HEAD_DIM, head_dim_supported
+from .tiles import MAX_HEAD_DIM, forward_query_tail, head_dim_supported
 from .triton_common import (
     LOG2E,
     _channels,
@@ -124,6 +126,87 @@ def _fwd_bias_tile(p_bias_m, o_n, m_m, m_n, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _fwd_window_rows(
+    start_m,
+    ROWS: tl.constexpr,
+    N_ROWS: tl.constexpr,
+    win,
+    keys,
+    cols,
+    layout: tl.constexpr,
+    flags: tl.constexpr,
+    CDT: tl.constexpr,
+    DDT: tl.constexpr,
+):
+    """The output of query rows start_m to start_m + ROWS of one window (rows from N_ROWS on masked out) in a
+    whole-window program (the kernel's WHOLE_WINDOW): the window's keys are all in `keys`, so each row's scores are
+    whole, one pass, no online rescaling. `win` = (the image's projection and the q/k/v bias at the head's q
+    channels, the token stride, the window's (row, column), `grid`, the clamped logit scale, the head's table,
+    the image's output at the head, the output's token stride, the mask value); `keys` = (k normalised, v, of the
+    BLOCK_N-key tile; the same of the BLOCK_T-key tail, or the first two again without one), in the dot dtype;
+    `flags` = the kernel's compile-time (N, BLOCK_N, BLOCK_T, MASKED, HAS_BIAS, FULL_DOT) (a constexpr tuple
+    holds no dtype; the tile widths are read from it as annotated constexprs, which tl.arange needs)."""
+    p_qkv, p_bias, stride_t, i_w2, grid, b_scale, p_table, p_out, stride_out_t, mask_value = win
+    b_kn, b_v, b_kt, b_vt = keys
+    N, _BLOCK_N, _BLOCK_T, MASKED, HAS_BIAS, FULL_DOT = flags
+    BLOCK_N: tl.constexpr = flags[1]
+    BLOCK_T: tl.constexpr = flags[2]
+    TAIL: tl.constexpr = BLOCK_T > 0  # keys BLOCK_N to N in a tile of their own: no key masked
+    MASK_N: tl.constexpr = (N < BLOCK_N) and not TAIL
+    EVEN_M: tl.constexpr = N_ROWS % ROWS == 0  # no row masked
+    o_d, m_d = cols
+    # [ROWS]
+    o_m = start_m + tl.arange(0, ROWS)
+    m_m = _in_window(o_m, N_ROWS, ROWS)
+    o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
+    b_q = _load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, cols, stride_t, HAS_BIAS).to(CDT)
+    b_qs = (b_q * (b_scale / _row_norm(b_q))[:, None]).to(DDT)
+    # [ROWS, BLOCK_N]
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = _in_window(o_n, N, BLOCK_N)
+    o_reg_n = _window_rows(o_n, i_w2, grid, layout, MASKED)[2]  # per block: fewer registers live across blocks
+    p_table_m = p_table + o_m[:, None] * N
+    b_s = _logits(
+        _dot(b_qs, tl.trans(b_kn), FULL_DOT),
+        _fwd_bias_tile(p_table_m, o_n, m_m, m_n, EVEN_M and not MASK_N),
+        o_reg_m,
+        o_reg_n,
+        m_n,
+        mask_value,
+        MASKED,
+        MASK_N,
+    )
+    b_max = tl.max(b_s, axis=1)
+    if TAIL:
+        # [ROWS, BLOCK_T]
+        o_t = BLOCK_N + tl.arange(0, BLOCK_T)
+        m_t = _in_window(o_t, BLOCK_T, BLOCK_T)
+        o_reg_t = _window_rows(o_t, i_w2, grid, layout, MASKED)[2]
+        b_st = _logits(
+            _dot(b_qs, tl.trans(b_kt), FULL_DOT),
+            _fwd_bias_tile(p_table_m, o_t, m_m, m_t, EVEN_M),
+            o_reg_m,
+            o_reg_t,
+            m_t,
+            mask_value,
+            MASKED,
+            False,
+        )
+        b_max = tl.maximum(b_max, tl.max(b_st, axis=1))
+    b_mx = (b_max * LOG2E)[:, None]
+    b_p = _exp2(b_s * LOG2E - b_mx)
+    b_l = tl.sum(b_p, axis=1)
+    b_acc = _dot(b_p.to(DDT), b_v, FULL_DOT)
+    if TAIL:
+        b_pt = _exp2(b_st * LOG2E - b_mx)
+        b_l += tl.sum(b_pt, axis=1)
+        b_acc += _dot(b_pt.to(DDT), b_vt, FULL_DOT)
+    b_out = b_acc * (1.0 / b_l)[:, None]
+    p_o = p_out + o_tok_m[:, None] * stride_out_t + o_d[None, :]
+    tl.store(p_o, b_out.to(p_out.dtype.element_ty), mask=_tile_mask(m_m & ~m_pad_m, m_d))
+
+
+@triton.jit
 def _window_attention_fwd_kernel(
     QKV,
     QKV_BIAS,
@@ -162,6 +245,9 @@ def _window_attention_fwd_kernel(
     FULL_DOT: tl.constexpr,
     WINDOW_SET: tl.constexpr = 0,
     WINDOWS_PER_PROGRAM: tl.constexpr = 1,
+    WHOLE_WINDOW: tl.constexpr = False,
+    BLOCK_T: tl.constexpr = 0,
+    M_TAIL: tl.constexpr = 0,
 ):
     """The output rows of BLOCK_M query rows of one head in WINDOWS_PER_PROGRAM consecutive (image, window)
     pairs of WINDOW_SET (NUM_BW pairs in the launch; the last program may get fewer): program (row block of a
@@ -178,7 +264,15 @@ def _window_attention_fwd_kernel(
     WINDOWS_PER_PROGRAM) is an estimate until a GPU measures it: a (BLOCK_M, N) slice of the table must
     stay resident beside the other programs on the SM (128 x 256 x 2 B = 64 KB for a 16-bit table).
     k is normalised once per window and row block: once per window where one row block covers it
-    (N <= BLOCK_M, the windows of 7 and 8)."""
+    (N <= BLOCK_M, the windows of 7 and 8).
+
+    Whole-window programs (WHOLE_WINDOW; `tiles.forward_window_tiles`): program (group of windows, head). Per
+    window, k and v are loaded and k normalised once, as a BLOCK_N-key tile and a BLOCK_T-key tail (BLOCK_N +
+    BLOCK_T == N, none masked; BLOCK_T 0 where BLOCK_N holds the window), then the window's query rows run in
+    blocks of BLOCK_M against all of them (`_fwd_window_rows`): whole rows of scores, one max, one sum, no
+    rescaling. With M_TAIL > 0 (a power of two: `tiles.forward_query_tail`) the last M_TAIL rows are a block of
+    their own, run first; without, the last block masks its rows beyond the window. On sm_90 the dots read k and
+    v from shared memory (wgmma), so the keys held across the blocks cost shared memory, not registers."""
     tl.static_assert(N == WH * WW)
     tl.static_assert((WINDOW_SET == 0) | SHIFTED)
     tl.static_assert(WINDOWS_PER_PROGRAM >= 1)
@@ -187,7 +281,7 @@ def _window_attention_fwd_kernel(
     MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
     CDT: tl.constexpr = SCALE.dtype.element_ty  # compute dtype: fp32 (fp64 for fp64 inputs)
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty  # dot operand dtype
-    NUM_M: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    NUM_M: tl.constexpr = 1 if WHOLE_WINDOW else (N + BLOCK_M - 1) // BLOCK_M
     EVEN: tl.constexpr = (N % BLOCK_M) + (N % BLOCK_N) == 0
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     ONE_KEY_BLOCK: tl.constexpr = N <= BLOCK_N
@@ -197,12 +291,41 @@ def _window_attention_fwd_kernel(
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
     cols = _channels(HEAD_DIM, BLOCK_D)  # [BLOCK_D] channel offsets, real-channel mask
     o_d, m_d = cols
-    # [BLOCK_M]
-    o_m = (i_pid % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = _in_window(o_m, N, BLOCK_M)
     b_scale = tl.load(SCALE + i_h)
     p_qkv_h = QKV + i_h * HEAD_DIM
     p_bias = QKV_BIAS + i_h * HEAD_DIM
+    if WHOLE_WINDOW:
+        flags: tl.constexpr = (N, BLOCK_N, BLOCK_T, MASKED, HAS_BIAS, FULL_DOT)
+        p_table_h = POSITION_BIAS + i_h * N * N
+        for i_bw in range(i_first, tl.minimum(i_first + WINDOWS_PER_PROGRAM, NUM_BW)):
+            i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
+            p_qkv = p_qkv_h + i_b * stride_qkv_b
+            o_n = tl.arange(0, BLOCK_N)
+            m_n = _in_window(o_n, N, BLOCK_N)
+            o_tok_n, m_pad_n, _o_reg_n = _window_rows(o_n, i_w2, grid, layout, MASKED)
+            b_k = _stream_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
+            b_v = _stream_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
+            b_kn = _l2_normalize(b_k, CDT)[0].to(DDT)
+            b_v = b_v.to(DDT)
+            if BLOCK_T > 0:
+                o_t = BLOCK_N + tl.arange(0, BLOCK_T)
+                m_t = _in_window(o_t, N, BLOCK_T)
+                o_tok_t, m_pad_t, _o_reg_t = _window_rows(o_t, i_w2, grid, layout, MASKED)
+                b_kt = _stream_rows(p_qkv + C, p_bias + C, o_tok_t, m_t, m_pad_t, cols, stride_qkv_t, HAS_BIAS)
+                b_vt = _stream_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_t, m_t, m_pad_t, cols, stride_qkv_t, HAS_BIAS)
+                keys = (b_kn, b_v, _l2_normalize(b_kt, CDT)[0].to(DDT), b_vt.to(DDT))
+            else:
+                keys = (b_kn, b_v, b_kn, b_v)
+            p_out = OUT + i_b * stride_out_b + i_h * HEAD_DIM
+            win = (p_qkv, p_bias, stride_qkv_t, i_w2, grid, b_scale, p_table_h, p_out, stride_out_t, mask_value)
+            if M_TAIL > 0:  # first: after the loop its registers would add to those the loop's keys hold (spills)
+                _fwd_window_rows(N - M_TAIL, M_TAIL, N, win, keys, cols, layout, flags, CDT, DDT)
+            for start_m in range(0, N - M_TAIL, BLOCK_M):
+                _fwd_window_rows(start_m, BLOCK_M, N - M_TAIL, win, keys, cols, layout, flags, CDT, DDT)
+        return
+    # [BLOCK_M]
+    o_m = (i_pid % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = _in_window(o_m, N, BLOCK_M)
     # [BLOCK_M, 1] the rows of this head's (N, N) table
     p_bias_m = POSITION_BIAS + i_h * N * N + o_m[:, None] * N
     if ONE_KEY_BLOCK:
@@ -288,6 +411,15 @@ def windows_per_program(pairs: int, row_blocks: int, num_heads: int, multiproces
     return wpp
 
 
+def _query_tail(whole: bool, dims: LaunchDims, flags: dict, window_set: int) -> dict:
+    """The whole-window launch's M_TAIL (`tiles.forward_query_tail`: its last rows as a block of their own where
+    the launch's windows have no shift mask); nothing for the row-block programs."""
+    if not whole:
+        return {}
+    masked = flags["SHIFTED"] and window_set != INTERIOR_WINDOWS
+    return {"M_TAIL": forward_query_tail(dims.N, flags["BLOCK_M"], masked)}
+
+
 def _forward_table(qkv: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
     """The position-bias table as the forward reads it: as it arrives when that is the projection's dtype or
     the compute dtype (a bf16/fp16 model passes a bf16/fp16 table: no per-call fp32 copy, half the bytes;
@@ -332,7 +464,8 @@ def window_attention_triton_forward(
     if B == 0:
         return out
     flags = launch_flags(qkv, qkv_bias, pad_order, head_dim, dims)
-    row_blocks = triton.cdiv(dims.N, flags["BLOCK_M"])
+    whole = flags.get("WHOLE_WINDOW", False)  # one program per group of windows: see the kernel
+    row_blocks = 1 if whole else triton.cdiv(dims.N, flags["BLOCK_M"])
     for window_set, windows in window_sets(dims):
         pairs = B * windows  # (image, window) pairs of this launch
         wpp = windows_per_program(pairs, row_blocks, num_heads, _multiprocessors(qkv))
@@ -352,5 +485,6 @@ def window_attention_triton_forward(
             WINDOWS_PER_PROGRAM=wpp,
             **dims._asdict(),
             **flags,
+            **_query_tail(whole, dims, flags, window_set),
         )
     return out

@@ -238,3 +238,27 @@ def test_package_imports_and_runs_eager_without_triton(tmp_path):
     assert "(1, 64, 16)" in result.stdout
     assert "raised: implementation='triton' needs Triton" in result.stdout
     assert "window 7 fused: False" in result.stdout
+
+
+def test_whole_window_programs_serve_window_12_at_head_dim_32_in_16_bit_on_sm_90():
+    assert tiles.forward_window_tiles(144, 32, torch.bfloat16, 90) == (64, 128, 16, 4)
+    assert tiles.forward_window_tiles(144, 32, torch.float16, 100) == (64, 128, 16, 4)
+    for n, head_dim, dtype, arch in [
+        (144, 32, torch.bfloat16, 80),  # mma.sync: every warp would hold the keys (spills)
+        (144, 32, torch.float32, 90),
+        (144, 16, torch.bfloat16, 90),
+        (256, 32, torch.bfloat16, 90),
+        (64, 32, torch.bfloat16, 90),
+    ]:
+        assert tiles.forward_window_tiles(n, head_dim, dtype, arch) is None, (n, head_dim, dtype, arch)
+    assert tiles.register_cap(144, 32, torch.bfloat16, arch=90) == tiles.MAXNREG
+    assert tiles.forward_query_tail(144, 64, masked=False) == 16
+    assert tiles.forward_query_tail(144, 64, masked=True) == 0
+    assert tiles.forward_query_tail(144, 128, masked=False) == 16
+    assert tiles.forward_query_tail(150, 64, masked=False) == 0  # 22 rows: no power of two
+
+
+def test_a_forward_override_runs_row_block_programs(monkeypatch):
+    """A tile sweep's override (or record) for the forward sets its tiles: the row-block programs run them."""
+    monkeypatch.setitem(tiles.TILE_OVERRIDES, "bf16/hd32/N144/fwd", (64, 32, 4, 255, 1))
+    assert tiles.forward_window_tiles(144, 32, torch.bfloat16, 90) is None

@@ -9,6 +9,7 @@ import torch
 import swinv2_fast
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, tiles, window_attention_reference
+from swinv2_fast.kernels.launch import device_arch
 from swinv2_fast.kernels.naive import window_attention_naive  # the oracle
 
 from _utils import (
@@ -115,6 +116,78 @@ def test_several_windows_per_program(B, grid, heads, head_dim, window, shift, pa
         row_blocks = math.ceil(launch["N"] / launch["BLOCK_M"])
         assert grid_[0] == math.ceil(launch["NUM_BW"] / per_program) * row_blocks
     assert any(launch["NUM_BW"] % per_program for _, launch in recorder.launches), "no program got fewer windows"
+
+
+# Whole-window programs (window 12 at head_dim 32: a 128-key tile and a 16-key tail, query blocks of 64 and a
+# 16-row tail where the launch has no shift mask): unshifted, shifted (both launches), padded in either order,
+# several windows per program and one, a q/k/v bias or none.
+WHOLE_WINDOW_SHAPES = [
+    pytest.param(2, (24, 24), 1, 32, 12, 6, 2, id="B2-24x24-h1d32-w12s6-wpp2"),
+    pytest.param(3, (24, 24), 1, 32, 12, 0, 4, id="B3-24x24-h1d32-w12s0-wpp4"),
+    pytest.param(1, (30, 26), 2, 32, 12, 6, 1, id="B1-30x26-h2d32-w12s6-wpp1-padded"),
+]
+
+
+def _whole_window_launches(monkeypatch, per_program, force=False):
+    """Record the forward's launches, `per_program` windows a program; with `force` the whole-window programs
+    whatever the dtype (fp32 runs them under the interpreter: the exact arithmetic at fp32's tolerance)."""
+    monkeypatch.setattr(tk, "FORWARD_WINDOWS_PER_PROGRAM", per_program)
+    monkeypatch.setattr(tk, "_multiprocessors", lambda t: 1)
+    if force:
+        from swinv2_fast.kernels import launch
+
+        monkeypatch.setattr(launch, "forward_window_tiles", lambda n, hd, dt, arch: (*tiles._FWD_WINDOW[n], 4))
+    recorder = _LaunchRecorder(tk._window_attention_fwd_kernel)
+    monkeypatch.setattr(tk, "_window_attention_fwd_kernel", recorder)
+    return recorder
+
+
+def _assert_whole_window(recorder, shift):
+    """Every launch ran whole-window programs, one per group of windows, its last rows a block of their own
+    exactly where the launch's windows have no shift mask."""
+    tails = {}
+    for grid_, launch in recorder.launches:
+        assert launch["WHOLE_WINDOW"] and launch["BLOCK_N"] + launch["BLOCK_T"] == launch["N"] == 144
+        assert grid_[0] == math.ceil(launch["NUM_BW"] / launch["WINDOWS_PER_PROGRAM"])
+        tails[launch["WINDOW_SET"]] = launch["M_TAIL"]
+    expected = {tk.INTERIOR_WINDOWS: 16, tk.BORDER_WINDOWS: 0} if shift else {tk.ALL_WINDOWS: 16}
+    assert tails == expected
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift,per_program", WHOLE_WINDOW_SHAPES)
+def test_whole_window_programs_match_the_oracle_fp32(
+    B, grid, heads, head_dim, window, shift, per_program, pad_order, monkeypatch
+):
+    recorder = _whole_window_launches(monkeypatch, per_program, force=True)
+    inputs = make_inputs(B, grid, heads, head_dim, window, bias=B != 3)
+    kwargs = dict(
+        grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order, mask_value=-100.0
+    )
+    out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
+    assert_close(out, window_attention_naive(*inputs, **kwargs), atol=OP_FP32_ATOL, name="output")
+    _assert_whole_window(recorder, shift)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float16, torch.float32], ids=["table-fp16", "table-fp32-autocast"])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift,per_program", WHOLE_WINDOW_SHAPES[::2])
+def test_whole_window_programs_fp16_error_is_that_of_pytorch(
+    B, grid, heads, head_dim, window, shift, per_program, table_dtype, monkeypatch
+):
+    """fp16 at window 12, head_dim 32: the whole-window programs the host picks (tiles.forward_window_tiles),
+    within PyTorch's own fp16 error."""
+    recorder = _whole_window_launches(monkeypatch, per_program)
+    inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=table_dtype)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
+    exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
+    eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
+    out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
+    kernel_error = (out.double() - exact).abs().max().item()
+    assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
+        f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}"
+    )
+    if tiles.forward_window_tiles(144, 32, torch.float16, device_arch(inputs[0])) is not None:  # not on sm_80
+        _assert_whole_window(recorder, shift)
 
 
 @pytest.mark.parametrize("table_dtype", [torch.float16, torch.float32], ids=["table-fp16", "table-fp32-autocast"])

@@ -247,7 +247,12 @@ def _kv_blocks(a, grid):
 
 def _fwd_loops(a, grid):
     """The forward's key-block loop (absent where one block covers the window: a loop of one trip is
-    unrolled) inside its loop over the program's windows, at the launch's mean windows per program."""
+    unrolled) inside its loop over the program's windows, at the launch's mean windows per program; in
+    whole-window programs (WHOLE_WINDOW) the loop over the window's query blocks instead of the key-block loop
+    (the 16-row tail, M_TAIL, after it), the windows per program."""
+    if a.get("WHOLE_WINDOW"):
+        q = cdiv(a["N"] - a.get("M_TAIL", 0), a["BLOCK_M"])
+        return ([q] if q > 1 else []) + [a["NUM_BW"] / grid[0]]
     kv = cdiv(a["N"], a["BLOCK_N"])
     windows = a["NUM_BW"] * cdiv(a["N"], a["BLOCK_M"]) / grid[0]
     return ([kv] if kv > 1 else []) + [windows]
@@ -402,8 +407,10 @@ def traffic(launch: Launch, dtype: str, groups: Optional[int] = None) -> Tuple[i
     k = launch.kernel
     if k == "fwd":
         hbm = tokens * rows * 4 + table
-        # a program that runs WINDOWS_PER_PROGRAM windows of one head loads each bias tile once for all of them
-        l2 = wh * (N * rows + nm * N * 2 * rows) + wh * N * N * t // a.get("WINDOWS_PER_PROGRAM", 1)
+        # a program that runs WINDOWS_PER_PROGRAM windows of one head loads each bias tile once for all of them;
+        # k and v are read once per query block, once per window in whole-window programs
+        nkv = 1 if a.get("WHOLE_WINDOW") else nm
+        l2 = wh * (N * rows + nkv * N * 2 * rows) + wh * N * N * t // a.get("WINDOWS_PER_PROGRAM", 1)
         flops = scores * 2 * hd * 2
     elif k == "bwd_fused":
         # q, k, v, dO read once and dq, dk, dv written once per (token, head); the table read once; each

@@ -36,6 +36,9 @@ from swinv2_fast.kernels.tiles import (
     MAXNREG,
     TABLE_PROGRAMS,
     backward_kernels,
+    block_config,
+    forward_window_tiles,
+    launch_stages,
     program_register_budget,
     register_cap,
     table_kernel_tiles,
@@ -240,6 +243,8 @@ def for_arch(launch: Launch, arch: int) -> Launch:
     returns the same launch."""
     a = dict(launch.kwargs)
     grid = launch.grid
+    if launch.kernel == "fwd" and a.get("WHOLE_WINDOW"):
+        a, grid = _forward_for_arch(a, grid, arch)
     a["maxnreg"] = register_cap(a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch, a["PADDED"])
     if launch.kernel == "bwd_rows":  # its own budget, whatever caps the other backward kernels
         a["maxnreg"] = MAXNREG
@@ -254,6 +259,25 @@ def for_arch(launch: Launch, arch: int) -> Launch:
         a["WINDOWS_PER_GROUP"], groups = window_groups(all_pairs, a["NUM_BW"], num_tiles * heads, TABLE_PROGRAMS)
         grid = (num_tiles, heads, groups)
     return launch._replace(kwargs=a, grid=grid)
+
+
+def _forward_for_arch(a: dict, grid: Tuple[int, ...], arch: int) -> Tuple[dict, Tuple[int, ...]]:
+    """A whole-window forward launch (recorded for sm_90) as the host makes it on sm_<arch>: the same where
+    `forward_window_tiles` serves the arch, else the row-block programs on `block_config`'s tiles, with their
+    stages, windows per program and grid."""
+    n, head_dim, dtype = a["N"], a["HEAD_DIM"], a["QKV"].dtype
+    if forward_window_tiles(n, head_dim, dtype, arch) is not None:
+        return a, grid
+    for key in ("WHOLE_WINDOW", "BLOCK_T", "M_TAIL", "num_stages"):
+        a.pop(key, None)
+    a["BLOCK_M"], a["BLOCK_N"], a["num_warps"] = block_config(n, head_dim, dtype, False, arch)
+    stages = launch_stages(n, head_dim, dtype, False, arch)
+    if stages is not None:
+        a["num_stages"] = stages
+    row_blocks = cdiv(n, a["BLOCK_M"])
+    sms = triton_forward._SMS_OFF_CUDA  # the SMs the recorded launch was sized for
+    a["WINDOWS_PER_PROGRAM"] = triton_forward.windows_per_program(a["NUM_BW"], row_blocks, grid[1], sms)
+    return a, (cdiv(a["NUM_BW"], a["WINDOWS_PER_PROGRAM"]) * row_blocks, grid[1])
 
 
 def specialise(launch: Launch, arch: int):

@@ -758,4 +758,28 @@ MUTANTS = [
         (f"{FUSED_BWD}::test_fused_backward_arithmetic_at_fp32_tolerance", "-k", "w7s3"),
         "window 7's 15 empty key columns of its 64-token block take part in the fused backward's softmax",
     ),
+    Mutant(
+        "kernel-fwd-window-tail-keys-out-of-the-sum",
+        KERNEL,
+        "        b_l += tl.sum(b_pt, axis=1)\n",
+        "",
+        (f"{FWD}::test_whole_window_programs_match_the_oracle_fp32",),
+        "window 12's whole-window forward leaves its 16 tail keys out of the softmax's denominator",
+    ),
+    Mutant(
+        "kernel-fwd-window-tail-rows-skipped",
+        KERNEL,
+        "            for start_m in range(0, N - M_TAIL, BLOCK_M):\n                _fwd_window_rows(",
+        "            for start_m in range(M_TAIL, N - M_TAIL, BLOCK_M):\n                _fwd_window_rows(",
+        (f"{FWD}::test_whole_window_programs_match_the_oracle_fp32",),
+        "the whole-window forward's blocks start after the tail's width: rows 0-15 unwritten, the others shifted",
+    ),
+    Mutant(
+        "tiles-fwd-window-tail-under-the-shift-mask",
+        "kernels/tiles.py",
+        "    return tail if not masked and tail >= 16 and tail & (tail - 1) == 0 else 0",
+        "    return tail if tail >= 16 and tail & (tail - 1) == 0 else 0",
+        ("tests/test_dispatch.py::test_whole_window_programs_serve_window_12_at_head_dim_32_in_16_bit_on_sm_90",),
+        "the border launch runs the 16-row tail block, which spills 16-32 B on sm_90",
+    ),
 ]

@@ -3,7 +3,9 @@
     python -m tools.sweep OUT_DIR [--budget SECONDS]    # writes OUT_DIR/tuned_tiles.json (from the repository root)
 
 The candidates live in one table (CANDIDATES), the launches' defaults among them, so a pick is never slower than
-the default at the shape it was timed on. The forward and the backward are swept separately; a backward
+the default at the shape it was timed on; where the forward runs whole-window programs (`tiles.forward_window_tiles`:
+window 12 on sm_90), which any forward override replaces, they are timed too, and nothing is recorded for that
+shape's forward when they are the fastest. The forward and the backward are swept separately; a backward
 candidate sets the tiles of all four backward kernels together (they share one tile shape: the
 probabilities they recompute are then bitwise the same), or of the dk/dv kernel where the rows kernel runs
 (`rows_backward_applies`: it keeps its own tiles, `rows_tiles`). Each configuration is timed with
@@ -59,7 +61,8 @@ from .launches import _short, _torch_dtype, cubin_listings, replaced_kernels, re
 # (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages). The defaults of block_config/register_cap/launch_stages
 # are among them: the forward's (64, 64, 4, 128, 3) at N = 64 on sm_90 and (128, 64, 8, 128, 3) where 128
 # divides N on sm_90 (3: what the launches get without passing any, Triton's default on CUDA), its
-# (64, 64, 4, 255, 1) (N = 49, 576) and (64, 32, 4, 128, 1) (N = 144 on sm_90); the 16-bit backward's
+# (64, 64, 4, 255, 1) (N = 49, 576) and (64, 32, 4, 128, 1) (N = 144 on sm_90 under a record: the default there
+# is the whole-window programs, timed beside the candidates); the 16-bit backward's
 # (64, 64, 4, 255, 1) at head_dim 32 at N = 49 and beyond N = 64. Variants of those: other num_stages (1: no software
 # pipelining, fewer live registers), register caps and warps, and the earlier defaults (the forward's
 # (64, 64, 4, 255, 3), the backward's (64, 32, 8, 255, 3)). (The backward's (64, 64, 4) tiles with 3 stages spill on
@@ -223,7 +226,11 @@ def sweep(
                     f"warps and num_stages=1): no bwd candidate has an effect; nothing timed or recorded"
                 )
                 continue
-            times = {}
+            times: Dict[object, float] = {}
+            if direction == "fwd" and tiles.forward_window_tiles(n, shape.head_dim, dtype, arch) is not None:
+                # the whole-window programs, which any fwd override replaces: timed first, and where they are the
+                # fastest nothing is recorded (the default stays)
+                _time_candidate(WHOLE_WINDOW, key, fn, times, timer, spill_reader, log, device)
             for config in candidates[direction]:
                 if time.monotonic() - start > budget_s:
                     log(f"sweep: budget of {budget_s:.0f} s spent; {key} and later shapes not recorded")
@@ -236,31 +243,43 @@ def sweep(
                     continue
                 tiles.TILE_OVERRIDES[key] = tuple(config)
                 try:
-                    spills = spill_reader(fn)  # the warm-up launch: compiles
-                    torch.cuda.synchronize() if device == "cuda" else None
-                    spilled = {k: b for k, b in spills.items() if b > 0}
-                    if spilled:
-                        log(
-                            f"sweep: {key} {tuple(config)} rejected: spills "
-                            + ", ".join(f"{k} {b} B" for k, b in sorted(spilled.items()))
-                        )
-                        continue
-                    times[tuple(config)] = timer(fn)
-                except Exception as exc:  # a candidate that does not compile or launch is not a pick
-                    log(f"sweep: {key} {config} failed: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
+                    _time_candidate(tuple(config), key, fn, times, timer, spill_reader, log, device)
                 finally:
                     del tiles.TILE_OVERRIDES[key]
             if not times:
                 log(f"sweep: {shape.name} {key}: no candidate timed; nothing recorded")
                 continue
             best = min(times, key=times.__getitem__)
-            entries[key] = list(best)
+            if best != WHOLE_WINDOW:
+                entries[key] = list(best)
             log(
                 f"sweep: {shape.name} {key}: "
                 + ", ".join(f"{c}={t * 1000:.1f}us" for c, t in times.items())
-                + f" -> {best}"
+                + (f" -> {best}" if best != WHOLE_WINDOW else " -> the whole-window default; nothing recorded")
             )
     return entries
+
+
+WHOLE_WINDOW = "whole-window"  # the forward's whole-window programs (tiles.forward_window_tiles) among the timings
+
+
+def _time_candidate(config, key, fn, times, timer, spill_reader, log, device) -> None:
+    """Time fn (the launch as the overrides set it) into times[config], unless its warm-up launch spills or
+    fails (logged)."""
+    import torch
+
+    try:
+        spills = spill_reader(fn)  # the warm-up launch: compiles
+        torch.cuda.synchronize() if device == "cuda" else None
+        spilled = {k: b for k, b in spills.items() if b > 0}
+        if spilled:
+            log(
+                f"sweep: {key} {config} rejected: spills " + ", ".join(f"{k} {b} B" for k, b in sorted(spilled.items()))
+            )
+            return
+        times[config] = timer(fn)
+    except Exception as exc:  # a candidate that does not compile or launch is not a pick
+        log(f"sweep: {key} {config} failed: {type(exc).__name__}: {str(exc).splitlines()[-1][:200]}")
 
 
 def write(entries: Dict[str, list], path: str, device_name: str, arch: int) -> None:
