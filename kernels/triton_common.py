@@ -144,6 +144,24 @@ def _load_rows(P_QKV, P_BIAS, o_tok, m_rows, m_pad, cols, stride_t, HAS_BIAS: tl
 
 
 @triton.jit
+def _widen(x, dtype: tl.constexpr):
+    """x in `dtype`, the compute dtype. Compiled, bf16 to fp32 takes one bit operation per element (of a packed pair:
+    the low one shifted up, the high one masked), where Triton's conversion takes a permute and a shift for
+    the high one; exact either way (a bf16 is the top half of its fp32)."""
+    if _FAST_EXP:
+        if x.dtype == tl.bfloat16 and dtype == tl.float32:
+            return tl.inline_asm_elementwise(
+                "{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }",
+                "=r,=r,r",
+                [x],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=2,
+            )
+    return x.to(dtype)
+
+
+@triton.jit
 def _row_norm(b_x):
     """[ROWS] max(||x||, 1e-12) of each row of b_x (compute dtype)."""
     return tl.maximum(tl.sqrt(tl.sum(b_x * b_x, axis=1)), 1e-12)
@@ -152,7 +170,7 @@ def _row_norm(b_x):
 @triton.jit
 def _l2_normalize(b_x, CDT: tl.constexpr):
     """x / max(||x||, 1e-12) per row in the compute dtype, and the clamped norm max(||x||, 1e-12)."""
-    b_x = b_x.to(CDT)
+    b_x = _widen(b_x, CDT)
     b_r = _row_norm(b_x)
     # one division per row, a multiply per element (within an ulp of dividing each element)
     return b_x * (1.0 / b_r)[:, None], b_r
@@ -187,7 +205,7 @@ def _bias_tile(P_BIAS_H, o_m, o_n, m_m, m_n, N: tl.constexpr, EVEN: tl.constexpr
 def _logits(b_qk, b_bias, o_reg_m, o_reg_n, m_n, mask_value, MASKED: tl.constexpr, MASK_N: tl.constexpr):
     """[BLOCK_M, BLOCK_N] logits from the scaled cosines b_qk: + position bias + shift mask (MASKED: shifted
     windows on the border); -inf for keys beyond the window (only when the key tile does not divide N)."""
-    b_s = b_qk + b_bias.to(b_qk.dtype)
+    b_s = b_qk + _widen(b_bias, b_qk.dtype)
     if MASKED:
         b_s += tl.where(o_reg_m[:, None] != o_reg_n[None, :], mask_value, 0.0)
     if MASK_N:

@@ -57,6 +57,7 @@ from .triton_common import (
     _logits,
     _row_norm,
     _tile_mask,
+    _widen,
     _window_of,
     _window_rows,
 )
@@ -159,7 +160,7 @@ def _fwd_window_rows(
     o_m = start_m + tl.arange(0, ROWS)
     m_m = _in_window(o_m, N_ROWS, ROWS)
     o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
-    b_q = _load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, cols, stride_t, HAS_BIAS).to(CDT)
+    b_q = _widen(_load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, cols, stride_t, HAS_BIAS), CDT)
     b_qs = (b_q * (b_scale / _row_norm(b_q))[:, None]).to(DDT)
     # [ROWS, BLOCK_N]
     o_n = tl.arange(0, BLOCK_N)
@@ -340,7 +341,7 @@ def _window_attention_fwd_kernel(
         # [BLOCK_M, BLOCK_D]: q times scale / max(||q||, 1e-12), one factor per row (the backward keeps the
         # normalised q apart); natural logits; the softmax takes 2^x with log2(e) folded into the
         # subtraction of the row max (one multiply-add per score)
-        b_q = _load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, cols, stride_qkv_t, HAS_BIAS).to(CDT)
+        b_q = _widen(_load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, cols, stride_qkv_t, HAS_BIAS), CDT)
         b_qs = (b_q * (b_scale / _row_norm(b_q))[:, None]).to(DDT)
         # [BLOCK_M]
         b_m = tl.full([BLOCK_M], float("-inf"), dtype=CDT)
