@@ -47,7 +47,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from swinv2_fast.kernels import tiles
 from swinv2_fast.kernels.geometry import WindowGeometry
@@ -226,7 +226,7 @@ def sweep(
                     f"warps and num_stages=1): no bwd candidate has an effect; nothing timed or recorded"
                 )
                 continue
-            times: Dict[object, float] = {}
+            times: Dict[Union[str, Tuple[int, ...]], float] = {}
             if direction == "fwd" and tiles.forward_window_tiles(n, shape.head_dim, dtype, arch) is not None:
                 # the whole-window programs, which any fwd override replaces: timed first, and where they are the
                 # fastest nothing is recorded (the default stays)
@@ -250,7 +250,7 @@ def sweep(
                 log(f"sweep: {shape.name} {key}: no candidate timed; nothing recorded")
                 continue
             best = min(times, key=times.__getitem__)
-            if best != WHOLE_WINDOW:
+            if not isinstance(best, str):  # a candidate's tiles (the whole-window default is recorded as nothing)
                 entries[key] = list(best)
             log(
                 f"sweep: {shape.name} {key}: "
