@@ -184,7 +184,8 @@ def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
 def _forward_stages_16bit(n: int) -> Optional[int]:
     """num_stages of the 16-bit forward at head_dim <= 32 without a record: 1 (no software pipelining: fewer
     instructions and registers; by the cost report est/floor 1.27 -> 1.15 at N = 49, 4.43 -> 3.90 at N = 144
-    with its (64, 32, 4) tiles, 4.08 -> 3.84 at N = 576) from N = 49 up, but at N = 64 (at its floor) and
+    with its (64, 32, 4) tiles, 4.08 -> 3.84 at N = 576; the whole-window programs at N = 144 take it too,
+    unmeasured with more) from N = 49 up, but at N = 64 (at its floor) and
     where 128 rows divide N; None (Triton's default) there and below N = 49 (not measured)."""
     return None if n < 49 or n == 64 or n % 128 == 0 else 1
 
@@ -194,9 +195,10 @@ def _forward_stages_16bit(n: int) -> Optional[int]:
 # 128-key tile and a tail of 16 (BLOCK_T), and runs the window's query rows in blocks of 64 over them, each row's
 # scores whole (no online softmax); the last 16 rows a block of their own (`forward_query_tail`) in the windows
 # without the shift mask. By the static cost report (bf16, sm_90, H200 estimate over the forward floor): 3.90 ->
-# 1.80 (38.4 -> 17.7 instructions per score, k and v read once per window instead of once per query block). Not
-# on sm_80: there every warp holds the keys for its dots (mma.sync operands in registers; wgmma reads them from
-# shared memory) and the build spills 64-224 B; 8 warps replicate the scores' rows and run twice the exponentials.
+# 1.91 (38.4 -> 18.8 instructions per score, k and v read once per window instead of once per query block). Only
+# on sm_90, the architecture the spill gate compiles with wgmma; not on sm_80: there every warp holds the keys for
+# its dots (mma.sync operands in registers; wgmma reads them from shared memory) and the build spills 64-224 B.
+# 8 warps replicate the scores' rows and run twice the exponentials.
 # The border launch (with the shift mask) runs 3 x 64 rows, the last masked: with the 16-row block it spills 16-32 B.
 _FWD_WINDOW = {144: (64, 128, 16)}  # N -> (BLOCK_M, BLOCK_N, BLOCK_T), BLOCK_N + BLOCK_T == N
 _FWD_WINDOW_WARPS = 4
@@ -206,12 +208,12 @@ def forward_window_tiles(n: int, head_dim: int, dtype: torch.dtype, arch: int) -
     """(BLOCK_M, BLOCK_N, BLOCK_T, num_warps) of the forward's whole-window programs for windows of n tokens, heads
     of head_dim channels, the projection's dtype and sm_<arch> (see `_FWD_WINDOW`), or None (the row-block
     programs of `block_config`'s tiles; also where a tile sweep's record or an override sets the forward's
-    tiles)."""
+    tiles: an override of None masks a record, as the sweep does when it times these programs)."""
     if (
         n not in _FWD_WINDOW
         or head_dim != 32
         or dtype not in FUSED_DTYPES
-        or arch < 90
+        or arch != 90
         or _tuned(n, head_dim, dtype, False, arch) is not None
     ):
         return None
@@ -235,7 +237,7 @@ def forward_query_tail(n: int, block_m: int, masked: bool) -> int:
 # record or override the launch gets the tables' tiles, `register_cap`'s budget and `launch_stages`'s
 # num_stages (None for most: Triton's default, 3 on CUDA).
 TUNED_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "maxnreg", "num_stages")
-TILE_OVERRIDES: Dict[str, Tuple[int, int, int, int, int]] = {}
+TILE_OVERRIDES: Dict[str, Optional[Tuple[int, int, int, int, int]]] = {}
 TUNED_TILES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_tiles.json")
 
 
@@ -283,8 +285,9 @@ def _tuned(
     if name is None:
         return None
     key = f"{name}/hd{head_dim}/N{n}/{'bwd' if backward else 'fwd'}"
-    if key in TILE_OVERRIDES:
-        return tuned_entry(TILE_OVERRIDES[key], f"TILE_OVERRIDES[{key!r}]")
+    if key in TILE_OVERRIDES:  # None: the tables' defaults, whatever a record says (the sweep times them so)
+        value = TILE_OVERRIDES[key]
+        return None if value is None else tuned_entry(value, f"TILE_OVERRIDES[{key!r}]")
     if INTERPRETED or not torch.cuda.is_available():
         return None
     if arch is None:
@@ -337,9 +340,8 @@ def register_cap(
     compiles without spills, MAXNREG elsewhere. 128 for the 16-bit forward at head_dim 16 or 32 (channel
     tiles without a mask) on sm_90 and later without padding, with Triton 3.8 or later: at n == 64 (one key
     block, the bias tile held in registers across the program's windows), where 128 divides n ((128, 64, 8)
-    tiles) and at n = 144 ((64, 32, 4): head_dim 16, and 32 where a tile sweep's record or an override replaces
-    the whole-window programs; other n on those tiles are not in the spill gate). The whole-window forward
-    (`forward_window_tiles`) is uncapped. Uncapped: sm_80,
+    tiles) and at n = 144 ((64, 32, 4) at head_dim 16: head_dim 32 runs the whole-window programs there,
+    uncapped, `forward_window_tiles`; other n on those tiles are not in the spill gate). Uncapped: sm_80,
     masked channel tiles, n = 49 and 576 ((64, 64, 4): a masked tile, or too many live values), a padded grid
     and Triton before 3.8, whose builds spill at 128 (the spill bytes are in the compile check's candidate
     table, benchmarks/results/compile_check_candidates.txt). A tile sweep's record for sm_<arch> or an
@@ -348,7 +350,7 @@ def register_cap(
     if tuned is not None:
         return tuned[3]
     if not backward and forward_window_tiles(n, head_dim, dtype, arch) is not None:
-        return MAXNREG  # its keys, the scores' whole rows: 218-254 registers
+        return MAXNREG  # its keys, the scores' whole rows: 205-255 registers
     if (
         not backward
         and dtype in (torch.float16, torch.bfloat16)

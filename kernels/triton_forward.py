@@ -19,8 +19,9 @@ online softmax); for each window:
      then pads). Rows that land on padding read the projection of a zero token: the q/k/v bias.
   2. q and k rows are L2-normalised in fp32 (x / max(||x||, 1e-12)); q is multiplied by the clamped
      logit scale (computed on the host: exp(min(logit_scale, log 100))).
-  3. Key blocks of the same window stream through an online softmax: scores + bias tile + shift mask (the
-     reference's finite value, from each token's shift region, computed here; no mask tensor is read).
+  3. Key blocks of the same window stream through an online softmax (whole-window programs: the window's keys
+     are all loaded, so each row's scores are whole): scores + bias tile + shift mask (the reference's finite
+     value, from each token's shift region, computed here; no mask tensor is read).
   4. Output rows are stored at the token they came from (window reverse, reverse shift and crop are the
      store's addressing); padded rows are not stored.
 
@@ -296,6 +297,9 @@ def _window_attention_fwd_kernel(
     p_qkv_h = QKV + i_h * HEAD_DIM
     p_bias = QKV_BIAS + i_h * HEAD_DIM
     if WHOLE_WINDOW:
+        # the key tiles hold the window, none masked but beyond it in a lone tile; the row blocks end at the tail
+        tl.static_assert((N <= BLOCK_N) if BLOCK_T == 0 else (N == BLOCK_N + BLOCK_T))
+        tl.static_assert((M_TAIL == 0) or ((N - M_TAIL) % BLOCK_M == 0 and M_TAIL < BLOCK_M))
         flags: tl.constexpr = (N, BLOCK_N, BLOCK_T, MASKED, HAS_BIAS, FULL_DOT)
         p_table_h = POSITION_BIAS + i_h * N * N
         for i_bw in range(i_first, tl.minimum(i_first + WINDOWS_PER_PROGRAM, NUM_BW)):

@@ -242,9 +242,11 @@ def test_package_imports_and_runs_eager_without_triton(tmp_path):
 
 def test_whole_window_programs_serve_window_12_at_head_dim_32_in_16_bit_on_sm_90():
     assert tiles.forward_window_tiles(144, 32, torch.bfloat16, 90) == (64, 128, 16, 4)
-    assert tiles.forward_window_tiles(144, 32, torch.float16, 100) == (64, 128, 16, 4)
+    assert tiles.forward_window_tiles(144, 32, torch.float16, 90) == (64, 128, 16, 4)
     for n, head_dim, dtype, arch in [
         (144, 32, torch.bfloat16, 80),  # mma.sync: every warp would hold the keys (spills)
+        (144, 32, torch.bfloat16, 100),  # not in the spill gate
+        (144, 32, torch.bfloat16, 120),
         (144, 32, torch.float32, 90),
         (144, 16, torch.bfloat16, 90),
         (256, 32, torch.bfloat16, 90),
@@ -259,6 +261,27 @@ def test_whole_window_programs_serve_window_12_at_head_dim_32_in_16_bit_on_sm_90
 
 
 def test_a_forward_override_runs_row_block_programs(monkeypatch):
-    """A tile sweep's override (or record) for the forward sets its tiles: the row-block programs run them."""
-    monkeypatch.setitem(tiles.TILE_OVERRIDES, "bf16/hd32/N144/fwd", (64, 32, 4, 255, 1))
+    """A tile sweep's override (or record) for the forward sets its tiles, register budget and stages: the
+    row-block programs run them. An override of None masks a record: the whole-window programs again."""
+    from swinv2_fast.kernels.geometry import WindowGeometry
+    from swinv2_fast.kernels.launch import launch_dims, launch_flags
+
+    qkv = torch.empty(2, 48 * 48, 3 * 64, dtype=torch.bfloat16, device="meta")
+    geometry = WindowGeometry.from_args(grid_size=(48, 48), num_heads=2, window_size=12, shift_size=6)
+    grid, heads, window, shift, order = geometry.as_op_args()[:5]
+    dims = launch_dims(qkv, grid, heads, window, shift, order)
+    flags = launch_flags(qkv, None, order, 32, dims)
+    assert flags["WHOLE_WINDOW"] and (flags["BLOCK_M"], flags["BLOCK_N"], flags["BLOCK_T"]) == (64, 128, 16)
+    monkeypatch.setitem(tiles.TILE_OVERRIDES, "bf16/hd32/N144/fwd", (64, 32, 4, 200, 2))
     assert tiles.forward_window_tiles(144, 32, torch.bfloat16, 90) is None
+    flags = launch_flags(qkv, None, order, 32, dims)
+    assert "WHOLE_WINDOW" not in flags and "BLOCK_T" not in flags
+    assert (flags["BLOCK_M"], flags["BLOCK_N"], flags["num_warps"], flags["maxnreg"], flags["num_stages"]) == (
+        64,
+        32,
+        4,
+        200,
+        2,
+    )
+    monkeypatch.setitem(tiles.TILE_OVERRIDES, "bf16/hd32/N144/fwd", None)
+    assert tiles.forward_window_tiles(144, 32, torch.bfloat16, 90) == (64, 128, 16, 4)

@@ -164,15 +164,16 @@ def test_sweep_rejects_spilling_candidates_and_skips_bwd_where_the_fused_kernel_
 
 def test_sweep_times_the_whole_window_forward_and_records_a_pick_only_where_it_is_slower():
     """Window 12 in bf16 at head_dim 32 (whole-window forward programs on sm_90, the stand-in run's arch): the
-    default is timed with no override set beside the candidates; nothing is recorded for the forward where it is
-    the fastest (a record would replace it), the faster candidate where it is not."""
+    default is timed beside the candidates, with a record masked (an override of None); nothing is recorded for
+    the forward where it is the fastest (a record would replace it), the faster candidate where it is not."""
     shape = sweep.SweepShape("w12-toy", 1, 24, 1, 32, 12)
     candidates = {"fwd": [(64, 32, 4, 255, 1), (64, 64, 4, 255, 1)], "bwd": []}
     for whole_window_us, expected in [(1.0, {}), (3.0, {"bf16/hd32/N144/fwd": [64, 64, 4, 255, 1]})]:
         timed, logs = [], []
 
         def timer(fn, whole_window_us=whole_window_us, timed=timed):
-            config = next(iter(tiles.TILE_OVERRIDES.values()), sweep.WHOLE_WINDOW)
+            ((_key, config),) = tiles.TILE_OVERRIDES.items()  # None: the defaults, a record masked
+            config = config or sweep.WHOLE_WINDOW
             timed.append(config)
             return {sweep.WHOLE_WINDOW: whole_window_us, (64, 32, 4, 255, 1): 4.0}.get(config, 2.0)
 

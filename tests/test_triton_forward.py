@@ -120,11 +120,12 @@ def test_several_windows_per_program(B, grid, heads, head_dim, window, shift, pa
 
 # Whole-window programs (window 12 at head_dim 32: a 128-key tile and a 16-key tail, query blocks of 64 and a
 # 16-row tail where the launch has no shift mask): unshifted, shifted (both launches), padded in either order,
-# several windows per program and one, a q/k/v bias or none.
+# several windows per program and one, a last program with fewer, a q/k/v bias or none (B3: none).
 WHOLE_WINDOW_SHAPES = [
     pytest.param(2, (24, 24), 1, 32, 12, 6, 2, id="B2-24x24-h1d32-w12s6-wpp2"),
     pytest.param(3, (24, 24), 1, 32, 12, 0, 4, id="B3-24x24-h1d32-w12s0-wpp4"),
     pytest.param(1, (30, 26), 2, 32, 12, 6, 1, id="B1-30x26-h2d32-w12s6-wpp1-padded"),
+    pytest.param(3, (30, 26), 1, 32, 12, 6, 2, id="B3-30x26-h1d32-w12s6-wpp2-padded"),  # a program of 1 window
 ]
 
 

@@ -249,7 +249,7 @@ def _fwd_loops(a, grid):
     """The forward's key-block loop (absent where one block covers the window: a loop of one trip is
     unrolled) inside its loop over the program's windows, at the launch's mean windows per program; in
     whole-window programs (WHOLE_WINDOW) the loop over the window's query blocks instead of the key-block loop
-    (the 16-row tail, M_TAIL, after it), the windows per program."""
+    (the 16-row tail, M_TAIL, straight code before it), the windows per program."""
     if a.get("WHOLE_WINDOW"):
         q = cdiv(a["N"] - a.get("M_TAIL", 0), a["BLOCK_M"])
         return ([q] if q > 1 else []) + [a["NUM_BW"] / grid[0]]

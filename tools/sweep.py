@@ -61,8 +61,8 @@ from .launches import _short, _torch_dtype, cubin_listings, replaced_kernels, re
 # (BLOCK_M, BLOCK_N, num_warps, maxnreg, num_stages). The defaults of block_config/register_cap/launch_stages
 # are among them: the forward's (64, 64, 4, 128, 3) at N = 64 on sm_90 and (128, 64, 8, 128, 3) where 128
 # divides N on sm_90 (3: what the launches get without passing any, Triton's default on CUDA), its
-# (64, 64, 4, 255, 1) (N = 49, 576) and (64, 32, 4, 128, 1) (N = 144 on sm_90 under a record: the default there
-# is the whole-window programs, timed beside the candidates); the 16-bit backward's
+# (64, 64, 4, 255, 1) (N = 49, 576) and (64, 32, 4, 128, 1) (N = 144 on sm_90 at head_dim 16; at head_dim 32 the
+# default there is the whole-window programs, timed beside the candidates); the 16-bit backward's
 # (64, 64, 4, 255, 1) at head_dim 32 at N = 49 and beyond N = 64. Variants of those: other num_stages (1: no software
 # pipelining, fewer live registers), register caps and warps, and the earlier defaults (the forward's
 # (64, 64, 4, 255, 3), the backward's (64, 32, 8, 255, 3)). (The backward's (64, 64, 4) tiles with 3 stages spill on
@@ -93,7 +93,8 @@ def candidate_applies(config, n: int, head_dim: int, dtype, backward: bool, arch
     """Whether a candidate is tried at a shape on sm_<arch>: uncapped ones (maxnreg MAXNREG) everywhere; a
     register-capped one only where `register_cap` itself caps at that budget, on the tiles the cap was checked
     with there (block_config's: the 16-bit forward's (64, 64, 4) at N = 64, (128, 64, 8) where 128 divides N,
-    (64, 32, 4) at N = 144, on sm_90 with triton 3.8; elsewhere a 128-register cap spills: see register_cap).
+    (64, 32, 4) at N = 144 and head_dim 16, on sm_90 with triton 3.8; elsewhere a 128-register cap spills: see
+    register_cap).
     Asked with no override set for that shape (register_cap and block_config would return the override's)."""
     if config[3] >= MAXNREG:
         return True
@@ -227,10 +228,15 @@ def sweep(
                 )
                 continue
             times: Dict[Union[str, Tuple[int, ...]], float] = {}
-            if direction == "fwd" and tiles.forward_window_tiles(n, shape.head_dim, dtype, arch) is not None:
-                # the whole-window programs, which any fwd override replaces: timed first, and where they are the
-                # fastest nothing is recorded (the default stays)
-                _time_candidate(WHOLE_WINDOW, key, fn, times, timer, spill_reader, log, device)
+            if direction == "fwd":
+                # the whole-window programs, which a record or any fwd override replaces: timed first with the record
+                # masked (an override of None), and where they are the fastest nothing is recorded (the default stays)
+                tiles.TILE_OVERRIDES[key] = None
+                try:
+                    if tiles.forward_window_tiles(n, shape.head_dim, dtype, arch) is not None:
+                        _time_candidate(WHOLE_WINDOW, key, fn, times, timer, spill_reader, log, device)
+                finally:
+                    del tiles.TILE_OVERRIDES[key]
             for config in candidates[direction]:
                 if time.monotonic() - start > budget_s:
                     log(f"sweep: budget of {budget_s:.0f} s spent; {key} and later shapes not recorded")
