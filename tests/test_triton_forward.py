@@ -56,6 +56,12 @@ def test_forward_fp16_error_is_that_of_pytorch(B, grid, heads, head_dim, window,
     against an fp64 reference is at most twice the eager reference's own fp16 error."""
     inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=table_dtype)
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    _assert_fp16_error_is_that_of_pytorch(inputs, kwargs)
+
+
+def _assert_fp16_error_is_that_of_pytorch(inputs, kwargs):
+    """The kernel's fp16 output against an fp64 reference: at most LOW_PRECISION_FACTOR times the eager
+    reference's own fp16 error (plus a tenth of the floor)."""
     exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
     eager = window_attention_naive(*inputs, **kwargs)
     out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
@@ -179,13 +185,8 @@ def test_whole_window_programs_fp16_error_is_that_of_pytorch(
     within PyTorch's own fp16 error."""
     recorder = _whole_window_launches(monkeypatch, per_program)
     inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=table_dtype)
-    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
-    exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
-    eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
-    out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
-    kernel_error = (out.double() - exact).abs().max().item()
-    assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
-        f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}"
+    _assert_fp16_error_is_that_of_pytorch(
+        inputs, dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
     )
     if tiles.forward_window_tiles(144, 32, torch.float16, device_arch(inputs[0])) is not None:  # not on sm_80
         _assert_whole_window(recorder, shift)
@@ -199,13 +200,8 @@ def test_several_windows_per_program_fp16(B, grid, heads, head_dim, window, shif
     monkeypatch.setattr(tk, "FORWARD_WINDOWS_PER_PROGRAM", 4)
     monkeypatch.setattr(tk, "_multiprocessors", lambda t: 1)
     inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=table_dtype)
-    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
-    exact = window_attention_naive(*[t.double() if t is not None else None for t in inputs], **kwargs)
-    eager_error = (window_attention_naive(*inputs, **kwargs).double() - exact).abs().max().item()
-    out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
-    kernel_error = (out.double() - exact).abs().max().item()
-    assert kernel_error <= LOW_PRECISION_FACTOR * eager_error + LOW_PRECISION_FLOOR * 0.1, (
-        f"kernel fp16 error {kernel_error:.3e} vs eager fp16 error {eager_error:.3e}"
+    _assert_fp16_error_is_that_of_pytorch(
+        inputs, dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
     )
 
 
