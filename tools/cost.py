@@ -250,9 +250,9 @@ def _fwd_loops(a, grid):
     unrolled) inside its loop over the program's windows, at the launch's mean windows per program; in
     whole-window programs (WHOLE_WINDOW) the loop over the window's query blocks instead of the key-block loop
     (the 16-row tail, M_TAIL, straight code before it), the windows per program."""
-    if a.get("WHOLE_WINDOW"):
+    if a.get("WHOLE_WINDOW"):  # at one window per program the compiler drops the window loop
         q = cdiv(a["N"] - a.get("M_TAIL", 0), a["BLOCK_M"])
-        return ([q] if q > 1 else []) + [a["NUM_BW"] / grid[0]]
+        return ([q] if q > 1 else []) + ([a["NUM_BW"] / grid[0]] if a["WINDOWS_PER_PROGRAM"] > 1 else [])
     kv = cdiv(a["N"], a["BLOCK_N"])
     windows = a["NUM_BW"] * cdiv(a["N"], a["BLOCK_M"]) / grid[0]
     return ([kv] if kv > 1 else []) + [windows]
