@@ -258,8 +258,14 @@ MUTANTS = [
     Mutant(
         "kernel-window-loop-first-only",
         KERNEL,
-        "    for i_bw in range(i_first, tl.minimum(i_first + WINDOWS_PER_PROGRAM, NUM_BW)):\n        i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n        p_qkv = p_qkv_h + i_b * stride_qkv_b\n        # [BLOCK_M]",
-        "    for i_bw in range(i_first, tl.minimum(i_first + 1, NUM_BW)):\n        i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n        p_qkv = p_qkv_h + i_b * stride_qkv_b\n        # [BLOCK_M]",
+        "    for i_bw in range(i_first, tl.minimum(i_first + WINDOWS_PER_PROGRAM, NUM_BW)):\n"
+        "        i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
+        "        p_qkv = p_qkv_h + i_b * stride_qkv_b\n"
+        "        # [BLOCK_M]",
+        "    for i_bw in range(i_first, tl.minimum(i_first + 1, NUM_BW)):\n"
+        "        i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
+        "        p_qkv = p_qkv_h + i_b * stride_qkv_b\n"
+        "        # [BLOCK_M]",
         (f"{FWD}::test_several_windows_per_program", "-k", "not fp16"),
         "a program runs every window of its group, not the first only",
     ),
