@@ -117,14 +117,20 @@ def device_arch(t: torch.Tensor) -> int:
     return 90
 
 
-def launch_flags(qkv, qkv_bias, pad_order: str, head_dim: int, dims: LaunchDims, backward: bool = False) -> dict:
-    """The kernels' compile-time flags and launch options. Without padding the padding order and the bias
-    change nothing the kernels compute (no row reads the bias), so they are not told apart: fewer
-    specialisations."""
+def launch_flags(
+    qkv, qkv_bias, pad_order: str, head_dim: int, dims: LaunchDims, backward: bool = False, masked: bool = True
+) -> dict:
+    """The kernels' compile-time flags and launch options; a forward launch's depend on whether its windows have
+    the shift mask (`masked`: not the windows off a shifted grid's border, nor an unshifted grid's). Without
+    padding the padding order and the bias change nothing the kernels compute (no row reads the bias), so they
+    are not told apart: fewer specialisations."""
     arch = device_arch(qkv)  # the launch's device: a tile sweep's record applies on its architecture only
-    window = None if backward else forward_window_tiles(dims.N, head_dim, qkv.dtype, arch)
+    shifted = dims.SH > 0 or dims.SW > 0
+    window = None if backward else forward_window_tiles(dims.N, head_dim, qkv.dtype, arch, masked and shifted)
+    whole: dict = {}
     if window is not None:  # whole-window programs (the forward's WHOLE_WINDOW, BLOCK_T)
         block_m, block_n, block_t, num_warps = window
+        whole = dict(WHOLE_WINDOW=True, BLOCK_T=block_t)
     else:
         block_m, block_n, num_warps = block_config(dims.N, head_dim, qkv.dtype, backward, arch)
     padded = dims.HP * dims.WP != dims.H * dims.W
@@ -133,16 +139,15 @@ def launch_flags(qkv, qkv_bias, pad_order: str, head_dim: int, dims: LaunchDims,
         BLOCK_D=channel_block(head_dim),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        SHIFTED=dims.SH > 0 or dims.SW > 0,
+        SHIFTED=shifted,
         PADDED=padded,
         ROLL_THEN_PAD=padded and pad_order == ROLL_THEN_PAD,
         HAS_BIAS=padded and qkv_bias is not None,
         FULL_DOT=qkv.dtype in (torch.float32, torch.float64),
         num_warps=num_warps,
-        maxnreg=register_cap(dims.N, head_dim, qkv.dtype, backward, arch, padded),
+        maxnreg=register_cap(dims.N, head_dim, qkv.dtype, backward, arch, padded, bool(whole)),
+        **whole,
     )
-    if window is not None:
-        flags.update(WHOLE_WINDOW=True, BLOCK_T=block_t)
     stages = launch_stages(dims.N, head_dim, qkv.dtype, backward, arch)
     if stages is not None:  # a sweep's record or override, or the 16-bit tables' (tiles.launch_stages)
         flags["num_stages"] = stages

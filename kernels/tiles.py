@@ -173,7 +173,8 @@ def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
     elsewhere 32-wide key tiles (N = 144 = 2 x 64 + 16: the last key tile pads 16 keys instead of 48;
     est/floor 4.43 -> 3.90 on sm_90, under `register_cap`'s 128 registers: 16 resident warps per SM. Over 2
     warps it was 3.47 by the model, but 201 registers: 8 resident warps, too few to hide latency). At head_dim
-    32 on sm_90 N = 144 runs whole-window programs instead (`forward_window_tiles`), these tiles on sm_80."""
+    32 on sm_90 N = 144 runs whole-window programs instead (`forward_window_tiles`), these tiles on sm_80; so does
+    N = 256 in the launches without the shift mask, these tiles in the border launch and on sm_80."""
     if n % 128 == 0:
         return (128, 64, 8)
     if n <= 64 or n % 64 == 0:
@@ -200,17 +201,26 @@ def _forward_stages_16bit(n: int) -> Optional[int]:
 # its dots (mma.sync operands in registers; wgmma reads them from shared memory) and the build spills 64-224 B.
 # 8 warps replicate the scores' rows and run twice the exponentials.
 # The border launch (with the shift mask) runs 3 x 64 rows, the last masked: with the 16-row block it spills 16-32 B.
-_FWD_WINDOW = {144: (64, 128, 16)}  # N -> (BLOCK_M, BLOCK_N, BLOCK_T), BLOCK_N + BLOCK_T == N
+# At N = 256 (window 16) the 128-key tail joins the first 128 keys by one online-softmax step (the kernel's
+# MERGE_TAIL): whole rows of 256 scores spill 40 B. Only the launch without the shift mask runs them (the windows
+# off the shifted border, or an unshifted grid): with the mask the build spills 72-120 B, so the border launch
+# runs the row-block programs.
+_FWD_WINDOW = {144: (64, 128, 16), 256: (64, 128, 128)}  # N -> (BLOCK_M, BLOCK_N, BLOCK_T), BLOCK_N + BLOCK_T == N
+_FWD_WINDOW_MASKED = (144,)  # the N whose launches with the shift mask run them too
 _FWD_WINDOW_WARPS = 4
 
 
-def forward_window_tiles(n: int, head_dim: int, dtype: torch.dtype, arch: int) -> Optional[Tuple[int, int, int, int]]:
+def forward_window_tiles(
+    n: int, head_dim: int, dtype: torch.dtype, arch: int, masked: bool = False
+) -> Optional[Tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, BLOCK_T, num_warps) of the forward's whole-window programs for windows of n tokens, heads
-    of head_dim channels, the projection's dtype and sm_<arch> (see `_FWD_WINDOW`), or None (the row-block
-    programs of `block_config`'s tiles; also where a tile sweep's record or an override sets the forward's
-    tiles: an override of None masks a record, as the sweep does when it times these programs)."""
+    of head_dim channels, the projection's dtype and sm_<arch>, in a launch whose windows have the shift mask
+    (`masked`) or not (see `_FWD_WINDOW`), or None (the row-block programs of `block_config`'s tiles; also where a
+    tile sweep's record or an override sets the forward's tiles: an override of None masks a record, as the
+    sweep does when it times these programs)."""
     if (
         n not in _FWD_WINDOW
+        or (masked and n not in _FWD_WINDOW_MASKED)
         or head_dim != 32
         or dtype not in FUSED_DTYPES
         or arch != 90
@@ -334,14 +344,20 @@ def launch_stages(
 
 
 def register_cap(
-    n: int, head_dim: int, dtype: torch.dtype, backward: bool = False, arch: int = 90, padded: bool = False
+    n: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    backward: bool = False,
+    arch: int = 90,
+    padded: bool = False,
+    whole_window: bool = False,
 ) -> int:
     """ptxas's register budget per thread for the kernels of this configuration on sm_<arch>: 128 where that
     compiles without spills, MAXNREG elsewhere. 128 for the 16-bit forward at head_dim 16 or 32 (channel
     tiles without a mask) on sm_90 and later without padding, with Triton 3.8 or later: at n == 64 (one key
     block, the bias tile held in registers across the program's windows), where 128 divides n ((128, 64, 8)
-    tiles) and at n = 144 ((64, 32, 4) at head_dim 16: head_dim 32 runs the whole-window programs there,
-    uncapped, `forward_window_tiles`; other n on those tiles are not in the spill gate). Uncapped: sm_80,
+    tiles) and at n = 144 ((64, 32, 4) at head_dim 16; other n on those tiles are not in the spill gate).
+    Uncapped: the forward's whole-window programs (`whole_window`, `forward_window_tiles`), sm_80,
     masked channel tiles, n = 49 and 576 ((64, 64, 4): a masked tile, or too many live values), a padded grid
     and Triton before 3.8, whose builds spill at 128 (the spill bytes are in the compile check's candidate
     table, benchmarks/results/compile_check_candidates.txt). A tile sweep's record for sm_<arch> or an
@@ -349,8 +365,8 @@ def register_cap(
     tuned = _tuned(n, head_dim, dtype, backward, arch)
     if tuned is not None:
         return tuned[3]
-    if not backward and forward_window_tiles(n, head_dim, dtype, arch) is not None:
-        return MAXNREG  # its keys, the scores' whole rows: 205-255 registers
+    if whole_window:  # the forward's whole-window programs (`forward_window_tiles`): their keys, the scores' rows
+        return MAXNREG
     if (
         not backward
         and dtype in (torch.float16, torch.bfloat16)

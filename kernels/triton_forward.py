@@ -11,7 +11,8 @@ of it once for several windows (WINDOWS_PER_PROGRAM; see the kernel for how, and
 writes the output; nothing of size N x N reaches memory. The backward recomputes the softmax from q/k/v.
 
 One program handles BLOCK_M query rows of WINDOWS_PER_PROGRAM consecutive windows (of one image or the next),
-for one head, or, in whole-window programs (WHOLE_WINDOW: window 12 on sm_90, `tiles.forward_window_tiles`), every
+for one head, or, in whole-window programs (WHOLE_WINDOW: window 12, and window 16 where a launch has no shift mask, on
+sm_90; `tiles.forward_window_tiles`), every
 query row of its windows, with the window's keys loaded and normalised once and each row's scores whole (no
 online softmax); for each window:
   1. Each row's source token comes from index arithmetic on the load: window -> shifted padded grid ->
@@ -128,6 +129,26 @@ def _fwd_bias_tile(p_bias_m, o_n, m_m, m_n, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _fwd_window_scores(rows, b_kn, o_n, m_n, layout: tl.constexpr, MASK_N: tl.constexpr, EVEN, flags: tl.constexpr):
+    """[ROWS, BLOCK] natural logits of a whole-window program's query rows against the keys o_n (normalised k
+    b_kn): the scaled dot, the bias tile, the shift mask. `rows` = (q scaled, the table's row pointers, the
+    row mask, the rows' shift regions, the window's (row, column), `grid`, the mask value)."""
+    b_qs, p_table_m, m_m, o_reg_m, i_w2, grid, mask_value = rows
+    MASKED: tl.constexpr = flags[3]
+    FULL_DOT: tl.constexpr = flags[5]
+    return _logits(
+        _dot(b_qs, tl.trans(b_kn), FULL_DOT),
+        _fwd_bias_tile(p_table_m, o_n, m_m, m_n, EVEN),
+        o_reg_m,
+        _window_rows(o_n, i_w2, grid, layout, MASKED)[2],  # per block: fewer registers live across blocks
+        m_n,
+        mask_value,
+        MASKED,
+        MASK_N,
+    )
+
+
+@triton.jit
 def _fwd_window_rows(
     start_m,
     ROWS: tl.constexpr,
@@ -142,9 +163,10 @@ def _fwd_window_rows(
 ):
     """The output of query rows start_m to start_m + ROWS of one window (rows from N_ROWS on masked out) in a
     whole-window program (the kernel's WHOLE_WINDOW): the window's keys are all in `keys`, so each row's scores are
-    whole, one pass, no online rescaling. `win` = (the image's projection and the q/k/v bias at the head's q
-    channels, the token stride, the window's (row, column), `grid`, the clamped logit scale, the head's table,
-    the image's output at the head, the output's token stride, the mask value); `keys` = (k normalised, v, of the
+    whole, one pass, no online rescaling (but one step where the tail joins the tile's, MERGE_TAIL). `win` = (the
+    image's projection and the q/k/v bias at the head's q channels, the token stride, the window's (row, column),
+    `grid`, the clamped logit scale, the head's table, the image's output at the head, the output's token stride,
+    the mask value); `keys` = (k normalised, v, of the
     BLOCK_N-key tile; the same of the BLOCK_T-key tail, or the first two again without one), in the dot dtype;
     `flags` = the kernel's compile-time (N, BLOCK_N, BLOCK_T, MASKED, HAS_BIAS, FULL_DOT) (a constexpr tuple
     holds no dtype; the tile widths are read from it as annotated constexprs, which tl.arange needs)."""
@@ -154,6 +176,9 @@ def _fwd_window_rows(
     BLOCK_N: tl.constexpr = flags[1]
     BLOCK_T: tl.constexpr = flags[2]
     TAIL: tl.constexpr = BLOCK_T > 0  # keys BLOCK_N to N in a tile of their own: no key masked
+    # a tail as wide as the tile (N = 256: 2 x 128 keys) joins by an online-softmax step after the tile's scores are
+    # done with: whole rows of 256 fp32 scores and their exponentials do not fit beside the keys' registers
+    MERGE_TAIL: tl.constexpr = BLOCK_T == BLOCK_N
     MASK_N: tl.constexpr = (N < BLOCK_N) and not TAIL
     EVEN_M: tl.constexpr = N_ROWS % ROWS == 0  # no row masked
     o_d, m_d = cols
@@ -163,44 +188,30 @@ def _fwd_window_rows(
     o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
     b_q = _widen(_load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, cols, stride_t, HAS_BIAS), CDT)
     b_qs = (b_q * (b_scale / _row_norm(b_q))[:, None]).to(DDT)
+    p_table_m = p_table + o_m[:, None] * N
+    rows = (b_qs, p_table_m, m_m, o_reg_m, i_w2, grid, mask_value)
     # [ROWS, BLOCK_N]
     o_n = tl.arange(0, BLOCK_N)
-    m_n = _in_window(o_n, N, BLOCK_N)
-    o_reg_n = _window_rows(o_n, i_w2, grid, layout, MASKED)[2]  # per block: fewer registers live across blocks
-    p_table_m = p_table + o_m[:, None] * N
-    b_s = _logits(
-        _dot(b_qs, tl.trans(b_kn), FULL_DOT),
-        _fwd_bias_tile(p_table_m, o_n, m_m, m_n, EVEN_M and not MASK_N),
-        o_reg_m,
-        o_reg_n,
-        m_n,
-        mask_value,
-        MASKED,
-        MASK_N,
-    )
+    b_s = _fwd_window_scores(rows, b_kn, o_n, _in_window(o_n, N, BLOCK_N), layout, MASK_N, EVEN_M and not MASK_N, flags)
     b_max = tl.max(b_s, axis=1)
     if TAIL:
         # [ROWS, BLOCK_T]
         o_t = BLOCK_N + tl.arange(0, BLOCK_T)
         m_t = _in_window(o_t, BLOCK_T, BLOCK_T)
-        o_reg_t = _window_rows(o_t, i_w2, grid, layout, MASKED)[2]
-        b_st = _logits(
-            _dot(b_qs, tl.trans(b_kt), FULL_DOT),
-            _fwd_bias_tile(p_table_m, o_t, m_m, m_t, EVEN_M),
-            o_reg_m,
-            o_reg_t,
-            m_t,
-            mask_value,
-            MASKED,
-            False,
-        )
+    if TAIL and not MERGE_TAIL:
+        b_st = _fwd_window_scores(rows, b_kt, o_t, m_t, layout, False, EVEN_M, flags)
         b_max = tl.maximum(b_max, tl.max(b_st, axis=1))
-    b_mx = (b_max * LOG2E)[:, None]
-    b_p = _exp2(b_s * LOG2E - b_mx)
+    b_mx = b_max * LOG2E
+    b_p = _exp2(b_s * LOG2E - b_mx[:, None])
     b_l = tl.sum(b_p, axis=1)
     b_acc = _dot(b_p.to(DDT), b_v, FULL_DOT)
-    if TAIL:
-        b_pt = _exp2(b_st * LOG2E - b_mx)
+    if MERGE_TAIL:  # the tail's scores once the tile's are done with: one online-softmax step
+        b_st = _fwd_window_scores(rows, b_kt, o_t, m_t, layout, False, EVEN_M, flags)
+        b_max, b_alpha, b_pt = _online_softmax_step_scaled(b_st, b_max)
+        b_l = b_l * b_alpha + tl.sum(b_pt, axis=1)
+        b_acc = b_acc * b_alpha[:, None] + _dot(b_pt.to(DDT), b_vt, FULL_DOT)
+    elif TAIL:
+        b_pt = _exp2(b_st * LOG2E - b_mx[:, None])
         b_l += tl.sum(b_pt, axis=1)
         b_acc += _dot(b_pt.to(DDT), b_vt, FULL_DOT)
     b_out = b_acc * (1.0 / b_l)[:, None]
@@ -272,9 +283,10 @@ def _window_attention_fwd_kernel(
     window, k and v are loaded and k normalised once, as a BLOCK_N-key tile and a BLOCK_T-key tail (BLOCK_N +
     BLOCK_T == N, none masked; BLOCK_T 0 where BLOCK_N holds the window), then the window's query rows run in
     blocks of BLOCK_M against all of them (`_fwd_window_rows`): whole rows of scores, one max, one sum, no
-    rescaling. With M_TAIL > 0 (a power of two: `tiles.forward_query_tail`) the last M_TAIL rows are a block of
-    their own, run first; without, the last block masks its rows beyond the window. On sm_90 the dots read k and
-    v from shared memory (wgmma), so the keys held across the blocks cost shared memory, not registers."""
+    rescaling; a tail as wide as the tile (window 16: 2 x 128 keys) joins the tile's by one online step. With
+    M_TAIL > 0 (a power of two: `tiles.forward_query_tail`) the last M_TAIL rows are a block of their own, run
+    first; without, the last block masks its rows beyond the window. On sm_90 the dots read k and v from shared
+    memory (wgmma), so the keys held across the blocks cost shared memory, not registers."""
     tl.static_assert(N == WH * WW)
     tl.static_assert((WINDOW_SET == 0) | SHIFTED)
     tl.static_assert(WINDOWS_PER_PROGRAM >= 1)
@@ -468,10 +480,10 @@ def window_attention_triton_forward(
     out = torch.empty((B, L, dims.C), device=qkv.device, dtype=qkv.dtype)
     if B == 0:
         return out
-    flags = launch_flags(qkv, qkv_bias, pad_order, head_dim, dims)
-    whole = flags.get("WHOLE_WINDOW", False)  # one program per group of windows: see the kernel
-    row_blocks = 1 if whole else triton.cdiv(dims.N, flags["BLOCK_M"])
     for window_set, windows in window_sets(dims):
+        flags = launch_flags(qkv, qkv_bias, pad_order, head_dim, dims, masked=window_set != INTERIOR_WINDOWS)
+        whole = flags.get("WHOLE_WINDOW", False)  # one program per group of windows: see the kernel
+        row_blocks = 1 if whole else triton.cdiv(dims.N, flags["BLOCK_M"])
         pairs = B * windows  # (image, window) pairs of this launch
         wpp = windows_per_program(pairs, row_blocks, num_heads, _multiprocessors(qkv))
         _window_attention_fwd_kernel[(triton.cdiv(pairs, wpp) * row_blocks, num_heads)](

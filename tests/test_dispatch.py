@@ -240,24 +240,58 @@ def test_package_imports_and_runs_eager_without_triton(tmp_path):
     assert "window 7 fused: False" in result.stdout
 
 
-def test_whole_window_programs_serve_window_12_at_head_dim_32_in_16_bit_on_sm_90():
-    assert tiles.forward_window_tiles(144, 32, torch.bfloat16, 90) == (64, 128, 16, 4)
-    assert tiles.forward_window_tiles(144, 32, torch.float16, 90) == (64, 128, 16, 4)
+def test_whole_window_programs_serve_windows_12_and_16_at_head_dim_32_in_16_bit_on_sm_90():
+    for dtype in (torch.bfloat16, torch.float16):
+        for masked in (False, True):
+            assert tiles.forward_window_tiles(144, 32, dtype, 90, masked) == (64, 128, 16, 4)
+        # window 16: the launches without the shift mask only
+        assert tiles.forward_window_tiles(256, 32, dtype, 90) == (64, 128, 128, 4)
+        assert tiles.forward_window_tiles(256, 32, dtype, 90, masked=True) is None
     for n, head_dim, dtype, arch in [
         (144, 32, torch.bfloat16, 80),  # mma.sync: every warp would hold the keys (spills)
         (144, 32, torch.bfloat16, 100),  # not in the spill gate
         (144, 32, torch.bfloat16, 120),
         (144, 32, torch.float32, 90),
         (144, 16, torch.bfloat16, 90),
-        (256, 32, torch.bfloat16, 90),
+        (256, 32, torch.bfloat16, 80),
+        (256, 64, torch.bfloat16, 90),
         (64, 32, torch.bfloat16, 90),
+        (576, 32, torch.bfloat16, 90),
     ]:
         assert tiles.forward_window_tiles(n, head_dim, dtype, arch) is None, (n, head_dim, dtype, arch)
-    assert tiles.register_cap(144, 32, torch.bfloat16, arch=90) == tiles.MAXNREG
+    assert tiles.register_cap(144, 32, torch.bfloat16, arch=90, whole_window=True) == tiles.MAXNREG
+    assert tiles.register_cap(256, 32, torch.bfloat16, arch=90, whole_window=True) == tiles.MAXNREG
+    assert tiles.register_cap(256, 32, torch.bfloat16, arch=90) == 128  # the border's row blocks
     assert tiles.forward_query_tail(144, 64, masked=False) == 16
     assert tiles.forward_query_tail(144, 64, masked=True) == 0
     assert tiles.forward_query_tail(144, 128, masked=False) == 16
     assert tiles.forward_query_tail(150, 64, masked=False) == 0  # 22 rows: no power of two
+
+
+def test_window_16_runs_whole_windows_off_the_shifted_border_and_row_blocks_on_it():
+    """On a shifted grid window 16's forward launches twice (`window_sets`): the windows off the border (no shift
+    mask) as whole-window programs, uncapped; the border as row-block programs on `block_config`'s tiles."""
+    from swinv2_fast.kernels.geometry import WindowGeometry
+    from swinv2_fast.kernels.launch import launch_dims, launch_flags
+
+    qkv = torch.empty(2, 64 * 64, 3 * 64, dtype=torch.bfloat16, device="meta")
+    geometry = WindowGeometry.from_args(grid_size=(64, 64), num_heads=2, window_size=16, shift_size=8)
+    grid, heads, window, shift, order = geometry.as_op_args()[:5]
+    dims = launch_dims(qkv, grid, heads, window, shift, order)
+    interior = launch_flags(qkv, None, order, 32, dims, masked=False)
+    border = launch_flags(qkv, None, order, 32, dims, masked=True)
+    assert interior["WHOLE_WINDOW"] and (interior["BLOCK_M"], interior["BLOCK_N"], interior["BLOCK_T"]) == (
+        64,
+        128,
+        128,
+    )
+    assert (interior["num_warps"], interior["maxnreg"]) == (4, tiles.MAXNREG)
+    assert "WHOLE_WINDOW" not in border and "BLOCK_T" not in border
+    assert (border["BLOCK_M"], border["BLOCK_N"], border["num_warps"]) == tiles.block_config(256, 32, torch.bfloat16)
+    assert border["maxnreg"] == tiles.register_cap(256, 32, torch.bfloat16, arch=90)
+    # unshifted: no window has the mask, whatever the caller says
+    dims = launch_dims(qkv, grid, heads, window, (0, 0), order)
+    assert launch_flags(qkv, None, order, 32, dims, masked=True)["WHOLE_WINDOW"]
 
 
 def test_a_forward_override_runs_row_block_programs(monkeypatch):

@@ -364,16 +364,19 @@ def test_sass_walk_skips_out_of_line_retry_loops():
 
 
 def test_for_arch_gives_sm80_the_forward_launches_the_host_makes_there(monkeypatch):
-    """Window 12's forward, recorded as for sm_90 (whole-window programs), rebuilt for sm_80 by for_arch: the
-    tiles, stages, windows per program, grid and every other launch value the host itself gives on sm_80."""
+    """Windows 12 and 16's forward, recorded as for sm_90 (whole-window programs: both launches at window 12, the
+    one off the shifted border at 16), rebuilt for sm_80 by for_arch: the tiles, stages, windows per program,
+    grid and every other launch value the host itself gives on sm_80."""
     from swinv2_fast.kernels import launch
 
-    recorded = launches.reference_launches(12, "bf16", backward=False)["fwd"]
-    assert all(lch.kwargs["WHOLE_WINDOW"] for lch in recorded)
-    monkeypatch.setattr(launch, "device_arch", lambda t: 80)
-    on_sm80 = launches.reference_launches(12, "bf16", backward=False)["fwd"]
     plain = lambda kwargs: {k: v for k, v in kwargs.items() if not hasattr(v, "shape")}  # noqa: E731
-    assert [(lch.grid, plain(lch.kwargs)) for lch in (launches.for_arch(lch, 80) for lch in recorded)] == [
-        (lch.grid, plain(lch.kwargs)) for lch in on_sm80
-    ]
-    assert not any(lch.kwargs.get("WHOLE_WINDOW") for lch in on_sm80)
+    for window, whole in ((12, [True, True]), (16, [True, False])):
+        recorded = launches.reference_launches(window, "bf16", backward=False)["fwd"]
+        assert [bool(lch.kwargs.get("WHOLE_WINDOW")) for lch in recorded] == whole
+        with monkeypatch.context() as m:
+            m.setattr(launch, "device_arch", lambda t: 80)
+            on_sm80 = launches.reference_launches(window, "bf16", backward=False)["fwd"]
+        assert [(lch.grid, plain(lch.kwargs)) for lch in (launches.for_arch(lch, 80) for lch in recorded)] == [
+            (lch.grid, plain(lch.kwargs)) for lch in on_sm80
+        ]
+        assert not any(lch.kwargs.get("WHOLE_WINDOW") for lch in on_sm80)

@@ -125,14 +125,23 @@ def test_several_windows_per_program(B, grid, heads, head_dim, window, shift, pa
 
 
 # Whole-window programs (window 12 at head_dim 32: a 128-key tile and a 16-key tail, query blocks of 64 and a
-# 16-row tail where the launch has no shift mask): unshifted, shifted (both launches), padded in either order,
+# 16-row tail where the launch has no shift mask; window 16: two 128-key tiles, the second joined by an online
+# step, in the launches without the shift mask only): unshifted, shifted (both launches), padded in either order,
 # several windows per program and one, a last program with fewer, a q/k/v bias or none (B3: none).
 WHOLE_WINDOW_SHAPES = [
     pytest.param(2, (24, 24), 1, 32, 12, 6, 2, id="B2-24x24-h1d32-w12s6-wpp2"),
     pytest.param(3, (24, 24), 1, 32, 12, 0, 4, id="B3-24x24-h1d32-w12s0-wpp4"),
     pytest.param(1, (30, 26), 2, 32, 12, 6, 1, id="B1-30x26-h2d32-w12s6-wpp1-padded"),
     pytest.param(3, (30, 26), 1, 32, 12, 6, 2, id="B3-30x26-h1d32-w12s6-wpp2-padded"),  # a program of 1 window
+    pytest.param(2, (32, 32), 1, 32, 16, 8, 2, id="B2-32x32-h1d32-w16s8-wpp2"),
+    pytest.param(3, (32, 16), 1, 32, 16, 0, 4, id="B3-32x16-h1d32-w16s0-wpp4"),
+    pytest.param(1, (40, 36), 2, 32, 16, 8, 2, id="B1-40x36-h2d32-w16s8-wpp2-padded"),  # 4 windows off the border
 ]
+
+
+def _forced_window_tiles(n, head_dim, dtype, arch, masked=False):
+    """`tiles.forward_window_tiles` at any dtype and architecture: the tables' rule for n and the shift mask."""
+    return (*tiles._FWD_WINDOW[n], 4) if not masked or n in tiles._FWD_WINDOW_MASKED else None
 
 
 def _whole_window_launches(monkeypatch, per_program, force=False):
@@ -143,22 +152,27 @@ def _whole_window_launches(monkeypatch, per_program, force=False):
     if force:
         from swinv2_fast.kernels import launch
 
-        monkeypatch.setattr(launch, "forward_window_tiles", lambda n, hd, dt, arch: (*tiles._FWD_WINDOW[n], 4))
+        monkeypatch.setattr(launch, "forward_window_tiles", _forced_window_tiles)
     recorder = _LaunchRecorder(tk._window_attention_fwd_kernel)
     monkeypatch.setattr(tk, "_window_attention_fwd_kernel", recorder)
     return recorder
 
 
 def _assert_whole_window(recorder, shift):
-    """Every launch ran whole-window programs, one per group of windows, its last rows a block of their own
-    exactly where the launch's windows have no shift mask."""
+    """The launches without the shift mask ran whole-window programs, one per group of windows, their last rows
+    a block of their own at window 12; the border launch too at window 12 (no row tail), the row-block programs
+    at window 16."""
     tails = {}
     for grid_, launch in recorder.launches:
-        assert launch["WHOLE_WINDOW"] and launch["BLOCK_N"] + launch["BLOCK_T"] == launch["N"] == 144
+        n = launch["N"]
+        if not launch.get("WHOLE_WINDOW"):
+            tails[launch["WINDOW_SET"]] = "row blocks"
+            continue
+        assert launch["BLOCK_N"] + launch["BLOCK_T"] == n and n in (144, 256)
         assert grid_[0] == math.ceil(launch["NUM_BW"] / launch["WINDOWS_PER_PROGRAM"])
         tails[launch["WINDOW_SET"]] = launch["M_TAIL"]
-    expected = {tk.INTERIOR_WINDOWS: 16, tk.BORDER_WINDOWS: 0} if shift else {tk.ALL_WINDOWS: 16}
-    assert tails == expected
+    tail, border = (16, 0) if n == 144 else (0, "row blocks")
+    assert tails == ({tk.INTERIOR_WINDOWS: tail, tk.BORDER_WINDOWS: border} if shift else {tk.ALL_WINDOWS: tail})
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
@@ -181,14 +195,14 @@ def test_whole_window_programs_match_the_oracle_fp32(
 def test_whole_window_programs_fp16_error_is_that_of_pytorch(
     B, grid, heads, head_dim, window, shift, per_program, table_dtype, monkeypatch
 ):
-    """fp16 at window 12, head_dim 32: the whole-window programs the host picks (tiles.forward_window_tiles),
-    within PyTorch's own fp16 error."""
+    """fp16 at windows 12 and 16, head_dim 32: the whole-window programs the host picks
+    (tiles.forward_window_tiles), within PyTorch's own fp16 error."""
     recorder = _whole_window_launches(monkeypatch, per_program)
     inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=table_dtype)
     _assert_fp16_error_is_that_of_pytorch(
         inputs, dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
     )
-    if tiles.forward_window_tiles(144, 32, torch.float16, device_arch(inputs[0])) is not None:  # not on sm_80
+    if tiles.forward_window_tiles(window * window, 32, torch.float16, device_arch(inputs[0])) is not None:  # sm_90
         _assert_whole_window(recorder, shift)
 
 

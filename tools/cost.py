@@ -385,6 +385,16 @@ def _elem(dtype_name: str) -> int:
 _GROUP_AXIS = {"bwd_fused": 0, "bwd_rows": 2, "bwd_dbias": 2}
 
 
+def _fwd_l2(a: dict, dtype: str, pairs: int) -> int:
+    """L2-to-SM bytes of `pairs` (image, window) pairs run as the forward launch with arguments `a` runs them:
+    a program that runs WINDOWS_PER_PROGRAM windows of one head loads each bias tile once for all of them; k and
+    v are read once per query block, once per window in whole-window programs."""
+    n, rows, t = a["N"], a["HEAD_DIM"] * _elem(dtype), a["POSITION_BIAS"].element_size()
+    wh = pairs * a["NUM_HEADS"]  # (image, window, head) triples
+    nkv = 1 if a.get("WHOLE_WINDOW") else cdiv(n, a["BLOCK_M"])
+    return wh * (n * rows + nkv * n * 2 * rows) + wh * n * n * t // a.get("WINDOWS_PER_PROGRAM", 1)
+
+
 def traffic(launch: Launch, dtype: str, groups: Optional[int] = None) -> Tuple[int, int, int]:
     """(HBM bytes, L2-to-SM bytes, FLOPs) over every window of the launch's geometry (see the module docstring);
     `groups`: the groups of windows storing a table partial sum, over all the kernel's launches (default: the
@@ -407,10 +417,7 @@ def traffic(launch: Launch, dtype: str, groups: Optional[int] = None) -> Tuple[i
     k = launch.kernel
     if k == "fwd":
         hbm = tokens * rows * 4 + table
-        # a program that runs WINDOWS_PER_PROGRAM windows of one head loads each bias tile once for all of them;
-        # k and v are read once per query block, once per window in whole-window programs
-        nkv = 1 if a.get("WHOLE_WINDOW") else nm
-        l2 = wh * (N * rows + nkv * N * 2 * rows) + wh * N * N * t // a.get("WINDOWS_PER_PROGRAM", 1)
+        l2 = _fwd_l2(a, dtype, B * nw)
         flops = scores * 2 * hd * 2
     elif k == "bwd_fused":
         # q, k, v, dO read once and dq, dk, dv written once per (token, head); the table read once; each
@@ -487,21 +494,27 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
     # the traffic of every window (the launches split the windows), every launch's groups' partial sums
     groups = sum(lch.grid[_GROUP_AXIS[lch.kernel]] for lch in launches) if launch.kernel in _GROUP_AXIS else None
     hbm, l2, flops = traffic(launch, dtype, groups)
+    if launch.kernel == "fwd":  # each launch's windows as it runs them (window 16: whole windows off the border)
+        l2 = sum(_fwd_l2(lch.kwargs, dtype, lch.kwargs["NUM_BW"]) for lch in launches)
     table = launch.kwargs["POSITION_BIAS"]
     hbm += (len(launches) - 1) * table.numel() * table.element_size()  # each launch reads the table
     try:
         registers = spills = shared = warps = 0
-        total = mufu = 0.0  # instructions (MUFU instructions) all threads of all programs execute
+        resident = 64  # warps per SM: the fewest of any launch's
+        total = mufu = threads = 0.0  # instructions (MUFU instructions) all threads of all programs execute
         for lch in launches:
             compiled, usage, sass = compile_launch(lch, arch)
             regs, spill = resource_usage(usage, sass)
             registers, spills = max(registers, regs), max(spills, spill)
-            warps, shared = compiled.metadata.num_warps, max(shared, int(compiled.metadata.shared))
+            lw, ls = compiled.metadata.num_warps, int(compiled.metadata.shared)
+            warps, shared = max(warps, lw), max(shared, ls)
+            resident = min(resident, resident_warps(regs, ls, lw, arch))
             instructions, trips = parse_sass(sass), LOOP_TRIPS[lch.kernel](lch.kwargs, lch.grid)
-            threads = warps * 32 * _programs(lch)
-            total += count_executed(instructions, trips) * threads
-            mufu += count_executed(instructions, trips, is_mufu) * threads
-        per_program = total / (warps * 32 * programs)
+            launch_threads = lw * 32 * _programs(lch)
+            threads += launch_threads
+            total += count_executed(instructions, trips) * launch_threads
+            mufu += count_executed(instructions, trips, is_mufu) * launch_threads
+        per_program = total / threads  # per thread of a program, over every launch's
         per_score = total / scores_of(launch)
         fwd_bytes, fwd_flops = forward_minimum(launch, dtype)
         return Cost(
@@ -519,7 +532,7 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
             hbm,
             l2,
             flops,
-            resident_warps(registers, shared, warps, arch),
+            resident,
             scores_of(launch),
             programs,
             "",

@@ -245,7 +245,9 @@ def for_arch(launch: Launch, arch: int) -> Launch:
     grid = launch.grid
     if launch.kernel == "fwd" and a.get("WHOLE_WINDOW"):
         a, grid = _forward_for_arch(a, grid, arch)
-    a["maxnreg"] = register_cap(a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch, a["PADDED"])
+    a["maxnreg"] = register_cap(
+        a["N"], a["HEAD_DIM"], a["QKV"].dtype, launch.kernel != "fwd", arch, a["PADDED"], a.get("WHOLE_WINDOW", False)
+    )
     if launch.kernel == "bwd_rows":  # its own budget, whatever caps the other backward kernels
         a["maxnreg"] = MAXNREG
     if launch.kernel == "bwd_fused":  # over 16 warps (fp32), what one SM holds
@@ -266,7 +268,8 @@ def _forward_for_arch(a: dict, grid: Tuple[int, ...], arch: int) -> Tuple[dict, 
     `forward_window_tiles` serves the arch, else the row-block programs on `block_config`'s tiles, with their
     stages, windows per program and grid."""
     n, head_dim, dtype = a["N"], a["HEAD_DIM"], a["QKV"].dtype
-    if forward_window_tiles(n, head_dim, dtype, arch) is not None:
+    masked = a["SHIFTED"] and a["WINDOW_SET"] != triton_forward.INTERIOR_WINDOWS
+    if forward_window_tiles(n, head_dim, dtype, arch, masked) is not None:
         return a, grid
     for key in ("WHOLE_WINDOW", "BLOCK_T", "M_TAIL", "num_stages"):
         a.pop(key, None)

@@ -232,8 +232,8 @@ MUTANTS = [
     Mutant(
         "kernel-online-softmax-no-rescale",
         KERNEL,
-        "b_acc = b_acc * b_alpha[:, None] + _dot(",
-        "b_acc = b_acc + _dot(",
+        "b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(DDT), b_v.to(DDT), FULL_DOT)",
+        "b_acc = b_acc + _dot(b_p.to(DDT), b_v.to(DDT), FULL_DOT)",
         (f"{FWD}::test_forward_matches_reference_fp32", "-k", "w7s3 or w12"),
         "the online softmax rescales what was accumulated under an older row max (several key blocks)",
     ),
@@ -781,11 +781,31 @@ MUTANTS = [
         "the whole-window forward's blocks start after the tail's width: rows 0-15 unwritten, the others shifted",
     ),
     Mutant(
+        "kernel-fwd-window-merged-tail-unrescaled",
+        KERNEL,
+        "        b_acc = b_acc * b_alpha[:, None] + _dot(b_pt.to(DDT), b_vt, FULL_DOT)",
+        "        b_acc = b_acc + _dot(b_pt.to(DDT), b_vt, FULL_DOT)",
+        (f"{FWD}::test_whole_window_programs_match_the_oracle_fp32", "-k", "w16"),
+        "window 16's whole-window forward joins its second 128 keys without rescaling the first tile's output",
+    ),
+    Mutant(
+        "tiles-fwd-window-16-under-the-shift-mask",
+        "kernels/tiles.py",
+        "        or (masked and n not in _FWD_WINDOW_MASKED)\n",
+        "",
+        (
+            "tests/test_dispatch.py::test_whole_window_programs_serve_windows_12_and_16_at_head_dim_32_in_16_bit_on_sm_90",
+        ),
+        "window 16's border launch runs the whole-window programs, which spill 72-120 B on sm_90",
+    ),
+    Mutant(
         "tiles-fwd-window-tail-under-the-shift-mask",
         "kernels/tiles.py",
         "    return tail if not masked and tail >= 16 and tail & (tail - 1) == 0 else 0",
         "    return tail if tail >= 16 and tail & (tail - 1) == 0 else 0",
-        ("tests/test_dispatch.py::test_whole_window_programs_serve_window_12_at_head_dim_32_in_16_bit_on_sm_90",),
+        (
+            "tests/test_dispatch.py::test_whole_window_programs_serve_windows_12_and_16_at_head_dim_32_in_16_bit_on_sm_90",
+        ),
         "the border launch runs the 16-row tail block, which spills 16-32 B on sm_90",
     ),
 ]
