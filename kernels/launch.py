@@ -117,16 +117,12 @@ def device_arch(t: torch.Tensor) -> int:
     return 90
 
 
-def launch_flags(
-    qkv, qkv_bias, pad_order: str, head_dim: int, dims: LaunchDims, backward: bool = False, masked: bool = True
-) -> dict:
-    """The kernels' compile-time flags and launch options; a forward launch's depend on whether its windows have
-    the shift mask (`masked`: not the windows off a shifted grid's border, nor an unshifted grid's). Without
-    padding the padding order and the bias change nothing the kernels compute (no row reads the bias), so they
-    are not told apart: fewer specialisations."""
+def launch_flags(qkv, qkv_bias, pad_order: str, head_dim: int, dims: LaunchDims, backward: bool = False) -> dict:
+    """The kernels' compile-time flags and launch options. Without padding the padding order and the bias
+    change nothing the kernels compute (no row reads the bias), so they are not told apart: fewer
+    specialisations."""
     arch = device_arch(qkv)  # the launch's device: a tile sweep's record applies on its architecture only
-    shifted = dims.SH > 0 or dims.SW > 0
-    window = None if backward else forward_window_tiles(dims.N, head_dim, qkv.dtype, arch, masked and shifted)
+    window = None if backward else forward_window_tiles(dims.N, head_dim, qkv.dtype, arch)
     whole: dict = {}
     if window is not None:  # whole-window programs (the forward's WHOLE_WINDOW, BLOCK_T)
         block_m, block_n, block_t, num_warps = window
@@ -139,7 +135,7 @@ def launch_flags(
         BLOCK_D=channel_block(head_dim),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        SHIFTED=shifted,
+        SHIFTED=dims.SH > 0 or dims.SW > 0,
         PADDED=padded,
         ROLL_THEN_PAD=padded and pad_order == ROLL_THEN_PAD,
         HAS_BIAS=padded and qkv_bias is not None,

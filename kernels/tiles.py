@@ -173,8 +173,7 @@ def _forward_tiles_16bit(n: int) -> Tuple[int, int, int]:
     elsewhere 32-wide key tiles (N = 144 = 2 x 64 + 16: the last key tile pads 16 keys instead of 48;
     est/floor 4.43 -> 3.90 on sm_90, under `register_cap`'s 128 registers: 16 resident warps per SM. Over 2
     warps it was 3.47 by the model, but 201 registers: 8 resident warps, too few to hide latency). At head_dim
-    32 on sm_90 N = 144 runs whole-window programs instead (`forward_window_tiles`), these tiles on sm_80; so does
-    N = 256 in the launches without the shift mask, these tiles in the border launch and on sm_80."""
+    32 on sm_90 N = 144 and 256 run whole-window programs instead (`forward_window_tiles`), these tiles on sm_80."""
     if n % 128 == 0:
         return (128, 64, 8)
     if n <= 64 or n % 64 == 0:
@@ -191,36 +190,29 @@ def _forward_stages_16bit(n: int) -> Optional[int]:
     return None if n < 49 or n == 64 or n % 128 == 0 else 1
 
 
-# The 16-bit forward at head_dim 32 and N = 144 (window 12) on sm_90 and later runs whole-window programs
-# (`forward_window_tiles`, the kernel's WHOLE_WINDOW): a program loads and normalises a window's k and v once, as a
-# 128-key tile and a tail of 16 (BLOCK_T), and runs the window's query rows in blocks of 64 over them, each row's
-# scores whole (no online softmax); the last 16 rows a block of their own (`forward_query_tail`) in the windows
-# without the shift mask. By the static cost report (bf16, sm_90, H200 estimate over the forward floor): 3.90 ->
-# 1.91 (38.4 -> 18.8 instructions per score, k and v read once per window instead of once per query block). Only
-# on sm_90, the architecture the spill gate compiles with wgmma; not on sm_80: there every warp holds the keys for
-# its dots (mma.sync operands in registers; wgmma reads them from shared memory) and the build spills 64-224 B.
-# 8 warps replicate the scores' rows and run twice the exponentials.
-# The border launch (with the shift mask) runs 3 x 64 rows, the last masked: with the 16-row block it spills 16-32 B.
-# At N = 256 (window 16) the 128-key tail joins the first 128 keys by one online-softmax step (the kernel's
-# MERGE_TAIL): whole rows of 256 scores spill 40 B. Only the launch without the shift mask runs them (the windows
-# off the shifted border, or an unshifted grid): with the mask the build spills 72-120 B, so the border launch
-# runs the row-block programs.
+# The 16-bit forward at head_dim 32 and N = 144 (window 12) and 256 (window 16) on sm_90 and later runs whole-window
+# programs (`forward_window_tiles`, the kernel's WHOLE_WINDOW): a program loads and normalises a window's k and v
+# once, as a 128-key tile and a tail (BLOCK_T: 16 keys at N = 144, 128 at N = 256), and runs the window's query rows
+# in blocks of 64 over them, each row's scores whole (no online softmax; at N = 256 the tail's scores join the tile's
+# by one online-softmax step, MERGE_TAIL: whole rows of 256 scores spill 40 B); at N = 144 the last 16 rows a block
+# of their own (`forward_query_tail`). A shifted grid's border windows take their shift mask from the table (the
+# host adds it to a copy per kind of border window): computed in the kernel, it spilled 16-32 B at N = 144 (with the
+# 16-row block) and 72-120 B at N = 256. By the static cost report (bf16, sm_90, H200 estimate over the forward
+# floor): N = 144 3.90 -> 1.91 (38.4 -> 18.8 instructions per score, k and v read once per window instead of once
+# per query block). Only on sm_90, the architecture the spill gate compiles with wgmma; not on sm_80: there every
+# warp holds the keys for its dots (mma.sync operands in registers; wgmma reads them from shared memory) and the
+# build spills 64-224 B. 8 warps replicate the scores' rows and run twice the exponentials.
 _FWD_WINDOW = {144: (64, 128, 16), 256: (64, 128, 128)}  # N -> (BLOCK_M, BLOCK_N, BLOCK_T), BLOCK_N + BLOCK_T == N
-_FWD_WINDOW_MASKED = (144,)  # the N whose launches with the shift mask run them too
 _FWD_WINDOW_WARPS = 4
 
 
-def forward_window_tiles(
-    n: int, head_dim: int, dtype: torch.dtype, arch: int, masked: bool = False
-) -> Optional[Tuple[int, int, int, int]]:
+def forward_window_tiles(n: int, head_dim: int, dtype: torch.dtype, arch: int) -> Optional[Tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, BLOCK_T, num_warps) of the forward's whole-window programs for windows of n tokens, heads
-    of head_dim channels, the projection's dtype and sm_<arch>, in a launch whose windows have the shift mask
-    (`masked`) or not (see `_FWD_WINDOW`), or None (the row-block programs of `block_config`'s tiles; also where a
-    tile sweep's record or an override sets the forward's tiles: an override of None masks a record, as the
-    sweep does when it times these programs)."""
+    of head_dim channels, the projection's dtype and sm_<arch> (see `_FWD_WINDOW`), or None (the row-block
+    programs of `block_config`'s tiles; also where a tile sweep's record or an override sets the forward's
+    tiles: an override of None masks a record, as the sweep does when it times these programs)."""
     if (
         n not in _FWD_WINDOW
-        or (masked and n not in _FWD_WINDOW_MASKED)
         or head_dim != 32
         or dtype not in FUSED_DTYPES
         or arch != 90
@@ -230,12 +222,11 @@ def forward_window_tiles(
     return (*_FWD_WINDOW[n], _FWD_WINDOW_WARPS)
 
 
-def forward_query_tail(n: int, block_m: int, masked: bool) -> int:
-    """M_TAIL of a whole-window forward launch: the window's last n % block_m rows as a block of their own (a power
-    of two of at least 16) in windows without the shift mask; 0 (the last block masks its rows beyond the
-    window) in those with it, or where the rest is no such power of two."""
+def forward_query_tail(n: int, block_m: int) -> int:
+    """M_TAIL of a whole-window forward launch: the window's last n % block_m rows as a block of their own where
+    that is a power of two of at least 16; else 0 (the last block masks its rows beyond the window)."""
     tail = n % block_m
-    return tail if not masked and tail >= 16 and tail & (tail - 1) == 0 else 0
+    return tail if tail >= 16 and tail & (tail - 1) == 0 else 0
 
 
 # Tiles set by the GPU tile sweep while it times a candidate (tools/sweep.py), then those it recorded

@@ -11,9 +11,8 @@ of it once for several windows (WINDOWS_PER_PROGRAM; see the kernel for how, and
 writes the output; nothing of size N x N reaches memory. The backward recomputes the softmax from q/k/v.
 
 One program handles BLOCK_M query rows of WINDOWS_PER_PROGRAM consecutive windows (of one image or the next),
-for one head, or, in whole-window programs (WHOLE_WINDOW: window 12, and window 16 where a launch has no shift mask, on
-sm_90; `tiles.forward_window_tiles`), every
-query row of its windows, with the window's keys loaded and normalised once and each row's scores whole (no
+for one head, or, in whole-window programs (WHOLE_WINDOW: windows 12 and 16 on sm_90, `tiles.forward_window_tiles`),
+every query row of its windows, with the window's keys loaded and normalised once and each row's scores whole (no
 online softmax); for each window:
   1. Each row's source token comes from index arithmetic on the load: window -> shifted padded grid ->
      reverse shift -> un-padded token, in either padding order (transformers pads then rolls; timm rolls
@@ -22,7 +21,8 @@ online softmax); for each window:
      logit scale (computed on the host: exp(min(logit_scale, log 100))).
   3. Key blocks of the same window stream through an online softmax (whole-window programs: the window's keys
      are all loaded, so each row's scores are whole): scores + bias tile + shift mask (the reference's finite
-     value, from each token's shift region, computed here; no mask tensor is read).
+     value, from each token's shift region, computed here; whole-window programs read it added to the table,
+     one copy per kind of border window: `shift_masked_tables`).
   4. Output rows are stored at the token they came from (window reverse, reverse shift and crop are the
      store's addressing); padded rows are not stored.
 
@@ -129,23 +129,16 @@ def _fwd_bias_tile(p_bias_m, o_n, m_m, m_n, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_window_scores(rows, b_kn, o_n, m_n, layout: tl.constexpr, MASK_N: tl.constexpr, EVEN, flags: tl.constexpr):
+def _fwd_window_scores(rows, b_kn, o_n, m_n, MASK_N: tl.constexpr, EVEN, FULL_DOT: tl.constexpr):
     """[ROWS, BLOCK] natural logits of a whole-window program's query rows against the keys o_n (normalised k
-    b_kn): the scaled dot, the bias tile, the shift mask. `rows` = (q scaled, the table's row pointers, the
-    row mask, the rows' shift regions, the window's (row, column), `grid`, the mask value)."""
-    b_qs, p_table_m, m_m, o_reg_m, i_w2, grid, mask_value = rows
-    MASKED: tl.constexpr = flags[3]
-    FULL_DOT: tl.constexpr = flags[5]
-    return _logits(
-        _dot(b_qs, tl.trans(b_kn), FULL_DOT),
-        _fwd_bias_tile(p_table_m, o_n, m_m, m_n, EVEN),
-        o_reg_m,
-        _window_rows(o_n, i_w2, grid, layout, MASKED)[2],  # per block: fewer registers live across blocks
-        m_n,
-        mask_value,
-        MASKED,
-        MASK_N,
-    )
+    b_kn): the scaled dot plus the bias tile (a border window's shift mask included: the host added it to the
+    table). `rows` = (q scaled, the table's row pointers, the row mask)."""
+    b_qs, p_table_m, m_m = rows
+    b_qk = _dot(b_qs, tl.trans(b_kn), FULL_DOT)
+    b_s = b_qk + _widen(_fwd_bias_tile(p_table_m, o_n, m_m, m_n, EVEN), b_qk.dtype)
+    if MASK_N:
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    return b_s
 
 
 @triton.jit
@@ -165,14 +158,14 @@ def _fwd_window_rows(
     whole-window program (the kernel's WHOLE_WINDOW): the window's keys are all in `keys`, so each row's scores are
     whole, one pass, no online rescaling (but one step where the tail joins the tile's, MERGE_TAIL). `win` = (the
     image's projection and the q/k/v bias at the head's q channels, the token stride, the window's (row, column),
-    `grid`, the clamped logit scale, the head's table, the image's output at the head, the output's token stride,
-    the mask value); `keys` = (k normalised, v, of the
-    BLOCK_N-key tile; the same of the BLOCK_T-key tail, or the first two again without one), in the dot dtype;
-    `flags` = the kernel's compile-time (N, BLOCK_N, BLOCK_T, MASKED, HAS_BIAS, FULL_DOT) (a constexpr tuple
-    holds no dtype; the tile widths are read from it as annotated constexprs, which tl.arange needs)."""
-    p_qkv, p_bias, stride_t, i_w2, grid, b_scale, p_table, p_out, stride_out_t, mask_value = win
+    `grid`, the clamped logit scale, the head's table (the shift mask added for a border window), the image's
+    output at the head, the output's token stride); `keys` = (k normalised, v, of the BLOCK_N-key tile; the same
+    of the BLOCK_T-key tail, or the first two again without one), in the dot dtype; `flags` = the kernel's
+    compile-time (N, BLOCK_N, BLOCK_T, HAS_BIAS, FULL_DOT) (a constexpr tuple holds no dtype; the tile widths are
+    read from it as annotated constexprs, which tl.arange needs)."""
+    p_qkv, p_bias, stride_t, i_w2, grid, b_scale, p_table, p_out, stride_out_t = win
     b_kn, b_v, b_kt, b_vt = keys
-    N, _BLOCK_N, _BLOCK_T, MASKED, HAS_BIAS, FULL_DOT = flags
+    N, _BLOCK_N, _BLOCK_T, HAS_BIAS, FULL_DOT = flags
     BLOCK_N: tl.constexpr = flags[1]
     BLOCK_T: tl.constexpr = flags[2]
     TAIL: tl.constexpr = BLOCK_T > 0  # keys BLOCK_N to N in a tile of their own: no key masked
@@ -185,28 +178,27 @@ def _fwd_window_rows(
     # [ROWS]
     o_m = start_m + tl.arange(0, ROWS)
     m_m = _in_window(o_m, N_ROWS, ROWS)
-    o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
+    o_tok_m, m_pad_m, _o_reg_m = _window_rows(o_m, i_w2, grid, layout, False)
     b_q = _widen(_load_rows(p_qkv, p_bias, o_tok_m, m_m, m_pad_m, cols, stride_t, HAS_BIAS), CDT)
     b_qs = (b_q * (b_scale / _row_norm(b_q))[:, None]).to(DDT)
-    p_table_m = p_table + o_m[:, None] * N
-    rows = (b_qs, p_table_m, m_m, o_reg_m, i_w2, grid, mask_value)
+    rows = (b_qs, p_table + o_m[:, None] * N, m_m)
     # [ROWS, BLOCK_N]
     o_n = tl.arange(0, BLOCK_N)
-    b_s = _fwd_window_scores(rows, b_kn, o_n, _in_window(o_n, N, BLOCK_N), layout, MASK_N, EVEN_M and not MASK_N, flags)
+    b_s = _fwd_window_scores(rows, b_kn, o_n, _in_window(o_n, N, BLOCK_N), MASK_N, EVEN_M and not MASK_N, FULL_DOT)
     b_max = tl.max(b_s, axis=1)
     if TAIL:
         # [ROWS, BLOCK_T]
         o_t = BLOCK_N + tl.arange(0, BLOCK_T)
         m_t = _in_window(o_t, BLOCK_T, BLOCK_T)
     if TAIL and not MERGE_TAIL:
-        b_st = _fwd_window_scores(rows, b_kt, o_t, m_t, layout, False, EVEN_M, flags)
+        b_st = _fwd_window_scores(rows, b_kt, o_t, m_t, False, EVEN_M, FULL_DOT)
         b_max = tl.maximum(b_max, tl.max(b_st, axis=1))
     b_mx = b_max * LOG2E
     b_p = _exp2(b_s * LOG2E - b_mx[:, None])
     b_l = tl.sum(b_p, axis=1)
     b_acc = _dot(b_p.to(DDT), b_v, FULL_DOT)
     if MERGE_TAIL:  # the tail's scores once the tile's are done with: one online-softmax step
-        b_st = _fwd_window_scores(rows, b_kt, o_t, m_t, layout, False, EVEN_M, flags)
+        b_st = _fwd_window_scores(rows, b_kt, o_t, m_t, False, EVEN_M, FULL_DOT)
         b_max, b_alpha, b_pt = _online_softmax_step_scaled(b_st, b_max)
         b_l = b_l * b_alpha + tl.sum(b_pt, axis=1)
         b_acc = b_acc * b_alpha[:, None] + _dot(b_pt.to(DDT), b_vt, FULL_DOT)
@@ -283,7 +275,10 @@ def _window_attention_fwd_kernel(
     window, k and v are loaded and k normalised once, as a BLOCK_N-key tile and a BLOCK_T-key tail (BLOCK_N +
     BLOCK_T == N, none masked; BLOCK_T 0 where BLOCK_N holds the window), then the window's query rows run in
     blocks of BLOCK_M against all of them (`_fwd_window_rows`): whole rows of scores, one max, one sum, no
-    rescaling; a tail as wide as the tile (window 16: 2 x 128 keys) joins the tile's by one online step. With
+    rescaling; a tail as wide as the tile (window 16: 2 x 128 keys) joins the tile's by one online step. Windows
+    with the shift mask read it from the host's `shift_masked_tables` (POSITION_BIAS is then (3, heads, N, N): a
+    window in the last window row, the last column, the corner), so every whole-window program runs the same code
+    (computed here, the mask's per-column regions spilled registers). With
     M_TAIL > 0 (a power of two: `tiles.forward_query_tail`) the last M_TAIL rows are a block of their own, run
     first; without, the last block masks its rows beyond the window. On sm_90 the dots read k and v from shared
     memory (wgmma), so the keys held across the blocks cost shared memory, not registers."""
@@ -312,14 +307,13 @@ def _window_attention_fwd_kernel(
         # the key tiles hold the window, none masked but beyond it in a lone tile; the row blocks end at the tail
         tl.static_assert((N <= BLOCK_N) if BLOCK_T == 0 else (N == BLOCK_N + BLOCK_T))
         tl.static_assert((M_TAIL == 0) or ((N - M_TAIL) % BLOCK_M == 0 and M_TAIL < BLOCK_M))
-        flags: tl.constexpr = (N, BLOCK_N, BLOCK_T, MASKED, HAS_BIAS, FULL_DOT)
-        p_table_h = POSITION_BIAS + i_h * N * N
+        flags: tl.constexpr = (N, BLOCK_N, BLOCK_T, HAS_BIAS, FULL_DOT)
         for i_bw in range(i_first, tl.minimum(i_first + WINDOWS_PER_PROGRAM, NUM_BW)):
             i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
             p_qkv = p_qkv_h + i_b * stride_qkv_b
             o_n = tl.arange(0, BLOCK_N)
             m_n = _in_window(o_n, N, BLOCK_N)
-            o_tok_n, m_pad_n, _o_reg_n = _window_rows(o_n, i_w2, grid, layout, MASKED)
+            o_tok_n, m_pad_n, _o_reg_n = _window_rows(o_n, i_w2, grid, layout, False)
             b_k = _stream_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
             b_v = _stream_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
             b_kn = _l2_normalize(b_k, CDT)[0].to(DDT)
@@ -327,14 +321,21 @@ def _window_attention_fwd_kernel(
             if BLOCK_T > 0:
                 o_t = BLOCK_N + tl.arange(0, BLOCK_T)
                 m_t = _in_window(o_t, N, BLOCK_T)
-                o_tok_t, m_pad_t, _o_reg_t = _window_rows(o_t, i_w2, grid, layout, MASKED)
+                o_tok_t, m_pad_t, _o_reg_t = _window_rows(o_t, i_w2, grid, layout, False)
                 b_kt = _stream_rows(p_qkv + C, p_bias + C, o_tok_t, m_t, m_pad_t, cols, stride_qkv_t, HAS_BIAS)
                 b_vt = _stream_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_t, m_t, m_pad_t, cols, stride_qkv_t, HAS_BIAS)
                 keys = (b_kn, b_v, _l2_normalize(b_kt, CDT)[0].to(DDT), b_vt.to(DDT))
             else:
                 keys = (b_kn, b_v, b_kn, b_v)
+            if MASKED:  # the host's table with the shift mask of the window's kind: last row 0, column 1, corner 2
+                i_wy, i_wx = i_w2
+                last_row, last_column = i_wy == NUM_WINDOWS // NUM_WX - 1, i_wx == NUM_WX - 1
+                kind = last_row.to(tl.int32) + 2 * last_column.to(tl.int32) - 1
+                p_table = POSITION_BIAS + (kind * NUM_HEADS + i_h) * N * N
+            else:
+                p_table = POSITION_BIAS + i_h * N * N
             p_out = OUT + i_b * stride_out_b + i_h * HEAD_DIM
-            win = (p_qkv, p_bias, stride_qkv_t, i_w2, grid, b_scale, p_table_h, p_out, stride_out_t, mask_value)
+            win = (p_qkv, p_bias, stride_qkv_t, i_w2, grid, b_scale, p_table, p_out, stride_out_t)
             if M_TAIL > 0:  # first: after the loop its registers would add to those the loop's keys hold (spills)
                 _fwd_window_rows(N - M_TAIL, M_TAIL, N, win, keys, cols, layout, flags, CDT, DDT)
             for start_m in range(0, N - M_TAIL, BLOCK_M):
@@ -428,13 +429,27 @@ def windows_per_program(pairs: int, row_blocks: int, num_heads: int, multiproces
     return wpp
 
 
-def _query_tail(whole: bool, dims: LaunchDims, flags: dict, window_set: int) -> dict:
-    """The whole-window launch's M_TAIL (`tiles.forward_query_tail`: its last rows as a block of their own where
-    the launch's windows have no shift mask); nothing for the row-block programs."""
-    if not whole:
-        return {}
-    masked = flags["SHIFTED"] and window_set != INTERIOR_WINDOWS
-    return {"M_TAIL": forward_query_tail(dims.N, flags["BLOCK_M"], masked)}
+def shift_masked_tables(table: torch.Tensor, dims: LaunchDims, mask_value: float) -> torch.Tensor:
+    """(3, heads, N, N): the table plus the shift mask (`mask_value` between tokens of different shift regions, 0
+    within one) of a window in the last window row, the last window column, and the corner, in the table's dtype
+    (the mask's 0 leaves the table's values as they are). The whole-window forward reads these in its launch over
+    the border windows, instead of computing the mask. A window's regions: on the shifted, padded grid, rows from
+    HP - WH and from HP - SH, columns likewise; in the last window row the rows split at WH - SH within the window,
+    elsewhere they do not split (the kernels' `_window_rows`)."""
+    pos = torch.arange(dims.N, device=table.device)
+    low = ((pos // dims.WW) >= dims.WH - dims.SH, (pos % dims.WW) >= dims.WW - dims.SW)  # row, column region
+    split_rows, split_columns = (r[:, None] != r[None, :] for r in low)
+    different = torch.stack([split_rows, split_columns, split_rows | split_columns])
+    mask = torch.where(different, torch.full((), mask_value, dtype=table.dtype, device=table.device), 0)
+    return (table.unsqueeze(0) + mask.to(table.dtype).unsqueeze(1)).contiguous()
+
+
+def _launch_table(table: torch.Tensor, whole: bool, dims: LaunchDims, flags: dict, window_set: int, mask_value):
+    """The table a forward launch reads: a whole-window launch over windows with the shift mask (the border, or
+    every window of a shifted grid one window high or wide) reads `shift_masked_tables`; the others the table."""
+    if whole and flags["SHIFTED"] and window_set != INTERIOR_WINDOWS:
+        return shift_masked_tables(table, dims, mask_value)
+    return table
 
 
 def _forward_table(qkv: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
@@ -480,17 +495,17 @@ def window_attention_triton_forward(
     out = torch.empty((B, L, dims.C), device=qkv.device, dtype=qkv.dtype)
     if B == 0:
         return out
+    flags = launch_flags(qkv, qkv_bias, pad_order, head_dim, dims)
+    whole = flags.get("WHOLE_WINDOW", False)  # one program per group of windows: see the kernel
+    row_blocks = 1 if whole else triton.cdiv(dims.N, flags["BLOCK_M"])
     for window_set, windows in window_sets(dims):
-        flags = launch_flags(qkv, qkv_bias, pad_order, head_dim, dims, masked=window_set != INTERIOR_WINDOWS)
-        whole = flags.get("WHOLE_WINDOW", False)  # one program per group of windows: see the kernel
-        row_blocks = 1 if whole else triton.cdiv(dims.N, flags["BLOCK_M"])
         pairs = B * windows  # (image, window) pairs of this launch
         wpp = windows_per_program(pairs, row_blocks, num_heads, _multiprocessors(qkv))
         _window_attention_fwd_kernel[(triton.cdiv(pairs, wpp) * row_blocks, num_heads)](
             QKV=qkv,
             QKV_BIAS=bias,
             SCALE=scale,
-            POSITION_BIAS=table,
+            POSITION_BIAS=_launch_table(table, whole, dims, flags, window_set, mask_value),
             OUT=out,
             stride_qkv_b=qkv.stride(0),
             stride_qkv_t=qkv.stride(1),
@@ -502,6 +517,6 @@ def window_attention_triton_forward(
             WINDOWS_PER_PROGRAM=wpp,
             **dims._asdict(),
             **flags,
-            **_query_tail(whole, dims, flags, window_set),
+            **({"M_TAIL": forward_query_tail(dims.N, flags["BLOCK_M"])} if whole else {}),
         )
     return out

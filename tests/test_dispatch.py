@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from swinv2_fast import functional, window_attention
-from swinv2_fast.kernels import tiles
+from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, tiles
 
 from _utils import require_kernels, tk
 
@@ -242,11 +242,8 @@ def test_package_imports_and_runs_eager_without_triton(tmp_path):
 
 def test_whole_window_programs_serve_windows_12_and_16_at_head_dim_32_in_16_bit_on_sm_90():
     for dtype in (torch.bfloat16, torch.float16):
-        for masked in (False, True):
-            assert tiles.forward_window_tiles(144, 32, dtype, 90, masked) == (64, 128, 16, 4)
-        # window 16: the launches without the shift mask only
+        assert tiles.forward_window_tiles(144, 32, dtype, 90) == (64, 128, 16, 4)
         assert tiles.forward_window_tiles(256, 32, dtype, 90) == (64, 128, 128, 4)
-        assert tiles.forward_window_tiles(256, 32, dtype, 90, masked=True) is None
     for n, head_dim, dtype, arch in [
         (144, 32, torch.bfloat16, 80),  # mma.sync: every warp would hold the keys (spills)
         (144, 32, torch.bfloat16, 100),  # not in the spill gate
@@ -261,37 +258,51 @@ def test_whole_window_programs_serve_windows_12_and_16_at_head_dim_32_in_16_bit_
         assert tiles.forward_window_tiles(n, head_dim, dtype, arch) is None, (n, head_dim, dtype, arch)
     assert tiles.register_cap(144, 32, torch.bfloat16, arch=90, whole_window=True) == tiles.MAXNREG
     assert tiles.register_cap(256, 32, torch.bfloat16, arch=90, whole_window=True) == tiles.MAXNREG
-    assert tiles.register_cap(256, 32, torch.bfloat16, arch=90) == 128  # the border's row blocks
-    assert tiles.forward_query_tail(144, 64, masked=False) == 16
-    assert tiles.forward_query_tail(144, 64, masked=True) == 0
-    assert tiles.forward_query_tail(144, 128, masked=False) == 16
-    assert tiles.forward_query_tail(150, 64, masked=False) == 0  # 22 rows: no power of two
+    assert tiles.register_cap(256, 32, torch.bfloat16, arch=90) == 128  # the row-block programs (sm_80, a record)
+    assert tiles.forward_query_tail(144, 64) == 16
+    assert tiles.forward_query_tail(144, 128) == 16
+    assert tiles.forward_query_tail(256, 64) == 0
+    assert tiles.forward_query_tail(150, 64) == 0  # 22 rows: no power of two
 
 
-def test_window_16_runs_whole_windows_off_the_shifted_border_and_row_blocks_on_it():
-    """On a shifted grid window 16's forward launches twice (`window_sets`): the windows off the border (no shift
-    mask) as whole-window programs, uncapped; the border as row-block programs on `block_config`'s tiles."""
-    from swinv2_fast.kernels.geometry import WindowGeometry
-    from swinv2_fast.kernels.launch import launch_dims, launch_flags
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "grid,window,shift,order",
+    [
+        ((24, 24), 12, 6, PAD_THEN_ROLL),
+        ((30, 26), 12, 6, ROLL_THEN_PAD),
+        ((30, 26), 12, 6, PAD_THEN_ROLL),
+        ((12, 36), 12, (0, 6), PAD_THEN_ROLL),
+        ((40, 36), 16, 8, ROLL_THEN_PAD),
+    ],
+)
+def test_shift_masked_tables_are_the_table_plus_the_reference_mask(grid, window, shift, order, dtype, kernel_module):
+    """Each border window's table (by its kind: last window row, last column, corner) is the table plus that
+    window's shift mask as the reference builds it (reference.shift_mask), in the table's dtype."""
+    from swinv2_fast.kernels.launch import launch_dims
+    from swinv2_fast.kernels.reference import shift_mask, window_layout
 
-    qkv = torch.empty(2, 64 * 64, 3 * 64, dtype=torch.bfloat16, device="meta")
-    geometry = WindowGeometry.from_args(grid_size=(64, 64), num_heads=2, window_size=16, shift_size=8)
-    grid, heads, window, shift, order = geometry.as_op_args()[:5]
-    dims = launch_dims(qkv, grid, heads, window, shift, order)
-    interior = launch_flags(qkv, None, order, 32, dims, masked=False)
-    border = launch_flags(qkv, None, order, 32, dims, masked=True)
-    assert interior["WHOLE_WINDOW"] and (interior["BLOCK_M"], interior["BLOCK_N"], interior["BLOCK_T"]) == (
-        64,
-        128,
-        128,
-    )
-    assert (interior["num_warps"], interior["maxnreg"]) == (4, tiles.MAXNREG)
-    assert "WHOLE_WINDOW" not in border and "BLOCK_T" not in border
-    assert (border["BLOCK_M"], border["BLOCK_N"], border["num_warps"]) == tiles.block_config(256, 32, torch.bfloat16)
-    assert border["maxnreg"] == tiles.register_cap(256, 32, torch.bfloat16, arch=90)
-    # unshifted: no window has the mask, whatever the caller says
-    dims = launch_dims(qkv, grid, heads, window, (0, 0), order)
-    assert launch_flags(qkv, None, order, 32, dims, masked=True)["WHOLE_WINDOW"]
+    heads, mask_value = 2, -100.0
+    geometry = WindowGeometry.from_args(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift)
+    args = geometry.as_op_args()
+    qkv = torch.empty(1, grid[0] * grid[1], 3 * heads * 32)
+    dims = launch_dims(qkv, *args[:5])
+    n = dims.N
+    table = torch.randn(heads, n, n).to(dtype)
+    masked = tk.shift_masked_tables(table, dims, mask_value)
+    assert masked.shape == (3, heads, n, n) and masked.dtype == dtype
+    mask = shift_mask(window_layout(grid, args[2], args[3], order), mask_value, dtype)
+    num_wy, num_wx = dims.NUM_WINDOWS // dims.NUM_WX, dims.NUM_WX
+    kinds = 0
+    for i_w in range(dims.NUM_WINDOWS):
+        last_row, last_column = i_w // num_wx == num_wy - 1, i_w % num_wx == num_wx - 1
+        if last_row or last_column:
+            kind = int(last_row) + 2 * int(last_column) - 1
+            kinds |= 1 << kind
+            torch.testing.assert_close(masked[kind], (table + mask[i_w]).to(dtype), rtol=0, atol=0)
+        else:
+            assert not mask[i_w].any(), "a window off the border has a shift mask"
+    assert kinds == (0b111 if num_wy > 1 else 0b101), "every kind of border window checked"
 
 
 def test_a_forward_override_runs_row_block_programs(monkeypatch):

@@ -364,15 +364,15 @@ def test_sass_walk_skips_out_of_line_retry_loops():
 
 
 def test_for_arch_gives_sm80_the_forward_launches_the_host_makes_there(monkeypatch):
-    """Windows 12 and 16's forward, recorded as for sm_90 (whole-window programs: both launches at window 12, the
-    one off the shifted border at 16), rebuilt for sm_80 by for_arch: the tiles, stages, windows per program,
-    grid and every other launch value the host itself gives on sm_80."""
+    """Windows 12 and 16's forward, recorded as for sm_90 (whole-window programs, the border's table with the shift
+    mask added), rebuilt for sm_80 by for_arch: the tiles, stages, windows per program, grid, the table and every
+    other launch value the host itself gives on sm_80."""
     from swinv2_fast.kernels import launch
 
     plain = lambda kwargs: {k: v for k, v in kwargs.items() if not hasattr(v, "shape")}  # noqa: E731
-    for window, whole in ((12, [True, True]), (16, [True, False])):
+    for window in (12, 16):
         recorded = launches.reference_launches(window, "bf16", backward=False)["fwd"]
-        assert [bool(lch.kwargs.get("WHOLE_WINDOW")) for lch in recorded] == whole
+        assert all(lch.kwargs["WHOLE_WINDOW"] for lch in recorded)
         with monkeypatch.context() as m:
             m.setattr(launch, "device_arch", lambda t: 80)
             on_sm80 = launches.reference_launches(window, "bf16", backward=False)["fwd"]
@@ -380,3 +380,5 @@ def test_for_arch_gives_sm80_the_forward_launches_the_host_makes_there(monkeypat
             (lch.grid, plain(lch.kwargs)) for lch in on_sm80
         ]
         assert not any(lch.kwargs.get("WHOLE_WINDOW") for lch in on_sm80)
+        tables = [launches.for_arch(lch, 80).kwargs["POSITION_BIAS"].shape for lch in recorded]
+        assert tables == [lch.kwargs["POSITION_BIAS"].shape for lch in on_sm80] == [(4, window**2, window**2)] * 2

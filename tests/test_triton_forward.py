@@ -125,23 +125,25 @@ def test_several_windows_per_program(B, grid, heads, head_dim, window, shift, pa
 
 
 # Whole-window programs (window 12 at head_dim 32: a 128-key tile and a 16-key tail, query blocks of 64 and a
-# 16-row tail where the launch has no shift mask; window 16: two 128-key tiles, the second joined by an online
-# step, in the launches without the shift mask only): unshifted, shifted (both launches), padded in either order,
-# several windows per program and one, a last program with fewer, a q/k/v bias or none (B3: none).
+# 16-row tail; window 16: two 128-key tiles, the second joined by an online step; the border windows' shift mask
+# read from `shift_masked_tables`): unshifted, shifted (both launches), shifted on a grid one window high (one
+# launch, every window with the mask), padded in either order, several windows per program and one, a last
+# program with fewer, a q/k/v bias or none (B3: none).
 WHOLE_WINDOW_SHAPES = [
     pytest.param(2, (24, 24), 1, 32, 12, 6, 2, id="B2-24x24-h1d32-w12s6-wpp2"),
     pytest.param(3, (24, 24), 1, 32, 12, 0, 4, id="B3-24x24-h1d32-w12s0-wpp4"),
     pytest.param(1, (30, 26), 2, 32, 12, 6, 1, id="B1-30x26-h2d32-w12s6-wpp1-padded"),
     pytest.param(3, (30, 26), 1, 32, 12, 6, 2, id="B3-30x26-h1d32-w12s6-wpp2-padded"),  # a program of 1 window
+    pytest.param(2, (12, 36), 1, 32, 12, (0, 6), 2, id="B2-12x36-h1d32-w12s0x6-wpp2"),
     pytest.param(2, (32, 32), 1, 32, 16, 8, 2, id="B2-32x32-h1d32-w16s8-wpp2"),
     pytest.param(3, (32, 16), 1, 32, 16, 0, 4, id="B3-32x16-h1d32-w16s0-wpp4"),
     pytest.param(1, (40, 36), 2, 32, 16, 8, 2, id="B1-40x36-h2d32-w16s8-wpp2-padded"),  # 4 windows off the border
 ]
 
 
-def _forced_window_tiles(n, head_dim, dtype, arch, masked=False):
-    """`tiles.forward_window_tiles` at any dtype and architecture: the tables' rule for n and the shift mask."""
-    return (*tiles._FWD_WINDOW[n], 4) if not masked or n in tiles._FWD_WINDOW_MASKED else None
+def _forced_window_tiles(n, head_dim, dtype, arch):
+    """`tiles.forward_window_tiles` at any dtype and architecture."""
+    return (*tiles._FWD_WINDOW[n], tiles._FWD_WINDOW_WARPS)
 
 
 def _whole_window_launches(monkeypatch, per_program, force=False):
@@ -159,20 +161,24 @@ def _whole_window_launches(monkeypatch, per_program, force=False):
 
 
 def _assert_whole_window(recorder, shift):
-    """The launches without the shift mask ran whole-window programs, one per group of windows, their last rows
-    a block of their own at window 12; the border launch too at window 12 (no row tail), the row-block programs
-    at window 16."""
-    tails = {}
+    """Every launch ran whole-window programs, one per group of windows, window 12's last 16 rows a block of their
+    own; the launches over windows with the shift mask read the table with it added (one per kind of border
+    window), the others the table."""
+    tails, tables = {}, {}
     for grid_, launch in recorder.launches:
         n = launch["N"]
-        if not launch.get("WHOLE_WINDOW"):
-            tails[launch["WINDOW_SET"]] = "row blocks"
-            continue
-        assert launch["BLOCK_N"] + launch["BLOCK_T"] == n and n in (144, 256)
+        assert launch["WHOLE_WINDOW"] and launch["BLOCK_N"] + launch["BLOCK_T"] == n and n in (144, 256)
         assert grid_[0] == math.ceil(launch["NUM_BW"] / launch["WINDOWS_PER_PROGRAM"])
         tails[launch["WINDOW_SET"]] = launch["M_TAIL"]
-    tail, border = (16, 0) if n == 144 else (0, "row blocks")
-    assert tails == ({tk.INTERIOR_WINDOWS: tail, tk.BORDER_WINDOWS: border} if shift else {tk.ALL_WINDOWS: tail})
+        tables[launch["WINDOW_SET"]] = launch["POSITION_BIAS"].shape[:-3]
+    tail = 16 if n == 144 else 0
+    if not shift:
+        assert tails == {tk.ALL_WINDOWS: tail} and tables == {tk.ALL_WINDOWS: ()}
+    elif tk.ALL_WINDOWS in tails:  # one window row or column: every window has the mask
+        assert tails == {tk.ALL_WINDOWS: tail} and tables == {tk.ALL_WINDOWS: (3,)}
+    else:
+        assert tails == {tk.INTERIOR_WINDOWS: tail, tk.BORDER_WINDOWS: tail}
+        assert tables == {tk.INTERIOR_WINDOWS: (), tk.BORDER_WINDOWS: (3,)}
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
@@ -196,7 +202,8 @@ def test_whole_window_programs_fp16_error_is_that_of_pytorch(
     B, grid, heads, head_dim, window, shift, per_program, table_dtype, monkeypatch
 ):
     """fp16 at windows 12 and 16, head_dim 32: the whole-window programs the host picks
-    (tiles.forward_window_tiles), within PyTorch's own fp16 error."""
+    (tiles.forward_window_tiles), the table with the shift mask added in fp16 included (its sum rounds only where
+    the mask applies: the scores there vanish in the softmax), within PyTorch's own fp16 error."""
     recorder = _whole_window_launches(monkeypatch, per_program)
     inputs = make_inputs(B, grid, heads, head_dim, window, dtype=torch.float16, table_dtype=table_dtype)
     _assert_fp16_error_is_that_of_pytorch(

@@ -41,11 +41,14 @@ count times the program's threads (num_warps x 32) times the programs, over the 
 
 The traffic model (per kernel, over every window: a shifted grid's two launches split the windows; from the
 recorded arguments and the tiles, with the partial sums of every launch's groups):
-  * HBM bytes: every tensor the kernel reads or writes, once (q/k/v, dO, statistics, the table, outputs);
+  * HBM bytes: every tensor the kernel reads or writes, once (q/k/v, dO, statistics, the table, outputs), the
+    table once per launch; the whole-window forward's border tables (the table plus the shift mask, three
+    copies) as the host builds them and the launch reads them;
   * L2-to-SM bytes: what the programs load, summed (a key block read by every query block counts once per
     query block, the bias tile once per program that reads it: per window, except where a program runs
     several windows of one head (the forward's WINDOWS_PER_PROGRAM, the bias-table kernel's group of
-    windows) and loads the tile once for all of them);
+    windows) and loads the tile once for all of them); the forward's per launch, each with its own tiles and
+    windows per program;
   * FLOPs: 2 * head_dim per score and per matmul of the kernel;
   * time: max(HBM bytes / 4.8 TB/s, FLOPs / 790 TFLOP/s (16-bit dots; 67 TFLOP/s for IEEE fp32 dots),
     instructions / issue rate), the issue rate being an H200's 132 SMs x 4 schedulers x 1 warp instruction
@@ -484,6 +487,21 @@ def _programs(launch: Launch) -> int:
     return programs
 
 
+def _table_elem(launch: Launch) -> int:
+    return launch.kwargs["POSITION_BIAS"].element_size()
+
+
+def _table_bytes(launch: Launch) -> int:
+    """HBM bytes of the table a launch reads; where the host built it for the launch (the whole-window forward's
+    border tables, `shift_masked_tables`: (3, heads, N, N)), what building it moved too (the table read, the
+    three written) and the launch's reading them."""
+    table = launch.kwargs["POSITION_BIAS"]
+    size = table.numel() * table.element_size()
+    if table.dim() == 4:
+        return size // 3 + 2 * size
+    return size
+
+
 def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
     """The cost of one kernel's launches (each launch's specialisation compiled and counted; registers, spills
     and shared memory the largest of them, instructions summed over their programs)."""
@@ -496,8 +514,8 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
     hbm, l2, flops = traffic(launch, dtype, groups)
     if launch.kernel == "fwd":  # each launch's windows as it runs them (window 16: whole windows off the border)
         l2 = sum(_fwd_l2(lch.kwargs, dtype, lch.kwargs["NUM_BW"]) for lch in launches)
-    table = launch.kwargs["POSITION_BIAS"]
-    hbm += (len(launches) - 1) * table.numel() * table.element_size()  # each launch reads the table
+    # each launch reads its table (`traffic` counted the table once)
+    hbm += sum(_table_bytes(lch) for lch in launches) - launch.kwargs["NUM_HEADS"] * n * n * _table_elem(launch)
     try:
         registers = spills = shared = warps = 0
         resident = 64  # warps per SM: the fewest of any launch's

@@ -268,11 +268,12 @@ def _forward_for_arch(a: dict, grid: Tuple[int, ...], arch: int) -> Tuple[dict, 
     `forward_window_tiles` serves the arch, else the row-block programs on `block_config`'s tiles, with their
     stages, windows per program and grid."""
     n, head_dim, dtype = a["N"], a["HEAD_DIM"], a["QKV"].dtype
-    masked = a["SHIFTED"] and a["WINDOW_SET"] != triton_forward.INTERIOR_WINDOWS
-    if forward_window_tiles(n, head_dim, dtype, arch, masked) is not None:
+    if forward_window_tiles(n, head_dim, dtype, arch) is not None:
         return a, grid
     for key in ("WHOLE_WINDOW", "BLOCK_T", "M_TAIL", "num_stages"):
         a.pop(key, None)
+    if a["POSITION_BIAS"].dim() == 4:  # a border launch's tables with the shift mask added: the table itself
+        a["POSITION_BIAS"] = a["POSITION_BIAS"][0]
     a["BLOCK_M"], a["BLOCK_N"], a["num_warps"] = block_config(n, head_dim, dtype, False, arch)
     stages = launch_stages(n, head_dim, dtype, False, arch)
     if stages is not None:
