@@ -186,7 +186,8 @@ def _forward_stages_16bit(n: int) -> Optional[int]:
     instructions and registers; by the cost report est/floor 1.27 -> 1.15 at N = 49, 4.43 -> 3.90 at N = 144
     with its (64, 32, 4) tiles, 4.08 -> 3.84 at N = 576; the whole-window programs at N = 144 take it too,
     unmeasured with more) from N = 49 up, but at N = 64 (at its floor) and
-    where 128 rows divide N; None (Triton's default) there and below N = 49 (not measured)."""
+    where 128 rows divide N (the whole-window programs at N = 256 too: not measured with 1); None (Triton's
+    default) there and below N = 49 (not measured)."""
     return None if n < 49 or n == 64 or n % 128 == 0 else 1
 
 
@@ -362,7 +363,7 @@ def register_cap(
         not backward
         and dtype in (torch.float16, torch.bfloat16)
         and head_dim in (16, 32)
-        and (n == 64 or n % 128 == 0 or n == 144)
+        and (n == 64 or n % 128 == 0 or (n == 144 and head_dim == 16))
         and arch >= 90
         and not padded
         and _triton_release() >= (3, 8)

@@ -40,6 +40,7 @@ the committed table: benchmarks/results/cost_report.txt).
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -429,19 +430,31 @@ def windows_per_program(pairs: int, row_blocks: int, num_heads: int, multiproces
     return wpp
 
 
-def shift_masked_tables(table: torch.Tensor, dims: LaunchDims, mask_value: float) -> torch.Tensor:
-    """(3, heads, N, N): the table plus the shift mask (`mask_value` between tokens of different shift regions, 0
-    within one) of a window in the last window row, the last window column, and the corner, in the table's dtype
-    (the mask's 0 leaves the table's values as they are). The whole-window forward reads these in its launch over
-    the border windows, instead of computing the mask. A window's regions: on the shifted, padded grid, rows from
-    HP - WH and from HP - SH, columns likewise; in the last window row the rows split at WH - SH within the window,
-    elsewhere they do not split (the kernels' `_window_rows`)."""
-    pos = torch.arange(dims.N, device=table.device)
-    low = ((pos // dims.WW) >= dims.WH - dims.SH, (pos % dims.WW) >= dims.WW - dims.SW)  # row, column region
+@functools.lru_cache(maxsize=32)
+def _border_masks(wh: int, ww: int, sh: int, sw: int, mask_value: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """(3, 1, N, N) shift masks of a window in the last window row, the last column and the corner (see
+    `shift_masked_tables`); made once per window, shift, mask value, dtype and device."""
+    pos = torch.arange(wh * ww, device=device)
+    low = ((pos // ww) >= wh - sh, (pos % ww) >= ww - sw)  # the row's and the column's second shift region
     split_rows, split_columns = (r[:, None] != r[None, :] for r in low)
     different = torch.stack([split_rows, split_columns, split_rows | split_columns])
-    mask = torch.where(different, torch.full((), mask_value, dtype=table.dtype, device=table.device), 0)
-    return (table.unsqueeze(0) + mask.to(table.dtype).unsqueeze(1)).contiguous()
+    return torch.where(different, torch.full((), mask_value, dtype=dtype, device=device), 0).to(dtype).unsqueeze(1)
+
+
+def shift_masked_tables(table: torch.Tensor, dims: LaunchDims, mask_value: float) -> torch.Tensor:
+    """(3, heads, N, N): the table plus the shift mask (`mask_value` between tokens of different shift regions, 0
+    within one) of a window in the last window row, the last window column, and the corner. The whole-window
+    forward reads these in its launch over the border windows, instead of computing the mask. In the table's
+    dtype (the mask's 0 leaves the table's values as they are; where it applies the scores vanish in the softmax
+    either way), or fp32 where the mask value is beyond half the table dtype's range (fp16 and -1e5: the sum is
+    not to reach -inf, whose rows of the first key tile would make NaN). A window's regions: on the shifted,
+    padded grid, rows from HP - WH and from HP - SH, columns likewise; in the last window row the rows split at
+    WH - SH within the window, elsewhere they do not split (the kernels' `_window_rows`)."""
+    dtype = table.dtype
+    if abs(mask_value) > torch.finfo(dtype).max / 2:
+        dtype = torch.float32
+    masks = _border_masks(dims.WH, dims.WW, dims.SH, dims.SW, float(mask_value), dtype, table.device)
+    return table.to(dtype).unsqueeze(0) + masks
 
 
 def _launch_table(table: torch.Tensor, whole: bool, dims: LaunchDims, flags: dict, window_set: int, mask_value):

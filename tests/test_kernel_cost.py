@@ -363,6 +363,30 @@ def test_sass_walk_skips_out_of_line_retry_loops():
     assert cost.count_executed(instructions, [5], lambda ins: ins.opcode == "FADD") == 5
 
 
+def test_forward_traffic_per_launch():
+    """The forward's traffic model per launch (cost._fwd_l2, cost._table_bytes): on one launch it is the
+    kernel's traffic; the whole-window border launch's masked tables count as built (one table read, three
+    written) and read (three), the interior's table once; each launch's L2 bytes with its own windows per
+    program."""
+    n, heads = 256, launches.REFERENCE_HEADS
+    table = heads * n * n * 2  # bf16
+    interior, border = launches.reference_launches(16, "bf16", backward=False)["fwd"]
+    assert cost._table_bytes(interior) == table and cost._table_bytes(border) == 7 * table
+    # unshifted: one launch over every window, whose L2 bytes are the traffic model's
+    geometry = dict(grid_size=(64, 64), window_size=(16, 16), shift_size=(0, 0))
+    (whole,) = launches.reference_launches(16, "bf16", geometry=geometry, backward=False)["fwd"]
+    a = whole.kwargs
+    assert cost.traffic(whole, "bf16")[1] == cost._fwd_l2(a, "bf16", a["NUM_BW"])
+    # per launch: the border's windows with its own windows per program
+    for launch in (interior, border):
+        a = launch.kwargs
+        wh, rows = a["NUM_BW"] * heads, 32 * 2
+        assert (
+            cost._fwd_l2(a, "bf16", a["NUM_BW"])
+            == wh * (n * rows + n * 2 * rows) + wh * n * n * 2 // a["WINDOWS_PER_PROGRAM"]
+        )
+
+
 def test_for_arch_gives_sm80_the_forward_launches_the_host_makes_there(monkeypatch):
     """Windows 12 and 16's forward, recorded as for sm_90 (whole-window programs, the border's table with the shift
     mask added), rebuilt for sm_80 by for_arch: the tiles, stages, windows per program, grid, the table and every

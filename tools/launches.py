@@ -272,8 +272,8 @@ def _forward_for_arch(a: dict, grid: Tuple[int, ...], arch: int) -> Tuple[dict, 
         return a, grid
     for key in ("WHOLE_WINDOW", "BLOCK_T", "M_TAIL", "num_stages"):
         a.pop(key, None)
-    if a["POSITION_BIAS"].dim() == 4:  # a border launch's tables with the shift mask added: the table itself
-        a["POSITION_BIAS"] = a["POSITION_BIAS"][0]
+    if a["POSITION_BIAS"].dim() == 4:  # a border launch's tables with the shift mask added: one table's shape
+        a["POSITION_BIAS"] = a["POSITION_BIAS"][0]  # (meta tensors: only the shape, dtype and strides are read)
     a["BLOCK_M"], a["BLOCK_N"], a["num_warps"] = block_config(n, head_dim, dtype, False, arch)
     stages = launch_stages(n, head_dim, dtype, False, arch)
     if stages is not None:

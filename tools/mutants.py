@@ -797,6 +797,14 @@ MUTANTS = [
         "a border window in the last row reads the last column's mask, and the other way round",
     ),
     Mutant(
+        "host-fwd-masked-table-fp16-overflow",
+        KERNEL,
+        "    if abs(mask_value) > torch.finfo(dtype).max / 2:",
+        "    if abs(mask_value) > float('inf'):",
+        (f"{FWD}::test_whole_window_mask_beyond_the_table_dtype",),
+        "an fp16 table takes a mask value beyond its range: -inf in the first key tile's rows, NaN out",
+    ),
+    Mutant(
         "host-fwd-masked-table-corner-one-way",
         KERNEL,
         "    different = torch.stack([split_rows, split_columns, split_rows | split_columns])",

@@ -4,7 +4,7 @@
 
 The candidates live in one table (CANDIDATES), the launches' defaults among them, so a pick is never slower than
 the default at the shape it was timed on; where the forward runs whole-window programs (`tiles.forward_window_tiles`:
-window 12 on sm_90), which any forward override replaces, they are timed too, and nothing is recorded for that
+windows 12 and 16 on sm_90), which any forward override replaces, they are timed too, and nothing is recorded for that
 shape's forward when they are the fastest. The forward and the backward are swept separately; a backward
 candidate sets the tiles of all four backward kernels together (they share one tile shape: the
 probabilities they recompute are then bitwise the same), or of the dk/dv kernel where the rows kernel runs
@@ -62,7 +62,7 @@ from .launches import _short, _torch_dtype, cubin_listings, replaced_kernels, re
 # are among them: the forward's (64, 64, 4, 128, 3) at N = 64 on sm_90 and (128, 64, 8, 128, 3) where 128
 # divides N on sm_90 (3: what the launches get without passing any, Triton's default on CUDA), its
 # (64, 64, 4, 255, 1) (N = 49, 576) and (64, 32, 4, 128, 1) (N = 144 on sm_90 at head_dim 16; at head_dim 32 the
-# default there is the whole-window programs, timed beside the candidates); the 16-bit backward's
+# default there, as at N = 256, is the whole-window programs, timed beside the candidates); the 16-bit backward's
 # (64, 64, 4, 255, 1) at head_dim 32 at N = 49 and beyond N = 64. Variants of those: other num_stages (1: no software
 # pipelining, fewer live registers), register caps and warps, and the earlier defaults (the forward's
 # (64, 64, 4, 255, 3), the backward's (64, 32, 8, 255, 3)). (The backward's (64, 64, 4) tiles with 3 stages spill on
