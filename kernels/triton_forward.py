@@ -438,7 +438,7 @@ def _border_masks(wh: int, ww: int, sh: int, sw: int, mask_value: float, dtype: 
     low = ((pos // ww) >= wh - sh, (pos % ww) >= ww - sw)  # the row's and the column's second shift region
     split_rows, split_columns = (r[:, None] != r[None, :] for r in low)
     different = torch.stack([split_rows, split_columns, split_rows | split_columns])
-    return torch.where(different, torch.full((), mask_value, dtype=dtype, device=device), 0).to(dtype).unsqueeze(1)
+    return torch.where(different, torch.full((), mask_value, dtype=dtype, device=device), 0).unsqueeze(1)
 
 
 def shift_masked_tables(table: torch.Tensor, dims: LaunchDims, mask_value: float) -> torch.Tensor:

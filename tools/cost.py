@@ -487,10 +487,6 @@ def _programs(launch: Launch) -> int:
     return programs
 
 
-def _table_elem(launch: Launch) -> int:
-    return launch.kwargs["POSITION_BIAS"].element_size()
-
-
 def _table_bytes(launch: Launch) -> int:
     """HBM bytes of the table a launch reads; where the host built it for the launch (the whole-window forward's
     border tables, `shift_masked_tables`: (3, heads, N, N)), what building it moved too (the table read, the
@@ -515,7 +511,8 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
     if launch.kernel == "fwd":  # each launch's windows as it runs them (window 16: whole windows off the border)
         l2 = sum(_fwd_l2(lch.kwargs, dtype, lch.kwargs["NUM_BW"]) for lch in launches)
     # each launch reads its table (`traffic` counted the table once)
-    hbm += sum(_table_bytes(lch) for lch in launches) - launch.kwargs["NUM_HEADS"] * n * n * _table_elem(launch)
+    table = launch.kwargs["NUM_HEADS"] * n * n * launch.kwargs["POSITION_BIAS"].element_size()
+    hbm += sum(_table_bytes(lch) for lch in launches) - table
     try:
         registers = spills = shared = warps = 0
         resident = 64  # warps per SM: the fewest of any launch's
