@@ -258,7 +258,9 @@ def test_whole_window_programs_serve_windows_12_and_16_at_head_dim_32_in_16_bit_
         assert tiles.forward_window_tiles(n, head_dim, dtype, arch) is None, (n, head_dim, dtype, arch)
     assert tiles.register_cap(144, 32, torch.bfloat16, arch=90, whole_window=True) == tiles.MAXNREG
     assert tiles.register_cap(256, 32, torch.bfloat16, arch=90, whole_window=True) == tiles.MAXNREG
-    assert tiles.register_cap(256, 32, torch.bfloat16, arch=90) == 128  # the row-block programs (sm_80, a record)
+    # the row-block programs (a record): capped at 128 with Triton 3.8 or later, whose builds fit it
+    capped = 128 if tiles._triton_release() >= (3, 8) else tiles.MAXNREG
+    assert tiles.register_cap(256, 32, torch.bfloat16, arch=90) == capped
     assert tiles.forward_query_tail(144, 64) == 16
     assert tiles.forward_query_tail(144, 128) == 16
     assert tiles.forward_query_tail(256, 64) == 0
