@@ -402,10 +402,10 @@ def fused_backward_supported(head_dim: int, dtype: torch.dtype) -> bool:
 
 # The fused backward (one kernel, `_window_attention_bwd_fused_kernel`) serves fp16/bf16 windows of at most
 # FUSED_MAX_N tokens with channel tiles of at most FUSED_MAX_BLOCK_D: one program holds a whole window's [BLOCK,
-# BLOCK] score tiles. fp32 (IEEE dots keep their operands in registers) at window 8 only, over 16 warps, at head_dim
-# 32 and 16 (`_FUSED_FP32_N`): by the static cost report (head_dim 32, sm_90) its backward went from 7.01 (four
-# kernels) to 1.90 of the floor. Not served (the four kernels run): larger windows and head dims; the other fp32
-# windows (window 7's masked 64-token block spilled over 16 warps even at 255 registers) and fp64; windows of 33 to 63
+# BLOCK] score tiles. fp32 (IEEE dots keep their operands in registers) at windows 8 and 7, over 16 warps, at
+# head_dim 32 and 16 (`_FUSED_FP32_N`; window 7's table padded to the block, `fused_pads_table`): by the static cost
+# report (head_dim 32, sm_90) window 8's backward went from 7.01 (four kernels) to 1.90 of the floor. Not served
+# (the four kernels run): larger windows and head dims; the other fp32 windows, and fp64; fp16/bf16 windows of 33 to 63
 # tokens but window 7's at head_dim 32 with Triton 3.8 or later (`_FUSED_MASKED_N`). Served in fp16/bf16: the
 # published window 8 (N = 64), the tiny windows (N <= 32, 16- or 32-token blocks), and window 7 (N = 49 in a 64-token
 # block, its last 15 rows and columns masked): by the static cost report (bf16, head_dim 32, sm_90, H200 estimate over
@@ -419,10 +419,13 @@ FUSED_MAX_BLOCK_D = 32
 FUSED_DTYPES = (torch.float16, torch.bfloat16)
 _FUSED_MASKED_N = (49,)
 _FUSED_MASKED_TRITON = (3, 8)  # the first Triton release whose build of it does not spill
-# fp32 (IEEE dots, operands in registers): window 8's whole 64-token block over 16 warps (over 8 it spilled about
-# 1 KB on sm_80 and sm_90), at 128 registers a thread (`program_register_budget`), in whole channel tiles: masked
-# ones spilled (head_dim 10: 12 B to 1.1 KB on sm_90; 30: about 300 B at 255 registers, which 16 warps cannot hold)
-_FUSED_FP32_N = (64,)
+# fp32 (IEEE dots, operands in registers): windows 8 and 7 in a whole 64-token block over 16 warps (over 8 it spilled
+# about 1 KB on sm_80 and sm_90), at 128 registers a thread (`program_register_budget`), in whole channel tiles:
+# masked ones spilled (head_dim 10: 12 B to 1.1 KB on sm_90; 30: about 300 B at 255 registers, which 16 warps cannot
+# hold). Window 7 reads its table padded to the block (`fused_pads_table`): read as (heads, 49, 49) it spilled 1.1 KB;
+# on padded grids it keeps the four kernels (with the padded keys' k/v bias rows its build spills 12-48 B on sm_90 at
+# head_dim 32 with Triton 3.8 and 3.6)
+_FUSED_FP32_N = (49, 64)
 _FUSED_FP32_HEAD_DIMS = (16, 32)
 _FUSED_FP32_WARPS = 16
 # Programs the fused backward and the rows kernel aim at (about 4 per SM of an H200's 132): (image, window) pairs
@@ -445,14 +448,15 @@ def window_groups(all_pairs: int, pairs: int, units: int, budget: int) -> Tuple[
     return per_group, -(-pairs // per_group)
 
 
-def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether the backward of windows of n tokens, heads of head_dim channels and a projection in `dtype` runs
-    as the one fused kernel (else the rows and dk/dv kernels, `rows_backward_applies`, or the statistics, dq,
-    dk/dv and table kernels)."""
+def fused_backward_applies(n: int, head_dim: int, dtype: torch.dtype, padded: bool = False) -> bool:
+    """Whether the backward of windows of n tokens, heads of head_dim channels and a projection in `dtype` on a
+    padded grid or not runs as the one fused kernel (else the rows and dk/dv kernels, `rows_backward_applies`, or
+    the statistics, dq, dk/dv and table kernels)."""
     if n > FUSED_MAX_N or channel_block(head_dim) > FUSED_MAX_BLOCK_D:
         return False
     if dtype == torch.float32 and dtype not in FUSED_DTYPES:
-        return n in _FUSED_FP32_N and head_dim in _FUSED_FP32_HEAD_DIMS
+        served = n in _FUSED_FP32_N and head_dim in _FUSED_FP32_HEAD_DIMS
+        return served and not (padded and fused_pads_table(n, dtype))
     return dtype in FUSED_DTYPES and (n <= 32 or n == fused_block(n) or _fused_masked_window(n, head_dim))
 
 
@@ -460,6 +464,15 @@ def _fused_masked_window(n: int, head_dim: int) -> bool:
     """Whether a window of n tokens that leaves its block partly empty (33 to 63 tokens in 64) runs the fused
     backward: window 7's N = 49 (`_FUSED_MASKED_N`) at head_dim 32 with Triton 3.8 or later (see FUSED_MAX_N)."""
     return n in _FUSED_MASKED_N and head_dim == 32 and _triton_release() >= _FUSED_MASKED_TRITON
+
+
+def fused_pads_table(n: int, dtype: torch.dtype) -> bool:
+    """Whether the fused kernel reads the table padded to its block (the kernel's PAD_TABLE): fp32 windows that leave
+    the block partly empty (window 7's 49 tokens in 64). With the table's own rows of N (not a multiple of 4
+    fp32) its loads and the partial sums' stores cannot be vectorised: the fp32 build over 16 warps spilled 1.1-1.2
+    KB on sm_80 and sm_90 off the shifted border and on it; padded, none (Triton 3.8). The 16-bit build keeps the
+    table as it is (padded, its border launch spilled 72 B on sm_80)."""
+    return dtype == torch.float32 and fused_block(n) != n
 
 
 def fused_block(n: int) -> int:
@@ -552,10 +565,10 @@ def rows_backward_applies(n: int, head_dim: int, dtype: torch.dtype) -> bool:
     return dtype in FUSED_DTYPES and channel_block(head_dim) <= FUSED_MAX_BLOCK_D and fused_block(n) == ROWS_TILES[1]
 
 
-def backward_kernels(n: int, head_dim: int, dtype: torch.dtype):
-    """The short names of the kernels the backward launches for this window, head dim and projection dtype,
-    every gradient asked for."""
-    if fused_backward_applies(n, head_dim, dtype):
+def backward_kernels(n: int, head_dim: int, dtype: torch.dtype, padded: bool = False):
+    """The short names of the kernels the backward launches for this window, head dim and projection dtype on a
+    padded grid or not, every gradient asked for."""
+    if fused_backward_applies(n, head_dim, dtype, padded):
         return ("bwd_fused",)
     if rows_backward_applies(n, head_dim, dtype):
         return ("bwd_rows", "bwd_dkdv")

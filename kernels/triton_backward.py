@@ -50,6 +50,7 @@ import threading
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -63,6 +64,7 @@ from .tiles import (
     fused_backward_applies,
     fused_block,
     fused_num_warps,
+    fused_pads_table,
     program_register_budget,
     rows_backward_applies,
     rows_channel_block,
@@ -678,6 +680,7 @@ def _window_attention_bwd_fused_kernel(
     NEED_PAD: tl.constexpr,
     NEED_TABLE: tl.constexpr,
     WINDOW_SET: tl.constexpr = 0,
+    PAD_TABLE: tl.constexpr = False,
 ):
     """The whole backward of small windows (N <= BLOCK = BLOCK_M = BLOCK_N: one block holds a window): program
     (group of WINDOWS_PER_GROUP consecutive (image, window) pairs, head) runs its windows in a fixed order.
@@ -691,7 +694,12 @@ def _window_attention_bwd_fused_kernel(
     (groups, heads). The host sums the groups in a fixed order: no atomics, deterministic.
     The bias tile is the same for every window of the program; it is loaded per window, expected to hit
     L1/L2 after the first (an estimate until a GPU measures it). The (image, window) pairs are those of
-    WINDOW_SET, as in the other backward kernels (the host splits unpadded grids only: `_fused_backward`)."""
+    WINDOW_SET, as in the other backward kernels (the host splits unpadded grids only: `_fused_backward`).
+    PAD_TABLE (a window that leaves its block partly empty, `tiles.fused_pads_table`): the table arrives padded to
+    the block, (heads, BLOCK, BLOCK), its columns beyond the window -inf and its rows beyond it 0
+    (`padded_table`), and DBIAS is (groups, heads, BLOCK, BLOCK): every tile row starts 16-byte aligned, the bias
+    tile loads and the table gradient stores unmasked, and the keys beyond the window get P = 0 from the table
+    instead of a select per score."""
     tl.static_assert((WINDOW_SET == 0) | SHIFTED)
     MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
     layout: tl.constexpr = (WH, WW, SHIFTED, PADDED, ROLL_THEN_PAD)
@@ -705,8 +713,9 @@ def _window_attention_bwd_fused_kernel(
     tl.static_assert((BLOCK & (BLOCK - 1)) == 0)
     CDT: tl.constexpr = SCALE.dtype.element_ty  # compute dtype: fp32 (fp64 for fp64 inputs)
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty  # dot operand dtype
-    EVEN: tl.constexpr = N == BLOCK
-    MASK_N: tl.constexpr = N != BLOCK
+    TABLE_N: tl.constexpr = BLOCK if PAD_TABLE else N  # the table's rows and columns as it arrives
+    EVEN: tl.constexpr = (N == BLOCK) or PAD_TABLE  # the bias tile and table gradient unmasked
+    MASK_N: tl.constexpr = (N != BLOCK) and not PAD_TABLE  # keys beyond the window set to -inf here
     DQS: tl.constexpr = NEED_DQ or NEED_TABLE  # dqs = dS kn: dq, and the scale's gradient
     o_d, m_d = cols
     # [BLOCK]: the window's positions, as query rows and as key columns
@@ -731,7 +740,7 @@ def _window_attention_bwd_fused_kernel(
         b_kn_d = b_kn.to(DDT)
         b_do = _load_do(DOUT, stride_do_b, stride_do_t, i_b, i_h, o_tok, m_real, cols, HEAD_DIM).to(DDT)
         # [BLOCK, BLOCK]; rows beyond the window (N < BLOCK) have dO = 0, hence dS = 0 and no dv share
-        b_bias = _bias_tile(POSITION_BIAS + i_h * N * N, o_n, o_n, m_n, m_n, N, EVEN)
+        b_bias = _bias_tile(POSITION_BIAS + i_h * TABLE_N * TABLE_N, o_n, o_n, m_n, m_n, TABLE_N, EVEN)
         b_s = _logits(_dot(b_qs, tl.trans(b_kn_d), FULL_DOT), b_bias, o_reg, o_reg, m_n, mask_value, MASKED, MASK_N)
         b_p = _softmax_rows(b_s)
         o_dst = i_b * stride_dqkv_b + o_tok[:, None] * stride_dqkv_t + i_h * HEAD_DIM + o_d[None, :]
@@ -765,7 +774,7 @@ def _window_attention_bwd_fused_kernel(
             if PAD_GRADS:  # without a bias padded keys are constant zeros: nothing to learn there
                 tl.store(p_dpad, b_dk.to(DPAD.dtype.element_ty), mask=_tile_mask(m_n & m_pad, m_d))
     if NEED_TABLE:
-        p_dbias = DBIAS + (i_g * NUM_HEADS + i_h) * N * N + o_n[:, None] * N + o_n[None, :]
+        p_dbias = DBIAS + (i_g * NUM_HEADS + i_h) * TABLE_N * TABLE_N + o_n[:, None] * TABLE_N + o_n[None, :]
         if EVEN:
             tl.store(p_dbias, b_dbias)
         else:
@@ -1026,6 +1035,14 @@ def _backward_statistics(
     return flags, scale, common
 
 
+def padded_table(table: torch.Tensor, block: int) -> torch.Tensor:
+    """A (heads, N, N) table as the fused kernel reads it with PAD_TABLE: (heads, block, block), the window's rows
+    -inf beyond column N (a key outside the window gets P = 0) and the rows beyond N 0 (a query row outside the
+    window keeps a finite softmax; its dO is 0, hence its dS)."""
+    n = table.shape[-1]
+    return F.pad(F.pad(table, (0, block - n), value=float("-inf")), (0, 0, 0, block - n))
+
+
 def _fused_backward(
     grad_out,
     qkv,
@@ -1053,6 +1070,10 @@ def _fused_backward(
     # window's rows costs registers: spills on sm_80)
     block = fused_block(dims.N)
     num_warps = fused_num_warps(dims.N, qkv.dtype)
+    pad_table = fused_pads_table(dims.N, qkv.dtype)
+    side = block if pad_table else dims.N  # the table's (and its partial sums') rows and columns
+    if pad_table and B > 0:
+        table = padded_table(table, block)
     flags.update(
         BLOCK_M=block,
         BLOCK_N=block,
@@ -1079,7 +1100,7 @@ def _fused_backward(
         pairs = B * windows
         per_group, groups = window_groups(B * dims.NUM_WINDOWS, pairs, num_heads, FUSED_PROGRAMS)
         d_table_parts = torch.empty(
-            (groups, num_heads, dims.N, dims.N) if need_table_grads else (1,), device=qkv.device, dtype=cdt
+            (groups, num_heads, side, side) if need_table_grads else (1,), device=qkv.device, dtype=cdt
         )
         d_scale_parts = torch.empty((groups, num_heads) if need_table_grads else (1,), device=qkv.device, dtype=cdt)
         _window_attention_bwd_fused_kernel[(groups, num_heads)](
@@ -1107,12 +1128,13 @@ def _fused_backward(
             NEED_PAD=pad_grads,
             NEED_TABLE=need_table_grads,
             WINDOW_SET=window_set,
+            PAD_TABLE=pad_table,
             **dims._asdict(),
             **flags,
         )
         if need_table_grads:
             # the groups, then the launches, summed in a fixed order (no atomics): deterministic
-            d_table = _plus(d_table, d_table_parts.sum(0))
+            d_table = _plus(d_table, d_table_parts[:, :, : dims.N, : dims.N].sum(0))
             d_scale = _plus(d_scale, d_scale_parts.sum(0))
     return dqkv, dpad, d_table, d_scale
 
@@ -1155,7 +1177,7 @@ def window_attention_triton_backward(
     dims = launch_dims(qkv, grid_size, num_heads, window_size, shift_size, pad_order)
     need_bias = need_bias and qkv_bias is not None
     head_dim = C3 // 3 // num_heads
-    if fused_backward_applies(dims.N, head_dim, qkv.dtype):
+    if fused_backward_applies(dims.N, head_dim, qkv.dtype, dims.num_pad > 0):
         run = _fused_backward
     elif rows_backward_applies(dims.N, head_dim, qkv.dtype):
         run = _rows_backward

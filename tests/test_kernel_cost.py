@@ -146,9 +146,10 @@ def test_forward_launches_split_the_shifted_grid():
 
 def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
     """fp16/bf16 windows of 64 tokens (head dims up to 32), of 49 at head_dim 32 with Triton 3.8 or later, and fp32
-    windows of 64 at head_dim 32 and 16: the fused backward alone, one program per (group of windows, head), its
-    loop counted at the windows per group; windows 12 and 16 (N = 129 to 256): the rows kernel, one program per
-    (row block, head, group of windows), and the dk/dv kernel; window 24, window 7 with Triton 3.6, and the other
+    windows of 64 and 49 (unpadded grids) at head_dim 32 and 16: the fused backward alone, one program per (group
+    of windows, head), its loop counted at the windows per group, fp32 window 7's table padded to the block;
+    windows 12 and 16 (N = 129 to 256): the rows kernel, one program per (row block, head, group of windows), and
+    the dk/dv kernel; window 24, window 7 with Triton 3.6 in fp16/bf16 and on a padded grid in fp32, and the other
     fp32 windows: the four kernels. Recorded on meta tensors (nothing is compiled or run)."""
     from swinv2_fast.kernels import tiles
     from swinv2_fast.kernels import triton_forward as tk
@@ -163,6 +164,8 @@ def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
         (7, "fp16", 32),
         (8, "fp32", 32),
         (8, "fp32", 16),
+        (7, "fp32", 32),
+        (7, "fp32", 16),
     )
     for window, dtype, head_dim in fused_cases:
         recorded = launches.reference_launches(window, dtype, head_dim)
@@ -188,6 +191,11 @@ def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
             # the reference grid is not padded
             assert (a["NEED_DQ"], a["NEED_DKV"], a["NEED_PAD"], a["NEED_TABLE"]) == (True, True, False, True)
             assert cost.LOOP_TRIPS["bwd_fused"](a, launch.grid) == [a["NUM_BW"] / groups]
+            # fp32 window 7 reads the table padded to its block (tiles.fused_pads_table)
+            assert a["PAD_TABLE"] == (window == 7 and dtype == "fp32")
+            side = 64 if a["PAD_TABLE"] else a["N"]
+            assert tuple(a["POSITION_BIAS"].shape) == (heads, side, side)
+            assert tuple(a["DBIAS"].shape) == (groups, heads, side, side)
         hbm, l2, flops = cost.traffic(interior, dtype)
         assert flops == cost.scores_of(interior) * 2 * head_dim * 5 and hbm > 0 and l2 > 0
     for window, dtype in ((12, "fp16"), (16, "bf16")):
@@ -227,8 +235,9 @@ def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
             "bwd_dkdv": 16,
         }
     monkeypatch.setattr(tiles, "_triton_release", lambda: (3, 6))
-    for window, dtype in ((24, "bf16"), (7, "bf16"), (7, "fp32"), (12, "fp32")):
-        recorded = launches.reference_launches(window, dtype)
+    padded7 = dict(grid_size=(60, 60), window_size=(7, 7), shift_size=(3, 3))  # 60 = 8 windows of 7, 4 padded
+    for window, dtype, geometry in ((24, "bf16", None), (7, "bf16", None), (7, "fp32", padded7), (12, "fp32", None)):
+        recorded = launches.reference_launches(window, dtype, geometry=geometry)
         assert sorted(recorded) == ["bwd_dbias", "bwd_dkdv", "bwd_dq", "bwd_stats", "fwd"], (window, dtype)
         # each kernel: the windows off the shifted border (no shift mask), then the border, every window once
         for kernel in ("bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias"):
@@ -249,7 +258,8 @@ def test_reference_launches_record_the_backward_the_launcher_runs(monkeypatch):
                 assert interior.grid[0] + border.grid[0] == num_bw * -(-a["N"] // block), kernel
     assert launches.launched("bwd_fused", 8, 32, "bf16") and not launches.launched("bwd_stats", 8, 32, "bf16")
     assert launches.launched("bwd_fused", 8, 32, "fp32") and not launches.launched("bwd_fused", 16, 32, "bf16")
-    assert launches.launched("bwd_stats", 8, 30, "fp32") and not launches.launched("bwd_fused", 7, 32, "fp32")
+    assert launches.launched("bwd_stats", 8, 30, "fp32") and launches.launched("bwd_fused", 7, 32, "fp32")
+    assert launches.launched("bwd_stats", 7, 32, "fp32", padded=True)
     assert launches.launched("bwd_stats", 8, 10, "fp32")
     assert launches.launched("bwd_rows", 12, 32, "bf16") and not launches.launched("bwd_rows", 24, 32, "bf16")
     assert not launches.launched("bwd_rows", 7, 32, "bf16") and launches.launched("bwd_stats", 7, 32, "bf16")

@@ -2,9 +2,10 @@
 fp16/bf16, N = 64 or N <= 32, head dims up to 32, and N = 49 at head dim 32 with Triton 3.8 or later) against
 the reference's autograd, with the launch proven: windows 2 to 8, shifted, padded in both orders, per-axis
 windows, odd head dims, no q/k/v bias, frozen inputs, groups of windows that do not divide the batch's windows.
-On a GPU fp32 runs it at N = 64 only, head_dim 32 and 16 (over 16 warps), and fp64 never; the tests that check
-its arithmetic at fp32's tolerances (and gradcheck in fp64) route those dtypes to it at every N (`FUSED_DTYPES`),
-which is where it would run them."""
+On a GPU fp32 runs it at N = 64 and 49 only, head_dim 32 and 16 (over 16 warps; at N = 49 with the table padded
+to the block, the kernel's PAD_TABLE), and fp64 never; the tests that check its arithmetic at fp32's tolerances
+(and gradcheck in fp64) route those dtypes to it at every N (`FUSED_DTYPES`), which is where it would run them:
+fp32 with the table padded wherever the window leaves its block partly empty, fp64 without."""
 
 import math
 
@@ -13,6 +14,7 @@ import torch
 
 from swinv2_fast import window_attention
 from swinv2_fast.kernels import PAD_THEN_ROLL, ROLL_THEN_PAD, WindowGeometry, tiles
+from swinv2_fast.kernels.triton_backward import padded_table
 
 from _utils import KERNEL_DEVICE as DEVICE
 from _utils import (
@@ -135,6 +137,43 @@ def test_fused_backward_arithmetic_at_fp32_tolerance(B, grid, heads, head_dim, w
     kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
     fused, eager, exact, sens = _gradients(B, grid, heads, head_dim, inputs, kwargs, torch.float32, sensitivity=True)
     assert_errors_within_pytorch(fused, eager, exact, sum_floors(B, grid, window), sens)
+
+
+# on a padded grid fp32 window 7 keeps the four kernels (test_which_windows_take_the_fused_backward)
+WINDOW7 = [p for p in FUSED_SHAPES if "-w7s" in p.id and not p.id.endswith("-padded")]
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", WINDOW7)
+def test_fp32_window7_reads_the_table_padded(B, grid, heads, head_dim, window, shift, pad_order, monkeypatch):
+    """fp32 window 7 as a GPU runs it (no routing): the fused kernel, the table padded to the 64-token block
+    (built once per call), every gradient at the fp32 budgets of the test above."""
+    built = []
+
+    def recording(table, block):
+        padded = padded_table(table, block)
+        built.append(tuple(padded.shape))
+        return padded
+
+    monkeypatch.setattr(tkb, "padded_table", recording)
+    inputs = make_inputs(B, grid, heads, head_dim, window, seed=1)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    fused, eager, exact, sens = _gradients(B, grid, heads, head_dim, inputs, kwargs, torch.float32, sensitivity=True)
+    assert built == [(heads, 64, 64)]
+    assert_errors_within_pytorch(fused, eager, exact, sum_floors(B, grid, window), sens)
+
+
+@pytest.mark.kernels(forward=False, backward=False)  # nothing runs: a host function
+def test_padded_table_leaves_keys_outside_the_window_no_weight():
+    """(heads, N, N) -> (heads, block, block): the table in its corner, -inf in the window's rows at the columns
+    beyond N (keys outside the window: P = 0), 0 in the rows beyond it (finite rows: a -inf row would make its
+    softmax NaN)."""
+    table = torch.randn(3, 49, 49)
+    padded = padded_table(table, 64)
+    assert padded.shape == (3, 64, 64) and padded.dtype == table.dtype and padded.is_contiguous()
+    assert torch.equal(padded[:, :49, :49], table)
+    assert torch.equal(padded[:, :49, 49:], torch.full((3, 49, 15), float("-inf")))
+    assert torch.equal(padded[:, 49:], torch.zeros(3, 15, 64))
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
@@ -272,8 +311,8 @@ def test_fused_backward_one_hot_rows_cancel_exactly(fused_in):
 def test_which_windows_take_the_fused_backward(release, monkeypatch):
     """N = 64 and N <= 32 in fp16/bf16 with head dims up to 32; window 7 (N = 49, a masked 64-token block) at head
     dim 32 with Triton 3.8 or later (with 3.6 it spills, as at masked channel tiles); other windows of 33 to 63
-    tokens, larger windows and head dims, fp64: the four kernels. fp32: N = 64 at head_dim 32 and 16 (over 16
-    warps), the four kernels elsewhere."""
+    tokens, larger windows and head dims, fp64: the four kernels. fp32: N = 64 and 49 at head_dim 32 and 16 (over
+    16 warps; N = 49 on unpadded grids), the four kernels elsewhere."""
     monkeypatch.setattr(tiles, "_triton_release", lambda: release)
     for n, head_dim, dtype, fused in (
         (64, 32, torch.bfloat16, True),
@@ -284,7 +323,8 @@ def test_which_windows_take_the_fused_backward(release, monkeypatch):
         (49, 32, torch.float16, release >= (3, 8)),
         (49, 30, torch.bfloat16, False),
         (49, 24, torch.float16, False),
-        (49, 32, torch.float32, False),
+        (49, 32, torch.float32, True),
+        (49, 16, torch.float32, True),
         (36, 32, torch.float16, False),
         (144, 32, torch.bfloat16, False),
         (64, 64, torch.float16, False),
@@ -299,6 +339,14 @@ def test_which_windows_take_the_fused_backward(release, monkeypatch):
     ):
         assert tiles.fused_backward_applies(n, head_dim, dtype) == fused, (n, head_dim, dtype)
         assert (tiles.backward_kernels(n, head_dim, dtype) == ("bwd_fused",)) == fused
+    # fp32 window 7 on a padded grid: the four kernels (its build spills there); window 8 and 16-bit as unpadded
+    assert not tiles.fused_backward_applies(49, 32, torch.float32, padded=True)
+    assert not tiles.fused_backward_applies(49, 16, torch.float32, padded=True)
+    assert tiles.fused_backward_applies(64, 32, torch.float32, padded=True)
+    assert tiles.fused_backward_applies(49, 32, torch.bfloat16, padded=True) == (release >= (3, 8))
+    # fp32 reads the table padded to the block where the window leaves it partly empty; fp16/bf16 never
+    assert [tiles.fused_pads_table(n, torch.float32) for n in (49, 64, 25, 16)] == [True, False, True, False]
+    assert not tiles.fused_pads_table(49, torch.bfloat16) and not tiles.fused_pads_table(49, torch.float16)
     # the 64-token block over 8 warps, 16 in fp32 (over 8 its IEEE dots' operands spill); smaller blocks over 4
     assert [
         tiles.fused_num_warps(n, d) for n, d in ((64, torch.bfloat16), (64, torch.float32), (32, torch.float32))

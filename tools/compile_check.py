@@ -95,7 +95,7 @@ def launchable_specs(head_dims=None, geometries=None, windows=None) -> List[Spec
                     specs += [
                         Spec(k, dtype, head_dim, window, geometry)
                         for k in KERNELS
-                        if (backward or k == "fwd") and launched(k, window, head_dim, dtype)
+                        if (backward or k == "fwd") and launched(k, window, head_dim, dtype, GEOMETRIES[geometry][0])
                     ]
     return specs
 

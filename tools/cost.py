@@ -424,9 +424,11 @@ def traffic(launch: Launch, dtype: str, groups: Optional[int] = None) -> Tuple[i
         flops = scores * 2 * hd * 2
     elif k == "bwd_fused":
         # q, k, v, dO read once and dq, dk, dv written once per (token, head); the table read once; each
-        # (group, head) program stores its table partial sum (fp32) and loads the bias tile per window
-        hbm = tokens * rows * 7 + table + groups * table // t * 4
-        l2 = wh * (4 * N * rows + N * N * t)
+        # (group, head) program stores its table partial sum (fp32) and loads the bias tile per window; a table
+        # padded to the block (PAD_TABLE) is read and summed at the block's size
+        side = a["BLOCK_N"] if a.get("PAD_TABLE") else N
+        hbm = tokens * rows * 7 + table + groups * heads * side * side * 4
+        l2 = wh * (4 * N * rows + side * side * t)
         flops = scores * 2 * hd * 5  # q.k, dO.v, dS k, dS^T q, P^T dO
     elif k == "bwd_rows":
         # q and dO read once, k and v once per row block (BLOCK_N, with a tail BLOCK_N + BLOCK_T, covers
@@ -498,6 +500,15 @@ def _table_bytes(launch: Launch) -> int:
     return size
 
 
+def _padded_table_build(launch: Launch) -> int:
+    """HBM bytes of building the table padded to the block once per call, for all its launches (the fused
+    backward's PAD_TABLE, `padded_table`): the table read, the padded one written; 0 without."""
+    a = launch.kwargs
+    if not a.get("PAD_TABLE"):
+        return 0
+    return a["NUM_HEADS"] * a["N"] ** 2 * a["POSITION_BIAS"].element_size() + _table_bytes(launch)
+
+
 def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
     """The cost of one kernel's launches (each launch's specialisation compiled and counted; registers, spills
     and shared memory the largest of them, instructions summed over their programs)."""
@@ -512,7 +523,7 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
         l2 = sum(_fwd_l2(lch.kwargs, dtype, lch.kwargs["NUM_BW"]) for lch in launches)
     # each launch reads its table (`traffic` counted the table once)
     table = launch.kwargs["NUM_HEADS"] * n * n * launch.kwargs["POSITION_BIAS"].element_size()
-    hbm += sum(_table_bytes(lch) for lch in launches) - table
+    hbm += sum(_table_bytes(lch) for lch in launches) - table + _padded_table_build(launch)
     try:
         registers = spills = shared = warps = 0
         resident = 64  # warps per SM: the fewest of any launch's
