@@ -97,7 +97,7 @@ _TILES_FP32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (16, 16, 8), 128: (16, 16, 
 # (64, 32, 4) tiles with one stage instead (whole channel tiles: at head_dim 30 window 7 spilled 32-64 B on sm_90 on
 # padded shifted grids): each thread computes a larger block of every dot, fewer shared-memory
 # loads per FFMA. By the static cost report (fp32, head_dim 32, sm_90, H200 estimate over the forward floor) from
-# (32, 32, 8) with Triton's 3 stages: N = 49 3.93 -> 2.61, 64 2.39 -> 1.60, 144 2.82 -> 2.34, 256 2.07 -> 1.47,
+# (32, 32, 8) with Triton's 3 stages: N = 49 3.93 -> 2.60, 64 2.39 -> 1.60, 144 2.82 -> 2.34, 256 2.07 -> 1.47,
 # 576 2.14 -> 1.50 (at N = 64 (64, 64, 8) was 1.70, (64, 32, 8) 1.97, (64, 16, 4) 1.78; (64, 64, 4) spilled).
 _FWD_TILES_FP32_32 = (64, 32, 4)
 _FWD_STAGES_FP32_32 = 1
