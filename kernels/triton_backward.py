@@ -1162,8 +1162,9 @@ def window_attention_triton_backward(
     custom op's plain values, as `window_attention_triton_forward` takes them.
 
     P is recomputed (nothing N x N was stored). fp16/bf16 windows of 64 tokens or at most 32 (heads of at most
-    FUSED_MAX_BLOCK_D channels), of 49 at head_dim 32 with Triton 3.8 or later, and fp32 windows of 64 tokens at
-    head_dim 32 and 16 (tiles.fused_backward_applies):
+    FUSED_MAX_BLOCK_D channels), of 49 at head_dim 32 with Triton 3.8 or later, and fp32 windows of 64 tokens, or
+    of 49 on a grid the windows divide (its table padded to the block: `padded_table`), at head_dim 32 and 16
+    (tiles.fused_backward_applies):
     one kernel per (group of windows, head) computes everything of a window in one block
     (`_window_attention_bwd_fused_kernel`). fp16/bf16 windows of 129 to 256 tokens (tiles.rows_backward_applies):
     the rows kernel (statistics, dq, the table and scale gradients) then the dk/dv kernel. Otherwise: the softmax
