@@ -51,6 +51,12 @@ def test_sass_walk_counts_loops_at_their_trip_count():
     assert cost.count_executed(instructions, [5]) == 4 + 4 * 5 + 1 + 3
     # a mean trip count over programs (the bias-table kernel's window groups) interpolates linearly
     assert cost.count_executed(instructions, [2.5]) == pytest.approx(4 + 4 * 2.5 + 1 + 3)
+    # per opcode (the --histogram lines): the loop's body (IMAD, FADD, ISETP, BRA) at its trip count, interpolated too
+    tally = cost.tally_executed(instructions, [2.5], cost.opcode)
+    assert tally == pytest.approx(
+        {"LDC": 1, "S2R": 1, "ISETP": 1 + 2.5, "BRA": 1 + 2.5 + 1, "IMAD": 2.5, "FADD": 2.5, "EXIT": 2, "STG": 1}
+    )
+    assert sum(tally.values()) == pytest.approx(cost.count_executed(instructions, [2.5]))
 
 
 def test_sass_walk_refuses_a_loop_structure_it_was_not_told():
@@ -94,6 +100,10 @@ def test_cost_report_compiles_the_reference_launch():
     assert c.scores == launches.REFERENCE_BATCH * launches.REFERENCE_HEADS * 64 * 64**2  # 64 windows of 64 tokens
     assert c.instr_per_score == pytest.approx(c.instr_per_program * c.num_warps * 32 * c.programs / c.scores)
     assert 0 < c.registers <= 255 and c.spill_bytes == 0
+    # the --histogram line of the same kernel: its opcodes add up to the instructions per score
+    (counts,) = launches.run_spawned(cost.histogram_job, [("fwd", "bf16", 32, 8, 90)], 1)
+    counts = dict(counts)
+    assert sum(counts.values()) == pytest.approx(c.instr_per_score) and counts["HGMMA"] > 0 and counts["MUFU"] >= 1
 
 
 def test_spill_gate_geometries_cover_every_flag_combination():

@@ -4,6 +4,7 @@
     python -m tools.compile_check --published   # the gate over the published models' head dims
     python -m tools.compile_check --head-dims 10,30  # the gate over chosen head dims
     python -m tools.compile_check --cost        # the static cost report (see tools/cost.py)
+    python -m tools.compile_check --cost --only kernel=fwd,window=16 --histogram  # and where its issue slots go
     python -m tools.compile_check --candidates  # the GPU tile sweep's candidates (tools/sweep.py)
 
 Run from the repository root (tools/ is not installed).
@@ -316,7 +317,7 @@ def candidates_report(jobs: int) -> int:
     return 1 if failed or spilled else 0
 
 
-def cost_report(jobs: int, only: str = "") -> int:
+def cost_report(jobs: int, only: str = "", histogram: bool = False) -> int:
 
     # keyword arguments of cost.cost_table, each a tuple of what one --only filter names
     chosen: Dict[str, Any] = dict(kernels=cost.COST_KERNELS, dtypes=cost.COST_DTYPES, windows=None, archs=(80, 90))
@@ -326,6 +327,8 @@ def cost_report(jobs: int, only: str = "") -> int:
     costs = cost.cost_table(jobs, **chosen)
     print(cost.format_cost(costs))
     print("\n".join(cost.backward_sum(costs)))
+    if histogram:
+        print("\n".join(cost.histogram_lines(jobs, **chosen)))
     failed = [c for c in costs if c.error]
     spilled = [c for c in costs if not c.error and c.spill_bytes > 0]
     print(f"\n{len(costs)} compilations: {len(failed)} failed, {len(spilled)} with spills")
@@ -383,6 +386,11 @@ def main(argv=None) -> int:
         help="with --cost: comma-separated filters kernel=,dtype=,head_dim=,window=,arch= (values joined by +)",
     )
     parser.add_argument(
+        "--histogram",
+        action="store_true",
+        help="with --cost: each kernel's SASS instructions per score by opcode (an `opcodes` line each)",
+    )
+    parser.add_argument(
         "--candidates",
         action="store_true",
         help="the GPU tile sweep's candidates (tools/sweep.py CANDIDATES) at its shapes",
@@ -408,7 +416,7 @@ def main(argv=None) -> int:
     if args.candidates:
         return candidates_report(args.jobs)
     if args.cost:
-        return cost_report(args.jobs, args.only)
+        return cost_report(args.jobs, args.only, args.histogram)
     head_dims = tuple(int(h) for h in args.head_dims.split(",") if h) or None
     if args.published:
         specs = published_specs(head_dims)

@@ -62,7 +62,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from collections import Counter
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from swinv2_fast.kernels.tiles import REGISTER_FILE
 
@@ -88,9 +89,9 @@ COST_HEAD_DIM = REFERENCE_HEAD_DIM
 COST_HEAD_DIMS = (32, 30, 10)  # Swin V2's; Swin2SR's (masked channel tiles)
 COST_WINDOWS_BY_HEAD_DIM = {30: (8,), 10: (8,)}  # Swin2SR's window; other head dims: COST_WINDOWS
 # bwd_fused runs the backward of fp16/bf16 windows of 64 (or at most 32) tokens, head dims up to 32, alone (and of 49
-# at head_dim 32 with Triton 3.8 or later; fp32's of 64 tokens at head_dim 32 and 16); the other fp16/bf16 windows up
-# to 256 tokens run bwd_rows and bwd_dkdv; the four backward kernels run beyond and at the other fp32 windows
-# (`swinv2_fast.kernels.tiles.backward_kernels`)
+# at head_dim 32 with Triton 3.8 or later; fp32's of 64 and 49 tokens at head_dim 32 and 16, 49 on unpadded grids);
+# the other fp16/bf16 windows up to 256 tokens run bwd_rows and bwd_dkdv; the four backward kernels run beyond and
+# at the other fp32 windows (`swinv2_fast.kernels.tiles.backward_kernels`)
 COST_KERNELS = ("fwd", "bwd_fused", "bwd_rows", "bwd_stats", "bwd_dq", "bwd_dkdv", "bwd_dbias")
 
 HBM_BYTES_PER_S = 4.8e12
@@ -323,6 +324,18 @@ def count_executed(
     address order) at trip count trips[i]; see the module docstring. Fractional trip counts (a mean over
     programs) are exact for non-nested loops: the count is linear in each trip count, so it is evaluated at
     floor and ceil and interpolated."""
+    return tally_executed(instructions, trips, lambda ins: select is None or select(ins)).get(True, 0.0)
+
+
+def opcode(ins: Instruction) -> str:
+    """The instruction's opcode without its modifiers (`FFMA`, `MUFU`, `HGMMA`, ...)."""
+    return ins.opcode.split(".")[0]
+
+
+def tally_executed(
+    instructions: Sequence[Instruction], trips: Sequence[float], key: Callable[[Instruction], Any]
+) -> Dict[Any, float]:
+    """As `count_executed`, the executed instructions counted per key(instruction) (e.g. `opcode`)."""
     edges = back_edges(instructions)
     if not edges:
         trips = []  # the loops were unrolled: straight-line code
@@ -332,30 +345,31 @@ def count_executed(
             f"source loops with trip counts {list(trips)}"
         )
     whole = [int(t) for t in trips]
-    base = _walk(instructions, dict(zip(edges, whole)), select)
-    total: float = base
+    base = _walk(instructions, dict(zip(edges, whole)), key)
+    total: Dict[Any, float] = dict(base)
     for i, t in enumerate(trips):
         if t != whole[i]:
             bumped = list(whole)
             bumped[i] += 1
-            total += (t - whole[i]) * (_walk(instructions, dict(zip(edges, bumped)), select) - base)
+            more = _walk(instructions, dict(zip(edges, bumped)), key)
+            for k in set(base) | set(more):
+                total[k] = total.get(k, 0.0) + (t - whole[i]) * (more.get(k, 0) - base.get(k, 0))
     return total
 
 
-def _walk(
-    instructions: Sequence[Instruction], trips: Dict[int, int], select: Optional[Callable[[Instruction], bool]] = None
-) -> int:
+def _walk(instructions: Sequence[Instruction], trips: Dict[int, int], key: Callable[[Instruction], Any]) -> Counter:
     index = {ins.address: i for i, ins in enumerate(instructions)}
     taken = dict.fromkeys(trips, 0)
     for trip in trips.values():
         if trip < 1:
             raise ValueError("a loop counted here runs at least once (its guard is taken as passing)")
-    i, steps, count = 0, 0, 0
+    i, steps = 0, 0
+    count: Counter = Counter()
     limit = 100 * len(instructions) * max([1] + list(trips.values())) ** 2
     while i < len(instructions):
         ins = instructions[i]
         steps += 1
-        count += select is None or select(ins)
+        count[key(ins)] += 1
         if steps > limit:
             raise RuntimeError("SASS walk did not terminate")
         if ins.opcode.split(".")[0] == "EXIT" and not ins.predicated:
@@ -597,12 +611,10 @@ def _cost_job(args):
     return cost_of(reference_launches(window, dtype, head_dim)[kernel], dtype, arch)
 
 
-def cost_table(
-    jobs: int, kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=None, archs=(80, 90), head_dims=COST_HEAD_DIMS
-):
-    """Every (kernel, dtype, head_dim, window, arch) of the report, compiled in `jobs` fresh processes; the
-    windows of each head dim by default, or `windows` for all."""
-    work = [
+def _cost_work(kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=None, archs=(80, 90), head_dims=COST_HEAD_DIMS):
+    """Every (kernel, dtype, head_dim, window, arch) of the report that the launchers run: the windows of each head
+    dim by default, or `windows` for all."""
+    return [
         (k, d, h, w, a)
         for h in head_dims
         for k in kernels
@@ -611,7 +623,48 @@ def cost_table(
         for a in archs
         if launched(k, w, h, d)
     ]
-    return run_spawned(_cost_job, work, jobs)
+
+
+def cost_table(jobs: int, **chosen) -> List[Cost]:
+    """The report's costs (`_cost_work`'s keyword arguments choose them), compiled in `jobs` fresh processes."""
+    return run_spawned(_cost_job, _cost_work(**chosen), jobs)
+
+
+def opcode_histogram(launches: Sequence[Launch], arch: int) -> List[Tuple[str, float]]:
+    """SASS instructions per score of one kernel's launches (as `cost_of` counts them) by opcode, the most
+    executed first: where a kernel's issue slots go."""
+    launches = [for_arch(lch, arch) for lch in launches]
+    total: Dict[str, float] = {}
+    for lch in launches:
+        compiled, _usage, sass = compile_launch(lch, arch)
+        threads = compiled.metadata.num_warps * 32 * _programs(lch)
+        tally = tally_executed(parse_sass(sass), LOOP_TRIPS[lch.kernel](lch.kwargs, lch.grid), opcode)
+        for name, count in tally.items():
+            total[name] = total.get(name, 0.0) + count * threads
+    scores = scores_of(launches[0])
+    return sorted(((name, count / scores) for name, count in total.items()), key=lambda item: -item[1])
+
+
+def histogram_job(args) -> List[Tuple[str, float]]:
+    """`opcode_histogram` of one (kernel, dtype, head_dim, window, arch) of the report at its reference launch."""
+    kernel, dtype, head_dim, window, arch = args
+    return opcode_histogram(reference_launches(window, dtype, head_dim)[kernel], arch)
+
+
+def _histogram_line(args) -> str:
+    kernel, dtype, head_dim, window, arch = args
+    where = f"opcodes {kernel} {dtype} hd{head_dim} N{window * window} sm_{arch}"
+    try:
+        counts = histogram_job(args)
+    except Exception as exc:  # reported on its line
+        return f"{where} FAILED {type(exc).__name__}: {str(exc).splitlines()[-1][:200] if str(exc) else ''}"
+    return f"{where} per score: " + " ".join(f"{name} {n:.2f}" for name, n in counts if n >= 0.05)
+
+
+def histogram_lines(jobs: int, **chosen) -> List[str]:
+    """`opcodes` lines (`opcode_histogram`, opcodes at 0.05 per score or more) of the report's costs that
+    `_cost_work`'s keyword arguments choose, compiled in `jobs` fresh processes."""
+    return run_spawned(_histogram_line, _cost_work(**chosen), jobs)
 
 
 def format_cost(costs: List[Cost]) -> str:
