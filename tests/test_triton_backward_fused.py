@@ -139,6 +139,28 @@ def test_fused_backward_arithmetic_at_fp32_tolerance(B, grid, heads, head_dim, w
     assert_errors_within_pytorch(fused, eager, exact, sum_floors(B, grid, window), sens)
 
 
+def _partly_empty(param) -> bool:
+    """Whether the shape's window leaves the fused kernel's block partly empty (N below its block)."""
+    wh, ww = pair(param.values[4])
+    return tiles.fused_block(wh * ww) != wh * ww
+
+
+@pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", [p for p in FUSED_SHAPES if _partly_empty(p)])
+def test_fused_backward_table_as_it_arrives_at_fp32_tolerance(
+    B, grid, heads, head_dim, window, shift, pad_order, fused_in, monkeypatch
+):
+    """Windows smaller than their block as fp16/bf16 run them, the table unpadded (the keys beyond the window
+    set to -inf per score, the kernel's MASK_N), held to the fp32 budgets of the test above: fp32 routed to the
+    fused kernel with its table padding turned off (routed fp32 pads it: tiles.fused_pads_table)."""
+    fused_in(torch.float32)
+    monkeypatch.setattr(tkb, "fused_pads_table", lambda n, dtype: False)
+    inputs = make_inputs(B, grid, heads, head_dim, window, seed=1)
+    kwargs = dict(grid_size=grid, num_heads=heads, window_size=window, shift_size=shift, pad_order=pad_order)
+    fused, eager, exact, sens = _gradients(B, grid, heads, head_dim, inputs, kwargs, torch.float32, sensitivity=True)
+    assert_errors_within_pytorch(fused, eager, exact, sum_floors(B, grid, window), sens)
+
+
 # on a padded grid fp32 window 7 keeps the four kernels (test_which_windows_take_the_fused_backward)
 WINDOW7 = [p for p in FUSED_SHAPES if "-w7s" in p.id and not p.id.endswith("-padded")]
 

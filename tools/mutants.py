@@ -670,8 +670,7 @@ MUTANTS = [
     ),
     _border_unmasked(
         "kernel-fused-border-unmasked",
-        '(the host splits unpadded grids only: `_fused_backward`)."""\n'
-        "    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n    ",
+        'instead of a select per score."""\n    tl.static_assert((WINDOW_SET == 0) | SHIFTED)\n    ',
         "",
         (f"{FUSED_BWD}::test_fused_backward_arithmetic_at_fp32_tolerance", "-k", "B2-8x8-h2d16-w4s2"),
         "the fused backward's border windows of a shifted grid carry the shift mask",
@@ -735,8 +734,8 @@ MUTANTS = [
     Mutant(
         "tiles-fused-fp32-any-head-dim",
         "kernels/tiles.py",
-        "        return n in _FUSED_FP32_N and head_dim in _FUSED_FP32_HEAD_DIMS",
-        "        return n in _FUSED_FP32_N",
+        "        served = n in _FUSED_FP32_N and head_dim in _FUSED_FP32_HEAD_DIMS",
+        "        served = n in _FUSED_FP32_N",
         (f"{FUSED_BWD}::test_which_windows_take_the_fused_backward",),
         "fp32 window 8 at masked channel tiles (head_dim 10, 30) takes the fused backward, whose build spills there",
     ),
@@ -783,10 +782,11 @@ MUTANTS = [
     Mutant(
         "kernel-fused-keys-beyond-window",
         KERNEL_BACKWARD,
-        "    MASK_N: tl.constexpr = N != BLOCK\n    DQS: tl.constexpr",
-        "    MASK_N: tl.constexpr = False\n    DQS: tl.constexpr",
-        (f"{FUSED_BWD}::test_fused_backward_arithmetic_at_fp32_tolerance", "-k", "w7s3"),
-        "window 7's 15 empty key columns of its 64-token block take part in the fused backward's softmax",
+        "    MASK_N: tl.constexpr = (N != BLOCK) and not PAD_TABLE  # keys beyond the window set to -inf here\n",
+        "    MASK_N: tl.constexpr = False  # keys beyond the window set to -inf here\n",
+        (f"{FUSED_BWD}::test_fused_backward_table_as_it_arrives_at_fp32_tolerance", "-k", "w7s3"),
+        "window 7's 15 empty key columns of its 64-token block (fp16/bf16: the table as it is) take part in the "
+        "fused backward's softmax",
     ),
     Mutant(
         "kernel-fwd-window-tail-keys-out-of-the-sum",
