@@ -101,6 +101,13 @@ _TILES_FP32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (16, 16, 8), 128: (16, 16, 
 # 576 2.14 -> 1.50 (at N = 64 (64, 64, 8) was 1.70, (64, 32, 8) 1.97, (64, 16, 4) 1.78; (64, 64, 4) spilled).
 _FWD_TILES_FP32_32 = (64, 32, 4)
 _FWD_STAGES_FP32_32 = 1
+
+
+def _fp32_forward_32(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the forward takes _FWD_TILES_FP32_32 and _FWD_STAGES_FP32_32 (fp32 at head_dim 32)."""
+    return dtype == torch.float32 and head_dim == 32
+
+
 _TILES_FP64 = {16: (16, 16, 4), 32: (16, 16, 4), 64: (16, 16, 4), 128: (16, 16, 4)}
 # The backward kernels (dq, dk/dv, bias table and scale) hold more live tiles: their own table, from the
 # same compile check. fp32 backward with head_dim 64 or 128 has no spill-free tile (IEEE fp32 dots keep
@@ -322,7 +329,7 @@ def block_config(
         return _BWD_TILES_FP32.get(block_d, _TILES_FP32[block_d])  # beyond the table: interpreter only
     if backward:
         return _backward_tiles_16bit(n, head_dim)
-    if dtype == torch.float32 and head_dim == 32:
+    if _fp32_forward_32(head_dim, dtype):
         return _FWD_TILES_FP32_32
     if dtype != torch.float32 and block_d <= 32:
         return _forward_tiles_16bit(n)
@@ -338,7 +345,7 @@ def launch_stages(
     tuned = _tuned(n, head_dim, dtype, backward, arch)
     if tuned is not None:
         return tuned[4]
-    if dtype == torch.float32 and not backward and head_dim == 32:
+    if not backward and _fp32_forward_32(head_dim, dtype):
         return _FWD_STAGES_FP32_32
     if dtype not in (torch.float16, torch.bfloat16):
         return None

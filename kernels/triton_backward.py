@@ -1070,10 +1070,6 @@ def _fused_backward(
     # window's rows costs registers: spills on sm_80)
     block = fused_block(dims.N)
     num_warps = fused_num_warps(dims.N, qkv.dtype)
-    pad_table = fused_pads_table(dims.N, qkv.dtype)
-    side = block if pad_table else dims.N  # the table's (and its partial sums') rows and columns
-    if pad_table and B > 0:
-        table = padded_table(table, block)
     flags.update(
         BLOCK_M=block,
         BLOCK_N=block,
@@ -1092,6 +1088,10 @@ def _fused_backward(
         d_table = torch.zeros_like(position_bias, dtype=cdt) if need_table_grads else None
         return dqkv, dpad, d_table, (torch.zeros_like(scale) if need_table_grads else None)
     out = dqkv if dqkv is not None else qkv  # never written without NEED_DQ / NEED_DKV
+    pad_table = fused_pads_table(dims.N, qkv.dtype)
+    side = block if pad_table else dims.N  # the table's (and its partial sums') rows and columns
+    if pad_table:
+        table = padded_table(table, block)
     d_table = d_scale = None
     # a shifted grid: the windows off its border (no shift mask) and the border apart, as the forward; a padded
     # one in one launch (its launch off the border spills 48 B on sm_80 with Triton 3.6; the border's does not)

@@ -328,7 +328,7 @@ def cost_report(jobs: int, only: str = "", histogram: bool = False) -> int:
     print(cost.format_cost(costs))
     print("\n".join(cost.backward_sum(costs)))
     if histogram:
-        print("\n".join(cost.histogram_lines(jobs, **chosen)))
+        print("\n".join(c.opcode_line() for c in costs if not c.error))
     failed = [c for c in costs if c.error]
     spilled = [c for c in costs if not c.error and c.spill_bytes > 0]
     print(f"\n{len(costs)} compilations: {len(failed)} failed, {len(spilled)} with spills")

@@ -199,6 +199,7 @@ class Cost(NamedTuple):
     mufu_per_score: float = 0.0  # MUFU (special-function) instructions among instr_per_score
     fwd_hbm_bytes: int = 0  # the forward's minimal traffic and FLOPs at this launch (`forward_minimum`)
     fwd_flops: int = 0
+    opcodes: Tuple[Tuple[str, float], ...] = ()  # instr_per_score by opcode, the most executed first
 
     @property
     def backward(self) -> bool:
@@ -223,6 +224,11 @@ class Cost(NamedTuple):
             f"cost {self.kernel} {self.dtype} hd{self.head_dim} N{self.n} sm_{self.arch} regs={self.registers} "
             f"spill={self.spill_bytes} instr_per_score={self.instr_per_score:.2f}"
         )
+
+    def opcode_line(self) -> str:
+        """Where the issue slots go (`--histogram`): the opcodes at 0.05 per score or more."""
+        shown = " ".join(f"{name} {n:.2f}" for name, n in self.opcodes if n >= 0.05)
+        return f"opcodes {self.kernel} {self.dtype} hd{self.head_dim} N{self.n} sm_{self.arch} per score: {shown}"
 
     def model_line(self) -> str:
         t_hbm = self.hbm_bytes / HBM_BYTES_PER_S * 1e6
@@ -286,8 +292,13 @@ LOOP_TRIPS: Dict[str, Callable] = {
 }
 
 
+def opcode(ins: Instruction) -> str:
+    """The instruction's opcode without its modifiers (`FFMA`, `MUFU`, `HGMMA`, ...)."""
+    return ins.opcode.split(".")[0]
+
+
 def _branch_target(ins: Instruction) -> Optional[int]:
-    if ins.opcode.split(".")[0] != "BRA":
+    if opcode(ins) != "BRA":
         return None
     match = re.search(r"0x([0-9a-f]+)", ins.operands)
     if not match:
@@ -301,7 +312,7 @@ def back_edges(instructions: Sequence[Instruction]) -> List[int]:
     the retry loops of mbarrier waits, `SYNCS.PHASECHK.TRANS64.TRYWAIT` then a forward conditional branch
     to a block that retries and branches back), entered only when a wait fails its first try, which the
     walk does not take."""
-    exits = [ins.address for ins in instructions if ins.opcode.split(".")[0] == "EXIT" and not ins.predicated]
+    exits = [ins.address for ins in instructions if opcode(ins) == "EXIT" and not ins.predicated]
     last_exit = exits[-1] if exits else None
     edges = []
     for ins in instructions:
@@ -311,10 +322,10 @@ def back_edges(instructions: Sequence[Instruction]) -> List[int]:
     return edges
 
 
-def is_mufu(ins: Instruction) -> bool:
-    """A special-function-unit instruction (exp2, reciprocal, rsqrt, ...): 16 per SM per clock, an eighth
-    of the issue rate."""
-    return ins.opcode.split(".")[0] == "MUFU"
+def executed_by_opcode(instructions: Sequence[Instruction], trips: Sequence[float], threads: int) -> Dict[str, float]:
+    """Instructions `threads` threads execute (`tally_executed`), per opcode; MUFU the special-function unit's
+    (exp2, reciprocal, rsqrt, ...: 16 per SM per clock, an eighth of the issue rate)."""
+    return {name: count * threads for name, count in tally_executed(instructions, trips, opcode).items()}
 
 
 def count_executed(
@@ -325,11 +336,6 @@ def count_executed(
     programs) are exact for non-nested loops: the count is linear in each trip count, so it is evaluated at
     floor and ceil and interpolated."""
     return tally_executed(instructions, trips, lambda ins: select is None or select(ins)).get(True, 0.0)
-
-
-def opcode(ins: Instruction) -> str:
-    """The instruction's opcode without its modifiers (`FFMA`, `MUFU`, `HGMMA`, ...)."""
-    return ins.opcode.split(".")[0]
 
 
 def tally_executed(
@@ -372,7 +378,7 @@ def _walk(instructions: Sequence[Instruction], trips: Dict[int, int], key: Calla
         count[key(ins)] += 1
         if steps > limit:
             raise RuntimeError("SASS walk did not terminate")
-        if ins.opcode.split(".")[0] == "EXIT" and not ins.predicated:
+        if opcode(ins) == "EXIT" and not ins.predicated:
             return count
         target = _branch_target(ins)
         if target is None:
@@ -541,7 +547,8 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
     try:
         registers = spills = shared = warps = 0
         resident = 64  # warps per SM: the fewest of any launch's
-        total = mufu = threads = 0.0  # instructions (MUFU instructions) all threads of all programs execute
+        threads = 0.0
+        executed: Dict[str, float] = {}  # instructions all threads of all programs execute, per opcode
         for lch in launches:
             compiled, usage, sass = compile_launch(lch, arch)
             regs, spill = resource_usage(usage, sass)
@@ -549,11 +556,12 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
             lw, ls = compiled.metadata.num_warps, int(compiled.metadata.shared)
             warps, shared = max(warps, lw), max(shared, ls)
             resident = min(resident, resident_warps(regs, ls, lw, arch))
-            instructions, trips = parse_sass(sass), LOOP_TRIPS[lch.kernel](lch.kwargs, lch.grid)
             launch_threads = lw * 32 * _programs(lch)
             threads += launch_threads
-            total += count_executed(instructions, trips) * launch_threads
-            mufu += count_executed(instructions, trips, is_mufu) * launch_threads
+            trips = LOOP_TRIPS[lch.kernel](lch.kwargs, lch.grid)
+            for name, count in executed_by_opcode(parse_sass(sass), trips, launch_threads).items():
+                executed[name] = executed.get(name, 0.0) + count
+        total, mufu = sum(executed.values()), executed.get("MUFU", 0.0)
         per_program = total / threads  # per thread of a program, over every launch's
         per_score = total / scores_of(launch)
         fwd_bytes, fwd_flops = forward_minimum(launch, dtype)
@@ -579,6 +587,7 @@ def cost_of(launches: Sequence[Launch], dtype: str, arch: int) -> Cost:
             mufu / scores_of(launch),
             fwd_bytes,
             fwd_flops,
+            tuple(sorted(((name, count / scores_of(launch)) for name, count in executed.items()), key=lambda o: -o[1])),
         )
     except Exception as exc:  # reported in the table and in the exit status
         lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
@@ -611,10 +620,12 @@ def _cost_job(args):
     return cost_of(reference_launches(window, dtype, head_dim)[kernel], dtype, arch)
 
 
-def _cost_work(kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=None, archs=(80, 90), head_dims=COST_HEAD_DIMS):
-    """Every (kernel, dtype, head_dim, window, arch) of the report that the launchers run: the windows of each head
-    dim by default, or `windows` for all."""
-    return [
+def cost_table(
+    jobs: int, kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=None, archs=(80, 90), head_dims=COST_HEAD_DIMS
+):
+    """Every (kernel, dtype, head_dim, window, arch) of the report, compiled in `jobs` fresh processes; the
+    windows of each head dim by default, or `windows` for all."""
+    work = [
         (k, d, h, w, a)
         for h in head_dims
         for k in kernels
@@ -623,48 +634,7 @@ def _cost_work(kernels=COST_KERNELS, dtypes=COST_DTYPES, windows=None, archs=(80
         for a in archs
         if launched(k, w, h, d)
     ]
-
-
-def cost_table(jobs: int, **chosen) -> List[Cost]:
-    """The report's costs (`_cost_work`'s keyword arguments choose them), compiled in `jobs` fresh processes."""
-    return run_spawned(_cost_job, _cost_work(**chosen), jobs)
-
-
-def opcode_histogram(launches: Sequence[Launch], arch: int) -> List[Tuple[str, float]]:
-    """SASS instructions per score of one kernel's launches (as `cost_of` counts them) by opcode, the most
-    executed first: where a kernel's issue slots go."""
-    launches = [for_arch(lch, arch) for lch in launches]
-    total: Dict[str, float] = {}
-    for lch in launches:
-        compiled, _usage, sass = compile_launch(lch, arch)
-        threads = compiled.metadata.num_warps * 32 * _programs(lch)
-        tally = tally_executed(parse_sass(sass), LOOP_TRIPS[lch.kernel](lch.kwargs, lch.grid), opcode)
-        for name, count in tally.items():
-            total[name] = total.get(name, 0.0) + count * threads
-    scores = scores_of(launches[0])
-    return sorted(((name, count / scores) for name, count in total.items()), key=lambda item: -item[1])
-
-
-def histogram_job(args) -> List[Tuple[str, float]]:
-    """`opcode_histogram` of one (kernel, dtype, head_dim, window, arch) of the report at its reference launch."""
-    kernel, dtype, head_dim, window, arch = args
-    return opcode_histogram(reference_launches(window, dtype, head_dim)[kernel], arch)
-
-
-def _histogram_line(args) -> str:
-    kernel, dtype, head_dim, window, arch = args
-    where = f"opcodes {kernel} {dtype} hd{head_dim} N{window * window} sm_{arch}"
-    try:
-        counts = histogram_job(args)
-    except Exception as exc:  # reported on its line
-        return f"{where} FAILED {type(exc).__name__}: {str(exc).splitlines()[-1][:200] if str(exc) else ''}"
-    return f"{where} per score: " + " ".join(f"{name} {n:.2f}" for name, n in counts if n >= 0.05)
-
-
-def histogram_lines(jobs: int, **chosen) -> List[str]:
-    """`opcodes` lines (`opcode_histogram`, opcodes at 0.05 per score or more) of the report's costs that
-    `_cost_work`'s keyword arguments choose, compiled in `jobs` fresh processes."""
-    return run_spawned(_histogram_line, _cost_work(**chosen), jobs)
+    return run_spawned(_cost_job, work, jobs)
 
 
 def format_cost(costs: List[Cost]) -> str:
@@ -857,8 +827,8 @@ def calibrate_launch(
     instructions = parse_sass(sass)
     trips = _tutorial_trips(a, launch.grid, n_ctx, causal)
     threads = compiled.metadata.num_warps * 32 * _programs(launch)
-    total = count_executed(instructions, trips) * threads
-    mufu = count_executed(instructions, trips, is_mufu) * threads
+    executed = executed_by_opcode(instructions, trips, threads)
+    total, mufu = sum(executed.values()), executed.get("MUFU", 0.0)
     batch_heads = launch.grid[1]
     # the matmuls the kernel runs: BLOCK_M x BLOCK_N x head_dim, twice, per key block of each program
     blocks = sum(trips) * _programs(launch)
