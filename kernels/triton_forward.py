@@ -21,8 +21,9 @@ online softmax); for each window:
      logit scale (computed on the host: exp(min(logit_scale, log 100))).
   3. Key blocks of the same window stream through an online softmax (whole-window programs: the window's keys
      are all loaded, so each row's scores are whole): scores + bias tile + shift mask (the reference's finite
-     value, from each token's shift region, computed here; whole-window programs read it added to the table,
-     one copy per kind of border window: `shift_masked_tables`).
+     value, from each token's shift region, computed here where one key block holds the window; whole-window
+     programs, and row-block programs over several key blocks, read it added to the table, one copy per kind of
+     border window: `shift_masked_tables`, `mask_in_table`).
   4. Output rows are stored at the token they came from (window reverse, reverse shift and crop are the
      store's addressing); padded rows are not stored.
 
@@ -143,6 +144,45 @@ def _fwd_window_scores(rows, b_kn, o_n, m_n, MASK_N: tl.constexpr, EVEN, FULL_DO
 
 
 @triton.jit
+def _head_table(POSITION_BIAS, i_h, i_w2, NUM_WINDOWS, NUM_WX, NUM_HEADS, N: tl.constexpr, MASK_IN_TABLE: tl.constexpr):
+    """The head's (N, N) table for the window at i_w2: with MASK_IN_TABLE, the host's table with the shift mask of
+    the window's kind (`shift_masked_tables`: a window in the last row 0, the last column 1, the corner 2)."""
+    if MASK_IN_TABLE:
+        i_wy, i_wx = i_w2
+        last_row, last_column = i_wy == NUM_WINDOWS // NUM_WX - 1, i_wx == NUM_WX - 1
+        kind = last_row.to(tl.int32) + 2 * last_column.to(tl.int32) - 1
+        return POSITION_BIAS + (kind * NUM_HEADS + i_h) * N * N
+    return POSITION_BIAS + i_h * N * N
+
+
+@triton.jit
+def _fwd_window_keys(
+    START: tl.constexpr,
+    WIDTH: tl.constexpr,
+    N: tl.constexpr,
+    key_rows,
+    cols,
+    layout: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    CDT: tl.constexpr,
+    DDT: tl.constexpr,
+):
+    """(k normalised, v) [WIDTH, BLOCK_D] of keys START to START + WIDTH of a whole-window program's window (those
+    from N on masked: zeros), in the dot dtype. `key_rows` = (the image's projection and the q/k/v bias at the
+    head's q channels, C, the token stride, the window's (row, column), `grid`)."""
+    p_qkv, p_bias, C, stride_t, i_w2, grid = key_rows
+    o_n = START + tl.arange(0, WIDTH)
+    if START + WIDTH <= N:
+        m_n = _in_window(o_n, WIDTH, WIDTH)  # none masked: a constant
+    else:
+        m_n = _in_window(o_n, N, WIDTH)
+    o_tok, m_pad, _o_reg = _window_rows(o_n, i_w2, grid, layout, False)
+    b_k = _stream_rows(p_qkv + C, p_bias + C, o_tok, m_n, m_pad, cols, stride_t, HAS_BIAS)
+    b_v = _stream_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok, m_n, m_pad, cols, stride_t, HAS_BIAS)
+    return _l2_normalize(b_k, CDT)[0].to(DDT), b_v.to(DDT)
+
+
+@triton.jit
 def _fwd_window_rows(
     start_m,
     ROWS: tl.constexpr,
@@ -254,6 +294,7 @@ def _window_attention_fwd_kernel(
     WHOLE_WINDOW: tl.constexpr = False,
     BLOCK_T: tl.constexpr = 0,
     M_TAIL: tl.constexpr = 0,
+    MASK_IN_TABLE: tl.constexpr = False,
 ):
     """The output rows of BLOCK_M query rows of one head in WINDOWS_PER_PROGRAM consecutive (image, window)
     pairs of WINDOW_SET (NUM_BW pairs in the launch; the last program may get fewer): program (row block of a
@@ -270,7 +311,9 @@ def _window_attention_fwd_kernel(
     WINDOWS_PER_PROGRAM) is an estimate until a GPU measures it: a (BLOCK_M, N) slice of the table must
     stay resident beside the other programs on the SM (128 x 256 x 2 B = 64 KB for a 16-bit table).
     k is normalised once per window and row block: once per window where one row block covers it
-    (N <= BLOCK_M, the windows of 7 and 8).
+    (N <= BLOCK_M, the windows of 7 and 8). With several key blocks the border windows read the shift mask added
+    to the table (MASK_IN_TABLE; `mask_in_table`): one table per kind of border window, as the whole-window
+    programs do; with one, it is computed, as the tile held across the windows serves windows of every kind.
 
     Whole-window programs (WHOLE_WINDOW; `tiles.forward_window_tiles`): program (group of windows, head). Per
     window, k and v are loaded and k normalised once, as a BLOCK_N-key tile and a BLOCK_T-key tail (BLOCK_N +
@@ -289,6 +332,8 @@ def _window_attention_fwd_kernel(
     tl.static_assert(BLOCK_M % 16 == 0)
     tl.static_assert(BLOCK_N % 16 == 0)
     MASKED: tl.constexpr = SHIFTED and WINDOW_SET != 1  # the shift mask: in shifted windows on the border
+    # where it comes from: the host's tables with it added (`shift_masked_tables`), or computed here
+    MASK_HERE: tl.constexpr = MASKED and not MASK_IN_TABLE
     CDT: tl.constexpr = SCALE.dtype.element_ty  # compute dtype: fp32 (fp64 for fp64 inputs)
     DDT: tl.constexpr = CDT if FULL_DOT else QKV.dtype.element_ty  # dot operand dtype
     NUM_M: tl.constexpr = 1 if WHOLE_WINDOW else (N + BLOCK_M - 1) // BLOCK_M
@@ -308,33 +353,19 @@ def _window_attention_fwd_kernel(
         # the key tiles hold the window, none masked but beyond it in a lone tile; the row blocks end at the tail
         tl.static_assert((N <= BLOCK_N) if BLOCK_T == 0 else (N == BLOCK_N + BLOCK_T))
         tl.static_assert((M_TAIL == 0) or ((N - M_TAIL) % BLOCK_M == 0 and M_TAIL < BLOCK_M))
+        tl.static_assert(MASK_IN_TABLE == MASKED)
         flags: tl.constexpr = (N, BLOCK_N, BLOCK_T, HAS_BIAS, FULL_DOT)
         for i_bw in range(i_first, tl.minimum(i_first + WINDOWS_PER_PROGRAM, NUM_BW)):
             i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
             p_qkv = p_qkv_h + i_b * stride_qkv_b
-            o_n = tl.arange(0, BLOCK_N)
-            m_n = _in_window(o_n, N, BLOCK_N)
-            o_tok_n, m_pad_n, _o_reg_n = _window_rows(o_n, i_w2, grid, layout, False)
-            b_k = _stream_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
-            b_v = _stream_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
-            b_kn = _l2_normalize(b_k, CDT)[0].to(DDT)
-            b_v = b_v.to(DDT)
+            key_rows = (p_qkv, p_bias, C, stride_qkv_t, i_w2, grid)
+            b_kn, b_v = _fwd_window_keys(0, BLOCK_N, N, key_rows, cols, layout, HAS_BIAS, CDT, DDT)
             if BLOCK_T > 0:
-                o_t = BLOCK_N + tl.arange(0, BLOCK_T)
-                m_t = _in_window(o_t, N, BLOCK_T)
-                o_tok_t, m_pad_t, _o_reg_t = _window_rows(o_t, i_w2, grid, layout, False)
-                b_kt = _stream_rows(p_qkv + C, p_bias + C, o_tok_t, m_t, m_pad_t, cols, stride_qkv_t, HAS_BIAS)
-                b_vt = _stream_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_t, m_t, m_pad_t, cols, stride_qkv_t, HAS_BIAS)
-                keys = (b_kn, b_v, _l2_normalize(b_kt, CDT)[0].to(DDT), b_vt.to(DDT))
+                b_kt, b_vt = _fwd_window_keys(BLOCK_N, BLOCK_T, N, key_rows, cols, layout, HAS_BIAS, CDT, DDT)
+                keys = (b_kn, b_v, b_kt, b_vt)
             else:
                 keys = (b_kn, b_v, b_kn, b_v)
-            if MASKED:  # the host's table with the shift mask of the window's kind: last row 0, column 1, corner 2
-                i_wy, i_wx = i_w2
-                last_row, last_column = i_wy == NUM_WINDOWS // NUM_WX - 1, i_wx == NUM_WX - 1
-                kind = last_row.to(tl.int32) + 2 * last_column.to(tl.int32) - 1
-                p_table = POSITION_BIAS + (kind * NUM_HEADS + i_h) * N * N
-            else:
-                p_table = POSITION_BIAS + i_h * N * N
+            p_table = _head_table(POSITION_BIAS, i_h, i_w2, NUM_WINDOWS, NUM_WX, NUM_HEADS, N, MASKED)
             p_out = OUT + i_b * stride_out_b + i_h * HEAD_DIM
             win = (p_qkv, p_bias, stride_qkv_t, i_w2, grid, b_scale, p_table, p_out, stride_out_t)
             if M_TAIL > 0:  # first: after the loop its registers would add to those the loop's keys hold (spills)
@@ -345,8 +376,9 @@ def _window_attention_fwd_kernel(
     # [BLOCK_M]
     o_m = (i_pid % NUM_M) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = _in_window(o_m, N, BLOCK_M)
-    # [BLOCK_M, 1] the rows of this head's (N, N) table
+    # [BLOCK_M, 1] the rows of this head's (N, N) table (with MASK_IN_TABLE a border window's kind's: p_bias_w)
     p_bias_m = POSITION_BIAS + i_h * N * N + o_m[:, None] * N
+    tl.static_assert(not (MASK_IN_TABLE and ONE_KEY_BLOCK))  # the tile is loaded once for windows of any kind
     if ONE_KEY_BLOCK:
         # [BLOCK_M, BLOCK_N] the whole (row block, window) tile: loaded once for every window of the program
         o_n0 = tl.arange(0, BLOCK_N)
@@ -354,8 +386,11 @@ def _window_attention_fwd_kernel(
     for i_bw in range(i_first, tl.minimum(i_first + WINDOWS_PER_PROGRAM, NUM_BW)):
         i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
         p_qkv = p_qkv_h + i_b * stride_qkv_b
+        p_bias_w = p_bias_m
+        if MASKED and MASK_IN_TABLE:  # the table of the window's kind
+            p_bias_w = _head_table(POSITION_BIAS, i_h, i_w2, NUM_WINDOWS, NUM_WX, NUM_HEADS, N, True) + o_m[:, None] * N
         # [BLOCK_M] token, padding flag, shift region of the query rows
-        o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2, grid, layout, MASKED)
+        o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2, grid, layout, MASK_HERE)
         # [BLOCK_M, BLOCK_D]: q times scale / max(||q||, 1e-12), one factor per row (the backward keeps the
         # normalised q apart); natural logits; the softmax takes 2^x with log2(e) folded into the
         # subtraction of the row max (one multiply-add per score)
@@ -370,7 +405,7 @@ def _window_attention_fwd_kernel(
             # [BLOCK_N]
             o_n = start_n + tl.arange(0, BLOCK_N)
             m_n = _in_window(o_n, N, BLOCK_N)
-            o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_w2, grid, layout, MASKED)
+            o_tok_n, m_pad_n, o_reg_n = _window_rows(o_n, i_w2, grid, layout, MASK_HERE)
             # [BLOCK_N, BLOCK_D]: normalised k (compute dtype), v (projection dtype)
             b_k = _stream_rows(p_qkv + C, p_bias + C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
             b_v = _stream_rows(p_qkv + 2 * C, p_bias + 2 * C, o_tok_n, m_n, m_pad_n, cols, stride_qkv_t, HAS_BIAS)
@@ -379,9 +414,16 @@ def _window_attention_fwd_kernel(
             if ONE_KEY_BLOCK:
                 b_bias = b_bias_once
             else:
-                b_bias = _fwd_bias_tile(p_bias_m, o_n, m_m, m_n, EVEN)
+                b_bias = _fwd_bias_tile(p_bias_w, o_n, m_m, m_n, EVEN)
             b_s = _logits(
-                _dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT), b_bias, o_reg_m, o_reg_n, m_n, mask_value, MASKED, MASK_N
+                _dot(b_qs, tl.trans(b_kn.to(DDT)), FULL_DOT),
+                b_bias,
+                o_reg_m,
+                o_reg_n,
+                m_n,
+                mask_value,
+                MASK_HERE,
+                MASK_N,
             )
             b_m, b_alpha, b_p = _online_softmax_step_scaled(b_s, b_m)
             b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
@@ -457,12 +499,19 @@ def shift_masked_tables(table: torch.Tensor, dims: LaunchDims, mask_value: float
     return table.to(dtype).unsqueeze(0) + masks
 
 
-def _launch_table(table: torch.Tensor, whole: bool, dims: LaunchDims, flags: dict, window_set: int, mask_value):
-    """The table a forward launch reads: a whole-window launch over windows with the shift mask (the border, or
-    every window of a shifted grid one window high or wide) reads `shift_masked_tables`; the others the table."""
-    if whole and flags["SHIFTED"] and window_set != INTERIOR_WINDOWS:
-        return shift_masked_tables(table, dims, mask_value)
-    return table
+def mask_in_table(whole: bool, n: int, flags: dict, window_set: int) -> bool:
+    """MASK_IN_TABLE of a forward launch: whether it reads `shift_masked_tables` instead of computing the shift mask.
+    A launch over windows with the mask (the border, or every window of a shifted grid one window high or wide) does
+    in whole-window programs and where several key blocks cover the window (row-block programs re-read the table per
+    window; with one key block its tile is loaded once for windows of every kind). Computed per score, the mask cost
+    N = 576 (bf16, sm_90) 25.0 instructions per score of the border launch's own windows against 14.0 off it."""
+    return flags["SHIFTED"] and window_set != INTERIOR_WINDOWS and (whole or n > flags["BLOCK_N"])
+
+
+def _launch_table(table: torch.Tensor, in_table: bool, dims: LaunchDims, mask_value):
+    """The table a forward launch reads: `shift_masked_tables` where the launch takes the mask from it
+    (`mask_in_table`), the table elsewhere."""
+    return shift_masked_tables(table, dims, mask_value) if in_table else table
 
 
 def _forward_table(qkv: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
@@ -514,11 +563,12 @@ def window_attention_triton_forward(
     for window_set, windows in window_sets(dims):
         pairs = B * windows  # (image, window) pairs of this launch
         wpp = windows_per_program(pairs, row_blocks, num_heads, _multiprocessors(qkv))
+        in_table = mask_in_table(whole, dims.N, flags, window_set)
         _window_attention_fwd_kernel[(triton.cdiv(pairs, wpp) * row_blocks, num_heads)](
             QKV=qkv,
             QKV_BIAS=bias,
             SCALE=scale,
-            POSITION_BIAS=_launch_table(table, whole, dims, flags, window_set, mask_value),
+            POSITION_BIAS=_launch_table(table, in_table, dims, mask_value),
             OUT=out,
             stride_qkv_b=qkv.stride(0),
             stride_qkv_t=qkv.stride(1),
@@ -528,6 +578,7 @@ def window_attention_triton_forward(
             mask_value=mask_value,
             WINDOW_SET=window_set,
             WINDOWS_PER_PROGRAM=wpp,
+            MASK_IN_TABLE=in_table,
             **dims._asdict(),
             **flags,
             **({"M_TAIL": forward_query_tail(dims.N, flags["BLOCK_M"])} if whole else {}),

@@ -408,8 +408,8 @@ def test_forward_traffic_per_launch():
 
 def test_for_arch_gives_sm80_the_forward_launches_the_host_makes_there(monkeypatch):
     """Windows 12 and 16's forward, recorded as for sm_90 (whole-window programs, the border's table with the shift
-    mask added), rebuilt for sm_80 by for_arch: the tiles, stages, windows per program, grid, the table and every
-    other launch value the host itself gives on sm_80."""
+    mask added), rebuilt for sm_80 by for_arch: the tiles, stages, windows per program, grid, the table (the border's
+    with the mask added there too: several key blocks) and every other launch value the host itself gives on sm_80."""
     from swinv2_fast.kernels import launch
 
     plain = lambda kwargs: {k: v for k, v in kwargs.items() if not hasattr(v, "shape")}  # noqa: E731
@@ -424,4 +424,6 @@ def test_for_arch_gives_sm80_the_forward_launches_the_host_makes_there(monkeypat
         ]
         assert not any(lch.kwargs.get("WHOLE_WINDOW") for lch in on_sm80)
         tables = [launches.for_arch(lch, 80).kwargs["POSITION_BIAS"].shape for lch in recorded]
-        assert tables == [lch.kwargs["POSITION_BIAS"].shape for lch in on_sm80] == [(4, window**2, window**2)] * 2
+        # row-block programs over several key blocks: the border reads the tables with the shift mask added too
+        n = window**2
+        assert tables == [lch.kwargs["POSITION_BIAS"].shape for lch in on_sm80] == [(4, n, n), (3, 4, n, n)]

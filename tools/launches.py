@@ -272,9 +272,10 @@ def _forward_for_arch(a: dict, grid: Tuple[int, ...], arch: int) -> Tuple[dict, 
         return a, grid
     for key in ("WHOLE_WINDOW", "BLOCK_T", "M_TAIL", "num_stages"):
         a.pop(key, None)
-    if a["POSITION_BIAS"].dim() == 4:  # a border launch's tables with the shift mask added: one table's shape
-        a["POSITION_BIAS"] = a["POSITION_BIAS"][0]  # (meta tensors: only the shape, dtype and strides are read)
     a["BLOCK_M"], a["BLOCK_N"], a["num_warps"] = block_config(n, head_dim, dtype, False, arch)
+    a["MASK_IN_TABLE"] = triton_forward.mask_in_table(False, n, a, a["WINDOW_SET"])
+    if a["POSITION_BIAS"].dim() == 4 and not a["MASK_IN_TABLE"]:  # the border tables (shift mask added): one's shape
+        a["POSITION_BIAS"] = a["POSITION_BIAS"][0]  # (meta tensors: only the shape, dtype and strides are read)
     stages = launch_stages(n, head_dim, dtype, False, arch)
     if stages is not None:
         a["num_stages"] = stages

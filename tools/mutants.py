@@ -261,11 +261,11 @@ MUTANTS = [
         "    for i_bw in range(i_first, tl.minimum(i_first + WINDOWS_PER_PROGRAM, NUM_BW)):\n"
         "        i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
         "        p_qkv = p_qkv_h + i_b * stride_qkv_b\n"
-        "        # [BLOCK_M]",
+        "        p_bias_w = p_bias_m\n",
         "    for i_bw in range(i_first, tl.minimum(i_first + 1, NUM_BW)):\n"
         "        i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)\n"
         "        p_qkv = p_qkv_h + i_b * stride_qkv_b\n"
-        "        # [BLOCK_M]",
+        "        p_bias_w = p_bias_m\n",
         (f"{FWD}::test_several_windows_per_program", "-k", "not fp16"),
         "a program runs every window of its group, not the first only",
     ),
@@ -280,8 +280,8 @@ MUTANTS = [
     Mutant(
         "kernel-forward-bias-first-key-block",
         KERNEL,
-        "b_bias = _fwd_bias_tile(p_bias_m, o_n, m_m, m_n, EVEN)",
-        "b_bias = _fwd_bias_tile(p_bias_m, o_n - start_n, m_m, m_n, EVEN)",
+        "b_bias = _fwd_bias_tile(p_bias_w, o_n, m_m, m_n, EVEN)",
+        "b_bias = _fwd_bias_tile(p_bias_w, o_n - start_n, m_m, m_n, EVEN)",
         (f"{FWD}::test_forward_matches_reference_fp32", "-k", "w7s3 or w12"),
         "each key block reads its own bias columns",
     ),
@@ -815,10 +815,26 @@ MUTANTS = [
     Mutant(
         "kernel-fwd-window-border-kind-swapped",
         KERNEL,
-        "                kind = last_row.to(tl.int32) + 2 * last_column.to(tl.int32) - 1",
-        "                kind = 2 * last_row.to(tl.int32) + last_column.to(tl.int32) - 1",
+        "        kind = last_row.to(tl.int32) + 2 * last_column.to(tl.int32) - 1",
+        "        kind = 2 * last_row.to(tl.int32) + last_column.to(tl.int32) - 1",
         (f"{FWD}::test_whole_window_programs_match_the_oracle_fp32", "-k", "w12s6-wpp2 and not padded"),
         "a border window in the last row reads the last column's mask, and the other way round",
+    ),
+    Mutant(
+        "kernel-fwd-rows-border-one-kind",
+        KERNEL,
+        "_head_table(POSITION_BIAS, i_h, i_w2, NUM_WINDOWS, NUM_WX, NUM_HEADS, N, True)",
+        "_head_table(POSITION_BIAS, i_h, i_w2, NUM_WINDOWS, NUM_WX, NUM_HEADS, N, False)",
+        (f"{FWD}::test_forward_matches_reference_fp32", "-k", "w7s3"),
+        "the row-block programs' border windows read the last row's mask whatever their kind",
+    ),
+    Mutant(
+        "host-fwd-mask-in-table-one-key-block",
+        KERNEL,
+        'return flags["SHIFTED"] and window_set != INTERIOR_WINDOWS and (whole or n > flags["BLOCK_N"])',
+        'return flags["SHIFTED"] and window_set != INTERIOR_WINDOWS',
+        (f"{FWD}::test_forward_matches_reference_fp32", "-k", "w4s2"),
+        "one key block holds its bias tile across windows of every kind: it cannot read the tables by kind",
     ),
     Mutant(
         "host-fwd-masked-table-fp16-overflow",
