@@ -124,7 +124,7 @@ def _stream_rows(P_QKV, P_BIAS, o_tok, m_rows, m_pad, cols, stride_t, HAS_BIAS: 
 def _fwd_bias_tile(p_bias_m, o_n, m_m, m_n, EVEN: tl.constexpr):
     """[BLOCK_M, BLOCK_N] tile of one head's position-bias table at key columns o_n, from the rows' pointers
     p_bias_m [BLOCK_M, 1], in the table's dtype, marked to stay in L1 (evict_last): the program's next window
-    reads the same tile."""
+    reads the same tile (with MASK_IN_TABLE, the same where it is of the same kind)."""
     if EVEN:
         return tl.load(p_bias_m + o_n[None, :], eviction_policy="evict_last")
     return tl.load(p_bias_m + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0, eviction_policy="evict_last")
@@ -304,7 +304,9 @@ def _window_attention_fwd_kernel(
     and the border (BORDER_WINDOWS).
 
     Reuse across the program's windows. The rows of the position-bias table a program reads are the same in
-    each of its windows (one head, one row block). With one key block (N <= BLOCK_N) the tile is loaded
+    each of its windows (one head, one row block; with MASK_IN_TABLE, in each of its windows of one kind: the
+    border launch runs the last window row, then the last column, so a program's windows change kind at most
+    twice). With one key block (N <= BLOCK_N) the tile is loaded
     once, before the windows, and stays in registers. With several key blocks the loop re-reads each tile per
     window, marked evict_last, while the k/v rows stream through marked evict_first: the re-reads are meant
     to hit L1 instead of L2. That L1 reuse (and so the traffic model's bias term divided by
@@ -378,7 +380,9 @@ def _window_attention_fwd_kernel(
     m_m = _in_window(o_m, N, BLOCK_M)
     # [BLOCK_M, 1] the rows of this head's (N, N) table (with MASK_IN_TABLE a border window's kind's: p_bias_w)
     p_bias_m = POSITION_BIAS + i_h * N * N + o_m[:, None] * N
-    tl.static_assert(not (MASK_IN_TABLE and ONE_KEY_BLOCK))  # the tile is loaded once for windows of any kind
+    # the tables by kind: only over windows with the mask, and not where one tile serves windows of every kind (the
+    # whole-window programs returned above, but a compiled kernel still builds this code)
+    tl.static_assert(WHOLE_WINDOW or not MASK_IN_TABLE or (MASKED and not ONE_KEY_BLOCK))
     if ONE_KEY_BLOCK:
         # [BLOCK_M, BLOCK_N] the whole (row block, window) tile: loaded once for every window of the program
         o_n0 = tl.arange(0, BLOCK_N)
@@ -485,13 +489,13 @@ def _border_masks(wh: int, ww: int, sh: int, sw: int, mask_value: float, dtype: 
 
 def shift_masked_tables(table: torch.Tensor, dims: LaunchDims, mask_value: float) -> torch.Tensor:
     """(3, heads, N, N): the table plus the shift mask (`mask_value` between tokens of different shift regions, 0
-    within one) of a window in the last window row, the last window column, and the corner. The whole-window
-    forward reads these in its launch over the border windows, instead of computing the mask. In the table's
-    dtype (the mask's 0 leaves the table's values as they are; where it applies the scores vanish in the softmax
-    either way), or fp32 where the mask value is beyond half the table dtype's range (fp16 and -1e5: the sum is
-    not to reach -inf, whose rows of the first key tile would make NaN). A window's regions: on the shifted,
-    padded grid, rows from HP - WH and from HP - SH, columns likewise; in the last window row the rows split at
-    WH - SH within the window, elsewhere they do not split (the kernels' `_window_rows`)."""
+    within one) of a window in the last window row, the last window column, and the corner. The forward reads
+    these in its launches over windows with the mask where `mask_in_table` says, instead of computing the mask.
+    In the table's dtype (the mask's 0 leaves the table's values as they are; where it applies the scores vanish
+    in the softmax either way), or fp32 where the mask value is beyond half the table dtype's range (fp16 and
+    -1e5: the sum is not to reach -inf, whose rows of the first key tile would make NaN). A window's regions: on
+    the shifted, padded grid, rows from HP - WH and from HP - SH, columns likewise; in the last window row the
+    rows split at WH - SH within the window, elsewhere they do not split (the kernels' `_window_rows`)."""
     dtype = table.dtype
     if abs(mask_value) > torch.finfo(dtype).max / 2:
         dtype = torch.float32

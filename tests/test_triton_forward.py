@@ -410,20 +410,25 @@ def _shift_regions(size, window, shift):
 
 
 @pytest.mark.parametrize("pad_order", [PAD_THEN_ROLL, ROLL_THEN_PAD])
-def test_mask_value_minus_100_and_minus_200_are_told_apart(pad_order):
+@pytest.mark.parametrize(
+    "side,window,head_dim", [(8, 4, 16), (16, 8, 32)], ids=["w4-mask-computed", "w8-fp32-mask-in-table"]
+)
+def test_mask_value_minus_100_and_minus_200_are_told_apart(pad_order, side, window, head_dim):
     """transformers adds its -100 shift mask twice (-200), timm once (-100). At ordinary logit scales the two
     give the same softmax to fp32 precision; here they do not: every q is one unit vector e, keys of region
     (1, 1) are -e and all others +e, at the clamped scale 100. A query of region (1, 1) then sees its own
     region at logit -100 + bias and the masked regions at bias + 0 (mask -100) or bias - 100 (mask -200):
-    the masked keys dominate with -100 and not with -200. The kernel must add the value it is given."""
-    grid, window, shift, heads, head_dim = (8, 8), 4, 2, 1, 16
-    C, N = heads * head_dim, window * window
-    region = _shift_regions(8, window, shift)[:, None] * 3 + _shift_regions(8, window, shift)[None, :]
+    the masked keys dominate with -100 and not with -200. The kernel must add the value it is given, once:
+    computed per score (window 4, one key block) or read from the tables with it added (fp32 window 8: two
+    32-key blocks, `mask_in_table`)."""
+    grid, shift, heads = (side, side), window // 2, 1
+    C, N, L = heads * head_dim, window * window, side * side
+    region = _shift_regions(side, window, shift)[:, None] * 3 + _shift_regions(side, window, shift)[None, :]
     e = torch.zeros(head_dim)
     e[0] = 1.0
-    sign = torch.where(region.flatten() == 4, -1.0, 1.0)  # (64,)
+    sign = torch.where(region.flatten() == 4, -1.0, 1.0)  # (L,)
     gen = torch.Generator().manual_seed(11)
-    qkv = torch.cat([e.expand(64, C), sign[:, None] * e, torch.randn(64, C, generator=gen)], dim=1)[None]
+    qkv = torch.cat([e.expand(L, C), sign[:, None] * e, torch.randn(L, C, generator=gen)], dim=1)[None]
     qkv = qkv.to(DEVICE)
     scale = torch.full((heads, 1, 1), math.log(100) + 1.0, device=DEVICE)
     table = (16 * torch.sigmoid(torch.randn(heads, N, N, generator=gen))).to(DEVICE)

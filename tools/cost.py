@@ -42,7 +42,7 @@ count times the program's threads (num_warps x 32) times the programs, over the 
 The traffic model (per kernel, over every window: a shifted grid's two launches split the windows; from the
 recorded arguments and the tiles, with the partial sums of every launch's groups):
   * HBM bytes: every tensor the kernel reads or writes, once (q/k/v, dO, statistics, the table, outputs), the
-    table once per launch; the whole-window forward's border tables (the table plus the shift mask, three
+    table once per launch; the forward's border tables with MASK_IN_TABLE (the table plus the shift mask, three
     copies) as the host builds them and the launch reads them;
   * L2-to-SM bytes: what the programs load, summed (a key block read by every query block counts once per
     query block, the bias tile once per program that reads it: per window, except where a program runs
@@ -510,8 +510,8 @@ def _programs(launch: Launch) -> int:
 
 
 def _table_bytes(launch: Launch) -> int:
-    """HBM bytes of the table a launch reads; where the host built it for the launch (the whole-window forward's
-    border tables, `shift_masked_tables`: (3, heads, N, N)), what building it moved too (the table read, the
+    """HBM bytes of the table a launch reads; where the host built it for the launch (the forward's border tables
+    with MASK_IN_TABLE, `shift_masked_tables`: (3, heads, N, N)), what building it moved too (the table read, the
     three written) and the launch's reading them."""
     table = launch.kwargs["POSITION_BIAS"]
     size = table.numel() * table.element_size()

@@ -829,6 +829,14 @@ MUTANTS = [
         "the row-block programs' border windows read the last row's mask whatever their kind",
     ),
     Mutant(
+        "kernel-fwd-mask-twice",
+        KERNEL,
+        "    MASK_HERE: tl.constexpr = MASKED and not MASK_IN_TABLE",
+        "    MASK_HERE: tl.constexpr = MASKED",
+        (f"{FWD}::test_mask_value_minus_100_and_minus_200_are_told_apart", "-k", "mask-in-table"),
+        "a border window that reads the mask from the table computes it too: -200 where the model says -100",
+    ),
+    Mutant(
         "host-fwd-mask-in-table-one-key-block",
         KERNEL,
         'return flags["SHIFTED"] and window_set != INTERIOR_WINDOWS and (whole or n > flags["BLOCK_N"])',
