@@ -161,31 +161,37 @@ def _whole_window_launches(monkeypatch, per_program, force=False):
     return recorder
 
 
+@pytest.mark.parametrize("window_rows", [3, 1], ids=["3x3-windows", "1x3-windows"])
 @pytest.mark.parametrize(
     "dtype,head_dim,window,in_table",
     [(torch.float32, 32, 7, True), (torch.float16, 16, 12, True), (torch.float16, 32, 8, False)],
     ids=["fp32-d32-w7-two-key-blocks", "fp16-d16-w12-five-key-blocks", "fp16-d32-w8-one-key-block"],
 )
 def test_row_block_border_reads_the_mask_in_the_table_over_several_key_blocks(
-    dtype, head_dim, window, in_table, monkeypatch
+    dtype, head_dim, window, in_table, window_rows, monkeypatch
 ):
-    """The row-block forward's border launch on a shifted grid: where several key blocks cover the window it reads
-    the tables with the shift mask added (one per kind of border window: last row, last column, corner, all three
-    on this 3 x 3 window grid) instead of computing the mask; with one key block, whose bias tile serves windows of
-    every kind, it computes it. The windows off the border read the table. The output is the oracle's (fp32 at
-    its tolerance, fp16 within PyTorch's own fp16 error)."""
+    """The row-block forward's launches over windows with the shift mask on a shifted grid: where several key blocks
+    cover the window they read the tables with the mask added (one per kind of border window) instead of computing
+    it; with one key block, whose bias tile serves windows of every kind, they compute it. On a 3 x 3 window grid
+    that is the border launch (all three kinds: last row, last column, corner), the windows off the border reading
+    the table; on a grid one window high, the one launch of every window (kinds: last row, corner). The output is
+    the oracle's (fp32 at its tolerance, fp16 within PyTorch's own fp16 error)."""
     recorder = _LaunchRecorder(tk._window_attention_fwd_kernel)
     monkeypatch.setattr(tk, "_window_attention_fwd_kernel", recorder)
-    grid = (3 * window, 3 * window)
+    grid = (window_rows * window, 3 * window)
     inputs = make_inputs(2, grid, 2, head_dim, window, dtype=dtype)
     kwargs = dict(grid_size=grid, num_heads=2, window_size=window, shift_size=window // 2, mask_value=-100.0)
     out = tk.window_attention_triton_forward(*inputs, *WindowGeometry.from_args(**kwargs).as_op_args())
     launched = {launch["WINDOW_SET"]: launch for _, launch in recorder.launches}
-    assert sorted(launched) == [tk.INTERIOR_WINDOWS, tk.BORDER_WINDOWS]
-    interior, border = launched[tk.INTERIOR_WINDOWS], launched[tk.BORDER_WINDOWS]
-    assert not border.get("WHOLE_WINDOW") and (border["N"] > border["BLOCK_N"]) == in_table
-    assert border["MASK_IN_TABLE"] == in_table and border["POSITION_BIAS"].dim() == (4 if in_table else 3)
-    assert not interior["MASK_IN_TABLE"] and interior["POSITION_BIAS"].dim() == 3
+    if window_rows == 1:
+        assert sorted(launched) == [tk.ALL_WINDOWS]
+        masked = launched[tk.ALL_WINDOWS]
+    else:
+        assert sorted(launched) == [tk.INTERIOR_WINDOWS, tk.BORDER_WINDOWS]
+        interior, masked = launched[tk.INTERIOR_WINDOWS], launched[tk.BORDER_WINDOWS]
+        assert not interior["MASK_IN_TABLE"] and interior["POSITION_BIAS"].dim() == 3
+    assert not masked.get("WHOLE_WINDOW") and (masked["N"] > masked["BLOCK_N"]) == in_table
+    assert masked["MASK_IN_TABLE"] == in_table and masked["POSITION_BIAS"].dim() == (4 if in_table else 3)
     if dtype == torch.float32:
         assert_close(out, window_attention_naive(*inputs, **kwargs), atol=OP_FP32_ATOL, name="output")
     else:
