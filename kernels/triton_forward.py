@@ -306,12 +306,12 @@ def _window_attention_fwd_kernel(
     Reuse across the program's windows. The rows of the position-bias table a program reads are the same in
     each of its windows (one head, one row block; with MASK_IN_TABLE, in each of its windows of one kind: the
     border launch runs the last window row, then the last column, so a program's windows change kind at most
-    twice). With one key block (N <= BLOCK_N) the tile is loaded
-    once, before the windows, and stays in registers. With several key blocks the loop re-reads each tile per
-    window, marked evict_last, while the k/v rows stream through marked evict_first: the re-reads are meant
-    to hit L1 instead of L2. That L1 reuse (and so the traffic model's bias term divided by
-    WINDOWS_PER_PROGRAM) is an estimate until a GPU measures it: a (BLOCK_M, N) slice of the table must
-    stay resident beside the other programs on the SM (128 x 256 x 2 B = 64 KB for a 16-bit table).
+    twice). With one key block (N <= BLOCK_N) the tile is loaded once, before the windows, and stays in
+    registers. With several key blocks the loop re-reads each tile per window, marked evict_last, while the k/v
+    rows stream through marked evict_first: the re-reads are meant to hit L1 instead of L2. That L1 reuse (and so
+    the traffic model's bias term divided by WINDOWS_PER_PROGRAM) is an estimate until a GPU measures it: a
+    (BLOCK_M, N) slice of the table must stay resident beside the other programs on the SM (128 x 256 x 2 B = 64 KB
+    for a 16-bit table).
     k is normalised once per window and row block: once per window where one row block covers it
     (N <= BLOCK_M, the windows of 7 and 8). With several key blocks the border windows read the shift mask added
     to the table (MASK_IN_TABLE; `mask_in_table`): one table per kind of border window, as the whole-window
@@ -367,7 +367,7 @@ def _window_attention_fwd_kernel(
                 keys = (b_kn, b_v, b_kt, b_vt)
             else:
                 keys = (b_kn, b_v, b_kn, b_v)
-            p_table = _head_table(POSITION_BIAS, i_h, i_w2, NUM_WINDOWS, NUM_WX, NUM_HEADS, N, MASKED)
+            p_table = _head_table(POSITION_BIAS, i_h, i_w2, NUM_WINDOWS, NUM_WX, NUM_HEADS, N, MASK_IN_TABLE)
             p_out = OUT + i_b * stride_out_b + i_h * HEAD_DIM
             win = (p_qkv, p_bias, stride_qkv_t, i_w2, grid, b_scale, p_table, p_out, stride_out_t)
             if M_TAIL > 0:  # first: after the loop its registers would add to those the loop's keys hold (spills)
@@ -391,7 +391,7 @@ def _window_attention_fwd_kernel(
         i_b, _i_w, i_w2 = _window_in_set(i_bw, NUM_WINDOWS, NUM_WX, WINDOW_SET)
         p_qkv = p_qkv_h + i_b * stride_qkv_b
         p_bias_w = p_bias_m
-        if MASKED and MASK_IN_TABLE:  # the table of the window's kind
+        if MASK_IN_TABLE:  # the table of the window's kind (MASKED: the assert above)
             p_bias_w = _head_table(POSITION_BIAS, i_h, i_w2, NUM_WINDOWS, NUM_WX, NUM_HEADS, N, True) + o_m[:, None] * N
         # [BLOCK_M] token, padding flag, shift region of the query rows
         o_tok_m, m_pad_m, o_reg_m = _window_rows(o_m, i_w2, grid, layout, MASK_HERE)
@@ -503,12 +503,14 @@ def shift_masked_tables(table: torch.Tensor, dims: LaunchDims, mask_value: float
     return table.to(dtype).unsqueeze(0) + masks
 
 
-def mask_in_table(whole: bool, n: int, flags: dict, window_set: int) -> bool:
-    """MASK_IN_TABLE of a forward launch: whether it reads `shift_masked_tables` instead of computing the shift mask.
-    A launch over windows with the mask (the border, or every window of a shifted grid one window high or wide) does
-    in whole-window programs and where several key blocks cover the window (row-block programs re-read the table per
-    window; with one key block its tile is loaded once for windows of every kind). Computed per score, the mask cost
-    N = 576 (bf16, sm_90) 25.0 instructions per score of the border launch's own windows against 14.0 off it."""
+def mask_in_table(n: int, flags: dict, window_set: int) -> bool:
+    """MASK_IN_TABLE of a forward launch (windows of n tokens, the launch's flags): whether it reads
+    `shift_masked_tables` instead of computing the shift mask. A launch over windows with the mask (the border, or
+    every window of a shifted grid one window high or wide) does in whole-window programs and where several key
+    blocks cover the window (row-block programs re-read the table per window; with one key block its tile is loaded
+    once for windows of every kind). Computed per score, the mask took window 24's border launch (bf16, sm_90) to
+    25.0 instructions per score of its own windows, against 14.0 off the border."""
+    whole = flags.get("WHOLE_WINDOW", False)
     return flags["SHIFTED"] and window_set != INTERIOR_WINDOWS and (whole or n > flags["BLOCK_N"])
 
 
@@ -567,7 +569,7 @@ def window_attention_triton_forward(
     for window_set, windows in window_sets(dims):
         pairs = B * windows  # (image, window) pairs of this launch
         wpp = windows_per_program(pairs, row_blocks, num_heads, _multiprocessors(qkv))
-        in_table = mask_in_table(whole, dims.N, flags, window_set)
+        in_table = mask_in_table(dims.N, flags, window_set)
         _window_attention_fwd_kernel[(triton.cdiv(pairs, wpp) * row_blocks, num_heads)](
             QKV=qkv,
             QKV_BIAS=bias,

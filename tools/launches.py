@@ -273,7 +273,7 @@ def _forward_for_arch(a: dict, grid: Tuple[int, ...], arch: int) -> Tuple[dict, 
     for key in ("WHOLE_WINDOW", "BLOCK_T", "M_TAIL", "num_stages"):
         a.pop(key, None)
     a["BLOCK_M"], a["BLOCK_N"], a["num_warps"] = block_config(n, head_dim, dtype, False, arch)
-    a["MASK_IN_TABLE"] = triton_forward.mask_in_table(False, n, a, a["WINDOW_SET"])
+    a["MASK_IN_TABLE"] = triton_forward.mask_in_table(n, a, a["WINDOW_SET"])
     if a["POSITION_BIAS"].dim() == 4 and not a["MASK_IN_TABLE"]:  # the border tables (shift mask added): one's shape
         a["POSITION_BIAS"] = a["POSITION_BIAS"][0]  # (meta tensors: only the shape, dtype and strides are read)
     stages = launch_stages(n, head_dim, dtype, False, arch)
